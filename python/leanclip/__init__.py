@@ -1,0 +1,48 @@
+"""leanclip: small, fast CLIP-style text-to-image search.
+
+The public API is written in Python over the private compiled module ``leanclip._engine``.
+Heavy or optional parts (the ONNX encoder, the gallery, the approximate index) are imported
+lazily so that ``import leanclip`` stays fast and needs only numpy.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "Index": "leanclip._engine",
+    "IndexFileError": "leanclip._engine",
+    "mine_hard_negatives": "leanclip._engine",
+    "ApproxIndex": "leanclip.approx",
+    "hard_negative_ids": "leanclip.mining",
+    "Encoder": "leanclip.encoder",
+    "BundleError": "leanclip.bundle",
+    "Gallery": "leanclip.gallery",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from leanclip._engine import Index, IndexFileError, mine_hard_negatives
+    from leanclip.approx import ApproxIndex
+    from leanclip.bundle import BundleError
+    from leanclip.encoder import Encoder
+    from leanclip.gallery import Gallery
+    from leanclip.mining import hard_negative_ids
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'leanclip' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
