@@ -1,2 +1,17 @@
 //! leanclip engine: exact vector index, SIMD kernels, top-k, mining, file format.
 //! Pure Rust; the Python binding lives in `rust/python`.
+
+pub mod error;
+pub mod format;
+pub mod index;
+pub mod kernels;
+pub mod mining;
+pub mod search;
+pub mod topk;
+pub mod types;
+
+pub use error::{Error, Result};
+pub use index::Index;
+pub use mining::mine_hard_negatives;
+pub use search::{Queries, Rows};
+pub use types::{DType, Metric};

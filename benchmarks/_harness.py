@@ -1,0 +1,137 @@
+"""Shared helpers for the side-by-side benchmarks.
+
+Every benchmark runs leanclip and its peers in one process and reports ratios (ours / peer):
+this machine is shared and noisy, so absolute times wander while ratios in one run hold.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Iterable, List, Optional, Sequence
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                wanted = ["avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_fp16"]
+                return ",".join(f for f in wanted if f in flags)
+    except OSError:
+        pass
+    return ""
+
+
+def versions(packages: Iterable[str]) -> str:
+    out = []
+    for name in packages:
+        try:
+            out.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            out.append(f"{name} (not installed)")
+    return ", ".join(out)
+
+
+def blas_info() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+
+        infos = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+        return "; ".join(
+            f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')}, {i.get('num_threads')} threads)"
+            for i in infos
+        )
+    except Exception:  # threadpoolctl is optional
+        return "unknown"
+
+
+def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1, min_time: float = 0.0) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeat`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times: List[float] = []
+    started = time.perf_counter()
+    while len(times) < repeat or time.perf_counter() - started < min_time:
+        gc.collect()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def fmt(x: object) -> str:
+        if isinstance(x, float):
+            if x != x:
+                return "–"
+            if abs(x) >= 100:
+                return f"{x:,.0f}"
+            if abs(x) >= 10:
+                return f"{x:.1f}"
+            return f"{x:.3g}" if abs(x) < 1 else f"{x:.2f}"
+        return str(x)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def header(title: str, packages: Iterable[str] = (), note: Optional[str] = None) -> str:
+    lines = [
+        f"# {title}",
+        "",
+        f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- machine: {cpu_model()} ({os.cpu_count()} cores; {cpu_flags()}), {platform.system()} {platform.release()}",
+        f"- python {platform.python_version()}; {versions(['leanclip', 'numpy', *packages])}",
+        f"- BLAS: {blas_info()}",
+        f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
+    ]
+    if note:
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
+def write_result(name: str, text: str) -> Path:
+    """Write ``benchmarks/results/<name>.md`` and echo it."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.md"
+    path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    print(text)
+    print(f"[written to {path}]")
+    return path

@@ -1,0 +1,135 @@
+"""Input validation shared by the Python-side search helpers (ApproxIndex, hard_negative_ids).
+
+Every check runs before any state changes, so bad input raises a clear exception and leaves the
+index untouched. Messages name the argument, the problem and the expected value, like the engine's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+METRICS = ("cos", "ip", "l2")
+DTYPES = ("f32", "f16", "i8")
+_U64_MAX = np.iinfo(np.uint64).max
+
+try:  # one exception class for every bad index file, shared with the exact engine when present
+    from leanclip._engine import IndexFileError
+except ImportError:  # engine not built (e.g. a source checkout without the extension)
+
+    class IndexFileError(Exception):  # type: ignore[no-redef]
+        """A bad, corrupt, foreign or other-version index file."""
+
+
+def check_metric(metric: Any) -> str:
+    if not isinstance(metric, str) or metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}: expected one of 'cos', 'ip', 'l2'")
+    return metric
+
+
+def check_dtype(dtype: Any) -> str:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: expected one of 'f32', 'f16', 'i8'")
+    return dtype
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    # bool is an int subclass; True as a dimension or k is always a mistake
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {int(value)}")
+    return int(value)
+
+
+def as_keys(keys: Any, name: str = "keys", max_key: int = int(_U64_MAX)) -> np.ndarray:
+    """A 1-D uint64 array of non-negative integer keys (<= max_key), or ValueError."""
+    if isinstance(keys, (int, np.integer)) and not isinstance(keys, (bool, np.bool_)):
+        keys = [keys]
+    try:
+        arr = np.asarray(keys)
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise ValueError(f"{name} must be a 1-D array of non-negative integers: {exc}") from None
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.empty(0, dtype=np.uint64)
+    if arr.dtype.kind == "O":  # Python ints beyond int64 land here
+        if not all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) for k in arr):
+            raise ValueError(f"{name} must be integers, got {arr.dtype} values")
+        lo, hi = min(int(k) for k in arr), max(int(k) for k in arr)
+        if lo < 0 or hi > max_key:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name} must be in [0, {max_key}], got {bad}")
+        return np.array([int(k) for k in arr], dtype=np.uint64)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "i" and int(arr.min()) < 0:
+        raise ValueError(f"{name} must be non-negative, got {int(arr.min())}")
+    out = arr.astype(np.uint64, copy=False)
+    if int(out.max()) > max_key:
+        raise ValueError(f"{name} must be in [0, {max_key}], got {int(out.max())}")
+    return out
+
+
+def check_unique(keys: np.ndarray, name: str = "keys") -> None:
+    if keys.size > 1:
+        s = np.sort(keys)
+        dup = s[1:][s[1:] == s[:-1]]
+        if dup.size:
+            raise ValueError(f"{name} repeats key {int(dup[0])} within the batch")
+
+
+def as_matrix(
+    values: Any, dim: Optional[int], name: str, allow_1d: bool = False, keep_f16: bool = False
+) -> Tuple[np.ndarray, bool]:
+    """A C-contiguous (n, dim) float32 array (float16 kept when keep_f16) and whether the input
+    was a single 1-D vector. Rejects non-numeric data, wrong shapes, NaN and inf."""
+    try:
+        arr = np.asarray(values)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{name} must be a numeric array: {exc}") from None
+    if arr.dtype.kind not in "fiu":
+        raise ValueError(f"{name} must be a float array, got dtype {arr.dtype}")
+    single = arr.ndim == 1
+    if single and allow_1d:
+        arr = arr.reshape(1, -1)
+    if arr.ndim != 2:
+        want = f"(n, {dim})" if dim is not None else "(n, dim)"
+        extra = f" or ({dim},)" if allow_1d and dim is not None else ""
+        raise ValueError(f"{name} must have shape {want}{extra}, got {np.shape(values)}")
+    if dim is not None and arr.shape[1] != dim:
+        raise ValueError(f"{name} has dimension {arr.shape[1]}, expected {dim}")
+    if arr.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one column")
+    if not (keep_f16 and arr.dtype == np.float16):
+        arr = arr.astype(np.float32, copy=False)
+    arr = np.ascontiguousarray(arr)
+    if arr.size and not np.isfinite(arr).all():
+        row = int(np.nonzero(~np.isfinite(arr).all(axis=1))[0][0])
+        raise ValueError(f"{name} contains NaN or inf (row {row})")
+    return arr, single and allow_1d
+
+
+def check_nonzero(arr: np.ndarray, name: str) -> np.ndarray:
+    """Row norms (float32) of arr; ValueError naming the first zero row (undefined cosine)."""
+    norms = np.linalg.norm(arr.astype(np.float32, copy=False), axis=1)
+    zero = np.nonzero(norms == 0)[0]
+    if zero.size:
+        raise ValueError(f"{name} row {int(zero[0])} is a zero vector, which has no cosine similarity")
+    return norms
+
+
+def as_groups(groups: Any, n: int, name: str) -> Optional[np.ndarray]:
+    """None, or a 1-D int64 array of length n."""
+    if groups is None:
+        return None
+    arr = np.asarray(groups)
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), got {arr.shape}")
+    if arr.size and arr.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be integers, got dtype {arr.dtype}")
+    if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} values must fit in int64")
+    return np.ascontiguousarray(arr, dtype=np.int64)

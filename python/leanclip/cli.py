@@ -1,0 +1,391 @@
+"""The ``leanclip`` command line: index a photo folder, search it, serve it, manage models.
+
+Exit codes (documented in ``leanclip --help``)::
+
+    0    success
+    1    the search ran and found nothing (like grep)
+    2    usage error: unknown option, missing argument, bad value
+    3    gallery or model error: no gallery yet, gallery busy, model mismatch, bad bundle,
+         unreadable query image
+    4    index finished, but some files failed to decode (they are recorded and skipped)
+    130  interrupted (Ctrl-C); finished work is kept, run the command again to resume
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import click
+
+EXIT_OK, EXIT_NO_MATCH, EXIT_USAGE, EXIT_ERROR, EXIT_FAILED_FILES, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+_EPILOG = """\b
+Exit codes: 0 success; 1 search found nothing; 2 usage error; 3 gallery or model
+error; 4 index done but some files failed (recorded, skipped); 130 interrupted.
+\b
+Query syntax: unsigned words form one phrase; +term adds, -term subtracts; quotes
+group words; img:PATH makes a term an image, e.g.
+  leanclip search 'beach at night +sunset -people +img:me.jpg -"city lights"'
+"""
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> "click.exceptions.Exit":
+    _stderr_console().print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    return click.exceptions.Exit(code)
+
+
+def _find_gallery_root(start: Path) -> Path:
+    """``start``, or the nearest parent holding a ``.leanclip`` store (like git finds .git)."""
+    from leanclip.gallery import DB_NAME, STORE_DIRNAME
+
+    start = start.absolute()
+    for d in [start, *start.parents]:
+        if (d / STORE_DIRNAME / DB_NAME).is_file():
+            return d
+    return start
+
+
+def _open(directory: Optional[str], store: Optional[str], model: Optional[str]) -> Any:
+    from leanclip.gallery import Gallery
+
+    root = Path(directory) if directory else _find_gallery_root(Path.cwd())
+    return Gallery(root, store=store, model=model)
+
+
+def _errors() -> tuple:
+    from leanclip.bundle import BundleError
+    from leanclip.gallery import GalleryError
+    from leanclip.models import ModelError
+
+    return (GalleryError, ModelError, BundleError)
+
+
+common_gallery = [
+    click.option("--dir", "-d", "directory", type=click.Path(file_okay=False), default=None,
+                 help="Gallery folder (default: the current folder or its nearest parent with a .leanclip store)."),
+    click.option("--store", type=click.Path(file_okay=False), default=None,
+                 help="Store folder (default: DIR/.leanclip)."),
+    click.option("--model", "-m", default=None,
+                 help="Model: a bundle folder or a registered name (default: the model the gallery was indexed with, else the starter model)."),
+]
+
+
+def _with(options: Sequence[Any]) -> Any:
+    def deco(f: Any) -> Any:
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+
+    return deco
+
+
+@click.group(epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="leanclip", message="leanclip %(version)s")
+def main() -> None:
+    """leanclip: search your photos by text or by example, offline."""
+
+
+# --------------------------------------------------------------------------------- index
+
+
+@main.command(epilog=_EPILOG)
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--store", type=click.Path(file_okay=False), default=None, help="Store folder (default: DIR/.leanclip).")
+@click.option("--model", "-m", default=None, help="Model bundle folder or registered name (changing it re-encodes).")
+@click.option("--batch-size", type=click.IntRange(1, 1024), default=32, show_default=True, help="Images per encoder batch.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def index(directory: str, store: Optional[str], model: Optional[str], batch_size: int, as_json: bool, quiet: bool) -> None:
+    """Index DIRECTORY (or bring its index up to date).
+
+    Only new and changed files are encoded; deleted files leave the index; moved or renamed
+    files are recognised by content. Interrupt any time: the next run resumes.
+    """
+    from leanclip.gallery import Gallery
+
+    try:
+        g = Gallery(directory, store=store, model=model, batch_size=batch_size)
+        console = _stderr_console()
+        if not quiet and not as_json:
+            console.print("loading model ...", style="dim")
+        enc = g.encoder
+        if not quiet and not as_json:
+            console.print(f"model {enc.model_id}", style="dim")
+        with _progress(quiet or not console.is_terminal) as progress:
+            summary = g.update(progress=progress)
+    except KeyboardInterrupt:
+        _stderr_console().print("[yellow]interrupted[/]: finished batches are saved; run the same command to resume")
+        raise click.exceptions.Exit(EXIT_INTERRUPTED)
+    except _errors() as exc:
+        raise _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), indent=2))
+    else:
+        _print_summary(summary)
+    raise click.exceptions.Exit(EXIT_FAILED_FILES if summary.failed else EXIT_OK)
+
+
+class _progress:
+    """A rich progress display fed by Gallery.update's ``progress(stage, done, total)``."""
+
+    LABELS = {"scan": "scanning", "hash": "checking changed files", "encode": "encoding"}
+
+    def __init__(self, disabled: bool) -> None:
+        self.disabled = disabled
+        self.tasks: Dict[str, Any] = {}
+
+    def __enter__(self) -> Optional["_progress"]:
+        if self.disabled:
+            return None
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self.p = Progress(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), TimeRemainingColumn(), console=_stderr_console(), transient=False)
+        self.p.__enter__()
+        return self
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        task = self.tasks.get(stage)
+        if task is None:
+            task = self.tasks[stage] = self.p.add_task(self.LABELS.get(stage, stage), total=total or None)
+        self.p.update(task, completed=done, total=total or None)
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.disabled:
+            self.p.__exit__(*exc)
+
+
+def _print_summary(s: Any) -> None:
+    console = _stderr_console()
+    if s.recovered:
+        console.print(f"[yellow]note[/]: {s.recovered}")
+    parts = [f"added {s.added}", f"updated {s.updated}", f"removed {s.removed}",
+             f"renamed {s.renamed}", f"failed {s.failed}"]
+    if s.copied:
+        parts.append(f"duplicates {s.copied}")
+    console.print(", ".join(parts) + f"; {s.total_ok} photos indexed, {s.unchanged} unchanged, "
+                  f"{s.encoded} encoded in {s.seconds:.1f} s", highlight=False)
+    for name, reason in s.failures[:20]:
+        console.print(f"  [red]failed[/] {name}: {reason}", highlight=False, markup=True)
+    if len(s.failures) > 20:
+        console.print(f"  ... and {len(s.failures) - 20} more (leanclip index --json lists all)")
+
+
+# --------------------------------------------------------------------------------- search
+
+
+def _print_hits(hits: List[Any], as_json: bool, query: str) -> None:
+    if as_json:
+        click.echo(json.dumps({"query": query, "results": [h.to_dict() for h in hits]}, indent=2))
+        return
+    if not hits:
+        _stderr_console().print("no results")
+        return
+    out = click.get_text_stream("stdout")
+    if not out.isatty():  # scripts: score<TAB>path per line
+        for h in hits:
+            click.echo(f"{h.score:.4f}\t{os.fsdecode(h.path)}".encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("#", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("file")
+    for i, h in enumerate(hits, 1):
+        table.add_row(str(i), f"{h.score:.3f}", h.name)
+    Console().print(table)
+
+
+_search_options = [
+    click.option("-k", "--top", "k", type=click.IntRange(1, 10_000), default=10, show_default=True, help="How many results."),
+    click.option("--min-score", type=float, default=None, help="Drop results scoring below this (cosine, -1..1)."),
+    click.option("--path", "-p", "paths", multiple=True,
+                 help="Only files whose path (relative to the gallery) matches this glob; repeatable. '*' crosses folders."),
+    click.option("--json", "as_json", is_flag=True, help="Print results as JSON."),
+]
+
+
+@main.command(epilog=_EPILOG)
+@click.argument("query", nargs=-1, required=True)
+@_with(common_gallery + _search_options)
+def search(query: Sequence[str], directory: Optional[str], store: Optional[str], model: Optional[str],
+           k: int, min_score: Optional[float], paths: Sequence[str], as_json: bool) -> None:
+    """Search the gallery by text: leanclip search "dog on a beach" -people"""
+    text = " ".join(_quote_arg(q) for q in query)
+    try:
+        g = _open(directory, store, model)
+        hits = g.search(text, k, min_score=min_score, paths=list(paths) or None)
+    except _errors() as exc:
+        raise _fail(str(exc))
+    _print_hits(hits, as_json, text)
+    raise click.exceptions.Exit(EXIT_OK if hits else EXIT_NO_MATCH)
+
+
+def _quote_arg(arg: str) -> str:
+    """Re-quote a shell argument holding spaces so that it stays one phrase term."""
+    if " " in arg and arg[:1] in "+-" and not arg[1:2] == '"':
+        return f'{arg[0]}"{arg[1:]}"'
+    return arg
+
+
+@main.command(epilog=_EPILOG)
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--and", "extra", default="", help="Extra query terms, e.g. --and '+sunset -people'.")
+@_with(common_gallery + _search_options)
+def similar(image: str, extra: str, directory: Optional[str], store: Optional[str], model: Optional[str],
+            k: int, min_score: Optional[float], paths: Sequence[str], as_json: bool) -> None:
+    """Find photos similar to IMAGE (a file in the gallery or anywhere else)."""
+    from leanclip.gallery import Term, parse_query
+
+    try:
+        if not os.path.isfile(image):
+            raise _fail(f"query image {image} does not exist or is not a file")
+        g = _open(directory, store, model)
+        terms = [Term(1, "image", image)] + (parse_query("+x " + extra)[1:] if extra.strip() else [])
+        hits = g.search(terms, k, min_score=min_score, paths=list(paths) or None)
+    except _errors() as exc:
+        raise _fail(str(exc))
+    _print_hits(hits, as_json, f"img:{image} {extra}".strip())
+    raise click.exceptions.Exit(EXIT_OK if hits else EXIT_NO_MATCH)
+
+
+# --------------------------------------------------------------------------------- serve
+
+
+@main.command(epilog=_EPILOG)
+@click.argument("directory", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--store", type=click.Path(file_okay=False), default=None, help="Store folder (default: DIR/.leanclip).")
+@click.option("--model", "-m", default=None, help="Model bundle folder or registered name.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind. Anything but loopback exposes your photos to the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="Port (0: any free port).")
+@click.option("--allow-updates", is_flag=True, help="Enable the POST /api/update endpoint (re-index from the page).")
+@click.option("--open", "open_browser", is_flag=True, help="Open the page in a web browser.")
+def serve(directory: Optional[str], store: Optional[str], model: Optional[str], host: str, port: int,
+          allow_updates: bool, open_browser: bool) -> None:
+    """Serve a local search page for the gallery in DIRECTORY (default: current gallery)."""
+    from leanclip.server import is_loopback, make_server
+
+    try:
+        g = _open(directory, store, model)
+        g.info()  # fail now, with the message, if there is no gallery
+        server = make_server(g, host=host, port=port, allow_updates=allow_updates)
+    except _errors() as exc:
+        raise _fail(str(exc))
+    except OSError as exc:
+        raise _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    console = _stderr_console()
+    if not is_loopback(host):
+        console.print(f"[bold yellow]warning[/]: listening on {host}, not loopback: anyone who can reach "
+                      "this machine can see your photos")
+    url = server.url
+    console.print(f"serving {g.root} at [bold]{url}[/] (Ctrl-C to stop)")
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+# --------------------------------------------------------------------------------- models
+
+
+@main.group(invoke_without_command=True, epilog=_EPILOG)
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_context
+def models(ctx: click.Context, as_json: bool) -> None:
+    """List the models (with no subcommand), show one, fetch or build one."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from leanclip import models as registry
+
+    rows = registry.list_models()
+    if as_json:
+        click.echo(json.dumps({"home": str(registry.leanclip_home()), "models": rows}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"models in {registry.models_dir()}")
+    for col in ("", "name", "installed", "description / how to get it"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row("*" if r["active"] else "", r["name"], "yes" if r["installed"] else "no",
+                      r["description"] + ("" if r["installed"] else f"\n[dim]{r['how']}[/]"))
+    Console().print(table)
+
+
+@models.command("show")
+@click.argument("model", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def models_show(model: Optional[str], as_json: bool) -> None:
+    """Show MODEL (a name or bundle folder; default: the active model) without loading it."""
+    from leanclip import models as registry
+
+    try:
+        info = registry.describe(model)
+    except _errors() as exc:
+        raise _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            click.echo(f"{key:15} {value}")
+
+
+@models.command("fetch")
+@click.argument("name")
+@click.option("--int8", is_flag=True, help="Quantize to int8 (smaller, faster on CPU).")
+def models_fetch(name: str, int8: bool) -> None:
+    """Download and convert a registered model (openai-vit-b-32) into the cache; 'starter' builds it."""
+    from leanclip import models as registry
+
+    try:
+        path = registry.fetch(name, int8=int8)
+    except _errors() as exc:
+        raise _fail(str(exc))
+    click.echo(str(path))
+
+
+# --------------------------------------------------------------------------------- demo
+
+
+@main.command(epilog=_EPILOG)
+@click.option("--dir", "directory", type=click.Path(file_okay=False), default=None,
+              help="Where to put the sample photos (default: $LEANCLIP_HOME/demo-photos).")
+@click.option("--model", "-m", default=None, help="Model bundle folder or registered name (default: starter).")
+@click.option("--json", "as_json", is_flag=True, help="Print the answers as JSON.")
+def demo(directory: Optional[str], model: Optional[str], as_json: bool) -> None:
+    """Index real sample photos shipped by scikit-image, scikit-learn and matplotlib, then
+    answer a few text queries and one image query. Works offline."""
+    from leanclip.demo import run_demo
+
+    try:
+        result = run_demo(directory, model=model, echo=None if as_json else click.echo)
+    except KeyboardInterrupt:
+        raise click.exceptions.Exit(EXIT_INTERRUPTED)
+    except _errors() as exc:
+        raise _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

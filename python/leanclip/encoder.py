@@ -1,0 +1,332 @@
+"""The torch-free encoder: a model bundle run by onnxruntime.
+
+Needs only numpy, Pillow, tokenizers and onnxruntime. Text and image embeddings come back as
+L2-normalized float32 arrays of shape ``(n, dim)``.
+
+Defined behaviour for awkward inputs:
+
+* texts longer than the context length are truncated (CLIP: the end-of-text token is kept last,
+  as open_clip does); the empty string is allowed and encodes as just the start and end tokens
+  (CLIP) or ``[CLS] [SEP]`` (WordPiece), exactly as the training-side tokenizers do;
+  a non-``str`` item raises ``TypeError`` naming its index; a bare ``str`` instead of a list
+  raises ``TypeError`` (it would otherwise be read as a list of characters).
+* images: files are opened with Pillow, EXIF-rotated, and converted to RGB: grayscale, palette
+  (with transparency), CMYK, YCbCr and RGBA via Pillow's ``convert("RGB")`` (alpha dropped, as
+  open_clip does), 16-bit and 32-bit integer grayscale scaled from their full range down to 8 bits,
+  float images clipped to [0, 1]. The first frame of an animation is used. A missing, empty,
+  truncated, non-image or oversized file (more than ``max_pixels``, a decompression bomb) raises
+  :class:`ImageLoadError` naming the file and the reason, so a caller can record it per file.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import threading
+import warnings
+from pathlib import Path
+from struct import error as struct_error
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from leanclip.bundle import BundleError, Manifest, PathLike, read_manifest
+
+__all__ = ["Encoder", "ImageLoadError", "BundleError", "preprocess_image"]
+
+ImageInput = Union[str, "os.PathLike[str]", Image.Image]
+
+_FILTERS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+# Pillow refuses images over 2 x Image.MAX_IMAGE_PIXELS (~179 Mpx) by default; we refuse at the
+# same size without touching Pillow's global settings (Pillow only warns between 1x and 2x).
+DEFAULT_MAX_PIXELS = 2 * 89_478_485
+
+
+class ImageLoadError(ValueError):
+    """An image file could not be used; ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, path: Any, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot load image {self.path}: {reason}")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB uint8 from any Pillow mode (see the module docstring for the rules)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img)
+        if mode == "F":
+            arr8 = np.clip(np.nan_to_num(arr.astype(np.float64)), 0.0, 1.0) * 255.0
+        elif mode == "I":
+            # 32-bit container: values beyond 16 bits are clipped, 16-bit data is scaled
+            arr8 = np.clip(arr.astype(np.float64), 0, 65535) / 257.0
+        else:
+            arr8 = arr.astype(np.float64) / 257.0  # 65535 -> 255
+        gray = Image.fromarray(np.rint(arr8).astype(np.uint8), mode="L")
+        return gray.convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # Pillow warns when going P -> RGB with byte transparency
+    return img.convert("RGB")
+
+
+def preprocess_image(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float],
+                     interpolation: str = "bicubic") -> np.ndarray:
+    """open_clip's eval transform in numpy: resize the shortest side to ``size`` (Pillow, as
+    torchvision does for PIL images), center-crop ``size`` x ``size``, scale to [0, 1],
+    normalize by mean/std. Returns float32 (3, size, size)."""
+    try:
+        resample = _FILTERS[interpolation]
+    except KeyError:
+        raise ValueError(f"unknown interpolation {interpolation!r} (known: {sorted(_FILTERS)})") from None
+    img = _to_rgb(img)
+    w, h = img.size
+    # torchvision.transforms.Resize(int): short side -> size, long side -> int(size * long / short)
+    if w <= h:
+        nw, nh = size, int(size * h / w)
+    else:
+        nw, nh = int(size * w / h), size
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), resample)
+    top = int(round((nh - size) / 2.0))
+    left = int(round((nw - size) / 2.0))
+    img = img.crop((left, top, left + size, top + size))
+    arr = np.asarray(img, dtype=np.float32) * np.float32(1.0 / 255.0)
+    arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def _load_image(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise ImageLoadError(p, "file not found") from None
+    except OSError as exc:
+        raise ImageLoadError(p, f"cannot stat file ({exc.strerror or exc})") from None
+    if not p.is_file():
+        raise ImageLoadError(p, "not a regular file")
+    if st.st_size == 0:
+        raise ImageLoadError(p, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(p) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise ImageLoadError(p, f"image too large: {w} x {h} pixels exceeds the limit of "
+                                            f"{max_pixels} (possible decompression bomb)")
+                if w == 0 or h == 0:
+                    raise ImageLoadError(p, f"image has no pixels ({w} x {h})")
+                img.load()
+                rotated = ImageOps.exif_transpose(img)
+                return _to_rgb(rotated)
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(p, f"image too large (possible decompression bomb): {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(p, "not an image Pillow can read (unrecognized format)") from None
+    except PermissionError:
+        raise ImageLoadError(p, "permission denied") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct_error, MemoryError) as exc:
+        # Pillow reports truncated or corrupt data as OSError ("image file is truncated"),
+        # SyntaxError (bad PNG chunks), ValueError or struct.error
+        raise ImageLoadError(p, f"truncated or corrupt image data ({type(exc).__name__}: {exc})") from None
+
+
+class Encoder:
+    """Encode texts and images with a model bundle (see :mod:`leanclip.bundle`).
+
+    ``threads``: onnxruntime intra-op threads (None: onnxruntime's default, one per core).
+    ``providers``: onnxruntime execution providers (default CPU). ``verify``: check every file's
+    sha256 against the manifest (``BundleError`` on a missing or altered file). The two ONNX
+    sessions are created on first use, so a text-only search never loads the image model.
+    """
+
+    def __init__(self, bundle: PathLike, *, threads: Optional[int] = None,
+                 providers: Optional[Sequence[Any]] = None, verify: bool = True,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.path = Path(bundle)
+        self.manifest: Manifest = read_manifest(self.path, verify=verify)
+        m = self.manifest
+        self.dim: int = m.embedding_dim
+        self.model_id: str = m.model_id
+        self.name: str = m.name
+        self.max_pixels = int(max_pixels)
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        self.threads = threads
+        if m.image.interpolation not in _FILTERS:
+            raise BundleError(f"{self.path}: unknown image interpolation {m.image.interpolation!r}")
+        if m.text.kind not in ("clip", "wordpiece"):
+            raise BundleError(f"{self.path}: unknown text kind {m.text.kind!r}")
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        self.providers: List[Any] = list(providers) if providers else ["CPUExecutionProvider"]
+        for prov in self.providers:
+            pname = prov[0] if isinstance(prov, tuple) else prov
+            if pname not in available:
+                raise ValueError(f"onnxruntime execution provider {pname!r} is not available "
+                                 f"(available: {available})")
+        self._lock = threading.Lock()
+        self._sessions: Dict[str, Any] = {}
+        self._text_length: Optional[int] = None  # fixed sequence length of text.onnx, if any
+        from tokenizers import Tokenizer
+
+        tok_path = self.path / m.text.tokenizer
+        try:
+            self._tokenizer = Tokenizer.from_file(str(tok_path))
+        except Exception as exc:
+            raise BundleError(f"{tok_path}: not a valid tokenizer.json ({exc})") from None
+        self._tokenizer.enable_truncation(m.text.context_length)
+        self._tokenizer.no_padding()
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def _session(self, which: str) -> Any:
+        sess = self._sessions.get(which)
+        if sess is not None:
+            return sess
+        with self._lock:
+            if which in self._sessions:
+                return self._sessions[which]
+            import onnxruntime as ort
+
+            m = self.manifest
+            spec: Any = m.image if which == "image" else m.text
+            path = self.path / spec.file
+            so = ort.SessionOptions()
+            if self.threads is not None:
+                so.intra_op_num_threads = self.threads
+            so.inter_op_num_threads = 1
+            so.log_severity_level = 3
+            try:
+                sess = ort.InferenceSession(str(path), so, providers=self.providers)
+            except Exception as exc:
+                raise BundleError(f"{path}: onnxruntime cannot load it ({exc})") from None
+            names = [i.name for i in sess.get_inputs()]
+            wanted = [spec.input] if which == "image" else list(spec.inputs)
+            if sorted(names) != sorted(wanted):
+                raise BundleError(f"{path}: ONNX inputs {names} do not match the manifest's {wanted}")
+            outs = [o.name for o in sess.get_outputs()]
+            if spec.output not in outs:
+                raise BundleError(f"{path}: ONNX outputs {outs} lack the manifest's {spec.output!r}")
+            if which == "text":
+                seq = sess.get_inputs()[0].shape[1]
+                self._text_length = seq if isinstance(seq, int) else None
+            self._sessions[which] = sess
+            return sess
+
+    def load(self) -> "Encoder":
+        """Create both ONNX sessions now (otherwise they are created on first use)."""
+        self._session("text")
+        self._session("image")
+        return self
+
+    # -- text -------------------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str]) -> List[List[int]]:
+        """Token ids per text (truncated to the context length, unpadded)."""
+        if isinstance(texts, (str, bytes)):
+            raise TypeError("texts must be a sequence of str, not a single str: wrap it in a list")
+        items = list(texts)
+        for i, t in enumerate(items):
+            if not isinstance(t, str):
+                raise TypeError(f"texts[{i}] is {type(t).__name__}, not str")
+        if self.manifest.text.kind == "clip":
+            # open_clip unescapes HTML entities twice; the rest of its cleaning is in tokenizer.json
+            items = [html.unescape(html.unescape(t)) if "&" in t else t for t in items]
+        return [e.ids for e in self._tokenizer.encode_batch(items)]
+
+    def encode_text(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """(n, dim) float32, L2-normalized."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        ids = self.tokenize(texts)
+        out = np.zeros((len(ids), self.dim), dtype=np.float32)
+        if not ids:
+            return out
+        sess = self._session("text")
+        spec = self.manifest.text
+        # sort by length so each batch pads little (exact: see leanclip.export docs)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            width = self._text_length or max(len(ids[i]) for i in chunk)
+            arr = np.full((len(chunk), width), spec.pad_id, dtype=np.int64)
+            mask = np.zeros((len(chunk), width), dtype=np.int64)
+            for row, i in enumerate(chunk):
+                arr[row, : len(ids[i])] = ids[i]
+                mask[row, : len(ids[i])] = 1
+            feeds = {"input_ids": arr, "attention_mask": mask}
+            emb = sess.run([spec.output], {k: feeds[k] for k in spec.inputs})[0]
+            out[chunk] = self._check_and_normalize(emb, len(chunk), "text")
+        return out
+
+    # -- images -----------------------------------------------------------------------------
+
+    @staticmethod
+    def load_image(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+        """An EXIF-rotated RGB image; raises :class:`ImageLoadError` naming the file and reason.
+
+        A static method: ``Encoder.load_image(path)`` works without a bundle."""
+        return _load_image(path, max_pixels)
+
+    def preprocess(self, img: Image.Image) -> np.ndarray:
+        """(3, S, S) float32: the bundle's resize, center crop and normalization."""
+        spec = self.manifest.image
+        return preprocess_image(img, spec.size, spec.mean, spec.std, spec.interpolation)
+
+    def encode_images(self, images: Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
+        """(n, dim) float32, L2-normalized, from file paths and/or PIL images.
+
+        A file that cannot be loaded raises :class:`ImageLoadError` (encode files one by one, or
+        check them with :meth:`load_image`, to skip bad ones)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(images, (str, bytes, os.PathLike, Image.Image)):
+            raise TypeError("images must be a sequence of paths or PIL images: wrap a single one in a list")
+        items = list(images)
+        for i, item in enumerate(items):
+            if not isinstance(item, (str, os.PathLike, Image.Image)):
+                raise TypeError(f"images[{i}] is {type(item).__name__}, not a path or PIL.Image.Image")
+        out = np.zeros((len(items), self.dim), dtype=np.float32)
+        if not items:
+            return out
+        sess = self._session("image")
+        spec = self.manifest.image
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            pixels = np.stack([
+                self.preprocess(item if isinstance(item, Image.Image) else _load_image(item, self.max_pixels))
+                for item in chunk
+            ])
+            emb = sess.run([spec.output], {spec.input: pixels})[0]
+            out[start:start + len(chunk)] = self._check_and_normalize(emb, len(chunk), "image")
+        return out
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _check_and_normalize(self, emb: np.ndarray, n: int, which: str) -> np.ndarray:
+        if emb.ndim != 2 or emb.shape != (n, self.dim):
+            raise BundleError(f"{self.path}: {which} model returned shape {emb.shape}, expected ({n}, {self.dim})")
+        emb = emb.astype(np.float32, copy=False)
+        norms = np.linalg.norm(emb, axis=1, keepdims=True)
+        return emb / np.maximum(norms, np.float32(1e-12))
+
+    def __repr__(self) -> str:
+        return f"Encoder({str(self.path)!r}, model_id={self.model_id!r}, dim={self.dim})"
+

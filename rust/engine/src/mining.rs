@@ -1,0 +1,167 @@
+//! Hard-negative mining: for every query, the top-k corpus rows outside the query's group.
+//!
+//! Built on the search core: the corpus streams through in blocks against blocks of queries
+//! (matrix products on all cores), so memory beyond the inputs is the output plus one block
+//! per thread, never a q x n score matrix.
+
+use crate::error::{invalid, Result};
+use crate::index::{check_dim, check_rows};
+use crate::search::{self, Plan, Queries, Rows};
+use crate::kernels;
+use crate::types::{DType, Metric};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+/// Top-k rows of `corpus` for each query, best first, ties by ascending row index.
+///
+/// Rows whose group equals the query's group are skipped (both group arrays or neither).
+/// Where fewer than k rows are eligible, the remaining slots hold index -1 and score
+/// `metric.missing_score()` (-inf for "ip" / "cos", +inf for "l2").
+/// Returns row-major `(indices, scores)`, `nq * k` each.
+///
+/// `corpus` is f32 or f16 input. `dtype` is the precision the corpus is scored at, as an
+/// `Index` of that dtype would store it: "f32" reads f32 or f16 input as is (f16 -> f32 is
+/// exact), "f16" rounds f32 input to f16 (a copy at half the size), "i8" quantizes each row
+/// with its own scale (a copy at a quarter of the f32 size).
+#[allow(clippy::too_many_arguments)]
+pub fn mine_hard_negatives(
+    queries: Queries<'_>,
+    corpus: Rows<'_>,
+    dim: usize,
+    k: usize,
+    query_groups: Option<&[i64]>,
+    corpus_groups: Option<&[i64]>,
+    metric: Metric,
+    dtype: DType,
+) -> Result<(Vec<i64>, Vec<f32>)> {
+    check_dim(dim)?;
+    if k < 1 {
+        return invalid(format!("k must be at least 1, got {k}"));
+    }
+    let nq = queries.count(dim);
+    let n = corpus.count(dim);
+    match (query_groups, corpus_groups) {
+        (Some(qg), Some(cg)) => {
+            if qg.len() != nq {
+                return invalid(format!("query_groups must have length {nq} (one per query), got {}", qg.len()));
+            }
+            if cg.len() != n {
+                return invalid(format!("corpus_groups must have length {n} (one per corpus row), got {}", cg.len()));
+            }
+        }
+        (None, None) => {}
+        _ => return invalid("query_groups and corpus_groups must be given together"),
+    }
+    match queries {
+        Queries::F32(v) if v.len() % dim != 0 => return invalid(format!("queries must have shape (q, {dim})")),
+        Queries::F16(v) if v.len() % dim != 0 => return invalid(format!("queries must have shape (q, {dim})")),
+        _ => {}
+    }
+    let corpus_len = match corpus {
+        Rows::F32(v) => v.len(),
+        Rows::F16(v) => v.len(),
+        Rows::I8 { data, .. } => data.len(),
+    };
+    if corpus_len % dim != 0 {
+        return invalid(format!("corpus must have shape (n, {dim})"));
+    }
+    check_queries(queries, dim, metric)?;
+    check_corpus(corpus, dim, metric)?;
+    let nq_k = nq.checked_mul(k).filter(|&m| m <= isize::MAX as usize / 8);
+    let Some(nq_k) = nq_k else {
+        return invalid(format!("k = {k} is too large for {nq} queries"));
+    };
+    let mut ids: Vec<u64> = Vec::new();
+    let mut scores: Vec<f32> = Vec::new();
+    if ids.try_reserve_exact(nq_k).is_err() || scores.try_reserve_exact(nq_k).is_err() {
+        return invalid(format!("k = {k} is too large: the output of {nq} x {k} does not fit in memory"));
+    }
+    ids.resize(nq_k, 0);
+    scores.resize(nq_k, 0.0);
+
+    let converted_f16: Vec<f16>;
+    let converted_i8: (Vec<i8>, Vec<f32>);
+    let corpus = match (dtype, corpus) {
+        (DType::F32, rows) | (DType::F16, rows @ Rows::F16(_)) => rows,
+        (DType::F16, Rows::F32(v)) => {
+            if let Some(pos) = v.iter().position(|x| x.abs() > 65504.0) {
+                return invalid(format!(
+                    "corpus[{}] has a value beyond the float16 range; expected values that fit dtype \"f16\"",
+                    pos / dim
+                ));
+            }
+            let mut out = vec![f16::ZERO; v.len()];
+            out.par_chunks_mut(dim * 1024).zip(v.par_chunks(dim * 1024)).for_each(|(d, s)| d.convert_from_f32_slice(s));
+            converted_f16 = out;
+            Rows::F16(&converted_f16)
+        }
+        (DType::I8, rows) => {
+            let mut data = vec![0i8; n * dim];
+            let mut scales = vec![0f32; n];
+            data.par_chunks_mut(dim).zip(scales.par_iter_mut()).enumerate().for_each_init(
+                Vec::new,
+                |buf, (r, (dst, scale))| {
+                    *scale = kernels::quantize_row_i8(rows.range(r, r + 1, dim).to_f32(dim, buf), dst);
+                },
+            );
+            converted_i8 = (data, scales);
+            Rows::I8 { data: &converted_i8.0, scales: &converted_i8.1 }
+        }
+        (_, Rows::I8 { .. }) => return invalid("corpus must be float32 or float16"),
+    };
+
+    let plan = Plan { dim, metric, normalize_queries: metric == Metric::Cos, normalize_rows: metric == Metric::Cos };
+    let row_id = |row: usize| row as u64;
+    match (query_groups, corpus_groups) {
+        (Some(qg), Some(cg)) => {
+            let eligible = |q: usize, row: usize| qg[q] != cg[row];
+            search::search_into(plan, corpus, queries, k, &eligible, &row_id, &mut ids, &mut scores);
+        }
+        _ => search::search_into(plan, corpus, queries, k, &|_, _| true, &row_id, &mut ids, &mut scores),
+    }
+    // Missing slots carry u64::MAX, which is -1 as i64; rows are < 2^63, so the cast is exact.
+    let indices: Vec<i64> = bytemuck::allocation::cast_vec(ids);
+    Ok((indices, scores))
+}
+
+fn check_queries(queries: Queries<'_>, dim: usize, metric: Metric) -> Result<()> {
+    match queries {
+        Queries::F32(v) => check_rows(v, dim, metric, "queries"),
+        Queries::F16(v) => check_f16_rows(v, dim, metric, "queries"),
+    }
+}
+
+fn check_corpus(corpus: Rows<'_>, dim: usize, metric: Metric) -> Result<()> {
+    match corpus {
+        Rows::F32(v) => check_rows(v, dim, metric, "corpus"),
+        Rows::F16(v) => check_f16_rows(v, dim, metric, "corpus"),
+        Rows::I8 { .. } => invalid("corpus must be float32 or float16"),
+    }
+}
+
+/// `check_rows` for f16 input, converting a block at a time.
+fn check_f16_rows(v: &[half::f16], dim: usize, metric: Metric, what: &str) -> Result<()> {
+    const BLOCK: usize = 1024;
+    v.par_chunks(dim * BLOCK).enumerate().try_for_each(|(b, block)| {
+        let mut buf = vec![0f32; block.len()];
+        block.convert_to_f32_slice(&mut buf);
+        check_rows(&buf, dim, metric, what).map_err(|e| match e {
+            // Re-number the row within the whole array.
+            crate::error::Error::Invalid(msg) => crate::error::Error::Invalid(renumber(&msg, what, b * BLOCK)),
+            other => other,
+        })
+    })
+}
+
+fn renumber(msg: &str, what: &str, offset: usize) -> String {
+    let prefix = format!("{what}[");
+    if let Some(rest) = msg.strip_prefix(&prefix) {
+        if let Some((num, tail)) = rest.split_once(']') {
+            if let Ok(r) = num.parse::<usize>() {
+                return format!("{what}[{}]{tail}", r + offset);
+            }
+        }
+    }
+    msg.to_string()
+}

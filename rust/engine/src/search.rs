@@ -1,0 +1,403 @@
+//! The shared search core: exact top-k of queries against stored rows, used by `Index::search`
+//! and by `mine_hard_negatives`.
+//!
+//! Few queries run the SIMD kernels straight over the stored type (memory-bound: f16 and i8
+//! read half and a quarter of the bytes). Batches run as blocked matrix products (the `gemm`
+//! crate) of a query block against a corpus block converted to f32, and feed per-query
+//! bounded heaps; no q x n score matrix ever exists. Work is split over rayon into
+//! (query block, corpus part) tasks, whose heaps are merged per query block.
+
+use crate::kernels;
+use crate::topk::TopK;
+use crate::types::Metric;
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+/// Below this many queries a search runs the per-row kernels instead of matrix products.
+pub const GEMM_MIN_QUERIES: usize = 8;
+/// Queries per matrix-product block.
+const QUERY_BLOCK: usize = 128;
+/// Corpus rows per matrix-product block.
+const ROW_BLOCK: usize = 1024;
+/// Corpus rows per kernel chunk (fits L1/L2 while every query of the batch scans it).
+const KERNEL_CHUNK: usize = 256;
+/// A corpus part is not split below this many rows (task overhead would dominate).
+const MIN_PART_ROWS: usize = 4096;
+
+/// A borrowed run of stored rows, `dim` values each.
+#[derive(Clone, Copy)]
+pub enum Rows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    /// Row `r` is `scales[r] * data[r]`.
+    I8 { data: &'a [i8], scales: &'a [f32] },
+}
+
+impl<'a> Rows<'a> {
+    pub fn count(&self, dim: usize) -> usize {
+        match self {
+            Rows::F32(v) => v.len() / dim,
+            Rows::F16(v) => v.len() / dim,
+            Rows::I8 { scales, .. } => scales.len(),
+        }
+    }
+
+    pub fn range(&self, start: usize, end: usize, dim: usize) -> Rows<'a> {
+        match *self {
+            Rows::F32(v) => Rows::F32(&v[start * dim..end * dim]),
+            Rows::F16(v) => Rows::F16(&v[start * dim..end * dim]),
+            Rows::I8 { data, scales } => {
+                Rows::I8 { data: &data[start * dim..end * dim], scales: &scales[start..end] }
+            }
+        }
+    }
+
+    /// The rows as f32: borrowed when stored as f32, else converted into `buf`.
+    pub fn to_f32<'b>(&self, dim: usize, buf: &'b mut Vec<f32>) -> &'b [f32]
+    where
+        'a: 'b,
+    {
+        match *self {
+            Rows::F32(v) => v,
+            Rows::F16(v) => {
+                buf.resize(v.len(), 0.0);
+                v.convert_to_f32_slice(buf);
+                buf
+            }
+            Rows::I8 { data, scales } => {
+                buf.clear();
+                for (row, &s) in data.chunks_exact(dim).zip(scales) {
+                    buf.extend(row.iter().map(|&x| x as f32 * s));
+                }
+                buf
+            }
+        }
+    }
+}
+
+/// Borrowed queries, `dim` values each.
+#[derive(Clone, Copy)]
+pub enum Queries<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl<'a> Queries<'a> {
+    pub fn count(&self, dim: usize) -> usize {
+        match self {
+            Queries::F32(v) => v.len() / dim,
+            Queries::F16(v) => v.len() / dim,
+        }
+    }
+
+    fn block_to_f32(&self, start: usize, end: usize, dim: usize, buf: &mut Vec<f32>) {
+        buf.clear();
+        match *self {
+            Queries::F32(v) => buf.extend_from_slice(&v[start * dim..end * dim]),
+            Queries::F16(v) => {
+                buf.resize((end - start) * dim, 0.0);
+                v[start * dim..end * dim].convert_to_f32_slice(buf);
+            }
+        }
+    }
+}
+
+/// What a search computes.
+#[derive(Clone, Copy)]
+pub struct Plan {
+    pub dim: usize,
+    pub metric: Metric,
+    /// Scale queries to unit length first (cosine).
+    pub normalize_queries: bool,
+    /// Divide scores by the row's length (cosine over rows not stored normalized).
+    pub normalize_rows: bool,
+}
+
+/// Top-`k` per query into `out_ids` / `out_scores` (`nq * k` each, best first). `eligible(q,
+/// row)` filters candidates, `row_id(row)` gives the id reported and used to break ties.
+/// Slots beyond the eligible candidates get id `u64::MAX` and the metric's missing score.
+#[allow(clippy::too_many_arguments)]
+pub fn search_into<E, I>(
+    plan: Plan,
+    rows: Rows<'_>,
+    queries: Queries<'_>,
+    k: usize,
+    eligible: &E,
+    row_id: &I,
+    out_ids: &mut [u64],
+    out_scores: &mut [f32],
+) where
+    E: Fn(usize, usize) -> bool + Sync,
+    I: Fn(usize) -> u64 + Sync,
+{
+    let dim = plan.dim;
+    let nq = queries.count(dim);
+    let n = rows.count(dim);
+    assert_eq!(out_ids.len(), nq * k);
+    assert_eq!(out_scores.len(), nq * k);
+    if nq == 0 || k == 0 {
+        return;
+    }
+    let use_gemm = plan.normalize_rows || nq >= GEMM_MIN_QUERIES;
+    let qb = if use_gemm { QUERY_BLOCK.min(nq) } else { nq };
+    let n_qblocks = nq.div_ceil(qb);
+    let wanted_tasks = rayon::current_num_threads() * 4;
+    let parts = wanted_tasks.div_ceil(n_qblocks).min((n / MIN_PART_ROWS).max(1));
+
+    out_ids
+        .par_chunks_mut(qb * k)
+        .zip(out_scores.par_chunks_mut(qb * k))
+        .enumerate()
+        .for_each(|(block, (ids, scores))| {
+            let q0 = block * qb;
+            let q1 = (q0 + qb).min(nq);
+            let run = |part: usize| {
+                let r0 = n * part / parts;
+                let r1 = n * (part + 1) / parts;
+                if use_gemm {
+                    gemm_task(plan, rows, r0, r1, queries, q0, q1, k, eligible, row_id)
+                } else {
+                    kernel_task(plan, rows, r0, r1, queries, q0, q1, k, eligible, row_id)
+                }
+            };
+            let heaps = if parts == 1 {
+                run(0)
+            } else {
+                (0..parts)
+                    .into_par_iter()
+                    .map(run)
+                    .reduce_with(|mut a, b| {
+                        for (x, y) in a.iter_mut().zip(b) {
+                            x.merge(y);
+                        }
+                        a
+                    })
+                    .expect("at least one part")
+            };
+            for (i, heap) in heaps.into_iter().enumerate() {
+                let hits = heap.into_sorted();
+                let id_row = &mut ids[i * k..(i + 1) * k];
+                let score_row = &mut scores[i * k..(i + 1) * k];
+                for j in 0..k {
+                    match hits.get(j) {
+                        Some(h) => {
+                            id_row[j] = h.id;
+                            score_row[j] = plan.metric.to_external(h.score);
+                        }
+                        None => {
+                            id_row[j] = u64::MAX;
+                            score_row[j] = plan.metric.missing_score();
+                        }
+                    }
+                }
+            }
+        });
+}
+
+fn prepare_queries(plan: Plan, queries: Queries<'_>, q0: usize, q1: usize, buf: &mut Vec<f32>) {
+    queries.block_to_f32(q0, q1, plan.dim, buf);
+    if plan.normalize_queries {
+        for q in buf.chunks_exact_mut(plan.dim) {
+            let norm = kernels::sqnorm_f32(q).sqrt();
+            if norm > 0.0 {
+                q.iter_mut().for_each(|v| *v /= norm);
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn scan<E, I>(
+    heap: &mut TopK,
+    scores: &[f32],
+    query: usize,
+    row0: usize,
+    eligible: &E,
+    row_id: &I,
+) where
+    E: Fn(usize, usize) -> bool,
+    I: Fn(usize) -> u64,
+{
+    let mut threshold = heap.threshold();
+    for (j, &s) in scores.iter().enumerate() {
+        if s >= threshold && eligible(query, row0 + j) {
+            heap.push(s, row_id(row0 + j));
+            threshold = heap.threshold();
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn kernel_task<E, I>(
+    plan: Plan,
+    rows: Rows<'_>,
+    r0: usize,
+    r1: usize,
+    queries: Queries<'_>,
+    q0: usize,
+    q1: usize,
+    k: usize,
+    eligible: &E,
+    row_id: &I,
+) -> Vec<TopK>
+where
+    E: Fn(usize, usize) -> bool,
+    I: Fn(usize) -> u64,
+{
+    let dim = plan.dim;
+    let mut qbuf = Vec::new();
+    prepare_queries(plan, queries, q0, q1, &mut qbuf);
+    let nq = q1 - q0;
+    // i8 dot products run in integers against an i16 copy of each query.
+    let mut q16: Vec<Vec<i16>> = Vec::new();
+    let mut q16_scale = Vec::new();
+    if matches!(rows, Rows::I8 { .. }) && plan.metric != Metric::L2 {
+        for q in qbuf.chunks_exact(dim) {
+            let mut v = Vec::new();
+            q16_scale.push(kernels::quantize_query_i16(q, &mut v));
+            q16.push(v);
+        }
+    }
+    let mut heaps: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
+    let mut scores = vec![0.0f32; KERNEL_CHUNK];
+    let mut ints = vec![0i64; KERNEL_CHUNK];
+    let mut dequant = Vec::new();
+    let mut c0 = r0;
+    while c0 < r1 {
+        let c1 = (c0 + KERNEL_CHUNK).min(r1);
+        let chunk = rows.range(c0, c1, dim);
+        let out = &mut scores[..c1 - c0];
+        for (i, heap) in heaps.iter_mut().enumerate() {
+            let q = &qbuf[i * dim..(i + 1) * dim];
+            match (chunk, plan.metric) {
+                (Rows::F32(v), Metric::L2) => {
+                    kernels::l2_f32_rows(q, v, out);
+                    out.iter_mut().for_each(|s| *s = -*s);
+                }
+                (Rows::F32(v), _) => kernels::dot_f32_rows(q, v, out),
+                (Rows::F16(v), Metric::L2) => {
+                    kernels::l2_f16_rows(q, v, out);
+                    out.iter_mut().for_each(|s| *s = -*s);
+                }
+                (Rows::F16(v), _) => kernels::dot_f16_rows(q, v, out),
+                (Rows::I8 { .. }, Metric::L2) => {
+                    if i == 0 {
+                        chunk.to_f32(dim, &mut dequant);
+                    }
+                    kernels::l2_f32_rows(q, &dequant, out);
+                    out.iter_mut().for_each(|s| *s = -*s);
+                }
+                (Rows::I8 { data, scales }, _) => {
+                    let ints = &mut ints[..c1 - c0];
+                    kernels::dot_i8_rows(&q16[i], data, ints);
+                    let qs = q16_scale[i];
+                    for ((s, &dot), &xs) in out.iter_mut().zip(ints.iter()).zip(scales) {
+                        *s = dot as f32 * (qs * xs);
+                    }
+                }
+            }
+            scan(heap, out, q0 + i, c0, eligible, row_id);
+        }
+        c0 = c1;
+    }
+    heaps
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_task<E, I>(
+    plan: Plan,
+    rows: Rows<'_>,
+    r0: usize,
+    r1: usize,
+    queries: Queries<'_>,
+    q0: usize,
+    q1: usize,
+    k: usize,
+    eligible: &E,
+    row_id: &I,
+) -> Vec<TopK>
+where
+    E: Fn(usize, usize) -> bool,
+    I: Fn(usize) -> u64,
+{
+    let dim = plan.dim;
+    let nq = q1 - q0;
+    let mut qbuf = Vec::new();
+    prepare_queries(plan, queries, q0, q1, &mut qbuf);
+    let query_norms: Vec<f32> = if plan.metric == Metric::L2 {
+        qbuf.chunks_exact(dim).map(kernels::sqnorm_f32).collect()
+    } else {
+        Vec::new()
+    };
+    let mut heaps: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
+    let mut converted = Vec::new();
+    let mut tile = vec![0.0f32; nq * ROW_BLOCK];
+    let mut row_norms = vec![0.0f32; ROW_BLOCK];
+    let mut b0 = r0;
+    while b0 < r1 {
+        let b1 = (b0 + ROW_BLOCK).min(r1);
+        let nb = b1 - b0;
+        let block = rows.range(b0, b1, dim).to_f32(dim, &mut converted);
+        let need_norms = plan.metric == Metric::L2 || plan.normalize_rows;
+        if need_norms {
+            for (norm, row) in row_norms.iter_mut().zip(block.chunks_exact(dim)) {
+                *norm = kernels::sqnorm_f32(row);
+            }
+            if plan.normalize_rows && plan.metric != Metric::L2 {
+                // Zero rows are rejected before a cosine search; guard anyway.
+                row_norms[..nb]
+                    .iter_mut()
+                    .for_each(|v| *v = if *v > 0.0 { 1.0 / v.sqrt() } else { 0.0 });
+            }
+        }
+        let tile = &mut tile[..nq * nb];
+        // SAFETY: the pointers and strides describe in-bounds matrices: dst is nq x nb row-major
+        // (len nq*nb), lhs is nq x dim row-major (qbuf, len nq*dim), rhs is dim x nb where
+        // element (d, j) is block[j*dim + d] (block has nb*dim values). dst does not alias the
+        // inputs. read_dst = false, so dst's previous contents are ignored.
+        unsafe {
+            gemm::gemm(
+                nq,
+                nb,
+                dim,
+                tile.as_mut_ptr(),
+                1,
+                nb as isize,
+                false,
+                qbuf.as_ptr(),
+                1,
+                dim as isize,
+                block.as_ptr(),
+                dim as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        for (i, heap) in heaps.iter_mut().enumerate() {
+            let scores = &mut tile[i * nb..(i + 1) * nb];
+            match plan.metric {
+                Metric::L2 => {
+                    let qn = query_norms[i];
+                    for (s, &xn) in scores.iter_mut().zip(&row_norms[..nb]) {
+                        *s = -(qn + xn - 2.0 * *s).max(0.0);
+                    }
+                }
+                _ if plan.normalize_rows => {
+                    for (s, &inv) in scores.iter_mut().zip(&row_norms[..nb]) {
+                        *s *= inv;
+                    }
+                }
+                _ => {}
+            }
+            scan(heap, scores, q0 + i, b0, eligible, row_id);
+        }
+        b0 = b1;
+    }
+    heaps
+}

@@ -1,0 +1,186 @@
+"""The leanclip command line (click's CliRunner) with a tiny real bundle, and the model registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from leanclip import models
+from leanclip.cli import main
+from tests._fixtures_bundle import make_tiny_bundle
+from tests._fixtures_gallery import COLORS, make_folder, make_photo
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_bundle(tmp_path_factory.mktemp("cli") / "bundle")
+
+
+@pytest.fixture()
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    h = tmp_path / "home"
+    monkeypatch.setenv("LEANCLIP_HOME", str(h))
+    monkeypatch.delenv("LEANCLIP_MODEL", raising=False)
+    return h
+
+
+def _run(*args: str, cwd: Path | None = None):
+    runner = CliRunner()
+    if cwd is None:
+        return runner.invoke(main, list(args), catch_exceptions=False)
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return runner.invoke(main, list(args), catch_exceptions=False)
+    finally:
+        os.chdir(old)
+
+
+def test_help_everywhere() -> None:
+    for cmd in [[], ["index"], ["search"], ["similar"], ["serve"], ["models"], ["models", "show"],
+                ["models", "fetch"], ["demo"]]:
+        r = _run(*cmd, "--help")
+        assert r.exit_code == 0, (cmd, r.output)
+        assert "Usage:" in r.output
+    top = _run("--help").output
+    assert "Exit codes" in top and "img:PATH" in top
+    for name in ["index", "search", "similar", "serve", "models", "demo"]:
+        assert name in top
+
+
+def test_index_search_similar(tmp_path: Path, bundle: Path, home: Path) -> None:
+    root = tmp_path / "photos"
+    make_folder(root, n_per_color=2)
+    (root / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    r = _run("index", str(root), "--model", str(bundle), "--json")
+    assert r.exit_code == 4, r.output  # finished, one file failed
+    summary = json.loads(r.stdout)
+    assert (summary["added"], summary["failed"], summary["removed"]) == (8, 1, 0)
+    assert summary["failures"][0]["name"] == "broken.jpg"
+    # second run: nothing to do, exit 0 (the old failure is not new)
+    r = _run("index", str(root), "--model", str(bundle), "--json", "-q")
+    assert r.exit_code == 0 and json.loads(r.stdout)["unchanged"] == 9
+    # search uses the model recorded at index time (no --model needed), from inside the folder
+    r = _run("search", "a red photo", "-k", "3", "--json", cwd=root / "red")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["query"] == "a red photo" and len(res["results"]) == 3
+    assert all(Path(x["path"]).is_file() for x in res["results"])
+    scores = [x["score"] for x in res["results"]]
+    assert scores == sorted(scores, reverse=True)
+    # plain output for scripts: score<TAB>path
+    r = _run("search", "sky", "-d", str(root), "-k", "2")
+    lines = r.stdout.strip().splitlines()
+    assert r.exit_code == 0 and len(lines) == 2 and all(l.split("\t")[1].startswith(str(root)) for l in lines)
+    # path filter and minimum score; nothing above 1.0 -> exit 1
+    r = _run("search", "photo", "-d", str(root), "--path", "blue/*", "--json")
+    assert {Path(x["name"]).parts[0] for x in json.loads(r.stdout)["results"]} == {"blue"}
+    r = _run("search", "photo", "-d", str(root), "--min-score", "1.01")
+    assert r.exit_code == 1
+    # similar: the image itself is left out, its twin is found; combined with text terms
+    img = root / "green" / "green_0.jpg"
+    r = _run("similar", str(img), "-d", str(root), "-k", "8", "--json")
+    names = [x["name"] for x in json.loads(r.stdout)["results"]]
+    assert r.exit_code == 0 and "green/green_0.jpg" not in names and len(names) == 8
+    r = _run("similar", str(img), "--and", "+sunset -people", "-d", str(root), "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["query"].endswith("+sunset -people")
+    r = _run("search", f"+img:{img} -img:{root / 'red' / 'red_0.jpg'}", "-d", str(root), "--json")
+    assert r.exit_code == 0
+
+
+def test_error_exit_codes(tmp_path: Path, bundle: Path, home: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = _run("search", "cat", "-d", str(empty), "--model", str(bundle))
+    assert r.exit_code == 3 and "leanclip index" in r.stderr
+    r = _run("index", str(tmp_path / "missing"))
+    assert r.exit_code == 2  # click usage error: folder does not exist
+    r = _run("search", "-d", str(empty))
+    assert r.exit_code == 2
+    r = _run("index", str(empty), "--model", str(tmp_path / "nobundle"))
+    assert r.exit_code == 3 and "no such bundle" in r.stderr
+    bad = tmp_path / "bad_bundle"
+    shutil.copytree(bundle, bad)
+    (bad / "text.onnx").write_bytes(b"tampered")
+    r = _run("index", str(empty), "--model", str(bad))
+    assert r.exit_code == 3 and "sha256" in r.stderr
+    make_photo(empty / "a.jpg", COLORS["red"])
+    assert _run("index", str(empty), "--model", str(bundle), "-q").exit_code == 0
+    r = _run("similar", str(tmp_path / "nope.jpg"), "-d", str(empty))
+    assert r.exit_code == 3 and "does not exist" in r.stderr
+    (tmp_path / "fake.jpg").write_text("text")
+    r = _run("similar", str(tmp_path / "fake.jpg"), "-d", str(empty))
+    assert r.exit_code == 3 and "fake.jpg" in r.stderr
+    r = _run("search", '"unclosed', "-d", str(empty))
+    assert r.exit_code == 3 and "cannot parse" in r.stderr
+    # another model than the gallery's
+    other = make_tiny_bundle(tmp_path / "other", seed=5, dim=16)
+    r = _run("search", "cat", "-d", str(empty), "--model", str(other))
+    assert r.exit_code == 3 and "indexed with model" in r.stderr
+
+
+def test_models_list_show_and_fetch_conversion(tmp_path: Path, bundle: Path, home: Path) -> None:
+    r = _run("models", "--json")
+    data = json.loads(r.stdout)
+    assert r.exit_code == 0 and data["home"] == str(home)
+    by_name = {m["name"]: m for m in data["models"]}
+    assert by_name["starter"]["active"] and not by_name["starter"]["installed"]
+    assert "openai-vit-b-32" in by_name
+    r = _run("models", "show", str(bundle), "--json")
+    info = json.loads(r.stdout)
+    assert info["dim"] == 32 and info["model_id"].startswith("tiny-clip")
+    r = _run("models", "show", "openai-vit-b-32")
+    assert r.exit_code == 3 and "models fetch openai-vit-b-32" in r.stderr
+    # the fetch path, with a tiny open_clip model in place of the downloaded weights
+    from tests._fixtures_bundle import make_tiny_clip
+
+    path = models.fetch("openai-vit-b-32", create=lambda: make_tiny_clip(dim=16, seed=3))
+    assert path == home / "models" / "openai-vit-b-32" and models.is_bundle(path)
+    assert models.describe("openai-vit-b-32")["dim"] == 16
+    enc = models.load_encoder("openai-vit-b-32")
+    assert enc.encode_text(["a dog"]).shape == (1, 16)
+    assert not [p for p in (home / "models").iterdir() if p.name.startswith(".")]  # no temp dirs left
+    listed = {m["name"]: m for m in json.loads(_run("models", "--json").stdout)["models"]}
+    assert listed["openai-vit-b-32"]["installed"]
+    r = _run("models", "fetch", "no-such-model")
+    assert r.exit_code == 3 and "unknown model" in r.stderr
+
+
+def test_failed_build_leaves_no_half_bundle(home: Path) -> None:
+    def broken(_tmp: Path) -> None:
+        (_tmp / "leanclip.json").write_text("{}")
+        raise RuntimeError("interrupted build")
+
+    with pytest.raises(RuntimeError):
+        models._build_into_cache("starter", broken)
+    assert not models.model_path("starter").exists()
+    assert not [p for p in (home / "models").iterdir()]
+
+
+def test_serve_warns_on_non_loopback(tmp_path: Path, bundle: Path) -> None:
+    root = tmp_path / "photos"
+    make_folder(root, n_per_color=1)
+    assert _run("index", str(root), "--model", str(bundle), "-q").exit_code == 0
+    proc = subprocess.Popen([sys.executable, "-m", "leanclip.cli", "serve", str(root), "--host", "0.0.0.0",
+                             "--port", "0"], stderr=subprocess.PIPE, text=True, cwd=os.getcwd())
+    try:
+        lines = []
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            if "serving" in line or not line:
+                break
+        text = "".join(lines)
+        assert "warning" in text and "not loopback" in text and "0.0.0.0" in text, text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

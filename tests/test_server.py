@@ -1,0 +1,191 @@
+"""leanclip serve: pages, thumbnails, path traversal, escaping, bounds, read-only by default."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Tuple
+
+import pytest
+
+from leanclip.gallery import Gallery
+from leanclip.server import is_loopback, make_server
+from tests._fixtures_gallery import COLORS, ColorEncoder, make_folder, make_photo
+
+XSS_NAME = "<script>alert(1)</script> & 'q\".jpg"
+
+
+@pytest.fixture()
+def served(tmp_path: Path) -> Iterator[Tuple[object, Gallery, Path, Path]]:
+    root = tmp_path / "photos"
+    make_folder(root, n_per_color=2)
+    make_photo(root / XSS_NAME, COLORS["purple"], seed=42)
+    outside = tmp_path / "outside"
+    make_photo(outside / "secret.jpg", COLORS["black"], seed=43)
+    (outside / "secret.txt").write_text("secret")
+    os.symlink(outside / "secret.jpg", root / "link_outside.jpg")
+    os.symlink(outside, root / "outdir")
+    (root / "notes.txt").write_text("not a photo")
+    g = Gallery(root, model=ColorEncoder())
+    g.update()
+    yield from _serve(g, root, outside)
+
+
+def _serve(g: Gallery, root: Path, outside: Path, allow_updates: bool = False):
+    server = make_server(g, port=0, allow_updates=allow_updates)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield server, g, root, outside
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _req(server, method: str, path: str, body: Optional[bytes] = None,
+         headers: Optional[Dict[str, str]] = None) -> Tuple[int, Dict[str, str], bytes]:
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    # putrequest with skip_host so the raw, unnormalised target and our Host header go out as is
+    conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+    hdrs = {"Host": f"127.0.0.1:{port}", **(headers or {})}
+    if body is not None:
+        hdrs.setdefault("Content-Length", str(len(body)))
+    for k, v in hdrs.items():
+        conn.putheader(k, v)
+    conn.endheaders(body)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+
+
+def test_loopback_by_default(served) -> None:
+    server = served[0]
+    assert server.server_address[0] == "127.0.0.1"
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("") and not is_loopback("192.168.1.5")
+
+
+def test_search_page_and_thumbnails(served) -> None:
+    server, g, root, _ = served
+    status, headers, body = _req(server, "GET", "/?q=red&k=2")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert "script-src" not in headers["content-security-policy"]  # default-src 'none': no scripts
+    assert "default-src 'none'" in headers["content-security-policy"]
+    page = body.decode()
+    assert page.count("<figure>") == 2 and "red/red_0.jpg" in page and "red/red_1.jpg" in page
+    key = g.search("red", k=1)[0].key
+    status, headers, thumb = _req(server, "GET", f"/thumb/{key}")
+    assert status == 200 and headers["content-type"] == "image/jpeg" and thumb[:2] == b"\xff\xd8"
+    # click on a thumbnail -> similar photos
+    status, _, body = _req(server, "GET", f"/?similar={key}&k=3")
+    assert status == 200 and "Photos similar to" in body.decode()
+    status, _, body = _req(server, "GET", f"/api/search?similar={key}&k=3")
+    res = json.loads(body)
+    assert res["results"][0]["name"].startswith("red/") and key not in [r["key"] for r in res["results"]]
+    status, _, body = _req(server, "GET", "/api/search?q=blue&k=3")
+    assert status == 200 and [r["name"].split("/")[0] for r in json.loads(body)["results"]][:2] == ["blue", "blue"]
+    assert _req(server, "GET", "/thumb/999999")[0] == 404
+    assert _req(server, "GET", "/thumb/abc")[0] == 404
+
+
+def test_file_serving_stays_inside_the_gallery(served) -> None:
+    server, g, root, outside = served
+    ok = _req(server, "GET", "/file/red/red_0.jpg")
+    assert ok[0] == 200 and ok[2] == (root / "red" / "red_0.jpg").read_bytes()
+    secret = (outside / "secret.txt")
+    rel_up = os.path.relpath(secret, root)  # ../outside/secret.txt
+    attempts = [
+        "/file/../outside/secret.jpg",
+        f"/file/{rel_up}",
+        "/file/red/../../outside/secret.jpg",
+        "/file/%2e%2e/outside/secret.jpg",
+        "/file/%2E%2E%2Foutside%2Fsecret.jpg",
+        "/file/red%2F..%2F..%2Foutside%2Fsecret.jpg",
+        "/file/%252e%252e/outside/secret.jpg",
+        f"/file/{secret}",  # absolute path: /file//tmp/...
+        f"/file/%2F{str(secret)[1:]}",
+        "/file//etc/passwd",
+        "/file/link_outside.jpg",  # a symlink leading outside
+        "/file/outdir/secret.jpg",  # a symlinked folder leading outside
+        "/file/.leanclip/gallery.db",  # the store is not a photo
+        "/file/notes.txt",  # inside, but not an indexed photo
+        "/file/red/red_0.jpg%00.txt",
+        "/file/red\\..\\..\\outside\\secret.jpg",
+        "/file/./red/red_0.jpg",
+        "/../../etc/passwd",
+        "/static/../gallery.py",
+    ]
+    for path in attempts:
+        status, _, body = _req(server, "GET", path)
+        assert status == 404, (path, status)
+        assert b"secret" not in body
+
+
+def test_file_names_are_html_escaped(served) -> None:
+    server, g, root, _ = served
+    status, _, body = _req(server, "GET", "/?q=purple&k=3")
+    page = body.decode()
+    assert status == 200
+    assert "<script>" not in page and "alert(1)</script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; &#x27;q&quot;.jpg" in page
+    # the query itself is echoed escaped
+    status, _, body = _req(server, "GET", "/?q=%3Cscript%3Ealert(2)%3C/script%3E")
+    assert "<script>alert(2)" not in body.decode() and "&lt;script&gt;alert(2)" in body.decode()
+    # JSON never contains a raw '<'
+    status, headers, body = _req(server, "GET", "/api/search?q=purple&k=3")
+    assert b"<" not in body and json.loads(body)["results"][0]["name"] == XSS_NAME
+    # and the escaped link serves the file
+    link = json.loads(body)["results"][0]["file"]
+    assert _req(server, "GET", link)[0] == 200
+
+
+def test_bounds_and_methods(served) -> None:
+    server, g, root, _ = served
+    assert _req(server, "GET", "/?q=" + "a" * 600)[0] == 400
+    assert _req(server, "GET", "/api/search?q=red&k=100000")[0] == 400
+    assert _req(server, "GET", "/?q=" + "a" * 3000)[0] == 414
+    assert _req(server, "GET", "/api/search?" + "&".join(f"x{i}=1" for i in range(40)))[0] == 400
+    assert _req(server, "POST", "/api/update", body=b"x" * 10_000)[0] == 413
+    assert _req(server, "PUT", "/file/red/red_0.jpg", body=b"x")[0] == 405
+    assert _req(server, "DELETE", "/file/red/red_0.jpg")[0] == 405
+    assert _req(server, "POST", "/", body=b"")[0] == 405
+    # DNS rebinding: a foreign Host header is refused on a loopback server
+    assert _req(server, "GET", "/?q=red", headers={"Host": "evil.example:80"})[0] == 421
+    assert (root / "red" / "red_0.jpg").exists()
+
+
+def test_updates_disabled_by_default(served) -> None:
+    server, g, root, _ = served
+    make_photo(root / "new.jpg", COLORS["orange"], seed=77)
+    before = g.info()
+    status, _, body = _req(server, "POST", "/api/update", body=b"", headers={"X-Leanclip": "update"})
+    assert status == 403 and b"--allow-updates" in body
+    time.sleep(0.2)
+    assert g.info() == before
+
+
+def test_updates_when_enabled(tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    make_folder(root, n_per_color=1)
+    g = Gallery(root, model=ColorEncoder())
+    g.update()
+    for server, g, root, _ in _serve(g, root, tmp_path, allow_updates=True):
+        make_photo(root / "new.jpg", COLORS["orange"], seed=77)
+        # a cross-site form cannot add the custom header
+        assert _req(server, "POST", "/api/update", body=b"")[0] == 403
+        status, _, body = _req(server, "POST", "/api/update", body=b"", headers={"X-Leanclip": "update"})
+        assert status == 202
+        for _ in range(100):
+            state = json.loads(_req(server, "GET", "/api/update")[2])
+            if not state["running"] and state["last"]:
+                break
+            time.sleep(0.05)
+        assert state["last"]["added"] == 1
+        names = [r["name"] for r in json.loads(_req(server, "GET", "/api/search?q=orange&k=1")[2])["results"]]
+        assert names == ["new.jpg"]

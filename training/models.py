@@ -1,0 +1,388 @@
+"""Teacher and student dual encoders, and leanclip training checkpoints.
+
+Every model here exposes the training-side interface of docs/ARCHITECTURE.md:
+``encode_image(pixels (n,3,S,S)) -> (n,d)``, ``encode_text(tokens (n,L)) -> (n,d)`` (unnormalized),
+and the attributes ``image_size``, ``image_mean``, ``image_std``, ``context_length``.
+
+* Teacher: open_clip ``ViT-B-32`` (or any open_clip name), built by ``open_clip.create_model``.
+* Student (paper section 4.1): a timm image backbone (``num_classes=0``) plus a linear projection
+  to the teacher's embedding space, and a text tower made of the teacher's token and positional
+  embeddings, a chosen subset of its transformer layers, its final LayerNorm and projection,
+  all copied from the teacher.
+
+``tiny=True`` builds the same code with shrunk widths and depths (vocab 49408 and context 77 are
+kept so open_clip's tokenizer still works) for tests on a CPU without any downloaded weights.
+A checkpoint stores ``model_config`` next to the ``state_dict``; ``load_model`` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Union
+
+import open_clip
+import timm
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import LayerNorm, QuickGELU, Transformer
+from torch import nn
+
+CHECKPOINT_FORMAT = "leanclip-training-checkpoint"
+CHECKPOINT_VERSION = 1
+
+# The paper's student image backbone and a CPU-fast alternative (see ../shared/ANCHORS.md).
+STUDENT_IMAGE_PRESETS = ("vit_small_patch16_224", "vit_small_patch32_224")
+
+# Shrunk shapes used by ``tiny=True``: same code paths, random weights, seconds on a CPU.
+TINY_EMBED_DIM = 32
+TINY_IMAGE_SIZE = 32
+TINY_TEACHER_VISION = {"image_size": TINY_IMAGE_SIZE, "layers": 2, "width": 64, "patch_size": 8,
+                       "head_width": 32}
+TINY_TEACHER_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
+                     "layers": 4}
+TINY_STUDENT_TIMM = {"img_size": TINY_IMAGE_SIZE, "embed_dim": 32, "depth": 2, "num_heads": 2}
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(ValueError):
+    """A file is not a readable leanclip training checkpoint."""
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher
+
+
+def _teacher_model_cfg(name: str, tiny: bool, quick_gelu: bool) -> dict[str, Any]:
+    base = open_clip.get_model_config(name)
+    if base is None:
+        raise ValueError(f"unknown open_clip model name {name!r}; "
+                         f"known: {', '.join(open_clip.list_models()[:20])}, ...")
+    cfg = copy.deepcopy(base)
+    if tiny:
+        cfg["embed_dim"] = TINY_EMBED_DIM
+        cfg["vision_cfg"] = dict(TINY_TEACHER_VISION)
+        cfg["text_cfg"] = dict(TINY_TEACHER_TEXT)
+    cfg["quick_gelu"] = bool(quick_gelu or cfg.get("quick_gelu", False))
+    return cfg
+
+
+def _set_interface_attributes(model: nn.Module, image_size: int, mean: Sequence[float],
+                              std: Sequence[float], context_length: int) -> None:
+    model.image_size = int(image_size)
+    model.image_mean = tuple(float(v) for v in mean)
+    model.image_std = tuple(float(v) for v in std)
+    model.context_length = int(context_length)
+
+
+def _create_teacher(config: Mapping[str, Any], pretrained: str | None) -> nn.Module:
+    cfg = copy.deepcopy(dict(config["open_clip_cfg"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no pretrained weights loaded" is expected when rebuilding
+        model = open_clip.create_model(config["name"], pretrained=pretrained, **cfg)
+    vision = cfg["vision_cfg"]
+    size = vision.get("image_size", 224)
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    _set_interface_attributes(model, size, open_clip.OPENAI_DATASET_MEAN,
+                              open_clip.OPENAI_DATASET_STD,
+                              cfg["text_cfg"].get("context_length", 77))
+    model.leanclip_config = copy.deepcopy(dict(config))
+    return model
+
+
+def build_teacher(name: str = "ViT-B-32", pretrained: str | None = "openai",
+                  tiny: bool = False) -> nn.Module:
+    """An open_clip dual encoder. ``pretrained``: an open_clip tag ("openai"), a local open_clip
+    checkpoint file, a leanclip training checkpoint (e.g. the fine-tuned teacher T'), or None
+    for random weights."""
+    if pretrained is not None and Path(pretrained).is_file() and _is_leanclip_checkpoint(pretrained):
+        model = load_model(pretrained)
+        if model.leanclip_config.get("kind") != "teacher":
+            raise ValueError(f"{pretrained} is a leanclip {model.leanclip_config.get('kind')} "
+                             "checkpoint, not a teacher")
+        return model
+    if pretrained is not None and not Path(pretrained).exists() and (
+            os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
+        raise FileNotFoundError(f"teacher checkpoint not found: {pretrained}")
+    # OpenAI's weights were trained with QuickGELU; open_clip's plain config uses nn.GELU.
+    quick_gelu = pretrained == "openai"
+    config = {"kind": "teacher", "name": name,
+              "open_clip_cfg": _teacher_model_cfg(name, tiny, quick_gelu)}
+    return _create_teacher(config, pretrained)
+
+
+# --------------------------------------------------------------------------------------------
+# Student
+
+
+class CLIPTextTower(nn.Module):
+    """CLIP's causal text transformer with an arbitrary number of layers.
+
+    Unlike open_clip's ``TextTransformer`` it accepts any sequence length L <= context_length
+    (the positional embedding and causal mask are sliced), which the ONNX Encoder relies on.
+    Pooling is at the end-of-text token, which has the largest id in CLIP's vocabulary."""
+
+    def __init__(self, vocab_size: int, context_length: int, width: int, heads: int,
+                 layers: int, output_dim: int, mlp_ratio: float = 4.0,
+                 quick_gelu: bool = False) -> None:
+        super().__init__()
+        self.context_length = context_length
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.transformer = Transformer(width, layers, heads, mlp_ratio,
+                                       act_layer=QuickGELU if quick_gelu else nn.GELU,
+                                       norm_layer=LayerNorm)
+        self.ln_final = LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.empty(width, output_dim))
+        mask = torch.full((context_length, context_length), float("-inf")).triu_(1)
+        self.register_buffer("attn_mask", mask, persistent=False)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=width ** -0.5)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        length = tokens.shape[1]
+        if length > self.context_length:
+            raise ValueError(f"token sequence length {length} exceeds the context length "
+                             f"{self.context_length}")
+        x = self.token_embedding(tokens) + self.positional_embedding[:length]
+        x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
+        x = self.ln_final(x)
+        pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        return pooled @ self.text_projection
+
+
+class StudentDualEncoder(nn.Module):
+    """timm image backbone + linear projection; truncated CLIP text tower."""
+
+    def __init__(self, config: Mapping[str, Any], visual: nn.Module | None = None) -> None:
+        super().__init__()
+        self.leanclip_config = copy.deepcopy(dict(config))
+        img = config["image"]
+        if visual is None:
+            visual = timm.create_model(img["backbone"], pretrained=False, num_classes=0,
+                                       **img.get("timm_kwargs", {}))
+        self.visual = visual
+        embed_dim = int(config["embed_dim"])
+        self.image_projection = nn.Linear(self.visual.num_features, embed_dim, bias=False)
+        txt = config["text"]
+        self.text = CLIPTextTower(vocab_size=txt["vocab_size"],
+                                  context_length=txt["context_length"], width=txt["width"],
+                                  heads=txt["heads"], layers=len(txt["layers"]),
+                                  output_dim=embed_dim, mlp_ratio=txt.get("mlp_ratio", 4.0),
+                                  quick_gelu=txt.get("quick_gelu", False))
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.get("logit_scale", 4.6052))))
+        _set_interface_attributes(self, img["image_size"], img["mean"], img["std"],
+                                  txt["context_length"])
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        x = self.image_projection(self.visual(pixels))
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        x = self.text(tokens)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_image(pixels, normalize=True), self.encode_text(tokens, normalize=True)
+
+
+def select_text_layers(total: int, text_layers: int | Sequence[int],
+                       spacing: str = "first") -> list[int]:
+    """Which teacher layers the student text tower keeps: an explicit list of indices, or N
+    layers chosen as the first N (paper default) or evenly spaced (always keeping the last)."""
+    if isinstance(text_layers, int):
+        n = text_layers
+        if not 1 <= n <= total:
+            raise ValueError(f"text_layers={n} must be between 1 and the teacher's {total} layers")
+        if spacing == "first":
+            return list(range(n))
+        if spacing == "even":
+            if n == 1:
+                return [total - 1]
+            return sorted({round(i * (total - 1) / (n - 1)) for i in range(n)})
+        raise ValueError(f"unknown layer spacing {spacing!r}; use 'first' or 'even'")
+    layers = [int(i) for i in text_layers]
+    if not layers or any(not 0 <= i < total for i in layers) or len(set(layers)) != len(layers):
+        raise ValueError(f"text layer indices {layers} must be distinct and in [0, {total})")
+    return layers
+
+
+def _timm_create(backbone: str, image_pretrained: str | None, kwargs: dict[str, Any]) -> nn.Module:
+    if image_pretrained is None:
+        return timm.create_model(backbone, pretrained=False, num_classes=0, **kwargs)
+    path = Path(image_pretrained)
+    if path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"image backbone weights {path} is not a file")
+        return timm.create_model(backbone, pretrained=True, num_classes=0,
+                                 pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+    if os.sep in image_pretrained or image_pretrained.endswith((".pth", ".bin", ".safetensors")):
+        raise FileNotFoundError(f"image backbone weights not found: {image_pretrained}")
+    # A timm pretrained tag, e.g. "augreg_in21k" -> "vit_small_patch16_224.augreg_in21k".
+    name = backbone if image_pretrained in ("", "default") else f"{backbone}.{image_pretrained}"
+    return timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
+
+
+def build_student(image_backbone: str = "vit_small_patch16_224",
+                  text_layers: int | Sequence[int] = 6, teacher: nn.Module | None = None,
+                  image_pretrained: str | None = None, tiny: bool = False,
+                  text_layer_spacing: str = "first") -> StudentDualEncoder:
+    """The paper's student, initialised from ``teacher`` (an open_clip CLIP built by
+    ``build_teacher``): text embeddings, chosen layers, final LN, projection and logit scale are
+    copied; the image backbone comes from timm (``image_pretrained``: None for random weights, a
+    timm pretrained tag such as "augreg_in21k", or a local weights file)."""
+    if teacher is None:
+        teacher = build_teacher(pretrained=None, tiny=tiny)
+    tcfg = teacher.leanclip_config["open_clip_cfg"]
+    text_cfg = tcfg["text_cfg"]
+    total = len(teacher.transformer.resblocks)
+    layers = select_text_layers(total, text_layers, text_layer_spacing)
+    timm_kwargs = dict(TINY_STUDENT_TIMM) if tiny else {}
+    visual = _timm_create(image_backbone, image_pretrained, timm_kwargs)
+    data_cfg = timm.data.resolve_data_config({}, model=visual)
+    # timm's pretrained config keeps 224 even when img_size is overridden (tiny models)
+    image_size = int(timm_kwargs.get("img_size", data_cfg["input_size"][-1]))
+    config: dict[str, Any] = {
+        "kind": "student",
+        "embed_dim": int(tcfg["embed_dim"]),
+        "logit_scale": float(teacher.logit_scale.detach().reshape(-1)[0]),
+        "image": {"backbone": image_backbone, "timm_kwargs": timm_kwargs,
+                  "image_size": image_size, "mean": list(data_cfg["mean"]),
+                  "std": list(data_cfg["std"]), "pretrained": image_pretrained},
+        "text": {"vocab_size": text_cfg.get("vocab_size", 49408),
+                 "context_length": text_cfg.get("context_length", 77),
+                 "width": text_cfg.get("width", 512), "heads": text_cfg.get("heads", 8),
+                 "mlp_ratio": text_cfg.get("mlp_ratio", 4.0),
+                 "quick_gelu": bool(tcfg.get("quick_gelu", False)), "layers": layers,
+                 "teacher_layers": total},
+    }
+    student = StudentDualEncoder(config, visual=visual)
+    _copy_text_from_teacher(student, teacher, layers)
+    return student
+
+
+def _copy_text_from_teacher(student: StudentDualEncoder, teacher: nn.Module,
+                            layers: Sequence[int]) -> None:
+    with torch.no_grad():
+        student.text.token_embedding.weight.copy_(teacher.token_embedding.weight)
+        student.text.positional_embedding.copy_(teacher.positional_embedding)
+        for dst, src in zip(student.text.transformer.resblocks, layers):
+            dst.load_state_dict(teacher.transformer.resblocks[src].state_dict())
+        student.text.ln_final.load_state_dict(teacher.ln_final.state_dict())
+        projection = teacher.text_projection
+        weight = projection.weight.T if isinstance(projection, nn.Linear) else projection
+        student.text.text_projection.copy_(weight)
+        student.logit_scale.copy_(teacher.logit_scale.detach().reshape(()))
+
+
+def student_with_teacher_text(student: StudentDualEncoder, teacher: nn.Module
+                              ) -> StudentDualEncoder:
+    """The student's image tower paired with a full copy of the teacher's text tower: the
+    paper's Table-2 setting, where ablations touch only the image encoder and the text encoder
+    stays the fine-tuned teacher's (T')."""
+    total = len(teacher.transformer.resblocks)
+    config = copy.deepcopy(student.leanclip_config)
+    text_cfg = teacher.leanclip_config["open_clip_cfg"]["text_cfg"]
+    config["text"].update({"layers": list(range(total)), "teacher_layers": total,
+                           "width": text_cfg.get("width", 512), "heads": text_cfg.get("heads", 8),
+                           "mlp_ratio": text_cfg.get("mlp_ratio", 4.0),
+                           "quick_gelu": bool(teacher.leanclip_config["open_clip_cfg"]
+                                              .get("quick_gelu", False))})
+    combined = StudentDualEncoder(config, visual=student.visual)
+    combined.image_projection = student.image_projection
+    _copy_text_from_teacher(combined, teacher, list(range(total)))
+    with torch.no_grad():
+        combined.logit_scale.copy_(student.logit_scale)
+    return combined
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "leanclip_config", None)
+    if config is None:
+        raise ValueError("model was not built by training.models (no leanclip_config attribute)")
+    return copy.deepcopy(config)
+
+
+def atomic_torch_save(obj: Any, path: PathLike) -> None:
+    """Write to a sibling temporary file and rename it over ``path``: a crash mid-write never
+    leaves a truncated checkpoint behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: PathLike, model: nn.Module, extra: Mapping[str, Any] | None = None
+                    ) -> None:
+    """Save ``model`` (teacher or student) with its config; ``extra`` holds training state
+    (optimizer, scheduler, data position, RNG) for exact resumption."""
+    unwrapped = getattr(model, "module", model)  # DistributedDataParallel
+    payload: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                               "model_config": model_config(unwrapped),
+                               "state_dict": unwrapped.state_dict()}
+    if extra:
+        payload.update(extra)
+    atomic_torch_save(payload, path)
+
+
+def _is_leanclip_checkpoint(path: PathLike) -> bool:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:
+        return False
+    return isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT
+
+
+def read_checkpoint(path: PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a leanclip training checkpoint "
+                              "(no 'format': 'leanclip-training-checkpoint' entry)")
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {payload.get('version')} is not "
+                              f"supported (expected {CHECKPOINT_VERSION})")
+    return payload
+
+
+def build_from_config(config: Mapping[str, Any]) -> nn.Module:
+    kind = config.get("kind")
+    if kind == "teacher":
+        return _create_teacher(config, pretrained=None)
+    if kind == "student":
+        return StudentDualEncoder(config)
+    raise CheckpointError(f"unknown model kind {kind!r} in checkpoint config")
+
+
+def load_model(path: PathLike) -> nn.Module:
+    """Rebuild the teacher or student saved by ``save_checkpoint`` (eval mode, on the CPU)."""
+    payload = read_checkpoint(path)
+    model = build_from_config(payload["model_config"])
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()
+
+
+def tokenize(texts: Sequence[str], context_length: int = 77) -> torch.Tensor:
+    """open_clip's CLIP BPE tokenizer (the teacher's and the student's)."""
+    return open_clip.tokenize(list(texts), context_length=context_length)
