@@ -1,6 +1,7 @@
 """Hard-negative mining: leanclip.mine_hard_negatives against numpy and faiss, and the GEMM bound.
 
-Workload (the paper's per-epoch mining): top-10 of every query over the whole corpus, dim 512,
+Sizes: LEANCLIP_BENCH_MINING_SIZES="20000,100000" (all peers at the first, leanclip and faiss
+at the second). Workload (the paper's per-epoch mining): top-10 of every query over the whole corpus, dim 512,
 inner product on unit vectors, with groups of 5 (COCO: five captions per image; a corpus row in
 the query's group is a positive and must not come back).
 
@@ -12,7 +13,7 @@ the query's group is a positive and must not come back).
 - GEMM bound: 2*q*n*d flops at the best sgemm rate numpy reaches in this run; no exact top-k can
   beat the matrix product it is built on.
 
-Every peer runs in its own subprocess so that ru_maxrss is its own; "extra MiB" is peak RSS
+Every peer runs in its own subprocess so that its peak RSS (VmHWM) is its own; "extra MiB" is peak RSS
 minus the RSS just before the call (inputs already built), i.e. the memory the call itself needs
 beyond its inputs (its output included, 12 bytes per result).
 """
@@ -92,6 +93,18 @@ def run_faiss(queries, corpus, qg, cg, half: bool) -> np.ndarray:
 PEERS = {"leanclip": run_leanclip, "numpy": run_numpy, "faiss": run_faiss}
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM), in MiB.
+
+    Not ru_maxrss: Linux carries ru_maxrss over an exec from the forking parent, so a fresh
+    subprocess would report at least its parent's size; VmHWM belongs to the new address space.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return H.peak_rss_mb()
+
+
 def worker(peer: str, q: int, n: int, half: bool, repeats: int, out_path: str) -> None:
     """Runs in a fresh process: build inputs, time the peer, report JSON on the last line."""
     queries, corpus, qg, cg = make_data(q, n, half)
@@ -109,7 +122,7 @@ def worker(peer: str, q: int, n: int, half: bool, repeats: int, out_path: str) -
         times.append(time.perf_counter() - t0)
     assert result is not None
     np.save(out_path, np.asarray(result, dtype=np.int64))
-    print(json.dumps({"times": times, "rss_before": rss_before, "peak": H.peak_rss_mb()}))
+    print(json.dumps({"times": times, "rss_before": rss_before, "peak": peak_rss_mb()}))
 
 
 def spawn(peer: str, q: int, n: int, half: bool, repeats: int, tmp: str) -> Dict:
@@ -152,15 +165,16 @@ def main() -> None:
     started = time.perf_counter()
     rate = sgemm_rate()
     print(f"sgemm: {rate / 1e9:.0f} GFLOP/s", flush=True)
+    small, big = (int(x) for x in os.environ.get("LEANCLIP_BENCH_MINING_SIZES", "20000,100000").split(","))
     runs: List[Tuple[str, int, str, bool, int]] = [
         # label, size, peer, f16 inputs, repeats (first is warm-up)
-        ("leanclip f32", 20_000, "leanclip", False, 4),
-        ("leanclip f16", 20_000, "leanclip", True, 4),
-        ("numpy (blocked sgemm + argpartition)", 20_000, "numpy", False, 4),
-        ("faiss IndexFlatIP (k+5, filtered)", 20_000, "faiss", False, 4),
-        ("leanclip f32", 100_000, "leanclip", False, 1),
-        ("leanclip f16", 100_000, "leanclip", True, 1),
-        ("faiss IndexFlatIP (k+5, filtered)", 100_000, "faiss", False, 1),
+        ("leanclip f32", small, "leanclip", False, 4),
+        ("leanclip f16", small, "leanclip", True, 4),
+        ("numpy (blocked sgemm + argpartition)", small, "numpy", False, 4),
+        ("faiss IndexFlatIP (k+5, filtered)", small, "faiss", False, 4),
+        ("leanclip f32", big, "leanclip", False, 1),
+        ("leanclip f16", big, "leanclip", True, 1),
+        ("faiss IndexFlatIP (k+5, filtered)", big, "faiss", False, 1),
     ]
     res: Dict[Tuple[str, int], Dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,7 +186,7 @@ def main() -> None:
 
     rows = []
     notes = []
-    for size in (20_000, 100_000):
+    for size in (small, big):
         bound = 2.0 * size * size * DIM / rate
         ref = res[("leanclip f32", size)]
         for (label, s), info in res.items():
@@ -195,11 +209,11 @@ def main() -> None:
         if ("numpy (blocked sgemm + argpartition)", size) in res:
             line += f", {res[('numpy (blocked sgemm + argpartition)', size)]['time'] / lc:.2f}x numpy (target >= 1.3)"
         notes.append(line)
-    big = res[("leanclip f32", 100_000)]
-    io_mb = (2 * 100_000 * DIM * 4 + 100_000 * K * 12) / 2**20
+    top = res[("leanclip f32", big)]
+    io_mb = (2 * big * DIM * 4 + big * K * 12) / 2**20
     notes.append(
-        f"100,000 x 100,000 leanclip f32: peak RSS {big['peak']:.0f} MiB with {io_mb:.0f} MiB of inputs and "
-        f"output; the call itself added {big['extra']:.0f} MiB over the RSS before it (target < 256 MB, "
+        f"{big:,} x {big:,} leanclip f32: peak RSS {top['peak']:.0f} MiB with {io_mb:.0f} MiB of inputs and "
+        f"output; the call itself added {top['extra']:.0f} MiB over the RSS before it (target < 256 MB, "
         f"output included)"
     )
     text = H.header(
@@ -209,8 +223,8 @@ def main() -> None:
             f"dim {DIM}, top-{K}, inner product on random unit vectors, groups of {GROUP} (a corpus row in "
             f"the query's group is skipped). sgemm rate measured here: {rate / 1e9:.0f} GFLOP/s. "
             "faiss searches k+5 and drops group members afterwards (exact: a group has 5 rows). "
-            "Each peer runs in its own process; times are medians of 3 runs after a warm-up at "
-            "20k, single runs at 100k. 'agree' = fraction of result slots equal to leanclip f32's. "
+            f"Each peer runs in its own process; times are medians of 3 runs after a warm-up at "
+            f"{small:,}, single runs at {big:,}. 'agree' = fraction of result slots equal to leanclip f32's. "
             "'extra MiB' = peak RSS minus RSS just before the call."
         ),
     )

@@ -11,6 +11,7 @@ Exports take a few seconds, so ``tiny_bundle`` / ``tiny_bundle_int8`` are sessio
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import sys
 from pathlib import Path
@@ -60,16 +61,20 @@ def make_tiny_bundle(out_dir: Any, *, int8: bool = False, dim: int = 32, seed: i
     cached = _CACHE.get(key)
     if cached is not None and cached.is_dir():
         if out.exists():
+            if any(out.iterdir()) and not (out / "leanclip.json").is_file():
+                raise FileExistsError(f"{out} is a non-empty directory that is not a leanclip bundle")
             shutil.rmtree(out)
         shutil.copytree(cached, out)
         return out
+    import tempfile
+
     from training.export import export_model
 
     model = make_tiny_clip(dim=dim, seed=seed)
     export_model(model, out, name=name, source=f"tests: random tiny open_clip CLIP (seed {seed})", int8=int8)
-    import tempfile
-
-    keep = Path(tempfile.mkdtemp(prefix="leanclip-tiny-bundle-")) / "bundle"
+    root = Path(tempfile.mkdtemp(prefix="leanclip-tiny-bundle-"))
+    atexit.register(shutil.rmtree, root, True)
+    keep = root / "bundle"
     shutil.copytree(out, keep)
     _CACHE[key] = keep
     return out

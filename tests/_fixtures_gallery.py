@@ -33,7 +33,7 @@ class ColorEncoder:
     dim = 48
     image_size = 32
 
-    def __init__(self, model_id: str = "color-v1", calls: Any = None) -> None:
+    def __init__(self, model_id: str = "color-v1") -> None:
         self.model_id = model_id
         self.images_encoded = 0
         self.texts_encoded = 0

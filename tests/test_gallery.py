@@ -514,3 +514,47 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
 def test_resume_after_sigkill_50_points(tmp_path: Path) -> None:
     """Issue 6: 50 random kill points on a few hundred files."""
     _kill_test(tmp_path, n_files=300, kills=50, seed=2)
+
+
+# -------------------------------------------------------------------------- with a real bundle
+
+
+def test_real_encoder_vectors_match_direct_encoding(tmp_path: Path) -> None:
+    """With a tiny exported bundle, the gallery's stored vectors are the Encoder's own."""
+    from leanclip.encoder import Encoder
+    from tests._fixtures_bundle import make_tiny_bundle
+
+    enc = Encoder(make_tiny_bundle(tmp_path / "bundle"))
+    root = tmp_path / "photos"
+    files = make_folder(root, n_per_color=1)
+    g = Gallery(root, model=enc)
+    s = g.update()
+    assert s.added == 4 and g.info()["model_id"] == enc.model_id and g.info()["dim"] == enc.dim
+    direct = enc.encode_images([str(p) for p in files])
+    for p, v in zip(files, direct):
+        hit = g.search(v, k=1)[0]
+        assert hit.path == p and hit.score > 0.999
+    # a text query runs through the real text tower
+    assert len(g.search("a photo of the sea", k=4)) == 4
+    # an int8 export of another model id: the gallery re-encodes instead of mixing
+    enc8 = Encoder(make_tiny_bundle(tmp_path / "bundle8", int8=True))
+    assert enc8.model_id != enc.model_id
+    s2 = Gallery(root, model=enc8).update()
+    assert s2.encoded == 4 and "model changed" in s2.recovered
+
+
+def test_storage_precision_change_converts_without_reencoding(folder: Path) -> None:
+    enc = ColorEncoder()
+    g = Gallery(folder, model=enc)
+    g.update()
+    top32 = [h.name for h in g.search("red", k=8)]
+    g16 = Gallery(folder, model=enc, dtype="f16")
+    s = g16.update()
+    assert s.encoded == 0 and enc.images_encoded == 8
+    assert {h.name for h in g16.search("red", k=2)} == set(top32[:2])
+    _consistent(g16)
+    # the store remembers its precision
+    s = Gallery(folder, model=enc).update()
+    assert s.encoded == 0
+    with pytest.raises(GalleryError, match="dtype"):
+        Gallery(folder, model=enc, dtype="f64")

@@ -101,11 +101,11 @@ def test_same_answer_as_the_engine_rows():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(k=0), "k must be >= 1"),
+        (dict(k=0), "k must be at least 1"),
         (dict(query_ids=np.arange(4)), r"query_ids must have shape \(5,\)"),
         (dict(corpus_ids=np.arange(20) - 1), "non-negative"),
         (dict(corpus_ids=np.arange(20) * 1.5), "integers"),
-        (dict(corpus_embeddings=_unit(20, 9, 0)), "dimension 9, expected 8"),
+        (dict(corpus_embeddings=_unit(20, 9, 0)), r"shape \(n, 8\)"),
         (dict(query_embeddings=np.full((5, 8), np.nan, np.float32)), "NaN"),
         (dict(query_groups=np.zeros(5, np.int64)), "both query_groups and corpus_groups"),
         (dict(query_groups=np.zeros(5, np.int64), corpus_groups=np.zeros(3, np.int64)), r"\(20,\)"),

@@ -353,6 +353,7 @@ def collate_skipping(items: Sequence[Any]) -> SkippingBatch:
     if kept:
         columns = list(zip(*kept))
         batch["columns"] = [torch.stack(col) if isinstance(col[0], torch.Tensor)
+                            else list(col) if isinstance(col[0], str)
                             else torch.tensor(col) for col in columns]
     return batch
 

@@ -350,6 +350,17 @@ def _raise_if_failed(checks: Sequence[_Check], where: Path) -> None:
 # Public API
 
 
+def _check_target(out: Path, overwrite: bool = True) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise FileExistsError(f"export target {out} exists and is not a directory")
+        if any(out.iterdir()):
+            if not (out / MANIFEST_NAME).is_file():
+                raise FileExistsError(f"export target {out} is a non-empty directory that is not a leanclip bundle")
+            if not overwrite:
+                raise FileExistsError(f"export target {out} is an existing bundle (overwrite=False)")
+
+
 def export_bundle(
     out_dir: PathLike,
     *,
@@ -367,6 +378,9 @@ def export_bundle(
     text_reference: Optional[nn.Module] = None,
     extra: Optional[Dict[str, Any]] = None,
     overwrite: bool = True,
+    int8_out_dir: Optional[PathLike] = None,
+    image_int8_op_types: Sequence[str] = INT8_OP_TYPES,
+    text_int8_op_types: Sequence[str] = INT8_OP_TYPES,
 ) -> Path:
     """Write a bundle to ``out_dir`` from two torch towers and a tokenizer; returns ``out_dir``.
 
@@ -374,19 +388,19 @@ def export_bundle(
     with its inputs in ``text.inputs`` order. If the tower has ``dynamic_length = False`` the
     sequence axis is fixed at ``text.context_length`` (the Encoder then pads to it).
     ``tokenizer_json``: a path, a ``tokenizers.Tokenizer``, or None for CLIP's BPE.
-    ``int8=True`` writes an int8 bundle (``precision: "int8"``); the fp32 export it is quantized
-    from is checked as well. ``text_reference`` (default ``text_tower``) is run at the full
+    ``int8=True`` writes an int8 bundle (``precision: "int8"``) at ``out_dir``; the fp32 export it
+    is quantized from is checked as well. ``int8_out_dir`` (with ``int8=False``) writes the fp32
+    bundle to ``out_dir`` and, from the same export, an int8 bundle there. ``image_int8_op_types``
+    / ``text_int8_op_types`` choose which ONNX op types are quantized (some towers, e.g. MiniLM,
+    lose too much with int8 MatMuls). ``text_reference`` (default ``text_tower``) is run at the full
     context length as the reference for the text check, which also proves that padding only to
     the batch's longest text is exact. ``check=False`` skips the self-check (not recommended).
     An existing ``out_dir`` must be empty or a bundle (it is replaced); the new bundle is built
     beside it and moved into place, so a failed export leaves no half-written bundle.
     """
     out = Path(out_dir)
-    if out.exists():
-        if not out.is_dir():
-            raise FileExistsError(f"export target {out} exists and is not a directory")
-        if any(out.iterdir()) and not ((out / MANIFEST_NAME).is_file() and overwrite):
-            raise FileExistsError(f"export target {out} is a non-empty directory that is not a leanclip bundle")
+    for target in [out] + ([Path(int8_out_dir)] if int8_out_dir is not None else []):
+        _check_target(target, overwrite)
     if text.kind not in ("clip", "wordpiece"):
         raise ValueError(f"unknown text kind {text.kind!r} (expected 'clip' or 'wordpiece')")
     unknown = [n for n in text.inputs if n not in ("input_ids", "attention_mask")]
@@ -398,9 +412,7 @@ def export_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     try:
-        stage = work / "bundle"
         fp32 = work / "fp32"
-        stage.mkdir()
         fp32.mkdir()
         # --- export fp32
         size = int(image.size)
@@ -444,60 +456,74 @@ def export_bundle(
         if check:
             checks += run_checks(fp32, FP32_MIN_COS, "fp32")
             _raise_if_failed(checks, out)
-        precision = "fp32"
-        if int8:
-            for f in (image.file, text.file):
-                quantize_onnx(fp32 / f, stage / f)
+        # (target, folder holding its ONNX files, precision, checks)
+        outputs: List[Tuple[Path, Path, str, List[_Check]]] = []
+        int8_target = out if int8 else (Path(int8_out_dir) if int8_out_dir is not None else None)
+        if int8_target is not None:
+            q = work / "int8"
+            q.mkdir()
+            quantize_onnx(fp32 / image.file, q / image.file, op_types=image_int8_op_types)
+            quantize_onnx(fp32 / text.file, q / text.file, op_types=text_int8_op_types)
+            int8_checks: List[_Check] = []
             if check:
-                int8_checks = run_checks(stage, INT8_MIN_COS, "int8")
-                _raise_if_failed(int8_checks, out)
-                checks += int8_checks
-            precision = "int8"
-        else:
-            for f in (image.file, text.file):
-                os.replace(fp32 / f, stage / f)
-        tok.save(str(stage / text.tokenizer))
+                int8_checks = run_checks(q, INT8_MIN_COS, "int8")
+                _raise_if_failed(int8_checks, int8_target)
+            outputs.append((int8_target, q, "int8", checks + int8_checks))
+        if not int8:
+            outputs.append((out, fp32, "fp32", checks))
 
-        info: Dict[str, Any] = dict(extra or {})
-        info.update({
-            "exporter": {f: f"torch {torch.__version__} {e}, opset {OPSET}" for f, e in exporters.items()},
-            "text_dynamic_length": dynamic_length,
-            "self_check": {c.what: round(c.min_cos, 6) for c in checks} if check else "skipped",
-        })
-        if int8:
-            info["quantization"] = {"method": "onnxruntime quantize_dynamic", "weight_type": "QInt8",
-                                    "op_types": list(INT8_OP_TYPES), "per_channel": False}
-        manifest = Manifest(embedding_dim=dim, image=copy.deepcopy(image), text=copy.deepcopy(text), name=name,
-                            source=source, precision=precision, extra=info)
-        write_manifest(stage, manifest)
-        read_manifest(stage, verify=True)  # what the Encoder will do: fail here, not there
+        staged: List[Tuple[Path, Path]] = []
+        for i, (target, folder, precision, target_checks) in enumerate(outputs):
+            stage = work / f"bundle{i}"
+            stage.mkdir()
+            for f in (image.file, text.file):
+                os.replace(folder / f, stage / f)
+            tok.save(str(stage / text.tokenizer))
+            info: Dict[str, Any] = dict(extra or {})
+            info.update({
+                "exporter": {f: f"torch {torch.__version__} {e}, opset {OPSET}" for f, e in exporters.items()},
+                "text_dynamic_length": dynamic_length,
+                "self_check": {c.what: round(c.min_cos, 6) for c in target_checks} if check else "skipped",
+            })
+            if precision == "int8":
+                info["quantization"] = {"method": "onnxruntime quantize_dynamic", "weight_type": "QInt8",
+                                        "op_types": {image.file: list(image_int8_op_types),
+                                                     text.file: list(text_int8_op_types)},
+                                        "per_channel": False}
+            manifest = Manifest(embedding_dim=dim, image=copy.deepcopy(image), text=copy.deepcopy(text),
+                                name=name, source=source, precision=precision, extra=info)
+            write_manifest(stage, manifest)
+            read_manifest(stage, verify=True)  # what the Encoder will do: fail here, not there
+            staged.append((stage, target))
 
         # --- move into place
-        if out.exists():
-            trash = work / "old"
-            os.replace(out, trash)
-        os.replace(stage, out)
+        for i, (stage, target) in enumerate(staged):
+            if target.exists():
+                os.replace(target, work / f"old{i}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
 
 
-def quantize_bundle(src_dir: PathLike, out_dir: PathLike, *, check: bool = True) -> Path:
+def quantize_bundle(src_dir: PathLike, out_dir: PathLike, *, check: bool = True,
+                    image_op_types: Sequence[str] = INT8_OP_TYPES,
+                    text_op_types: Sequence[str] = INT8_OP_TYPES) -> Path:
     """An int8 copy of an fp32 bundle (no torch needed), checked against the fp32 ONNX models."""
     src = Path(src_dir)
     m = read_manifest(src, verify=True)
     if m.precision != "fp32":
         raise BundleError(f"{src} is a {m.precision} bundle; quantize an fp32 bundle")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-        raise FileExistsError(f"export target {out} is a non-empty directory that is not a leanclip bundle")
+    _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.quant-", dir=out.parent))
     try:
         stage = work / "bundle"
         stage.mkdir()
-        for f in (m.image.file, m.text.file):
-            quantize_onnx(src / f, stage / f)
+        quantize_onnx(src / m.image.file, stage / m.image.file, op_types=image_op_types)
+        quantize_onnx(src / m.text.file, stage / m.text.file, op_types=text_op_types)
         for f in m.files:
             if f not in (m.image.file, m.text.file):
                 shutil.copy2(src / f, stage / f)
@@ -518,7 +544,8 @@ def quantize_bundle(src_dir: PathLike, out_dir: PathLike, *, check: bool = True)
             _raise_if_failed(checks, out)
         extra = dict(m.extra)
         extra["quantization"] = {"method": "onnxruntime quantize_dynamic", "weight_type": "QInt8",
-                                 "op_types": list(INT8_OP_TYPES), "per_channel": False, "from": m.model_id}
+                                 "op_types": {m.image.file: list(image_op_types), m.text.file: list(text_op_types)},
+                                 "per_channel": False, "from": m.model_id}
         if check:
             extra["self_check_int8_vs_fp32"] = {c.what: round(c.min_cos, 6) for c in checks}
         manifest = Manifest(embedding_dim=m.embedding_dim, image=m.image, text=m.text, name=m.name,
@@ -571,6 +598,7 @@ def export_model(
     tokenizer_json: Any = None,
     example_texts: Optional[Sequence[str]] = None,
     extra: Optional[Dict[str, Any]] = None,
+    int8_out_dir: Optional[PathLike] = None,
 ) -> Path:
     """Export a whole dual encoder (open_clip CLIP, a leanclip teacher or student) with CLIP's BPE."""
     if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
@@ -591,6 +619,7 @@ def export_model(
         example_texts=example_texts,
         text_reference=FixedLengthTextTower(model),
         extra=extra,
+        int8_out_dir=int8_out_dir,
     )
 
 
@@ -633,14 +662,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         model, name, source = load_source(args.source, pretrained=args.pretrained, arch=args.arch)
-        out = export_model(model, args.out_dir, name=args.name or name, source=source, check=not args.no_check)
-        m = read_manifest(out)
-        print(f"wrote {out} ({m.precision}, dim {m.embedding_dim}; self-check {json.dumps(m.extra.get('self_check'))})")
-        if args.int8:
-            out8 = Path(str(Path(args.out_dir)) + "-int8")
-            export_model(model, out8, name=args.name or name, source=source, int8=True, check=not args.no_check)
-            m8 = read_manifest(out8)
-            print(f"wrote {out8} (int8; self-check {json.dumps(m8.extra.get('self_check'))})")
+        out8 = Path(str(Path(args.out_dir)) + "-int8") if args.int8 else None
+        out = export_model(model, args.out_dir, name=args.name or name, source=source, check=not args.no_check,
+                           int8_out_dir=out8)
+        for d in [out] + ([out8] if out8 else []):
+            m = read_manifest(d)
+            print(f"wrote {d} ({m.precision}, dim {m.embedding_dim}; self-check {json.dumps(m.extra.get('self_check'))})")
     except (ExportError, BundleError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -51,7 +51,7 @@ DEFAULT_TRAIN: dict[str, Any] = {
     "grad_accum": 1, "lr": 3e-4, "weight_decay": 0.1, "warmup_steps": 10000,
     "warmup_max_fraction": 0.1, "temperature": 0.05, "amp": True, "cache_teacher": True,
     "num_workers": 4, "checkpoint_every": 1000, "keep_checkpoints": False, "max_steps": None,
-    "log_every": 50, "embed_batch_size": 256,
+    "log_every": 50, "embed_batch_size": 256, "cache_dir": None,
 }
 
 
@@ -77,6 +77,10 @@ def _text_collection(spec: Mapping[str, Any]) -> list[str]:
 class Stage1Trainer:
     def __init__(self, config: Mapping[str, Any], info: DistInfo | None = None) -> None:
         self.config = dict(config)
+        unknown = set(config.get("train", {})) - set(DEFAULT_TRAIN)
+        if unknown:
+            raise ValueError(f"unknown stage-1 train settings {sorted(unknown)}; "
+                             f"known: {sorted(DEFAULT_TRAIN)}")
         self.cfg = {**DEFAULT_TRAIN, **dict(config.get("train", {}))}
         if self.cfg["loss"] not in LOSSES:
             raise ValueError(f"train.loss must be one of {LOSSES}, got {self.cfg['loss']!r}")
@@ -269,13 +273,13 @@ class Stage1Trainer:
                 t_txt = self._teacher_texts(caption_index, tokens)
                 t2v, v2t = losses.clip_loss(gather_with_grad(s_img.float()),
                                             gather_with_grad(t_txt), scale)
-                parts["image_intermodal"] = float(t2v + v2t)
+                parts["image_intermodal"] = float((t2v + v2t).detach())
                 loss = loss + t2v + v2t
             if "text" in self.modalities:
                 t_img = self._teacher_images(image_index, pixels)
                 t2v, v2t = losses.clip_loss(gather_with_grad(t_img),
                                             gather_with_grad(s_txt.float()), scale)
-                parts["text_intermodal"] = float(t2v + v2t)
+                parts["text_intermodal"] = float((t2v + v2t).detach())
                 loss = loss + t2v + v2t
             return loss, parts
         pixels = tokens = None
@@ -289,11 +293,11 @@ class Stage1Trainer:
                                    if pixels is not None else None, tokens)
         if s_img is not None:
             l_img = self._distill(s_img, self._teacher_images(index, pixels))
-            parts["image"] = float(l_img)
+            parts["image"] = float((l_img).detach())
             loss = loss + l_img
         if s_txt is not None:
             l_txt = self._distill(s_txt, self._teacher_texts(torch.as_tensor(text_rows), tokens))
-            parts["text"] = float(l_txt)
+            parts["text"] = float((l_txt).detach())
             loss = loss + l_txt
         return loss, parts
 
@@ -366,7 +370,7 @@ class Stage1Trainer:
                 scheduler.step()
                 self.step += 1
                 record = {"epoch": epoch, "step": step, "global_step": self.step,
-                          "loss": float(loss), "lr": scheduler.get_last_lr()[0],
+                          "loss": float((loss).detach()), "lr": scheduler.get_last_lr()[0],
                           "seconds": time.perf_counter() - t0, **parts}
                 self.history.append(record)
                 if self.info.is_main and step % int(self.cfg["log_every"]) == 0:

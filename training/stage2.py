@@ -191,6 +191,10 @@ class Stage2State:
 class Stage2Trainer:
     def __init__(self, config: Mapping[str, Any], info: DistInfo | None = None) -> None:
         self.config = dict(config)
+        unknown = set(config.get("train", {})) - set(DEFAULT_TRAIN)
+        if unknown:
+            raise ValueError(f"unknown stage-2 train settings {sorted(unknown)}; "
+                             f"known: {sorted(DEFAULT_TRAIN)}")
         self.train_cfg = {**DEFAULT_TRAIN, **dict(config.get("train", {}))}
         self.info = info or init_distributed(config.get("device"))
         self.run_dir = Path(config["run_dir"])
@@ -537,7 +541,7 @@ class Stage2Trainer:
             text = lookup(frozen, cap_idx)
         image_g, text_g = gather_with_grad(image.float()), gather_with_grad(text.float())
         t2v, v2t = losses.clip_loss(image_g, text_g, logit_scale)
-        parts = {"t2v": float(t2v), "v2t": float(v2t)}
+        parts = {"t2v": float(t2v.detach()), "v2t": float(v2t.detach())}
         loss = t2v + v2t
         if cfg["kd"]:
             t_img = gather_no_grad(lookup(self.teacher_images, img_idx))
@@ -551,7 +555,7 @@ class Stage2Trainer:
             if phase in ("text", "joint"):
                 contrastive = contrastive + losses.intra_modal_infonce(text_g, t_txt, tau)
             kd = float(cfg["kd_weight"]) * (kl + float(cfg["kd_contrastive_weight"]) * contrastive)
-            parts.update(kd_kl=float(kl), kd_contrastive=float(contrastive))
+            parts.update(kd_kl=float(kl.detach()), kd_contrastive=float(contrastive.detach()))
             loss = loss + kd
         if cfg["hn"]:
             hn = torch.zeros((), device=device)
@@ -561,9 +565,9 @@ class Stage2Trainer:
             if phase in ("text", "joint"):
                 table = frozen if phase == "text" else plan["t2i_table"]
                 hn = hn + self._hn_term(text_g, image_g, plan["t2i"], table, img_idx, logit_scale)
-            parts["hn"] = float(hn)
+            parts["hn"] = float(hn.detach())
             loss = loss + float(cfg["hn_weight"]) * hn
-        parts["loss"] = float(loss)
+        parts["loss"] = float(loss.detach())
         return loss, parts
 
     def _hn_term(self, queries: torch.Tensor, keys: torch.Tensor, ids: np.ndarray,

@@ -27,7 +27,13 @@ log = logging.getLogger("training")
 
 
 def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
+    value = yaml.safe_load(text)
+    if isinstance(value, str):  # YAML 1.1 reads "2e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def apply_overrides(config: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -48,16 +54,20 @@ def apply_overrides(config: dict[str, Any], overrides: Sequence[str]) -> dict[st
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """A YAML config; ``base: other.yaml`` (relative to the file) is merged underneath."""
+    """A YAML config; ``base: other.yaml`` or a list of them (relative to the file, later ones
+    winning) is merged underneath."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config not found: {path}")
     config = yaml.safe_load(path.read_text()) or {}
     if not isinstance(config, dict):
         raise ValueError(f"{path}: a config must be a YAML mapping")
-    base = config.pop("base", None)
-    if base is not None:
-        config = deep_merge(load_config(path.parent / base), config)
+    bases = config.pop("base", None)
+    if bases is not None:
+        merged: dict[str, Any] = {}
+        for base in [bases] if isinstance(bases, str) else bases:
+            merged = deep_merge(merged, load_config(path.parent / base))
+        config = deep_merge(merged, config)
     return apply_overrides(config, overrides)
 
 

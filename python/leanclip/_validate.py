@@ -24,52 +24,52 @@ except ImportError:  # engine not built (e.g. a source checkout without the exte
 
 def check_metric(metric: Any) -> str:
     if not isinstance(metric, str) or metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}: expected one of 'cos', 'ip', 'l2'")
+        raise ValueError(f'unknown metric "{metric}": expected one of "cos", "ip", "l2"')
     return metric
 
 
 def check_dtype(dtype: Any) -> str:
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: expected one of 'f32', 'f16', 'i8'")
+        raise ValueError(f'unknown dtype "{dtype}": expected one of "f32", "f16", "i8"')
     return dtype
 
 
-def check_positive_int(value: Any, name: str) -> int:
+def check_positive_int(value: Any, name: str, maximum: Optional[int] = None) -> int:
     # bool is an int subclass; True as a dimension or k is always a mistake
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        raise ValueError(f"{name} must be an integer of at least 1, got {value!r}")
+    if maximum is not None and not 1 <= value <= maximum:
+        raise ValueError(f"{name} must be between 1 and {maximum}, got {int(value)}")
     if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {int(value)}")
+        raise ValueError(f"{name} must be at least 1, got {int(value)}")
     return int(value)
 
 
 def as_keys(keys: Any, name: str = "keys", max_key: int = int(_U64_MAX)) -> np.ndarray:
     """A 1-D uint64 array of non-negative integer keys (<= max_key), or ValueError."""
-    if isinstance(keys, (int, np.integer)) and not isinstance(keys, (bool, np.bool_)):
-        keys = [keys]
     try:
         arr = np.asarray(keys)
     except (OverflowError, ValueError, TypeError) as exc:
         raise ValueError(f"{name} must be a 1-D array of non-negative integers: {exc}") from None
     if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+        raise ValueError(f"{name} must be a 1-D array of integers, got shape {list(arr.shape)}")
     if arr.size == 0:
         return np.empty(0, dtype=np.uint64)
     if arr.dtype.kind == "O":  # Python ints beyond int64 land here
         if not all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) for k in arr):
             raise ValueError(f"{name} must be integers, got {arr.dtype} values")
         lo, hi = min(int(k) for k in arr), max(int(k) for k in arr)
-        if lo < 0 or hi > max_key:
+        if lo < 0 or hi > _U64_MAX:
             bad = lo if lo < 0 else hi
-            raise ValueError(f"{name} must be in [0, {max_key}], got {bad}")
-        return np.array([int(k) for k in arr], dtype=np.uint64)
+            raise ValueError(f"{name} must be non-negative integers that fit in uint64, got {bad}")
+        arr = np.array([int(k) for k in arr], dtype=np.uint64)
     if arr.dtype.kind not in "iu":
         raise ValueError(f"{name} must be integers, got dtype {arr.dtype}")
     if arr.dtype.kind == "i" and int(arr.min()) < 0:
         raise ValueError(f"{name} must be non-negative, got {int(arr.min())}")
     out = arr.astype(np.uint64, copy=False)
     if int(out.max()) > max_key:
-        raise ValueError(f"{name} must be in [0, {max_key}], got {int(out.max())}")
+        raise ValueError(f"{name} must be at most {max_key}, got {int(out.max())}")
     return out
 
 
@@ -78,14 +78,20 @@ def check_unique(keys: np.ndarray, name: str = "keys") -> None:
         s = np.sort(keys)
         dup = s[1:][s[1:] == s[:-1]]
         if dup.size:
-            raise ValueError(f"{name} repeats key {int(dup[0])} within the batch")
+            raise ValueError(f"key {int(dup[0])} appears more than once in the batch; {name} must be unique")
 
 
 def as_matrix(
-    values: Any, dim: Optional[int], name: str, allow_1d: bool = False, keep_f16: bool = False
+    values: Any,
+    dim: Optional[int],
+    name: str,
+    allow_1d: bool = False,
+    keep_f16: bool = False,
+    rows: Optional[int] = None,
 ) -> Tuple[np.ndarray, bool]:
     """A C-contiguous (n, dim) float32 array (float16 kept when keep_f16) and whether the input
-    was a single 1-D vector. Rejects non-numeric data, wrong shapes, NaN and inf."""
+    was a single 1-D vector. Rejects non-numeric data, wrong shapes, NaN and inf. ``rows``: the
+    number of keys the rows go with, named in the shape error."""
     try:
         arr = np.asarray(values)
     except (ValueError, TypeError) as exc:
@@ -95,12 +101,13 @@ def as_matrix(
     single = arr.ndim == 1
     if single and allow_1d:
         arr = arr.reshape(1, -1)
-    if arr.ndim != 2:
-        want = f"(n, {dim})" if dim is not None else "(n, dim)"
-        extra = f" or ({dim},)" if allow_1d and dim is not None else ""
-        raise ValueError(f"{name} must have shape {want}{extra}, got {np.shape(values)}")
-    if dim is not None and arr.shape[1] != dim:
-        raise ValueError(f"{name} has dimension {arr.shape[1]}, expected {dim}")
+    if arr.ndim != 2 or (dim is not None and arr.shape[1] != dim):
+        d = "dim" if dim is None else str(dim)
+        if allow_1d:
+            want = f"({d},) or (q, {d})"
+        else:
+            want = f"(n, {d})" if rows is None else f"({rows}, {d}) (len(keys), dim)"
+        raise ValueError(f"{name} must have shape {want}, got {list(np.shape(values))}")
     if arr.shape[1] == 0:
         raise ValueError(f"{name} must have at least one column")
     if not (keep_f16 and arr.dtype == np.float16):
@@ -108,7 +115,7 @@ def as_matrix(
     arr = np.ascontiguousarray(arr)
     if arr.size and not np.isfinite(arr).all():
         row = int(np.nonzero(~np.isfinite(arr).all(axis=1))[0][0])
-        raise ValueError(f"{name} contains NaN or inf (row {row})")
+        raise ValueError(f"{name}[{row}] contains NaN or inf; expected finite values")
     return arr, single and allow_1d
 
 
@@ -117,7 +124,10 @@ def check_nonzero(arr: np.ndarray, name: str) -> np.ndarray:
     norms = np.linalg.norm(arr.astype(np.float32, copy=False), axis=1)
     zero = np.nonzero(norms == 0)[0]
     if zero.size:
-        raise ValueError(f"{name} row {int(zero[0])} is a zero vector, which has no cosine similarity")
+        raise ValueError(
+            f'{name}[{int(zero[0])}] is a zero vector, which has no direction under metric "cos"; '
+            "expected a non-zero vector"
+        )
     return norms
 
 

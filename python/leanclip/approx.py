@@ -84,7 +84,7 @@ class ApproxIndex:
         expansion_add: int = 128,
         expansion_search: int = 64,
     ) -> None:
-        self._dim = check_positive_int(dim, "dim")
+        self._dim = check_positive_int(dim, "dim", 65536)
         self._metric = check_metric(metric)
         self._dtype = check_dtype(dtype)
         if self._dtype == "i8" and self._metric != "cos":
@@ -164,9 +164,11 @@ class ApproxIndex:
             return np.array(self._index.keys[:], dtype=np.uint64)  # a slice: live keys only
 
     # ------------------------------------------------------------------ conversion
-    def _prepare(self, values: Any, name: str, allow_1d: bool) -> Tuple[np.ndarray, bool]:
+    def _prepare(
+        self, values: Any, name: str, allow_1d: bool, rows: Optional[int] = None
+    ) -> Tuple[np.ndarray, bool]:
         """Validated rows in the form usearch stores them (see the module docstring)."""
-        arr, single = as_matrix(values, self._dim, name, allow_1d=allow_1d)
+        arr, single = as_matrix(values, self._dim, name, allow_1d=allow_1d, rows=rows)
         if self._metric == "cos":
             norms = check_nonzero(arr, name)
             arr = arr / norms[:, None]
@@ -192,9 +194,8 @@ class ApproxIndex:
     def add(self, keys: Any, vectors: Any) -> None:
         """Add a batch; all-or-nothing. KeyError if a key is present, ValueError if one repeats."""
         ks = as_keys(keys, "keys", _MAX_KEY)
-        data, _ = self._prepare(vectors, "vectors", allow_1d=False)
-        if data.shape[0] != ks.shape[0]:
-            raise ValueError(f"got {ks.shape[0]} keys for {data.shape[0]} vectors")
+        data, _ = self._prepare(vectors, "vectors", allow_1d=False, rows=ks.shape[0])
+        _check_count(ks, data, self._dim)
         check_unique(ks)
         with self._lock:
             self._check_writable()
@@ -208,9 +209,8 @@ class ApproxIndex:
     def upsert(self, keys: Any, vectors: Any) -> None:
         """Insert or replace; ValueError if a key repeats within the batch."""
         ks = as_keys(keys, "keys", _MAX_KEY)
-        data, _ = self._prepare(vectors, "vectors", allow_1d=False)
-        if data.shape[0] != ks.shape[0]:
-            raise ValueError(f"got {ks.shape[0]} keys for {data.shape[0]} vectors")
+        data, _ = self._prepare(vectors, "vectors", allow_1d=False, rows=ks.shape[0])
+        _check_count(ks, data, self._dim)
         check_unique(ks)
         with self._lock:
             self._check_writable()
@@ -414,6 +414,13 @@ class ApproxIndex:
                 f"header says {meta['count']} of dim {meta['dim']}"
             )
         return index
+
+
+def _check_count(keys: np.ndarray, data: np.ndarray, dim: int) -> None:
+    if data.shape[0] != keys.shape[0]:
+        raise ValueError(
+            f"vectors must have shape ({keys.shape[0]}, {dim}) (len(keys), dim), got {list(data.shape)}"
+        )
 
 
 def _parse_header(head: bytes, size: int, path: str) -> dict:

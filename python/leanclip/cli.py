@@ -21,6 +21,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import click
 
+from leanclip import __version__
+
 EXIT_OK, EXIT_NO_MATCH, EXIT_USAGE, EXIT_ERROR, EXIT_FAILED_FILES, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 _EPILOG = """\b
@@ -36,11 +38,11 @@ group words; img:PATH makes a term an image, e.g.
 def _stderr_console() -> Any:
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, soft_wrap=True)  # no hard line breaks inside paths
 
 
 def _fail(message: str, code: int = EXIT_ERROR) -> "click.exceptions.Exit":
-    _stderr_console().print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    click.echo(f"error: {message}", err=True)  # plain, one line: scripts grep it
     return click.exceptions.Exit(code)
 
 
@@ -90,7 +92,7 @@ def _with(options: Sequence[Any]) -> Any:
 
 
 @click.group(epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="leanclip", message="leanclip %(version)s")
+@click.version_option(version=__version__, message="leanclip %(version)s")
 def main() -> None:
     """leanclip: search your photos by text or by example, offline."""
 
@@ -103,9 +105,12 @@ def main() -> None:
 @click.option("--store", type=click.Path(file_okay=False), default=None, help="Store folder (default: DIR/.leanclip).")
 @click.option("--model", "-m", default=None, help="Model bundle folder or registered name (changing it re-encodes).")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=32, show_default=True, help="Images per encoder batch.")
+@click.option("--precision", type=click.Choice(["f32", "f16", "i8"]), default=None,
+              help="Vector storage: f32 (default for a new gallery), f16 or i8 use 2x / 4x less memory and search faster. Changing it converts, no re-encoding.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def index(directory: str, store: Optional[str], model: Optional[str], batch_size: int, as_json: bool, quiet: bool) -> None:
+def index(directory: str, store: Optional[str], model: Optional[str], batch_size: int, precision: Optional[str],
+          as_json: bool, quiet: bool) -> None:
     """Index DIRECTORY (or bring its index up to date).
 
     Only new and changed files are encoded; deleted files leave the index; moved or renamed
@@ -114,7 +119,7 @@ def index(directory: str, store: Optional[str], model: Optional[str], batch_size
     from leanclip.gallery import Gallery
 
     try:
-        g = Gallery(directory, store=store, model=model, batch_size=batch_size)
+        g = Gallery(directory, store=store, model=model, batch_size=batch_size, dtype=precision)
         console = _stderr_console()
         if not quiet and not as_json:
             console.print("loading model ...", style="dim")
@@ -161,7 +166,7 @@ class _progress:
             task = self.tasks[stage] = self.p.add_task(self.LABELS.get(stage, stage), total=total or None)
         self.p.update(task, completed=done, total=total or None)
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         if not self.disabled:
             self.p.__exit__(*exc)
 
@@ -192,8 +197,7 @@ def _print_hits(hits: List[Any], as_json: bool, query: str) -> None:
     if not hits:
         _stderr_console().print("no results")
         return
-    out = click.get_text_stream("stdout")
-    if not out.isatty():  # scripts: score<TAB>path per line
+    if not sys.stdout.isatty():  # scripts: score<TAB>path per line
         for h in hits:
             click.echo(f"{h.score:.4f}\t{os.fsdecode(h.path)}".encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
         return
@@ -218,13 +222,15 @@ _search_options = [
 ]
 
 
-@main.command(epilog=_EPILOG)
+@main.command(epilog=_EPILOG, context_settings={"ignore_unknown_options": True})
 @click.argument("query", nargs=-1, required=True)
 @_with(common_gallery + _search_options)
 def search(query: Sequence[str], directory: Optional[str], store: Optional[str], model: Optional[str],
            k: int, min_score: Optional[float], paths: Sequence[str], as_json: bool) -> None:
     """Search the gallery by text: leanclip search "dog on a beach" -people"""
-    text = " ".join(_quote_arg(q) for q in query)
+    # arguments are joined: `search "dog on a beach" -people` and `search 'dog on a beach -people'`
+    # mean the same (the unsigned words form one phrase)
+    text = " ".join(query)
     try:
         g = _open(directory, store, model)
         hits = g.search(text, k, min_score=min_score, paths=list(paths) or None)
@@ -232,13 +238,6 @@ def search(query: Sequence[str], directory: Optional[str], store: Optional[str],
         raise _fail(str(exc))
     _print_hits(hits, as_json, text)
     raise click.exceptions.Exit(EXIT_OK if hits else EXIT_NO_MATCH)
-
-
-def _quote_arg(arg: str) -> str:
-    """Re-quote a shell argument holding spaces so that it stays one phrase term."""
-    if " " in arg and arg[:1] in "+-" and not arg[1:2] == '"':
-        return f'{arg[0]}"{arg[1:]}"'
-    return arg
 
 
 @main.command(epilog=_EPILOG)

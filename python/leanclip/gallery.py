@@ -206,13 +206,13 @@ def open_image(path: PathLike, *, size: int = 224, max_pixels: int = DEFAULT_MAX
                 if im.format == "JPEG":
                     im.draft("RGB", (size, size))
                 im.load()
-                im = ImageOps.exif_transpose(im)
-                if im.mode != "RGB":
-                    im = im.convert("RGB")
-                short = min(im.size)
+                out: Image.Image = ImageOps.exif_transpose(im)
+                if out.mode != "RGB":
+                    out = out.convert("RGB")
+                short = min(out.size)
                 if short > 2 * size:
-                    im = im.reduce(short // (2 * size))
-                return im
+                    out = out.reduce(short // (2 * size))
+                return out
             except BaseException:
                 im.close()
                 raise
@@ -286,7 +286,11 @@ class Gallery:
         checkpoint_every: int = 512,
         checkpoint_seconds: float = 30.0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        dtype: Optional[str] = None,
     ) -> None:
+        if dtype not in (None, "f32", "f16", "i8"):
+            raise GalleryError(f"dtype must be 'f32', 'f16' or 'i8', got {dtype!r}")
+        self.dtype = dtype  # vector storage precision; None keeps the store's (new stores: f32)
         self.root = Path(root).expanduser().absolute()
         if not self.root.is_dir():
             raise GalleryError(f"gallery folder {self.root} does not exist or is not a directory")
@@ -491,8 +495,8 @@ class Gallery:
         text_vecs: Dict[str, np.ndarray] = {}
         if texts:
             enc = self._check_model(meta)
-            for t, v in zip(texts, np.asarray(enc.encode_text(texts), dtype=np.float32)):
-                text_vecs[t] = v
+            for text, tv in zip(texts, np.asarray(enc.encode_text(texts), dtype=np.float32)):
+                text_vecs[text] = tv
         for t in terms:
             if t.kind == "text":
                 v = text_vecs[t.value]
@@ -535,7 +539,8 @@ class Gallery:
         if k < 1:
             raise GalleryError(f"k must be >= 1, got {k}")
         if isinstance(query, np.ndarray):
-            qv, own = np.asarray(query, dtype=np.float32), []
+            qv = np.asarray(query, dtype=np.float32)
+            own: List[int] = []
         else:
             qv, own = self.query_vector(query)
         _, index, _ = self._snapshot()
@@ -617,8 +622,8 @@ class Gallery:
             keep = []
             for d in dirnames:
                 full = os.path.join(dirpath, d)
-                if d.startswith(".") or os.path.realpath(full) == store:
-                    continue
+                if d.startswith(".") or os.path.islink(full) or os.path.realpath(full) == store:
+                    continue  # hidden folders, the store, and symlinked folders are skipped
                 if os.path.splitext(d)[1].lower() in IMAGE_EXTENSIONS:
                     rel = os.fsencode(os.path.relpath(full, root).replace(os.sep, "/"))
                     bad.append((rel, "is a directory, not an image file"))
@@ -674,6 +679,7 @@ class Gallery:
             next_key = int(meta["next_key"])
             index: Any = None
             reset_reason = ""
+            state_dirty_dtype = False
             if meta.get("model_id") and meta["model_id"] != enc.model_id:
                 reset_reason = f"model changed from {meta['model_id']} to {enc.model_id}: re-encoding all files"
             elif gen > 0:
@@ -684,19 +690,30 @@ class Gallery:
                         index = None
                 except (FileNotFoundError, IndexFileError, OSError, ValueError) as exc:
                     reset_reason = f"index file for generation {gen} unusable ({exc}); re-encoding"
+            want_dtype = self.dtype or meta.get("dtype") or "f32"
             if index is None:
-                index = Index(enc.dim)
+                index = Index(enc.dim, dtype=want_dtype)  # type: ignore[arg-type]
+            elif index.dtype != want_dtype:
+                # another storage precision: convert the stored vectors, no re-encoding
+                keys = np.asarray(index.keys(), dtype=np.uint64)
+                converted = Index(enc.dim, dtype=want_dtype)  # type: ignore[arg-type]
+                for i in range(0, len(keys), 65536):
+                    converted.add(keys[i : i + 65536], index.get(keys[i : i + 65536]))
+                index = converted
+                state_dirty_dtype = True
             if reset_reason:
                 conn.execute("UPDATE files SET status='pending', key=NULL WHERE status='ok'")
                 summary.recovered = reset_reason
             conn.execute("UPDATE meta SET value=? WHERE key='model_id'", (enc.model_id,))
             conn.execute("UPDATE meta SET value=? WHERE key='dim'", (str(enc.dim),))
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('dtype', ?)", (want_dtype,))
             conn.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('model_source', ?)",
                 (getattr(self, "_model_source", ""),),
             )
             self._remove_stray_files(keep=gen)
-            state.update(conn=conn, index=index, gen=gen, next_key=next_key, dirty=bool(reset_reason or fresh))
+            state.update(conn=conn, index=index, gen=gen, next_key=next_key,
+                         dirty=bool(reset_reason or fresh or state_dirty_dtype))
             self._run_update(state, summary, progress)
             self._checkpoint(state)
             conn.execute("COMMIT")
@@ -811,7 +828,7 @@ class Gallery:
             if r[4] == "ok" and r[2]:
                 vanished_by_hash.setdefault(r[2], []).append(rel)
 
-        to_encode: List[Tuple[_Found, Optional[str]]] = []
+        to_encode: List[Tuple[_Found, str]] = []
         for i, f in enumerate(to_hash):
             if progress:
                 progress("hash", i, len(to_hash))

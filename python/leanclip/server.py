@@ -73,19 +73,30 @@ class GalleryServer(ThreadingHTTPServer):
         self.thumbs_lock = threading.Lock()
         self.update_lock = threading.Lock()
         self.update_state: Dict[str, Any] = {"running": False, "last": None, "error": None}
+        self._info: Tuple[int, Dict[str, Any]] = (-1, {})
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__((host, port), Handler)
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        host = f"[{host}]" if ":" in str(host) else host
-        return f"http://{host}:{port}/"
+        host, port = str(self.server_address[0]), self.server_address[1]
+        return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
     def allowed_hosts(self) -> set:
         port = self.server_address[1]
         names = {"127.0.0.1", "localhost", "[::1]", str(self.server_address[0])}
         return {f"{n}:{port}" for n in names} | (names if port == 80 else set())
+
+    def info(self) -> Dict[str, Any]:
+        """Gallery counts, recomputed only when a new generation is committed (counting rows
+        of a large gallery on every page view would cost more than the search)."""
+        g = self.gallery
+        with g._lock:
+            row = g._reader().execute("SELECT value FROM meta WHERE key='generation'").fetchone()
+        gen = int(row[0]) if row else 0
+        if self._info[0] != gen:
+            self._info = (gen, g.info())
+        return self._info[1]
 
     # -- file access -----------------------------------------------------------------------
 
@@ -265,7 +276,7 @@ class Handler(BaseHTTPRequestHandler):
                 status, result = self._search(params)
                 self._json(status, result)
             elif path == "/api/info":
-                info = self.server.gallery.info()
+                info = dict(self.server.info())
                 info.pop("store", None)
                 info["allow_updates"] = self.server.allow_updates
                 self._json(200, info)
@@ -362,7 +373,7 @@ class Handler(BaseHTTPRequestHandler):
         q = (params.get("q") or [""])[0][:MAX_QUERY]
         glob = (params.get("path") or [""])[0][:MAX_QUERY]
         e = html.escape
-        info = self.server.gallery.info()
+        info = self.server.info()
         parts = [
             "<!doctype html><html lang=en><head><meta charset=utf-8>",
             "<meta name=viewport content='width=device-width,initial-scale=1'>",

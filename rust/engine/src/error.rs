@@ -18,10 +18,16 @@ pub enum Error {
     ReadOnly,
     /// A bad, corrupt, truncated, foreign or other-version index file. Python: IndexFileError.
     #[error("{path}: {reason}", path = .path.as_ref().map_or("<bytes>".to_string(), |p| p.display().to_string()))]
-    File { path: Option<PathBuf>, reason: String },
+    File {
+        path: Option<PathBuf>,
+        reason: String,
+    },
     /// An operating-system error reading or writing a file. Python: OSError.
     #[error("{path}: {source}", path = .path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -61,7 +61,11 @@ fn bad<T>(reason: impl Into<String>) -> std::result::Result<T, String> {
     Err(reason.into())
 }
 
-fn sections(dim: usize, dtype: DType, count: usize) -> Option<(Range<usize>, Option<Range<usize>>, Range<usize>)> {
+fn sections(
+    dim: usize,
+    dtype: DType,
+    count: usize,
+) -> Option<(Range<usize>, Option<Range<usize>>, Range<usize>)> {
     let keys = HEADER_LEN..HEADER_LEN.checked_add(count.checked_mul(8)?)?;
     let (scales, meta_end) = if dtype == DType::I8 {
         let end = keys.end.checked_add(count.checked_mul(4)?)?;
@@ -71,7 +75,11 @@ fn sections(dim: usize, dtype: DType, count: usize) -> Option<(Range<usize>, Opt
     };
     let vectors_start = meta_end.checked_next_multiple_of(SECTION_ALIGN)?;
     let vectors_len = count.checked_mul(dim)?.checked_mul(dtype.element_size())?;
-    Some((keys, scales, vectors_start..vectors_start.checked_add(vectors_len)?))
+    Some((
+        keys,
+        scales,
+        vectors_start..vectors_start.checked_add(vectors_len)?,
+    ))
 }
 
 fn u32_at(bytes: &[u8], at: usize) -> u32 {
@@ -106,11 +114,15 @@ pub fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
         ));
     }
     let dim = u32_at(bytes, 16) as usize;
-    let dtype = DType::from_code(bytes[20]).ok_or_else(|| format!("corrupt header: unknown dtype code {}", bytes[20]))?;
-    let metric =
-        Metric::from_code(bytes[21]).ok_or_else(|| format!("corrupt header: unknown metric code {}", bytes[21]))?;
+    let dtype = DType::from_code(bytes[20])
+        .ok_or_else(|| format!("corrupt header: unknown dtype code {}", bytes[20]))?;
+    let metric = Metric::from_code(bytes[21])
+        .ok_or_else(|| format!("corrupt header: unknown metric code {}", bytes[21]))?;
     let count = u64_at(bytes, 24);
-    let count = usize::try_from(count).ok().filter(|&c| c <= MAX_ROWS).ok_or_else(|| format!("corrupt header: count {count}"))?;
+    let count = usize::try_from(count)
+        .ok()
+        .filter(|&c| c <= MAX_ROWS)
+        .ok_or_else(|| format!("corrupt header: count {count}"))?;
     if check_dim(dim).is_err() {
         return bad(format!("corrupt header: dim {dim}"));
     }
@@ -126,7 +138,12 @@ pub fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
     if meta_checksum(bytes, vectors.start) != u64_at(bytes, 56) {
         return bad("corrupt file: header/keys checksum mismatch");
     }
-    if bytes[12..16].iter().chain(&bytes[22..24]).chain(&bytes[32..48]).any(|&b| b != 0) {
+    if bytes[12..16]
+        .iter()
+        .chain(&bytes[22..24])
+        .chain(&bytes[32..48])
+        .any(|&b| b != 0)
+    {
         return bad("corrupt header: reserved bytes are not zero");
     }
     let meta_end = scales.as_ref().map_or(keys.end, |s| s.end);
@@ -141,7 +158,16 @@ pub fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
             return bad("corrupt file: a quantization scale is not finite");
         }
     }
-    Ok(Layout { dim, dtype, metric, count, keys, scales, vectors, vectors_checksum: u64_at(bytes, 48) })
+    Ok(Layout {
+        dim,
+        dtype,
+        metric,
+        count,
+        keys,
+        scales,
+        vectors,
+        vectors_checksum: u64_at(bytes, 48),
+    })
 }
 
 pub fn verify_vectors(bytes: &[u8], layout: &Layout) -> std::result::Result<(), String> {
@@ -162,11 +188,17 @@ fn key_map(keys: &[u64]) -> std::result::Result<FxHashMap<u64, u32>, String> {
 }
 
 fn file_error(path: Option<&Path>, reason: String) -> Error {
-    Error::File { path: path.map(Path::to_path_buf), reason }
+    Error::File {
+        path: path.map(Path::to_path_buf),
+        reason,
+    }
 }
 
 fn io_error(path: &Path, source: std::io::Error) -> Error {
-    Error::Io { path: path.to_path_buf(), source }
+    Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 impl Index {
@@ -185,8 +217,13 @@ impl Index {
         let rows = key_map(&keys)?;
         let vectors = &bytes[layout.vectors.clone()];
         let store = match layout.dtype {
-            DType::F32 => Store::F32(Buf::Owned(bytemuck::allocation::pod_collect_to_vec(vectors))),
-            DType::F16 => Store::F16(Buf::Owned(bytemuck::allocation::pod_collect_to_vec::<u8, f16>(vectors))),
+            DType::F32 => Store::F32(Buf::Owned(bytemuck::allocation::pod_collect_to_vec(
+                vectors,
+            ))),
+            DType::F16 => Store::F16(Buf::Owned(bytemuck::allocation::pod_collect_to_vec::<
+                u8,
+                f16,
+            >(vectors))),
             DType::I8 => Store::I8 {
                 data: Buf::Owned(bytemuck::allocation::pod_collect_to_vec(vectors)),
                 scales: Buf::Owned(bytemuck::allocation::pod_collect_to_vec(
@@ -224,10 +261,15 @@ impl Index {
             verify_vectors(&map, &layout).map_err(|r| file_error(Some(path), r))?;
         }
         let map = Arc::new(map);
-        let mapped = |range: &Range<usize>, size: usize| (Arc::clone(&map), range.start, range.len() / size);
+        let mapped =
+            |range: &Range<usize>, size: usize| (Arc::clone(&map), range.start, range.len() / size);
         let buf_f32 = |(map, offset, len)| Buf::<f32>::Mapped { map, offset, len };
         let (m, o, l) = mapped(&layout.keys, 8);
-        let keys = Buf::<u64>::Mapped { map: m, offset: o, len: l };
+        let keys = Buf::<u64>::Mapped {
+            map: m,
+            offset: o,
+            len: l,
+        };
         let rows = key_map(keys.as_slice()).map_err(|r| file_error(Some(path), r))?;
         let store = match layout.dtype {
             DType::F32 => Store::F32(buf_f32(mapped(&layout.vectors, 4))),
@@ -238,7 +280,10 @@ impl Index {
             DType::I8 => {
                 let (map, offset, len) = mapped(&layout.vectors, 1);
                 let scales = layout.scales.as_ref().expect("i8 has scales");
-                Store::I8 { data: Buf::Mapped { map, offset, len }, scales: buf_f32(mapped(scales, 4)) }
+                Store::I8 {
+                    data: Buf::Mapped { map, offset, len },
+                    scales: buf_f32(mapped(scales, 4)),
+                }
             }
         };
         Ok(Index {
@@ -262,7 +307,10 @@ impl Index {
     pub fn verify(&self) -> Result<()> {
         if let Some(m) = &self.mapped_vectors {
             if xxh3_64(&m.map[m.offset..m.offset + m.len]) != m.checksum {
-                return Err(file_error(None, "corrupt file: vectors checksum mismatch".into()));
+                return Err(file_error(
+                    None,
+                    "corrupt file: vectors checksum mismatch".into(),
+                ));
             }
         }
         Ok(())
@@ -314,7 +362,10 @@ impl Index {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let prefix = format!(".{name}.");
         let mut builder = tempfile::Builder::new();
         builder.prefix(&prefix).suffix(".tmp");
@@ -335,7 +386,9 @@ impl Index {
         tmp.as_file().sync_all().map_err(|e| io_error(path, e))?;
         tmp.persist(path).map_err(|e| io_error(path, e.error))?;
         #[cfg(unix)]
-        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_error(dir, e))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_error(dir, e))?;
         Ok(())
     }
 }

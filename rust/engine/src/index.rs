@@ -28,7 +28,11 @@ const ENCODE_CHUNK: usize = 512;
 /// A buffer that is either owned or a read-only view into a memory-mapped file.
 pub(crate) enum Buf<T: Pod> {
     Owned(Vec<T>),
-    Mapped { map: Arc<Mmap>, offset: usize, len: usize },
+    Mapped {
+        map: Arc<Mmap>,
+        offset: usize,
+        len: usize,
+    },
 }
 
 impl<T: Pod> Buf<T> {
@@ -56,7 +60,10 @@ pub(crate) enum Store {
     F32(Buf<f32>),
     F16(Buf<f16>),
     /// Row r is `scales[r] * data[r]`, |data| <= 127.
-    I8 { data: Buf<i8>, scales: Buf<f32> },
+    I8 {
+        data: Buf<i8>,
+        scales: Buf<f32>,
+    },
 }
 
 impl Store {
@@ -64,7 +71,10 @@ impl Store {
         match dtype {
             DType::F32 => Store::F32(Buf::Owned(Vec::new())),
             DType::F16 => Store::F16(Buf::Owned(Vec::new())),
-            DType::I8 => Store::I8 { data: Buf::Owned(Vec::new()), scales: Buf::Owned(Vec::new()) },
+            DType::I8 => Store::I8 {
+                data: Buf::Owned(Vec::new()),
+                scales: Buf::Owned(Vec::new()),
+            },
         }
     }
 
@@ -72,7 +82,10 @@ impl Store {
         match self {
             Store::F32(b) => Rows::F32(b.as_slice()),
             Store::F16(b) => Rows::F16(b.as_slice()),
-            Store::I8 { data, scales } => Rows::I8 { data: data.as_slice(), scales: scales.as_slice() },
+            Store::I8 { data, scales } => Rows::I8 {
+                data: data.as_slice(),
+                scales: scales.as_slice(),
+            },
         }
     }
 }
@@ -124,21 +137,26 @@ pub(crate) fn check_dim(dim: usize) -> Result<()> {
 
 /// Checks every row of `vectors` (`dim` values each) is finite, and non-zero under cosine.
 pub(crate) fn check_rows(vectors: &[f32], dim: usize, metric: Metric, what: &str) -> Result<()> {
-    let bad = vectors.par_chunks(dim * ENCODE_CHUNK).enumerate().find_map_first(|(chunk, block)| {
-        block.chunks_exact(dim).enumerate().find_map(|(i, row)| {
-            let r = chunk * ENCODE_CHUNK + i;
-            if row.iter().any(|v| !v.is_finite()) {
-                Some(format!("{what}[{r}] contains NaN or inf; expected finite values"))
-            } else if metric == Metric::Cos && row.iter().all(|&v| v == 0.0) {
-                Some(format!(
+    let bad = vectors
+        .par_chunks(dim * ENCODE_CHUNK)
+        .enumerate()
+        .find_map_first(|(chunk, block)| {
+            block.chunks_exact(dim).enumerate().find_map(|(i, row)| {
+                let r = chunk * ENCODE_CHUNK + i;
+                if row.iter().any(|v| !v.is_finite()) {
+                    Some(format!(
+                        "{what}[{r}] contains NaN or inf; expected finite values"
+                    ))
+                } else if metric == Metric::Cos && row.iter().all(|&v| v == 0.0) {
+                    Some(format!(
                     "{what}[{r}] is a zero vector, which has no direction under metric \"cos\"; \
                      expected a non-zero vector"
                 ))
-            } else {
-                None
-            }
-        })
-    });
+                } else {
+                    None
+                }
+            })
+        });
     match bad {
         Some(msg) => invalid(msg),
         None => Ok(()),
@@ -206,7 +224,9 @@ impl Index {
         let mut seen = FxHashSet::with_capacity_and_hasher(keys.len(), Default::default());
         for &key in keys {
             if !seen.insert(key) {
-                return invalid(format!("key {key} appears more than once in the batch; keys must be unique"));
+                return invalid(format!(
+                    "key {key} appears more than once in the batch; keys must be unique"
+                ));
             }
         }
         Ok(())
@@ -248,7 +268,11 @@ impl Index {
                     .enumerate()
                     .find_map_first(|(chunk, (dst, src))| {
                         let mut scratch = Vec::with_capacity(dim);
-                        for (i, (d, s)) in dst.chunks_exact_mut(dim).zip(src.chunks_exact(dim)).enumerate() {
+                        for (i, (d, s)) in dst
+                            .chunks_exact_mut(dim)
+                            .zip(src.chunks_exact(dim))
+                            .enumerate()
+                        {
                             normalized_row(s, &mut scratch);
                             if scratch.iter().any(|v| v.abs() > F16_MAX) {
                                 return Some(chunk * ENCODE_CHUNK + i);
@@ -273,7 +297,9 @@ impl Index {
                     .zip(vectors.par_chunks(dim * ENCODE_CHUNK))
                     .for_each(|((dst, sc), src)| {
                         let mut scratch = Vec::with_capacity(dim);
-                        for ((d, s), scale) in dst.chunks_exact_mut(dim).zip(src.chunks_exact(dim)).zip(sc) {
+                        for ((d, s), scale) in
+                            dst.chunks_exact_mut(dim).zip(src.chunks_exact(dim)).zip(sc)
+                        {
                             normalized_row(s, &mut scratch);
                             *scale = kernels::quantize_row_i8(&scratch, d);
                         }
@@ -419,7 +445,12 @@ impl Index {
 
     /// Exact top-k of each query (row-major `queries`, `dim` values each). Returns keys and
     /// scores, `nq * k'` each, with `k' = min(k, len - excluded keys present)` (also returned).
-    pub fn search(&self, queries: &[f32], k: usize, exclude: Option<&[u64]>) -> Result<(Vec<u64>, Vec<f32>, usize)> {
+    pub fn search(
+        &self,
+        queries: &[f32],
+        k: usize,
+        exclude: Option<&[u64]>,
+    ) -> Result<(Vec<u64>, Vec<f32>, usize)> {
         let dim = self.dim;
         if queries.len() % dim != 0 {
             return invalid(format!(
@@ -455,17 +486,40 @@ impl Index {
         if kp == 0 {
             return Ok((ids, scores, 0));
         }
-        let plan = Plan { dim, metric: self.metric, normalize_queries: self.metric == Metric::Cos, normalize_rows: false };
+        let plan = Plan {
+            dim,
+            metric: self.metric,
+            normalize_queries: self.metric == Metric::Cos,
+            normalize_rows: false,
+        };
         let keys = self.keys.as_slice();
         let row_id = |row: usize| keys[row];
         let rows = self.store.rows();
         let queries = Queries::F32(queries);
         if excluded == 0 {
-            search::search_into(plan, rows, queries, kp, &|_, _| true, &row_id, &mut ids, &mut scores);
+            search::search_into(
+                plan,
+                rows,
+                queries,
+                kp,
+                &|_, _| true,
+                &row_id,
+                &mut ids,
+                &mut scores,
+            );
         } else {
             let bits = &excluded_rows;
             let eligible = |_: usize, row: usize| bits[row / 64] & (1 << (row % 64)) == 0;
-            search::search_into(plan, rows, queries, kp, &eligible, &row_id, &mut ids, &mut scores);
+            search::search_into(
+                plan,
+                rows,
+                queries,
+                kp,
+                &eligible,
+                &row_id,
+                &mut ids,
+                &mut scores,
+            );
         }
         Ok((ids, scores, kp))
     }

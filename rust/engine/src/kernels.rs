@@ -47,7 +47,8 @@ pub fn available_levels() -> Vec<Level> {
             levels.push(Level::Avx2);
             if is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vl") {
+                && is_x86_feature_detected!("avx512vl")
+            {
                 levels.push(Level::Avx512);
             }
         }
@@ -141,7 +142,11 @@ pub fn dot_i8_rows_with(level: Level, q: &[i16], rows: &[i8], out: &mut [i64]) {
 
 #[inline(always)]
 fn for_rows<T, O>(dim: usize, rows: &[T], out: &mut [O], mut f: impl FnMut(&[T]) -> O) {
-    assert_eq!(rows.len(), dim * out.len(), "rows must hold out.len() rows of dim values");
+    assert_eq!(
+        rows.len(),
+        dim * out.len(),
+        "rows must hold out.len() rows of dim values"
+    );
     if dim == 0 {
         return;
     }
@@ -332,7 +337,11 @@ mod x86 {
             i += 32;
         }
         while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
+            acc[0] = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i)),
+                _mm256_loadu_ps(pb.add(i)),
+                acc[0],
+            );
             i += 8;
         }
         let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
@@ -495,7 +504,11 @@ mod x86 {
             i += 64;
         }
         while i + 16 <= n {
-            acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), acc[0]);
+            acc[0] = _mm512_fmadd_ps(
+                _mm512_loadu_ps(pa.add(i)),
+                _mm512_loadu_ps(pb.add(i)),
+                acc[0],
+            );
             i += 16;
         }
         if i < n {
@@ -661,7 +674,10 @@ mod neon {
             }
             i += 16;
         }
-        let mut total = vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3])));
+        let mut total = vaddvq_f32(vaddq_f32(
+            vaddq_f32(acc[0], acc[1]),
+            vaddq_f32(acc[2], acc[3]),
+        ));
         while i < n {
             total += *pa.add(i) * *pb.add(i);
             i += 1;
@@ -728,10 +744,16 @@ mod tests {
                     let (a, b) = (&a[offset..], &b[offset..]);
                     let want = scalar::dot_f32(a, b);
                     let got = dot_f32_with(level, a, b);
-                    assert!(close(got, want, dim), "{level:?} dot dim {dim}: {got} vs {want}");
+                    assert!(
+                        close(got, want, dim),
+                        "{level:?} dot dim {dim}: {got} vs {want}"
+                    );
                     let want = scalar::l2_f32(a, b);
                     let got = l2_f32_with(level, a, b);
-                    assert!(close(got, want, dim), "{level:?} l2 dim {dim}: {got} vs {want}");
+                    assert!(
+                        close(got, want, dim),
+                        "{level:?} l2 dim {dim}: {got} vs {want}"
+                    );
                 }
             }
         }
@@ -743,15 +765,23 @@ mod tests {
             for &dim in &DIMS {
                 for offset in 0..3 {
                     let q = values(dim + offset, dim as u64 + 1);
-                    let x: Vec<f16> =
-                        values(dim + offset, dim as u64 + 2).iter().map(|&v| f16::from_f32(v)).collect();
+                    let x: Vec<f16> = values(dim + offset, dim as u64 + 2)
+                        .iter()
+                        .map(|&v| f16::from_f32(v))
+                        .collect();
                     let (q, x) = (&q[offset..], &x[offset..]);
                     let want = scalar::dot_f16(q, x);
                     let got = dot_f16_with(level, q, x);
-                    assert!(close(got, want, dim), "{level:?} f16 dot dim {dim}: {got} vs {want}");
+                    assert!(
+                        close(got, want, dim),
+                        "{level:?} f16 dot dim {dim}: {got} vs {want}"
+                    );
                     let want = scalar::l2_f16(q, x);
                     let got = l2_f16_with(level, q, x);
-                    assert!(close(got, want, dim), "{level:?} f16 l2 dim {dim}: {got} vs {want}");
+                    assert!(
+                        close(got, want, dim),
+                        "{level:?} f16 l2 dim {dim}: {got} vs {want}"
+                    );
                 }
             }
         }
@@ -767,12 +797,20 @@ mod tests {
                     let mut x = vec![0i8; dim + offset];
                     quantize_row_i8(&values(dim + offset, dim as u64 + 4), &mut x);
                     let (q, x) = (&q[offset..], &x[offset..]);
-                    assert_eq!(dot_i8_with(level, q, x), scalar::dot_i8(q, x), "{level:?} dim {dim}");
+                    assert_eq!(
+                        dot_i8_with(level, q, x),
+                        scalar::dot_i8(q, x),
+                        "{level:?} dim {dim}"
+                    );
                 }
                 // Worst case for the 32-bit lanes: every product at its maximum.
                 let q = vec![I16_QUERY_MAX as i16; dim];
                 let x = vec![-127i8; dim];
-                assert_eq!(dot_i8_with(level, &q, &x), scalar::dot_i8(&q, &x), "{level:?} extreme {dim}");
+                assert_eq!(
+                    dot_i8_with(level, &q, &x),
+                    scalar::dot_i8(&q, &x),
+                    "{level:?} extreme {dim}"
+                );
             }
         }
     }
@@ -785,7 +823,11 @@ mod tests {
         let mut out = vec![f32::NAN; 7];
         dot_f32_rows(&q, &rows, &mut out);
         for (r, o) in out.iter().enumerate() {
-            assert!(close(*o, scalar::dot_f32(&q, &rows[r * dim..(r + 1) * dim]), dim));
+            assert!(close(
+                *o,
+                scalar::dot_f32(&q, &rows[r * dim..(r + 1) * dim]),
+                dim
+            ));
         }
     }
 

@@ -6,8 +6,8 @@
 
 use crate::error::{invalid, Result};
 use crate::index::{check_dim, check_rows};
-use crate::search::{self, Plan, Queries, Rows};
 use crate::kernels;
+use crate::search::{self, Plan, Queries, Rows};
 use crate::types::{DType, Metric};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -44,18 +44,28 @@ pub fn mine_hard_negatives(
     match (query_groups, corpus_groups) {
         (Some(qg), Some(cg)) => {
             if qg.len() != nq {
-                return invalid(format!("query_groups must have length {nq} (one per query), got {}", qg.len()));
+                return invalid(format!(
+                    "query_groups must have length {nq} (one per query), got {}",
+                    qg.len()
+                ));
             }
             if cg.len() != n {
-                return invalid(format!("corpus_groups must have length {n} (one per corpus row), got {}", cg.len()));
+                return invalid(format!(
+                    "corpus_groups must have length {n} (one per corpus row), got {}",
+                    cg.len()
+                ));
             }
         }
         (None, None) => {}
         _ => return invalid("query_groups and corpus_groups must be given together"),
     }
     match queries {
-        Queries::F32(v) if v.len() % dim != 0 => return invalid(format!("queries must have shape (q, {dim})")),
-        Queries::F16(v) if v.len() % dim != 0 => return invalid(format!("queries must have shape (q, {dim})")),
+        Queries::F32(v) if v.len() % dim != 0 => {
+            return invalid(format!("queries must have shape (q, {dim})"))
+        }
+        Queries::F16(v) if v.len() % dim != 0 => {
+            return invalid(format!("queries must have shape (q, {dim})"))
+        }
         _ => {}
     }
     let corpus_len = match corpus {
@@ -75,7 +85,9 @@ pub fn mine_hard_negatives(
     let mut ids: Vec<u64> = Vec::new();
     let mut scores: Vec<f32> = Vec::new();
     if ids.try_reserve_exact(nq_k).is_err() || scores.try_reserve_exact(nq_k).is_err() {
-        return invalid(format!("k = {k} is too large: the output of {nq} x {k} does not fit in memory"));
+        return invalid(format!(
+            "k = {k} is too large: the output of {nq} x {k} does not fit in memory"
+        ));
     }
     ids.resize(nq_k, 0);
     scores.resize(nq_k, 0.0);
@@ -92,33 +104,62 @@ pub fn mine_hard_negatives(
                 ));
             }
             let mut out = vec![f16::ZERO; v.len()];
-            out.par_chunks_mut(dim * 1024).zip(v.par_chunks(dim * 1024)).for_each(|(d, s)| d.convert_from_f32_slice(s));
+            out.par_chunks_mut(dim * 1024)
+                .zip(v.par_chunks(dim * 1024))
+                .for_each(|(d, s)| d.convert_from_f32_slice(s));
             converted_f16 = out;
             Rows::F16(&converted_f16)
         }
         (DType::I8, rows) => {
             let mut data = vec![0i8; n * dim];
             let mut scales = vec![0f32; n];
-            data.par_chunks_mut(dim).zip(scales.par_iter_mut()).enumerate().for_each_init(
-                Vec::new,
-                |buf, (r, (dst, scale))| {
-                    *scale = kernels::quantize_row_i8(rows.range(r, r + 1, dim).to_f32(dim, buf), dst);
-                },
-            );
+            data.par_chunks_mut(dim)
+                .zip(scales.par_iter_mut())
+                .enumerate()
+                .for_each_init(Vec::new, |buf, (r, (dst, scale))| {
+                    *scale =
+                        kernels::quantize_row_i8(rows.range(r, r + 1, dim).to_f32(dim, buf), dst);
+                });
             converted_i8 = (data, scales);
-            Rows::I8 { data: &converted_i8.0, scales: &converted_i8.1 }
+            Rows::I8 {
+                data: &converted_i8.0,
+                scales: &converted_i8.1,
+            }
         }
         (_, Rows::I8 { .. }) => return invalid("corpus must be float32 or float16"),
     };
 
-    let plan = Plan { dim, metric, normalize_queries: metric == Metric::Cos, normalize_rows: metric == Metric::Cos };
+    let plan = Plan {
+        dim,
+        metric,
+        normalize_queries: metric == Metric::Cos,
+        normalize_rows: metric == Metric::Cos,
+    };
     let row_id = |row: usize| row as u64;
     match (query_groups, corpus_groups) {
         (Some(qg), Some(cg)) => {
             let eligible = |q: usize, row: usize| qg[q] != cg[row];
-            search::search_into(plan, corpus, queries, k, &eligible, &row_id, &mut ids, &mut scores);
+            search::search_into(
+                plan,
+                corpus,
+                queries,
+                k,
+                &eligible,
+                &row_id,
+                &mut ids,
+                &mut scores,
+            );
         }
-        _ => search::search_into(plan, corpus, queries, k, &|_, _| true, &row_id, &mut ids, &mut scores),
+        _ => search::search_into(
+            plan,
+            corpus,
+            queries,
+            k,
+            &|_, _| true,
+            &row_id,
+            &mut ids,
+            &mut scores,
+        ),
     }
     // Missing slots carry u64::MAX, which is -1 as i64; rows are < 2^63, so the cast is exact.
     let indices: Vec<i64> = bytemuck::allocation::cast_vec(ids);
@@ -143,15 +184,19 @@ fn check_corpus(corpus: Rows<'_>, dim: usize, metric: Metric) -> Result<()> {
 /// `check_rows` for f16 input, converting a block at a time.
 fn check_f16_rows(v: &[half::f16], dim: usize, metric: Metric, what: &str) -> Result<()> {
     const BLOCK: usize = 1024;
-    v.par_chunks(dim * BLOCK).enumerate().try_for_each(|(b, block)| {
-        let mut buf = vec![0f32; block.len()];
-        block.convert_to_f32_slice(&mut buf);
-        check_rows(&buf, dim, metric, what).map_err(|e| match e {
-            // Re-number the row within the whole array.
-            crate::error::Error::Invalid(msg) => crate::error::Error::Invalid(renumber(&msg, what, b * BLOCK)),
-            other => other,
+    v.par_chunks(dim * BLOCK)
+        .enumerate()
+        .try_for_each(|(b, block)| {
+            let mut buf = vec![0f32; block.len()];
+            block.convert_to_f32_slice(&mut buf);
+            check_rows(&buf, dim, metric, what).map_err(|e| match e {
+                // Re-number the row within the whole array.
+                crate::error::Error::Invalid(msg) => {
+                    crate::error::Error::Invalid(renumber(&msg, what, b * BLOCK))
+                }
+                other => other,
+            })
         })
-    })
 }
 
 fn renumber(msg: &str, what: &str, offset: usize) -> String {

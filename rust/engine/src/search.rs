@@ -31,7 +31,10 @@ pub enum Rows<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     /// Row `r` is `scales[r] * data[r]`.
-    I8 { data: &'a [i8], scales: &'a [f32] },
+    I8 {
+        data: &'a [i8],
+        scales: &'a [f32],
+    },
 }
 
 impl<'a> Rows<'a> {
@@ -47,9 +50,10 @@ impl<'a> Rows<'a> {
         match *self {
             Rows::F32(v) => Rows::F32(&v[start * dim..end * dim]),
             Rows::F16(v) => Rows::F16(&v[start * dim..end * dim]),
-            Rows::I8 { data, scales } => {
-                Rows::I8 { data: &data[start * dim..end * dim], scales: &scales[start..end] }
-            }
+            Rows::I8 { data, scales } => Rows::I8 {
+                data: &data[start * dim..end * dim],
+                scales: &scales[start..end],
+            },
         }
     }
 
@@ -143,7 +147,9 @@ pub fn search_into<E, I>(
     let qb = if use_gemm { QUERY_BLOCK.min(nq) } else { nq };
     let n_qblocks = nq.div_ceil(qb);
     let wanted_tasks = rayon::current_num_threads() * 4;
-    let parts = wanted_tasks.div_ceil(n_qblocks).min((n / MIN_PART_ROWS).max(1));
+    let parts = wanted_tasks
+        .div_ceil(n_qblocks)
+        .min((n / MIN_PART_ROWS).max(1));
 
     out_ids
         .par_chunks_mut(qb * k)
@@ -208,14 +214,8 @@ fn prepare_queries(plan: Plan, queries: Queries<'_>, q0: usize, q1: usize, buf: 
 }
 
 #[inline(always)]
-fn scan<E, I>(
-    heap: &mut TopK,
-    scores: &[f32],
-    query: usize,
-    row0: usize,
-    eligible: &E,
-    row_id: &I,
-) where
+fn scan<E, I>(heap: &mut TopK, scores: &[f32], query: usize, row0: usize, eligible: &E, row_id: &I)
+where
     E: Fn(usize, usize) -> bool,
     I: Fn(usize) -> u64,
 {

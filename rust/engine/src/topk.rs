@@ -15,7 +15,10 @@ impl Hit {
     /// Total order, best first: higher score, then lower id. NaN never panics (total_cmp).
     #[inline]
     pub fn rank_cmp(&self, other: &Hit) -> Ordering {
-        other.score.total_cmp(&self.score).then(self.id.cmp(&other.id))
+        other
+            .score
+            .total_cmp(&self.score)
+            .then(self.id.cmp(&other.id))
     }
 }
 
@@ -50,7 +53,10 @@ pub struct TopK {
 impl TopK {
     pub fn new(k: usize) -> Self {
         // k may exceed the candidates by far (mining pads with -1): let the heap grow as needed.
-        TopK { k, heap: BinaryHeap::with_capacity(k.min(256) + 1) }
+        TopK {
+            k,
+            heap: BinaryHeap::with_capacity(k.min(256) + 1),
+        }
     }
 
     /// Scores strictly below this can never enter (`-inf` until the heap is full). A score equal
@@ -96,7 +102,11 @@ impl TopK {
     /// The hits, best first.
     pub fn into_sorted(self) -> Vec<Hit> {
         // BinaryHeap::into_sorted_vec is ascending by Ord, i.e. best first here.
-        self.heap.into_sorted_vec().into_iter().map(|w| w.0).collect()
+        self.heap
+            .into_sorted_vec()
+            .into_iter()
+            .map(|w| w.0)
+            .collect()
     }
 }
 
@@ -133,7 +143,11 @@ mod tests {
         let mut all = TopK::new(4);
         for i in 0..50u64 {
             let s = ((i * 37) % 11) as f32;
-            if i % 2 == 0 { a.push(s, i) } else { b.push(s, i) }
+            if i % 2 == 0 {
+                a.push(s, i)
+            } else {
+                b.push(s, i)
+            }
             all.push(s, i);
         }
         a.merge(b);

@@ -17,7 +17,9 @@ impl Metric {
             "cos" => Ok(Metric::Cos),
             "ip" => Ok(Metric::Ip),
             "l2" => Ok(Metric::L2),
-            other => invalid(format!("unknown metric {other:?}: expected one of \"cos\", \"ip\", \"l2\"")),
+            other => invalid(format!(
+                "unknown metric {other:?}: expected one of \"cos\", \"ip\", \"l2\""
+            )),
         }
     }
 
@@ -38,7 +40,9 @@ impl Metric {
     }
 
     pub(crate) fn from_code(code: u8) -> Option<Self> {
-        [Metric::Cos, Metric::Ip, Metric::L2].into_iter().find(|m| m.code() == code)
+        [Metric::Cos, Metric::Ip, Metric::L2]
+            .into_iter()
+            .find(|m| m.code() == code)
     }
 
     /// Internal scores are "higher is better"; L2 distances are stored negated.
@@ -73,7 +77,9 @@ impl DType {
             "f32" => Ok(DType::F32),
             "f16" => Ok(DType::F16),
             "i8" => Ok(DType::I8),
-            other => invalid(format!("unknown dtype {other:?}: expected one of \"f32\", \"f16\", \"i8\"")),
+            other => invalid(format!(
+                "unknown dtype {other:?}: expected one of \"f32\", \"f16\", \"i8\""
+            )),
         }
     }
 
@@ -94,7 +100,9 @@ impl DType {
     }
 
     pub(crate) fn from_code(code: u8) -> Option<Self> {
-        [DType::F32, DType::F16, DType::I8].into_iter().find(|d| d.code() == code)
+        [DType::F32, DType::F16, DType::I8]
+            .into_iter()
+            .find(|d| d.code() == code)
     }
 
     /// Bytes per stored element.

@@ -8,8 +8,8 @@ use numpy::{PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedA
 use parking_lot::RwLock;
 use pyo3::create_exception;
 use pyo3::exceptions::{
-    PyException, PyFileNotFoundError, PyIsADirectoryError, PyKeyError, PyOSError, PyPermissionError,
-    PyRuntimeError, PyValueError,
+    PyException, PyFileNotFoundError, PyIsADirectoryError, PyKeyError, PyOSError,
+    PyPermissionError, PyRuntimeError, PyValueError,
 };
 use pyo3::prelude::*;
 use std::path::PathBuf;
@@ -44,7 +44,11 @@ fn value_error(msg: impl Into<String>) -> PyErr {
 // ---------------------------------------------------------------------------------------------
 // numpy conversion
 
-fn asarray<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Bound<'py, PyAny>> {
+fn asarray<'py>(
+    py: Python<'py>,
+    obj: &Bound<'py, PyAny>,
+    what: &str,
+) -> PyResult<Bound<'py, PyAny>> {
     py.import("numpy")?
         .call_method1("asarray", (obj,))
         .map_err(|e| value_error(format!("{what} must be an array of numbers: {e}")))
@@ -52,7 +56,11 @@ fn asarray<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>, what: &str) -> PyResul
 
 fn dtype_of(arr: &Bound<'_, PyAny>) -> PyResult<(String, usize, String)> {
     let dt = arr.getattr("dtype")?;
-    Ok((dt.getattr("kind")?.extract()?, dt.getattr("itemsize")?.extract()?, dt.str()?.to_string()))
+    Ok((
+        dt.getattr("kind")?.extract()?,
+        dt.getattr("itemsize")?.extract()?,
+        dt.str()?.to_string(),
+    ))
 }
 
 fn shape_of(arr: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
@@ -60,13 +68,21 @@ fn shape_of(arr: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
 }
 
 /// A float array as C-contiguous float32 (float64 and integers are converted).
-fn f32_array<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+fn f32_array<'py>(
+    py: Python<'py>,
+    obj: &Bound<'py, PyAny>,
+    what: &str,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     let arr = asarray(py, obj, what)?;
     let (kind, _, name) = dtype_of(&arr)?;
     if !matches!(kind.as_str(), "f" | "i" | "u") {
-        return Err(value_error(format!("{what} must be float32 or float64, got dtype {name}")));
+        return Err(value_error(format!(
+            "{what} must be float32 or float64, got dtype {name}"
+        )));
     }
-    let out = py.import("numpy")?.call_method1("ascontiguousarray", (arr, "float32"))?;
+    let out = py
+        .import("numpy")?
+        .call_method1("ascontiguousarray", (arr, "float32"))?;
     Ok(out.cast_into::<PyArrayDyn<f32>>()?)
 }
 
@@ -85,50 +101,76 @@ impl FloatInput<'_> {
     }
 }
 
-fn f32_or_f16_array<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>, what: &str) -> PyResult<FloatInput<'py>> {
+fn f32_or_f16_array<'py>(
+    py: Python<'py>,
+    obj: &Bound<'py, PyAny>,
+    what: &str,
+) -> PyResult<FloatInput<'py>> {
     let arr = asarray(py, obj, what)?;
     let (kind, size, _) = dtype_of(&arr)?;
     if kind == "f" && size == 2 {
-        let out = py.import("numpy")?.call_method1("ascontiguousarray", (arr,))?;
-        return Ok(FloatInput::F16(out.cast_into::<PyArrayDyn<f16>>()?.readonly()));
+        let out = py
+            .import("numpy")?
+            .call_method1("ascontiguousarray", (arr,))?;
+        return Ok(FloatInput::F16(
+            out.cast_into::<PyArrayDyn<f16>>()?.readonly(),
+        ));
     }
     Ok(FloatInput::F32(f32_array(py, obj, what)?.readonly()))
 }
 
 /// A 1-D array-like of non-negative integers that fit in uint64.
 fn key_vec(py: Python<'_>, obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u64>> {
-    let arr = asarray(py, obj, what)
-        .map_err(|_| value_error(format!("{what} must be a 1-D array of integers that fit in uint64")))?;
+    let arr = asarray(py, obj, what).map_err(|_| {
+        value_error(format!(
+            "{what} must be a 1-D array of integers that fit in uint64"
+        ))
+    })?;
     let shape = shape_of(&arr)?;
     if shape.len() != 1 {
-        return Err(value_error(format!("{what} must be a 1-D array of integers, got shape {shape:?}")));
+        return Err(value_error(format!(
+            "{what} must be a 1-D array of integers, got shape {shape:?}"
+        )));
     }
     if shape[0] == 0 {
         return Ok(Vec::new());
     }
     let (kind, _, name) = dtype_of(&arr)?;
     let np = py.import("numpy")?;
+    // numpy turns [2**64 - 1, 0] into float64: read Python sequences element by element.
+    let from_sequence = kind == "f" && !obj.is_instance(&np.getattr("ndarray")?)?;
     match kind.as_str() {
         "u" | "i" => {
             if kind == "i" {
                 let min: i64 = arr.call_method0("min")?.extract()?;
                 if min < 0 {
-                    return Err(value_error(format!("{what} must be non-negative, got {min}")));
+                    return Err(value_error(format!(
+                        "{what} must be non-negative, got {min}"
+                    )));
                 }
             }
             let u = np.call_method1("ascontiguousarray", (arr, "uint64"))?;
-            Ok(u.cast_into::<PyArrayDyn<u64>>()?.readonly().as_slice()?.to_vec())
+            Ok(u.cast_into::<PyArrayDyn<u64>>()?
+                .readonly()
+                .as_slice()?
+                .to_vec())
         }
-        "O" => arr
-            .try_iter()?
-            .map(|item| {
-                let item = item?;
-                item.extract::<u64>().map_err(|_| {
-                    value_error(format!("{what} must be non-negative integers that fit in uint64, got {item}"))
+        "O" | "f" if kind == "O" || from_sequence => {
+            (if from_sequence { obj.clone() } else { arr })
+                .try_iter()?
+                .map(|item| {
+                    let item = item?;
+                    item.extract::<u64>().map_err(|_| {
+                        value_error(format!(
+                            "{what} must be non-negative integers that fit in uint64, got {item}"
+                        ))
+                    })
                 })
-            })
-            .collect(),
-        _ => Err(value_error(format!("{what} must be integers, got dtype {name}"))),
+                .collect()
+        }
+        _ => Err(value_error(format!(
+            "{what} must be integers, got dtype {name}"
+        ))),
     }
 }
 
@@ -136,14 +178,23 @@ fn group_vec(py: Python<'_>, obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec
     let arr = asarray(py, obj, what)?;
     let shape = shape_of(&arr)?;
     if shape.len() != 1 {
-        return Err(value_error(format!("{what} must be a 1-D array of integers, got shape {shape:?}")));
+        return Err(value_error(format!(
+            "{what} must be a 1-D array of integers, got shape {shape:?}"
+        )));
     }
     let (kind, _, name) = dtype_of(&arr)?;
     if !matches!(kind.as_str(), "i" | "u") && shape[0] > 0 {
-        return Err(value_error(format!("{what} must be integers, got dtype {name}")));
+        return Err(value_error(format!(
+            "{what} must be integers, got dtype {name}"
+        )));
     }
-    let v = py.import("numpy")?.call_method1("ascontiguousarray", (arr, "int64"))?;
-    Ok(v.cast_into::<PyArrayDyn<i64>>()?.readonly().as_slice()?.to_vec())
+    let v = py
+        .import("numpy")?
+        .call_method1("ascontiguousarray", (arr, "int64"))?;
+    Ok(v.cast_into::<PyArrayDyn<i64>>()?
+        .readonly()
+        .as_slice()?
+        .to_vec())
 }
 
 fn check_k(k: i64) -> PyResult<usize> {
@@ -167,7 +218,12 @@ struct PyIndex {
 
 impl PyIndex {
     fn wrap(index: Index) -> Self {
-        PyIndex { dim: index.dim(), metric: index.metric(), dtype: index.dtype(), inner: RwLock::new(index) }
+        PyIndex {
+            dim: index.dim(),
+            metric: index.metric(),
+            dtype: index.dtype(),
+            inner: RwLock::new(index),
+        }
     }
 
     /// Vectors as a contiguous (n, dim) float32 array, with the shape checked.
@@ -179,7 +235,8 @@ impl PyIndex {
     ) -> PyResult<PyReadonlyArrayDyn<'py, f32>> {
         let arr = f32_array(py, obj, "vectors")?;
         let shape = arr.shape().to_vec();
-        let ok = (shape.len() == 2 && shape[0] == n && shape[1] == self.dim) || (n == 0 && arr.len() == 0);
+        let ok = (shape.len() == 2 && shape[0] == n && shape[1] == self.dim)
+            || (n == 0 && arr.len() == 0);
         if !ok {
             return Err(value_error(format!(
                 "vectors must have shape ({n}, {dim}) (len(keys), dim), got {shape:?}",
@@ -197,8 +254,11 @@ impl PyIndex {
     fn new(dim: i64, metric: &str, dtype: &str) -> PyResult<Self> {
         let metric = Metric::parse(metric).map_err(to_py_err)?;
         let dtype = DType::parse(dtype).map_err(to_py_err)?;
-        let dim = usize::try_from(dim).map_err(|_| value_error(format!("dim must be positive, got {dim}")))?;
-        Ok(Self::wrap(Index::new(dim, metric, dtype).map_err(to_py_err)?))
+        let dim = usize::try_from(dim)
+            .map_err(|_| value_error(format!("dim must be positive, got {dim}")))?;
+        Ok(Self::wrap(
+            Index::new(dim, metric, dtype).map_err(to_py_err)?,
+        ))
     }
 
     #[getter]
@@ -240,7 +300,7 @@ impl PyIndex {
         });
         let ro = if ro { ", read_only=True" } else { "" };
         format!(
-            "Index(dim={}, metric={:?}, dtype={:?}, len={len}{ro})",
+            "Index(dim={}, metric='{}', dtype='{}', len={len}{ro})",
             self.dim,
             self.metric.name(),
             self.dtype.name()
@@ -253,30 +313,47 @@ impl PyIndex {
         PyArray1::from_vec(py, keys)
     }
 
-    fn add(&self, py: Python<'_>, keys: &Bound<'_, PyAny>, vectors: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn add(
+        &self,
+        py: Python<'_>,
+        keys: &Bound<'_, PyAny>,
+        vectors: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let keys = key_vec(py, keys, "keys")?;
         let vectors = self.vectors(py, vectors, keys.len())?;
         let vectors = vectors.as_slice()?;
-        py.detach(|| self.inner.write().add(&keys, vectors)).map_err(to_py_err)
+        py.detach(|| self.inner.write().add(&keys, vectors))
+            .map_err(to_py_err)
     }
 
-    fn upsert(&self, py: Python<'_>, keys: &Bound<'_, PyAny>, vectors: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn upsert(
+        &self,
+        py: Python<'_>,
+        keys: &Bound<'_, PyAny>,
+        vectors: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let keys = key_vec(py, keys, "keys")?;
         let vectors = self.vectors(py, vectors, keys.len())?;
         let vectors = vectors.as_slice()?;
-        py.detach(|| self.inner.write().upsert(&keys, vectors)).map_err(to_py_err)
+        py.detach(|| self.inner.write().upsert(&keys, vectors))
+            .map_err(to_py_err)
     }
 
     fn remove(&self, py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<usize> {
         let keys = key_vec(py, keys, "keys")?;
-        py.detach(|| self.inner.write().remove(&keys)).map_err(to_py_err)
+        py.detach(|| self.inner.write().remove(&keys))
+            .map_err(to_py_err)
     }
 
     fn get<'py>(&self, py: Python<'py>, keys: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         let keys = key_vec(py, keys, "keys")?;
         let n = keys.len();
-        let values = py.detach(|| self.inner.read().get(&keys)).map_err(to_py_err)?;
-        Ok(PyArray1::from_vec(py, values).reshape([n, self.dim])?.into_any())
+        let values = py
+            .detach(|| self.inner.read().get(&keys))
+            .map_err(to_py_err)?;
+        Ok(PyArray1::from_vec(py, values)
+            .reshape([n, self.dim])?
+            .into_any())
     }
 
     #[pyo3(signature = (queries, k = 10, exclude = None))]
@@ -306,20 +383,25 @@ impl PyIndex {
         let exclude = exclude.map(|e| key_vec(py, e, "exclude")).transpose()?;
         let arr = arr.readonly();
         let q = arr.as_slice()?;
-        let (ids, scores, kp) =
-            py.detach(|| self.inner.read().search(q, k, exclude.as_deref())).map_err(to_py_err)?;
+        let (ids, scores, kp) = py
+            .detach(|| self.inner.read().search(q, k, exclude.as_deref()))
+            .map_err(to_py_err)?;
         let ids = PyArray1::from_vec(py, ids);
         let scores = PyArray1::from_vec(py, scores);
         if single {
             Ok((ids.into_any(), scores.into_any()))
         } else {
-            Ok((ids.reshape([nq, kp])?.into_any(), scores.reshape([nq, kp])?.into_any()))
+            Ok((
+                ids.reshape([nq, kp])?.into_any(),
+                scores.reshape([nq, kp])?.into_any(),
+            ))
         }
     }
 
     /// Writes the index atomically (temporary file, fsync, rename, fsync of the directory).
     fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
-        py.detach(|| self.inner.read().save(&path)).map_err(to_py_err)
+        py.detach(|| self.inner.read().save(&path))
+            .map_err(to_py_err)
     }
 
     /// Opens a saved index. mmap=True maps it read-only; verify=False skips checking the
@@ -327,7 +409,9 @@ impl PyIndex {
     #[staticmethod]
     #[pyo3(signature = (path, mmap = false, verify = true))]
     fn load(py: Python<'_>, path: PathBuf, mmap: bool, verify: bool) -> PyResult<Self> {
-        let index = py.detach(|| Index::load(&path, mmap, verify)).map_err(to_py_err)?;
+        let index = py
+            .detach(|| Index::load(&path, mmap, verify))
+            .map_err(to_py_err)?;
         Ok(Self::wrap(index))
     }
 
@@ -362,14 +446,23 @@ fn mine_hard_negatives<'py>(
     let corpus = f32_or_f16_array(py, corpus, "corpus")?;
     let (qs, cs) = (queries.shape(), corpus.shape());
     if qs.len() != 2 || qs[1] == 0 {
-        return Err(value_error(format!("queries must have shape (q, dim), got {qs:?}")));
+        return Err(value_error(format!(
+            "queries must have shape (q, dim), got {qs:?}"
+        )));
     }
     if cs.len() != 2 || cs[1] != qs[1] {
-        return Err(value_error(format!("corpus must have shape (n, {}) like queries, got {cs:?}", qs[1])));
+        return Err(value_error(format!(
+            "corpus must have shape (n, {}) like queries, got {cs:?}",
+            qs[1]
+        )));
     }
     let (nq, dim) = (qs[0], qs[1]);
-    let query_groups = query_groups.map(|g| group_vec(py, g, "query_groups")).transpose()?;
-    let corpus_groups = corpus_groups.map(|g| group_vec(py, g, "corpus_groups")).transpose()?;
+    let query_groups = query_groups
+        .map(|g| group_vec(py, g, "query_groups"))
+        .transpose()?;
+    let corpus_groups = corpus_groups
+        .map(|g| group_vec(py, g, "corpus_groups"))
+        .transpose()?;
     let q = match &queries {
         FloatInput::F32(a) => Queries::F32(a.as_slice()?),
         FloatInput::F16(a) => Queries::F16(a.as_slice()?),

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Runs every cargo-fuzz target of the engine for a fixed number of executions.
+#
+#   scripts/fuzz.sh                 # 1,000,000 executions per target (the recorded runs)
+#   RUNS=20000 scripts/fuzz.sh      # a quick pass
+#   scripts/fuzz.sh index_from_bytes index_checksummed   # only these targets
+#
+# Needs cargo-fuzz (`cargo install cargo-fuzz`). On a stable toolchain it runs with
+# RUSTC_BOOTSTRAP=1 (cargo-fuzz passes nightly-only flags: -Zsanitizer=address). Targets:
+#   index_from_bytes    raw bytes -> Index::from_bytes (header, checksums, keys, scales)
+#   index_checksummed   bytes patched into a plausible file with valid checksums, so the fuzzer
+#                       reaches the structural checks and the search kernels on crafted vectors
+#   index_load_file     bytes written to a file -> Index::load read / mmap verified / mmap lazy,
+#                       which must agree with from_bytes; verify() on the lazy map likewise
+# Each target starts from the committed seeds in rust/engine/fuzz/corpus/index/ (real saved index
+# files of every dtype and metric, tests/data/golden/v1/) and grows a scratch corpus in
+# rust/engine/fuzz/work/<target>/ (ignored by git). A finding is written to
+# rust/engine/fuzz/artifacts/<target>/ and the script stops with a non-zero status; reproduce
+# it with `RUSTC_BOOTSTRAP=1 cargo fuzz run <target> <artifact>` in rust/engine/fuzz.
+set -euo pipefail
+cd "$(dirname "$0")/../rust/engine/fuzz"
+RUNS="${RUNS:-1000000}"
+TARGETS=("$@")
+if [ ${#TARGETS[@]} -eq 0 ]; then
+  TARGETS=(index_from_bytes index_checksummed index_load_file)
+fi
+export RUSTC_BOOTSTRAP=1
+# Shared machines: stay out of the way of interactive work.
+NICE="nice -n ${FUZZ_NICE:-10}"
+$NICE cargo fuzz build "${TARGETS[@]:0:1}" >/dev/null 2>&1 || true  # warm build (quiet)
+for t in "${TARGETS[@]}"; do
+  mkdir -p "work/$t"
+  echo "== $t: $RUNS executions"
+  start=$(date +%s)
+  status=0
+  $NICE cargo fuzz run "$t" "work/$t" corpus/index -- \
+    -runs="$RUNS" -max_len=8192 -rss_limit_mb=1024 -timeout=10 -print_final_stats=1 \
+    >"work/$t.log" 2>&1 || status=$?
+  grep -E "^(Done|stat::number_of_executed_units|stat::peak_rss_mb|SUMMARY)|panicked" "work/$t.log" || true
+  echo "   exit $status, $(( $(date +%s) - start )) s (log: rust/engine/fuzz/work/$t.log)"
+  if [ "$status" -ne 0 ]; then
+    echo "FINDING in $t: see rust/engine/fuzz/artifacts/$t/" >&2
+    exit "$status"
+  fi
+done

@@ -1,0 +1,149 @@
+"""Dataset readers on tiny generated data: formats, errors, unreadable images."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from training import data
+from training.data import DataError
+
+from tests._fixtures_training import make_image, make_karpathy
+
+
+def test_karpathy_splits_and_groups(tmp_path: Path) -> None:
+    json_path, root = make_karpathy(tmp_path, n_train=10, n_val=4, n_test=5)
+    train = data.load_karpathy(json_path, root, "train")
+    assert len(train) == 10  # train + restval
+    assert len(train.captions) == 50
+    assert np.bincount(train.caption_image).tolist() == [5] * 10
+    assert all(p.is_file() for p in train.images)
+    test = data.load_karpathy(json_path, root, "test")
+    assert len(test) == 5 and test.images[0].name == "img0014.jpg"
+    assert test.captions[0].startswith("a ")
+
+
+def test_karpathy_errors_name_the_problem(tmp_path: Path) -> None:
+    json_path, root = make_karpathy(tmp_path, n_train=3, n_val=1, n_test=1)
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        data.load_karpathy(tmp_path / "nope.json", root)
+    (root / "train2014" / "img0001.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match="img0001.jpg"):
+        data.load_karpathy(json_path, root, "train")
+    doc = json.loads(json_path.read_text())
+    doc["images"][2]["sentences"][1]["raw"] = "   "
+    json_path.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match="empty caption"):
+        data.load_karpathy(json_path, root, ["train"], check_images=False)
+    with pytest.raises(DataError, match="no images"):
+        data.load_karpathy(json_path, root, "nosuchsplit")
+
+
+def test_tsv(tmp_path: Path) -> None:
+    for i in range(3):
+        make_image((10 * i, 20, 30), "square", i).save(tmp_path / f"{i}.png")
+    tsv = tmp_path / "cc3m.tsv"
+    tsv.write_text("filepath\ttitle\n0.png\tfirst\n1.png\tsecond\n0.png\tfirst again\n"
+                   "2.png\tthird\n")
+    corpus = data.load_tsv(tsv)
+    assert [p.name for p in corpus.images] == ["0.png", "1.png", "2.png"]
+    assert corpus.image_captions[0] == [0, 2]
+    tsv.write_text("filepath\ttitle\nhttp://x/y.jpg\tremote\n")
+    with pytest.raises(DataError, match="URL"):
+        data.load_tsv(tsv)
+    tsv.write_text("url\tcaption\n0.png\tx\n")
+    with pytest.raises(DataError, match="no column 'filepath'"):
+        data.load_tsv(tsv)
+    tsv.write_text("filepath\ttitle\n0.png\t \n")
+    with pytest.raises(DataError, match="empty caption.*cc3m.tsv:2"):
+        data.load_tsv(tsv)
+
+
+def test_folder_with_tsv_or_json_captions(tmp_path: Path) -> None:
+    for name in ("a.jpg", "b.jpg"):
+        make_image((200, 10, 10), "dots", 0).save(tmp_path / name)
+    (tmp_path / "captions.tsv").write_text("a.jpg\ta red thing\nb.jpg\tanother\na.jpg\tsame red\n")
+    corpus = data.load_folder(tmp_path)
+    assert len(corpus) == 2 and len(corpus.captions) == 3
+    (tmp_path / "captions.tsv").unlink()
+    (tmp_path / "caps.json").write_text(json.dumps({"a.jpg": ["x", "y"], "b.jpg": "z"}))
+    corpus = data.load_folder(tmp_path, tmp_path / "caps.json")
+    assert corpus.captions == ["x", "y", "z"]
+    (tmp_path / "caps.json").write_text(json.dumps({"c.jpg": "missing"}))
+    with pytest.raises(FileNotFoundError, match="c.jpg"):
+        data.load_folder(tmp_path, tmp_path / "caps.json")
+    with pytest.raises(FileNotFoundError, match="captions"):
+        data.load_folder(tmp_path)
+
+
+def _write_shard(path: Path, samples: list[tuple[str, bytes, str]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, image, caption in samples:
+            for ext, payload in (("jpg", image), ("txt", caption.encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def test_webdataset_shards_stream_skip_and_count(tmp_path: Path) -> None:
+    def jpeg(i: int) -> bytes:
+        buf = io.BytesIO()
+        make_image((i * 30 % 255, 100, 100), "square", i).save(buf, format="JPEG")
+        return buf.getvalue()
+
+    _write_shard(tmp_path / "s-000.tar", [(f"{i:04d}", jpeg(i), f"caption {i}") for i in range(3)])
+    _write_shard(tmp_path / "s-001.tar", [("0003", b"broken", "caption 3"),
+                                          ("0004", jpeg(4), "caption 4")])
+    shards = data.expand_shards(str(tmp_path / "s-{000..001}.tar"))
+    assert len(shards) == 2
+    stream = data.WebDatasetImages(shards, size=16)
+    batches = list(DataLoader(stream, batch_size=2, collate_fn=data.collate_skipping))
+    assert sum(b["skipped"] for b in batches) == 1  # the broken image is skipped, counted
+    positions = torch.cat([b["columns"][0] for b in batches if b["size"]]).tolist()
+    assert positions == [0, 1, 2, 4]
+    resumed = [item for item in data.WebDatasetImages(shards, 16, skip=2) if item is not None]
+    assert [item[0] for item in resumed] == [2, 4]
+    assert data.read_webdataset_texts(shards)[-1] == "caption 4"
+    with pytest.raises(FileNotFoundError, match="s-002.tar"):
+        data.expand_shards(str(tmp_path / "s-{000..002}.tar"))
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path: Path) -> None:
+    json_path, root = make_karpathy(tmp_path, n_train=6, n_val=1, n_test=1, broken=2)
+    corpus = data.load_karpathy(json_path, root, "train")
+    loader = DataLoader(data.ImageFiles(corpus.images, 16), batch_size=4,
+                        collate_fn=data.collate_skipping)
+    batches = list(loader)
+    assert [b["skipped"] for b in batches] == [2, 0]
+    assert batches[0]["columns"][0].tolist() == [2, 3]
+    with pytest.raises(data.ImageLoadError, match="img0000.jpg"):
+        data.load_image(corpus.images[0])
+
+
+def test_sample_pairs_one_caption_per_image_deterministic(tmp_path: Path) -> None:
+    json_path, root = make_karpathy(tmp_path, n_train=10, n_val=1, n_test=1)
+    corpus = data.load_karpathy(json_path, root, "train")
+    pairs = data.sample_pairs(corpus, 0, 1, 2)
+    assert sorted(pairs[:, 0].tolist()) == list(range(10))
+    assert all(corpus.caption_image[c] == i for i, c in pairs)
+    assert np.array_equal(pairs, data.sample_pairs(corpus, 0, 1, 2))
+    assert not np.array_equal(pairs, data.sample_pairs(corpus, 0, 1, 3))
+
+
+def test_prepare_pixels_resizes_and_normalises() -> None:
+    class Model:
+        image_size = 8
+        image_mean = (0.5, 0.5, 0.5)
+        image_std = (0.25, 0.25, 0.25)
+
+    x = torch.full((1, 3, 16, 16), 0.75)
+    out = data.prepare_pixels(Model(), x)
+    assert out.shape == (1, 3, 8, 8)
+    torch.testing.assert_close(out, torch.ones(1, 3, 8, 8))
