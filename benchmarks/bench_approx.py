@@ -161,7 +161,9 @@ def main() -> None:
         ),
     )
     text += "\n" + H.markdown_table(head, rows) + "\n\n" + "\n".join(f"- {x}" for x in notes)
-    text += f"\n\nSizes run: {', '.join(f'{n:,}' for n in sizes)}; total {time.perf_counter() - started:.0f} s.\n"
+    load = os.getloadavg()
+    text += f"\n\nLoad average at the end (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} cores (other jobs share this machine).\n"
+    text += f"\nSizes run: {', '.join(f'{n:,}' for n in sizes)}; total {time.perf_counter() - started:.0f} s.\n"
     if 1_000_000 not in sizes:
         text += (
             "\nN=1,000,000 not run by default: an HNSW build of 1M x 512 at the measured build "

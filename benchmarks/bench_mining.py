@@ -230,7 +230,9 @@ def main() -> None:
     )
     head = ["q x n", "peer", "time s", "speed vs GEMM bound", "time / leanclip f32", "agree", "peak RSS MiB", "extra MiB"]
     text += "\n" + H.markdown_table(head, rows) + "\n\n" + "\n".join(f"- {x}" for x in notes)
-    text += f"\n\nTotal {time.perf_counter() - started:.0f} s.\n"
+    load = os.getloadavg()
+    text += f"\n\nLoad average at the end (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} cores (other jobs share this machine).\n"
+    text += f"\nTotal {time.perf_counter() - started:.0f} s.\n"
     H.write_result("mining", text)
 
 

@@ -20,7 +20,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -65,7 +65,7 @@ def queries(captions: Dict[str, List[str]], photo_names: Sequence[str]) -> Tuple
     return texts, targets
 
 
-def evaluate_bundle(bundle: Path, photos: Sequence[Path], captions: Dict[str, List[str]]) -> Dict[str, object]:
+def evaluate_bundle(bundle: Path, photos: Sequence[Path], captions: Dict[str, List[str]]) -> Dict[str, Any]:
     from leanclip.encoder import Encoder
 
     enc = Encoder(bundle, threads=int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -110,7 +110,7 @@ def main(argv: List[str] | None = None) -> int:
         fp32 = build_starter(work / "starter-fp32")
         int8 = build_starter(work / "starter-int8", int8=True)
         res = {"fp32": evaluate_bundle(fp32, photos, captions), "int8": evaluate_bundle(int8, photos, captions)}
-        ablation = []
+        ablation: List[Tuple[str, float, float]] = []
         if not args.no_ablation:
             settings = [
                 (f"{len(SIMPLE_TEMPLATES)} simple templates, T=1", tuple(SIMPLE_TEMPLATES), 1.0),
@@ -135,7 +135,9 @@ def main(argv: List[str] | None = None) -> int:
             f"{n_q} captions (benchmarks/data/sample_captions.json) over {n_img} sample photos "
             f"(leanclip.samples); chance R@1 = {1 / n_img:.3f}, R@5 = {min(1.0, 5 / n_img):.3f}. "
             "Encoded with the torch-free leanclip.Encoder. Defaults (template 'a photo of a {}.', "
-            "temperature 1) were fixed before measuring. Tiny set: read as a sanity check, not a benchmark."
+            "temperature 1) were fixed before measuring. Tiny set: read as a sanity check, not a benchmark. "
+            f"Throughputs are single runs on a shared machine (load average {os.getloadavg()[0]:.1f} at the "
+            "end): compare the int8/fp32 ratios, not the absolute numbers."
         ),
     )
     text += "\n" + H.markdown_table(

@@ -206,6 +206,10 @@ def test_quantize_bundle_and_cli_with_checkpoint(tmp_path: Path, tiny_bundle: Pa
     m = read_manifest(q)
     assert m.precision == "int8" and m.extra["self_check_int8_vs_fp32"]["int8 text encoder"] >= 0.99
     assert Encoder(q).encode_text(["a dog"]).shape == (1, 32)
+    # op types are a choice per tower (MiniLM-style towers keep fp32 MatMuls)
+    g = quantize_bundle(tiny_bundle, tmp_path / "gather-only", text_op_types=["Gather"])
+    assert read_manifest(g).extra["quantization"]["op_types"]["text.onnx"] == ["Gather"]
+    assert (q / "text.onnx").stat().st_size < (g / "text.onnx").stat().st_size < (tiny_bundle / "text.onnx").stat().st_size
 
     models = pytest.importorskip("training.models")
     teacher = models.build_teacher("ViT-B-32", pretrained=None, tiny=True)

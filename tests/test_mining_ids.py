@@ -81,6 +81,24 @@ def test_explicit_positives_are_excluded():
     assert all(not (set(row.tolist()) & pos) for row, pos in zip(got, positives))
 
 
+def test_positives_with_repeated_corpus_ids():
+    # ids repeat (e.g. a caption id space shared across rows): every row of a positive id goes
+    q, c = _unit(10, 16, 16), _unit(60, 16, 17)
+    cids = np.arange(60) % 12
+    nearest = np.argsort(-(q @ c.T), axis=1)[:, 0]
+    positives = [[int(cids[r])] for r in nearest]  # each such id covers 5 corpus rows
+    got = hard_negative_ids(np.arange(10), q, cids, c, 8, positives=positives)
+    np.testing.assert_array_equal(got, _brute(q, c, cids, 8, positives=positives))
+    assert (got >= 0).all()
+
+
+def test_mixed_float16_and_float32_inputs():
+    q, c = _unit(20, 32, 18), _unit(400, 32, 19)
+    got = hard_negative_ids(np.arange(20), q.astype(np.float16), np.arange(400), c, 5)
+    want = _brute(q.astype(np.float16).astype(np.float32), c, np.arange(400), 5)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_float16_embeddings_keep_recall():
     q, c = _unit(200, 64, 11), _unit(3000, 64, 12)
     cids = np.arange(3000)

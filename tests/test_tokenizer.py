@@ -41,6 +41,7 @@ FIXED = [
     "ＦＵＬＬＷＩＤＴＨ　ｔｅｘｔ　１２３！",
     "tabs\tand\nnewlines\r\nand\u00a0nbsp\u2003em space\u3000ideographic",
     "control\x00chars\x07here\x1c\x1d\x7f",
+    "c1 \x93quoted\x94 \x85 \x80 \x96 \x99 \x81",
     "&amp; &lt;b&gt; &quot;quoted&quot; &#39;apos&#39; &amp;amp;",
     "<start_of_text> inside <end_of_text> text <START_OF_TEXT>",
     "e\u0301 composed vs é precomposed",

@@ -234,7 +234,8 @@ def minilm_zip_path() -> Path:
 def _zip_member(zf: zipfile.ZipFile, name: str) -> bytes:
     # the zip holds the folder's files at its root; accept one leading directory as well
     for member in zf.namelist():
-        if member == name or member.endswith("/" + name) and member.count("/") == name.count("/") + 1:
+        nested = member.endswith("/" + name) and member.count("/") == name.count("/") + 1
+        if member == name or nested:
             return zf.read(member)
     raise FileNotFoundError(f"{zf.filename} has no {name}")
 

@@ -510,8 +510,8 @@ def run(config: Dict[str, Any], teacher: Optional[MiniLMTextTower] = None,
     qps_texts = corpus.heldout[: int(eval_cfg["qps_sentences"])]
     t_qps = text_qps(teacher, tokenizer, qps_texts, int(eval_cfg["qps_batch"]))
     teacher_row["qps"] = t_qps
-    for row, student in zip(results["rows"][1:], towers):
-        row["qps"] = text_qps(student, tokenizer, qps_texts, int(eval_cfg["qps_batch"]))
+    for row, tower in zip(results["rows"][1:], towers):
+        row["qps"] = text_qps(tower, tokenizer, qps_texts, int(eval_cfg["qps_batch"]))
     for row in results["rows"]:
         row["size_ratio"] = row["params"] / teacher_row["params"]
         row["qps_ratio"] = row["qps"] / t_qps

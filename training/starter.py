@@ -79,6 +79,8 @@ PathLike = Union[str, Path]
 class ZeroShotImageTower(nn.Module):
     """``pixels -> normalize(softmax(classifier(pixels) / T) @ class_embeds)``."""
 
+    class_embeds: torch.Tensor
+
     def __init__(self, classifier: nn.Module, class_embeds: torch.Tensor, temperature: float) -> None:
         super().__init__()
         if temperature <= 0:

@@ -6,7 +6,8 @@ ships the CLIP BPE in that format. :func:`build_clip_tokenizer` builds it from o
 
 * open_clip cleans text with ``ftfy.fix_text``, ``html.unescape`` twice, collapses whitespace
   (``str.split``) and lower-cases. The tokenizer's normalizer reproduces what ftfy does to
-  well-formed text, from ftfy's own tables: control characters removed, Latin ligatures and
+  well-formed text, from ftfy's own tables: C1 controls read as Windows-1252, control
+  characters removed, Latin ligatures and
   full/half-width forms replaced, curly quotes straightened, NFC; then Python's whitespace set
   collapsed to one space, stripped, lower-cased. HTML unescaping cannot be expressed as a
   normalizer: :func:`clip_clean` (stdlib ``html``) does it and the Encoder calls it first.
@@ -135,6 +136,13 @@ def _ftfy_normalizers() -> List[normalizers.Normalizer]:
         from ftfy import chardata
     except ImportError:  # pragma: no cover - ftfy comes with open_clip
         return [normalizers.NFC()]
+    from ftfy import fixes
+
+    # C1 control characters are read as Windows-1252 ("\x93" -> "“"), as ftfy's fix_c1_controls
+    for code in range(0x80, 0xA0):
+        repl = fixes.fix_c1_controls(chr(code))
+        if repl != chr(code):
+            out.append(normalizers.Replace(chr(code), repl))
     control = "".join(chr(c) for c in chardata.CONTROL_CHARS)
     out.append(normalizers.Replace(Regex(_char_class(control)), ""))
     for code, repl in sorted(chardata.LIGATURES.items()):

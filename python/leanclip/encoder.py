@@ -130,8 +130,11 @@ def _load_image(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.I
                 if w == 0 or h == 0:
                     raise ImageLoadError(p, f"image has no pixels ({w} x {h})")
                 img.load()
-                rotated = ImageOps.exif_transpose(img)
-                return _to_rgb(rotated)
+                try:
+                    img = ImageOps.exif_transpose(img)
+                except Exception:  # noqa: BLE001 - a malformed EXIF block: keep the pixels as stored
+                    pass
+                return _to_rgb(img)
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as exc:

@@ -75,6 +75,8 @@ def hard_negative_ids(
     dtype = check_dtype(dtype)
     queries, _ = as_matrix(query_embeddings, None, "query_embeddings", keep_f16=True)
     corpus, _ = as_matrix(corpus_embeddings, queries.shape[1], "corpus_embeddings", keep_f16=True)
+    if queries.dtype != corpus.dtype:  # the engine takes one input type for both
+        queries, corpus = queries.astype(np.float32), corpus.astype(np.float32)
     q, n = queries.shape[0], corpus.shape[0]
     _as_ids(query_ids, q, "query_ids")
     cids = _as_ids(corpus_ids, n, "corpus_ids")
@@ -95,8 +97,14 @@ def hard_negative_ids(
             if arr.size and arr.dtype.kind not in "iu":
                 raise ValueError(f"positives[{i}] must hold integer corpus ids, got dtype {arr.dtype}")
             pos_sets.append(np.unique(arr.astype(np.int64)))
-        # each positive can take at most one slot of the mined list: fetch that many more
-        extra = max((len(p) for p in pos_sets), default=0)
+        # each corpus row holding a positive id can take one slot of the mined list: fetch that
+        # many more (ids may repeat in the corpus, so count rows, not ids)
+        uniq, counts = np.unique(cids, return_counts=True)
+        for pos in pos_sets:
+            at = np.searchsorted(uniq, pos)
+            hit = at < uniq.size
+            hit[hit] = uniq[at[hit]] == pos[hit]
+            extra = max(extra, int(counts[at[hit]].sum()))
 
     out = np.full((q, k), -1, dtype=np.int64)
     if q == 0 or n == 0:

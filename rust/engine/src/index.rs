@@ -90,6 +90,27 @@ impl Store {
     }
 }
 
+/// Where `encode_into` writes.
+enum EncodeTarget<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [f16]),
+    I8(&'a mut [i8], &'a mut [f32]),
+}
+
+/// Grows `v` by `extra` zeroed elements (zeroed in parallel, so the page faults of a large
+/// batch are spread over the threads too) and returns the new tail.
+fn grow<T: Pod + Send>(v: &mut Vec<T>, extra: usize) -> &mut [T] {
+    let old = v.len();
+    v.reserve(extra);
+    v.spare_capacity_mut()[..extra]
+        .par_chunks_mut(1 << 16)
+        .for_each(|c| c.fill(std::mem::MaybeUninit::new(T::zeroed())));
+    // SAFETY: `reserve` made room for `extra` more elements and the loop above initialized
+    // every one of them (spare_capacity_mut()[..extra] covers exactly old..old + extra).
+    unsafe { v.set_len(old + extra) };
+    &mut v[old..]
+}
+
 /// Vectors validated and converted to the stored type, not yet part of an index.
 enum Encoded {
     F32(Vec<f32>),
@@ -232,85 +253,148 @@ impl Index {
         Ok(())
     }
 
-    /// Validates `vectors` (n x dim) and converts them to the stored type.
-    fn encode(&self, vectors: &[f32]) -> Result<Encoded> {
+    /// Validates `vectors` (n x dim): finite, non-zero under cos, within range of f16 storage.
+    fn validate(&self, vectors: &[f32]) -> Result<()> {
+        check_rows(vectors, self.dim, self.metric, "vectors")?;
+        // Under cos the stored values are unit-normalized, so only ip / l2 can overflow f16.
+        if self.dtype == DType::F16 && self.metric != Metric::Cos {
+            let dim = self.dim;
+            let bad = vectors
+                .par_chunks(dim * ENCODE_CHUNK)
+                .enumerate()
+                .find_map_first(|(chunk, block)| {
+                    block
+                        .chunks_exact(dim)
+                        .position(|row| row.iter().any(|v| v.abs() > F16_MAX))
+                        .map(|i| chunk * ENCODE_CHUNK + i)
+                });
+            if let Some(r) = bad {
+                return invalid(format!(
+                    "vectors[{r}] has a value beyond the float16 range (|x| <= {F16_MAX}); \
+                     expected values that fit dtype \"f16\""
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Converts validated vectors to the stored form, writing `dst` (and `dst_scales` for i8)
+    /// in parallel. `dst` holds exactly `vectors.len()` elements.
+    fn encode_into(&self, vectors: &[f32], dst: EncodeTarget<'_>) {
         let dim = self.dim;
-        check_rows(vectors, dim, self.metric, "vectors")?;
-        let n = vectors.len() / dim;
         let normalize = self.metric == Metric::Cos;
-        // Each chunk writes its own slice of the output; rows normalized in a small scratch.
-        let normalized_row = |row: &[f32], scratch: &mut Vec<f32>| {
-            scratch.clear();
-            scratch.extend_from_slice(row);
+        let chunk = dim * ENCODE_CHUNK;
+        // Writes the row to encode (normalized under cos) into `scratch`, or borrows it.
+        let prepared = move |row: &[f32], scratch: &mut Vec<f32>| {
             if normalize {
-                let norm = kernels::sqnorm_f32(row).sqrt();
-                scratch.iter_mut().for_each(|v| *v /= norm);
+                let inv = 1.0 / kernels::sqnorm_f32(row).sqrt();
+                scratch.clear();
+                scratch.extend(row.iter().map(|v| v * inv));
             }
         };
-        match self.dtype {
-            DType::F32 => {
-                let mut out = vectors.to_vec();
-                if normalize {
-                    out.par_chunks_mut(dim * ENCODE_CHUNK).for_each(|block| {
-                        for row in block.chunks_exact_mut(dim) {
-                            let norm = kernels::sqnorm_f32(row).sqrt();
-                            row.iter_mut().for_each(|v| *v /= norm);
-                        }
-                    });
-                }
-                Ok(Encoded::F32(out))
-            }
-            DType::F16 => {
-                let mut out = vec![f16::ZERO; vectors.len()];
-                let bad = out
-                    .par_chunks_mut(dim * ENCODE_CHUNK)
-                    .zip(vectors.par_chunks(dim * ENCODE_CHUNK))
-                    .enumerate()
-                    .find_map_first(|(chunk, (dst, src))| {
-                        let mut scratch = Vec::with_capacity(dim);
-                        for (i, (d, s)) in dst
-                            .chunks_exact_mut(dim)
-                            .zip(src.chunks_exact(dim))
-                            .enumerate()
-                        {
-                            normalized_row(s, &mut scratch);
-                            if scratch.iter().any(|v| v.abs() > F16_MAX) {
-                                return Some(chunk * ENCODE_CHUNK + i);
+        match dst {
+            EncodeTarget::F32(out) => {
+                out.par_chunks_mut(chunk)
+                    .zip(vectors.par_chunks(chunk))
+                    .for_each(|(d, s)| {
+                        d.copy_from_slice(s);
+                        if normalize {
+                            for row in d.chunks_exact_mut(dim) {
+                                let inv = 1.0 / kernels::sqnorm_f32(row).sqrt();
+                                row.iter_mut().for_each(|v| *v *= inv);
                             }
-                            d.convert_from_f32_slice(&scratch);
                         }
-                        None
                     });
-                if let Some(r) = bad {
-                    return invalid(format!(
-                        "vectors[{r}] has a value beyond the float16 range (|x| <= {F16_MAX}); \
-                         expected values that fit dtype \"f16\""
-                    ));
-                }
-                Ok(Encoded::F16(out))
             }
-            DType::I8 => {
-                let mut data = vec![0i8; vectors.len()];
-                let mut scales = vec![0f32; n];
-                data.par_chunks_mut(dim * ENCODE_CHUNK)
-                    .zip(scales.par_chunks_mut(ENCODE_CHUNK))
-                    .zip(vectors.par_chunks(dim * ENCODE_CHUNK))
-                    .for_each(|((dst, sc), src)| {
+            EncodeTarget::F16(out) => {
+                out.par_chunks_mut(chunk)
+                    .zip(vectors.par_chunks(chunk))
+                    .for_each(|(d, s)| {
+                        if !normalize {
+                            d.convert_from_f32_slice(s);
+                            return;
+                        }
                         let mut scratch = Vec::with_capacity(dim);
-                        for ((d, s), scale) in
-                            dst.chunks_exact_mut(dim).zip(src.chunks_exact(dim)).zip(sc)
-                        {
-                            normalized_row(s, &mut scratch);
-                            *scale = kernels::quantize_row_i8(&scratch, d);
+                        for (dr, sr) in d.chunks_exact_mut(dim).zip(s.chunks_exact(dim)) {
+                            prepared(sr, &mut scratch);
+                            dr.convert_from_f32_slice(&scratch);
                         }
                     });
-                Ok(Encoded::I8(data, scales))
+            }
+            EncodeTarget::I8(out, scales) => {
+                out.par_chunks_mut(chunk)
+                    .zip(scales.par_chunks_mut(ENCODE_CHUNK))
+                    .zip(vectors.par_chunks(chunk))
+                    .for_each(|((d, sc), s)| {
+                        let mut scratch = Vec::with_capacity(dim);
+                        for ((dr, sr), scale) in
+                            d.chunks_exact_mut(dim).zip(s.chunks_exact(dim)).zip(sc)
+                        {
+                            let row = if normalize {
+                                prepared(sr, &mut scratch);
+                                &scratch[..]
+                            } else {
+                                sr
+                            };
+                            *scale = kernels::quantize_row_i8(row, dr);
+                        }
+                    });
             }
         }
     }
 
+    /// Validates and converts `vectors` into new buffers (for upsert).
+    fn encode(&self, vectors: &[f32]) -> Result<Encoded> {
+        self.validate(vectors)?;
+        let n = vectors.len() / self.dim;
+        Ok(match self.dtype {
+            DType::F32 => {
+                let mut out = vec![0f32; vectors.len()];
+                self.encode_into(vectors, EncodeTarget::F32(&mut out));
+                Encoded::F32(out)
+            }
+            DType::F16 => {
+                let mut out = vec![f16::ZERO; vectors.len()];
+                self.encode_into(vectors, EncodeTarget::F16(&mut out));
+                Encoded::F16(out)
+            }
+            DType::I8 => {
+                let mut out = vec![0i8; vectors.len()];
+                let mut scales = vec![0f32; n];
+                self.encode_into(vectors, EncodeTarget::I8(&mut out, &mut scales));
+                Encoded::I8(out, scales)
+            }
+        })
+    }
+
+    /// Validates and converts `vectors`, appending them straight to storage (for add).
+    fn append_encoded(&mut self, vectors: &[f32]) -> Result<()> {
+        self.validate(vectors)?;
+        let n = vectors.len() / self.dim;
+        let mut store = std::mem::replace(&mut self.store, Store::empty(self.dtype));
+        let result = (|| {
+            match &mut store {
+                Store::F32(b) => self.encode_into(
+                    vectors,
+                    EncodeTarget::F32(grow(b.owned_mut()?, vectors.len())),
+                ),
+                Store::F16(b) => self.encode_into(
+                    vectors,
+                    EncodeTarget::F16(grow(b.owned_mut()?, vectors.len())),
+                ),
+                Store::I8 { data, scales } => {
+                    let d = grow(data.owned_mut()?, vectors.len());
+                    let s = grow(scales.owned_mut()?, n);
+                    self.encode_into(vectors, EncodeTarget::I8(d, s))
+                }
+            }
+            Ok(())
+        })();
+        self.store = store;
+        result
+    }
+
     fn push_rows(&mut self, keys: &[u64], encoded: Encoded) -> Result<()> {
-        let start = self.len();
         match (&mut self.store, encoded) {
             (Store::F32(b), Encoded::F32(v)) => b.owned_mut()?.extend_from_slice(&v),
             (Store::F16(b), Encoded::F16(v)) => b.owned_mut()?.extend_from_slice(&v),
@@ -320,6 +404,11 @@ impl Index {
             }
             _ => unreachable!("encoded with the index's own dtype"),
         }
+        self.push_keys(keys)
+    }
+
+    fn push_keys(&mut self, keys: &[u64]) -> Result<()> {
+        let start = self.len();
         self.keys.owned_mut()?.extend_from_slice(keys);
         self.rows.reserve(keys.len());
         for (i, &key) in keys.iter().enumerate() {
@@ -343,8 +432,8 @@ impl Index {
             return Err(Error::DuplicateKey(key));
         }
         self.check_capacity(keys.len())?;
-        let encoded = self.encode(vectors)?;
-        self.push_rows(keys, encoded)
+        self.append_encoded(vectors)?;
+        self.push_keys(keys)
     }
 
     /// Inserts new keys and replaces the vectors of present ones; all-or-nothing.
