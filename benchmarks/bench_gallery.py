@@ -161,6 +161,23 @@ def _rss_of(pid: int) -> float:
 
 
 def load_test(enc: Any, tmp: Path, n: int = 100_000, clients: int = 64, seconds: float = 30.0) -> str:
+    root = tmp / f"load-{n}"
+    root.mkdir()
+    synthetic_store(root, n, enc.dim, enc.model_id, "f32")
+    rows = [_load_run(enc, tmp, root, clients, seconds, max_batch) for max_batch in (64, 1)]
+    shutil.rmtree(root, ignore_errors=True)
+    return (
+        f"\n## Server load (issue 6)\n\n{clients} concurrent keep-alive clients, {seconds:.0f} s of distinct text "
+        f"queries (`GET /api/search?q=..&k=10`) against `leanclip serve` (separate process, loopback) over "
+        f"{n:,} synthetic f32 vectors; the client runs on the same 2 cores. Same run: the server's default "
+        "request batching (`--max-batch 64`) and none (`--max-batch 1`).\n\n"
+        + markdown_table(["server", "requests", "errors", "throughput req/s", "p50 ms", "p99 ms",
+                          "server RSS before MiB", "after MiB", "growth"], rows)
+        + "\n"
+    )
+
+
+def _load_run(enc: Any, tmp: Path, root: Path, clients: int, seconds: float, max_batch: int) -> List[Any]:
     """Issue 6's bounded load test: ``clients`` keep-alive clients sending text queries to
     ``leanclip serve`` (a separate process) over loopback for ``seconds``."""
     import http.client
@@ -170,14 +187,11 @@ def load_test(enc: Any, tmp: Path, n: int = 100_000, clients: int = 64, seconds:
 
     from leanclip import models
 
-    root = tmp / f"load-{n}"
-    root.mkdir()
-    synthetic_store(root, n, enc.dim, enc.model_id, "f32")
     model_arg = str(models.model_path("starter")) if "starter" in enc.model_id else None
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "leanclip.cli", "serve", str(root), "--port", str(port)]
+    cmd = [sys.executable, "-m", "leanclip.cli", "serve", str(root), "--port", str(port), "--max-batch", str(max_batch)]
     if model_arg:
         cmd += ["--model", model_arg]
     else:  # the tiny bundle of pick_encoder
@@ -237,19 +251,10 @@ def load_test(enc: Any, tmp: Path, n: int = 100_000, clients: int = 64, seconds:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-        shutil.rmtree(root, ignore_errors=True)
     ms = np.array(lat) * 1000
     growth = (rss_after / rss_before - 1) * 100
-    return (
-        f"\n## Server load (issue 6)\n\n{clients} concurrent keep-alive clients, {seconds:.0f} s of distinct text "
-        f"queries (`GET /api/search?q=..&k=10`) against `leanclip serve` (separate process, loopback) over "
-        f"{n:,} synthetic f32 vectors; the client runs on the same 2 cores.\n\n"
-        + markdown_table(["requests", "errors", "throughput req/s", "p50 ms", "p99 ms", "server RSS before MiB",
-                          "after MiB", "growth"],
-                         [[len(lat), errors[0], len(lat) / wall, float(np.percentile(ms, 50)),
-                           float(np.percentile(ms, 99)), rss_before, rss_after, f"{growth:+.1f}%"]])
-        + "\n"
-    )
+    return [f"--max-batch {max_batch}", len(lat), errors[0], len(lat) / wall, float(np.percentile(ms, 50)),
+            float(np.percentile(ms, 99)), rss_before, rss_after, f"{growth:+.1f}%"]
 
 
 def main() -> None:

@@ -12,8 +12,11 @@
 #                       reaches the structural checks and the search kernels on crafted vectors
 #   index_load_file     bytes written to a file -> Index::load read / mmap verified / mmap lazy,
 #                       which must agree with from_bytes; verify() on the lazy map likewise
-# Each target starts from the committed seeds in rust/engine/fuzz/corpus/index/ (real saved index
-# files of every dtype and metric, tests/data/golden/v1/) and grows a scratch corpus in
+#   kernels             every SIMD kernel at every level the CPU has (scalar/AVX2/AVX-512) vs the
+#                       scalar reference, lengths 0..5000 and unaligned slices, under ASan
+# The index targets start from the committed seeds in rust/engine/fuzz/corpus/index/ (real saved
+# index files of every dtype and metric, = tests/data/golden/v1/), kernels from corpus/kernels/
+# (lengths 1..4097 incl. 1, 3, 7, 15, 17, 31, 33, 511, 513). Each grows a scratch corpus in
 # rust/engine/fuzz/work/<target>/ (ignored by git). A finding is written to
 # rust/engine/fuzz/artifacts/<target>/ and the script stops with a non-zero status; reproduce
 # it with `RUSTC_BOOTSTRAP=1 cargo fuzz run <target> <artifact>` in rust/engine/fuzz.
@@ -22,7 +25,7 @@ cd "$(dirname "$0")/../rust/engine/fuzz"
 RUNS="${RUNS:-1000000}"
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then
-  TARGETS=(index_from_bytes index_checksummed index_load_file)
+  TARGETS=(index_from_bytes index_checksummed index_load_file kernels)
 fi
 export RUSTC_BOOTSTRAP=1
 # Shared machines: stay out of the way of interactive work.
@@ -32,8 +35,10 @@ for t in "${TARGETS[@]}"; do
   mkdir -p "work/$t"
   echo "== $t: $RUNS executions"
   start=$(date +%s)
+  seeds=corpus/index
+  [ "$t" = kernels ] && seeds=corpus/kernels
   status=0
-  $NICE cargo fuzz run "$t" "work/$t" corpus/index -- \
+  $NICE cargo fuzz run "$t" "work/$t" "$seeds" -- \
     -runs="$RUNS" -max_len=8192 -rss_limit_mb=1024 -timeout=10 -print_final_stats=1 \
     >"work/$t.log" 2>&1 || status=$?
   grep -E "^(Done|stat::number_of_executed_units|stat::peak_rss_mb|SUMMARY)|panicked" "work/$t.log" || true

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +114,19 @@ def require_engine() -> Any:
 
     leanclip.Index  # noqa: B018  (raises ImportError when the extension is not built)
     return leanclip
+
+
+def write_shard(path: Path, samples: list[tuple[str, bytes, str]]) -> None:
+    """A webdataset tar shard of (key, jpeg bytes, caption) samples."""
+    with tarfile.open(path, "w") as tar:
+        for key, image, caption in samples:
+            for ext, payload in (("jpg", image), ("txt", caption.encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def jpeg_bytes(i: int) -> bytes:
+    buf = io.BytesIO()
+    make_image((i * 30 % 255, 100, 100), "square", i).save(buf, format="JPEG")
+    return buf.getvalue()

@@ -185,3 +185,38 @@ def test_serve_warns_on_non_loopback(tmp_path: Path, bundle: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_bundle_checksums_are_rechecked_after_a_change(tmp_path: Path, bundle: Path, home: Path) -> None:
+    b = tmp_path / "b"
+    shutil.copytree(bundle, b)
+    models.load_encoder(str(b))  # verified, remembered
+    assert models._already_verified(b)
+    models.load_encoder(str(b))  # fast path
+    data = bytearray((b / "text.onnx").read_bytes())
+    data[-1] ^= 1
+    (b / "text.onnx").write_bytes(bytes(data))  # same size, new mtime
+    assert not models._already_verified(b)
+    with pytest.raises(models.ModelError, match="sha256"):
+        models.load_encoder(str(b))
+
+
+def test_demo_command(tmp_path: Path, bundle: Path, home: Path) -> None:
+    """`leanclip demo` with a tiny model: real sample photos collected, indexed, queried."""
+    from leanclip.demo import TEXT_QUERIES
+
+    dest = tmp_path / "demo"
+    r = _run("demo", "--dir", str(dest), "--model", str(bundle), "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    n_photos = len([p for p in dest.iterdir() if p.suffix in (".jpg", ".png")])
+    assert n_photos >= 3 and (dest / "CREDITS.md").is_file()
+    assert out["index"]["added"] == n_photos and out["index"]["failed"] == 0
+    assert [q["query"] for q in out["queries"]][: len(TEXT_QUERIES)] == list(TEXT_QUERIES)
+    assert all(len(q["results"]) == 3 for q in out["queries"])
+    image_q = out["queries"][-1]
+    assert image_q["query"] == "similar to chelsea.png"
+    assert "chelsea.png" not in [x["name"] for x in image_q["results"]]
+    # a second run finds everything indexed already
+    r = _run("demo", "--dir", str(dest), "--model", str(bundle), "--json")
+    assert json.loads(r.stdout)["index"]["added"] == 0

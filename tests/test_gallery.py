@@ -558,3 +558,38 @@ def test_storage_precision_change_converts_without_reencoding(folder: Path) -> N
     assert s.encoded == 0
     with pytest.raises(GalleryError, match="dtype"):
         Gallery(folder, model=enc, dtype="f64")
+
+
+def test_damaged_index_file_is_rebuilt(folder: Path) -> None:
+    enc = ColorEncoder()
+    g = _gallery(folder, enc)
+    g.update()
+    (index_file,) = (folder / ".leanclip").glob("index-*.lci")
+    data = bytearray(index_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    index_file.write_bytes(bytes(data))
+    with pytest.raises(GalleryError, match="damaged"):
+        _gallery(folder).search("red")
+    s = g.update()
+    assert "unusable" in s.recovered and s.encoded == 8 and s.failed == 0
+    _consistent(g)
+    assert {h.name for h in _gallery(folder).search("red", k=2)} == {"red/red_0.jpg", "red/red_1.jpg"}
+
+
+def test_search_batch_matches_single_searches(folder: Path) -> None:
+    enc = ColorEncoder()
+    g = _gallery(folder, enc)
+    g.update()
+    blue = folder / "blue" / "blue_0.jpg"
+    queries = ["red", "green -yellow", f"+img:{blue}", "red", "white +blue"]
+    before = enc.texts_encoded
+    batch = g.search_batch(queries, k=3, paths=["*"])
+    assert enc.texts_encoded - before == 5  # one call, distinct texts only: red, green, yellow, white, blue
+    for q, hits in zip(queries, batch):
+        single = g.search(q, k=3, paths=["*"])
+        assert [h.key for h in hits] == [h.key for h in single]
+        assert [round(h.score, 5) for h in hits] == [round(h.score, 5) for h in single]
+    assert blue not in {h.path for h in batch[2]}
+    deep = g.search_batch(["red", "blue"], k=2, paths=["yellow/*"])
+    assert all(h.name.startswith("yellow/") for hits in deep for h in hits) and all(len(h) == 2 for h in deep)
+    assert g.search_batch([], k=3) == []

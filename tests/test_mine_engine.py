@@ -146,3 +146,31 @@ def test_float64_and_strided_inputs_are_accepted():
     idx, _ = mine_hard_negatives(big[:10, ::2], big[10:, ::2], 3)
     want, _ = brute_force(big[:10, ::2], big[10:, ::2], 3)
     np.testing.assert_array_equal(idx, want)
+
+
+MEMORY_PROBE = """
+import resource, sys, numpy as np
+from leanclip import mine_hard_negatives
+n = int(sys.argv[1])
+rng = np.random.default_rng(0)
+q = rng.standard_normal((n, 32), dtype=np.float32)
+c = rng.standard_normal((n, 32), dtype=np.float32)
+groups = np.arange(n) // 5
+mine_hard_negatives(q[:10], c[:10], 2)  # load the extension and start the thread pool
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+idx, scores = mine_hard_negatives(q, c, 10, groups, groups)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert (idx >= 0).all()
+print((after - before) / 1024)
+"""
+
+
+def test_mining_memory_stays_bounded_without_a_score_matrix():
+    import subprocess
+    import sys
+
+    n = 20_000  # a q x n float32 score matrix would take 1,600 MB
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(n)], capture_output=True, text=True, check=True)
+    extra_mb = float(out.stdout.strip())
+    output_mb = n * 10 * 12 / 2**20  # int64 + float32 results
+    assert extra_mb < output_mb + 100, f"mining grew peak RSS by {extra_mb:.0f} MB"

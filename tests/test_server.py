@@ -189,3 +189,36 @@ def test_updates_when_enabled(tmp_path: Path) -> None:
         assert state["last"]["added"] == 1
         names = [r["name"] for r in json.loads(_req(server, "GET", "/api/search?q=orange&k=1")[2])["results"]]
         assert names == ["new.jpg"]
+
+
+def test_concurrent_requests_are_batched_and_correct(served) -> None:
+    server, g, root, _ = served
+    enc = g.encoder
+    calls = []
+    real = enc.encode_text
+
+    def counting(texts, batch_size=64):
+        calls.append(len(texts))
+        time.sleep(0.1)  # a slow encoder: requests pile up behind it and go out as one batch
+        return real(texts)
+
+    enc.encode_text = counting  # type: ignore[method-assign]
+    queries = ["red", "green", "blue", "yellow"] * 8
+    expected = {q: [h.key for h in g.search(q, k=2)] for q in set(queries)}
+    calls.clear()
+    out: dict = {}
+
+    def worker(i: int, q: str) -> None:
+        status, _, body = _req(server, "GET", f"/api/search?q={q}&k=2")
+        out[i] = (status, [r["key"] for r in json.loads(body)["results"]])
+
+    threads = [threading.Thread(target=worker, args=(i, q)) for i, q in enumerate(queries)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(out[i] == (200, expected[q]) for i, q in enumerate(queries))
+    assert len(calls) <= len(queries) // 2, calls  # batched: far fewer encoder calls than requests
+    # a bad query in the mix is refused alone, the others still answered
+    status, _, body = _req(server, "GET", "/api/search?q=%22unclosed")
+    assert status == 400 and "cannot parse" in json.loads(body)["error"]

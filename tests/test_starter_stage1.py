@@ -129,7 +129,7 @@ def test_run_with_a_stand_in_teacher_writes_results_and_table(tmp_path: Path) ->
     assert (tmp_path / "out" / "student_L2_infonce.pt").is_file()
     assert len(list((tmp_path / "cache").glob("teacher-*.pt"))) == 1  # cached once, reused
     table = (tmp_path / "table.md").read_text()
-    assert "| student 2 layers [0, 3] | infonce |" in table
+    assert "| student 2 layers [0, 3] | infonce (tau 0.05) |" in table
     assert json.loads((tmp_path / "out" / "results.json").read_text())["corpus"]["train"] > 0
     with pytest.raises(ValueError, match="unknown losses"):
         s1.run({**cfg, "losses": ["kl"]}, teacher=tiny_teacher(), tokenizer_json=tiny_wordpiece_tokenizer_json(WORDS))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ from torch.utils.data import DataLoader
 from training import data
 from training.data import DataError
 
-from tests._fixtures_training import make_image, make_karpathy
+from tests._fixtures_training import jpeg_bytes, make_image, make_karpathy, write_shard
 
 
 def test_karpathy_splits_and_groups(tmp_path: Path) -> None:
@@ -83,23 +81,10 @@ def test_folder_with_tsv_or_json_captions(tmp_path: Path) -> None:
         data.load_folder(tmp_path)
 
 
-def _write_shard(path: Path, samples: list[tuple[str, bytes, str]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, image, caption in samples:
-            for ext, payload in (("jpg", image), ("txt", caption.encode())):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-
-
 def test_webdataset_shards_stream_skip_and_count(tmp_path: Path) -> None:
-    def jpeg(i: int) -> bytes:
-        buf = io.BytesIO()
-        make_image((i * 30 % 255, 100, 100), "square", i).save(buf, format="JPEG")
-        return buf.getvalue()
-
-    _write_shard(tmp_path / "s-000.tar", [(f"{i:04d}", jpeg(i), f"caption {i}") for i in range(3)])
-    _write_shard(tmp_path / "s-001.tar", [("0003", b"broken", "caption 3"),
+    jpeg = jpeg_bytes
+    write_shard(tmp_path / "s-000.tar", [(f"{i:04d}", jpeg(i), f"caption {i}") for i in range(3)])
+    write_shard(tmp_path / "s-001.tar", [("0003", b"broken", "caption 3"),
                                           ("0004", jpeg(4), "caption 4")])
     shards = data.expand_shards(str(tmp_path / "s-{000..001}.tar"))
     assert len(shards) == 2
@@ -111,6 +96,15 @@ def test_webdataset_shards_stream_skip_and_count(tmp_path: Path) -> None:
     resumed = [item for item in data.WebDatasetImages(shards, 16, skip=2) if item is not None]
     assert [item[0] for item in resumed] == [2, 4]
     assert data.read_webdataset_texts(shards)[-1] == "caption 4"
+    # two ranks split the stream without overlap; the broken sample 3 falls to rank 1
+    rank0 = [item for item in data.WebDatasetImages(shards, 16, rank=0, world_size=2)]
+    rank1 = [item for item in data.WebDatasetImages(shards, 16, rank=1, world_size=2)]
+    assert [item[0] for item in rank0] == [0, 2, 4]
+    assert rank1[0][0] == 1 and rank1[1] is None
+    two_workers = DataLoader(data.WebDatasetImages(shards, 16), batch_size=1, num_workers=2,
+                             collate_fn=data.collate_skipping)
+    seen = sorted(int(b["columns"][0]) for b in two_workers if b["size"])
+    assert seen == [0, 1, 2, 4]  # each sample decoded by exactly one worker
     with pytest.raises(FileNotFoundError, match="s-002.tar"):
         data.expand_shards(str(tmp_path / "s-{000..002}.tar"))
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests._fixtures_training import (make_karpathy, require_engine, tiny_stage1_config,
-                                      tiny_stage2_config)
+                                      tiny_stage2_config, write_shard)
 
 leanclip = require_engine()  # no numpy stand-in: these tests exercise the real engine
 
@@ -83,17 +83,38 @@ def test_stage1_ablation_losses_and_skip(dataset: tuple[Path, Path, Path],
     assert (root / "stage1_none" / "final.pt").is_file()
 
 
-def test_stage1_resume_gives_identical_next_losses(dataset: tuple[Path, Path, Path]) -> None:
+def test_stage1_streams_webdataset_shards(dataset: tuple[Path, Path, Path]) -> None:
+    root, json_path, image_root = dataset
+    corpus = load_karpathy(json_path, image_root, "train")
+    shards = root / "shards"
+    shards.mkdir()
+    for s in range(2):
+        write_shard(shards / f"{s:03d}.tar",
+                    [(f"{i:04d}", corpus.images[i].read_bytes(), corpus.captions[5 * i])
+                     for i in range(12 * s, 12 * s + 12)])
+    config = tiny_stage1_config(root, json_path, image_root, epochs=1, modalities=["image"],
+                                max_steps=4)
+    config["run_dir"] = str(root / "stage1_wds")
+    config["data"]["images"] = {"format": "webdataset", "num_samples": 24,
+                                "shards": str(shards / "{000..001}.tar")}
+    history = stage1.Stage1Trainer(config).run()
+    assert len(history) == 3  # 24 samples // batch 8
+    assert all(np.isfinite(h["image"]) for h in history) and "text" not in history[0]
+
+
+def test_stage1_resume_gives_identical_next_losses(dataset: tuple[Path, Path, Path],
+                                                   stage1_run: Any) -> None:
     root, json_path, image_root = dataset
     config = tiny_stage1_config(root, json_path, image_root, epochs=2, checkpoint_every=3,
                                 keep_checkpoints=True)
+    config["data"]["texts"] = {"format": "lines", "path": str(root / "texts.txt")}
     config["run_dir"] = str(root / "stage1_resume")
     torch.manual_seed(0)
     full = stage1.Stage1Trainer(config).run()
     resumed_trainer = stage1.Stage1Trainer(config)
     resumed = resumed_trainer.run(resume=root / "stage1_resume" / "step6.pt")
     assert [h["loss"] for h in resumed[6:]] == [h["loss"] for h in full[6:]]
-    assert len(resumed) == len(full)
+    assert len(resumed) == len(full) == 10  # resumed mid-epoch 2 (step 6 of 10)
 
 
 def test_teacher_sequential_finetuning(teacher_sf: Any) -> None:

@@ -358,23 +358,42 @@ def collate_skipping(items: Sequence[Any]) -> SkippingBatch:
     return batch
 
 
+def _all_shards(urls: Any) -> Any:
+    return urls
+
+
 class WebDatasetImages(IterableDataset):
     """Images (and captions) streamed from webdataset tar shards, in shard order, so a resumed
     run can skip the samples already consumed. Keys: jpg/jpeg/png/webp for the image, txt for
-    the caption."""
+    the caption. Sample p goes to rank ``p % world_size`` and, within a rank, to DataLoader
+    worker ``(p // world_size) % num_workers``, so ranks and workers never decode the same
+    image. Resumption skips the first ``skip`` samples of the stream: exact with 0 or 1 worker;
+    with more workers the skipped set can differ from the consumed one by under one batch per
+    worker."""
 
-    def __init__(self, urls: str | Sequence[str], size: int, skip: int = 0) -> None:
+    def __init__(self, urls: str | Sequence[str], size: int, skip: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
         super().__init__()
         self.urls = urls
         self.size = size
         self.skip = skip
+        self.rank = rank
+        self.world_size = world_size
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor, str] | None]:
         import webdataset as wds
+        from torch.utils.data import get_worker_info
 
-        dataset = wds.WebDataset(self.urls, shardshuffle=False, empty_check=False)
+        worker = get_worker_info()
+        workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+        # Every rank and worker reads all shards (tar reads are cheap) and decodes its share;
+        # webdataset's own shard splitters would break the global sample positions.
+        dataset = wds.WebDataset(self.urls, shardshuffle=False, empty_check=False,
+                                 nodesplitter=_all_shards, workersplitter=_all_shards)
         for position, sample in enumerate(dataset):
-            if position < self.skip:
+            if position < self.skip or position % self.world_size != self.rank:
+                continue
+            if (position // self.world_size) % workers != worker_id:
                 continue
             raw = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
             caption = sample.get("txt", b"")
@@ -397,7 +416,8 @@ def read_webdataset_texts(urls: str | Sequence[str]) -> list[str]:
     import webdataset as wds
 
     texts = []
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False,
+                                 nodesplitter=_all_shards, workersplitter=_all_shards):
         caption = sample.get("txt", b"")
         caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
         caption = " ".join(caption.split())

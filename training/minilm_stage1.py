@@ -94,6 +94,7 @@ DEFAULTS: Dict[str, Any] = {
     },
     "eval": {"k": 10, "qps_sentences": 512, "qps_batch": 64, "captions": True},
     "results_md": None,  # e.g. benchmarks/results/stage1_minilm.md
+    "merge_results": [],  # results.json of earlier runs whose rows the table shows first
     "command": None,  # recorded in the results table
 }
 
@@ -419,6 +420,11 @@ def _merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def _path(p: Any) -> Path:
+    path = Path(p)
+    return path if path.is_absolute() else ROOT / path
+
+
 def resolve_config(config: Dict[str, Any]) -> Dict[str, Any]:
     cfg = _merge(DEFAULTS, {k: v for k, v in config.items() if k != "recipe"})
     unknown = set(config) - set(DEFAULTS) - {"recipe"}
@@ -518,44 +524,65 @@ def run(config: Dict[str, Any], teacher: Optional[MiniLMTextTower] = None,
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
     if cfg["results_md"]:
         path = Path(cfg["results_md"])
-        write_table(results, path if path.is_absolute() else ROOT / path)
+        earlier = [json.loads(_path(p).read_text(encoding="utf-8")) for p in cfg["merge_results"]]
+        write_table(earlier + [results], _path(path))
     return results
 
 
-def write_table(results: Dict[str, Any], path: Path) -> None:
+def _stage1_label(row: Dict[str, Any], cfg: Dict[str, Any]) -> str:
+    if row["loss"] == "infonce":
+        return f"infonce (tau {cfg['train']['temperature']})"
+    return str(row["loss"])
+
+
+def write_table(runs: Sequence[Dict[str, Any]], path: Path) -> None:
+    """The markdown table of one or more runs' results (later runs add only rows not yet shown)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     from benchmarks import _harness as H
 
-    cfg = results["config"]
+    if not runs:
+        raise ValueError("no results to tabulate")
+    first = runs[0]
+    cfg = first["config"]
     tr = cfg["train"]
-    command = cfg.get("command") or " ".join([Path(sys.executable).name, *sys.argv])
+    commands = [r["config"].get("command") or "(command not recorded)" for r in runs]
     lines = [
         "# Stage 1 on real weights: MiniLM-L6 -> 2/3-layer students (Table 2's stage-1 ablation)",
         "",
-        f"- command: `{command}`",
-        f"- machine: {H.cpu_model()} ({os.cpu_count()} cores), torch {torch.__version__}, {cfg['threads']} threads",
-        f"- data: {results['corpus']}",
-        f"- training: {tr['steps']} steps x batch {tr['batch_size']}, AdamW lr {tr['lr']} wd {tr['weight_decay']}, "
-        f"cosine with warm-up (10% of steps), tau {tr['temperature']} (eq. 3), max {tr['max_tokens']} tokens; "
-        "teacher frozen, student = embeddings + the listed teacher layers, all parameters trained",
+        *[f"- command: `{c}`" for c in commands],
+        f"- machine: {H.cpu_model()} ({os.cpu_count()} cores, shared), torch {torch.__version__}, "
+        f"{cfg['threads']} thread(s)",
+        f"- data: {first['corpus']}",
+        f"- training: {tr['steps']} steps x batch {tr['batch_size']} (one pass over {tr['steps'] * tr['batch_size']} "
+        f"sentences), AdamW lr {tr['lr']} wd {tr['weight_decay']}, cosine with warm-up (10% of steps), "
+        f"max {tr['max_tokens']} tokens; teacher frozen, student = embeddings + the listed teacher layers, "
+        "all parameters trained",
         "- agreement@10: mean recall of each held-out sentence's teacher top-10 neighbours among the student's "
         "top-10 (held-out set only, itself excluded)",
         "- caption R@1/R@5: the starter's image tower (teacher space) on the captioned sample photos, captions encoded "
         "by the row's text tower (36 captions, 12 photos: small, so differences of 1/36 = 0.028 are one caption)",
         "- size = parameters / teacher's; QPS = torch fp32 sentences/s on held-out text relative to the teacher "
-        "(one run, same process)",
+        "(one run, same process as that row's teacher)",
         "",
     ]
-    header = ["text tower", "stage 1", "agreement@10", "caption R@1", "caption R@5", "params (M)", "size ratio", "QPS ratio"]
+    header = ["text tower", "stage 1", "agreement@10", "caption R@1", "caption R@5", "final loss",
+              "params (M)", "size ratio", "QPS ratio"]
     rows = []
-    for r in results["rows"]:
-        rows.append([
-            r["model"], r["loss"], f"{r['agreement@10']:.3f}",
-            f"{r['caption_r1']:.3f}" if "caption_r1" in r else "-",
-            f"{r['caption_r5']:.3f}" if "caption_r5" in r else "-",
-            f"{r['params'] / 1e6:.1f}", f"{r['size_ratio']:.2f}", f"{r['qps_ratio']:.2f}",
-        ])
+    shown = set()
+    for res in runs:
+        for r in res["rows"]:
+            label = _stage1_label(r, res["config"])
+            if (r["model"], label) in shown:
+                continue
+            shown.add((r["model"], label))
+            rows.append([
+                r["model"], label, f"{r['agreement@10']:.3f}",
+                f"{r['caption_r1']:.3f}" if "caption_r1" in r else "-",
+                f"{r['caption_r5']:.3f}" if "caption_r5" in r else "-",
+                f"{r['final_loss']:.2e}" if r.get("final_loss") is not None else "-",
+                f"{r['params'] / 1e6:.1f}", f"{r['size_ratio']:.2f}", f"{r['qps_ratio']:.2f}",
+            ])
     lines.append(H.markdown_table(header, rows))
     lines.append("")
     path.parent.mkdir(parents=True, exist_ok=True)

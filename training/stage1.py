@@ -206,9 +206,10 @@ class Stage1Trainer:
         workers = int(self.cfg["num_workers"])
         if self.webdataset:
             skip = start * bs * self.info.world_size
-            stream = WebDatasetImages(self.images, self.load_size, skip=skip)
+            stream = WebDatasetImages(self.images, self.load_size, skip=skip,
+                                      rank=self.info.rank, world_size=self.info.world_size)
             loader = DataLoader(stream, batch_size=bs, collate_fn=collate_skipping,
-                                num_workers=0)
+                                num_workers=workers)
             while True:  # cycle through the shards
                 for batch in loader:
                     yield batch

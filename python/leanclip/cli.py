@@ -272,15 +272,17 @@ def similar(image: str, extra: str, directory: Optional[str], store: Optional[st
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="Port (0: any free port).")
 @click.option("--allow-updates", is_flag=True, help="Enable the POST /api/update endpoint (re-index from the page).")
 @click.option("--open", "open_browser", is_flag=True, help="Open the page in a web browser.")
+@click.option("--max-batch", type=click.IntRange(1, 1024), default=64, show_default=True,
+              help="Most concurrent text queries answered together (1 disables batching).")
 def serve(directory: Optional[str], store: Optional[str], model: Optional[str], host: str, port: int,
-          allow_updates: bool, open_browser: bool) -> None:
+          allow_updates: bool, open_browser: bool, max_batch: int) -> None:
     """Serve a local search page for the gallery in DIRECTORY (default: current gallery)."""
     from leanclip.server import is_loopback, make_server
 
     try:
         g = _open(directory, store, model)
         g.info()  # fail now, with the message, if there is no gallery
-        server = make_server(g, host=host, port=port, allow_updates=allow_updates)
+        server = make_server(g, host=host, port=port, allow_updates=allow_updates, max_batch=max_batch)
     except _errors() as exc:
         raise _fail(str(exc))
     except OSError as exc:

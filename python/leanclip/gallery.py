@@ -83,6 +83,10 @@ class ImageError(GalleryError):
     """One image cannot be read or decoded; the message names the file and the reason."""
 
 
+class _StaleSnapshot(Exception):
+    """A read transaction's generation was superseded and its index file removed."""
+
+
 @runtime_checkable
 class EncoderLike(Protocol):
     """What the gallery needs of a model (``leanclip.Encoder`` has it)."""
@@ -425,7 +429,7 @@ class Gallery:
 
     def _snapshot(self) -> Tuple[int, Any, Dict[str, str]]:
         """The committed generation, its index (cached across calls) and the meta table."""
-        from leanclip import Index
+        from leanclip import Index, IndexFileError
 
         with self._lock:
             conn = self._reader()
@@ -441,8 +445,15 @@ class Gallery:
                         index = Index.load(os.fspath(self._index_path(gen)), mmap=True)
                     except FileNotFoundError:
                         # a writer committed a newer generation and removed this file: re-read
+                        if conn.in_transaction:
+                            raise _StaleSnapshot() from None  # the caller restarts its transaction
                         time.sleep(0.05)
                         continue
+                    except IndexFileError as exc:
+                        raise GalleryError(
+                            f"the gallery's index file is damaged ({exc}); run `leanclip index {self.root}` "
+                            "to rebuild it"
+                        ) from None
                 self._cached = (gen, index)
                 return gen, index, meta
         raise GalleryError(f"index file for generation {gen} keeps disappearing in {self.store}")
@@ -486,40 +497,47 @@ class Gallery:
 
     def query_vector(self, query: Union[str, Sequence[Term]]) -> Tuple[np.ndarray, List[int]]:
         """The unit query vector of a query string or terms, and gallery keys of its image terms."""
-        terms = parse_query(query) if isinstance(query, str) else list(query)
+        return self._query_vectors([query])[0]
+
+    def _query_vectors(self, queries: Sequence[Union[str, Sequence[Term]]]) -> List[Tuple[np.ndarray, List[int]]]:
+        """Query vectors of several queries; all their text terms go through one encoder call."""
+        parsed = [parse_query(q) if isinstance(q, str) else list(q) for q in queries]
         _, index, meta = self._snapshot()
         dim = int(meta.get("dim", 0))
-        vecs: List[np.ndarray] = []
-        own_keys: List[int] = []
-        texts = [t.value for t in terms if t.kind == "text"]
+        texts = sorted({t.value for terms in parsed for t in terms if t.kind == "text"})
         text_vecs: Dict[str, np.ndarray] = {}
         if texts:
             enc = self._check_model(meta)
             for text, tv in zip(texts, np.asarray(enc.encode_text(texts), dtype=np.float32)):
                 text_vecs[text] = tv
-        for t in terms:
-            if t.kind == "text":
-                v = text_vecs[t.value]
-            else:
-                key = self._key_of(t.value)
-                if key is not None and key in index:
-                    v = np.asarray(index.get([key]), dtype=np.float32)[0]
-                    if t.sign > 0:
-                        own_keys.append(key)
+        out = []
+        for terms in parsed:
+            vecs: List[np.ndarray] = []
+            own_keys: List[int] = []
+            for t in terms:
+                if t.kind == "text":
+                    v = text_vecs[t.value]
                 else:
-                    enc = self._check_model(meta)
-                    size = _model_image_size(enc)
-                    im = open_image(t.value, size=size, max_pixels=self.max_pixels)
-                    v = np.asarray(enc.encode_images([im]), dtype=np.float32)[0]
-            if dim and v.shape[0] != dim:
-                raise ModelMismatchError(f"query vector has dim {v.shape[0]}, gallery has {dim}")
-            n = float(np.linalg.norm(v))
-            vecs.append(t.sign * (v / n if n > 0 else v))
-        q = np.sum(vecs, axis=0).astype(np.float32)
-        n = float(np.linalg.norm(q))
-        if not np.isfinite(n) or n == 0.0:
-            raise GalleryError("the query's terms cancel out (positive and negative terms are the same)")
-        return q / n, own_keys
+                    key = self._key_of(t.value)
+                    if key is not None and key in index:
+                        v = np.asarray(index.get([key]), dtype=np.float32)[0]
+                        if t.sign > 0:
+                            own_keys.append(key)
+                    else:
+                        enc = self._check_model(meta)
+                        size = _model_image_size(enc)
+                        im = open_image(t.value, size=size, max_pixels=self.max_pixels)
+                        v = np.asarray(enc.encode_images([im]), dtype=np.float32)[0]
+                if dim and v.shape[0] != dim:
+                    raise ModelMismatchError(f"query vector has dim {v.shape[0]}, gallery has {dim}")
+                n = float(np.linalg.norm(v))
+                vecs.append(t.sign * (v / n if n > 0 else v))
+            q = np.sum(vecs, axis=0).astype(np.float32)
+            n = float(np.linalg.norm(q))
+            if not np.isfinite(n) or n == 0.0:
+                raise GalleryError("the query's terms cancel out (positive and negative terms are the same)")
+            out.append((q / n, own_keys))
+        return out
 
     def search(
         self,
@@ -543,37 +561,65 @@ class Gallery:
             own: List[int] = []
         else:
             qv, own = self.query_vector(query)
+        return self._search_vectors(qv[None, :], [own if exclude_self else []], k, min_score, paths)[0]
+
+    def search_batch(
+        self,
+        queries: Sequence[Union[str, Sequence[Term]]],
+        k: int = 10,
+        *,
+        min_score: Optional[float] = None,
+        paths: Optional[Sequence[str]] = None,
+    ) -> List[List[Hit]]:
+        """``search`` for many queries at once: one encoder call and one index search for all
+        (several times the throughput of single queries; the server batches concurrent requests)."""
+        if k < 1:
+            raise GalleryError(f"k must be >= 1, got {k}")
+        if not queries:
+            return []
+        vecs = self._query_vectors(queries)
+        return self._search_vectors(np.stack([v for v, _ in vecs]), [own for _, own in vecs], k, min_score, paths)
+
+    def _search_vectors(self, qv: np.ndarray, excludes: List[List[int]], k: int, min_score: Optional[float],
+                        paths: Optional[Sequence[str]]) -> List[List[Hit]]:
         _, index, _ = self._snapshot()
         total = len(index)
         if total == 0:
-            return []
-        exclude = own if exclude_self else []
-        want = k + len(exclude)
-        hits: List[Hit] = []
-        while True:
+            return [[] for _ in excludes]
+        results: List[Optional[List[Hit]]] = [None] * len(excludes)
+        todo = list(range(len(excludes)))
+        want = k + max(len(e) for e in excludes)
+        while todo:
             kk = min(total, want)
-            keys, scores = index.search(qv[None, :], kk, exclude=np.asarray(exclude, dtype=np.uint64) if exclude else None)
-            keys, scores = np.asarray(keys)[0], np.asarray(scores)[0]
+            keys, scores = index.search(qv[todo], kk)
+            keys, scores = np.asarray(keys), np.asarray(scores)
             with self._lock:
-                rows = self._rows_for_keys(keys.tolist())
-            hits = []
-            below = False
-            for key, score in zip(keys.tolist(), scores.tolist()):
-                if min_score is not None and score < min_score:
-                    below = True
-                    break
-                rel = rows.get(int(key))
-                if rel is None:  # removed since this index snapshot
-                    continue
-                name = _display(rel)
-                if paths and not any(fnmatch.fnmatchcase(name, p) for p in paths):
-                    continue
-                hits.append(Hit(self.root / os.fsdecode(rel), name, float(score), int(key)))
-                if len(hits) == k:
-                    return hits
-            if below or kk >= total:
-                return hits
+                rows = self._rows_for_keys(np.unique(keys).tolist())
+            unfinished = []
+            for row_i, qi in enumerate(todo):
+                hits: List[Hit] = []
+                below = False
+                skip = set(excludes[qi])
+                for key, score in zip(keys[row_i].tolist(), scores[row_i].tolist()):
+                    if min_score is not None and score < min_score:
+                        below = True
+                        break
+                    rel = rows.get(int(key))
+                    if rel is None or key in skip:  # removed since this snapshot, or the query image
+                        continue
+                    name = _display(rel)
+                    if paths and not any(fnmatch.fnmatchcase(name, p) for p in paths):
+                        continue
+                    hits.append(Hit(self.root / os.fsdecode(rel), name, float(score), int(key)))
+                    if len(hits) == k:
+                        break
+                if len(hits) == k or below or kk >= total:
+                    results[qi] = hits
+                else:  # filters left too few: look deeper
+                    unfinished.append(qi)
+            todo = unfinished
             want = kk * 4
+        return [r if r is not None else [] for r in results]
 
     def similar(self, image: PathLike, k: int = 10, **kw: Any) -> List[Hit]:
         """Files most like ``image`` (a path; reuses its stored vector if it is in the gallery)."""
@@ -583,13 +629,19 @@ class Gallery:
         """Consistency check: (keys of ok rows missing from the index, index keys without a row)."""
         with self._lock:
             conn = self._reader()
-            conn.execute("BEGIN")  # one read snapshot for the generation and the rows
-            try:
-                self._cached = None
-                _, index, _ = self._snapshot()
-                rows = {int(k) for (k,) in conn.execute("SELECT key FROM files WHERE status='ok'")}
-            finally:
-                conn.execute("COMMIT")
+            for _ in range(50):
+                conn.execute("BEGIN")  # one read snapshot for the generation and the rows
+                try:
+                    self._cached = None
+                    _, index, _ = self._snapshot()
+                    rows = {int(k) for (k,) in conn.execute("SELECT key FROM files WHERE status='ok'")}
+                    break
+                except _StaleSnapshot:
+                    continue
+                finally:
+                    conn.execute("COMMIT")
+            else:
+                raise GalleryError(f"the gallery in {self.store} changes too fast to check")
         keys = {int(k) for k in np.asarray(index.keys()).tolist()}
         return sorted(rows - keys), sorted(keys - rows)
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -120,17 +121,62 @@ def resolve(model: Optional[PathLike] = None, *, build: bool = True) -> Path:
     return path
 
 
+def _file_stamps(path: Path) -> Dict[str, List[int]]:
+    out = {}
+    for f in sorted(path.iterdir()):
+        if f.is_file() and not f.name.startswith("."):
+            st = f.stat()
+            out[f.name] = [st.st_size, st.st_mtime_ns, st.st_ino]
+    return out
+
+
+def _verified_cache() -> Path:
+    return leanclip_home() / "verified-bundles.json"
+
+
+def _already_verified(path: Path) -> bool:
+    """True if every file of the bundle is unchanged (size, mtime, inode) since the last
+    successful sha256 check: checking ~100 MB of ONNX costs 0.3 s on every start otherwise."""
+    try:
+        data = json.loads(_verified_cache().read_text())
+        return bool(data.get(str(path.resolve())) == _file_stamps(path))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _remember_verified(path: Path) -> None:
+    cache = _verified_cache()
+    try:
+        data = json.loads(cache.read_text()) if cache.exists() else {}
+        if not isinstance(data, dict):
+            data = {}
+        data[str(path.resolve())] = _file_stamps(path)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".verified.", dir=cache.parent)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh)
+        os.replace(tmp, cache)
+    except (OSError, ValueError):
+        pass  # only a speed-up: the next start verifies again
+
+
 def load_encoder(model: Any = None) -> Any:
-    """An Encoder for ``model``: an encoder object is returned as is; a name or path is resolved."""
+    """An Encoder for ``model``: an encoder object is returned as is; a name or path is resolved.
+
+    The bundle's checksums are verified on first use and again whenever a file changes."""
     if model is not None and hasattr(model, "encode_images") and hasattr(model, "model_id"):
         return model
     path = resolve(model)
     from leanclip.encoder import Encoder
 
     try:
-        return Encoder(path)
+        if _already_verified(path):
+            return Encoder(path, verify=False)
+        enc = Encoder(path, verify=True)
     except BundleError as exc:
         raise ModelError(f"model bundle {path} cannot be loaded: {exc}") from None
+    _remember_verified(path)
+    return enc
 
 
 def list_models() -> List[Dict[str, Any]]:

@@ -25,19 +25,20 @@ import io
 import ipaddress
 import json
 import os
+import queue
 import socket
 import stat
 import threading
 import time
 import urllib.parse
 from collections import OrderedDict
-from http import HTTPStatus
+from concurrent.futures import Future
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from leanclip.gallery import Gallery, GalleryError, Hit, Term
+from leanclip.gallery import Gallery, GalleryError, Hit, Term, parse_query
 
 MAX_URL = 2048  # bytes of request target
 MAX_QUERY = 512  # characters of a search query
@@ -60,11 +61,55 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class Batcher:
+    """Runs concurrent text searches together: one encoder call and one index search per batch.
+
+    One worker thread takes every request waiting in the queue (up to ``max_batch``) and
+    answers them with ``Gallery.search_batch``; a lone request is answered at once, so batching
+    adds no delay at low load and multiplies throughput under load.
+    """
+
+    def __init__(self, gallery: Gallery, max_batch: int = 64) -> None:
+        self.gallery = gallery
+        self.max_batch = max_batch
+        self.queue: "queue.Queue[Tuple[str, int, Optional[List[str]], Future]]" = queue.Queue()
+        threading.Thread(target=self._run, name="leanclip-batcher", daemon=True).start()
+
+    def search(self, query: str, k: int, paths: Optional[List[str]], timeout: float = 60.0) -> List[Hit]:
+        fut: Future = Future()
+        self.queue.put((query, k, paths, fut))
+        return fut.result(timeout=timeout)
+
+    def _run(self) -> None:
+        while True:
+            batch = [self.queue.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            groups: Dict[Tuple[int, Tuple[str, ...]], List[Any]] = {}
+            for item in batch:
+                groups.setdefault((item[1], tuple(item[2] or ())), []).append(item)
+            for (k, paths), items in groups.items():
+                try:
+                    results = self.gallery.search_batch([it[0] for it in items], k, paths=list(paths) or None)
+                    for it, res in zip(items, results):
+                        it[3].set_result(res)
+                except Exception:
+                    # one bad request must not fail the others: answer each on its own
+                    for it in items:
+                        try:
+                            it[3].set_result(self.gallery.search(it[0], k, paths=list(paths) or None))
+                        except Exception as exc:
+                            it[3].set_exception(exc)
+
+
 class GalleryServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
 
-    def __init__(self, gallery: Gallery, host: str, port: int, allow_updates: bool) -> None:
+    def __init__(self, gallery: Gallery, host: str, port: int, allow_updates: bool, max_batch: int = 64) -> None:
         self.gallery = gallery
         self.allow_updates = allow_updates
         self.loopback_only = is_loopback(host)
@@ -74,6 +119,7 @@ class GalleryServer(ThreadingHTTPServer):
         self.update_lock = threading.Lock()
         self.update_state: Dict[str, Any] = {"running": False, "last": None, "error": None}
         self._info: Tuple[int, Dict[str, Any]] = (-1, {})
+        self.batcher = Batcher(gallery, max_batch=max(1, max_batch))
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__((host, port), Handler)
 
@@ -186,9 +232,10 @@ class GalleryServer(ThreadingHTTPServer):
 
 
 def make_server(gallery: Gallery, host: str = "127.0.0.1", port: int = 8765,
-                allow_updates: bool = False) -> GalleryServer:
-    """A ready-to-run server (call ``serve_forever()``); port 0 picks a free port."""
-    return GalleryServer(gallery, host, port, allow_updates)
+                allow_updates: bool = False, max_batch: int = 64) -> GalleryServer:
+    """A ready-to-run server (call ``serve_forever()``); port 0 picks a free port.
+    ``max_batch``: most concurrent text queries answered together (1: no batching)."""
+    return GalleryServer(gallery, host, port, allow_updates, max_batch)
 
 
 def _static(name: str) -> bytes:
@@ -362,9 +409,12 @@ class Handler(BaseHTTPRequestHandler):
                 terms = [Term(1, "image", os.fsdecode(os.path.join(os.fsencode(g.root), rel)))]
                 hits = g.search(terms, k, paths=[glob] if glob else None)
             else:
-                hits = g.search(q, k, paths=[glob] if glob else None)
+                parse_query(q)  # refuse a bad query here, before it joins a batch
+                hits = self.server.batcher.search(q, k, [glob] if glob else None)
         except GalleryError as exc:
             return 400, {"error": str(exc)}
+        except TimeoutError:
+            return 503, {"error": "the server is overloaded; try again"}
         out["results"] = [_hit_json(h, g.root) for h in hits]
         return 200, out
 

@@ -57,6 +57,9 @@ pub struct Layout {
     pub vectors_checksum: u64,
 }
 
+/// Byte ranges of the keys, the i8 scales (if any) and the vectors.
+type Sections = (Range<usize>, Option<Range<usize>>, Range<usize>);
+
 fn bad<T>(reason: impl Into<String>) -> std::result::Result<T, String> {
     Err(reason.into())
 }
@@ -65,7 +68,7 @@ fn sections(
     dim: usize,
     dtype: DType,
     count: usize,
-) -> Option<(Range<usize>, Option<Range<usize>>, Range<usize>)> {
+) -> Option<Sections> {
     let keys = HEADER_LEN..HEADER_LEN.checked_add(count.checked_mul(8)?)?;
     let (scales, meta_end) = if dtype == DType::I8 {
         let end = keys.end.checked_add(count.checked_mul(4)?)?;
