@@ -39,7 +39,7 @@ def make_jpegs(root: Path, n: int, seed: int = 0, start: int = 0) -> List[Path]:
     out = []
     for i in range(start, start + n):
         small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-        im = Image.fromarray(small).resize((640, 480), Image.BICUBIC)
+        im = Image.fromarray(small).resize((640, 480), Image.Resampling.BICUBIC)
         arr = np.asarray(im, dtype=np.int16) + rng.integers(-8, 9, (480, 640, 1), dtype=np.int16)
         p = root / f"dir{i % 20:02d}" / f"img{i:05d}.jpg"
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +69,7 @@ def synthetic_store(root: Path, n: int, dim: int, model_id: str, dtype: str, see
 
     store = root / STORE_DIRNAME
     store.mkdir(parents=True)
-    index = Index(dim, dtype=dtype)
+    index = Index(dim, dtype=dtype)  # type: ignore[arg-type]
     rng = np.random.default_rng(seed)
     conn = sqlite3.connect(store / DB_NAME, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -198,6 +198,7 @@ def _load_run(enc: Any, tmp: Path, root: Path, clients: int, seconds: float, max
         cmd += ["--model", str(tmp / "tiny-bundle")]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
+        assert proc.stderr is not None
         while "serving" not in (line := proc.stderr.readline()):
             if not line:
                 raise RuntimeError("server did not start")
@@ -322,7 +323,7 @@ def main() -> None:
         ]
         table1 = markdown_table(["run", "photos", "encoded", "seconds", "photos/s", "speed-up vs first"], rows)
 
-        lat_rows = []
+        lat_rows: List[List[Any]] = []
         sizes = [10_000, args.big] if args.big > 10_000 else [10_000]
         for n in sizes:
             for dtype in (["f32"] if n <= 10_000 else ["f32", "f16", "i8"]):

@@ -20,6 +20,8 @@
 # rust/engine/fuzz/work/<target>/ (ignored by git). A finding is written to
 # rust/engine/fuzz/artifacts/<target>/ and the script stops with a non-zero status; reproduce
 # it with `RUSTC_BOOTSTRAP=1 cargo fuzz run <target> <artifact>` in rust/engine/fuzz.
+# Do not pause a run (SIGSTOP): libFuzzer's -timeout watchdog keeps counting and reports the
+# paused input as a timeout (seen once here; the "timeout" input then ran in 22 ms).
 set -euo pipefail
 cd "$(dirname "$0")/../rust/engine/fuzz"
 RUNS="${RUNS:-1000000}"

@@ -446,7 +446,7 @@ _WORKER = textwrap.dedent(
             tick("unlink")  # killed after the commit, while cleaning up the old index file
     G.os.unlink = unlink
 
-    Hooked({root!r}, model=Slow(), batch_size={batch}, checkpoint_every={every}).update()
+    Hooked({root!r}, model=Slow(), batch_size={batch}, checkpoint_every={every}, checkpoint_overhead=1.0).update()
     """
 )
 
@@ -593,3 +593,21 @@ def test_search_batch_matches_single_searches(folder: Path) -> None:
     deep = g.search_batch(["red", "blue"], k=2, paths=["yellow/*"])
     assert all(h.name.startswith("yellow/") for hits in deep for h in hits) and all(len(h) == 2 for h in deep)
     assert g.search_batch([], k=3) == []
+
+
+def test_large_images_are_decoded_small(tmp_path: Path) -> None:
+    """Memory per image stays bounded: a 24-megapixel JPEG is decoded at reduced scale (draft)
+    and a large PNG shrunk by an integer factor, to under 4x the model input size (short side)."""
+    from PIL import Image
+
+    from leanclip.gallery import open_image
+
+    big = tmp_path / "big.jpg"
+    Image.new("RGB", (6000, 4000), (200, 30, 30)).save(big, quality=50)
+    im = open_image(big, size=224)
+    assert 224 <= min(im.size) < 4 * 224 and im.mode == "RGB"
+    png = tmp_path / "big.png"
+    Image.new("L", (3000, 2000), 128).save(png)
+    im = open_image(png, size=224)
+    assert 224 <= min(im.size) < 4 * 224 and im.mode == "RGB"
+    assert abs(im.size[0] / im.size[1] - 1.5) < 0.01  # aspect ratio kept

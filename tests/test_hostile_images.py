@@ -229,7 +229,6 @@ def test_memory_stays_bounded(hostile, tmp_path):
 
 @pytest.mark.slow
 def test_real_encoder_encode_images_refuses_hostile_files(hostile, tmp_path):
-    pytest.importorskip("open_clip")  # building the tiny bundle needs the training extra
     from _fixtures_bundle import make_tiny_bundle
 
     from leanclip.encoder import Encoder, ImageLoadError

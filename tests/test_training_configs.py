@@ -58,3 +58,19 @@ def test_overrides_and_unknown_settings(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ValueError, match="unknown stage-2 train settings.*'hn_kk'"):
         stage2.Stage2Trainer({"run_dir": str(tmp_path), "train": {"hn_kk": 3}})
+
+
+def test_minilm_recipe_is_delegated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    import training
+
+    seen: list[dict] = []
+    fake = types.ModuleType("training.minilm_stage1")
+    fake.main = lambda config: seen.append(config) or 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "training.minilm_stage1", fake)
+    monkeypatch.setattr(training, "minilm_stage1", fake, raising=False)
+    (tmp_path / "c.yaml").write_text("recipe: minilm_text\nrun_dir: x\n")
+    assert stage1.main(["--config", str(tmp_path / "c.yaml"), "--set", "train.lr=1e-4"]) == 0
+    assert seen == [{"recipe": "minilm_text", "run_dir": "x", "train": {"lr": 1e-4}}]

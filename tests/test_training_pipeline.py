@@ -77,6 +77,15 @@ def test_stage1_ablation_losses_and_skip(dataset: tuple[Path, Path, Path],
         config["run_dir"] = str(root / f"stage1_{loss}")
         history = stage1.Stage1Trainer(config).run()
         assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
+    # gradient accumulation: two micro-batches of 4, each with its own negatives
+    config = tiny_stage1_config(root, json_path, image_root, epochs=1, max_steps=2,
+                                grad_accum=2)
+    config["run_dir"] = str(root / "stage1_accum")
+    trainer = stage1.Stage1Trainer(config)
+    before = trainer.student.image_projection.weight.detach().clone()
+    history = trainer.run()
+    assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
+    assert not torch.equal(before, trainer.student.image_projection.weight)
     config = tiny_stage1_config(root, json_path, image_root, loss="none")
     config["run_dir"] = str(root / "stage1_none")
     assert stage1.Stage1Trainer(config).run() == []
@@ -254,7 +263,7 @@ def test_ablation_flags_select_phases_and_terms(dataset: tuple[Path, Path, Path]
     assert {h["phase"] for h in joint.history} == {"joint"} and "hn" in joint.history[0]
     bare = stage2.Stage2Trainer(tiny_stage2_config(
         root, json_path, image_root, "no_kd_hn", model, teacher, phases=["image"], kd=False,
-        hn=False, epochs=1)).run()
+        hn=False, epochs=1, grad_accum=2)).run()
     assert "kd_kl" not in bare.history[0] and "hn" not in bare.history[0]
     assert bare.history[0]["loss"] == pytest.approx(bare.history[0]["t2v"]
                                                     + bare.history[0]["v2t"])
@@ -344,3 +353,38 @@ def test_ddp_two_processes_match_one_process(dataset: tuple[Path, Path, Path],
     for g, e in zip(got, expected):
         for key in ("t2v", "v2t", "kd_kl", "kd_contrastive", "hn", "loss"):
             assert g[key] == pytest.approx(e[key], rel=1e-4, abs=1e-5), key
+
+
+def test_evaluate_cli_and_table1_runner(dataset: tuple[Path, Path, Path], student_sf: Any,
+                                        teacher_sf: Any, capsys: pytest.CaptureFixture[str]
+                                        ) -> None:
+    import json
+
+    import yaml
+
+    from training import ablations
+
+    root, json_path, image_root = dataset
+    best = student_sf[0].run_dir / "best.pt"
+    out_json = root / "eval.json"
+    assert evaluate.main(["--model", f"S={best}", "--coco-json", str(json_path),
+                          "--coco-root", str(image_root), "--flickr-json", str(json_path),
+                          "--flickr-root", str(image_root), "--workers", "0",
+                          "--json-out", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    numbers = json.loads(out_json.read_text())["S"]
+    assert set(numbers) == {"coco5k", "coco1k", "flickr1k"}
+    assert "MSCOCO (1K)" in printed and "Flickr 30K" in printed
+    assert f"{numbers['coco1k']['t2i_R@1']:.1f}" in printed.splitlines()[4]
+    # the Table-1 runner: no steps left to run, evaluation of the listed checkpoints
+    table1 = {"steps": [], "num_workers": 0, "evaluate": {
+        "coco": {"format": "karpathy", "path": str(json_path), "image_root": str(image_root),
+                 "split": "test"},
+        "models": {"T'": {"coco": str(teacher_sf[0] / "best.pt")},
+                   "S": {"coco": str(best)}, "missing": {"coco": str(root / "none.pt")}}}}
+    (root / "table1.yaml").write_text(yaml.safe_dump(table1))
+    assert ablations.main(["--config", str(root / "table1.yaml")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    s_row = next(line for line in lines if line.startswith("S "))
+    assert f"{numbers['coco5k']['t2i_R@1']:.1f}" in s_row  # same model, same numbers
+    assert any(line.startswith("missing") and "-" in line for line in lines)

@@ -16,6 +16,7 @@ A config with ``recipe: minilm_text`` is delegated to ``training.minilm_stage1.m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -124,9 +125,10 @@ class Stage1Trainer:
                 self.texts = _text_collection(data["texts"])
         self.load_size = load_size_for(self.teacher, self.student)
         self.amp = bool(self.cfg["amp"]) and self.info.device.type == "cuda"
+        # int32 halves the memory of millions of tokenized captions; cast per batch
         self.tokens = tokenize(self.paired.captions if self.paired else self.texts,
-                               int(self.student.context_length)) if (
-            self.paired or self.texts) else torch.zeros(0, 77, dtype=torch.long)
+                               int(self.student.context_length)).to(torch.int32) if (
+            self.paired or self.texts) else torch.zeros(0, 77, dtype=torch.int32)
         self.teacher_image_cache: np.ndarray | None = None
         self.teacher_text_cache: np.ndarray | None = None
         self.step = 0
@@ -158,7 +160,8 @@ class Stage1Trainer:
     def _cache_key(self, what: str, count: int) -> Path:
         fingerprint = hashlib.sha256(json.dumps(
             [model_config(self.teacher), what, count,
-             self.config.get("model", {}).get("teacher_pretrained")], sort_keys=True,
+             self.config.get("model", {}).get("teacher_pretrained"),
+             self.config.get("data", {}), self.cfg["loss"]], sort_keys=True,
             default=str).encode()).hexdigest()[:12]
         root = Path(self.cfg.get("cache_dir") or self.run_dir / "cache")
         return root / f"teacher_{what}_{fingerprint}.npy"
@@ -266,7 +269,7 @@ class Stage1Trainer:
         scale = self.teacher.logit_scale
         if self.cfg["loss"] == "intermodal":
             image_index, pixels, caption_index = image_batch["columns"]
-            tokens = self.tokens[caption_index].to(device)
+            tokens = self.tokens[caption_index].to(device).long()
             pixels = pixels.to(device)
             with autocast(device, self.amp):
                 s_img, s_txt = forward(prepare_pixels(self.student, pixels), tokens)
@@ -288,7 +291,7 @@ class Stage1Trainer:
             index, pixels = image_batch["columns"][:2]
             pixels = pixels.to(device)
         if text_rows is not None:
-            tokens = self.tokens[torch.as_tensor(text_rows)].to(device)
+            tokens = self.tokens[torch.as_tensor(text_rows)].to(device).long()
         with autocast(device, self.amp):
             s_img, s_txt = forward(prepare_pixels(self.student, pixels)
                                    if pixels is not None else None, tokens)
@@ -301,6 +304,33 @@ class Stage1Trainer:
             parts["text"] = float((l_txt).detach())
             loss = loss + l_txt
         return loss, parts
+
+    def _accumulate(self, forward: nn.Module, image_batch: dict[str, Any] | None,
+                    text_rows: np.ndarray | None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Backward over ``grad_accum`` micro-batches (each with its own in-batch negatives);
+        DDP synchronises gradients on the last one only."""
+        accum = int(self.cfg["grad_accum"])
+        total = torch.zeros((), device=self.info.device)
+        parts: dict[str, float] = {}
+        for m in range(accum):
+            def part(n: int) -> slice:
+                return slice(m * n // accum, (m + 1) * n // accum)
+
+            micro_images = None
+            if image_batch is not None:
+                sl = part(image_batch["size"])
+                micro_images = {**image_batch, "columns": [c[sl] for c in image_batch["columns"]]}
+            micro_rows = text_rows[part(len(text_rows))] if text_rows is not None else None
+            last = m == accum - 1
+            context = (forward.no_sync() if self.info.enabled and not last
+                       else contextlib.nullcontext())
+            with context:
+                loss, micro_parts = self._step_loss(forward, micro_images, micro_rows)
+                (loss / accum).backward()
+            total = total + loss.detach() / accum
+            for key, value in micro_parts.items():
+                parts[key] = parts.get(key, 0.0) + value / accum
+        return total, parts
 
     # ------------------------------------------------------------ loop
     def _save(self, name: str, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -365,8 +395,7 @@ class Stage1Trainer:
                         continue
                 rows = text_rows[i * bs:(i + 1) * bs] if text_rows is not None else None
                 optimizer.zero_grad(set_to_none=True)
-                loss, parts = self._step_loss(forward, image_batch, rows)
-                loss.backward()
+                loss, parts = self._accumulate(forward, image_batch, rows)
                 optimizer.step()
                 scheduler.step()
                 self.step += 1

@@ -24,6 +24,8 @@ Each phase ends by restoring its best validation checkpoint; ``best.pt`` is the 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -214,7 +216,8 @@ class Stage2Trainer:
                 raise ValueError(f"unknown phase {phase!r}; use {PHASES}")
         self.train = load_paired(config["data"]["train"])
         self.val = load_paired(config["data"]["val"]) if config["data"].get("val") else None
-        self.tokens = tokenize(self.train.captions, int(self.model.context_length))
+        self.tokens = tokenize(self.train.captions,
+                               int(self.model.context_length)).to(torch.int32)
         self.load_size = load_size_for(*(m for m in (self.model, self.teacher) if m is not None))
         self.amp = bool(self.train_cfg["amp"]) and self.info.device.type == "cuda"
         self.state = Stage2State()
@@ -252,8 +255,14 @@ class Stage2Trainer:
     def prepare_teacher_cache(self) -> None:
         if self.teacher is None:
             return
-        images, valid = self._cached("teacher_images", lambda: self._encode_images(self.teacher))
-        (texts,) = self._cached("teacher_texts", lambda: (self._encode_texts(self.teacher),))
+        # keyed by the teacher and the training data, so a changed config never reuses them
+        tag = hashlib.sha256(json.dumps([self.config.get("teacher"), self.config["data"]["train"],
+                                         self.model.context_length], sort_keys=True,
+                                        default=str).encode()).hexdigest()[:12]
+        images, valid = self._cached(f"teacher_images_{tag}",
+                                     lambda: self._encode_images(self.teacher))
+        (texts,) = self._cached(f"teacher_texts_{tag}",
+                                lambda: (self._encode_texts(self.teacher),))
         self.teacher_images, self.teacher_texts = images, texts
         self.image_valid &= valid.astype(bool)
 
@@ -373,8 +382,18 @@ class Stage2Trainer:
                              f"{global_batch}; lower train.batch_size")
         return steps
 
+    def clear_run_caches(self) -> None:
+        """A fresh (not resumed) run must not reuse the epoch plans or frozen-side embeddings an
+        earlier run left in the same run_dir: they depend on that run's weights."""
+        if self.info.is_main:
+            for path in self.cache_dir.glob("phase*.npz"):
+                path.unlink()
+        barrier()
+
     def run(self, resume: str | Path | None = None) -> Stage2State:
         resumed = self.resume(resume) if resume else None
+        if resumed is None:
+            self.clear_run_caches()
         self.prepare_teacher_cache()
         phases = list(self.train_cfg["phases"])
         epochs = int(self.train_cfg["epochs"])
@@ -512,9 +531,9 @@ class Stage2Trainer:
             if phase in ("image", "joint"):
                 pixels = prepare_pixels(self.model, batch["pixels"][sl].to(device))
             if phase in ("text", "joint"):
-                tokens = self.tokens[cap_idx].to(device)
+                tokens = self.tokens[cap_idx].to(device).long()
             sync = m == accum - 1 or not self.info.enabled
-            context = forward.no_sync() if not sync else _nullcontext()
+            context = forward.no_sync() if not sync else contextlib.nullcontext()
             with context:
                 with autocast(device, self.amp):
                     image, text, logit_scale = forward(pixels, tokens)
@@ -598,14 +617,6 @@ class Stage2Trainer:
         path = self.run_dir / f"best_phase{phase_index}.pt"
         if path.is_file():
             self.model.load_state_dict(read_checkpoint(path)["state_dict"])
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -201,7 +201,7 @@ def encode_image_files(model: nn.Module, paths: Sequence[Path], load_size: int, 
         valid[index] = True
     if info.enabled:
         local = gather_no_grad(local.to(info.device)).cpu()
-        valid = gather_no_grad(valid.to(info.device)).cpu()
+        valid = gather_no_grad(valid.to(torch.uint8).to(info.device)).cpu().bool()
     return local[: len(paths)].numpy(), valid[: len(paths)].numpy()
 
 
@@ -215,7 +215,7 @@ def encode_token_rows(model: nn.Module, tokens: torch.Tensor, batch_size: int, i
     out = []
     part = tokens[share]
     for start in range(0, len(part), batch_size):
-        chunk = part[start:start + batch_size].to(info.device)
+        chunk = part[start:start + batch_size].to(info.device).long()
         with autocast(info.device, amp):
             emb = model.encode_text(chunk)
         out.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu())

@@ -102,9 +102,9 @@ def preprocess_image(img: Image.Image, size: int, mean: Sequence[float], std: Se
     top = int(round((nh - size) / 2.0))
     left = int(round((nw - size) / 2.0))
     img = img.crop((left, top, left + size, top + size))
-    arr = np.asarray(img, dtype=np.float32) * np.float32(1.0 / 255.0)
+    arr: np.ndarray = np.asarray(img, dtype=np.float32) * np.float32(1.0 / 255.0)
     arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32)
 
 
 def _load_image(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -130,11 +130,12 @@ def _load_image(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.I
                 if w == 0 or h == 0:
                     raise ImageLoadError(p, f"image has no pixels ({w} x {h})")
                 img.load()
+                upright: Image.Image = img
                 try:
-                    img = ImageOps.exif_transpose(img)
+                    upright = ImageOps.exif_transpose(img)
                 except Exception:  # noqa: BLE001 - a malformed EXIF block: keep the pixels as stored
                     pass
-                return _to_rgb(img)
+                return _to_rgb(upright)
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as exc:

@@ -181,7 +181,7 @@ def open_image(path: PathLike, *, size: int = 224, max_pixels: int = DEFAULT_MAX
     """Decode an image to RGB with bounded memory; raise ImageError naming the problem.
 
     JPEGs are decoded at reduced scale (``draft``) and large images shrunk by an integer factor
-    to at most twice the model's input size: the encoder then does the exact resize.
+    so that the short side is 2-4x the model's input size: the encoder does the exact resize.
     """
     from PIL import Image, ImageOps
 
@@ -291,6 +291,7 @@ class Gallery:
         checkpoint_seconds: float = 30.0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         dtype: Optional[str] = None,
+        checkpoint_overhead: float = 0.1,
     ) -> None:
         if dtype not in (None, "f32", "f16", "i8"):
             raise GalleryError(f"dtype must be 'f32', 'f16' or 'i8', got {dtype!r}")
@@ -303,6 +304,9 @@ class Gallery:
         self.batch_size = max(1, int(batch_size))
         self.checkpoint_every = max(1, int(checkpoint_every))
         self.checkpoint_seconds = float(checkpoint_seconds)
+        # a checkpoint rewrites the whole index file: they are spaced so that saving takes at
+        # most this fraction of the run (1.0: no spacing beyond checkpoint_every / _seconds)
+        self.checkpoint_overhead = min(1.0, max(1e-3, float(checkpoint_overhead)))
         self.max_pixels = int(max_pixels)
         self._model_arg = model
         self._encoder: Optional[EncoderLike] = model if isinstance(model, EncoderLike) else None
@@ -809,7 +813,9 @@ class Gallery:
         if not state["dirty"]:
             return
         old, new = state["gen"], state["gen"] + 1
+        t0 = time.monotonic()
         state["index"].save(os.fspath(self._index_path(new)))
+        state["last_save_s"] = time.monotonic() - t0
         conn.execute("UPDATE meta SET value=? WHERE key='generation'", (str(new),))
         conn.execute("UPDATE meta SET value=? WHERE key='next_key'", (str(state["next_key"]),))
         conn.execute("COMMIT")
@@ -1037,10 +1043,10 @@ class Gallery:
         state["dirty"] = True
 
     def _checkpoint_if_due(self, state: Dict[str, Any], force: bool = False) -> None:
-        due = (
-            force
-            or state["since_checkpoint"] >= self.checkpoint_every
-            or time.monotonic() - state["last_checkpoint"] >= self.checkpoint_seconds
+        elapsed = time.monotonic() - state["last_checkpoint"]
+        min_gap = state.get("last_save_s", 0.0) * (1.0 / self.checkpoint_overhead - 1.0)
+        due = force or elapsed >= min_gap and (
+            state["since_checkpoint"] >= self.checkpoint_every or elapsed >= self.checkpoint_seconds
         )
         if due:
             self._checkpoint(state)

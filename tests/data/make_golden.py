@@ -7,8 +7,9 @@ version's directory (those files are the promise that old files keep loading, or
 with IndexFileError naming both versions). tests/test_golden.py checks them against
 expected.json, and rust/engine/fuzz/corpus/index/ seeds the fuzz targets with the same files.
 
-Vectors come from an integer formula (no random generator), so the files are reproducible
-byte for byte: re-running this script for the current version must give identical files.
+Vectors come from an integer formula (no random generator), so re-running this script for the
+current version gives the same headers and keys and the same vectors up to float rounding
+(tests/test_golden.py checks that). ``sha256`` in expected.json is that of the committed file.
 """
 
 from __future__ import annotations

@@ -64,11 +64,7 @@ fn bad<T>(reason: impl Into<String>) -> std::result::Result<T, String> {
     Err(reason.into())
 }
 
-fn sections(
-    dim: usize,
-    dtype: DType,
-    count: usize,
-) -> Option<Sections> {
+fn sections(dim: usize, dtype: DType, count: usize) -> Option<Sections> {
     let keys = HEADER_LEN..HEADER_LEN.checked_add(count.checked_mul(8)?)?;
     let (scales, meta_end) = if dtype == DType::I8 {
         let end = keys.end.checked_add(count.checked_mul(4)?)?;

@@ -17,9 +17,9 @@ use rayon::prelude::*;
 /// Below this many queries a search runs the per-row kernels instead of matrix products.
 pub const GEMM_MIN_QUERIES: usize = 8;
 /// Queries per matrix-product block.
-fn qblk() -> usize { std::env::var("LC_QB").ok().and_then(|v| v.parse().ok()).unwrap_or(128) }
+const QUERY_BLOCK: usize = 256;
 /// Corpus rows per matrix-product block.
-fn rblk() -> usize { std::env::var("LC_NB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024) }
+const ROW_BLOCK: usize = 1024;
 /// Corpus rows per kernel chunk (fits L1/L2 while every query of the batch scans it).
 const KERNEL_CHUNK: usize = 256;
 /// A corpus part is not split below this many rows (task overhead would dominate).
@@ -144,7 +144,7 @@ pub fn search_into<E, I>(
         return;
     }
     let use_gemm = plan.normalize_rows || nq >= GEMM_MIN_QUERIES;
-    let qb = if use_gemm { qblk().min(nq) } else { nq };
+    let qb = if use_gemm { QUERY_BLOCK.min(nq) } else { nq };
     let n_qblocks = nq.div_ceil(qb);
     let wanted_tasks = rayon::current_num_threads() * 4;
     let parts = wanted_tasks
@@ -268,6 +268,11 @@ where
         let c1 = (c0 + KERNEL_CHUNK).min(r1);
         let chunk = rows.range(c0, c1, dim);
         let out = &mut scores[..c1 - c0];
+        // l2 over i8 rows runs on the chunk dequantized once for all queries
+        let i8_l2 = matches!(chunk, Rows::I8 { .. }) && plan.metric == Metric::L2;
+        if i8_l2 {
+            chunk.to_f32(dim, &mut dequant);
+        }
         for (i, heap) in heaps.iter_mut().enumerate() {
             let q = &qbuf[i * dim..(i + 1) * dim];
             match (chunk, plan.metric) {
@@ -282,9 +287,6 @@ where
                 }
                 (Rows::F16(v), _) => kernels::dot_f16_rows(q, v, out),
                 (Rows::I8 { .. }, Metric::L2) => {
-                    if i == 0 {
-                        chunk.to_f32(dim, &mut dequant);
-                    }
                     kernels::l2_f32_rows(q, &dequant, out);
                     out.iter_mut().for_each(|s| *s = -*s);
                 }
@@ -332,11 +334,11 @@ where
     };
     let mut heaps: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
     let mut converted = Vec::new();
-    let mut tile = vec![0.0f32; nq * rblk()];
-    let mut row_norms = vec![0.0f32; rblk()];
+    let mut tile = vec![0.0f32; nq * ROW_BLOCK];
+    let mut row_norms = vec![0.0f32; ROW_BLOCK];
     let mut b0 = r0;
     while b0 < r1 {
-        let b1 = (b0 + rblk()).min(r1);
+        let b1 = (b0 + ROW_BLOCK).min(r1);
         let nb = b1 - b0;
         let block = rows.range(b0, b1, dim).to_f32(dim, &mut converted);
         let need_norms = plan.metric == Metric::L2 || plan.normalize_rows;

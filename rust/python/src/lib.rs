@@ -197,11 +197,25 @@ fn group_vec(py: Python<'_>, obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec
         .to_vec())
 }
 
-fn check_k(k: i64) -> PyResult<usize> {
-    if k < 1 {
+/// k as a count: an int >= 1; ints beyond 64 bits mean "all" (results are capped anyway).
+fn check_k(k: &Bound<'_, PyAny>) -> PyResult<usize> {
+    let value = match k.extract::<i64>() {
+        Ok(v) => v,
+        Err(_) => {
+            let index = k
+                .call_method0("__index__")
+                .map_err(|_| value_error(format!("k must be an integer, got {k}")))?;
+            if index.lt(0)? {
+                i64::MIN
+            } else {
+                i64::MAX
+            }
+        }
+    };
+    if value < 1 {
         return Err(value_error(format!("k must be at least 1, got {k}")));
     }
-    usize::try_from(k).map_err(|_| value_error(format!("k is too large: {k}")))
+    Ok(usize::try_from(value).unwrap_or(usize::MAX))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -356,15 +370,19 @@ impl PyIndex {
             .into_any())
     }
 
-    #[pyo3(signature = (queries, k = 10, exclude = None))]
+    #[pyo3(signature = (queries, k = None, exclude = None))]
     fn search<'py>(
         &self,
         py: Python<'py>,
         queries: &Bound<'py, PyAny>,
-        k: i64,
+        k: Option<&Bound<'py, PyAny>>,
         exclude: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
-        let k = check_k(k)?;
+        // k defaults to 10 (None is taken as the default too).
+        let k = match k {
+            Some(k) => check_k(k)?,
+            None => 10,
+        };
         let arr = f32_array(py, queries, "queries")?;
         let shape = arr.shape().to_vec();
         let single = shape.len() == 1;
@@ -433,7 +451,7 @@ fn mine_hard_negatives<'py>(
     py: Python<'py>,
     queries: &Bound<'py, PyAny>,
     corpus: &Bound<'py, PyAny>,
-    k: i64,
+    k: &Bound<'py, PyAny>,
     query_groups: Option<&Bound<'py, PyAny>>,
     corpus_groups: Option<&Bound<'py, PyAny>>,
     metric: &str,
