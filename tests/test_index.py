@@ -307,3 +307,15 @@ def test_package_exports():
     assert issubclass(leanclip.IndexFileError, Exception)
     assert callable(leanclip.mine_hard_negatives)
     assert "Index(dim=3" in repr(Index(3))
+
+
+@pytest.mark.slow
+def test_typed_stub_matches_the_compiled_module():
+    import subprocess
+    import sys
+
+    pytest.importorskip("mypy")
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", "leanclip._engine"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout[-2000:]

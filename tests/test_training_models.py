@@ -13,7 +13,7 @@ from training.models import (CheckpointError, build_student, build_teacher, load
                              save_checkpoint, select_text_layers, student_with_teacher_text,
                              tokenize)
 
-from tests import _fixtures_training  # noqa: F401  (thread settings)
+import tests._fixtures_training  # noqa: F401  (sets torch threads)
 
 
 @pytest.fixture(scope="module")

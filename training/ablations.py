@@ -43,9 +43,10 @@ def format_table2(rows: Sequence[tuple[str, Mapping[str, float] | None]]) -> str
     return "\n".join(lines)
 
 
-def _resolve(base: Path, path: str | None) -> Path | None:
+def _resolve(base: Path, path: str | None) -> Path:
+    """A config path as given, or relative to the table config's folder."""
     if path is None:
-        return None
+        raise ValueError("a table row names no config and the table has no default")
     p = Path(path)
     return p if p.is_absolute() or p.exists() else base / p
 

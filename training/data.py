@@ -19,7 +19,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import IO, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -45,12 +45,11 @@ class ImageLoadError(OSError):
 # Images
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def load_image(path: str | os.PathLike | IO[bytes]) -> Image.Image:
     """EXIF-rotated RGB image; raises ImageLoadError naming the file."""
     try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            return img.convert("RGB")
+        with Image.open(path) as opened:
+            return ImageOps.exif_transpose(opened).convert("RGB")
     except Exception as exc:  # PIL raises many types for broken files
         raise ImageLoadError(f"cannot read image {path}: {exc}") from exc
 

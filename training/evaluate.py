@@ -15,10 +15,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
-import torch
 from torch import nn
 
 from training.data import PairedCorpus, load_karpathy

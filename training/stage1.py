@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path

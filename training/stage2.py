@@ -37,13 +37,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
 from training import losses
-from training.data import PairedCorpus, PairedImages, collate_skipping, load_paired, prepare_pixels, sample_pairs
-from training.distributed import (DistInfo, all_reduce_sum, barrier, gather_no_grad,
+from training.data import (PairedImages, collate_skipping, load_paired, prepare_pixels,
+                           sample_pairs)
+from training.distributed import (DistInfo, barrier, gather_no_grad,
                                   gather_with_grad, init_distributed)
 from training.evaluate import retrieval_recalls
 from training.models import (build_student, build_teacher, load_model, read_checkpoint,
@@ -224,6 +224,12 @@ class Stage2Trainer:
         self.teacher_images: np.ndarray | None = None
         self.teacher_texts: np.ndarray | None = None
         self.image_valid = np.ones(len(self.train), dtype=bool)
+        phases = set(self.train_cfg["phases"])
+        if (self.is_student and phases == {"image"}
+                and not self.config.get("model", {}).get("text_from_teacher", False)):
+            log.warning("phases [image] validate the student image tower with T''s text, but "
+                        "the saved checkpoints keep the student's own text tower; set "
+                        "model.text_from_teacher: true to save the pairing that was validated")
         if self.train_cfg["kd"] and self.teacher is None:
             raise ValueError("train.kd needs a teacher (config 'teacher:')")
 

@@ -92,7 +92,6 @@ def measure(batch: int, steps: int, device: torch.device, backbones: Sequence[st
             (t2v + v2t + kd + hn).backward()
             opt.step()
         record(f"stage-2 image step (KD+HN) {backbone}", _time(stage2_image, steps, device))
-        del student, opt
 
     for n in text_layers:
         student = build_student(backbones[0], n, teacher=teacher).to(device).train()
@@ -105,7 +104,6 @@ def measure(batch: int, steps: int, device: torch.device, backbones: Sequence[st
             losses.intra_modal_infonce(emb, target, 0.05).backward()
             opt.step()
         record(f"stage-1 text step {n} layers", _time(stage1_text, steps, device))
-        del student, opt
     return results
 
 

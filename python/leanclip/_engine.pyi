@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Literal, Optional, Tuple, Union
+from typing import Literal, Optional, Tuple, Union, final
 
 import numpy as np
 import numpy.typing as npt
@@ -12,11 +12,14 @@ _Metric = Literal["cos", "ip", "l2"]
 _DType = Literal["f32", "f16", "i8"]
 _Path = Union[str, "os.PathLike[str]"]
 
+__all__ = ["FORMAT_VERSION", "Index", "IndexFileError", "mine_hard_negatives", "simd_level"]
+
 FORMAT_VERSION: int
 
 class IndexFileError(Exception):
     """A bad, truncated, corrupted, foreign or other-version index file."""
 
+@final
 class Index:
     """Exact (flat) vector index keyed by uint64 ids.
 
@@ -29,7 +32,7 @@ class Index:
     - Bad input raises ValueError (KeyError for keys) and changes nothing.
     """
 
-    def __init__(self, dim: int, metric: _Metric = "cos", dtype: _DType = "f32") -> None: ...
+    def __new__(cls, dim: int, metric: _Metric = "cos", dtype: _DType = "f32") -> Index: ...
     @property
     def dim(self) -> int: ...
     @property
@@ -40,7 +43,7 @@ class Index:
     def read_only(self) -> bool:
         """True for an index opened with ``load(..., mmap=True)``."""
     def __len__(self) -> int: ...
-    def __contains__(self, key: object) -> bool: ...
+    def __contains__(self, key: object, /) -> bool: ...
     def keys(self) -> npt.NDArray[np.uint64]:
         """All keys in storage order (not sorted)."""
     def add(self, keys: npt.ArrayLike, vectors: npt.ArrayLike) -> None:

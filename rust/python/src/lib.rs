@@ -197,6 +197,17 @@ fn group_vec(py: Python<'_>, obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec
         .to_vec())
 }
 
+/// The `k` argument: an int >= 1 (ValueError otherwise).
+struct Count(usize);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Count {
+    type Error = PyErr;
+
+    fn extract(obj: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        check_k(&obj).map(Count)
+    }
+}
+
 /// k as a count: an int >= 1; ints beyond 64 bits mean "all" (results are capped anyway).
 fn check_k(k: &Bound<'_, PyAny>) -> PyResult<usize> {
     let value = match k.extract::<i64>() {
@@ -370,19 +381,15 @@ impl PyIndex {
             .into_any())
     }
 
-    #[pyo3(signature = (queries, k = None, exclude = None))]
+    #[pyo3(signature = (queries, k = Count(10), exclude = None), text_signature = "(self, queries, k=10, exclude=None)")]
     fn search<'py>(
         &self,
         py: Python<'py>,
         queries: &Bound<'py, PyAny>,
-        k: Option<&Bound<'py, PyAny>>,
+        k: Count,
         exclude: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
-        // k defaults to 10 (None is taken as the default too).
-        let k = match k {
-            Some(k) => check_k(k)?,
-            None => 10,
-        };
+        let k = k.0;
         let arr = f32_array(py, queries, "queries")?;
         let shape = arr.shape().to_vec();
         let single = shape.len() == 1;
@@ -451,7 +458,7 @@ fn mine_hard_negatives<'py>(
     py: Python<'py>,
     queries: &Bound<'py, PyAny>,
     corpus: &Bound<'py, PyAny>,
-    k: &Bound<'py, PyAny>,
+    k: Count,
     query_groups: Option<&Bound<'py, PyAny>>,
     corpus_groups: Option<&Bound<'py, PyAny>>,
     metric: &str,
@@ -459,7 +466,7 @@ fn mine_hard_negatives<'py>(
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let metric = Metric::parse(metric).map_err(to_py_err)?;
     let dtype = DType::parse(dtype).map_err(to_py_err)?;
-    let k = check_k(k)?;
+    let k = k.0;
     let queries = f32_or_f16_array(py, queries, "queries")?;
     let corpus = f32_or_f16_array(py, corpus, "corpus")?;
     let (qs, cs) = (queries.shape(), corpus.shape());
