@@ -553,7 +553,12 @@ def write_table(runs: Sequence[Dict[str, Any]], path: Path) -> None:
         *[f"- command: `{c}`" for c in commands],
         f"- machine: {H.cpu_model()} ({os.cpu_count()} cores, shared), torch {torch.__version__}, "
         f"{cfg['threads']} thread(s)",
-        f"- data: {first['corpus']}",
+        f"- data: {first['corpus']}. Sources: apt = package synopses of the Debian archive known to apt on "
+        "this machine (`apt-cache dumpavail`), dpkg = synopses and long descriptions of the installed packages "
+        "(/var/lib/dpkg/status), pydoc = first paragraphs of Python standard-library docstrings (parsed with ast); "
+        "split into sentences, filtered to prose, de-duplicated; the first "
+        f"{min(first['corpus']['train'], tr['steps'] * tr['batch_size'])} sentences of a seeded shuffle of the "
+        "training split are used",
         f"- training: {tr['steps']} steps x batch {tr['batch_size']} (one pass over {tr['steps'] * tr['batch_size']} "
         f"sentences), AdamW lr {tr['lr']} wd {tr['weight_decay']}, cosine with warm-up (10% of steps), "
         f"max {tr['max_tokens']} tokens; teacher frozen, student = embeddings + the listed teacher layers, "

@@ -66,11 +66,13 @@ class Index:
     @staticmethod
     def load(path: _Path, mmap: bool = False, verify: bool = True) -> Index:
         """Open a saved index. Header, keys and scales are always checked (IndexFileError).
-        verify=True also checks the vectors' checksum (reads the whole file); with
-        mmap=True and verify=False the vectors are neither read nor checked until
-        ``verify()`` is called. mmap=True gives a read-only index (RuntimeError on writes)."""
+        verify=True also checks the vectors' checksum (reads the whole file) and that no key
+        repeats. With mmap=True and verify=False the vectors are neither read nor checked
+        until ``verify()``, and the key map is built on the first key lookup (``in``, ``get``,
+        ``exclude``). mmap=True gives a read-only index (RuntimeError on writes)."""
     def verify(self) -> None:
-        """Check an mmap-opened index's vectors against the file's checksum."""
+        """Check what a lazy mmap load deferred: the vectors' checksum and repeated keys
+        (IndexFileError); a no-op for an index held in memory."""
 
 def mine_hard_negatives(
     queries: npt.ArrayLike,

@@ -33,7 +33,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::ops::Range;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 #[cfg(target_endian = "big")]
@@ -176,7 +176,7 @@ pub fn verify_vectors(bytes: &[u8], layout: &Layout) -> std::result::Result<(), 
     Ok(())
 }
 
-fn key_map(keys: &[u64]) -> std::result::Result<FxHashMap<u64, u32>, String> {
+pub(crate) fn key_map(keys: &[u64]) -> std::result::Result<FxHashMap<u64, u32>, String> {
     let mut rows = FxHashMap::with_capacity_and_hasher(keys.len(), Default::default());
     for (row, &key) in keys.iter().enumerate() {
         if rows.insert(key, row as u32).is_some() {
@@ -213,7 +213,7 @@ impl Index {
         }
         // Vec<u8> gives no alignment guarantee: copy out with unaligned reads.
         let keys: Vec<u64> = bytemuck::allocation::pod_collect_to_vec(&bytes[layout.keys.clone()]);
-        let rows = key_map(&keys)?;
+        let rows = OnceLock::from(key_map(&keys)?);
         let vectors = &bytes[layout.vectors.clone()];
         let store = match layout.dtype {
             DType::F32 => Store::F32(Buf::Owned(bytemuck::allocation::pod_collect_to_vec(
@@ -242,8 +242,9 @@ impl Index {
     }
 
     /// Opens a saved index. `mmap = false` reads it into memory. `mmap = true` maps it
-    /// read-only: the header, keys and scales are always checked; the vectors' checksum is
-    /// checked at load only when `verify` is true (else call [`Index::verify`] later).
+    /// read-only: the header, keys and scales are always checked; the vectors' checksum and the
+    /// key map (with its repeated-key check) are done at load only when `verify` is true, else
+    /// the map is built on the first key lookup and [`Index::verify`] checks the vectors.
     pub fn load(path: &Path, mmap: bool, verify: bool) -> Result<Index> {
         if !mmap {
             let bytes = std::fs::read(path).map_err(|e| io_error(path, e))?;
@@ -269,7 +270,13 @@ impl Index {
             offset: o,
             len: l,
         };
-        let rows = key_map(keys.as_slice()).map_err(|r| file_error(Some(path), r))?;
+        // verify=False defers the key map (and its duplicate check) to the first key lookup;
+        // searches without `exclude` never need it.
+        let rows = OnceLock::new();
+        if verify {
+            let map = key_map(keys.as_slice()).map_err(|r| file_error(Some(path), r))?;
+            let _ = rows.set(map);
+        }
         let store = match layout.dtype {
             DType::F32 => Store::F32(buf_f32(mapped(&layout.vectors, 4))),
             DType::F16 => {
@@ -301,9 +308,10 @@ impl Index {
         })
     }
 
-    /// Checks the vectors of an mmap-opened index against their checksum (a no-op for an
-    /// index in memory: its file was fully checked when loaded).
+    /// Checks what `load(mmap=true, verify=false)` deferred: the vectors against their checksum
+    /// and the keys for repeats (a no-op for an index in memory: its file was fully checked).
     pub fn verify(&self) -> Result<()> {
+        self.key_rows()?;
         if let Some(m) = &self.mapped_vectors {
             if xxh3_64(&m.map[m.offset..m.offset + m.len]) != m.checksum {
                 return Err(file_error(

@@ -14,7 +14,7 @@ use half::slice::HalfFloatSliceExt;
 use memmap2::Mmap;
 use rayon::prelude::*;
 use rustc_hash::{FxHashMap, FxHashSet};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Largest supported dimension (keeps offsets and per-row work sane).
 pub const MAX_DIM: usize = 1 << 16;
@@ -150,7 +150,9 @@ pub struct Index {
     pub(crate) dtype: DType,
     pub(crate) keys: Buf<u64>,
     pub(crate) store: Store,
-    pub(crate) rows: FxHashMap<u64, u32>,
+    /// key -> row. Always built for an index in memory; an index opened with mmap and
+    /// verify=False builds it on first use (see `key_rows`).
+    pub(crate) rows: OnceLock<FxHashMap<u64, u32>>,
     /// Set for an index opened with mmap: checksum of the mapped vectors, and whether it has
     /// been checked yet.
     pub(crate) mapped_vectors: Option<MappedVectors>,
@@ -219,7 +221,7 @@ impl Index {
             dtype,
             keys: Buf::Owned(Vec::new()),
             store: Store::empty(dtype),
-            rows: FxHashMap::default(),
+            rows: OnceLock::from(FxHashMap::default()),
             mapped_vectors: None,
         })
     }
@@ -234,13 +236,31 @@ impl Index {
         self.dtype
     }
     pub fn len(&self) -> usize {
-        self.rows.len()
+        self.keys.as_slice().len()
     }
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+        self.len() == 0
     }
-    pub fn contains(&self, key: u64) -> bool {
-        self.rows.contains_key(&key)
+    /// Whether `key` is present. Fails only for an mmap-opened file whose keys repeat.
+    pub fn contains(&self, key: u64) -> Result<bool> {
+        Ok(self.key_rows()?.contains_key(&key))
+    }
+
+    /// The key -> row map, built now if the index was opened lazily.
+    pub(crate) fn key_rows(&self) -> Result<&FxHashMap<u64, u32>> {
+        if let Some(map) = self.rows.get() {
+            return Ok(map);
+        }
+        let map = crate::format::key_map(self.keys.as_slice())
+            .map_err(|reason| Error::File { path: None, reason })?;
+        Ok(self.rows.get_or_init(|| map))
+    }
+
+    /// The map of a writable index (always built: only mmap-opened indexes defer it).
+    fn key_rows_mut(&mut self) -> &mut FxHashMap<u64, u32> {
+        self.rows
+            .get_mut()
+            .expect("a writable index always has its key map")
     }
     /// Keys in storage order.
     pub fn keys(&self) -> &[u64] {
@@ -436,9 +456,10 @@ impl Index {
     fn push_keys(&mut self, keys: &[u64]) -> Result<()> {
         let start = self.len();
         self.keys.owned_mut()?.extend_from_slice(keys);
-        self.rows.reserve(keys.len());
+        let rows = self.key_rows_mut();
+        rows.reserve(keys.len());
         for (i, &key) in keys.iter().enumerate() {
-            self.rows.insert(key, (start + i) as u32);
+            rows.insert(key, (start + i) as u32);
         }
         Ok(())
     }
@@ -454,7 +475,7 @@ impl Index {
     pub fn add(&mut self, keys: &[u64], vectors: &[f32]) -> Result<()> {
         self.check_writable()?;
         self.check_batch(keys, vectors)?;
-        if let Some(&key) = keys.iter().find(|k| self.rows.contains_key(k)) {
+        if let Some(&key) = keys.iter().find(|k| self.key_rows_mut().contains_key(k)) {
             return Err(Error::DuplicateKey(key));
         }
         self.check_capacity(keys.len())?;
@@ -466,15 +487,18 @@ impl Index {
     pub fn upsert(&mut self, keys: &[u64], vectors: &[f32]) -> Result<()> {
         self.check_writable()?;
         self.check_batch(keys, vectors)?;
-        let new_count = keys.iter().filter(|k| !self.rows.contains_key(k)).count();
+        let new_count = keys
+            .iter()
+            .filter(|k| !self.key_rows_mut().contains_key(k))
+            .count();
         self.check_capacity(new_count)?;
         let encoded = self.encode(vectors)?;
         let dim = self.dim;
         let mut new_keys = Vec::with_capacity(new_count);
         let mut new_rows = Vec::with_capacity(new_count);
         for (i, &key) in keys.iter().enumerate() {
-            match self.rows.get(&key) {
-                Some(&row) => {
+            match self.key_rows_mut().get(&key).copied() {
+                Some(row) => {
                     let (dst, src) = (row as usize * dim, i * dim);
                     match (&mut self.store, &encoded) {
                         (Store::F32(b), Encoded::F32(v)) => {
@@ -509,7 +533,7 @@ impl Index {
         self.check_writable()?;
         let mut removed = 0;
         for key in keys {
-            if let Some(row) = self.rows.remove(key) {
+            if let Some(row) = self.key_rows_mut().remove(key) {
                 self.swap_remove_row(row as usize)?;
                 removed += 1;
             }
@@ -537,7 +561,8 @@ impl Index {
         let keys = self.keys.owned_mut()?;
         swap_remove_chunk(keys, row, last, 1);
         if row != last {
-            self.rows.insert(keys[row], row as u32);
+            let moved = keys[row];
+            self.key_rows_mut().insert(moved, row as u32);
         }
         Ok(())
     }
@@ -547,7 +572,7 @@ impl Index {
         let dim = self.dim;
         let mut rows = Vec::with_capacity(keys.len());
         for &key in keys {
-            rows.push(*self.rows.get(&key).ok_or(Error::MissingKey(key))? as usize);
+            rows.push(*self.key_rows()?.get(&key).ok_or(Error::MissingKey(key))? as usize);
         }
         let mut out = vec![0.0f32; keys.len() * dim];
         let stored = self.store.rows();
@@ -583,7 +608,7 @@ impl Index {
         let mut excluded = 0usize;
         if let Some(exclude) = exclude {
             for key in exclude {
-                if let Some(&row) = self.rows.get(key) {
+                if let Some(&row) = self.key_rows()?.get(key) {
                     if excluded_rows.is_empty() {
                         excluded_rows = vec![0u64; n.div_ceil(64)];
                     }

@@ -216,3 +216,33 @@ fn bad_input_changes_nothing() {
     ));
     assert_eq!(index.keys(), &[1]);
 }
+
+#[test]
+fn a_crafted_file_with_repeated_keys_is_rejected_eagerly_or_on_first_lookup() {
+    let mut index = Index::new(2, Metric::Ip, DType::F32).unwrap();
+    index.add(&[1, 2], &[1.0, 0.0, 0.0, 1.0]).unwrap();
+    let mut bytes = index.to_bytes();
+    // key 2 -> 1, then recompute the header/keys checksum so only the repeat is wrong
+    bytes[72..80].copy_from_slice(&1u64.to_le_bytes());
+    let vectors_start = 128; // 64-byte header + 16 bytes of keys, padded to 64
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&bytes[..56]);
+    h.update(&bytes[64..vectors_start]);
+    bytes[56..64].copy_from_slice(&h.digest().to_le_bytes());
+    let err = Index::from_bytes(&bytes).unwrap_err();
+    assert!(err.to_string().contains("appears twice"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dup.lcx");
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(matches!(
+        Index::load(&path, true, true),
+        Err(Error::File { .. })
+    ));
+    let lazy = Index::load(&path, true, false).unwrap();
+    assert_eq!(lazy.len(), 2);
+    assert!(matches!(lazy.contains(1), Err(Error::File { .. })));
+    assert!(matches!(lazy.verify(), Err(Error::File { .. })));
+    // a search without exclude needs no key map and cannot crash
+    assert_eq!(lazy.search(&[1.0, 0.0], 2, None).unwrap().0, vec![1, 1]);
+}

@@ -311,10 +311,12 @@ impl PyIndex {
         py.detach(|| self.inner.read().len())
     }
 
-    fn __contains__(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> bool {
+    fn __contains__(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<bool> {
         match key.extract::<u64>() {
-            Ok(key) => py.detach(|| self.inner.read().contains(key)),
-            Err(_) => false,
+            Ok(key) => py
+                .detach(|| self.inner.read().contains(key))
+                .map_err(to_py_err),
+            Err(_) => Ok(false),
         }
     }
 
