@@ -20,6 +20,13 @@ from typing import Callable, Iterable, List, Optional, Sequence
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# usearch 2.26 loaded before onnxruntime makes onnxruntime's import segfault (libstdc++ symbol
+# clash); benchmarks that use both must load onnxruntime first.
+try:
+    import onnxruntime  # noqa: F401
+except ImportError:
+    pass
+
 
 def cpu_model() -> str:
     try:

@@ -61,6 +61,12 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 def _usearch() -> Any:
+    # usearch 2.26's extension, once loaded, breaks onnxruntime's later import (a segfault in
+    # libstdc++ symbols); onnxruntime loaded first is safe, so load it first when it exists.
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        pass
     try:
         from usearch.index import Index as UIndex
     except ImportError as exc:  # pragma: no cover - depends on the environment
