@@ -24,7 +24,7 @@ fn check_results(index: &Index, keys: &[u64], scores: &[f32], nq: usize, kp: usi
         let distinct: HashSet<u64> = row_keys.iter().copied().collect();
         assert_eq!(distinct.len(), kp, "a search returned the same key twice");
         for k in row_keys {
-            assert!(index.contains(*k), "a search returned key {k}, which is not in the index");
+            assert!(index.contains(*k).expect("key map"), "a search returned key {k}, which is not in the index");
             assert!(!excluded.contains(k), "a search returned excluded key {k}");
         }
         if row_scores.iter().all(|s| s.is_finite()) {
@@ -41,20 +41,48 @@ fn check_results(index: &Index, keys: &[u64], scores: &[f32], nq: usize, kp: usi
 /// Every read-only call on an accepted index works and agrees with itself. `image` is the file
 /// the index was loaded from: the format is canonical, so saving it again gives the same bytes.
 pub fn exercise(index: &Index, image: Option<&[u8]>) {
+    exercise_inner(index, image);
+}
+
+/// For an index opened with mmap and `verify = false`: the key map (and its duplicate check) is
+/// deferred. If `verify()` passes it must behave like a verified index; if not, key lookups may
+/// fail with a file error (never panic), and a search without `exclude` must still work.
+pub fn exercise_lazy(index: &Index, image: Option<&[u8]>) {
+    match index.verify() {
+        Ok(()) => exercise_inner(index, image),
+        Err(e) => {
+            expect_file_error(&e);
+            let dim = index.dim();
+            let q: Vec<f32> = (0..dim).map(|i| 1.0 + (i % 5) as f32).collect();
+            let (_, _, kp) = index.search(&q, 3, None).expect("search without exclude needs no key map");
+            assert_eq!(kp, 3.min(index.len()));
+            let q8: Vec<f32> = q.iter().cycle().take(8 * dim).copied().collect();
+            index.search(&q8, 2, None).expect("batch search without exclude");
+            for r in [index.contains(1).map(|_| ()), index.get(&index.keys()[..1.min(index.len())]).map(|_| ()),
+                      index.search(&q, 1, Some(&[1])).map(|_| ())] {
+                if let Err(e) = r {
+                    expect_file_error(&e);
+                }
+            }
+        }
+    }
+}
+
+fn exercise_inner(index: &Index, image: Option<&[u8]>) {
     let dim = index.dim();
     let n = index.len();
     let keys = index.keys().to_vec();
     assert_eq!(keys.len(), n);
     assert_eq!(keys.iter().copied().collect::<HashSet<_>>().len(), n, "loaded index has duplicate keys");
     for k in keys.iter().take(64) {
-        assert!(index.contains(*k));
+        assert!(index.contains(*k).expect("key map of a verified index"));
     }
     if n > 0 {
         let some: Vec<u64> = keys.iter().rev().take(16).copied().collect();
         let got = index.get(&some).expect("get of present keys");
         assert_eq!(got.len(), some.len() * dim);
     }
-    let absent = (0..).map(|i: u64| u64::MAX - i).find(|k| !index.contains(*k)).unwrap();
+    let absent = (0..).map(|i: u64| u64::MAX - i).find(|k| !index.contains(*k).unwrap()).unwrap();
     assert!(index.get(&[absent]).is_err());
 
     // One query runs the per-row SIMD kernels; eight or more run the matrix-product path.
