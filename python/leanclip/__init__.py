@@ -20,6 +20,7 @@ _LAZY = {
     "ApproxIndex": "leanclip.approx",
     "hard_negative_ids": "leanclip.mining",
     "Encoder": "leanclip.encoder",
+    "ImageLoadError": "leanclip.encoder",
     "BundleError": "leanclip.bundle",
     "Gallery": "leanclip.gallery",
 }
@@ -30,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from leanclip._engine import Index, IndexFileError, mine_hard_negatives
     from leanclip.approx import ApproxIndex
     from leanclip.bundle import BundleError
-    from leanclip.encoder import Encoder
+    from leanclip.encoder import Encoder, ImageLoadError
     from leanclip.gallery import Gallery
     from leanclip.mining import hard_negative_ids
 

@@ -122,6 +122,7 @@ def write_manifest(bundle_dir: PathLike, manifest: Manifest) -> Path:
             fh.write(manifest.to_json())
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a bundle is meant to be shared
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
