@@ -50,12 +50,7 @@ def bundle(tmp_path_factory):
 # Exceptions read_manifest is known to leak today (bugs in python/leanclip/bundle.py, each
 # pinned by a strict xfail in test_hostile_manifest). The random tests tolerate only these, so
 # they keep finding anything new; delete an entry once bundle.py is fixed.
-KNOWN_LEAKS = [
-    (TypeError, "unhashable type"),      # a list/dict where a file name is expected
-    (RecursionError, ""),                # deeply nested JSON
-    (OverflowError, "infinity"),         # int(inf) for embedding_dim
-    (ValueError, "Exceeds the limit"),   # Python's int digit limit inside json.loads
-]
+KNOWN_LEAKS: list = []  # exceptions read_manifest is known to leak: none since bundle.py validates types
 
 
 def outcome(root: Path, tolerate_known: bool = True) -> str:
@@ -200,20 +195,7 @@ def hostile_docs(valid: dict) -> dict[str, str]:
     return out
 
 
-KNOWN_BUGS = {  # hostile case -> what read_manifest raises today instead of BundleError
-    "deeply nested": "RecursionError from json.loads is not caught",
-    "deeply nested in a field": "RecursionError from json.loads is not caught",
-    "huge integer literal": "ValueError (int digit limit) from json.loads is not caught",
-    "huge embedding_dim literal": "ValueError (int digit limit) from json.loads is not caught",
-    "Infinity embedding_dim": "OverflowError from int(inf) is not caught",
-    "list as image file": "TypeError: unhashable list in `name not in manifest.files`",
-    "dict as text file": "TypeError: unhashable dict in `name not in manifest.files`",
-    "list as tokenizer": "TypeError: unhashable list in `name not in manifest.files`",
-    "string image size": "accepted: ImageSpec/TextSpec field types and ranges are not validated",
-    "negative image size": "accepted: ImageSpec/TextSpec field types and ranges are not validated",
-    "zero context_length": "accepted: ImageSpec/TextSpec field types and ranges are not validated",
-    "mean of wrong length": "accepted: ImageSpec/TextSpec field types and ranges are not validated",
-}
+KNOWN_BUGS: dict = {}  # hostile case -> bug; all fixed in bundle.py (types, ranges, json errors)
 
 
 @pytest.mark.parametrize("case", list(HOSTILE))

@@ -142,6 +142,53 @@ def _section(data: Dict[str, Any], key: str, cls: type, where: Path) -> Any:
     return cls(**raw)
 
 
+def _check_specs(manifest: Manifest, where: Path) -> None:
+    """Types and ranges of the image and text sections: a wrong one fails here, by name."""
+
+    def fail(field_name: str, expected: str, value: Any) -> None:
+        raise BundleError(f"{where}: {field_name} must be {expected}, got {value!r}")
+
+    def is_int(v: Any) -> bool:
+        return type(v) is int
+
+    def is_number(v: Any) -> bool:
+        return type(v) in (int, float) and v == v and abs(v) != float("inf")
+
+    image, text = manifest.image, manifest.text
+    for name in ("file", "interpolation", "input", "output"):
+        if not isinstance(getattr(image, name), str) or not getattr(image, name):
+            fail(f"image.{name}", "a non-empty string", getattr(image, name))
+    for name in ("file", "tokenizer", "output", "kind"):
+        if not isinstance(getattr(text, name), str) or not getattr(text, name):
+            fail(f"text.{name}", "a non-empty string", getattr(text, name))
+    if not is_int(image.size) or not 1 <= image.size <= 8192:
+        fail("image.size", "an integer in 1..8192", image.size)
+    for name in ("mean", "std"):
+        values = getattr(image, name)
+        if not isinstance(values, list) or len(values) != 3 or not all(map(is_number, values)):
+            fail(f"image.{name}", "a list of 3 finite numbers", values)
+    if any(v <= 0 for v in image.std):
+        fail("image.std", "positive", image.std)
+    if image.interpolation not in ("bicubic", "bilinear", "nearest", "lanczos"):
+        fail("image.interpolation", "bicubic, bilinear, nearest or lanczos", image.interpolation)
+    if not is_int(text.context_length) or not 1 <= text.context_length <= 1_000_000:
+        fail("text.context_length", "an integer >= 1", text.context_length)
+    if not is_int(text.pad_id) or text.pad_id < 0:
+        fail("text.pad_id", "an integer >= 0", text.pad_id)
+    if (
+        not isinstance(text.inputs, list)
+        or not text.inputs
+        or text.inputs[0] != "input_ids"
+        or not set(text.inputs) <= {"input_ids", "attention_mask"}
+        or len(set(text.inputs)) != len(text.inputs)
+    ):
+        fail("text.inputs", '["input_ids"] or ["input_ids", "attention_mask"]', text.inputs)
+    if text.kind not in ("clip", "wordpiece"):
+        fail("text.kind", '"clip" or "wordpiece"', text.kind)
+    if manifest.precision not in ("fp32", "int8"):
+        fail("precision", '"fp32" or "int8"', manifest.precision)
+
+
 def read_manifest(bundle_dir: PathLike, verify: bool = True) -> Manifest:
     """Read and validate ``leanclip.json``; with ``verify``, check every file's sha256."""
     root = Path(bundle_dir)
@@ -152,8 +199,10 @@ def read_manifest(bundle_dir: PathLike, verify: bool = True) -> Manifest:
         raise BundleError(f"model bundle {root} has no {MANIFEST_NAME}")
     try:
         data = json.loads(where.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{where}: not valid JSON ({exc})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and Python's integer digit limit; deep nesting
+        # raises RecursionError
+        raise BundleError(f"{where}: not valid JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise BundleError(f"{where}: not a leanclip bundle manifest (format != {FORMAT!r})")
     version = data.get("format_version")
@@ -162,23 +211,30 @@ def read_manifest(bundle_dir: PathLike, verify: bool = True) -> Manifest:
             f"{where}: bundle format version {version!r} is not supported "
             f"(this leanclip reads version {FORMAT_VERSION})"
         )
+    dim = data.get("embedding_dim")
+    if type(dim) is not int or dim < 1:
+        raise BundleError(f"{where}: embedding_dim must be an integer >= 1, got {dim!r}")
+    files = data.get("files", {})
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in files.items()
+    ):
+        raise BundleError(f"{where}: 'files' must map file names to sha256 strings")
     try:
         manifest = Manifest(
-            embedding_dim=int(data["embedding_dim"]),
+            embedding_dim=dim,
             image=_section(data, "image", ImageSpec, where),
             text=_section(data, "text", TextSpec, where),
             name=str(data.get("name", "unnamed")),
             source=str(data.get("source", "")),
             precision=str(data.get("precision", "fp32")),
-            files=dict(data.get("files", {})),
+            files=dict(files),
             extra=dict(data.get("extra", {})),
         )
     except (KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, BundleError):
             raise
         raise BundleError(f"{where}: malformed manifest ({exc!r})") from None
-    if manifest.embedding_dim < 1:
-        raise BundleError(f"{where}: embedding_dim must be >= 1, got {manifest.embedding_dim}")
+    _check_specs(manifest, where)
     for name in (manifest.image.file, manifest.text.file, manifest.text.tokenizer):
         if name not in manifest.files:
             raise BundleError(f"{where}: no checksum recorded for {name}")

@@ -717,9 +717,11 @@ class Gallery:
         conn: Optional[sqlite3.Connection] = None
         state: Dict[str, Any] = {}
         try:
-            fresh = not self.db_path.exists()
             conn = self._open_db()
             conn.execute("BEGIN IMMEDIATE")
+            # A database without any table is ours, killed before its schema was committed
+            # (connect() creates the file first): start it afresh rather than refuse it.
+            fresh = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
             if fresh:
                 for stmt in _SCHEMA.strip().split(";"):
                     if stmt.strip():
