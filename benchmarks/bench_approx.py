@@ -102,7 +102,7 @@ def run_size(kind: str, n: int, rows: List[list], notes: List[str]) -> None:
         res["ours"] = (lambda: ours.search(queries, K)[0], None)
         res["same"] = (lambda: inner.search(queries, K).keys, None)
         if direct is not None:
-            direct.expansion_search = ef
+            direct.expansion_search = ef  # type: ignore[misc]  # usearch declares the setter apart from the getter
             res["direct"] = (lambda: direct.search(queries, K).keys, None)
         hn.set_ef(max(ef, K))
         res["hnswlib"] = (lambda: hn.knn_query(queries, K)[0], None)

@@ -144,7 +144,7 @@ pub fn search_into<E, I>(
         return;
     }
     let use_gemm = plan.normalize_rows || nq >= GEMM_MIN_QUERIES;
-    let qb = if use_gemm { QUERY_BLOCK.min(nq) } else { nq };
+    let qb = if use_gemm { env_or("LEANCLIP_QB", QUERY_BLOCK).min(nq) } else { nq };
     let n_qblocks = nq.div_ceil(qb);
     let wanted_tasks = rayon::current_num_threads() * 4;
     let parts = wanted_tasks
@@ -219,10 +219,27 @@ where
     E: Fn(usize, usize) -> bool,
     I: Fn(usize) -> u64,
 {
+    const LANES: usize = 16;
     let mut threshold = heap.threshold();
-    for (j, &s) in scores.iter().enumerate() {
-        if s >= threshold && eligible(query, row0 + j) {
-            heap.push(s, row_id(row0 + j));
+    let mut chunks = scores.chunks_exact(LANES);
+    let mut base = row0;
+    for chunk in &mut chunks {
+        // The threshold only rises, so a chunk with no score reaching it holds no candidate:
+        // one branch-free (vectorized) test rejects most chunks once the heap is full.
+        let any = chunk.iter().fold(false, |acc, &s| acc | (s >= threshold));
+        if any {
+            for (j, &s) in chunk.iter().enumerate() {
+                if s >= threshold && eligible(query, base + j) {
+                    heap.push(s, row_id(base + j));
+                    threshold = heap.threshold();
+                }
+            }
+        }
+        base += LANES;
+    }
+    for (j, &s) in chunks.remainder().iter().enumerate() {
+        if s >= threshold && eligible(query, base + j) {
+            heap.push(s, row_id(base + j));
             threshold = heap.threshold();
         }
     }
@@ -334,11 +351,12 @@ where
     };
     let mut heaps: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
     let mut converted = Vec::new();
-    let mut tile = vec![0.0f32; nq * ROW_BLOCK];
-    let mut row_norms = vec![0.0f32; ROW_BLOCK];
+    let row_block = env_or("LEANCLIP_NB", ROW_BLOCK);
+    let mut tile = vec![0.0f32; nq * row_block];
+    let mut row_norms = vec![0.0f32; row_block];
     let mut b0 = r0;
     while b0 < r1 {
-        let b1 = (b0 + ROW_BLOCK).min(r1);
+        let b1 = (b0 + row_block).min(r1);
         let nb = b1 - b0;
         let block = rows.range(b0, b1, dim).to_f32(dim, &mut converted);
         let need_norms = plan.metric == Metric::L2 || plan.normalize_rows;
@@ -402,4 +420,8 @@ where
         b0 = b1;
     }
     heaps
+}
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
