@@ -91,6 +91,11 @@ fn main() {
             unsafe {
                 std::env::set_var("LEANCLIP_QB", qb.to_string());
                 std::env::set_var("LEANCLIP_NB", nb.to_string());
+                if ci % 2 == 1 {
+                    std::env::set_var("LEANCLIP_OLDSCAN", "1");
+                } else {
+                    std::env::remove_var("LEANCLIP_OLDSCAN");
+                }
             }
             let t = Instant::now();
             let c = cpu();

@@ -221,6 +221,15 @@ where
 {
     const LANES: usize = 16;
     let mut threshold = heap.threshold();
+    if std::env::var_os("LEANCLIP_OLDSCAN").is_some() {
+        for (j, &s) in scores.iter().enumerate() {
+            if s >= threshold && eligible(query, row0 + j) {
+                heap.push(s, row_id(row0 + j));
+                threshold = heap.threshold();
+            }
+        }
+        return;
+    }
     let mut chunks = scores.chunks_exact(LANES);
     let mut base = row0;
     for chunk in &mut chunks {
