@@ -214,7 +214,8 @@ def test_sigkill_at_50_random_points_keeps_rows_and_index_in_step(tmp_path):
         _check_complete(root, store, g)  # ... with nothing lost or duplicated
         g.close()
     # the delays are drawn within a normal run's duration: nearly all runs die mid-update
-    assert killed >= ROUNDS * 4 // 5, f"only {killed} of {ROUNDS} runs were killed before finishing"
+    # (timing-based: on a loaded machine a run can finish before its kill, so ask for half)
+    assert killed >= ROUNDS // 2, f"only {killed} of {ROUNDS} runs were killed before finishing"
     # kills landed at different stages: some before anything was committed, some after
     assert min(committed_seen) == 0 and max(committed_seen) > 0
     print(f"\n{killed}/{ROUNDS} killed mid-update; left a gallery.db without tables (taken over by the next update): rounds {empty_db_rounds};"

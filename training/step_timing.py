@@ -1,5 +1,5 @@
 """Time training steps of the real-size shapes (random weights, no data): the numbers behind the
-GPU-hour estimates in docs/readme/training.md.
+GPU-hour estimates in docs/training.md.
 
     python -m training.step_timing --batch 16 --steps 3 [--device cuda] [--json-out t.json]
 

@@ -46,9 +46,10 @@ _FILTERS = {
     "hamming": Image.Resampling.HAMMING,
 }
 
-# Pillow refuses images over 2 x Image.MAX_IMAGE_PIXELS (~179 Mpx) by default; we refuse at the
-# same size without touching Pillow's global settings (Pillow only warns between 1x and 2x).
-DEFAULT_MAX_PIXELS = 2 * 89_478_485
+# Larger images are refused before decoding (decompression bombs): 64 Mpx decodes to ~192 MB of
+# RGB, which bounds memory; the same limit as the Gallery's. Pillow's global settings stay as
+# they are (its own limit is ~179 Mpx).
+DEFAULT_MAX_PIXELS = 64_000_000
 
 
 class ImageLoadError(ValueError):
