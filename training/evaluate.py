@@ -86,12 +86,12 @@ def embed_corpus(model: nn.Module, corpus: PairedCorpus, info: DistInfo | None =
                  batch_size: int = 128, num_workers: int = 0, amp: bool = False
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image embeddings, text embeddings, image_valid) of a paired corpus."""
-    from training.models import tokenize
+    from training.models import tokenize_for
 
     info = info or DistInfo(0, 1, 0, next(model.parameters()).device)
     images, valid = encode_image_files(model, corpus.images, load_size_for(model), batch_size,
                                        info, num_workers, amp)
-    tokens = tokenize(corpus.captions, int(model.context_length))
+    tokens = tokenize_for(model, corpus.captions)
     texts = encode_token_rows(model, tokens, batch_size, info, amp)
     return images, texts, valid
 

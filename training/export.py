@@ -613,6 +613,11 @@ def export_model(
     """Export a whole dual encoder (open_clip CLIP, a leanclip teacher or student) with CLIP's BPE."""
     if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
         raise TypeError(f"{type(model).__name__} has no encode_image / encode_text: not a dual encoder")
+    from training.models import has_own_tokenizer
+
+    if has_own_tokenizer(model):  # e.g. the TinyBERT baseline: CLIP's BPE would be wrong
+        raise ValueError("export of a student with a Hugging Face text tower (its own WordPiece "
+                         "tokenizer) is not supported")
     context = int(getattr(model, "context_length", 77) or 77)
     text_tower = text_tower_for(model)
     return export_bundle(

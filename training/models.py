@@ -13,6 +13,11 @@ and the attributes ``image_size``, ``image_mean``, ``image_std``, ``context_leng
 ``tiny=True`` builds the same code with shrunk widths and depths (vocab 49408 and context 77 are
 kept so open_clip's tokenizer still works) for tests on a CPU without any downloaded weights.
 A checkpoint stores ``model_config`` next to the ``state_dict``; ``load_model`` rebuilds it.
+
+Table 1's baseline "f_v^S + f_t^TinyBERT" (``build_hf_student``) replaces the student text tower by
+a Hugging Face BERT-style encoder + projection with its own WordPiece tokenizer; its config holds
+the HF config dict and tokenizer.json, so checkpoints rebuild without the hub. Callers tokenize
+with ``tokenize_for(model, texts)``, which uses such a model's own tokenizer.
 """
 
 from __future__ import annotations
@@ -157,9 +162,11 @@ class CLIPTextTower(nn.Module):
 
 
 class StudentDualEncoder(nn.Module):
-    """timm image backbone + linear projection; truncated CLIP text tower."""
+    """timm image backbone + linear projection; truncated CLIP text tower, or (``text.kind:
+    hf``) a Hugging Face BERT-style encoder + projection with its own WordPiece tokenizer."""
 
-    def __init__(self, config: Mapping[str, Any], visual: nn.Module | None = None) -> None:
+    def __init__(self, config: Mapping[str, Any], visual: nn.Module | None = None,
+                 hf_text_model: nn.Module | None = None) -> None:
         super().__init__()
         self.leanclip_config = copy.deepcopy(dict(config))
         img = config["image"]
@@ -170,11 +177,15 @@ class StudentDualEncoder(nn.Module):
         embed_dim = int(config["embed_dim"])
         self.image_projection = nn.Linear(self.visual.num_features, embed_dim, bias=False)
         txt = config["text"]
-        self.text = CLIPTextTower(vocab_size=txt["vocab_size"],
-                                  context_length=txt["context_length"], width=txt["width"],
-                                  heads=txt["heads"], layers=len(txt["layers"]),
-                                  output_dim=embed_dim, mlp_ratio=txt.get("mlp_ratio", 4.0),
-                                  quick_gelu=txt.get("quick_gelu", False))
+        self.text: nn.Module
+        if txt.get("kind", "clip") == "hf":
+            self.text = HFTextTower(txt, embed_dim, model=hf_text_model)
+        else:
+            self.text = CLIPTextTower(vocab_size=txt["vocab_size"],
+                                      context_length=txt["context_length"], width=txt["width"],
+                                      heads=txt["heads"], layers=len(txt["layers"]),
+                                      output_dim=embed_dim, mlp_ratio=txt.get("mlp_ratio", 4.0),
+                                      quick_gelu=txt.get("quick_gelu", False))
         self.logit_scale = nn.Parameter(torch.tensor(float(config.get("logit_scale", 4.6052))))
         _set_interface_attributes(self, img["image_size"], img["mean"], img["std"],
                                   txt["context_length"])
@@ -187,9 +198,115 @@ class StudentDualEncoder(nn.Module):
         x = self.text(tokens)
         return F.normalize(x, dim=-1) if normalize else x
 
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Token ids (n, context_length) for ``encode_text``: open_clip's BPE for the CLIP text
+        tower, the tower's own WordPiece tokenizer for a Hugging Face one."""
+        if isinstance(self.text, HFTextTower):
+            return self.text.tokenize(texts)
+        return tokenize(texts, int(self.context_length))
+
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_image(pixels, normalize=True), self.encode_text(tokens, normalize=True)
+
+
+# Shrunk BERT used by ``build_hf_student(tiny=True)``: random weights, built locally.
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 64, "max_position_embeddings": 128}
+HF_POOLING = ("cls", "mean")
+
+
+def _tiny_wordpiece_json() -> str:
+    """A BERT-style (lower-casing, [CLS] x [SEP]) WordPiece tokenizer over characters plus a few
+    words, built locally so tests need no download; every lower-case ASCII word tokenizes."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordPiece
+
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    words = ["a", "an", "the", "photo", "image", "picture", "of", "with", "in", "is", "that"]
+    vocab_list = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
+                  + list(".,:;!?'\"-()/&") + [w for w in words if w not in chars])
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    tok.decoder = decoders.WordPiece()
+    tok.add_special_tokens(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    return tok.to_str()
+
+
+def _hf_model_from_config(hf_config: Mapping[str, Any]) -> nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    cfg = dict(hf_config)
+    cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    try:  # BERT's pooler is unused (and would leave DDP with parameters without gradients)
+        return AutoModel.from_config(cfg, add_pooling_layer=False)
+    except TypeError:
+        return AutoModel.from_config(cfg)
+
+
+class HFTextTower(nn.Module):
+    """A Hugging Face encoder (e.g. TinyBERT) + a linear projection to the joint space.
+
+    ``encode_text`` keeps the one-tensor interface: token ids padded with ``pad_id`` to the
+    context length; the attention mask is ``tokens != pad_id``. Pooling: the [CLS] state or the
+    mean over unpadded positions. The config holds the HF config dict and the tokenizer.json
+    text, so a checkpoint rebuilds the tower without the hub."""
+
+    def __init__(self, config: Mapping[str, Any], output_dim: int,
+                 model: nn.Module | None = None) -> None:
+        super().__init__()
+        if config.get("pooling", "cls") not in HF_POOLING:
+            raise ValueError(f"text pooling must be one of {HF_POOLING}, "
+                             f"got {config.get('pooling')!r}")
+        self.pooling = config.get("pooling", "cls")
+        self.context_length = int(config["context_length"])
+        self.pad_id = int(config["pad_id"])
+        self._tokenizer_json = config["tokenizer_json"]
+        self._tokenizer: Any = None
+        self.model = model if model is not None else _hf_model_from_config(config["hf_config"])
+        self.projection = nn.Linear(int(config["width"]), output_dim, bias=False)
+        nn.init.normal_(self.projection.weight, std=int(config["width"]) ** -0.5)
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_str(self._tokenizer_json)
+            tok.enable_truncation(max_length=self.context_length)
+            tok.enable_padding(length=self.context_length, pad_id=self.pad_id,
+                               pad_token=tok.id_to_token(self.pad_id) or "[PAD]")
+            self._tokenizer = tok
+        return self._tokenizer
+
+    def __getstate__(self) -> dict[str, Any]:  # deepcopy/pickle: rebuild the tokenizer lazily
+        state = self.__dict__.copy()
+        state["_tokenizer"] = None
+        return state
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        encodings = self.tokenizer.encode_batch([str(t) for t in texts])
+        if not encodings:
+            return torch.zeros(0, self.context_length, dtype=torch.long)
+        return torch.tensor([e.ids for e in encodings], dtype=torch.long)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape[1] > self.context_length:
+            raise ValueError(f"token sequence length {tokens.shape[1]} exceeds the context "
+                             f"length {self.context_length}")
+        mask = (tokens != self.pad_id).long()
+        hidden = self.model(input_ids=tokens, attention_mask=mask).last_hidden_state
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return self.projection(pooled)
 
 
 def select_text_layers(total: int, text_layers: int | Sequence[int],
@@ -281,6 +398,96 @@ def _copy_text_from_teacher(student: StudentDualEncoder, teacher: nn.Module,
         student.logit_scale.copy_(teacher.logit_scale.detach().reshape(()))
 
 
+def build_hf_student(image_backbone: str = "vit_small_patch16_224",
+                     text_model: str = "huawei-noah/TinyBERT_General_4L_312D",
+                     teacher: nn.Module | None = None, image_pretrained: str | None = None,
+                     tiny: bool = False, pooling: str = "cls", context_length: int = 77,
+                     text_pretrained: bool = True) -> StudentDualEncoder:
+    """Table 1's compression baseline "f_v^S + f_t^TinyBERT": a timm image backbone and a Hugging
+    Face BERT-style text encoder (``text_model``: a hub name or a local directory, loaded with
+    ``transformers.AutoModel``/``AutoTokenizer``; ``text_pretrained=False`` keeps the architecture
+    with random weights), each with a linear projection to the teacher's embedding dim. Nothing
+    is copied from the teacher but the embedding dim and the logit scale. ``tiny=True`` builds a
+    tiny random BERT and a local WordPiece tokenizer instead (no network)."""
+    if teacher is None:
+        teacher = build_teacher(pretrained=None, tiny=tiny)
+    if pooling not in HF_POOLING:
+        raise ValueError(f"text pooling must be one of {HF_POOLING}, got {pooling!r}")
+    if tiny:
+        from transformers import BertConfig
+
+        tokenizer_json = _tiny_wordpiece_json()
+        from tokenizers import Tokenizer
+
+        vocab_size = Tokenizer.from_str(tokenizer_json).get_vocab_size()
+        hf_config = BertConfig(vocab_size=vocab_size, **TINY_BERT).to_dict()
+        hf_model = _hf_model_from_config(hf_config)
+        text_model = "tiny-bert"
+    else:
+        from transformers import AutoModel, AutoTokenizer
+
+        source = Path(text_model)
+        if (os.sep in text_model or text_model.startswith(".")) and not source.is_dir():
+            raise FileNotFoundError(f"text encoder directory not found: {text_model}")
+        tok = AutoTokenizer.from_pretrained(text_model)
+        if not getattr(tok, "is_fast", False):
+            raise ValueError(f"{text_model}: needs a fast (tokenizers) tokenizer")
+        tokenizer_json = tok.backend_tokenizer.to_str()
+        if text_pretrained:
+            try:
+                hf_model = AutoModel.from_pretrained(text_model, add_pooling_layer=False)
+            except TypeError:
+                hf_model = AutoModel.from_pretrained(text_model)
+            hf_config = hf_model.config.to_dict()
+        else:
+            from transformers import AutoConfig
+
+            hf_config = AutoConfig.from_pretrained(text_model).to_dict()
+            hf_model = _hf_model_from_config(hf_config)
+    from tokenizers import Tokenizer
+
+    probe = Tokenizer.from_str(tokenizer_json)
+    pad_id = probe.token_to_id("[PAD]")
+    if pad_id is None:
+        pad_id = hf_config.get("pad_token_id") or 0
+    context_length = min(int(context_length), int(hf_config.get("max_position_embeddings", 512)))
+    timm_kwargs = dict(TINY_STUDENT_TIMM) if tiny else {}
+    visual = _timm_create(image_backbone, image_pretrained, timm_kwargs)
+    data_cfg = timm.data.resolve_data_config({}, model=visual)
+    image_size = int(timm_kwargs.get("img_size", data_cfg["input_size"][-1]))
+    embed_dim = int(teacher.leanclip_config["open_clip_cfg"]["embed_dim"])
+    config: dict[str, Any] = {
+        "kind": "student",
+        "embed_dim": embed_dim,
+        "logit_scale": float(teacher.logit_scale.detach().reshape(-1)[0]),
+        "image": {"backbone": image_backbone, "timm_kwargs": timm_kwargs,
+                  "image_size": image_size, "mean": list(data_cfg["mean"]),
+                  "std": list(data_cfg["std"]), "pretrained": image_pretrained},
+        "text": {"kind": "hf", "name": text_model, "hf_config": hf_config,
+                 "tokenizer_json": tokenizer_json, "pooling": pooling,
+                 "context_length": context_length, "pad_id": int(pad_id),
+                 "width": int(hf_config["hidden_size"])},
+    }
+    return StudentDualEncoder(config, visual=visual, hf_text_model=hf_model)
+
+
+def build_student_from_settings(m: Mapping[str, Any], teacher: nn.Module, tiny: bool = False
+                                ) -> StudentDualEncoder:
+    """The student a stage-1/2 config's ``model:`` section describes: with ``text_encoder`` (a
+    Hugging Face name or directory; ``text_pooling``, ``text_context_length``) the HF-text
+    baseline of ``build_hf_student``, else the paper's student of ``build_student``."""
+    backbone = m.get("image_backbone", "vit_small_patch16_224")
+    if m.get("text_encoder"):
+        return build_hf_student(backbone, str(m["text_encoder"]), teacher=teacher,
+                                image_pretrained=m.get("image_pretrained"), tiny=tiny,
+                                pooling=m.get("text_pooling", "cls"),
+                                context_length=int(m.get("text_context_length", 77)),
+                                text_pretrained=bool(m.get("text_pretrained", True)))
+    return build_student(backbone, m.get("text_layers", 6), teacher=teacher,
+                         image_pretrained=m.get("image_pretrained"), tiny=tiny,
+                         text_layer_spacing=m.get("text_layer_spacing", "first"))
+
+
 def student_with_teacher_text(student: StudentDualEncoder, teacher: nn.Module
                               ) -> StudentDualEncoder:
     """The student's image tower paired with a full copy of the teacher's text tower: the
@@ -289,6 +496,9 @@ def student_with_teacher_text(student: StudentDualEncoder, teacher: nn.Module
     total = len(teacher.transformer.resblocks)
     config = copy.deepcopy(student.leanclip_config)
     text_cfg = teacher.leanclip_config["open_clip_cfg"]["text_cfg"]
+    if config["text"].get("kind", "clip") == "hf":  # replace the HF tower by a CLIP one
+        config["text"] = {"vocab_size": text_cfg.get("vocab_size", 49408),
+                          "context_length": text_cfg.get("context_length", 77)}
     config["text"].update({"layers": list(range(total)), "teacher_layers": total,
                            "width": text_cfg.get("width", 512), "heads": text_cfg.get("heads", 8),
                            "mlp_ratio": text_cfg.get("mlp_ratio", 4.0),
@@ -384,5 +594,23 @@ def load_model(path: PathLike) -> nn.Module:
 
 
 def tokenize(texts: Sequence[str], context_length: int = 77) -> torch.Tensor:
-    """open_clip's CLIP BPE tokenizer (the teacher's and the student's)."""
+    """open_clip's CLIP BPE tokenizer (the teacher's and the CLIP-text student's)."""
     return open_clip.tokenize(list(texts), context_length=context_length)
+
+
+def tokenize_for(model: nn.Module, texts: Sequence[str]) -> torch.Tensor:
+    """Token ids for ``model.encode_text``: the model's own ``tokenize`` when it has one (a
+    student with a Hugging Face text tower), else open_clip's at ``model.context_length``."""
+    unwrapped = getattr(model, "module", model)  # DistributedDataParallel
+    own = getattr(unwrapped, "tokenize", None)
+    if callable(own):
+        return own(list(texts))
+    return tokenize(texts, int(unwrapped.context_length))
+
+
+def has_own_tokenizer(model: nn.Module) -> bool:
+    """True when ``model`` tokenizes differently from the CLIP teacher (its token ids must not
+    be fed to the teacher)."""
+    unwrapped = getattr(model, "module", model)
+    text = getattr(unwrapped, "text", None)
+    return isinstance(text, HFTextTower) or bool(getattr(unwrapped, "own_tokenizer", False))

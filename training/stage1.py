@@ -35,8 +35,9 @@ from training.data import (ImageFiles, PairedCorpus, PairedImages, WebDatasetIma
                            collate_skipping, epoch_permutation, expand_shards, list_images,
                            load_paired, load_text_lines, prepare_pixels, read_webdataset_texts)
 from training.distributed import DistInfo, barrier, gather_with_grad, init_distributed
-from training.models import (build_student, build_teacher, model_config, read_checkpoint,
-                             save_checkpoint, tokenize)
+from training.models import (build_student_from_settings, build_teacher, has_own_tokenizer,
+                             model_config, read_checkpoint, save_checkpoint, tokenize,
+                             tokenize_for)
 from training.train_utils import (autocast, config_arg_parser, cosine_with_warmup,
                                   encode_image_files, encode_token_rows, load_config,
                                   load_size_for, make_optimizer, rng_state, scaled_warmup,
@@ -96,10 +97,7 @@ class Stage1Trainer:
         self.teacher = build_teacher(m.get("teacher_name", "ViT-B-32"),
                                      m.get("teacher_pretrained", "openai"), tiny=tiny)
         self.teacher.eval().requires_grad_(False)  # frozen, eval mode (paper: teacher fixed)
-        self.student = build_student(m.get("image_backbone", "vit_small_patch16_224"),
-                                     m.get("text_layers", 6), teacher=self.teacher,
-                                     image_pretrained=m.get("image_pretrained"), tiny=tiny,
-                                     text_layer_spacing=m.get("text_layer_spacing", "first"))
+        self.student = build_student_from_settings(m, self.teacher, tiny=tiny)
         self.teacher.to(self.info.device)
         self.student.to(self.info.device).train()
         self.modalities = list(self.cfg["modalities"])
@@ -125,9 +123,12 @@ class Stage1Trainer:
         self.load_size = load_size_for(self.teacher, self.student)
         self.amp = bool(self.cfg["amp"]) and self.info.device.type == "cuda"
         # int32 halves the memory of millions of tokenized captions; cast per batch
-        self.tokens = tokenize(self.paired.captions if self.paired else self.texts,
-                               int(self.student.context_length)).to(torch.int32) if (
+        texts = self.paired.captions if self.paired else self.texts
+        self.tokens = tokenize_for(self.student, texts).to(torch.int32) if (
             self.paired or self.texts) else torch.zeros(0, 77, dtype=torch.int32)
+        # a student with its own tokenizer (HF text tower): the teacher keeps CLIP's tokens
+        self.teacher_tokens = tokenize(texts, int(self.teacher.context_length)).to(
+            torch.int32) if has_own_tokenizer(self.student) and len(texts) else self.tokens
         self.teacher_image_cache: np.ndarray | None = None
         self.teacher_text_cache: np.ndarray | None = None
         self.step = 0
@@ -191,8 +192,8 @@ class Stage1Trainer:
             self.teacher_image_cache = self._memmap_cache("images", images, len(paths))
         if len(self.tokens) and (self.paired is not None or "text" in self.modalities):
             self.teacher_text_cache = self._memmap_cache(
-                "texts", lambda: encode_token_rows(self.teacher, self.tokens, bs, self.info,
-                                                   self.amp), len(self.tokens))
+                "texts", lambda: encode_token_rows(self.teacher, self.teacher_tokens, bs,
+                                                   self.info, self.amp), len(self.tokens))
 
     # ------------------------------------------------------------ data
     def _local_rows(self, order: np.ndarray, start: int, stop: int) -> np.ndarray:
@@ -273,7 +274,8 @@ class Stage1Trainer:
             with autocast(device, self.amp):
                 s_img, s_txt = forward(prepare_pixels(self.student, pixels), tokens)
             if "image" in self.modalities:
-                t_txt = self._teacher_texts(caption_index, tokens)
+                t_txt = self._teacher_texts(caption_index,
+                                            self.teacher_tokens[caption_index].to(device).long())
                 t2v, v2t = losses.clip_loss(gather_with_grad(s_img.float()),
                                             gather_with_grad(t_txt), scale)
                 parts["image_intermodal"] = float((t2v + v2t).detach())
@@ -299,7 +301,9 @@ class Stage1Trainer:
             parts["image"] = float((l_img).detach())
             loss = loss + l_img
         if s_txt is not None:
-            l_txt = self._distill(s_txt, self._teacher_texts(torch.as_tensor(text_rows), tokens))
+            rows = torch.as_tensor(text_rows)
+            l_txt = self._distill(s_txt, self._teacher_texts(
+                rows, self.teacher_tokens[rows].to(device).long()))
             parts["text"] = float((l_txt).detach())
             loss = loss + l_txt
         return loss, parts

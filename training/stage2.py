@@ -46,8 +46,9 @@ from training.data import (PairedImages, collate_skipping, load_paired, prepare_
 from training.distributed import (DistInfo, barrier, gather_no_grad,
                                   gather_with_grad, init_distributed)
 from training.evaluate import retrieval_recalls
-from training.models import (build_student, build_teacher, load_model, read_checkpoint,
-                             save_checkpoint, student_with_teacher_text, tokenize)
+from training.models import (build_student_from_settings, build_teacher, has_own_tokenizer,
+                             load_model, read_checkpoint, save_checkpoint,
+                             student_with_teacher_text, tokenize, tokenize_for)
 from training.train_utils import (autocast, config_arg_parser, cosine_with_warmup,
                                   encode_image_files, encode_token_rows, load_config,
                                   load_size_for, make_optimizer, rng_state, scaled_warmup,
@@ -88,17 +89,18 @@ def build_stage2_models(config: Mapping[str, Any]) -> tuple[nn.Module, nn.Module
                              mcfg.get("teacher_pretrained", "openai"), tiny=tiny), teacher_ft
     if kind != "student":
         raise ValueError(f"model.kind must be 'teacher' or 'student', got {kind!r}")
-    if teacher_ft is None:
+    if teacher_ft is None and not mcfg.get("init"):
+        # (a stage-1 student fine-tuned without KD and against its own towers needs no teacher:
+        # the TinyBERT baseline)
         raise ValueError("student fine-tuning needs 'teacher:' (the fine-tuned teacher T', a "
                          "leanclip checkpoint from the teacher_sf config, or an open_clip tag)")
     if mcfg.get("init"):  # the stage-1 student
         student = load_model(mcfg["init"])
     else:  # "w/o stage-1": image backbone from its own pre-training, text copied from T'
-        student = build_student(mcfg.get("image_backbone", "vit_small_patch16_224"),
-                                mcfg.get("text_layers", 6), teacher=teacher_ft,
-                                image_pretrained=mcfg.get("image_pretrained"), tiny=tiny,
-                                text_layer_spacing=mcfg.get("text_layer_spacing", "first"))
+        student = build_student_from_settings(mcfg, teacher_ft, tiny=tiny)
     if mcfg.get("text_from_teacher", False):
+        if teacher_ft is None:
+            raise ValueError("model.text_from_teacher needs 'teacher:'")
         student = student_with_teacher_text(student, teacher_ft)
     return student.train(), teacher_ft
 
@@ -117,6 +119,9 @@ class PairedEncoders(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.text_model.encode_text(tokens)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return tokenize_for(self.text_model, texts)
 
 
 class TrainableSides(nn.Module):
@@ -216,8 +221,12 @@ class Stage2Trainer:
                 raise ValueError(f"unknown phase {phase!r}; use {PHASES}")
         self.train = load_paired(config["data"]["train"])
         self.val = load_paired(config["data"]["val"]) if config["data"].get("val") else None
-        self.tokens = tokenize(self.train.captions,
-                               int(self.model.context_length)).to(torch.int32)
+        self.tokens = tokenize_for(self.model, self.train.captions).to(torch.int32)
+        # a student with its own tokenizer (HF text tower): T' keeps CLIP's tokens
+        self.teacher_tokens = self.tokens
+        if self.teacher is not None and has_own_tokenizer(self.model):
+            self.teacher_tokens = tokenize(self.train.captions,
+                                           int(self.teacher.context_length)).to(torch.int32)
         self.load_size = load_size_for(*(m for m in (self.model, self.teacher) if m is not None))
         self.amp = bool(self.train_cfg["amp"]) and self.info.device.type == "cuda"
         self.state = Stage2State()
@@ -254,7 +263,8 @@ class Stage2Trainer:
                                   int(self.train_cfg["num_workers"]), self.amp)
 
     def _encode_texts(self, model: nn.Module, rows: np.ndarray | None = None) -> np.ndarray:
-        tokens = self.tokens if rows is None else self.tokens[torch.as_tensor(rows)]
+        table = self.teacher_tokens if model is self.teacher else self.tokens
+        tokens = table if rows is None else table[torch.as_tensor(rows)]
         return encode_token_rows(model, tokens, int(self.train_cfg["eval_batch_size"]),
                                  self.info, self.amp)
 
