@@ -14,6 +14,7 @@ use half::slice::HalfFloatSliceExt;
 use memmap2::Mmap;
 use rayon::prelude::*;
 use rustc_hash::{FxHashMap, FxHashSet};
+use std::mem::MaybeUninit;
 use std::sync::{Arc, OnceLock};
 
 /// Largest supported dimension (keeps offsets and per-row work sane).
@@ -90,26 +91,43 @@ impl Store {
     }
 }
 
-/// Where `encode_into` writes.
+/// Where `encode_into` writes: not yet initialized storage (spare capacity of a Vec).
 enum EncodeTarget<'a> {
-    F32(&'a mut [f32]),
-    F16(&'a mut [f16]),
-    I8(&'a mut [i8], &'a mut [f32]),
+    F32(&'a mut [MaybeUninit<f32>]),
+    F16(&'a mut [MaybeUninit<f16>]),
+    I8(&'a mut [MaybeUninit<i8>], &'a mut [MaybeUninit<f32>]),
 }
 
-/// Grows `v` by `extra` zeroed elements (zeroed in parallel, so the page faults of a large
-/// batch are spread over the threads too) and returns the new tail.
-fn grow<T: Pod + Send>(v: &mut Vec<T>, extra: usize) -> &mut [T] {
-    let old = v.len();
+/// Reserves room for `extra` more elements in `v` and returns that spare capacity, not yet
+/// initialized (so not yet touched: the encoding pass that fills it also faults its pages in,
+/// spread over the threads). Commit it with `commit` once every element is written.
+fn spare<T>(v: &mut Vec<T>, extra: usize) -> &mut [MaybeUninit<T>] {
     v.reserve(extra);
-    advise_huge_pages(&mut v.spare_capacity_mut()[..extra]);
-    v.spare_capacity_mut()[..extra]
-        .par_chunks_mut(1 << 16)
-        .for_each(|c| c.fill(std::mem::MaybeUninit::new(T::zeroed())));
-    // SAFETY: `reserve` made room for `extra` more elements and the loop above initialized
-    // every one of them (spare_capacity_mut()[..extra] covers exactly old..old + extra).
-    unsafe { v.set_len(old + extra) };
-    &mut v[old..]
+    let tail = &mut v.spare_capacity_mut()[..extra];
+    advise_huge_pages(tail);
+    tail
+}
+
+/// Marks the `extra` elements after `v.len()` as part of `v`.
+///
+/// # Safety
+/// Every one of those elements (`v.spare_capacity_mut()[..extra]`) must have been initialized.
+unsafe fn commit<T>(v: &mut Vec<T>, extra: usize) {
+    debug_assert!(v.capacity() - v.len() >= extra);
+    // SAFETY: the caller guarantees the `extra` elements past the length are initialized, and
+    // they lie within the capacity (they came from `spare`).
+    unsafe { v.set_len(v.len() + extra) };
+}
+
+/// Copies `src` into the not yet initialized `dst` (same length).
+#[inline(always)]
+fn write_copy<T: Copy>(dst: &mut [MaybeUninit<T>], src: &[T]) {
+    assert_eq!(dst.len(), src.len());
+    // SAFETY: both slices hold `src.len()` elements (checked above), `MaybeUninit<T>` has the
+    // layout of `T`, and a `&mut` slice cannot overlap a `&` slice.
+    unsafe {
+        std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr().cast::<T>(), src.len());
+    }
 }
 
 /// Asks Linux to back a large, not yet touched buffer with transparent huge pages: a batch of
@@ -184,32 +202,316 @@ pub(crate) fn check_dim(dim: usize) -> Result<()> {
     Ok(())
 }
 
+/// The largest `|x|` of a row as raw bits (sign cleared). For non-negative floats the bit
+/// patterns order like the values, so one integer max answers "any NaN or inf?"
+/// (`>= INF_BITS`), "all zero?" (`== 0`) and "any value beyond the float16 range?".
+#[inline(always)]
+fn max_abs_bits(row: &[f32]) -> u32 {
+    const LANES: usize = 16;
+    let mut acc = [0u32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a = (*a).max(v.to_bits() & 0x7fff_ffff);
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(0, |m, v| m.max(v.to_bits() & 0x7fff_ffff));
+    acc.iter().fold(tail, |m, &a| m.max(a))
+}
+
+/// Bits of +inf: `max_abs_bits(row) >= INF_BITS` means the row holds a NaN or an inf.
+const INF_BITS: u32 = 0x7f80_0000;
+
+/// The first failing row of a batch, by kind (the kinds are reported in this order).
+#[derive(Clone, Copy, Default)]
+struct Faults {
+    /// NaN or inf, or a zero vector under cos.
+    bad: Option<usize>,
+    /// A value beyond the float16 range (f16 storage under ip / l2 only).
+    f16_overflow: Option<usize>,
+}
+
+impl Faults {
+    fn first(a: Option<usize>, b: Option<usize>) -> Option<usize> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+    fn merge(self, other: Faults) -> Faults {
+        Faults {
+            bad: Self::first(self.bad, other.bad),
+            f16_overflow: Self::first(self.f16_overflow, other.f16_overflow),
+        }
+    }
+    /// Records row `r` given its `max_abs_bits`.
+    #[inline(always)]
+    fn note(&mut self, r: usize, bits: u32, metric: Metric, f16_range: bool) {
+        if self.bad.is_none() && (bits >= INF_BITS || (metric == Metric::Cos && bits == 0)) {
+            self.bad = Some(r);
+        }
+        if f16_range && self.f16_overflow.is_none() && bits > F16_MAX.to_bits() {
+            self.f16_overflow = Some(r);
+        }
+    }
+    /// The error for the first failing row: NaN / inf / zero anywhere first, then f16 range.
+    fn check(self, vectors: &[f32], dim: usize, metric: Metric, what: &str) -> Result<()> {
+        if let Some(r) = self.bad {
+            let row = &vectors[r * dim..(r + 1) * dim];
+            return if max_abs_bits(row) >= INF_BITS {
+                invalid(format!(
+                    "{what}[{r}] contains NaN or inf; expected finite values"
+                ))
+            } else {
+                debug_assert!(metric == Metric::Cos);
+                invalid(format!(
+                    "{what}[{r}] is a zero vector, which has no direction under metric \"cos\"; \
+                     expected a non-zero vector"
+                ))
+            };
+        }
+        if let Some(r) = self.f16_overflow {
+            return invalid(format!(
+                "{what}[{r}] has a value beyond the float16 range (|x| <= {F16_MAX}); \
+                 expected values that fit dtype \"f16\""
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Checks every row of `vectors` (`dim` values each) is finite, and non-zero under cosine.
 pub(crate) fn check_rows(vectors: &[f32], dim: usize, metric: Metric, what: &str) -> Result<()> {
     let bad = vectors
         .par_chunks(dim * ENCODE_CHUNK)
         .enumerate()
         .find_map_first(|(chunk, block)| {
-            block.chunks_exact(dim).enumerate().find_map(|(i, row)| {
-                let r = chunk * ENCODE_CHUNK + i;
-                if row.iter().any(|v| !v.is_finite()) {
-                    Some(format!(
-                        "{what}[{r}] contains NaN or inf; expected finite values"
-                    ))
-                } else if metric == Metric::Cos && row.iter().all(|&v| v == 0.0) {
-                    Some(format!(
-                    "{what}[{r}] is a zero vector, which has no direction under metric \"cos\"; \
-                     expected a non-zero vector"
-                ))
-                } else {
-                    None
+            let mut faults = Faults::default();
+            for (i, row) in block.chunks_exact(dim).enumerate() {
+                faults.note(chunk * ENCODE_CHUNK + i, max_abs_bits(row), metric, false);
+                if faults.bad.is_some() {
+                    return faults.bad;
                 }
-            })
+            }
+            None
         });
-    match bad {
-        Some(msg) => invalid(msg),
-        None => Ok(()),
+    Faults {
+        bad,
+        f16_overflow: None,
     }
+    .check(vectors, dim, metric, what)
+}
+
+/// `kernels::quantize_row_i8`'s `round_small(x.clamp(-127.0, 127.0)) as i8` (round to nearest,
+/// ties to even; NaN -> 0) without a float -> int conversion, which does not vectorize: for
+/// |x| <= 127, x + 1.5 * 2^23 lies in a binade where one unit is one ulp, so its bits minus
+/// those of 1.5 * 2^23 are the rounded integer.
+#[inline(always)]
+fn round_clamp_i8(x: f32) -> i8 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it leaves no fraction bits
+    let y = x.clamp(-127.0, 127.0) + MAGIC;
+    if y.is_nan() {
+        0
+    } else {
+        (y.to_bits() as i32 - MAGIC.to_bits() as i32) as i8
+    }
+}
+
+/// `kernels::quantize_row_i8` of the row `x * norm` (`norm` = 1 for no normalization), given
+/// `max_abs` = max |x|, writing `out`; returns the scale. Bit for bit the same result:
+/// rounding is monotonic, so max |fl(x * norm)| = fl(max |x| * norm).
+#[inline(always)]
+fn quantize_i8_into(
+    x: &[f32],
+    norm: Option<f32>,
+    max_abs: f32,
+    out: &mut [MaybeUninit<i8>],
+) -> f32 {
+    let max_abs = match norm {
+        Some(n) => max_abs * n,
+        None => max_abs,
+    };
+    if max_abs == 0.0 {
+        out.iter_mut().for_each(|o| {
+            o.write(0);
+        });
+        return 0.0;
+    }
+    let inv = 127.0 / max_abs;
+    match norm {
+        Some(n) => {
+            for (o, &v) in out.iter_mut().zip(x) {
+                o.write(round_clamp_i8(v * n * inv));
+            }
+        }
+        None => {
+            for (o, &v) in out.iter_mut().zip(x) {
+                o.write(round_clamp_i8(v * inv));
+            }
+        }
+    }
+    max_abs / 127.0
+}
+
+/// Validates and encodes one chunk of rows (`src`, `dim` values each, the first being row
+/// `first_row`) into `dst` in one pass: every element of `dst` is written, whatever the input
+/// (a failing row is encoded as garbage that the caller never commits). `scratch` holds `dim`
+/// values.
+#[inline(always)]
+fn encode_chunk(
+    src: &[f32],
+    dst: ChunkTarget<'_>,
+    first_row: usize,
+    dim: usize,
+    metric: Metric,
+    scratch: &mut [f16],
+) -> Faults {
+    let cos = metric == Metric::Cos;
+    let mut faults = Faults::default();
+    let f16_range = matches!(dst, ChunkTarget::F16(_)) && !cos;
+    let mut note = |i: usize, row: &[f32]| {
+        let bits = max_abs_bits(row);
+        faults.note(first_row + i, bits, metric, f16_range);
+        bits
+    };
+    // 1 / |row| under cos (the stored row is `row * inv`).
+    let inv_norm = |row: &[f32]| 1.0 / kernels::sqnorm_f32(row).sqrt();
+    match dst {
+        ChunkTarget::F32(d) => {
+            for (i, (dr, sr)) in d
+                .chunks_exact_mut(dim)
+                .zip(src.chunks_exact(dim))
+                .enumerate()
+            {
+                note(i, sr);
+                if cos {
+                    let inv = inv_norm(sr);
+                    for (o, &v) in dr.iter_mut().zip(sr) {
+                        o.write(v * inv);
+                    }
+                } else {
+                    write_copy(dr, sr);
+                }
+            }
+        }
+        ChunkTarget::F16(d) => {
+            let mut normalized = Vec::new();
+            for (i, (dr, sr)) in d
+                .chunks_exact_mut(dim)
+                .zip(src.chunks_exact(dim))
+                .enumerate()
+            {
+                note(i, sr);
+                let row = if cos {
+                    let inv = inv_norm(sr);
+                    normalized.clear();
+                    normalized.extend(sr.iter().map(|v| v * inv));
+                    &normalized[..]
+                } else {
+                    sr
+                };
+                scratch.convert_from_f32_slice(row);
+                write_copy(dr, scratch);
+            }
+        }
+        ChunkTarget::I8(d, scales) => {
+            for (i, ((dr, sr), scale)) in d
+                .chunks_exact_mut(dim)
+                .zip(src.chunks_exact(dim))
+                .zip(scales)
+                .enumerate()
+            {
+                let bits = note(i, sr);
+                let norm = cos.then(|| inv_norm(sr));
+                scale.write(quantize_i8_into(sr, norm, f32::from_bits(bits), dr));
+            }
+        }
+    }
+    faults
+}
+
+/// One chunk's share of an [`EncodeTarget`].
+enum ChunkTarget<'a> {
+    F32(&'a mut [MaybeUninit<f32>]),
+    F16(&'a mut [MaybeUninit<f16>]),
+    I8(&'a mut [MaybeUninit<i8>], &'a mut [MaybeUninit<f32>]),
+}
+
+/// `encode_chunk` compiled for AVX2 (same operations, wider vectors: results are identical).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn encode_chunk_avx2(
+    src: &[f32],
+    dst: ChunkTarget<'_>,
+    first_row: usize,
+    dim: usize,
+    metric: Metric,
+    scratch: &mut [f16],
+) -> Faults {
+    encode_chunk(src, dst, first_row, dim, metric, scratch)
+}
+
+/// Validates `vectors` (n x dim: finite, non-zero under cos, within the float16 range for f16
+/// storage under ip / l2) and encodes them into `dst` in one parallel pass. On `Ok` every
+/// element of `dst` is initialized; on `Err` (the first failing row, NaN / inf / zero before
+/// f16 range) its contents are unspecified and must not be committed.
+fn encode_into(vectors: &[f32], dim: usize, metric: Metric, dst: EncodeTarget<'_>) -> Result<()> {
+    // Callers commit `dst` on Ok, so it must be covered exactly: chunk i of `vectors` pairs
+    // with chunk i of `dst`, and `encode_chunk` writes every element of the chunk it gets.
+    assert!(vectors.len().is_multiple_of(dim));
+    let n = vectors.len() / dim;
+    match &dst {
+        EncodeTarget::F32(out) => assert_eq!(out.len(), vectors.len()),
+        EncodeTarget::F16(out) => assert_eq!(out.len(), vectors.len()),
+        EncodeTarget::I8(out, scales) => {
+            assert_eq!(out.len(), vectors.len());
+            assert_eq!(scales.len(), n);
+        }
+    }
+    let chunk = dim * ENCODE_CHUNK;
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = kernels::level() != kernels::Level::Scalar;
+    let run = |(c, (src, dst)): (usize, (&[f32], ChunkTarget<'_>))| {
+        let mut scratch = vec![f16::ZERO; dim];
+        let first = c * ENCODE_CHUNK;
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: every level above Scalar on x86-64 requires AVX2 (kernels::available_levels).
+            return unsafe { encode_chunk_avx2(src, dst, first, dim, metric, &mut scratch) };
+        }
+        encode_chunk(src, dst, first, dim, metric, &mut scratch)
+    };
+    let faults = match dst {
+        EncodeTarget::F32(out) => vectors
+            .par_chunks(chunk)
+            .zip(out.par_chunks_mut(chunk).map(ChunkTarget::F32))
+            .enumerate()
+            .map(run)
+            .reduce(Faults::default, Faults::merge),
+        EncodeTarget::F16(out) => vectors
+            .par_chunks(chunk)
+            .zip(out.par_chunks_mut(chunk).map(ChunkTarget::F16))
+            .enumerate()
+            .map(run)
+            .reduce(Faults::default, Faults::merge),
+        EncodeTarget::I8(out, scales) => vectors
+            .par_chunks(chunk)
+            .zip(
+                out.par_chunks_mut(chunk)
+                    .zip(scales.par_chunks_mut(ENCODE_CHUNK))
+                    .map(|(d, s)| ChunkTarget::I8(d, s)),
+            )
+            .enumerate()
+            .map(run)
+            .reduce(Faults::default, Faults::merge),
+    };
+    faults.check(vectors, dim, metric, "vectors")
 }
 
 impl Index {
@@ -299,145 +601,89 @@ impl Index {
         Ok(())
     }
 
-    /// Validates `vectors` (n x dim): finite, non-zero under cos, within range of f16 storage.
-    fn validate(&self, vectors: &[f32]) -> Result<()> {
-        check_rows(vectors, self.dim, self.metric, "vectors")?;
-        // Under cos the stored values are unit-normalized, so only ip / l2 can overflow f16.
-        if self.dtype == DType::F16 && self.metric != Metric::Cos {
-            let dim = self.dim;
-            let bad = vectors
-                .par_chunks(dim * ENCODE_CHUNK)
-                .enumerate()
-                .find_map_first(|(chunk, block)| {
-                    block
-                        .chunks_exact(dim)
-                        .position(|row| row.iter().any(|v| v.abs() > F16_MAX))
-                        .map(|i| chunk * ENCODE_CHUNK + i)
-                });
-            if let Some(r) = bad {
-                return invalid(format!(
-                    "vectors[{r}] has a value beyond the float16 range (|x| <= {F16_MAX}); \
-                     expected values that fit dtype \"f16\""
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// Converts validated vectors to the stored form, writing `dst` (and `dst_scales` for i8)
-    /// in parallel. `dst` holds exactly `vectors.len()` elements.
-    fn encode_into(&self, vectors: &[f32], dst: EncodeTarget<'_>) {
-        let dim = self.dim;
-        let normalize = self.metric == Metric::Cos;
-        let chunk = dim * ENCODE_CHUNK;
-        // Writes the row to encode (normalized under cos) into `scratch`, or borrows it.
-        let prepared = move |row: &[f32], scratch: &mut Vec<f32>| {
-            if normalize {
-                let inv = 1.0 / kernels::sqnorm_f32(row).sqrt();
-                scratch.clear();
-                scratch.extend(row.iter().map(|v| v * inv));
-            }
-        };
-        match dst {
-            EncodeTarget::F32(out) => {
-                out.par_chunks_mut(chunk)
-                    .zip(vectors.par_chunks(chunk))
-                    .for_each(|(d, s)| {
-                        d.copy_from_slice(s);
-                        if normalize {
-                            for row in d.chunks_exact_mut(dim) {
-                                let inv = 1.0 / kernels::sqnorm_f32(row).sqrt();
-                                row.iter_mut().for_each(|v| *v *= inv);
-                            }
-                        }
-                    });
-            }
-            EncodeTarget::F16(out) => {
-                out.par_chunks_mut(chunk)
-                    .zip(vectors.par_chunks(chunk))
-                    .for_each(|(d, s)| {
-                        if !normalize {
-                            d.convert_from_f32_slice(s);
-                            return;
-                        }
-                        let mut scratch = Vec::with_capacity(dim);
-                        for (dr, sr) in d.chunks_exact_mut(dim).zip(s.chunks_exact(dim)) {
-                            prepared(sr, &mut scratch);
-                            dr.convert_from_f32_slice(&scratch);
-                        }
-                    });
-            }
-            EncodeTarget::I8(out, scales) => {
-                out.par_chunks_mut(chunk)
-                    .zip(scales.par_chunks_mut(ENCODE_CHUNK))
-                    .zip(vectors.par_chunks(chunk))
-                    .for_each(|((d, sc), s)| {
-                        let mut scratch = Vec::with_capacity(dim);
-                        for ((dr, sr), scale) in
-                            d.chunks_exact_mut(dim).zip(s.chunks_exact(dim)).zip(sc)
-                        {
-                            let row = if normalize {
-                                prepared(sr, &mut scratch);
-                                &scratch[..]
-                            } else {
-                                sr
-                            };
-                            *scale = kernels::quantize_row_i8(row, dr);
-                        }
-                    });
-            }
-        }
-    }
-
     /// Validates and converts `vectors` into new buffers (for upsert).
     fn encode(&self, vectors: &[f32]) -> Result<Encoded> {
-        self.validate(vectors)?;
         let n = vectors.len() / self.dim;
+        let (dim, metric) = (self.dim, self.metric);
         Ok(match self.dtype {
             DType::F32 => {
-                let mut out = vec![0f32; vectors.len()];
-                self.encode_into(vectors, EncodeTarget::F32(&mut out));
+                let mut out = Vec::new();
+                encode_into(
+                    vectors,
+                    dim,
+                    metric,
+                    EncodeTarget::F32(spare(&mut out, vectors.len())),
+                )?;
+                // SAFETY: encode_into returned Ok, so it initialized all of the spare elements.
+                unsafe { commit(&mut out, vectors.len()) };
                 Encoded::F32(out)
             }
             DType::F16 => {
-                let mut out = vec![f16::ZERO; vectors.len()];
-                self.encode_into(vectors, EncodeTarget::F16(&mut out));
+                let mut out = Vec::new();
+                encode_into(
+                    vectors,
+                    dim,
+                    metric,
+                    EncodeTarget::F16(spare(&mut out, vectors.len())),
+                )?;
+                // SAFETY: encode_into returned Ok, so it initialized all of the spare elements.
+                unsafe { commit(&mut out, vectors.len()) };
                 Encoded::F16(out)
             }
             DType::I8 => {
-                let mut out = vec![0i8; vectors.len()];
-                let mut scales = vec![0f32; n];
-                self.encode_into(vectors, EncodeTarget::I8(&mut out, &mut scales));
+                let (mut out, mut scales) = (Vec::new(), Vec::new());
+                encode_into(
+                    vectors,
+                    dim,
+                    metric,
+                    EncodeTarget::I8(spare(&mut out, vectors.len()), spare(&mut scales, n)),
+                )?;
+                // SAFETY: encode_into returned Ok, so it initialized all of the spare elements
+                // of both (`n` scales, one per row).
+                unsafe {
+                    commit(&mut out, vectors.len());
+                    commit(&mut scales, n);
+                }
                 Encoded::I8(out, scales)
             }
         })
     }
 
-    /// Validates and converts `vectors`, appending them straight to storage (for add).
+    /// Validates and converts `vectors`, writing them straight into storage's spare capacity and
+    /// committing them only if every row passed (for add): a failing call changes nothing.
     fn append_encoded(&mut self, vectors: &[f32]) -> Result<()> {
-        self.validate(vectors)?;
         let n = vectors.len() / self.dim;
-        let mut store = std::mem::replace(&mut self.store, Store::empty(self.dtype));
-        let result = (|| {
-            match &mut store {
-                Store::F32(b) => self.encode_into(
+        let (dim, metric, len) = (self.dim, self.metric, vectors.len());
+        match &mut self.store {
+            Store::F32(b) => {
+                let v = b.owned_mut()?;
+                encode_into(vectors, dim, metric, EncodeTarget::F32(spare(v, len)))?;
+                // SAFETY: encode_into returned Ok, so it initialized all of the spare elements.
+                unsafe { commit(v, len) };
+            }
+            Store::F16(b) => {
+                let v = b.owned_mut()?;
+                encode_into(vectors, dim, metric, EncodeTarget::F16(spare(v, len)))?;
+                // SAFETY: encode_into returned Ok, so it initialized all of the spare elements.
+                unsafe { commit(v, len) };
+            }
+            Store::I8 { data, scales } => {
+                let (d, s) = (data.owned_mut()?, scales.owned_mut()?);
+                encode_into(
                     vectors,
-                    EncodeTarget::F32(grow(b.owned_mut()?, vectors.len())),
-                ),
-                Store::F16(b) => self.encode_into(
-                    vectors,
-                    EncodeTarget::F16(grow(b.owned_mut()?, vectors.len())),
-                ),
-                Store::I8 { data, scales } => {
-                    let d = grow(data.owned_mut()?, vectors.len());
-                    let s = grow(scales.owned_mut()?, n);
-                    self.encode_into(vectors, EncodeTarget::I8(d, s))
+                    dim,
+                    metric,
+                    EncodeTarget::I8(spare(d, len), spare(s, n)),
+                )?;
+                // SAFETY: encode_into returned Ok, so it initialized all of the spare elements
+                // of both (`n` scales, one per row).
+                unsafe {
+                    commit(d, len);
+                    commit(s, n);
                 }
             }
-            Ok(())
-        })();
-        self.store = store;
-        result
+        }
+        Ok(())
     }
 
     fn push_rows(&mut self, keys: &[u64], encoded: Encoded) -> Result<()> {
@@ -671,4 +917,183 @@ fn gather<T: Copy>(v: &[T], rows: &[usize], width: usize) -> Vec<T> {
         out.extend_from_slice(&v[r * width..(r + 1) * width]);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows that exercise the encoders' edge cases: random, tiny (denormal maximum, where
+    /// 127 / max overflows), huge, ties, signed zeros, a single non-zero.
+    fn edge_rows(dim: usize) -> Vec<f32> {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut rnd = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let mut rows = Vec::new();
+        for r in 0..40 {
+            for i in 0..dim {
+                let v = rnd();
+                rows.push(match r {
+                    0 => f32::from_bits(1) * (i % 3 + 1) as f32,
+                    1 => v * 1e-40,
+                    2 => v * 3e38,
+                    3 => (i as f32 - dim as f32 / 2.0) * 0.5,
+                    4 => {
+                        if i == 7 % dim {
+                            -2.5
+                        } else {
+                            -0.0
+                        }
+                    }
+                    5 => v * 60000.0,
+                    _ => v * (r as f32),
+                });
+            }
+        }
+        rows
+    }
+
+    /// The encoding as it was done before it was fused with validation: normalize a copy
+    /// under cos, then convert / quantize with the kernels' routine.
+    fn reference(rows: &[f32], dim: usize, metric: Metric, dtype: DType) -> (Vec<u32>, Vec<f32>) {
+        let mut bits = Vec::new();
+        let mut scales = Vec::new();
+        for row in rows.chunks_exact(dim) {
+            let row: Vec<f32> = if metric == Metric::Cos {
+                let inv = 1.0 / kernels::sqnorm_f32(row).sqrt();
+                row.iter().map(|v| v * inv).collect()
+            } else {
+                row.to_vec()
+            };
+            match dtype {
+                DType::F32 => bits.extend(row.iter().map(|v| v.to_bits())),
+                DType::F16 => bits.extend(row.iter().map(|&v| f16::from_f32(v).to_bits() as u32)),
+                DType::I8 => {
+                    let mut q = vec![0i8; dim];
+                    scales.push(kernels::quantize_row_i8(&row, &mut q));
+                    bits.extend(q.iter().map(|&v| v as u8 as u32));
+                }
+            }
+        }
+        (bits, scales)
+    }
+
+    #[test]
+    fn fused_encoding_matches_the_reference_bit_for_bit() {
+        for dim in [1usize, 7, 16, 37, 512] {
+            let rows = edge_rows(dim);
+            let n = rows.len() / dim;
+            let keys: Vec<u64> = (0..n as u64).collect();
+            for metric in [Metric::Cos, Metric::Ip, Metric::L2] {
+                for dtype in [DType::F32, DType::F16, DType::I8] {
+                    let mut index = Index::new(dim, metric, dtype).unwrap();
+                    // f16 under ip / l2 rejects the huge row: leave it out there.
+                    let usable: Vec<f32> = rows
+                        .chunks_exact(dim)
+                        .filter(|r| {
+                            dtype != DType::F16
+                                || metric == Metric::Cos
+                                || r.iter().all(|v| v.abs() <= F16_MAX)
+                        })
+                        .flatten()
+                        .copied()
+                        .collect();
+                    let m = usable.len() / dim;
+                    index.add(&keys[..m], &usable).unwrap();
+                    let (want, want_scales) = reference(&usable, dim, metric, dtype);
+                    let (got, got_scales): (Vec<u32>, Vec<f32>) = match &index.store {
+                        Store::F32(b) => {
+                            (b.as_slice().iter().map(|v| v.to_bits()).collect(), vec![])
+                        }
+                        Store::F16(b) => (
+                            b.as_slice().iter().map(|v| v.to_bits() as u32).collect(),
+                            vec![],
+                        ),
+                        Store::I8 { data, scales } => (
+                            data.as_slice().iter().map(|&v| v as u8 as u32).collect(),
+                            scales.as_slice().to_vec(),
+                        ),
+                    };
+                    assert_eq!(got, want, "{dim} {metric:?} {dtype:?}");
+                    let bits = |s: &[f32]| s.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&got_scales),
+                        bits(&want_scales),
+                        "{dim} {metric:?} {dtype:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rounding_matches_the_kernels_for_every_input_kind() {
+        let mut values: Vec<f32> = (-600..=600).map(|i| i as f32 * 0.25).collect();
+        values.extend([
+            f32::NAN,
+            -f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -0.0,
+            0.0,
+        ]);
+        values.extend([126.5, -126.5, 127.49, 1e30, -1e30, f32::from_bits(1)]);
+        for &v in &values {
+            let want = ((v.clamp(-127.0, 127.0) + 12_582_912.0) - 12_582_912.0) as i32 as i8;
+            assert_eq!(round_clamp_i8(v), want, "{v}");
+        }
+    }
+
+    #[test]
+    fn a_failing_batch_reports_the_first_bad_row_and_changes_nothing() {
+        let dim = 8;
+        for dtype in [DType::F32, DType::F16, DType::I8] {
+            for metric in [Metric::Cos, Metric::Ip] {
+                let mut index = Index::new(dim, metric, dtype).unwrap();
+                index.add(&[1 << 40], &[1.0; 8]).unwrap();
+                let before = index.get(&[1 << 40]).unwrap();
+                let n = 3000;
+                let mut rows = vec![0.5f32; n * dim];
+                rows[1500 * dim + 3] = 1e6; // beyond f16 range (f16 ip only)
+                rows[2900 * dim] = f32::NAN;
+                rows[2000 * dim..2001 * dim].fill(0.0); // zero (cos only)
+                let keys: Vec<u64> = (0..n as u64).collect();
+                let err = index.add(&keys, &rows).unwrap_err().to_string();
+                let want = if metric == Metric::Cos {
+                    "vectors[2000] is a zero"
+                } else {
+                    "vectors[2900] contains NaN"
+                };
+                assert!(err.contains(want), "{err}");
+                rows[2900 * dim] = 0.5;
+                rows[2000 * dim] = 0.5;
+                match index.add(&keys, &rows) {
+                    Err(e) => {
+                        assert!(dtype == DType::F16 && metric == Metric::Ip);
+                        assert!(
+                            e.to_string().contains("vectors[1500] has a value beyond"),
+                            "{e}"
+                        );
+                    }
+                    Ok(()) => assert_eq!(index.len(), n + 1),
+                }
+                if index.len() == 1 {
+                    let stored = match &index.store {
+                        Store::F32(b) => b.as_slice().len(),
+                        Store::F16(b) => b.as_slice().len(),
+                        Store::I8 { data, scales } => {
+                            assert_eq!(scales.as_slice().len(), 1);
+                            data.as_slice().len()
+                        }
+                    };
+                    assert_eq!(stored, dim);
+                    assert_eq!(index.get(&[1 << 40]).unwrap(), before);
+                }
+            }
+        }
+    }
 }
