@@ -40,10 +40,25 @@ fn gemm_only(q: &[f32], x: &[f32], dim: usize, qb: usize, nb: usize) -> f32 {
                 // SAFETY: in-bounds row-major matrices for the given shapes and strides.
                 unsafe {
                     gemm::gemm(
-                        m, w, dim, tile.as_mut_ptr(), 1, w as isize, false,
-                        q[q0 * dim..].as_ptr(), 1, dim as isize,
-                        x[r0 * dim..].as_ptr(), dim as isize, 1,
-                        0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                        m,
+                        w,
+                        dim,
+                        tile.as_mut_ptr(),
+                        1,
+                        w as isize,
+                        false,
+                        q[q0 * dim..].as_ptr(),
+                        1,
+                        dim as isize,
+                        x[r0 * dim..].as_ptr(),
+                        dim as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
                     );
                 }
                 acc += tile[0];
@@ -55,14 +70,20 @@ fn gemm_only(q: &[f32], x: &[f32], dim: usize, qb: usize, nb: usize) -> f32 {
 }
 
 fn cpu() -> f64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: ts is a valid, writable timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().unwrap()).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().unwrap())
+        .collect();
     let nq = args.first().copied().unwrap_or(8192);
     let n = args.get(1).copied().unwrap_or(20000);
     let dim = 512;
@@ -72,52 +93,40 @@ fn main() {
     let qg: Vec<i64> = (0..nq as i64).map(|i| i / 5).collect();
     let cg: Vec<i64> = (0..n as i64).map(|i| i / 5).collect();
     let flop = 2.0 * (nq * n * dim) as f64;
-    let shapes: Vec<(usize, usize)> = vec![(256, 1024), (128, 1024), (256, 256), (512, 512), (128, 512), (64, 1024)];
-    let configs: Vec<(usize, usize)> = std::env::var("PROBE_CONFIGS")
-        .map(|v| {
-            v.split(',')
-                .map(|c| {
-                    let (a, b) = c.split_once('x').unwrap();
-                    (a.parse().unwrap(), b.parse().unwrap())
-                })
-                .collect()
-        })
-        .unwrap_or_else(|_| vec![(256, 1024)]);
-    let _ = &shapes;
-    let mut best = vec![(f64::MAX, f64::MAX); configs.len() + 1];
+    // mine (512 x 1,024 tiles + top-k) against bare matrix products of a few tile shapes.
+    let shapes = [(512usize, 1024usize), (256, 1024), (256, 256)];
+    let mut best = [(f64::MAX, f64::MAX); 4];
     for round in 0..3 {
-        for (ci, &(qb, nb)) in configs.iter().enumerate() {
-            // SAFETY: single-threaded at this point (no rayon work in flight reads the env).
-            unsafe {
-                std::env::set_var("LEANCLIP_QB", qb.to_string());
-                std::env::set_var("LEANCLIP_NB", nb.to_string());
-                if ci % 2 == 1 {
-                    std::env::set_var("LEANCLIP_OLDSCAN", "1");
-                } else {
-                    std::env::remove_var("LEANCLIP_OLDSCAN");
-                }
-            }
-            let t = Instant::now();
-            let c = cpu();
-            let (ids, _) = mine_hard_negatives(
-                Queries::F32(&q), Rows::F32(&x), dim, k, Some(&qg), Some(&cg), Metric::Ip, DType::F32,
-            )
-            .unwrap();
-            let tm = t.elapsed().as_secs_f64();
-            let cm = cpu() - c;
-            best[ci] = (best[ci].0.min(tm), best[ci].1.min(cm));
-            println!("round {round} mine {qb}x{nb}: {tm:.2}s cpu {cm:.2}s {:.1} GFLOPS/cpu (id0 {})", flop / cm / 1e9, ids[0]);
-        }
         let t = Instant::now();
         let c = cpu();
-        let a = gemm_only(&q, &x, dim, 256, 1024);
-        let tg = t.elapsed().as_secs_f64();
-        let cg = cpu() - c;
-        let l = configs.len();
-        best[l] = (best[l].0.min(tg), best[l].1.min(cg));
-        println!("round {round} gemm-only 256x1024: {tg:.2}s cpu {cg:.2}s {:.1} GFLOPS/cpu ({a:.1})", flop / cg / 1e9);
+        let (ids, _) = mine_hard_negatives(
+            Queries::F32(&q),
+            Rows::F32(&x),
+            dim,
+            k,
+            Some(&qg),
+            Some(&cg),
+            Metric::Ip,
+            DType::F32,
+        )
+        .unwrap();
+        let (tm, cm) = (t.elapsed().as_secs_f64(), cpu() - c);
+        best[0] = (best[0].0.min(tm), best[0].1.min(cm));
+        println!("round {round} mine: {tm:.2}s cpu {cm:.2}s (id0 {})", ids[0]);
+        for (i, &(qb, nb)) in shapes.iter().enumerate() {
+            let t = Instant::now();
+            let c = cpu();
+            let a = gemm_only(&q, &x, dim, qb, nb);
+            let (tg, cg) = (t.elapsed().as_secs_f64(), cpu() - c);
+            best[i + 1] = (best[i + 1].0.min(tg), best[i + 1].1.min(cg));
+            println!("round {round} gemm {qb}x{nb}: {tg:.2}s cpu {cg:.2}s ({a:.1})");
+        }
     }
-    for (ci, b) in best.iter().enumerate() {
-        println!("best {:?}: wall {:.3}s cpu {:.3}s", configs.get(ci), b.0, b.1);
+    let names = ["mine", "gemm 512x1024", "gemm 256x1024", "gemm 256x256"];
+    for (name, (w, c)) in names.iter().zip(best) {
+        println!(
+            "best {name:14}: wall {w:.3}s cpu {c:.3}s, {:.1} GFLOP per cpu-second",
+            flop / c / 1e9
+        );
     }
 }

@@ -145,7 +145,12 @@ pub fn search_into<E, I>(
         return;
     }
     let use_gemm = plan.normalize_rows || nq >= GEMM_MIN_QUERIES;
-    let qb = if use_gemm { QUERY_BLOCK.min(nq) } else { nq };
+    // Blocks of equal size (at most QUERY_BLOCK), so no small tail block idles a core.
+    let qb = if use_gemm {
+        nq.div_ceil(nq.div_ceil(QUERY_BLOCK))
+    } else {
+        nq
+    };
     let n_qblocks = nq.div_ceil(qb);
     let wanted_tasks = rayon::current_num_threads() * 4;
     let parts = wanted_tasks
