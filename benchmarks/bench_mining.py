@@ -166,22 +166,38 @@ def main() -> None:
     rate = sgemm_rate()
     print(f"sgemm: {rate / 1e9:.0f} GFLOP/s", flush=True)
     small, big = (int(x) for x in os.environ.get("LEANCLIP_BENCH_MINING_SIZES", "20000,100000").split(","))
-    runs: List[Tuple[str, int, str, bool, int]] = [
-        # label, size, peer, f16 inputs, repeats (first is warm-up)
-        ("leanclip f32", small, "leanclip", False, 4),
-        ("leanclip f16", small, "leanclip", True, 4),
-        ("numpy (blocked sgemm + argpartition)", small, "numpy", False, 4),
-        ("faiss IndexFlatIP (k+5, filtered)", small, "faiss", False, 4),
-        ("leanclip f32", big, "leanclip", False, 1),
-        ("faiss IndexFlatIP (k+5, filtered)", big, "faiss", False, 1),
+    # label, size, peer, f16 inputs
+    peers: List[Tuple[str, str, bool]] = [
+        ("leanclip f32", "leanclip", False),
+        ("leanclip f16", "leanclip", True),
+        ("numpy (blocked sgemm + argpartition)", "numpy", False),
+        ("faiss IndexFlatIP (k+5, filtered)", "faiss", False),
     ]
+    big_peers = [peers[0], peers[3]]
+    # Each peer runs in its own process (clean peak RSS), and the peers take turns round by
+    # round, so a change in the shared machine's load hits all of them alike: the ratios of the
+    # per-peer medians then hold even while absolute times wander.
+    schedule = [(size, rounds, reps, group) for size, rounds, reps, group in
+                ((small, 3, 2, peers), (big, 1, 1, big_peers))]
     res: Dict[Tuple[str, int], Dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, size, peer, half, reps in runs:
-            print(f"mining: {label} {size:,} x {size:,} ...", flush=True)
-            info = spawn(peer, size, size, half, reps, tmp)
-            res[(label, size)] = info
-            print(f"  {info['time']:.2f} s, peak {info['peak']:.0f} MiB, extra {info['extra']:.0f} MiB", flush=True)
+        for size, rounds, reps, group in schedule:
+            for r in range(rounds):
+                for label, peer, half in group:
+                    print(f"mining: {label} {size:,} x {size:,} (round {r + 1}/{rounds}) ...", flush=True)
+                    info = spawn(peer, size, size, half, reps, tmp)
+                    print(f"  {info['time']:.2f} s, peak {info['peak']:.0f} MiB, extra {info['extra']:.0f} MiB", flush=True)
+                    prev = res.get((label, size))
+                    if prev is None:
+                        info["round_times"] = [info["time"]]
+                        res[(label, size)] = info
+                    else:
+                        prev["round_times"].append(info["time"])
+                        prev["peak"] = max(prev["peak"], info["peak"])
+                        prev["extra"] = max(prev["extra"], info["extra"])
+            for (label, s_), info in res.items():
+                if s_ == size:
+                    info["time"] = float(np.median(info["round_times"]))
 
     rows = []
     notes = []
@@ -222,8 +238,9 @@ def main() -> None:
             f"dim {DIM}, top-{K}, inner product on random unit vectors, groups of {GROUP} (a corpus row in "
             f"the query's group is skipped). sgemm rate measured here: {rate / 1e9:.0f} GFLOP/s. "
             "faiss searches k+5 and drops group members afterwards (exact: a group has 5 rows). "
-            f"Each peer runs in its own process; times are medians of 3 runs after a warm-up at "
-            f"{small:,}, single runs at {big:,}. 'agree' = fraction of result slots equal to leanclip f32's. "
+            f"Each peer runs in its own process and the peers take turns (3 rounds at {small:,}, each a "
+            f"warm-up run then a timed run; one single run each at {big:,}); times are medians over rounds. "
+            "'agree' = fraction of result slots equal to leanclip f32's. "
             "'extra MiB' = peak RSS minus RSS just before the call."
         ),
     )
