@@ -252,6 +252,21 @@ impl PyIndex {
     }
 
     /// Vectors as a contiguous (n, dim) float32 array, with the shape checked.
+    /// add / upsert: converts keys and vectors, then runs `op` under the write lock, GIL released.
+    fn write_batch(
+        &self,
+        py: Python<'_>,
+        keys: &Bound<'_, PyAny>,
+        vectors: &Bound<'_, PyAny>,
+        op: fn(&mut Index, &[u64], &[f32]) -> leanclip_engine::Result<()>,
+    ) -> PyResult<()> {
+        let keys = key_vec(py, keys, "keys")?;
+        let vectors = self.vectors(py, vectors, keys.len())?;
+        let vectors = vectors.as_slice()?;
+        py.detach(|| op(&mut self.inner.write(), &keys, vectors))
+            .map_err(to_py_err)
+    }
+
     fn vectors<'py>(
         &self,
         py: Python<'py>,
@@ -346,11 +361,7 @@ impl PyIndex {
         keys: &Bound<'_, PyAny>,
         vectors: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let keys = key_vec(py, keys, "keys")?;
-        let vectors = self.vectors(py, vectors, keys.len())?;
-        let vectors = vectors.as_slice()?;
-        py.detach(|| self.inner.write().add(&keys, vectors))
-            .map_err(to_py_err)
+        self.write_batch(py, keys, vectors, Index::add)
     }
 
     fn upsert(
@@ -359,11 +370,7 @@ impl PyIndex {
         keys: &Bound<'_, PyAny>,
         vectors: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let keys = key_vec(py, keys, "keys")?;
-        let vectors = self.vectors(py, vectors, keys.len())?;
-        let vectors = vectors.as_slice()?;
-        py.detach(|| self.inner.write().upsert(&keys, vectors))
-            .map_err(to_py_err)
+        self.write_batch(py, keys, vectors, Index::upsert)
     }
 
     fn remove(&self, py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<usize> {
