@@ -156,6 +156,49 @@ def text_qps(enc: Any, batch: int, reps: int) -> float:
     return batch / t
 
 
+TOWER = r"""
+import json, sys, time
+sys.path.insert(0, {python!r})
+import numpy as np
+from leanclip.encoder import Encoder
+enc = Encoder({bundle!r}, threads={threads})
+captions = {captions!r}
+rnd = {rnd}
+def median_time(fn, n, warm=1):
+    for i in range(warm):  # warm-up: first-run allocations, per input shape
+        fn(i)
+    t = []
+    for i in range(n):
+        t0 = time.perf_counter(); fn(i); t.append(time.perf_counter() - t0)
+    return float(np.median(t))
+if {which!r} == "image":
+    sess, spec = enc._session("image"), enc.manifest.image
+    px = np.random.default_rng(rnd).standard_normal((32, 3, spec.size, spec.size)).astype(np.float32)
+    run = lambda x: sess.run([spec.output], {{spec.input: x}})
+    out = dict(b1=median_time(lambda i: run(px[i % 32:i % 32 + 1]), 8), b32=median_time(lambda i: run(px), 3))
+else:
+    enc._session("text")
+    qs = captions[rnd % len(captions):] + captions[:rnd % len(captions)]
+    batch = (captions * 2)[:32]
+    # a warm session has seen every caption length, as a search server's has
+    out = dict(b1=median_time(lambda i: enc.encode_text([qs[i % len(qs)]]), 3 * len(qs), warm=len(qs)),
+               b32=median_time(lambda i: enc.encode_text(batch, batch_size=32), 3))
+print(json.dumps(out))
+"""
+
+
+def time_tower(bundle: Path, which: str, rnd: int) -> Dict[str, float]:
+    """Seconds per call at batch 1 and 32 of one tower (image.onnx on preprocessed pixels, or
+    Encoder.encode_text on real captions), in a fresh process with the Encoder's defaults."""
+    code = TOWER.format(python=str(ROOT / "python"), bundle=str(bundle), threads=THREADS,
+                        captions=CAPTIONS, rnd=rnd, which=which)
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    if res.returncode != 0:
+        raise RuntimeError(f"timing {which} of {bundle} failed: {res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 PROBE = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
@@ -261,6 +304,7 @@ def quant_variants(work: Path, reps: int) -> List[List[Any]]:
     rows = []
     so = ort.SessionOptions()
     so.intra_op_num_threads = THREADS
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the Encoder
     so.log_severity_level = 3
     px1 = np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32)
     px8 = np.random.default_rng(2).standard_normal((8, 3, 224, 224)).astype(np.float32)
@@ -320,51 +364,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     img_rows: Dict[Tuple[str, str], Dict[str, float]] = {}
     txt_rows: Dict[Tuple[str, str], Dict[str, float]] = {}
     sizes: Dict[Tuple[str, str], Dict[str, float]] = {}
-    # All towers are loaded at once and timed in rounds, one call each in turn, so that the load
-    # of this shared machine drifting during the run hits every model alike.
-    img_encs: Dict[Tuple[str, str], Any] = {}
-    txt_encs: Dict[Tuple[str, str], Any] = {}
+    # Each tower is timed in a fresh process of its own, as in a user's app: several onnxruntime
+    # sessions in one process disturb each other's timings (a tower ran just before leaves its
+    # threads busy). Rounds go over every tower in turn, so that the load of this shared machine
+    # drifting during the run hits every model alike; each figure is the median over rounds.
+    towers: Dict[Tuple[str, Tuple[str, str]], Path] = {}
     for name, _, _ in MODELS:
         for prec in ("fp32", "int8"):
             bdir = work / (name if prec == "fp32" else f"{name}-int8")
             enc = Encoder(bdir, threads=THREADS)
             sizes[(name, prec)] = {"image": mb(bdir / "image.onnx"), "text": mb(bdir / "text.onnx"),
                                    "bundle": sum(mb(bdir / f) for f in enc.manifest.files)}
-            ik, tk = (image_tower[name], prec), (text_tower[name], prec)
-            img_encs.setdefault(ik, enc)
-            txt_encs.setdefault(tk, enc)
-    rng = np.random.default_rng(0)
-    px32 = {k: rng.standard_normal((32, 3, e.manifest.image.size, e.manifest.image.size)).astype(np.float32) for k, e in img_encs.items()}
-    batch32 = (CAPTIONS * 2)[:32]
-    samples: Dict[Tuple[str, Tuple[str, str], str], List[float]] = {}
-
-    def timed(key: Tuple[str, Tuple[str, str], str], fn: Any) -> None:
-        t0 = time.perf_counter()
-        fn()
-        samples.setdefault(key, []).append(time.perf_counter() - t0)
-
-    for k, e in img_encs.items():  # warm-up (session creation, first-run allocations)
-        sess, spec = e._session("image"), e.manifest.image
-        sess.run([spec.output], {spec.input: px32[k][:1]})
-        sess.run([spec.output], {spec.input: px32[k]})
-    for k, e in txt_encs.items():
-        e.encode_text(batch32)
+            towers.setdefault(("image", (image_tower[name], prec)), bdir)
+            towers.setdefault(("text", (text_tower[name], prec)), bdir)
+    samples: Dict[Tuple[str, Tuple[str, str]], Dict[str, List[float]]] = {}
     for rnd in range(args.reps):
-        log(f"timing round {rnd + 1}/{args.reps}")
-        for k, e in img_encs.items():
-            sess, spec = e._session("image"), e.manifest.image
-            for j in range(3):
-                timed(("img", k, "b1"), lambda: sess.run([spec.output], {spec.input: px32[k][j:j + 1]}))
-            timed(("img", k, "b32"), lambda: sess.run([spec.output], {spec.input: px32[k]}))
-        for k, e in txt_encs.items():
-            for q in CAPTIONS[rnd * 5 % len(CAPTIONS):][:5]:
-                timed(("txt", k, "b1"), lambda: e.encode_text([q]))
-            timed(("txt", k, "b32"), lambda: e.encode_text(batch32, batch_size=32))
-    for k in img_encs:
-        img_rows[k] = {"b1": 1 / float(np.median(samples[("img", k, "b1")])), "b32": 32 / float(np.median(samples[("img", k, "b32")]))}
-    for k in txt_encs:
-        txt_rows[k] = {"b1": 1 / float(np.median(samples[("txt", k, "b1")])), "b32": 32 / float(np.median(samples[("txt", k, "b32")]))}
-    del img_encs, txt_encs, enc
+        log(f"timing round {rnd + 1}/{args.reps} ({len(towers)} towers, one process each)")
+        for (which, key), bdir in towers.items():
+            got = time_tower(bdir, which, rnd)
+            for b, secs in got.items():
+                samples.setdefault((which, key), {}).setdefault(b, []).append(secs)
+    for (which, key), per in samples.items():
+        rates = {"b1": 1 / float(np.median(per["b1"])), "b32": 32 / float(np.median(per["b32"]))}
+        (img_rows if which == "image" else txt_rows)[key] = rates
+    del enc
     gc.collect()
 
     # --- the iPhone test, one fresh process per bundle
@@ -461,8 +484,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "All models have **random weights** (no model hub on this machine): the architectures are "
         "full size, so sizes, speeds and memory are representative; retrieval agreement on random "
         "weights is a stress test of quantization, not a quality measure.\n"
-        f"onnxruntime, {THREADS} intra-op threads; all towers loaded together and timed in {args.reps} interleaved "
-        "rounds (batch 32: one call per round; batch 1: 3 images or 5 captions per round), medians. "
+        f"onnxruntime, {THREADS} intra-op threads, the Encoder's defaults (no thread spinning); each tower "
+        f"timed in a fresh process of its own, {args.reps} rounds over all towers in turn (per process: batch 1, "
+        f"8 images or 3 x {len(CAPTIONS)} captions, after one warm-up call or one pass over the captions; batch 32, 3 calls "
+        "after one warm-up), medians. "
         "QPS_v: images/s of image.onnx on preprocessed pixels; QPS_t: texts/s of Encoder.encode_text on real "
         "captions (tokenization included, padded to the longest in the batch, as the Encoder does). "
         "Ratios in parentheses are to the fp32 teacher in this run.\n"

@@ -311,6 +311,15 @@ def test_options_threads_and_providers(tiny_bundle: Path):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_spin_option_reaches_both_sessions(tiny_bundle: Path):
+    key = "session.intra_op.allow_spinning"
+    for spin, want in ((False, "0"), (True, "1")):
+        enc = Encoder(tiny_bundle, spin=spin).load()
+        for which in ("text", "image"):
+            assert enc._session(which).get_session_options().get_session_config_entry(key) == want
+    assert Encoder(tiny_bundle).spin is False  # the default: see the class docstring
+
+
 def test_int8_bundle_agrees_with_fp32(tiny_bundle: Path, tiny_bundle_int8: Path):
     e32, e8 = Encoder(tiny_bundle), Encoder(tiny_bundle_int8)
     assert e8.manifest.precision == "int8" and e8.model_id != e32.model_id

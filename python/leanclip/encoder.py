@@ -155,14 +155,17 @@ class Encoder:
     """Encode texts and images with a model bundle (see :mod:`leanclip.bundle`).
 
     ``threads``: onnxruntime intra-op threads (None: onnxruntime's default, one per core).
-    ``providers``: onnxruntime execution providers (default CPU). ``verify``: check every file's
+    ``spin``: let onnxruntime's idle threads busy-wait for the next call (its own default). Off
+    here: an Encoder holds two sessions and shares the cores with the index search, and spinning
+    threads of one steal the CPU from the next (docs/export.md has the measurements); turn it on
+    for a process that only runs one tower back to back. ``providers``: onnxruntime execution providers (default CPU). ``verify``: check every file's
     sha256 against the manifest (``BundleError`` on a missing or altered file). The two ONNX
     sessions are created on first use, so a text-only search never loads the image model.
     """
 
     def __init__(self, bundle: PathLike, *, threads: Optional[int] = None,
                  providers: Optional[Sequence[Any]] = None, verify: bool = True,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, spin: bool = False) -> None:
         self.path = Path(bundle)
         self.manifest: Manifest = read_manifest(self.path, verify=verify)
         m = self.manifest
@@ -173,6 +176,7 @@ class Encoder:
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a positive int or None, got {threads!r}")
         self.threads = threads
+        self.spin = bool(spin)
         if m.image.interpolation not in _FILTERS:
             raise BundleError(f"{self.path}: unknown image interpolation {m.image.interpolation!r}")
         if m.text.kind not in ("clip", "wordpiece"):
@@ -217,6 +221,7 @@ class Encoder:
             if self.threads is not None:
                 so.intra_op_num_threads = self.threads
             so.inter_op_num_threads = 1
+            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
             so.log_severity_level = 3
             try:
                 sess = ort.InferenceSession(str(path), so, providers=self.providers)
