@@ -155,6 +155,41 @@ fn advise_huge_pages<T>(buf: &mut [std::mem::MaybeUninit<T>]) {
     let _ = buf;
 }
 
+/// The growable buffers of one dtype that `encode_append` writes to.
+enum Buffers<'a> {
+    F32(&'a mut Vec<f32>),
+    F16(&'a mut Vec<f16>),
+    I8(&'a mut Vec<i8>, &'a mut Vec<f32>),
+}
+
+/// Validates and converts `vectors` (rows of `dim`) into the spare capacity of `dst`, and makes
+/// them part of it only if every row passed: on error `dst` is unchanged.
+fn encode_append(vectors: &[f32], dim: usize, metric: Metric, dst: Buffers) -> Result<()> {
+    let (len, n) = (vectors.len(), vectors.len() / dim);
+    match dst {
+        Buffers::F32(v) => {
+            encode_into(vectors, dim, metric, EncodeTarget::F32(spare(v, len)))?;
+            // SAFETY: encode_into returned Ok, so it initialized all of the spare elements.
+            unsafe { commit(v, len) };
+        }
+        Buffers::F16(v) => {
+            encode_into(vectors, dim, metric, EncodeTarget::F16(spare(v, len)))?;
+            // SAFETY: as above.
+            unsafe { commit(v, len) };
+        }
+        Buffers::I8(d, s) => {
+            encode_into(vectors, dim, metric, EncodeTarget::I8(spare(d, len), spare(s, n)))?;
+            // SAFETY: encode_into returned Ok, so it initialized all of the spare elements of
+            // both (`n` scales, one per row).
+            unsafe {
+                commit(d, len);
+                commit(s, n);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Vectors validated and converted to the stored type, not yet part of an index.
 enum Encoded {
     F32(Vec<f32>),
@@ -603,87 +638,29 @@ impl Index {
 
     /// Validates and converts `vectors` into new buffers (for upsert).
     fn encode(&self, vectors: &[f32]) -> Result<Encoded> {
-        let n = vectors.len() / self.dim;
-        let (dim, metric) = (self.dim, self.metric);
-        Ok(match self.dtype {
-            DType::F32 => {
-                let mut out = Vec::new();
-                encode_into(
-                    vectors,
-                    dim,
-                    metric,
-                    EncodeTarget::F32(spare(&mut out, vectors.len())),
-                )?;
-                // SAFETY: encode_into returned Ok, so it initialized all of the spare elements.
-                unsafe { commit(&mut out, vectors.len()) };
-                Encoded::F32(out)
-            }
-            DType::F16 => {
-                let mut out = Vec::new();
-                encode_into(
-                    vectors,
-                    dim,
-                    metric,
-                    EncodeTarget::F16(spare(&mut out, vectors.len())),
-                )?;
-                // SAFETY: encode_into returned Ok, so it initialized all of the spare elements.
-                unsafe { commit(&mut out, vectors.len()) };
-                Encoded::F16(out)
-            }
-            DType::I8 => {
-                let (mut out, mut scales) = (Vec::new(), Vec::new());
-                encode_into(
-                    vectors,
-                    dim,
-                    metric,
-                    EncodeTarget::I8(spare(&mut out, vectors.len()), spare(&mut scales, n)),
-                )?;
-                // SAFETY: encode_into returned Ok, so it initialized all of the spare elements
-                // of both (`n` scales, one per row).
-                unsafe {
-                    commit(&mut out, vectors.len());
-                    commit(&mut scales, n);
-                }
-                Encoded::I8(out, scales)
-            }
-        })
+        let mut out = match self.dtype {
+            DType::F32 => Encoded::F32(Vec::new()),
+            DType::F16 => Encoded::F16(Vec::new()),
+            DType::I8 => Encoded::I8(Vec::new(), Vec::new()),
+        };
+        let buffers = match &mut out {
+            Encoded::F32(v) => Buffers::F32(v),
+            Encoded::F16(v) => Buffers::F16(v),
+            Encoded::I8(d, s) => Buffers::I8(d, s),
+        };
+        encode_append(vectors, self.dim, self.metric, buffers)?;
+        Ok(out)
     }
 
     /// Validates and converts `vectors`, writing them straight into storage's spare capacity and
     /// committing them only if every row passed (for add): a failing call changes nothing.
     fn append_encoded(&mut self, vectors: &[f32]) -> Result<()> {
-        let n = vectors.len() / self.dim;
-        let (dim, metric, len) = (self.dim, self.metric, vectors.len());
-        match &mut self.store {
-            Store::F32(b) => {
-                let v = b.owned_mut()?;
-                encode_into(vectors, dim, metric, EncodeTarget::F32(spare(v, len)))?;
-                // SAFETY: encode_into returned Ok, so it initialized all of the spare elements.
-                unsafe { commit(v, len) };
-            }
-            Store::F16(b) => {
-                let v = b.owned_mut()?;
-                encode_into(vectors, dim, metric, EncodeTarget::F16(spare(v, len)))?;
-                // SAFETY: encode_into returned Ok, so it initialized all of the spare elements.
-                unsafe { commit(v, len) };
-            }
-            Store::I8 { data, scales } => {
-                let (d, s) = (data.owned_mut()?, scales.owned_mut()?);
-                encode_into(
-                    vectors,
-                    dim,
-                    metric,
-                    EncodeTarget::I8(spare(d, len), spare(s, n)),
-                )?;
-                // SAFETY: encode_into returned Ok, so it initialized all of the spare elements
-                // of both (`n` scales, one per row).
-                unsafe {
-                    commit(d, len);
-                    commit(s, n);
-                }
-            }
-        }
-        Ok(())
+        let buffers = match &mut self.store {
+            Store::F32(b) => Buffers::F32(b.owned_mut()?),
+            Store::F16(b) => Buffers::F16(b.owned_mut()?),
+            Store::I8 { data, scales } => Buffers::I8(data.owned_mut()?, scales.owned_mut()?),
+        };
+        encode_append(vectors, self.dim, self.metric, buffers)
     }
 
     fn push_rows(&mut self, keys: &[u64], encoded: Encoded) -> Result<()> {
