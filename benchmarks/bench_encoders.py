@@ -142,20 +142,6 @@ def mb(path: Path) -> float:
     return path.stat().st_size / 1e6
 
 
-def image_qps(enc: Any, batch: int, reps: int) -> float:
-    sess = enc._session("image")
-    spec = enc.manifest.image
-    px = np.random.default_rng(0).standard_normal((batch, 3, spec.size, spec.size)).astype(np.float32)
-    t = H.timeit(lambda: sess.run([spec.output], {spec.input: px}), repeat=reps, warmup=1)
-    return batch / t
-
-
-def text_qps(enc: Any, batch: int, reps: int) -> float:
-    texts = (CAPTIONS * (batch // len(CAPTIONS) + 1))[:batch]
-    t = H.timeit(lambda: enc.encode_text(texts, batch_size=batch), repeat=reps, warmup=1)
-    return batch / t
-
-
 TOWER = r"""
 import json, sys, time
 sys.path.insert(0, {python!r})
@@ -192,10 +178,15 @@ def time_tower(bundle: Path, which: str, rnd: int) -> Dict[str, float]:
     Encoder.encode_text on real captions), in a fresh process with the Encoder's defaults."""
     code = TOWER.format(python=str(ROOT / "python"), bundle=str(bundle), threads=THREADS,
                         captions=CAPTIONS, rnd=rnd, which=which)
+    return run_script(code, f"timing {which} of {bundle}")
+
+
+def run_script(code: str, what: str) -> Dict[str, Any]:
+    """Runs ``code`` in a fresh Python process and returns the JSON object it prints last."""
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
     if res.returncode != 0:
-        raise RuntimeError(f"timing {which} of {bundle} failed: {res.stderr[-2000:]}")
+        raise RuntimeError(f"{what} failed: {res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -237,11 +228,7 @@ print(json.dumps(dict(import_s=t_import, load_s=t_load, first_query_s=first, war
 
 def probe(bundle: Path) -> Dict[str, Any]:
     code = PROBE.format(python=str(ROOT / "python"), bundle=str(bundle), threads=THREADS)
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    if res.returncode != 0:
-        raise RuntimeError(f"probe of {bundle} failed: {res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_script(code, f"probe of {bundle}")
 
 
 # -------------------------------------------------------------------------------- agreement
@@ -387,8 +374,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for (which, key), per in samples.items():
         rates = {"b1": 1 / float(np.median(per["b1"])), "b32": 32 / float(np.median(per["b32"]))}
         (img_rows if which == "image" else txt_rows)[key] = rates
-    del enc
-    gc.collect()
 
     # --- the iPhone test, one fresh process per bundle
     probes: Dict[Tuple[str, str], Dict[str, Any]] = {}
