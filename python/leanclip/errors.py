@@ -1,0 +1,12 @@
+"""One root for every error leanclip raises on purpose.
+
+Catch :class:`LeanclipError` to handle anything the library refuses; each subclass keeps the
+built-in base it always had (``BundleError`` is still a ``ValueError``, and so on), so existing
+``except ValueError`` code keeps working.
+"""
+
+from __future__ import annotations
+
+
+class LeanclipError(Exception):
+    """Base class of every error that leanclip raises on purpose."""
