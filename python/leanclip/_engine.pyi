@@ -12,12 +12,23 @@ _Metric = Literal["cos", "ip", "l2"]
 _DType = Literal["f32", "f16", "i8"]
 _Path = Union[str, "os.PathLike[str]"]
 
-__all__ = ["FORMAT_VERSION", "Index", "IndexFileError", "mine_hard_negatives", "simd_level"]
+from leanclip.errors import IndexFileError as IndexFileError
+
+__all__ = [
+    "DTYPES",
+    "FORMAT_VERSION",
+    "METRICS",
+    "Index",
+    "IndexFileError",
+    "mine_hard_negatives",
+    "simd_level",
+]
 
 FORMAT_VERSION: int
-
-class IndexFileError(Exception):
-    """A bad, truncated, corrupted, foreign or other-version index file."""
+DTYPES: Tuple[str, ...]
+"""The storage types, ("f32", "f16", "i8")."""
+METRICS: Tuple[str, ...]
+"""The metrics, ("cos", "ip", "l2")."""
 
 @final
 class Index:
@@ -29,7 +40,13 @@ class Index:
     - dtype "f16" stores half floats; "i8" stores int8 with one float32 scale per vector.
     - Every call releases the GIL; searches run concurrently with each other, writes are
       exclusive (a read-write lock).
-    - Bad input raises ValueError (KeyError for keys) and changes nothing.
+    - Bad input raises ValueError (KeyError for keys) and changes nothing. A vector is refused
+      if it holds NaN or inf, if its squared norm exceeds float32 max / 4 (~8.5e37, so no score
+      can overflow), and under "cos" if it is zero or its squared norm is below 2^-100
+      (~7.9e-31, too small to normalize in float32); the message names the row
+      (``vectors[i]`` / ``queries[i]``). Queries are checked the same way.
+    - An index opened with ``mmap=True`` checks before every read of the file that the file is
+      still the one it mapped (same inode, size, mtime and ctime); if not, IndexFileError.
     """
 
     def __new__(cls, dim: int, metric: _Metric = "cos", dtype: _DType = "f32") -> Index: ...
@@ -56,6 +73,11 @@ class Index:
         """Remove present keys (absent ones are ignored); returns how many were removed."""
     def get(self, keys: npt.ArrayLike) -> npt.NDArray[np.float32]:
         """(n, dim) float32 stored vectors (dequantized for f16/i8). KeyError if absent."""
+    def astype(self, dtype: _DType) -> Index:
+        """A new in-memory (writable) index with the same keys in the same order, dim and
+        metric, its vectors converted to ``dtype`` from the stored values (f16/i8 -> f32 does
+        not bring precision back). Works on an mmap index too. ValueError naming the key if a
+        stored vector does not fit ``dtype`` (float16 range under "ip"/"l2")."""
     def search(
         self, queries: npt.ArrayLike, k: int = 10, exclude: Optional[npt.ArrayLike] = None
     ) -> Tuple[npt.NDArray[np.uint64], npt.NDArray[np.float32]]:
@@ -66,6 +88,8 @@ class Index:
     @staticmethod
     def load(path: _Path, mmap: bool = False, verify: bool = True) -> Index:
         """Open a saved index. Header, keys and scales are always checked (IndexFileError).
+        Anything but a regular file (a directory, FIFO, device) is refused with
+        IndexFileError before it is read.
         verify=True also checks the vectors' checksum (reads the whole file) and that no key
         repeats. With mmap=True and verify=False the vectors are neither read nor checked
         until ``verify()``, and the key map is built on the first key lookup (``in``, ``get``,

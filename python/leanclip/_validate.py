@@ -10,27 +10,27 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-METRICS = ("cos", "ip", "l2")
-DTYPES = ("f32", "f16", "i8")
+from leanclip._engine import DTYPES, METRICS  # the engine's lists: one home
+from leanclip.errors import IndexFileError  # re-exported: one class for every bad index file
+
+__all__ = ["DTYPES", "METRICS", "IndexFileError"]
+
 _U64_MAX = np.iinfo(np.uint64).max
 
-try:  # one exception class for every bad index file, shared with the exact engine when present
-    from leanclip._engine import IndexFileError
-except ImportError:  # engine not built (e.g. a source checkout without the extension)
 
-    class IndexFileError(Exception):  # type: ignore[no-redef]
-        """A bad, corrupt, foreign or other-version index file."""
+def _one_of(names: Tuple[str, ...]) -> str:
+    return ", ".join(f'"{n}"' for n in names)
 
 
 def check_metric(metric: Any) -> str:
     if not isinstance(metric, str) or metric not in METRICS:
-        raise ValueError(f'unknown metric "{metric}": expected one of "cos", "ip", "l2"')
+        raise ValueError(f'unknown metric "{metric}": expected one of {_one_of(METRICS)}')
     return metric
 
 
 def check_dtype(dtype: Any) -> str:
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise ValueError(f'unknown dtype "{dtype}": expected one of "f32", "f16", "i8"')
+        raise ValueError(f'unknown dtype "{dtype}": expected one of {_one_of(DTYPES)}')
     return dtype
 
 
@@ -88,9 +88,11 @@ def as_matrix(
     allow_1d: bool = False,
     keep_f16: bool = False,
     rows: Optional[int] = None,
+    check_finite: bool = True,
 ) -> Tuple[np.ndarray, bool]:
     """A C-contiguous (n, dim) float32 array (float16 kept when keep_f16) and whether the input
-    was a single 1-D vector. Rejects non-numeric data, wrong shapes, NaN and inf. ``rows``: the
+    was a single 1-D vector. Rejects non-numeric data, wrong shapes, and (unless
+    ``check_finite`` is False: the engine checks the values itself) NaN and inf. ``rows``: the
     number of keys the rows go with, named in the shape error."""
     try:
         arr = np.asarray(values)
@@ -113,7 +115,7 @@ def as_matrix(
     if not (keep_f16 and arr.dtype == np.float16):
         arr = arr.astype(np.float32, copy=False)
     arr = np.ascontiguousarray(arr)
-    if arr.size and not np.isfinite(arr).all():
+    if check_finite and arr.size and not np.isfinite(arr).all():
         row = int(np.nonzero(~np.isfinite(arr).all(axis=1))[0][0])
         raise ValueError(f"{name}[{row}] contains NaN or inf; expected finite values")
     return arr, single and allow_1d

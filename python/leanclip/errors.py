@@ -10,3 +10,12 @@ from __future__ import annotations
 
 class LeanclipError(Exception):
     """Base class of every error that leanclip raises on purpose."""
+
+
+class IndexFileError(LeanclipError):
+    """A bad, truncated, corrupted, foreign or other-version index file, or a memory-mapped
+    index file that changed (was truncated, replaced or rewritten) after it was opened.
+
+    Raised by the engine (``leanclip._engine`` imports this class, so
+    ``leanclip.IndexFileError is leanclip._engine.IndexFileError``) and by ``ApproxIndex``.
+    """

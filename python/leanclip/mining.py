@@ -73,8 +73,18 @@ def hard_negative_ids(
     k = check_positive_int(k, "k")
     metric = check_metric(metric)
     dtype = check_dtype(dtype)
-    queries, _ = as_matrix(query_embeddings, None, "query_embeddings", keep_f16=True)
-    corpus, _ = as_matrix(corpus_embeddings, queries.shape[1], "corpus_embeddings", keep_f16=True)
+    # Shapes and types here; the values (NaN, inf, norms) are checked once, by the engine,
+    # whose errors name the row as queries[i] / corpus[j].
+    queries, _ = as_matrix(
+        query_embeddings, None, "query_embeddings", keep_f16=True, check_finite=False
+    )
+    corpus, _ = as_matrix(
+        corpus_embeddings,
+        queries.shape[1],
+        "corpus_embeddings",
+        keep_f16=True,
+        check_finite=False,
+    )
     if queries.dtype != corpus.dtype:  # the engine takes one input type for both
         queries, corpus = queries.astype(np.float32), corpus.astype(np.float32)
     q, n = queries.shape[0], corpus.shape[0]
@@ -108,6 +118,8 @@ def hard_negative_ids(
 
     out = np.full((q, k), -1, dtype=np.int64)
     if q == 0 or n == 0:
+        # nothing to mine, but the values are still checked (by the engine, like any call)
+        _mine()(queries, corpus, 1, metric=metric, dtype=dtype)
         return out
     fetch = min(k + extra, n)
     rows, _scores = _mine()(

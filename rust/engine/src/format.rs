@@ -25,10 +25,10 @@
 
 use crate::error::{Error, Result};
 use crate::index::{check_dim, Buf, Index, MappedVectors, Store, MAX_ROWS};
+use crate::key_map::key_map;
 use crate::types::{DType, Metric};
 use half::f16;
 use memmap2::Mmap;
-use rustc_hash::FxHashMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::ops::Range;
@@ -174,16 +174,6 @@ pub fn verify_vectors(bytes: &[u8], layout: &Layout) -> std::result::Result<(), 
         return bad("corrupt file: vectors checksum mismatch");
     }
     Ok(())
-}
-
-pub(crate) fn key_map(keys: &[u64]) -> std::result::Result<FxHashMap<u64, u32>, String> {
-    let mut rows = FxHashMap::with_capacity_and_hasher(keys.len(), Default::default());
-    for (row, &key) in keys.iter().enumerate() {
-        if rows.insert(key, row as u32).is_some() {
-            return bad(format!("corrupt file: key {key} appears twice"));
-        }
-    }
-    Ok(rows)
 }
 
 fn file_error(path: Option<&Path>, reason: String) -> Error {

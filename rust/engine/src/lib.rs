@@ -5,12 +5,13 @@ pub mod error;
 pub mod format;
 pub mod index;
 pub mod kernels;
+pub mod key_map;
 pub mod mining;
 pub mod search;
 pub mod topk;
 pub mod types;
 
-pub use error::{Error, Result};
+pub use error::{Error, Result, VectorFault};
 pub use index::Index;
 pub use mining::mine_hard_negatives;
 pub use search::{Queries, Rows};

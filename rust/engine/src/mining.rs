@@ -4,7 +4,7 @@
 //! (matrix products on all cores), so memory beyond the inputs is the output plus one block
 //! per thread, never a q x n score matrix.
 
-use crate::error::{invalid, Result};
+use crate::error::{invalid, invalid_vector, Result, VectorFault};
 use crate::index::{check_dim, check_rows};
 use crate::kernels;
 use crate::search::{self, Plan, Queries, Rows};
@@ -98,10 +98,7 @@ pub fn mine_hard_negatives(
         (DType::F32, rows) | (DType::F16, rows @ Rows::F16(_)) => rows,
         (DType::F16, Rows::F32(v)) => {
             if let Some(pos) = v.iter().position(|x| x.abs() > 65504.0) {
-                return invalid(format!(
-                    "corpus[{}] has a value beyond the float16 range; expected values that fit dtype \"f16\"",
-                    pos / dim
-                ));
+                return invalid_vector("corpus", pos / dim, VectorFault::F16Overflow);
             }
             let mut out = vec![f16::ZERO; v.len()];
             out.par_chunks_mut(dim * 1024)
@@ -181,32 +178,18 @@ fn check_corpus(corpus: Rows<'_>, dim: usize, metric: Metric) -> Result<()> {
     }
 }
 
-/// `check_rows` for f16 input, converting a block at a time.
-fn check_f16_rows(v: &[half::f16], dim: usize, metric: Metric, what: &str) -> Result<()> {
+/// `check_rows` for f16 input, converting a block at a time (rows renumbered within `v`).
+fn check_f16_rows(v: &[half::f16], dim: usize, metric: Metric, what: &'static str) -> Result<()> {
     const BLOCK: usize = 1024;
-    v.par_chunks(dim * BLOCK)
+    let first = v
+        .par_chunks(dim * BLOCK)
         .enumerate()
-        .try_for_each(|(b, block)| {
+        .find_map_first(|(b, block)| {
             let mut buf = vec![0f32; block.len()];
             block.convert_to_f32_slice(&mut buf);
-            check_rows(&buf, dim, metric, what).map_err(|e| match e {
-                // Re-number the row within the whole array.
-                crate::error::Error::Invalid(msg) => {
-                    crate::error::Error::Invalid(renumber(&msg, what, b * BLOCK))
-                }
-                other => other,
-            })
-        })
-}
-
-fn renumber(msg: &str, what: &str, offset: usize) -> String {
-    let prefix = format!("{what}[");
-    if let Some(rest) = msg.strip_prefix(&prefix) {
-        if let Some((num, tail)) = rest.split_once(']') {
-            if let Ok(r) = num.parse::<usize>() {
-                return format!("{what}[{}]{tail}", r + offset);
-            }
-        }
-    }
-    msg.to_string()
+            check_rows(&buf, dim, metric, what)
+                .err()
+                .map(|e| e.offset_row(b * BLOCK))
+        });
+    first.map_or(Ok(()), Err)
 }

@@ -12,6 +12,9 @@ pub enum Metric {
 }
 
 impl Metric {
+    /// Every metric, in code order (the names are exported to Python as `METRICS`).
+    pub const ALL: [Metric; 3] = [Metric::Cos, Metric::Ip, Metric::L2];
+
     pub fn parse(name: &str) -> Result<Self> {
         match name {
             "cos" => Ok(Metric::Cos),
@@ -40,9 +43,7 @@ impl Metric {
     }
 
     pub(crate) fn from_code(code: u8) -> Option<Self> {
-        [Metric::Cos, Metric::Ip, Metric::L2]
-            .into_iter()
-            .find(|m| m.code() == code)
+        Self::ALL.into_iter().find(|m| m.code() == code)
     }
 
     /// Internal scores are "higher is better"; L2 distances are stored negated.
@@ -72,6 +73,9 @@ pub enum DType {
 }
 
 impl DType {
+    /// Every storage type, in code order (the names are exported to Python as `DTYPES`).
+    pub const ALL: [DType; 3] = [DType::F32, DType::F16, DType::I8];
+
     pub fn parse(name: &str) -> Result<Self> {
         match name {
             "f32" => Ok(DType::F32),
@@ -100,9 +104,7 @@ impl DType {
     }
 
     pub(crate) fn from_code(code: u8) -> Option<Self> {
-        [DType::F32, DType::F16, DType::I8]
-            .into_iter()
-            .find(|d| d.code() == code)
+        Self::ALL.into_iter().find(|d| d.code() == code)
     }
 
     /// Bytes per stored element.

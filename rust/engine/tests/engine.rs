@@ -2,7 +2,9 @@
 //! format under corruption, mining with groups.
 
 use half::f16;
-use leanclip_engine::{mine_hard_negatives, DType, Error, Index, Metric, Queries, Rows};
+use leanclip_engine::{
+    mine_hard_negatives, DType, Error, Index, Metric, Queries, Rows, VectorFault,
+};
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -198,12 +200,20 @@ fn bad_input_changes_nothing() {
         Err(Error::DuplicateKey(1))
     ));
     assert!(matches!(
-        index.add(&[2, 3], &[0.0, 0.0, 1.0, 1.0]),
-        Err(Error::Invalid(_))
+        index.add(&[2, 3], &[1.0, 1.0, 0.0, 0.0]),
+        Err(Error::InvalidVector {
+            what: "vectors",
+            row: 1,
+            fault: VectorFault::Zero
+        })
     ));
     assert!(matches!(
         index.add(&[2], &[f32::NAN, 1.0]),
-        Err(Error::Invalid(_))
+        Err(Error::InvalidVector {
+            row: 0,
+            fault: VectorFault::NonFinite,
+            ..
+        })
     ));
     assert!(matches!(
         index.upsert(&[5, 5], &[1.0, 1.0, 1.0, 1.0]),
@@ -245,4 +255,40 @@ fn a_crafted_file_with_repeated_keys_is_rejected_eagerly_or_on_first_lookup() {
     assert!(matches!(lazy.verify(), Err(Error::File { .. })));
     // a search without exclude needs no key map and cannot crash
     assert_eq!(lazy.search(&[1.0, 0.0], 2, None).unwrap().0, vec![1, 1]);
+}
+
+#[test]
+fn mining_names_the_bad_row_of_the_whole_array_for_f16_input() {
+    // f16 input is checked a block of 1024 rows at a time: the row must still be global.
+    let dim = 4;
+    let mut corpus = vec![f16::from_f32(0.5); 3000 * dim];
+    corpus[2500 * dim + 1] = f16::NAN;
+    corpus[2700 * dim] = f16::INFINITY;
+    let queries = vec![0.5f32; dim];
+    let err = mine_hard_negatives(
+        Queries::F32(&queries),
+        Rows::F16(&corpus),
+        dim,
+        3,
+        None,
+        None,
+        Metric::Ip,
+        DType::F32,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidVector {
+                what: "corpus",
+                row: 2500,
+                fault: VectorFault::NonFinite
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "corpus[2500] contains NaN or inf; expected finite values"
+    );
 }

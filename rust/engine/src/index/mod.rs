@@ -4,198 +4,25 @@
 //! stored unit-normalized, so a search is a plain inner product. Every mutating call validates
 //! its whole batch before changing anything.
 
+mod encoding;
+mod storage;
+
+pub(crate) use encoding::check_rows;
+pub(crate) use storage::{Buf, MappedVectors, Store};
+
 use crate::error::{invalid, Error, Result};
-use crate::kernels;
-use crate::search::{self, Plan, Queries, Rows};
+use crate::search::{self, Plan, Queries};
 use crate::types::{DType, Metric};
 use bytemuck::Pod;
-use half::f16;
-use half::slice::HalfFloatSliceExt;
-use memmap2::Mmap;
-use rayon::prelude::*;
+use encoding::{encode_append, Buffers};
 use rustc_hash::{FxHashMap, FxHashSet};
-use std::mem::MaybeUninit;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
+use storage::Encoded;
 
 /// Largest supported dimension (keeps offsets and per-row work sane).
 pub const MAX_DIM: usize = 1 << 16;
 /// Rows are addressed with u32.
 pub const MAX_ROWS: usize = u32::MAX as usize;
-/// Largest finite value a float16 can hold.
-const F16_MAX: f32 = 65504.0;
-/// Rows per parallel encoding / validation chunk.
-const ENCODE_CHUNK: usize = 512;
-
-/// A buffer that is either owned or a read-only view into a memory-mapped file.
-pub(crate) enum Buf<T: Pod> {
-    Owned(Vec<T>),
-    Mapped {
-        map: Arc<Mmap>,
-        offset: usize,
-        len: usize,
-    },
-}
-
-impl<T: Pod> Buf<T> {
-    pub(crate) fn as_slice(&self) -> &[T] {
-        match self {
-            Buf::Owned(v) => v,
-            Buf::Mapped { map, offset, len } => {
-                // The file layout puts every section at an offset aligned for its type and the
-                // map itself is page-aligned, so this cast cannot fail (format.rs checks it).
-                bytemuck::cast_slice(&map[*offset..*offset + *len * std::mem::size_of::<T>()])
-            }
-        }
-    }
-
-    fn owned_mut(&mut self) -> Result<&mut Vec<T>> {
-        match self {
-            Buf::Owned(v) => Ok(v),
-            Buf::Mapped { .. } => Err(Error::ReadOnly),
-        }
-    }
-}
-
-/// The stored vectors.
-pub(crate) enum Store {
-    F32(Buf<f32>),
-    F16(Buf<f16>),
-    /// Row r is `scales[r] * data[r]`, |data| <= 127.
-    I8 {
-        data: Buf<i8>,
-        scales: Buf<f32>,
-    },
-}
-
-impl Store {
-    fn empty(dtype: DType) -> Store {
-        match dtype {
-            DType::F32 => Store::F32(Buf::Owned(Vec::new())),
-            DType::F16 => Store::F16(Buf::Owned(Vec::new())),
-            DType::I8 => Store::I8 {
-                data: Buf::Owned(Vec::new()),
-                scales: Buf::Owned(Vec::new()),
-            },
-        }
-    }
-
-    pub(crate) fn rows(&self) -> Rows<'_> {
-        match self {
-            Store::F32(b) => Rows::F32(b.as_slice()),
-            Store::F16(b) => Rows::F16(b.as_slice()),
-            Store::I8 { data, scales } => Rows::I8 {
-                data: data.as_slice(),
-                scales: scales.as_slice(),
-            },
-        }
-    }
-}
-
-/// Where `encode_into` writes: not yet initialized storage (spare capacity of a Vec).
-enum EncodeTarget<'a> {
-    F32(&'a mut [MaybeUninit<f32>]),
-    F16(&'a mut [MaybeUninit<f16>]),
-    I8(&'a mut [MaybeUninit<i8>], &'a mut [MaybeUninit<f32>]),
-}
-
-/// Reserves room for `extra` more elements in `v` and returns that spare capacity, not yet
-/// initialized (so not yet touched: the encoding pass that fills it also faults its pages in,
-/// spread over the threads). Commit it with `commit` once every element is written.
-fn spare<T>(v: &mut Vec<T>, extra: usize) -> &mut [MaybeUninit<T>] {
-    v.reserve(extra);
-    let tail = &mut v.spare_capacity_mut()[..extra];
-    advise_huge_pages(tail);
-    tail
-}
-
-/// Marks the `extra` elements after `v.len()` as part of `v`.
-///
-/// # Safety
-/// Every one of those elements (`v.spare_capacity_mut()[..extra]`) must have been initialized.
-unsafe fn commit<T>(v: &mut Vec<T>, extra: usize) {
-    debug_assert!(v.capacity() - v.len() >= extra);
-    // SAFETY: the caller guarantees the `extra` elements past the length are initialized, and
-    // they lie within the capacity (they came from `spare`).
-    unsafe { v.set_len(v.len() + extra) };
-}
-
-/// Copies `src` into the not yet initialized `dst` (same length).
-#[inline(always)]
-fn write_copy<T: Copy>(dst: &mut [MaybeUninit<T>], src: &[T]) {
-    assert_eq!(dst.len(), src.len());
-    // SAFETY: both slices hold `src.len()` elements (checked above), `MaybeUninit<T>` has the
-    // layout of `T`, and a `&mut` slice cannot overlap a `&` slice.
-    unsafe {
-        std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr().cast::<T>(), src.len());
-    }
-}
-
-/// Asks Linux to back a large, not yet touched buffer with transparent huge pages: a batch of
-/// 100k x 512 f32 would otherwise take 50,000 page faults, most of the cost of `add`.
-fn advise_huge_pages<T>(buf: &mut [std::mem::MaybeUninit<T>]) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let bytes = std::mem::size_of_val(buf);
-        if bytes < 4 * HUGE {
-            return;
-        }
-        let start = (buf.as_mut_ptr() as usize).next_multiple_of(HUGE);
-        let end = (buf.as_mut_ptr() as usize + bytes) / HUGE * HUGE;
-        if end > start {
-            // SAFETY: [start, end) lies inside `buf`, memory this Vec owns; MADV_HUGEPAGE only
-            // changes how the kernel backs the pages, never their contents. Errors (e.g. THP
-            // disabled) are ignored: the advice is optional.
-            unsafe {
-                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = buf;
-}
-
-/// The growable buffers of one dtype that `encode_append` writes to.
-enum Buffers<'a> {
-    F32(&'a mut Vec<f32>),
-    F16(&'a mut Vec<f16>),
-    I8(&'a mut Vec<i8>, &'a mut Vec<f32>),
-}
-
-/// Validates and converts `vectors` (rows of `dim`) into the spare capacity of `dst`, and makes
-/// them part of it only if every row passed: on error `dst` is unchanged.
-fn encode_append(vectors: &[f32], dim: usize, metric: Metric, dst: Buffers) -> Result<()> {
-    let (len, n) = (vectors.len(), vectors.len() / dim);
-    match dst {
-        Buffers::F32(v) => {
-            encode_into(vectors, dim, metric, EncodeTarget::F32(spare(v, len)))?;
-            // SAFETY: encode_into returned Ok, so it initialized all of the spare elements.
-            unsafe { commit(v, len) };
-        }
-        Buffers::F16(v) => {
-            encode_into(vectors, dim, metric, EncodeTarget::F16(spare(v, len)))?;
-            // SAFETY: as above.
-            unsafe { commit(v, len) };
-        }
-        Buffers::I8(d, s) => {
-            encode_into(vectors, dim, metric, EncodeTarget::I8(spare(d, len), spare(s, n)))?;
-            // SAFETY: encode_into returned Ok, so it initialized all of the spare elements of
-            // both (`n` scales, one per row).
-            unsafe {
-                commit(d, len);
-                commit(s, n);
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Vectors validated and converted to the stored type, not yet part of an index.
-enum Encoded {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
-    I8(Vec<i8>, Vec<f32>),
-}
 
 pub struct Index {
     pub(crate) dim: usize,
@@ -209,13 +36,6 @@ pub struct Index {
     /// Set for an index opened with mmap: checksum of the mapped vectors, and whether it has
     /// been checked yet.
     pub(crate) mapped_vectors: Option<MappedVectors>,
-}
-
-pub(crate) struct MappedVectors {
-    pub(crate) checksum: u64,
-    pub(crate) offset: usize,
-    pub(crate) len: usize,
-    pub(crate) map: Arc<Mmap>,
 }
 
 impl std::fmt::Debug for Index {
@@ -235,318 +55,6 @@ pub(crate) fn check_dim(dim: usize) -> Result<()> {
         return invalid(format!("dim must be between 1 and {MAX_DIM}, got {dim}"));
     }
     Ok(())
-}
-
-/// The largest `|x|` of a row as raw bits (sign cleared). For non-negative floats the bit
-/// patterns order like the values, so one integer max answers "any NaN or inf?"
-/// (`>= INF_BITS`), "all zero?" (`== 0`) and "any value beyond the float16 range?".
-#[inline(always)]
-fn max_abs_bits(row: &[f32]) -> u32 {
-    const LANES: usize = 16;
-    let mut acc = [0u32; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for c in &mut chunks {
-        for (a, v) in acc.iter_mut().zip(c) {
-            *a = (*a).max(v.to_bits() & 0x7fff_ffff);
-        }
-    }
-    let tail = chunks
-        .remainder()
-        .iter()
-        .fold(0, |m, v| m.max(v.to_bits() & 0x7fff_ffff));
-    acc.iter().fold(tail, |m, &a| m.max(a))
-}
-
-/// Bits of +inf: `max_abs_bits(row) >= INF_BITS` means the row holds a NaN or an inf.
-const INF_BITS: u32 = 0x7f80_0000;
-
-/// The first failing row of a batch, by kind (the kinds are reported in this order).
-#[derive(Clone, Copy, Default)]
-struct Faults {
-    /// NaN or inf, or a zero vector under cos.
-    bad: Option<usize>,
-    /// A value beyond the float16 range (f16 storage under ip / l2 only).
-    f16_overflow: Option<usize>,
-}
-
-impl Faults {
-    fn first(a: Option<usize>, b: Option<usize>) -> Option<usize> {
-        match (a, b) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-    fn merge(self, other: Faults) -> Faults {
-        Faults {
-            bad: Self::first(self.bad, other.bad),
-            f16_overflow: Self::first(self.f16_overflow, other.f16_overflow),
-        }
-    }
-    /// Records row `r` given its `max_abs_bits`.
-    #[inline(always)]
-    fn note(&mut self, r: usize, bits: u32, metric: Metric, f16_range: bool) {
-        if self.bad.is_none() && (bits >= INF_BITS || (metric == Metric::Cos && bits == 0)) {
-            self.bad = Some(r);
-        }
-        if f16_range && self.f16_overflow.is_none() && bits > F16_MAX.to_bits() {
-            self.f16_overflow = Some(r);
-        }
-    }
-    /// The error for the first failing row: NaN / inf / zero anywhere first, then f16 range.
-    fn check(self, vectors: &[f32], dim: usize, metric: Metric, what: &str) -> Result<()> {
-        if let Some(r) = self.bad {
-            let row = &vectors[r * dim..(r + 1) * dim];
-            return if max_abs_bits(row) >= INF_BITS {
-                invalid(format!(
-                    "{what}[{r}] contains NaN or inf; expected finite values"
-                ))
-            } else {
-                debug_assert!(metric == Metric::Cos);
-                invalid(format!(
-                    "{what}[{r}] is a zero vector, which has no direction under metric \"cos\"; \
-                     expected a non-zero vector"
-                ))
-            };
-        }
-        if let Some(r) = self.f16_overflow {
-            return invalid(format!(
-                "{what}[{r}] has a value beyond the float16 range (|x| <= {F16_MAX}); \
-                 expected values that fit dtype \"f16\""
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// Checks every row of `vectors` (`dim` values each) is finite, and non-zero under cosine.
-pub(crate) fn check_rows(vectors: &[f32], dim: usize, metric: Metric, what: &str) -> Result<()> {
-    let bad = vectors
-        .par_chunks(dim * ENCODE_CHUNK)
-        .enumerate()
-        .find_map_first(|(chunk, block)| {
-            let mut faults = Faults::default();
-            for (i, row) in block.chunks_exact(dim).enumerate() {
-                faults.note(chunk * ENCODE_CHUNK + i, max_abs_bits(row), metric, false);
-                if faults.bad.is_some() {
-                    return faults.bad;
-                }
-            }
-            None
-        });
-    Faults {
-        bad,
-        f16_overflow: None,
-    }
-    .check(vectors, dim, metric, what)
-}
-
-/// `kernels::quantize_row_i8`'s `round_small(x.clamp(-127.0, 127.0)) as i8` (round to nearest,
-/// ties to even; NaN -> 0) without a float -> int conversion, which does not vectorize: for
-/// |x| <= 127, x + 1.5 * 2^23 lies in a binade where one unit is one ulp, so its bits minus
-/// those of 1.5 * 2^23 are the rounded integer.
-#[inline(always)]
-fn round_clamp_i8(x: f32) -> i8 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it leaves no fraction bits
-    let y = x.clamp(-127.0, 127.0) + MAGIC;
-    if y.is_nan() {
-        0
-    } else {
-        (y.to_bits() as i32 - MAGIC.to_bits() as i32) as i8
-    }
-}
-
-/// `kernels::quantize_row_i8` of the row `x * norm` (`norm` = 1 for no normalization), given
-/// `max_abs` = max |x|, writing `out`; returns the scale. Bit for bit the same result:
-/// rounding is monotonic, so max |fl(x * norm)| = fl(max |x| * norm).
-#[inline(always)]
-fn quantize_i8_into(
-    x: &[f32],
-    norm: Option<f32>,
-    max_abs: f32,
-    out: &mut [MaybeUninit<i8>],
-) -> f32 {
-    let max_abs = match norm {
-        Some(n) => max_abs * n,
-        None => max_abs,
-    };
-    if max_abs == 0.0 {
-        out.iter_mut().for_each(|o| {
-            o.write(0);
-        });
-        return 0.0;
-    }
-    let inv = 127.0 / max_abs;
-    match norm {
-        Some(n) => {
-            for (o, &v) in out.iter_mut().zip(x) {
-                o.write(round_clamp_i8(v * n * inv));
-            }
-        }
-        None => {
-            for (o, &v) in out.iter_mut().zip(x) {
-                o.write(round_clamp_i8(v * inv));
-            }
-        }
-    }
-    max_abs / 127.0
-}
-
-/// Validates and encodes one chunk of rows (`src`, `dim` values each, the first being row
-/// `first_row`) into `dst` in one pass: every element of `dst` is written, whatever the input
-/// (a failing row is encoded as garbage that the caller never commits). `scratch` holds `dim`
-/// values.
-#[inline(always)]
-fn encode_chunk(
-    src: &[f32],
-    dst: ChunkTarget<'_>,
-    first_row: usize,
-    dim: usize,
-    metric: Metric,
-    scratch: &mut [f16],
-) -> Faults {
-    let cos = metric == Metric::Cos;
-    let mut faults = Faults::default();
-    let f16_range = matches!(dst, ChunkTarget::F16(_)) && !cos;
-    let mut note = |i: usize, row: &[f32]| {
-        let bits = max_abs_bits(row);
-        faults.note(first_row + i, bits, metric, f16_range);
-        bits
-    };
-    // 1 / |row| under cos (the stored row is `row * inv`).
-    let inv_norm = |row: &[f32]| 1.0 / kernels::sqnorm_f32(row).sqrt();
-    match dst {
-        ChunkTarget::F32(d) => {
-            for (i, (dr, sr)) in d
-                .chunks_exact_mut(dim)
-                .zip(src.chunks_exact(dim))
-                .enumerate()
-            {
-                note(i, sr);
-                if cos {
-                    let inv = inv_norm(sr);
-                    for (o, &v) in dr.iter_mut().zip(sr) {
-                        o.write(v * inv);
-                    }
-                } else {
-                    write_copy(dr, sr);
-                }
-            }
-        }
-        ChunkTarget::F16(d) => {
-            let mut normalized = Vec::new();
-            for (i, (dr, sr)) in d
-                .chunks_exact_mut(dim)
-                .zip(src.chunks_exact(dim))
-                .enumerate()
-            {
-                note(i, sr);
-                let row = if cos {
-                    let inv = inv_norm(sr);
-                    normalized.clear();
-                    normalized.extend(sr.iter().map(|v| v * inv));
-                    &normalized[..]
-                } else {
-                    sr
-                };
-                scratch.convert_from_f32_slice(row);
-                write_copy(dr, scratch);
-            }
-        }
-        ChunkTarget::I8(d, scales) => {
-            for (i, ((dr, sr), scale)) in d
-                .chunks_exact_mut(dim)
-                .zip(src.chunks_exact(dim))
-                .zip(scales)
-                .enumerate()
-            {
-                let bits = note(i, sr);
-                let norm = cos.then(|| inv_norm(sr));
-                scale.write(quantize_i8_into(sr, norm, f32::from_bits(bits), dr));
-            }
-        }
-    }
-    faults
-}
-
-/// One chunk's share of an [`EncodeTarget`].
-enum ChunkTarget<'a> {
-    F32(&'a mut [MaybeUninit<f32>]),
-    F16(&'a mut [MaybeUninit<f16>]),
-    I8(&'a mut [MaybeUninit<i8>], &'a mut [MaybeUninit<f32>]),
-}
-
-/// `encode_chunk` compiled for AVX2 (same operations, wider vectors: results are identical).
-///
-/// # Safety
-/// The CPU must support AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn encode_chunk_avx2(
-    src: &[f32],
-    dst: ChunkTarget<'_>,
-    first_row: usize,
-    dim: usize,
-    metric: Metric,
-    scratch: &mut [f16],
-) -> Faults {
-    encode_chunk(src, dst, first_row, dim, metric, scratch)
-}
-
-/// Validates `vectors` (n x dim: finite, non-zero under cos, within the float16 range for f16
-/// storage under ip / l2) and encodes them into `dst` in one parallel pass. On `Ok` every
-/// element of `dst` is initialized; on `Err` (the first failing row, NaN / inf / zero before
-/// f16 range) its contents are unspecified and must not be committed.
-fn encode_into(vectors: &[f32], dim: usize, metric: Metric, dst: EncodeTarget<'_>) -> Result<()> {
-    // Callers commit `dst` on Ok, so it must be covered exactly: chunk i of `vectors` pairs
-    // with chunk i of `dst`, and `encode_chunk` writes every element of the chunk it gets.
-    assert!(vectors.len().is_multiple_of(dim));
-    let n = vectors.len() / dim;
-    match &dst {
-        EncodeTarget::F32(out) => assert_eq!(out.len(), vectors.len()),
-        EncodeTarget::F16(out) => assert_eq!(out.len(), vectors.len()),
-        EncodeTarget::I8(out, scales) => {
-            assert_eq!(out.len(), vectors.len());
-            assert_eq!(scales.len(), n);
-        }
-    }
-    let chunk = dim * ENCODE_CHUNK;
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = kernels::level() != kernels::Level::Scalar;
-    let run = |(c, (src, dst)): (usize, (&[f32], ChunkTarget<'_>))| {
-        let mut scratch = vec![f16::ZERO; dim];
-        let first = c * ENCODE_CHUNK;
-        #[cfg(target_arch = "x86_64")]
-        if avx2 {
-            // SAFETY: every level above Scalar on x86-64 requires AVX2 (kernels::available_levels).
-            return unsafe { encode_chunk_avx2(src, dst, first, dim, metric, &mut scratch) };
-        }
-        encode_chunk(src, dst, first, dim, metric, &mut scratch)
-    };
-    let faults = match dst {
-        EncodeTarget::F32(out) => vectors
-            .par_chunks(chunk)
-            .zip(out.par_chunks_mut(chunk).map(ChunkTarget::F32))
-            .enumerate()
-            .map(run)
-            .reduce(Faults::default, Faults::merge),
-        EncodeTarget::F16(out) => vectors
-            .par_chunks(chunk)
-            .zip(out.par_chunks_mut(chunk).map(ChunkTarget::F16))
-            .enumerate()
-            .map(run)
-            .reduce(Faults::default, Faults::merge),
-        EncodeTarget::I8(out, scales) => vectors
-            .par_chunks(chunk)
-            .zip(
-                out.par_chunks_mut(chunk)
-                    .zip(scales.par_chunks_mut(ENCODE_CHUNK))
-                    .map(|(d, s)| ChunkTarget::I8(d, s)),
-            )
-            .enumerate()
-            .map(run)
-            .reduce(Faults::default, Faults::merge),
-    };
-    faults.check(vectors, dim, metric, "vectors")
 }
 
 impl Index {
@@ -588,7 +96,7 @@ impl Index {
         if let Some(map) = self.rows.get() {
             return Ok(map);
         }
-        let map = crate::format::key_map(self.keys.as_slice())
+        let map = crate::key_map::key_map(self.keys.as_slice())
             .map_err(|reason| Error::File { path: None, reason })?;
         Ok(self.rows.get_or_init(|| map))
     }
@@ -806,6 +314,34 @@ impl Index {
         Ok(out)
     }
 
+    /// A new in-memory index with the same keys (in storage order), dim and metric, its
+    /// vectors converted to `dtype` from the stored values (f16 or i8 to f32 does not bring
+    /// back precision; under "cos" the stored unit vectors are normalized again). Works on a
+    /// read-only (mmap) index too; the result is writable. A stored vector that does not fit
+    /// `dtype` (a value beyond the float16 range under "ip" / "l2") is `Error::Invalid`
+    /// naming its key.
+    pub fn astype(&self, dtype: DType) -> Result<Index> {
+        const CHUNK: usize = 16 * 1024;
+        self.key_rows()?; // an unverified mmap index: refuse repeated keys first
+        let mut out = Index::new(self.dim, self.metric, dtype)?;
+        let keys = self.keys.as_slice();
+        let rows = self.store.rows();
+        let mut buf = Vec::new();
+        for start in (0..keys.len()).step_by(CHUNK) {
+            let end = (start + CHUNK).min(keys.len());
+            let vectors = rows.range(start, end, self.dim).to_f32(self.dim, &mut buf);
+            out.add(&keys[start..end], vectors).map_err(|e| match e {
+                Error::InvalidVector { row, fault, .. } => Error::Invalid(format!(
+                    "cannot convert to dtype \"{}\": the vector of key {} {fault}",
+                    dtype.name(),
+                    keys[start + row]
+                )),
+                other => other,
+            })?;
+        }
+        Ok(out)
+    }
+
     /// Exact top-k of each query (row-major `queries`, `dim` values each). Returns keys and
     /// scores, `nq * k'` each, with `k' = min(k, len - excluded keys present)` (also returned).
     pub fn search(
@@ -898,7 +434,11 @@ fn gather<T: Copy>(v: &[T], rows: &[usize], width: usize) -> Vec<T> {
 
 #[cfg(test)]
 mod tests {
+    use super::encoding::F16_MAX;
     use super::*;
+    use crate::error::{MAX_SQNORM, MIN_COS_SQNORM};
+    use crate::kernels;
+    use half::f16;
 
     /// Rows that exercise the encoders' edge cases: random, tiny (denormal maximum, where
     /// 127 / max overflows), huge, ties, signed zeros, a single non-zero.
@@ -968,13 +508,18 @@ mod tests {
             for metric in [Metric::Cos, Metric::Ip, Metric::L2] {
                 for dtype in [DType::F32, DType::F16, DType::I8] {
                     let mut index = Index::new(dim, metric, dtype).unwrap();
-                    // f16 under ip / l2 rejects the huge row: leave it out there.
+                    // Leave out the rows the index refuses: a squared norm beyond MAX_SQNORM
+                    // (the huge row), below MIN_COS_SQNORM under cos (the tiny rows), values
+                    // beyond the f16 range for f16 under ip / l2.
                     let usable: Vec<f32> = rows
                         .chunks_exact(dim)
                         .filter(|r| {
-                            dtype != DType::F16
-                                || metric == Metric::Cos
-                                || r.iter().all(|v| v.abs() <= F16_MAX)
+                            let sq: f64 = r.iter().map(|&v| v as f64 * v as f64).sum();
+                            sq <= MAX_SQNORM
+                                && (metric != Metric::Cos || sq >= MIN_COS_SQNORM)
+                                && (dtype != DType::F16
+                                    || metric == Metric::Cos
+                                    || r.iter().all(|v| v.abs() <= F16_MAX))
                         })
                         .flatten()
                         .copied()
@@ -1004,24 +549,6 @@ mod tests {
                     );
                 }
             }
-        }
-    }
-
-    #[test]
-    fn rounding_matches_the_kernels_for_every_input_kind() {
-        let mut values: Vec<f32> = (-600..=600).map(|i| i as f32 * 0.25).collect();
-        values.extend([
-            f32::NAN,
-            -f32::NAN,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            -0.0,
-            0.0,
-        ]);
-        values.extend([126.5, -126.5, 127.49, 1e30, -1e30, f32::from_bits(1)]);
-        for &v in &values {
-            let want = ((v.clamp(-127.0, 127.0) + 12_582_912.0) - 12_582_912.0) as i32 as i8;
-            assert_eq!(round_clamp_i8(v), want, "{v}");
         }
     }
 

@@ -1,0 +1,191 @@
+//! numpy <-> Rust conversion of the arguments (arrays, keys, groups, k).
+
+use crate::errors::value_error;
+use half::f16;
+use numpy::{PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+
+fn asarray<'py>(
+    py: Python<'py>,
+    obj: &Bound<'py, PyAny>,
+    what: &str,
+) -> PyResult<Bound<'py, PyAny>> {
+    py.import("numpy")?
+        .call_method1("asarray", (obj,))
+        .map_err(|e| value_error(format!("{what} must be an array of numbers: {e}")))
+}
+
+fn dtype_of(arr: &Bound<'_, PyAny>) -> PyResult<(String, usize, String)> {
+    let dt = arr.getattr("dtype")?;
+    Ok((
+        dt.getattr("kind")?.extract()?,
+        dt.getattr("itemsize")?.extract()?,
+        dt.str()?.to_string(),
+    ))
+}
+
+pub(crate) fn shape_of(arr: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
+    arr.getattr("shape")?.extract()
+}
+
+/// A float array as C-contiguous float32 (float64 and integers are converted).
+pub(crate) fn f32_array<'py>(
+    py: Python<'py>,
+    obj: &Bound<'py, PyAny>,
+    what: &str,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    let arr = asarray(py, obj, what)?;
+    let (kind, _, name) = dtype_of(&arr)?;
+    if !matches!(kind.as_str(), "f" | "i" | "u") {
+        return Err(value_error(format!(
+            "{what} must be float32 or float64, got dtype {name}"
+        )));
+    }
+    let out = py
+        .import("numpy")?
+        .call_method1("ascontiguousarray", (arr, "float32"))?;
+    Ok(out.cast_into::<PyArrayDyn<f32>>()?)
+}
+
+/// Float input that may stay float16 (mining reads f16 without a copy).
+pub(crate) enum FloatInput<'py> {
+    F32(PyReadonlyArrayDyn<'py, f32>),
+    F16(PyReadonlyArrayDyn<'py, f16>),
+}
+
+impl FloatInput<'_> {
+    pub(crate) fn shape(&self) -> Vec<usize> {
+        match self {
+            FloatInput::F32(a) => a.shape().to_vec(),
+            FloatInput::F16(a) => a.shape().to_vec(),
+        }
+    }
+}
+
+pub(crate) fn f32_or_f16_array<'py>(
+    py: Python<'py>,
+    obj: &Bound<'py, PyAny>,
+    what: &str,
+) -> PyResult<FloatInput<'py>> {
+    let arr = asarray(py, obj, what)?;
+    let (kind, size, _) = dtype_of(&arr)?;
+    if kind == "f" && size == 2 {
+        let out = py
+            .import("numpy")?
+            .call_method1("ascontiguousarray", (arr,))?;
+        return Ok(FloatInput::F16(
+            out.cast_into::<PyArrayDyn<f16>>()?.readonly(),
+        ));
+    }
+    Ok(FloatInput::F32(f32_array(py, obj, what)?.readonly()))
+}
+
+/// A 1-D array-like of non-negative integers that fit in uint64.
+pub(crate) fn key_vec(py: Python<'_>, obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u64>> {
+    let arr = asarray(py, obj, what).map_err(|_| {
+        value_error(format!(
+            "{what} must be a 1-D array of integers that fit in uint64"
+        ))
+    })?;
+    let shape = shape_of(&arr)?;
+    if shape.len() != 1 {
+        return Err(value_error(format!(
+            "{what} must be a 1-D array of integers, got shape {shape:?}"
+        )));
+    }
+    if shape[0] == 0 {
+        return Ok(Vec::new());
+    }
+    let (kind, _, name) = dtype_of(&arr)?;
+    let np = py.import("numpy")?;
+    // numpy turns [2**64 - 1, 0] into float64: read Python sequences element by element.
+    let from_sequence = kind == "f" && !obj.is_instance(&np.getattr("ndarray")?)?;
+    match kind.as_str() {
+        "u" | "i" => {
+            if kind == "i" {
+                let min: i64 = arr.call_method0("min")?.extract()?;
+                if min < 0 {
+                    return Err(value_error(format!(
+                        "{what} must be non-negative, got {min}"
+                    )));
+                }
+            }
+            let u = np.call_method1("ascontiguousarray", (arr, "uint64"))?;
+            Ok(u.cast_into::<PyArrayDyn<u64>>()?
+                .readonly()
+                .as_slice()?
+                .to_vec())
+        }
+        "O" | "f" if kind == "O" || from_sequence => {
+            (if from_sequence { obj.clone() } else { arr })
+                .try_iter()?
+                .map(|item| {
+                    let item = item?;
+                    item.extract::<u64>().map_err(|_| {
+                        value_error(format!(
+                            "{what} must be non-negative integers that fit in uint64, got {item}"
+                        ))
+                    })
+                })
+                .collect()
+        }
+        _ => Err(value_error(format!(
+            "{what} must be integers, got dtype {name}"
+        ))),
+    }
+}
+
+pub(crate) fn group_vec(py: Python<'_>, obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<i64>> {
+    let arr = asarray(py, obj, what)?;
+    let shape = shape_of(&arr)?;
+    if shape.len() != 1 {
+        return Err(value_error(format!(
+            "{what} must be a 1-D array of integers, got shape {shape:?}"
+        )));
+    }
+    let (kind, _, name) = dtype_of(&arr)?;
+    if !matches!(kind.as_str(), "i" | "u") && shape[0] > 0 {
+        return Err(value_error(format!(
+            "{what} must be integers, got dtype {name}"
+        )));
+    }
+    let v = py
+        .import("numpy")?
+        .call_method1("ascontiguousarray", (arr, "int64"))?;
+    Ok(v.cast_into::<PyArrayDyn<i64>>()?
+        .readonly()
+        .as_slice()?
+        .to_vec())
+}
+
+/// The `k` argument: an int >= 1 (ValueError otherwise).
+pub(crate) struct Count(pub(crate) usize);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Count {
+    type Error = PyErr;
+
+    fn extract(obj: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        check_k(&obj).map(Count)
+    }
+}
+
+/// k as a count: an int >= 1; ints beyond 64 bits mean "all" (results are capped anyway).
+fn check_k(k: &Bound<'_, PyAny>) -> PyResult<usize> {
+    let value = match k.extract::<i64>() {
+        Ok(v) => v,
+        Err(_) => {
+            let index = k
+                .call_method0("__index__")
+                .map_err(|_| value_error(format!("k must be an integer, got {k}")))?;
+            if index.lt(0)? {
+                i64::MIN
+            } else {
+                i64::MAX
+            }
+        }
+    };
+    if value < 1 {
+        return Err(value_error(format!("k must be at least 1, got {k}")));
+    }
+    Ok(usize::try_from(value).unwrap_or(usize::MAX))
+}
