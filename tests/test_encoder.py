@@ -224,8 +224,8 @@ def test_exif_rotation_is_applied(tmp_path: Path):
     "name, content, reason",
     [
         ("empty.jpg", b"", "empty file"),
-        ("notes.jpg", b"this is a text file, not a photo\n" * 10, "not an image"),
-        ("random.png", bytes(range(256)) * 4, "not an image"),
+        ("notes.jpg", b"this is a text file, not a photo\n" * 10, "not a recognised image"),
+        ("random.png", bytes(range(256)) * 4, "not a recognised image"),
     ],
 )
 def test_unloadable_files_raise_image_load_error(tmp_path: Path, name, content, reason):
@@ -258,7 +258,7 @@ def test_truncated_image(enc: Encoder, tmp_path: Path):
 def test_missing_file_and_directory(tmp_path: Path):
     with pytest.raises(ImageLoadError, match="file not found"):
         Encoder.load_image(tmp_path / "nope.jpg")
-    with pytest.raises(ImageLoadError, match="not a regular file"):
+    with pytest.raises(ImageLoadError, match="is a directory"):
         Encoder.load_image(tmp_path)
 
 

@@ -100,29 +100,14 @@ def make_hostile(folder: Path) -> dict[str, str]:
         "empty.jpg": r"empty file \(0 bytes\)",
         "empty.png": r"empty file \(0 bytes\)",
         "truncated.jpg": "truncated",
-        "truncated.png": "truncated|cannot decode|not a recognised",
-        "signature_only.png": "truncated|cannot decode|not a recognised",
+        "truncated.png": "truncated|not a recognised",
+        "signature_only.png": "truncated|not a recognised",
         "text.jpg": "not a recognised image format",
         "random.webp": "not a recognised image format",
-        "zero_size.png": "cannot decode|no pixels|not a recognised|truncated",
+        "zero_size.png": "no pixels|not a recognised|truncated",
         "album.jpg": "is a directory",
         "pipe.png": "not a regular file",
     }
-
-
-# The Encoder words some reasons its own way.
-ENCODER_REASONS = {
-    "bomb_header.png": "too large.*decompression bomb",
-    "bomb.jpg": "too large.*decompression bomb",
-    "bomb.gif": "too large.*decompression bomb",
-    "truncated.png": "truncated or corrupt|unrecognized format",
-    "signature_only.png": "truncated or corrupt|unrecognized format",
-    "text.jpg": r"not an image Pillow can read \(unrecognized format\)",
-    "random.webp": r"not an image Pillow can read \(unrecognized format\)",
-    "zero_size.png": "truncated or corrupt|unrecognized format|no pixels",
-    "truncated.jpg": "truncated or corrupt",
-    "album.jpg": "not a regular file",
-}
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +136,7 @@ def test_encoder_load_image_refuses_each_with_reason(hostile):
     photos, expected = hostile
     for name, pattern in expected.items():
         path = photos / "bad" / name
-        with pytest.raises(ImageLoadError, match=ENCODER_REASONS.get(name, pattern)) as info:
+        with pytest.raises(ImageLoadError, match=pattern) as info:
             Encoder.load_image(path)
         assert info.value.path == str(path), name
         assert str(path) in str(info.value)

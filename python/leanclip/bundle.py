@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List
+
+from leanclip._fs import PathLike, atomic_write
+from leanclip.errors import LeanclipError
 
 FORMAT = "leanclip-bundle"
 FORMAT_VERSION = 1
@@ -30,10 +31,7 @@ MANIFEST_NAME = "leanclip.json"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-PathLike = Union[str, "os.PathLike[str]"]
-
-
-class BundleError(ValueError):
+class BundleError(LeanclipError, ValueError):
     """A model bundle is missing, malformed, of another format version, or fails its checksums."""
 
 
@@ -116,18 +114,8 @@ def write_manifest(bundle_dir: PathLike, manifest: Manifest) -> Path:
         files[name] = sha256_file(path)
     manifest.files = files
     target = root / MANIFEST_NAME
-    fd, tmp = tempfile.mkstemp(prefix=".leanclip.json.", dir=root)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(manifest.to_json())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a bundle is meant to be shared
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(target, "w") as fh:
+        fh.write(manifest.to_json())
     return target
 
 

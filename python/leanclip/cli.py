@@ -65,11 +65,11 @@ def _open(directory: Optional[str], store: Optional[str], model: Optional[str]) 
 
 
 def _errors() -> tuple:
-    from leanclip.bundle import BundleError
-    from leanclip.gallery import GalleryError
-    from leanclip.models import ModelError
+    """What a command reports as a one-line error with exit code 3: every error leanclip
+    raises on purpose (``LeanclipError``: gallery, model, bundle, image)."""
+    from leanclip.errors import LeanclipError
 
-    return (GalleryError, ModelError, BundleError)
+    return (LeanclipError,)
 
 
 common_gallery = [
@@ -247,14 +247,11 @@ def search(query: Sequence[str], directory: Optional[str], store: Optional[str],
 def similar(image: str, extra: str, directory: Optional[str], store: Optional[str], model: Optional[str],
             k: int, min_score: Optional[float], paths: Sequence[str], as_json: bool) -> None:
     """Find photos similar to IMAGE (a file in the gallery or anywhere else)."""
-    from leanclip.gallery import Term, parse_query
-
     try:
         if not os.path.isfile(image):
             raise _fail(f"query image {image} does not exist or is not a file")
         g = _open(directory, store, model)
-        terms = [Term(1, "image", image)] + (parse_query("+x " + extra)[1:] if extra.strip() else [])
-        hits = g.search(terms, k, min_score=min_score, paths=list(paths) or None)
+        hits = g.similar(image, k, extra=extra, min_score=min_score, paths=list(paths) or None)
     except _errors() as exc:
         raise _fail(str(exc))
     _print_hits(hits, as_json, f"img:{image} {extra}".strip())

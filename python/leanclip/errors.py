@@ -10,3 +10,7 @@ from __future__ import annotations
 
 class LeanclipError(Exception):
     """Base class of every error that leanclip raises on purpose."""
+
+
+class ModelError(LeanclipError):
+    """A model cannot be found, built or fetched; the message says what to do (``leanclip.models``)."""

@@ -29,7 +29,6 @@ import queue
 import socket
 import stat
 import threading
-import time
 import urllib.parse
 from collections import OrderedDict
 from concurrent.futures import Future
@@ -38,7 +37,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from leanclip.gallery import Gallery, GalleryError, Hit, Term, parse_query
+from leanclip.errors import LeanclipError
+from leanclip.gallery import Gallery, Hit, Term, parse_query
 
 MAX_URL = 2048  # bytes of request target
 MAX_QUERY = 512  # characters of a search query
@@ -411,7 +411,7 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 parse_query(q)  # refuse a bad query here, before it joins a batch
                 hits = self.server.batcher.search(q, k, [glob] if glob else None)
-        except GalleryError as exc:
+        except LeanclipError as exc:
             return 400, {"error": str(exc)}
         except TimeoutError:
             return 503, {"error": "the server is overloaded; try again"}
