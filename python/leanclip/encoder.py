@@ -16,9 +16,9 @@ Defined behaviour for awkward inputs:
   missing, empty, truncated, non-image, oversized (more than ``max_pixels``, a decompression
   bomb), pixel-less (0 x N) or absurdly thin file raises :class:`ImageLoadError` naming the file
   and the reason, so a caller can record it per file. A PIL image with no pixels raises it too.
-* resizing is bounded by the output: the short side goes to the model's size and only the
-  center crop is computed (Pillow's ``resize(box=...)``, the same pixels as resize-then-crop),
-  so a 1 x 6000 image costs no more than a square one.
+* resizing is bounded by the output: an image whose resize stays within 16 Mpx (any photo) is
+  resized exactly as open_clip does; for longer strips only the center crop is computed
+  (Pillow's ``resize(box=...)``), so a 1 x 6000 image in memory costs no more than a square one.
 """
 
 from __future__ import annotations
@@ -51,6 +51,10 @@ _FILTERS = {
 
 _to_rgb = to_rgb  # kept for callers of the old private name
 
+# Images whose full resize stays within this many pixels (48 MB as RGB) are resized exactly as
+# open_clip does; beyond it (long thin strips) preprocess_image computes only the center crop.
+_MAX_RESIZE_PIXELS = 16_000_000
+
 
 def preprocess_image(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float],
                      interpolation: str = "bicubic") -> np.ndarray:
@@ -61,18 +65,30 @@ def preprocess_image(img: Image.Image, size: int, mean: Sequence[float], std: Se
         resample = _FILTERS[interpolation]
     except KeyError:
         raise ValueError(f"unknown interpolation {interpolation!r} (known: {sorted(_FILTERS)})") from None
-    img = to_rgb(img)
     w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ImageLoadError("<in-memory image>", f"image has no pixels ({w} x {h})")
+    img = to_rgb(img)
     # torchvision.transforms.Resize(int): short side -> size, long side -> int(size * long / short)
     if w <= h:
         nw, nh = size, int(size * h / w)
     else:
         nw, nh = int(size * w / h), size
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), resample)
     top = int(round((nh - size) / 2.0))
     left = int(round((nw - size) / 2.0))
-    img = img.crop((left, top, left + size, top + size))
+    if nw * nh <= _MAX_RESIZE_PIXELS:
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), resample)
+        img = img.crop((left, top, left + size, top + size))
+    else:
+        # a very long strip: resizing all of it first would cost memory in proportion to its
+        # aspect ratio (a 1 x 6000 PNG would become 224 x 1,344,000 pixels). Pillow's box resize
+        # computes only the center crop from the same source area (Pillow's arithmetic differs a
+        # little: pixels are within a few 8-bit levels of the full resize), so work and memory
+        # stay bounded by size x size.
+        sx, sy = w / nw, h / nh
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        img = img.resize((size, size), resample, box=box)
     arr: np.ndarray = np.asarray(img, dtype=np.float32) * np.float32(1.0 / 255.0)
     arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32)
@@ -188,6 +204,10 @@ class Encoder:
         for i, t in enumerate(items):
             if not isinstance(t, str):
                 raise TypeError(f"texts[{i}] is {type(t).__name__}, not str")
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"texts[{i}] is not valid UTF-8 text (lone surrogate at index {exc.start})") from None
         if self.manifest.text.kind == "clip":
             # open_clip unescapes HTML entities twice; the rest of its cleaning is in tokenizer.json
             items = [html.unescape(html.unescape(t)) if "&" in t else t for t in items]
@@ -245,6 +265,8 @@ class Encoder:
         for i, item in enumerate(items):
             if not isinstance(item, (str, os.PathLike, Image.Image)):
                 raise TypeError(f"images[{i}] is {type(item).__name__}, not a path or PIL.Image.Image")
+            if isinstance(item, Image.Image) and (item.width <= 0 or item.height <= 0):
+                raise ImageLoadError(f"images[{i}]", f"image has no pixels ({item.width} x {item.height})")
         out = np.zeros((len(items), self.dim), dtype=np.float32)
         if not items:
             return out

@@ -118,7 +118,7 @@ class Gallery:
                 raise GalleryError(
                     f"{self.root} has no gallery yet (no {self.db_path}); run `leanclip index {self.root}`"
                 )
-            self._conn = db.open_db(self.db_path)
+            self._conn = db.open_reader(self.db_path)
             db.check_schema(self._conn, self.db_path)
         return self._conn
 
@@ -215,9 +215,24 @@ class Gallery:
             return None
         rel_bytes = os.fsencode(rel.as_posix())
         row = db.ok_row(self._reader(), rel_bytes)
-        if row is not None and row.key is not None and row.size == st.st_size and row.mtime_ns == st.st_mtime_ns:
+        if row is not None and row.key is not None and row.same_file(st):
             return row.key
         return None
+
+    def key_of_name(self, name: str) -> Optional[int]:
+        """The key of the indexed photo whose path relative to the root is ``name`` ('/'
+        separated), from the database alone: no file is opened or even looked at."""
+        if not isinstance(name, str) or not name or name.startswith("/") or "\0" in name:
+            return None
+        if any(part in ("", ".", "..") for part in name.split("/")):
+            return None
+        try:
+            rel = os.fsencode(name)
+        except UnicodeError:
+            return None
+        with self._lock:
+            row = db.ok_row(self._reader(), rel)
+        return row.key if row is not None else None
 
     def _check_model(self, meta: Dict[str, str]) -> EncoderLike:
         enc = self.encoder
@@ -251,6 +266,13 @@ class Gallery:
             for t in terms:
                 if t.kind == "text":
                     v = text_vecs[t.value]
+                elif t.kind == "photo":  # an indexed photo, by key: its stored vector, no file read
+                    key = int(t.value)
+                    if key not in index:
+                        raise GalleryError(f"photo {key} is not in the gallery (any more)")
+                    v = np.asarray(index.get([key]), dtype=np.float32)[0]
+                    if t.sign > 0:
+                        own_keys.append(key)
                 else:
                     key = self._key_of(t.value)
                     if key is not None and key in index:

@@ -23,7 +23,7 @@ MAX_QUERY_CHARS = 4096
 @dataclass(frozen=True)
 class Term:
     sign: int  # +1 or -1
-    kind: str  # "text" or "image"
+    kind: str  # "text"; "image" (value: a file path); "photo" (value: the key of an indexed photo)
     value: str
 
 
@@ -65,6 +65,15 @@ def parse_query(query: str) -> List[Term]:
             terms.append(Term(sign or 1, kind, tok))
     if phrase:
         terms.insert(0, Term(1, "text", " ".join(phrase)))
+    for t in terms:
+        if t.kind == "text":
+            try:
+                t.value.encode("utf-8")
+            except UnicodeEncodeError as exc:  # e.g. argv bytes that are not UTF-8 (surrogateescape)
+                raise GalleryError(
+                    f"the query's text is not valid UTF-8 (a byte that is not text at character {exc.start + 1}); "
+                    "search text must be UTF-8"
+                ) from None
     if not any(t.sign > 0 for t in terms):
         raise GalleryError(f"query {query!r} has no positive term")
     return terms

@@ -9,13 +9,15 @@ pair. Stray index files are removed by the next ``update()``. Keys are never reu
 holding an older index never maps a key to the wrong file.
 
 A run: scan the folder (symlinks are not followed; a folder that cannot be listed keeps its
-rows and is reported), compare each file's size and mtime with its row, hash the changed and
+rows and is reported), compare each file's size, mtime, inode and ctime with its row (a file
+swapped for another of the same size and mtime is noticed by its inode or ctime), hash the changed and
 new ones, recognise renames and copies by content, drop the rows of deleted files, and encode
 the rest in batches, checkpointing as it goes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sqlite3
@@ -29,7 +31,7 @@ import numpy as np
 
 from leanclip.bundle import sha256_file
 from leanclip.gallery import store as db
-from leanclip.gallery.errors import GalleryBusyError
+from leanclip.gallery.errors import GalleryBusyError, GalleryError
 from leanclip.gallery.store import FileRow
 from leanclip.images import ImageLoadError, load_image
 
@@ -57,10 +59,13 @@ class UpdateSummary:
     model_id: str = ""
     recovered: str = ""  # what was repaired at the start, if anything
     failures: List[Tuple[str, str]] = field(default_factory=list)  # (name, reason)
+    # folders that could not be listed ("." is the root): (name, reason); their rows were kept
+    unreadable: List[Tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
         out = asdict(self)
         out["failures"] = [{"name": n, "reason": r} for n, r in self.failures]
+        out["unreadable"] = [{"name": n, "reason": r} for n, r in self.unreadable]
         return out
 
 
@@ -72,13 +77,20 @@ class FoundFile:
     abspath: str
     size: int
     mtime_ns: int
+    ino: int
+    ctime_ns: int
+
+    def unchanged_since(self, row: FileRow) -> bool:
+        """The cheap check: same size, mtime, inode and ctime as the row recorded (a row of
+        schema version 1, without inode and ctime, never passes: it is re-hashed once)."""
+        return (row.size, row.mtime_ns, row.ino, row.ctime_ns) == (self.size, self.mtime_ns, self.ino, self.ctime_ns)
 
 
 @dataclass
 class ScanResult:
     found: List[FoundFile]
     bad: List[Tuple[bytes, str]]  # entries named like images that cannot be one, with the reason
-    unreadable: List[str]  # folders that could not be listed (their rows are kept)
+    unreadable: List[Tuple[bytes, str]]  # folders that could not be listed ("." is the root), reason
 
 
 @dataclass
@@ -96,6 +108,14 @@ class UpdateState:
     last_save_s: float = 0.0  # how long the last index save took
 
 
+def _describe(exc: BaseException) -> str:
+    """A non-empty reason from an exception (MemoryError() and others have an empty message)."""
+    text = str(exc).strip()
+    if isinstance(exc, MemoryError):
+        return f"out of memory ({text})" if text else "out of memory"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def display(rel: bytes) -> str:
     """A printable form of a stored relative path (non-UTF-8 bytes shown as U+FFFD)."""
     return rel.decode("utf-8", "replace")
@@ -110,8 +130,14 @@ def model_image_size(enc: Any) -> int:
 
 def acquire_writer(store: Any) -> int:
     """Take the store's writer lock (flock, non-blocking); returns its fd."""
-    store.mkdir(parents=True, exist_ok=True)
-    fd = os.open(store / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        fd = os.open(store / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        what = "is a directory, not a lock file" if isinstance(exc, IsADirectoryError) else (exc.strerror or str(exc))
+        raise GalleryError(
+            f"cannot update the gallery: its store {store} cannot be written ({exc.filename or store}: {what})"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -125,12 +151,17 @@ def scan(root: str, store: str, progress: Optional[Progress]) -> ScanResult:
     images but cannot be one (directories, devices) with the reason."""
     found: List[FoundFile] = []
     bad: List[Tuple[bytes, str]] = []
-    unreadable: List[str] = []
+    unreadable: List[Tuple[bytes, str]] = []
     store_real = os.path.realpath(store)
 
     def onerror(exc: OSError) -> None:
-        # unreadable folder: its files stay as they were recorded; nothing is deleted
-        unreadable.append(exc.filename)
+        # a folder that cannot be listed: its files stay as they were recorded, nothing is
+        # deleted. A subfolder that vanished since its parent was listed is simply gone.
+        where = os.fspath(exc.filename) if exc.filename is not None else root
+        if isinstance(exc, FileNotFoundError) and os.path.realpath(where) != os.path.realpath(root):
+            return
+        rel = os.path.relpath(where, root).replace(os.sep, "/")
+        unreadable.append((os.fsencode(rel), exc.strerror or type(exc).__name__))
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=False):
         keep = []
@@ -158,7 +189,7 @@ def scan(root: str, store: str, progress: Optional[Progress]) -> ScanResult:
             if not stat.S_ISREG(st.st_mode):
                 bad.append((rel, "not a regular file"))
                 continue
-            found.append(FoundFile(rel, full, st.st_size, st.st_mtime_ns))
+            found.append(FoundFile(rel, full, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
         if progress:
             progress("scan", len(found), 0)
     return ScanResult(found, bad, unreadable)
@@ -183,6 +214,7 @@ def run_update(g: "Gallery", progress: Optional[Progress] = None) -> UpdateSumma
         if fresh:
             db.init_schema(conn)
         db.check_schema(conn, g.db_path)
+        migrated = db.migrate(conn)
         meta = db.read_meta(conn)
         gen = int(meta["generation"])
         next_key = int(meta["next_key"])
@@ -219,11 +251,16 @@ def run_update(g: "Gallery", progress: Optional[Progress] = None) -> UpdateSumma
         db.set_meta(conn, "model_source", g._model_source)
         remove_stray_files(g, keep=gen)
         state = UpdateState(conn=conn, index=index, gen=gen, next_key=next_key,
-                            dirty=bool(reset_reason or fresh or converted))
+                            dirty=bool(reset_reason or fresh or converted or migrated))
         run = Sync(g, state, summary, progress)
         run.run()
         run.checkpoint()
         conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        if conn is not None and conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise GalleryError(f"cannot update the gallery database {g.db_path}: {exc}") from None
     except BaseException:
         if conn is not None and conn.in_transaction:
             if run is not None and run.state.clean and isinstance(sys.exc_info()[1], KeyboardInterrupt):
@@ -331,16 +368,19 @@ class Sync:
         to_hash: List[FoundFile] = []
         for f in scanned.found:
             old = rows.get(f.rel)
-            if old and old.size == f.size and old.mtime_ns == f.mtime_ns and old.status != "pending":
+            if old and f.unchanged_since(old) and old.status != "pending":
                 summary.unchanged += 1
             else:
                 to_hash.append(f)
-        under_unreadable = tuple(
-            os.fsencode(os.path.relpath(d, self.g.root).replace(os.sep, "/")) + b"/" for d in scanned.unreadable
-        )
+        # rows under a folder that could not be listed are kept (the root: all of them)
+        for rel, reason in scanned.unreadable:
+            summary.unreadable.append((display(rel), reason))
+        kept_under = tuple(rel + b"/" for rel, _ in scanned.unreadable)
+        keep_all = any(rel == b"." for rel, _ in scanned.unreadable)
         missing = {
             rel: r for rel, r in rows.items()
-            if rel not in seen and rel not in bad_names and not rel.startswith(under_unreadable or (b"\0",))
+            if rel not in seen and rel not in bad_names and not keep_all
+            and not (kept_under and rel.startswith(kept_under))
         }
         # content of vanished ok rows, for rename detection
         vanished_by_hash: Dict[str, List[bytes]] = {}
@@ -361,7 +401,8 @@ class Sync:
             if old is not None:
                 if old.sha256 == digest and old.status == "ok":
                     # same content, new mtime (touched / copied back): nothing to encode
-                    conn.execute("UPDATE files SET size=?, mtime_ns=? WHERE path=?", (f.size, f.mtime_ns, f.rel))
+                    conn.execute("UPDATE files SET size=?, mtime_ns=?, ino=?, ctime_ns=? WHERE path=?",
+                                 (f.size, f.mtime_ns, f.ino, f.ctime_ns, f.rel))
                     summary.unchanged += 1
                     s.dirty = True
                 else:
@@ -372,7 +413,8 @@ class Sync:
                 src = moved_from.pop()
                 del missing[src]
                 conn.execute(
-                    "UPDATE files SET path=?, size=?, mtime_ns=? WHERE path=?", (f.rel, f.size, f.mtime_ns, src)
+                    "UPDATE files SET path=?, size=?, mtime_ns=?, ino=?, ctime_ns=? WHERE path=?",
+                    (f.rel, f.size, f.mtime_ns, f.ino, f.ctime_ns, src),
                 )
                 summary.renamed += 1
                 s.dirty = True
@@ -456,7 +498,7 @@ class Sync:
                 vecs.append(np.asarray(enc.encode_images([im]), dtype=np.float32)[0])
                 keep.append(item)
             except Exception as exc:  # the model refused this image; record, go on
-                self.record_failure(item[0], item[1], f"encoder failed: {exc}")
+                self.record_failure(item[0], item[1], f"encoder failed: {_describe(exc)}")
         items[:] = keep
         return np.stack(vecs) if vecs else None
 
@@ -484,7 +526,7 @@ class Sync:
                 summary.updated += 1
             else:
                 summary.added += 1
-            row = FileRow(f.rel, f.size, f.mtime_ns, digest, keys[i], "ok")
+            row = FileRow(f.rel, f.size, f.mtime_ns, digest, keys[i], "ok", None, f.ino, f.ctime_ns)
             db.write_row(s.conn, row)
             rows[f.rel] = row
         s.dirty = True
@@ -493,7 +535,7 @@ class Sync:
         old = self.rows.get(f.rel)
         if old is not None and old.key is not None:
             self.state.index.remove(np.asarray([old.key], dtype=np.uint64))
-        row = FileRow(f.rel, f.size, f.mtime_ns, digest, None, "failed", reason)
+        row = FileRow(f.rel, f.size, f.mtime_ns, digest, None, "failed", reason, f.ino, f.ctime_ns)
         db.write_row(self.state.conn, row)
         self.rows[f.rel] = row
         self.summary.failed += 1
