@@ -275,3 +275,52 @@ def test_huge_photo_ids_are_404(served) -> None:
         assert status == 404, (key, body)
     # the server is still up and answering
     assert _req(server, "GET", "/api/info")[0] == 200
+
+
+def test_a_swapped_file_is_not_served(served) -> None:
+    """An indexed photo replaced by a hard link to another file (or by another file of the same
+    size and mtime) is no longer the indexed file: neither it nor its thumbnail is served."""
+    server, g, root, outside = served
+    target = root / "red" / "red_0.jpg"
+    assert _req(server, "GET", "/file/red/red_0.jpg")[0] == 200
+    secret = outside / "secret.jpg"
+    st = target.stat()
+    target.unlink()
+    os.link(secret, target)  # a hard link: a regular file inside the root, not a symlink
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    status, _, body = _req(server, "GET", "/file/red/red_0.jpg")
+    assert status == 404 and body == b"not found\n"
+    key = g.key_of_name("red/red_0.jpg")
+    server.thumbs.clear()
+    assert _req(server, "GET", f"/thumb/{key}")[0] == 404
+    # same size and mtime, another inode: a copy of another photo renamed over it
+    other = root / "red" / "red_1.jpg"
+    st1 = other.stat()
+    data = other.read_bytes()
+    tmp = root / "red" / ".swap"
+    tmp.write_bytes(data)
+    os.utime(tmp, ns=(st1.st_atime_ns, st1.st_mtime_ns))
+    os.replace(tmp, other)
+    assert _req(server, "GET", "/file/red/red_1.jpg")[0] == 404
+    # after an update the new files are indexed and served again
+    g.update()
+    server.thumbs.clear()
+    assert _req(server, "GET", "/file/red/red_1.jpg")[0] == 200
+
+
+def test_only_image_content_is_served(served, monkeypatch) -> None:
+    """The content type comes from the bytes, not the name: were an indexed file's content
+    replaced undetected by text or HTML, it is not served at all."""
+    from leanclip.gallery.store import FileRow
+
+    server, g, root, outside = served
+    status, headers, _ = _req(server, "GET", "/file/red/red_0.jpg")
+    assert status == 200 and headers.get("content-type") == "image/jpeg"
+    monkeypatch.setattr(FileRow, "same_file", lambda self, st: True)  # defeat the identity check
+    (root / "red" / "red_0.jpg").write_bytes(b"<html><script>alert(1)</script></html>")
+    status, headers, body = _req(server, "GET", "/file/red/red_0.jpg")
+    assert status == 404 and b"script" not in body
+    png = root / "blue" / "blue_0.jpg"
+    make_photo(png, COLORS["blue"], seed=7, fmt="PNG")  # a PNG named .jpg: served as what it is
+    status, headers, _ = _req(server, "GET", "/file/blue/blue_0.jpg")
+    assert status == 200 and headers.get("content-type") == "image/png"
