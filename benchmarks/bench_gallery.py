@@ -65,7 +65,8 @@ def synthetic_store(root: Path, n: int, dim: int, model_id: str, dtype: str, see
     """A gallery store with ``n`` random unit vectors and matching rows, written the way
     ``Gallery.update`` leaves it (schema, meta, index-1.lci), without n image files."""
     from leanclip import Index
-    from leanclip.gallery import _SCHEMA, DB_NAME, SCHEMA_VERSION, STORE_DIRNAME
+    from leanclip.gallery.store import DB_NAME, SCHEMA_VERSION, STORE_DIRNAME
+    from leanclip.gallery.store import SCHEMA as _SCHEMA
 
     store = root / STORE_DIRNAME
     store.mkdir(parents=True)

@@ -68,7 +68,8 @@ def build_gallery(root: Path, model: Path, n: int, seed: int = 0) -> tuple[Path,
     """A gallery folder and store holding n synthetic vectors, in leanclip.gallery's format."""
     from leanclip import Index
     from leanclip.bundle import read_manifest
-    from leanclip.gallery import _SCHEMA, SCHEMA_VERSION
+    from leanclip.gallery.store import SCHEMA as _SCHEMA
+    from leanclip.gallery.store import SCHEMA_VERSION
 
     manifest = read_manifest(model, verify=False)
     dim = manifest.embedding_dim

@@ -262,3 +262,76 @@ def test_bundle_directory_problems(tmp_path):
         os.symlink("leanclip.json", root / "leanclip.json")
         with pytest.raises(BundleError):
             read_manifest(root)
+
+
+# ------------------------------------------------------------ issue 14: model id and sane ranges
+
+# Every field that changes an embedding: editing one (checksums still valid) must change the id.
+EMBEDDING_EDITS = {
+    "image.mean": lambda d: d["image"].__setitem__("mean", [0.5, 0.5, 0.5]),
+    "image.std": lambda d: d["image"].__setitem__("std", [0.5, 0.5, 0.5]),
+    "image.size": lambda d: d["image"].__setitem__("size", 64),
+    "image.interpolation": lambda d: d["image"].__setitem__("interpolation", "bilinear"),
+    "image.output": lambda d: d["image"].__setitem__("output", "other_output"),
+    "text.context_length": lambda d: d["text"].__setitem__("context_length", 64),
+    "text.pad_id": lambda d: d["text"].__setitem__("pad_id", 1),
+    "text.inputs": lambda d: d["text"].__setitem__("inputs", ["input_ids", "attention_mask"]),
+    "text.kind": lambda d: d["text"].__setitem__("kind", "wordpiece"),
+    "embedding_dim": lambda d: d.__setitem__("embedding_dim", 64),
+}
+
+
+@pytest.mark.parametrize("field", list(EMBEDDING_EDITS))
+def test_model_id_covers_everything_that_changes_an_embedding(bundle, field):
+    root, valid = bundle
+    (root / "leanclip.json").write_text(dump(valid), encoding="utf-8")
+    before = read_manifest(root).model_id
+    d = json.loads(json.dumps(valid))
+    EMBEDDING_EDITS[field](d)
+    (root / "leanclip.json").write_text(dump(d), encoding="utf-8")
+    try:
+        after = read_manifest(root).model_id  # the checksums still match: the bundle loads
+    finally:
+        (root / "leanclip.json").write_text(dump(valid), encoding="utf-8")
+    assert after != before, field
+
+
+def test_model_id_ignores_free_form_metadata(bundle):
+    root, valid = bundle
+    before = read_manifest(root).model_id
+    d = json.loads(json.dumps(valid))
+    d["source"], d["extra"] = "somewhere else", {"note": "changed"}
+    (root / "leanclip.json").write_text(dump(d), encoding="utf-8")
+    try:
+        assert read_manifest(root).model_id == before
+    finally:
+        (root / "leanclip.json").write_text(dump(valid), encoding="utf-8")
+
+
+OUT_OF_RANGE = {
+    "context_length 1,000,000": (lambda d: d["text"].__setitem__("context_length", 1_000_000), "context_length"),
+    "image size 100,000": (lambda d: d["image"].__setitem__("size", 100_000), "image.size"),
+    "image size 2": (lambda d: d["image"].__setitem__("size", 2), "image.size"),
+    "mean 255": (lambda d: d["image"].__setitem__("mean", [255, 255, 255]), "image.mean"),
+    "std 1e-9": (lambda d: d["image"].__setitem__("std", [1e-9, 1, 1]), "image.std"),
+    "std 1e6": (lambda d: d["image"].__setitem__("std", [1e6, 1, 1]), "image.std"),
+    "embedding_dim 10**7": (lambda d: d.__setitem__("embedding_dim", 10**7), "embedding_dim"),
+    "pad_id 2**40": (lambda d: d["text"].__setitem__("pad_id", 2**40), "pad_id"),
+    "name with a newline": (lambda d: d.__setitem__("name", "tiny\n0.99\t/etc/passwd"), "name"),
+    "name with an ANSI escape": (lambda d: d.__setitem__("name", "tiny\x1b[2J"), "name"),
+    "empty name": (lambda d: d.__setitem__("name", ""), "name"),
+}
+
+
+@pytest.mark.parametrize("case", list(OUT_OF_RANGE))
+def test_values_outside_sane_ranges_are_bundle_errors(bundle, case):
+    root, valid = bundle
+    edit, field = OUT_OF_RANGE[case]
+    d = json.loads(json.dumps(valid))
+    edit(d)
+    (root / "leanclip.json").write_text(dump(d), encoding="utf-8")
+    try:
+        with pytest.raises(BundleError, match=field.replace(".", r"\.")):
+            read_manifest(root)
+    finally:
+        (root / "leanclip.json").write_text(dump(valid), encoding="utf-8")

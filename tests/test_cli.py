@@ -220,3 +220,111 @@ def test_demo_command(tmp_path: Path, bundle: Path, home: Path) -> None:
     # a second run finds everything indexed already
     r = _run("demo", "--dir", str(dest), "--model", str(bundle), "--json")
     assert json.loads(r.stdout)["index"]["added"] == 0
+
+
+# ------------------------------------------------- issue 14: hostile names, one-line errors
+
+
+@pytest.fixture()
+def color_cli(monkeypatch: pytest.MonkeyPatch):
+    """The CLI over galleries encoded by the deterministic ColorEncoder (no bundle needed)."""
+    import leanclip.gallery as G
+    from tests._fixtures_gallery import ColorEncoder
+
+    real = G.Gallery
+
+    class ColorGallery(real):  # type: ignore[misc,valid-type]
+        def __init__(self, root, store=None, model=None, **kw):
+            super().__init__(root, store=store, model=ColorEncoder(), **kw)
+
+    monkeypatch.setattr(G, "Gallery", ColorGallery)
+    return ColorGallery
+
+
+HOSTILE_NAMES = {
+    "x\n0.9999\t/etc/passwd\n.png": r"x\n0.9999\t/etc/passwd\n.png",
+    "[red]markup [link=https:evil]x.png": "[red]markup [link=https:evil]x.png",  # ('/' would make folders)
+    "esc\x1b[2J\x1b[31mred.png": r"esc\x1b[2J\x1b[31mred.png",
+    "cr\rover.png": r"cr\rover.png",
+    "bidi\u202egnp.exe.png": r"bidi\u202egnp.exe.png",
+    "back\\slash.png": r"back\\slash.png",
+}
+
+
+def _hostile_folder(root: Path) -> None:
+    for i, name in enumerate(HOSTILE_NAMES):
+        make_photo(root / name, COLORS["red"], seed=100 + i, fmt="PNG")
+    make_photo(Path(os.fsdecode(os.fsencode(str(root)) + b"/caf\xe9.png")), COLORS["red"], seed=99, fmt="PNG")
+    make_photo(root / "plain.png", COLORS["blue"], seed=98, fmt="PNG")
+    (root / "bad\n0.5\tforged[red]x.png").write_bytes(b"not an image")
+
+
+def test_hostile_file_names_cannot_forge_output(tmp_path: Path, color_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    import leanclip.cli as cli
+
+    root = tmp_path / "photos"
+    _hostile_folder(root)
+    r = _run("index", str(root), "-q")
+    assert r.exit_code == 4, r.output  # the one broken file
+    # the failure line names it escaped, on one line
+    failed = [l for l in r.stderr.splitlines() if "failed" in l and "bad" in l]
+    assert failed == [r"  failed bad\n0.5\tforged[red]x.png: not a recognised image format (corrupt or wrong extension)"]
+    # piped: one "score<TAB>path" line per result, names escaped
+    r = _run("search", "red", "-d", str(root), "-k", "20")
+    lines = r.stdout.splitlines()
+    assert r.exit_code == 0 and len(lines) == 8, lines
+    for line in lines:
+        score, path = line.split("\t")  # exactly one tab
+        assert float(score) <= 1.0 and path.startswith(str(root) + "/")
+        assert "\x1b" not in path and "\r" not in path
+    shown = {l.split("\t")[1][len(str(root)) + 1:] for l in lines}
+    assert shown == set(HOSTILE_NAMES.values()) | {r"caf\xe9.png", "plain.png"}
+    assert not any(l.startswith("0.9999\t/etc/passwd") for l in lines)
+    # JSON: names as they are
+    r = _run("search", "red", "-d", str(root), "-k", "20", "--json")
+    assert set(HOSTILE_NAMES) <= {x["name"] for x in json.loads(r.stdout)["results"]}
+    # terminal: a rich table, names never read as markup, no raw escapes
+    monkeypatch.setattr(cli, "_stdout_is_terminal", lambda: True)
+    r = _run("search", "red", "-d", str(root), "-k", "20")
+    assert r.exit_code == 0
+    out = r.stdout
+    assert "\x1b" not in out and "\r" not in out and "\u202e" not in out
+    for shown_name in ("[red]markup [link=https:evil]x.png", r"esc\x1b[2J\x1b[31mred.png", r"bidi\u202egnp.exe.png", r"back\\slash"):
+        assert shown_name in out, (shown_name, out)
+
+
+def test_unreadable_root_is_reported_not_emptied(tmp_path: Path, color_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "photos"
+    make_folder(root, n_per_color=1)
+    assert _run("index", str(root), "-q").exit_code == 0
+    real = os.scandir
+
+    def scandir(path: object = ".") -> object:
+        if os.path.realpath(os.fspath(path)) == str(root.resolve()):  # type: ignore[arg-type]
+            raise PermissionError(13, "Permission denied", os.fspath(path))  # type: ignore[arg-type]
+        return real(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    r = _run("index", str(root), "--json")
+    assert r.exit_code == 4, r.output
+    s = json.loads(r.stdout)
+    assert s["removed"] == 0 and s["total_ok"] == 4 and s["unreadable"] == [{"name": ".", "reason": "Permission denied"}]
+    assert "warning: the gallery folder itself cannot be read (Permission denied)" in r.stderr
+
+
+def test_lock_folder_and_non_utf8_query_are_one_line_errors(tmp_path: Path, bundle: Path, home: Path) -> None:
+    root = tmp_path / "photos"
+    make_folder(root, n_per_color=1)
+    assert _run("index", str(root), "--model", str(bundle), "-q").exit_code == 0
+    # a query whose bytes are not UTF-8 (argv is decoded with surrogateescape)
+    r = _run("search", os.fsdecode(b"caf\xe9 \xff"), "-d", str(root))
+    assert r.exit_code == 3, r.output
+    assert r.stderr.count("\n") == 1 and "not valid UTF-8" in r.stderr and "Traceback" not in r.output
+    r = _run("similar", str(root / "red" / "red_0.jpg"), "--and", os.fsdecode(b"+\xff"), "-d", str(root))
+    assert r.exit_code == 3 and "not valid UTF-8" in r.stderr
+    # the store's lock is a folder
+    (root / ".leanclip" / "lock").unlink()
+    (root / ".leanclip" / "lock").mkdir()
+    r = _run("index", str(root), "--model", str(bundle), "-q")
+    assert r.exit_code == 3, r.output
+    assert r.stderr.count("\n") == 1 and "lock" in r.stderr and "is a directory" in r.stderr

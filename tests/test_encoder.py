@@ -224,8 +224,8 @@ def test_exif_rotation_is_applied(tmp_path: Path):
     "name, content, reason",
     [
         ("empty.jpg", b"", "empty file"),
-        ("notes.jpg", b"this is a text file, not a photo\n" * 10, "not an image"),
-        ("random.png", bytes(range(256)) * 4, "not an image"),
+        ("notes.jpg", b"this is a text file, not a photo\n" * 10, "not a recognised image"),
+        ("random.png", bytes(range(256)) * 4, "not a recognised image"),
     ],
 )
 def test_unloadable_files_raise_image_load_error(tmp_path: Path, name, content, reason):
@@ -258,7 +258,7 @@ def test_truncated_image(enc: Encoder, tmp_path: Path):
 def test_missing_file_and_directory(tmp_path: Path):
     with pytest.raises(ImageLoadError, match="file not found"):
         Encoder.load_image(tmp_path / "nope.jpg")
-    with pytest.raises(ImageLoadError, match="not a regular file"):
+    with pytest.raises(ImageLoadError, match="is a directory"):
         Encoder.load_image(tmp_path)
 
 
@@ -355,3 +355,60 @@ def test_encoder_never_imports_torch(tiny_bundle: Path, tmp_path: Path):
     env = dict(os.environ, PYTHONPATH="")
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stderr[-2000:]
+
+
+# ----------------------------------------------------- issue 14: degenerate and thin images
+
+def test_zero_pixel_image_is_a_clear_error(enc: Encoder):
+    for size in [(0, 0), (0, 10), (10, 0)]:
+        with pytest.raises(ImageLoadError, match=r"images\[1\].*no pixels") as info:
+            enc.encode_images([_photo(8, 8), Image.new("RGB", size)])  # used to be ZeroDivisionError
+        assert isinstance(info.value, ValueError)
+        with pytest.raises(ImageLoadError, match="no pixels"):
+            preprocess_image(Image.new("RGB", size), 32, [0.5] * 3, [0.5] * 3)
+
+
+def test_text_that_is_not_utf8_is_a_value_error(enc: Encoder):
+    with pytest.raises(ValueError, match=r"texts\[1\] is not valid UTF-8"):
+        enc.encode_text(["fine", "caf" + "\udce9"])
+
+
+def test_thin_strip_file_is_refused_with_a_reason(tmp_path: Path, enc: Encoder):
+    strip = _save(Image.new("RGB", (1, 6000), (200, 0, 0)), tmp_path / "strip.png")
+    assert strip.stat().st_size < 200
+    with pytest.raises(ImageLoadError, match="aspect ratio of 1x6000") as info:
+        enc.encode_images([strip])
+    assert info.value.path == str(strip)
+    ok = _save(_photo(40, 30), tmp_path / "ok.png")  # an ordinary photo is not affected
+    assert enc.encode_images([ok]).shape == (1, 32)
+
+
+_PEAK_PROBE = r"""
+import json, resource, sys
+import numpy as np
+from PIL import Image
+from leanclip.encoder import preprocess_image
+mean, std = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
+preprocess_image(Image.new("RGB", (300, 200)), 224, mean, std)  # warm up
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+shapes = [(1, 6000), (6000, 1), (2, 40000), (40000, 3)]
+outs = [preprocess_image(Image.new("RGB", s, (200, 10, 10)), 224, mean, std) for s in shapes]
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"before_kb": before, "after_kb": after, "shapes": [list(o.shape) for o in outs],
+                  "finite": all(bool(np.isfinite(o).all()) for o in outs)}))
+"""
+
+
+def test_thin_strip_preprocessing_keeps_memory_flat():
+    """preprocess_image of a 1 x 6000 image used to resize it to 224 x 1,344,000 first (about
+    0.9 GB); a 2 x 40000 one to 224 x 4,480,000 (3 GB). Now only the center crop is computed."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _PEAK_PROBE], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["shapes"] == [[3, 224, 224]] * 4 and r["finite"]
+    growth_mb = (r["after_kb"] - r["before_kb"]) / 1024
+    assert growth_mb < 50, f"peak RSS grew by {growth_mb:.0f} MB"

@@ -407,6 +407,7 @@ _WORKER = textwrap.dedent(
     import os, signal, sys, time
     sys.path[:0] = {path!r}
     import leanclip.gallery as G
+    import leanclip.gallery.sync as S
     from tests._fixtures_gallery import ColorEncoder
 
     MODE, AT = {mode!r}, {at}
@@ -433,20 +434,21 @@ _WORKER = textwrap.dedent(
             self.real.save(path)
             tick("save")
 
-    class Hooked(G.Gallery):
-        def _checkpoint(self, state):
-            if not isinstance(state["index"], SaveHook):
-                state["index"] = SaveHook(state["index"])
-            super()._checkpoint(state)
+    class Hooked(S.Sync):
+        def checkpoint(self):
+            if not isinstance(self.state.index, SaveHook):
+                self.state.index = SaveHook(self.state.index)
+            super().checkpoint()
+    S.Sync = Hooked
 
     real_unlink = os.unlink
     def unlink(path, *a, **k):
         real_unlink(path, *a, **k)
         if str(path).endswith(".lci"):
             tick("unlink")  # killed after the commit, while cleaning up the old index file
-    G.os.unlink = unlink
+    os.unlink = unlink
 
-    Hooked({root!r}, model=Slow(), batch_size={batch}, checkpoint_every={every}, checkpoint_overhead=1.0).update()
+    G.Gallery({root!r}, model=Slow(), batch_size={batch}, checkpoint_every={every}, checkpoint_overhead=1.0).update()
     """
 )
 

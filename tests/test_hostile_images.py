@@ -87,9 +87,12 @@ def make_hostile(folder: Path) -> dict[str, str]:
         "text.jpg": b"this is a text file with an image extension\n" * 3,
         "random.webp": bytes(np.random.default_rng(2).integers(0, 256, 3000, dtype=np.uint8)),
         "zero_size.png": png_declaring(0, 0),
+        "strip.png": None,  # a real 1 x 6000 PNG of about 100 bytes (written below)
     }
     for name, blob in files.items():
-        (folder / name).write_bytes(blob)
+        if blob is not None:
+            (folder / name).write_bytes(blob)
+    Image.new("RGB", (1, 6000), (200, 0, 0)).save(folder / "strip.png", optimize=True)
     (folder / "album.jpg").mkdir()
     os.mkfifo(folder / "pipe.png")
     return {
@@ -100,29 +103,15 @@ def make_hostile(folder: Path) -> dict[str, str]:
         "empty.jpg": r"empty file \(0 bytes\)",
         "empty.png": r"empty file \(0 bytes\)",
         "truncated.jpg": "truncated",
-        "truncated.png": "truncated|cannot decode|not a recognised",
-        "signature_only.png": "truncated|cannot decode|not a recognised",
+        "truncated.png": "truncated|not a recognised",
+        "signature_only.png": "truncated|not a recognised",
         "text.jpg": "not a recognised image format",
         "random.webp": "not a recognised image format",
-        "zero_size.png": "cannot decode|no pixels|not a recognised|truncated",
+        "zero_size.png": "no pixels|not a recognised|truncated",
+        "strip.png": r"aspect ratio of 1x6000 is beyond 50:1",
         "album.jpg": "is a directory",
         "pipe.png": "not a regular file",
     }
-
-
-# The Encoder words some reasons its own way.
-ENCODER_REASONS = {
-    "bomb_header.png": "too large.*decompression bomb",
-    "bomb.jpg": "too large.*decompression bomb",
-    "bomb.gif": "too large.*decompression bomb",
-    "truncated.png": "truncated or corrupt|unrecognized format",
-    "signature_only.png": "truncated or corrupt|unrecognized format",
-    "text.jpg": r"not an image Pillow can read \(unrecognized format\)",
-    "random.webp": r"not an image Pillow can read \(unrecognized format\)",
-    "zero_size.png": "truncated or corrupt|unrecognized format|no pixels",
-    "truncated.jpg": "truncated or corrupt",
-    "album.jpg": "not a regular file",
-}
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +130,7 @@ def test_bomb_files_are_small_on_disk(hostile):
     photos, _ = hostile
     for name in ("bomb_header.png", "bomb_real.png", "bomb.jpg", "bomb.gif"):
         assert (photos / "bad" / name).stat().st_size < 200_000, name
+    assert (photos / "bad" / "strip.png").stat().st_size < 200
     with Image.open(photos / "bad" / "bomb_real.png") as im:  # a real, decodable image
         assert im.size == (9_000, 9_000)
 
@@ -151,7 +141,7 @@ def test_encoder_load_image_refuses_each_with_reason(hostile):
     photos, expected = hostile
     for name, pattern in expected.items():
         path = photos / "bad" / name
-        with pytest.raises(ImageLoadError, match=ENCODER_REASONS.get(name, pattern)) as info:
+        with pytest.raises(ImageLoadError, match=pattern) as info:
             Encoder.load_image(path)
         assert info.value.path == str(path), name
         assert str(path) in str(info.value)

@@ -7,6 +7,7 @@ import json
 import os
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple
 
@@ -222,3 +223,104 @@ def test_concurrent_requests_are_batched_and_correct(served) -> None:
     # a bad query in the mix is refused alone, the others still answered
     status, _, body = _req(server, "GET", "/api/search?q=%22unclosed")
     assert status == 400 and "cannot parse" in json.loads(body)["error"]
+
+
+# --------------------------------------------------------------- issue 14: img: terms, huge ids
+
+
+def test_img_terms_name_indexed_photos_only(served) -> None:
+    """`img:` in a query from the page used to open any file on the machine (and its errors told
+    whether a path existed or was a folder). Now it names an indexed photo by its path in the
+    gallery; every other name gets the same refusal, and no file is decoded for it."""
+    server, g, root, outside = served
+    enc = g.encoder
+    status, _, body = _req(server, "GET", "/api/search?q=img:red/red_0.jpg&k=3")
+    assert status == 200, body
+    names = [r["name"] for r in json.loads(body)["results"]]
+    assert names and names[0] == "red/red_1.jpg" and "red/red_0.jpg" not in names
+    before = enc.images_encoded
+    hostile = [
+        str(outside / "secret.jpg"),  # a real image outside the gallery
+        str(outside / "nope.jpg"),  # missing
+        str(outside),  # a folder
+        "/etc/passwd",
+        "../outside/secret.jpg",
+        "link_outside.jpg",  # symlink in the root to a file outside
+        "outdir/secret.jpg",  # through a symlinked folder
+        "notes.txt",  # a file in the gallery that is not an indexed photo
+        "red",  # a folder in the gallery
+        "red/../red/red_0.jpg",
+        "./red/red_0.jpg",
+        str(root / "red" / "red_0.jpg"),  # absolute: refused too (names are relative)
+    ]
+    bodies = set()
+    for name in hostile:
+        for q in (f"img:{name}", f"red +img:{name}", f"red -img:{name}"):
+            status, _, body = _req(server, "GET", "/api/search?q=" + urllib.parse.quote(q))
+            assert status == 400, (q, body)
+            bodies.add(body)
+            status, _, page = _req(server, "GET", "/?q=" + urllib.parse.quote(q))
+            assert status == 400 and b"img: terms on this page" in page
+    assert len(bodies) == 1, bodies  # every refusal looks the same
+    assert enc.images_encoded == before  # nothing was decoded
+
+
+def test_huge_photo_ids_are_404(served) -> None:
+    server, g, root, outside = served
+    for key in ("99999999999999999999999", "9223372036854775808", "18446744073709551615", "1" * 400,
+                "-1", "+1", "1_0", "１"):
+        status, _, _ = _req(server, "GET", "/thumb/" + urllib.parse.quote(key))
+        assert status == 404, key
+        status, _, body = _req(server, "GET", "/api/search?similar=" + urllib.parse.quote(key))
+        assert status == 404, (key, body)
+    # the server is still up and answering
+    assert _req(server, "GET", "/api/info")[0] == 200
+
+
+def test_a_swapped_file_is_not_served(served) -> None:
+    """An indexed photo replaced by a hard link to another file (or by another file of the same
+    size and mtime) is no longer the indexed file: neither it nor its thumbnail is served."""
+    server, g, root, outside = served
+    target = root / "red" / "red_0.jpg"
+    assert _req(server, "GET", "/file/red/red_0.jpg")[0] == 200
+    secret = outside / "secret.jpg"
+    st = target.stat()
+    target.unlink()
+    os.link(secret, target)  # a hard link: a regular file inside the root, not a symlink
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    status, _, body = _req(server, "GET", "/file/red/red_0.jpg")
+    assert status == 404 and body == b"not found\n"
+    key = g.key_of_name("red/red_0.jpg")
+    server.thumbs.clear()
+    assert _req(server, "GET", f"/thumb/{key}")[0] == 404
+    # same size and mtime, another inode: a copy of another photo renamed over it
+    other = root / "red" / "red_1.jpg"
+    st1 = other.stat()
+    data = other.read_bytes()
+    tmp = root / "red" / ".swap"
+    tmp.write_bytes(data)
+    os.utime(tmp, ns=(st1.st_atime_ns, st1.st_mtime_ns))
+    os.replace(tmp, other)
+    assert _req(server, "GET", "/file/red/red_1.jpg")[0] == 404
+    # after an update the new files are indexed and served again
+    g.update()
+    server.thumbs.clear()
+    assert _req(server, "GET", "/file/red/red_1.jpg")[0] == 200
+
+
+def test_only_image_content_is_served(served, monkeypatch) -> None:
+    """The content type comes from the bytes, not the name: were an indexed file's content
+    replaced undetected by text or HTML, it is not served at all."""
+    from leanclip.gallery.store import FileRow
+
+    server, g, root, outside = served
+    status, headers, _ = _req(server, "GET", "/file/red/red_0.jpg")
+    assert status == 200 and headers.get("content-type") == "image/jpeg"
+    monkeypatch.setattr(FileRow, "same_file", lambda self, st: True)  # defeat the identity check
+    (root / "red" / "red_0.jpg").write_bytes(b"<html><script>alert(1)</script></html>")
+    status, headers, body = _req(server, "GET", "/file/red/red_0.jpg")
+    assert status == 404 and b"script" not in body
+    png = root / "blue" / "blue_0.jpg"
+    make_photo(png, COLORS["blue"], seed=7, fmt="PNG")  # a PNG named .jpg: served as what it is
+    status, headers, _ = _req(server, "GET", "/file/blue/blue_0.jpg")
+    assert status == 200 and headers.get("content-type") == "image/png"

@@ -28,10 +28,11 @@ import struct
 import threading
 import zlib
 from pathlib import Path
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
+from leanclip._fs import PathLike
 from leanclip._validate import (
     IndexFileError,
     as_keys,
@@ -57,7 +58,6 @@ _HEAD = struct.Struct("<8sIBBxxIIIIQQI")
 _HEADER_SIZE = 64
 _COPY_CHUNK = 1 << 24
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 def _usearch() -> Any:

@@ -17,23 +17,28 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List
+
+from leanclip._fs import PathLike, atomic_write
+from leanclip.errors import LeanclipError
 
 FORMAT = "leanclip-bundle"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "leanclip.json"
 
+# Sane ranges: a manifest outside them is a BundleError at load time, not an onnxruntime or
+# memory failure later (a context length of 1,000,000 would be fed to the text model as is).
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 2048
+MIN_STD, MAX_STD = 1e-3, 10.0
+MAX_CONTEXT_LENGTH = 8192
+MAX_EMBEDDING_DIM = 65536
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-PathLike = Union[str, "os.PathLike[str]"]
-
-
-class BundleError(ValueError):
+class BundleError(LeanclipError, ValueError):
     """A model bundle is missing, malformed, of another format version, or fails its checksums."""
 
 
@@ -82,10 +87,20 @@ class Manifest:
 
     @property
     def model_id(self) -> str:
-        """A stable identity of the model: embeddings of two different ids never mix."""
-        digest = hashlib.sha256()
-        for name in sorted(self.files):
-            digest.update(f"{name}={self.files[name]};".encode())
+        """A stable identity of the model: embeddings of two different ids never mix.
+
+        It covers everything that changes an embedding: every file's checksum, the embedding
+        size, the precision, and the whole image and text sections (preprocessing size, mean,
+        std, interpolation; tokenizer, context length, padding, input and output names). The
+        free-form ``name``, ``source`` and ``extra`` are left out (``name`` is its prefix)."""
+        identity = {
+            "files": self.files,
+            "embedding_dim": self.embedding_dim,
+            "precision": self.precision,
+            "image": asdict(self.image),
+            "text": asdict(self.text),
+        }
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode())
         return f"{self.name}-{self.precision}-{digest.hexdigest()[:16]}"
 
     def to_json(self) -> str:
@@ -116,18 +131,8 @@ def write_manifest(bundle_dir: PathLike, manifest: Manifest) -> Path:
         files[name] = sha256_file(path)
     manifest.files = files
     target = root / MANIFEST_NAME
-    fd, tmp = tempfile.mkstemp(prefix=".leanclip.json.", dir=root)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(manifest.to_json())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a bundle is meant to be shared
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(target, "w") as fh:
+        fh.write(manifest.to_json())
     return target
 
 
@@ -161,20 +166,22 @@ def _check_specs(manifest: Manifest, where: Path) -> None:
     for name in ("file", "tokenizer", "output", "kind"):
         if not isinstance(getattr(text, name), str) or not getattr(text, name):
             fail(f"text.{name}", "a non-empty string", getattr(text, name))
-    if not is_int(image.size) or not 1 <= image.size <= 8192:
-        fail("image.size", "an integer in 1..8192", image.size)
+    if not is_int(image.size) or not MIN_IMAGE_SIZE <= image.size <= MAX_IMAGE_SIZE:
+        fail("image.size", f"an integer in {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}", image.size)
     for name in ("mean", "std"):
         values = getattr(image, name)
         if not isinstance(values, list) or len(values) != 3 or not all(map(is_number, values)):
             fail(f"image.{name}", "a list of 3 finite numbers", values)
-    if any(v <= 0 for v in image.std):
-        fail("image.std", "positive", image.std)
+    if not all(0.0 <= v <= 1.0 for v in image.mean):
+        fail("image.mean", "3 numbers in 0..1 (pixel values are scaled to 0..1 first)", image.mean)
+    if not all(MIN_STD <= v <= MAX_STD for v in image.std):
+        fail("image.std", f"3 numbers in {MIN_STD}..{MAX_STD}", image.std)
     if image.interpolation not in ("bicubic", "bilinear", "nearest", "lanczos"):
         fail("image.interpolation", "bicubic, bilinear, nearest or lanczos", image.interpolation)
-    if not is_int(text.context_length) or not 1 <= text.context_length <= 1_000_000:
-        fail("text.context_length", "an integer >= 1", text.context_length)
-    if not is_int(text.pad_id) or text.pad_id < 0:
-        fail("text.pad_id", "an integer >= 0", text.pad_id)
+    if not is_int(text.context_length) or not 1 <= text.context_length <= MAX_CONTEXT_LENGTH:
+        fail("text.context_length", f"an integer in 1..{MAX_CONTEXT_LENGTH}", text.context_length)
+    if not is_int(text.pad_id) or not 0 <= text.pad_id < 2**31:
+        fail("text.pad_id", "an integer in 0..2**31-1", text.pad_id)
     if (
         not isinstance(text.inputs, list)
         or not text.inputs
@@ -187,6 +194,11 @@ def _check_specs(manifest: Manifest, where: Path) -> None:
         fail("text.kind", '"clip" or "wordpiece"', text.kind)
     if manifest.precision not in ("fp32", "int8"):
         fail("precision", '"fp32" or "int8"', manifest.precision)
+    if not 1 <= manifest.embedding_dim <= MAX_EMBEDDING_DIM:
+        fail("embedding_dim", f"an integer in 1..{MAX_EMBEDDING_DIM}", manifest.embedding_dim)
+    name = manifest.name
+    if not name or len(name) > 100 or not name.isprintable():
+        fail("name", "1 to 100 printable characters (it starts the model id)", name)
 
 
 def read_manifest(bundle_dir: PathLike, verify: bool = True) -> Manifest:

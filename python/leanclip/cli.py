@@ -1,4 +1,4 @@
-"""The ``leanclip`` command line: index a photo folder, search it, serve it, manage models.
+r"""The ``leanclip`` command line: index a photo folder, search it, serve it, manage models.
 
 Exit codes (documented in ``leanclip --help``)::
 
@@ -9,6 +9,14 @@ Exit codes (documented in ``leanclip --help``)::
          unreadable query image
     4    index finished, but some files failed to decode (they are recorded and skipped)
     130  interrupted (Ctrl-C); finished work is kept, run the command again to resume
+
+File names in output. JSON output (``--json``) holds names as they are (JSON escapes them).
+Every other output -- the piped ``score<TAB>path`` lines, the terminal table, messages -- shows
+a name through :func:`printable`: a backslash is doubled, tab, newline and carriage return are
+written ``\t``, ``\n``, ``\r``, other control and format characters (ANSI escapes, bidi
+overrides) as ``\xNN`` / ``\uNNNN``, and bytes that are not UTF-8 as ``\xNN``; names are never
+read as rich markup. So one result is always one line, and a name cannot forge a result,
+colour the terminal or move its cursor. A name without those characters prints unchanged.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -35,6 +44,32 @@ group words; img:PATH makes a term an image, e.g.
 """
 
 
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal or a line-based pipe; see the module docstring."""
+    if text.isprintable() and "\\" not in text:
+        return text  # the common case: nothing to escape
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif 0xDC80 <= o <= 0xDCFF:  # a byte that is not UTF-8 (os.fsdecode's surrogateescape)
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif unicodedata.category(ch) in _UNSAFE_CATEGORIES:
+            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
 def _stderr_console() -> Any:
     from rich.console import Console
 
@@ -42,7 +77,7 @@ def _stderr_console() -> Any:
 
 
 def _fail(message: str, code: int = EXIT_ERROR) -> "click.exceptions.Exit":
-    click.echo(f"error: {message}", err=True)  # plain, one line: scripts grep it
+    click.echo(f"error: {printable(message)}", err=True)  # plain, one line: scripts grep it
     return click.exceptions.Exit(code)
 
 
@@ -65,11 +100,11 @@ def _open(directory: Optional[str], store: Optional[str], model: Optional[str]) 
 
 
 def _errors() -> tuple:
-    from leanclip.bundle import BundleError
-    from leanclip.gallery import GalleryError
-    from leanclip.models import ModelError
+    """What a command reports as a one-line error with exit code 3: every error leanclip
+    raises on purpose (``LeanclipError``: gallery, model, bundle, image)."""
+    from leanclip.errors import LeanclipError
 
-    return (GalleryError, ModelError, BundleError)
+    return (LeanclipError,)
 
 
 common_gallery = [
@@ -137,7 +172,11 @@ def index(directory: str, store: Optional[str], model: Optional[str], batch_size
         click.echo(json.dumps(summary.to_dict(), indent=2))
     else:
         _print_summary(summary)
-    raise click.exceptions.Exit(EXIT_FAILED_FILES if summary.failed else EXIT_OK)
+    for name, reason in summary.unreadable:
+        where = "the gallery folder itself" if name == "." else f"folder {name}"
+        click.echo(f"warning: {printable(where)} cannot be read ({printable(reason)}): the photos recorded "
+                   "under it are kept as they were, not updated", err=True)
+    raise click.exceptions.Exit(EXIT_FAILED_FILES if summary.failed or summary.unreadable else EXIT_OK)
 
 
 class _progress:
@@ -172,9 +211,11 @@ class _progress:
 
 
 def _print_summary(s: Any) -> None:
+    from rich.text import Text
+
     console = _stderr_console()
     if s.recovered:
-        console.print(f"[yellow]note[/]: {s.recovered}")
+        console.print(Text.assemble(("note", "yellow"), f": {printable(s.recovered)}"))
     parts = [f"added {s.added}", f"updated {s.updated}", f"removed {s.removed}",
              f"renamed {s.renamed}", f"failed {s.failed}"]
     if s.copied:
@@ -182,7 +223,8 @@ def _print_summary(s: Any) -> None:
     console.print(", ".join(parts) + f"; {s.total_ok} photos indexed, {s.unchanged} unchanged, "
                   f"{s.encoded} encoded in {s.seconds:.1f} s", highlight=False)
     for name, reason in s.failures[:20]:
-        console.print(f"  [red]failed[/] {name}: {reason}", highlight=False, markup=True)
+        console.print(Text.assemble("  ", ("failed", "red"), f" {printable(name)}: {printable(reason)}"),
+                      highlight=False)
     if len(s.failures) > 20:
         console.print(f"  ... and {len(s.failures) - 20} more (leanclip index --json lists all)")
 
@@ -197,19 +239,20 @@ def _print_hits(hits: List[Any], as_json: bool, query: str) -> None:
     if not hits:
         _stderr_console().print("no results")
         return
-    if not sys.stdout.isatty():  # scripts: score<TAB>path per line
+    if not _stdout_is_terminal():  # scripts: score<TAB>path per line, the path escaped (module docstring)
         for h in hits:
-            click.echo(f"{h.score:.4f}\t{os.fsdecode(h.path)}".encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+            click.echo(f"{h.score:.4f}\t{printable(os.fsdecode(h.path))}")
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(show_header=True, header_style="bold")
     table.add_column("#", justify="right")
     table.add_column("score", justify="right")
     table.add_column("file")
     for i, h in enumerate(hits, 1):
-        table.add_row(str(i), f"{h.score:.3f}", h.name)
+        table.add_row(str(i), f"{h.score:.3f}", Text(printable(h.name)))  # Text: never read as markup
     Console().print(table)
 
 
@@ -247,14 +290,11 @@ def search(query: Sequence[str], directory: Optional[str], store: Optional[str],
 def similar(image: str, extra: str, directory: Optional[str], store: Optional[str], model: Optional[str],
             k: int, min_score: Optional[float], paths: Sequence[str], as_json: bool) -> None:
     """Find photos similar to IMAGE (a file in the gallery or anywhere else)."""
-    from leanclip.gallery import Term, parse_query
-
     try:
         if not os.path.isfile(image):
             raise _fail(f"query image {image} does not exist or is not a file")
         g = _open(directory, store, model)
-        terms = [Term(1, "image", image)] + (parse_query("+x " + extra)[1:] if extra.strip() else [])
-        hits = g.search(terms, k, min_score=min_score, paths=list(paths) or None)
+        hits = g.similar(image, k, extra=extra, min_score=min_score, paths=list(paths) or None)
     except _errors() as exc:
         raise _fail(str(exc))
     _print_hits(hits, as_json, f"img:{image} {extra}".strip())
@@ -292,7 +332,9 @@ def serve(directory: Optional[str], store: Optional[str], model: Optional[str], 
         console.print(f"[bold yellow]warning[/]: listening on {host}, not loopback: anyone who can reach "
                       "this machine can see your photos")
     url = server.url
-    console.print(f"serving {g.root} at [bold]{url}[/] (Ctrl-C to stop)")
+    from rich.markup import escape
+
+    console.print(f"serving {escape(printable(str(g.root)))} at [bold]{url}[/] (Ctrl-C to stop)")
     if open_browser:
         import webbrowser
 

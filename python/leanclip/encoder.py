@@ -10,12 +10,15 @@ Defined behaviour for awkward inputs:
   (CLIP) or ``[CLS] [SEP]`` (WordPiece), exactly as the training-side tokenizers do;
   a non-``str`` item raises ``TypeError`` naming its index; a bare ``str`` instead of a list
   raises ``TypeError`` (it would otherwise be read as a list of characters).
-* images: files are opened with Pillow, EXIF-rotated, and converted to RGB: grayscale, palette
-  (with transparency), CMYK, YCbCr and RGBA via Pillow's ``convert("RGB")`` (alpha dropped, as
-  open_clip does), 16-bit and 32-bit integer grayscale scaled from their full range down to 8 bits,
-  float images clipped to [0, 1]. The first frame of an animation is used. A missing, empty,
-  truncated, non-image or oversized file (more than ``max_pixels``, a decompression bomb) raises
-  :class:`ImageLoadError` naming the file and the reason, so a caller can record it per file.
+* images: files are opened by :func:`leanclip.images.load_image` (the one loader leanclip has;
+  its docstring lists the rules): EXIF-rotated, converted to 8-bit RGB (16- and 32-bit grayscale
+  scaled from their full range, float clipped to [0, 1], alpha dropped as open_clip does). A
+  missing, empty, truncated, non-image, oversized (more than ``max_pixels``, a decompression
+  bomb), pixel-less (0 x N) or absurdly thin file raises :class:`ImageLoadError` naming the file
+  and the reason, so a caller can record it per file. A PIL image with no pixels raises it too.
+* resizing is bounded by the output: an image whose resize stays within 16 Mpx (any photo) is
+  resized exactly as open_clip does; for longer strips only the center crop is computed
+  (Pillow's ``resize(box=...)``), so a 1 x 6000 image in memory costs no more than a square one.
 """
 
 from __future__ import annotations
@@ -23,15 +26,15 @@ from __future__ import annotations
 import html
 import os
 import threading
-import warnings
 from pathlib import Path
-from struct import error as struct_error
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from leanclip.bundle import BundleError, Manifest, PathLike, read_manifest
+from leanclip._fs import PathLike
+from leanclip.bundle import BundleError, Manifest, read_manifest
+from leanclip.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image, to_rgb
 
 __all__ = ["Encoder", "ImageLoadError", "BundleError", "preprocess_image"]
 
@@ -46,40 +49,11 @@ _FILTERS = {
     "hamming": Image.Resampling.HAMMING,
 }
 
-# Larger images are refused before decoding (decompression bombs): 64 Mpx decodes to ~192 MB of
-# RGB, which bounds memory; the same limit as the Gallery's. Pillow's global settings stay as
-# they are (its own limit is ~179 Mpx).
-DEFAULT_MAX_PIXELS = 64_000_000
+_to_rgb = to_rgb  # kept for callers of the old private name
 
-
-class ImageLoadError(ValueError):
-    """An image file could not be used; ``path`` and ``reason`` say which and why."""
-
-    def __init__(self, path: Any, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"cannot load image {self.path}: {reason}")
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB uint8 from any Pillow mode (see the module docstring for the rules)."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img)
-        if mode == "F":
-            arr8 = np.clip(np.nan_to_num(arr.astype(np.float64)), 0.0, 1.0) * 255.0
-        elif mode == "I":
-            # 32-bit container: values beyond 16 bits are clipped, 16-bit data is scaled
-            arr8 = np.clip(arr.astype(np.float64), 0, 65535) / 257.0
-        else:
-            arr8 = arr.astype(np.float64) / 257.0  # 65535 -> 255
-        gray = Image.fromarray(np.rint(arr8).astype(np.uint8), mode="L")
-        return gray.convert("RGB")
-    if mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # Pillow warns when going P -> RGB with byte transparency
-    return img.convert("RGB")
+# Images whose full resize stays within this many pixels (48 MB as RGB) are resized exactly as
+# open_clip does; beyond it (long thin strips) preprocess_image computes only the center crop.
+_MAX_RESIZE_PIXELS = 16_000_000
 
 
 def preprocess_image(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float],
@@ -91,64 +65,38 @@ def preprocess_image(img: Image.Image, size: int, mean: Sequence[float], std: Se
         resample = _FILTERS[interpolation]
     except KeyError:
         raise ValueError(f"unknown interpolation {interpolation!r} (known: {sorted(_FILTERS)})") from None
-    img = _to_rgb(img)
     w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ImageLoadError("<in-memory image>", f"image has no pixels ({w} x {h})")
+    img = to_rgb(img)
     # torchvision.transforms.Resize(int): short side -> size, long side -> int(size * long / short)
     if w <= h:
         nw, nh = size, int(size * h / w)
     else:
         nw, nh = int(size * w / h), size
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), resample)
     top = int(round((nh - size) / 2.0))
     left = int(round((nw - size) / 2.0))
-    img = img.crop((left, top, left + size, top + size))
+    if nw * nh <= _MAX_RESIZE_PIXELS:
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), resample)
+        img = img.crop((left, top, left + size, top + size))
+    else:
+        # a very long strip: resizing all of it first would cost memory in proportion to its
+        # aspect ratio (a 1 x 6000 PNG would become 224 x 1,344,000 pixels). Pillow's box resize
+        # computes only the center crop from the same source area (Pillow's arithmetic differs a
+        # little: pixels are within a few 8-bit levels of the full resize), so work and memory
+        # stay bounded by size x size.
+        sx, sy = w / nw, h / nh
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        img = img.resize((size, size), resample, box=box)
     arr: np.ndarray = np.asarray(img, dtype=np.float32) * np.float32(1.0 / 255.0)
     arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32)
 
 
 def _load_image(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    p = Path(path)
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        raise ImageLoadError(p, "file not found") from None
-    except OSError as exc:
-        raise ImageLoadError(p, f"cannot stat file ({exc.strerror or exc})") from None
-    if not p.is_file():
-        raise ImageLoadError(p, "not a regular file")
-    if st.st_size == 0:
-        raise ImageLoadError(p, "empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(p) as img:
-                w, h = img.size
-                if w * h > max_pixels:
-                    raise ImageLoadError(p, f"image too large: {w} x {h} pixels exceeds the limit of "
-                                            f"{max_pixels} (possible decompression bomb)")
-                if w == 0 or h == 0:
-                    raise ImageLoadError(p, f"image has no pixels ({w} x {h})")
-                img.load()
-                upright: Image.Image = img
-                try:
-                    upright = ImageOps.exif_transpose(img)
-                except Exception:  # noqa: BLE001 - a malformed EXIF block: keep the pixels as stored
-                    pass
-                return _to_rgb(upright)
-    except ImageLoadError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ImageLoadError(p, f"image too large (possible decompression bomb): {exc}") from None
-    except UnidentifiedImageError:
-        raise ImageLoadError(p, "not an image Pillow can read (unrecognized format)") from None
-    except PermissionError:
-        raise ImageLoadError(p, "permission denied") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct_error, MemoryError) as exc:
-        # Pillow reports truncated or corrupt data as OSError ("image file is truncated"),
-        # SyntaxError (bad PNG chunks), ValueError or struct.error
-        raise ImageLoadError(p, f"truncated or corrupt image data ({type(exc).__name__}: {exc})") from None
+    """Kept for callers of the old private name: use :func:`leanclip.images.load_image`."""
+    return load_image(path, max_pixels=max_pixels)
 
 
 class Encoder:
@@ -256,6 +204,10 @@ class Encoder:
         for i, t in enumerate(items):
             if not isinstance(t, str):
                 raise TypeError(f"texts[{i}] is {type(t).__name__}, not str")
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"texts[{i}] is not valid UTF-8 text (lone surrogate at index {exc.start})") from None
         if self.manifest.text.kind == "clip":
             # open_clip unescapes HTML entities twice; the rest of its cleaning is in tokenizer.json
             items = [html.unescape(html.unescape(t)) if "&" in t else t for t in items]
@@ -293,7 +245,7 @@ class Encoder:
         """An EXIF-rotated RGB image; raises :class:`ImageLoadError` naming the file and reason.
 
         A static method: ``Encoder.load_image(path)`` works without a bundle."""
-        return _load_image(path, max_pixels)
+        return load_image(path, max_pixels=max_pixels)
 
     def preprocess(self, img: Image.Image) -> np.ndarray:
         """(3, S, S) float32: the bundle's resize, center crop and normalization."""
@@ -313,6 +265,8 @@ class Encoder:
         for i, item in enumerate(items):
             if not isinstance(item, (str, os.PathLike, Image.Image)):
                 raise TypeError(f"images[{i}] is {type(item).__name__}, not a path or PIL.Image.Image")
+            if isinstance(item, Image.Image) and (item.width <= 0 or item.height <= 0):
+                raise ImageLoadError(f"images[{i}]", f"image has no pixels ({item.width} x {item.height})")
         out = np.zeros((len(items), self.dim), dtype=np.float32)
         if not items:
             return out
@@ -321,7 +275,7 @@ class Encoder:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             pixels = np.stack([
-                self.preprocess(item if isinstance(item, Image.Image) else _load_image(item, self.max_pixels))
+                self.preprocess(item if isinstance(item, Image.Image) else load_image(item, max_pixels=self.max_pixels))
                 for item in chunk
             ])
             emb = sess.run([spec.output], {spec.input: pixels})[0]

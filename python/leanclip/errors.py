@@ -19,3 +19,7 @@ class IndexFileError(LeanclipError):
     Raised by the engine (``leanclip._engine`` imports this class, so
     ``leanclip.IndexFileError is leanclip._engine.IndexFileError``) and by ``ApproxIndex``.
     """
+
+
+class ModelError(LeanclipError):
+    """A model cannot be found, built or fetched; the message says what to do (``leanclip.models``)."""

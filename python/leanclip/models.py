@@ -21,13 +21,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
 from leanclip.bundle import MANIFEST_NAME, BundleError, read_manifest
+from leanclip.errors import ModelError  # noqa: F401 - defined in errors.py, raised here
 
 PathLike = Union[str, "os.PathLike[str]"]
 DEFAULT_MODEL = "starter"
-
-
-class ModelError(Exception):
-    """A model cannot be found, built or fetched; the message says what to do."""
 
 
 @dataclass(frozen=True)

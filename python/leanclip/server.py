@@ -7,7 +7,8 @@ JavaScript (its Content-Security-Policy forbids scripts). Routes::
     GET  /?similar=KEY           photos similar to the indexed photo KEY (click a thumbnail)
     GET  /thumb/KEY              JPEG thumbnail of an indexed photo
     GET  /file/REL/PATH          the original file, by its path relative to the gallery
-    GET  /api/search?q=..        JSON results (also ?similar=KEY)
+    GET  /api/search?q=..        JSON results (also ?similar=KEY); ``img:`` terms name indexed
+                                 photos by their path in the gallery, never other files
     GET  /api/info               JSON gallery counts
     POST /api/update             re-index the folder; only with --allow-updates, and only with
                                  the header ``X-Leanclip: update`` (a cross-site form cannot send it)
@@ -29,7 +30,6 @@ import queue
 import socket
 import stat
 import threading
-import time
 import urllib.parse
 from collections import OrderedDict
 from concurrent.futures import Future
@@ -38,7 +38,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from leanclip.errors import LeanclipError
 from leanclip.gallery import Gallery, GalleryError, Hit, Term, parse_query
+from leanclip.gallery.store import FileRow, ok_row
 
 MAX_URL = 2048  # bytes of request target
 MAX_QUERY = 512  # characters of a search query
@@ -46,6 +48,9 @@ MAX_BODY = 4096  # bytes of a request body
 MAX_K = 200
 THUMB_SIZE = 256
 THUMB_CACHE = 512  # thumbnails kept in memory
+
+IMG_REFUSED = ("img: terms on this page must name a photo of this gallery by its path in the gallery "
+               "(as shown under each result)")
 
 CSP = ("default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; "
        "frame-ancestors 'none'; base-uri 'none'")
@@ -164,16 +169,31 @@ class GalleryServer(ThreadingHTTPServer):
             return None
         if not stat.S_ISREG(st.st_mode) or real != os.path.join(root, rel):
             return None  # a symlink somewhere on the way (even one pointing inside): not served
-        if not self.gallery_has(rel):
-            return None
+        row = self.indexed_row(rel)
+        if row is None or not row.same_file(st):
+            return None  # not indexed, or no longer the file that was (swapped, hard-linked, edited)
         return os.fsdecode(full)
 
-    def gallery_has(self, rel: bytes) -> bool:
+    def indexed_row(self, rel: bytes) -> Optional[FileRow]:
         with self.gallery._lock:
-            row = self.gallery._reader().execute(
-                "SELECT 1 FROM files WHERE path=? AND status='ok'", (rel,)
-            ).fetchone()
-        return row is not None
+            return ok_row(self.gallery._reader(), rel)
+
+    def indexed_terms(self, terms: List[Term]) -> List[Term]:
+        """The terms with every ``img:`` term replaced by the indexed photo it names (its path
+        relative to the gallery, as the page shows it). The server never opens a file for a
+        query: a name that is not an indexed photo is refused, with one message whatever the
+        reason (outside the root, missing, a folder, not indexed), so refusals reveal nothing."""
+        out = []
+        for t in terms:
+            if t.kind == "image":
+                key = self.gallery.key_of_name(t.value)
+                if key is None:
+                    raise GalleryError(IMG_REFUSED)
+                t = Term(t.sign, "photo", str(key))
+            elif t.kind != "text":
+                raise GalleryError(IMG_REFUSED)
+            out.append(t)
+        return out
 
     def path_of_key(self, key: int) -> Optional[bytes]:
         rows = self.gallery._rows_for_keys([key])
@@ -372,18 +392,23 @@ class Handler(BaseHTTPRequestHandler):
         # one unquoting pass: '%2e%2e' becomes '..' and is refused like '..'
         rel = urllib.parse.unquote_to_bytes(quoted)
         full = self.server.safe_path(rel)
-        if full is None:
+        row = self.server.indexed_row(rel) if full is not None else None
+        if full is None or row is None:
             return self._not_found()
         try:
-            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
+            # O_NONBLOCK: a FIFO swapped in after the checks must not hang the thread
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             return self._not_found()
         with os.fdopen(fd, "rb") as fh:
-            data = fh.read()
-        ext = os.path.splitext(full)[1].lower()
-        ctype = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
-                 ".gif": "image/gif", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}.get(
-            ext, "application/octet-stream")
+            st = os.fstat(fh.fileno())
+            # the checks again on what was opened: a swap between them and open() is caught here
+            if not stat.S_ISREG(st.st_mode) or not row.same_file(st):
+                return self._not_found()
+            data = fh.read(st.st_size + 1)
+        ctype = _image_type(data)
+        if ctype is None or len(data) != st.st_size:
+            return self._not_found()  # only image content is served, whatever the file's name
         self._send(200, data, ctype, {"Content-Disposition": "inline", "Cache-Control": "max-age=300"})
 
     def _search(self, params: Dict[str, List[str]]) -> Tuple[int, Dict[str, Any]]:
@@ -403,15 +428,14 @@ class Handler(BaseHTTPRequestHandler):
             if similar:
                 key = _int(similar)
                 rel = self.server.path_of_key(key) if key is not None else None
-                if rel is None:
+                if key is None or rel is None:
                     return 404, {"error": "no such photo"}
                 out["similar"] = {"key": key, "name": rel.decode("utf-8", "replace")}
-                terms = [Term(1, "image", os.fsdecode(os.path.join(os.fsencode(g.root), rel)))]
-                hits = g.search(terms, k, paths=[glob] if glob else None)
+                hits = g.search([Term(1, "photo", str(key))], k, paths=[glob] if glob else None)
             else:
-                parse_query(q)  # refuse a bad query here, before it joins a batch
-                hits = self.server.batcher.search(q, k, [glob] if glob else None)
-        except GalleryError as exc:
+                terms = self.server.indexed_terms(parse_query(q))  # refuse a bad query before it joins a batch
+                hits = self.server.batcher.search(terms, k, [glob] if glob else None)
+        except LeanclipError as exc:
             return 400, {"error": str(exc)}
         except TimeoutError:
             return 503, {"error": "the server is overloaded; try again"}
@@ -471,9 +495,26 @@ def _hit_json(h: Hit, root: Path) -> Dict[str, Any]:
             "file": "/file/" + urllib.parse.quote(rel)}
 
 
-def _int(text: Optional[str]) -> Optional[int]:
+_IMAGE_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif",
+                "BMP": "image/bmp", "TIFF": "image/tiff", "MPO": "image/jpeg"}
+
+
+def _image_type(data: bytes) -> Optional[str]:
+    """The content type of image bytes, identified from their header by Pillow (no decoding),
+    or None when they are not one of the gallery's image formats."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        value = int(text or "")
-    except ValueError:
+        with Image.open(io.BytesIO(data)) as im:
+            return _IMAGE_TYPES.get(im.format or "")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
-    return value if value >= 0 else None
+
+
+def _int(text: Optional[str]) -> Optional[int]:
+    """A non-negative decimal integer below 2**63 (photo keys, k, lengths), else None: a
+    key too large for SQLite is a 404 like any unknown key."""
+    if not text or len(text) > 19 or not (text.isascii() and text.isdigit()):
+        return None
+    value = int(text)
+    return value if value < 1 << 63 else None

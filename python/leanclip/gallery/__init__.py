@@ -1,0 +1,41 @@
+"""Gallery: a photo folder kept in step with a SQLite database and a saved leanclip Index.
+
+The package, by concern:
+
+* :mod:`~leanclip.gallery.api` — the :class:`Gallery` (open, read, search; ``update()``)
+* :mod:`~leanclip.gallery.query` — the query syntax (:func:`parse_query`, :class:`Term`) and
+  results (:class:`Hit`)
+* :mod:`~leanclip.gallery.store` — the SQLite store: layout, schema, typed rows
+* :mod:`~leanclip.gallery.sync` — the update run and its crash-consistent commit protocol
+* :mod:`~leanclip.gallery.errors` — its errors (all :class:`leanclip.errors.LeanclipError`)
+
+Images are decoded by :mod:`leanclip.images`, the loader the encoder uses too.
+
+Query syntax (``Gallery.search``): unsigned words form one phrase; ``+term`` adds and ``-term``
+subtracts a term; quotes group words; ``img:PATH`` makes a term an image::
+
+    beach at night +sunset -people +img:photos/dog.jpg -"city lights"
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from leanclip.gallery.api import EncoderLike, Gallery
+from leanclip.gallery.errors import GalleryBusyError, GalleryError, ImageError, ModelMismatchError
+from leanclip.gallery.query import Hit, Term, parse_query
+from leanclip.gallery.store import DB_NAME, SCHEMA, SCHEMA_VERSION, STORE_DIRNAME, FileRow
+from leanclip.gallery.sync import IMAGE_EXTENSIONS, Progress, UpdateState, UpdateSummary
+from leanclip.images import DEFAULT_MAX_PIXELS, load_image
+
+__all__ = [
+    "DB_NAME", "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "SCHEMA", "SCHEMA_VERSION", "STORE_DIRNAME",
+    "EncoderLike", "FileRow", "Gallery", "GalleryBusyError", "GalleryError", "Hit", "ImageError",
+    "ModelMismatchError", "Progress", "Term", "UpdateState", "UpdateSummary", "open_image", "parse_query",
+]
+
+
+def open_image(path: Any, *, size: int = 224, max_pixels: int = DEFAULT_MAX_PIXELS) -> Any:
+    """The gallery's way to decode a photo: :func:`leanclip.images.load_image` with the decode
+    bounded for a model input of ``size`` (kept for callers of the old name)."""
+    return load_image(path, max_pixels=max_pixels, reduce_for=size)

@@ -1,0 +1,420 @@
+"""The :class:`Gallery`: a photo folder kept in step with a SQLite store and a saved Index.
+
+This module opens a gallery, reads it and searches it; the store's layout is in
+:mod:`leanclip.gallery.store`, the update run and its commit protocol in
+:mod:`leanclip.gallery.sync`, the query syntax in :mod:`leanclip.gallery.query`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+
+import numpy as np
+
+from leanclip._fs import PathLike
+from leanclip.gallery import store as db
+from leanclip.gallery.errors import GalleryError, ModelMismatchError, StaleSnapshot
+from leanclip.gallery.query import Hit, Term, parse_query
+from leanclip.gallery.store import DB_NAME, STORE_DIRNAME
+from leanclip.gallery.sync import Progress, UpdateSummary, display, model_image_size, run_update
+from leanclip.images import DEFAULT_MAX_PIXELS, load_image
+
+
+@runtime_checkable
+class EncoderLike(Protocol):
+    """What the gallery needs of a model (``leanclip.Encoder`` has it)."""
+
+    dim: int
+    model_id: str
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def encode_images(self, images: Sequence[Any]) -> np.ndarray: ...
+
+
+class Gallery:
+    """A photo folder indexed for search. See :mod:`leanclip.gallery` for the store and protocol.
+
+    ``model`` is an encoder object (anything with ``dim``, ``model_id``, ``encode_text``,
+    ``encode_images``), a bundle directory, or None for the default model of
+    ``leanclip.models``. It is loaded only when first needed.
+    """
+
+    def __init__(
+        self,
+        root: PathLike,
+        store: Optional[PathLike] = None,
+        model: Union[EncoderLike, PathLike, None] = None,
+        *,
+        batch_size: int = 32,
+        checkpoint_every: int = 512,
+        checkpoint_seconds: float = 30.0,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        dtype: Optional[str] = None,
+        checkpoint_overhead: float = 0.1,
+    ) -> None:
+        if dtype not in (None, "f32", "f16", "i8"):
+            raise GalleryError(f"dtype must be 'f32', 'f16' or 'i8', got {dtype!r}")
+        self.dtype = dtype  # vector storage precision; None keeps the store's (new stores: f32)
+        self.root = Path(root).expanduser().absolute()
+        if not self.root.is_dir():
+            raise GalleryError(f"gallery folder {self.root} does not exist or is not a directory")
+        self.store = Path(store).expanduser().absolute() if store else self.root / STORE_DIRNAME
+        self.db_path = self.store / DB_NAME
+        self.batch_size = max(1, int(batch_size))
+        self.checkpoint_every = max(1, int(checkpoint_every))
+        self.checkpoint_seconds = float(checkpoint_seconds)
+        # a checkpoint rewrites the whole index file: they are spaced so that saving takes at
+        # most this fraction of the run (1.0: no spacing beyond checkpoint_every / _seconds)
+        self.checkpoint_overhead = min(1.0, max(1e-3, float(checkpoint_overhead)))
+        self.max_pixels = int(max_pixels)
+        self._model_arg = model
+        self._encoder: Optional[EncoderLike] = model if isinstance(model, EncoderLike) else None
+        self._lock = threading.RLock()
+        self._conn: Optional[sqlite3.Connection] = None
+        self._cached: Optional[Tuple[int, Any]] = None  # (generation, Index) for queries
+        self._model_source = ""  # bundle path of the model, recorded so later runs reuse it
+
+    # -- resources -------------------------------------------------------------------------
+
+    @property
+    def encoder(self) -> EncoderLike:
+        if self._encoder is None:
+            from leanclip import models
+
+            arg = self._model_arg
+            if arg is None:
+                # by default a gallery keeps the model it was indexed with
+                recorded = self._recorded_model()
+                if recorded and models.is_bundle(recorded):
+                    arg = recorded
+            path = models.resolve(arg)  # type: ignore[arg-type]
+            self._model_source = str(path.absolute())
+            self._encoder = models.load_encoder(path)
+        return self._encoder
+
+    def _recorded_model(self) -> str:
+        if not self.exists():
+            return ""
+        try:
+            with self._lock:
+                row = self._reader().execute("SELECT value FROM meta WHERE key='model_source'").fetchone()
+        except (sqlite3.DatabaseError, GalleryError):
+            return ""
+        return row[0] if row else ""
+
+    def exists(self) -> bool:
+        return self.db_path.is_file()
+
+    def _reader(self) -> sqlite3.Connection:
+        if self._conn is None:
+            if not self.exists():
+                raise GalleryError(
+                    f"{self.root} has no gallery yet (no {self.db_path}); run `leanclip index {self.root}`"
+                )
+            self._conn = db.open_reader(self.db_path)
+            db.check_schema(self._conn, self.db_path)
+        return self._conn
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            self._cached = None
+
+    def __enter__(self) -> "Gallery":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _index_path(self, generation: int) -> Path:
+        return self.store / f"index-{generation}.lci"
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def info(self) -> Dict[str, Any]:
+        """Counts and identity of the gallery (model id, generation, store)."""
+        with self._lock:
+            conn = self._reader()
+            meta = db.read_meta(conn)
+            counts = dict(conn.execute("SELECT status, COUNT(*) FROM files GROUP BY status").fetchall())
+        return {
+            "root": str(self.root),
+            "store": str(self.store),
+            "model_id": meta.get("model_id", ""),
+            "dim": int(meta.get("dim", 0)),
+            "generation": int(meta.get("generation", 0)),
+            "ok": counts.get("ok", 0),
+            "failed": counts.get("failed", 0),
+            "pending": counts.get("pending", 0),
+        }
+
+    def failures(self) -> List[Tuple[str, str]]:
+        """(name, reason) of every file recorded as failed."""
+        with self._lock:
+            rows = self._reader().execute(
+                "SELECT path, reason FROM files WHERE status='failed' ORDER BY path"
+            ).fetchall()
+        return [(display(bytes(p)), r or "") for p, r in rows]
+
+    def files(self) -> List[Tuple[str, str, Optional[int]]]:
+        """(name, status, key) of every row, in path order."""
+        with self._lock:
+            rows = self._reader().execute("SELECT path, status, key FROM files ORDER BY path").fetchall()
+        return [(display(bytes(p)), s, k) for p, s, k in rows]
+
+    def _snapshot(self) -> Tuple[int, Any, Dict[str, str]]:
+        """The committed generation, its index (cached across calls) and the meta table."""
+        from leanclip import Index, IndexFileError
+
+        with self._lock:
+            conn = self._reader()
+            for _ in range(20):
+                meta = db.read_meta(conn)
+                gen = int(meta.get("generation", 0))
+                if self._cached is not None and self._cached[0] == gen:
+                    return gen, self._cached[1], meta
+                if gen == 0 or not meta.get("dim"):
+                    index = Index(max(1, int(meta.get("dim", 1) or 1)))
+                else:
+                    try:
+                        index = Index.load(os.fspath(self._index_path(gen)), mmap=True)
+                    except FileNotFoundError:
+                        # a writer committed a newer generation and removed this file: re-read
+                        if conn.in_transaction:
+                            raise StaleSnapshot() from None  # the caller restarts its transaction
+                        time.sleep(0.05)
+                        continue
+                    except IndexFileError as exc:
+                        raise GalleryError(
+                            f"the gallery's index file is damaged ({exc}); run `leanclip index {self.root}` "
+                            "to rebuild it"
+                        ) from None
+                self._cached = (gen, index)
+                return gen, index, meta
+        raise GalleryError(f"index file for generation {gen} keeps disappearing in {self.store}")
+
+    def _rows_for_keys(self, keys: Sequence[int]) -> Dict[int, bytes]:
+        return db.rows_for_keys(self._reader(), keys)
+
+    def _key_of(self, image: PathLike) -> Optional[int]:
+        """The key of ``image`` if it is an unchanged indexed file of this gallery."""
+        try:
+            real = Path(os.path.realpath(image))
+            rel = real.relative_to(Path(os.path.realpath(self.root)))
+            st = os.stat(real)
+        except (ValueError, OSError):
+            return None
+        rel_bytes = os.fsencode(rel.as_posix())
+        row = db.ok_row(self._reader(), rel_bytes)
+        if row is not None and row.key is not None and row.same_file(st):
+            return row.key
+        return None
+
+    def key_of_name(self, name: str) -> Optional[int]:
+        """The key of the indexed photo whose path relative to the root is ``name`` ('/'
+        separated), from the database alone: no file is opened or even looked at."""
+        if not isinstance(name, str) or not name or name.startswith("/") or "\0" in name:
+            return None
+        if any(part in ("", ".", "..") for part in name.split("/")):
+            return None
+        try:
+            rel = os.fsencode(name)
+        except UnicodeError:
+            return None
+        with self._lock:
+            row = db.ok_row(self._reader(), rel)
+        return row.key if row is not None else None
+
+    def _check_model(self, meta: Dict[str, str]) -> EncoderLike:
+        enc = self.encoder
+        mid = meta.get("model_id", "")
+        if mid and mid != enc.model_id:
+            raise ModelMismatchError(
+                f"gallery {self.root} was indexed with model {mid}, not {enc.model_id}; "
+                f"run `leanclip index {self.root}` with this model to re-encode"
+            )
+        return enc
+
+    def query_vector(self, query: Union[str, Sequence[Term]]) -> Tuple[np.ndarray, List[int]]:
+        """The unit query vector of a query string or terms, and gallery keys of its image terms."""
+        return self._query_vectors([query])[0]
+
+    def _query_vectors(self, queries: Sequence[Union[str, Sequence[Term]]]) -> List[Tuple[np.ndarray, List[int]]]:
+        """Query vectors of several queries; all their text terms go through one encoder call."""
+        parsed = [parse_query(q) if isinstance(q, str) else list(q) for q in queries]
+        _, index, meta = self._snapshot()
+        dim = int(meta.get("dim", 0))
+        texts = sorted({t.value for terms in parsed for t in terms if t.kind == "text"})
+        text_vecs: Dict[str, np.ndarray] = {}
+        if texts:
+            enc = self._check_model(meta)
+            for text, tv in zip(texts, np.asarray(enc.encode_text(texts), dtype=np.float32)):
+                text_vecs[text] = tv
+        out = []
+        for terms in parsed:
+            vecs: List[np.ndarray] = []
+            own_keys: List[int] = []
+            for t in terms:
+                if t.kind == "text":
+                    v = text_vecs[t.value]
+                elif t.kind == "photo":  # an indexed photo, by key: its stored vector, no file read
+                    key = int(t.value)
+                    if key not in index:
+                        raise GalleryError(f"photo {key} is not in the gallery (any more)")
+                    v = np.asarray(index.get([key]), dtype=np.float32)[0]
+                    if t.sign > 0:
+                        own_keys.append(key)
+                else:
+                    key = self._key_of(t.value)
+                    if key is not None and key in index:
+                        v = np.asarray(index.get([key]), dtype=np.float32)[0]
+                        if t.sign > 0:
+                            own_keys.append(key)
+                    else:
+                        enc = self._check_model(meta)
+                        size = model_image_size(enc)
+                        im = load_image(t.value, max_pixels=self.max_pixels, reduce_for=size)
+                        v = np.asarray(enc.encode_images([im]), dtype=np.float32)[0]
+                if dim and v.shape[0] != dim:
+                    raise ModelMismatchError(f"query vector has dim {v.shape[0]}, gallery has {dim}")
+                n = float(np.linalg.norm(v))
+                vecs.append(t.sign * (v / n if n > 0 else v))
+            q = np.sum(vecs, axis=0).astype(np.float32)
+            n = float(np.linalg.norm(q))
+            if not np.isfinite(n) or n == 0.0:
+                raise GalleryError("the query's terms cancel out (positive and negative terms are the same)")
+            out.append((q / n, own_keys))
+        return out
+
+    def search(
+        self,
+        query: Union[str, Sequence[Term], np.ndarray],
+        k: int = 10,
+        *,
+        min_score: Optional[float] = None,
+        paths: Optional[Sequence[str]] = None,
+        exclude_self: bool = True,
+    ) -> List[Hit]:
+        """Top-``k`` files for a query string (see module docstring), terms, or a vector.
+
+        ``paths``: glob patterns on the file name relative to the root (``*`` matches across
+        folders); a file must match one. ``min_score``: drop hits scoring below it.
+        Image terms that are files of this gallery are excluded from their own results.
+        """
+        if k < 1:
+            raise GalleryError(f"k must be >= 1, got {k}")
+        if isinstance(query, np.ndarray):
+            qv = np.asarray(query, dtype=np.float32)
+            own: List[int] = []
+        else:
+            qv, own = self.query_vector(query)
+        return self._search_vectors(qv[None, :], [own if exclude_self else []], k, min_score, paths)[0]
+
+    def search_batch(
+        self,
+        queries: Sequence[Union[str, Sequence[Term]]],
+        k: int = 10,
+        *,
+        min_score: Optional[float] = None,
+        paths: Optional[Sequence[str]] = None,
+    ) -> List[List[Hit]]:
+        """``search`` for many queries at once: one encoder call and one index search for all
+        (several times the throughput of single queries; the server batches concurrent requests)."""
+        if k < 1:
+            raise GalleryError(f"k must be >= 1, got {k}")
+        if not queries:
+            return []
+        vecs = self._query_vectors(queries)
+        return self._search_vectors(np.stack([v for v, _ in vecs]), [own for _, own in vecs], k, min_score, paths)
+
+    def _search_vectors(self, qv: np.ndarray, excludes: List[List[int]], k: int, min_score: Optional[float],
+                        paths: Optional[Sequence[str]]) -> List[List[Hit]]:
+        _, index, _ = self._snapshot()
+        total = len(index)
+        if total == 0:
+            return [[] for _ in excludes]
+        results: List[Optional[List[Hit]]] = [None] * len(excludes)
+        todo = list(range(len(excludes)))
+        want = k + max(len(e) for e in excludes)
+        while todo:
+            kk = min(total, want)
+            keys, scores = index.search(qv[todo], kk)
+            keys, scores = np.asarray(keys), np.asarray(scores)
+            with self._lock:
+                rows = self._rows_for_keys(np.unique(keys).tolist())
+            unfinished = []
+            for row_i, qi in enumerate(todo):
+                hits: List[Hit] = []
+                below = False
+                skip = set(excludes[qi])
+                for key, score in zip(keys[row_i].tolist(), scores[row_i].tolist()):
+                    if min_score is not None and score < min_score:
+                        below = True
+                        break
+                    rel = rows.get(int(key))
+                    if rel is None or key in skip:  # removed since this snapshot, or the query image
+                        continue
+                    name = display(rel)
+                    if paths and not any(fnmatch.fnmatchcase(name, p) for p in paths):
+                        continue
+                    hits.append(Hit(self.root / os.fsdecode(rel), name, float(score), int(key)))
+                    if len(hits) == k:
+                        break
+                if len(hits) == k or below or kk >= total:
+                    results[qi] = hits
+                else:  # filters left too few: look deeper
+                    unfinished.append(qi)
+            todo = unfinished
+            want = kk * 4
+        return [r if r is not None else [] for r in results]
+
+    def similar(self, image: PathLike, k: int = 10, *, extra: Union[str, Sequence[Term]] = (), **kw: Any) -> List[Hit]:
+        """Files most like ``image`` (a path; reuses its stored vector if it is in the gallery).
+
+        ``extra``: more terms, as query syntax (``"+sunset -people"``) or :class:`Term` s;
+        other keywords as for :meth:`search`."""
+        if isinstance(extra, str):
+            more = parse_query("+x " + extra)[1:] if extra.strip() else []
+        else:
+            more = list(extra)
+        return self.search([Term(1, "image", os.fspath(image)), *more], k, **kw)
+
+    def check(self) -> Tuple[List[int], List[int]]:
+        """Consistency check: (keys of ok rows missing from the index, index keys without a row)."""
+        with self._lock:
+            conn = self._reader()
+            for _ in range(50):
+                conn.execute("BEGIN")  # one read snapshot for the generation and the rows
+                try:
+                    self._cached = None
+                    _, index, _ = self._snapshot()
+                    rows = {int(k) for (k,) in conn.execute("SELECT key FROM files WHERE status='ok'")}
+                    break
+                except StaleSnapshot:
+                    continue
+                finally:
+                    conn.execute("COMMIT")
+            else:
+                raise GalleryError(f"the gallery in {self.store} changes too fast to check")
+        keys = {int(k) for k in np.asarray(index.keys()).tolist()}
+        return sorted(rows - keys), sorted(keys - rows)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def update(self, progress: Optional[Progress] = None) -> UpdateSummary:
+        """Bring the store in step with the folder (see :mod:`leanclip.gallery.sync`). Returns
+        counts; ``progress(stage, done, total)`` is called as it goes."""
+        return run_update(self, progress)
+
+    def _forget_snapshot(self) -> None:
+        with self._lock:
+            self._cached = None

@@ -1,0 +1,28 @@
+"""The gallery's errors. Every one is a :class:`leanclip.errors.LeanclipError`."""
+
+from __future__ import annotations
+
+from leanclip.errors import LeanclipError
+from leanclip.images import ImageLoadError
+
+__all__ = ["GalleryError", "GalleryBusyError", "ModelMismatchError", "ImageError"]
+
+
+class GalleryError(LeanclipError):
+    """A gallery cannot be opened, updated or queried; the message says why."""
+
+
+class GalleryBusyError(GalleryError):
+    """Another process is updating this gallery."""
+
+
+class ModelMismatchError(GalleryError):
+    """The gallery was indexed with another model than the one asked for."""
+
+
+# One image error for the whole package (leanclip.images); the gallery's old name is kept.
+ImageError = ImageLoadError
+
+
+class StaleSnapshot(Exception):
+    """Internal: a read transaction's generation was superseded and its index file removed."""

@@ -1,0 +1,543 @@
+"""``Gallery.update()``: bring the store in step with the folder.
+
+Commit protocol (crash consistency). The database's ``generation`` names the one index file
+that matches its rows. A checkpoint saves the in-memory index as a *new* file
+``index-<G+1>.lci`` (atomically), then commits the rows together with ``generation = G+1`` in
+one SQLite transaction, and only then deletes ``index-<G>.lci``. A kill before the commit leaves
+the old rows and the old index (both still on disk) in force; a kill after it leaves the new
+pair. Stray index files are removed by the next ``update()``. Keys are never reused, so a reader
+holding an older index never maps a key to the wrong file.
+
+A run: scan the folder (symlinks are not followed; a folder that cannot be listed keeps its
+rows and is reported), compare each file's size, mtime, inode and ctime with its row (a file
+swapped for another of the same size and mtime is noticed by its inode or ctime), hash the changed and
+new ones, recognise renames and copies by content, drop the rows of deleted files, and encode
+the rest in batches, checkpointing as it goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sqlite3
+import stat
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from leanclip.bundle import sha256_file
+from leanclip.gallery import store as db
+from leanclip.gallery.errors import GalleryBusyError, GalleryError
+from leanclip.gallery.store import FileRow
+from leanclip.images import ImageLoadError, load_image
+
+if TYPE_CHECKING:  # pragma: no cover
+    from leanclip.gallery.api import Gallery
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+Progress = Callable[[str, int, int], None]
+"""``progress(stage, done, total)``; stage is "scan", "hash" or "encode"."""
+
+
+@dataclass
+class UpdateSummary:
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    renamed: int = 0
+    copied: int = 0  # new files whose content was already indexed: vector reused, not encoded
+    unchanged: int = 0
+    failed: int = 0  # files that failed in this run
+    encoded: int = 0
+    total_ok: int = 0
+    seconds: float = 0.0
+    model_id: str = ""
+    recovered: str = ""  # what was repaired at the start, if anything
+    failures: List[Tuple[str, str]] = field(default_factory=list)  # (name, reason)
+    # folders that could not be listed ("." is the root): (name, reason); their rows were kept
+    unreadable: List[Tuple[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = asdict(self)
+        out["failures"] = [{"name": n, "reason": r} for n, r in self.failures]
+        out["unreadable"] = [{"name": n, "reason": r} for n, r in self.unreadable]
+        return out
+
+
+@dataclass
+class FoundFile:
+    """A regular image file found by the scan."""
+
+    rel: bytes
+    abspath: str
+    size: int
+    mtime_ns: int
+    ino: int
+    ctime_ns: int
+
+    def unchanged_since(self, row: FileRow) -> bool:
+        """The cheap check: same size, mtime, inode and ctime as the row recorded (a row of
+        schema version 1, without inode and ctime, never passes: it is re-hashed once)."""
+        return (row.size, row.mtime_ns, row.ino, row.ctime_ns) == (self.size, self.mtime_ns, self.ino, self.ctime_ns)
+
+
+@dataclass
+class ScanResult:
+    found: List[FoundFile]
+    bad: List[Tuple[bytes, str]]  # entries named like images that cannot be one, with the reason
+    unreadable: List[Tuple[bytes, str]]  # folders that could not be listed ("." is the root), reason
+
+
+@dataclass
+class UpdateState:
+    """The state of one update run: the open write transaction and the in-memory index."""
+
+    conn: sqlite3.Connection
+    index: Any  # leanclip.Index
+    gen: int  # generation of the last committed index file
+    next_key: int  # keys are never reused
+    dirty: bool  # rows or index changed since the last checkpoint
+    clean: bool = False  # an interrupt now loses nothing already applied (between batches)
+    last_checkpoint: float = 0.0  # time.monotonic() of the last checkpoint
+    since_checkpoint: int = 0  # files processed since then
+    last_save_s: float = 0.0  # how long the last index save took
+
+
+def _describe(exc: BaseException) -> str:
+    """A non-empty reason from an exception (MemoryError() and others have an empty message)."""
+    text = str(exc).strip()
+    if isinstance(exc, MemoryError):
+        return f"out of memory ({text})" if text else "out of memory"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def display(rel: bytes) -> str:
+    """A printable form of a stored relative path (non-UTF-8 bytes shown as U+FFFD)."""
+    return rel.decode("utf-8", "replace")
+
+
+def model_image_size(enc: Any) -> int:
+    try:
+        return int(enc.manifest.image.size)
+    except AttributeError:
+        return int(getattr(enc, "image_size", 224))
+
+
+def acquire_writer(store: Any) -> int:
+    """Take the store's writer lock (flock, non-blocking); returns its fd."""
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        fd = os.open(store / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        what = "is a directory, not a lock file" if isinstance(exc, IsADirectoryError) else (exc.strerror or str(exc))
+        raise GalleryError(
+            f"cannot update the gallery: its store {store} cannot be written ({exc.filename or store}: {what})"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise GalleryBusyError(f"another process is updating the gallery in {store}") from None
+    return fd
+
+
+def scan(root: str, store: str, progress: Optional[Progress]) -> ScanResult:
+    """Regular image files under root (symlinks are not followed), and entries that look like
+    images but cannot be one (directories, devices) with the reason."""
+    found: List[FoundFile] = []
+    bad: List[Tuple[bytes, str]] = []
+    unreadable: List[Tuple[bytes, str]] = []
+    store_real = os.path.realpath(store)
+
+    def onerror(exc: OSError) -> None:
+        # a folder that cannot be listed: its files stay as they were recorded, nothing is
+        # deleted. A subfolder that vanished since its parent was listed is simply gone.
+        where = os.fspath(exc.filename) if exc.filename is not None else root
+        if isinstance(exc, FileNotFoundError) and os.path.realpath(where) != os.path.realpath(root):
+            return
+        rel = os.path.relpath(where, root).replace(os.sep, "/")
+        unreadable.append((os.fsencode(rel), exc.strerror or type(exc).__name__))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=False):
+        keep = []
+        for d in dirnames:
+            full = os.path.join(dirpath, d)
+            if d.startswith(".") or os.path.islink(full) or os.path.realpath(full) == store_real:
+                continue  # hidden folders, the store, and symlinked folders are skipped
+            if os.path.splitext(d)[1].lower() in IMAGE_EXTENSIONS:
+                rel = os.fsencode(os.path.relpath(full, root).replace(os.sep, "/"))
+                bad.append((rel, "is a directory, not an image file"))
+            keep.append(d)
+        dirnames[:] = sorted(keep)
+        for f in sorted(filenames):
+            if f.startswith(".") or os.path.splitext(f)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            full = os.path.join(dirpath, f)
+            rel = os.fsencode(os.path.relpath(full, root).replace(os.sep, "/"))
+            try:
+                st = os.lstat(full)
+            except OSError as exc:
+                bad.append((rel, f"cannot stat: {exc.strerror}"))
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                continue  # symlinks are never followed (loops, files outside the root)
+            if not stat.S_ISREG(st.st_mode):
+                bad.append((rel, "not a regular file"))
+                continue
+            found.append(FoundFile(rel, full, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
+        if progress:
+            progress("scan", len(found), 0)
+    return ScanResult(found, bad, unreadable)
+
+
+def run_update(g: "Gallery", progress: Optional[Progress] = None) -> UpdateSummary:
+    """The body of ``Gallery.update()``: see the module docstring."""
+    from leanclip import Index, IndexFileError
+
+    t0 = time.perf_counter()
+    enc = g.encoder
+    summary = UpdateSummary(model_id=enc.model_id)
+    lock_fd = acquire_writer(g.store)
+    conn: Optional[sqlite3.Connection] = None
+    run: Optional[Sync] = None
+    try:
+        conn = db.open_db(g.db_path)
+        conn.execute("BEGIN IMMEDIATE")
+        # A database without any table is ours, killed before its schema was committed
+        # (connect() creates the file first): start it afresh rather than refuse it.
+        fresh = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+        if fresh:
+            db.init_schema(conn)
+        db.check_schema(conn, g.db_path)
+        migrated = db.migrate(conn)
+        meta = db.read_meta(conn)
+        gen = int(meta["generation"])
+        next_key = int(meta["next_key"])
+        index: Any = None
+        reset_reason = ""
+        converted = False
+        if meta.get("model_id") and meta["model_id"] != enc.model_id:
+            reset_reason = f"model changed from {meta['model_id']} to {enc.model_id}: re-encoding all files"
+        elif gen > 0:
+            try:
+                index = Index.load(os.fspath(g._index_path(gen)))
+                if index.dim != enc.dim:
+                    reset_reason = f"index dim {index.dim} != model dim {enc.dim}: re-encoding"
+                    index = None
+            except (FileNotFoundError, IndexFileError, OSError, ValueError) as exc:
+                reset_reason = f"index file for generation {gen} unusable ({exc}); re-encoding"
+        want_dtype = g.dtype or meta.get("dtype") or "f32"
+        if index is None:
+            index = Index(enc.dim, dtype=want_dtype)  # type: ignore[arg-type]
+        elif index.dtype != want_dtype:
+            # another storage precision: convert the stored vectors, no re-encoding
+            keys = np.asarray(index.keys(), dtype=np.uint64)
+            new_index = Index(enc.dim, dtype=want_dtype)  # type: ignore[arg-type]
+            for i in range(0, len(keys), 65536):
+                new_index.add(keys[i : i + 65536], index.get(keys[i : i + 65536]))
+            index = new_index
+            converted = True
+        if reset_reason:
+            conn.execute("UPDATE files SET status='pending', key=NULL WHERE status='ok'")
+            summary.recovered = reset_reason
+        db.set_meta(conn, "model_id", enc.model_id)
+        db.set_meta(conn, "dim", enc.dim)
+        db.set_meta(conn, "dtype", want_dtype)
+        db.set_meta(conn, "model_source", g._model_source)
+        remove_stray_files(g, keep=gen)
+        state = UpdateState(conn=conn, index=index, gen=gen, next_key=next_key,
+                            dirty=bool(reset_reason or fresh or converted or migrated))
+        run = Sync(g, state, summary, progress)
+        run.run()
+        run.checkpoint()
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        if conn is not None and conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise GalleryError(f"cannot update the gallery database {g.db_path}: {exc}") from None
+    except BaseException:
+        if conn is not None and conn.in_transaction:
+            if run is not None and run.state.clean and isinstance(sys.exc_info()[1], KeyboardInterrupt):
+                # interrupted between batches: keep the finished work, then stop
+                try:
+                    run.checkpoint()
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+            else:
+                conn.execute("ROLLBACK")
+        raise
+    finally:
+        if conn is not None:
+            conn.close()
+        os.close(lock_fd)
+    g._forget_snapshot()
+    summary.total_ok = g.info()["ok"]
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def remove_stray_files(g: "Gallery", keep: int) -> None:
+    keep_name = g._index_path(keep).name
+    for entry in os.scandir(g.store):
+        n = entry.name
+        if (n.startswith("index-") or n.startswith(".index-") or n.startswith(".tmp")) and n != keep_name:
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                pass
+
+
+class Sync:
+    """One update run over an open write transaction (``UpdateState``)."""
+
+    def __init__(self, g: "Gallery", state: UpdateState, summary: UpdateSummary, progress: Optional[Progress]) -> None:
+        self.g = g
+        self.state = state
+        self.summary = summary
+        self.progress = progress
+        self.rows: Dict[bytes, FileRow] = {}
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Save the index as a new generation, commit the rows with it, drop the old file.
+        Leaves a new write transaction open."""
+        s = self.state
+        if not s.dirty:
+            return
+        old, new = s.gen, s.gen + 1
+        t0 = time.monotonic()
+        s.index.save(os.fspath(self.g._index_path(new)))
+        s.last_save_s = time.monotonic() - t0
+        db.set_meta(s.conn, "generation", new)
+        db.set_meta(s.conn, "next_key", s.next_key)
+        s.conn.execute("COMMIT")
+        s.gen, s.dirty = new, False
+        s.last_checkpoint = time.monotonic()
+        s.since_checkpoint = 0
+        try:
+            os.unlink(self.g._index_path(old))
+        except FileNotFoundError:
+            pass
+        s.conn.execute("BEGIN IMMEDIATE")
+
+    def checkpoint_if_due(self, force: bool = False) -> None:
+        s = self.state
+        elapsed = time.monotonic() - s.last_checkpoint
+        min_gap = s.last_save_s * (1.0 / self.g.checkpoint_overhead - 1.0)
+        due = force or elapsed >= min_gap and (
+            s.since_checkpoint >= self.g.checkpoint_every or elapsed >= self.g.checkpoint_seconds
+        )
+        if due:
+            self.checkpoint()
+
+    # -- the run ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        s, summary, conn, index, progress = self.state, self.summary, self.state.conn, self.state.index, self.progress
+        s.last_checkpoint = time.monotonic()
+        s.since_checkpoint = 0
+
+        scanned = scan(os.fspath(self.g.root), os.fspath(self.g.store), progress)
+        rows = self.rows = db.load_rows(conn)
+        seen = {f.rel for f in scanned.found}
+        bad_names = {rel for rel, _ in scanned.bad}
+
+        # entries that look like images but are not files: record as failed
+        for rel, reason in scanned.bad:
+            old = rows.get(rel)
+            if old and old.status == "failed":
+                summary.unchanged += 1
+                continue
+            if old and old.key is not None:
+                index.remove([old.key])
+            db.write_row(conn, FileRow(rel, 0, 0, None, None, "failed", reason))
+            summary.failed += 1
+            summary.failures.append((display(rel), reason))
+            s.dirty = True
+
+        # classify
+        to_hash: List[FoundFile] = []
+        for f in scanned.found:
+            old = rows.get(f.rel)
+            if old and f.unchanged_since(old) and old.status != "pending":
+                summary.unchanged += 1
+            else:
+                to_hash.append(f)
+        # rows under a folder that could not be listed are kept (the root: all of them)
+        for rel, reason in scanned.unreadable:
+            summary.unreadable.append((display(rel), reason))
+        kept_under = tuple(rel + b"/" for rel, _ in scanned.unreadable)
+        keep_all = any(rel == b"." for rel, _ in scanned.unreadable)
+        missing = {
+            rel: r for rel, r in rows.items()
+            if rel not in seen and rel not in bad_names and not keep_all
+            and not (kept_under and rel.startswith(kept_under))
+        }
+        # content of vanished ok rows, for rename detection
+        vanished_by_hash: Dict[str, List[bytes]] = {}
+        for rel, r in missing.items():
+            if r.status == "ok" and r.sha256:
+                vanished_by_hash.setdefault(r.sha256, []).append(rel)
+
+        to_encode: List[Tuple[FoundFile, str]] = []
+        for i, f in enumerate(to_hash):
+            if progress:
+                progress("hash", i, len(to_hash))
+            try:
+                digest = sha256_file(f.abspath)
+            except OSError as exc:
+                self.record_failure(f, None, f"cannot read: {exc.strerror or exc}")
+                continue
+            old = rows.get(f.rel)
+            if old is not None:
+                if old.sha256 == digest and old.status == "ok":
+                    # same content, new mtime (touched / copied back): nothing to encode
+                    conn.execute("UPDATE files SET size=?, mtime_ns=?, ino=?, ctime_ns=? WHERE path=?",
+                                 (f.size, f.mtime_ns, f.ino, f.ctime_ns, f.rel))
+                    summary.unchanged += 1
+                    s.dirty = True
+                else:
+                    to_encode.append((f, digest))
+                continue
+            moved_from = vanished_by_hash.get(digest)
+            if moved_from:
+                src = moved_from.pop()
+                del missing[src]
+                conn.execute(
+                    "UPDATE files SET path=?, size=?, mtime_ns=?, ino=?, ctime_ns=? WHERE path=?",
+                    (f.rel, f.size, f.mtime_ns, f.ino, f.ctime_ns, src),
+                )
+                summary.renamed += 1
+                s.dirty = True
+                continue
+            to_encode.append((f, digest))
+        if progress and to_hash:
+            progress("hash", len(to_hash), len(to_hash))
+
+        # deleted files leave the index
+        if missing:
+            gone = [r.key for r in missing.values() if r.key is not None]
+            if gone:
+                index.remove(np.asarray(gone, dtype=np.uint64))
+            conn.executemany("DELETE FROM files WHERE path=?", [(rel,) for rel in missing])
+            summary.removed += len(missing)
+            s.dirty = True
+
+        # duplicates of already indexed content: reuse the stored vector
+        remaining: List[Tuple[FoundFile, str]] = []
+        for f, digest in to_encode:
+            dup = conn.execute(
+                "SELECT key FROM files WHERE sha256=? AND status='ok' AND path<>? LIMIT 1", (digest, f.rel)
+            ).fetchone()
+            if dup is not None and int(dup[0]) in index:
+                vec = index.get([int(dup[0])])
+                self.store_vectors([(f, digest)], vec)
+                summary.copied += 1
+            else:
+                remaining.append((f, digest))
+
+        self.checkpoint_if_due(force=True)
+        self.encode_all(remaining)
+
+    def encode_all(self, remaining: List[Tuple[FoundFile, str]]) -> None:
+        s, progress = self.state, self.progress
+        size = model_image_size(self.g.encoder)
+        total = len(remaining)
+        if progress:
+            progress("encode", 0, total)
+        done = 0
+        for start in range(0, total, self.g.batch_size):
+            batch = remaining[start : start + self.g.batch_size]
+            s.clean = True  # an interrupt here loses nothing already applied
+            images, ok_items = [], []
+            for f, digest in batch:
+                try:
+                    images.append(load_image(f.abspath, max_pixels=self.g.max_pixels, reduce_for=size))
+                    ok_items.append((f, digest))
+                except ImageLoadError as exc:
+                    s.clean = False
+                    self.record_failure(f, digest, exc.reason)
+                    s.clean = True
+            vecs = self.encode(images, ok_items)
+            s.clean = False
+            if vecs is not None and ok_items:
+                self.store_vectors(ok_items, vecs)
+                self.summary.encoded += len(ok_items)
+            s.clean = True
+            for im in images:
+                im.close()
+            done += len(batch)
+            s.since_checkpoint += len(batch)
+            if progress:
+                progress("encode", done, total)
+            self.checkpoint_if_due()
+        s.clean = False
+
+    def encode(self, images: List[Any], items: List[Tuple[FoundFile, str]]) -> Optional[np.ndarray]:
+        if not images:
+            return None
+        enc = self.g.encoder
+        try:
+            return np.asarray(enc.encode_images(images), dtype=np.float32)
+        except Exception:
+            if len(images) == 1:
+                raise
+        # a batch failed: encode one by one to find the file at fault
+        vecs, keep = [], []
+        for im, item in zip(images, items):
+            try:
+                vecs.append(np.asarray(enc.encode_images([im]), dtype=np.float32)[0])
+                keep.append(item)
+            except Exception as exc:  # the model refused this image; record, go on
+                self.record_failure(item[0], item[1], f"encoder failed: {_describe(exc)}")
+        items[:] = keep
+        return np.stack(vecs) if vecs else None
+
+    def new_keys(self, n: int) -> List[int]:
+        start = self.state.next_key
+        self.state.next_key = start + n
+        return list(range(start, start + n))
+
+    def store_vectors(self, items: List[Tuple[FoundFile, str]], vecs: np.ndarray) -> None:
+        s, rows, summary = self.state, self.rows, self.summary
+        vecs = np.asarray(vecs, dtype=np.float32).reshape(len(items), -1)
+        finite = np.isfinite(vecs).all(axis=1) & (np.linalg.norm(vecs, axis=1) > 0)
+        keys = self.new_keys(len(items))
+        old_keys = [rows[f.rel].key for f, _ in items if f.rel in rows and rows[f.rel].key is not None]
+        if old_keys:
+            s.index.remove(np.asarray(old_keys, dtype=np.uint64))
+        good = [i for i in range(len(items)) if finite[i]]
+        if good:
+            s.index.add(np.asarray([keys[i] for i in good], dtype=np.uint64), vecs[good])
+        for i, (f, digest) in enumerate(items):
+            if not finite[i]:
+                self.record_failure(f, digest, "encoder produced a NaN or zero vector")
+                continue
+            if f.rel in rows:
+                summary.updated += 1
+            else:
+                summary.added += 1
+            row = FileRow(f.rel, f.size, f.mtime_ns, digest, keys[i], "ok", None, f.ino, f.ctime_ns)
+            db.write_row(s.conn, row)
+            rows[f.rel] = row
+        s.dirty = True
+
+    def record_failure(self, f: FoundFile, digest: Optional[str], reason: str) -> None:
+        old = self.rows.get(f.rel)
+        if old is not None and old.key is not None:
+            self.state.index.remove(np.asarray([old.key], dtype=np.uint64))
+        row = FileRow(f.rel, f.size, f.mtime_ns, digest, None, "failed", reason, f.ino, f.ctime_ns)
+        db.write_row(self.state.conn, row)
+        self.rows[f.rel] = row
+        self.summary.failed += 1
+        self.summary.failures.append((display(f.rel), reason))
+        self.state.dirty = True

@@ -1,0 +1,151 @@
+"""The one image loader: every part of leanclip that opens a photo file (the encoder, the
+gallery, the server's thumbnails, and training's data loading) goes through :func:`load_image`.
+
+Rules (public: ``from leanclip.images import load_image, ImageLoadError``):
+
+* Only regular files are opened: a missing file, a directory, a device or a FIFO, or an empty
+  file is refused before Pillow sees it.
+* The size a file *declares* is checked before any pixel is decoded: more than ``max_pixels``
+  (a decompression bomb), no pixels at all (0 x N), or an aspect ratio beyond
+  ``MAX_ASPECT_RATIO`` (a 1 x 6000 strip has nothing to show a square model, and resizing its
+  short side up to the model's size would cost gigabytes) is an :class:`ImageLoadError` with
+  the reason.
+* With ``reduce_for=S`` the decode is bounded by the output size: JPEGs are decoded at reduced
+  scale (``Image.draft``) and large images shrunk by an integer factor (``Image.reduce``) so the
+  short side stays 2-4x ``S``; the caller's exact resize does the rest. Without it the image is
+  decoded at full size (what open_clip sees).
+* The image is EXIF-rotated and converted to 8-bit RGB by :func:`to_rgb`: 16- and 32-bit integer
+  grayscale is scaled from its full range, float images are clipped to [0, 1], palette images
+  with transparency go through RGBA, alpha is dropped (as open_clip does). The first frame of an
+  animation is used.
+* Every failure is an :class:`ImageLoadError` whose ``path`` and ``reason`` say which file and
+  why; the reason is never empty.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import warnings
+from struct import error as struct_error
+from typing import Any, Optional
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from leanclip._fs import PathLike
+from leanclip.errors import LeanclipError
+
+__all__ = ["DEFAULT_MAX_PIXELS", "MAX_ASPECT_RATIO", "ImageLoadError", "check_dimensions", "load_image", "to_rgb"]
+
+# Larger images are refused before decoding (decompression bombs): 64 Mpx decodes to ~192 MB of
+# RGB, which bounds memory. Pillow's global settings stay as they are (its own limit is ~179 Mpx).
+DEFAULT_MAX_PIXELS = 64_000_000
+# Longest side / shortest side beyond which an image is refused (panoramas are up to ~12:1).
+MAX_ASPECT_RATIO = 50
+
+
+class ImageLoadError(LeanclipError, ValueError):
+    """An image file could not be used; ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, path: Any, reason: str) -> None:
+        self.path = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else str(path)
+        self.reason = reason or "unknown error"
+        super().__init__(f"cannot load image {self.path}: {self.reason}")
+
+
+def check_dimensions(where: Any, w: int, h: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Refuse a (declared) size of ``w`` x ``h`` with the reason: no pixels, too many pixels,
+    or an absurd aspect ratio. ``where`` names the image in the error."""
+    if w <= 0 or h <= 0:
+        raise ImageLoadError(where, f"image has no pixels ({w} x {h})")
+    if w * h > max_pixels:
+        raise ImageLoadError(
+            where,
+            f"image too large: declares {w}x{h} pixels, more than the limit of {max_pixels:,} "
+            "(possible decompression bomb); not decoded",
+        )
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise ImageLoadError(
+            where,
+            f"aspect ratio of {w}x{h} is beyond {MAX_ASPECT_RATIO}:1; a strip this thin is not a photo "
+            "(refused before decoding)",
+        )
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB uint8 from any Pillow mode (see the module docstring for the rules)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img)
+        if mode == "F":
+            arr8 = np.clip(np.nan_to_num(arr.astype(np.float64)), 0.0, 1.0) * 255.0
+        elif mode == "I":
+            # 32-bit container: values beyond 16 bits are clipped, 16-bit data is scaled
+            arr8 = np.clip(arr.astype(np.float64), 0, 65535) / 257.0
+        else:
+            arr8 = arr.astype(np.float64) / 257.0  # 65535 -> 255
+        gray = Image.fromarray(np.rint(arr8).astype(np.uint8), mode="L")
+        return gray.convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # Pillow warns when going P -> RGB with byte transparency
+    return img.convert("RGB")
+
+
+def load_image(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_for: Optional[int] = None) -> Image.Image:
+    """An EXIF-rotated 8-bit RGB image, or :class:`ImageLoadError` naming the file and reason.
+
+    ``reduce_for``: the output size the caller will resize to; decoding then stops at a short
+    side of 2-4x this (see the module docstring). The caller owns (and should close) the image.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ImageLoadError(path, "file not found") from None
+    except PermissionError:
+        raise ImageLoadError(path, "permission denied") from None
+    except (OSError, ValueError) as exc:
+        raise ImageLoadError(path, f"cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageLoadError(path, "is a directory, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageLoadError(path, "not a regular file")
+    if st.st_size == 0:
+        raise ImageLoadError(path, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                check_dimensions(path, *img.size, max_pixels=max_pixels)
+                if reduce_for and img.format == "JPEG":
+                    img.draft("RGB", (reduce_for, reduce_for))  # decode at 1/2, 1/4 or 1/8 scale
+                img.load()
+                out: Image.Image = img
+                try:
+                    out = ImageOps.exif_transpose(img)
+                except Exception:  # noqa: BLE001 - a malformed EXIF block: keep the pixels as stored
+                    pass
+                out = to_rgb(out)
+                if reduce_for:
+                    short = min(out.size)
+                    if short > 2 * reduce_for:
+                        out = out.reduce(short // (2 * reduce_for))
+                return out
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(path, f"image too large (possible decompression bomb): {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageLoadError(path, "not a recognised image format (corrupt or wrong extension)") from None
+    except PermissionError:
+        raise ImageLoadError(path, "permission denied") from None
+    except MemoryError:
+        raise ImageLoadError(path, "out of memory while decoding") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct_error) as exc:
+        # Pillow reports truncated or corrupt data as OSError ("image file is truncated"),
+        # SyntaxError (bad PNG chunks), ValueError or struct.error
+        raise ImageLoadError(
+            path, f"truncated or corrupt image data ({type(exc).__name__}: {exc or 'no detail'})"
+        ) from None
