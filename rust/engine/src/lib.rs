@@ -5,6 +5,7 @@ pub mod error;
 pub mod format;
 pub mod index;
 pub mod kernels;
+pub mod matmul;
 pub mod mining;
 pub mod search;
 pub mod topk;
