@@ -1,110 +1,83 @@
-//! Measures the single-thread GFLOPS of the score-tile matrix product for a few block shapes
-//! (used to pick QUERY_BLOCK / ROW_BLOCK). `cargo run --release --example gemm_probe`.
-use std::time::Instant;
+//! Single-thread GFLOPS (GOPS for i8) of the score-tile products: the engine's own packed
+//! kernels at every level this CPU has, against the `gemm` crate (stable: AVX2/FMA kernels only;
+//! its AVX-512 kernels need its `nightly` feature) and `matrixmultiply`.
+//! `cargo run --release --example gemm_probe [m n k]`.
+use leanclip_engine::kernels::{available_levels, Level};
+use leanclip_engine::matmul::{self, PackedQueries, Product, Src, Workspace};
 
-fn main() {
-    let dim = 512;
-    for &(qb, nb) in &[
-        (128usize, 1024usize),
-        (256, 1024),
-        (128, 4096),
-        (64, 2048),
-        (256, 256),
-        (512, 512),
-    ] {
-        let q: Vec<f32> = (0..qb * dim).map(|i| (i % 17) as f32 * 0.01).collect();
-        let x: Vec<f32> = (0..nb * dim).map(|i| (i % 13) as f32 * 0.01).collect();
-        let mut tile = vec![0f32; qb * nb];
-        let reps = (4e9 / (2.0 * (qb * nb * dim) as f64)).ceil() as usize;
-        for layout in 0..2 {
-            let t = Instant::now();
-            for _ in 0..reps {
-                // SAFETY: all matrices are in bounds for the given shapes and strides.
-                unsafe {
-                    if layout == 0 {
-                        // tile (qb x nb, row-major) = Q (qb x dim) * X^T
-                        gemm::gemm(
-                            qb,
-                            nb,
-                            dim,
-                            tile.as_mut_ptr(),
-                            1,
-                            nb as isize,
-                            false,
-                            q.as_ptr(),
-                            1,
-                            dim as isize,
-                            x.as_ptr(),
-                            dim as isize,
-                            1,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    } else {
-                        // tile^T (nb x qb, column-major dst = row-major tile) = X * Q^T
-                        gemm::gemm(
-                            nb,
-                            qb,
-                            dim,
-                            tile.as_mut_ptr(),
-                            nb as isize,
-                            1,
-                            false,
-                            x.as_ptr(),
-                            1,
-                            dim as isize,
-                            q.as_ptr(),
-                            dim as isize,
-                            1,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
-                }
-            }
-            let secs = t.elapsed().as_secs_f64();
-            println!(
-                "qb {qb:4} nb {nb:5} layout {layout}: {:.1} GFLOPS",
-                2.0 * (qb * nb * dim * reps) as f64 / secs / 1e9
-            );
-        }
-        let t = Instant::now();
-        for _ in 0..reps {
-            // SAFETY: all matrices are in bounds for the given shapes and strides.
-            unsafe {
-                matrixmultiply::sgemm(
-                    qb,
-                    dim,
-                    nb,
-                    1.0,
-                    q.as_ptr(),
-                    dim as isize,
-                    1,
-                    x.as_ptr(),
-                    1,
-                    dim as isize,
-                    0.0,
-                    tile.as_mut_ptr(),
-                    nb as isize,
-                    1,
-                );
-            }
-        }
-        let secs = t.elapsed().as_secs_f64();
-        println!(
-            "qb {qb:4} nb {nb:5} matrixmultiply: {:.1} GFLOPS",
-            2.0 * (qb * nb * dim * reps) as f64 / secs / 1e9
-        );
-    }
+/// This thread's CPU time: on a shared machine, time spent descheduled does not count.
+fn thread_cpu_secs() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
-#[allow(dead_code)]
-fn unused() {}
+fn time(flops: f64, mut f: impl FnMut()) -> f64 {
+    // Best of several short rounds: the machine may be shared, and the best round is the
+    // closest to the uncontended speed.
+    f();
+    let reps = (1e9 / flops).ceil().max(1.0) as usize;
+    (0..7)
+        .map(|_| {
+            let t = thread_cpu_secs();
+            for _ in 0..reps {
+                f();
+            }
+            flops * reps as f64 / (thread_cpu_secs() - t) / 1e9
+        })
+        .fold(0.0, f64::max)
+}
+
+fn main() {
+    let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().unwrap()).collect();
+    let (m, n, k) = if args.len() == 3 { (args[0], args[1], args[2]) } else { (512, 1024, 512) };
+    let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();
+    let b: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 1000) as f32 * 1e-3 - 0.5).collect();
+    let b16: Vec<half::f16> = b.iter().map(|&v| half::f16::from_f32(v)).collect();
+    let bi8: Vec<i8> = b.iter().map(|&v| (v * 254.0) as i8).collect();
+    let scales = vec![1.0f32 / 254.0; n];
+    let mut c = vec![0f32; m * n];
+    let flops = 2.0 * (m * n * k) as f64;
+    let mut ws = Workspace::default();
+    println!("shape m {m} n {n} k {k}, single thread, GFLOPS per CPU-second of this thread");
+    let only = std::env::var("PROBE_ONLY").ok();
+    let run = |name: &str| only.as_deref().is_none_or(|o| name.contains(o));
+    let g = if !run("crate") { 0.0 } else { time(flops, || unsafe {
+        gemm::gemm(m, n, k, c.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), 1, k as isize,
+            b.as_ptr(), k as isize, 1, 0.0, 1.0, false, false, false, gemm::Parallelism::None)
+    }) };
+    println!("gemm crate 0.18 (stable)      f32: {g:6.1} GFLOPS");
+    let g = if !run("matrixmultiply") { 0.0 } else { time(flops, || unsafe {
+        matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), k as isize, 1, b.as_ptr(), 1,
+            k as isize, 0.0, c.as_mut_ptr(), n as isize, 1)
+    }) };
+    println!("matrixmultiply                f32: {g:6.1} GFLOPS");
+    for level in available_levels() {
+        if level == Level::Scalar {
+            continue;
+        }
+        let name = level.name();
+        if !run(name) {
+            continue;
+        }
+        let g = time(flops, || matmul::scores_f32(level, m, n, k, &a, Src::F32(&b), &mut c, n, &mut ws));
+        println!("leanclip {name:7} (packing queries each call) f32: {g:6.1} GFLOPS");
+        let pa = PackedQueries::new(Product::F32, level, m, k, &a);
+        let g = time(flops, || pa.scores(Src::F32(&b), n, &mut c, n, &mut ws));
+        println!("leanclip {name:7}              f32: {g:6.1} GFLOPS");
+        let g = time(flops, || matmul::scores_f32(level, m, n, k, &a, Src::F16(&b16), &mut c, n, &mut ws));
+        println!("leanclip {name:7} f16 rows (F16C) f32: {g:6.1} GFLOPS");
+        if matmul::has_bf16_product(level) {
+            let pa = PackedQueries::new(Product::Bf16, level, m, k, &a);
+            let g = time(flops, || pa.scores(Src::F32(&b), n, &mut c, n, &mut ws));
+            println!("leanclip {name:7}             bf16: {g:6.1} GFLOPS");
+        }
+        if matmul::has_i8_product(level) {
+            let pa = PackedQueries::new(Product::I8, level, m, k, &a);
+            let src = Src::I8 { data: &bi8, scales: &scales };
+            let g = time(flops, || pa.scores(src, n, &mut c, n, &mut ws));
+            println!("leanclip {name:7}          i8 VNNI: {g:6.1} GOPS");
+        }
+    }
+}

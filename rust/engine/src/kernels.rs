@@ -62,23 +62,78 @@ pub fn available_levels() -> Vec<Level> {
     levels
 }
 
-/// The best level of this CPU, detected once. `LEANCLIP_SIMD=scalar|avx2|avx512|neon` caps it
-/// (for debugging and for measuring what the SIMD paths are worth).
+/// The level the kernels run at, chosen once: the best this CPU has, or the one
+/// `LEANCLIP_SIMD=scalar|avx2|avx512|neon` asks for (for tests and for measuring what each
+/// path is worth). A request above what the CPU has runs at the best level below it; an
+/// unknown name runs at the best level. Both print a warning to stderr.
 pub fn level() -> Level {
     static LEVEL: OnceLock<Level> = OnceLock::new();
     *LEVEL.get_or_init(|| {
-        let levels = available_levels();
-        let cap = std::env::var("LEANCLIP_SIMD").ok();
-        match cap {
-            Some(name) => levels
+        let requested = std::env::var("LEANCLIP_SIMD").ok();
+        let (level, warning) = choose_level(&available_levels(), requested.as_deref());
+        if let Some(w) = warning {
+            eprintln!("leanclip: {w}");
+        }
+        level
+    })
+}
+
+/// Every level name `LEANCLIP_SIMD` accepts on some CPU, lowest first.
+pub const LEVEL_NAMES: [&str; 4] = ["scalar", "neon", "avx2", "avx512"];
+
+/// The level for a `LEANCLIP_SIMD` value, given the levels this CPU has (best last), and a
+/// warning where the request cannot be met as asked.
+pub fn choose_level(levels: &[Level], requested: Option<&str>) -> (Level, Option<String>) {
+    let best = *levels.last().expect("scalar is always available");
+    let Some(name) = requested.map(str::trim).filter(|n| !n.is_empty()) else {
+        return (best, None);
+    };
+    let name = name.to_ascii_lowercase();
+    if let Some(l) = levels.iter().find(|l| l.name() == name) {
+        return (*l, None);
+    }
+    let have: Vec<&str> = levels.iter().map(|l| l.name()).collect();
+    match LEVEL_NAMES.iter().position(|n| *n == name) {
+        Some(rank) => {
+            // Not on this CPU: the best level ranked below the request.
+            let below = levels
                 .iter()
                 .rev()
+                .find(|l| LEVEL_NAMES.iter().position(|n| *n == l.name()) < Some(rank))
                 .copied()
-                .find(|l| l.name() == name)
-                .unwrap_or(Level::Scalar),
-            None => *levels.last().expect("scalar is always available"),
+                .unwrap_or(Level::Scalar);
+            (
+                below,
+                Some(format!(
+                    "LEANCLIP_SIMD={name} is not supported by this CPU (it has {}); using {}",
+                    have.join(", "),
+                    below.name()
+                )),
+            )
         }
-    })
+        None => (
+            best,
+            Some(format!(
+                "unknown LEANCLIP_SIMD={name:?}: expected one of {}; using {}",
+                have.join(", "),
+                best.name()
+            )),
+        ),
+    }
+}
+
+/// AVX512-VNNI (`vpdpbusd`), for the batched i8 product at the AVX-512 level.
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx512_vnni() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx512vnni"))
+}
+
+/// AVX512-BF16 (`vdpbf16ps`), for the batched bf16 product at the AVX-512 level.
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx512_bf16() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx512bf16"))
 }
 
 /// Largest magnitude of a query quantized for the i8 kernels. Products with stored values
@@ -820,6 +875,29 @@ mod tests {
                     "{level:?} extreme {dim}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn simd_switch_caps_at_the_cpu_and_warns_on_unknown_names() {
+        let levels = available_levels();
+        let best = *levels.last().unwrap();
+        assert_eq!(choose_level(&levels, None), (best, None));
+        assert_eq!(choose_level(&levels, Some("scalar")), (Level::Scalar, None));
+        for l in &levels {
+            assert_eq!(choose_level(&levels, Some(l.name())), (*l, None));
+        }
+        let (l, w) = choose_level(&levels, Some("sse9"));
+        assert_eq!(l, best);
+        assert!(w.unwrap().contains("unknown LEANCLIP_SIMD"));
+        // A request above this CPU runs below it, with a warning.
+        let (l, w) = choose_level(&[Level::Scalar], Some("avx512"));
+        assert_eq!(l, Level::Scalar);
+        assert!(w.unwrap().contains("not supported"));
+        #[cfg(target_arch = "x86_64")]
+        if levels.contains(&Level::Avx2) {
+            let (l, w) = choose_level(&[Level::Scalar, Level::Avx2], Some("avx512"));
+            assert_eq!((l, w.is_some()), (Level::Avx2, true));
         }
     }
 

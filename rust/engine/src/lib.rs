@@ -6,6 +6,7 @@ pub mod format;
 pub mod index;
 pub mod kernels;
 pub mod key_map;
+pub mod matmul;
 pub mod mining;
 pub mod search;
 pub mod topk;

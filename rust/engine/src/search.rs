@@ -2,12 +2,18 @@
 //! and by `mine_hard_negatives`.
 //!
 //! Few queries run the SIMD kernels straight over the stored type (memory-bound: f16 and i8
-//! read half and a quarter of the bytes). Batches run as blocked matrix products (the `gemm`
-//! crate) of a query block against a corpus block converted to f32, and feed per-query
-//! bounded heaps; no q x n score matrix ever exists. Work is split over rayon into
-//! (query block, corpus part) tasks, whose heaps are merged per query block.
+//! read half and a quarter of the bytes). Batches run as blocked matrix products
+//! ([`crate::matmul`]) of a query block against a corpus block, and feed per-query bounded
+//! heaps; no q x n score matrix ever exists. Work is split over rayon into (query block, corpus
+//! part) tasks, whose heaps are merged per query block.
+//!
+//! A batch may scan in lower precision ([`Scan`]): i8 products (VNNI) or bf16 products
+//! (AVX512-BF16) keep the top `k + margin` candidates per query, which are then re-scored
+//! exactly with the per-row kernels (the same scores a single-query search gives) before the
+//! top k are kept. Where the CPU lacks the instructions the scan is exact.
 
 use crate::kernels;
+use crate::matmul::{self, PackedQueries, Product, Src, Workspace};
 use crate::topk::TopK;
 use crate::types::Metric;
 use half::f16;
@@ -25,6 +31,45 @@ const ROW_BLOCK: usize = 1024;
 const KERNEL_CHUNK: usize = 256;
 /// A corpus part is not split below this many rows (task overhead would dominate).
 const MIN_PART_ROWS: usize = 4096;
+
+/// How a batched search scans before keeping its top k.
+#[derive(Clone, Copy)]
+pub enum Scan<'a> {
+    /// Score the rows at their stored precision (f32 products; f16 converted while packing,
+    /// i8 rows dequantized).
+    Exact,
+    /// bf16 products over the rows rounded to bf16 while packing, then an exact re-score.
+    Bf16,
+    /// i8 products over this quantized copy of the rows (the rows themselves when they are
+    /// stored as i8), then an exact re-score.
+    I8 {
+        data: &'a [i8],
+        scales: &'a [f32],
+    },
+}
+
+/// Candidates a low-precision scan keeps per query for the exact re-score: `k + margin(k)`.
+/// The margin absorbs the scan's rounding: a true top-k row is lost only if more than
+/// `margin` rows overtake it in the scan (see docs/mining.md for the measured agreement).
+pub fn scan_candidates(k: usize) -> usize {
+    k + k.max(32)
+}
+
+impl Scan<'_> {
+    /// The scan the index uses for a batch over `rows` at this level: the rows' own i8 data
+    /// with VNNI, bf16 over f16 rows with AVX512-BF16, else exact.
+    pub fn auto(rows: Rows<'_>, level: kernels::Level) -> Scan<'_> {
+        match rows {
+            Rows::I8 { data, scales } if matmul::has_i8_product(level) => Scan::I8 { data, scales },
+            Rows::F16(_) if matmul::has_bf16_product(level) => Scan::Bf16,
+            _ => Scan::Exact,
+        }
+    }
+
+    fn is_exact(&self) -> bool {
+        matches!(self, Scan::Exact)
+    }
+}
 
 /// A borrowed run of stored rows, `dim` values each.
 #[derive(Clone, Copy)]
@@ -122,10 +167,34 @@ pub struct Plan {
 /// Top-`k` per query into `out_ids` / `out_scores` (`nq * k` each, best first). `eligible(q,
 /// row)` filters candidates, `row_id(row)` gives the id reported and used to break ties.
 /// Slots beyond the eligible candidates get id `u64::MAX` and the metric's missing score.
+/// Batches scan as [`Scan::auto`] picks.
 #[allow(clippy::too_many_arguments)]
 pub fn search_into<E, I>(
     plan: Plan,
     rows: Rows<'_>,
+    queries: Queries<'_>,
+    k: usize,
+    eligible: &E,
+    row_id: &I,
+    out_ids: &mut [u64],
+    out_scores: &mut [f32],
+) where
+    E: Fn(usize, usize) -> bool + Sync,
+    I: Fn(usize) -> u64 + Sync,
+{
+    let scan = Scan::auto(rows, kernels::level());
+    search_into_scan(
+        plan, rows, scan, queries, k, eligible, row_id, out_ids, out_scores,
+    )
+}
+
+/// [`search_into`] with the batch scan chosen by the caller (a [`Scan::I8`] copy must hold
+/// the same rows as `rows`). The reported scores are always the exact ones.
+#[allow(clippy::too_many_arguments)]
+pub fn search_into_scan<E, I>(
+    plan: Plan,
+    rows: Rows<'_>,
+    scan: Scan<'_>,
     queries: Queries<'_>,
     k: usize,
     eligible: &E,
@@ -168,7 +237,7 @@ pub fn search_into<E, I>(
                 let r0 = n * part / parts;
                 let r1 = n * (part + 1) / parts;
                 if use_gemm {
-                    gemm_task(plan, rows, r0, r1, queries, q0, q1, k, eligible, row_id)
+                    gemm_task(plan, rows, scan, r0, r1, queries, q0, q1, k, eligible, row_id)
                 } else {
                     kernel_task(plan, rows, r0, r1, queries, q0, q1, k, eligible, row_id)
                 }
@@ -220,7 +289,7 @@ fn prepare_queries(plan: Plan, queries: Queries<'_>, q0: usize, q1: usize, buf: 
 }
 
 #[inline(always)]
-fn scan<E, I>(heap: &mut TopK, scores: &[f32], query: usize, row0: usize, eligible: &E, row_id: &I)
+fn push_candidates<E, I>(heap: &mut TopK, scores: &[f32], query: usize, row0: usize, eligible: &E, row_id: &I)
 where
     E: Fn(usize, usize) -> bool,
     I: Fn(usize) -> u64,
@@ -322,7 +391,7 @@ where
                     }
                 }
             }
-            scan(heap, out, q0 + i, c0, eligible, row_id);
+            push_candidates(heap, out, q0 + i, c0, eligible, row_id);
         }
         c0 = c1;
     }
@@ -333,6 +402,7 @@ where
 fn gemm_task<E, I>(
     plan: Plan,
     rows: Rows<'_>,
+    scan: Scan<'_>,
     r0: usize,
     r1: usize,
     queries: Queries<'_>,
@@ -348,6 +418,7 @@ where
 {
     let dim = plan.dim;
     let nq = q1 - q0;
+    let level = kernels::level();
     let mut qbuf = Vec::new();
     prepare_queries(plan, queries, q0, q1, &mut qbuf);
     let query_norms: Vec<f32> = if plan.metric == Metric::L2 {
@@ -355,20 +426,29 @@ where
     } else {
         Vec::new()
     };
-    let mut heaps: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
+    let exact = scan.is_exact();
+    // A low-precision scan keeps row indices (re-scored below); an exact one the final ids.
+    let kept = if exact { k } else { scan_candidates(k) };
+    let by_row = |row: usize| row as u64;
+    let mut heaps: Vec<TopK> = (0..nq).map(|_| TopK::new(kept)).collect();
+    let product = match scan {
+        Scan::Exact => Product::F32,
+        Scan::Bf16 => Product::Bf16,
+        Scan::I8 { .. } => Product::I8,
+    };
+    let packed = PackedQueries::new(product, level, nq, dim, &qbuf);
+    let mut ws = Workspace::default();
     let mut converted = Vec::new();
     let mut tile = vec![0.0f32; nq * ROW_BLOCK];
     let mut row_norms = vec![0.0f32; ROW_BLOCK];
+    let need_norms = plan.metric == Metric::L2 || plan.normalize_rows;
     let mut b0 = r0;
     while b0 < r1 {
         let b1 = (b0 + ROW_BLOCK).min(r1);
         let nb = b1 - b0;
-        let block = rows.range(b0, b1, dim).to_f32(dim, &mut converted);
-        let need_norms = plan.metric == Metric::L2 || plan.normalize_rows;
+        let block = rows.range(b0, b1, dim);
         if need_norms {
-            for (norm, row) in row_norms.iter_mut().zip(block.chunks_exact(dim)) {
-                *norm = kernels::sqnorm_f32(row);
-            }
+            row_sqnorms(block, dim, &mut row_norms[..nb], &mut converted);
             if plan.normalize_rows && plan.metric != Metric::L2 {
                 // Zero rows are rejected before a cosine search; guard anyway.
                 row_norms[..nb]
@@ -377,33 +457,16 @@ where
             }
         }
         let tile = &mut tile[..nq * nb];
-        // SAFETY: the pointers and strides describe in-bounds matrices: dst is nq x nb row-major
-        // (len nq*nb), lhs is nq x dim row-major (qbuf, len nq*dim), rhs is dim x nb where
-        // element (d, j) is block[j*dim + d] (block has nb*dim values). dst does not alias the
-        // inputs. read_dst = false, so dst's previous contents are ignored.
-        unsafe {
-            gemm::gemm(
-                nq,
-                nb,
-                dim,
-                tile.as_mut_ptr(),
-                1,
-                nb as isize,
-                false,
-                qbuf.as_ptr(),
-                1,
-                dim as isize,
-                block.as_ptr(),
-                dim as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+        let src = match (scan, block) {
+            (Scan::I8 { data, scales }, _) => Src::I8 {
+                data: &data[b0 * dim..b1 * dim],
+                scales: &scales[b0..b1],
+            },
+            (_, Rows::F32(v)) => Src::F32(v),
+            (_, Rows::F16(v)) => Src::F16(v),
+            (_, Rows::I8 { data, scales }) => Src::I8 { data, scales },
+        };
+        packed.scores(src, nb, tile, nb, &mut ws);
         for (i, heap) in heaps.iter_mut().enumerate() {
             let scores = &mut tile[i * nb..(i + 1) * nb];
             match plan.metric {
@@ -420,9 +483,92 @@ where
                 }
                 _ => {}
             }
-            scan(heap, scores, q0 + i, b0, eligible, row_id);
+            if exact {
+                push_candidates(heap, scores, q0 + i, b0, eligible, row_id);
+            } else {
+                push_candidates(heap, scores, q0 + i, b0, eligible, &by_row);
+            }
         }
         b0 = b1;
     }
+    if exact {
+        return heaps;
+    }
+    // Re-score the candidates with the per-row kernels (the single-query scores).
+    let mut q16 = Vec::new();
     heaps
+        .into_iter()
+        .enumerate()
+        .map(|(i, candidates)| {
+            let q = &qbuf[i * dim..(i + 1) * dim];
+            let q16_scale = match rows {
+                Rows::I8 { .. } if plan.metric != Metric::L2 => {
+                    kernels::quantize_query_i16(q, &mut q16)
+                }
+                _ => 0.0,
+            };
+            let mut best = TopK::new(k);
+            for hit in candidates.into_sorted() {
+                let row = hit.id as usize;
+                let s = exact_score(plan, rows, row, q, &q16, q16_scale, &mut converted);
+                best.push(s, row_id(row));
+            }
+            best
+        })
+        .collect()
+}
+
+/// `|row|^2` of every row of `block` (as the exact scores see the rows).
+fn row_sqnorms(block: Rows<'_>, dim: usize, out: &mut [f32], buf: &mut Vec<f32>) {
+    match block {
+        Rows::F32(v) => {
+            for (o, row) in out.iter_mut().zip(v.chunks_exact(dim)) {
+                *o = kernels::sqnorm_f32(row);
+            }
+        }
+        _ => {
+            let v = block.to_f32(dim, buf);
+            for (o, row) in out.iter_mut().zip(v.chunks_exact(dim)) {
+                *o = kernels::sqnorm_f32(row);
+            }
+        }
+    }
+}
+
+/// The exact internal score (higher is better) of one row, as the per-row kernels give it.
+fn exact_score(
+    plan: Plan,
+    rows: Rows<'_>,
+    row: usize,
+    q: &[f32],
+    q16: &[i16],
+    q16_scale: f32,
+    buf: &mut Vec<f32>,
+) -> f32 {
+    let dim = plan.dim;
+    let one = rows.range(row, row + 1, dim);
+    let s = match (one, plan.metric) {
+        (Rows::F32(x), Metric::L2) => return -kernels::l2_f32_with(kernels::level(), q, x),
+        (Rows::F16(x), Metric::L2) => return -kernels::l2_f16_with(kernels::level(), q, x),
+        (Rows::I8 { .. }, Metric::L2) => {
+            let x = one.to_f32(dim, buf);
+            return -kernels::l2_f32_with(kernels::level(), q, x);
+        }
+        (Rows::F32(x), _) => kernels::dot_f32_with(kernels::level(), q, x),
+        (Rows::F16(x), _) => kernels::dot_f16_with(kernels::level(), q, x),
+        (Rows::I8 { data, scales }, _) => {
+            kernels::dot_i8_with(kernels::level(), q16, data) as f32 * (q16_scale * scales[0])
+        }
+    };
+    if plan.normalize_rows {
+        let mut n = [0.0f32];
+        row_sqnorms(one, dim, &mut n, buf);
+        if n[0] > 0.0 {
+            s / n[0].sqrt()
+        } else {
+            0.0
+        }
+    } else {
+        s
+    }
 }

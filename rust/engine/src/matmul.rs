@@ -1,0 +1,1196 @@
+//! Register-blocked matrix products for batched scoring: `c[i][j] = a_i . b_j` for `m` query
+//! rows `a` against `n` stored rows `b`, `k` values each (both row-major, `k` contiguous).
+//!
+//! The products run on packed panels (BLIS-style): the queries are packed once per batch into
+//! panels of `MR` rows ([`PackedQueries`]), each block of stored rows is packed `k`-major into
+//! panels of `NR` rows, and a micro-kernel keeps an `MR x NR` tile of scores in registers while
+//! it walks `k`. Stored f16 rows are converted and i8 rows dequantized while packing, so no f32
+//! copy of a block is kept.
+//!
+//! Three products ([`Product`]):
+//! - f32: AVX-512 12x32, AVX2 6x16 (FMA), any other level one dot product per pair.
+//! - i8 (AVX512-VNNI `vpdpbusd`): queries are quantized per row to i8 and offset by +128 to u8
+//!   (the instruction multiplies u8 by i8); the offset is removed exactly with a per-row
+//!   correction `128 * sum(b_j)`. The integer dot products are exact.
+//! - bf16 (AVX512-BF16 `vdpbf16ps`): both sides rounded to bf16 (nearest even) while packing,
+//!   products summed in f32.
+//!
+//! The low-precision products are scans: callers re-score their candidates exactly (see
+//! `search`). Each product has a portable reference with the same arithmetic, which is the
+//! path where the instructions are absent and what the tests compare every compiled path with.
+
+use crate::kernels::{self, Level};
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+
+/// Stored rows a product reads.
+#[derive(Clone, Copy)]
+pub enum Src<'a> {
+    F32(&'a [f32]),
+    /// Converted to f32 (or bf16) while packing.
+    F16(&'a [f16]),
+    /// Row `r` is `scales[r] * data[r]`; the f32 and bf16 products dequantize while packing.
+    I8 { data: &'a [i8], scales: &'a [f32] },
+}
+
+impl Src<'_> {
+    fn rows(&self, k: usize) -> usize {
+        match self {
+            Src::F32(v) => v.len() / k.max(1),
+            Src::F16(v) => v.len() / k.max(1),
+            Src::I8 { scales, .. } => scales.len(),
+        }
+    }
+
+    /// Values `[p0, p0 + out.len())` of row `r` as f32.
+    #[inline]
+    fn read(&self, r: usize, k: usize, p0: usize, out: &mut [f32]) {
+        let s = r * k + p0;
+        match self {
+            Src::F32(v) => out.copy_from_slice(&v[s..s + out.len()]),
+            Src::F16(v) => v[s..s + out.len()].convert_to_f32_slice(out),
+            Src::I8 { data, scales } => {
+                let (sc, len) = (scales[r], out.len());
+                for (o, &x) in out.iter_mut().zip(&data[s..s + len]) {
+                    *o = x as f32 * sc;
+                }
+            }
+        }
+    }
+}
+
+/// Which product a batch runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Product {
+    F32,
+    Bf16,
+    I8,
+}
+
+/// Packing buffers for stored rows, reused across calls (one per task).
+#[derive(Default)]
+pub struct Workspace {
+    b: Vec<u8>,
+    ints: Vec<i32>,
+    row: Vec<f32>,
+    corr: Vec<i32>,
+}
+
+/// A 64-byte aligned `&mut [T]` of `len` elements inside `buf` (contents unspecified).
+fn aligned<T: bytemuck::Pod>(buf: &mut Vec<u8>, len: usize) -> &mut [T] {
+    let bytes = len * std::mem::size_of::<T>();
+    if buf.len() < bytes + 64 {
+        buf.resize(bytes + 64, 0);
+    }
+    let off = buf.as_ptr().align_offset(64);
+    bytemuck::cast_slice_mut(&mut buf[off..off + bytes])
+}
+
+/// Whether the i8 product runs on VNNI at this level (else it runs the reference loop).
+pub fn has_i8_product(level: Level) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        level == Level::Avx512 && kernels::has_avx512_vnni()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = level;
+        false
+    }
+}
+
+/// Whether the bf16 product runs on AVX512-BF16 at this level.
+pub fn has_bf16_product(level: Level) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        level == Level::Avx512 && kernels::has_avx512_bf16()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = level;
+        false
+    }
+}
+
+/// Largest `k` for which the i8 product's 32-bit sums cannot overflow (|u8 * i8| <= 32,640).
+pub const I8_MAX_K: usize = 65_536;
+
+// ---------------------------------------------------------------------------------------------
+// Blocking.
+
+/// Shape of one micro-kernel: an `MR x NR` tile, `G` values of `k` per lane step, `KC` values
+/// of `k` per packed slice, `NC` stored rows per packed block.
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    mr: usize,
+    nr: usize,
+    g: usize,
+    kc: usize,
+    nc: usize,
+}
+
+impl Shape {
+    /// The micro-kernel for a product at a level, or None for the reference loop.
+    fn of(product: Product, level: Level) -> Option<Shape> {
+        let s = |mr, nr, g, kc| Shape {
+            mr,
+            nr,
+            g,
+            kc,
+            nc: 512,
+        };
+        match (product, level) {
+            #[cfg(target_arch = "x86_64")]
+            (Product::F32, Level::Avx512) => Some(s(12, 32, 1, 256)),
+            #[cfg(target_arch = "x86_64")]
+            (Product::F32, Level::Avx2) => Some(s(6, 16, 1, 256)),
+            (Product::Bf16, l) if has_bf16_product(l) => Some(s(12, 32, 2, 512)),
+            (Product::I8, l) if has_i8_product(l) => Some(s(12, 32, 4, 1024)),
+            _ => None,
+        }
+    }
+
+    /// Values of `k` a packed slice starting at `p0` holds (its length rounded up to `g`).
+    fn padded(&self, k: usize, p0: usize) -> usize {
+        self.kc.min(k - p0).div_ceil(self.g) * self.g
+    }
+}
+
+/// One micro-kernel call: for queries `i0..i0 + mr_valid` and rows `j0..j0 + nr_valid`, the
+/// packed panels of one `k` slice start at `a` and `b`.
+struct Tile<TA, TB> {
+    a: *const TA,
+    b: *const TB,
+    /// Lane steps in the slice.
+    steps: usize,
+    i0: usize,
+    j0: usize,
+    mr_valid: usize,
+    nr_valid: usize,
+    first: bool,
+    last: bool,
+}
+
+/// Pack rows `r0..r0 + count` (missing ones are zero) into panels of `w` rows: panel-major,
+/// then lane step, then row within the panel, then `g` values. `read_row` fills the row's
+/// values of the slice (`kc` of them); the padding up to `steps * g` stays zero.
+#[allow(clippy::too_many_arguments)]
+fn pack<T: Copy + Default>(
+    dst: &mut [T],
+    r0: usize,
+    count: usize,
+    w: usize,
+    g: usize,
+    steps: usize,
+    mut read_row: impl FnMut(usize, &mut [T]),
+    tmp: &mut Vec<T>,
+) {
+    let kcp = steps * g;
+    tmp.clear();
+    tmp.resize(kcp, T::default());
+    for panel in 0..count.div_ceil(w) {
+        let base = &mut dst[panel * w * kcp..(panel + 1) * w * kcp];
+        for lane in 0..w {
+            if panel * w + lane < count {
+                read_row(r0 + panel * w + lane, tmp);
+            } else {
+                tmp.iter_mut().for_each(|v| *v = T::default());
+            }
+            match g {
+                1 => scatter::<T, 1>(base, tmp, w, lane),
+                2 => scatter::<T, 2>(base, tmp, w, lane),
+                4 => scatter::<T, 4>(base, tmp, w, lane),
+                _ => unreachable!("lane steps hold 1, 2 or 4 values"),
+            }
+        }
+    }
+}
+
+/// Write one row's lane steps (`G` values each) into its lane of a panel `w` rows wide.
+#[inline(always)]
+fn scatter<T: Copy, const G: usize>(panel: &mut [T], row: &[T], w: usize, lane: usize) {
+    for (s, v) in row.chunks_exact(G).enumerate() {
+        let d = (s * w + lane) * G;
+        panel[d..d + G].copy_from_slice(v);
+    }
+}
+
+/// Pack f32 rows `r0..r0 + count` of `src` (row stride `k`), values `[p0, p0 + kc)`, into
+/// panels of `w` rows (g = 1), transposing 8 x 8 blocks with AVX where the CPU has it.
+#[allow(clippy::too_many_arguments)]
+fn pack_f32_rows(
+    level: Level,
+    dst: &mut [f32],
+    src: &[f32],
+    k: usize,
+    r0: usize,
+    count: usize,
+    w: usize,
+    p0: usize,
+    kc: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if level != Level::Scalar && w % 8 == 0 {
+        assert!(dst.len() >= count.div_ceil(w) * w * kc && src.len() >= (r0 + count) * k);
+        // SAFETY: AVX2 is implied by any non-scalar x86 level (checked by available_levels);
+        // the assert above bounds every read (rows r0..r0+count, values p0..p0+kc <= k) and
+        // every write (count.div_ceil(w) panels of w * kc values).
+        unsafe { x86::pack_f32_avx(dst.as_mut_ptr(), src.as_ptr(), k, r0, count, w, p0, kc) };
+        return;
+    }
+    let _ = level;
+    for panel in 0..count.div_ceil(w) {
+        let base = &mut dst[panel * w * kc..(panel + 1) * w * kc];
+        for lane in 0..w {
+            let i = panel * w + lane;
+            if i < count {
+                let row = &src[(r0 + i) * k + p0..(r0 + i) * k + p0 + kc];
+                scatter::<f32, 1>(base, row, w, lane);
+            } else {
+                (0..kc).for_each(|s| base[s * w + lane] = 0.0);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packed queries.
+
+/// Queries packed once for every product of a batch (all `k` slices), with their i8 scales.
+pub struct PackedQueries {
+    product: Product,
+    level: Level,
+    shape: Option<Shape>,
+    m: usize,
+    k: usize,
+    buf: Vec<u8>,
+    /// The queries as given (reference paths), or quantized to i8 (`Product::I8`).
+    raw: Vec<f32>,
+    qa: Vec<i8>,
+    /// Per-query scales of the i8 quantization.
+    scales: Vec<f32>,
+}
+
+impl PackedQueries {
+    /// Pack `m` queries of `k` values (`a`, row-major) for `product` at `level`.
+    pub fn new(product: Product, level: Level, m: usize, k: usize, a: &[f32]) -> PackedQueries {
+        assert!(a.len() >= m * k, "queries shorter than m x k");
+        if product == Product::I8 {
+            assert!(k <= I8_MAX_K, "the i8 product takes at most {I8_MAX_K} values per row");
+        }
+        let shape = if k == 0 { None } else { Shape::of(product, level) };
+        let mut p = PackedQueries {
+            product,
+            level,
+            shape,
+            m,
+            k,
+            buf: Vec::new(),
+            raw: Vec::new(),
+            qa: Vec::new(),
+            scales: Vec::new(),
+        };
+        if product == Product::I8 {
+            p.qa.resize(m * k, 0);
+            p.scales = (0..m)
+                .map(|i| quantize_query_i8(&a[i * k..(i + 1) * k], &mut p.qa[i * k..(i + 1) * k]))
+                .collect();
+        }
+        let Some(shape) = shape else {
+            p.raw = a[..m * k].to_vec();
+            return p;
+        };
+        let panels = m.div_ceil(shape.mr);
+        let total = panels * shape.mr * (k.div_ceil(shape.kc) * shape.kc);
+        match product {
+            Product::F32 => {
+                let dst: &mut [f32] = aligned(&mut p.buf, total);
+                let mut p0 = 0;
+                while p0 < k {
+                    let kc = shape.kc.min(k - p0);
+                    let off = panels * shape.mr * p0;
+                    pack_f32_rows(level, &mut dst[off..], a, k, 0, m, shape.mr, p0, kc);
+                    p0 += kc;
+                }
+            }
+            Product::Bf16 => {
+                let dst: &mut [u16] = aligned(&mut p.buf, total);
+                pack_slices(shape, m, k, dst, |r, p0, out| {
+                    for (o, &v) in out.iter_mut().zip(&a[r * k + p0..]) {
+                        *o = bf16::from_f32(v).to_bits();
+                    }
+                });
+            }
+            Product::I8 => {
+                let qa = &p.qa;
+                let dst: &mut [u8] = aligned(&mut p.buf, total);
+                pack_slices(shape, m, k, dst, |r, p0, out| {
+                    for (o, &v) in out.iter_mut().zip(&qa[r * k + p0..]) {
+                        *o = (v as i16 + 128) as u8;
+                    }
+                });
+            }
+        }
+        p
+    }
+
+    pub fn len(&self) -> usize {
+        self.m
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.m == 0
+    }
+
+    /// The packed slice starting at `p0`.
+    fn slice<T: bytemuck::Pod>(&self, p0: usize) -> *const T {
+        let shape = self.shape.expect("packed");
+        let off = self.buf.as_ptr().align_offset(64);
+        let all: &[T] = bytemuck::cast_slice(&self.buf[off..]);
+        all[self.m.div_ceil(shape.mr) * shape.mr * p0..].as_ptr()
+    }
+
+    /// `c[i * ldc + j] = a_i . b_j` for every packed query `i` and stored row `j < n`.
+    pub fn scores(&self, b: Src<'_>, n: usize, c: &mut [f32], ldc: usize, ws: &mut Workspace) {
+        let (m, k) = (self.m, self.k);
+        assert!(b.rows(k) >= n || k == 0, "fewer than n stored rows");
+        assert!(ldc >= n && (m == 0 || c.len() >= (m - 1) * ldc + n), "c too short");
+        if m == 0 || n == 0 {
+            return;
+        }
+        let Some(shape) = self.shape else {
+            return self.reference(b, n, c, ldc, ws);
+        };
+        match self.product {
+            Product::F32 => self.run_f32(shape, b, n, c, ldc, ws),
+            Product::Bf16 => self.run_bf16(shape, b, n, c, ldc, ws),
+            Product::I8 => self.run_i8(shape, b, n, c, ldc, ws),
+        }
+    }
+
+    /// The portable path and the tests' reference: the same arithmetic, one pair at a time.
+    fn reference(&self, b: Src<'_>, n: usize, c: &mut [f32], ldc: usize, ws: &mut Workspace) {
+        let (m, k) = (self.m, self.k);
+        ws.row.resize(k, 0.0);
+        match self.product {
+            Product::F32 => {
+                for j in 0..n {
+                    b.read(j, k, 0, &mut ws.row);
+                    for i in 0..m {
+                        let q = &self.raw[i * k..(i + 1) * k];
+                        c[i * ldc + j] = kernels::dot_f32_with(self.level, q, &ws.row);
+                    }
+                }
+            }
+            Product::Bf16 => {
+                let round = |v: f32| bf16::from_f32(v).to_f32();
+                for j in 0..n {
+                    b.read(j, k, 0, &mut ws.row);
+                    ws.row.iter_mut().for_each(|v| *v = round(*v));
+                    for i in 0..m {
+                        let q = &self.raw[i * k..(i + 1) * k];
+                        c[i * ldc + j] = q.iter().zip(&ws.row).map(|(&x, &y)| round(x) * y).sum();
+                    }
+                }
+            }
+            Product::I8 => {
+                let Src::I8 { data, scales } = b else {
+                    panic!("the i8 product reads i8 rows");
+                };
+                for i in 0..m {
+                    let q = &self.qa[i * k..(i + 1) * k];
+                    for j in 0..n {
+                        let x = &data[j * k..(j + 1) * k];
+                        let dot: i32 = q.iter().zip(x).map(|(&p, &v)| p as i32 * v as i32).sum();
+                        c[i * ldc + j] = dot as f32 * (self.scales[i] * scales[j]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Walk the blocks: for each `k` slice and each block of stored rows, pack the rows, then
+    /// run the micro-kernel over every (query panel, row panel) pair.
+    fn drive<TA: bytemuck::Pod, TB: bytemuck::Pod + Default>(
+        &self,
+        shape: Shape,
+        n: usize,
+        bbuf: &mut Vec<u8>,
+        mut pack_b: impl FnMut(&mut [TB], usize, usize, usize, usize, usize),
+        mut kernel: impl FnMut(&Tile<TA, TB>),
+    ) {
+        let (m, k) = (self.m, self.k);
+        let Shape { mr, nr, g, kc, nc } = shape;
+        let a_panels = m.div_ceil(mr);
+        let mut p0 = 0;
+        while p0 < k {
+            let kcur = kc.min(k - p0);
+            let kcp = shape.padded(k, p0);
+            let apack: *const TA = self.slice(p0);
+            let mut j0 = 0;
+            while j0 < n {
+                let ncur = nc.min(n - j0);
+                let b_panels = ncur.div_ceil(nr);
+                let bpack: &mut [TB] = aligned(bbuf, b_panels * nr * kcp);
+                pack_b(bpack, j0, ncur, p0, kcur, kcp);
+                for ip in 0..a_panels {
+                    // SAFETY (pointer arithmetic): the packed queries hold a_panels panels of
+                    // mr * kcp values for this slice.
+                    let a = unsafe { apack.add(ip * mr * kcp) };
+                    for jp in 0..b_panels {
+                        kernel(&Tile {
+                            a,
+                            b: bpack[jp * nr * kcp..].as_ptr(),
+                            steps: kcp / g,
+                            i0: ip * mr,
+                            j0: j0 + jp * nr,
+                            mr_valid: mr.min(m - ip * mr),
+                            nr_valid: nr.min(ncur - jp * nr),
+                            first: p0 == 0,
+                            last: p0 + kcur == k,
+                        });
+                    }
+                }
+                j0 += ncur;
+            }
+            p0 += kcur;
+        }
+    }
+
+    fn run_f32(
+        &self,
+        shape: Shape,
+        b: Src<'_>,
+        n: usize,
+        c: &mut [f32],
+        ldc: usize,
+        ws: &mut Workspace,
+    ) {
+        let (k, level) = (self.k, self.level);
+        #[cfg(target_arch = "x86_64")]
+        let kern: F32Kernel = if shape.mr == 12 {
+            x86::f32_12x32
+        } else {
+            x86::f32_6x16
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let kern: F32Kernel = unreachable!("no f32 micro-kernel on this architecture");
+        let cp = c.as_mut_ptr();
+        let Workspace { b: bbuf, row, .. } = ws;
+        let mut tmp = std::mem::take(row);
+        self.drive::<f32, f32>(
+            shape,
+            n,
+            bbuf,
+            |dst, j0, count, p0, kc, kcp| match b {
+                Src::F32(v) => pack_f32_rows(level, dst, v, k, j0, count, shape.nr, p0, kc),
+                _ => pack(
+                    dst,
+                    j0,
+                    count,
+                    shape.nr,
+                    1,
+                    kcp,
+                    |r, out| b.read(r, k, p0, &mut out[..kc]),
+                    &mut tmp,
+                ),
+            },
+            |t| {
+                // SAFETY: `kern` was chosen for a level that `available_levels` checked against
+                // the CPU. The panels hold `t.steps` lane steps of MR / NR values; the tile's
+                // rows i0..i0 + mr_valid and columns j0..j0 + nr_valid lie inside `c` (asserted
+                // in `scores`), and the kernel touches only those.
+                unsafe {
+                    kern(
+                        t.steps,
+                        t.a,
+                        t.b,
+                        cp.add(t.i0 * ldc + t.j0),
+                        ldc,
+                        t.mr_valid,
+                        t.nr_valid,
+                        !t.first,
+                    )
+                }
+            },
+        );
+        *row = tmp;
+    }
+
+    fn run_bf16(
+        &self,
+        shape: Shape,
+        b: Src<'_>,
+        n: usize,
+        c: &mut [f32],
+        ldc: usize,
+        ws: &mut Workspace,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let k = self.k;
+            let cp = c.as_mut_ptr();
+            let Workspace { b: bbuf, row, .. } = ws;
+            let mut tmp = Vec::new();
+            self.drive::<u16, u16>(
+                shape,
+                n,
+                bbuf,
+                |dst, j0, count, p0, kc, kcp| {
+                    pack(
+                        dst,
+                        j0,
+                        count,
+                        shape.nr,
+                        2,
+                        kcp / 2,
+                        |r, out| {
+                            row.resize(kc, 0.0);
+                            b.read(r, k, p0, row);
+                            for (o, &v) in out.iter_mut().zip(row.iter()) {
+                                *o = bf16::from_f32(v).to_bits();
+                            }
+                        },
+                        &mut tmp,
+                    )
+                },
+                |t| {
+                    // SAFETY: AVX512-BF16 was checked by `Shape::of`; the panels hold `t.steps`
+                    // steps of 12 x 2 / 32 x 2 values and the kernel writes only the valid rows
+                    // and columns of its tile inside c (asserted in `scores`).
+                    unsafe {
+                        x86::bf16_12x32(
+                            t.steps,
+                            t.a,
+                            t.b,
+                            cp.add(t.i0 * ldc + t.j0),
+                            ldc,
+                            t.mr_valid,
+                            t.nr_valid,
+                            !t.first,
+                        )
+                    }
+                },
+            );
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (shape, b, n, c, ldc, ws);
+            unreachable!("no bf16 micro-kernel on this architecture");
+        }
+    }
+
+    fn run_i8(
+        &self,
+        shape: Shape,
+        b: Src<'_>,
+        n: usize,
+        c: &mut [f32],
+        ldc: usize,
+        ws: &mut Workspace,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let Src::I8 { data, scales } = b else {
+                panic!("the i8 product reads i8 rows");
+            };
+            let (m, k) = (self.m, self.k);
+            ws.corr.clear();
+            ws.corr.extend(
+                data.chunks_exact(k)
+                    .take(n)
+                    .map(|x| 128 * x.iter().map(|&v| v as i32).sum::<i32>()),
+            );
+            let multi = k > shape.kc;
+            if multi {
+                ws.ints.resize(m * n, 0);
+            }
+            let Workspace {
+                b: bbuf,
+                ints,
+                corr,
+                ..
+            } = ws;
+            let out = x86::I8Out {
+                c: c.as_mut_ptr(),
+                ldc,
+                ints: ints.as_mut_ptr(),
+                ldi: n,
+                qscale: self.scales.as_ptr(),
+                bscale: scales.as_ptr(),
+                corr: corr.as_ptr(),
+            };
+            let mut tmp = Vec::new();
+            self.drive::<u8, i8>(
+                shape,
+                n,
+                bbuf,
+                |dst, j0, count, p0, kc, kcp| {
+                    pack(
+                        dst,
+                        j0,
+                        count,
+                        shape.nr,
+                        4,
+                        kcp / 4,
+                        |r, out| out[..kc].copy_from_slice(&data[r * k + p0..r * k + p0 + kc]),
+                        &mut tmp,
+                    )
+                },
+                |t| {
+                    // SAFETY: VNNI was checked by `Shape::of`; the panels hold `t.steps` steps
+                    // of 12 x 4 / 32 x 4 bytes; the kernel forms pointers only for the tile's
+                    // valid rows and columns, inside c (m x ldc, asserted in `scores`), ints
+                    // (m x n, allocated when k spans several slices), qscale (m) and bscale /
+                    // corr (n).
+                    unsafe { x86::i8_12x32(t, &out, multi) }
+                },
+            );
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (shape, b, n, c, ldc, ws);
+            unreachable!("no i8 micro-kernel on this architecture");
+        }
+    }
+}
+
+/// Pack every `k` slice of `m` rows into `dst` (queries: one `pack` per slice).
+fn pack_slices<T: Copy + Default>(
+    shape: Shape,
+    m: usize,
+    k: usize,
+    dst: &mut [T],
+    mut read: impl FnMut(usize, usize, &mut [T]),
+) {
+    let panels = m.div_ceil(shape.mr);
+    let mut tmp = Vec::new();
+    let mut p0 = 0;
+    while p0 < k {
+        let kc = shape.kc.min(k - p0);
+        let kcp = shape.padded(k, p0);
+        let off = panels * shape.mr * p0;
+        pack(
+            &mut dst[off..],
+            0,
+            m,
+            shape.mr,
+            shape.g,
+            kcp / shape.g,
+            |r, out| read(r, p0, &mut out[..kc]),
+            &mut tmp,
+        );
+        p0 += kc;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+type F32Kernel = unsafe fn(usize, *const f32, *const f32, *mut f32, usize, usize, usize, bool);
+#[cfg(not(target_arch = "x86_64"))]
+type F32Kernel = fn(usize, *const f32, *const f32, *mut f32, usize, usize, usize, bool);
+
+/// Quantize a query row to i8 for the i8 product: `q ~= scale * out`, |out| <= 127.
+pub fn quantize_query_i8(q: &[f32], out: &mut [i8]) -> f32 {
+    kernels::quantize_row_i8(q, out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// One-call forms (packing the queries each time).
+
+/// `c[i * ldc + j] = a_i . b_j` in f32.
+#[allow(clippy::too_many_arguments)]
+pub fn scores_f32(
+    level: Level,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: Src<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    ws: &mut Workspace,
+) {
+    PackedQueries::new(Product::F32, level, m, k, a).scores(b, n, c, ldc, ws)
+}
+
+/// `c[i * ldc + j] ~= a_i . b_j` with both sides rounded to bf16, products summed in f32.
+#[allow(clippy::too_many_arguments)]
+pub fn scores_bf16(
+    level: Level,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: Src<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    ws: &mut Workspace,
+) {
+    PackedQueries::new(Product::Bf16, level, m, k, a).scores(b, n, c, ldc, ws)
+}
+
+/// `c[i * ldc + j] ~= a_i . (b_scales[j] * b_j)` with the queries quantized per row to i8:
+/// `dot as f32 * (query_scale * row_scale)`, the integer dot product exact.
+#[allow(clippy::too_many_arguments)]
+pub fn scores_i8(
+    level: Level,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[i8],
+    b_scales: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    ws: &mut Workspace,
+) {
+    let src = Src::I8 {
+        data: b,
+        scales: b_scales,
+    };
+    PackedQueries::new(Product::I8, level, m, k, a).scores(src, n, c, ldc, ws)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::Tile;
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    fn mask16(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xFFFF
+        } else {
+            ((1u32 << n) - 1) as u16
+        }
+    }
+
+    /// Pack f32 rows into panels of `w` rows (w a multiple of 8): `dst[panel][s][lane] =
+    /// src[(r0 + panel * w + lane) * ld + p0 + s]`, zero for rows past `count`.
+    ///
+    /// # Safety
+    /// AVX2. `src` holds rows `r0..r0 + count` of `ld >= p0 + kc` values; `dst` holds
+    /// `count.div_ceil(w) * w * kc` values.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn pack_f32_avx(
+        dst: *mut f32,
+        src: *const f32,
+        ld: usize,
+        r0: usize,
+        count: usize,
+        w: usize,
+        p0: usize,
+        kc: usize,
+    ) {
+        let panels = count.div_ceil(w);
+        for panel in 0..panels {
+            let base = dst.add(panel * w * kc);
+            for lane0 in (0..w).step_by(8) {
+                let first = panel * w + lane0;
+                let full = first + 8 <= count;
+                let mut s = 0;
+                if full {
+                    let rows: [*const f32; 8] =
+                        std::array::from_fn(|i| src.add((r0 + first + i) * ld + p0));
+                    while s + 8 <= kc {
+                        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(rows[i].add(s)));
+                        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                        let out = [
+                            _mm256_permute2f128_ps::<0x20>(u0, u4),
+                            _mm256_permute2f128_ps::<0x20>(u1, u5),
+                            _mm256_permute2f128_ps::<0x20>(u2, u6),
+                            _mm256_permute2f128_ps::<0x20>(u3, u7),
+                            _mm256_permute2f128_ps::<0x31>(u0, u4),
+                            _mm256_permute2f128_ps::<0x31>(u1, u5),
+                            _mm256_permute2f128_ps::<0x31>(u2, u6),
+                            _mm256_permute2f128_ps::<0x31>(u3, u7),
+                        ];
+                        for (j, v) in out.iter().enumerate() {
+                            _mm256_storeu_ps(base.add((s + j) * w + lane0), *v);
+                        }
+                        s += 8;
+                    }
+                }
+                for lane in lane0..lane0 + 8 {
+                    let i = panel * w + lane;
+                    for t in s..kc {
+                        *base.add(t * w + lane) = if i < count {
+                            *src.add((r0 + i) * ld + p0 + t)
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F. `a` / `b` hold `steps` lane steps of 12 / 32 floats; `c` rows `0..mr` and
+    /// columns `0..nr` (stride `ldc`) are valid for reads and writes.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn f32_12x32(
+        steps: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        mr: usize,
+        nr: usize,
+        accumulate: bool,
+    ) {
+        let mut s = [[_mm512_setzero_ps(); 2]; 12];
+        let (mut pa, mut pb) = (a, b);
+        for _ in 0..steps {
+            let b0 = _mm512_loadu_ps(pb);
+            let b1 = _mm512_loadu_ps(pb.add(16));
+            for (r, sr) in s.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*pa.add(r));
+                sr[0] = _mm512_fmadd_ps(av, b0, sr[0]);
+                sr[1] = _mm512_fmadd_ps(av, b1, sr[1]);
+            }
+            pa = pa.add(12);
+            pb = pb.add(32);
+        }
+        let m0 = mask16(nr);
+        let m1 = mask16(nr.saturating_sub(16));
+        for (r, sr) in s.iter().enumerate() {
+            if r < mr {
+                let row = c.add(r * ldc);
+                let (mut v0, mut v1) = (sr[0], sr[1]);
+                if accumulate {
+                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
+                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
+                }
+                _mm512_mask_storeu_ps(row, m0, v0);
+                _mm512_mask_storeu_ps(row.add(16), m1, v1);
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX2 and FMA. `a` / `b` hold `steps` lane steps of 6 / 16 floats; `c` rows `0..mr` and
+    /// columns `0..nr` (stride `ldc`) are valid for reads and writes.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn f32_6x16(
+        steps: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        mr: usize,
+        nr: usize,
+        accumulate: bool,
+    ) {
+        let mut s = [[_mm256_setzero_ps(); 2]; 6];
+        let (mut pa, mut pb) = (a, b);
+        for _ in 0..steps {
+            let b0 = _mm256_loadu_ps(pb);
+            let b1 = _mm256_loadu_ps(pb.add(8));
+            for (r, sr) in s.iter_mut().enumerate() {
+                let av = _mm256_broadcast_ss(&*pa.add(r));
+                sr[0] = _mm256_fmadd_ps(av, b0, sr[0]);
+                sr[1] = _mm256_fmadd_ps(av, b1, sr[1]);
+            }
+            pa = pa.add(6);
+            pb = pb.add(16);
+        }
+        if mr == 6 && nr == 16 {
+            for (r, sr) in s.iter().enumerate() {
+                let row = c.add(r * ldc);
+                let (mut v0, mut v1) = (sr[0], sr[1]);
+                if accumulate {
+                    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(row));
+                    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(row.add(8)));
+                }
+                _mm256_storeu_ps(row, v0);
+                _mm256_storeu_ps(row.add(8), v1);
+            }
+        } else {
+            let mut tmp = [[0.0f32; 16]; 6];
+            for (t, sr) in tmp.iter_mut().zip(&s) {
+                _mm256_storeu_ps(t.as_mut_ptr(), sr[0]);
+                _mm256_storeu_ps(t.as_mut_ptr().add(8), sr[1]);
+            }
+            for (r, t) in tmp.iter().enumerate().take(mr) {
+                let row = c.add(r * ldc);
+                for (j, &v) in t.iter().enumerate().take(nr) {
+                    let dst = row.add(j);
+                    *dst = if accumulate { *dst + v } else { v };
+                }
+            }
+        }
+    }
+
+    /// Where the i8 kernel writes: f32 scores `c` (stride `ldc`) on the last `k` slice, i32
+    /// partial sums `ints` (stride `ldi`) on the others; all pointers are the matrices' origins.
+    pub struct I8Out {
+        pub c: *mut f32,
+        pub ldc: usize,
+        pub ints: *mut i32,
+        pub ldi: usize,
+        pub qscale: *const f32,
+        pub bscale: *const f32,
+        pub corr: *const i32,
+    }
+
+    /// # Safety
+    /// AVX-512F/BW and VNNI. The tile's panels hold `steps` lane steps of 12 x 4 u8 / 32 x 4
+    /// i8; `out`'s matrices are valid for the tile's rows and columns (`ints` when `multi`).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn i8_12x32(t: &Tile<u8, i8>, out: &I8Out, multi: bool) {
+        let mut s = [[_mm512_setzero_si512(); 2]; 12];
+        let (mut pa, mut pb) = (t.a as *const i32, t.b as *const __m512i);
+        for _ in 0..t.steps {
+            let b0 = _mm512_loadu_si512(pb);
+            let b1 = _mm512_loadu_si512(pb.add(1));
+            for (r, sr) in s.iter_mut().enumerate() {
+                let av = _mm512_set1_epi32(pa.add(r).read_unaligned());
+                sr[0] = _mm512_dpbusd_epi32(sr[0], av, b0);
+                sr[1] = _mm512_dpbusd_epi32(sr[1], av, b1);
+            }
+            pa = pa.add(12);
+            pb = pb.add(2);
+        }
+        let m0 = mask16(t.nr_valid);
+        let m1 = mask16(t.nr_valid.saturating_sub(16));
+        let j0 = t.j0;
+        let corr0 = _mm512_maskz_loadu_epi32(m0, out.corr.add(j0));
+        let corr1 = _mm512_maskz_loadu_epi32(m1, out.corr.add(j0 + 16));
+        let bs0 = _mm512_maskz_loadu_ps(m0, out.bscale.add(j0));
+        let bs1 = _mm512_maskz_loadu_ps(m1, out.bscale.add(j0 + 16));
+        for (r, sr) in s.iter().enumerate() {
+            if r < t.mr_valid {
+                let i = t.i0 + r;
+                let (mut v0, mut v1) = (sr[0], sr[1]);
+                if multi {
+                    let irow = out.ints.add(i * out.ldi + j0);
+                    if !t.first {
+                        v0 = _mm512_add_epi32(v0, _mm512_maskz_loadu_epi32(m0, irow));
+                        v1 = _mm512_add_epi32(v1, _mm512_maskz_loadu_epi32(m1, irow.add(16)));
+                    }
+                    if !t.last {
+                        _mm512_mask_storeu_epi32(irow, m0, v0);
+                        _mm512_mask_storeu_epi32(irow.add(16), m1, v1);
+                        continue;
+                    }
+                }
+                let qs = _mm512_set1_ps(*out.qscale.add(i));
+                let f0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(v0, corr0));
+                let f1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(v1, corr1));
+                let row = out.c.add(i * out.ldc + j0);
+                _mm512_mask_storeu_ps(row, m0, _mm512_mul_ps(f0, _mm512_mul_ps(qs, bs0)));
+                _mm512_mask_storeu_ps(row.add(16), m1, _mm512_mul_ps(f1, _mm512_mul_ps(qs, bs1)));
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F and AVX512-BF16. `a` / `b` hold `steps` lane steps of 12 x 2 / 32 x 2 bf16;
+    /// `c` rows `0..mr` and columns `0..nr` (stride `ldc`) are valid for reads and writes.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn bf16_12x32(
+        steps: usize,
+        a: *const u16,
+        b: *const u16,
+        c: *mut f32,
+        ldc: usize,
+        mr: usize,
+        nr: usize,
+        accumulate: bool,
+    ) {
+        let mut s = [[_mm512_setzero_ps(); 2]; 12];
+        let (mut pa, mut pb) = (a as *const i32, b as *const __m512i);
+        for _ in 0..steps {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(pb));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(pb.add(1)));
+            for (r, sr) in s.iter_mut().enumerate() {
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pa.add(r).read_unaligned()));
+                sr[0] = _mm512_dpbf16_ps(sr[0], av, b0);
+                sr[1] = _mm512_dpbf16_ps(sr[1], av, b1);
+            }
+            pa = pa.add(12);
+            pb = pb.add(2);
+        }
+        let m0 = mask16(nr);
+        let m1 = mask16(nr.saturating_sub(16));
+        for (r, sr) in s.iter().enumerate() {
+            if r < mr {
+                let row = c.add(r * ldc);
+                let (mut v0, mut v1) = (sr[0], sr[1]);
+                if accumulate {
+                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
+                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
+                }
+                _mm512_mask_storeu_ps(row, m0, v0);
+                _mm512_mask_storeu_ps(row.add(16), m1, v1);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::available_levels;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn naive(m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> Vec<f64> {
+        let mut c = vec![0.0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k)
+                    .map(|p| a[i * k + p] as f64 * b[j * k + p] as f64)
+                    .sum();
+            }
+        }
+        c
+    }
+
+    const SHAPES: [(usize, usize, usize); 9] = [
+        (1, 1, 1),
+        (13, 33, 7),
+        (12, 32, 256),
+        (25, 70, 257),
+        (7, 513, 3),
+        (30, 40, 1025),
+        (8, 1100, 64),
+        (3, 5, 600),
+        (40, 17, 31),
+    ];
+
+    #[test]
+    fn f32_product_matches_reference_on_every_level_and_odd_shape() {
+        for level in available_levels() {
+            for &(m, n, k) in &SHAPES {
+                let a = values(m * k, (m * 31 + k) as u64);
+                let b = values(n * k, (n * 17 + k) as u64);
+                let want = naive(m, n, k, &a, &b);
+                // ldc > n checks the stride; the padding column must stay untouched.
+                let ldc = n + 3;
+                let mut c = vec![f32::NAN; m * ldc];
+                let mut ws = Workspace::default();
+                scores_f32(level, m, n, k, &a, Src::F32(&b), &mut c, ldc, &mut ws);
+                for i in 0..m {
+                    for j in 0..n {
+                        let (got, w) = (c[i * ldc + j] as f64, want[i * n + j]);
+                        assert!(
+                            (got - w).abs() <= 1e-5 * (k as f64).sqrt() * (1.0 + w.abs()),
+                            "{level:?} {m}x{n}x{k} [{i},{j}]: {got} vs {w}"
+                        );
+                    }
+                    assert!(c[i * ldc + n].is_nan(), "{level:?} wrote past n");
+                }
+                // f16 rows convert while packing: same as converting first.
+                let b16: Vec<f16> = b.iter().map(|&v| f16::from_f32(v)).collect();
+                let b16f: Vec<f32> = b16.iter().map(|v| v.to_f32()).collect();
+                let want = naive(m, n, k, &a, &b16f);
+                scores_f32(level, m, n, k, &a, Src::F16(&b16), &mut c, ldc, &mut ws);
+                for i in 0..m {
+                    for j in 0..n {
+                        let (got, w) = (c[i * ldc + j] as f64, want[i * n + j]);
+                        assert!(
+                            (got - w).abs() <= 1e-5 * (k as f64).sqrt() * (1.0 + w.abs()),
+                            "{level:?} f16 {m}x{n}x{k} [{i},{j}]: {got} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn i8_product_is_exact_on_every_level_with_extremes() {
+        for level in available_levels() {
+            for &(m, n, k) in &SHAPES {
+                let a = values(m * k, (m + k) as u64);
+                let mut b: Vec<i8> = values(n * k, (n + 3 * k) as u64)
+                    .iter()
+                    .map(|&v| (v * 127.9) as i8)
+                    .collect();
+                // int8 extremes: a row of -128 and a row of 127.
+                b[..k].fill(-128);
+                if n > 1 {
+                    b[k..2 * k].fill(127);
+                }
+                let scales: Vec<f32> = (0..n).map(|j| 0.01 + j as f32 * 1e-4).collect();
+                let mut got = vec![0.0f32; m * n];
+                let mut want = vec![0.0f32; m * n];
+                let mut ws = Workspace::default();
+                scores_i8(level, m, n, k, &a, &b, &scales, &mut got, n, &mut ws);
+                scores_i8(Level::Scalar, m, n, k, &a, &b, &scales, &mut want, n, &mut ws);
+                assert_eq!(got, want, "{level:?} {m}x{n}x{k}");
+                // And the reference is the quantized query's exact dot product.
+                let mut q = vec![0i8; k];
+                let s = quantize_query_i8(&a[..k], &mut q);
+                let dot: i64 = q.iter().zip(&b[..k]).map(|(&x, &y)| x as i64 * y as i64).sum();
+                assert_eq!(want[0], dot as f32 * (s * scales[0]));
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_product_matches_reference_on_every_level() {
+        for level in available_levels() {
+            for &(m, n, k) in &SHAPES {
+                let a = values(m * k, (m + 5 * k) as u64);
+                let b = values(n * k, (n + 7 * k) as u64);
+                let mut got = vec![0.0f32; m * n];
+                let mut want = vec![0.0f32; m * n];
+                let mut ws = Workspace::default();
+                scores_bf16(level, m, n, k, &a, Src::F32(&b), &mut got, n, &mut ws);
+                scores_bf16(Level::Scalar, m, n, k, &a, Src::F32(&b), &mut want, n, &mut ws);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() <= 1e-5 * (k as f32).sqrt() * (1.0 + w.abs()),
+                        "{level:?} {m}x{n}x{k}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_rounding_is_nearest_even() {
+        // 1 + 2^-8 lies halfway between bf16 1.0 and 1 + 2^-7: ties round to even (1.0);
+        // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: rounds up to 1 + 2^-6.
+        for level in available_levels() {
+            let a = [1.0f32 + 1.0 / 256.0, 1.0 + 3.0 / 256.0];
+            let b = [1.0f32, 0.0, 0.0, 1.0];
+            let mut c = [0.0f32; 2];
+            scores_bf16(level, 1, 2, 2, &a, Src::F32(&b), &mut c, 2, &mut Workspace::default());
+            assert_eq!(c[0], 1.0, "{level:?}");
+            assert_eq!(c[1], 1.0 + 1.0 / 64.0, "{level:?}");
+        }
+    }
+}
