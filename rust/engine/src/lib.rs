@@ -4,6 +4,7 @@
 pub mod error;
 pub mod format;
 pub mod index;
+pub mod ivf;
 pub mod kernels;
 pub mod mining;
 pub mod search;
