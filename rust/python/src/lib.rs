@@ -14,6 +14,8 @@ use pyo3::exceptions::{
 use pyo3::prelude::*;
 use std::path::PathBuf;
 
+mod ivf;
+
 create_exception!(
     leanclip._engine,
     IndexFileError,
@@ -535,6 +537,7 @@ fn simd_level() -> &'static str {
 #[pymodule]
 fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyIndex>()?;
+    m.add_class::<ivf::PyIvfIndex>()?;
     m.add_function(wrap_pyfunction!(mine_hard_negatives, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add("IndexFileError", m.py().get_type::<IndexFileError>())?;

@@ -462,13 +462,24 @@ impl IvfIndex {
 
     /// Unit-normalized under cos (as stored), else borrowed as is.
     fn normalized<'a>(&self, vectors: &'a [f32]) -> Cow<'a, [f32]> {
+        self.normalize(vectors, false)
+    }
+
+    /// Rows are scaled by 1 / |x| (as `Index` stores them), queries divided by |q| (as the
+    /// search core does), so scores match `Index`'s bit for bit.
+    fn normalize<'a>(&self, vectors: &'a [f32], queries: bool) -> Cow<'a, [f32]> {
         if self.metric != Metric::Cos {
             return Cow::Borrowed(vectors);
         }
         let mut v = vectors.to_vec();
         v.par_chunks_mut(self.dim).for_each(|row| {
-            let inv = 1.0 / kernels::sqnorm_f32(row).sqrt();
-            row.iter_mut().for_each(|x| *x *= inv);
+            let norm = kernels::sqnorm_f32(row).sqrt();
+            if queries {
+                row.iter_mut().for_each(|x| *x /= norm);
+            } else {
+                let inv = 1.0 / norm;
+                row.iter_mut().for_each(|x| *x *= inv);
+            }
         });
         Cow::Owned(v)
     }
@@ -753,7 +764,7 @@ impl IvfIndex {
         if nq == 0 || kp == 0 {
             return Ok((Vec::new(), Vec::new(), kp));
         }
-        let queries = self.normalized(queries);
+        let queries = self.normalize(queries, true);
         let rerank = if self.keeps_exact() { self.params.rerank } else { 0 };
         let kc = kp.max(rerank);
         let probes = self.probes(&queries, kp + excluded.len());
