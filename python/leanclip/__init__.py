@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _LAZY = {
     "Index": "leanclip._engine",
+    "IVFIndex": "leanclip._engine",
     "IndexFileError": "leanclip.errors",
     "mine_hard_negatives": "leanclip._engine",
     "ApproxIndex": "leanclip.approx",
@@ -28,7 +29,7 @@ _LAZY = {
 __all__ = sorted(_LAZY) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from leanclip._engine import Index, mine_hard_negatives
+    from leanclip._engine import Index, IVFIndex, mine_hard_negatives
     from leanclip.approx import ApproxIndex
     from leanclip.bundle import BundleError
     from leanclip.encoder import Encoder, ImageLoadError

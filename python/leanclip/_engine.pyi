@@ -115,3 +115,97 @@ def mine_hard_negatives(
 
 def simd_level() -> str:
     """The instruction set the kernels use on this CPU: "avx512", "avx2", "neon" or "scalar"."""
+
+@final
+class IVFIndex:
+    """Approximate (inverted-file) vector index keyed by uint64 ids: the same API and errors as
+    ``Index``, plus its knobs.
+
+    - k-means (seeded by ``seed``) splits the vectors into ``nlist`` lists; a search scores the
+      query against the list centroids and scans the ``nprobe`` nearest lists (default
+      max(1, nlist // 32)). A batch of queries scans each probed list once for all the queries
+      probing it. With ``nprobe >= nlist`` results equal ``Index``'s (exact).
+    - Before training the index is one list and searches are exact. It trains itself once it
+      holds ``train_threshold`` vectors (default 64 * nlist; 0 = only on ``train``/``retrain``);
+      adds after training go to the nearest list.
+    - dtype "f16" / "i8" store lists quantized; ``rerank > 0`` keeps float32 copies too
+      (4 bytes per dimension per vector more) and re-scores the best ``max(k, rerank)``
+      candidates exactly.
+    - ``remove`` swaps the list's last vector into the hole (O(1), no tombstones).
+    - Every call releases the GIL; searches run concurrently, writes are exclusive.
+    """
+
+    def __new__(
+        cls,
+        dim: int,
+        metric: _Metric = "cos",
+        dtype: _DType = "f32",
+        nlist: int = 1024,
+        nprobe: Optional[int] = None,
+        rerank: int = 0,
+        seed: int = 0,
+        train_threshold: Optional[int] = None,
+    ) -> IVFIndex: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def metric(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def nlist(self) -> int: ...
+    @property
+    def nprobe(self) -> int:
+        """Lists scanned per query (settable, >= 1)."""
+    @nprobe.setter
+    def nprobe(self, value: int) -> None: ...
+    @property
+    def rerank(self) -> int:
+        """Candidates re-scored from float32 copies (settable; > 0 needs an index created
+        with rerank > 0)."""
+    @rerank.setter
+    def rerank(self, value: int) -> None: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def train_threshold(self) -> int: ...
+    @property
+    def is_trained(self) -> bool: ...
+    @property
+    def read_only(self) -> bool:
+        """True for an index opened with ``load(..., mmap=True)``."""
+    def __len__(self) -> int: ...
+    def __contains__(self, key: object, /) -> bool: ...
+    def keys(self) -> npt.NDArray[np.uint64]:
+        """All keys, list by list (not sorted)."""
+    def list_sizes(self) -> npt.NDArray[np.uint64]:
+        """Vectors per list (one list before training)."""
+    def add(self, keys: npt.ArrayLike, vectors: npt.ArrayLike) -> None:
+        """Add (n,) keys with (n, dim) vectors; all-or-nothing (errors as ``Index.add``)."""
+    def upsert(self, keys: npt.ArrayLike, vectors: npt.ArrayLike) -> None:
+        """Insert new keys, replace the vectors of present ones; all-or-nothing."""
+    def remove(self, keys: npt.ArrayLike) -> int:
+        """Remove present keys (absent ones are ignored); returns how many were removed."""
+    def get(self, keys: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """(n, dim) float32 vectors: the float32 copies when kept, else the stored ones
+        dequantized. KeyError if absent."""
+    def train(self, vectors: npt.ArrayLike) -> None:
+        """Train the centroids on (n, dim) vectors (n >= nlist; a seeded sample of at most
+        256 * nlist is used) and move the stored vectors to their lists."""
+    def retrain(self) -> None:
+        """Retrain on the current contents (for lists grown skewed) and redistribute."""
+    def search(
+        self, queries: npt.ArrayLike, k: int = 10, exclude: Optional[npt.ArrayLike] = None
+    ) -> Tuple[npt.NDArray[np.uint64], npt.NDArray[np.float32]]:
+        """Approximate top-k, shaped like ``Index.search``: k' = min(k, len(index) - excluded
+        keys present) results per query (lists beyond nprobe are scanned when the probed ones
+        hold too few). Equal scores rank by ascending key."""
+    def save(self, path: _Path) -> None:
+        """Atomic write (temporary file, fsync, rename, fsync of the directory)."""
+    @staticmethod
+    def load(path: _Path, mmap: bool = False, verify: bool = True) -> IVFIndex:
+        """Open a saved IVF index (IndexFileError for a bad, corrupt, truncated or foreign
+        file; anything but a regular file is refused). verify=True checks the vectors'
+        checksum; mmap=True maps the file read-only (RuntimeError on writes)."""
+    def verify(self) -> None:
+        """Check the vectors of an mmap-opened index against the file's checksum."""

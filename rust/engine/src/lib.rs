@@ -4,6 +4,7 @@
 pub mod error;
 pub mod format;
 pub mod index;
+pub mod ivf;
 pub mod kernels;
 pub mod key_map;
 pub mod matmul;

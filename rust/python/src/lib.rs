@@ -1,10 +1,11 @@
 //! leanclip._engine: the thin PyO3 layer over leanclip-engine, one module per topic:
 //! `errors` (engine errors -> Python exceptions), `convert` (numpy arguments), `index`
-//! (the Index class), `mining` (mine_hard_negatives). Each topic registers itself below.
+//! (the Index class), `ivf` (the IVFIndex class), `mining` (mine_hard_negatives). Each topic registers itself below.
 
 mod convert;
 mod errors;
 mod index;
+mod ivf;
 mod mining;
 
 use leanclip_engine::{self as engine, DType, Metric};
@@ -22,6 +23,7 @@ fn simd_level() -> &'static str {
 fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     index::register(m)?;
+    ivf::register(m)?;
     mining::register(m)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add("FORMAT_VERSION", engine::format::FORMAT_VERSION)?;

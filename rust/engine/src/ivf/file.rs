@@ -1,0 +1,558 @@
+//! The IVF index file (format version 1), little-endian, its own magic:
+//!
+//! ```text
+//! offset  size  field
+//!      0     8  magic "LCIVF\0\0\x01"
+//!      8     4  format version (u32) = 1
+//!     12     4  reserved, zero
+//!     16     4  dim (u32)
+//!     20     1  dtype code (0 f32, 1 f16, 2 i8)
+//!     21     1  metric code (0 cos, 1 ip, 2 l2)
+//!     22     1  flags: bit 0 trained, bit 1 float32 copies kept; other bits zero
+//!     23     1  reserved, zero
+//!     24     8  count (u64): vectors stored
+//!     32     4  lists stored (u32): 1 before training, nlist after
+//!     36     4  nlist (u32)
+//!     40     4  nprobe (u32)
+//!     44     4  rerank (u32)
+//!     48     8  seed (u64)
+//!     56     8  train_threshold (u64)
+//!     64    48  reserved, zero
+//!    112     8  xxh3-64 of the data sections (vectors, then float32 copies)
+//!    120     8  xxh3-64 of bytes 0..120 and of every byte from 128 up to the vectors
+//!    128  8*L   list sizes (u64), L = lists stored
+//!      .  8*n   keys (u64), list by list in slot order
+//!      .  4*L*dim  centroids (f32), trained only
+//!      .  4*n   scales (f32), i8 only
+//!      .     .  zero padding up to a multiple of 64
+//!      .  n*dim*size  vectors, list by list (each list contiguous)
+//!      .     .  zero padding up to a multiple of 64 (copies kept only)
+//!      .  4*n*dim  float32 copies, same order (copies kept only)
+//! ```
+//! The file ends exactly where the last section ends. Every section offset follows from the
+//! header, so nothing else can disagree with it; `parse` checks all of it but the data
+//! checksum, which `verify` (or a load with verify=true) checks.
+
+use super::{Data, IvfIndex, IvfParams, List, Seg, MAX_DIM, MAX_LISTS, MAX_VECTORS};
+use crate::error::{Error, Result};
+use crate::types::{DType, Metric};
+use memmap2::Mmap;
+use rustc_hash::FxHashMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+use xxhash_rust::xxh3::Xxh3;
+
+#[cfg(target_endian = "big")]
+compile_error!("the IVF file format and its memory maps assume a little-endian target");
+
+pub const IVF_MAGIC: [u8; 8] = *b"LCIVF\0\0\x01";
+pub const IVF_FORMAT_VERSION: u32 = 1;
+const HEADER_LEN: usize = 128;
+const ALIGN: usize = 64;
+const FLAG_TRAINED: u8 = 1;
+const FLAG_EXACT: u8 = 2;
+
+/// What an mmap-opened index keeps to check its data later.
+pub(crate) struct MappedData {
+    map: Arc<Mmap>,
+    checksum: u64,
+    vectors: Range<usize>,
+    copies: Range<usize>,
+}
+
+/// Where everything is, after `parse` checked it.
+struct Layout {
+    dim: usize,
+    dtype: DType,
+    metric: Metric,
+    params: IvfParams,
+    exact: bool,
+    count: usize,
+    sizes: Vec<usize>,
+    keys: Range<usize>,
+    centroids: Range<usize>,
+    scales: Range<usize>,
+    vectors: Range<usize>,
+    copies: Range<usize>,
+    data_checksum: u64,
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn bad<T>(reason: impl Into<String>) -> std::result::Result<T, String> {
+    Err(reason.into())
+}
+
+/// Section ranges after the list sizes: keys, centroids, scales, vectors, copies.
+type Sections = (
+    Range<usize>,
+    Range<usize>,
+    Range<usize>,
+    Range<usize>,
+    Range<usize>,
+);
+
+fn sections(
+    dim: usize,
+    dtype: DType,
+    count: usize,
+    lists: usize,
+    trained: bool,
+    exact: bool,
+) -> Option<Sections> {
+    let sizes_end = HEADER_LEN.checked_add(lists.checked_mul(8)?)?;
+    let keys = sizes_end..sizes_end.checked_add(count.checked_mul(8)?)?;
+    let cen_len = if trained {
+        lists.checked_mul(dim)?.checked_mul(4)?
+    } else {
+        0
+    };
+    let centroids = keys.end..keys.end.checked_add(cen_len)?;
+    let sc_len = if dtype == DType::I8 {
+        count.checked_mul(4)?
+    } else {
+        0
+    };
+    let scales = centroids.end..centroids.end.checked_add(sc_len)?;
+    let v0 = scales.end.checked_next_multiple_of(ALIGN)?;
+    let vlen = count.checked_mul(dim)?.checked_mul(dtype.element_size())?;
+    let vectors = v0..v0.checked_add(vlen)?;
+    let copies = if exact {
+        let c0 = vectors.end.checked_next_multiple_of(ALIGN)?;
+        c0..c0.checked_add(count.checked_mul(dim)?.checked_mul(4)?)?
+    } else {
+        vectors.end..vectors.end
+    };
+    Some((keys, centroids, scales, vectors, copies))
+}
+
+fn meta_checksum(bytes: &[u8], vectors_start: usize) -> u64 {
+    let mut h = Xxh3::new();
+    h.update(&bytes[..120]);
+    h.update(&bytes[HEADER_LEN..vectors_start]);
+    h.digest()
+}
+
+fn data_checksum(vectors: &[u8], copies: &[u8]) -> u64 {
+    let mut h = Xxh3::new();
+    h.update(vectors);
+    h.update(copies);
+    h.digest()
+}
+
+fn f32s(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+}
+
+/// Checks a whole file image except the data checksum. Never panics on any input.
+fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
+    if bytes.len() < HEADER_LEN {
+        return bad(format!(
+            "truncated or not an IVF index file: {} bytes, shorter than the {HEADER_LEN}-byte \
+             header",
+            bytes.len()
+        ));
+    }
+    if bytes[..8] != IVF_MAGIC {
+        return bad("not a leanclip IVF index file (bad magic bytes)");
+    }
+    let version = u32_at(bytes, 8);
+    if version != IVF_FORMAT_VERSION {
+        return bad(format!(
+            "unsupported IVF format version {version}; this build reads version \
+             {IVF_FORMAT_VERSION}"
+        ));
+    }
+    let dim = u32_at(bytes, 16) as usize;
+    if dim == 0 || dim > MAX_DIM {
+        return bad(format!("corrupt header: dim {dim}"));
+    }
+    let dtype = DType::from_code(bytes[20])
+        .ok_or_else(|| format!("corrupt header: unknown dtype code {}", bytes[20]))?;
+    let metric = Metric::from_code(bytes[21])
+        .ok_or_else(|| format!("corrupt header: unknown metric code {}", bytes[21]))?;
+    let flags = bytes[22];
+    if flags & !(FLAG_TRAINED | FLAG_EXACT) != 0 {
+        return bad(format!("corrupt header: unknown flags {flags:#x}"));
+    }
+    let (trained, exact) = (flags & FLAG_TRAINED != 0, flags & FLAG_EXACT != 0);
+    let count = u64_at(bytes, 24);
+    let count = usize::try_from(count)
+        .ok()
+        .filter(|&c| c <= MAX_VECTORS)
+        .ok_or_else(|| format!("corrupt header: count {count}"))?;
+    let lists = u32_at(bytes, 32) as usize;
+    let nlist = u32_at(bytes, 36) as usize;
+    if nlist == 0 || nlist > MAX_LISTS || lists != if trained { nlist } else { 1 } {
+        return bad(format!(
+            "corrupt header: {lists} lists stored for nlist {nlist} (trained: {trained})"
+        ));
+    }
+    let (keys, centroids, scales, vectors, copies) =
+        sections(dim, dtype, count, lists, trained, exact)
+            .ok_or_else(|| "corrupt header: sizes overflow".to_string())?;
+    if bytes.len() != copies.end {
+        return bad(format!(
+            "truncated or corrupt: the header describes {} bytes, the file has {}",
+            copies.end,
+            bytes.len()
+        ));
+    }
+    if meta_checksum(bytes, vectors.start) != u64_at(bytes, 120) {
+        return bad("corrupt file: header/keys checksum mismatch");
+    }
+    if bytes[12..16]
+        .iter()
+        .chain(&bytes[23..24])
+        .chain(&bytes[64..112])
+        .any(|&b| b != 0)
+    {
+        return bad("corrupt header: reserved bytes are not zero");
+    }
+    if bytes[scales.end..vectors.start]
+        .iter()
+        .chain(&bytes[vectors.end..copies.start])
+        .any(|&b| b != 0)
+    {
+        return bad("corrupt file: padding is not zero");
+    }
+    let params = IvfParams {
+        nlist,
+        nprobe: u32_at(bytes, 40) as usize,
+        rerank: u32_at(bytes, 44) as usize,
+        seed: u64_at(bytes, 48),
+        train_threshold: usize::try_from(u64_at(bytes, 56))
+            .map_err(|_| "corrupt header: train_threshold".to_string())?,
+    };
+    if super::check_params(dtype, &params).is_err() {
+        return bad("corrupt header: invalid parameters");
+    }
+    if params.rerank > 0 && !exact {
+        return bad("corrupt header: rerank without float32 copies");
+    }
+    if exact && dtype == DType::F32 {
+        return bad("corrupt header: float32 copies flag on a float32 index");
+    }
+    let sizes: Vec<usize> = bytes[HEADER_LEN..keys.start]
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .map(|s| usize::try_from(s).unwrap_or(usize::MAX))
+        .collect();
+    let total = sizes
+        .iter()
+        .try_fold(0usize, |a, &s| a.checked_add(s))
+        .unwrap_or(usize::MAX);
+    if total != count {
+        return bad(format!(
+            "corrupt file: list sizes sum to {total}, the header says {count} vectors"
+        ));
+    }
+    if f32s(&bytes[centroids.clone()]).any(|v| !v.is_finite()) {
+        return bad("corrupt file: a centroid is not finite");
+    }
+    if f32s(&bytes[scales.clone()]).any(|v| !v.is_finite()) {
+        return bad("corrupt file: a quantization scale is not finite");
+    }
+    Ok(Layout {
+        dim,
+        dtype,
+        metric,
+        params,
+        exact,
+        count,
+        sizes,
+        keys,
+        centroids,
+        scales,
+        vectors,
+        copies,
+        data_checksum: u64_at(bytes, 112),
+    })
+}
+
+fn verify_data(bytes: &[u8], l: &Layout) -> std::result::Result<(), String> {
+    if data_checksum(&bytes[l.vectors.clone()], &bytes[l.copies.clone()]) != l.data_checksum {
+        return bad("corrupt file: vectors checksum mismatch");
+    }
+    Ok(())
+}
+
+fn file_error(path: Option<&Path>, reason: String) -> Error {
+    Error::File {
+        path: path.map(Path::to_path_buf),
+        reason,
+    }
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> Error {
+    Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Where list data comes from while building an index out of a file.
+enum Source<'a> {
+    Bytes(&'a [u8]),
+    Map(&'a Arc<Mmap>),
+}
+
+impl Source<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Source::Bytes(b) => b,
+            Source::Map(m) => m,
+        }
+    }
+
+    /// Elements `first..first + n` of the section starting at byte `start`.
+    fn seg<T: bytemuck::Pod>(&self, start: usize, first: usize, n: usize) -> Seg<T> {
+        let size = std::mem::size_of::<T>();
+        let offset = start + first * size;
+        match self {
+            // A Vec<u8> gives no alignment guarantee: copy out with unaligned reads.
+            Source::Bytes(b) => Seg::Owned(bytemuck::allocation::pod_collect_to_vec(
+                &b[offset..offset + n * size],
+            )),
+            Source::Map(m) => Seg::Mapped {
+                map: Arc::clone(m),
+                offset,
+                len: n,
+            },
+        }
+    }
+}
+
+fn build(src: Source<'_>, l: &Layout) -> std::result::Result<IvfIndex, String> {
+    let bytes = src.bytes();
+    let dim = l.dim;
+    let mut lists = Vec::with_capacity(l.sizes.len());
+    let mut first = 0usize;
+    for &n in &l.sizes {
+        let data = match l.dtype {
+            DType::F32 => Data::F32(src.seg(l.vectors.start, first * dim, n * dim)),
+            DType::F16 => Data::F16(src.seg(l.vectors.start, first * dim, n * dim)),
+            DType::I8 => Data::I8 {
+                data: src.seg(l.vectors.start, first * dim, n * dim),
+                scales: src.seg(l.scales.start, first, n),
+            },
+        };
+        lists.push(List {
+            keys: src.seg(l.keys.start, first, n),
+            data,
+            exact: l
+                .exact
+                .then(|| src.seg(l.copies.start, first * dim, n * dim)),
+        });
+        first += n;
+    }
+    let centroids: Vec<f32> = f32s(&bytes[l.centroids.clone()]).collect();
+    let mut map = FxHashMap::with_capacity_and_hasher(l.count, Default::default());
+    for (li, list) in lists.iter().enumerate() {
+        for (slot, &key) in list.keys.as_slice().iter().enumerate() {
+            if map.insert(key, (li as u32, slot as u32)).is_some() {
+                return bad(format!("corrupt file: key {key} appears twice"));
+            }
+        }
+    }
+    Ok(IvfIndex {
+        dim,
+        metric: l.metric,
+        dtype: l.dtype,
+        params: l.params,
+        centroids,
+        lists,
+        map,
+        mapped: None,
+    })
+}
+
+impl IvfIndex {
+    /// Rebuilds an index from a file image, checking all of it (the fuzzing entry point).
+    pub fn from_bytes(bytes: &[u8]) -> Result<IvfIndex> {
+        let inner = || {
+            let layout = parse(bytes)?;
+            verify_data(bytes, &layout)?;
+            build(Source::Bytes(bytes), &layout)
+        };
+        inner().map_err(|r| file_error(None, r))
+    }
+
+    /// Opens a saved index. `mmap = false` reads it into memory; `mmap = true` maps it
+    /// read-only (writes fail with `ReadOnly`). Header, list sizes, keys, centroids and scales
+    /// are always checked; the vectors' checksum only when `verify` (else see
+    /// [`IvfIndex::verify`]). Anything but a regular file (a FIFO, a device) is refused.
+    pub fn load(path: &Path, mmap: bool, verify: bool) -> Result<IvfIndex> {
+        let meta = std::fs::metadata(path).map_err(|e| io_error(path, e))?;
+        if !meta.is_file() && !meta.is_dir() {
+            return Err(file_error(
+                Some(path),
+                "not a regular file (an IVF index file is expected)".into(),
+            ));
+        }
+        if !mmap {
+            let bytes = std::fs::read(path).map_err(|e| io_error(path, e))?;
+            let inner = || {
+                let layout = parse(&bytes)?;
+                if verify {
+                    verify_data(&bytes, &layout)?;
+                }
+                build(Source::Bytes(&bytes), &layout)
+            };
+            return inner().map_err(|r| file_error(Some(path), r));
+        }
+        let file = File::open(path).map_err(|e| io_error(path, e))?;
+        // SAFETY: the map is read-only and private to this index. `save` never rewrites a file
+        // in place (it renames a new file over the old one), so files written by leanclip stay
+        // intact for existing maps; another process truncating the file could make reads fault.
+        let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| io_error(path, e))?);
+        let inner = || {
+            let layout = parse(&map)?;
+            if verify {
+                verify_data(&map, &layout)?;
+            }
+            let mut index = build(Source::Map(&map), &layout)?;
+            index.mapped = Some(MappedData {
+                map: Arc::clone(&map),
+                checksum: layout.data_checksum,
+                vectors: layout.vectors.clone(),
+                copies: layout.copies.clone(),
+            });
+            Ok(index)
+        };
+        inner().map_err(|r: String| file_error(Some(path), r))
+    }
+
+    /// Checks the data of an mmap-opened index against its checksum (a no-op in memory).
+    pub fn verify(&self) -> Result<()> {
+        if let Some(m) = &self.mapped {
+            if data_checksum(&m.map[m.vectors.clone()], &m.map[m.copies.clone()]) != m.checksum {
+                return Err(file_error(
+                    None,
+                    "corrupt file: vectors checksum mismatch".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The file image in two parts: header + metadata (sizes, keys, centroids, scales,
+    /// padding), then the data (vectors, padding, float32 copies).
+    fn image_parts(&self) -> (Vec<u8>, Vec<u8>) {
+        let n = self.len();
+        let lists = self.lists.len();
+        let trained = self.is_trained();
+        let exact = self.keeps_exact();
+        let (keys, _, scales, vectors, copies) =
+            sections(self.dim, self.dtype, n, lists, trained, exact).expect("in-memory sizes fit");
+        let mut meta = Vec::with_capacity(vectors.start - HEADER_LEN);
+        for l in &self.lists {
+            meta.extend_from_slice(&(l.len() as u64).to_le_bytes());
+        }
+        debug_assert_eq!(HEADER_LEN + meta.len(), keys.start);
+        for l in &self.lists {
+            meta.extend_from_slice(bytemuck::cast_slice(l.keys.as_slice()));
+        }
+        meta.extend_from_slice(bytemuck::cast_slice(&self.centroids));
+        let mut data = Vec::with_capacity(vectors.len());
+        for l in &self.lists {
+            match &l.data {
+                Data::F32(s) => data.extend_from_slice(bytemuck::cast_slice(s.as_slice())),
+                Data::F16(s) => data.extend_from_slice(bytemuck::cast_slice(s.as_slice())),
+                Data::I8 { data: d, scales: s } => {
+                    meta.extend_from_slice(bytemuck::cast_slice(s.as_slice()));
+                    data.extend_from_slice(bytemuck::cast_slice(d.as_slice()));
+                }
+            }
+        }
+        debug_assert_eq!(HEADER_LEN + meta.len(), scales.end);
+        meta.resize(vectors.start - HEADER_LEN, 0);
+        let mut copy_bytes = Vec::with_capacity(copies.len());
+        for l in &self.lists {
+            if let Some(e) = &l.exact {
+                copy_bytes.extend_from_slice(bytemuck::cast_slice(e.as_slice()));
+            }
+        }
+        let mut header = vec![0u8; HEADER_LEN];
+        header[..8].copy_from_slice(&IVF_MAGIC);
+        header[8..12].copy_from_slice(&IVF_FORMAT_VERSION.to_le_bytes());
+        header[16..20].copy_from_slice(&(self.dim as u32).to_le_bytes());
+        header[20] = self.dtype.code();
+        header[21] = self.metric.code();
+        header[22] = if trained { FLAG_TRAINED } else { 0 } | if exact { FLAG_EXACT } else { 0 };
+        header[24..32].copy_from_slice(&(n as u64).to_le_bytes());
+        header[32..36].copy_from_slice(&(lists as u32).to_le_bytes());
+        let p = &self.params;
+        header[36..40].copy_from_slice(&(p.nlist as u32).to_le_bytes());
+        header[40..44].copy_from_slice(&(p.nprobe.min(u32::MAX as usize) as u32).to_le_bytes());
+        header[44..48].copy_from_slice(&(p.rerank.min(u32::MAX as usize) as u32).to_le_bytes());
+        header[48..56].copy_from_slice(&p.seed.to_le_bytes());
+        header[56..64].copy_from_slice(&(p.train_threshold as u64).to_le_bytes());
+        header[112..120].copy_from_slice(&data_checksum(&data, &copy_bytes).to_le_bytes());
+        let mut h = Xxh3::new();
+        h.update(&header[..120]);
+        h.update(&meta);
+        header[120..128].copy_from_slice(&h.digest().to_le_bytes());
+        // Padding between vectors and copies lives with the copies.
+        let mut tail = data;
+        if exact {
+            tail.resize(copies.start - vectors.start, 0);
+            tail.extend_from_slice(&copy_bytes);
+        }
+        header.extend_from_slice(&meta);
+        (header, tail)
+    }
+
+    /// The file image (what `save` writes).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let (mut head, tail) = self.image_parts();
+        head.extend_from_slice(&tail);
+        head
+    }
+
+    /// Writes the index atomically: a temporary file in the same directory, fsync, rename over
+    /// `path`, fsync of the directory. A crash leaves either the old file or the new one.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut builder = tempfile::Builder::new();
+        let prefix = format!(".{name}.");
+        builder.prefix(&prefix).suffix(".tmp");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            builder.permissions(std::fs::Permissions::from_mode(0o644));
+        }
+        let tmp = builder.tempfile_in(dir).map_err(|e| io_error(path, e))?;
+        let (head, tail) = self.image_parts();
+        {
+            let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file());
+            w.write_all(&head).map_err(|e| io_error(path, e))?;
+            w.write_all(&tail).map_err(|e| io_error(path, e))?;
+            w.flush().map_err(|e| io_error(path, e))?;
+        }
+        tmp.as_file().sync_all().map_err(|e| io_error(path, e))?;
+        tmp.persist(path).map_err(|e| io_error(path, e.error))?;
+        #[cfg(unix)]
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_error(dir, e))?;
+        Ok(())
+    }
+}

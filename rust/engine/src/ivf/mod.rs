@@ -1,0 +1,975 @@
+//! The inverted-file (IVF) index: approximate search over u64 keys.
+//!
+//! Vectors are split into `nlist` lists by a k-means coarse quantizer; a search scores the
+//! query against the centroids and scans only the `nprobe` nearest lists. Each list stores its
+//! rows contiguously as f32, f16 or i8 (as [`crate::Index`] does), so a list scan is the exact
+//! engine's search core (`search::search_into`) over that list. A batch of queries is grouped
+//! by list: each probed list is scanned once for all the queries probing it, as one small
+//! matrix product (GEMM), which is where an IVF outruns a graph index.
+//!
+//! - Until it is trained the index holds one list and every search is exact. It trains itself
+//!   once it holds `train_threshold` vectors (default 64 x nlist), or on [`IvfIndex::train`];
+//!   [`IvfIndex::retrain`] recomputes the centroids from the current contents and
+//!   redistributes every vector (for lists grown skewed).
+//! - Under "cos" and "ip" the centroids are unit length and lists are chosen by inner product
+//!   (spherical k-means, as faiss does for inner-product IVF); under "l2" by L2 distance.
+//! - Removal swaps the list's last row into the hole: O(1), no tombstones.
+//! - With `rerank > 0` (f16 / i8 storage) float32 copies are kept next to the lists; a search
+//!   takes the best `max(k, rerank)` candidates by the quantized scores and re-scores them
+//!   exactly: 4 more bytes per dimension per vector for the recall quantization loses.
+//! - With nprobe >= nlist a search is exact (the same results as [`crate::Index`]).
+
+mod file;
+pub(crate) mod kmeans;
+
+pub use file::{IVF_FORMAT_VERSION, IVF_MAGIC};
+
+use crate::error::{invalid, Error, Result};
+use crate::kernels;
+use crate::search::{self, Plan, Queries, Rows};
+use crate::topk::TopK;
+use crate::types::{DType, Metric};
+use bytemuck::Pod;
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use memmap2::Mmap;
+use rayon::prelude::*;
+use rustc_hash::{FxHashMap, FxHashSet};
+use std::borrow::Cow;
+use std::sync::Arc;
+
+/// Largest supported dimension (as for `Index`).
+pub const MAX_DIM: usize = 1 << 16;
+/// Vectors are addressed by (list, slot) with u32 parts; the whole index holds at most this.
+pub const MAX_VECTORS: usize = u32::MAX as usize;
+/// Most lists an index may have.
+pub const MAX_LISTS: usize = 1 << 20;
+/// Lloyd iterations of the k-means training.
+pub const KMEANS_ITERS: usize = 12;
+/// k-means trains on at most this many vectors per list (a seeded sample of the data).
+pub const SAMPLE_PER_LIST: usize = 256;
+/// Default `train_threshold` per list: the index trains itself at 64 x nlist vectors.
+pub const DEFAULT_TRAIN_PER_LIST: usize = 64;
+/// Largest finite float16.
+const F16_MAX: f32 = 65504.0;
+/// Rows converted at a time when redistributing lists.
+const MOVE_CHUNK: usize = 16 * 1024;
+
+/// The tunable parameters of an [`IvfIndex`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IvfParams {
+    /// Lists once trained.
+    pub nlist: usize,
+    /// Lists scanned per query.
+    pub nprobe: usize,
+    /// Candidates re-scored from float32 copies (0: none kept, no re-ranking).
+    pub rerank: usize,
+    /// Seed of the k-means sampling and initialization.
+    pub seed: u64,
+    /// The index trains itself when it reaches this many vectors (0: only on `train`).
+    pub train_threshold: usize,
+}
+
+impl IvfParams {
+    /// Defaults for a given `nlist`: nprobe = max(1, nlist / 32), no re-ranking, seed 0,
+    /// automatic training at 64 x nlist vectors.
+    pub fn with_nlist(nlist: usize) -> Self {
+        IvfParams {
+            nlist,
+            nprobe: (nlist / 32).max(1),
+            rerank: 0,
+            seed: 0,
+            train_threshold: nlist.saturating_mul(DEFAULT_TRAIN_PER_LIST),
+        }
+    }
+}
+
+/// A buffer that is owned or a read-only view into a memory-mapped file.
+pub(crate) enum Seg<T: Pod> {
+    Owned(Vec<T>),
+    Mapped {
+        map: Arc<Mmap>,
+        offset: usize,
+        len: usize,
+    },
+}
+
+impl<T: Pod> Seg<T> {
+    pub(crate) fn as_slice(&self) -> &[T] {
+        match self {
+            Seg::Owned(v) => v,
+            // The file layout aligns every section for its type (file.rs checks it).
+            Seg::Mapped { map, offset, len } => {
+                bytemuck::cast_slice(&map[*offset..*offset + *len * std::mem::size_of::<T>()])
+            }
+        }
+    }
+
+    fn owned_mut(&mut self) -> Result<&mut Vec<T>> {
+        match self {
+            Seg::Owned(v) => Ok(v),
+            Seg::Mapped { .. } => Err(Error::ReadOnly),
+        }
+    }
+}
+
+fn swap_remove_rows<T: Pod>(v: &mut Vec<T>, row: usize, last: usize, width: usize) {
+    if row != last {
+        v.copy_within(last * width..(last + 1) * width, row * width);
+    }
+    v.truncate(last * width);
+}
+
+/// Stored rows of one list.
+pub(crate) enum Data {
+    F32(Seg<f32>),
+    F16(Seg<f16>),
+    /// Row r is `scales[r] * data[r]`.
+    I8 { data: Seg<i8>, scales: Seg<f32> },
+}
+
+/// One inverted list: keys, rows and (with re-ranking) float32 copies, all in slot order.
+pub(crate) struct List {
+    pub(crate) keys: Seg<u64>,
+    pub(crate) data: Data,
+    pub(crate) exact: Option<Seg<f32>>,
+}
+
+impl List {
+    fn empty(dtype: DType, exact: bool) -> List {
+        List {
+            keys: Seg::Owned(Vec::new()),
+            data: match dtype {
+                DType::F32 => Data::F32(Seg::Owned(Vec::new())),
+                DType::F16 => Data::F16(Seg::Owned(Vec::new())),
+                DType::I8 => Data::I8 {
+                    data: Seg::Owned(Vec::new()),
+                    scales: Seg::Owned(Vec::new()),
+                },
+            },
+            exact: exact.then(|| Seg::Owned(Vec::new())),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.keys.as_slice().len()
+    }
+
+    pub(crate) fn rows(&self) -> Rows<'_> {
+        match &self.data {
+            Data::F32(s) => Rows::F32(s.as_slice()),
+            Data::F16(s) => Rows::F16(s.as_slice()),
+            Data::I8 { data, scales } => Rows::I8 {
+                data: data.as_slice(),
+                scales: scales.as_slice(),
+            },
+        }
+    }
+
+    /// Appends row `i` of `enc`.
+    fn push(&mut self, key: u64, enc: &Encoded, i: usize, dim: usize) -> Result<()> {
+        let r = i * dim..(i + 1) * dim;
+        match (&mut self.data, &enc.data) {
+            (Data::F32(s), EncData::F32(v)) => s.owned_mut()?.extend_from_slice(&v[r.clone()]),
+            (Data::F16(s), EncData::F16(v)) => s.owned_mut()?.extend_from_slice(&v[r.clone()]),
+            (Data::I8 { data, scales }, EncData::I8(d, sc)) => {
+                data.owned_mut()?.extend_from_slice(&d[r.clone()]);
+                scales.owned_mut()?.push(sc[i]);
+            }
+            _ => unreachable!("encoded with the index's own dtype"),
+        }
+        if let (Some(dst), Some(src)) = (&mut self.exact, &enc.exact) {
+            dst.owned_mut()?.extend_from_slice(&src[r]);
+        }
+        self.keys.owned_mut()?.push(key);
+        Ok(())
+    }
+
+    /// Appends slot `slot` of `other` (the encoded bytes, no re-encoding).
+    fn push_from(&mut self, other: &List, slot: usize, dim: usize) -> Result<()> {
+        let r = slot * dim..(slot + 1) * dim;
+        match (&mut self.data, &other.data) {
+            (Data::F32(d), Data::F32(s)) => d.owned_mut()?.extend_from_slice(&s.as_slice()[r.clone()]),
+            (Data::F16(d), Data::F16(s)) => d.owned_mut()?.extend_from_slice(&s.as_slice()[r.clone()]),
+            (
+                Data::I8 { data, scales },
+                Data::I8 {
+                    data: sd,
+                    scales: ss,
+                },
+            ) => {
+                data.owned_mut()?.extend_from_slice(&sd.as_slice()[r.clone()]);
+                scales.owned_mut()?.push(ss.as_slice()[slot]);
+            }
+            _ => unreachable!("lists of one index share its dtype"),
+        }
+        if let (Some(dst), Some(src)) = (&mut self.exact, &other.exact) {
+            dst.owned_mut()?.extend_from_slice(&src.as_slice()[r]);
+        }
+        self.keys.owned_mut()?.push(other.keys.as_slice()[slot]);
+        Ok(())
+    }
+
+    /// Removes `slot` by moving the last row into it; returns the key moved (if any).
+    fn swap_remove(&mut self, slot: usize, dim: usize) -> Result<Option<u64>> {
+        let last = self.len() - 1;
+        match &mut self.data {
+            Data::F32(s) => swap_remove_rows(s.owned_mut()?, slot, last, dim),
+            Data::F16(s) => swap_remove_rows(s.owned_mut()?, slot, last, dim),
+            Data::I8 { data, scales } => {
+                swap_remove_rows(data.owned_mut()?, slot, last, dim);
+                swap_remove_rows(scales.owned_mut()?, slot, last, 1);
+            }
+        }
+        if let Some(e) = &mut self.exact {
+            swap_remove_rows(e.owned_mut()?, slot, last, dim);
+        }
+        let keys = self.keys.owned_mut()?;
+        swap_remove_rows(keys, slot, last, 1);
+        Ok((slot != last).then(|| keys[slot]))
+    }
+
+    /// Row `slot` as float32 (the exact copy when kept, else the stored row dequantized).
+    fn row_f32(&self, slot: usize, dim: usize, out: &mut [f32]) {
+        if let Some(e) = &self.exact {
+            out.copy_from_slice(&e.as_slice()[slot * dim..(slot + 1) * dim]);
+            return;
+        }
+        let mut buf = Vec::new();
+        out.copy_from_slice(self.rows().range(slot, slot + 1, dim).to_f32(dim, &mut buf));
+    }
+}
+
+/// A batch encoded for storage (row-major, `dim` values per row).
+struct Encoded {
+    data: EncData,
+    exact: Option<Vec<f32>>,
+}
+
+enum EncData {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    I8(Vec<i8>, Vec<f32>),
+}
+
+/// The IVF index. See the module documentation.
+pub struct IvfIndex {
+    pub(crate) dim: usize,
+    pub(crate) metric: Metric,
+    pub(crate) dtype: DType,
+    pub(crate) params: IvfParams,
+    /// `nlist x dim` once trained (unit length under cos / ip); empty before.
+    pub(crate) centroids: Vec<f32>,
+    /// One list before training, `nlist` after.
+    pub(crate) lists: Vec<List>,
+    /// key -> (list, slot).
+    pub(crate) map: FxHashMap<u64, (u32, u32)>,
+    /// Set when opened with mmap: (the map, checksum of its data sections, their range).
+    pub(crate) mapped: Option<file::MappedData>,
+}
+
+impl std::fmt::Debug for IvfIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IvfIndex")
+            .field("dim", &self.dim)
+            .field("metric", &self.metric.name())
+            .field("dtype", &self.dtype.name())
+            .field("params", &self.params)
+            .field("trained", &self.is_trained())
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+fn check_params(dtype: DType, p: &IvfParams) -> Result<()> {
+    if p.nlist == 0 || p.nlist > MAX_LISTS {
+        return invalid(format!(
+            "nlist must be between 1 and {MAX_LISTS}, got {}",
+            p.nlist
+        ));
+    }
+    if p.nprobe == 0 {
+        return invalid("nprobe must be at least 1, got 0");
+    }
+    if p.rerank > 0 && dtype == DType::F32 {
+        return invalid(
+            "rerank needs dtype \"f16\" or \"i8\": with \"f32\" the scan is already exact",
+        );
+    }
+    if p.train_threshold > 0 && p.train_threshold < p.nlist {
+        return invalid(format!(
+            "train_threshold must be 0 (train only on request) or at least nlist = {}, got {}",
+            p.nlist, p.train_threshold
+        ));
+    }
+    Ok(())
+}
+
+impl IvfIndex {
+    pub fn new(dim: usize, metric: Metric, dtype: DType, params: IvfParams) -> Result<Self> {
+        if dim == 0 || dim > MAX_DIM {
+            return invalid(format!("dim must be between 1 and {MAX_DIM}, got {dim}"));
+        }
+        check_params(dtype, &params)?;
+        Ok(IvfIndex {
+            dim,
+            metric,
+            dtype,
+            params,
+            centroids: Vec::new(),
+            lists: vec![List::empty(dtype, params.rerank > 0)],
+            map: FxHashMap::default(),
+            mapped: None,
+        })
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+    pub fn metric(&self) -> Metric {
+        self.metric
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn params(&self) -> IvfParams {
+        self.params
+    }
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+    pub fn is_trained(&self) -> bool {
+        !self.centroids.is_empty()
+    }
+    pub fn is_read_only(&self) -> bool {
+        self.mapped.is_some()
+    }
+    pub fn contains(&self, key: u64) -> bool {
+        self.map.contains_key(&key)
+    }
+    /// Whether float32 copies are kept for re-ranking.
+    pub fn keeps_exact(&self) -> bool {
+        self.lists[0].exact.is_some()
+    }
+    /// Vectors per list (one list before training).
+    pub fn list_sizes(&self) -> Vec<usize> {
+        self.lists.iter().map(List::len).collect()
+    }
+    /// The centroids (`nlist x dim`, empty before training).
+    pub fn centroids(&self) -> &[f32] {
+        &self.centroids
+    }
+
+    /// All keys, list by list in slot order.
+    pub fn keys(&self) -> Vec<u64> {
+        let mut out = Vec::with_capacity(self.len());
+        for l in &self.lists {
+            out.extend_from_slice(l.keys.as_slice());
+        }
+        out
+    }
+
+    pub fn set_nprobe(&mut self, nprobe: usize) -> Result<()> {
+        if nprobe == 0 {
+            return invalid("nprobe must be at least 1, got 0");
+        }
+        self.params.nprobe = nprobe;
+        Ok(())
+    }
+
+    /// Changes the re-ranking depth; needs the float32 copies (an index created with
+    /// rerank > 0) for any value above 0.
+    pub fn set_rerank(&mut self, rerank: usize) -> Result<()> {
+        if rerank > 0 && !self.keeps_exact() {
+            return invalid(
+                "rerank > 0 needs the float32 copies, which only an index created with \
+                 rerank > 0 (dtype \"f16\" or \"i8\") keeps",
+            );
+        }
+        self.params.rerank = rerank;
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.is_read_only() {
+            Err(Error::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Finite values, non-zero rows under cos, float16 range for f16 storage under ip / l2.
+    fn check_vectors(&self, vectors: &[f32], what: &str, storage: bool) -> Result<()> {
+        let dim = self.dim;
+        let f16_range = storage && self.dtype == DType::F16 && self.metric != Metric::Cos;
+        let bad = vectors
+            .par_chunks(dim)
+            .enumerate()
+            .find_map_first(|(r, row)| {
+                let max = row.iter().fold(0f32, |m, v| {
+                    if v.is_finite() {
+                        m.max(v.abs())
+                    } else {
+                        f32::INFINITY
+                    }
+                });
+                if !max.is_finite() {
+                    Some(format!(
+                        "{what}[{r}] contains NaN or inf; expected finite values"
+                    ))
+                } else if self.metric == Metric::Cos && max == 0.0 {
+                    Some(format!(
+                        "{what}[{r}] is a zero vector, which has no direction under metric \
+                         \"cos\"; expected a non-zero vector"
+                    ))
+                } else if f16_range && max > F16_MAX {
+                    Some(format!(
+                        "{what}[{r}] has a value beyond the float16 range (|x| <= {F16_MAX}); \
+                         expected values that fit dtype \"f16\""
+                    ))
+                } else {
+                    None
+                }
+            });
+        match bad {
+            Some(msg) => Err(Error::Invalid(msg)),
+            None => Ok(()),
+        }
+    }
+
+    fn check_batch(&self, keys: &[u64], vectors: &[f32]) -> Result<()> {
+        if vectors.len() != keys.len() * self.dim {
+            return invalid(format!(
+                "vectors must have shape (n, {dim}) with n = len(keys) = {n}; got {m} values",
+                dim = self.dim,
+                n = keys.len(),
+                m = vectors.len()
+            ));
+        }
+        let mut seen = FxHashSet::with_capacity_and_hasher(keys.len(), Default::default());
+        for &key in keys {
+            if !seen.insert(key) {
+                return invalid(format!(
+                    "key {key} appears more than once in the batch; keys must be unique"
+                ));
+            }
+        }
+        self.check_vectors(vectors, "vectors", true)
+    }
+
+    /// Unit-normalized under cos (as stored), else borrowed as is.
+    fn normalized<'a>(&self, vectors: &'a [f32]) -> Cow<'a, [f32]> {
+        self.normalize(vectors, false)
+    }
+
+    /// Rows are scaled by 1 / |x| (as `Index` stores them), queries divided by |q| (as the
+    /// search core does), so scores match `Index`'s bit for bit.
+    fn normalize<'a>(&self, vectors: &'a [f32], queries: bool) -> Cow<'a, [f32]> {
+        if self.metric != Metric::Cos {
+            return Cow::Borrowed(vectors);
+        }
+        let mut v = vectors.to_vec();
+        v.par_chunks_mut(self.dim).for_each(|row| {
+            let norm = kernels::sqnorm_f32(row).sqrt();
+            if queries {
+                row.iter_mut().for_each(|x| *x /= norm);
+            } else {
+                let inv = 1.0 / norm;
+                row.iter_mut().for_each(|x| *x *= inv);
+            }
+        });
+        Cow::Owned(v)
+    }
+
+    /// Encodes (already normalized) rows for storage, like `Index` does.
+    fn encode(&self, rows: &[f32]) -> Encoded {
+        let dim = self.dim;
+        let data = match self.dtype {
+            DType::F32 => EncData::F32(rows.to_vec()),
+            DType::F16 => {
+                let mut out = vec![f16::ZERO; rows.len()];
+                out.par_chunks_mut(dim * 256)
+                    .zip(rows.par_chunks(dim * 256))
+                    .for_each(|(o, r)| o.convert_from_f32_slice(r));
+                EncData::F16(out)
+            }
+            DType::I8 => {
+                let mut out = vec![0i8; rows.len()];
+                let mut scales = vec![0f32; rows.len() / dim];
+                out.par_chunks_mut(dim)
+                    .zip(scales.par_iter_mut())
+                    .zip(rows.par_chunks(dim))
+                    .for_each(|((o, s), r)| *s = kernels::quantize_row_i8(r, o));
+                EncData::I8(out, scales)
+            }
+        };
+        Encoded {
+            data,
+            exact: self.keeps_exact().then(|| rows.to_vec()),
+        }
+    }
+
+    /// The coarse metric: inner product with unit centroids (cos, ip) or L2.
+    fn coarse_metric(&self) -> Metric {
+        match self.metric {
+            Metric::L2 => Metric::L2,
+            _ => Metric::Ip,
+        }
+    }
+
+    /// The list each (normalized) row belongs to.
+    fn assign(&self, rows: &[f32]) -> Vec<u32> {
+        if !self.is_trained() {
+            return vec![0; rows.len() / self.dim];
+        }
+        kmeans::assign(rows, &self.centroids, self.dim, self.coarse_metric())
+    }
+
+    fn check_capacity(&self, extra: usize) -> Result<()> {
+        if self.len() + extra > MAX_VECTORS {
+            return invalid(format!("an index holds at most {MAX_VECTORS} vectors"));
+        }
+        Ok(())
+    }
+
+    /// Appends validated, normalized rows under keys absent from the index.
+    fn insert(&mut self, keys: &[u64], rows: &[f32]) -> Result<()> {
+        let enc = self.encode(rows);
+        let lists = self.assign(rows);
+        let dim = self.dim;
+        for (i, (&key, &l)) in keys.iter().zip(&lists).enumerate() {
+            let list = &mut self.lists[l as usize];
+            let slot = list.len() as u32;
+            list.push(key, &enc, i, dim)?;
+            self.map.insert(key, (l, slot));
+        }
+        self.maybe_auto_train()
+    }
+
+    fn maybe_auto_train(&mut self) -> Result<()> {
+        let t = self.params.train_threshold;
+        if !self.is_trained() && t > 0 && self.len() >= t {
+            self.retrain()?;
+        }
+        Ok(())
+    }
+
+    /// Adds new keys; all-or-nothing (KeyError-style `DuplicateKey` if one is present).
+    pub fn add(&mut self, keys: &[u64], vectors: &[f32]) -> Result<()> {
+        self.check_writable()?;
+        self.check_batch(keys, vectors)?;
+        if let Some(&key) = keys.iter().find(|k| self.map.contains_key(k)) {
+            return Err(Error::DuplicateKey(key));
+        }
+        self.check_capacity(keys.len())?;
+        let rows = self.normalized(vectors);
+        self.insert(keys, &rows)
+    }
+
+    /// Inserts new keys and replaces the vectors of present ones (which may change list).
+    pub fn upsert(&mut self, keys: &[u64], vectors: &[f32]) -> Result<()> {
+        self.check_writable()?;
+        self.check_batch(keys, vectors)?;
+        let new = keys.iter().filter(|k| !self.map.contains_key(k)).count();
+        self.check_capacity(new)?;
+        let rows = self.normalized(vectors);
+        self.remove(keys)?;
+        self.insert(keys, &rows)
+    }
+
+    /// Removes present keys (absent ones are ignored); returns how many were removed. O(1)
+    /// per key: the list's last row moves into the hole.
+    pub fn remove(&mut self, keys: &[u64]) -> Result<usize> {
+        self.check_writable()?;
+        let mut removed = 0;
+        for key in keys {
+            if let Some((l, slot)) = self.map.remove(key) {
+                if let Some(moved) = self.lists[l as usize].swap_remove(slot as usize, self.dim)? {
+                    self.map.insert(moved, (l, slot));
+                }
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// The stored vectors of `keys` as float32 (`n x dim`): the float32 copies when kept,
+    /// else the stored rows dequantized. `MissingKey` for an absent key.
+    pub fn get(&self, keys: &[u64]) -> Result<Vec<f32>> {
+        let dim = self.dim;
+        let mut out = vec![0f32; keys.len() * dim];
+        for (dst, key) in out.chunks_exact_mut(dim).zip(keys) {
+            let &(l, slot) = self.map.get(key).ok_or(Error::MissingKey(*key))?;
+            self.lists[l as usize].row_f32(slot as usize, dim, dst);
+        }
+        Ok(out)
+    }
+
+    /// Trains the coarse quantizer on `vectors` (at least nlist rows, a seeded sample of at
+    /// most 256 x nlist is used) and redistributes the vectors already stored.
+    pub fn train(&mut self, vectors: &[f32]) -> Result<()> {
+        self.check_writable()?;
+        if !vectors.len().is_multiple_of(self.dim) {
+            return invalid(format!(
+                "training vectors must have shape (n, {}); got {} values",
+                self.dim,
+                vectors.len()
+            ));
+        }
+        let n = vectors.len() / self.dim;
+        if n < self.params.nlist {
+            return invalid(format!(
+                "training needs at least nlist = {} vectors, got {n}",
+                self.params.nlist
+            ));
+        }
+        self.check_vectors(vectors, "vectors", false)?;
+        let sample = self.sample_rows(n, |i, out| out.copy_from_slice(&vectors[i * self.dim..(i + 1) * self.dim]));
+        self.train_on(sample)
+    }
+
+    /// Recomputes the centroids from the current contents (a seeded sample) and moves every
+    /// vector to its nearest list. Use it when lists have grown skewed.
+    pub fn retrain(&mut self) -> Result<()> {
+        self.check_writable()?;
+        let n = self.len();
+        if n < self.params.nlist {
+            return invalid(format!(
+                "training needs at least nlist = {} vectors, the index holds {n}",
+                self.params.nlist
+            ));
+        }
+        // Global position -> (list, slot), lists in order.
+        let starts: Vec<usize> = self
+            .lists
+            .iter()
+            .scan(0, |acc, l| {
+                let s = *acc;
+                *acc += l.len();
+                Some(s)
+            })
+            .collect();
+        let dim = self.dim;
+        let lists = &self.lists;
+        let sample = self.sample_rows(n, |i, out| {
+            let l = starts.partition_point(|&s| s <= i) - 1;
+            lists[l].row_f32(i - starts[l], dim, out);
+        });
+        self.train_on(sample)
+    }
+
+    /// A seeded sample (at most SAMPLE_PER_LIST x nlist rows) of `n` rows read by `row`,
+    /// normalized under cos.
+    fn sample_rows(&self, n: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+        let dim = self.dim;
+        let m = n.min(self.params.nlist.saturating_mul(SAMPLE_PER_LIST));
+        let picked = kmeans::Rng::new(self.params.seed).sample(n, m);
+        let mut out = vec![0f32; m * dim];
+        out.par_chunks_mut(dim)
+            .zip(picked.par_iter())
+            .for_each(|(o, &i)| row(i, o));
+        self.normalized(&out).into_owned()
+    }
+
+    fn train_on(&mut self, sample: Vec<f32>) -> Result<()> {
+        let spherical = self.coarse_metric() == Metric::Ip;
+        let seed = self.params.seed.wrapping_add(1);
+        self.centroids = kmeans::kmeans(
+            &sample,
+            self.dim,
+            self.params.nlist,
+            KMEANS_ITERS,
+            spherical,
+            seed,
+        );
+        self.redistribute()
+    }
+
+    /// Moves every stored row to its nearest list (encoded bytes are copied, not re-encoded).
+    fn redistribute(&mut self) -> Result<()> {
+        let dim = self.dim;
+        let exact = self.keeps_exact();
+        let old = std::mem::take(&mut self.lists);
+        let mut lists: Vec<List> = (0..self.params.nlist)
+            .map(|_| List::empty(self.dtype, exact))
+            .collect();
+        let mut buf = Vec::new();
+        for list in &old {
+            let n = list.len();
+            let mut s0 = 0;
+            while s0 < n {
+                let s1 = (s0 + MOVE_CHUNK).min(n);
+                let rows: &[f32] = match &list.exact {
+                    Some(e) => &e.as_slice()[s0 * dim..s1 * dim],
+                    None => list.rows().range(s0, s1, dim).to_f32(dim, &mut buf),
+                };
+                let labels = kmeans::assign(rows, &self.centroids, dim, self.coarse_metric());
+                for (i, &l) in labels.iter().enumerate() {
+                    lists[l as usize].push_from(list, s0 + i, dim)?;
+                }
+                s0 = s1;
+            }
+        }
+        self.lists = lists;
+        self.rebuild_map();
+        Ok(())
+    }
+
+    pub(crate) fn rebuild_map(&mut self) {
+        let mut map = FxHashMap::with_capacity_and_hasher(self.len().max(1), Default::default());
+        for (l, list) in self.lists.iter().enumerate() {
+            for (slot, &key) in list.keys.as_slice().iter().enumerate() {
+                map.insert(key, (l as u32, slot as u32));
+            }
+        }
+        self.map = map;
+    }
+
+    /// Approximate top-`k` of each query (exact with nprobe >= nlist or before training).
+    /// Returns (keys, scores, k') with k' = min(k, len - excluded keys present): every
+    /// query gets k' results, lists beyond `nprobe` are scanned when the probed ones hold
+    /// too few. Equal scores rank by ascending key.
+    pub fn search(
+        &self,
+        queries: &[f32],
+        k: usize,
+        exclude: Option<&[u64]>,
+    ) -> Result<(Vec<u64>, Vec<f32>, usize)> {
+        let dim = self.dim;
+        if !queries.len().is_multiple_of(dim) {
+            return invalid(format!(
+                "queries must have shape (dim,) or (q, dim) with dim = {dim}; got {} values",
+                queries.len()
+            ));
+        }
+        if k < 1 {
+            return invalid(format!("k must be at least 1, got {k}"));
+        }
+        self.check_vectors(queries, "queries", false)?;
+        let nq = queries.len() / dim;
+        // Excluded keys present, and how many fall in each list.
+        let mut excluded: FxHashSet<u64> = FxHashSet::default();
+        let mut excluded_per_list = vec![0usize; self.lists.len()];
+        for key in exclude.unwrap_or(&[]) {
+            if let Some(&(l, _)) = self.map.get(key) {
+                if excluded.insert(*key) {
+                    excluded_per_list[l as usize] += 1;
+                }
+            }
+        }
+        let kp = k.min(self.len() - excluded.len());
+        if nq == 0 || kp == 0 {
+            return Ok((Vec::new(), Vec::new(), kp));
+        }
+        let queries = self.normalize(queries, true);
+        let rerank = if self.keeps_exact() { self.params.rerank } else { 0 };
+        let kc = kp.max(rerank);
+        let probes = self.probes(&queries, kp + excluded.len());
+        let hits = self.scan_lists(&queries, &probes, kc, &excluded, &excluded_per_list);
+        let mut ids = vec![0u64; nq * kp];
+        let mut scores = vec![0f32; nq * kp];
+        ids.par_chunks_mut(kp)
+            .zip(scores.par_chunks_mut(kp))
+            .zip(hits.into_par_iter())
+            .enumerate()
+            .for_each(|(q, ((ids, scores), top))| {
+                let top = if rerank > 0 {
+                    self.rerank(&queries[q * dim..(q + 1) * dim], top, kp)
+                } else {
+                    top
+                };
+                let hits = top.into_sorted();
+                debug_assert_eq!(hits.len(), kp);
+                for (j, h) in hits.iter().take(kp).enumerate() {
+                    ids[j] = h.id;
+                    scores[j] = self.metric.to_external(h.score);
+                }
+            });
+        Ok((ids, scores, kp))
+    }
+
+    /// The lists each query scans (CSR: offsets into a flat list), nearest first. A query
+    /// whose probed lists hold fewer than `needed` vectors scans every list.
+    fn probes(&self, queries: &[f32], needed: usize) -> (Vec<usize>, Vec<u32>) {
+        let dim = self.dim;
+        let nq = queries.len() / dim;
+        let nlist = self.lists.len();
+        if !self.is_trained() || self.params.nprobe >= nlist {
+            let offsets = (0..=nq).map(|q| q * nlist).collect();
+            let flat = (0..nq).flat_map(|_| 0..nlist as u32).collect();
+            return (offsets, flat);
+        }
+        let np = self.params.nprobe;
+        let plan = Plan {
+            dim,
+            metric: self.coarse_metric(),
+            normalize_queries: false,
+            normalize_rows: false,
+        };
+        let mut ids = vec![0u64; nq * np];
+        let mut scores = vec![0f32; nq * np];
+        search::search_into(
+            plan,
+            Rows::F32(&self.centroids),
+            Queries::F32(queries),
+            np,
+            &|_, _| true,
+            &|r| r as u64,
+            &mut ids,
+            &mut scores,
+        );
+        let mut offsets = Vec::with_capacity(nq + 1);
+        let mut flat = Vec::with_capacity(nq * np);
+        offsets.push(0);
+        for q in 0..nq {
+            let mine = &ids[q * np..(q + 1) * np];
+            let held: usize = mine.iter().map(|&l| self.lists[l as usize].len()).sum();
+            if held >= needed {
+                flat.extend(mine.iter().map(|&l| l as u32));
+            } else {
+                flat.extend(mine.iter().map(|&l| l as u32));
+                let seen: FxHashSet<u64> = mine.iter().copied().collect();
+                flat.extend((0..nlist as u64).filter(|l| !seen.contains(l)).map(|l| l as u32));
+            }
+            offsets.push(flat.len());
+        }
+        (offsets, flat)
+    }
+
+    /// Scans every probed list once for all the queries probing it (list-major), and merges
+    /// each query's candidates into its best `kc`.
+    fn scan_lists(
+        &self,
+        queries: &[f32],
+        probes: &(Vec<usize>, Vec<u32>),
+        kc: usize,
+        excluded: &FxHashSet<u64>,
+        excluded_per_list: &[usize],
+    ) -> Vec<TopK> {
+        let dim = self.dim;
+        let nq = queries.len() / dim;
+        let (offsets, flat) = probes;
+        let nlist = self.lists.len();
+        // Queries per list (CSR), and where each (query, probe) finds its results.
+        let mut count = vec![0usize; nlist + 1];
+        for &l in flat {
+            count[l as usize + 1] += 1;
+        }
+        for l in 0..nlist {
+            count[l + 1] += count[l];
+        }
+        let list_start = count.clone();
+        let mut fill = count;
+        let mut list_queries = vec![0u32; flat.len()];
+        let mut slot_of = vec![0usize; flat.len()];
+        for q in 0..nq {
+            for (p, &l) in flat[offsets[q]..offsets[q + 1]].iter().enumerate() {
+                let at = fill[l as usize];
+                list_queries[at] = q as u32;
+                slot_of[offsets[q] + p] = at;
+                fill[l as usize] += 1;
+            }
+        }
+        let plan = Plan {
+            dim,
+            metric: self.metric,
+            normalize_queries: false,
+            normalize_rows: false,
+        };
+        // Per list: (valid results per query, ids, scores), nq_l x kc each.
+        let results: Vec<(usize, Vec<u64>, Vec<f32>)> = (0..nlist)
+            .into_par_iter()
+            .map(|l| {
+                let qs = &list_queries[list_start[l]..list_start[l + 1]];
+                let list = &self.lists[l];
+                let valid = (list.len() - excluded_per_list[l]).min(kc);
+                if qs.is_empty() || valid == 0 {
+                    return (0, Vec::new(), Vec::new());
+                }
+                let mut qbuf = Vec::with_capacity(qs.len() * dim);
+                for &q in qs {
+                    qbuf.extend_from_slice(&queries[q as usize * dim..(q as usize + 1) * dim]);
+                }
+                let keys = list.keys.as_slice();
+                let mut ids = vec![0u64; qs.len() * valid];
+                let mut scores = vec![0f32; qs.len() * valid];
+                let row_id = |r: usize| keys[r];
+                if excluded_per_list[l] == 0 {
+                    search::search_into(
+                        plan,
+                        list.rows(),
+                        Queries::F32(&qbuf),
+                        valid,
+                        &|_, _| true,
+                        &row_id,
+                        &mut ids,
+                        &mut scores,
+                    );
+                } else {
+                    let eligible = |_: usize, r: usize| !excluded.contains(&keys[r]);
+                    search::search_into(
+                        plan,
+                        list.rows(),
+                        Queries::F32(&qbuf),
+                        valid,
+                        &eligible,
+                        &row_id,
+                        &mut ids,
+                        &mut scores,
+                    );
+                }
+                (valid, ids, scores)
+            })
+            .collect();
+        // Which list and which position in it hold slot `at`.
+        let list_of_slot = |at: usize| list_start.partition_point(|&s| s <= at) - 1;
+        (0..nq)
+            .into_par_iter()
+            .map(|q| {
+                let mut top = TopK::new(kc);
+                for &at in &slot_of[offsets[q]..offsets[q + 1]] {
+                    let l = list_of_slot(at);
+                    let (valid, ids, scores) = &results[l];
+                    let j = at - list_start[l];
+                    for r in j * valid..(j + 1) * valid {
+                        top.push(self.metric.to_external(scores[r]), ids[r]);
+                    }
+                }
+                top
+            })
+            .collect()
+    }
+
+    /// Re-scores the candidates from their float32 copies; keeps the best `k`.
+    fn rerank(&self, q: &[f32], top: TopK, k: usize) -> TopK {
+        let dim = self.dim;
+        let mut out = TopK::new(k);
+        let mut s = [0f32; 1];
+        for h in top.into_sorted() {
+            let (l, slot) = self.map[&h.id];
+            let exact = self.lists[l as usize]
+                .exact
+                .as_ref()
+                .expect("rerank only with float32 copies");
+            let row = &exact.as_slice()[slot as usize * dim..(slot as usize + 1) * dim];
+            let score = match self.metric {
+                Metric::L2 => {
+                    kernels::l2_f32_rows(q, row, &mut s);
+                    -s[0]
+                }
+                _ => {
+                    kernels::dot_f32_rows(q, row, &mut s);
+                    s[0]
+                }
+            };
+            out.push(score, h.id);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,185 @@
+use super::*;
+use crate::Index;
+
+fn data(seed: u64, n: usize, dim: usize) -> Vec<f32> {
+    let mut rng = kmeans::Rng::new(seed);
+    (0..n * dim)
+        .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+        .collect()
+}
+
+fn params(nlist: usize) -> IvfParams {
+    IvfParams {
+        train_threshold: 0,
+        ..IvfParams::with_nlist(nlist)
+    }
+}
+
+fn pair(metric: Metric, dtype: DType, n: usize, dim: usize) -> (IvfIndex, Index, Vec<u64>) {
+    let v = data(1, n, dim);
+    let keys: Vec<u64> = (0..n as u64).map(|k| k * 7 + 3).collect();
+    let mut ivf = IvfIndex::new(dim, metric, dtype, params(8)).unwrap();
+    ivf.add(&keys, &v).unwrap();
+    ivf.train(&v).unwrap();
+    let mut flat = Index::new(dim, metric, dtype).unwrap();
+    flat.add(&keys, &v).unwrap();
+    (ivf, flat, keys)
+}
+
+#[test]
+fn all_lists_probed_equals_exact_index() {
+    for metric in [Metric::Cos, Metric::Ip, Metric::L2] {
+        for dtype in [DType::F32, DType::F16, DType::I8] {
+            let (mut ivf, flat, _) = pair(metric, dtype, 600, 16);
+            ivf.set_nprobe(8).unwrap();
+            assert!(ivf.is_trained());
+            assert_eq!(ivf.list_sizes().iter().sum::<usize>(), 600);
+            for nq in [1, 3, 20] {
+                let q = data(9, nq, 16);
+                let (a_ids, a_s, ka) = ivf.search(&q, 10, None).unwrap();
+                let (b_ids, b_s, kb) = flat.search(&q, 10, None).unwrap();
+                assert_eq!(ka, kb);
+                assert_eq!(a_ids, b_ids, "{metric:?} {dtype:?} nq={nq}");
+                for (x, y) in a_s.iter().zip(&b_s) {
+                    assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn few_probes_still_fill_k_and_are_close_to_exact() {
+    let (mut ivf, flat, _) = pair(Metric::Cos, DType::F32, 800, 16);
+    ivf.set_nprobe(2).unwrap();
+    let q = data(5, 50, 16);
+    let (ids, _, kp) = ivf.search(&q, 10, None).unwrap();
+    assert_eq!(kp, 10);
+    assert_eq!(ids.len(), 500);
+    let (exact, _, _) = flat.search(&q, 10, None).unwrap();
+    let hit = ids.iter().filter(|i| exact.contains(i)).count();
+    assert!(hit > 150, "recall too low: {hit}/500");
+}
+
+#[test]
+fn exclude_and_remove_and_upsert_follow_the_exact_index() {
+    let (mut ivf, mut flat, keys) = pair(Metric::L2, DType::I8, 400, 8);
+    ivf.set_nprobe(8).unwrap();
+    let gone: Vec<u64> = keys.iter().step_by(3).copied().collect();
+    assert_eq!(ivf.remove(&gone).unwrap(), gone.len());
+    assert_eq!(ivf.remove(&gone).unwrap(), 0);
+    flat.remove(&gone).unwrap();
+    let upd_keys = vec![keys[1], 999_999];
+    let upd = data(77, 2, 8);
+    ivf.upsert(&upd_keys, &upd).unwrap();
+    flat.upsert(&upd_keys, &upd).unwrap();
+    assert_eq!(ivf.len(), flat.len());
+    let mut a = ivf.keys();
+    let mut b = flat.keys().to_vec();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+    assert_eq!(ivf.get(&[keys[1]]).unwrap(), flat.get(&[keys[1]]).unwrap());
+    let q = data(3, 4, 8);
+    let ex = vec![keys[2], keys[4], 123456789];
+    let (ai, _, ka) = ivf.search(&q, 5, Some(&ex)).unwrap();
+    let (bi, _, kb) = flat.search(&q, 5, Some(&ex)).unwrap();
+    assert_eq!((ai, ka), (bi, kb));
+    assert!(matches!(ivf.get(&[gone[0]]), Err(Error::MissingKey(_))));
+    assert!(matches!(
+        ivf.add(&[keys[1]], &upd[..8]),
+        Err(Error::DuplicateKey(_))
+    ));
+}
+
+#[test]
+fn auto_trains_at_threshold_and_training_is_seeded() {
+    let v = data(2, 300, 8);
+    let keys: Vec<u64> = (0..300).collect();
+    let p = IvfParams {
+        train_threshold: 200,
+        ..IvfParams::with_nlist(4)
+    };
+    let mut a = IvfIndex::new(8, Metric::Cos, DType::F32, p).unwrap();
+    a.add(&keys[..150], &v[..150 * 8]).unwrap();
+    assert!(!a.is_trained());
+    assert_eq!(a.list_sizes(), vec![150]);
+    a.add(&keys[150..], &v[150 * 8..]).unwrap();
+    assert!(a.is_trained());
+    assert_eq!(a.list_sizes().len(), 4);
+    let mut b = IvfIndex::new(8, Metric::Cos, DType::F32, p).unwrap();
+    b.add(&keys[..150], &v[..150 * 8]).unwrap();
+    b.add(&keys[150..], &v[150 * 8..]).unwrap();
+    assert_eq!(a.centroids(), b.centroids());
+    assert_eq!(a.list_sizes(), b.list_sizes());
+    a.retrain().unwrap();
+    assert_eq!(a.len(), 300);
+    assert_eq!(a.list_sizes().iter().sum::<usize>(), 300);
+}
+
+#[test]
+fn rerank_restores_exact_order_within_candidates() {
+    let (mut ivf_plain, flat32, _) = pair(Metric::Ip, DType::F32, 500, 32);
+    let v = data(1, 500, 32);
+    let keys: Vec<u64> = (0..500u64).map(|k| k * 7 + 3).collect();
+    let p = IvfParams {
+        rerank: 50,
+        ..params(8)
+    };
+    let mut ivf = IvfIndex::new(32, Metric::Ip, DType::I8, p).unwrap();
+    ivf.add(&keys, &v).unwrap();
+    ivf.train(&v).unwrap();
+    ivf.set_nprobe(8).unwrap();
+    ivf_plain.set_nprobe(8).unwrap();
+    let q = data(4, 10, 32);
+    let (ids, scores, _) = ivf.search(&q, 5, None).unwrap();
+    let (eids, escores, _) = flat32.search(&q, 5, None).unwrap();
+    assert_eq!(ids, eids);
+    for (a, b) in scores.iter().zip(&escores) {
+        assert!((a - b).abs() < 1e-4);
+    }
+    assert!(IvfIndex::new(4, Metric::Ip, DType::F32, p).is_err());
+    assert!(ivf_plain.set_rerank(5).is_err());
+}
+
+#[test]
+fn save_load_roundtrip_and_corruption_is_refused() {
+    for dtype in [DType::F32, DType::F16, DType::I8] {
+        let p = IvfParams {
+            rerank: if dtype == DType::F32 { 0 } else { 7 },
+            ..params(4)
+        };
+        let v = data(8, 120, 8);
+        let keys: Vec<u64> = (0..120).map(|k| k * 3).collect();
+        let mut ivf = IvfIndex::new(8, Metric::Cos, dtype, p).unwrap();
+        ivf.add(&keys, &v).unwrap();
+        ivf.train(&v).unwrap();
+        ivf.remove(&[0, 3]).unwrap();
+        let bytes = ivf.to_bytes();
+        let back = IvfIndex::from_bytes(&bytes).unwrap();
+        assert_eq!(back.to_bytes(), bytes);
+        assert_eq!(back.params(), ivf.params());
+        let q = data(1, 3, 8);
+        assert_eq!(back.search(&q, 5, None).unwrap().0, ivf.search(&q, 5, None).unwrap().0);
+        for at in (0..bytes.len()).step_by(bytes.len() / 97 + 1) {
+            let mut bad = bytes.clone();
+            bad[at] ^= 0x10;
+            assert!(
+                matches!(IvfIndex::from_bytes(&bad), Err(Error::File { .. })),
+                "flipped byte {at} accepted"
+            );
+        }
+        for cut in [0, 1, 127, 128, bytes.len() - 1] {
+            assert!(matches!(IvfIndex::from_bytes(&bytes[..cut]), Err(Error::File { .. })));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.ivf");
+        ivf.save(&path).unwrap();
+        let m = IvfIndex::load(&path, true, false).unwrap();
+        assert!(m.is_read_only());
+        m.verify().unwrap();
+        assert_eq!(m.search(&q, 5, None).unwrap().0, ivf.search(&q, 5, None).unwrap().0);
+        let mut m = m;
+        assert!(matches!(m.remove(&[6]), Err(Error::ReadOnly)));
+    }
+}

@@ -1,0 +1,333 @@
+//! leanclip._engine.IVFIndex: the thin binding of the engine's IVF index (same conversions,
+//! errors and GIL handling as `Index`).
+
+use crate::convert::{f32_array, key_vec, Count};
+use crate::errors::{to_py_err, value_error};
+use leanclip_engine::ivf::{IvfIndex, IvfParams, DEFAULT_TRAIN_PER_LIST};
+use leanclip_engine::{DType, Metric};
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use parking_lot::RwLock;
+use pyo3::prelude::*;
+use std::path::PathBuf;
+
+/// An approximate (inverted-file) vector index keyed by uint64 ids; see leanclip._engine.pyi.
+#[pyclass(module = "leanclip._engine", name = "IVFIndex", frozen)]
+pub(crate) struct PyIvfIndex {
+    inner: RwLock<IvfIndex>,
+    dim: usize,
+    metric: Metric,
+    dtype: DType,
+}
+
+fn count_arg(value: i64, what: &str, min: i64) -> PyResult<usize> {
+    if value < min {
+        return Err(value_error(format!(
+            "{what} must be at least {min}, got {value}"
+        )));
+    }
+    usize::try_from(value).map_err(|_| value_error(format!("{what} is out of range: {value}")))
+}
+
+impl PyIvfIndex {
+    fn wrap(index: IvfIndex) -> Self {
+        PyIvfIndex {
+            dim: index.dim(),
+            metric: index.metric(),
+            dtype: index.dtype(),
+            inner: RwLock::new(index),
+        }
+    }
+
+    fn vectors<'py>(
+        &self,
+        py: Python<'py>,
+        obj: &Bound<'py, PyAny>,
+        n: Option<usize>,
+    ) -> PyResult<PyReadonlyArrayDyn<'py, f32>> {
+        let arr = f32_array(py, obj, "vectors")?;
+        let shape = arr.shape().to_vec();
+        let ok = (shape.len() == 2 && n.is_none_or(|n| shape[0] == n) && shape[1] == self.dim)
+            || (n == Some(0) && arr.len() == 0);
+        if !ok {
+            let rows = n.map_or("n".to_string(), |n| n.to_string());
+            let why = if n.is_some() { " (len(keys), dim)" } else { "" };
+            return Err(value_error(format!(
+                "vectors must have shape ({rows}, {dim}){why}, got {shape:?}",
+                dim = self.dim
+            )));
+        }
+        Ok(arr.readonly())
+    }
+
+    fn write_batch(
+        &self,
+        py: Python<'_>,
+        keys: &Bound<'_, PyAny>,
+        vectors: &Bound<'_, PyAny>,
+        op: fn(&mut IvfIndex, &[u64], &[f32]) -> leanclip_engine::Result<()>,
+    ) -> PyResult<()> {
+        let keys = key_vec(py, keys, "keys")?;
+        let vectors = self.vectors(py, vectors, Some(keys.len()))?;
+        let vectors = vectors.as_slice()?;
+        py.detach(|| op(&mut self.inner.write(), &keys, vectors))
+            .map_err(to_py_err)
+    }
+}
+
+#[pymethods]
+impl PyIvfIndex {
+    #[new]
+    #[pyo3(signature = (dim, metric = "cos", dtype = "f32", nlist = 1024, nprobe = None, rerank = 0, seed = 0, train_threshold = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        dim: i64,
+        metric: &str,
+        dtype: &str,
+        nlist: i64,
+        nprobe: Option<i64>,
+        rerank: i64,
+        seed: u64,
+        train_threshold: Option<i64>,
+    ) -> PyResult<Self> {
+        let metric = Metric::parse(metric).map_err(to_py_err)?;
+        let dtype = DType::parse(dtype).map_err(to_py_err)?;
+        let dim = usize::try_from(dim)
+            .map_err(|_| value_error(format!("dim must be positive, got {dim}")))?;
+        let nlist = count_arg(nlist, "nlist", 1)?;
+        let mut params = IvfParams::with_nlist(nlist);
+        if let Some(p) = nprobe {
+            params.nprobe = count_arg(p, "nprobe", 1)?;
+        }
+        params.rerank = count_arg(rerank, "rerank", 0)?;
+        params.seed = seed;
+        params.train_threshold = match train_threshold {
+            Some(t) => count_arg(t, "train_threshold", 0)?,
+            None => nlist.saturating_mul(DEFAULT_TRAIN_PER_LIST),
+        };
+        Ok(Self::wrap(
+            IvfIndex::new(dim, metric, dtype, params).map_err(to_py_err)?,
+        ))
+    }
+
+    #[getter]
+    fn dim(&self) -> usize {
+        self.dim
+    }
+
+    #[getter]
+    fn metric(&self) -> &'static str {
+        self.metric.name()
+    }
+
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.dtype.name()
+    }
+
+    #[getter]
+    fn nlist(&self, py: Python<'_>) -> usize {
+        py.detach(|| self.inner.read().params().nlist)
+    }
+
+    #[getter]
+    fn nprobe(&self, py: Python<'_>) -> usize {
+        py.detach(|| self.inner.read().params().nprobe)
+    }
+
+    #[setter]
+    fn set_nprobe(&self, py: Python<'_>, value: i64) -> PyResult<()> {
+        let value = count_arg(value, "nprobe", 1)?;
+        py.detach(|| self.inner.write().set_nprobe(value))
+            .map_err(to_py_err)
+    }
+
+    #[getter]
+    fn rerank(&self, py: Python<'_>) -> usize {
+        py.detach(|| self.inner.read().params().rerank)
+    }
+
+    #[setter]
+    fn set_rerank(&self, py: Python<'_>, value: i64) -> PyResult<()> {
+        let value = count_arg(value, "rerank", 0)?;
+        py.detach(|| self.inner.write().set_rerank(value))
+            .map_err(to_py_err)
+    }
+
+    #[getter]
+    fn seed(&self, py: Python<'_>) -> u64 {
+        py.detach(|| self.inner.read().params().seed)
+    }
+
+    #[getter]
+    fn train_threshold(&self, py: Python<'_>) -> usize {
+        py.detach(|| self.inner.read().params().train_threshold)
+    }
+
+    #[getter]
+    fn is_trained(&self, py: Python<'_>) -> bool {
+        py.detach(|| self.inner.read().is_trained())
+    }
+
+    #[getter]
+    fn read_only(&self, py: Python<'_>) -> bool {
+        py.detach(|| self.inner.read().is_read_only())
+    }
+
+    fn __len__(&self, py: Python<'_>) -> usize {
+        py.detach(|| self.inner.read().len())
+    }
+
+    fn __contains__(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> bool {
+        match key.extract::<u64>() {
+            Ok(key) => py.detach(|| self.inner.read().contains(key)),
+            Err(_) => false,
+        }
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let (len, p, trained, ro) = py.detach(|| {
+            let g = self.inner.read();
+            (g.len(), g.params(), g.is_trained(), g.is_read_only())
+        });
+        let ro = if ro { ", read_only=True" } else { "" };
+        format!(
+            "IVFIndex(dim={}, metric='{}', dtype='{}', nlist={}, nprobe={}, rerank={}, \
+             trained={}, len={len}{ro})",
+            self.dim,
+            self.metric.name(),
+            self.dtype.name(),
+            p.nlist,
+            p.nprobe,
+            p.rerank,
+            if trained { "True" } else { "False" },
+        )
+    }
+
+    fn keys<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
+        let keys = py.detach(|| self.inner.read().keys());
+        PyArray1::from_vec(py, keys)
+    }
+
+    fn list_sizes<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
+        let sizes = py.detach(|| {
+            self.inner
+                .read()
+                .list_sizes()
+                .into_iter()
+                .map(|s| s as u64)
+                .collect()
+        });
+        PyArray1::from_vec(py, sizes)
+    }
+
+    fn add(
+        &self,
+        py: Python<'_>,
+        keys: &Bound<'_, PyAny>,
+        vectors: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        self.write_batch(py, keys, vectors, IvfIndex::add)
+    }
+
+    fn upsert(
+        &self,
+        py: Python<'_>,
+        keys: &Bound<'_, PyAny>,
+        vectors: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        self.write_batch(py, keys, vectors, IvfIndex::upsert)
+    }
+
+    fn remove(&self, py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let keys = key_vec(py, keys, "keys")?;
+        py.detach(|| self.inner.write().remove(&keys))
+            .map_err(to_py_err)
+    }
+
+    fn get<'py>(&self, py: Python<'py>, keys: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let keys = key_vec(py, keys, "keys")?;
+        let n = keys.len();
+        let values = py
+            .detach(|| self.inner.read().get(&keys))
+            .map_err(to_py_err)?;
+        Ok(PyArray1::from_vec(py, values)
+            .reshape([n, self.dim])?
+            .into_any())
+    }
+
+    fn train(&self, py: Python<'_>, vectors: &Bound<'_, PyAny>) -> PyResult<()> {
+        let vectors = self.vectors(py, vectors, None)?;
+        let vectors = vectors.as_slice()?;
+        py.detach(|| self.inner.write().train(vectors))
+            .map_err(to_py_err)
+    }
+
+    fn retrain(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.inner.write().retrain())
+            .map_err(to_py_err)
+    }
+
+    #[pyo3(signature = (queries, k = Count(10), exclude = None), text_signature = "(self, queries, k=10, exclude=None)")]
+    fn search<'py>(
+        &self,
+        py: Python<'py>,
+        queries: &Bound<'py, PyAny>,
+        k: Count,
+        exclude: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+        let k = k.0;
+        let arr = f32_array(py, queries, "queries")?;
+        let shape = arr.shape().to_vec();
+        let single = shape.len() == 1;
+        let shape_ok = match shape.as_slice() {
+            [d] => *d == self.dim,
+            [_, d] => *d == self.dim,
+            _ => false,
+        };
+        if !shape_ok {
+            return Err(value_error(format!(
+                "queries must have shape ({dim},) or (q, {dim}), got {shape:?}",
+                dim = self.dim
+            )));
+        }
+        let nq = if single { 1 } else { shape[0] };
+        let exclude = exclude.map(|e| key_vec(py, e, "exclude")).transpose()?;
+        let arr = arr.readonly();
+        let q = arr.as_slice()?;
+        let (ids, scores, kp) = py
+            .detach(|| self.inner.read().search(q, k, exclude.as_deref()))
+            .map_err(to_py_err)?;
+        let ids = PyArray1::from_vec(py, ids);
+        let scores = PyArray1::from_vec(py, scores);
+        if single {
+            Ok((ids.into_any(), scores.into_any()))
+        } else {
+            Ok((
+                ids.reshape([nq, kp])?.into_any(),
+                scores.reshape([nq, kp])?.into_any(),
+            ))
+        }
+    }
+
+    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        py.detach(|| self.inner.read().save(&path))
+            .map_err(to_py_err)
+    }
+
+    #[staticmethod]
+    #[pyo3(signature = (path, mmap = false, verify = true))]
+    fn load(py: Python<'_>, path: PathBuf, mmap: bool, verify: bool) -> PyResult<Self> {
+        let index = py
+            .detach(|| IvfIndex::load(&path, mmap, verify))
+            .map_err(to_py_err)?;
+        Ok(Self::wrap(index))
+    }
+
+    fn verify(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.inner.read().verify()).map_err(to_py_err)
+    }
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyIvfIndex>()
+}
