@@ -18,6 +18,7 @@ __all__ = [
     "DTYPES",
     "FORMAT_VERSION",
     "METRICS",
+    "IVFIndex",
     "Index",
     "IndexFileError",
     "mine_hard_negatives",
