@@ -20,7 +20,8 @@ _LAZY = {
     "ApproxIndex": "leanclip.approx",
     "hard_negative_ids": "leanclip.mining",
     "Encoder": "leanclip.encoder",
-    "ImageLoadError": "leanclip.encoder",
+    "ImageLoadError": "leanclip.images",
+    "LeanclipError": "leanclip.errors",
     "BundleError": "leanclip.bundle",
     "Gallery": "leanclip.gallery",
 }
@@ -31,7 +32,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from leanclip._engine import Index, IndexFileError, mine_hard_negatives
     from leanclip.approx import ApproxIndex
     from leanclip.bundle import BundleError
-    from leanclip.encoder import Encoder, ImageLoadError
+    from leanclip.encoder import Encoder
+    from leanclip.errors import LeanclipError
+    from leanclip.images import ImageLoadError
     from leanclip.gallery import Gallery
     from leanclip.mining import hard_negative_ids
 
