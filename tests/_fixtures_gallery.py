@@ -40,9 +40,9 @@ class ColorEncoder:
 
     def _image(self, im: Any) -> np.ndarray:
         if not isinstance(im, Image.Image):
-            from leanclip.gallery import open_image
+            from leanclip.images import load_image
 
-            im = open_image(im, size=self.image_size)
+            im = load_image(im, reduce_for=self.image_size)
         small = np.asarray(im.convert("RGB").resize((4, 4), Image.BILINEAR), dtype=np.float32)
         v = small.reshape(-1) / 255.0 - 0.5
         if self.model_id != "color-v1":  # another "model": a fixed rotation of the space

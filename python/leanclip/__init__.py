@@ -21,7 +21,8 @@ _LAZY = {
     "ApproxIndex": "leanclip.approx",
     "hard_negative_ids": "leanclip.mining",
     "Encoder": "leanclip.encoder",
-    "ImageLoadError": "leanclip.encoder",
+    "ImageLoadError": "leanclip.images",
+    "LeanclipError": "leanclip.errors",
     "BundleError": "leanclip.bundle",
     "Gallery": "leanclip.gallery",
 }
@@ -32,8 +33,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from leanclip._engine import Index, IVFIndex, mine_hard_negatives
     from leanclip.approx import ApproxIndex
     from leanclip.bundle import BundleError
-    from leanclip.encoder import Encoder, ImageLoadError
-    from leanclip.errors import IndexFileError
+    from leanclip.encoder import Encoder
+    from leanclip.errors import IndexFileError, LeanclipError
+    from leanclip.images import ImageLoadError
     from leanclip.gallery import Gallery
     from leanclip.mining import hard_negative_ids
 

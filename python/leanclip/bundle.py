@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -140,7 +140,7 @@ def _section(data: Dict[str, Any], key: str, cls: type, where: Path) -> Any:
     raw = data.get(key)
     if not isinstance(raw, dict):
         raise BundleError(f"{where}: '{key}' must be an object")
-    known = set(cls.__dataclass_fields__)
+    known = {f.name for f in fields(cls)}
     unknown = set(raw) - known
     if unknown:
         raise BundleError(f"{where}: unknown field(s) in '{key}': {sorted(unknown)}")

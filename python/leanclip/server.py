@@ -36,11 +36,13 @@ from concurrent.futures import Future
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from leanclip.errors import LeanclipError
 from leanclip.gallery import Gallery, GalleryError, Hit, Term, parse_query
 from leanclip.gallery.store import FileRow, ok_row
+
+Query = Union[str, List[Term]]  # a query string or parsed terms (the server sends terms)
 
 MAX_URL = 2048  # bytes of request target
 MAX_QUERY = 512  # characters of a search query
@@ -77,10 +79,10 @@ class Batcher:
     def __init__(self, gallery: Gallery, max_batch: int = 64) -> None:
         self.gallery = gallery
         self.max_batch = max_batch
-        self.queue: "queue.Queue[Tuple[str, int, Optional[List[str]], Future]]" = queue.Queue()
+        self.queue: "queue.Queue[Tuple[Query, int, Optional[List[str]], Future]]" = queue.Queue()
         threading.Thread(target=self._run, name="leanclip-batcher", daemon=True).start()
 
-    def search(self, query: str, k: int, paths: Optional[List[str]], timeout: float = 60.0) -> List[Hit]:
+    def search(self, query: "Query", k: int, paths: Optional[List[str]], timeout: float = 60.0) -> List[Hit]:
         fut: Future = Future()
         self.queue.put((query, k, paths, fut))
         return fut.result(timeout=timeout)

@@ -267,12 +267,12 @@ class Gallery:
                 if t.kind == "text":
                     v = text_vecs[t.value]
                 elif t.kind == "photo":  # an indexed photo, by key: its stored vector, no file read
-                    key = int(t.value)
-                    if key not in index:
-                        raise GalleryError(f"photo {key} is not in the gallery (any more)")
-                    v = np.asarray(index.get([key]), dtype=np.float32)[0]
+                    photo = int(t.value)
+                    if photo not in index:
+                        raise GalleryError(f"photo {photo} is not in the gallery (any more)")
+                    v = np.asarray(index.get([photo]), dtype=np.float32)[0]
                     if t.sign > 0:
-                        own_keys.append(key)
+                        own_keys.append(photo)
                 else:
                     key = self._key_of(t.value)
                     if key is not None and key in index:
