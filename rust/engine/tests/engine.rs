@@ -2,7 +2,7 @@
 //! format under corruption, mining with groups.
 
 use half::f16;
-use leanclip_engine::{mine_hard_negatives, DType, Error, Index, Metric, Queries, Rows};
+use leanclip_engine::{mine_hard_negatives, DType, Error, Index, Metric, Queries, Rows, ScanPrecision};
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -129,6 +129,7 @@ fn mining_skips_groups_and_pads_missing_slots() {
         Some(&corpus_groups),
         Metric::Ip,
         DType::F32,
+        ScanPrecision::F32,
     )
     .unwrap();
     for (q, group) in query_groups.iter().enumerate() {
@@ -173,6 +174,7 @@ fn mining_skips_groups_and_pads_missing_slots() {
         None,
         Metric::L2,
         DType::F32,
+        ScanPrecision::F32,
     )
     .unwrap();
     let b = mine_hard_negatives(
@@ -184,6 +186,7 @@ fn mining_skips_groups_and_pads_missing_slots() {
         None,
         Metric::L2,
         DType::F32,
+        ScanPrecision::F32,
     )
     .unwrap();
     assert_eq!(a.0, b.0);
