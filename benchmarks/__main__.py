@@ -36,7 +36,12 @@ def bench_env() -> Dict[str, str]:
 
 def run_one(name: str, timeout: Optional[float]) -> int:
     # argv as the results header should show it (_harness records sys.argv)
-    code = f"import sys; sys.argv = ['-m', 'benchmarks', {name!r}]; import benchmarks.bench_{name} as m; m.main()"
+    # main(argv) gets no arguments of its own: sys.argv is the runner's (for the header), which a
+    # benchmark's parser must not read ("unrecognized arguments: benchmarks index").
+    code = (
+        f"import inspect, sys; sys.argv = ['-m', 'benchmarks', {name!r}]; import benchmarks.bench_{name} as m; "
+        "m.main([]) if inspect.signature(m.main).parameters else m.main()"
+    )
     print(f"=== bench_{name} ===", flush=True)
     started = time.perf_counter()
     try:

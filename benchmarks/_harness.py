@@ -16,7 +16,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -38,16 +38,61 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_flags() -> str:
+def _cpuinfo() -> Dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    out: Dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                wanted = ["avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_fp16"]
-                return ",".join(f for f in wanted if f in flags)
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            out[key.strip()] = value.strip()
     except OSError:
         pass
-    return ""
+    return out
+
+
+def cpu_flags() -> str:
+    flags = set(_cpuinfo().get("flags", "").split())
+    wanted = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
+              "avx512_fp16", "amx_int8", "amx_bf16"]
+    return ",".join(f for f in wanted if f in flags)
+
+
+# (vendor, family) -> [(first model, last model, name)]: the families the result tables are
+# kept per (results/cpu/<family>/); anything else is named by its vendor, family and model.
+_FAMILIES = {
+    ("AuthenticAMD", 23): [(0x00, 0x2F, "amd-zen1"), (0x30, 0xFF, "amd-zen2")],
+    ("AuthenticAMD", 25): [(0x00, 0x0F, "amd-zen3"), (0x10, 0x1F, "amd-zen4"), (0x20, 0x5F, "amd-zen3"),
+                           (0x60, 0xAF, "amd-zen4")],
+    ("AuthenticAMD", 26): [(0x00, 0xFF, "amd-zen5")],
+    ("GenuineIntel", 6): [(0x55, 0x55, "intel-skylake-sp"), (0x6A, 0x6C, "intel-icelake-sp"),
+                          (0x8F, 0x8F, "intel-sapphire-rapids"), (0xCF, 0xCF, "intel-emerald-rapids"),
+                          (0xAD, 0xAE, "intel-granite-rapids"), (0x97, 0x9A, "intel-alder-lake"),
+                          (0xB7, 0xBF, "intel-raptor-lake")],
+}
+
+
+def cpu_family() -> str:
+    """A short name for this CPU's microarchitecture family, e.g. "amd-zen4"."""
+    info = _cpuinfo()
+    vendor = info.get("vendor_id", "")
+    try:
+        family, model = int(info.get("cpu family", "")), int(info.get("model", ""))
+    except ValueError:
+        return platform.machine().lower() or "unknown"
+    for lo, hi, name in _FAMILIES.get((vendor, family), []):
+        if lo <= model <= hi:
+            return name
+    short = {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(vendor, vendor.lower() or "cpu")
+    return f"{short}-f{family}-m{model}"
+
+
+def cpu_description() -> str:
+    """Model, family and the SIMD flags that matter here, for every result table."""
+    info = _cpuinfo()
+    ident = f"family {info.get('cpu family', '?')} model {info.get('model', '?')}"
+    return f"{cpu_model()} [{cpu_family()}: {ident}; {os.cpu_count()} cores; {cpu_flags()}]"
 
 
 def versions(packages: Iterable[str]) -> str:
@@ -124,7 +169,8 @@ def header(title: str, packages: Iterable[str] = (), note: Optional[str] = None)
         f"# {title}",
         "",
         f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {cpu_model()} ({os.cpu_count()} cores; {cpu_flags()}), {platform.system()} {platform.release()}",
+        f"- machine: {cpu_description()}, {platform.system()} {platform.release()}",
+        f"- load average at the start (1/5/15 min): {' / '.join(f'{x:.1f}' for x in os.getloadavg())}",
         f"- python {platform.python_version()}; {versions(['leanclip', 'numpy', *packages])}",
         f"- BLAS: {blas_info()}",
         f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
@@ -135,10 +181,14 @@ def header(title: str, packages: Iterable[str] = (), note: Optional[str] = None)
 
 
 def write_result(name: str, text: str) -> Path:
-    """Write ``benchmarks/results/<name>.md`` and echo it."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    """Write ``benchmarks/results/cpu/<family>/<name>.md`` (tables are kept per CPU family)
+    and ``benchmarks/results/<name>.md`` (the latest run, whatever its CPU), and echo it."""
+    text = text if text.endswith("\n") else text + "\n"
+    family_dir = RESULTS / "cpu" / cpu_family()
+    family_dir.mkdir(parents=True, exist_ok=True)
+    (family_dir / f"{name}.md").write_text(text, encoding="utf-8")
     path = RESULTS / f"{name}.md"
-    path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    path.write_text(text, encoding="utf-8")
     print(text)
-    print(f"[written to {path}]")
+    print(f"[written to {path} and {family_dir / (name + '.md')}]")
     return path

@@ -1,7 +1,7 @@
 //! Times `mine_hard_negatives` against the bare blocked matrix products it runs (same block
 //! shapes, all cores, no top-k), alternately in one process, to split GEMM time from the rest.
 //! `cargo run --release --example mine_probe -- [nq] [n]`.
-use leanclip_engine::{mine_hard_negatives, DType, Metric, Queries, Rows};
+use leanclip_engine::{mine_hard_negatives, DType, Metric, Queries, Rows, ScanPrecision};
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -108,6 +108,7 @@ fn main() {
             Some(&cg),
             Metric::Ip,
             DType::F32,
+            ScanPrecision::F32,
         )
         .unwrap();
         let (tm, cm) = (t.elapsed().as_secs_f64(), cpu() - c);

@@ -16,5 +16,5 @@ pub mod types;
 pub use error::{Error, Result, VectorFault};
 pub use index::Index;
 pub use mining::mine_hard_negatives;
-pub use search::{Queries, Rows};
+pub use search::{Queries, Rows, ScanPrecision};
 pub use types::{DType, Metric};

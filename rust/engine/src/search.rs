@@ -48,6 +48,46 @@ pub enum Scan<'a> {
     },
 }
 
+/// The precision a mining scan runs at (`precision=` in `mine_hard_negatives`). Scores and
+/// the returned order are exact f32 (or the `dtype`'s) either way: see [`Scan`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScanPrecision {
+    F32,
+    Bf16,
+    I8,
+}
+
+impl ScanPrecision {
+    pub fn parse(name: &str) -> crate::error::Result<Self> {
+        match name {
+            "f32" => Ok(ScanPrecision::F32),
+            "bf16" => Ok(ScanPrecision::Bf16),
+            "i8" => Ok(ScanPrecision::I8),
+            other => crate::error::invalid(format!(
+                "unknown precision {other:?}: expected one of \"f32\", \"bf16\", \"i8\""
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ScanPrecision::F32 => "f32",
+            ScanPrecision::Bf16 => "bf16",
+            ScanPrecision::I8 => "i8",
+        }
+    }
+
+    /// Whether this CPU (at the current SIMD level) runs the scan in this precision; where it
+    /// does not, the scan is exact (same results, no speed-up).
+    pub fn is_accelerated(self) -> bool {
+        match self {
+            ScanPrecision::F32 => true,
+            ScanPrecision::Bf16 => matmul::has_bf16_product(kernels::level()),
+            ScanPrecision::I8 => matmul::has_i8_product(kernels::level()),
+        }
+    }
+}
+
 /// Candidates a low-precision scan keeps per query for the exact re-score: `k + margin(k)`.
 /// The margin absorbs the scan's rounding: a true top-k row is lost only if more than
 /// `margin` rows overtake it in the scan (see docs/mining.md for the measured agreement).

@@ -3,7 +3,7 @@
 
 use half::f16;
 use leanclip_engine::{
-    mine_hard_negatives, DType, Error, Index, Metric, Queries, Rows, VectorFault,
+    mine_hard_negatives, DType, Error, Index, Metric, Queries, Rows, ScanPrecision, VectorFault,
 };
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -131,6 +131,7 @@ fn mining_skips_groups_and_pads_missing_slots() {
         Some(&corpus_groups),
         Metric::Ip,
         DType::F32,
+        ScanPrecision::F32,
     )
     .unwrap();
     for (q, group) in query_groups.iter().enumerate() {
@@ -175,6 +176,7 @@ fn mining_skips_groups_and_pads_missing_slots() {
         None,
         Metric::L2,
         DType::F32,
+        ScanPrecision::F32,
     )
     .unwrap();
     let b = mine_hard_negatives(
@@ -186,6 +188,7 @@ fn mining_skips_groups_and_pads_missing_slots() {
         None,
         Metric::L2,
         DType::F32,
+        ScanPrecision::F32,
     )
     .unwrap();
     assert_eq!(a.0, b.0);
@@ -274,6 +277,7 @@ fn mining_names_the_bad_row_of_the_whole_array_for_f16_input() {
         None,
         Metric::Ip,
         DType::F32,
+        ScanPrecision::F32,
     )
     .unwrap_err();
     assert!(

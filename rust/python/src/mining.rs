@@ -8,7 +8,7 @@ use pyo3::prelude::*;
 
 /// Top-k corpus rows per query outside the query's group; see leanclip._engine.pyi.
 #[pyfunction]
-#[pyo3(signature = (queries, corpus, k, query_groups = None, corpus_groups = None, metric = "ip", dtype = "f32"))]
+#[pyo3(signature = (queries, corpus, k, query_groups = None, corpus_groups = None, metric = "ip", dtype = "f32", precision = "f32"))]
 #[allow(clippy::too_many_arguments)]
 fn mine_hard_negatives<'py>(
     py: Python<'py>,
@@ -19,9 +19,11 @@ fn mine_hard_negatives<'py>(
     corpus_groups: Option<&Bound<'py, PyAny>>,
     metric: &str,
     dtype: &str,
+    precision: &str,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let metric = Metric::parse(metric).map_err(to_py_err)?;
     let dtype = DType::parse(dtype).map_err(to_py_err)?;
+    let precision = engine::ScanPrecision::parse(precision).map_err(to_py_err)?;
     let k = k.0;
     let queries = f32_or_f16_array(py, queries, "queries")?;
     let corpus = f32_or_f16_array(py, corpus, "corpus")?;
@@ -63,6 +65,7 @@ fn mine_hard_negatives<'py>(
                 corpus_groups.as_deref(),
                 metric,
                 dtype,
+                precision,
             )
         })
         .map_err(to_py_err)?;
