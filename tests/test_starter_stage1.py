@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import yaml
 
 from training import minilm_stage1 as s1
-from training.minilm import BertConfig, MiniLMTextTower, make_tokenizer, tiny_wordpiece_tokenizer_json, truncate_layers
+from leanclip.minilm import BertConfig, MiniLMTextTower, make_tokenizer, tiny_wordpiece_tokenizer_json, truncate_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the a of photo cat dog red blue car runs quickly library tool for files data server python "
@@ -91,7 +91,7 @@ def test_distill_moves_the_student_towards_the_teacher(loss: str) -> None:
     teacher = tiny_teacher()
     tok = make_tokenizer(tiny_wordpiece_tokenizer_json(WORDS), 32)
     texts: List[str] = [f"the {a} {b} of {c}" for a in WORDS[:6] for b in WORDS[6:10] for c in WORDS[10:12]]
-    from training.minilm import embed_texts
+    from leanclip.minilm import embed_texts
 
     targets = embed_texts(teacher, tok, texts)
 

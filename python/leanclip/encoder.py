@@ -20,7 +20,6 @@ Defined behaviour for awkward inputs:
 
 from __future__ import annotations
 
-import html
 import os
 import threading
 import warnings
@@ -32,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from leanclip.bundle import BundleError, Manifest, PathLike, read_manifest
+from leanclip.clip_tokenizer import clip_clean
 
 __all__ = ["Encoder", "ImageLoadError", "BundleError", "preprocess_image"]
 
@@ -258,7 +258,7 @@ class Encoder:
                 raise TypeError(f"texts[{i}] is {type(t).__name__}, not str")
         if self.manifest.text.kind == "clip":
             # open_clip unescapes HTML entities twice; the rest of its cleaning is in tokenizer.json
-            items = [html.unescape(html.unescape(t)) if "&" in t else t for t in items]
+            items = [clip_clean(t) for t in items]
         return [e.ids for e in self._tokenizer.encode_batch(items)]
 
     def encode_text(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
