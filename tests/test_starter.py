@@ -43,7 +43,7 @@ def tiny_text_tower(layers: int = 3, seed: int = 0) -> MiniLMTextTower:
     torch.manual_seed(seed)
     cfg = BertConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64,
+        intermediate_size=64, max_position_embeddings=64, initializer_range=0.1,
     )
     return MiniLMTextTower(cfg).eval()
 

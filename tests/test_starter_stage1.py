@@ -32,7 +32,8 @@ def corpus_file(tmp_path: Path, n: int = 300) -> Path:
 def tiny_teacher(layers: int = 4) -> MiniLMTextTower:
     torch.manual_seed(0)
     return MiniLMTextTower(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=layers,
-                                      num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)).eval()
+                                      num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                                      initializer_range=0.1)).eval()  # BERT init at std 0.02 leaves tiny layers near identity
 
 
 def test_deb822_descriptions_and_sentence_filter() -> None:

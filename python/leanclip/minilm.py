@@ -55,11 +55,16 @@ class MiniLMTextTower(BertModel):
 
     A subclass rather than a wrapper, so parameter names are the checkpoint's (``embeddings.*``,
     ``encoder.layer.N.*``) and ``tower.encoder.layer`` is the list of layers. Attention runs in
-    transformers' "eager" implementation, which exports to ONNX with a dynamic sequence axis."""
+    transformers' "eager" implementation, which exports to ONNX with a dynamic sequence axis.
+    Fresh towers (tests' stand-ins) get transformers' BERT initialisation (normal, std
+    ``config.initializer_range``)."""
 
     def __init__(self, config: BertConfig) -> None:
         config = copy.deepcopy(config)
         config._attn_implementation = "eager"
+        # no dropout: the distillation recipes (training.minilm_stage1) train without it
+        config.hidden_dropout_prob = 0.0
+        config.attention_probs_dropout_prob = 0.0
         super().__init__(config, add_pooling_layer=False)
 
     @property
