@@ -163,7 +163,7 @@ class CLIPTextTower(nn.Module):
         if self.pool_type == "argmax":
             x = x[rows, input_ids.argmax(dim=-1)]
         elif self.pool_type == "eos":
-            x = x[rows, torch.eq(input_ids, self.eos_id).to(torch.int32).argmax(dim=-1)]
+            x = x[rows, torch.eq(input_ids, int(self.eos_id or 0)).to(torch.int32).argmax(dim=-1)]
         else:
             x = x[:, 0]
         if self.text_projection is None:
