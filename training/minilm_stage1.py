@@ -29,7 +29,6 @@ training.minilm_stage1 --config ...`` does the same.)
 
 from __future__ import annotations
 
-import argparse
 import ast
 import hashlib
 import json
