@@ -94,9 +94,8 @@ def export_all(work: Path, quick: bool) -> Tuple[Dict[str, float], Dict[str, flo
     """Export every model (fp32 + int8) unless already in ``work``; returns eager-torch image
     throughput at batch 32 and export seconds per model."""
     import torch
-    from training.export import export_model
-
-    from training.export import quantize_bundle
+    from leanclip.export import export_model
+    from leanclip.quantize import quantize_bundle
 
     eager: Dict[str, float] = {}
     export_s: Dict[str, float] = {}

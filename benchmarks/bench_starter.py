@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_starter [--work DIR] [--no-ablation]
 
-Builds the starter bundle (fp32 and int8) with ``training.starter.build_starter``, copies the
+Builds the starter bundle (fp32 and int8) with ``leanclip.starter.build_starter``, copies the
 sample photos with ``leanclip.samples.collect_sample_photos``, encodes them and the captions of
 ``benchmarks/data/sample_captions.json`` with the torch-free ``leanclip.Encoder``, and reports
 R@1 / R@5 (a caption's photo ranked first / in the top 5 among all sample photos), bundle sizes
@@ -24,11 +24,9 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "python") not in sys.path:
-    sys.path.insert(0, str(ROOT / "python"))
+from benchmarks import _harness as H
 
-from benchmarks import _harness as H  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CAPTIONS = ROOT / "benchmarks" / "data" / "sample_captions.json"
 
@@ -100,8 +98,11 @@ def main(argv: List[str] | None = None) -> int:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     from leanclip.samples import collect_sample_photos
-    from training.imagenet_classes import SIMPLE_TEMPLATES
-    from training.starter import DEFAULT_TEMPLATES, build_starter
+    from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
+
+    from leanclip.starter import DEFAULT_TEMPLATES, build_starter
+
+    SIMPLE_TEMPLATES = tuple(t("{}") for t in SIMPLE_IMAGENET_TEMPLATES)  # open_clip's seven, as str.format
 
     captions = load_captions()
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
-if ! "$PYTHON" -c "import leanclip._engine, skimage, sklearn, matplotlib, training.starter" 2>/dev/null; then
+if ! "$PYTHON" -c "import leanclip._engine, skimage, sklearn, matplotlib, leanclip.starter" 2>/dev/null; then
     echo "installing leanclip with the demo extra (builds the Rust engine; needs cargo) ..." >&2
     "$PYTHON" -m pip install -e '.[demo]'
 fi

@@ -13,20 +13,12 @@ from __future__ import annotations
 
 import atexit
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-try:  # a checkout without an installed leanclip: use python/
-    import leanclip.bundle  # noqa: F401
-except ImportError:  # pragma: no cover - depends on how the tests are run
-    sys.path.insert(0, str(ROOT / "python"))
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 TINY_IMAGE_SIZE = 32
 _CACHE: Dict[Tuple[Any, ...], Path] = {}
 
@@ -68,7 +60,7 @@ def make_tiny_bundle(out_dir: Any, *, int8: bool = False, dim: int = 32, seed: i
         return out
     import tempfile
 
-    from training.export import export_model
+    from leanclip.export import export_model
 
     model = make_tiny_clip(dim=dim, seed=seed)
     export_model(model, out, name=name, source=f"tests: random tiny open_clip CLIP (seed {seed})", int8=int8)

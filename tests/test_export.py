@@ -1,8 +1,7 @@
-"""training.export: ONNX export round trips (teacher- and student-shaped), self-check, CLI."""
+"""leanclip.export (and the training.export command line): ONNX export round trips (teacher- and student-shaped), self-check, CLI."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +16,15 @@ from torch import nn
 
 from leanclip.bundle import ImageSpec, TextSpec, read_manifest
 from leanclip.encoder import Encoder
-from training.export import (
+from leanclip.export import (
     ExportError,
     FixedLengthTextTower,
     ImageTower,
     export_bundle,
     export_model,
-    main,
-    quantize_bundle,
 )
+from leanclip.quantize import quantize_bundle
+from training.export import main
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -55,6 +55,12 @@ def test_missing_package_is_skipped_with_warning(tmp_path: Path, monkeypatch: py
 
 def test_no_package_at_all_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(samples, "_package_dir", lambda package: None)
+    from leanclip._deps import MissingDependency
+    from leanclip.errors import LeanclipError
+
     with pytest.warns(UserWarning):
-        with pytest.raises(RuntimeError, match="no sample photos"):
+        with pytest.raises(MissingDependency) as info:
             samples.collect_sample_photos(tmp_path)
+    msg = str(info.value)
+    assert isinstance(info.value, LeanclipError) and "\n" not in msg
+    assert "sample photos" in msg and "pip install 'leanclip[demo]'" in msg and "scikit-image" in msg

@@ -1,4 +1,4 @@
-"""The starter bundle builder (training.starter) and its MiniLM text tower (training.minilm).
+"""The starter bundle builder (leanclip.starter) and its MiniLM text tower (leanclip.minilm).
 
 Unit tests use tiny random stand-ins for MiniLM and EfficientNet-Lite0 that run through the same
 code (build_starter's text_tower / classifier / tokenizer_json parameters); tests marked slow
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from training.minilm import (
+from leanclip.minilm import (
     BertConfig,
     MiniLMTextTower,
     embed_texts,
@@ -28,7 +28,7 @@ from training.minilm import (
     tokenize,
     truncate_layers,
 )
-from training.starter import ZeroShotImageTower, build_starter, class_text_embeddings
+from leanclip.starter import ZeroShotImageTower, build_starter, class_text_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "red car", "tree", "cup of coffee"]
@@ -43,7 +43,7 @@ def tiny_text_tower(layers: int = 3, seed: int = 0) -> MiniLMTextTower:
     torch.manual_seed(seed)
     cfg = BertConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64,
+        intermediate_size=64, max_position_embeddings=64, initializer_range=0.1,
     )
     return MiniLMTextTower(cfg).eval()
 
@@ -187,7 +187,8 @@ def test_build_starter_tiny_int8(tmp_path: Path) -> None:
     int8 = build_starter(tmp_path / "int8", int8=True, **kw)
     m = read_manifest(int8)
     assert m.precision == "int8"
-    assert m.extra["quantization"]["text_op_types"] == ["Gather"]
+    assert m.extra["quantization"]["op_types"]["text.onnx"] == ["Gather"]
+    assert m.extra["quantization"]["op_types"]["image.onnx"] == ["MatMul", "Gemm"]
     assert min(m.extra["self_check_int8_vs_fp32"].values()) >= 0.99
     assert not list(tmp_path.glob(".*"))  # no temporary directories left behind
     texts = ["a photo of a cat", "the tree"]
@@ -230,7 +231,7 @@ def test_minilm_matches_sentence_transformers(tmp_path: Path) -> None:
     st = pytest.importorskip("sentence_transformers")
     import zipfile
 
-    from training.minilm import load_minilm, load_minilm_tokenizer_json, minilm_zip_path
+    from leanclip.minilm import load_minilm, load_minilm_tokenizer_json, minilm_zip_path
 
     with zipfile.ZipFile(minilm_zip_path()) as zf:
         zf.extractall(tmp_path / "m")

@@ -1,4 +1,4 @@
-"""training.tokenizer: the CLIP BPE as tokenizer.json gives exactly open_clip's token ids."""
+"""leanclip.clip_tokenizer: the CLIP BPE as tokenizer.json gives exactly open_clip's token ids."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from typing import List
 
 import pytest
 
-import tests._fixtures_bundle  # noqa: F401 - puts python/ on sys.path in a plain checkout
-from training.tokenizer import (
+from leanclip.clip_tokenizer import (
     EOT,
     SOT,
     VOCAB_SIZE,

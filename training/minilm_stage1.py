@@ -5,7 +5,7 @@
 (``training.stage1`` hands configs with ``recipe: minilm_text`` to :func:`main`; ``python -m
 training.minilm_stage1 --config ...`` does the same.)
 
-* Teacher: all-MiniLM-L6-v2 (``training.minilm``), frozen. Students: ``k`` of its layers
+* Teacher: all-MiniLM-L6-v2 (:mod:`leanclip.minilm`), frozen. Students: ``k`` of its layers
   (embeddings copied, layers picked evenly from first to last, e.g. 2 -> [0, 5], 3 -> [0, 2, 5]),
   as the paper initialises its shallower text students from the teacher's layers.
 * Losses (Table 2's stage-1 ablation): ``infonce`` = eq. 3, ``training.losses.intra_modal_infonce``
@@ -29,12 +29,12 @@ training.minilm_stage1 --config ...`` does the same.)
 
 from __future__ import annotations
 
-import argparse
 import ast
 import hashlib
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.minilm import (
+from leanclip.minilm import (
     DEFAULT_CONTEXT_LENGTH,
     MiniLMTextTower,
     embed_texts,
@@ -355,11 +355,9 @@ class CaptionEval:
 
 def caption_eval_set(teacher: nn.Module, tokenizer: Any, photo_dir: Path) -> CaptionEval:
     """The starter image tower's embeddings of the captioned sample photos (teacher text space)."""
-    if str(ROOT / "python") not in sys.path:  # run from a checkout without an installed leanclip
-        sys.path.insert(0, str(ROOT / "python"))
     from leanclip.encoder import _load_image, preprocess_image
     from leanclip.samples import collect_sample_photos
-    from training.starter import (
+    from leanclip.starter import (
         DEFAULT_TEMPERATURE,
         DEFAULT_TEMPLATES,
         EFFICIENTNET_MEAN,
@@ -367,9 +365,9 @@ def caption_eval_set(teacher: nn.Module, tokenizer: Any, photo_dir: Path) -> Cap
         IMAGE_SIZE,
         ZeroShotImageTower,
         class_text_embeddings,
+        imagenet_classnames,
         load_efficientnet_lite0,
     )
-    from training.imagenet_classes import IMAGENET_CLASSNAMES
 
     captions = json.loads((ROOT / "benchmarks/data/sample_captions.json").read_text(encoding="utf-8"))["captions"]
     photos = [p for p in collect_sample_photos(photo_dir) if p.name in captions]
@@ -379,7 +377,7 @@ def caption_eval_set(teacher: nn.Module, tokenizer: Any, photo_dir: Path) -> Cap
         for c in caps:
             texts.append(c)
             targets.append(index[name])
-    class_embeds = class_text_embeddings(teacher, tokenizer, IMAGENET_CLASSNAMES, DEFAULT_TEMPLATES)
+    class_embeds = class_text_embeddings(teacher, tokenizer, list(imagenet_classnames()), DEFAULT_TEMPLATES)
     tower = ZeroShotImageTower(load_efficientnet_lite0(), class_embeds, DEFAULT_TEMPERATURE).eval()
     pixels = np.stack([
         preprocess_image(_load_image(p), IMAGE_SIZE, EFFICIENTNET_MEAN, EFFICIENTNET_STD, "bicubic") for p in photos
@@ -529,6 +527,28 @@ def run(config: Dict[str, Any], teacher: Optional[MiniLMTextTower] = None,
     return results
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def fmt(x: object) -> str:
+        if isinstance(x, float):
+            if x != x:
+                return "–"
+            return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}" if abs(x) < 1 else f"{x:.2f}"
+        return str(x)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows])
+
+
 def _stage1_label(row: Dict[str, Any], cfg: Dict[str, Any]) -> str:
     if row["loss"] == "infonce":
         return f"infonce (tau {cfg['train']['temperature']})"
@@ -537,10 +557,6 @@ def _stage1_label(row: Dict[str, Any], cfg: Dict[str, Any]) -> str:
 
 def write_table(runs: Sequence[Dict[str, Any]], path: Path) -> None:
     """The markdown table of one or more runs' results (later runs add only rows not yet shown)."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from benchmarks import _harness as H
-
     if not runs:
         raise ValueError("no results to tabulate")
     first = runs[0]
@@ -551,7 +567,7 @@ def write_table(runs: Sequence[Dict[str, Any]], path: Path) -> None:
         "# Stage 1 on real weights: MiniLM-L6 -> 2/3-layer students (Table 2's stage-1 ablation)",
         "",
         *[f"- command: `{c}`" for c in commands],
-        f"- machine: {H.cpu_model()} ({os.cpu_count()} cores, shared), torch {torch.__version__}, "
+        f"- machine: {_cpu_model()} ({os.cpu_count()} cores, shared), torch {torch.__version__}, "
         f"{cfg['threads']} thread(s)",
         f"- data: {first['corpus']}. Sources: apt = package synopses of the Debian archive known to apt on "
         "this machine (`apt-cache dumpavail`), dpkg = synopses and long descriptions of the installed packages "
@@ -588,7 +604,7 @@ def write_table(runs: Sequence[Dict[str, Any]], path: Path) -> None:
                 f"{r['final_loss']:.2e}" if r.get("final_loss") is not None else "-",
                 f"{r['params'] / 1e6:.1f}", f"{r['size_ratio']:.2f}", f"{r['qps_ratio']:.2f}",
             ])
-    lines.append(H.markdown_table(header, rows))
+    lines.append(_markdown_table(header, rows))
     lines.append("")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

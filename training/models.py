@@ -33,8 +33,9 @@ import open_clip
 import timm
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import LayerNorm, QuickGELU, Transformer
 from torch import nn
+
+from leanclip.export import CLIPTextTower  # the one home of CLIP's causal text tower
 
 CHECKPOINT_FORMAT = "leanclip-training-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -122,43 +123,6 @@ def build_teacher(name: str = "ViT-B-32", pretrained: str | None = "openai",
 
 # --------------------------------------------------------------------------------------------
 # Student
-
-
-class CLIPTextTower(nn.Module):
-    """CLIP's causal text transformer with an arbitrary number of layers.
-
-    Unlike open_clip's ``TextTransformer`` it accepts any sequence length L <= context_length
-    (the positional embedding and causal mask are sliced), which the ONNX Encoder relies on.
-    Pooling is at the end-of-text token, which has the largest id in CLIP's vocabulary."""
-
-    def __init__(self, vocab_size: int, context_length: int, width: int, heads: int,
-                 layers: int, output_dim: int, mlp_ratio: float = 4.0,
-                 quick_gelu: bool = False) -> None:
-        super().__init__()
-        self.context_length = context_length
-        self.token_embedding = nn.Embedding(vocab_size, width)
-        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
-        self.transformer = Transformer(width, layers, heads, mlp_ratio,
-                                       act_layer=QuickGELU if quick_gelu else nn.GELU,
-                                       norm_layer=LayerNorm)
-        self.ln_final = LayerNorm(width)
-        self.text_projection = nn.Parameter(torch.empty(width, output_dim))
-        mask = torch.full((context_length, context_length), float("-inf")).triu_(1)
-        self.register_buffer("attn_mask", mask, persistent=False)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        nn.init.normal_(self.text_projection, std=width ** -0.5)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        length = tokens.shape[1]
-        if length > self.context_length:
-            raise ValueError(f"token sequence length {length} exceeds the context length "
-                             f"{self.context_length}")
-        x = self.token_embedding(tokens) + self.positional_embedding[:length]
-        x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
-        x = self.ln_final(x)
-        pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
-        return pooled @ self.text_projection
 
 
 class StudentDualEncoder(nn.Module):

