@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import click
 
 from leanclip import __version__
+from leanclip._engine import DTYPES
 
 EXIT_OK, EXIT_NO_MATCH, EXIT_USAGE, EXIT_ERROR, EXIT_FAILED_FILES, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -153,7 +154,7 @@ def main() -> None:
 @click.option("--store", type=click.Path(file_okay=False), default=None, help="Store folder (default: DIR/.leanclip).")
 @click.option("--model", "-m", default=None, help="Model bundle folder or registered name (changing it re-encodes).")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=32, show_default=True, help="Images per encoder batch.")
-@click.option("--precision", type=click.Choice(["f32", "f16", "i8"]), default=None,
+@click.option("--precision", type=click.Choice(list(DTYPES)), default=None,
               help="Vector storage: f32 (default for a new gallery), f16 or i8 use 2x / 4x less memory and search faster. Changing it converts, no re-encoding.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")

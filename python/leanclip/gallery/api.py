@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple, Union, 
 
 import numpy as np
 
+from leanclip._engine import DTYPES
 from leanclip._fs import PathLike
 from leanclip.gallery import store as db
 from leanclip.gallery.errors import GalleryError, ModelMismatchError, StaleSnapshot
@@ -59,8 +60,8 @@ class Gallery:
         dtype: Optional[str] = None,
         checkpoint_overhead: float = 0.1,
     ) -> None:
-        if dtype not in (None, "f32", "f16", "i8"):
-            raise GalleryError(f"dtype must be 'f32', 'f16' or 'i8', got {dtype!r}")
+        if dtype is not None and dtype not in DTYPES:
+            raise GalleryError(f"dtype must be one of {', '.join(map(repr, DTYPES))}, got {dtype!r}")
         self.dtype = dtype  # vector storage precision; None keeps the store's (new stores: f32)
         self.root = Path(root).expanduser().absolute()
         if not self.root.is_dir():

@@ -235,12 +235,8 @@ def run_update(g: "Gallery", progress: Optional[Progress] = None) -> UpdateSumma
         if index is None:
             index = Index(enc.dim, dtype=want_dtype)  # type: ignore[arg-type]
         elif index.dtype != want_dtype:
-            # another storage precision: convert the stored vectors, no re-encoding
-            keys = np.asarray(index.keys(), dtype=np.uint64)
-            new_index = Index(enc.dim, dtype=want_dtype)  # type: ignore[arg-type]
-            for i in range(0, len(keys), 65536):
-                new_index.add(keys[i : i + 65536], index.get(keys[i : i + 65536]))
-            index = new_index
+            # another storage precision: the engine converts the stored vectors, no re-encoding
+            index = index.astype(want_dtype)
             converted = True
         if reset_reason:
             conn.execute("UPDATE files SET status='pending', key=NULL WHERE status='ok'")
