@@ -94,6 +94,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_REDUCIBLE = frozenset({"L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "F"})  # modes Image.reduce takes
+
+
+def _reduce(img: Image.Image, size: int) -> Image.Image:
+    """Shrink by an integer factor so the short side stays at least 2x ``size``."""
+    short = min(img.size)
+    return img.reduce(short // (2 * size)) if short >= 4 * size else img
+
+
 def load_image(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_for: Optional[int] = None) -> Image.Image:
     """An EXIF-rotated 8-bit RGB image, or :class:`ImageLoadError` naming the file and reason.
 
@@ -127,11 +136,11 @@ def load_image(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_f
                     out = ImageOps.exif_transpose(img)
                 except Exception:  # noqa: BLE001 - a malformed EXIF block: keep the pixels as stored
                     pass
+                if reduce_for and out.mode in _REDUCIBLE:
+                    out = _reduce(out, reduce_for)  # before converting: the copy made is small
                 out = to_rgb(out)
                 if reduce_for:
-                    short = min(out.size)
-                    if short > 2 * reduce_for:
-                        out = out.reduce(short // (2 * reduce_for))
+                    out = _reduce(out, reduce_for)
                 return out
     except ImageLoadError:
         raise
