@@ -328,3 +328,23 @@ def test_lock_folder_and_non_utf8_query_are_one_line_errors(tmp_path: Path, bund
     r = _run("index", str(root), "--model", str(bundle), "-q")
     assert r.exit_code == 3, r.output
     assert r.stderr.count("\n") == 1 and "lock" in r.stderr and "is a directory" in r.stderr
+
+
+def test_printable_is_one_line_printable_and_reversible() -> None:
+    """Fuzz: whatever the name, the escaped form is one printable line, and it can be read back
+    (so two different names never print the same)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from leanclip.cli import printable
+
+    @settings(max_examples=3000, deadline=None, derandomize=True)
+    @given(st.text())  # any code point but surrogates
+    def check(name: str) -> None:
+        out = printable(name)
+        assert out.isprintable() and "\n" not in out and "\t" not in out and "\x1b" not in out
+        assert out.encode("latin-1", "backslashreplace").decode("unicode_escape") == name
+
+    check()
+    # bytes that are not UTF-8 (surrogateescape) print as \xNN
+    assert printable(os.fsdecode(b"caf\xe9\xff")) == r"caf\xe9\xff"

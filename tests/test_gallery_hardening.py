@@ -244,3 +244,14 @@ def test_every_public_error_is_a_leanclip_error() -> None:
         assert issubclass(cls, LeanclipError), cls
     assert issubclass(BundleError, ValueError) and issubclass(ImageLoadError, ValueError)
     assert issubclass(GalleryBusyError, GalleryError) and issubclass(ModelMismatchError, GalleryError)
+
+
+def test_a_store_that_is_not_a_database_is_a_gallery_error(tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    make_folder(root, n_per_color=1)
+    (root / ".leanclip").mkdir()
+    (root / ".leanclip" / "gallery.db").write_bytes(bytes(range(256)) * 20)
+    g = _gallery(root)
+    for call in (g.info, lambda: g.search("red"), g.update):
+        with pytest.raises(GalleryError, match="not a database"):
+            call()

@@ -324,3 +324,32 @@ def test_only_image_content_is_served(served, monkeypatch) -> None:
     make_photo(png, COLORS["blue"], seed=7, fmt="PNG")  # a PNG named .jpg: served as what it is
     status, headers, _ = _req(server, "GET", "/file/blue/blue_0.jpg")
     assert status == 200 and headers.get("content-type") == "image/png"
+
+
+def test_img_term_names_fuzz(served) -> None:
+    """Fuzz: any name in an img: term either is an indexed photo (and maps to its key) or gets
+    the one refusal message."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from leanclip.gallery import GalleryError, Term
+    from leanclip.server import IMG_REFUSED
+
+    server, g, root, outside = served
+    indexed = {n: k for n, s, k in g.files() if s == "ok"}
+    parts = st.sampled_from(["red", "red_0.jpg", "..", ".", "", "outdir", "secret.jpg", str(outside), "/", "\0",
+                             "link_outside.jpg", "notes.txt", "%2e%2e", "\\", "red_1.jpg"])
+
+    @settings(max_examples=1500, deadline=None, derandomize=True)
+    @given(st.one_of(st.lists(parts, min_size=1, max_size=5).map("/".join), st.text(max_size=40),
+                     st.sampled_from(sorted(indexed))))
+    def check(name: str) -> None:
+        try:
+            [t] = server.indexed_terms([Term(1, "image", name)])
+        except GalleryError as exc:
+            assert str(exc) == IMG_REFUSED
+            assert name not in indexed
+            return
+        assert t.kind == "photo" and int(t.value) == indexed[name]
+
+    check()

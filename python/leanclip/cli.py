@@ -13,10 +13,12 @@ Exit codes (documented in ``leanclip --help``)::
 File names in output. JSON output (``--json``) holds names as they are (JSON escapes them).
 Every other output -- the piped ``score<TAB>path`` lines, the terminal table, messages -- shows
 a name through :func:`printable`: a backslash is doubled, tab, newline and carriage return are
-written ``\t``, ``\n``, ``\r``, other control and format characters (ANSI escapes, bidi
-overrides) as ``\xNN`` / ``\uNNNN``, and bytes that are not UTF-8 as ``\xNN``; names are never
-read as rich markup. So one result is always one line, and a name cannot forge a result,
-colour the terminal or move its cursor. A name without those characters prints unchanged.
+written ``\t``, ``\n``, ``\r``, every other character that is not printable (control and format
+characters such as ANSI escapes and bidi overrides, line and paragraph separators, spaces other
+than ' ', unassigned code points) as ``\xNN`` / ``\uNNNN`` / ``\UNNNNNNNN``, and bytes that are
+not UTF-8 as ``\xNN``; names are never read as rich markup. So one result is always one line,
+and a name cannot forge a result, colour the terminal or move its cursor. A name without those
+characters prints unchanged.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import unicodedata
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -46,7 +47,6 @@ group words; img:PATH makes a term an image, e.g.
 
 
 _ESCAPES = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
-_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
 def printable(text: str) -> str:
@@ -60,7 +60,7 @@ def printable(text: str) -> str:
             out.append(_ESCAPES[ch])
         elif 0xDC80 <= o <= 0xDCFF:  # a byte that is not UTF-8 (os.fsdecode's surrogateescape)
             out.append(f"\\x{o - 0xDC00:02x}")
-        elif unicodedata.category(ch) in _UNSAFE_CATEGORIES:
+        elif not ch.isprintable():  # control, format (ANSI, bidi), separators, unassigned
             out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
         else:
             out.append(ch)

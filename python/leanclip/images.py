@@ -28,7 +28,7 @@ import os
 import stat
 import warnings
 from struct import error as struct_error
-from typing import Any, Optional
+from typing import Any, BinaryIO, Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -36,7 +36,8 @@ from PIL import Image, ImageOps
 from leanclip._fs import PathLike
 from leanclip.errors import LeanclipError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "MAX_ASPECT_RATIO", "ImageLoadError", "check_dimensions", "load_image", "to_rgb"]
+__all__ = ["DEFAULT_MAX_PIXELS", "MAX_ASPECT_RATIO", "ImageLoadError", "check_dimensions", "decode_image",
+           "load_image", "to_rgb"]
 
 # Larger images are refused before decoding (decompression bombs): 64 Mpx decodes to ~192 MB of
 # RGB, which bounds memory. Pillow's global settings stay as they are (its own limit is ~179 Mpx).
@@ -94,6 +95,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_REDUCIBLE = frozenset({"L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "F"})  # modes Image.reduce takes
+
+
+def _reduce(img: Image.Image, size: int) -> Image.Image:
+    """Shrink by an integer factor so the short side stays at least 2x ``size``."""
+    short = min(img.size)
+    return img.reduce(short // (2 * size)) if short >= 4 * size else img
+
+
 def load_image(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_for: Optional[int] = None) -> Image.Image:
     """An EXIF-rotated 8-bit RGB image, or :class:`ImageLoadError` naming the file and reason.
 
@@ -114,11 +124,19 @@ def load_image(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_f
         raise ImageLoadError(path, "not a regular file")
     if st.st_size == 0:
         raise ImageLoadError(path, "empty file (0 bytes)")
+    return decode_image(path, path, max_pixels=max_pixels, reduce_for=reduce_for)
+
+
+def decode_image(source: Union[PathLike, BinaryIO], where: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 reduce_for: Optional[int] = None) -> Image.Image:
+    """:func:`load_image`'s decoding, from a path or an open binary file (bytes already read
+    and checked by the caller, e.g. the server's verified file); ``where`` names it in errors.
+    The file checks (regular, not empty) are the caller's."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                check_dimensions(path, *img.size, max_pixels=max_pixels)
+            with Image.open(source) as img:
+                check_dimensions(where, *img.size, max_pixels=max_pixels)
                 if reduce_for and img.format == "JPEG":
                     img.draft("RGB", (reduce_for, reduce_for))  # decode at 1/2, 1/4 or 1/8 scale
                 img.load()
@@ -127,25 +145,25 @@ def load_image(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_f
                     out = ImageOps.exif_transpose(img)
                 except Exception:  # noqa: BLE001 - a malformed EXIF block: keep the pixels as stored
                     pass
+                if reduce_for and out.mode in _REDUCIBLE:
+                    out = _reduce(out, reduce_for)  # before converting: the copy made is small
                 out = to_rgb(out)
                 if reduce_for:
-                    short = min(out.size)
-                    if short > 2 * reduce_for:
-                        out = out.reduce(short // (2 * reduce_for))
+                    out = _reduce(out, reduce_for)
                 return out
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageLoadError(path, f"image too large (possible decompression bomb): {exc}") from None
+        raise ImageLoadError(where, f"image too large (possible decompression bomb): {exc}") from None
     except Image.UnidentifiedImageError:
-        raise ImageLoadError(path, "not a recognised image format (corrupt or wrong extension)") from None
+        raise ImageLoadError(where, "not a recognised image format (corrupt or wrong extension)") from None
     except PermissionError:
-        raise ImageLoadError(path, "permission denied") from None
+        raise ImageLoadError(where, "permission denied") from None
     except MemoryError:
-        raise ImageLoadError(path, "out of memory while decoding") from None
+        raise ImageLoadError(where, "out of memory while decoding") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct_error) as exc:
         # Pillow reports truncated or corrupt data as OSError ("image file is truncated"),
         # SyntaxError (bad PNG chunks), ValueError or struct.error
         raise ImageLoadError(
-            path, f"truncated or corrupt image data ({type(exc).__name__}: {exc or 'no detail'})"
+            where, f"truncated or corrupt image data ({type(exc).__name__}: {exc or 'no detail'})"
         ) from None

@@ -176,6 +176,25 @@ class GalleryServer(ThreadingHTTPServer):
             return None  # not indexed, or no longer the file that was (swapped, hard-linked, edited)
         return os.fsdecode(full)
 
+    def read_indexed(self, rel: bytes) -> Optional[bytes]:
+        """The bytes of the indexed photo at ``rel``, read from a descriptor whose file was
+        checked to be the one indexed (a swap after the path checks is caught here), else None."""
+        full = self.safe_path(rel)
+        row = self.indexed_row(rel) if full is not None else None
+        if full is None or row is None:
+            return None
+        try:
+            # O_NONBLOCK: a FIFO swapped in after the checks must not hang the thread
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return None
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode) or not row.same_file(st):
+                return None
+            data = fh.read(st.st_size + 1)
+        return data if len(data) == st.st_size else None
+
     def indexed_row(self, rel: bytes) -> Optional[FileRow]:
         with self.gallery._lock:
             return ok_row(self.gallery._reader(), rel)
@@ -214,11 +233,14 @@ class GalleryServer(ThreadingHTTPServer):
             if data is not None:
                 self.thumbs.move_to_end(cache_key)
                 return data
-        from leanclip.gallery import ImageError, open_image
+        from leanclip.images import ImageLoadError, decode_image
 
-        try:
-            im = open_image(path, size=THUMB_SIZE, max_pixels=self.gallery.max_pixels)
-        except ImageError:
+        blob = self.read_indexed(rel)
+        if blob is None:
+            return None
+        try:  # decoded from the bytes that were checked, not from the path again
+            im = decode_image(io.BytesIO(blob), rel, max_pixels=self.gallery.max_pixels, reduce_for=THUMB_SIZE)
+        except ImageLoadError:
             return None
         im.thumbnail((THUMB_SIZE, THUMB_SIZE))
         buf = io.BytesIO()
@@ -393,23 +415,9 @@ class Handler(BaseHTTPRequestHandler):
     def _file(self, quoted: str) -> None:
         # one unquoting pass: '%2e%2e' becomes '..' and is refused like '..'
         rel = urllib.parse.unquote_to_bytes(quoted)
-        full = self.server.safe_path(rel)
-        row = self.server.indexed_row(rel) if full is not None else None
-        if full is None or row is None:
-            return self._not_found()
-        try:
-            # O_NONBLOCK: a FIFO swapped in after the checks must not hang the thread
-            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
-            return self._not_found()
-        with os.fdopen(fd, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            # the checks again on what was opened: a swap between them and open() is caught here
-            if not stat.S_ISREG(st.st_mode) or not row.same_file(st):
-                return self._not_found()
-            data = fh.read(st.st_size + 1)
-        ctype = _image_type(data)
-        if ctype is None or len(data) != st.st_size:
+        data = self.server.read_indexed(rel)
+        ctype = _image_type(data) if data is not None else None
+        if data is None or ctype is None:
             return self._not_found()  # only image content is served, whatever the file's name
         self._send(200, data, ctype, {"Content-Disposition": "inline", "Cache-Control": "max-age=300"})
 

@@ -113,6 +113,9 @@ def open_reader(db_path: Path) -> sqlite3.Connection:
             return conn
         except sqlite3.DatabaseError as exc:
             last = exc
+            text = str(exc).lower()
+            if not ("unable to open" in text or "readonly" in text or "read-only" in text):
+                break  # damaged, busy, not a database: immutable mode would not help
     raise GalleryError(f"gallery database {db_path} cannot be opened: {last}") from None
 
 
