@@ -9,14 +9,12 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 
 import numpy as np
 import pytest
 
 import leanclip
-from leanclip import Index, IndexFileError
-from leanclip import _engine
+from leanclip import Index, IndexFileError, _engine
 from leanclip.errors import LeanclipError
 from leanclip.mining import hard_negative_ids
 
