@@ -12,6 +12,10 @@
 #                       reaches the structural checks and the search kernels on crafted vectors
 #   index_load_file     bytes written to a file -> Index::load read / mmap verified / mmap lazy,
 #                       which must agree with from_bytes; verify() on the lazy map likewise
+#   index_changed_file  bytes written to a file, opened with mmap, then the file is truncated,
+#                       extended, rewritten in place or replaced by rename: every call must
+#                       answer or raise Error::File (a SIGBUS is a finding); once per run, a
+#                       device and a FIFO must be refused
 #   kernels             every SIMD kernel at every level the CPU has (scalar/AVX2/AVX-512) vs the
 #                       scalar reference, lengths 0..5000 and unaligned slices, under ASan
 # The index targets start from the committed seeds in rust/engine/fuzz/corpus/index/ (real saved
@@ -27,7 +31,7 @@ cd "$(dirname "$0")/../rust/engine/fuzz"
 RUNS="${RUNS:-1000000}"
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then
-  TARGETS=(index_from_bytes index_checksummed index_load_file kernels)
+  TARGETS=(index_from_bytes index_checksummed index_load_file index_changed_file kernels)
 fi
 export RUSTC_BOOTSTRAP=1
 # Shared machines: stay out of the way of interactive work.

@@ -11,9 +11,7 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from leanclip._engine import DTYPES, METRICS  # the engine's lists: one home
-from leanclip.errors import IndexFileError  # re-exported: one class for every bad index file
-
-__all__ = ["DTYPES", "METRICS", "IndexFileError"]
+from leanclip.errors import IndexFileError as IndexFileError  # re-exported (approx.py)
 
 _U64_MAX = np.iinfo(np.uint64).max
 

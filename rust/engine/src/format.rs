@@ -24,7 +24,7 @@
 //! [`parse`] checks everything but the vectors' checksum; [`verify_vectors`] checks that.
 
 use crate::error::{Error, Result};
-use crate::index::{check_dim, Buf, Index, MappedVectors, Store, MAX_ROWS};
+use crate::index::{check_dim, Buf, FileStamp, Index, MappedFile, Store, MAX_ROWS};
 use crate::key_map::key_map;
 use crate::types::{DType, Metric};
 use half::f16;
@@ -97,12 +97,21 @@ fn meta_checksum(bytes: &[u8], vectors_start: usize) -> u64 {
 
 /// Checks a whole file image except the vectors' checksum. Never panics on any input.
 pub fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
-    if bytes.len() < HEADER_LEN {
+    let layout = parse_header(&bytes[..bytes.len().min(HEADER_LEN)], bytes.len())?;
+    check_meta(&bytes[..layout.vectors.start], &layout)?;
+    Ok(layout)
+}
+
+/// The layout from the header (the first [`HEADER_LEN`] bytes, or all of a shorter file),
+/// checked against the length of the whole file. Reads nothing beyond the header, so a loader
+/// can refuse a file of the wrong size before reading (or mapping) the rest.
+pub fn parse_header(header: &[u8], file_len: usize) -> std::result::Result<Layout, String> {
+    if file_len < HEADER_LEN || header.len() < HEADER_LEN {
         return bad(format!(
-            "truncated or not an index file: {} bytes, shorter than the {HEADER_LEN}-byte header",
-            bytes.len()
+            "truncated or not an index file: {file_len} bytes, shorter than the {HEADER_LEN}-byte header"
         ));
     }
+    let bytes = &header[..HEADER_LEN];
     if bytes[..8] != MAGIC {
         return bad("not a leanclip index file (bad magic bytes)");
     }
@@ -127,35 +136,11 @@ pub fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
     }
     let (keys, scales, vectors) =
         sections(dim, dtype, count).ok_or_else(|| "corrupt header: sizes overflow".to_string())?;
-    if bytes.len() != vectors.end {
+    if file_len != vectors.end {
         return bad(format!(
-            "truncated or corrupt: the header describes {} bytes, the file has {}",
+            "truncated or corrupt: the header describes {} bytes, the file has {file_len}",
             vectors.end,
-            bytes.len()
         ));
-    }
-    if meta_checksum(bytes, vectors.start) != u64_at(bytes, 56) {
-        return bad("corrupt file: header/keys checksum mismatch");
-    }
-    if bytes[12..16]
-        .iter()
-        .chain(&bytes[22..24])
-        .chain(&bytes[32..48])
-        .any(|&b| b != 0)
-    {
-        return bad("corrupt header: reserved bytes are not zero");
-    }
-    let meta_end = scales.as_ref().map_or(keys.end, |s| s.end);
-    if bytes[meta_end..vectors.start].iter().any(|&b| b != 0) {
-        return bad("corrupt file: padding is not zero");
-    }
-    if let Some(s) = &scales {
-        let ok = bytes[s.clone()]
-            .chunks_exact(4)
-            .all(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")).is_finite());
-        if !ok {
-            return bad("corrupt file: a quantization scale is not finite");
-        }
     }
     Ok(Layout {
         dim,
@@ -169,11 +154,154 @@ pub fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
     })
 }
 
+/// Checks everything before the vectors (`meta` = bytes `0..layout.vectors.start`): the
+/// header/keys checksum, reserved bytes, padding and the i8 scales.
+pub fn check_meta(meta: &[u8], layout: &Layout) -> std::result::Result<(), String> {
+    let bytes = meta;
+    if bytes.len() < layout.vectors.start {
+        return bad("truncated: the file ends before its vectors");
+    }
+    if meta_checksum(bytes, layout.vectors.start) != u64_at(bytes, 56) {
+        return bad("corrupt file: header/keys checksum mismatch");
+    }
+    if bytes[12..16]
+        .iter()
+        .chain(&bytes[22..24])
+        .chain(&bytes[32..48])
+        .any(|&b| b != 0)
+    {
+        return bad("corrupt header: reserved bytes are not zero");
+    }
+    let meta_end = layout.scales.as_ref().map_or(layout.keys.end, |s| s.end);
+    if bytes[meta_end..layout.vectors.start]
+        .iter()
+        .any(|&b| b != 0)
+    {
+        return bad("corrupt file: padding is not zero");
+    }
+    if let Some(s) = &layout.scales {
+        let ok = bytes[s.clone()]
+            .chunks_exact(4)
+            .all(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")).is_finite());
+        if !ok {
+            return bad("corrupt file: a quantization scale is not finite");
+        }
+    }
+    Ok(())
+}
+
 pub fn verify_vectors(bytes: &[u8], layout: &Layout) -> std::result::Result<(), String> {
     if xxh3_64(&bytes[layout.vectors.clone()]) != layout.vectors_checksum {
         return bad("corrupt file: vectors checksum mismatch");
     }
     Ok(())
+}
+
+/// Opens `path` for reading if it is a regular file (a FIFO, socket, device or directory is
+/// refused before anything is read from it: a FIFO would block, /dev/zero never ends), and
+/// returns it with its stamp.
+fn open_regular(path: &Path) -> Result<(File, FileStamp)> {
+    let not_regular = |kind: &str| {
+        file_error(
+            Some(path),
+            format!("not a regular file ({kind}); an index is a regular file"),
+        )
+    };
+    let kind_of = |t: std::fs::FileType| -> Option<&'static str> {
+        if t.is_file() {
+            return None;
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileTypeExt;
+            if t.is_fifo() {
+                return Some("a FIFO");
+            }
+            if t.is_char_device() || t.is_block_device() {
+                return Some("a device");
+            }
+            if t.is_socket() {
+                return Some("a socket");
+            }
+        }
+        Some("not a file")
+    };
+    // stat first, so that a device or FIFO is not even opened
+    let meta = std::fs::metadata(path).map_err(|e| io_error(path, e))?;
+    if meta.is_dir() {
+        return Err(io_error(
+            path,
+            std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory"),
+        ));
+    }
+    if let Some(kind) = kind_of(meta.file_type()) {
+        return Err(not_regular(kind));
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        // Non-blocking, in case the path was swapped for a FIFO after the stat.
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
+    }
+    let file = options.open(path).map_err(|e| io_error(path, e))?;
+    let meta = file.metadata().map_err(|e| io_error(path, e))?;
+    if let Some(kind) = kind_of(meta.file_type()) {
+        return Err(not_regular(kind));
+    }
+    let stamp = FileStamp::of(&file).map_err(|e| io_error(path, e))?;
+    Ok((file, stamp))
+}
+
+fn changed_while_opening(path: &Path) -> Error {
+    file_error(
+        Some(path),
+        "the file changed while it was being opened (truncated or rewritten by another \
+         program); try again once it is complete"
+            .into(),
+    )
+}
+
+/// Reads up to `buf.len()` bytes at `offset` (fewer only at the end of the file).
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        #[cfg(unix)]
+        let n = {
+            use std::os::unix::fs::FileExt;
+            file.read_at(&mut buf[done..], offset + done as u64)
+        };
+        #[cfg(windows)]
+        let n = {
+            use std::os::windows::fs::FileExt;
+            file.seek_read(&mut buf[done..], offset + done as u64)
+        };
+        match n {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// xxh3-64 of the bytes `range` of the file, read through the descriptor; `None` if the file
+/// ends first (it was truncated).
+fn hash_range(file: &File, range: Range<usize>) -> std::io::Result<Option<u64>> {
+    let mut h = Xxh3::new();
+    let mut buf = vec![0u8; (4 << 20).min(range.len())];
+    let mut at = range.start;
+    while at < range.end {
+        let n = (range.end - at).min(buf.len());
+        if read_at(file, &mut buf[..n], at as u64)? != n {
+            return Ok(None);
+        }
+        h.update(&buf[..n]);
+        at += n;
+    }
+    Ok(Some(h.digest()))
 }
 
 fn file_error(path: Option<&Path>, reason: String) -> Error {
@@ -227,58 +355,90 @@ impl Index {
             keys: Buf::Owned(keys),
             store,
             rows,
-            mapped_vectors: None,
+            mapped: None,
         })
     }
 
-    /// Opens a saved index. `mmap = false` reads it into memory. `mmap = true` maps it
-    /// read-only: the header, keys and scales are always checked; the vectors' checksum and the
-    /// key map (with its repeated-key check) are done at load only when `verify` is true, else
-    /// the map is built on the first key lookup and [`Index::verify`] checks the vectors.
+    /// Opens a saved index. `mmap = false` reads it into memory. `mmap = true` maps the
+    /// vectors read-only; the header, keys and scales are read (not mapped) and always
+    /// checked; the vectors' checksum and the key map (with its repeated-key check) are done at
+    /// load only when `verify` is true (reading the vectors through the descriptor, not the
+    /// map), else the map is built on the first key lookup and [`Index::verify`] checks the
+    /// vectors. Anything but a regular file is refused before it is read. A mapped index
+    /// checks before each read of its vectors that the file did not change (`Error::File`).
     pub fn load(path: &Path, mmap: bool, verify: bool) -> Result<Index> {
+        let (file, stamp) = open_regular(path)?;
+        let size = usize::try_from(stamp.size())
+            .map_err(|_| file_error(Some(path), "file too large for this platform".into()))?;
+        let mut header = [0u8; HEADER_LEN];
+        let got = read_at(&file, &mut header, 0).map_err(|e| io_error(path, e))?;
+        let layout = parse_header(&header[..got], size).map_err(|r| file_error(Some(path), r))?;
         if !mmap {
-            let bytes = std::fs::read(path).map_err(|e| io_error(path, e))?;
+            // The size matches the header: read exactly that much (never a device's endless
+            // stream), then check it all.
+            let mut bytes = vec![0u8; size];
+            let got = read_at(&file, &mut bytes, 0).map_err(|e| io_error(path, e))?;
+            if got != size || FileStamp::of(&file).ok() != Some(stamp) {
+                return Err(changed_while_opening(path));
+            }
             return Self::from_bytes_inner(&bytes, verify).map_err(|r| file_error(Some(path), r));
         }
-        let file = File::open(path).map_err(|e| io_error(path, e))?;
-        // SAFETY: the map is read-only and private to this index. If another process truncates
-        // or rewrites the file in place while it is mapped, reads may fault or see new bytes;
-        // `save` never rewrites in place (it renames a new file over the old one), so files
-        // written by leanclip stay intact for existing maps.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| io_error(path, e))?;
-        let layout = parse(&map).map_err(|r| file_error(Some(path), r))?;
-        if verify {
-            verify_vectors(&map, &layout).map_err(|r| file_error(Some(path), r))?;
+        // Everything before the vectors is read into memory (keys, scales), never through the
+        // map: a later change to the file cannot touch them.
+        let mut meta = vec![0u8; layout.vectors.start];
+        let got = read_at(&file, &mut meta, 0).map_err(|e| io_error(path, e))?;
+        if got != meta.len() {
+            return Err(changed_while_opening(path));
         }
-        let map = Arc::new(map);
-        let mapped =
-            |range: &Range<usize>, size: usize| (Arc::clone(&map), range.start, range.len() / size);
-        let buf_f32 = |(map, offset, len)| Buf::<f32>::Mapped { map, offset, len };
-        let (m, o, l) = mapped(&layout.keys, 8);
-        let keys = Buf::<u64>::Mapped {
-            map: m,
-            offset: o,
-            len: l,
-        };
-        // verify=False defers the key map (and its duplicate check) to the first key lookup;
-        // searches without `exclude` never need it.
+        check_meta(&meta, &layout).map_err(|r| file_error(Some(path), r))?;
+        if verify {
+            let sum = hash_range(&file, layout.vectors.clone()).map_err(|e| io_error(path, e))?;
+            if sum != Some(layout.vectors_checksum) {
+                return Err(match sum {
+                    None => changed_while_opening(path),
+                    Some(_) => {
+                        file_error(Some(path), "corrupt file: vectors checksum mismatch".into())
+                    }
+                });
+            }
+        }
+        let keys: Vec<u64> = bytemuck::allocation::pod_collect_to_vec(&meta[layout.keys.clone()]);
         let rows = OnceLock::new();
         if verify {
-            let map = key_map(keys.as_slice()).map_err(|r| file_error(Some(path), r))?;
+            let map = key_map(&keys).map_err(|r| file_error(Some(path), r))?;
             let _ = rows.set(map);
         }
+        // SAFETY: the map is read-only and private to this index. Another process may still
+        // truncate or rewrite the file: every read of the mapped vectors is preceded by a check
+        // that the file's size and mtime are unchanged (`Index::check_file`); the window that
+        // remains between that check and the read is documented in docs/reliability.md.
+        let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| io_error(path, e))?);
+        let guard = crate::fault_guard::Guard::register(map.as_ptr(), map.len());
+        if map.len() != size || FileStamp::of(&file).ok() != Some(stamp) {
+            return Err(changed_while_opening(path));
+        }
+        let mapped = |size: usize| {
+            (
+                Arc::clone(&map),
+                layout.vectors.start,
+                layout.vectors.len() / size,
+            )
+        };
         let store = match layout.dtype {
-            DType::F32 => Store::F32(buf_f32(mapped(&layout.vectors, 4))),
+            DType::F32 => {
+                let (map, offset, len) = mapped(4);
+                Store::F32(Buf::Mapped { map, offset, len })
+            }
             DType::F16 => {
-                let (map, offset, len) = mapped(&layout.vectors, 2);
+                let (map, offset, len) = mapped(2);
                 Store::F16(Buf::Mapped { map, offset, len })
             }
             DType::I8 => {
-                let (map, offset, len) = mapped(&layout.vectors, 1);
-                let scales = layout.scales.as_ref().expect("i8 has scales");
+                let (map, offset, len) = mapped(1);
+                let scales = layout.scales.clone().expect("i8 has scales");
                 Store::I8 {
                     data: Buf::Mapped { map, offset, len },
-                    scales: buf_f32(mapped(scales, 4)),
+                    scales: Buf::Owned(bytemuck::allocation::pod_collect_to_vec(&meta[scales])),
                 }
             }
         };
@@ -286,26 +446,33 @@ impl Index {
             dim: layout.dim,
             metric: layout.metric,
             dtype: layout.dtype,
-            keys,
+            keys: Buf::Owned(keys),
             store,
             rows,
-            mapped_vectors: Some(MappedVectors {
+            mapped: Some(MappedFile {
+                path: path.to_path_buf(),
+                file,
+                stamp,
                 checksum: layout.vectors_checksum,
-                offset: layout.vectors.start,
-                len: layout.vectors.len(),
-                map,
+                vectors: layout.vectors.clone(),
+                guard,
+                _map: map,
             }),
         })
     }
 
     /// Checks what `load(mmap=true, verify=false)` deferred: the vectors against their checksum
-    /// and the keys for repeats (a no-op for an index in memory: its file was fully checked).
+    /// (read through the file descriptor, not the map) and the keys for repeats (a no-op for an
+    /// index in memory: its file was fully checked). `Error::File` if the file changed.
     pub fn verify(&self) -> Result<()> {
         self.key_rows()?;
-        if let Some(m) = &self.mapped_vectors {
-            if xxh3_64(&m.map[m.offset..m.offset + m.len]) != m.checksum {
+        if let Some(m) = &self.mapped {
+            m.check_unchanged()?;
+            let sum = hash_range(&m.file, m.vectors.clone()).map_err(|e| io_error(&m.path, e))?;
+            m.check_unchanged()?;
+            if sum != Some(m.checksum) {
                 return Err(file_error(
-                    None,
+                    Some(&m.path),
                     "corrupt file: vectors checksum mismatch".into(),
                 ));
             }
@@ -355,6 +522,7 @@ impl Index {
     /// Writes the index atomically: a temporary file in the same directory, fsync, rename over
     /// `path`, fsync of the directory. A crash leaves either the old file or the new one.
     pub fn save(&self, path: &Path) -> Result<()> {
+        self.check_file()?;
         let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),

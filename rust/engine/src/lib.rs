@@ -2,6 +2,7 @@
 //! Pure Rust; the Python binding lives in `rust/python`.
 
 pub mod error;
+mod fault_guard;
 pub mod format;
 pub mod index;
 pub mod ivf;

@@ -8,7 +8,7 @@ mod encoding;
 mod storage;
 
 pub(crate) use encoding::check_rows;
-pub(crate) use storage::{Buf, MappedVectors, Store};
+pub(crate) use storage::{Buf, FileStamp, MappedFile, Store};
 
 use crate::error::{invalid, Error, Result};
 use crate::search::{self, Plan, Queries};
@@ -33,9 +33,9 @@ pub struct Index {
     /// key -> row. Always built for an index in memory; an index opened with mmap and
     /// verify=False builds it on first use (see `key_rows`).
     pub(crate) rows: OnceLock<FxHashMap<u64, u32>>,
-    /// Set for an index opened with mmap: checksum of the mapped vectors, and whether it has
-    /// been checked yet.
-    pub(crate) mapped_vectors: Option<MappedVectors>,
+    /// Set for an index opened with mmap: the mapped file (checked before every read of the
+    /// vectors) and the vectors' checksum.
+    pub(crate) mapped: Option<MappedFile>,
 }
 
 impl std::fmt::Debug for Index {
@@ -67,7 +67,7 @@ impl Index {
             keys: Buf::Owned(Vec::new()),
             store: Store::empty(dtype),
             rows: OnceLock::from(FxHashMap::default()),
-            mapped_vectors: None,
+            mapped: None,
         })
     }
 
@@ -113,7 +113,18 @@ impl Index {
     }
     /// True for an index opened with mmap (every mutating call fails with `Error::ReadOnly`).
     pub fn is_read_only(&self) -> bool {
-        self.mapped_vectors.is_some()
+        self.mapped.is_some()
+    }
+
+    /// For an index opened with mmap: `Error::File` if its file changed since it was opened
+    /// (one fstat). Called before every read of the mapped vectors, so a truncated or
+    /// rewritten file is an error instead of a SIGBUS or garbage (see docs/reliability.md,
+    /// "Engine", for the race that remains).
+    pub(crate) fn check_file(&self) -> Result<()> {
+        match &self.mapped {
+            Some(m) => m.check_unchanged(),
+            None => Ok(()),
+        }
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -305,6 +316,7 @@ impl Index {
         for &key in keys {
             rows.push(*self.key_rows()?.get(&key).ok_or(Error::MissingKey(key))? as usize);
         }
+        self.check_file()?;
         let mut out = vec![0.0f32; keys.len() * dim];
         let stored = self.store.rows();
         let mut buf = Vec::new();
@@ -328,6 +340,7 @@ impl Index {
         let rows = self.store.rows();
         let mut buf = Vec::new();
         for start in (0..keys.len()).step_by(CHUNK) {
+            self.check_file()?;
             let end = (start + CHUNK).min(keys.len());
             let vectors = rows.range(start, end, self.dim).to_f32(self.dim, &mut buf);
             out.add(&keys[start..end], vectors).map_err(|e| match e {
@@ -385,6 +398,7 @@ impl Index {
         if kp == 0 {
             return Ok((ids, scores, 0));
         }
+        self.check_file()?;
         let plan = Plan {
             dim,
             metric: self.metric,
@@ -395,6 +409,8 @@ impl Index {
         let row_id = |row: usize| keys[row];
         let rows = self.store.rows();
         let queries = Queries::F32(queries);
+        let bits = &excluded_rows;
+        let eligible = |row: usize| excluded == 0 || bits[row / 64] & (1 << (row % 64)) == 0;
         if excluded == 0 {
             search::search_into(
                 plan,
@@ -407,20 +423,58 @@ impl Index {
                 &mut scores,
             );
         } else {
-            let bits = &excluded_rows;
-            let eligible = |_: usize, row: usize| bits[row / 64] & (1 << (row % 64)) == 0;
             search::search_into(
                 plan,
                 rows,
                 queries,
                 kp,
-                &eligible,
+                &|_, row| eligible(row),
                 &row_id,
                 &mut ids,
                 &mut scores,
             );
         }
+        // A file changed during the search may have given other bytes than were checked.
+        self.check_file()?;
+        self.fill_unscored(&mut ids, &mut scores, kp, eligible);
         Ok((ids, scores, kp))
+    }
+
+    /// The search leaves a slot empty (id `u64::MAX`, the metric's missing score) only where
+    /// rows scored NaN, which takes stored vectors holding NaN, inf or huge values: only a
+    /// crafted file can hold them (`add` and `upsert` refuse them). So that every key returned
+    /// was added, such slots are filled with those rows' keys, ascending, with score NaN.
+    fn fill_unscored(
+        &self,
+        ids: &mut [u64],
+        scores: &mut [f32],
+        kp: usize,
+        eligible: impl Fn(usize) -> bool,
+    ) {
+        let missing = self.metric.missing_score().to_bits();
+        let keys = self.keys.as_slice();
+        for (id_row, score_row) in ids.chunks_exact_mut(kp).zip(scores.chunks_exact_mut(kp)) {
+            let mut filled = kp;
+            while filled > 0
+                && id_row[filled - 1] == u64::MAX
+                && score_row[filled - 1].to_bits() == missing
+            {
+                filled -= 1;
+            }
+            if filled == kp {
+                continue;
+            }
+            let taken: FxHashSet<u64> = id_row[..filled].iter().copied().collect();
+            let mut rest: Vec<u64> = (0..keys.len())
+                .filter(|&row| eligible(row) && !taken.contains(&keys[row]))
+                .map(|row| keys[row])
+                .collect();
+            rest.sort_unstable();
+            for (j, key) in (filled..kp).zip(rest) {
+                id_row[j] = key;
+                score_row[j] = f32::NAN;
+            }
+        }
     }
 }
 
@@ -599,5 +653,71 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod fault_tests {
+    use super::*;
+    use crate::search::Rows;
+
+    /// A read of a mapped page past the end of a file truncated after it was mapped, as a
+    /// search in progress would do, made in a process of its own: without the SIGBUS guard
+    /// the process dies.
+    #[test]
+    fn a_read_past_a_truncation_reads_zeros_and_the_call_fails_cleanly() {
+        if std::env::var_os("LEANCLIP_FAULT_CHILD").is_some() {
+            return child();
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "index::fault_tests::a_read_past_a_truncation_reads_zeros_and_the_call_fails_cleanly",
+                "--exact",
+                "--nocapture",
+            ])
+            .env("LEANCLIP_FAULT_CHILD", "1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{:?}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("read zeros past the truncation"));
+    }
+
+    fn child() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.lci");
+        let dim = 256;
+        let n = 4096; // 4 MiB of vectors, many pages
+        let mut index = Index::new(dim, Metric::Ip, DType::F32).unwrap();
+        let keys: Vec<u64> = (0..n as u64).collect();
+        index.add(&keys, &vec![1.0f32; n * dim]).unwrap();
+        index.save(&path).unwrap();
+        let mapped = Index::load(&path, true, false).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        // Bypass check_file, as a search already past it would.
+        let Rows::F32(v) = mapped.store.rows() else {
+            unreachable!()
+        };
+        let tail = v[v.len() - 1];
+        assert_eq!(tail, 0.0);
+        println!("read zeros past the truncation");
+        assert!(matches!(mapped.check_file(), Err(Error::File { .. })));
+        assert!(mapped
+            .mapped
+            .as_ref()
+            .unwrap()
+            .guard
+            .as_ref()
+            .unwrap()
+            .poisoned());
     }
 }
