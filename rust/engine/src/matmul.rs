@@ -528,31 +528,25 @@ impl PackedQueries {
     ) {
         #[cfg(target_arch = "x86_64")]
         {
-            let k = self.k;
+            let (k, level) = (self.k, self.level);
             let cp = c.as_mut_ptr();
             let Workspace { b: bbuf, row, .. } = ws;
-            let mut tmp = Vec::new();
+            let mut stage = Vec::new();
             self.drive::<u16, u16>(
                 shape,
                 n,
                 bbuf,
                 |dst, j0, count, p0, kc, kcp| {
-                    pack(
-                        dst,
-                        j0,
-                        count,
-                        shape.nr,
-                        2,
-                        kcp / 2,
-                        |r, out| {
-                            row.resize(kc, 0.0);
-                            b.read(r, k, p0, row);
-                            for (o, &v) in out.iter_mut().zip(row.iter()) {
-                                *o = bf16::from_f32(v).to_bits();
-                            }
-                        },
-                        &mut tmp,
-                    )
+                    let staged: &mut [u16] = aligned(&mut stage, count * kcp);
+                    for (i, out) in staged.chunks_exact_mut(kcp).enumerate() {
+                        row.resize(kc, 0.0);
+                        b.read(j0 + i, k, p0, row);
+                        for (o, &v) in out.iter_mut().zip(row.iter()) {
+                            *o = bf16_bits(v);
+                        }
+                        out[kc..].fill(0);
+                    }
+                    pack_words(level, dst, staged, count, shape.nr, kcp / 2);
                 },
                 |t| {
                     // SAFETY: AVX512-BF16 was checked by `Shape::of`; the panels hold `t.steps`
@@ -620,22 +614,20 @@ impl PackedQueries {
                 bscale: scales.as_ptr(),
                 corr: corr.as_ptr(),
             };
-            let mut tmp = Vec::new();
+            let level = self.level;
+            let mut stage = Vec::new();
             self.drive::<u8, i8>(
                 shape,
                 n,
                 bbuf,
                 |dst, j0, count, p0, kc, kcp| {
-                    pack(
-                        dst,
-                        j0,
-                        count,
-                        shape.nr,
-                        4,
-                        kcp / 4,
-                        |r, out| out[..kc].copy_from_slice(&data[r * k + p0..r * k + p0 + kc]),
-                        &mut tmp,
-                    )
+                    let staged: &mut [i8] = aligned(&mut stage, count * kcp);
+                    for (i, out) in staged.chunks_exact_mut(kcp).enumerate() {
+                        let r = j0 + i;
+                        out[..kc].copy_from_slice(&data[r * k + p0..r * k + p0 + kc]);
+                        out[kc..].fill(0);
+                    }
+                    pack_words(level, dst, staged, count, shape.nr, kcp / 4);
                 },
                 |t| {
                     // SAFETY: VNNI was checked by `Shape::of`; the panels hold `t.steps` steps
@@ -653,6 +645,32 @@ impl PackedQueries {
             unreachable!("no i8 micro-kernel on this architecture");
         }
     }
+}
+
+/// bf16 bits of `v`, rounded to nearest even (NaN stays NaN); a plain loop of these vectorizes.
+#[inline(always)]
+fn bf16_bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    if v.is_nan() {
+        ((b >> 16) | 0x40) as u16
+    } else {
+        ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+    }
+}
+
+/// Pack staged rows (`count` rows of `words` 4-byte lane steps each, contiguous) into panels of
+/// `w` rows: a transposition of 4-byte words, the f32 one on their bits.
+fn pack_words<T: bytemuck::Pod>(
+    level: Level,
+    dst: &mut [T],
+    staged: &[T],
+    count: usize,
+    w: usize,
+    words: usize,
+) {
+    let dst: &mut [f32] = bytemuck::cast_slice_mut(dst);
+    let src: &[f32] = bytemuck::cast_slice(staged);
+    pack_f32_rows(level, dst, src, words, 0, count, w, 0, words);
 }
 
 /// Pack every `k` slice of `m` rows into `dst` (queries: one `pack` per slice).
