@@ -1,6 +1,7 @@
 """Hard-negative mining: leanclip.mine_hard_negatives against numpy and faiss, and the GEMM bound.
 
 Sizes: LEANCLIP_BENCH_MINING_SIZES="20000,100000" (all peers and f16 inputs at the first,
+rounds at the first: LEANCLIP_BENCH_MINING_ROUNDS=3; a single size skips the second;
 leanclip f32 and faiss at the second: the 2-core machine is shared and each 100k run takes minutes). Workload (the paper's per-epoch mining): top-10 of every query over the whole corpus, dim 512,
 inner product on unit vectors, with groups of 5 (COCO: five captions per image; a corpus row in
 the query's group is a positive and must not come back).
@@ -195,8 +196,9 @@ def main() -> None:
     # Each peer runs in its own process (clean peak RSS), and the peers take turns round by
     # round, so a change in the shared machine's load hits all of them alike: the ratios of the
     # per-peer medians then hold even while absolute times wander.
+    rounds_small = int(os.environ.get("LEANCLIP_BENCH_MINING_ROUNDS", "3"))
     schedule = [(size, rounds, reps, group) for size, rounds, reps, group in
-                ((small, 3, 2, peers), (big, 1, 1, big_peers)) if size]
+                ((small, rounds_small, 2, peers), (big, 1, 1, big_peers)) if size]
     res: Dict[Tuple[str, int], Dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for size, rounds, reps, group in schedule:
@@ -266,7 +268,7 @@ def main() -> None:
             f"dim {DIM}, top-{K}, inner product on random unit vectors, groups of {GROUP} (a corpus row in "
             f"the query's group is skipped). sgemm rate measured here: {rate / 1e9:.0f} GFLOP/s. "
             "faiss searches k+5 and drops group members afterwards (exact: a group has 5 rows). "
-            f"Each peer runs in its own process and the peers take turns (3 rounds at {small:,}, each a "
+            f"Each peer runs in its own process and the peers take turns ({rounds_small} rounds at {small:,}, each a "
             f"warm-up run then a timed run; one single run each at {big or 0:,}); times are medians over rounds. "
             "'agree' = fraction of result slots equal to leanclip f32's. "
             "'extra MiB' = peak RSS minus RSS just before the call."

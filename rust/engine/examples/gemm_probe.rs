@@ -7,7 +7,10 @@ use leanclip_engine::matmul::{self, PackedQueries, Product, Src, Workspace};
 
 /// This thread's CPU time: on a shared machine, time spent descheduled does not count.
 fn thread_cpu_secs() -> f64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: ts is a valid timespec to write.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
@@ -30,10 +33,21 @@ fn time(flops: f64, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().unwrap()).collect();
-    let (m, n, k) = if args.len() == 3 { (args[0], args[1], args[2]) } else { (512, 1024, 512) };
-    let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();
-    let b: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 1000) as f32 * 1e-3 - 0.5).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().unwrap())
+        .collect();
+    let (m, n, k) = if args.len() == 3 {
+        (args[0], args[1], args[2])
+    } else {
+        (512, 1024, 512)
+    };
+    let a: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
+        .collect();
+    let b: Vec<f32> = (0..n * k)
+        .map(|i| ((i * 104729) % 1000) as f32 * 1e-3 - 0.5)
+        .collect();
     let b16: Vec<half::f16> = b.iter().map(|&v| half::f16::from_f32(v)).collect();
     let bi8: Vec<i8> = b.iter().map(|&v| (v * 254.0) as i8).collect();
     let scales = vec![1.0f32 / 254.0; n];
@@ -43,15 +57,56 @@ fn main() {
     println!("shape m {m} n {n} k {k}, single thread, GFLOPS per CPU-second of this thread");
     let only = std::env::var("PROBE_ONLY").ok();
     let run = |name: &str| only.as_deref().is_none_or(|o| name.contains(o));
-    let g = if !run("crate") { 0.0 } else { time(flops, || unsafe {
-        gemm::gemm(m, n, k, c.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), 1, k as isize,
-            b.as_ptr(), k as isize, 1, 0.0, 1.0, false, false, false, gemm::Parallelism::None)
-    }) };
+    let g = if !run("crate") {
+        0.0
+    } else {
+        time(flops, || unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                k as isize,
+                b.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        })
+    };
     println!("gemm crate 0.18 (stable)      f32: {g:6.1} GFLOPS");
-    let g = if !run("matrixmultiply") { 0.0 } else { time(flops, || unsafe {
-        matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), k as isize, 1, b.as_ptr(), 1,
-            k as isize, 0.0, c.as_mut_ptr(), n as isize, 1)
-    }) };
+    let g = if !run("matrixmultiply") {
+        0.0
+    } else {
+        time(flops, || unsafe {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                1.0,
+                a.as_ptr(),
+                k as isize,
+                1,
+                b.as_ptr(),
+                1,
+                k as isize,
+                0.0,
+                c.as_mut_ptr(),
+                n as isize,
+                1,
+            )
+        })
+    };
     println!("matrixmultiply                f32: {g:6.1} GFLOPS");
     for level in available_levels() {
         if level == Level::Scalar {
@@ -61,12 +116,16 @@ fn main() {
         if !run(name) {
             continue;
         }
-        let g = time(flops, || matmul::scores_f32(level, m, n, k, &a, Src::F32(&b), &mut c, n, &mut ws));
+        let g = time(flops, || {
+            matmul::scores_f32(level, m, n, k, &a, Src::F32(&b), &mut c, n, &mut ws)
+        });
         println!("leanclip {name:7} (packing queries each call) f32: {g:6.1} GFLOPS");
         let pa = PackedQueries::new(Product::F32, level, m, k, &a);
         let g = time(flops, || pa.scores(Src::F32(&b), n, &mut c, n, &mut ws));
         println!("leanclip {name:7}              f32: {g:6.1} GFLOPS");
-        let g = time(flops, || matmul::scores_f32(level, m, n, k, &a, Src::F16(&b16), &mut c, n, &mut ws));
+        let g = time(flops, || {
+            matmul::scores_f32(level, m, n, k, &a, Src::F16(&b16), &mut c, n, &mut ws)
+        });
         println!("leanclip {name:7} f16 rows (F16C) f32: {g:6.1} GFLOPS");
         if matmul::has_bf16_product(level) {
             let pa = PackedQueries::new(Product::Bf16, level, m, k, &a);
@@ -75,7 +134,10 @@ fn main() {
         }
         if matmul::has_i8_product(level) {
             let pa = PackedQueries::new(Product::I8, level, m, k, &a);
-            let src = Src::I8 { data: &bi8, scales: &scales };
+            let src = Src::I8 {
+                data: &bi8,
+                scales: &scales,
+            };
             let g = time(flops, || pa.scores(src, n, &mut c, n, &mut ws));
             println!("leanclip {name:7}          i8 VNNI: {g:6.1} GOPS");
         }

@@ -19,6 +19,9 @@
 //! `search`). Each product has a portable reference with the same arithmetic, which is the
 //! path where the instructions are absent and what the tests compare every compiled path with.
 
+// The micro-kernels are x86-64 only: elsewhere every product runs its reference loop.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
 use crate::kernels::{self, Level};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
@@ -30,7 +33,10 @@ pub enum Src<'a> {
     /// Converted to f32 (or bf16) while packing.
     F16(&'a [f16]),
     /// Row `r` is `scales[r] * data[r]`; the f32 and bf16 products dequantize while packing.
-    I8 { data: &'a [i8], scales: &'a [f32] },
+    I8 {
+        data: &'a [i8],
+        scales: &'a [f32],
+    },
 }
 
 impl Src<'_> {
@@ -230,7 +236,7 @@ fn pack_f32_rows(
     kc: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if level != Level::Scalar && w % 8 == 0 {
+    if level != Level::Scalar && w.is_multiple_of(8) {
         assert!(dst.len() >= count.div_ceil(w) * w * kc && src.len() >= (r0 + count) * k);
         // SAFETY: AVX2 is implied by any non-scalar x86 level (checked by available_levels);
         // the assert above bounds every read (rows r0..r0+count, values p0..p0+kc <= k) and
@@ -276,9 +282,16 @@ impl PackedQueries {
     pub fn new(product: Product, level: Level, m: usize, k: usize, a: &[f32]) -> PackedQueries {
         assert!(a.len() >= m * k, "queries shorter than m x k");
         if product == Product::I8 {
-            assert!(k <= I8_MAX_K, "the i8 product takes at most {I8_MAX_K} values per row");
+            assert!(
+                k <= I8_MAX_K,
+                "the i8 product takes at most {I8_MAX_K} values per row"
+            );
         }
-        let shape = if k == 0 { None } else { Shape::of(product, level) };
+        let shape = if k == 0 {
+            None
+        } else {
+            Shape::of(product, level)
+        };
         let mut p = PackedQueries {
             product,
             level,
@@ -354,7 +367,10 @@ impl PackedQueries {
     pub fn scores(&self, b: Src<'_>, n: usize, c: &mut [f32], ldc: usize, ws: &mut Workspace) {
         let (m, k) = (self.m, self.k);
         assert!(b.rows(k) >= n || k == 0, "fewer than n stored rows");
-        assert!(ldc >= n && (m == 0 || c.len() >= (m - 1) * ldc + n), "c too short");
+        assert!(
+            ldc >= n && (m == 0 || c.len() >= (m - 1) * ldc + n),
+            "c too short"
+        );
         if m == 0 || n == 0 {
             return;
         }
@@ -466,55 +482,60 @@ impl PackedQueries {
         ldc: usize,
         ws: &mut Workspace,
     ) {
-        let (k, level) = (self.k, self.level);
         #[cfg(target_arch = "x86_64")]
-        let kern: F32Kernel = if shape.mr == 12 {
-            x86::f32_12x32
-        } else {
-            x86::f32_6x16
-        };
+        {
+            let (k, level) = (self.k, self.level);
+            let kern: F32Kernel = if shape.mr == 12 {
+                x86::f32_12x32
+            } else {
+                x86::f32_6x16
+            };
+            let cp = c.as_mut_ptr();
+            let Workspace { b: bbuf, row, .. } = ws;
+            let mut tmp = std::mem::take(row);
+            self.drive::<f32, f32>(
+                shape,
+                n,
+                bbuf,
+                |dst, j0, count, p0, kc, kcp| match b {
+                    Src::F32(v) => pack_f32_rows(level, dst, v, k, j0, count, shape.nr, p0, kc),
+                    _ => pack(
+                        dst,
+                        j0,
+                        count,
+                        shape.nr,
+                        1,
+                        kcp,
+                        |r, out| b.read(r, k, p0, &mut out[..kc]),
+                        &mut tmp,
+                    ),
+                },
+                |t| {
+                    // SAFETY: `kern` was chosen for a level that `available_levels` checked against
+                    // the CPU. The panels hold `t.steps` lane steps of MR / NR values; the tile's
+                    // rows i0..i0 + mr_valid and columns j0..j0 + nr_valid lie inside `c` (asserted
+                    // in `scores`), and the kernel touches only those.
+                    unsafe {
+                        kern(
+                            t.steps,
+                            t.a,
+                            t.b,
+                            cp.add(t.i0 * ldc + t.j0),
+                            ldc,
+                            t.mr_valid,
+                            t.nr_valid,
+                            !t.first,
+                        )
+                    }
+                },
+            );
+            *row = tmp;
+        }
         #[cfg(not(target_arch = "x86_64"))]
-        let kern: F32Kernel = unreachable!("no f32 micro-kernel on this architecture");
-        let cp = c.as_mut_ptr();
-        let Workspace { b: bbuf, row, .. } = ws;
-        let mut tmp = std::mem::take(row);
-        self.drive::<f32, f32>(
-            shape,
-            n,
-            bbuf,
-            |dst, j0, count, p0, kc, kcp| match b {
-                Src::F32(v) => pack_f32_rows(level, dst, v, k, j0, count, shape.nr, p0, kc),
-                _ => pack(
-                    dst,
-                    j0,
-                    count,
-                    shape.nr,
-                    1,
-                    kcp,
-                    |r, out| b.read(r, k, p0, &mut out[..kc]),
-                    &mut tmp,
-                ),
-            },
-            |t| {
-                // SAFETY: `kern` was chosen for a level that `available_levels` checked against
-                // the CPU. The panels hold `t.steps` lane steps of MR / NR values; the tile's
-                // rows i0..i0 + mr_valid and columns j0..j0 + nr_valid lie inside `c` (asserted
-                // in `scores`), and the kernel touches only those.
-                unsafe {
-                    kern(
-                        t.steps,
-                        t.a,
-                        t.b,
-                        cp.add(t.i0 * ldc + t.j0),
-                        ldc,
-                        t.mr_valid,
-                        t.nr_valid,
-                        !t.first,
-                    )
-                }
-            },
-        );
-        *row = tmp;
+        {
+            let _ = (shape, b, n, c, ldc, ws);
+            unreachable!("no f32 micro-kernel on this architecture");
+        }
     }
 
     fn run_bf16(
@@ -528,31 +549,25 @@ impl PackedQueries {
     ) {
         #[cfg(target_arch = "x86_64")]
         {
-            let k = self.k;
+            let (k, level) = (self.k, self.level);
             let cp = c.as_mut_ptr();
             let Workspace { b: bbuf, row, .. } = ws;
-            let mut tmp = Vec::new();
+            let mut stage = Vec::new();
             self.drive::<u16, u16>(
                 shape,
                 n,
                 bbuf,
                 |dst, j0, count, p0, kc, kcp| {
-                    pack(
-                        dst,
-                        j0,
-                        count,
-                        shape.nr,
-                        2,
-                        kcp / 2,
-                        |r, out| {
-                            row.resize(kc, 0.0);
-                            b.read(r, k, p0, row);
-                            for (o, &v) in out.iter_mut().zip(row.iter()) {
-                                *o = bf16::from_f32(v).to_bits();
-                            }
-                        },
-                        &mut tmp,
-                    )
+                    let staged: &mut [u16] = aligned(&mut stage, count * kcp);
+                    for (i, out) in staged.chunks_exact_mut(kcp).enumerate() {
+                        row.resize(kc, 0.0);
+                        b.read(j0 + i, k, p0, row);
+                        for (o, &v) in out.iter_mut().zip(row.iter()) {
+                            *o = bf16_bits(v);
+                        }
+                        out[kc..].fill(0);
+                    }
+                    pack_words(level, dst, staged, count, shape.nr, kcp / 2);
                 },
                 |t| {
                     // SAFETY: AVX512-BF16 was checked by `Shape::of`; the panels hold `t.steps`
@@ -620,22 +635,20 @@ impl PackedQueries {
                 bscale: scales.as_ptr(),
                 corr: corr.as_ptr(),
             };
-            let mut tmp = Vec::new();
+            let level = self.level;
+            let mut stage = Vec::new();
             self.drive::<u8, i8>(
                 shape,
                 n,
                 bbuf,
                 |dst, j0, count, p0, kc, kcp| {
-                    pack(
-                        dst,
-                        j0,
-                        count,
-                        shape.nr,
-                        4,
-                        kcp / 4,
-                        |r, out| out[..kc].copy_from_slice(&data[r * k + p0..r * k + p0 + kc]),
-                        &mut tmp,
-                    )
+                    let staged: &mut [i8] = aligned(&mut stage, count * kcp);
+                    for (i, out) in staged.chunks_exact_mut(kcp).enumerate() {
+                        let r = j0 + i;
+                        out[..kc].copy_from_slice(&data[r * k + p0..r * k + p0 + kc]);
+                        out[kc..].fill(0);
+                    }
+                    pack_words(level, dst, staged, count, shape.nr, kcp / 4);
                 },
                 |t| {
                     // SAFETY: VNNI was checked by `Shape::of`; the panels hold `t.steps` steps
@@ -653,6 +666,32 @@ impl PackedQueries {
             unreachable!("no i8 micro-kernel on this architecture");
         }
     }
+}
+
+/// bf16 bits of `v`, rounded to nearest even (NaN stays NaN); a plain loop of these vectorizes.
+#[inline(always)]
+fn bf16_bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    if v.is_nan() {
+        ((b >> 16) | 0x40) as u16
+    } else {
+        ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+    }
+}
+
+/// Pack staged rows (`count` rows of `words` 4-byte lane steps each, contiguous) into panels of
+/// `w` rows: a transposition of 4-byte words, the f32 one on their bits.
+fn pack_words<T: bytemuck::Pod>(
+    level: Level,
+    dst: &mut [T],
+    staged: &[T],
+    count: usize,
+    w: usize,
+    words: usize,
+) {
+    let dst: &mut [f32] = bytemuck::cast_slice_mut(dst);
+    let src: &[f32] = bytemuck::cast_slice(staged);
+    pack_f32_rows(level, dst, src, words, 0, count, w, 0, words);
 }
 
 /// Pack every `k` slice of `m` rows into `dst` (queries: one `pack` per slice).
@@ -686,8 +725,6 @@ fn pack_slices<T: Copy + Default>(
 
 #[cfg(target_arch = "x86_64")]
 type F32Kernel = unsafe fn(usize, *const f32, *const f32, *mut f32, usize, usize, usize, bool);
-#[cfg(not(target_arch = "x86_64"))]
-type F32Kernel = fn(usize, *const f32, *const f32, *mut f32, usize, usize, usize, bool);
 
 /// Quantize a query row to i8 for the i8 product: `q ~= scale * out`, |out| <= 127.
 pub fn quantize_query_i8(q: &[f32], out: &mut [i8]) -> f32 {
@@ -794,7 +831,8 @@ mod x86 {
                     let rows: [*const f32; 8] =
                         std::array::from_fn(|i| src.add((r0 + first + i) * ld + p0));
                     while s + 8 <= kc {
-                        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(rows[i].add(s)));
+                        let r: [__m256; 8] =
+                            std::array::from_fn(|i| _mm256_loadu_ps(rows[i].add(s)));
                         let t0 = _mm256_unpacklo_ps(r[0], r[1]);
                         let t1 = _mm256_unpackhi_ps(r[0], r[1]);
                         let t2 = _mm256_unpacklo_ps(r[2], r[3]);
@@ -1024,7 +1062,8 @@ mod x86 {
             let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(pb));
             let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(pb.add(1)));
             for (r, sr) in s.iter_mut().enumerate() {
-                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pa.add(r).read_unaligned()));
+                let av: __m512bh =
+                    std::mem::transmute(_mm512_set1_epi32(pa.add(r).read_unaligned()));
                 sr[0] = _mm512_dpbf16_ps(sr[0], av, b0);
                 sr[1] = _mm512_dpbf16_ps(sr[1], av, b1);
             }
@@ -1148,12 +1187,27 @@ mod tests {
                 let mut want = vec![0.0f32; m * n];
                 let mut ws = Workspace::default();
                 scores_i8(level, m, n, k, &a, &b, &scales, &mut got, n, &mut ws);
-                scores_i8(Level::Scalar, m, n, k, &a, &b, &scales, &mut want, n, &mut ws);
+                scores_i8(
+                    Level::Scalar,
+                    m,
+                    n,
+                    k,
+                    &a,
+                    &b,
+                    &scales,
+                    &mut want,
+                    n,
+                    &mut ws,
+                );
                 assert_eq!(got, want, "{level:?} {m}x{n}x{k}");
                 // And the reference is the quantized query's exact dot product.
                 let mut q = vec![0i8; k];
                 let s = quantize_query_i8(&a[..k], &mut q);
-                let dot: i64 = q.iter().zip(&b[..k]).map(|(&x, &y)| x as i64 * y as i64).sum();
+                let dot: i64 = q
+                    .iter()
+                    .zip(&b[..k])
+                    .map(|(&x, &y)| x as i64 * y as i64)
+                    .sum();
                 assert_eq!(want[0], dot as f32 * (s * scales[0]));
             }
         }
@@ -1169,7 +1223,17 @@ mod tests {
                 let mut want = vec![0.0f32; m * n];
                 let mut ws = Workspace::default();
                 scores_bf16(level, m, n, k, &a, Src::F32(&b), &mut got, n, &mut ws);
-                scores_bf16(Level::Scalar, m, n, k, &a, Src::F32(&b), &mut want, n, &mut ws);
+                scores_bf16(
+                    Level::Scalar,
+                    m,
+                    n,
+                    k,
+                    &a,
+                    Src::F32(&b),
+                    &mut want,
+                    n,
+                    &mut ws,
+                );
                 for (g, w) in got.iter().zip(&want) {
                     assert!(
                         (g - w).abs() <= 1e-5 * (k as f32).sqrt() * (1.0 + w.abs()),
@@ -1188,7 +1252,17 @@ mod tests {
             let a = [1.0f32 + 1.0 / 256.0, 1.0 + 3.0 / 256.0];
             let b = [1.0f32, 0.0, 0.0, 1.0];
             let mut c = [0.0f32; 2];
-            scores_bf16(level, 1, 2, 2, &a, Src::F32(&b), &mut c, 2, &mut Workspace::default());
+            scores_bf16(
+                level,
+                1,
+                2,
+                2,
+                &a,
+                Src::F32(&b),
+                &mut c,
+                2,
+                &mut Workspace::default(),
+            );
             assert_eq!(c[0], 1.0, "{level:?}");
             assert_eq!(c[1], 1.0 + 1.0 / 64.0, "{level:?}");
         }

@@ -298,7 +298,10 @@ mod tests {
                     let mut agree = 0;
                     for i in 0..nq {
                         let w = &want_ids[i * k..(i + 1) * k];
-                        agree += ids[i * k..(i + 1) * k].iter().filter(|r| w.contains(r)).count();
+                        agree += ids[i * k..(i + 1) * k]
+                            .iter()
+                            .filter(|r| w.contains(r))
+                            .count();
                     }
                     let agreement = agree as f64 / (nq * k) as f64;
                     assert!(
@@ -320,6 +323,9 @@ mod tests {
             assert_eq!(ScanPrecision::parse(p.name()).unwrap(), p);
         }
         let err = ScanPrecision::parse("int4").unwrap_err().to_string();
-        assert!(err.contains("unknown precision") && err.contains("\"i8\""), "{err}");
+        assert!(
+            err.contains("unknown precision") && err.contains("\"i8\""),
+            "{err}"
+        );
     }
 }

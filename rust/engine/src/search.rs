@@ -42,10 +42,7 @@ pub enum Scan<'a> {
     Bf16,
     /// i8 products over this quantized copy of the rows (the rows themselves when they are
     /// stored as i8), then an exact re-score.
-    I8 {
-        data: &'a [i8],
-        scales: &'a [f32],
-    },
+    I8 { data: &'a [i8], scales: &'a [f32] },
 }
 
 /// The precision a mining scan runs at (`precision=` in `mine_hard_negatives`). Scores and
@@ -277,7 +274,9 @@ pub fn search_into_scan<E, I>(
                 let r0 = n * part / parts;
                 let r1 = n * (part + 1) / parts;
                 if use_gemm {
-                    gemm_task(plan, rows, scan, r0, r1, queries, q0, q1, k, eligible, row_id)
+                    gemm_task(
+                        plan, rows, scan, r0, r1, queries, q0, q1, k, eligible, row_id,
+                    )
                 } else {
                     kernel_task(plan, rows, r0, r1, queries, q0, q1, k, eligible, row_id)
                 }
@@ -329,8 +328,14 @@ fn prepare_queries(plan: Plan, queries: Queries<'_>, q0: usize, q1: usize, buf: 
 }
 
 #[inline(always)]
-fn push_candidates<E, I>(heap: &mut TopK, scores: &[f32], query: usize, row0: usize, eligible: &E, row_id: &I)
-where
+fn push_candidates<E, I>(
+    heap: &mut TopK,
+    scores: &[f32],
+    query: usize,
+    row0: usize,
+    eligible: &E,
+    row_id: &I,
+) where
     E: Fn(usize, usize) -> bool,
     I: Fn(usize) -> u64,
 {

@@ -1,0 +1,189 @@
+//! AVX2 + FMA + F16C kernels (x86-64).
+
+use super::dispatch::I8_BLOCK;
+use half::f16;
+use std::arch::x86_64::*;
+
+#[inline(always)]
+unsafe fn hsum256(v: __m256) -> f32 {
+    let lo = _mm256_castps256_ps128(v);
+    let hi = _mm256_extractf128_ps::<1>(v);
+    let s = _mm_add_ps(lo, hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+    _mm_cvtss_f32(s)
+}
+
+#[inline(always)]
+unsafe fn hsum256_epi32_i64(v: __m256i) -> i64 {
+    let mut lanes = [0i32; 8];
+    _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, v);
+    lanes.iter().map(|&l| l as i64).sum()
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA; `a` and `b` must have the same length.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (j, acc_j) in acc.iter_mut().enumerate() {
+            let off = i + 8 * j;
+            *acc_j = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(off)),
+                _mm256_loadu_ps(pb.add(off)),
+                *acc_j,
+            );
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        acc[0] = _mm256_fmadd_ps(
+            _mm256_loadu_ps(pa.add(i)),
+            _mm256_loadu_ps(pb.add(i)),
+            acc[0],
+        );
+        i += 8;
+    }
+    let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut total = hsum256(sum);
+    while i < n {
+        total += *pa.add(i) * *pb.add(i);
+        i += 1;
+    }
+    total
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA; `a` and `b` must have the same length.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn l2_f32(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (j, acc_j) in acc.iter_mut().enumerate() {
+            let off = i + 8 * j;
+            let d = _mm256_sub_ps(_mm256_loadu_ps(pa.add(off)), _mm256_loadu_ps(pb.add(off)));
+            *acc_j = _mm256_fmadd_ps(d, d, *acc_j);
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        let d = _mm256_sub_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)));
+        acc[0] = _mm256_fmadd_ps(d, d, acc[0]);
+        i += 8;
+    }
+    let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut total = hsum256(sum);
+    while i < n {
+        let d = *pa.add(i) - *pb.add(i);
+        total += d * d;
+        i += 1;
+    }
+    total
+}
+
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `q` and `x` must have the same length.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_f16(q: &[f32], x: &[f16]) -> f32 {
+    let n = q.len();
+    let (pq, px) = (q.as_ptr(), x.as_ptr() as *const u16);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (j, acc_j) in acc.iter_mut().enumerate() {
+            let off = i + 8 * j;
+            let xv = _mm256_cvtph_ps(_mm_loadu_si128(px.add(off) as *const __m128i));
+            *acc_j = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(off)), xv, *acc_j);
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        let xv = _mm256_cvtph_ps(_mm_loadu_si128(px.add(i) as *const __m128i));
+        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(i)), xv, acc[0]);
+        i += 8;
+    }
+    let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut total = hsum256(sum);
+    while i < n {
+        total += *pq.add(i) * x[i].to_f32();
+        i += 1;
+    }
+    total
+}
+
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `q` and `x` must have the same length.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn l2_f16(q: &[f32], x: &[f16]) -> f32 {
+    let n = q.len();
+    let (pq, px) = (q.as_ptr(), x.as_ptr() as *const u16);
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut i = 0;
+    while i + 16 <= n {
+        for (j, acc_j) in acc.iter_mut().enumerate() {
+            let off = i + 8 * j;
+            let xv = _mm256_cvtph_ps(_mm_loadu_si128(px.add(off) as *const __m128i));
+            let d = _mm256_sub_ps(_mm256_loadu_ps(pq.add(off)), xv);
+            *acc_j = _mm256_fmadd_ps(d, d, *acc_j);
+        }
+        i += 16;
+    }
+    while i + 8 <= n {
+        let xv = _mm256_cvtph_ps(_mm_loadu_si128(px.add(i) as *const __m128i));
+        let d = _mm256_sub_ps(_mm256_loadu_ps(pq.add(i)), xv);
+        acc[0] = _mm256_fmadd_ps(d, d, acc[0]);
+        i += 8;
+    }
+    let mut total = hsum256(_mm256_add_ps(acc[0], acc[1]));
+    while i < n {
+        let d = *pq.add(i) - x[i].to_f32();
+        total += d * d;
+        i += 1;
+    }
+    total
+}
+
+/// # Safety
+/// The CPU must support AVX2; `q` and `x` must have the same length.
+#[target_feature(enable = "avx2")]
+pub unsafe fn dot_i8(q: &[i16], x: &[i8]) -> i64 {
+    let n = q.len();
+    let (pq, px) = (q.as_ptr(), x.as_ptr());
+    let mut total: i64 = 0;
+    let mut start = 0;
+    while start < n {
+        let end = (start + I8_BLOCK).min(n);
+        let mut acc0 = _mm256_setzero_si256();
+        let mut acc1 = _mm256_setzero_si256();
+        let mut i = start;
+        while i + 32 <= end {
+            let x0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(px.add(i) as *const __m128i));
+            let x1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(px.add(i + 16) as *const __m128i));
+            let q0 = _mm256_loadu_si256(pq.add(i) as *const __m256i);
+            let q1 = _mm256_loadu_si256(pq.add(i + 16) as *const __m256i);
+            acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(x0, q0));
+            acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(x1, q1));
+            i += 32;
+        }
+        while i + 16 <= end {
+            let x0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(px.add(i) as *const __m128i));
+            let q0 = _mm256_loadu_si256(pq.add(i) as *const __m256i);
+            acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(x0, q0));
+            i += 16;
+        }
+        total += hsum256_epi32_i64(acc0) + hsum256_epi32_i64(acc1);
+        while i < end {
+            total += *pq.add(i) as i64 * *px.add(i) as i64;
+            i += 1;
+        }
+        start = end;
+    }
+    total
+}

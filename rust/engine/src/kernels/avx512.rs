@@ -1,0 +1,175 @@
+//! AVX-512 (F, BW, VL) kernels (x86-64).
+
+use super::dispatch::I8_BLOCK;
+use half::f16;
+use std::arch::x86_64::*;
+
+/// # Safety
+/// The CPU must support AVX-512F; `a` and `b` must have the same length.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 64 <= n {
+        for (j, acc_j) in acc.iter_mut().enumerate() {
+            let off = i + 16 * j;
+            *acc_j = _mm512_fmadd_ps(
+                _mm512_loadu_ps(pa.add(off)),
+                _mm512_loadu_ps(pb.add(off)),
+                *acc_j,
+            );
+        }
+        i += 64;
+    }
+    while i + 16 <= n {
+        acc[0] = _mm512_fmadd_ps(
+            _mm512_loadu_ps(pa.add(i)),
+            _mm512_loadu_ps(pb.add(i)),
+            acc[0],
+        );
+        i += 16;
+    }
+    if i < n {
+        // A masked load reads only the `n - i` valid lanes, so the tail never leaves the slices.
+        let mask: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+        let av = _mm512_maskz_loadu_ps(mask, pa.add(i));
+        let bv = _mm512_maskz_loadu_ps(mask, pb.add(i));
+        acc[1] = _mm512_fmadd_ps(av, bv, acc[1]);
+    }
+    let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    _mm512_reduce_add_ps(sum)
+}
+
+/// # Safety
+/// The CPU must support AVX-512F; `a` and `b` must have the same length.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn l2_f32(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 64 <= n {
+        for (j, acc_j) in acc.iter_mut().enumerate() {
+            let off = i + 16 * j;
+            let d = _mm512_sub_ps(_mm512_loadu_ps(pa.add(off)), _mm512_loadu_ps(pb.add(off)));
+            *acc_j = _mm512_fmadd_ps(d, d, *acc_j);
+        }
+        i += 64;
+    }
+    while i + 16 <= n {
+        let d = _mm512_sub_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)));
+        acc[0] = _mm512_fmadd_ps(d, d, acc[0]);
+        i += 16;
+    }
+    if i < n {
+        let mask: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+        let d = _mm512_sub_ps(
+            _mm512_maskz_loadu_ps(mask, pa.add(i)),
+            _mm512_maskz_loadu_ps(mask, pb.add(i)),
+        );
+        acc[1] = _mm512_fmadd_ps(d, d, acc[1]);
+    }
+    let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    _mm512_reduce_add_ps(sum)
+}
+
+/// # Safety
+/// The CPU must support AVX-512F, BW and VL; `q` and `x` must have the same length.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn dot_f16(q: &[f32], x: &[f16]) -> f32 {
+    let n = q.len();
+    let (pq, px) = (q.as_ptr(), x.as_ptr() as *const u16);
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 64 <= n {
+        for (j, acc_j) in acc.iter_mut().enumerate() {
+            let off = i + 16 * j;
+            let xv = _mm512_cvtph_ps(_mm256_loadu_si256(px.add(off) as *const __m256i));
+            *acc_j = _mm512_fmadd_ps(_mm512_loadu_ps(pq.add(off)), xv, *acc_j);
+        }
+        i += 64;
+    }
+    while i + 16 <= n {
+        let xv = _mm512_cvtph_ps(_mm256_loadu_si256(px.add(i) as *const __m256i));
+        acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(pq.add(i)), xv, acc[0]);
+        i += 16;
+    }
+    if i < n {
+        let mask: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+        let xv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, px.add(i) as *const i16));
+        let qv = _mm512_maskz_loadu_ps(mask, pq.add(i));
+        acc[1] = _mm512_fmadd_ps(qv, xv, acc[1]);
+    }
+    let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    _mm512_reduce_add_ps(sum)
+}
+
+/// # Safety
+/// The CPU must support AVX-512F, BW and VL; `q` and `x` must have the same length.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn l2_f16(q: &[f32], x: &[f16]) -> f32 {
+    let n = q.len();
+    let (pq, px) = (q.as_ptr(), x.as_ptr() as *const u16);
+    let mut acc = [_mm512_setzero_ps(); 2];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (j, acc_j) in acc.iter_mut().enumerate() {
+            let off = i + 16 * j;
+            let xv = _mm512_cvtph_ps(_mm256_loadu_si256(px.add(off) as *const __m256i));
+            let d = _mm512_sub_ps(_mm512_loadu_ps(pq.add(off)), xv);
+            *acc_j = _mm512_fmadd_ps(d, d, *acc_j);
+        }
+        i += 32;
+    }
+    while i < n {
+        let take = (n - i).min(16);
+        let mask: __mmask16 = ((1u32 << take) - 1) as u16;
+        let xv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, px.add(i) as *const i16));
+        let d = _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, pq.add(i)), xv);
+        acc[0] = _mm512_fmadd_ps(d, d, acc[0]);
+        i += take;
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
+}
+
+/// # Safety
+/// The CPU must support AVX-512F, BW and VL; `q` and `x` must have the same length.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn dot_i8(q: &[i16], x: &[i8]) -> i64 {
+    let n = q.len();
+    let (pq, px) = (q.as_ptr(), x.as_ptr());
+    let mut total: i64 = 0;
+    let mut start = 0;
+    while start < n {
+        let end = (start + I8_BLOCK).min(n);
+        let mut acc0 = _mm512_setzero_si512();
+        let mut acc1 = _mm512_setzero_si512();
+        let mut i = start;
+        while i + 64 <= end {
+            let x0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(px.add(i) as *const __m256i));
+            let x1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(px.add(i + 32) as *const __m256i));
+            let q0 = _mm512_loadu_si512(pq.add(i) as *const __m512i);
+            let q1 = _mm512_loadu_si512(pq.add(i + 32) as *const __m512i);
+            acc0 = _mm512_add_epi32(acc0, _mm512_madd_epi16(x0, q0));
+            acc1 = _mm512_add_epi32(acc1, _mm512_madd_epi16(x1, q1));
+            i += 64;
+        }
+        while i < end {
+            let take = (end - i).min(32);
+            let mask: __mmask32 = ((1u64 << take) - 1) as u32;
+            let x0 = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, px.add(i)));
+            let q0 = _mm512_maskz_loadu_epi16(mask, pq.add(i));
+            acc0 = _mm512_add_epi32(acc0, _mm512_madd_epi16(x0, q0));
+            i += take;
+        }
+        let sum = _mm512_add_epi32(acc0, acc1);
+        // Lanes are far below 2^31 here (see I8_BLOCK); widen before summing the block.
+        let lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(sum));
+        let hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64::<1>(sum));
+        total += _mm512_reduce_add_epi64(_mm512_add_epi64(lo, hi));
+        start = end;
+    }
+    total
+}

@@ -1,0 +1,328 @@
+//! Levels, the `LEANCLIP_SIMD` switch, and the public kernels that dispatch on the level.
+
+#[cfg(target_arch = "aarch64")]
+use super::neon;
+use super::scalar;
+#[cfg(target_arch = "x86_64")]
+use super::{avx2, avx512};
+use half::f16;
+use std::sync::OnceLock;
+
+/// The instruction set a kernel runs with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "aarch64")]
+    Neon,
+}
+
+impl Level {
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Scalar => "scalar",
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => "avx512",
+            #[cfg(target_arch = "aarch64")]
+            Level::Neon => "neon",
+        }
+    }
+}
+
+/// Every level this CPU can run, best last (always starts with `Scalar`).
+pub fn available_levels() -> Vec<Level> {
+    #[allow(unused_mut)]
+    let mut levels = vec![Level::Scalar];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            levels.push(Level::Avx2);
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+            {
+                levels.push(Level::Avx512);
+            }
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            levels.push(Level::Neon);
+        }
+    }
+    levels
+}
+
+/// The level the kernels run at, chosen once: the best this CPU has, or the one
+/// `LEANCLIP_SIMD=scalar|avx2|avx512|neon` asks for (for tests and for measuring what each
+/// path is worth). A request above what the CPU has runs at the best level below it; an
+/// unknown name runs at the best level. Both print a warning to stderr.
+pub fn level() -> Level {
+    static LEVEL: OnceLock<Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let requested = std::env::var("LEANCLIP_SIMD").ok();
+        let (level, warning) = choose_level(&available_levels(), requested.as_deref());
+        if let Some(w) = warning {
+            eprintln!("leanclip: {w}");
+        }
+        level
+    })
+}
+
+/// Every level name `LEANCLIP_SIMD` accepts on some CPU, lowest first.
+pub const LEVEL_NAMES: [&str; 4] = ["scalar", "neon", "avx2", "avx512"];
+
+/// The level for a `LEANCLIP_SIMD` value, given the levels this CPU has (best last), and a
+/// warning where the request cannot be met as asked.
+pub fn choose_level(levels: &[Level], requested: Option<&str>) -> (Level, Option<String>) {
+    let best = *levels.last().expect("scalar is always available");
+    let Some(name) = requested.map(str::trim).filter(|n| !n.is_empty()) else {
+        return (best, None);
+    };
+    let name = name.to_ascii_lowercase();
+    if let Some(l) = levels.iter().find(|l| l.name() == name) {
+        return (*l, None);
+    }
+    let have: Vec<&str> = levels.iter().map(|l| l.name()).collect();
+    match LEVEL_NAMES.iter().position(|n| *n == name) {
+        Some(rank) => {
+            // Not on this CPU: the best level ranked below the request.
+            let below = levels
+                .iter()
+                .rev()
+                .find(|l| LEVEL_NAMES.iter().position(|n| *n == l.name()) < Some(rank))
+                .copied()
+                .unwrap_or(Level::Scalar);
+            (
+                below,
+                Some(format!(
+                    "LEANCLIP_SIMD={name} is not supported by this CPU (it has {}); using {}",
+                    have.join(", "),
+                    below.name()
+                )),
+            )
+        }
+        None => (
+            best,
+            Some(format!(
+                "unknown LEANCLIP_SIMD={name:?}: expected one of {}; using {}",
+                have.join(", "),
+                best.name()
+            )),
+        ),
+    }
+}
+
+/// AVX512-VNNI (`vpdpbusd`), for the batched i8 product at the AVX-512 level.
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx512_vnni() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx512vnni"))
+}
+
+/// AVX512-BF16 (`vdpbf16ps`), for the batched bf16 product at the AVX-512 level.
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx512_bf16() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx512bf16"))
+}
+
+/// Largest magnitude of a query quantized for the i8 kernels. Products with stored values
+/// (|x| <= 127) summed in 32-bit lanes stay exact for [`I8_BLOCK`] elements at a time.
+pub const I16_QUERY_MAX: f32 = 16383.0;
+/// Elements accumulated in 32-bit lanes before spilling to 64 bits (see [`I16_QUERY_MAX`]).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(super) const I8_BLOCK: usize = 4096;
+
+// ---------------------------------------------------------------------------------------------
+// Public dispatching kernels. `rows` holds `out.len()` rows of `q.len()` values each.
+
+/// `out[r] = dot(q, rows[r])`.
+pub fn dot_f32_rows(q: &[f32], rows: &[f32], out: &mut [f32]) {
+    dot_f32_rows_with(level(), q, rows, out)
+}
+
+/// `|v|^2`.
+pub fn sqnorm_f32(v: &[f32]) -> f32 {
+    dot_f32_with(level(), v, v)
+}
+
+/// `out[r] = |q - rows[r]|^2`.
+pub fn l2_f32_rows(q: &[f32], rows: &[f32], out: &mut [f32]) {
+    l2_f32_rows_with(level(), q, rows, out)
+}
+
+/// `out[r] = dot(q, rows[r])` with f16 rows.
+pub fn dot_f16_rows(q: &[f32], rows: &[f16], out: &mut [f32]) {
+    dot_f16_rows_with(level(), q, rows, out)
+}
+
+/// `out[r] = |q - rows[r]|^2` with f16 rows.
+pub fn l2_f16_rows(q: &[f32], rows: &[f16], out: &mut [f32]) {
+    l2_f16_rows_with(level(), q, rows, out)
+}
+
+/// `out[r] = dot(q, rows[r])` exactly, for an i16-quantized query and i8 rows.
+pub fn dot_i8_rows(q: &[i16], rows: &[i8], out: &mut [i64]) {
+    dot_i8_rows_with(level(), q, rows, out)
+}
+
+pub fn dot_f32_rows_with(level: Level, q: &[f32], rows: &[f32], out: &mut [f32]) {
+    for_rows(q.len(), rows, out, |row| dot_f32_with(level, q, row))
+}
+
+pub fn l2_f32_rows_with(level: Level, q: &[f32], rows: &[f32], out: &mut [f32]) {
+    for_rows(q.len(), rows, out, |row| l2_f32_with(level, q, row))
+}
+
+pub fn dot_f16_rows_with(level: Level, q: &[f32], rows: &[f16], out: &mut [f32]) {
+    for_rows(q.len(), rows, out, |row| dot_f16_with(level, q, row))
+}
+
+pub fn l2_f16_rows_with(level: Level, q: &[f32], rows: &[f16], out: &mut [f32]) {
+    for_rows(q.len(), rows, out, |row| l2_f16_with(level, q, row))
+}
+
+pub fn dot_i8_rows_with(level: Level, q: &[i16], rows: &[i8], out: &mut [i64]) {
+    for_rows(q.len(), rows, out, |row| dot_i8_with(level, q, row))
+}
+
+#[inline(always)]
+fn for_rows<T, O>(dim: usize, rows: &[T], out: &mut [O], mut f: impl FnMut(&[T]) -> O) {
+    assert_eq!(
+        rows.len(),
+        dim * out.len(),
+        "rows must hold out.len() rows of dim values"
+    );
+    if dim == 0 {
+        return;
+    }
+    for (o, row) in out.iter_mut().zip(rows.chunks_exact(dim)) {
+        *o = f(row);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Single-pair kernels with an explicit level.
+
+pub fn dot_f32_with(level: Level, a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    match level {
+        Level::Scalar => scalar::dot_f32(a, b),
+        // SAFETY: a level other than Scalar is only produced by `available_levels`, which
+        // checked that the CPU supports the features the function is compiled for.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { avx2::dot_f32(a, b) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { avx512::dot_f32(a, b) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "aarch64")]
+        Level::Neon => unsafe { neon::dot_f32(a, b) },
+    }
+}
+
+pub fn l2_f32_with(level: Level, a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    match level {
+        Level::Scalar => scalar::l2_f32(a, b),
+        // SAFETY: the level was checked against the CPU by `available_levels`.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { avx2::l2_f32(a, b) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { avx512::l2_f32(a, b) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "aarch64")]
+        Level::Neon => unsafe { neon::l2_f32(a, b) },
+    }
+}
+
+pub fn dot_f16_with(level: Level, q: &[f32], x: &[f16]) -> f32 {
+    assert_eq!(q.len(), x.len());
+    match level {
+        Level::Scalar => scalar::dot_f16(q, x),
+        // SAFETY: the level was checked against the CPU by `available_levels`.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { avx2::dot_f16(q, x) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { avx512::dot_f16(q, x) },
+        #[cfg(target_arch = "aarch64")]
+        Level::Neon => scalar::dot_f16(q, x),
+    }
+}
+
+pub fn l2_f16_with(level: Level, q: &[f32], x: &[f16]) -> f32 {
+    assert_eq!(q.len(), x.len());
+    match level {
+        Level::Scalar => scalar::l2_f16(q, x),
+        // SAFETY: the level was checked against the CPU by `available_levels`.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { avx2::l2_f16(q, x) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { avx512::l2_f16(q, x) },
+        #[cfg(target_arch = "aarch64")]
+        Level::Neon => scalar::l2_f16(q, x),
+    }
+}
+
+pub fn dot_i8_with(level: Level, q: &[i16], x: &[i8]) -> i64 {
+    assert_eq!(q.len(), x.len());
+    match level {
+        Level::Scalar => scalar::dot_i8(q, x),
+        // SAFETY: the level was checked against the CPU by `available_levels`.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { avx2::dot_i8(q, x) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { avx512::dot_i8(q, x) },
+        #[cfg(target_arch = "aarch64")]
+        Level::Neon => scalar::dot_i8(q, x),
+    }
+}
+
+/// Quantize a query for the i8 kernels: `q ~= scale * out`, |out| <= [`I16_QUERY_MAX`].
+pub fn quantize_query_i16(q: &[f32], out: &mut Vec<i16>) -> f32 {
+    let max_abs = q.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    out.clear();
+    if max_abs == 0.0 {
+        out.resize(q.len(), 0);
+        return 0.0;
+    }
+    let inv = I16_QUERY_MAX / max_abs;
+    out.extend(q.iter().map(|v| round_small(v * inv) as i16));
+    max_abs / I16_QUERY_MAX
+}
+
+/// Round to nearest (ties to even) for |x| < 2^22, in plain adds that vectorize on every
+/// x86-64 (f32::round is a libm call without SSE4.1).
+#[inline(always)]
+fn round_small(x: f32) -> i32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it leaves no fraction bits
+    ((x + MAGIC) - MAGIC) as i32
+}
+
+/// Quantize one stored row to i8 with its own scale: `x ~= scale * out`, |out| <= 127.
+pub fn quantize_row_i8(x: &[f32], out: &mut [i8]) -> f32 {
+    let max_abs = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    if max_abs == 0.0 {
+        out.fill(0);
+        return 0.0;
+    }
+    let inv = 127.0 / max_abs;
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = round_small((v * inv).clamp(-127.0, 127.0)) as i8;
+    }
+    max_abs / 127.0
+}

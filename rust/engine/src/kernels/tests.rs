@@ -1,0 +1,161 @@
+//! Every compiled level against the scalar reference.
+
+use super::*;
+use half::f16;
+
+const DIMS: [usize; 13] = [1, 3, 7, 8, 15, 16, 17, 31, 33, 64, 511, 513, 4100 * 2];
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    // xorshift: deterministic, no extra dev-dependency
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn close(a: f32, b: f32, dim: usize) -> bool {
+    (a - b).abs() <= 1e-5 * (dim as f32).sqrt() * (1.0 + b.abs())
+}
+
+#[test]
+fn simd_f32_matches_scalar_on_odd_dims_and_unaligned_slices() {
+    for level in available_levels() {
+        for &dim in &DIMS {
+            for offset in 0..3 {
+                let a = values(dim + offset, dim as u64);
+                let b = values(dim + offset, dim as u64 + 99);
+                let (a, b) = (&a[offset..], &b[offset..]);
+                let want = scalar::dot_f32(a, b);
+                let got = dot_f32_with(level, a, b);
+                assert!(
+                    close(got, want, dim),
+                    "{level:?} dot dim {dim}: {got} vs {want}"
+                );
+                let want = scalar::l2_f32(a, b);
+                let got = l2_f32_with(level, a, b);
+                assert!(
+                    close(got, want, dim),
+                    "{level:?} l2 dim {dim}: {got} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn simd_f16_matches_scalar_on_odd_dims_and_unaligned_slices() {
+    for level in available_levels() {
+        for &dim in &DIMS {
+            for offset in 0..3 {
+                let q = values(dim + offset, dim as u64 + 1);
+                let x: Vec<f16> = values(dim + offset, dim as u64 + 2)
+                    .iter()
+                    .map(|&v| f16::from_f32(v))
+                    .collect();
+                let (q, x) = (&q[offset..], &x[offset..]);
+                let want = scalar::dot_f16(q, x);
+                let got = dot_f16_with(level, q, x);
+                assert!(
+                    close(got, want, dim),
+                    "{level:?} f16 dot dim {dim}: {got} vs {want}"
+                );
+                let want = scalar::l2_f16(q, x);
+                let got = l2_f16_with(level, q, x);
+                assert!(
+                    close(got, want, dim),
+                    "{level:?} f16 l2 dim {dim}: {got} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn simd_i8_is_exact_on_odd_dims_unaligned_slices_and_extremes() {
+    for level in available_levels() {
+        for &dim in &DIMS {
+            for offset in 0..3 {
+                let mut q = Vec::new();
+                quantize_query_i16(&values(dim + offset, dim as u64 + 3), &mut q);
+                let mut x = vec![0i8; dim + offset];
+                quantize_row_i8(&values(dim + offset, dim as u64 + 4), &mut x);
+                let (q, x) = (&q[offset..], &x[offset..]);
+                assert_eq!(
+                    dot_i8_with(level, q, x),
+                    scalar::dot_i8(q, x),
+                    "{level:?} dim {dim}"
+                );
+            }
+            // Worst case for the 32-bit lanes: every product at its maximum.
+            let q = vec![I16_QUERY_MAX as i16; dim];
+            let x = vec![-127i8; dim];
+            assert_eq!(
+                dot_i8_with(level, &q, &x),
+                scalar::dot_i8(&q, &x),
+                "{level:?} extreme {dim}"
+            );
+        }
+    }
+}
+
+#[test]
+fn simd_switch_caps_at_the_cpu_and_warns_on_unknown_names() {
+    let levels = available_levels();
+    let best = *levels.last().unwrap();
+    assert_eq!(choose_level(&levels, None), (best, None));
+    assert_eq!(choose_level(&levels, Some("scalar")), (Level::Scalar, None));
+    for l in &levels {
+        assert_eq!(choose_level(&levels, Some(l.name())), (*l, None));
+    }
+    let (l, w) = choose_level(&levels, Some("sse9"));
+    assert_eq!(l, best);
+    assert!(w.unwrap().contains("unknown LEANCLIP_SIMD"));
+    // A request above this CPU runs below it, with a warning.
+    let (l, w) = choose_level(&[Level::Scalar], Some("avx512"));
+    assert_eq!(l, Level::Scalar);
+    assert!(w.unwrap().contains("not supported"));
+    #[cfg(target_arch = "x86_64")]
+    if levels.contains(&Level::Avx2) {
+        let (l, w) = choose_level(&[Level::Scalar, Level::Avx2], Some("avx512"));
+        assert_eq!((l, w.is_some()), (Level::Avx2, true));
+    }
+}
+
+#[test]
+fn row_kernels_fill_every_output() {
+    let dim = 33;
+    let q = values(dim, 5);
+    let rows = values(dim * 7, 6);
+    let mut out = vec![f32::NAN; 7];
+    dot_f32_rows(&q, &rows, &mut out);
+    for (r, o) in out.iter().enumerate() {
+        assert!(close(
+            *o,
+            scalar::dot_f32(&q, &rows[r * dim..(r + 1) * dim]),
+            dim
+        ));
+    }
+}
+
+#[test]
+fn quantizers_bound_their_outputs() {
+    let v = values(100, 9);
+    let mut q = Vec::new();
+    let s = quantize_query_i16(&v, &mut q);
+    assert!(q.iter().all(|&x| (x as f32).abs() <= I16_QUERY_MAX));
+    for (a, b) in v.iter().zip(&q) {
+        assert!((a - s * *b as f32).abs() <= s * 0.5 + 1e-7);
+    }
+    let mut x = vec![0i8; 100];
+    let s = quantize_row_i8(&v, &mut x);
+    assert!(x.iter().all(|&b| b != i8::MIN));
+    for (a, b) in v.iter().zip(&x) {
+        assert!((a - s * *b as f32).abs() <= s * 0.5 + 1e-7);
+    }
+    assert_eq!(quantize_row_i8(&[0.0; 4], &mut [1i8; 4]), 0.0);
+}
