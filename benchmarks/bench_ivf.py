@@ -14,8 +14,7 @@ over the loaded data, the bytes of the saved index, and for the incremental libr
 to add 1% more vectors after the build (relative to the build). Ratios within one run are the
 result: this machine is shared.
 
-    python -m benchmarks.bench_ivf --data clustered --n 200000
-    python -m benchmarks.bench_ivf --data minilm --n 200000 --data2 random --n2 100000
+    python -m benchmarks.bench_ivf --data clustered:100000 --data random:50000 --data minilm:auto
 
 Writes benchmarks/results/ivf.md (one section per data set) and ivf.png (recall vs QPS).
 """
@@ -474,6 +473,10 @@ def main() -> None:
     load_before = os.getloadavg()
     for spec in specs:
         kind, n = spec.split(":")
+        if n == "auto":  # minilm: every embedding cached so far, less the queries
+            from benchmarks.data.minilm_embeddings import load
+
+            n = str((len(load(10**9)) - Q) // 1000 * 1000)
         path = make_data(kind, int(n))
         dim = int(np.load(path)["base"].shape[1])
         print(f"{kind} {n}: {path}", file=sys.stderr)

@@ -12,7 +12,7 @@ _Metric = Literal["cos", "ip", "l2"]
 _DType = Literal["f32", "f16", "i8"]
 _Path = Union[str, "os.PathLike[str]"]
 
-__all__ = ["FORMAT_VERSION", "Index", "IndexFileError", "mine_hard_negatives", "simd_level"]
+__all__ = ["FORMAT_VERSION", "IVFIndex", "Index", "IndexFileError", "mine_hard_negatives", "simd_level"]
 
 FORMAT_VERSION: int
 
