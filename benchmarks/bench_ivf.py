@@ -461,15 +461,19 @@ def main() -> None:
     ap.add_argument("--peers", default=",".join(PEERS))
     ap.add_argument("--json", default=str(CACHE / "ivf-results.json"))
     ap.add_argument("--load-note", default="")
+    ap.add_argument("--report", nargs="+", help="only rewrite ivf.md / ivf.png from these result JSON files")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.data_path, args.add_fraction)))
         return
-    from benchmarks import _harness as H
-
-    specs = args.data or ["clustered:200000"]
+    if args.report:
+        merged: Dict[str, List[Dict]] = {}
+        for f in args.report:
+            merged.update(json.loads(Path(f).read_text()))
+        report(merged, None, os.getloadavg(), args.load_note)
+        return
+    specs = args.data or ["clustered:100000"]
     all_results: Dict[str, List[Dict]] = {}
-    sections = []
     load_before = os.getloadavg()
     for spec in specs:
         kind, n = spec.split(":")
@@ -478,25 +482,33 @@ def main() -> None:
 
             n = str((len(load(10**9)) - Q) // 1000 * 1000)
         path = make_data(kind, int(n))
-        dim = int(np.load(path)["base"].shape[1])
         print(f"{kind} {n}: {path}", file=sys.stderr)
         results = [r for r in (run_peer(p, path, args.add_fraction) for p in args.peers.split(",")) if r]
         all_results[kind] = results
+        Path(args.json).write_text(json.dumps(all_results, indent=1))
+    report(all_results, load_before, os.getloadavg(), args.load_note)
+
+
+def report(all_results: Dict[str, List[Dict]], load_before, load_after, extra: str) -> None:
+    from benchmarks import _harness as H
+
+    sections = []
+    for kind, results in all_results.items():
+        n = results[0]["n"]
+        dim = int(np.load(CACHE / f"{kind}-{n}.npz")["base"].shape[1])
         note = (
-            f"nlist = {nlist_for(int(n))} for every IVF; HNSW M={M}, efConstruction={EF_CONSTRUCTION}; "
+            f"nlist = {nlist_for(n)} for every IVF; HNSW M={M}, efConstruction={EF_CONSTRUCTION}; "
             f"{THREADS} threads everywhere; k={K}. Build = the first 99% of the vectors "
             "(IVF: training + adding); the last 1% is then added to the built index."
         )
-        sections.append(section(kind, int(n), dim, results, note))
-        Path(args.json).write_text(json.dumps(all_results, indent=1))
-    load_after = os.getloadavg()
+        sections.append(section(kind, n, dim, results, note))
     png = H.RESULTS / "ivf.png"
     plot(all_results, png)
+    start = f"at start {load_before[0]:.1f}/{load_before[1]:.1f}/{load_before[2]:.1f}, " if load_before else ""
     note = (
-        f"Load average (1/5/15 min) at start {load_before[0]:.1f}/{load_before[1]:.1f}/{load_before[2]:.1f}, "
-        f"at end {load_after[0]:.1f}/{load_after[1]:.1f}/{load_after[2]:.1f} on {os.cpu_count()} cores "
-        "(other jobs were running: absolute numbers are low, ratios in one run are what counts). "
-        f"Plot: [ivf.png](ivf.png). {args.load_note}"
+        f"Load average (1/5/15 min) {start}at end {load_after[0]:.1f}/{load_after[1]:.1f}/{load_after[2]:.1f} "
+        f"on {os.cpu_count()} cores (other jobs were running: absolute numbers are low and noisy, "
+        f"ratios in one run are what counts). Plot: [ivf.png](ivf.png). {extra}"
     )
     text = H.header("IVF index: leanclip.IVFIndex vs hnswlib, usearch, faiss", ["hnswlib", "usearch", "faiss-cpu"], note)
     H.write_result("ivf", text + "\n" + "\n".join(sections))
