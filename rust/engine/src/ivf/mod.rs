@@ -45,9 +45,9 @@ pub const MAX_VECTORS: usize = u32::MAX as usize;
 /// Most lists an index may have.
 pub const MAX_LISTS: usize = 1 << 20;
 /// Lloyd iterations of the k-means training.
-pub const KMEANS_ITERS: usize = 12;
+pub const KMEANS_ITERS: usize = 10;
 /// k-means trains on at most this many vectors per list (a seeded sample of the data).
-pub const SAMPLE_PER_LIST: usize = 256;
+pub const SAMPLE_PER_LIST: usize = 64;
 /// Default `train_threshold` per list: the index trains itself at 64 x nlist vectors.
 pub const DEFAULT_TRAIN_PER_LIST: usize = 64;
 /// Largest finite float16.
@@ -617,7 +617,7 @@ impl IvfIndex {
     }
 
     /// Trains the coarse quantizer on `vectors` (at least nlist rows, a seeded sample of at
-    /// most 256 x nlist is used) and redistributes the vectors already stored.
+    /// most 64 x nlist is used) and redistributes the vectors already stored.
     pub fn train(&mut self, vectors: &[f32]) -> Result<()> {
         self.check_writable()?;
         if !vectors.len().is_multiple_of(self.dim) {
