@@ -31,10 +31,13 @@ CHUNK = 10_000
 SEED = 1234
 
 
-def _site_packages_text(limit_files: int = 20_000) -> Iterable[str]:
-    """Docstring paragraphs of installed modules and paragraphs of their shipped docs."""
+def _site_packages_text(limit_files: int = 20_000, budget_s: float = 120.0) -> Iterable[str]:
+    """Docstring paragraphs of installed modules and paragraphs of their shipped docs (files in
+    path order, at most ``limit_files`` or ``budget_s`` seconds of scanning)."""
     import site
     import sysconfig
+
+    t0 = time.perf_counter()
 
     roots = {Path(p) for p in site.getsitepackages() + [sysconfig.get_paths()["purelib"]]}
     seen = 0
@@ -42,7 +45,7 @@ def _site_packages_text(limit_files: int = 20_000) -> Iterable[str]:
         if not root.is_dir():
             continue
         for path in sorted(root.rglob("*")):
-            if seen >= limit_files:
+            if seen >= limit_files or time.perf_counter() - t0 > budget_s:
                 return
             suffix = path.suffix
             if suffix not in {".py", ".txt", ".md", ".rst"} or not path.is_file():

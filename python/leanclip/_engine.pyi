@@ -197,7 +197,7 @@ class IVFIndex:
         dequantized. KeyError if absent."""
     def train(self, vectors: npt.ArrayLike) -> None:
         """Train the centroids on (n, dim) vectors (n >= nlist; a seeded sample of at most
-        256 * nlist is used) and move the stored vectors to their lists."""
+        64 * nlist is used) and move the stored vectors to their lists."""
     def retrain(self) -> None:
         """Retrain on the current contents (for lists grown skewed) and redistribute."""
     def search(

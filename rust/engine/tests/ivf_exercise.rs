@@ -40,8 +40,16 @@ pub fn fix_checksums(data: &mut [u8]) {
         let keys_end = HEADER
             .checked_add(lists.checked_mul(8)?)?
             .checked_add(count.checked_mul(8)?)?;
-        let cen = if trained { lists.checked_mul(dim)?.checked_mul(4)? } else { 0 };
-        let sc = if data[20] == 2 { count.checked_mul(4)? } else { 0 };
+        let cen = if trained {
+            lists.checked_mul(dim)?.checked_mul(4)?
+        } else {
+            0
+        };
+        let sc = if data[20] == 2 {
+            count.checked_mul(4)?
+        } else {
+            0
+        };
         let meta_end = keys_end.checked_add(cen)?.checked_add(sc)?;
         let v0 = meta_end.checked_next_multiple_of(64)?;
         let v1 = v0.checked_add(count.checked_mul(dim)?.checked_mul(elt)?)?;
@@ -53,7 +61,9 @@ pub fn fix_checksums(data: &mut [u8]) {
         };
         Some((v0, v1, c0, c1))
     };
-    let Some((v0, v1, c0, c1)) = sizes() else { return };
+    let Some((v0, v1, c0, c1)) = sizes() else {
+        return;
+    };
     if c1 > len {
         return;
     }
@@ -85,7 +95,9 @@ pub fn exercise(index: &IvfIndex, image: &[u8]) {
     assert_eq!(index.list_sizes().iter().sum::<usize>(), index.len());
     let distinct: HashSet<u64> = keys.iter().copied().collect();
     assert_eq!(distinct.len(), keys.len());
-    let got = index.get(&keys[..keys.len().min(4)]).expect("get of present keys");
+    let got = index
+        .get(&keys[..keys.len().min(4)])
+        .expect("get of present keys");
     assert_eq!(got.len(), keys.len().min(4) * dim);
     let q: Vec<f32> = (0..3 * dim).map(|i| 1.0 + (i % 5) as f32).collect();
     let exclude: Vec<u64> = keys.iter().take(2).copied().collect();

@@ -16,7 +16,11 @@ fn seeds() -> Vec<Vec<u8>> {
         (Metric::L2, DType::I8, 3, true),
         (Metric::Cos, DType::I8, 0, false),
     ] {
-        let p = IvfParams { rerank, train_threshold: 0, ..IvfParams::with_nlist(3) };
+        let p = IvfParams {
+            rerank,
+            train_threshold: 0,
+            ..IvfParams::with_nlist(3)
+        };
         let mut ivf = IvfIndex::new(4, metric, dtype, p).unwrap();
         let v: Vec<f32> = (0..40).map(|i| ((i * 7) % 9) as f32 - 4.0 + 0.25).collect();
         let keys: Vec<u64> = (0..10).map(|k| k * 11 + 1).collect();
@@ -68,5 +72,8 @@ fn mutated_files_load_consistently_or_fail_with_a_file_error() {
         }
     }
     // Patched mutations of values (vectors, scales, centroids) are valid files: some must load.
-    assert!(accepted > 100, "only {accepted} mutated files were accepted");
+    assert!(
+        accepted > 100,
+        "only {accepted} mutated files were accepted"
+    );
 }

@@ -45,9 +45,9 @@ pub const MAX_VECTORS: usize = u32::MAX as usize;
 /// Most lists an index may have.
 pub const MAX_LISTS: usize = 1 << 20;
 /// Lloyd iterations of the k-means training.
-pub const KMEANS_ITERS: usize = 12;
+pub const KMEANS_ITERS: usize = 10;
 /// k-means trains on at most this many vectors per list (a seeded sample of the data).
-pub const SAMPLE_PER_LIST: usize = 256;
+pub const SAMPLE_PER_LIST: usize = 64;
 /// Default `train_threshold` per list: the index trains itself at 64 x nlist vectors.
 pub const DEFAULT_TRAIN_PER_LIST: usize = 64;
 /// Largest finite float16.
@@ -125,7 +125,10 @@ pub(crate) enum Data {
     F32(Seg<f32>),
     F16(Seg<f16>),
     /// Row r is `scales[r] * data[r]`.
-    I8 { data: Seg<i8>, scales: Seg<f32> },
+    I8 {
+        data: Seg<i8>,
+        scales: Seg<f32>,
+    },
 }
 
 /// One inverted list: keys, rows and (with re-ranking) float32 copies, all in slot order.
@@ -189,8 +192,12 @@ impl List {
     fn push_from(&mut self, other: &List, slot: usize, dim: usize) -> Result<()> {
         let r = slot * dim..(slot + 1) * dim;
         match (&mut self.data, &other.data) {
-            (Data::F32(d), Data::F32(s)) => d.owned_mut()?.extend_from_slice(&s.as_slice()[r.clone()]),
-            (Data::F16(d), Data::F16(s)) => d.owned_mut()?.extend_from_slice(&s.as_slice()[r.clone()]),
+            (Data::F32(d), Data::F32(s)) => {
+                d.owned_mut()?.extend_from_slice(&s.as_slice()[r.clone()])
+            }
+            (Data::F16(d), Data::F16(s)) => {
+                d.owned_mut()?.extend_from_slice(&s.as_slice()[r.clone()])
+            }
             (
                 Data::I8 { data, scales },
                 Data::I8 {
@@ -198,7 +205,8 @@ impl List {
                     scales: ss,
                 },
             ) => {
-                data.owned_mut()?.extend_from_slice(&sd.as_slice()[r.clone()]);
+                data.owned_mut()?
+                    .extend_from_slice(&sd.as_slice()[r.clone()]);
                 scales.owned_mut()?.push(ss.as_slice()[slot]);
             }
             _ => unreachable!("lists of one index share its dtype"),
@@ -609,7 +617,7 @@ impl IvfIndex {
     }
 
     /// Trains the coarse quantizer on `vectors` (at least nlist rows, a seeded sample of at
-    /// most 256 x nlist is used) and redistributes the vectors already stored.
+    /// most 64 x nlist is used) and redistributes the vectors already stored.
     pub fn train(&mut self, vectors: &[f32]) -> Result<()> {
         self.check_writable()?;
         if !vectors.len().is_multiple_of(self.dim) {
@@ -627,7 +635,9 @@ impl IvfIndex {
             ));
         }
         self.check_vectors(vectors, "vectors", false)?;
-        let sample = self.sample_rows(n, |i, out| out.copy_from_slice(&vectors[i * self.dim..(i + 1) * self.dim]));
+        let sample = self.sample_rows(n, |i, out| {
+            out.copy_from_slice(&vectors[i * self.dim..(i + 1) * self.dim])
+        });
         self.train_on(sample)
     }
 
@@ -765,7 +775,11 @@ impl IvfIndex {
             return Ok((Vec::new(), Vec::new(), kp));
         }
         let queries = self.normalize(queries, true);
-        let rerank = if self.keeps_exact() { self.params.rerank } else { 0 };
+        let rerank = if self.keeps_exact() {
+            self.params.rerank
+        } else {
+            0
+        };
         let kc = kp.max(rerank);
         let probes = self.probes(&queries, kp + excluded.len());
         let hits = self.scan_lists(&queries, &probes, kc, &excluded, &excluded_per_list);
@@ -832,7 +846,11 @@ impl IvfIndex {
             } else {
                 flat.extend(mine.iter().map(|&l| l as u32));
                 let seen: FxHashSet<u64> = mine.iter().copied().collect();
-                flat.extend((0..nlist as u64).filter(|l| !seen.contains(l)).map(|l| l as u32));
+                flat.extend(
+                    (0..nlist as u64)
+                        .filter(|l| !seen.contains(l))
+                        .map(|l| l as u32),
+                );
             }
             offsets.push(flat.len());
         }
@@ -879,10 +897,17 @@ impl IvfIndex {
             normalize_queries: false,
             normalize_rows: false,
         };
-        // Per list: (valid results per query, ids, scores), nq_l x kc each.
-        let results: Vec<(usize, Vec<u64>, Vec<f32>)> = (0..nlist)
-            .into_par_iter()
-            .map(|l| {
+        // Per probed list: (valid results per query, ids, scores), nq_l x valid each.
+        let active: Vec<usize> = (0..nlist)
+            .filter(|&l| list_start[l + 1] > list_start[l])
+            .collect();
+        let mut result_of = vec![usize::MAX; nlist];
+        for (i, &l) in active.iter().enumerate() {
+            result_of[l] = i;
+        }
+        let results: Vec<(usize, Vec<u64>, Vec<f32>)> = active
+            .par_iter()
+            .map(|&l| {
                 let qs = &list_queries[list_start[l]..list_start[l + 1]];
                 let list = &self.lists[l];
                 let valid = (list.len() - excluded_per_list[l]).min(kc);
@@ -932,7 +957,7 @@ impl IvfIndex {
                 let mut top = TopK::new(kc);
                 for &at in &slot_of[offsets[q]..offsets[q + 1]] {
                     let l = list_of_slot(at);
-                    let (valid, ids, scores) = &results[l];
+                    let (valid, ids, scores) = &results[result_of[l]];
                     let j = at - list_start[l];
                     for r in j * valid..(j + 1) * valid {
                         top.push(self.metric.to_external(scores[r]), ids[r]);

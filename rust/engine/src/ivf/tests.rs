@@ -160,7 +160,10 @@ fn save_load_roundtrip_and_corruption_is_refused() {
         assert_eq!(back.to_bytes(), bytes);
         assert_eq!(back.params(), ivf.params());
         let q = data(1, 3, 8);
-        assert_eq!(back.search(&q, 5, None).unwrap().0, ivf.search(&q, 5, None).unwrap().0);
+        assert_eq!(
+            back.search(&q, 5, None).unwrap().0,
+            ivf.search(&q, 5, None).unwrap().0
+        );
         for at in (0..bytes.len()).step_by(bytes.len() / 97 + 1) {
             let mut bad = bytes.clone();
             bad[at] ^= 0x10;
@@ -170,7 +173,10 @@ fn save_load_roundtrip_and_corruption_is_refused() {
             );
         }
         for cut in [0, 1, 127, 128, bytes.len() - 1] {
-            assert!(matches!(IvfIndex::from_bytes(&bytes[..cut]), Err(Error::File { .. })));
+            assert!(matches!(
+                IvfIndex::from_bytes(&bytes[..cut]),
+                Err(Error::File { .. })
+            ));
         }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.ivf");
@@ -178,7 +184,10 @@ fn save_load_roundtrip_and_corruption_is_refused() {
         let m = IvfIndex::load(&path, true, false).unwrap();
         assert!(m.is_read_only());
         m.verify().unwrap();
-        assert_eq!(m.search(&q, 5, None).unwrap().0, ivf.search(&q, 5, None).unwrap().0);
+        assert_eq!(
+            m.search(&q, 5, None).unwrap().0,
+            ivf.search(&q, 5, None).unwrap().0
+        );
         let mut m = m;
         assert!(matches!(m.remove(&[6]), Err(Error::ReadOnly)));
     }

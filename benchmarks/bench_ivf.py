@@ -1,0 +1,573 @@
+"""leanclip.IVFIndex against hnswlib, usearch, faiss IVFFlat, faiss IVF-SQ8 and faiss HNSW.
+
+Data sets (unit vectors, inner product = cosine for every library):
+- ``minilm``: MiniLM-L6 sentence embeddings (dim 384) of real sentences found on this machine,
+  cached by ``python -m benchmarks.data.minilm_embeddings`` (queries: held-out sentences);
+- ``clustered``: synthetic 512-d points around n/100 shared centers (as bench_approx);
+- ``random``: uniform random 512-d unit vectors, the worst case for every approximate index.
+
+Each library runs in its own process (a clean heap and its own peak RSS), one after the other.
+A process loads the data, builds its index (timed: training + adding everything), then for each
+search setting (ef / nprobe) measures recall@10 against exact search, QPS for one batch of
+Q=1000 queries and the mean latency of single queries (Q=1). It also reports the peak RSS growth
+over the loaded data, the bytes of the saved index, and for the incremental libraries the time
+to add 1% more vectors after the build (relative to the build). Ratios within one run are the
+result: this machine is shared.
+
+    python -m benchmarks.bench_ivf --data clustered:100000 --data random:50000 --data minilm:auto
+
+Writes benchmarks/results/ivf.md (one section per data set) and ivf.png (recall vs QPS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+CACHE = Path.home() / ".cache" / "leanclip-bench" / "ivf"
+K = 10
+Q = 1000
+Q1 = 200  # single queries timed one by one
+THREADS = 2
+M = 16
+EF_CONSTRUCTION = 128
+EFS = (16, 32, 64, 128, 256, 512)
+NPROBES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def make_data(kind: str, n: int) -> Path:
+    """Writes (once) <cache>/<kind>-<n>.npz with base, queries and the exact top-10."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = CACHE / f"{kind}-{n}.npz"
+    if path.exists():
+        return path
+    if kind == "minilm":
+        from benchmarks.data.minilm_embeddings import load
+
+        allv = load(n + Q)
+        if len(allv) < n + Q:
+            raise SystemExit(f"only {len(allv)} MiniLM embeddings cached; need {n + Q}")
+        base, queries = allv[:n], allv[n : n + Q]
+    elif kind == "clustered":
+        dim = 512
+        rng = np.random.default_rng(3)
+        centers = _unit(rng.standard_normal((max(n // 100, 10), dim)))
+
+        def points(m: int, seed: int) -> np.ndarray:
+            r = np.random.default_rng(seed)
+            labels = r.integers(0, len(centers), size=m)
+            noise = r.standard_normal((m, dim), dtype=np.float32) * np.float32(0.6 / np.sqrt(dim))
+            return _unit(centers[labels] + noise)
+
+        base, queries = points(n, 4), points(Q, 5)
+    elif kind == "random":
+        base = _unit(np.random.default_rng(1).standard_normal((n, 512), dtype=np.float32))
+        queries = _unit(np.random.default_rng(2).standard_normal((Q, 512), dtype=np.float32))
+    else:
+        raise SystemExit(f"unknown data set {kind!r}")
+    from leanclip import Index
+
+    exact = Index(base.shape[1], "ip")
+    exact.add(np.arange(n, dtype=np.uint64), base)
+    truth, _ = exact.search(queries, k=K)
+    np.savez(path, base=base, queries=queries, truth=truth.astype(np.int64))
+    return path
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    found = np.asarray(found, dtype=np.int64).reshape(len(truth), -1)
+    return float(np.mean([len(np.intersect1d(a, b)) / truth.shape[1] for a, b in zip(found, truth)]))
+
+
+# ---------------------------------------------------------------------------------------------
+# One library per process
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def peak_mb() -> float:
+    """VmHWM: the peak RSS since the last ``reset_peak()``."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def reset_peak() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM to the current RSS."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def nlist_for(n: int) -> int:
+    """About 2 x sqrt(n), a power of two (faiss's guidance is 1x-16x sqrt(n))."""
+    return int(2 ** round(np.log2(2 * np.sqrt(n))))
+
+
+class Peer:
+    """build(base) -> None; settings(); set(value); search(queries) -> keys; add(more)."""
+
+    name = ""
+    knob = ""
+    incremental = True
+
+    def settings(self) -> List[int]:
+        raise NotImplementedError
+
+
+class LeanIVF(Peer):
+    knob = "nprobe"
+
+    def __init__(self, dtype: str, rerank: int, nlist: int):
+        self.dtype, self.rerank, self.nlist = dtype, rerank, nlist
+        self.name = f"leanclip IVF {dtype}" + (f" rerank={rerank}" if rerank else "")
+
+    def build(self, base):
+        from leanclip import IVFIndex
+
+        self.index = IVFIndex(base.shape[1], "ip", self.dtype, nlist=self.nlist, rerank=self.rerank, train_threshold=0)
+        self.index.train(base)
+        self.index.add(np.arange(len(base), dtype=np.uint64), base)
+
+    def add(self, more, start):
+        self.index.add(np.arange(start, start + len(more), dtype=np.uint64), more)
+
+    def settings(self):
+        return [p for p in NPROBES if p <= self.nlist]
+
+    def set(self, v):
+        self.index.nprobe = v
+
+    def search(self, q):
+        return self.index.search(q, k=K)[0]
+
+    def save(self, path):
+        self.index.save(path)
+
+
+class Hnswlib(Peer):
+    name, knob = "hnswlib HNSW", "ef"
+
+    def build(self, base):
+        import hnswlib
+
+        self.index = hnswlib.Index(space="ip", dim=base.shape[1])
+        self.index.init_index(max_elements=int(len(base) * 1.02) + 10, M=M, ef_construction=EF_CONSTRUCTION)
+        self.index.set_num_threads(THREADS)
+        self.index.add_items(base, np.arange(len(base)))
+
+    def add(self, more, start):
+        self.index.add_items(more, np.arange(start, start + len(more)))
+
+    def settings(self):
+        return list(EFS)
+
+    def set(self, v):
+        self.index.set_ef(max(v, K))
+
+    def search(self, q):
+        return self.index.knn_query(q, k=K)[0]
+
+    def save(self, path):
+        self.index.save_index(path)
+
+
+class USearch(Peer):
+    name, knob = "usearch HNSW", "ef"
+
+    def build(self, base):
+        from usearch.index import Index
+
+        self.index = Index(ndim=base.shape[1], metric="ip", dtype="f32", connectivity=M, expansion_add=EF_CONSTRUCTION)
+        self.index.add(np.arange(len(base)), base, threads=THREADS)
+
+    def add(self, more, start):
+        self.index.add(np.arange(start, start + len(more)), more, threads=THREADS)
+
+    def settings(self):
+        return list(EFS)
+
+    def set(self, v):
+        self.index.expansion_search = max(v, K)
+
+    def search(self, q):
+        if q.ndim == 1:
+            return self.index.search(q, K).keys
+        return self.index.search(q, K, threads=THREADS).keys
+
+    def save(self, path):
+        self.index.save(path)
+
+
+class Faiss(Peer):
+    def __init__(self, kind: str, nlist: int = 0):
+        self.kind, self.nlist = kind, nlist
+        self.name = {"flat": "faiss IVFFlat", "sq8": "faiss IVF-SQ8", "hnsw": "faiss HNSW"}[kind]
+        self.knob = "efSearch" if kind == "hnsw" else "nprobe"
+
+    def build(self, base):
+        import faiss
+
+        faiss.omp_set_num_threads(THREADS)
+        d = base.shape[1]
+        if self.kind == "hnsw":
+            self.index = faiss.IndexHNSWFlat(d, M, faiss.METRIC_INNER_PRODUCT)
+            self.index.hnsw.efConstruction = EF_CONSTRUCTION
+        else:
+            quantizer = faiss.IndexFlatIP(d)
+            if self.kind == "flat":
+                self.index = faiss.IndexIVFFlat(quantizer, d, self.nlist, faiss.METRIC_INNER_PRODUCT)
+            else:
+                self.index = faiss.IndexIVFScalarQuantizer(
+                    quantizer, d, self.nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+                )
+            self.quantizer = quantizer
+            self.index.train(base)
+        self.index.add(base)
+
+    def add(self, more, start):
+        self.index.add(more)
+
+    def settings(self):
+        return list(EFS) if self.kind == "hnsw" else [p for p in NPROBES if p <= self.nlist]
+
+    def set(self, v):
+        if self.kind == "hnsw":
+            self.index.hnsw.efSearch = max(v, K)
+        else:
+            self.index.nprobe = v
+
+    def search(self, q):
+        return self.index.search(q.reshape(-1, q.shape[-1]), K)[1]
+
+    def save(self, path):
+        import faiss
+
+        faiss.write_index(self.index, path)
+
+
+def make_peer(spec: str, n: int) -> Peer:
+    nlist = nlist_for(n)
+    return {
+        "lean-f32": lambda: LeanIVF("f32", 0, nlist),
+        "lean-i8": lambda: LeanIVF("i8", 0, nlist),
+        "lean-i8-rerank": lambda: LeanIVF("i8", 40, nlist),
+        "hnswlib": Hnswlib,
+        "usearch": USearch,
+        "faiss-ivfflat": lambda: Faiss("flat", nlist),
+        "faiss-ivfsq8": lambda: Faiss("sq8", nlist),
+        "faiss-hnsw": lambda: Faiss("hnsw"),
+    }[spec]()
+
+
+def worker(spec: str, data_path: str, add_fraction: float) -> Dict:
+    d = np.load(data_path)
+    base, queries, truth = d["base"], d["queries"], d["truth"]
+    n = len(base)
+    n_build = n - int(n * add_fraction) if add_fraction else n
+    reset_peak()  # loading the .npz peaks at twice the data: measure from here
+    base_rss = rss_mb()
+    peer = make_peer(spec, n)
+    t0, c0 = time.perf_counter(), time.process_time()
+    peer.build(base[:n_build])
+    build_s, build_cpu = time.perf_counter() - t0, time.process_time() - c0
+    out: Dict = {"peer": peer.name, "knob": peer.knob, "n": n, "build_s": build_s, "build_cpu_s": build_cpu}
+    if add_fraction:
+        t0, c0 = time.perf_counter(), time.process_time()
+        peer.add(base[n_build:], n_build)
+        out["add_s"] = time.perf_counter() - t0
+        out["add_cpu_s"] = time.process_time() - c0
+        out["add_fraction"] = add_fraction
+        out["n_build"] = n_build
+    out["rss_growth_mb"] = peak_mb() - base_rss
+    with tempfile.TemporaryDirectory() as tmp:
+        p = os.path.join(tmp, "index")
+        peer.save(p)
+        out["disk_mb"] = os.path.getsize(p) / 2**20
+    points = []
+    for v in peer.settings():
+        peer.set(v)
+        peer.search(queries[:50])  # warm-up
+        t0, c0 = time.perf_counter(), time.process_time()
+        found = peer.search(queries)
+        batch_s, batch_cpu = time.perf_counter() - t0, time.process_time() - c0
+        r = recall(found, truth)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for q in queries[:Q1]:
+            peer.search(q)
+        lat, lat_cpu = (time.perf_counter() - t0) / Q1, (time.process_time() - c0) / Q1
+        points.append(
+            {
+                "setting": v,
+                "recall": r,
+                "qps1000": Q / batch_s,
+                "latency_ms": lat * 1e3,
+                # CPU seconds of all threads: robust to other jobs on a loaded machine
+                "qps1000_cpu": Q / batch_cpu,
+                "latency_cpu_ms": lat_cpu * 1e3,
+            }
+        )
+        if r >= 0.999:
+            break
+    out["points"] = points
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver: peers in turn, table, plot
+
+PEERS = ["lean-f32", "lean-i8-rerank", "faiss-ivfflat", "faiss-ivfsq8", "hnswlib", "faiss-hnsw", "usearch"]
+
+
+def run_peer(spec: str, data_path: Path, add_fraction: float) -> Optional[Dict]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    root = Path(__file__).resolve().parent.parent
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))
+    env.setdefault("RAYON_NUM_THREADS", str(THREADS))
+    cmd = [sys.executable, "-m", "benchmarks.bench_ivf", "--worker", spec, "--data-path", str(data_path), "--add-fraction", str(add_fraction)]
+    print(f"  {spec} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return None
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"  {spec}: build {res['build_s']:.1f}s, {len(res['points'])} settings", file=sys.stderr, flush=True)
+    return res
+
+
+def best_at(res: Dict, target: float, key: str) -> Optional[Dict]:
+    """The best point with recall >= target: highest QPS, or lowest latency."""
+    ok = [p for p in res["points"] if p["recall"] >= target and key in p]
+    if not ok:
+        return None
+    return max(ok, key=lambda p: p[key]) if key.startswith("qps") else min(ok, key=lambda p: p[key])
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> str:
+    return f"{a / b:.2f}x" if a and b else "–"
+
+
+def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
+    from benchmarks import _harness as H
+
+    lines = [f"## {kind}: {n:,} x {dim}", "", note, ""]
+    rows = []
+    for r in results:
+        for p in r["points"]:
+            rows.append(
+                [
+                    r["peer"],
+                    f"{r['knob']}={p['setting']}",
+                    p["recall"],
+                    p.get("qps1000_cpu", float("nan")),
+                    p["qps1000"],
+                    p.get("latency_cpu_ms", float("nan")),
+                    p["latency_ms"],
+                ]
+            )
+    lines.append(
+        H.markdown_table(
+            [
+                "library",
+                "setting",
+                "recall@10",
+                "Q=1000: queries per CPU-s",
+                "Q=1000: QPS (wall)",
+                "Q=1: CPU ms per query",
+                "Q=1: wall ms per query",
+            ],
+            rows,
+        )
+    )
+    lines.append("")
+    rows = []
+    for r in results:
+        add = "–"
+        if "add_s" in r:
+            cpu = r.get("add_cpu_s")
+            add = f"{100 * r['add_s'] / r['build_s']:.1f}% wall" + (
+                f", {100 * cpu / r['build_cpu_s']:.1f}% CPU" if cpu is not None and r.get("build_cpu_s") else ""
+            )
+        rows.append(
+            [r["peer"], r.get("build_cpu_s", float("nan")), r["build_s"], r["rss_growth_mb"], r["disk_mb"], add]
+        )
+    lines.append(
+        H.markdown_table(
+            ["library", "build CPU (s)", "build wall (s)", "peak RSS growth (MiB)", "on disk (MiB)", "add 1% after build (of build)"],
+            rows,
+        )
+    )
+    lines.append("")
+    lean = [r for r in results if r["peer"].startswith("leanclip")]
+    by = {r["peer"]: r for r in results}
+    hn = by.get("hnswlib HNSW")
+    faiss_ivf = [r for r in results if r["peer"] in ("faiss IVFFlat", "faiss IVF-SQ8")]
+    trows = []
+    for target in (0.95, 0.99):
+        for r in lean:
+            b = best_at(r, target, "qps1000_cpu")
+            if b is None:
+                trows.append([r["peer"], target, "not reached", "", "", "", "", ""])
+                continue
+            bw = best_at(r, target, "qps1000")
+            lat = best_at(r, target, "latency_cpu_ms")
+            hb = best_at(hn, target, "qps1000_cpu") if hn else None
+            hbw = best_at(hn, target, "qps1000") if hn else None
+            hl = best_at(hn, target, "latency_cpu_ms") if hn else None
+            fb = [x for x in (best_at(f, target, "qps1000_cpu") for f in faiss_ivf) if x]
+            fbw = [x for x in (best_at(f, target, "qps1000") for f in faiss_ivf) if x]
+            best_f = max((x["qps1000_cpu"] for x in fb), default=None)
+            best_fw = max((x["qps1000"] for x in fbw), default=None)
+            trows.append(
+                [
+                    r["peer"],
+                    target,
+                    f"{b['qps1000_cpu']:,.0f} ({r['knob']}={b['setting']})",
+                    f"{_ratio(b['qps1000_cpu'], hb and hb['qps1000_cpu'])} ({_ratio(bw['qps1000'], hbw and hbw['qps1000'])} wall)",
+                    f"{_ratio(b['qps1000_cpu'], best_f)} ({_ratio(bw['qps1000'], best_fw)} wall)",
+                    f"{lat['latency_cpu_ms']:.3f} vs {hl['latency_cpu_ms']:.3f}" if hl else "–",
+                    f"{r['build_cpu_s'] / hn['build_cpu_s']:.3f} ({r['build_s'] / hn['build_s']:.3f} wall)" if hn else "–",
+                    f"{r['rss_growth_mb']:.0f} vs {hn['rss_growth_mb']:.0f}" if hn else "–",
+                ]
+            )
+    lines.append("Targets (ratios from this run; CPU time first, wall clock in parentheses):")
+    lines.append("")
+    lines.append(
+        H.markdown_table(
+            [
+                "leanclip",
+                "recall >=",
+                "best Q=1000 (queries per CPU-s)",
+                "vs hnswlib (target >= 2x)",
+                "vs best faiss IVF (target >= 1.2x)",
+                "Q=1 CPU ms vs hnswlib (target <=)",
+                "build / hnswlib build (target <= 0.1)",
+                "peak RSS MiB vs hnswlib (target <=)",
+            ],
+            trows,
+        )
+    )
+    return "\n".join(lines) + "\n"
+
+
+def plot(all_results: Dict[str, List[Dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(all_results)
+    fig, axes = plt.subplots(2, len(kinds), figsize=(6.5 * len(kinds), 10), squeeze=False)
+    panels = [
+        ("qps1000_cpu", "queries per CPU-second, batch of 1000"),
+        ("latency_cpu_ms", "queries per CPU-second, one at a time"),
+    ]
+    for col, kind in enumerate(kinds):
+        for row, (key, label) in enumerate(panels):
+            ax = axes[row][col]
+            for r in all_results[kind]:
+                pts = [p for p in r["points"] if key in p]
+                x = [p["recall"] for p in pts]
+                y = [p[key] if key.startswith("qps") else 1000.0 / p[key] for p in pts]
+                style = "-o" if r["peer"].startswith("leanclip") else "--s"
+                ax.plot(x, y, style, label=r["peer"], markersize=4, linewidth=2 if style == "-o" else 1.2)
+            ax.set_yscale("log")
+            ax.set_xlabel("recall@10")
+            ax.set_ylabel(label)
+            ax.set_title(f"{kind} ({all_results[kind][0]['n']:,} vectors)")
+            ax.axvline(0.95, color="grey", linewidth=0.6, linestyle=":")
+            ax.axvline(0.99, color="grey", linewidth=0.6, linestyle=":")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle("Recall vs throughput per CPU-second (up and right is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker")
+    ap.add_argument("--data-path")
+    ap.add_argument("--add-fraction", type=float, default=0.01)
+    ap.add_argument("--data", action="append", help="kind:n, e.g. clustered:200000 (repeatable)")
+    ap.add_argument("--peers", default=",".join(PEERS))
+    ap.add_argument("--json", default=str(CACHE / "ivf-results.json"))
+    ap.add_argument("--load-note", default="")
+    ap.add_argument("--report", nargs="+", help="only rewrite ivf.md / ivf.png from these result JSON files")
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.data_path, args.add_fraction)))
+        return
+    if args.report:
+        merged: Dict[str, List[Dict]] = {}
+        for f in args.report:
+            merged.update(json.loads(Path(f).read_text()))
+        report(merged, None, os.getloadavg(), args.load_note)
+        return
+    specs = args.data or ["clustered:100000"]
+    all_results: Dict[str, List[Dict]] = {}
+    load_before = os.getloadavg()
+    for spec in specs:
+        kind, n = spec.split(":")
+        if n == "auto":  # minilm: every embedding cached so far, less the queries
+            from benchmarks.data.minilm_embeddings import load
+
+            n = str((len(load(10**9)) - Q) // 1000 * 1000)
+        path = make_data(kind, int(n))
+        print(f"{kind} {n}: {path}", file=sys.stderr)
+        results = [r for r in (run_peer(p, path, args.add_fraction) for p in args.peers.split(",")) if r]
+        all_results[kind] = results
+        Path(args.json).write_text(json.dumps(all_results, indent=1))
+    report(all_results, load_before, os.getloadavg(), args.load_note)
+
+
+def report(all_results: Dict[str, List[Dict]], load_before, load_after, extra: str) -> None:
+    from benchmarks import _harness as H
+
+    sections = []
+    for kind, results in all_results.items():
+        n = results[0]["n"]
+        dim = int(np.load(CACHE / f"{kind}-{n}.npz")["base"].shape[1])
+        note = (
+            f"nlist = {nlist_for(n)} for every IVF; HNSW M={M}, efConstruction={EF_CONSTRUCTION}; "
+            f"{THREADS} threads everywhere; k={K}. Build = the first 99% of the vectors "
+            "(IVF: training + adding); the last 1% is then added to the built index."
+        )
+        sections.append(section(kind, n, dim, results, note))
+    png = H.RESULTS / "ivf.png"
+    plot(all_results, png)
+    start = f"at start {load_before[0]:.1f}/{load_before[1]:.1f}/{load_before[2]:.1f}, " if load_before else ""
+    note = (
+        f"Load average (1/5/15 min) {start}at end {load_after[0]:.1f}/{load_after[1]:.1f}/{load_after[2]:.1f} "
+        f"on {os.cpu_count()} cores (other jobs were running: absolute numbers are low and noisy, "
+        f"ratios in one run are what counts). Plot: [ivf.png](ivf.png). {extra}"
+    )
+    text = H.header("IVF index: leanclip.IVFIndex vs hnswlib, usearch, faiss", ["hnswlib", "usearch", "faiss-cpu"], note)
+    H.write_result("ivf", text + "\n" + "\n".join(sections))
+
+
+if __name__ == "__main__":
+    main()
