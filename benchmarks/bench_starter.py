@@ -150,7 +150,7 @@ def main(argv: List[str] | None = None) -> int:
         f"text throughput {q['text_qps'] / f['text_qps']:.2f}x, image throughput "
         f"{q['images_per_s'] / f['images_per_s']:.2f}x. int8 = onnxruntime dynamic quantization of the "
         "token-embedding Gather (text) and the classifier / class-embedding MatMuls (image); see "
-        "training/starter.py for why MiniLM's MatMuls stay fp32.\n"
+        "python/leanclip/starter.py for why MiniLM's MatMuls stay fp32.\n"
     )
     if ablation:
         text += "\nAblation (fp32; reported only, not used to choose the defaults):\n\n"

@@ -37,13 +37,14 @@ _DISTRIBUTIONS = {
 class MissingDependency(LeanclipError, ImportError):
     """An optional dependency is not installed; the message names the extra that provides it."""
 
-    def __init__(self, what: str, extra: str, modules: Iterable[str] = ()) -> None:
-        names = [_DISTRIBUTIONS.get(m, m) for m in modules]
+    def __init__(self, what: str, extra: str, modules: Iterable[str] = (), need: Optional[str] = None) -> None:
         self.what = what
         self.extra = extra
         self.modules = list(modules)
-        detail = f" ({', '.join(names)} not installed)" if names else ""
-        super().__init__(f"{what} needs the '{extra}' extra{detail}: pip install 'leanclip[{extra}]'",
+        if need is None:
+            names = ", ".join(_DISTRIBUTIONS.get(m, m) for m in self.modules)
+            need = f"{names} (not installed)" if names else f"the '{extra}' extra"
+        super().__init__(f"{what} needs {need}: pip install 'leanclip[{extra}]'",
                          name=self.modules[0] if self.modules else None)
 
 

@@ -197,8 +197,8 @@ def collect_sample_photos(dest_dir: PathLike) -> List[Path]:
         shutil.copy2(source, target)
         copied.append(target)
     if not copied:
-        raise MissingDependency("leanclip demo needs the sample photos", "demo",
-                                [p for p, root in roots.items() if root is None])
+        raise MissingDependency("leanclip demo", "demo", [p for p, root in roots.items() if root is None],
+                                need="the sample photos of scikit-image, scikit-learn or matplotlib (none found)")
     (dest / "CREDITS.md").write_text(
         _credits_markdown([p.name for p in copied]), encoding="utf-8"
     )
