@@ -151,6 +151,13 @@ def all_counts(values: Sequence[int], info: DistInfo) -> list[list[int]]:
     return [[int(v) for v in p.tolist()] for p in parts]
 
 
+def all_true(flag: bool, info: DistInfo) -> bool:
+    """Whether ``flag`` holds on every rank: one decision all ranks act on (e.g. "this cache
+    file exists": a rank that saw it written a moment after another checked must not skip a
+    computation, with collectives inside, that the other one runs)."""
+    return min(c[0] for c in all_counts([int(bool(flag))], info)) == 1
+
+
 def all_sizes(n: int, info: DistInfo) -> list[int]:
     """Every rank's ``n`` (e.g. images that could be read in this step), in rank order."""
     return [c[0] for c in all_counts([n], info)]

@@ -37,15 +37,15 @@ from training.data import (ImageFiles, PairedCorpus, PairedImages, WebDatasetIma
                            list_images, load_paired, load_text_lines, prepare_pixels,
                            read_webdataset_texts)
 from training.distributed import (BatchLayout, DistInfo, TowerForward, TrainableSides,
-                                  all_counts, barrier, ddp, gather_with_grad, init_distributed,
-                                  micro_slice)
+                                  all_counts, all_true, barrier, ddp, gather_with_grad,
+                                  init_distributed, micro_slice)
 from training.models import (build_student_from_settings, build_teacher, has_own_tokenizer,
                              model_config, read_checkpoint, save_checkpoint, tokenize,
                              tokenize_for, tower_parameters)
 from training.train_utils import (autocast, config_arg_parser, cosine_with_warmup,
-                                  encode_image_files, encode_token_rows, load_config,
-                                  grad_norm, load_size_for, make_optimizer,
-                                  model_fingerprint, plan_schedule, rng_state, seed_everything, set_rng_state)
+                                  encode_image_files, encode_token_rows, grad_norm, load_config,
+                                  load_size_for, make_optimizer, model_fingerprint,
+                                  plan_schedule, rng_state, seed_everything, set_rng_state)
 
 log = logging.getLogger("training.stage1")
 
@@ -200,7 +200,7 @@ class Stage1Trainer:
 
     def _memmap_cache(self, what: str, compute: Any, count: int) -> np.ndarray:
         path = self._cache_key(what, count)
-        if not path.is_file():
+        if not all_true(path.is_file(), self.info):
             array = compute()
             if self.info.is_main:
                 path.parent.mkdir(parents=True, exist_ok=True)

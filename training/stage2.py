@@ -43,8 +43,8 @@ from torch.utils.data import DataLoader
 from training import losses
 from training.data import (PairedImages, collate_skipping, epoch_pairs, load_paired,
                            prepare_pixels)
-from training.distributed import (BatchLayout, DistInfo, TrainableSides, all_counts, barrier,
-                                  ddp, gather_no_grad, gather_rows, gather_with_grad,
+from training.distributed import (BatchLayout, DistInfo, TrainableSides, all_counts, all_true,
+                                  barrier, ddp, gather_no_grad, gather_rows, gather_with_grad,
                                   init_distributed, micro_slice, shard_for_rank)
 from training.evaluate import retrieval_recalls
 from training.models import (build_student_from_settings, build_teacher, has_own_tokenizer,
@@ -233,7 +233,7 @@ class Stage2Trainer:
     def _cached(self, name: str, compute: Any) -> Any:
         """np arrays cached under run_dir/cache (written by rank 0), so resuming skips them."""
         path = self.cache_dir / f"{name}.npz"
-        if path.is_file():
+        if all_true(path.is_file(), self.info):
             with np.load(path) as data:
                 return tuple(data[k] for k in sorted(data.files))
         result = compute()
