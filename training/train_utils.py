@@ -115,11 +115,8 @@ def make_optimizer(params: Iterable[tuple[str, nn.Parameter]], lr: float, weight
 def grad_norm(params: Iterable[nn.Parameter]) -> float:
     """L2 norm of the gradients (after DDP's all-reduce: the global batch's gradient), logged per
     step; it also shows a gradient-scale error that AdamW's normalised updates would hide."""
-    total = torch.zeros(())
-    for p in params:
-        if p.grad is not None:
-            total += p.grad.detach().float().pow(2).sum().cpu()
-    return float(total.sqrt())
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0  # one sync
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
