@@ -4,12 +4,16 @@
     python -m training.stage1 --config ... --stage1-loss mse          # Table 2 ablations
     torchrun --nproc_per_node 8 -m training.stage1 --config ...
 
-Each step takes a batch of images and a batch of texts (from separate collections); the student
-image tower learns eq. 2 against the frozen teacher's image embeddings, the text tower eq. 3.
-Losses (``train.loss`` / ``--stage1-loss``): ``infonce`` (the paper), ``mse`` (ablation),
-``intermodal`` (ablation: CLIP's InfoNCE between the student tower and the teacher's other tower
-on paired data), ``none`` (skip stage 1: save the initial student). The teacher's embeddings can
-be precomputed once and cached on disk (float16 memmaps, ``train.cache_teacher``).
+Each step takes a global batch of images and one of texts (``train.batch_size``, split across
+ranks; from separate collections); the student image tower learns eq. 2 against the frozen
+teacher's image embeddings, the text tower eq. 3. Losses (``train.loss`` / ``--stage1-loss``):
+``infonce`` (the paper), ``mse`` (ablation), ``intermodal`` (ablation: CLIP's InfoNCE between the
+student tower and the teacher's other tower on paired data), ``clip`` (the paper's TinyBERT
+baseline: CLIP's InfoNCE between the student's own two towers on paired data), ``none`` (skip
+stage 1: save the initial student). Only the towers of ``train.modalities`` train (never the
+logit scale, except with ``clip``), each wrapped in DDP on its own. The teacher's embeddings can
+be precomputed once and cached on disk (float16 memmaps, ``train.cache_teacher``), keyed by a
+hash of the teacher's weights.
 
 A config with ``recipe: minilm_text`` is delegated to ``training.minilm_stage1.main``.
 """

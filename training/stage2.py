@@ -18,8 +18,10 @@ One loop serves both uses:
   then draws negatives from embeddings refreshed at each epoch start).
 
 Frozen sides never run forward passes during training: their embeddings of the whole corpus are
-computed once per phase and looked up, as are T''s embeddings for KD (cached under run_dir/cache).
-Each phase ends by restoring its best validation checkpoint; ``best.pt`` is the final model.
+computed once per phase and looked up, as are T''s embeddings for KD (cached under run_dir/cache,
+keyed by a hash of T''s weights). An epoch visits every caption once (``epoch_pairs``) in global
+batches of ``train.batch_size`` split across ranks. Each phase ends by restoring its best
+validation checkpoint; ``best.pt`` is the best validated model over all phases.
 """
 
 from __future__ import annotations
