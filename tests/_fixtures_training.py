@@ -94,7 +94,8 @@ def tiny_stage2_config(root: Path, json_path: Path, image_root: Path, run: str,
                            "image_root": str(image_root), "split": "train"},
                  "val": {"format": "karpathy", "path": str(json_path),
                          "image_root": str(image_root), "split": "val"}},
-        "train": {"batch_size": 8, "epochs": 2, "lr": 1e-3, "warmup_steps": 2,
+        # global batch 40: an epoch is every caption once (24 images x 5 = 120) in 3 steps
+        "train": {"batch_size": 40, "epochs": 2, "lr": 1e-3, "warmup_steps": 2,
                   "num_workers": 0, "checkpoint_every": 0, "eval_batch_size": 16, "hn_k": 3,
                   "log_every": 1000, **train},
     }
@@ -130,3 +131,122 @@ def jpeg_bytes(i: int) -> bytes:
     buf = io.BytesIO()
     make_image((i * 30 % 255, 100, 100), "square", i).save(buf, format="JPEG")
     return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-process runs on CPU (gloo): W plain subprocesses joined through env:// on a free
+# loopback port (what torchrun sets up, without its agent process).
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch_world(world_size: int, tasks: list[dict[str, Any]], out_dir: Path,
+                 timeout: float = 300.0, expect_success: bool = True) -> list[Any]:
+    """Run ``dist_worker`` in ``world_size`` processes over ``tasks``; returns the processes'
+    (returncode, stderr tail). Each task writes its results under out_dir (rank 0)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = out_dir / "tasks.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec.write_text(json.dumps(tasks))
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", "from tests._fixtures_training import dist_worker; "
+             "dist_worker()", str(spec), str(out_dir)], env=env, cwd=repo,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    results = []
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=timeout)
+            results.append((p.returncode, err[-3000:]))
+    finally:
+        for p in procs:  # a hung rank (e.g. a peer died) is ended here, by its own id
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if expect_success and any(code != 0 for code, _ in results):
+        raise AssertionError("\n".join(f"rank {rank} exited {code}:\n{err}"
+                                        for rank, (code, err) in enumerate(results)))
+    return results
+
+
+def dist_worker() -> None:
+    """Entry point of one rank (see ``launch_world``)."""
+    import signal
+    import sys
+
+    torch.set_num_threads(1)
+    spec, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
+    from training import stage1, stage2
+    from training.distributed import init_distributed
+
+    info = init_distributed("cpu")
+    for task in json.loads(spec.read_text()):
+        kind, name = task["kind"], task["name"]
+        if kind in ("stage1", "stage2"):
+            trainer_cls = stage1.Stage1Trainer if kind == "stage1" else stage2.Stage2Trainer
+            trainer = trainer_cls(task["config"], info)
+            kill_at = task.get("kill_after_checkpoint")
+            if kill_at is not None:  # die like a killed job, right after checkpoint N
+                original = trainer._save
+
+                def save_then_die(*args: Any, _original: Any = original, **kw: Any) -> None:
+                    _original(*args, **kw)
+                    if trainer.step >= kill_at:
+                        os.kill(os.getpid(), signal.SIGKILL)
+
+                trainer._save = save_then_die  # type: ignore[method-assign]
+            result = trainer.run(resume=task.get("resume"))
+            history = result if kind == "stage1" else result.history
+            model = trainer.student if kind == "stage1" else trainer.model
+            if info.is_main:
+                torch.save({"history": history, "state_dict": model.state_dict(),
+                            "skipped_images": getattr(trainer, "skipped_images", None)
+                            if kind == "stage1" else result.skipped_images},
+                           out_dir / f"{name}.pt")
+        elif kind == "encode_and_mine":
+            arrays = encode_and_mine(task, info)
+            if info.is_main:
+                np.savez(out_dir / f"{name}.npz", **arrays)
+        else:
+            raise ValueError(f"unknown task kind {kind!r}")
+
+
+def encode_and_mine(task: dict[str, Any], info: Any) -> dict[str, np.ndarray]:
+    """Sharded corpus encoding (images with unreadable files, captions) with a tiny teacher and
+    sharded mining over embeddings with exact ties, as ``dist_worker`` and the single-process
+    reference both run it."""
+    from training.data import load_karpathy
+    from training.models import build_teacher, tokenize
+    from training.stage2 import mine
+    from training.train_utils import encode_image_files, encode_token_rows, seed_everything
+
+    seed_everything(0)
+    model = build_teacher(pretrained=None, tiny=True).to(info.device)
+    corpus = load_karpathy(task["json"], task["root"], "train")
+    images, valid = encode_image_files(model, corpus.images, int(model.image_size),
+                                       int(task["batch_size"]), info)
+    texts = encode_token_rows(model, tokenize(corpus.captions), int(task["batch_size"]), info)
+    rng = np.random.default_rng(1)
+    queries = rng.normal(size=(37, 16)).astype(np.float32)
+    base = rng.normal(size=(20, 16)).astype(np.float32)
+    corpus_emb = np.concatenate([base, base, base[:5]])  # exact ties, broken by row
+    groups = rng.integers(0, 12, size=len(corpus_emb))
+    valid_rows = np.ones(len(corpus_emb), bool)
+    valid_rows[[3, 30]] = False
+    ids = mine(queries, corpus_emb, 7, rng.integers(0, 12, size=37), groups, valid_rows, info)
+    return {"images": images, "valid": valid, "texts": texts, "mined": ids}

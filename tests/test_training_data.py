@@ -97,8 +97,10 @@ def test_webdataset_shards_stream_skip_and_count(tmp_path: Path) -> None:
     assert [item[0] for item in resumed] == [2, 4]
     assert data.read_webdataset_texts(shards)[-1] == "caption 4"
     # two ranks split the stream without overlap; the broken sample 3 falls to rank 1
-    rank0 = [item for item in data.WebDatasetImages(shards, 16, rank=0, world_size=2)]
-    rank1 = [item for item in data.WebDatasetImages(shards, 16, rank=1, world_size=2)]
+    rank0 = [item for item in data.WebDatasetImages(shards, 16, global_batch=2,
+                                                    share=slice(0, 1))]
+    rank1 = [item for item in data.WebDatasetImages(shards, 16, global_batch=2,
+                                                    share=slice(1, 2))]
     assert [item[0] for item in rank0] == [0, 2, 4]
     assert rank1[0][0] == 1 and rank1[1] is None
     two_workers = DataLoader(data.WebDatasetImages(shards, 16), batch_size=1, num_workers=2,
@@ -121,14 +123,20 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path: Path) -> None:
         data.load_image(corpus.images[0])
 
 
-def test_sample_pairs_one_caption_per_image_deterministic(tmp_path: Path) -> None:
+def test_epoch_pairs_visit_every_caption_once(tmp_path: Path) -> None:
+    """An epoch is every caption once (COCO: ~566k pairs, not 113k), laid out in rounds so a
+    batch inside a round never holds two captions of one image."""
     json_path, root = make_karpathy(tmp_path, n_train=10, n_val=1, n_test=1)
     corpus = data.load_karpathy(json_path, root, "train")
-    pairs = data.sample_pairs(corpus, 0, 1, 2)
-    assert sorted(pairs[:, 0].tolist()) == list(range(10))
+    corpus = data.PairedCorpus(corpus.images, corpus.captions[:-2],  # uneven: 3 or 5 captions
+                               corpus.caption_image[:-2])
+    pairs = data.epoch_pairs(corpus, 0, 1, 2)
+    assert sorted(pairs[:, 1].tolist()) == list(range(len(corpus.captions)))
     assert all(corpus.caption_image[c] == i for i, c in pairs)
-    assert np.array_equal(pairs, data.sample_pairs(corpus, 0, 1, 2))
-    assert not np.array_equal(pairs, data.sample_pairs(corpus, 0, 1, 3))
+    for start in range(0, 30, 10):  # the first three rounds hold each image once
+        assert sorted(pairs[start:start + 10, 0].tolist()) == list(range(10))
+    assert np.array_equal(pairs, data.epoch_pairs(corpus, 0, 1, 2))
+    assert not np.array_equal(pairs, data.epoch_pairs(corpus, 0, 1, 3))
 
 
 def test_prepare_pixels_resizes_and_normalises() -> None:

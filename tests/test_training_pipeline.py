@@ -79,7 +79,7 @@ def test_stage1_ablation_losses_and_skip(dataset: tuple[Path, Path, Path],
         assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
     # gradient accumulation: two micro-batches of 4, each with its own negatives
     config = tiny_stage1_config(root, json_path, image_root, epochs=1, max_steps=2,
-                                grad_accum=2)
+                                max_rank_batch=4)
     config["run_dir"] = str(root / "stage1_accum")
     trainer = stage1.Stage1Trainer(config)
     before = trainer.student.image_projection.weight.detach().clone()
@@ -190,9 +190,10 @@ def test_hard_negatives_exclude_positives(student_sf: Any) -> None:
             for image, negatives in enumerate(ids):
                 assert not set(negatives) & set(corpus.image_captions[image])
         else:
-            ids = plan["t2i"]
-            for image, negatives in enumerate(ids):
-                assert image not in negatives and (negatives >= 0).all()
+            ids = plan["t2i"]  # per caption
+            assert ids.shape == (len(corpus.captions), k)
+            for caption, negatives in enumerate(ids):
+                assert corpus.caption_image[caption] not in negatives and (negatives >= 0).all()
     # the miner ranks by similarity: a positive planted as the best match is still skipped
     rng = np.random.default_rng(0)
     queries = rng.normal(size=(4, 8)).astype(np.float32)
@@ -263,7 +264,7 @@ def test_ablation_flags_select_phases_and_terms(dataset: tuple[Path, Path, Path]
     assert {h["phase"] for h in joint.history} == {"joint"} and "hn" in joint.history[0]
     bare = stage2.Stage2Trainer(tiny_stage2_config(
         root, json_path, image_root, "no_kd_hn", model, teacher, phases=["image"], kd=False,
-        hn=False, epochs=1, grad_accum=2)).run()
+        hn=False, epochs=1, max_rank_batch=20)).run()
     assert "kd_kl" not in bare.history[0] and "hn" not in bare.history[0]
     assert bare.history[0]["loss"] == pytest.approx(bare.history[0]["t2v"]
                                                     + bare.history[0]["v2t"])
@@ -306,53 +307,6 @@ def test_table2_runner_prints_the_paper_layout(dataset: tuple[Path, Path, Path],
     # both rows share one stage-1 run
     assert sorted(p.name for p in (root / "table2").iterdir()) == [
         "full", "no_kd_hn", "stage1_infonce"]
-
-
-DDP_SCRIPT = """
-import json, sys
-import torch
-torch.set_num_threads(1)
-from training.stage2 import Stage2Trainer
-config = json.loads(sys.argv[1])
-state = Stage2Trainer(config).run()
-if torch.distributed.get_rank() == 0:
-    json.dump(state.history, open(sys.argv[2], "w"))
-"""
-
-
-def test_ddp_two_processes_match_one_process(dataset: tuple[Path, Path, Path],
-                                             stage1_run: Any, teacher_sf: Any) -> None:
-    """torchrun with 2 CPU processes (gloo), per-rank batch 4, gives the same losses as one
-    process with batch 8: embeddings are gathered across ranks for every loss term."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    root, json_path, image_root = dataset
-    model = {"kind": "student", "init": str(root / "stage1" / "final.pt")}
-    single = tiny_stage2_config(root, json_path, image_root, "ddp_single", model,
-                                str(teacher_sf[0] / "best.pt"), epochs=1, max_steps=2)
-    expected = stage2.Stage2Trainer(single).run().history
-    ddp = tiny_stage2_config(root, json_path, image_root, "ddp_two", model,
-                             str(teacher_sf[0] / "best.pt"), epochs=1, max_steps=2,
-                             batch_size=4)
-    script = root / "ddp_script.py"
-    script.write_text(DDP_SCRIPT)
-    out = root / "ddp_history.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                          os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(script), json.dumps(ddp), str(out)], env=env, capture_output=True, text=True,
-        timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
-    got = json.loads(out.read_text())
-    assert len(got) == len(expected) == 2
-    for g, e in zip(got, expected):
-        for key in ("t2v", "v2t", "kd_kl", "kd_contrastive", "hn", "loss"):
-            assert g[key] == pytest.approx(e[key], rel=1e-4, abs=1e-5), key
 
 
 def test_evaluate_cli_and_table1_runner(dataset: tuple[Path, Path, Path], student_sf: Any,

@@ -8,8 +8,9 @@ pipeline and its evaluation.
 
 The config lists the rows; each row names a stage-1 config (or ``stage1: null`` with
 ``stage1_loss: none``) and a stage-2 config plus overrides. Stage-1 runs shared by several rows
-run once. Finished runs (their final.pt exists) are not repeated, so an interrupted table resumes
-where it stopped; ``--eval-only`` only evaluates. Each row's best checkpoint is evaluated on the
+run once. Finished runs (their final.pt exists) are not repeated and interrupted ones resume from
+their latest.pt (stage 1 and stage 2 alike), so an interrupted table resumes where it stopped;
+``--eval-only`` only evaluates. Each row's best checkpoint is evaluated on the
 COCO 5K test split (text-to-image R@1/5/10) and printed in the paper's Table 2 layout with the
 R@1 difference from the first row.
 """
@@ -82,7 +83,9 @@ def run_table(config: Mapping[str, Any], config_dir: Path, eval_only: bool = Fal
                                             or config["default_stage1"]), common1)
                 cfg1 = apply_overrides(cfg1, [f"run_dir={s1_dir}", f"train.loss={s1_loss}"]
                                        + row.get("stage1_overrides", []))
-                stage1.Stage1Trainer(cfg1, info).run()
+                latest1 = s1_dir / "latest.pt"  # an interrupted stage 1 resumes
+                stage1.Stage1Trainer(cfg1, info).run(
+                    resume=latest1 if latest1.is_file() else None)
         s2_dir = out_dir / run_name
         if not eval_only and not (s2_dir / "final.pt").is_file():
             cfg2 = load_config(_resolve(config_dir, row.get("stage2") or config["default_stage2"]),

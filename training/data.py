@@ -364,20 +364,21 @@ def _all_shards(urls: Any) -> Any:
 class WebDatasetImages(IterableDataset):
     """Images (and captions) streamed from webdataset tar shards, in shard order, so a resumed
     run can skip the samples already consumed. Keys: jpg/jpeg/png/webp for the image, txt for
-    the caption. Sample p goes to rank ``p % world_size`` and, within a rank, to DataLoader
-    worker ``(p // world_size) % num_workers``, so ranks and workers never decode the same
-    image. Resumption skips the first ``skip`` samples of the stream: exact with 0 or 1 worker;
-    with more workers the skipped set can differ from the consumed one by under one batch per
-    worker."""
+    the caption. The stream is cut into global batches of ``global_batch`` samples; this rank
+    decodes the rows ``share`` of each (see ``training.distributed.BatchLayout``), and DataLoader
+    worker w the global batches b with ``b % num_workers == w``, so ranks and workers never decode
+    the same image, and a DataLoader with ``batch_size`` = the share size yields exactly one
+    step's share per batch, in step order, with any number of workers. Resumption skips the first
+    ``skip`` samples (whole global batches) of the stream."""
 
-    def __init__(self, urls: str | Sequence[str], size: int, skip: int = 0, rank: int = 0,
-                 world_size: int = 1) -> None:
+    def __init__(self, urls: str | Sequence[str], size: int, skip: int = 0,
+                 global_batch: int = 1, share: slice = slice(0, 1)) -> None:
         super().__init__()
         self.urls = urls
         self.size = size
         self.skip = skip
-        self.rank = rank
-        self.world_size = world_size
+        self.global_batch = global_batch
+        self.share = share
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor, str] | None]:
         import webdataset as wds
@@ -390,9 +391,10 @@ class WebDatasetImages(IterableDataset):
         dataset = wds.WebDataset(self.urls, shardshuffle=False, empty_check=False,
                                  nodesplitter=_all_shards, workersplitter=_all_shards)
         for position, sample in enumerate(dataset):
-            if position < self.skip or position % self.world_size != self.rank:
+            if position < self.skip:
                 continue
-            if (position // self.world_size) % workers != worker_id:
+            batch, row = divmod(position, self.global_batch)
+            if not self.share.start <= row < self.share.stop or batch % workers != worker_id:
                 continue
             raw = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
             caption = sample.get("txt", b"")
@@ -445,14 +447,21 @@ def epoch_permutation(n: int, seed: int, *salt: int) -> np.ndarray:
     return np.random.default_rng([seed, *salt]).permutation(n)
 
 
-def sample_pairs(corpus: PairedCorpus, seed: int, *salt: int) -> np.ndarray:
-    """One (image, caption) pair per image in a shuffled order; captions drawn at random.
-    One pair per image keeps two captions of one image out of the same batch."""
+def epoch_pairs(corpus: PairedCorpus, seed: int, *salt: int) -> np.ndarray:
+    """One epoch of a paired corpus: every (image, caption) pair exactly once, shape
+    (n_captions, 2). The epoch is laid out in rounds: round j holds the j-th caption (in a random
+    order per image and epoch) of every image that has more than j captions, the images shuffled
+    anew in each round, so no batch inside a round holds two captions of one image (they would be
+    each other's false negatives); only a batch straddling two rounds can."""
     rng = np.random.default_rng([seed, *salt])
-    order = rng.permutation(len(corpus))
-    chosen = [corpus.image_captions[i][rng.integers(len(corpus.image_captions[i]))]
-              for i in order]
-    return np.stack([order, np.asarray(chosen, dtype=np.int64)], axis=1)
+    captions = [rng.permutation(np.asarray(c, dtype=np.int64)) for c in corpus.image_captions]
+    counts = np.asarray([len(c) for c in captions])
+    rounds = []
+    for j in range(int(counts.max()) if len(counts) else 0):
+        images = rng.permutation(np.flatnonzero(counts > j))
+        rounds.append(np.stack([images, np.asarray([captions[i][j] for i in images],
+                                                   dtype=np.int64)], axis=1))
+    return np.concatenate(rounds) if rounds else np.zeros((0, 2), np.int64)
 
 
 def tokenize_all(texts: Sequence[str], context_length: int = 77) -> torch.Tensor:
@@ -465,5 +474,5 @@ __all__ = [
     "DataError", "ImageLoadError", "PairedCorpus", "load_karpathy", "load_tsv", "load_folder",
     "load_text_lines", "list_images", "load_paired", "ImageFiles", "PairedImages",
     "collate_skipping", "WebDatasetImages", "read_webdataset_texts", "expand_shards",
-    "epoch_permutation", "sample_pairs", "image_to_tensor", "prepare_pixels", "load_image",
+    "epoch_permutation", "epoch_pairs", "image_to_tensor", "prepare_pixels", "load_image",
 ]

@@ -480,6 +480,16 @@ def student_with_teacher_text(student: StudentDualEncoder, teacher: nn.Module
 # Checkpoints
 
 
+def tower_parameters(model: nn.Module, side: str) -> list[str]:
+    """Names of the parameters of the image or the text tower of a teacher (open_clip CLIP) or a
+    student (``visual`` + ``image_projection`` / ``text``); the logit scale is in neither."""
+    if side not in ("image", "text"):
+        raise ValueError(f"side must be 'image' or 'text', got {side!r}")
+    image_prefixes = ("visual.", "image_projection.")
+    names = [n for n, _ in model.named_parameters() if n != "logit_scale"]
+    return [n for n in names if n.startswith(image_prefixes) == (side == "image")]
+
+
 def model_config(model: nn.Module) -> dict[str, Any]:
     config = getattr(model, "leanclip_config", None)
     if config is None:

@@ -18,8 +18,10 @@ One loop serves both uses:
   then draws negatives from embeddings refreshed at each epoch start).
 
 Frozen sides never run forward passes during training: their embeddings of the whole corpus are
-computed once per phase and looked up, as are T''s embeddings for KD (cached under run_dir/cache).
-Each phase ends by restoring its best validation checkpoint; ``best.pt`` is the final model.
+computed once per phase and looked up, as are T''s embeddings for KD (cached under run_dir/cache,
+keyed by a hash of T''s weights). An epoch visits every caption once (``epoch_pairs``) in global
+batches of ``train.batch_size`` split across ranks. Each phase ends by restoring its best
+validation checkpoint; ``best.pt`` is the best validated model over all phases.
 """
 
 from __future__ import annotations
@@ -41,26 +43,30 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from training import losses
-from training.data import (PairedImages, collate_skipping, load_paired, prepare_pixels,
-                           sample_pairs)
-from training.distributed import (DistInfo, barrier, gather_no_grad,
-                                  gather_with_grad, init_distributed)
+from training.data import (PairedImages, collate_skipping, epoch_pairs, load_paired,
+                           prepare_pixels)
+from training.distributed import (BatchLayout, DistInfo, TrainableSides, all_counts, all_true,
+                                  barrier, ddp, gather_no_grad, gather_rows, gather_with_grad,
+                                  init_distributed, micro_slice, shard_for_rank)
 from training.evaluate import retrieval_recalls
 from training.models import (build_student_from_settings, build_teacher, has_own_tokenizer,
                              load_model, read_checkpoint, save_checkpoint,
-                             student_with_teacher_text, tokenize, tokenize_for)
-from training.train_utils import (autocast, config_arg_parser, cosine_with_warmup,
-                                  encode_image_files, encode_token_rows, load_config,
-                                  load_size_for, make_optimizer, rng_state, scaled_warmup,
-                                  seed_everything, set_rng_state)
+                             student_with_teacher_text, tokenize, tokenize_for,
+                             tower_parameters)
+from training.train_utils import (Schedule, autocast, config_arg_parser, cosine_with_warmup,
+                                  encode_image_files, encode_token_rows, grad_norm,
+                                  load_config, load_size_for, make_optimizer,
+                                  model_fingerprint,
+                                  plan_schedule, rng_state, seed_everything, set_rng_state)
 
 log = logging.getLogger("training.stage2")
 
 PHASES = ("image", "text", "joint")
 
 DEFAULT_TRAIN: dict[str, Any] = {
-    "phases": ["image", "text"], "epochs": 5, "batch_size": 96, "grad_accum": 1, "lr": 3e-4,
-    "weight_decay": 0.1, "warmup_steps": 10000, "warmup_max_fraction": 0.1, "amp": True,
+    "phases": ["image", "text"], "epochs": 5, "batch_size": 96, "max_rank_batch": None,
+    "lr": 3e-4, "weight_decay": 0.1, "warmup_steps": 10000, "warmup_max_fraction": 0.5,
+    "amp": True,
     "kd": True, "kd_weight": 1.0, "kd_contrastive_weight": 1.0, "kd_temperature": 0.05,
     "hn": True, "hn_k": 8, "hn_weight": 1.0, "num_workers": 4, "checkpoint_every": 1000,
     "keep_checkpoints": False, "eval_batch_size": 256, "max_steps": None, "log_every": 50,
@@ -124,37 +130,12 @@ class PairedEncoders(nn.Module):
         return tokenize_for(self.text_model, texts)
 
 
-class TrainableSides(nn.Module):
-    """The forward pass DDP wraps: embeds whatever sides the phase trains, and returns the logit
-    scale so its gradient is synchronised too."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixels: torch.Tensor | None, tokens: torch.Tensor | None
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-        image = self.model.encode_image(pixels) if pixels is not None else None
-        text = self.model.encode_text(tokens) if tokens is not None else None
-        return image, text, self.model.logit_scale
-
-
-def _tower_parameters(model: nn.Module, side: str) -> list[str]:
-    """Names of the parameters of the image or text tower of a teacher or student."""
-    names = [n for n, _ in model.named_parameters()]
-    image_prefixes = ("visual.", "image_projection.")
-    is_image = [n.startswith(image_prefixes) for n in names]
-    if side == "image":
-        return [n for n, img in zip(names, is_image) if img]
-    return [n for n, img in zip(names, is_image) if not img and n != "logit_scale"]
-
-
 def set_trainable(model: nn.Module, phase: str) -> None:
     trainable = set(["logit_scale"])
     if phase in ("image", "joint"):
-        trainable.update(_tower_parameters(model, "image"))
+        trainable.update(tower_parameters(model, "image"))
     if phase in ("text", "joint"):
-        trainable.update(_tower_parameters(model, "text"))
+        trainable.update(tower_parameters(model, "text"))
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable)
 
@@ -164,19 +145,24 @@ def set_trainable(model: nn.Module, phase: str) -> None:
 
 
 def mine(queries: np.ndarray, corpus: np.ndarray, k: int, query_groups: np.ndarray,
-         corpus_groups: np.ndarray, corpus_valid: np.ndarray | None = None) -> np.ndarray:
-    """Top-k corpus rows per query by inner product, skipping rows of the query's own group
-    (its positives); -1 where fewer than k are eligible. Unreadable corpus rows are left out."""
-    import leanclip
+         corpus_groups: np.ndarray, corpus_valid: np.ndarray | None = None,
+         info: DistInfo | None = None) -> np.ndarray:
+    """Top-k corpus rows per query by inner product (ties by row), skipping rows of the query's
+    own group (its positives); -1 where fewer than k are eligible. Unreadable corpus rows are
+    left out. Under torchrun each rank mines its 1/W of the queries against the whole corpus and
+    the lists are gathered: the same ids in the same order as one process."""
+    from leanclip.mining import hard_negative_ids
 
+    info = info or DistInfo(0, 1, 0, torch.device("cpu"))
     rows = np.arange(len(corpus)) if corpus_valid is None else np.flatnonzero(corpus_valid)
-    ids, _ = leanclip.mine_hard_negatives(
-        np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(corpus[rows], np.float32),
-        k, query_groups=np.ascontiguousarray(query_groups, np.int64),
-        corpus_groups=np.ascontiguousarray(corpus_groups[rows], np.int64), metric="ip",
-        dtype="f32")
-    ids = np.asarray(ids, dtype=np.int64)
-    return np.where(ids >= 0, rows[np.clip(ids, 0, None)], -1)
+    share = shard_for_rank(len(queries), info)
+    local = hard_negative_ids(np.arange(share.start, share.stop),
+                              np.ascontiguousarray(queries[share], np.float32),
+                              rows, np.ascontiguousarray(corpus[rows], np.float32), k,
+                              query_groups=np.ascontiguousarray(query_groups[share], np.int64),
+                              corpus_groups=np.ascontiguousarray(corpus_groups[rows], np.int64),
+                              metric="ip", dtype="f32")
+    return gather_rows(local, len(queries), info)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,6 +176,7 @@ class Stage2State:
     step_in_epoch: int = 0
     global_step: int = 0
     best_metric: float = -math.inf
+    best_overall: float = -math.inf
     history: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
     skipped_images: int = 0
@@ -229,6 +216,8 @@ class Stage2Trainer:
                                            int(self.teacher.context_length)).to(torch.int32)
         self.load_size = load_size_for(*(m for m in (self.model, self.teacher) if m is not None))
         self.amp = bool(self.train_cfg["amp"]) and self.info.device.type == "cuda"
+        self.layout = BatchLayout(int(self.train_cfg["batch_size"]), self.info.world_size,
+                                  self.train_cfg["max_rank_batch"])
         self.state = Stage2State()
         self.teacher_images: np.ndarray | None = None
         self.teacher_texts: np.ndarray | None = None
@@ -246,7 +235,7 @@ class Stage2Trainer:
     def _cached(self, name: str, compute: Any) -> Any:
         """np arrays cached under run_dir/cache (written by rank 0), so resuming skips them."""
         path = self.cache_dir / f"{name}.npz"
-        if path.is_file():
+        if all_true(path.is_file(), self.info):
             with np.load(path) as data:
                 return tuple(data[k] for k in sorted(data.files))
         result = compute()
@@ -271,8 +260,10 @@ class Stage2Trainer:
     def prepare_teacher_cache(self) -> None:
         if self.teacher is None:
             return
-        # keyed by the teacher and the training data, so a changed config never reuses them
-        tag = hashlib.sha256(json.dumps([self.config.get("teacher"), self.config["data"]["train"],
+        # keyed by the teacher's weights (not its path: T' retrained in place must not reuse
+        # stale embeddings) and the training data
+        tag = hashlib.sha256(json.dumps([model_fingerprint(self.teacher),
+                                         self.config["data"]["train"],
                                          self.model.context_length], sort_keys=True,
                                         default=str).encode()).hexdigest()[:12]
         images, valid = self._cached(f"teacher_images_{tag}",
@@ -303,10 +294,11 @@ class Stage2Trainer:
 
     def epoch_plan(self, phase_index: int, phase: str, epoch: int, frozen: np.ndarray | None
                    ) -> dict[str, np.ndarray]:
-        """The epoch's (image, caption) schedule and its mined hard negatives, computed at the
-        start of the epoch with the current model and saved so a resumed run reuses them."""
+        """The epoch's (image, caption) schedule (every caption once, ``epoch_pairs``) and its
+        mined hard negatives (i2t per image, t2i per caption), computed at the start of the epoch
+        with the current model and saved so a resumed run reuses them."""
         def compute() -> tuple[np.ndarray, ...]:
-            pairs = sample_pairs(self.train, self.seed, phase_index, epoch)
+            pairs = epoch_pairs(self.train, self.seed, phase_index, epoch)
             if not self.train_cfg["hn"]:
                 return (pairs,)
             k = int(self.train_cfg["hn_k"])
@@ -320,18 +312,17 @@ class Stage2Trainer:
                 image_valid = image_valid & valid.astype(bool)
                 if text_table is None:
                     text_table = self._encode_texts(self.model)
-                i2t = mine(q_images, text_table, k, np.arange(n_img), self.train.caption_image)
+                i2t = mine(q_images, text_table, k, np.arange(n_img), self.train.caption_image,
+                           info=self.info)
                 arrays += [i2t, text_table if phase == "joint" else np.zeros((0,), np.float32)]
             else:
                 arrays += [np.zeros((0, k), np.int64), np.zeros((0,), np.float32)]
             if phase in ("text", "joint"):
-                q_texts = self._encode_texts(self.model, pairs[:, 1])
+                q_texts = self._encode_texts(self.model)
                 if image_table is None:
                     image_table = q_images if phase == "joint" else None
-                t2i_by_pair = mine(q_texts, image_table, k, pairs[:, 0], np.arange(n_img),
-                                   image_valid)
-                t2i = np.full((n_img, k), -1, np.int64)
-                t2i[pairs[:, 0]] = t2i_by_pair  # indexed by image: one pair per image
+                t2i = mine(q_texts, image_table, k, self.train.caption_image, np.arange(n_img),
+                           image_valid, info=self.info)
                 arrays += [t2i, image_table if phase == "joint" else np.zeros((0,), np.float32)]
             else:
                 arrays += [np.zeros((0, k), np.int64), np.zeros((0,), np.float32)]
@@ -365,7 +356,8 @@ class Stage2Trainer:
         return {"stage": 2, "config": self.config,
                 "train_state": {"phase_index": s.phase_index, "epoch": s.epoch,
                                 "step_in_epoch": s.step_in_epoch, "global_step": s.global_step,
-                                "best_metric": s.best_metric, "history": s.history,
+                                "best_metric": s.best_metric,
+                                "best_overall": s.best_overall, "history": s.history,
                                 "evals": s.evals, "skipped_images": s.skipped_images,
                                 "optimizer": optimizer.state_dict(),
                                 "scheduler": scheduler.state_dict(), "rng": rng_state()}}
@@ -385,18 +377,21 @@ class Stage2Trainer:
         self.model.load_state_dict(payload["state_dict"])
         ts = payload["train_state"]
         self.state = Stage2State(ts["phase_index"], ts["epoch"], ts["step_in_epoch"],
-                                 ts["global_step"], ts["best_metric"], ts["history"],
+                                 ts["global_step"], ts["best_metric"],
+                                 ts.get("best_overall", ts["best_metric"]), ts["history"],
                                  ts["evals"], ts["skipped_images"])
         return ts
 
     # ---------------------------------------------------------------- loop
-    def steps_per_epoch(self, n_pairs: int) -> int:
-        global_batch = int(self.train_cfg["batch_size"]) * self.info.world_size
-        steps = n_pairs // global_batch
-        if steps == 0:
-            raise ValueError(f"{n_pairs} training images are fewer than one global batch of "
-                             f"{global_batch}; lower train.batch_size")
-        return steps
+    def schedule(self) -> Schedule:
+        """One epoch visits every caption of a readable image once, in global batches."""
+        n_pairs = int(self.image_valid[self.train.caption_image].sum())
+        return plan_schedule(n_pairs, self.layout.global_batch, int(self.train_cfg["epochs"]),
+                             int(self.train_cfg["warmup_steps"]),
+                             float(self.train_cfg["warmup_max_fraction"]))
+
+    def steps_per_epoch(self) -> int:
+        return self.schedule().steps_per_epoch
 
     def clear_run_caches(self) -> None:
         """A fresh (not resumed) run must not reuse the epoch plans or frozen-side embeddings an
@@ -422,23 +417,21 @@ class Stage2Trainer:
                 self.state.best_metric = -math.inf
             set_trainable(self.model, phase)
             frozen = self.frozen_side(phase_index, phase)
-            n_pairs = int(self.image_valid.sum())
-            steps = self.steps_per_epoch(n_pairs)
-            total = steps * epochs
+            schedule = self.schedule()
+            steps = schedule.steps_per_epoch
             optimizer = make_optimizer(self.model.named_parameters(), float(self.train_cfg["lr"]),
                                        float(self.train_cfg["weight_decay"]))
-            warmup = scaled_warmup(int(self.train_cfg["warmup_steps"]), total,
-                                   float(self.train_cfg["warmup_max_fraction"]))
-            scheduler = cosine_with_warmup(optimizer, warmup, total)
+            scheduler = cosine_with_warmup(optimizer, schedule.warmup_steps,
+                                           schedule.total_steps)
+            if self.info.is_main:
+                log.info(json.dumps({"stage": 2, "phase": phase, **self.layout.describe(),
+                                     "steps_per_epoch": steps, "epochs": epochs,
+                                     "warmup_steps": schedule.warmup_steps}))
             if resumed is not None and phase_index == resumed["phase_index"]:
                 optimizer.load_state_dict(resumed["optimizer"])
                 scheduler.load_state_dict(resumed["scheduler"])
                 set_rng_state(resumed["rng"])
-            forward = TrainableSides(self.model)
-            if self.info.enabled:
-                forward = nn.parallel.DistributedDataParallel(
-                    forward, device_ids=[self.info.local_rank] if self.info.device.type == "cuda"
-                    else None)
+            forward = ddp(TrainableSides(self.model), self.info)
             phase_steps = 0
             for epoch in range(self.state.epoch, epochs):
                 self.state.epoch = epoch
@@ -466,33 +459,30 @@ class Stage2Trainer:
         return self.state
 
     def _batches(self, plan: Mapping[str, np.ndarray], phase: str, start: int, stop: int):
-        """This rank's slices of the epoch schedule, from step ``start`` (resume position)."""
-        bs = int(self.train_cfg["batch_size"])
+        """This rank's share of each step's global batch, from step ``start`` (resume position)."""
         pairs = plan["pairs"]
         pairs = pairs[self.image_valid[pairs[:, 0]]]
-        gb = bs * self.info.world_size
-        rows = np.concatenate([np.arange(s * gb + self.info.rank * bs,
-                                         s * gb + (self.info.rank + 1) * bs)
-                               for s in range(start, stop)]) if stop > start else np.zeros(0, int)
-        local_pairs = pairs[rows]
+        local = self.layout.rank_batch(self.info.rank)
+        local_pairs = pairs[self.layout.rows(self.info.rank, start, stop)]
         if phase == "text":  # no pixels needed: the image side is the frozen cache
             for s in range(stop - start):
-                chunk = local_pairs[s * bs:(s + 1) * bs]
-                yield {"skipped": 0, "image_index": torch.as_tensor(chunk[:, 0]),
+                chunk = local_pairs[s * local:(s + 1) * local]
+                yield {"skipped": 0, "size": len(chunk),
+                       "image_index": torch.as_tensor(chunk[:, 0]),
                        "caption_index": torch.as_tensor(chunk[:, 1]), "pixels": None}
             return
         dataset = PairedImages(self.train, self.load_size)
         dataset.set_pairs(local_pairs)
-        loader = DataLoader(dataset, batch_size=bs, shuffle=False, collate_fn=collate_skipping,
+        loader = DataLoader(dataset, batch_size=local, shuffle=False, collate_fn=collate_skipping,
                             num_workers=int(self.train_cfg["num_workers"]),
                             persistent_workers=False)
         for batch in loader:
             if batch["size"] == 0:
-                yield {"skipped": batch["skipped"], "image_index": None}
+                yield {"skipped": batch["skipped"], "size": 0, "image_index": None}
                 continue
             image_index, pixels, caption_index = batch["columns"]
-            yield {"skipped": batch["skipped"], "image_index": image_index,
-                   "caption_index": caption_index, "pixels": pixels}
+            yield {"skipped": batch["skipped"], "size": batch["size"],
+                   "image_index": image_index, "caption_index": caption_index, "pixels": pixels}
 
     def _train_epoch(self, phase: str, plan: Mapping[str, np.ndarray],
                      frozen: np.ndarray | None, forward: nn.Module,
@@ -503,19 +493,28 @@ class Stage2Trainer:
         done = 0
         for step, batch in zip(range(start, stop), self._batches(plan, phase, start, stop)):
             t0 = time.perf_counter()
-            self.state.skipped_images += int(batch["skipped"])
-            if batch["image_index"] is None:
-                raise RuntimeError("a whole batch of images was unreadable")
-            parts = self._train_step(phase, batch, plan, frozen, forward, optimizer)
-            scheduler.step()
+            # every rank learns every rank's batch size (unreadable images shrink it): gathers
+            # use them, and a step where some rank has too few images is skipped by all ranks
+            counts = all_counts([batch["size"], batch["skipped"]], self.info)
+            sizes = [c[0] for c in counts]
+            self.state.skipped_images += sum(c[1] for c in counts)
+            if min(sizes) < self.layout.grad_accum:
+                log.warning("step %d skipped on every rank: readable images per rank %s",
+                            step, sizes)
+                parts = None
+            else:
+                parts = self._train_step(phase, batch, sizes, plan, frozen, forward, optimizer)
+            scheduler.step()  # the schedule follows the position in the epoch
             self.state.global_step += 1
             self.state.step_in_epoch = step + 1
-            record = {"phase": phase, "epoch": self.state.epoch, "step": step,
-                      "global_step": self.state.global_step, "lr": scheduler.get_last_lr()[0],
-                      "seconds": time.perf_counter() - t0, **parts}
-            self.state.history.append(record)
-            if self.info.is_main and (step % int(cfg["log_every"]) == 0 or step == steps - 1):
-                log.info(json.dumps(record))
+            if parts is not None:
+                record = {"phase": phase, "epoch": self.state.epoch, "step": step,
+                          "global_step": self.state.global_step,
+                          "lr": scheduler.get_last_lr()[0], "batch": sum(sizes),
+                          "seconds": time.perf_counter() - t0, **parts}
+                self.state.history.append(record)
+                if self.info.is_main and (step % int(cfg["log_every"]) == 0 or step == steps - 1):
+                    log.info(json.dumps(record))
             done += 1
             every = int(cfg["checkpoint_every"])
             if every and self.state.global_step % every == 0 and step + 1 < steps:
@@ -524,24 +523,20 @@ class Stage2Trainer:
                     self.save(f"step{self.state.global_step}.pt", optimizer, scheduler)
         return done
 
-    def _train_step(self, phase: str, batch: Mapping[str, Any], plan: Mapping[str, np.ndarray],
-                    frozen: np.ndarray | None, forward: nn.Module,
-                    optimizer: torch.optim.Optimizer) -> dict[str, float]:
-        cfg = self.train_cfg
+    def _train_step(self, phase: str, batch: Mapping[str, Any], sizes: list[int],
+                    plan: Mapping[str, np.ndarray], frozen: np.ndarray | None,
+                    forward: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         device = self.info.device
-        accum = int(cfg["grad_accum"])
+        accum = self.layout.grad_accum
         image_index = batch["image_index"]
         caption_index = batch["caption_index"]
         n = len(image_index)
-        if self.info.enabled:  # ranks must agree on the batch size to gather embeddings
-            n_min = torch.tensor([n], device=device)
-            torch.distributed.all_reduce(n_min, op=torch.distributed.ReduceOp.MIN)
-            n = int(n_min)
-            image_index, caption_index = image_index[:n], caption_index[:n]
-        micro = [slice(i * n // accum, (i + 1) * n // accum) for i in range(accum)]
         optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
-        for m, sl in enumerate(micro):
+        for m in range(accum):
+            sl = micro_slice(m, accum, n)
+            micro_sizes = [micro_slice(m, accum, k).stop - micro_slice(m, accum, k).start
+                           for k in sizes]
             img_idx, cap_idx = image_index[sl], caption_index[sl]
             pixels = tokens = None
             if phase in ("image", "joint"):
@@ -554,10 +549,11 @@ class Stage2Trainer:
                 with autocast(device, self.amp):
                     image, text, logit_scale = forward(pixels, tokens)
                 loss, parts = self._loss(phase, image, text, logit_scale, img_idx, cap_idx,
-                                         plan, frozen)
+                                         plan, frozen, micro_sizes)
                 (loss / accum).backward()
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value / accum
+        totals["grad_norm"] = grad_norm(self.model.parameters())
         optimizer.step()
         with torch.no_grad():  # CLIP clamps the learned temperature at 1/100
             self.model.logit_scale.clamp_(0, math.log(100))
@@ -565,7 +561,7 @@ class Stage2Trainer:
 
     def _loss(self, phase: str, image: torch.Tensor | None, text: torch.Tensor | None,
               logit_scale: torch.Tensor, img_idx: torch.Tensor, cap_idx: torch.Tensor,
-              plan: Mapping[str, np.ndarray], frozen: np.ndarray | None
+              plan: Mapping[str, np.ndarray], frozen: np.ndarray | None, sizes: list[int]
               ) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.train_cfg
         device = self.info.device
@@ -574,13 +570,14 @@ class Stage2Trainer:
             image = lookup(frozen, img_idx)
         if text is None:
             text = lookup(frozen, cap_idx)
-        image_g, text_g = gather_with_grad(image.float()), gather_with_grad(text.float())
+        image_g = gather_with_grad(image.float(), sizes)
+        text_g = gather_with_grad(text.float(), sizes)
         t2v, v2t = losses.clip_loss(image_g, text_g, logit_scale)
         parts = {"t2v": float(t2v.detach()), "v2t": float(v2t.detach())}
         loss = t2v + v2t
         if cfg["kd"]:
-            t_img = gather_no_grad(lookup(self.teacher_images, img_idx))
-            t_txt = gather_no_grad(lookup(self.teacher_texts, cap_idx))
+            t_img = gather_no_grad(lookup(self.teacher_images, img_idx), sizes)
+            t_txt = gather_no_grad(lookup(self.teacher_texts, cap_idx), sizes)
             kl = losses.matching_kl(image_g, text_g, t_img, t_txt, logit_scale,
                                     self.teacher.logit_scale)
             contrastive = torch.zeros((), device=device)
@@ -596,23 +593,26 @@ class Stage2Trainer:
             hn = torch.zeros((), device=device)
             if phase in ("image", "joint"):
                 table = frozen if phase == "image" else plan["i2t_table"]
-                hn = hn + self._hn_term(image_g, text_g, plan["i2t"], table, img_idx, logit_scale)
+                hn = hn + self._hn_term(image_g, text_g, plan["i2t"], table, img_idx,
+                                        logit_scale, sizes)
             if phase in ("text", "joint"):
                 table = frozen if phase == "text" else plan["t2i_table"]
-                hn = hn + self._hn_term(text_g, image_g, plan["t2i"], table, img_idx, logit_scale)
+                hn = hn + self._hn_term(text_g, image_g, plan["t2i"], table, cap_idx,
+                                        logit_scale, sizes)
             parts["hn"] = float(hn.detach())
             loss = loss + float(cfg["hn_weight"]) * hn
         parts["loss"] = float(loss.detach())
         return loss, parts
 
     def _hn_term(self, queries: torch.Tensor, keys: torch.Tensor, ids: np.ndarray,
-                 table: np.ndarray, img_idx: torch.Tensor, logit_scale: torch.Tensor
-                 ) -> torch.Tensor:
+                 table: np.ndarray, query_idx: torch.Tensor, logit_scale: torch.Tensor,
+                 sizes: list[int]) -> torch.Tensor:
+        """``ids`` holds the mined negatives per query id (i2t: image, t2i: caption)."""
         device = self.info.device
-        neg_ids = torch.from_numpy(ids[img_idx.numpy()]).to(device)
+        neg_ids = torch.from_numpy(ids[query_idx.numpy()]).to(device)
         valid = neg_ids >= 0
         negatives = torch.from_numpy(table[neg_ids.clamp(min=0).cpu().numpy()]).to(device)
-        negatives, valid = gather_no_grad(negatives), gather_no_grad(valid)
+        negatives, valid = gather_no_grad(negatives, sizes), gather_no_grad(valid, sizes)
         return losses.hard_negative_infonce(queries, keys, negatives, logit_scale, valid)
 
     def _end_of_epoch(self, phase: str, optimizer: torch.optim.Optimizer,
@@ -625,8 +625,19 @@ class Stage2Trainer:
             if metrics["mean_recall"] > self.state.best_metric:
                 self.state.best_metric = metrics["mean_recall"]
                 self.save(f"best_phase{self.state.phase_index}.pt", optimizer, scheduler)
+            # best.pt: the best validation over every phase, among evaluations of the model
+            # being saved (not of a student image tower validated with T''s text)
+            if (self._validates_saved_model(phase)
+                    and metrics["mean_recall"] > self.state.best_overall):
+                self.state.best_overall = metrics["mean_recall"]
                 self.save("best.pt", optimizer, scheduler)
         self.save("latest.pt", optimizer, scheduler)
+
+    def _validates_saved_model(self, phase: str) -> bool:
+        """Whether ``evaluate(phase)`` scores the towers the checkpoint holds."""
+        return not (phase == "image" and self.is_student
+                    and (self.train_cfg["image_phase_text"] or "teacher") == "teacher"
+                    and not self.config.get("model", {}).get("text_from_teacher", False))
 
     def _restore_best_of_phase(self, phase_index: int) -> None:
         """The next phase starts from this phase's best validation checkpoint."""
@@ -659,7 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer = Stage2Trainer(config)
     state = trainer.run(resume=args.resume)
     if trainer.info.is_main:
-        print(json.dumps({"best_val_mean_recall": state.best_metric,
+        print(json.dumps({"best_val_mean_recall": state.best_overall,
                           "skipped_images": state.skipped_images,
                           "steps": state.global_step}))
     return 0

@@ -2,6 +2,13 @@
 GPU-hour estimates in docs/training.md.
 
     python -m training.step_timing --batch 16 --steps 3 [--device cuda] [--json-out t.json]
+    torchrun --nproc_per_node N -m training.step_timing --smoke --steps 300   # scripts/gpu_smoke.sh
+
+``--smoke`` runs the real trainers (stage 1, then stage 2 with KD + HN) under DDP on generated
+data at full model size (random-init ViT-B/32 teacher, ViT-S/16 and ViT-S/32 students, S6 / S4
+text; nothing is downloaded), bf16 autocast on CUDA, and prints images/s per stage, peak GPU
+memory and the projected wall time of each Table 1/2 row. ``--dry-run`` does the same with tiny
+models and a few steps on the CPU (what the tests run).
 
 Measures, per step (forward + backward + AdamW update): the stage-1 student image step (ViT-S/16
 or the ViT-S/32 preset, against cached teacher embeddings), the stage-1 text step (S6 / S4
@@ -16,6 +23,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -107,6 +115,168 @@ def measure(batch: int, steps: int, device: torch.device, backbones: Sequence[st
     return results
 
 
+# --------------------------------------------------------------------------------------------
+# The GPU smoke run: the real trainers on generated data
+
+
+# Table 1/2 runs as (label, stage, image backbone, text layers, items per epoch, epochs,
+# phases). Items: CC3M 3,318,333 captions (stage 1 wraps its ~2.8M images), COCO 566,747 and
+# Flickr30k 145,000 training captions.
+TABLE_RUNS = (
+    ("stage 1 S6 (CC3M)", 1, "vit_small_patch16_224", 6, 3_318_333, 1, 1),
+    ("stage 1 S4 (CC3M)", 1, "vit_small_patch16_224", 4, 3_318_333, 1, 1),
+    ("teacher SF T' (COCO)", 2, "teacher", 12, 566_747, 5, 2),
+    ("teacher SF T' (Flickr)", 2, "teacher", 12, 145_000, 5, 2),
+    ("stage 2 S6 (COCO)", 2, "vit_small_patch16_224", 6, 566_747, 5, 2),
+    ("stage 2 S4 (COCO)", 2, "vit_small_patch16_224", 4, 566_747, 5, 2),
+    ("stage 2 S6 (Flickr)", 2, "vit_small_patch16_224", 6, 145_000, 5, 2),
+    ("stage 2 S4 (Flickr)", 2, "vit_small_patch16_224", 4, 145_000, 5, 2),
+    ("Table 2 stage 1, image only (CC3M)", 1, "vit_small_patch16_224", 0, 2_800_000, 1, 1),
+    ("Table 2 stage 2 row, image phase (COCO)", 2, "vit_small_patch16_224", 0, 566_747, 5, 1),
+    ("stage 1 ViT-S/32 preset (CC3M)", 1, "vit_small_patch32_224", 6, 3_318_333, 1, 1),
+)
+
+
+def _synthetic_corpus(root: Any, n_images: int, size: int, n_texts: int) -> dict[str, Any]:
+    """Random-noise JPEGs with five captions each (a Karpathy json), plus an unpaired caption
+    file for stage 1: generated once, offline."""
+    import numpy as np
+    from PIL import Image
+
+    root = Path(root)
+    images = root / "images" / "train"
+    images.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    words = ["red", "blue", "dog", "cat", "car", "tree", "sky", "house", "man", "woman",
+             "ball", "beach", "street", "field", "city", "water"]
+    entries = []
+    for i in range(n_images):
+        path = images / f"{i:06d}.jpg"
+        if not path.is_file():
+            pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(path, quality=80)
+        split = "train" if i < n_images - max(8, n_images // 10) else "val"
+        entries.append({"filepath": "train", "filename": path.name, "split": split,
+                        "sentences": [{"raw": " ".join(rng.choice(words, 8))}
+                                      for _ in range(5)]})
+    (root / "karpathy.json").write_text(json.dumps({"images": entries}))
+    (root / "texts.txt").write_text("\n".join(" ".join(rng.choice(words, 10))
+                                              for _ in range(n_texts)))
+    return {"json": str(root / "karpathy.json"), "root": str(root / "images"),
+            "texts": str(root / "texts.txt")}
+
+
+def smoke(steps: int, dry_run: bool, workdir: str, json_out: str | None) -> dict[str, Any]:
+    import math
+    import os
+    import tempfile
+
+    from training import stage1, stage2
+    from training.distributed import barrier, init_distributed
+    from training.train_utils import plan_schedule
+
+    info = init_distributed("cpu" if dry_run else None)
+    work = Path(workdir or tempfile.mkdtemp(prefix="leanclip_smoke_"))
+    tiny = dry_run
+    n_images = 48 if dry_run else 2048
+    size = 40 if dry_run else 256
+    g1, g2 = (8, 10) if dry_run else (84, 96)
+    data_dir = work / "data"
+    if info.is_main:
+        _synthetic_corpus(data_dir, n_images, size, n_texts=max(g1 * (steps + 1), 64))
+    barrier()
+    karpathy = {"format": "karpathy", "path": str(data_dir / "karpathy.json"),
+                "image_root": str(data_dir / "images")}
+    model = {"tiny": tiny, "teacher_name": "ViT-B-32", "teacher_pretrained": None,
+             "image_pretrained": None}
+    common = {"num_workers": 0 if dry_run else min(8, os.cpu_count() or 1), "lr": 3e-4,
+              "warmup_steps": 10000, "checkpoint_every": 0, "log_every": 50, "amp": True}
+    results: dict[str, Any] = {"world_size": info.world_size, "device": str(info.device),
+                               "dry_run": dry_run, "steps": steps, "runs": {}}
+
+    def peak() -> float | None:
+        if info.device.type != "cuda":
+            return None
+        value = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+        return value
+
+    def rate(history: list[dict[str, Any]], key: str = "batch") -> tuple[float, float]:
+        timed = history[min(5, len(history) - 1):] if len(history) > 1 else history
+        seconds = statistics.median(h["seconds"] for h in timed)
+        return seconds, statistics.median(h[key] for h in timed) / seconds
+
+    for backbone, layers in (("vit_small_patch16_224", 6), ("vit_small_patch16_224", 4),
+                             ("vit_small_patch32_224", 6)):
+        name = f"stage1 {backbone} S{layers}"
+        config = {"run_dir": str(work / f"s1_{backbone}_{layers}"), "seed": 0,
+                  # (the tiny teacher of a dry run has 4 text layers: S6 -> 3, S4 -> 2)
+                  "model": {**model, "image_backbone": backbone,
+                            "text_layers": layers // 2 if tiny else layers},
+                  "data": {"images": {**karpathy, "split": "train"},
+                           "texts": {"format": "lines", "path": str(data_dir / "texts.txt")}},
+                  "train": {**common, "batch_size": g1, "epochs": 1, "max_steps": steps,
+                            "embed_batch_size": 256}}
+        trainer = stage1.Stage1Trainer(config, info)
+        peak()
+        history = trainer.run()
+        seconds, images_s = rate(history)
+        results["runs"][name] = {"seconds_per_step": seconds, "images_per_s": images_s,
+                                 "peak_gib": peak(), "steps": len(history)}
+        if info.is_main:
+            print(json.dumps({"run": name, **results["runs"][name]}), flush=True)
+    s1_ckpt = work / "s1_vit_small_patch16_224_6" / "latest.pt"  # the S6 student so far
+    teacher_ckpt = work / "teacher.pt"
+    if info.is_main:  # T' stand-in: the random teacher saved as a checkpoint
+        from training.models import build_teacher, save_checkpoint
+
+        save_checkpoint(teacher_ckpt, build_teacher("ViT-B-32", None, tiny=tiny), {"stage": 2})
+    barrier()
+    per_epoch = (n_images - max(8, n_images // 10)) * 5 // g2
+    for name, kind, extra in (("stage2 teacher SF", "teacher", {}),
+                              ("stage2 student S6 KD+HN", "student", {})):
+        config = {"run_dir": str(work / name.replace(" ", "_")), "seed": 0,
+                  "teacher": None if kind == "teacher" else str(teacher_ckpt),
+                  "model": {**model, "kind": kind,
+                            **({} if kind == "teacher" else {"init": str(s1_ckpt)})},
+                  "data": {"train": {**karpathy, "split": "train"},
+                           "val": {**karpathy, "split": "val"}},
+                  "train": {**common, "batch_size": g2, "epochs": max(2, math.ceil(
+                      steps / max(1, per_epoch))), "max_steps": steps, "kd": kind == "student",
+                      "hn": kind == "student", "hn_k": 8, "eval_batch_size": 256, **extra}}
+        trainer = stage2.Stage2Trainer(config, info)
+        peak()
+        state = trainer.run()
+        seconds, images_s = rate(state.history)
+        results["runs"][name] = {"seconds_per_step": seconds, "images_per_s": images_s,
+                                 "peak_gib": peak(), "steps": len(state.history)}
+        if info.is_main:
+            print(json.dumps({"run": name, **results["runs"][name]}), flush=True)
+    # projections: steps of each table run x the measured time of its kind of step
+    runs = results["runs"]
+    projections = []
+    for label, stage, backbone, layers, items, epochs, phases in TABLE_RUNS:
+        schedule = plan_schedule(items, 84 if stage == 1 else 96, epochs, 10000, 0.5)
+        if stage == 1:
+            key = f"stage1 {backbone} S{layers or 6}"
+        else:
+            key = "stage2 teacher SF" if backbone == "teacher" else "stage2 student S6 KD+HN"
+        step_s = runs[key]["seconds_per_step"]
+        hours = schedule.total_steps * phases * step_s / 3600
+        projections.append({"row": label, "steps": schedule.total_steps * phases,
+                            "measured_as": key, "projected_hours": hours})
+    results["projections"] = projections
+    if info.is_main:
+        print(f"{'run':<44}{'steps':>10}{'hours':>10}   (measured as)")
+        for p in projections:
+            print(f"{p['row']:<44}{p['steps']:>10}{p['projected_hours']:>10.2f}   "
+                  f"{p['measured_as']}")
+        if json_out:
+            Path(json_out).write_text(json.dumps(results, indent=2))
+    barrier()
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=16)
@@ -117,7 +287,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--text-layers", type=int, action="append", help="default: 6 and 4")
     parser.add_argument("--no-amp", action="store_true")
     parser.add_argument("--json-out")
+    parser.add_argument("--smoke", action="store_true",
+                        help="run the real trainers under DDP on generated data (GPU smoke run)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="with --smoke: tiny models on the CPU, to check the run end to end")
+    parser.add_argument("--workdir", default="", help="with --smoke: where data and runs go")
     args = parser.parse_args(argv)
+    if args.smoke:
+        smoke(args.steps, args.dry_run, args.workdir, args.json_out)
+        return 0
     results = measure(args.batch, args.steps, torch.device(args.device),
                       args.backbone or ["vit_small_patch16_224", "vit_small_patch32_224"],
                       args.text_layers or [6, 4], not args.no_amp)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import logging
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -17,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from training.data import ImageFiles, collate_skipping, prepare_pixels
-from training.distributed import DistInfo, gather_no_grad, shard_for_rank
+from training.distributed import DistInfo, all_sizes, gather_rows, shard_for_rank
 
 log = logging.getLogger("training")
 
@@ -110,6 +112,13 @@ def make_optimizer(params: Iterable[tuple[str, nn.Parameter]], lr: float, weight
                              lr=lr, betas=betas, eps=eps)
 
 
+def grad_norm(params: Iterable[nn.Parameter]) -> float:
+    """L2 norm of the gradients (after DDP's all-reduce: the global batch's gradient), logged per
+    step; it also shows a gradient-scale error that AdamW's normalised updates would hide."""
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0  # one sync
+
+
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
                        ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up to the base lr over ``warmup_steps``, then cosine decay to 0 at
@@ -126,9 +135,40 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, tota
 
 
 def scaled_warmup(configured: int, total_steps: int, max_fraction: float = 0.1) -> int:
-    """The paper's 10,000 warm-up steps assume ~6,000+ steps per epoch; a tiny run scales the
-    warm-up down to at most ``max_fraction`` of its steps so it still trains."""
+    """The paper's 10,000 warm-up steps, capped at ``max_fraction`` of the run's steps so the
+    learning rate always decays within the run (a short run, or Flickr30k's ~7,500 steps)."""
+    if not 0.0 < max_fraction < 1.0:
+        raise ValueError(f"train.warmup_max_fraction must be in (0, 1) so the learning rate "
+                         f"decays within the run, got {max_fraction}")
     return int(min(configured, max(1, round(max_fraction * total_steps))))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The shape of a run: an epoch visits each item (stage 2: each caption) once, in
+    ``steps_per_epoch`` global batches (the last partial batch is dropped); linear warm-up for
+    ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+
+    items: int
+    global_batch: int
+    steps_per_epoch: int
+    epochs: int
+    warmup_steps: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+
+def plan_schedule(items: int, global_batch: int, epochs: int, warmup_steps: int,
+                  warmup_max_fraction: float) -> Schedule:
+    steps = items // global_batch
+    if steps == 0:
+        raise ValueError(f"{items} training items are fewer than one global batch of "
+                         f"{global_batch}; lower train.batch_size")
+    total = steps * int(epochs)
+    return Schedule(items, global_batch, steps, int(epochs),
+                    scaled_warmup(int(warmup_steps), total, float(warmup_max_fraction)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,14 +212,15 @@ def encode_image_files(model: nn.Module, paths: Sequence[Path], load_size: int, 
                        info: DistInfo, num_workers: int = 0, amp: bool = False
                        ) -> tuple[np.ndarray, np.ndarray]:
     """L2-normalized float32 embeddings (n, d) of image files, and a bool mask of the images
-    that could be read (unreadable ones get a zero row and False). Work is split across ranks."""
-    share = shard_for_rank(len(paths), info)
+    that could be read (unreadable ones get a zero row and False). Each rank encodes a
+    batch-aligned 1/W of the files (the same batches one process runs), then all ranks gather
+    the whole result."""
+    share = shard_for_rank(len(paths), info, align=batch_size)
     dataset = ImageFiles(list(paths)[share], load_size)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         collate_fn=collate_skipping)
     was_training = model.training
     model.eval()
-    dim = None
     local_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
     for batch in loader:
         if batch["size"] == 0:
@@ -187,29 +228,24 @@ def encode_image_files(model: nn.Module, paths: Sequence[Path], load_size: int, 
         index, pixels = batch["columns"]
         with autocast(info.device, amp):
             emb = model.encode_image(prepare_pixels(model, pixels.to(info.device)))
-        emb = torch.nn.functional.normalize(emb.float(), dim=-1)
-        dim = emb.shape[1]
-        local_rows.append((index, emb.cpu()))
+        local_rows.append((index, torch.nn.functional.normalize(emb.float(), dim=-1).cpu()))
     model.train(was_training)
-    if dim is None:
-        dim = _embedding_dim(model)
-    per = -(-len(paths) // info.world_size)
-    local = torch.zeros(per, dim)
-    valid = torch.zeros(per, dtype=torch.bool)
+    dim = _agreed_dim(local_rows[0][1].shape[1] if local_rows else None, model, info)
+    count = share.stop - share.start
+    local = torch.zeros(count, dim)
+    valid = torch.zeros(count, dtype=torch.bool)
     for index, emb in local_rows:
         local[index] = emb
         valid[index] = True
-    if info.enabled:
-        local = gather_no_grad(local.to(info.device)).cpu()
-        valid = gather_no_grad(valid.to(torch.uint8).to(info.device)).cpu().bool()
-    return local[: len(paths)].numpy(), valid[: len(paths)].numpy()
+    return (gather_rows(local.numpy(), len(paths), info, batch_size),
+            gather_rows(valid.numpy(), len(paths), info, batch_size))
 
 
 @torch.no_grad()
 def encode_token_rows(model: nn.Module, tokens: torch.Tensor, batch_size: int, info: DistInfo,
                       amp: bool = False) -> np.ndarray:
-    """L2-normalized float32 text embeddings (n, d), split across ranks."""
-    share = shard_for_rank(len(tokens), info)
+    """L2-normalized float32 text embeddings (n, d); each rank encodes a batch-aligned 1/W."""
+    share = shard_for_rank(len(tokens), info, align=batch_size)
     was_training = model.training
     model.eval()
     out = []
@@ -220,15 +256,19 @@ def encode_token_rows(model: nn.Module, tokens: torch.Tensor, batch_size: int, i
             emb = model.encode_text(chunk)
         out.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu())
     model.train(was_training)
-    dim = out[0].shape[1] if out else _embedding_dim(model)
-    per = -(-len(tokens) // info.world_size)
-    local = torch.zeros(per, dim)
-    if out:
-        joined = torch.cat(out)
-        local[: len(joined)] = joined
+    dim = _agreed_dim(out[0].shape[1] if out else None, model, info)
+    local = torch.cat(out) if out else torch.zeros(0, dim)
+    return gather_rows(local.numpy(), len(tokens), info, batch_size)
+
+
+def _agreed_dim(dim: int | None, model: nn.Module, info: DistInfo) -> int:
+    """The embedding width, also on a rank whose shard was empty (it learns it from the
+    others)."""
     if info.enabled:
-        local = gather_no_grad(local.to(info.device)).cpu()
-    return local[: len(tokens)].numpy()
+        dims = all_sizes(-1 if dim is None else dim, info)
+        if max(dims) >= 0:
+            return max(dims)
+    return dim if dim is not None else _embedding_dim(model)
 
 
 def _embedding_dim(model: nn.Module) -> int:
@@ -236,6 +276,18 @@ def _embedding_dim(model: nn.Module) -> int:
     if "embed_dim" in config:
         return int(config["embed_dim"])
     return int(config["open_clip_cfg"]["embed_dim"])
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 (hex, 16 digits) of a model's weights: the key of caches computed with it, so a
+    checkpoint retrained in place never reuses embeddings of its former weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+                      .tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()[:16]
 
 
 def load_size_for(*models: nn.Module) -> int:
