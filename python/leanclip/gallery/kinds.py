@@ -6,14 +6,13 @@ always opens the file with the right class). ``auto`` is exact up to :data:`AUTO
 photos and IVF above it; it goes back to exact only below half the threshold, so a gallery
 hovering around the threshold is not converted back and forth.
 
-Why 200,000: an exact search reads every stored vector. With 512-dimension embeddings that is
-~400 MB per query in f32 at 200,000 photos (~100 MB in i8) -- tens of milliseconds on a laptop,
-the point where interactive search starts to lag; the cost then grows linearly (26 ms for exact
-i8 at 1,000,000 photos, issue 16). Below it, exact search is both fast enough and exact, and an
-IVF index could not even train well (k-means wants dozens of vectors per list, and with
-``nlist = 4 * sqrt(n)`` lists a gallery has fewer than ~40 per list below ~25,000 photos).
-Above it, training costs seconds -- nothing next to encoding 200,000 photos -- and a query scans a
-few percent of the vectors.
+Why 200,000: an exact search reads every stored vector, so its cost grows linearly with the
+library: the committed gallery benchmark (docs/gallery.md, "Numbers") has a text query at
+1,000,000 photos at 64 ms p99 in f32 and 26 ms in i8, i.e. about 13 ms / 5 ms at 200,000 -- where
+the scan starts to dominate a query. Below it, exact search is fast enough and exact, and an IVF
+index could not train well (k-means wants tens of vectors per list; with ``nlist = 4 * sqrt(n)``
+lists a gallery has fewer than 39 per list below ~25,000 photos). Above it, training costs
+little next to encoding 200,000 photos, and a query scans a few percent of the vectors.
 
 Conversions reuse the stored vectors (``get`` from one index, ``add`` to the other): nothing is
 re-encoded.
