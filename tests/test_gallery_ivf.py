@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 
 from leanclip import Index, IVFIndex
-from leanclip.gallery import Gallery, GalleryError
-from leanclip.gallery import kinds
+from leanclip.gallery import Gallery, GalleryError, kinds
 from tests._fixtures_gallery import COLORS, ColorEncoder, make_folder, make_photo, set_mtime_later
 
 # a layout small enough to train on a few dozen photos: 4 lists, 1 probed, trains at 16 vectors
