@@ -391,3 +391,20 @@ def test_sigkill_during_ivf_updates_and_conversions(tmp_path: Path) -> None:
         want = enc.encode_images([root / name])[0]
         hit = full.search(want, k=1)[0]
         assert hit.key == key or abs(hit.score - 1.0) < 1e-5
+
+
+def test_damaged_ivf_file_is_reported_and_rebuilt_as_ivf(tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    make_folder(root, n_per_color=2)
+    Gallery(root, model=ColorEncoder(), index_kind="ivf").update()
+    (index_file,) = (root / ".leanclip").glob("index-*.lci")
+    data = bytearray(index_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    index_file.write_bytes(bytes(data))
+    with pytest.raises(GalleryError, match="damaged"):
+        Gallery(root, model=ColorEncoder()).search("red")
+    s = Gallery(root, model=ColorEncoder()).update()
+    assert "unusable" in s.recovered and s.encoded == 8 and s.index == "ivf"  # the choice is kept
+    g = Gallery(root, model=ColorEncoder())
+    _consistent(g)
+    assert {h.name for h in g.search("red", k=2)} == {"red/red_0.jpg", "red/red_1.jpg"}
