@@ -156,10 +156,14 @@ def main() -> None:
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=32, show_default=True, help="Images per encoder batch.")
 @click.option("--precision", type=click.Choice(list(DTYPES)), default=None,
               help="Vector storage: f32 (default for a new gallery), f16 or i8 use 2x / 4x less memory and search faster. Changing it converts, no re-encoding.")
+@click.option("--index", "index_kind", type=click.Choice(["exact", "ivf", "auto"]), default=None,
+              help="Search index: exact (every photo scored), ivf (approximate, for large libraries) or auto "
+                   "(default for a new gallery: ivf above 200,000 photos). Kept across runs; changing it converts, "
+                   "no re-encoding.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def index(directory: str, store: Optional[str], model: Optional[str], batch_size: int, precision: Optional[str],
-          as_json: bool, quiet: bool) -> None:
+          index_kind: Optional[str], as_json: bool, quiet: bool) -> None:
     """Index DIRECTORY (or bring its index up to date).
 
     Only new and changed files are encoded; deleted files leave the index; moved or renamed
@@ -168,7 +172,8 @@ def index(directory: str, store: Optional[str], model: Optional[str], batch_size
     from leanclip.gallery import Gallery
 
     try:
-        g = Gallery(directory, store=store, model=model, batch_size=batch_size, dtype=precision)
+        g = Gallery(directory, store=store, model=model, batch_size=batch_size, dtype=precision,
+                    index_kind=index_kind)
         console = _stderr_console()
         if not quiet and not as_json:
             console.print("loading model ...", style="dim")
@@ -234,7 +239,8 @@ def _print_summary(s: Any) -> None:
              f"renamed {s.renamed}", f"failed {s.failed}"]
     if s.copied:
         parts.append(f"duplicates {s.copied}")
-    console.print(", ".join(parts) + f"; {s.total_ok} photos indexed, {s.unchanged} unchanged, "
+    index = f" ({s.index} index)" if s.index else ""
+    console.print(", ".join(parts) + f"; {s.total_ok} photos indexed{index}, {s.unchanged} unchanged, "
                   f"{s.encoded} encoded in {s.seconds:.1f} s", highlight=False)
     for name, reason in s.failures[:20]:
         console.print(Text.assemble("  ", ("failed", "red"), f" {printable(name)}: {printable(reason)}"),

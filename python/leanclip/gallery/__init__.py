@@ -7,6 +7,8 @@ The package, by concern:
   results (:class:`Hit`)
 * :mod:`~leanclip.gallery.store` — the SQLite store: layout, schema, typed rows
 * :mod:`~leanclip.gallery.sync` — the update run and its crash-consistent commit protocol
+* :mod:`~leanclip.gallery.kinds` — the index kinds (exact ``Index`` or ``IVFIndex``; ``auto``),
+  their IVF parameters and the conversions between them
 * :mod:`~leanclip.gallery.errors` — its errors (all :class:`leanclip.errors.LeanclipError`)
 
 Images are decoded by :mod:`leanclip.images`, the loader the encoder uses too.
@@ -22,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from leanclip.gallery.api import EncoderLike, Gallery
+from leanclip.gallery.kinds import AUTO_IVF_THRESHOLD, INDEX_CHOICES, IVFLayout, ivf_layout
 from leanclip.gallery.errors import GalleryBusyError, GalleryError, ImageError, ModelMismatchError
 from leanclip.gallery.query import Hit, Term, parse_query
 from leanclip.gallery.store import DB_NAME, SCHEMA, SCHEMA_VERSION, STORE_DIRNAME, FileRow
@@ -29,7 +32,7 @@ from leanclip.gallery.sync import IMAGE_EXTENSIONS, Progress, UpdateState, Updat
 from leanclip.images import DEFAULT_MAX_PIXELS, load_image
 
 __all__ = [
-    "DB_NAME", "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "SCHEMA", "SCHEMA_VERSION", "STORE_DIRNAME",
+    "AUTO_IVF_THRESHOLD", "INDEX_CHOICES", "IVFLayout", "ivf_layout", "DB_NAME", "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "SCHEMA", "SCHEMA_VERSION", "STORE_DIRNAME",
     "EncoderLike", "FileRow", "Gallery", "GalleryBusyError", "GalleryError", "Hit", "ImageError",
     "ModelMismatchError", "Progress", "Term", "UpdateState", "UpdateSummary", "open_image", "parse_query",
 ]

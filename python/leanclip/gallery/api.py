@@ -13,12 +13,13 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 import numpy as np
 
 from leanclip._engine import DTYPES
 from leanclip._fs import PathLike
+from leanclip.gallery import kinds
 from leanclip.gallery import store as db
 from leanclip.gallery.errors import GalleryError, ModelMismatchError, StaleSnapshot
 from leanclip.gallery.query import Hit, Term, parse_query
@@ -59,10 +60,25 @@ class Gallery:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         dtype: Optional[str] = None,
         checkpoint_overhead: float = 0.1,
+        index_kind: Optional[str] = None,
+        nprobe: Optional[int] = None,
+        auto_threshold: int = kinds.AUTO_IVF_THRESHOLD,
+        ivf_layout: Callable[[int], kinds.IVFLayout] = kinds.ivf_layout,
     ) -> None:
         if dtype is not None and dtype not in DTYPES:
             raise GalleryError(f"dtype must be one of {', '.join(map(repr, DTYPES))}, got {dtype!r}")
+        if index_kind is not None and index_kind not in kinds.INDEX_CHOICES:
+            raise GalleryError(
+                f"index kind must be one of {', '.join(map(repr, kinds.INDEX_CHOICES))}, got {index_kind!r}"
+            )
+        if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, int) or nprobe < 1):
+            raise GalleryError(f"nprobe must be an integer >= 1, got {nprobe!r}")
         self.dtype = dtype  # vector storage precision; None keeps the store's (new stores: f32)
+        # exact | ivf | auto (gallery.kinds); None keeps the store's (new stores: auto)
+        self.index_kind = index_kind
+        self.nprobe = nprobe  # IVF lists scanned per query; None: the index's own (set at indexing)
+        self.auto_threshold = int(auto_threshold)  # "auto" is IVF above this many photos
+        self.ivf_layout = ivf_layout  # IVF nlist / nprobe / training size from the gallery size
         self.root = Path(root).expanduser().absolute()
         if not self.root.is_dir():
             raise GalleryError(f"gallery folder {self.root} does not exist or is not a directory")
@@ -153,6 +169,8 @@ class Gallery:
             "model_id": meta.get("model_id", ""),
             "dim": int(meta.get("dim", 0)),
             "generation": int(meta.get("generation", 0)),
+            "index": meta.get("index_kind", "exact"),  # the kind of the index file: exact or ivf
+            "index_choice": meta.get("index", "auto"),  # what was asked for: exact, ivf or auto
             "ok": counts.get("ok", 0),
             "failed": counts.get("failed", 0),
             "pending": counts.get("pending", 0),
@@ -187,7 +205,8 @@ class Gallery:
                     index = Index(max(1, int(meta.get("dim", 1) or 1)))
                 else:
                     try:
-                        index = Index.load(os.fspath(self._index_path(gen)), mmap=True)
+                        index = kinds.load_index(self._index_path(gen), meta.get("index_kind", "exact"), mmap=True)
+                        kinds.set_search_nprobe(index, self.nprobe)
                     except FileNotFoundError:
                         # a writer committed a newer generation and removed this file: re-read
                         if conn.in_transaction:

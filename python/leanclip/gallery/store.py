@@ -4,9 +4,10 @@ Layout (default ``ROOT/.leanclip/``)::
 
     gallery.db        SQLite (WAL): one row per file (path, size, mtime, inode, ctime, sha256,
                       key, status, reason) and a ``meta`` table (schema version, model id, dim,
-                      generation)
-    index-<G>.lci     the Index holding exactly the keys of the rows with status 'ok' at
-                      generation G
+                      generation, dtype, index = exact|ivf|auto, index_kind = the kind of the
+                      generation's file: exact or ivf)
+    index-<G>.lci     the Index (or IVFIndex, per index_kind) holding exactly the keys of the
+                      rows with status 'ok' at generation G
     lock              held (flock) by the one process running ``update()``
 """
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from leanclip.bundle import sha256_file
+from leanclip.gallery import kinds
 from leanclip.gallery import store as db
 from leanclip.gallery.errors import GalleryBusyError, GalleryError
 from leanclip.gallery.store import FileRow
@@ -57,6 +58,7 @@ class UpdateSummary:
     total_ok: int = 0
     seconds: float = 0.0
     model_id: str = ""
+    index: str = ""  # the kind of the index after the run: "exact" or "ivf" (gallery.kinds)
     recovered: str = ""  # what was repaired at the start, if anything
     failures: List[Tuple[str, str]] = field(default_factory=list)  # (name, reason)
     # folders that could not be listed ("." is the root): (name, reason); their rows were kept
@@ -98,7 +100,7 @@ class UpdateState:
     """The state of one update run: the open write transaction and the in-memory index."""
 
     conn: sqlite3.Connection
-    index: Any  # leanclip.Index
+    index: Any  # leanclip.Index or leanclip.IVFIndex (gallery.kinds)
     gen: int  # generation of the last committed index file
     next_key: int  # keys are never reused
     dirty: bool  # rows or index changed since the last checkpoint
@@ -106,6 +108,8 @@ class UpdateState:
     last_checkpoint: float = 0.0  # time.monotonic() of the last checkpoint
     since_checkpoint: int = 0  # files processed since then
     last_save_s: float = 0.0  # how long the last index save took
+    dtype: str = "f32"  # the storage precision asked for
+    index_choice: str = "auto"  # "exact", "ivf" or "auto" (gallery.kinds)
 
 
 def _describe(exc: BaseException) -> str:
@@ -220,24 +224,21 @@ def run_update(g: "Gallery", progress: Optional[Progress] = None) -> UpdateSumma
         next_key = int(meta["next_key"])
         index: Any = None
         reset_reason = ""
-        converted = False
         if meta.get("model_id") and meta["model_id"] != enc.model_id:
             reset_reason = f"model changed from {meta['model_id']} to {enc.model_id}: re-encoding all files"
         elif gen > 0:
             try:
-                index = Index.load(os.fspath(g._index_path(gen)))
+                index = kinds.load_index(g._index_path(gen), meta.get("index_kind", "exact"))
                 if index.dim != enc.dim:
                     reset_reason = f"index dim {index.dim} != model dim {enc.dim}: re-encoding"
                     index = None
             except (FileNotFoundError, IndexFileError, OSError, ValueError) as exc:
                 reset_reason = f"index file for generation {gen} unusable ({exc}); re-encoding"
         want_dtype = g.dtype or meta.get("dtype") or "f32"
+        # the index kind asked for (kept across updates); conversions happen after the scan
+        choice = g.index_kind or meta.get("index") or "auto"
         if index is None:
             index = Index(enc.dim, dtype=want_dtype)  # type: ignore[arg-type]
-        elif index.dtype != want_dtype:
-            # another storage precision: the engine converts the stored vectors, no re-encoding
-            index = index.astype(want_dtype)
-            converted = True
         if reset_reason:
             conn.execute("UPDATE files SET status='pending', key=NULL WHERE status='ok'")
             summary.recovered = reset_reason
@@ -245,11 +246,15 @@ def run_update(g: "Gallery", progress: Optional[Progress] = None) -> UpdateSumma
         db.set_meta(conn, "dim", enc.dim)
         db.set_meta(conn, "dtype", want_dtype)
         db.set_meta(conn, "model_source", g._model_source)
+        db.set_meta(conn, "index", choice)
+        db.set_meta(conn, "index_kind", kinds.kind_of(index))
         remove_stray_files(g, keep=gen)
         state = UpdateState(conn=conn, index=index, gen=gen, next_key=next_key,
-                            dirty=bool(reset_reason or fresh or converted or migrated))
+                            dirty=bool(reset_reason or fresh or migrated),
+                            dtype=want_dtype, index_choice=choice)
         run = Sync(g, state, summary, progress)
         run.run()
+        run.finish()
         run.checkpoint()
         conn.execute("COMMIT")
     except sqlite3.Error as exc:
@@ -275,7 +280,8 @@ def run_update(g: "Gallery", progress: Optional[Progress] = None) -> UpdateSumma
             conn.close()
         os.close(lock_fd)
     g._forget_snapshot()
-    summary.total_ok = g.info()["ok"]
+    info = g.info()
+    summary.total_ok, summary.index = info["ok"], info["index"]
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -338,11 +344,15 @@ class Sync:
     # -- the run ---------------------------------------------------------------------------
 
     def run(self) -> None:
-        s, summary, conn, index, progress = self.state, self.summary, self.state.conn, self.state.index, self.progress
+        s, summary, conn, progress = self.state, self.summary, self.state.conn, self.progress
         s.last_checkpoint = time.monotonic()
         s.since_checkpoint = 0
 
         scanned = scan(os.fspath(self.g.root), os.fspath(self.g.store), progress)
+        # the gallery's size after this run; a folder that cannot be listed keeps its rows
+        n = len(scanned.found) if not scanned.unreadable else max(len(scanned.found), len(s.index))
+        self.convert_index(n)
+        index = s.index
         rows = self.rows = db.load_rows(conn)
         seen = {f.rel for f in scanned.found}
         bad_names = {rel for rel, _ in scanned.bad}
@@ -443,6 +453,29 @@ class Sync:
 
         self.checkpoint_if_due(force=True)
         self.encode_all(remaining)
+
+    def convert_index(self, n: int) -> None:
+        """Give the index the kind, precision and layout a gallery of about ``n`` photos should
+        have (gallery.kinds), moving its stored vectors across: nothing is re-encoded. The
+        converted index is saved as the next generation with its kind in the same commit."""
+        s = self.state
+        current = kinds.kind_of(s.index)
+        kind = kinds.want_kind(s.index_choice, current, n, self.g.auto_threshold)
+        new = kinds.convert(s.index, kind, s.dtype, n, self.g.ivf_layout)
+        if new is not s.index:
+            s.index = new
+            db.set_meta(s.conn, "index_kind", kinds.kind_of(new))
+            s.dirty = True
+
+    def finish(self) -> None:
+        """After a run that added at least half of an IVF index's vectors (a first build trains
+        itself on the vectors that came first, in path order), retrain it on all of them."""
+        s, summary = self.state, self.summary
+        ix = s.index
+        added = summary.encoded + summary.copied
+        if kinds.kind_of(ix) == "ivf" and ix.is_trained and added and 2 * added >= len(ix):
+            ix.retrain()
+            s.dirty = True
 
     def encode_all(self, remaining: List[Tuple[FoundFile, str]]) -> None:
         s, progress = self.state, self.progress

@@ -1,0 +1,410 @@
+"""The gallery's index kinds (issue 16): exact Index, IVFIndex for large libraries, and auto."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from leanclip import Index, IVFIndex
+from leanclip.gallery import Gallery, GalleryError, kinds
+from tests._fixtures_gallery import COLORS, ColorEncoder, make_folder, make_photo, set_mtime_later
+
+# a layout small enough to train on a few dozen photos: 4 lists, 1 probed, trains at 16 vectors
+SMALL = kinds.IVFLayout(nlist=4, nprobe=1, train_threshold=16)
+
+
+def _small(n: int) -> kinds.IVFLayout:
+    return SMALL
+
+
+def _consistent(g: Gallery) -> None:
+    missing, extra = g.check()
+    assert missing == [] and extra == [], (missing, extra)
+
+
+def _index_files(store: Path) -> list:
+    return sorted(p.name for p in store.iterdir() if p.name.startswith("index-"))
+
+
+def _vectors(g: Gallery) -> dict:
+    """key -> stored vector, read from the committed index file of the kind the meta names."""
+    g._forget_snapshot()
+    _, index, meta = g._snapshot()
+    keys = np.asarray(index.keys(), dtype=np.uint64)
+    vecs = np.asarray(index.get(keys), dtype=np.float32)
+    return {int(k): v for k, v in zip(keys.tolist(), vecs)}
+
+
+@pytest.fixture()
+def folder(tmp_path: Path) -> Path:
+    root = tmp_path / "photos"
+    make_folder(root, n_per_color=8)  # 32 photos of 4 colours
+    return root
+
+
+QUERIES = ["red", "green -yellow", "blue +white", "orange", "black purple", "yellow"]
+
+
+def test_ivf_gallery_with_all_lists_probed_equals_exact(folder: Path, tmp_path: Path) -> None:
+    exact = Gallery(folder, store=tmp_path / "exact", model=ColorEncoder(), index_kind="exact")
+    exact.update()
+    ivf = Gallery(folder, store=tmp_path / "ivf", model=ColorEncoder(), index_kind="ivf", ivf_layout=_small)
+    s = ivf.update()
+    assert s.index == "ivf" and ivf.info()["index"] == "ivf" and exact.info()["index"] == "exact"
+    _, index, _ = ivf._snapshot()
+    assert isinstance(index, IVFIndex) and index.is_trained and index.nlist == 4 and len(index) == 32
+    assert sorted(np.asarray(index.list_sizes()).tolist())[-1] < 32  # really split into lists
+    _consistent(ivf)
+    full = Gallery(folder, store=tmp_path / "ivf", model=ColorEncoder(), nprobe=4)
+    blue = folder / "blue" / "blue_0.jpg"
+    for q in QUERIES + [f"+img:{blue}"]:
+        want = exact.search(q, k=10)
+        got = full.search(q, k=10)
+        assert [h.name for h in got] == [h.name for h in want], q
+        assert np.allclose([h.score for h in got], [h.score for h in want], atol=1e-5), q
+    # similar / exclude: the query photo itself is left out, as with exact
+    sim_e, sim_i = exact.similar(blue, k=5), full.similar(blue, k=5)
+    assert [h.name for h in sim_i] == [h.name for h in sim_e] and blue not in {h.path for h in sim_i}
+    # path filters look deeper the same way
+    deep_e = exact.search("red", k=3, paths=["yellow/*"])
+    deep_i = full.search("red", k=3, paths=["yellow/*"])
+    assert [h.name for h in deep_i] == [h.name for h in deep_e] and len(deep_i) == 3
+    # with the layout's nprobe (1 of 4 lists) a search still returns k results, best first
+    few = ivf.search("red", k=10)
+    assert len(few) == 10 and [h.score for h in few] == sorted((h.score for h in few), reverse=True)
+    assert few[0].name.startswith("red/")
+
+
+def test_small_ivf_gallery_is_exact_before_training(folder: Path, tmp_path: Path) -> None:
+    exact = Gallery(folder, store=tmp_path / "exact", model=ColorEncoder())
+    exact.update()
+    # the real layout for 32 photos: 23 lists, trains at 39 per list: far above 32, one exact list
+    ivf = Gallery(folder, store=tmp_path / "ivf", model=ColorEncoder(), index_kind="ivf")
+    ivf.update()
+    _, index, _ = ivf._snapshot()
+    assert isinstance(index, IVFIndex) and not index.is_trained
+    for q in QUERIES:
+        assert [h.key for h in ivf.search(q, k=10)] == [h.key for h in exact.search(q, k=10)]
+
+
+def test_switching_kinds_keeps_every_vector_without_reencoding(folder: Path) -> None:
+    enc = ColorEncoder()
+    g = Gallery(folder, model=enc)
+    s = g.update()
+    assert s.index == "exact" and g.info()["index_choice"] == "auto" and enc.images_encoded == 32
+    before = _vectors(g)
+    assert len(before) == 32
+    store = folder / ".leanclip"
+    gen = g.info()["generation"]
+
+    s = Gallery(folder, model=enc, index_kind="ivf", ivf_layout=_small).update()
+    assert s.encoded == 0 and enc.images_encoded == 32 and s.index == "ivf"
+    g2 = Gallery(folder, model=enc)
+    info = g2.info()
+    assert info["index"] == "ivf" and info["index_choice"] == "ivf" and info["generation"] == gen + 1
+    _, index, _ = g2._snapshot()
+    assert isinstance(index, IVFIndex) and index.is_trained
+    after = _vectors(g2)
+    assert after.keys() == before.keys()
+    # the same vectors (the cosine engines re-normalize on add: equal to float rounding)
+    assert all(np.allclose(after[k], before[k], rtol=0, atol=1e-6) for k in before)
+    assert _index_files(store) == [f"index-{gen + 1}.lci"]  # a new generation, the old one removed
+    _consistent(g2)
+
+    # the choice is kept: a plain update (no index_kind) stays IVF and has nothing to do
+    s = Gallery(folder, model=enc, ivf_layout=_small).update()
+    assert s.index == "ivf" and s.encoded == 0 and Gallery(folder, model=enc).info()["generation"] == gen + 1
+
+    # new photos go into the IVF index (encoded once, only them)
+    make_photo(folder / "new" / "n0.jpg", COLORS["white"], seed=99)
+    s = Gallery(folder, model=enc, ivf_layout=_small).update()
+    assert s.added == 1 and enc.images_encoded == 33 and s.index == "ivf"
+
+    # and back to exact, with precision change in the same run: still no re-encoding
+    s = Gallery(folder, model=enc, index_kind="exact", dtype="f16").update()
+    assert s.encoded == 0 and enc.images_encoded == 33 and s.index == "exact"
+    g3 = Gallery(folder, model=enc)
+    _, index, _ = g3._snapshot()
+    assert isinstance(index, Index) and index.dtype == "f16" and len(index) == 33
+    back = _vectors(g3)
+    assert all(np.allclose(back[k], before[k], atol=2e-3) for k in before)
+    assert [h.name for h in g3.search("red", k=3)] == [h.name for h in g.search("red", k=3)]
+    assert len(_index_files(store)) == 1
+    _consistent(g3)
+
+    # f16 IVF (the precision is kept): another conversion, again without encoding
+    s = Gallery(folder, model=enc, index_kind="ivf", ivf_layout=_small).update()
+    assert s.encoded == 0 and enc.images_encoded == 33
+    _, index, _ = Gallery(folder, model=enc)._snapshot()
+    assert isinstance(index, IVFIndex) and index.dtype == "f16" and len(index) == 33
+
+
+def test_auto_switches_above_the_threshold(tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    make_folder(root, n_per_color=3)  # 12 photos
+    enc = ColorEncoder()
+    kw = dict(model=enc, auto_threshold=16, ivf_layout=_small)
+    s = Gallery(root, **kw).update()
+    assert s.index == "exact" and Gallery(root, **kw).info()["index_choice"] == "auto"
+    for i in range(8):  # 20 photos > 16
+        make_photo(root / "more" / f"m{i}.jpg", COLORS["green"], seed=100 + i)
+    s = Gallery(root, **kw).update()
+    assert s.index == "ivf" and s.encoded == 8 and enc.images_encoded == 20
+    _consistent(Gallery(root, **kw))
+    # hysteresis: back to 12 photos (between 8 and 16) it stays IVF ...
+    shutil.rmtree(root / "more")
+    assert Gallery(root, **kw).update().index == "ivf"
+    # ... and below half the threshold it goes back to exact, keeping the vectors
+    for p in sorted(root.rglob("*.jpg"))[:5]:
+        p.unlink()
+    s = Gallery(root, **kw).update()
+    assert s.index == "exact" and s.encoded == 0 and enc.images_encoded == 20
+    g = Gallery(root, **kw)
+    _consistent(g)
+    assert len(g.search("red", k=100)) == 7
+    # the default threshold is the documented one
+    assert kinds.AUTO_IVF_THRESHOLD == 200_000
+    assert kinds.want_kind("auto", "exact", 200_000) == "exact"
+    assert kinds.want_kind("auto", "exact", 200_001) == "ivf"
+    assert kinds.want_kind("auto", "ivf", 150_000) == "ivf"
+    assert kinds.want_kind("auto", "ivf", 99_999) == "exact"
+
+
+def test_ivf_layout_from_gallery_size() -> None:
+    p = kinds.ivf_layout(1_000_000)
+    assert p.nlist == 4000 and p.nprobe == 250 and p.train_threshold == 39 * 4000
+    p = kinds.ivf_layout(200_000)
+    assert p.nlist == 1789 and 16 <= p.nprobe <= p.nlist
+    assert kinds.ivf_layout(0) == (4, 4, 156)  # tiny: nprobe capped at nlist (exact), never trains early
+
+
+def test_ivf_gallery_grows_into_a_new_layout(tmp_path: Path) -> None:
+    """Lists sized for 8 photos are rebuilt (vectors moved, not re-encoded) once it holds 4x more."""
+    root = tmp_path / "photos"
+    make_folder(root, n_per_color=2)
+    enc = ColorEncoder()
+
+    def layout(n: int) -> kinds.IVFLayout:
+        nlist = max(1, n // 8)
+        return kinds.IVFLayout(nlist, nlist, 4 * nlist)
+
+    Gallery(root, model=enc, index_kind="ivf", ivf_layout=layout).update()
+    _, index, _ = Gallery(root, model=enc)._snapshot()
+    assert index.nlist == 1
+    for i in range(24):
+        make_photo(root / "more" / f"m{i:02d}.jpg", COLORS[list(COLORS)[i % 8]], seed=200 + i)
+    s = Gallery(root, model=enc, ivf_layout=layout).update()
+    assert s.encoded == 24 and enc.images_encoded == 32
+    g = Gallery(root, model=enc)
+    _, index, _ = g._snapshot()
+    assert index.nlist == 4 and index.is_trained and len(index) == 32
+    _consistent(g)
+
+
+def test_bad_index_kind_is_refused(folder: Path) -> None:
+    with pytest.raises(GalleryError, match="index kind must be one of 'exact', 'ivf', 'auto'"):
+        Gallery(folder, model=ColorEncoder(), index_kind="hnsw")
+    with pytest.raises(GalleryError, match="nprobe"):
+        Gallery(folder, model=ColorEncoder(), nprobe=0)
+    # a meta naming an unknown kind is a clear error for readers, not a wrong index class
+    g = Gallery(folder, model=ColorEncoder())
+    g.update()
+    import sqlite3
+
+    conn = sqlite3.connect(folder / ".leanclip" / "gallery.db")
+    conn.execute("UPDATE meta SET value='bogus' WHERE key='index_kind'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(GalleryError, match="unknown index kind 'bogus'"):
+        Gallery(folder, model=ColorEncoder()).search("red")
+
+
+def test_cli_index_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from leanclip.cli import main
+    from tests._fixtures_bundle import make_tiny_bundle
+
+    monkeypatch.setenv("LEANCLIP_HOME", str(tmp_path / "home"))
+    root = tmp_path / "photos"
+    make_folder(root, n_per_color=2)
+    runner = CliRunner()
+    r = runner.invoke(main, ["index", str(root), "--index", "hnsw"], catch_exceptions=False)
+    assert r.exit_code == 2 and "--index" in r.output and "'exact', 'ivf', 'auto'" in r.output
+    assert not (root / ".leanclip").exists()  # nothing was written
+    bundle = make_tiny_bundle(tmp_path / "bundle")
+    r = runner.invoke(main, ["index", str(root), "--model", str(bundle), "--index", "ivf", "--json"],
+                      catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["index"] == "ivf" and out["added"] == 8
+    r = runner.invoke(main, ["search", "a red photo", "-k", "3", "--json", "--dir", str(root)],
+                      catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(r.stdout)["results"]) == 3
+    # the choice is kept by a plain run; --index exact converts back without encoding
+    r = runner.invoke(main, ["index", str(root), "--model", str(bundle), "--json", "-q"], catch_exceptions=False)
+    assert json.loads(r.stdout)["index"] == "ivf"
+    r = runner.invoke(main, ["index", str(root), "--model", str(bundle), "--index", "exact", "--json", "-q"],
+                      catch_exceptions=False)
+    out = json.loads(r.stdout)
+    assert r.exit_code == 0 and out["index"] == "exact" and out["encoded"] == 0
+
+
+def test_server_with_an_ivf_gallery(folder: Path) -> None:
+    from leanclip.server import make_server
+
+    g = Gallery(folder, model=ColorEncoder(), index_kind="ivf", ivf_layout=_small)
+    g.update()
+    server = make_server(Gallery(folder, model=ColorEncoder(), nprobe=4), port=0)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        host, port = server.server_address[:2]
+
+        def get(path: str) -> tuple:
+            conn = http.client.HTTPConnection(host, port, timeout=10)
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            data = resp.read()
+            conn.close()
+            return resp.status, data
+
+        status, data = get("/api/info")
+        assert status == 200 and json.loads(data)["index"] == "ivf"
+        status, data = get("/api/search?q=red&k=4")
+        assert status == 200
+        res = json.loads(data)["results"]
+        assert len(res) == 4 and all(r["name"].startswith("red/") for r in res)
+        key = res[0]["key"]
+        status, data = get(f"/api/search?similar={key}&k=3")
+        assert status == 200
+        sim = json.loads(data)["results"]
+        assert len(sim) == 3 and key not in {r["key"] for r in sim}
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# -------------------------------------------------------------------------- crash consistency
+
+_WORKER = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    sys.path[:0] = {path!r}
+    import leanclip.gallery.sync as S
+    from leanclip.gallery import Gallery, kinds
+    from tests._fixtures_gallery import ColorEncoder
+
+    MODE, AT = {mode!r}, {at}
+    counts = {{"encode": 0, "save": 0, "unlink": 0}}
+
+    def tick(what):
+        counts[what] += 1
+        if MODE == what and counts[what] == AT:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    class Slow(ColorEncoder):
+        def encode_images(self, images, batch_size=32):
+            time.sleep(0.01)
+            tick("encode")  # killed inside a batch, before its vectors are applied
+            return super().encode_images(images)
+
+    class Hooked(S.Sync):
+        def checkpoint(self):
+            s = self.state
+            if s.dirty and MODE == "save" and counts["save"] + 1 == AT:
+                # the new generation's file is saved (a converted index on the first checkpoint
+                # of a conversion run), then the process dies before the rows are committed
+                s.index.save(os.fspath(self.g._index_path(s.gen + 1)))
+            if s.dirty:
+                tick("save")
+            super().checkpoint()
+    S.Sync = Hooked
+
+    real_unlink = os.unlink
+    def unlink(path, *a, **k):
+        real_unlink(path, *a, **k)
+        if str(path).endswith(".lci"):
+            tick("unlink")  # killed after the commit, while removing the old index file
+    os.unlink = unlink
+
+    layout = lambda n: kinds.IVFLayout(4, 1, 16)
+    Gallery({root!r}, model=Slow(), index_kind={kind!r}, ivf_layout=layout, batch_size=2,
+            checkpoint_every=2, checkpoint_overhead=1.0).update()
+    """
+)
+
+
+def test_sigkill_during_ivf_updates_and_conversions(tmp_path: Path) -> None:
+    """Runs that encode into an IVF index, or convert exact <-> IVF, are SIGKILLed inside a batch,
+    after the new generation's file is saved but before the commit, and after the commit: the
+    committed rows, generation, index kind and index file always agree."""
+    root = tmp_path / "photos"
+    colors = list(COLORS)
+    for i in range(40):
+        make_photo(root / f"d{i % 5}" / f"p{i:03d}.jpg", COLORS[colors[i % 8]], seed=i, size=(24, 16))
+    rng = np.random.default_rng(7)
+    killed = 0
+    modes = ["encode", "save", "unlink"]
+    runs = 9
+    for i in range(runs):
+        if i > 0:
+            files = sorted(root.rglob("*.jpg"))
+            for j in rng.choice(len(files), size=6, replace=False):
+                make_photo(files[j], COLORS[colors[int(rng.integers(8))]], seed=int(rng.integers(1 << 30)),
+                           size=(24, 16))
+                set_mtime_later(files[j], 1 + i)
+        kind = ["ivf", "exact"][i % 2]  # every run after the first converts
+        code = _WORKER.format(path=sys.path, root=str(root), kind=kind, mode=modes[i % 3], at=int(rng.integers(1, 3)))
+        proc = subprocess.run([sys.executable, "-c", code], cwd=os.getcwd(), timeout=120)
+        killed += proc.returncode == -9
+        if (root / ".leanclip" / "gallery.db").exists():
+            g = Gallery(root, model=ColorEncoder())
+            info = g.info()
+            if info["generation"]:
+                _, index, _ = g._snapshot()  # opened as the kind the meta names
+                assert kinds.kind_of(index) == info["index"]
+                _consistent(g)
+            g.close()
+    assert killed >= runs - 1, f"only {killed} of {runs} runs were killed mid-update"
+    enc = ColorEncoder()
+    g = Gallery(root, model=enc, index_kind="ivf", ivf_layout=_small)
+    s = g.update()
+    assert s.index == "ivf" and s.failed == 0
+    _consistent(g)
+    rows = g.files()
+    assert {n for n, st, _ in rows if st == "ok"} == {p.relative_to(root).as_posix() for p in root.rglob("*.jpg")}
+    assert _index_files(root / ".leanclip") == [f"index-{g.info()['generation']}.lci"]
+    full = Gallery(root, model=ColorEncoder(), nprobe=4)
+    for name, _, key in rows:
+        want = enc.encode_images([root / name])[0]
+        hit = full.search(want, k=1)[0]
+        assert hit.key == key or abs(hit.score - 1.0) < 1e-5
+
+
+def test_damaged_ivf_file_is_reported_and_rebuilt_as_ivf(tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    make_folder(root, n_per_color=2)
+    Gallery(root, model=ColorEncoder(), index_kind="ivf").update()
+    (index_file,) = (root / ".leanclip").glob("index-*.lci")
+    data = bytearray(index_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    index_file.write_bytes(bytes(data))
+    with pytest.raises(GalleryError, match="damaged"):
+        Gallery(root, model=ColorEncoder()).search("red")
+    s = Gallery(root, model=ColorEncoder()).update()
+    assert "unusable" in s.recovered and s.encoded == 8 and s.index == "ivf"  # the choice is kept
+    g = Gallery(root, model=ColorEncoder())
+    _consistent(g)
+    assert {h.name for h in g.search("red", k=2)} == {"red/red_0.jpg", "red/red_1.jpg"}
