@@ -218,6 +218,10 @@ def dist_worker() -> None:
                             "skipped_images": getattr(trainer, "skipped_images", None)
                             if kind == "stage1" else result.skipped_images},
                            out_dir / f"{name}.pt")
+        elif kind == "embed":  # the corpus-embedding job, as under torchrun
+            from training import embed
+
+            embed.main(task["argv"])
         elif kind == "encode_and_mine":
             arrays = encode_and_mine(task, info)
             if info.is_main:

@@ -106,6 +106,13 @@ def broken_stage2_config(data: dict[str, Any], run: str) -> dict[str, Any]:
                               max_steps=10)
 
 
+def embed_argv(data: dict[str, Any], out: Path) -> list[str]:
+    json_path, image_root = data["broken"]
+    return ["--model", data["teacher"], "--karpathy", str(json_path), "--image-root",
+            str(image_root), "--split", "train", "--out", str(out), "--shard-size", "5",
+            "--batch-size", "4", "--device", "cpu"]
+
+
 def encode_task(data: dict[str, Any]) -> dict[str, Any]:
     json_path, image_root = data["broken"]
     return {"kind": "encode_and_mine", "name": "encode", "json": str(json_path),
@@ -122,6 +129,7 @@ def world2(data: dict[str, Any]) -> Path:
         {"kind": "stage2", "name": "stage2", "config": stage2_config(data, "s2_w2")},
         {"kind": "stage1", "name": "broken1", "config": broken_stage1_config(data, "b1_w2")},
         {"kind": "stage2", "name": "broken2", "config": broken_stage2_config(data, "b2_w2")},
+        {"kind": "embed", "name": "embed", "argv": embed_argv(data, data["root"] / "emb_w2")},
         encode_task(data)], out)
     return out
 
@@ -155,6 +163,9 @@ def single(data: dict[str, Any]) -> dict[str, Any]:
             out[name] = {"history": result if cls is stage1.Stage1Trainer else result.history,
                          "state_dict": copy.deepcopy(model.state_dict())}
         out["encode"] = encode_and_mine(encode_task(data), DistInfo(0, 1, 0, torch.device("cpu")))
+        from training import embed
+
+        embed.main(embed_argv(data, data["root"] / "emb_w1"))
         return out
     finally:
         torch.set_num_threads(threads)
@@ -267,6 +278,28 @@ def test_sharded_encoding_and_mining_equal_one_process_exactly(
             assert np.array_equal(got[key], expected[key]), key
     mined = expected["mined"]
     assert (mined >= 0).all() and not np.isin(mined, [3, 30]).any()
+
+
+def test_embedding_job_under_two_processes_equals_one(data: dict[str, Any], world2: Path,
+                                                      single: dict[str, Any]) -> None:
+    """`torchrun -m training.embed`: 5 job shards over 2 ranks (0, 2, 4 and 1, 3) give the same
+    files, index and manifest as one process."""
+    one, two = data["root"] / "emb_w1", data["root"] / "emb_w2"
+    for kind in ("images", "texts"):
+        names = sorted(p.name for p in (one / kind).iterdir())
+        assert names == [f"{s:05d}.npz" for s in range(5)]  # 24 images, shards of 5
+        assert sorted(p.name for p in (two / kind).iterdir()) == names
+        for name in names:
+            with np.load(one / kind / name) as a, np.load(two / kind / name) as b:
+                assert sorted(a.files) == sorted(b.files)
+                for key in a.files:
+                    assert np.array_equal(a[key], b[key]), (kind, name, key)
+    import json
+
+    assert json.loads((one / "manifest.json").read_text())["images"]["indexed"] == 24 - BROKEN
+    assert (json.loads((one / "manifest.json").read_text())
+            == json.loads((two / "manifest.json").read_text()))
+    assert (one / "images.lci").read_bytes() == (two / "images.lci").read_bytes()
 
 
 # ------------------------------------------------------------------------------ resumption

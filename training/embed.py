@@ -154,7 +154,8 @@ class CheckpointEmbedder(Embedder):
 
         self.model = load_model(path).to(device).eval()
         self.device, self.amp, self.batch_size = device, amp, batch_size
-        self.dim = 0
+        # the width, known before any image is read (a shard may hold no readable image)
+        self.dim = int(self.texts(["a photo"]).shape[1])
 
     def _run(self, encode: Callable[[Any], Any], batch: Any) -> np.ndarray:
         import torch
