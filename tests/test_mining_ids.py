@@ -143,3 +143,19 @@ def test_bad_input_raises_value_error(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         hard_negative_ids(**args)
+
+
+def test_low_precision_scan_gives_the_f32_ids_and_bad_precision_is_refused():
+    # the i8 / bf16 scans re-score their candidates in f32: same ids as the f32 scan
+    rng = np.random.default_rng(7)
+    centers = rng.standard_normal((20, 48)).astype(np.float32)
+    corpus = centers[rng.integers(0, 20, 2000)] + 0.3 * rng.standard_normal((2000, 48)).astype(np.float32)
+    queries = corpus[:64] + 0.05 * rng.standard_normal((64, 48)).astype(np.float32)
+    groups = np.arange(2000) // 4
+    args = (np.arange(64), queries, np.arange(2000), corpus, 10)
+    want = hard_negative_ids(*args, query_groups=groups[:64], corpus_groups=groups)
+    for precision in ("i8", "bf16"):
+        got = hard_negative_ids(*args, query_groups=groups[:64], corpus_groups=groups, precision=precision)
+        assert (got == want).mean() >= 0.999, precision
+    with pytest.raises(ValueError, match="precision"):
+        hard_negative_ids(*args, precision="f8")

@@ -50,6 +50,7 @@ def hard_negative_ids(
     positives: Optional[Sequence[Any]] = None,
     metric: str = "ip",
     dtype: str = "f32",
+    precision: str = "f32",
 ) -> np.ndarray:
     """(q, k) int64 corpus ids of each query's hard negatives, hardest first, -1 padded.
 
@@ -68,7 +69,9 @@ def hard_negative_ids(
 
     Where fewer than k corpus rows are eligible, the row is padded with -1. Scores follow
     ``metric`` ("ip": the usual choice for L2-normalized embeddings, "cos", or "l2");
-    ``dtype`` ("f32", "f16" or "i8") is passed to the engine's ``mine_hard_negatives``.
+    ``dtype`` ("f32", "f16" or "i8") and ``precision`` ("f32", "bf16" or "i8": the scan's
+    precision, re-scored exactly at ``dtype``; see docs/mining.md) are passed to the engine's
+    ``mine_hard_negatives``.
     """
     k = check_positive_int(k, "k")
     metric = check_metric(metric)
@@ -119,11 +122,12 @@ def hard_negative_ids(
     out = np.full((q, k), -1, dtype=np.int64)
     if q == 0 or n == 0:
         # nothing to mine, but the values are still checked (by the engine, like any call)
-        _mine()(queries, corpus, 1, metric=metric, dtype=dtype)
+        _mine()(queries, corpus, 1, metric=metric, dtype=dtype, precision=precision)
         return out
     fetch = min(k + extra, n)
     rows, _scores = _mine()(
-        queries, corpus, fetch, query_groups=qg, corpus_groups=cg, metric=metric, dtype=dtype
+        queries, corpus, fetch, query_groups=qg, corpus_groups=cg, metric=metric, dtype=dtype,
+        precision=precision,
     )
     rows = np.asarray(rows, dtype=np.int64)
     ids = np.where(rows >= 0, cids[np.maximum(rows, 0)], -1)
