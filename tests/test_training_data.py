@@ -149,3 +149,25 @@ def test_prepare_pixels_resizes_and_normalises() -> None:
     out = data.prepare_pixels(Model(), x)
     assert out.shape == (1, 3, 8, 8)
     torch.testing.assert_close(out, torch.ones(1, 3, 8, 8))
+
+
+def test_training_reads_images_through_the_products_loader(tmp_path):
+    # one image loader for the encoder, the gallery and training (issue 13): the same limits
+    import io
+
+    from PIL import Image
+
+    from leanclip.images import ImageLoadError as ProductImageLoadError
+    from training.data import ImageLoadError, load_image
+
+    assert ImageLoadError is ProductImageLoadError
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (6000, 1)).save(strip)  # 6000:1, refused before decoding
+    with pytest.raises(ImageLoadError, match="aspect"):
+        load_image(strip)
+    buf = io.BytesIO()
+    Image.new("I;16", (8, 6), 40000).save(buf, format="PNG")  # 16-bit: scaled, not clipped
+    img = load_image(io.BytesIO(buf.getvalue()), where="sample 7")
+    assert img.mode == "RGB" and img.size == (8, 6) and img.getpixel((0, 0))[0] > 128
+    with pytest.raises(ImageLoadError, match="sample 7"):
+        load_image(io.BytesIO(b"not an image"), where="sample 7")

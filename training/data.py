@@ -24,9 +24,12 @@ from typing import IO, Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
+
+from leanclip import images as leanclip_images
+from leanclip.images import ImageLoadError
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +40,19 @@ class DataError(ValueError):
     """A dataset file is missing, malformed, or holds an empty caption."""
 
 
-class ImageLoadError(OSError):
-    """An image file could not be decoded."""
 
 
 # --------------------------------------------------------------------------------------------
 # Images
 
 
-def load_image(path: str | os.PathLike | IO[bytes]) -> Image.Image:
-    """EXIF-rotated RGB image; raises ImageLoadError naming the file."""
-    try:
-        with Image.open(path) as opened:
-            return ImageOps.exif_transpose(opened).convert("RGB")
-    except Exception as exc:  # PIL raises many types for broken files
-        raise ImageLoadError(f"cannot read image {path}: {exc}") from exc
+def load_image(path: str | os.PathLike | IO[bytes], where: str | None = None) -> Image.Image:
+    """EXIF-rotated 8-bit RGB image through the product's one image loader (``leanclip.images``:
+    the same size, aspect-ratio and decompression-bomb limits as the encoder and the gallery);
+    raises ``ImageLoadError`` naming the file (or ``where``, for in-memory data) and the reason."""
+    if isinstance(path, (str, os.PathLike)):
+        return leanclip_images.load_image(path)
+    return leanclip_images.decode_image(path, where or "<in-memory image>")
 
 
 def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
@@ -404,7 +405,7 @@ class WebDatasetImages(IterableDataset):
                 yield None
                 continue
             try:
-                img = load_image(io.BytesIO(raw))
+                img = load_image(io.BytesIO(raw), where=f"webdataset sample {sample.get('__key__')}")
             except ImageLoadError as exc:
                 log.warning("skipping sample %s: %s", sample.get("__key__"), exc)
                 yield None

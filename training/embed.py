@@ -115,7 +115,7 @@ def _missing(key: str) -> Callable[[], Image.Image]:
     def fail() -> Image.Image:
         from training.data import ImageLoadError
 
-        raise ImageLoadError(f"webdataset sample {key} has no image")
+        raise ImageLoadError(f"webdataset sample {key}", "no image in the sample")
     return fail
 
 
