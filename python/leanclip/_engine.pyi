@@ -83,7 +83,9 @@ class Index:
         self, queries: npt.ArrayLike, k: int = 10, exclude: Optional[npt.ArrayLike] = None
     ) -> Tuple[npt.NDArray[np.uint64], npt.NDArray[np.float32]]:
         """Exact top-k. queries (dim,) -> 1-D results; (q, dim) -> (q, k') results, with
-        k' = min(k, len(index) - number of excluded keys present)."""
+        k' = min(k, len(index) - number of excluded keys present). Every key returned was
+        added: rows whose score is NaN (only a crafted file can store NaN/inf vectors) rank
+        last, by ascending key, with score NaN."""
     def save(self, path: _Path) -> None:
         """Atomic write: temporary file in the same directory, fsync, rename, fsync dir."""
     @staticmethod

@@ -3,6 +3,10 @@
 //! Removal keeps storage dense (swap-remove plus a key -> row map). Under "cos" vectors are
 //! stored unit-normalized, so a search is a plain inner product. Every mutating call validates
 //! its whole batch before changing anything.
+//!
+//! Layout: this file is the API (`Index`); `storage` holds where the data lives (owned or
+//! mapped buffers, the mapped file and its change check); `encoding` validates input rows and
+//! converts them to the stored type. Reading and writing files is `crate::format`.
 
 mod encoding;
 mod storage;
