@@ -255,3 +255,22 @@ def test_a_store_that_is_not_a_database_is_a_gallery_error(tmp_path: Path) -> No
     for call in (g.info, lambda: g.search("red"), g.update):
         with pytest.raises(GalleryError, match="not a database"):
             call()
+
+
+def test_truncated_mapped_index_is_a_gallery_error_then_recovers(folder: Path) -> None:
+    # a serving gallery maps its index file; truncating it underneath must not crash the
+    # process (SIGBUS) nor keep failing: one GalleryError, then the cache is dropped
+    g = _gallery(folder)
+    g.update()
+    assert g.search("red", k=2)  # maps and caches the index
+    gen = g.info()["generation"]
+    path = g._index_path(gen)
+    size = path.stat().st_size
+    with open(path, "r+b") as fh:
+        fh.truncate(size // 2)
+    with pytest.raises(GalleryError, match="changed or is damaged|damaged"):
+        g.search("red", k=2)
+    assert g._cached is None
+    g.update()  # rebuilds the damaged file as a new generation
+    hits = g.search("red", k=2)
+    assert len(hits) == 2 and all(h.name.startswith("red/") for h in hits)

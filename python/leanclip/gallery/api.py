@@ -290,13 +290,13 @@ class Gallery:
                     photo = int(t.value)
                     if photo not in index:
                         raise GalleryError(f"photo {photo} is not in the gallery (any more)")
-                    v = np.asarray(index.get([photo]), dtype=np.float32)[0]
+                    v = np.asarray(self._read_index(index.get, [photo]), dtype=np.float32)[0]
                     if t.sign > 0:
                         own_keys.append(photo)
                 else:
                     key = self._key_of(t.value)
                     if key is not None and key in index:
-                        v = np.asarray(index.get([key]), dtype=np.float32)[0]
+                        v = np.asarray(self._read_index(index.get, [key]), dtype=np.float32)[0]
                         if t.sign > 0:
                             own_keys.append(key)
                     else:
@@ -367,7 +367,7 @@ class Gallery:
         want = k + max(len(e) for e in excludes)
         while todo:
             kk = min(total, want)
-            keys, scores = index.search(qv[todo], kk)
+            keys, scores = self._read_index(index.search, qv[todo], kk)
             keys, scores = np.asarray(keys), np.asarray(scores)
             with self._lock:
                 rows = self._rows_for_keys(np.unique(keys).tolist())
@@ -434,6 +434,21 @@ class Gallery:
         """Bring the store in step with the folder (see :mod:`leanclip.gallery.sync`). Returns
         counts; ``progress(stage, done, total)`` is called as it goes."""
         return run_update(self, progress)
+
+    def _read_index(self, call: Any, *args: Any) -> Any:
+        """Run ``call(*args)`` on the cached index; the engine raises IndexFileError when the
+        mapped file changed underneath it (truncated, rewritten in place): drop the cache, so
+        the next query maps the file afresh, and say what to do."""
+        from leanclip import IndexFileError
+
+        try:
+            return call(*args)
+        except IndexFileError as exc:
+            self._forget_snapshot()
+            raise GalleryError(
+                f"the gallery's index file changed or is damaged ({exc}); run `leanclip index {self.root}` "
+                "to rebuild it"
+            ) from None
 
     def _forget_snapshot(self) -> None:
         with self._lock:
