@@ -25,8 +25,12 @@ pub const GEMM_MIN_QUERIES: usize = 8;
 /// Queries per matrix-product block. 512 x 1,024 tiles measured ~4% less CPU time than
 /// 256 x 1,024 (examples/mine_probe.rs): the corpus block is packed and converted half as often.
 const QUERY_BLOCK: usize = 512;
-/// Corpus rows per matrix-product block.
+/// Corpus rows per matrix-product block, at most: fewer for large query blocks, so that the
+/// score tile (queries x rows) stays within [`TILE_BYTES`] (L2) between the product that
+/// writes it and the top-k scan that reads it.
 const ROW_BLOCK: usize = 1024;
+/// Target size of a score tile.
+const TILE_BYTES: usize = 512 * 1024;
 /// Corpus rows per kernel chunk (fits L1/L2 while every query of the batch scans it).
 const KERNEL_CHUNK: usize = 256;
 /// A corpus part is not split below this many rows (task overhead would dominate).
@@ -484,12 +488,13 @@ where
     let packed = PackedQueries::new(product, level, nq, dim, &qbuf);
     let mut ws = Workspace::default();
     let mut converted = Vec::new();
-    let mut tile = vec![0.0f32; nq * ROW_BLOCK];
-    let mut row_norms = vec![0.0f32; ROW_BLOCK];
+    let row_block = (TILE_BYTES / 4 / nq).clamp(64, ROW_BLOCK) / 32 * 32;
+    let mut tile = vec![0.0f32; nq * row_block];
+    let mut row_norms = vec![0.0f32; row_block];
     let need_norms = plan.metric == Metric::L2 || plan.normalize_rows;
     let mut b0 = r0;
     while b0 < r1 {
-        let b1 = (b0 + ROW_BLOCK).min(r1);
+        let b1 = (b0 + row_block).min(r1);
         let nb = b1 - b0;
         let block = rows.range(b0, b1, dim);
         if need_norms {
