@@ -492,23 +492,21 @@ impl PackedQueries {
             };
             let cp = c.as_mut_ptr();
             let Workspace { b: bbuf, row, .. } = ws;
-            let mut tmp = std::mem::take(row);
+            let mut stage = std::mem::take(row);
             self.drive::<f32, f32>(
                 shape,
                 n,
                 bbuf,
-                |dst, j0, count, p0, kc, kcp| match b {
+                |dst, j0, count, p0, kc, _kcp| match b {
                     Src::F32(v) => pack_f32_rows(level, dst, v, k, j0, count, shape.nr, p0, kc),
-                    _ => pack(
-                        dst,
-                        j0,
-                        count,
-                        shape.nr,
-                        1,
-                        kcp,
-                        |r, out| b.read(r, k, p0, &mut out[..kc]),
-                        &mut tmp,
-                    ),
+                    // f16 / i8 rows: converted to f32 rows first, then the same transposition.
+                    _ => {
+                        stage.resize(count * kc, 0.0);
+                        for (i, out) in stage.chunks_exact_mut(kc).enumerate() {
+                            b.read(j0 + i, k, p0, out);
+                        }
+                        pack_f32_rows(level, dst, &stage, kc, 0, count, shape.nr, 0, kc)
+                    }
                 },
                 |t| {
                     // SAFETY: `kern` was chosen for a level that `available_levels` checked against
@@ -529,7 +527,7 @@ impl PackedQueries {
                     }
                 },
             );
-            *row = tmp;
+            *row = stage;
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
