@@ -54,6 +54,8 @@ pub const DEFAULT_TRAIN_PER_LIST: usize = 64;
 const F16_MAX: f32 = 65504.0;
 /// Rows converted at a time when redistributing lists.
 const MOVE_CHUNK: usize = 16 * 1024;
+/// Rows encoded at a time by `add` / `upsert`.
+const INSERT_CHUNK: usize = 4096;
 
 /// The tunable parameters of an [`IvfIndex`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,6 +158,23 @@ impl List {
 
     pub(crate) fn len(&self) -> usize {
         self.keys.as_slice().len()
+    }
+
+    /// Room for `n` more rows.
+    fn reserve(&mut self, n: usize, dim: usize) -> Result<()> {
+        self.keys.owned_mut()?.reserve(n);
+        match &mut self.data {
+            Data::F32(s) => s.owned_mut()?.reserve(n * dim),
+            Data::F16(s) => s.owned_mut()?.reserve(n * dim),
+            Data::I8 { data, scales } => {
+                data.owned_mut()?.reserve(n * dim);
+                scales.owned_mut()?.reserve(n);
+            }
+        }
+        if let Some(e) = &mut self.exact {
+            e.owned_mut()?.reserve(n * dim);
+        }
+        Ok(())
     }
 
     pub(crate) fn rows(&self) -> Rows<'_> {
@@ -545,14 +564,30 @@ impl IvfIndex {
 
     /// Appends validated, normalized rows under keys absent from the index.
     fn insert(&mut self, keys: &[u64], rows: &[f32]) -> Result<()> {
-        let enc = self.encode(rows);
-        let lists = self.assign(rows);
         let dim = self.dim;
-        for (i, (&key, &l)) in keys.iter().zip(&lists).enumerate() {
-            let list = &mut self.lists[l as usize];
-            let slot = list.len() as u32;
-            list.push(key, &enc, i, dim)?;
-            self.map.insert(key, (l, slot));
+        let labels = self.assign(rows);
+        // Room for exactly what comes (an empty list gets no growth slack), and the batch is
+        // encoded a chunk at a time: the peak is the lists plus one chunk, not twice the data.
+        let mut counts = vec![0usize; self.lists.len()];
+        for &l in &labels {
+            counts[l as usize] += 1;
+        }
+        for (list, &c) in self.lists.iter_mut().zip(&counts) {
+            if c > 0 {
+                list.reserve(c, dim)?;
+            }
+        }
+        self.map.reserve(keys.len());
+        for (c, chunk) in rows.chunks(INSERT_CHUNK * dim).enumerate() {
+            let enc = self.encode(chunk);
+            let first = c * INSERT_CHUNK;
+            for i in 0..chunk.len() / dim {
+                let (key, l) = (keys[first + i], labels[first + i]);
+                let list = &mut self.lists[l as usize];
+                let slot = list.len() as u32;
+                list.push(key, &enc, i, dim)?;
+                self.map.insert(key, (l, slot));
+            }
         }
         self.maybe_auto_train()
     }
@@ -707,8 +742,12 @@ impl IvfIndex {
             .map(|_| List::empty(self.dtype, exact))
             .collect();
         let mut buf = Vec::new();
+        // Labels first, so that every new list is allocated once at its final size.
+        let mut labels: Vec<Vec<u32>> = Vec::with_capacity(old.len());
+        let mut counts = vec![0usize; lists.len()];
         for list in &old {
             let n = list.len();
+            let mut mine = Vec::with_capacity(n);
             let mut s0 = 0;
             while s0 < n {
                 let s1 = (s0 + MOVE_CHUNK).min(n);
@@ -716,11 +755,25 @@ impl IvfIndex {
                     Some(e) => &e.as_slice()[s0 * dim..s1 * dim],
                     None => list.rows().range(s0, s1, dim).to_f32(dim, &mut buf),
                 };
-                let labels = kmeans::assign(rows, &self.centroids, dim, self.coarse_metric());
-                for (i, &l) in labels.iter().enumerate() {
-                    lists[l as usize].push_from(list, s0 + i, dim)?;
-                }
+                mine.extend(kmeans::assign(
+                    rows,
+                    &self.centroids,
+                    dim,
+                    self.coarse_metric(),
+                ));
                 s0 = s1;
+            }
+            for &l in &mine {
+                counts[l as usize] += 1;
+            }
+            labels.push(mine);
+        }
+        for (list, &c) in lists.iter_mut().zip(&counts) {
+            list.reserve(c, dim)?;
+        }
+        for (list, mine) in old.iter().zip(&labels) {
+            for (slot, &l) in mine.iter().enumerate() {
+                lists[l as usize].push_from(list, slot, dim)?;
             }
         }
         self.lists = lists;
