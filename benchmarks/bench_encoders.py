@@ -406,7 +406,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     T = ("teacher", "fp32")
     ti, tt = img_rows[("teacher", "fp32")], txt_rows[("12L", "fp32")]
     rows = []
-    for name, backbone, layers in MODELS:
+    for name, _backbone, _layers in MODELS:
         for prec in ("fp32", "int8"):
             i, t = img_rows[(image_tower[name], prec)], txt_rows[(text_tower[name], prec)]
             s, p = sizes[(name, prec)], probes[(name, prec)]

@@ -215,7 +215,7 @@ def main() -> None:
                         prev["round_times"].append(info["time"])
                         prev["peak"] = max(prev["peak"], info["peak"])
                         prev["extra"] = max(prev["extra"], info["extra"])
-            for (label, s_), info in res.items():
+            for (_label, s_), info in res.items():
                 if s_ == size:
                     info["time"] = float(np.median(info["round_times"]))
 

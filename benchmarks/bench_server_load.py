@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> dict:
                 break
             except OSError:
                 if server.poll() is not None:
-                    raise RuntimeError(f"server exited: {server.stderr.read().decode()[-2000:]}")
+                    raise RuntimeError(f"server exited: {server.stderr.read().decode()[-2000:]}") from None
                 time.sleep(0.1)
         else:
             raise RuntimeError("server did not come up")

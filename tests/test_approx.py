@@ -198,7 +198,7 @@ def test_random_operations_agree_with_a_dict_model():
     rng = np.random.default_rng(13)
     index = ApproxIndex(8, "l2")
     model: dict = {}
-    for step in range(60):
+    for _ in range(60):
         op = rng.integers(3)
         ks = np.unique(rng.integers(0, 40, size=rng.integers(1, 6)))
         vs = rng.standard_normal((len(ks), 8)).astype(np.float32)

@@ -176,7 +176,7 @@ def test_updates_when_enabled(tmp_path: Path) -> None:
     make_folder(root, n_per_color=1)
     g = Gallery(root, model=ColorEncoder())
     g.update()
-    for server, g, root, _ in _serve(g, root, tmp_path, allow_updates=True):
+    for server, g, root, _ in _serve(g, root, tmp_path, allow_updates=True):  # noqa: B007, B020
         make_photo(root / "new.jpg", COLORS["orange"], seed=77)
         # a cross-site form cannot add the custom header
         assert _req(server, "POST", "/api/update", body=b"")[0] == 403
