@@ -29,16 +29,18 @@ _LAZY = {
 
 __all__ = sorted(_LAZY) + ["__version__"]
 
-if TYPE_CHECKING:  # pragma: no cover
-    from leanclip._engine import Index, IVFIndex, mine_hard_negatives
-    from leanclip.approx import ApproxIndex
-    from leanclip.bundle import BundleError
-    from leanclip.encoder import Encoder
-    from leanclip.errors import IndexFileError, LeanclipError
-    from leanclip.images import ImageLoadError
-    from leanclip.gallery import Gallery
-    from leanclip.mining import hard_negative_ids
-
+if TYPE_CHECKING:  # pragma: no cover - the names type checkers see (``X as X``: re-exported)
+    from leanclip._engine import Index as Index
+    from leanclip._engine import IVFIndex as IVFIndex
+    from leanclip._engine import mine_hard_negatives as mine_hard_negatives
+    from leanclip.approx import ApproxIndex as ApproxIndex
+    from leanclip.bundle import BundleError as BundleError
+    from leanclip.encoder import Encoder as Encoder
+    from leanclip.errors import IndexFileError as IndexFileError
+    from leanclip.errors import LeanclipError as LeanclipError
+    from leanclip.gallery import Gallery as Gallery
+    from leanclip.images import ImageLoadError as ImageLoadError
+    from leanclip.mining import hard_negative_ids as hard_negative_ids
 
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
