@@ -374,6 +374,7 @@ def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
     from benchmarks import _harness as H
 
     lines = [f"## {kind}: {n:,} x {dim}", "", note, ""]
+    results = [dict(r, peer=r["peer"] + " *") if r.get("remeasured") else r for r in results]
     rows = []
     for r in results:
         for p in r["points"]:
