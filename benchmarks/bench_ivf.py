@@ -128,11 +128,10 @@ def nlist_for(n: int) -> int:
 
 
 class Peer:
-    """build(base) -> None; settings(); set(value); search(queries) -> keys; add(more)."""
+    """build(base); add(more, start); settings(); set(value); search(queries) -> keys; save(path)."""
 
     name = ""
     knob = ""
-    incremental = True
 
     def settings(self) -> List[int]:
         raise NotImplementedError
