@@ -128,11 +128,10 @@ def nlist_for(n: int) -> int:
 
 
 class Peer:
-    """build(base) -> None; settings(); set(value); search(queries) -> keys; add(more)."""
+    """build(base); add(more, start); settings(); set(value); search(queries) -> keys; save(path)."""
 
     name = ""
     knob = ""
-    incremental = True
 
     def settings(self) -> List[int]:
         raise NotImplementedError
@@ -374,6 +373,7 @@ def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
     from benchmarks import _harness as H
 
     lines = [f"## {kind}: {n:,} x {dim}", "", note, ""]
+    results = [dict(r, peer=r["peer"] + " *") if r.get("remeasured") else r for r in results]
     rows = []
     for r in results:
         for p in r["points"]:

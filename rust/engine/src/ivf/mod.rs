@@ -716,7 +716,11 @@ impl IvfIndex {
         out.par_chunks_mut(dim)
             .zip(picked.par_iter())
             .for_each(|(o, &i)| row(i, o));
-        self.normalized(&out).into_owned()
+        if self.metric == Metric::Cos {
+            self.normalized(&out).into_owned()
+        } else {
+            out
+        }
     }
 
     fn train_on(&mut self, sample: Vec<f32>) -> Result<()> {
