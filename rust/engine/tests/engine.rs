@@ -2,7 +2,9 @@
 //! format under corruption, mining with groups.
 
 use half::f16;
-use leanclip_engine::{mine_hard_negatives, DType, Error, Index, Metric, Queries, Rows, ScanPrecision};
+use leanclip_engine::{
+    mine_hard_negatives, DType, Error, Index, Metric, Queries, Rows, ScanPrecision,
+};
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
