@@ -117,9 +117,9 @@ def mine_hard_negatives(
     (+inf for "l2"). Inputs float32 or float16 (read without a copy); dtype is the precision
     the corpus is scored at ("f16" / "i8" quantize a copy of it). precision is the scan's:
     "i8" (AVX512-VNNI) / "bf16" (AVX512-BF16) scan in low precision for k + max(k, 32)
-    candidates per query and re-score them at dtype's precision, so scores stay exact
-    (docs/mining.md: measured top-10 agreement with "f32"); without those instructions the
-    scan is exact."""
+    (i8) / k + max(k, 16) (bf16) candidates per query and re-score them at dtype's
+    precision, so scores stay exact (docs/mining.md: measured top-10 agreement with "f32");
+    without those instructions the scan is exact."""
 
 def simd_level() -> str:
     """The instruction set the kernels use on this CPU: "avx512", "avx2", "neon" or "scalar"."""

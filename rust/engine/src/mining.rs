@@ -27,7 +27,7 @@ use rayon::prelude::*;
 ///
 /// `precision` is the precision of the scan that picks candidates: "f32" scores every row
 /// exactly; "i8" (AVX512-VNNI) and "bf16" (AVX512-BF16) scan in low precision for the top
-/// `search::scan_candidates(k)` rows per query and re-score those at `dtype`'s precision, so
+/// `search::scan_candidates` rows per query and re-score those at `dtype`'s precision, so
 /// the scores returned are exact and the rows are the exact top k unless more than the
 /// margin of rows overtook a true top-k row in the scan (docs/mining.md gives the measured
 /// agreement). The "i8" scan of a float corpus quantizes a copy of it (n x dim bytes). On a

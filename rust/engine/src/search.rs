@@ -92,8 +92,14 @@ impl ScanPrecision {
 /// Candidates a low-precision scan keeps per query for the exact re-score: `k + margin(k)`.
 /// The margin absorbs the scan's rounding: a true top-k row is lost only if more than
 /// `margin` rows overtake it in the scan (see docs/mining.md for the measured agreement).
-pub fn scan_candidates(k: usize) -> usize {
-    k + k.max(32)
+pub fn scan_candidates(k: usize, scan: Scan<'_>) -> usize {
+    match scan {
+        Scan::Exact => k,
+        // bf16 keeps 8 significant bits (~1e-4 of a unit-vector score over dim 512): a
+        // smaller margin suffices than for i8 (~1e-3).
+        Scan::Bf16 => k + k.max(16),
+        Scan::I8 { .. } => k + k.max(32),
+    }
 }
 
 impl Scan<'_> {
@@ -477,7 +483,7 @@ where
     };
     let exact = scan.is_exact();
     // A low-precision scan keeps row indices (re-scored below); an exact one the final ids.
-    let kept = if exact { k } else { scan_candidates(k) };
+    let kept = scan_candidates(k, scan);
     let by_row = |row: usize| row as u64;
     let mut heaps: Vec<TopK> = (0..nq).map(|_| TopK::new(kept)).collect();
     let product = match scan {
