@@ -90,12 +90,26 @@ def build_starter(int8: bool = False) -> Path:
     return _build_into_cache("starter", lambda tmp: _build(tmp, int8=int8))
 
 
+# The starter's recipe (leanclip.starter.STARTER_RECIPE, recorded in its manifest as
+# extra.starter.recipe). A cached starter built by an older recipe is rebuilt on next use, so
+# users get the better model without doing anything (its new model id re-encodes galleries once).
+STARTER_RECIPE = 2
+
+
+def _starter_is_outdated(path: Path) -> bool:
+    try:
+        extra = json.loads((path / MANIFEST_NAME).read_text(encoding="utf-8")).get("extra") or {}
+        return int((extra.get("starter") or {}).get("recipe", 1)) < STARTER_RECIPE
+    except (OSError, ValueError, TypeError, AttributeError):
+        return False  # unreadable here: read_manifest reports it properly when the model loads
+
+
 def resolve(model: Optional[PathLike] = None, *, build: bool = True) -> Path:
     """The bundle directory for a registered name, a path, or None (the default model)."""
     spec = os.fspath(model) if model is not None else default_model()
     if spec in REGISTRY:
         path = model_path(spec)
-        if is_bundle(path):
+        if is_bundle(path) and not (spec == "starter" and build and _starter_is_outdated(path)):
             return path
         if spec == "starter" and build:
             return build_starter()
