@@ -45,7 +45,9 @@ def run_one(name: str, timeout: Optional[float]) -> int:
     print(f"=== bench_{name} ===", flush=True)
     started = time.perf_counter()
     try:
-        rc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=bench_env(), timeout=timeout).returncode
+        rc = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env=bench_env(), timeout=timeout
+        ).returncode
     except subprocess.TimeoutExpired:
         print(f"=== bench_{name}: timed out after {timeout:.0f} s ===", flush=True)
         return 124
@@ -64,7 +66,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.list:
         print("\n".join(found))
         return 0
-    names: List[str] = [n[len("bench_") :] if n.startswith("bench_") else n for n in args.names] or list(found)
+    names: List[str] = [n[len("bench_") :] if n.startswith("bench_") else n for n in args.names] or list(
+        found
+    )
     unknown = [n for n in names if n not in found]
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(found)}")

@@ -54,8 +54,19 @@ def _cpuinfo() -> Dict[str, str]:
 
 def cpu_flags() -> str:
     flags = set(_cpuinfo().get("flags", "").split())
-    wanted = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
-              "avx512_fp16", "amx_int8", "amx_bf16"]
+    wanted = [
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512bw",
+        "avx512_vnni",
+        "avx_vnni",
+        "avx512_bf16",
+        "avx512_fp16",
+        "amx_int8",
+        "amx_bf16",
+    ]
     return ",".join(f for f in wanted if f in flags)
 
 
@@ -63,13 +74,22 @@ def cpu_flags() -> str:
 # kept per (results/cpu/<family>/); anything else is named by its vendor, family and model.
 _FAMILIES = {
     ("AuthenticAMD", 23): [(0x00, 0x2F, "amd-zen1"), (0x30, 0xFF, "amd-zen2")],
-    ("AuthenticAMD", 25): [(0x00, 0x0F, "amd-zen3"), (0x10, 0x1F, "amd-zen4"), (0x20, 0x5F, "amd-zen3"),
-                           (0x60, 0xAF, "amd-zen4")],
+    ("AuthenticAMD", 25): [
+        (0x00, 0x0F, "amd-zen3"),
+        (0x10, 0x1F, "amd-zen4"),
+        (0x20, 0x5F, "amd-zen3"),
+        (0x60, 0xAF, "amd-zen4"),
+    ],
     ("AuthenticAMD", 26): [(0x00, 0xFF, "amd-zen5")],
-    ("GenuineIntel", 6): [(0x55, 0x55, "intel-skylake-sp"), (0x6A, 0x6C, "intel-icelake-sp"),
-                          (0x8F, 0x8F, "intel-sapphire-rapids"), (0xCF, 0xCF, "intel-emerald-rapids"),
-                          (0xAD, 0xAE, "intel-granite-rapids"), (0x97, 0x9A, "intel-alder-lake"),
-                          (0xB7, 0xBF, "intel-raptor-lake")],
+    ("GenuineIntel", 6): [
+        (0x55, 0x55, "intel-skylake-sp"),
+        (0x6A, 0x6C, "intel-icelake-sp"),
+        (0x8F, 0x8F, "intel-sapphire-rapids"),
+        (0xCF, 0xCF, "intel-emerald-rapids"),
+        (0xAD, 0xAE, "intel-granite-rapids"),
+        (0x97, 0x9A, "intel-alder-lake"),
+        (0xB7, 0xBF, "intel-raptor-lake"),
+    ],
 }
 
 

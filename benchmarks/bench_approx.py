@@ -138,7 +138,9 @@ def run_size(kind: str, n: int, rows: List[list], notes: List[str], build_direct
         ov = per_ef["same"][ef][0] / per_ef["ours"][ef][0] - 1.0
         notes.append(f"{kind} N={n:,} ef={ef}: search overhead vs usearch on the same graph {ov:+.1%}")
     if direct is not None:
-        notes.append(f"{kind} N={n:,}: build time ours / usearch {t_ours / t_direct:.3f} ({t_ours / t_direct - 1:+.1%})")
+        notes.append(
+            f"{kind} N={n:,}: build time ours / usearch {t_ours / t_direct:.3f} ({t_ours / t_direct - 1:+.1%})"
+        )
     print("\n".join(notes[-3:]), flush=True)
 
 
@@ -171,8 +173,10 @@ def main() -> None:
     text += "\n" + H.markdown_table(head, rows) + "\n\n" + "\n".join(f"- {x}" for x in notes)
     load = os.getloadavg()
     text += f"\n\nLoad average at the end (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} cores (other jobs share this machine).\n"
-    text += (f"\nSizes run: {', '.join(f'{n:,}' for n in sizes)}; data sets: {', '.join(kinds)} "
-             f"(LEANCLIP_BENCH_APPROX_KINDS); total {time.perf_counter() - started:.0f} s.\n")
+    text += (
+        f"\nSizes run: {', '.join(f'{n:,}' for n in sizes)}; data sets: {', '.join(kinds)} "
+        f"(LEANCLIP_BENCH_APPROX_KINDS); total {time.perf_counter() - started:.0f} s.\n"
+    )
     if 1_000_000 not in sizes:
         text += "\nN=1,000,000 is opt-in (a build takes 10-20 minutes per library here): see results/approx-1m.md.\n"
     H.write_result("approx" if sizes == [100_000] else "approx-" + "-".join(_short(n) for n in sizes), text)

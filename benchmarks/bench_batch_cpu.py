@@ -32,8 +32,14 @@ GROUP = 5
 ROOT = Path(__file__).resolve().parent.parent
 
 SEARCH = ["leanclip f32", "leanclip f16", "leanclip i8", "faiss IndexFlatIP", "numpy"]
-MINING = ["leanclip f32", "leanclip f32, i8 scan", "leanclip f32, bf16 scan", "faiss IndexFlatIP (k+5)",
-          "numpy", "sgemm bound"]
+MINING = [
+    "leanclip f32",
+    "leanclip f32, i8 scan",
+    "leanclip f32, bf16 scan",
+    "faiss IndexFlatIP (k+5)",
+    "numpy",
+    "sgemm bound",
+]
 
 
 def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -82,7 +88,8 @@ def worker(kind: str, name: str, n: int, q: int, out: str) -> None:
 
             precision = "i8" if "i8" in name else "bf16" if "bf16" in name else "f32"
             call = lambda: leanclip.mine_hard_negatives(  # noqa: E731
-                x, x, K, groups, groups, metric="ip", precision=precision)[0]
+                x, x, K, groups, groups, metric="ip", precision=precision
+            )[0]
         elif name.startswith("faiss"):
             import faiss
 
@@ -96,10 +103,12 @@ def worker(kind: str, name: str, n: int, q: int, out: str) -> None:
         elif name == "numpy":
             call = lambda: _numpy_topk(x, x, (groups, groups))  # noqa: E731
         else:  # the sgemm bound: the products alone, in the same 1,024-row blocks
+
             def call():
                 for s in range(0, n, 1024):
                     x[s : s + 1024] @ x.T
                 return np.zeros((n, K), dtype=np.int64)
+
     t0 = time.process_time()
     rows = call()
     cpu = time.process_time() - t0
@@ -146,14 +155,25 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     fa = best[("search", "faiss IndexFlatIP")]
     for name in SEARCH:
         t = best[("search", name)]
-        lines.append([f"search {n:,} x {DIM}, Q={q}", name, t, s32 / t, fa / t,
-                      _agreement(rows_of[("search", name)], rows_of[("search", "numpy")])])
+        lines.append(
+            [
+                f"search {n:,} x {DIM}, Q={q}",
+                name,
+                t,
+                s32 / t,
+                fa / t,
+                _agreement(rows_of[("search", name)], rows_of[("search", "numpy")]),
+            ]
+        )
     m32 = best[("mining", "leanclip f32")]
     mfa = best[("mining", "faiss IndexFlatIP (k+5)")]
     for name in MINING:
         t = best[("mining", name)]
-        agree = float("nan") if name == "sgemm bound" else _agreement(
-            rows_of[("mining", name)], rows_of[("mining", "leanclip f32")])
+        agree = (
+            float("nan")
+            if name == "sgemm bound"
+            else _agreement(rows_of[("mining", name)], rows_of[("mining", "leanclip f32")])
+        )
         lines.append([f"mining {m:,} x {m:,}", name, t, m32 / t, mfa / t, agree])
     bound = best[("mining", "sgemm bound")]
     notes = [
@@ -175,7 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         ),
     )
     text += "\n" + H.markdown_table(
-        ["workload", "library", "CPU s", "speed vs leanclip f32", "speed vs faiss", "agree"], lines)
+        ["workload", "library", "CPU s", "speed vs leanclip f32", "speed vs faiss", "agree"], lines
+    )
     text += "\n\n" + "\n".join(f"- {x}" for x in notes)
     load = os.getloadavg()
     text += f"\n\nLoad average at the end (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}.\n"

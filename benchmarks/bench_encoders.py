@@ -79,14 +79,16 @@ def log(msg: str) -> None:
 
 def build_models(quick: bool) -> Dict[str, Any]:
     import torch
+
     from training import models as M
 
     torch.manual_seed(0)
     teacher = M.build_teacher("ViT-B-32", pretrained=None, tiny=quick).eval()
     out = {"teacher": teacher}
     for name, backbone, layers in MODELS[1:]:
-        out[name] = M.build_student(str(backbone), text_layers=layers if not quick else min(layers, 4),
-                                    teacher=teacher, tiny=quick).eval()
+        out[name] = M.build_student(
+            str(backbone), text_layers=layers if not quick else min(layers, 4), teacher=teacher, tiny=quick
+        ).eval()
     return out
 
 
@@ -94,17 +96,26 @@ def export_all(work: Path, quick: bool) -> Tuple[Dict[str, float], Dict[str, flo
     """Export every model (fp32 + int8) unless already in ``work``; returns eager-torch image
     throughput at batch 32 and export seconds per model."""
     import torch
+
     from leanclip.export import export_model
     from leanclip.quantize import quantize_bundle
 
     eager: Dict[str, float] = {}
     export_s: Dict[str, float] = {}
     for name, _, _ in MODELS:  # an fp32 bundle without its int8 twin: quantize it (no torch export)
-        if (work / name / "leanclip.json").is_file() and not (work / f"{name}-int8" / "leanclip.json").is_file():
+        if (work / name / "leanclip.json").is_file() and not (
+            work / f"{name}-int8" / "leanclip.json"
+        ).is_file():
             t0 = time.perf_counter()
             quantize_bundle(work / name, work / f"{name}-int8")
             log(f"quantized {name} in {time.perf_counter() - t0:.0f} s")
-    todo = [m for m in MODELS if not ((work / m[0] / "leanclip.json").is_file() and (work / f"{m[0]}-int8" / "leanclip.json").is_file())]
+    todo = [
+        m
+        for m in MODELS
+        if not (
+            (work / m[0] / "leanclip.json").is_file() and (work / f"{m[0]}-int8" / "leanclip.json").is_file()
+        )
+    ]
     eager_file = work / "eager_torch.json"
     if not todo and eager_file.is_file():
         log("all bundles present in --work: reusing them")
@@ -113,7 +124,10 @@ def export_all(work: Path, quick: bool) -> Tuple[Dict[str, float], Dict[str, flo
     models = build_models(quick)
     for name, backbone, _ in MODELS:
         model = models[name]
-        if backbone in (None, "vit_small_patch16_224", "vit_small_patch32_224") and (backbone or "teacher") not in eager:
+        if (
+            backbone in (None, "vit_small_patch16_224", "vit_small_patch32_224")
+            and (backbone or "teacher") not in eager
+        ):
             size = model.image_size
             px = torch.randn(32, 3, size, size)
             with torch.no_grad():
@@ -175,8 +189,14 @@ print(json.dumps(out))
 def time_tower(bundle: Path, which: str, rnd: int) -> Dict[str, float]:
     """Seconds per call at batch 1 and 32 of one tower (image.onnx on preprocessed pixels, or
     Encoder.encode_text on real captions), in a fresh process with the Encoder's defaults."""
-    code = TOWER.format(python=str(ROOT / "python"), bundle=str(bundle), threads=THREADS,
-                        captions=CAPTIONS, rnd=rnd, which=which)
+    code = TOWER.format(
+        python=str(ROOT / "python"),
+        bundle=str(bundle),
+        threads=THREADS,
+        captions=CAPTIONS,
+        rnd=rnd,
+        which=which,
+    )
     return run_script(code, f"timing {which} of {bundle}")
 
 
@@ -267,12 +287,16 @@ def photo_crops(n: int, size: int = 256) -> List[Any]:
         w, h = ph.size
         s = rng.uniform(0.35, 1.0) * min(w, h)
         x, y = rng.uniform(0, w - s), rng.uniform(0, h - s)
-        crop = ph.crop((int(x), int(y), int(x + s), int(y + s))).resize((size, size), Image.Resampling.BICUBIC)
+        crop = ph.crop((int(x), int(y), int(x + s), int(y + s))).resize(
+            (size, size), Image.Resampling.BICUBIC
+        )
         out.append(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop)
     return out
 
 
-def topk_agreement(img32: np.ndarray, img8: np.ndarray, q32: np.ndarray, q8: np.ndarray, k: int = 10) -> float:
+def topk_agreement(
+    img32: np.ndarray, img8: np.ndarray, q32: np.ndarray, q8: np.ndarray, k: int = 10
+) -> float:
     a = np.argsort(-(q32 @ img32.T), axis=1)[:, :k]
     b = np.argsort(-(q8 @ img8.T), axis=1)[:, :k]
     return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)]))
@@ -298,10 +322,24 @@ def quant_variants(work: Path, reps: int) -> List[List[Any]]:
     ref = ref_s.run(None, {"pixel_values": px8})[0]
     t_ref = H.timeit(lambda: ref_s.run(None, {"pixel_values": px1}), repeat=reps, warmup=1)
     variants = [
-        ("QInt8 weights, per-channel, MatMul/Gemm (shipped)", dict(weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul", "Gemm"])),
-        ("QInt8 weights, per-tensor", dict(weight_type=QuantType.QInt8, per_channel=False, op_types_to_quantize=["MatMul", "Gemm"])),
-        ("QUInt8 weights, per-tensor", dict(weight_type=QuantType.QUInt8, per_channel=False, op_types_to_quantize=["MatMul", "Gemm"])),
-        ("QInt8 per-channel, + Conv (ConvInteger)", dict(weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul", "Gemm", "Conv"])),
+        (
+            "QInt8 weights, per-channel, MatMul/Gemm (shipped)",
+            dict(weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul", "Gemm"]),
+        ),
+        (
+            "QInt8 weights, per-tensor",
+            dict(weight_type=QuantType.QInt8, per_channel=False, op_types_to_quantize=["MatMul", "Gemm"]),
+        ),
+        (
+            "QUInt8 weights, per-tensor",
+            dict(weight_type=QuantType.QUInt8, per_channel=False, op_types_to_quantize=["MatMul", "Gemm"]),
+        ),
+        (
+            "QInt8 per-channel, + Conv (ConvInteger)",
+            dict(
+                weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul", "Gemm", "Conv"]
+            ),
+        ),
     ]
     import logging
 
@@ -312,7 +350,9 @@ def quant_variants(work: Path, reps: int) -> List[List[Any]]:
             quantize_dynamic(str(src), str(dst), **kw)
             s = ort.InferenceSession(str(dst), so, providers=["CPUExecutionProvider"])
             got = s.run(None, {"pixel_values": px8})[0]
-            cos = float((np.sum(got * ref, 1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)).min())
+            cos = float(
+                (np.sum(got * ref, 1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)).min()
+            )
             t = H.timeit(lambda: s.run(None, {"pixel_values": px1}), repeat=reps, warmup=1)
             rows.append([label, mb(dst), t_ref / t, f"{cos:.5f}"])
         except Exception as exc:  # a variant onnxruntime cannot build or run is reported as such
@@ -328,8 +368,11 @@ def quant_variants(work: Path, reps: int) -> List[List[Any]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "leanclip-bench-encoders"),
-                    help="where bundles are exported (and reused on a rerun)")
+    ap.add_argument(
+        "--work",
+        default=str(Path(tempfile.gettempdir()) / "leanclip-bench-encoders"),
+        help="where bundles are exported (and reused on a rerun)",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny models: a smoke test of this script")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--images", type=int, default=200, help="photos in the agreement index")
@@ -359,8 +402,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for prec in ("fp32", "int8"):
             bdir = work / (name if prec == "fp32" else f"{name}-int8")
             enc = Encoder(bdir, threads=THREADS)
-            sizes[(name, prec)] = {"image": mb(bdir / "image.onnx"), "text": mb(bdir / "text.onnx"),
-                                   "bundle": sum(mb(bdir / f) for f in enc.manifest.files)}
+            sizes[(name, prec)] = {
+                "image": mb(bdir / "image.onnx"),
+                "text": mb(bdir / "text.onnx"),
+                "bundle": sum(mb(bdir / f) for f in enc.manifest.files),
+            }
             towers.setdefault(("image", (image_tower[name], prec)), bdir)
             towers.setdefault(("text", (text_tower[name], prec)), bdir)
     samples: Dict[Tuple[str, Tuple[str, str]], Dict[str, List[float]]] = {}
@@ -385,7 +431,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log("agreement")
     photos = photo_crops(args.images)
     queries = CAPTIONS * 3
-    queries = [q if i < len(CAPTIONS) else f"{q} {['in the morning', 'seen from above'][i // len(CAPTIONS) - 1]}" for i, q in enumerate(queries)]
+    queries = [
+        q if i < len(CAPTIONS) else f"{q} {['in the morning', 'seen from above'][i // len(CAPTIONS) - 1]}"
+        for i, q in enumerate(queries)
+    ]
     img_emb: Dict[Tuple[str, str], np.ndarray] = {}
     agreement: Dict[str, float] = {}
     for name, _, _ in MODELS:
@@ -410,29 +459,66 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for prec in ("fp32", "int8"):
             i, t = img_rows[(image_tower[name], prec)], txt_rows[(text_tower[name], prec)]
             s, p = sizes[(name, prec)], probes[(name, prec)]
-            rows.append([
-                f"{name} {prec}", s["image"], s["text"], f"{s['bundle']:.0f} ({s['bundle'] / sizes[T]['bundle']:.0%})",
-                f"{i['b1']:.1f} ({i['b1'] / ti['b1']:.2f}x)", f"{i['b32']:.1f} ({i['b32'] / ti['b32']:.2f}x)",
-                f"{t['b1']:.0f} ({t['b1'] / tt['b1']:.2f}x)", f"{t['b32']:.0f} ({t['b32'] / tt['b32']:.2f}x)",
-                p["load_s"], p["peak_rss_mb"], p["first_query_s"] * 1000, p["warm_query_s"] * 1000,
-                "–" if prec == "fp32" else f"{agreement[name]:.2f}",
-            ])
+            rows.append(
+                [
+                    f"{name} {prec}",
+                    s["image"],
+                    s["text"],
+                    f"{s['bundle']:.0f} ({s['bundle'] / sizes[T]['bundle']:.0%})",
+                    f"{i['b1']:.1f} ({i['b1'] / ti['b1']:.2f}x)",
+                    f"{i['b32']:.1f} ({i['b32'] / ti['b32']:.2f}x)",
+                    f"{t['b1']:.0f} ({t['b1'] / tt['b1']:.2f}x)",
+                    f"{t['b32']:.0f} ({t['b32'] / tt['b32']:.2f}x)",
+                    p["load_s"],
+                    p["peak_rss_mb"],
+                    p["first_query_s"] * 1000,
+                    p["warm_query_s"] * 1000,
+                    "–" if prec == "fp32" else f"{agreement[name]:.2f}",
+                ]
+            )
     table = H.markdown_table(
-        ["model", "image.onnx MB", "text.onnx MB", "bundle MB (vs teacher)", "QPS_v b1", "QPS_v b32",
-         "QPS_t b1", "QPS_t b32", "load s", "peak RSS MB", "1st query ms", "warm query ms", "int8 top-10 agreement"],
-        rows)
+        [
+            "model",
+            "image.onnx MB",
+            "text.onnx MB",
+            "bundle MB (vs teacher)",
+            "QPS_v b1",
+            "QPS_v b32",
+            "QPS_t b1",
+            "QPS_t b32",
+            "load s",
+            "peak RSS MB",
+            "1st query ms",
+            "warm query ms",
+            "int8 top-10 agreement",
+        ],
+        rows,
+    )
     eager_rows = []
-    for ekey, label in (("teacher", "teacher ViT-B/32"), ("vit_small_patch16_224", "ViT-S/16"), ("vit_small_patch32_224", "ViT-S/32")):
+    for ekey, label in (
+        ("teacher", "teacher ViT-B/32"),
+        ("vit_small_patch16_224", "ViT-S/16"),
+        ("vit_small_patch32_224", "ViT-S/32"),
+    ):
         tower = {"teacher": "teacher", "vit_small_patch16_224": "s16", "vit_small_patch32_224": "s32"}[ekey]
         if ekey in eager:
-            eager_rows.append([label, f"{eager[ekey]:.1f} ({eager[ekey] / eager['teacher']:.2f}x)",
-                               f"{img_rows[(tower, 'fp32')]['b32']:.1f} ({img_rows[(tower, 'fp32')]['b32'] / ti['b32']:.2f}x)",
-                               f"{img_rows[(tower, 'int8')]['b32']:.1f} ({img_rows[(tower, 'int8')]['b32'] / ti['b32']:.2f}x)"])
-    eager_table = H.markdown_table(["image tower", "eager torch b32 img/s", "ONNX fp32 b32", "ONNX int8 b32"], eager_rows)
+            eager_rows.append(
+                [
+                    label,
+                    f"{eager[ekey]:.1f} ({eager[ekey] / eager['teacher']:.2f}x)",
+                    f"{img_rows[(tower, 'fp32')]['b32']:.1f} ({img_rows[(tower, 'fp32')]['b32'] / ti['b32']:.2f}x)",
+                    f"{img_rows[(tower, 'int8')]['b32']:.1f} ({img_rows[(tower, 'int8')]['b32'] / ti['b32']:.2f}x)",
+                ]
+            )
+    eager_table = H.markdown_table(
+        ["image tower", "eager torch b32 img/s", "ONNX fp32 b32", "ONNX int8 b32"], eager_rows
+    )
     if not export_s:
-        eager_table += ("\n\nThe eager-torch column was measured when the bundles were exported (an earlier run, "
-                        f"{time.ctime((work / 'eager_torch.json').stat().st_mtime)}), not in this run: compare its "
-                        "ratios, not its figures, with the ONNX columns.")
+        eager_table += (
+            "\n\nThe eager-torch column was measured when the bundles were exported (an earlier run, "
+            f"{time.ctime((work / 'eager_torch.json').stat().st_mtime)}), not in this run: compare its "
+            "ratios, not its figures, with the ONNX columns."
+        )
 
     def ratio(a: float, b: float) -> float:
         return a / b
@@ -443,21 +529,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def target(label: str, value: float, goal: str, ok: bool) -> None:
         checks.append([label, f"{value:.2f}", goal, "met" if ok else "NOT met"])
 
-    r = ratio(img_rows[s32]["b1"], ti["b1"]); target("CPU-fast student (S/32) image QPS vs teacher, b1", r, ">= 2x", r >= 2)
-    r = ratio(img_rows[s32]["b32"], ti["b32"]); target("CPU-fast student (S/32) image QPS vs teacher, b32", r, ">= 2x", r >= 2)
+    r = ratio(img_rows[s32]["b1"], ti["b1"])
+    target("CPU-fast student (S/32) image QPS vs teacher, b1", r, ">= 2x", r >= 2)
+    r = ratio(img_rows[s32]["b32"], ti["b32"])
+    target("CPU-fast student (S/32) image QPS vs teacher, b32", r, ">= 2x", r >= 2)
     for b in ("b1", "b32"):
-        r = ratio(txt_rows[("4L", "fp32")][b], tt[b]); target(f"S4 text QPS vs teacher, {b}", r, ">= 2.7x", r >= 2.7)
+        r = ratio(txt_rows[("4L", "fp32")][b], tt[b])
+        target(f"S4 text QPS vs teacher, {b}", r, ">= 2.7x", r >= 2.7)
     r = sizes[("s32-s4", "fp32")]["image"] + sizes[("s32-s4", "fp32")]["text"]
     r /= sizes[T]["image"] + sizes[T]["text"]
     target("fp32 student (S/32+S4) ONNX size / teacher", r, "<= 0.45", r <= 0.45)
-    r = ratio(sizes[("s16-s6", "fp32")]["image"] + sizes[("s16-s6", "fp32")]["text"], sizes[T]["image"] + sizes[T]["text"])
+    r = ratio(
+        sizes[("s16-s6", "fp32")]["image"] + sizes[("s16-s6", "fp32")]["text"],
+        sizes[T]["image"] + sizes[T]["text"],
+    )
     target("fp32 paper student (S/16+S6) ONNX size / teacher", r, "<= 0.45", r <= 0.45)
     for name in ("teacher", "s32-s4"):
         it, tx = image_tower[name], text_tower[name]
         for b in ("b1", "b32"):
-            r = img_rows[(it, "int8")][b] / img_rows[(it, "fp32")][b]; target(f"int8/fp32 image speed, {name} {b}", r, ">= 1.5x", r >= 1.5)
-            r = txt_rows[(tx, "int8")][b] / txt_rows[(tx, "fp32")][b]; target(f"int8/fp32 text speed, {name} {b}", r, ">= 1.5x", r >= 1.5)
-        r = (sizes[(name, "int8")]["image"] + sizes[(name, "int8")]["text"]) / (sizes[(name, "fp32")]["image"] + sizes[(name, "fp32")]["text"])
+            r = img_rows[(it, "int8")][b] / img_rows[(it, "fp32")][b]
+            target(f"int8/fp32 image speed, {name} {b}", r, ">= 1.5x", r >= 1.5)
+            r = txt_rows[(tx, "int8")][b] / txt_rows[(tx, "fp32")][b]
+            target(f"int8/fp32 text speed, {name} {b}", r, ">= 1.5x", r >= 1.5)
+        r = (sizes[(name, "int8")]["image"] + sizes[(name, "int8")]["text"]) / (
+            sizes[(name, "fp32")]["image"] + sizes[(name, "fp32")]["text"]
+        )
         target(f"int8/fp32 ONNX size, {name}", r, "<= 0.30", r <= 0.30)
     for name, _, _ in MODELS:
         target(f"int8 top-10 agreement with fp32, {name}", agreement[name], ">= 0.9", agreement[name] >= 0.9)
@@ -484,16 +580,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "drop with the load, ratios measured in one run hold better)."
         + (" QUICK MODE: tiny models, numbers meaningless." if args.quick else "")
     )
-    text = H.header("Encoder efficiency (paper Table 3) on this CPU", ["onnxruntime", "torch", "open_clip_torch", "timm"], note)
+    text = H.header(
+        "Encoder efficiency (paper Table 3) on this CPU",
+        ["onnxruntime", "torch", "open_clip_torch", "timm"],
+        note,
+    )
     text += "\n" + table + "\n\n## Targets (issue 8)\n\n" + target_table + "\n"
     text += "\n## Eager torch vs ONNX, image towers at batch 32\n\n" + eager_table + "\n"
-    text += ("\nThe paper's ViT-S/16 has 196 tokens to ViT-B/32's 49, so its FLOPs match the teacher's: "
-             "on a CPU it is not faster than the teacher at batch 32, in eager torch or in ONNX.\n")
+    text += (
+        "\nThe paper's ViT-S/16 has 196 tokens to ViT-B/32's 49, so its FLOPs match the teacher's: "
+        "on a CPU it is not faster than the teacher at batch 32, in eager torch or in ONNX.\n"
+    )
     if variants:
-        text += ("\n## Dynamic int8 variants (teacher image tower, batch 1, speed-up over fp32, min cosine to fp32)\n\n"
-                 + H.markdown_table(["variant", "MB", "speed-up b1", "min cos"], variants) + "\n")
+        text += (
+            "\n## Dynamic int8 variants (teacher image tower, batch 1, speed-up over fp32, min cosine to fp32)\n\n"
+            + H.markdown_table(["variant", "MB", "speed-up b1", "min cos"], variants)
+            + "\n"
+        )
     if export_s:
-        text += "\nExport (fp32 + int8, with self-checks) took " + ", ".join(f"{k} {v:.0f} s" for k, v in export_s.items()) + ".\n"
+        text += (
+            "\nExport (fp32 + int8, with self-checks) took "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in export_s.items())
+            + ".\n"
+        )
     if args.no_write:
         print(text)
     else:

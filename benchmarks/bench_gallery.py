@@ -58,7 +58,9 @@ def pick_encoder(tmp: Path) -> Tuple[Any, str]:
     from tests._fixtures_bundle import make_tiny_bundle
 
     path = make_tiny_bundle(tmp / "tiny-bundle")
-    return Encoder(path), "tiny random CLIP bundle (tests/_fixtures_bundle.py; the starter bundle was not built)"
+    return Encoder(
+        path
+    ), "tiny random CLIP bundle (tests/_fixtures_bundle.py; the starter bundle was not built)"
 
 
 def synthetic_store(root: Path, n: int, dim: int, model_id: str, dtype: str, seed: int = 1) -> None:
@@ -87,18 +89,48 @@ def synthetic_store(root: Path, n: int, dim: int, model_id: str, dtype: str, see
         index.add(keys, v)
         conn.executemany(
             "INSERT INTO files (path, size, mtime_ns, sha256, key, status) VALUES (?, 1, 1, ?, ?, 'ok')",
-            ((f"synthetic/{int(k) // 1000:04d}/{int(k):07d}.jpg".encode(), f"{int(k):064x}", int(k)) for k in keys),
+            (
+                (f"synthetic/{int(k) // 1000:04d}/{int(k):07d}.jpg".encode(), f"{int(k):064x}", int(k))
+                for k in keys
+            ),
         )
     index.save(str(store / "index-1.lci"))
-    meta = {"schema_version": str(SCHEMA_VERSION), "generation": "1", "next_key": str(n + 1),
-            "model_id": model_id, "dim": str(dim), "dtype": dtype, "model_source": ""}
+    meta = {
+        "schema_version": str(SCHEMA_VERSION),
+        "generation": "1",
+        "next_key": str(n + 1),
+        "model_id": model_id,
+        "dim": str(dim),
+        "dtype": dtype,
+        "model_source": "",
+    }
     conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta.items())
     conn.execute("COMMIT")
     conn.close()
 
 
-QUERY_WORDS = ["dog", "cat", "beach", "mountain", "city", "night", "sunset", "car", "flower", "child",
-               "snow", "forest", "boat", "bridge", "food", "party", "bird", "river", "street", "portrait"]
+QUERY_WORDS = [
+    "dog",
+    "cat",
+    "beach",
+    "mountain",
+    "city",
+    "night",
+    "sunset",
+    "car",
+    "flower",
+    "child",
+    "snow",
+    "forest",
+    "boat",
+    "bridge",
+    "food",
+    "party",
+    "bird",
+    "river",
+    "street",
+    "portrait",
+]
 
 
 def query_latency(root: Path, enc: Any, n_queries: int) -> Tuple[float, float, float, float, float]:
@@ -111,8 +143,10 @@ def query_latency(root: Path, enc: Any, n_queries: int) -> Tuple[float, float, f
     g._snapshot()  # open the index (mmap) once, as a long-running server would
     t_open = time.perf_counter() - t0
     rng = np.random.default_rng(7)
-    queries = [f"a photo of a {QUERY_WORDS[i % 20]} and a {QUERY_WORDS[int(rng.integers(20))]} {i}"
-               for i in range(n_queries)]
+    queries = [
+        f"a photo of a {QUERY_WORDS[i % 20]} and a {QUERY_WORDS[int(rng.integers(20))]} {i}"
+        for i in range(n_queries)
+    ]
     for q in queries[:5]:
         g.search(q, k=10)
     full, only = [], []
@@ -147,11 +181,15 @@ def starter_load_time() -> str:
     )
     runs = []
     for _ in range(3):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.split()
         runs.append([float(x) for x in out])
     med = [statistics.median(r[i] for r in runs) for i in range(3)]
-    return (f"starter bundle, fresh process, median of 3: open {med[0]:.2f} s; ready for a text query "
-            f"{med[1]:.2f} s (import + open + first text query); + image tower {med[2]:.2f} s")
+    return (
+        f"starter bundle, fresh process, median of 3: open {med[0]:.2f} s; ready for a text query "
+        f"{med[1]:.2f} s (import + open + first text query); + image tower {med[2]:.2f} s"
+    )
 
 
 def _rss_of(pid: int) -> float:
@@ -172,8 +210,20 @@ def load_test(enc: Any, tmp: Path, n: int = 100_000, clients: int = 64, seconds:
         f"queries (`GET /api/search?q=..&k=10`) against `leanclip serve` (separate process, loopback) over "
         f"{n:,} synthetic f32 vectors; the client runs on the same 2 cores. Same run: the server's default "
         "request batching (`--max-batch 64`) and none (`--max-batch 1`).\n\n"
-        + markdown_table(["server", "requests", "errors", "throughput req/s", "p50 ms", "p99 ms",
-                          "server RSS before MiB", "after MiB", "growth"], rows)
+        + markdown_table(
+            [
+                "server",
+                "requests",
+                "errors",
+                "throughput req/s",
+                "p50 ms",
+                "p99 ms",
+                "server RSS before MiB",
+                "after MiB",
+                "growth",
+            ],
+            rows,
+        )
         + "\n"
     )
 
@@ -192,7 +242,17 @@ def _load_run(enc: Any, tmp: Path, root: Path, clients: int, seconds: float, max
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "leanclip.cli", "serve", str(root), "--port", str(port), "--max-batch", str(max_batch)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "leanclip.cli",
+        "serve",
+        str(root),
+        "--port",
+        str(port),
+        "--max-batch",
+        str(max_batch),
+    ]
     if model_arg:
         cmd += ["--model", model_arg]
     else:  # the tiny bundle of pick_encoder
@@ -255,8 +315,17 @@ def _load_run(enc: Any, tmp: Path, root: Path, clients: int, seconds: float, max
         proc.wait(timeout=30)
     ms = np.array(lat) * 1000
     growth = (rss_after / rss_before - 1) * 100
-    return [f"--max-batch {max_batch}", len(lat), errors[0], len(lat) / wall, float(np.percentile(ms, 50)),
-            float(np.percentile(ms, 99)), rss_before, rss_after, f"{growth:+.1f}%"]
+    return [
+        f"--max-batch {max_batch}",
+        len(lat),
+        errors[0],
+        len(lat) / wall,
+        float(np.percentile(ms, 50)),
+        float(np.percentile(ms, 99)),
+        rss_before,
+        rss_after,
+        f"{growth:+.1f}%",
+    ]
 
 
 def main() -> None:
@@ -265,8 +334,11 @@ def main() -> None:
     ap.add_argument("--big", type=int, default=1_000_000)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--name", default="gallery")
-    ap.add_argument("--load-only", action="store_true",
-                    help="run only the server load test and append/replace its section in the results file")
+    ap.add_argument(
+        "--load-only",
+        action="store_true",
+        help="run only the server load test and append/replace its section in the results file",
+    )
     ap.add_argument("--load-seconds", type=float, default=30.0)
     args = ap.parse_args()
     if args.load_only:
@@ -319,15 +391,31 @@ def main() -> None:
 
         rows = [
             ["first index", args.photos, s1.encoded, t_first, args.photos / t_first, 1.0],
-            [f"re-index, {changed} changed (1%)", args.photos, s2.encoded, t_re, args.photos / t_re, t_first / t_re],
-            ["re-index, nothing changed", args.photos, s3.encoded, t_none, args.photos / t_none, t_first / t_none],
+            [
+                f"re-index, {changed} changed (1%)",
+                args.photos,
+                s2.encoded,
+                t_re,
+                args.photos / t_re,
+                t_first / t_re,
+            ],
+            [
+                "re-index, nothing changed",
+                args.photos,
+                s3.encoded,
+                t_none,
+                args.photos / t_none,
+                t_first / t_none,
+            ],
         ]
-        table1 = markdown_table(["run", "photos", "encoded", "seconds", "photos/s", "speed-up vs first"], rows)
+        table1 = markdown_table(
+            ["run", "photos", "encoded", "seconds", "photos/s", "speed-up vs first"], rows
+        )
 
         lat_rows: List[List[Any]] = []
         sizes = [10_000, args.big] if args.big > 10_000 else [10_000]
         for n in sizes:
-            for dtype in (["f32"] if n <= 10_000 else ["f32", "f16", "i8"]):
+            for dtype in ["f32"] if n <= 10_000 else ["f32", "f16", "i8"]:
                 store_root = tmp / f"synthetic-{n}-{dtype}"
                 store_root.mkdir()
                 t = time.perf_counter()
@@ -337,8 +425,18 @@ def main() -> None:
                 lat_rows.append([f"{n:,}", dtype, t_open, p50, p99, s50, s99, t_build])
                 shutil.rmtree(store_root)
         table2 = markdown_table(
-            ["stored vectors", "storage", "open s", "text query p50 ms", "text query p99 ms",
-             "vector search p50 ms", "vector search p99 ms", "(store build s)"], lat_rows)
+            [
+                "stored vectors",
+                "storage",
+                "open s",
+                "text query p50 ms",
+                "text query p99 ms",
+                "vector search p50 ms",
+                "vector search p99 ms",
+                "(store build s)",
+            ],
+            lat_rows,
+        )
 
         load = starter_load_time()
         target_ratio = t_first / t_re
@@ -355,17 +453,23 @@ def main() -> None:
             ),
         )
         text += "\n## Indexing\n\n" + table1 + "\n"
-        text += (f"\nTarget: re-index with 1% changed >= 50x faster than the first index: "
-                 f"**{target_ratio:.0f}x** ({'met' if target_ratio >= 50 else 'NOT met'}).\n")
+        text += (
+            f"\nTarget: re-index with 1% changed >= 50x faster than the first index: "
+            f"**{target_ratio:.0f}x** ({'met' if target_ratio >= 50 else 'NOT met'}).\n"
+        )
         text += "\n## Query latency\n\n" + table2 + "\n"
         if big_p99:
             best = min(big_p99)
-            text += (f"\nTarget: p99 text query under 50 ms at {args.big:,} photos (2 cores, model loaded): "
-                     f"f32 {big_p99[0]:.1f} ms, best storage {best:.1f} ms "
-                     f"({'met' if best < 50 else 'NOT met'}).\n")
-        text += (f"\n## Memory and start-up\n\n- RSS before indexing {rss0:.0f} MiB; peak RSS after indexing "
-                 f"{args.photos} photos {rss_index:.0f} MiB; peak RSS of the whole run (incl. the {args.big:,}-vector "
-                 f"stores) {peak_rss_mb():.0f} MiB\n- {load}\n")
+            text += (
+                f"\nTarget: p99 text query under 50 ms at {args.big:,} photos (2 cores, model loaded): "
+                f"f32 {big_p99[0]:.1f} ms, best storage {best:.1f} ms "
+                f"({'met' if best < 50 else 'NOT met'}).\n"
+            )
+        text += (
+            f"\n## Memory and start-up\n\n- RSS before indexing {rss0:.0f} MiB; peak RSS after indexing "
+            f"{args.photos} photos {rss_index:.0f} MiB; peak RSS of the whole run (incl. the {args.big:,}-vector "
+            f"stores) {peak_rss_mb():.0f} MiB\n- {load}\n"
+        )
         write_result(args.name, text)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

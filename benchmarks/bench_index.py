@@ -115,8 +115,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         r = recall(got, exact[:200])
         results[(name, dtype)] = (1.0 / single, len(batch) / many)
         rows.append([name, dtype, single * 1e3, 1.0 / single, len(batch) / many, r])
-        print(f"  {name} {dtype}: Q=1 {single * 1e3:.2f} ms, Q={nq} {len(batch) / many:,.0f} QPS, recall {r:.4f}",
-              flush=True)
+        print(
+            f"  {name} {dtype}: Q=1 {single * 1e3:.2f} ms, Q={nq} {len(batch) / many:,.0f} QPS, recall {r:.4f}",
+            flush=True,
+        )
 
     add_rows = []
     indexes = {}
@@ -171,7 +173,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             load = timeit(lambda: Index.load(path), repeat=3, warmup=1)
             mmap_verified = timeit(lambda: Index.load(path, mmap=True), repeat=5, warmup=1)
             mmap_lazy = timeit(lambda: Index.load(path, mmap=True, verify=False), repeat=5, warmup=1)
-            io_rows.append([f"{n:,} x {DIM} {dtype}", path.stat().st_size / 2**20, save, load, mmap_verified, mmap_lazy])
+            io_rows.append(
+                [f"{n:,} x {DIM} {dtype}", path.stat().st_size / 2**20, save, load, mmap_verified, mmap_lazy]
+            )
         indexes.clear()
         gc.collect()
         if not (args.quick or args.no_big):
@@ -189,8 +193,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             opened = Index.load(path, mmap=True, verify=False)
             first = timeit(lambda: opened.search(queries[0], k=K), repeat=5, warmup=1)
             lookup = timeit(lambda: 5 in Index.load(path, mmap=True, verify=False), repeat=3, warmup=1)
-            io_rows.append([f"{big_n:,} x {DIM} f16", path.stat().st_size / 2**20, save, float("nan"),
-                            mmap_verified, mmap_lazy])
+            io_rows.append(
+                [
+                    f"{big_n:,} x {DIM} f16",
+                    path.stat().st_size / 2**20,
+                    save,
+                    float("nan"),
+                    mmap_verified,
+                    mmap_lazy,
+                ]
+            )
             big_search_ms = first * 1e3
             big_lookup_s = lookup
         else:
@@ -225,9 +237,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     )
     text += "\nTargets (issues 3, 15): f32 >= 1.0x the fastest f32 peer at Q=1 and >= 1.1x faiss at Q=1000; "
     text += "f16 >= 1.6x and i8 >= 2.5x the fastest f32 peer at Q=1.\n"
-    text += "\n## Add throughput (vectors/s, one batch of N)\n\n" + markdown_table(["index", "vectors/s"], add_rows)
+    text += "\n## Add throughput (vectors/s, one batch of N)\n\n" + markdown_table(
+        ["index", "vectors/s"], add_rows
+    )
     text += "\n\n## Save and load (seconds, median)\n\n" + markdown_table(
-        ["index", "file MiB", "save (atomic)", "load (read)", "mmap load, verify=True", "mmap load, verify=False"],
+        [
+            "index",
+            "file MiB",
+            "save (atomic)",
+            "load (read)",
+            "mmap load, verify=True",
+            "mmap load, verify=False",
+        ],
         io_rows,
     )
     text += (

@@ -147,7 +147,9 @@ class LeanIVF(Peer):
     def build(self, base):
         from leanclip import IVFIndex
 
-        self.index = IVFIndex(base.shape[1], "ip", self.dtype, nlist=self.nlist, rerank=self.rerank, train_threshold=0)
+        self.index = IVFIndex(
+            base.shape[1], "ip", self.dtype, nlist=self.nlist, rerank=self.rerank, train_threshold=0
+        )
         self.index.train(base)
         self.index.add(np.arange(len(base), dtype=np.uint64), base)
 
@@ -200,7 +202,9 @@ class USearch(Peer):
     def build(self, base):
         from usearch.index import Index
 
-        self.index = Index(ndim=base.shape[1], metric="ip", dtype="f32", connectivity=M, expansion_add=EF_CONSTRUCTION)
+        self.index = Index(
+            ndim=base.shape[1], metric="ip", dtype="f32", connectivity=M, expansion_add=EF_CONSTRUCTION
+        )
         self.index.add(np.arange(len(base)), base, threads=THREADS)
 
     def add(self, more, start):
@@ -346,14 +350,26 @@ def run_peer(spec: str, data_path: Path, add_fraction: float) -> Optional[Dict]:
     root = Path(__file__).resolve().parent.parent
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))
     env.setdefault("RAYON_NUM_THREADS", str(THREADS))
-    cmd = [sys.executable, "-m", "benchmarks.bench_ivf", "--worker", spec, "--data-path", str(data_path), "--add-fraction", str(add_fraction)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_ivf",
+        "--worker",
+        spec,
+        "--data-path",
+        str(data_path),
+        "--add-fraction",
+        str(add_fraction),
+    ]
     print(f"  {spec} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
         return None
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"  {spec}: build {res['build_s']:.1f}s, {len(res['points'])} settings", file=sys.stderr, flush=True)
+    print(
+        f"  {spec}: build {res['build_s']:.1f}s, {len(res['points'])} settings", file=sys.stderr, flush=True
+    )
     return res
 
 
@@ -409,14 +425,30 @@ def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
         if "add_s" in r:
             cpu = r.get("add_cpu_s")
             add = f"{100 * r['add_s'] / r['build_s']:.1f}% wall" + (
-                f", {100 * cpu / r['build_cpu_s']:.1f}% CPU" if cpu is not None and r.get("build_cpu_s") else ""
+                f", {100 * cpu / r['build_cpu_s']:.1f}% CPU"
+                if cpu is not None and r.get("build_cpu_s")
+                else ""
             )
         rows.append(
-            [r["peer"], r.get("build_cpu_s", float("nan")), r["build_s"], r["rss_growth_mb"], r["disk_mb"], add]
+            [
+                r["peer"],
+                r.get("build_cpu_s", float("nan")),
+                r["build_s"],
+                r["rss_growth_mb"],
+                r["disk_mb"],
+                add,
+            ]
         )
     lines.append(
         H.markdown_table(
-            ["library", "build CPU (s)", "build wall (s)", "peak RSS growth (MiB)", "on disk (MiB)", "add 1% after build (of build)"],
+            [
+                "library",
+                "build CPU (s)",
+                "build wall (s)",
+                "peak RSS growth (MiB)",
+                "on disk (MiB)",
+                "add 1% after build (of build)",
+            ],
             rows,
         )
     )
@@ -449,7 +481,9 @@ def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
                     f"{_ratio(b['qps1000_cpu'], hb and hb['qps1000_cpu'])} ({_ratio(bw['qps1000'], hbw and hbw['qps1000'])} wall)",
                     f"{_ratio(b['qps1000_cpu'], best_f)} ({_ratio(bw['qps1000'], best_fw)} wall)",
                     f"{lat['latency_cpu_ms']:.3f} vs {hl['latency_cpu_ms']:.3f}" if hl else "–",
-                    f"{r['build_cpu_s'] / hn['build_cpu_s']:.3f} ({r['build_s'] / hn['build_s']:.3f} wall)" if hn else "–",
+                    f"{r['build_cpu_s'] / hn['build_cpu_s']:.3f} ({r['build_s'] / hn['build_s']:.3f} wall)"
+                    if hn
+                    else "–",
                     f"{r['rss_growth_mb']:.0f} vs {hn['rss_growth_mb']:.0f}" if hn else "–",
                 ]
             )
@@ -559,13 +593,17 @@ def report(all_results: Dict[str, List[Dict]], load_before, load_after, extra: s
         sections.append(section(kind, n, dim, results, note))
     png = H.RESULTS / "ivf.png"
     plot(all_results, png)
-    start = f"at start {load_before[0]:.1f}/{load_before[1]:.1f}/{load_before[2]:.1f}, " if load_before else ""
+    start = (
+        f"at start {load_before[0]:.1f}/{load_before[1]:.1f}/{load_before[2]:.1f}, " if load_before else ""
+    )
     note = (
         f"Load average (1/5/15 min) {start}at end {load_after[0]:.1f}/{load_after[1]:.1f}/{load_after[2]:.1f} "
         f"on {os.cpu_count()} cores (other jobs were running: absolute numbers are low and noisy, "
         f"ratios in one run are what counts). Plot: [ivf.png](ivf.png). {extra}"
     )
-    text = H.header("IVF index: leanclip.IVFIndex vs hnswlib, usearch, faiss", ["hnswlib", "usearch", "faiss-cpu"], note)
+    text = H.header(
+        "IVF index: leanclip.IVFIndex vs hnswlib, usearch, faiss", ["hnswlib", "usearch", "faiss-cpu"], note
+    )
     H.write_result("ivf", text + "\n" + "\n".join(sections))
 
 

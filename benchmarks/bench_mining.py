@@ -62,7 +62,13 @@ def run_leanclip(queries, corpus, qg, cg, half: bool, precision: str = "f32") ->
     import leanclip
 
     rows, _ = leanclip.mine_hard_negatives(
-        queries, corpus, K, query_groups=qg, corpus_groups=cg, metric="ip", dtype="f16" if half else "f32",
+        queries,
+        corpus,
+        K,
+        query_groups=qg,
+        corpus_groups=cg,
+        metric="ip",
+        dtype="f16" if half else "f32",
         precision=precision,
     )
     return rows
@@ -100,8 +106,13 @@ def run_faiss(queries, corpus, qg, cg, half: bool) -> np.ndarray:
     return np.take_along_axis(idx, keep, axis=1)
 
 
-PEERS = {"leanclip": run_leanclip, "leanclip-i8": run_leanclip_i8, "leanclip-bf16": run_leanclip_bf16,
-         "numpy": run_numpy, "faiss": run_faiss}
+PEERS = {
+    "leanclip": run_leanclip,
+    "leanclip-i8": run_leanclip_i8,
+    "leanclip-bf16": run_leanclip_bf16,
+    "numpy": run_numpy,
+    "faiss": run_faiss,
+}
 
 
 def peak_rss_mb() -> float:
@@ -139,8 +150,7 @@ def worker(peer: str, q: int, n: int, half: bool, repeats: int, out_path: str) -
 def spawn(peer: str, q: int, n: int, half: bool, repeats: int, tmp: str) -> Dict:
     out = os.path.join(tmp, f"{peer}-{q}-{n}-{int(half)}.npy")
     code = (
-        "from benchmarks.bench_mining import worker; "
-        f"worker({peer!r}, {q}, {n}, {half}, {repeats}, {out!r})"
+        f"from benchmarks.bench_mining import worker; worker({peer!r}, {q}, {n}, {half}, {repeats}, {out!r})"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -197,8 +207,11 @@ def main() -> None:
     # round, so a change in the shared machine's load hits all of them alike: the ratios of the
     # per-peer medians then hold even while absolute times wander.
     rounds_small = int(os.environ.get("LEANCLIP_BENCH_MINING_ROUNDS", "3"))
-    schedule = [(size, rounds, reps, group) for size, rounds, reps, group in
-                ((small, rounds_small, 2, peers), (big, 1, 1, big_peers)) if size]
+    schedule = [
+        (size, rounds, reps, group)
+        for size, rounds, reps, group in ((small, rounds_small, 2, peers), (big, 1, 1, big_peers))
+        if size
+    ]
     res: Dict[Tuple[str, int], Dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for size, rounds, reps, group in schedule:
@@ -206,7 +219,10 @@ def main() -> None:
                 for label, peer, half in group:
                     print(f"mining: {label} {size:,} x {size:,} (round {r + 1}/{rounds}) ...", flush=True)
                     info = spawn(peer, size, size, half, reps, tmp)
-                    print(f"  {info['time']:.2f} s, peak {info['peak']:.0f} MiB, extra {info['extra']:.0f} MiB", flush=True)
+                    print(
+                        f"  {info['time']:.2f} s, peak {info['peak']:.0f} MiB, extra {info['extra']:.0f} MiB",
+                        flush=True,
+                    )
                     prev = res.get((label, size))
                     if prev is None:
                         info["round_times"] = [info["time"]]
@@ -227,20 +243,40 @@ def main() -> None:
         for (label, s), info in res.items():
             if s != size:
                 continue
-            rows.append([
-                f"{size:,} x {size:,}", label, info["time"], bound / info["time"],
-                info["time"] / ref["time"], agreement(info["rows"], ref["rows"]),
-                info["peak"], info["extra"],
-            ])
-        rows.append([f"{size:,} x {size:,}", "GEMM bound (2qnd / sgemm rate)", bound, 1.0, bound / ref["time"], float("nan"), float("nan"), float("nan")])
+            rows.append(
+                [
+                    f"{size:,} x {size:,}",
+                    label,
+                    info["time"],
+                    bound / info["time"],
+                    info["time"] / ref["time"],
+                    agreement(info["rows"], ref["rows"]),
+                    info["peak"],
+                    info["extra"],
+                ]
+            )
+        rows.append(
+            [
+                f"{size:,} x {size:,}",
+                "GEMM bound (2qnd / sgemm rate)",
+                bound,
+                1.0,
+                bound / ref["time"],
+                float("nan"),
+                float("nan"),
+                float("nan"),
+            ]
+        )
         lc = ref["time"]
         fa = res[("faiss IndexFlatIP (k+5, filtered)", size)]["time"]
         line = (
             f"{size:,}: leanclip f32 is {fa / lc:.2f}x faiss (target >= 1.1), "
             f"{bound / lc:.2f} of the GEMM bound's speed, i.e. {lc / bound:.2f}x its time (target <= 1.1)"
         )
-        for label, scan, target in (("i8", "leanclip f32, i8 scan + f32 re-score", 2.5),
-                                    ("bf16", "leanclip f32, bf16 scan + f32 re-score", 1.6)):
+        for label, scan, target in (
+            ("i8", "leanclip f32, i8 scan + f32 re-score", 2.5),
+            ("bf16", "leanclip f32, bf16 scan + f32 re-score", 1.6),
+        ):
             if (scan, size) in res:
                 lp = res[(scan, size)]
                 line += (
@@ -274,7 +310,16 @@ def main() -> None:
             "'extra MiB' = peak RSS minus RSS just before the call."
         ),
     )
-    head = ["q x n", "peer", "time s", "speed vs GEMM bound", "time / leanclip f32", "agree", "peak RSS MiB", "extra MiB"]
+    head = [
+        "q x n",
+        "peer",
+        "time s",
+        "speed vs GEMM bound",
+        "time / leanclip f32",
+        "agree",
+        "peak RSS MiB",
+        "extra MiB",
+    ]
     text += "\n" + H.markdown_table(head, rows) + "\n\n" + "\n".join(f"- {x}" for x in notes)
     load = os.getloadavg()
     text += f"\n\nLoad average at the end (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} cores (other jobs share this machine).\n"

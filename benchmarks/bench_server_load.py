@@ -42,13 +42,72 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-ADJ = ["red", "small", "old", "happy", "dark", "bright", "wet", "snowy", "busy", "quiet", "golden", "blue",
-       "tiny", "huge", "sleepy", "wooden", "rusty", "foggy", "sunny", "crowded"]
-NOUN = ["dog", "cat", "car", "beach", "mountain", "child", "bicycle", "boat", "tree", "house", "bridge",
-        "flower", "train", "horse", "street", "cake", "guitar", "lake", "city", "forest"]
-PLACE = ["at night", "in the rain", "on a hill", "near the sea", "in a park", "at sunset", "indoors",
-         "in winter", "on a table", "in the snow", "by the river", "in a garden", "on the road",
-         "at the market", "in the kitchen", "under a tree", "at a party", "in the desert", "at dawn", "in fog"]
+ADJ = [
+    "red",
+    "small",
+    "old",
+    "happy",
+    "dark",
+    "bright",
+    "wet",
+    "snowy",
+    "busy",
+    "quiet",
+    "golden",
+    "blue",
+    "tiny",
+    "huge",
+    "sleepy",
+    "wooden",
+    "rusty",
+    "foggy",
+    "sunny",
+    "crowded",
+]
+NOUN = [
+    "dog",
+    "cat",
+    "car",
+    "beach",
+    "mountain",
+    "child",
+    "bicycle",
+    "boat",
+    "tree",
+    "house",
+    "bridge",
+    "flower",
+    "train",
+    "horse",
+    "street",
+    "cake",
+    "guitar",
+    "lake",
+    "city",
+    "forest",
+]
+PLACE = [
+    "at night",
+    "in the rain",
+    "on a hill",
+    "near the sea",
+    "in a park",
+    "at sunset",
+    "indoors",
+    "in winter",
+    "on a table",
+    "in the snow",
+    "by the river",
+    "in a garden",
+    "on the road",
+    "at the market",
+    "in the kitchen",
+    "under a tree",
+    "at a party",
+    "in the desert",
+    "at dawn",
+    "in fog",
+]
 
 
 def pick_model(arg: str | None) -> Path:
@@ -88,13 +147,28 @@ def build_gallery(root: Path, model: Path, n: int, seed: int = 0) -> tuple[Path,
     for stmt in _SCHEMA.strip().split(";"):
         if stmt.strip():
             conn.execute(stmt)
-    meta = {"schema_version": str(SCHEMA_VERSION), "generation": "1", "next_key": str(n + 1),
-            "model_id": manifest.model_id, "dim": str(dim), "dtype": "f32", "model_source": str(model.absolute())}
+    meta = {
+        "schema_version": str(SCHEMA_VERSION),
+        "generation": "1",
+        "next_key": str(n + 1),
+        "model_id": manifest.model_id,
+        "dim": str(dim),
+        "dtype": "f32",
+        "model_source": str(model.absolute()),
+    }
     conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", list(meta.items()))
     conn.executemany(
         "INSERT INTO files (path, size, mtime_ns, sha256, key, status, reason) VALUES (?, ?, ?, ?, ?, 'ok', NULL)",
-        ((f"album{k % 100:02d}/img_{k:06d}.jpg".encode(), 1000 + k, 1_700_000_000_000_000_000 + k,
-          hashlib.sha256(str(k).encode()).hexdigest(), k) for k in range(1, n + 1)),
+        (
+            (
+                f"album{k % 100:02d}/img_{k:06d}.jpg".encode(),
+                1000 + k,
+                1_700_000_000_000_000_000 + k,
+                hashlib.sha256(str(k).encode()).hexdigest(),
+                k,
+            )
+            for k in range(1, n + 1)
+        ),
     )
     conn.commit()
     conn.close()
@@ -114,7 +188,9 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def client(port: int, deadline: float, rng: random.Random, lat: list, errors: list, timeout: float) -> None:
+async def client(
+    port: int, deadline: float, rng: random.Random, lat: list, errors: list, timeout: float
+) -> None:
     reader = writer = None
     host = f"127.0.0.1:{port}"
     while time.monotonic() < deadline:
@@ -124,13 +200,19 @@ async def client(port: int, deadline: float, rng: random.Random, lat: list, erro
         try:
             if writer is None:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
-            writer.write(f"GET {target} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\n\r\n".encode())
+            writer.write(
+                f"GET {target} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\n\r\n".encode()
+            )
             await writer.drain()
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
             lines = head.decode("latin-1").split("\r\n")
             status = int(lines[0].split()[1])
-            headers = {ln.split(":", 1)[0].lower(): ln.split(":", 1)[1].strip() for ln in lines[1:] if ":" in ln}
-            body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", "0"))), timeout)
+            headers = {
+                ln.split(":", 1)[0].lower(): ln.split(":", 1)[1].strip() for ln in lines[1:] if ":" in ln
+            }
+            body = await asyncio.wait_for(
+                reader.readexactly(int(headers.get("content-length", "0"))), timeout
+            )
             elapsed = time.perf_counter() - t0
             if status != 200:
                 errors.append(f"HTTP {status}: {body[:200]!r}")
@@ -152,13 +234,16 @@ async def client(port: int, deadline: float, rng: random.Random, lat: list, erro
         writer.close()
 
 
-async def load(port: int, clients: int, seconds: float, seed: int, timeout: float) -> tuple[list, list, float]:
+async def load(
+    port: int, clients: int, seconds: float, seed: int, timeout: float
+) -> tuple[list, list, float]:
     lat: list = []
     errors: list = []
     t0 = time.monotonic()
     deadline = t0 + seconds
-    await asyncio.gather(*(client(port, deadline, random.Random(seed + i), lat, errors, timeout)
-                           for i in range(clients)))
+    await asyncio.gather(
+        *(client(port, deadline, random.Random(seed + i), lat, errors, timeout) for i in range(clients))
+    )
     return lat, errors, time.monotonic() - t0
 
 
@@ -175,8 +260,19 @@ def run(args: argparse.Namespace) -> dict:
     build_s = time.perf_counter() - t
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "python"), env_pp()])))
-    cmd = [sys.executable, "-c", "import sys; from leanclip.cli import main; sys.exit(main())",
-           "serve", str(photos), "--store", str(store), "--model", str(model), "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from leanclip.cli import main; sys.exit(main())",
+        "serve",
+        str(photos),
+        "--store",
+        str(store),
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+    ]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         import urllib.request
@@ -196,7 +292,9 @@ def run(args: argparse.Namespace) -> dict:
         assert info["ok"] == args.vectors, info
         rss_idle = rss_mb(server.pid)
         # warm-up: model and index loaded, caches filled, thread stacks made
-        lat_w, err_w, _ = asyncio.run(load(port, args.clients, args.warmup, seed=10_000, timeout=args.timeout))
+        lat_w, err_w, _ = asyncio.run(
+            load(port, args.clients, args.warmup, seed=10_000, timeout=args.timeout)
+        )
         rss_before = rss_mb(server.pid)
         la = os.getloadavg()
         lat, errors, wall = asyncio.run(load(port, args.clients, args.seconds, seed=1, timeout=args.timeout))
@@ -213,14 +311,27 @@ def run(args: argparse.Namespace) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     return {
         "model": f"{model.name} ({info.get('model_id', '')}, dim {read_dim(model)})",
-        "vectors": args.vectors, "clients": args.clients, "seconds": args.seconds, "wall_s": wall,
-        "build_s": build_s, "requests": len(lat), "errors": len(errors), "error_samples": errors[:5],
-        "warmup_requests": len(lat_w), "warmup_errors": len(err_w),
-        "rps": len(lat) / wall, "p50_ms": pct(lat, 50) * 1e3, "p90_ms": pct(lat, 90) * 1e3,
-        "p99_ms": pct(lat, 99) * 1e3, "max_ms": max(lat) * 1e3 if lat else float("nan"),
+        "vectors": args.vectors,
+        "clients": args.clients,
+        "seconds": args.seconds,
+        "wall_s": wall,
+        "build_s": build_s,
+        "requests": len(lat),
+        "errors": len(errors),
+        "error_samples": errors[:5],
+        "warmup_requests": len(lat_w),
+        "warmup_errors": len(err_w),
+        "rps": len(lat) / wall,
+        "p50_ms": pct(lat, 50) * 1e3,
+        "p90_ms": pct(lat, 90) * 1e3,
+        "p99_ms": pct(lat, 99) * 1e3,
+        "max_ms": max(lat) * 1e3 if lat else float("nan"),
         "mean_ms": statistics.fmean(lat) * 1e3 if lat else float("nan"),
-        "rss_idle_mb": rss_idle, "rss_before_mb": rss_before, "rss_after_mb": rss_after,
-        "rss_growth_pct": 100 * (rss_after - rss_before) / rss_before, "server_alive": alive,
+        "rss_idle_mb": rss_idle,
+        "rss_before_mb": rss_before,
+        "rss_after_mb": rss_after,
+        "rss_growth_pct": 100 * (rss_after - rss_before) / rss_before,
+        "server_alive": alive,
         "loadavg_before": la,
     }
 
@@ -238,25 +349,57 @@ def read_dim(model: Path) -> int:
 def report(r: dict) -> str:
     from benchmarks._harness import header, markdown_table
 
-    note = (f"Gallery: {r['vectors']:,} synthetic unit vectors (f32, cos) in the gallery store format, built "
-            f"in {r['build_s']:.1f} s. Server: `leanclip serve` (ThreadingHTTPServer) with model {r['model']}. "
-            f"Load: {r['clients']} concurrent keep-alive clients (one asyncio process on the same machine, so "
-            f"client and server share the 2 cores) sending `GET /api/search?q=<random 3-part text>&k=10` "
-            f"for {r['seconds']:.0f} s after a warm-up of {r['warmup_requests']} requests "
-            f"({r['warmup_errors']} errors). Load average before the run: "
-            f"{', '.join(f'{x:.1f}' for x in r['loadavg_before'])} (a shared machine).")
-    table = markdown_table(
-        ["requests", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors", "RSS before MB",
-         "RSS after MB", "RSS growth"],
-        [[r["requests"], r["rps"], r["p50_ms"], r["p90_ms"], r["p99_ms"], r["max_ms"], r["errors"],
-          r["rss_before_mb"], r["rss_after_mb"], f"{r['rss_growth_pct']:+.1f}%"]],
+    note = (
+        f"Gallery: {r['vectors']:,} synthetic unit vectors (f32, cos) in the gallery store format, built "
+        f"in {r['build_s']:.1f} s. Server: `leanclip serve` (ThreadingHTTPServer) with model {r['model']}. "
+        f"Load: {r['clients']} concurrent keep-alive clients (one asyncio process on the same machine, so "
+        f"client and server share the 2 cores) sending `GET /api/search?q=<random 3-part text>&k=10` "
+        f"for {r['seconds']:.0f} s after a warm-up of {r['warmup_requests']} requests "
+        f"({r['warmup_errors']} errors). Load average before the run: "
+        f"{', '.join(f'{x:.1f}' for x in r['loadavg_before'])} (a shared machine)."
     )
-    verdict = (f"Errors: {r['errors']} (target 0); RSS growth {r['rss_growth_pct']:+.1f}% (target at most +10%); "
-               f"server alive afterwards: {r['server_alive']}. RSS when idle, before the warm-up: "
-               f"{r['rss_idle_mb']:.0f} MB.")
+    table = markdown_table(
+        [
+            "requests",
+            "req/s",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "max ms",
+            "errors",
+            "RSS before MB",
+            "RSS after MB",
+            "RSS growth",
+        ],
+        [
+            [
+                r["requests"],
+                r["rps"],
+                r["p50_ms"],
+                r["p90_ms"],
+                r["p99_ms"],
+                r["max_ms"],
+                r["errors"],
+                r["rss_before_mb"],
+                r["rss_after_mb"],
+                f"{r['rss_growth_pct']:+.1f}%",
+            ]
+        ],
+    )
+    verdict = (
+        f"Errors: {r['errors']} (target 0); RSS growth {r['rss_growth_pct']:+.1f}% (target at most +10%); "
+        f"server alive afterwards: {r['server_alive']}. RSS when idle, before the warm-up: "
+        f"{r['rss_idle_mb']:.0f} MB."
+    )
     if r["error_samples"]:
         verdict += "\n\nFirst errors: " + "; ".join(r["error_samples"])
-    return header("leanclip serve under load", ["onnxruntime", "tokenizers"], note) + "\n" + table + "\n\n" + verdict
+    return (
+        header("leanclip serve under load", ["onnxruntime", "tokenizers"], note)
+        + "\n"
+        + table
+        + "\n\n"
+        + verdict
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,7 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=5.0)
     ap.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (counts as an error)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not write results/server_load.md")
-    args = ap.parse_args(argv if argv is not None else (sys.argv[2:] if sys.argv[:2] == ["-m", "benchmarks"] else sys.argv[1:]))
+    args = ap.parse_args(
+        argv if argv is not None else (sys.argv[2:] if sys.argv[:2] == ["-m", "benchmarks"] else sys.argv[1:])
+    )
     r = run(args)
     text = report(r)
     if args.no_write:

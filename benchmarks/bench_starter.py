@@ -97,9 +97,9 @@ def main(argv: List[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    from leanclip.samples import collect_sample_photos
     from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
 
+    from leanclip.samples import collect_sample_photos
     from leanclip.starter import DEFAULT_TEMPLATES, build_starter
 
     SIMPLE_TEMPLATES = tuple(t("{}") for t in SIMPLE_IMAGENET_TEMPLATES)  # open_clip's seven, as str.format
@@ -110,7 +110,10 @@ def main(argv: List[str] | None = None) -> int:
         photos = [p for p in collect_sample_photos(work / "photos") if p.name in captions]
         fp32 = build_starter(work / "starter-fp32")
         int8 = build_starter(work / "starter-int8", int8=True)
-        res = {"fp32": evaluate_bundle(fp32, photos, captions), "int8": evaluate_bundle(int8, photos, captions)}
+        res = {
+            "fp32": evaluate_bundle(fp32, photos, captions),
+            "int8": evaluate_bundle(int8, photos, captions),
+        }
         ablation: List[Tuple[str, float, float]] = []
         if not args.no_ablation:
             settings = [
@@ -126,7 +129,14 @@ def main(argv: List[str] | None = None) -> int:
     n_q = len(res["fp32"]["texts"])
     n_img = len(photos)
     rows = [
-        (p, f"{r['r1']:.3f}", f"{r['r5']:.3f}", f"{r['size_mb']:.1f}", f"{r['text_qps']:.0f}", f"{r['images_per_s']:.1f}")
+        (
+            p,
+            f"{r['r1']:.3f}",
+            f"{r['r5']:.3f}",
+            f"{r['size_mb']:.1f}",
+            f"{r['text_qps']:.0f}",
+            f"{r['images_per_s']:.1f}",
+        )
         for p, r in res.items()
     ]
     text = H.header(
@@ -141,9 +151,11 @@ def main(argv: List[str] | None = None) -> int:
             "end): compare the int8/fp32 ratios, not the absolute numbers."
         ),
     )
-    text += "\n" + H.markdown_table(
-        ["precision", "R@1", "R@5", "bundle MiB", "text queries/s", "images/s"], rows
-    ) + "\n"
+    text += (
+        "\n"
+        + H.markdown_table(["precision", "R@1", "R@5", "bundle MiB", "text queries/s", "images/s"], rows)
+        + "\n"
+    )
     f, q = res["fp32"], res["int8"]
     text += (
         f"\nint8 / fp32 (same run): size {q['size_mb'] / f['size_mb']:.2f}x, "
@@ -154,15 +166,21 @@ def main(argv: List[str] | None = None) -> int:
     )
     if ablation:
         text += "\nAblation (fp32; reported only, not used to choose the defaults):\n\n"
-        text += H.markdown_table(["setting", "R@1", "R@5"], [(a, f"{b:.3f}", f"{c:.3f}") for a, b, c in ablation]) + "\n"
+        text += (
+            H.markdown_table(["setting", "R@1", "R@5"], [(a, f"{b:.3f}", f"{c:.3f}") for a, b, c in ablation])
+            + "\n"
+        )
     text += "\nPer-caption rank of the right photo (fp32 / int8; 0 = first):\n\n"
-    text += H.markdown_table(
-        ["photo", "caption", "fp32", "int8"],
-        [
-            (f["names"][t], c, int(a), int(b))
-            for c, t, a, b in zip(f["texts"], f["targets"], f["ranks"], q["ranks"])
-        ],
-    ) + "\n"
+    text += (
+        H.markdown_table(
+            ["photo", "caption", "fp32", "int8"],
+            [
+                (f["names"][t], c, int(a), int(b))
+                for c, t, a, b in zip(f["texts"], f["targets"], f["ranks"], q["ranks"])
+            ],
+        )
+        + "\n"
+    )
     H.write_result("starter", text)
     return 0
 

@@ -32,7 +32,9 @@ def make_tiny_clip(dim: int = 32, seed: int = 0, image_size: int = TINY_IMAGE_SI
     torch.manual_seed(seed)
     model = open_clip.CLIP(
         embed_dim=dim,
-        vision_cfg=open_clip.CLIPVisionCfg(image_size=image_size, layers=1, width=64, patch_size=8, head_width=32),
+        vision_cfg=open_clip.CLIPVisionCfg(
+            image_size=image_size, layers=1, width=64, patch_size=8, head_width=32
+        ),
         text_cfg=open_clip.CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=2),
     ).eval()
     model.image_size = image_size
@@ -42,8 +44,9 @@ def make_tiny_clip(dim: int = 32, seed: int = 0, image_size: int = TINY_IMAGE_SI
     return model
 
 
-def make_tiny_bundle(out_dir: Any, *, int8: bool = False, dim: int = 32, seed: int = 0,
-                     name: str = "tiny-clip") -> Path:
+def make_tiny_bundle(
+    out_dir: Any, *, int8: bool = False, dim: int = 32, seed: int = 0, name: str = "tiny-clip"
+) -> Path:
     """Export a tiny random CLIP to a valid bundle at ``out_dir`` (fp32, or int8 with ``int8=True``).
 
     Results are cached per (int8, dim, seed, name) within a test session and copied, so repeated

@@ -72,8 +72,13 @@ class ColorEncoder:
         return arr / np.maximum(np.linalg.norm(arr, axis=1, keepdims=True), 1e-12)
 
 
-def make_photo(path: Path, color: Tuple[int, int, int], seed: int = 0, size: Tuple[int, int] = (64, 48),
-               fmt: str | None = None) -> Path:
+def make_photo(
+    path: Path,
+    color: Tuple[int, int, int],
+    seed: int = 0,
+    size: Tuple[int, int] = (64, 48),
+    fmt: str | None = None,
+) -> Path:
     """A JPEG/PNG of one main colour with a little seeded noise (so every file is unique)."""
     rng = np.random.default_rng(seed)
     arr = np.clip(np.array(color, dtype=np.float32) + rng.normal(0, 12, (size[1], size[0], 3)), 0, 255)
@@ -82,7 +87,9 @@ def make_photo(path: Path, color: Tuple[int, int, int], seed: int = 0, size: Tup
     return path
 
 
-def make_folder(root: Path, n_per_color: int = 2, colors: Sequence[str] = ("red", "green", "blue", "yellow")) -> List[Path]:
+def make_folder(
+    root: Path, n_per_color: int = 2, colors: Sequence[str] = ("red", "green", "blue", "yellow")
+) -> List[Path]:
     """``root/<color>/<color>_<i>.jpg`` for each colour."""
     out = []
     seed = 0

@@ -16,9 +16,16 @@ from PIL import Image
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220),
-           "yellow": (230, 220, 40), "purple": (150, 40, 170), "white": (240, 240, 240),
-           "black": (15, 15, 15), "orange": (240, 140, 20)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (30, 40, 220),
+    "yellow": (230, 220, 40),
+    "purple": (150, 40, 170),
+    "white": (240, 240, 240),
+    "black": (15, 15, 15),
+    "orange": (240, 140, 20),
+}
 SHAPES = ("square", "stripes", "dots")
 
 
@@ -33,8 +40,9 @@ def make_image(colour: tuple[int, int, int], shape: str, seed: int, size: int = 
     return Image.fromarray(noisy)
 
 
-def make_karpathy(root: Path, n_train: int = 24, n_val: int = 8, n_test: int = 10,
-                  broken: int = 0) -> tuple[Path, Path]:
+def make_karpathy(
+    root: Path, n_train: int = 24, n_val: int = 8, n_test: int = 10, broken: int = 0
+) -> tuple[Path, Path]:
     """A COCO-style Karpathy json with 5 captions per image; ``broken`` train images are
     written as garbage bytes (unreadable)."""
     image_root = root / "images"
@@ -52,52 +60,115 @@ def make_karpathy(root: Path, n_train: int = 24, n_val: int = 8, n_test: int = 1
                 path.write_bytes(b"not an image")
             else:
                 make_image(COLOURS[colour], shape, idx).save(path, quality=95)
-            sentences = [{"raw": f"a {colour} {shape} picture number {idx % 7}"},
-                         {"raw": f"{colour} {shape}"},
-                         {"raw": f"an image that is {colour}"},
-                         {"raw": f"the {shape} pattern in {colour}"},
-                         {"raw": f"photo {idx}: {colour} with {shape}"}]
-            entries.append({"filepath": "train2014", "filename": filename, "imgid": idx,
-                            "split": split if split != "train" or idx % 5 else "restval",
-                            "sentences": sentences})
+            sentences = [
+                {"raw": f"a {colour} {shape} picture number {idx % 7}"},
+                {"raw": f"{colour} {shape}"},
+                {"raw": f"an image that is {colour}"},
+                {"raw": f"the {shape} pattern in {colour}"},
+                {"raw": f"photo {idx}: {colour} with {shape}"},
+            ]
+            entries.append(
+                {
+                    "filepath": "train2014",
+                    "filename": filename,
+                    "imgid": idx,
+                    "split": split if split != "train" or idx % 5 else "restval",
+                    "sentences": sentences,
+                }
+            )
             idx += 1
     json_path = root / "dataset_coco.json"
     json_path.write_text(json.dumps({"images": entries, "dataset": "coco"}))
     return json_path, image_root
 
 
-def tiny_stage1_config(root: Path, json_path: Path, image_root: Path, **train: Any
-                       ) -> dict[str, Any]:
+def tiny_stage1_config(root: Path, json_path: Path, image_root: Path, **train: Any) -> dict[str, Any]:
     return {
-        "run_dir": str(root / "stage1"), "seed": 0, "device": "cpu",
-        "model": {"tiny": True, "teacher_pretrained": None,
-                  "image_backbone": "vit_small_patch16_224", "text_layers": 2},
-        "data": {"images": {"format": "karpathy", "path": str(json_path),
-                            "image_root": str(image_root), "split": "train"},
-                 "texts": {"format": "karpathy", "path": str(json_path),
-                           "image_root": str(image_root), "split": "train"},
-                 "paired": {"format": "karpathy", "path": str(json_path),
-                            "image_root": str(image_root), "split": "train"}},
-        "train": {"batch_size": 8, "epochs": 2, "lr": 1e-3, "warmup_steps": 2,
-                  "num_workers": 0, "checkpoint_every": 0, "embed_batch_size": 16,
-                  "log_every": 1000, **train},
+        "run_dir": str(root / "stage1"),
+        "seed": 0,
+        "device": "cpu",
+        "model": {
+            "tiny": True,
+            "teacher_pretrained": None,
+            "image_backbone": "vit_small_patch16_224",
+            "text_layers": 2,
+        },
+        "data": {
+            "images": {
+                "format": "karpathy",
+                "path": str(json_path),
+                "image_root": str(image_root),
+                "split": "train",
+            },
+            "texts": {
+                "format": "karpathy",
+                "path": str(json_path),
+                "image_root": str(image_root),
+                "split": "train",
+            },
+            "paired": {
+                "format": "karpathy",
+                "path": str(json_path),
+                "image_root": str(image_root),
+                "split": "train",
+            },
+        },
+        "train": {
+            "batch_size": 8,
+            "epochs": 2,
+            "lr": 1e-3,
+            "warmup_steps": 2,
+            "num_workers": 0,
+            "checkpoint_every": 0,
+            "embed_batch_size": 16,
+            "log_every": 1000,
+            **train,
+        },
     }
 
 
-def tiny_stage2_config(root: Path, json_path: Path, image_root: Path, run: str,
-                       model: dict[str, Any], teacher: str | None, **train: Any
-                       ) -> dict[str, Any]:
+def tiny_stage2_config(
+    root: Path,
+    json_path: Path,
+    image_root: Path,
+    run: str,
+    model: dict[str, Any],
+    teacher: str | None,
+    **train: Any,
+) -> dict[str, Any]:
     return {
-        "run_dir": str(root / run), "seed": 0, "device": "cpu", "teacher": teacher,
+        "run_dir": str(root / run),
+        "seed": 0,
+        "device": "cpu",
+        "teacher": teacher,
         "model": {"tiny": True, "teacher_pretrained": None, **model},
-        "data": {"train": {"format": "karpathy", "path": str(json_path),
-                           "image_root": str(image_root), "split": "train"},
-                 "val": {"format": "karpathy", "path": str(json_path),
-                         "image_root": str(image_root), "split": "val"}},
+        "data": {
+            "train": {
+                "format": "karpathy",
+                "path": str(json_path),
+                "image_root": str(image_root),
+                "split": "train",
+            },
+            "val": {
+                "format": "karpathy",
+                "path": str(json_path),
+                "image_root": str(image_root),
+                "split": "val",
+            },
+        },
         # global batch 40: an epoch is every caption once (24 images x 5 = 120) in 3 steps
-        "train": {"batch_size": 40, "epochs": 2, "lr": 1e-3, "warmup_steps": 2,
-                  "num_workers": 0, "checkpoint_every": 0, "eval_batch_size": 16, "hn_k": 3,
-                  "log_every": 1000, **train},
+        "train": {
+            "batch_size": 40,
+            "epochs": 2,
+            "lr": 1e-3,
+            "warmup_steps": 2,
+            "num_workers": 0,
+            "checkpoint_every": 0,
+            "eval_batch_size": 16,
+            "hn_k": 3,
+            "log_every": 1000,
+            **train,
+        },
     }
 
 
@@ -146,8 +217,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch_world(world_size: int, tasks: list[dict[str, Any]], out_dir: Path,
-                 timeout: float = 300.0, expect_success: bool = True) -> list[Any]:
+def launch_world(
+    world_size: int,
+    tasks: list[dict[str, Any]],
+    out_dir: Path,
+    timeout: float = 300.0,
+    expect_success: bool = True,
+) -> list[Any]:
     """Run ``dist_worker`` in ``world_size`` processes over ``tasks``; returns the processes'
     (returncode, stderr tail). Each task writes its results under out_dir (rank 0)."""
     import subprocess
@@ -160,14 +236,33 @@ def launch_world(world_size: int, tasks: list[dict[str, Any]], out_dir: Path,
     port = free_port()
     procs = []
     for rank in range(world_size):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", "from tests._fixtures_training import dist_worker; "
-             "dist_worker()", str(spec), str(out_dir)], env=env, cwd=repo,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
+        }
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    "from tests._fixtures_training import dist_worker; dist_worker()",
+                    str(spec),
+                    str(out_dir),
+                ],
+                env=env,
+                cwd=repo,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     results = []
     try:
         for p in procs:
@@ -179,8 +274,9 @@ def launch_world(world_size: int, tasks: list[dict[str, Any]], out_dir: Path,
                 p.kill()
                 p.wait()
     if expect_success and any(code != 0 for code, _ in results):
-        raise AssertionError("\n".join(f"rank {rank} exited {code}:\n{err}"
-                                        for rank, (code, err) in enumerate(results)))
+        raise AssertionError(
+            "\n".join(f"rank {rank} exited {code}:\n{err}" for rank, (code, err) in enumerate(results))
+        )
     return results
 
 
@@ -214,10 +310,16 @@ def dist_worker() -> None:
             history = result if kind == "stage1" else result.history
             model = trainer.student if kind == "stage1" else trainer.model
             if info.is_main:
-                torch.save({"history": history, "state_dict": model.state_dict(),
-                            "skipped_images": getattr(trainer, "skipped_images", None)
-                            if kind == "stage1" else result.skipped_images},
-                           out_dir / f"{name}.pt")
+                torch.save(
+                    {
+                        "history": history,
+                        "state_dict": model.state_dict(),
+                        "skipped_images": getattr(trainer, "skipped_images", None)
+                        if kind == "stage1"
+                        else result.skipped_images,
+                    },
+                    out_dir / f"{name}.pt",
+                )
         elif kind == "embed":  # the corpus-embedding job, as under torchrun
             from training import embed
 
@@ -242,8 +344,9 @@ def encode_and_mine(task: dict[str, Any], info: Any) -> dict[str, np.ndarray]:
     seed_everything(0)
     model = build_teacher(pretrained=None, tiny=True).to(info.device)
     corpus = load_karpathy(task["json"], task["root"], "train")
-    images, valid = encode_image_files(model, corpus.images, int(model.image_size),
-                                       int(task["batch_size"]), info)
+    images, valid = encode_image_files(
+        model, corpus.images, int(model.image_size), int(task["batch_size"]), info
+    )
     texts = encode_token_rows(model, tokenize(corpus.captions), int(task["batch_size"]), info)
     rng = np.random.default_rng(1)
     queries = rng.normal(size=(37, 16)).astype(np.float32)

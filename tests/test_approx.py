@@ -37,7 +37,9 @@ def _exact(metric: str, queries: np.ndarray, data: np.ndarray, keys: np.ndarray,
 
 
 def _recall(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / truth.shape[1] for a, b in zip(found, truth)]))
+    return float(
+        np.mean([len(set(a.tolist()) & set(b.tolist())) / truth.shape[1] for a, b in zip(found, truth)])
+    )
 
 
 # ----------------------------------------------------------------------------- recall

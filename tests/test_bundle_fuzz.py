@@ -26,14 +26,21 @@ from leanclip.bundle import (
     write_manifest,
 )
 
-SETTINGS = settings(max_examples=400, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=400,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 def make_bundle(root: Path) -> dict:
     root.mkdir(parents=True, exist_ok=True)
-    for name, blob in (("image.onnx", b"image-bytes"), ("text.onnx", b"text-bytes"),
-                       ("tokenizer.json", b'{"model": {}}')):
+    for name, blob in (
+        ("image.onnx", b"image-bytes"),
+        ("text.onnx", b"text-bytes"),
+        ("tokenizer.json", b'{"model": {}}'),
+    ):
         (root / name).write_bytes(blob)
     write_manifest(root, Manifest(embedding_dim=32, image=ImageSpec(size=32), text=TextSpec(), name="tiny"))
     return json.loads((root / "leanclip.json").read_text())
@@ -64,11 +71,13 @@ def outcome(root: Path, tolerate_known: bool = True) -> str:
     except Exception as e:  # noqa: BLE001 - the finding
         if tolerate_known and any(type(e) is t and m in str(e) for t, m in KNOWN_LEAKS):
             return "known-bug"
-        pytest.fail(f"read_manifest raised {type(e).__name__}: {e!r} (expected BundleError)\n"
-                    f"manifest: {(root / 'leanclip.json').read_bytes()[:600]!r}")
+        pytest.fail(
+            f"read_manifest raised {type(e).__name__}: {e!r} (expected BundleError)\n"
+            f"manifest: {(root / 'leanclip.json').read_bytes()[:600]!r}"
+        )
 
 
-json_scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=20)
+json_scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=20)
 json_values = st.recursive(
     json_scalars,
     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
@@ -150,7 +159,9 @@ def test_truncated_and_flipped_manifest_text(bundle):
 HOSTILE = {
     "deeply nested": "[" * 100_000 + "]" * 100_000,
     "deeply nested in a field": '{"format": "leanclip-bundle", "format_version": 1, "extra": '
-                                + "[" * 50_000 + "]" * 50_000 + "}",
+    + "[" * 50_000
+    + "]" * 50_000
+    + "}",
     "huge integer literal": '{"format": "leanclip-bundle", "format_version": ' + "9" * 5000 + "}",
     "huge embedding_dim literal": None,  # filled below
     "Infinity embedding_dim": None,
@@ -180,7 +191,9 @@ def hostile_docs(valid: dict) -> dict[str, str]:
         fn(d)
         return dump(d)
 
-    out["huge embedding_dim literal"] = dump(valid).replace('"embedding_dim": 32', '"embedding_dim": ' + "7" * 5000)
+    out["huge embedding_dim literal"] = dump(valid).replace(
+        '"embedding_dim": 32', '"embedding_dim": ' + "7" * 5000
+    )
     out["Infinity embedding_dim"] = edit(lambda d: d.__setitem__("embedding_dim", math.inf))
     out["NaN embedding_dim"] = edit(lambda d: d.__setitem__("embedding_dim", math.nan))
     out["list as image file"] = edit(lambda d: d["image"].__setitem__("file", ["image.onnx"]))
@@ -309,7 +322,10 @@ def test_model_id_ignores_free_form_metadata(bundle):
 
 
 OUT_OF_RANGE = {
-    "context_length 1,000,000": (lambda d: d["text"].__setitem__("context_length", 1_000_000), "context_length"),
+    "context_length 1,000,000": (
+        lambda d: d["text"].__setitem__("context_length", 1_000_000),
+        "context_length",
+    ),
     "image size 100,000": (lambda d: d["image"].__setitem__("size", 100_000), "image.size"),
     "image size 2": (lambda d: d["image"].__setitem__("size", 2), "image.size"),
     "mean 255": (lambda d: d["image"].__setitem__("mean", [255, 255, 255]), "image.mean"),

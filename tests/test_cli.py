@@ -45,8 +45,17 @@ def _run(*args: str, cwd: Path | None = None):
 
 
 def test_help_everywhere() -> None:
-    for cmd in [[], ["index"], ["search"], ["similar"], ["serve"], ["models"], ["models", "show"],
-                ["models", "fetch"], ["demo"]]:
+    for cmd in [
+        [],
+        ["index"],
+        ["search"],
+        ["similar"],
+        ["serve"],
+        ["models"],
+        ["models", "show"],
+        ["models", "fetch"],
+        ["demo"],
+    ]:
         r = _run(*cmd, "--help")
         assert r.exit_code == 0, (cmd, r.output)
         assert "Usage:" in r.output
@@ -170,8 +179,12 @@ def test_serve_warns_on_non_loopback(tmp_path: Path, bundle: Path) -> None:
     root = tmp_path / "photos"
     make_folder(root, n_per_color=1)
     assert _run("index", str(root), "--model", str(bundle), "-q").exit_code == 0
-    proc = subprocess.Popen([sys.executable, "-m", "leanclip.cli", "serve", str(root), "--host", "0.0.0.0",
-                             "--port", "0"], stderr=subprocess.PIPE, text=True, cwd=os.getcwd())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "leanclip.cli", "serve", str(root), "--host", "0.0.0.0", "--port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=os.getcwd(),
+    )
     try:
         lines = []
         deadline = time.time() + 60
@@ -259,7 +272,9 @@ def _hostile_folder(root: Path) -> None:
     (root / "bad\n0.5\tforged[red]x.png").write_bytes(b"not an image")
 
 
-def test_hostile_file_names_cannot_forge_output(tmp_path: Path, color_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hostile_file_names_cannot_forge_output(
+    tmp_path: Path, color_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import leanclip.cli as cli
 
     root = tmp_path / "photos"
@@ -268,7 +283,9 @@ def test_hostile_file_names_cannot_forge_output(tmp_path: Path, color_cli, monke
     assert r.exit_code == 4, r.output  # the one broken file
     # the failure line names it escaped, on one line
     failed = [l for l in r.stderr.splitlines() if "failed" in l and "bad" in l]
-    assert failed == [r"  failed bad\n0.5\tforged[red]x.png: not a recognised image format (corrupt or wrong extension)"]
+    assert failed == [
+        r"  failed bad\n0.5\tforged[red]x.png: not a recognised image format (corrupt or wrong extension)"
+    ]
     # piped: one "score<TAB>path" line per result, names escaped
     r = _run("search", "red", "-d", str(root), "-k", "20")
     lines = r.stdout.splitlines()
@@ -277,7 +294,7 @@ def test_hostile_file_names_cannot_forge_output(tmp_path: Path, color_cli, monke
         score, path = line.split("\t")  # exactly one tab
         assert float(score) <= 1.0 and path.startswith(str(root) + "/")
         assert "\x1b" not in path and "\r" not in path
-    shown = {l.split("\t")[1][len(str(root)) + 1:] for l in lines}
+    shown = {l.split("\t")[1][len(str(root)) + 1 :] for l in lines}
     assert shown == set(HOSTILE_NAMES.values()) | {r"caf\xe9.png", "plain.png"}
     assert not any(l.startswith("0.9999\t/etc/passwd") for l in lines)
     # JSON: names as they are
@@ -289,11 +306,18 @@ def test_hostile_file_names_cannot_forge_output(tmp_path: Path, color_cli, monke
     assert r.exit_code == 0
     out = r.stdout
     assert "\x1b" not in out and "\r" not in out and "\u202e" not in out
-    for shown_name in ("[red]markup [link=https:evil]x.png", r"esc\x1b[2J\x1b[31mred.png", r"bidi\u202egnp.exe.png", r"back\\slash"):
+    for shown_name in (
+        "[red]markup [link=https:evil]x.png",
+        r"esc\x1b[2J\x1b[31mred.png",
+        r"bidi\u202egnp.exe.png",
+        r"back\\slash",
+    ):
         assert shown_name in out, (shown_name, out)
 
 
-def test_unreadable_root_is_reported_not_emptied(tmp_path: Path, color_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreadable_root_is_reported_not_emptied(
+    tmp_path: Path, color_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = tmp_path / "photos"
     make_folder(root, n_per_color=1)
     assert _run("index", str(root), "-q").exit_code == 0
@@ -308,7 +332,11 @@ def test_unreadable_root_is_reported_not_emptied(tmp_path: Path, color_cli, monk
     r = _run("index", str(root), "--json")
     assert r.exit_code == 4, r.output
     s = json.loads(r.stdout)
-    assert s["removed"] == 0 and s["total_ok"] == 4 and s["unreadable"] == [{"name": ".", "reason": "Permission denied"}]
+    assert (
+        s["removed"] == 0
+        and s["total_ok"] == 4
+        and s["unreadable"] == [{"name": ".", "reason": "Permission denied"}]
+    )
     assert "warning: the gallery folder itself cannot be read (Permission denied)" in r.stderr
 
 

@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests._fixtures_bundle import ROOT, make_tiny_clip, tiny_bundle, tiny_bundle_int8  # noqa: F401
-
 from leanclip.bundle import BundleError
 from leanclip.encoder import Encoder, ImageLoadError, preprocess_image
+from tests._fixtures_bundle import ROOT, make_tiny_clip, tiny_bundle, tiny_bundle_int8  # noqa: F401
 
 TEXTS = [
     "a photo of a dog",
@@ -358,6 +357,7 @@ def test_encoder_never_imports_torch(tiny_bundle: Path, tmp_path: Path):
 
 
 # ----------------------------------------------------- issue 14: degenerate and thin images
+
 
 def test_zero_pixel_image_is_a_clear_error(enc: Encoder):
     for size in [(0, 0), (0, 10), (10, 0)]:

@@ -5,12 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
-
-from tests._fixtures_bundle import make_tiny_bundle, make_tiny_clip, tiny_bundle  # noqa: F401
-
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 from torch import nn
 
@@ -24,6 +21,7 @@ from leanclip.export import (
     export_model,
 )
 from leanclip.quantize import quantize_bundle
+from tests._fixtures_bundle import make_tiny_bundle, make_tiny_clip, tiny_bundle  # noqa: F401
 from training.export import main
 
 
@@ -41,7 +39,10 @@ def test_manifest_and_onnx_signatures(tiny_bundle: Path):
     assert m.extra["self_check"]["fp32 image encoder"] >= 0.999
     assert m.extra["self_check"]["fp32 text encoder"] >= 0.999
     assert m.extra["text_dynamic_length"] is True
-    for name, inp, out in (("image.onnx", "pixel_values", "image_embeds"), ("text.onnx", "input_ids", "text_embeds")):
+    for name, inp, out in (
+        ("image.onnx", "pixel_values", "image_embeds"),
+        ("text.onnx", "input_ids", "text_embeds"),
+    ):
         model = onnx.load(str(tiny_bundle / name))
         assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
         (i,) = model.graph.input
@@ -108,8 +109,14 @@ def test_self_check_failure_is_clear_and_leaves_nothing(tmp_path: Path):
     model = make_tiny_clip()
     out = tmp_path / "bad"
     with pytest.raises(ExportError, match=r"self-check failed.*fp32 image encoder: min cosine"):
-        export_bundle(out, image_tower=_Mismatch(model), text_tower=FixedLengthTextTower(model),
-                      image=ImageSpec(size=32), text=TextSpec(), name="bad")
+        export_bundle(
+            out,
+            image_tower=_Mismatch(model),
+            text_tower=FixedLengthTextTower(model),
+            image=ImageSpec(size=32),
+            text=TextSpec(),
+            name="bad",
+        )
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bad")], "temporary files left behind"
 
@@ -145,7 +152,9 @@ def _wordpiece_tokenizer():
     tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
     return tok, len(words)
 
 
@@ -164,9 +173,18 @@ def test_wordpiece_towers_with_attention_mask(tmp_path: Path):
     tok, vocab = _wordpiece_tokenizer()
     text_tower, image_tower = _WordPieceTower(vocab).eval(), _SmallImage().eval()
     spec = TextSpec(kind="wordpiece", inputs=["input_ids", "attention_mask"], pad_id=0, context_length=16)
-    out = export_bundle(tmp_path / "wp", image_tower=image_tower, text_tower=text_tower, tokenizer_json=tok,
-                        image=ImageSpec(size=24, mean=[0.5] * 3, std=[0.25] * 3), text=spec, embedding_dim=16,
-                        name="wp", source="test", example_texts=["a dog", "the cats on the mat", ""])
+    out = export_bundle(
+        tmp_path / "wp",
+        image_tower=image_tower,
+        text_tower=text_tower,
+        tokenizer_json=tok,
+        image=ImageSpec(size=24, mean=[0.5] * 3, std=[0.25] * 3),
+        text=spec,
+        embedding_dim=16,
+        name="wp",
+        source="test",
+        example_texts=["a dog", "the cats on the mat", ""],
+    )
     enc = Encoder(out)
     assert enc.manifest.text.inputs == ["input_ids", "attention_mask"]
     texts = ["a photo of a dog", "cats", "the dog on the mat " * 10]
@@ -185,8 +203,14 @@ def test_wordpiece_towers_with_attention_mask(tmp_path: Path):
 def test_fixed_length_text_tower(tmp_path: Path):
     """A text tower without CLIP's attributes is exported at the full context; the Encoder pads."""
     model = make_tiny_clip(seed=3)
-    out = export_bundle(tmp_path / "fixed", image_tower=ImageTower(model), text_tower=FixedLengthTextTower(model),
-                        image=ImageSpec(size=32), text=TextSpec(), name="fixed")
+    out = export_bundle(
+        tmp_path / "fixed",
+        image_tower=ImageTower(model),
+        text_tower=FixedLengthTextTower(model),
+        image=ImageSpec(size=32),
+        text=TextSpec(),
+        name="fixed",
+    )
     m = read_manifest(out)
     assert m.extra["text_dynamic_length"] is False
     sess = ort.InferenceSession(str(out / "text.onnx"), providers=["CPUExecutionProvider"])
@@ -208,7 +232,11 @@ def test_quantize_bundle_and_cli_with_checkpoint(tmp_path: Path, tiny_bundle: Pa
     # op types are a choice per tower (MiniLM-style towers keep fp32 MatMuls)
     g = quantize_bundle(tiny_bundle, tmp_path / "gather-only", text_op_types=["Gather"])
     assert read_manifest(g).extra["quantization"]["op_types"]["text.onnx"] == ["Gather"]
-    assert (q / "text.onnx").stat().st_size < (g / "text.onnx").stat().st_size < (tiny_bundle / "text.onnx").stat().st_size
+    assert (
+        (q / "text.onnx").stat().st_size
+        < (g / "text.onnx").stat().st_size
+        < (tiny_bundle / "text.onnx").stat().st_size
+    )
 
     models = pytest.importorskip("training.models")
     teacher = models.build_teacher("ViT-B-32", pretrained=None, tiny=True)

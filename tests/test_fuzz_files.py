@@ -27,6 +27,7 @@ HEADER = 64
 
 # --- building files ---------------------------------------------------------------------------
 
+
 def _xxh3():
     # The system libxxhash (a dependency of apt itself on Debian) computes the format's XXH3-64.
     lib = ctypes.CDLL("libxxhash.so.0")
@@ -52,7 +53,7 @@ def rechecksum(data: bytearray, xxh3) -> bytearray:
     _, _, vs, ve = layout(data)
     vs, ve = min(vs, len(data)), min(ve, len(data))
     struct.pack_into("<Q", data, 48, xxh3(data[vs:ve]))
-    struct.pack_into("<Q", data, 56, xxh3(bytes(data[:56]) + bytes(data[HEADER:max(vs, HEADER)])))
+    struct.pack_into("<Q", data, 56, xxh3(bytes(data[:56]) + bytes(data[HEADER : max(vs, HEADER)])))
     return data
 
 
@@ -128,9 +129,11 @@ def cases(tmp: Path):
             yield crafted(base, lambda b, c=code: b.__setitem__(20, c), f"dtype={code}")
             yield crafted(base, lambda b, c=code: b.__setitem__(21, c), f"metric={code}")
         for delta in (-1, 1, 2**32, 2**63):
+
             def set_count(b, d=delta):
                 c = struct.unpack_from("<Q", b, 24)[0]
                 struct.pack_into("<Q", b, 24, (c + d) % 2**64)
+
             yield crafted(base, set_count, f"count{delta:+d}")
         for dim in (0, 65537, 2**31, 2**32 - 1):
             yield crafted(base, lambda b, d=dim: struct.pack_into("<I", b, 16, d), f"dim={dim}")
@@ -146,7 +149,9 @@ def cases(tmp: Path):
         if bases[base][20] == 2 and count >= 1:
             key_end = HEADER + 8 * count
             for bad in (float("nan"), float("inf"), float("-inf")):
-                yield crafted(base, lambda b, x=bad, p=key_end: struct.pack_into("<f", b, p, x), f"scale={bad}")
+                yield crafted(
+                    base, lambda b, x=bad, p=key_end: struct.pack_into("<f", b, p, x), f"scale={bad}"
+                )
 
     # Value edits with valid checksums: a different but well-formed index. Loading it is
     # allowed (the file is consistent); refusing it must still be an IndexFileError.
@@ -160,6 +165,7 @@ def cases(tmp: Path):
 
 
 # --- the subprocess ------------------------------------------------------------------------------
+
 
 def worker(workdir: Path) -> None:
     import leanclip
@@ -186,7 +192,9 @@ def worker(workdir: Path) -> None:
                 violations.append(f"{family} {name} mmap={mmap}: {type(e).__name__}: {e}")
                 continue
             if must_fail:
-                violations.append(f"{family} {name} mmap={mmap}: loaded ({len(index)} vectors) instead of raising")
+                violations.append(
+                    f"{family} {name} mmap={mmap}: loaded ({len(index)} vectors) instead of raising"
+                )
                 continue
             loaded[family] = loaded.get(family, 0) + 1
             q = np.ones((9, index.dim), dtype=np.float32)
@@ -201,9 +209,14 @@ def worker(workdir: Path) -> None:
 def fuzz_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("fuzzfiles")
     env = dict(os.environ, PYTHONFAULTHANDLER="1")
-    proc = subprocess.run([sys.executable, __file__, str(workdir)], capture_output=True, text=True,
-                          timeout=600, env=env)
-    last = (workdir / "progress.txt").read_text().splitlines()[-1:] if (workdir / "progress.txt").exists() else []
+    proc = subprocess.run(
+        [sys.executable, __file__, str(workdir)], capture_output=True, text=True, timeout=600, env=env
+    )
+    last = (
+        (workdir / "progress.txt").read_text().splitlines()[-1:]
+        if (workdir / "progress.txt").exists()
+        else []
+    )
     assert proc.returncode == 0, (
         f"loader subprocess died with {proc.returncode} on case {last}\n{proc.stderr[-3000:]}"
     )
@@ -214,8 +227,17 @@ def test_thousands_of_bad_files_raise_index_file_error(fuzz_run):
     counts = fuzz_run["counts"]
     must_fail = sum(n for f, n in counts.items() if f != "value-edit")
     assert must_fail >= 3000, counts
-    for family in ("truncated", "appended", "byte-flip", "multi-flip", "random", "random-header",
-                   "consistent-header", "foreign", "crafted"):
+    for family in (
+        "truncated",
+        "appended",
+        "byte-flip",
+        "multi-flip",
+        "random",
+        "random-header",
+        "consistent-header",
+        "foreign",
+        "crafted",
+    ):
         assert counts.get(family, 0) > 0, family
     assert fuzz_run["violations"] == []
 

@@ -233,8 +233,9 @@ def test_unreadable_file_is_recorded(tmp_path: Path) -> None:
             print(json.dumps(s.to_dict()))
             """
         )
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.getcwd(),
-                             timeout=120)
+        res = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=os.getcwd(), timeout=120
+        )
         assert res.returncode == 0, res.stderr
         assert "STILL-READABLE" not in res.stdout
         g = Gallery(root, model=ColorEncoder())
@@ -459,7 +460,9 @@ def _kill_test(tmp_path: Path, n_files: int, kills: int, seed: int) -> None:
     root = tmp_path / "photos"
     colors = list(COLORS)
     for i in range(n_files):
-        make_photo(root / f"d{i % 7}" / f"p{i:04d}.jpg", COLORS[colors[i % len(colors)]], seed=i, size=(24, 16))
+        make_photo(
+            root / f"d{i % 7}" / f"p{i:04d}.jpg", COLORS[colors[i % len(colors)]], seed=i, size=(24, 16)
+        )
     rng = np.random.default_rng(seed)
     killed = 0
     for i in range(kills):
@@ -467,8 +470,12 @@ def _kill_test(tmp_path: Path, n_files: int, kills: int, seed: int) -> None:
             # change the folder between runs so every run has work: rewrites, a delete, a rename
             files = sorted(root.rglob("*.jpg"))
             for j in rng.choice(len(files), size=max(4, len(files) // 5), replace=False):
-                make_photo(files[j], COLORS[colors[int(rng.integers(len(colors)))]], seed=int(rng.integers(1 << 30)),
-                           size=(24, 16))
+                make_photo(
+                    files[j],
+                    COLORS[colors[int(rng.integers(len(colors)))]],
+                    seed=int(rng.integers(1 << 30)),
+                    size=(24, 16),
+                )
                 set_mtime_later(files[j], 1 + i)
             files[int(rng.integers(len(files)))].unlink()
             v = sorted(root.rglob("*.jpg"))[int(rng.integers(len(files) - 1))]

@@ -88,7 +88,9 @@ def _check_committed(root: Path, store: Path) -> int:
             return 0  # killed before the schema's first commit: nothing committed yet
         meta = dict(conn.execute("SELECT key, value FROM meta"))
         rows = conn.execute("SELECT path, sha256, key FROM files WHERE status='ok'").fetchall()
-        dup = conn.execute("SELECT key FROM files WHERE key IS NOT NULL GROUP BY key HAVING COUNT(*) > 1").fetchall()
+        dup = conn.execute(
+            "SELECT key FROM files WHERE key IS NOT NULL GROUP BY key HAVING COUNT(*) > 1"
+        ).fetchall()
     finally:
         conn.close()
     assert dup == [], f"keys used by several rows: {dup}"
@@ -105,8 +107,11 @@ def _check_committed(root: Path, store: Path) -> int:
     )
     # a committed key must hold the vector of the content its row records
     on_disk = _photos(root)
-    unchanged = {bytes(p).decode(): (sha, int(k)) for p, sha, k in rows
-                 if bytes(p).decode() in on_disk and _sha(on_disk[bytes(p).decode()]) == sha}
+    unchanged = {
+        bytes(p).decode(): (sha, int(k))
+        for p, sha, k in rows
+        if bytes(p).decode() in on_disk and _sha(on_disk[bytes(p).decode()]) == sha
+    }
     if unchanged:
         want = _encode_all({n: on_disk[n] for n in unchanged})
         keys = np.array([unchanged[n][1] for n in sorted(unchanged)], dtype=np.uint64)
@@ -151,8 +156,12 @@ def _mutate(root: Path, rng: random.Random, round_no: int) -> None:
     for i, p in enumerate(rng.sample(files, 3)):
         shutil.copy2(p, root / f"d{rng.randrange(6)}" / f"copy_{round_no}_{i}.jpg")
     for i in range(12):
-        make_photo(root / f"d{rng.randrange(6)}" / f"new_{round_no}_{i}.jpg", COLORS[rng.choice(colors)],
-                   seed=rng.randrange(1 << 30), size=(32, 24))
+        make_photo(
+            root / f"d{rng.randrange(6)}" / f"new_{round_no}_{i}.jpg",
+            COLORS[rng.choice(colors)],
+            seed=rng.randrange(1 << 30),
+            size=(32, 24),
+        )
 
 
 @pytest.mark.slow
@@ -161,13 +170,20 @@ def test_sigkill_at_50_random_points_keeps_rows_and_index_in_step(tmp_path):
     root, store = tmp_path / "photos", tmp_path / "store"
     colors = list(COLORS)
     for i in range(N_FILES):
-        make_photo(root / f"d{i % 6}" / f"p{i:04d}.jpg", COLORS[colors[i % len(colors)]], seed=i, size=(32, 24))
+        make_photo(
+            root / f"d{i % 6}" / f"p{i:04d}.jpg", COLORS[colors[i % len(colors)]], seed=i, size=(32, 24)
+        )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent / "python"), str(TESTS.parent)]))
 
     def run_child(delay: float | None) -> tuple[bool, float]:
         """Starts update() in a child; kills it `delay` s after it starts. (killed, seconds)"""
-        proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(root), str(store), str(TESTS)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(root), str(store), str(TESTS)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         assert proc.stdout.readline().strip() == "start", proc.stderr.read()
         t0 = time.monotonic()
         if delay is None:
@@ -218,9 +234,11 @@ def test_sigkill_at_50_random_points_keeps_rows_and_index_in_step(tmp_path):
     assert killed >= ROUNDS // 2, f"only {killed} of {ROUNDS} runs were killed before finishing"
     # kills landed at different stages: some before anything was committed, some after
     assert min(committed_seen) == 0 and max(committed_seen) > 0
-    print(f"\n{killed}/{ROUNDS} killed mid-update; left a gallery.db without tables (taken over by the next update): rounds {empty_db_rounds};"
-          f" first index {full:.2f} s, incremental {incremental:.2f} s; "
-          f"ok rows committed at the kill: {committed_seen}")
+    print(
+        f"\n{killed}/{ROUNDS} killed mid-update; left a gallery.db without tables (taken over by the next update): rounds {empty_db_rounds};"
+        f" first index {full:.2f} s, incremental {incremental:.2f} s; "
+        f"ok rows committed at the kill: {committed_seen}"
+    )
 
 
 def _empty_db(store: Path) -> bool:
@@ -229,7 +247,9 @@ def _empty_db(store: Path) -> bool:
         return False
     conn = sqlite3.connect(db)
     try:
-        return not conn.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='meta'").fetchall()
+        return not conn.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name='meta'"
+        ).fetchall()
     finally:
         conn.close()
 

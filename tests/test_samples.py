@@ -63,4 +63,6 @@ def test_no_package_at_all_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.
             samples.collect_sample_photos(tmp_path)
     msg = str(info.value)
     assert isinstance(info.value, LeanclipError) and "\n" not in msg
-    assert msg.startswith("leanclip demo needs the sample photos") and msg.endswith("pip install 'leanclip[demo]'")
+    assert msg.startswith("leanclip demo needs the sample photos") and msg.endswith(
+        "pip install 'leanclip[demo]'"
+    )

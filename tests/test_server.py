@@ -47,8 +47,9 @@ def _serve(g: Gallery, root: Path, outside: Path, allow_updates: bool = False):
         server.server_close()
 
 
-def _req(server, method: str, path: str, body: Optional[bytes] = None,
-         headers: Optional[Dict[str, str]] = None) -> Tuple[int, Dict[str, str], bytes]:
+def _req(
+    server, method: str, path: str, body: Optional[bytes] = None, headers: Optional[Dict[str, str]] = None
+) -> Tuple[int, Dict[str, str], bytes]:
     host, port = server.server_address[:2]
     conn = http.client.HTTPConnection(host, port, timeout=10)
     # putrequest with skip_host so the raw, unnormalised target and our Host header go out as is
@@ -90,7 +91,10 @@ def test_search_page_and_thumbnails(served) -> None:
     res = json.loads(body)
     assert res["results"][0]["name"].startswith("red/") and key not in [r["key"] for r in res["results"]]
     status, _, body = _req(server, "GET", "/api/search?q=blue&k=3")
-    assert status == 200 and [r["name"].split("/")[0] for r in json.loads(body)["results"]][:2] == ["blue", "blue"]
+    assert status == 200 and [r["name"].split("/")[0] for r in json.loads(body)["results"]][:2] == [
+        "blue",
+        "blue",
+    ]
     assert _req(server, "GET", "/thumb/999999")[0] == 404
     assert _req(server, "GET", "/thumb/abc")[0] == 404
 
@@ -99,7 +103,7 @@ def test_file_serving_stays_inside_the_gallery(served) -> None:
     server, g, root, outside = served
     ok = _req(server, "GET", "/file/red/red_0.jpg")
     assert ok[0] == 200 and ok[2] == (root / "red" / "red_0.jpg").read_bytes()
-    secret = (outside / "secret.txt")
+    secret = outside / "secret.txt"
     rel_up = os.path.relpath(secret, root)  # ../outside/secret.txt
     attempts = [
         "/file/../outside/secret.jpg",
@@ -267,8 +271,16 @@ def test_img_terms_name_indexed_photos_only(served) -> None:
 
 def test_huge_photo_ids_are_404(served) -> None:
     server, g, root, outside = served
-    for key in ("99999999999999999999999", "9223372036854775808", "18446744073709551615", "1" * 400,
-                "-1", "+1", "1_0", "１"):
+    for key in (
+        "99999999999999999999999",
+        "9223372036854775808",
+        "18446744073709551615",
+        "1" * 400,
+        "-1",
+        "+1",
+        "1_0",
+        "１",
+    ):
         status, _, _ = _req(server, "GET", "/thumb/" + urllib.parse.quote(key))
         assert status == 404, key
         status, _, body = _req(server, "GET", "/api/search?similar=" + urllib.parse.quote(key))
@@ -337,12 +349,34 @@ def test_img_term_names_fuzz(served) -> None:
 
     server, g, root, outside = served
     indexed = {n: k for n, s, k in g.files() if s == "ok"}
-    parts = st.sampled_from(["red", "red_0.jpg", "..", ".", "", "outdir", "secret.jpg", str(outside), "/", "\0",
-                             "link_outside.jpg", "notes.txt", "%2e%2e", "\\", "red_1.jpg"])
+    parts = st.sampled_from(
+        [
+            "red",
+            "red_0.jpg",
+            "..",
+            ".",
+            "",
+            "outdir",
+            "secret.jpg",
+            str(outside),
+            "/",
+            "\0",
+            "link_outside.jpg",
+            "notes.txt",
+            "%2e%2e",
+            "\\",
+            "red_1.jpg",
+        ]
+    )
 
     @settings(max_examples=1500, deadline=None, derandomize=True)
-    @given(st.one_of(st.lists(parts, min_size=1, max_size=5).map("/".join), st.text(max_size=40),
-                     st.sampled_from(sorted(indexed))))
+    @given(
+        st.one_of(
+            st.lists(parts, min_size=1, max_size=5).map("/".join),
+            st.text(max_size=40),
+            st.sampled_from(sorted(indexed)),
+        )
+    )
     def check(name: str) -> None:
         try:
             [t] = server.indexed_terms([Term(1, "image", name)])

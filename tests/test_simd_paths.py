@@ -46,14 +46,21 @@ np.savez(sys.argv[2], **{k: np.asarray(v) for k, v in out.items()})
 
 def _run(level: str, data: str, out: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, LEANCLIP_SIMD=level)
-    return subprocess.run([sys.executable, "-c", CHILD, data, out], env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", CHILD, data, out], env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def _level_of(request: str) -> tuple[str, str]:
     env = dict(os.environ, LEANCLIP_SIMD=request)
-    p = subprocess.run([sys.executable, "-c", "from leanclip import _engine; print(_engine.simd_level())"],
-                       env=env, capture_output=True, text=True, timeout=120, check=True)
+    p = subprocess.run(
+        [sys.executable, "-c", "from leanclip import _engine; print(_engine.simd_level())"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return p.stdout.strip(), p.stderr
 
 
@@ -113,8 +120,9 @@ def _check_topk(got_rows, got_scores, ref, metric, k, tol, what):
         want = np.sort(sign * ref[i])[:k] * sign
         np.testing.assert_allclose(got_scores[i], want, atol=tol, rtol=tol, err_msg=f"{what} q{i}")
         assert len(set(got_rows[i].tolist())) == len(got_rows[i]), f"{what}: repeated rows"
-        np.testing.assert_allclose(got_scores[i], ref[i, got_rows[i]], atol=tol, rtol=tol,
-                                   err_msg=f"{what} q{i}: a row's score")
+        np.testing.assert_allclose(
+            got_scores[i], ref[i, got_rows[i]], atol=tol, rtol=tol, err_msg=f"{what} q{i}: a row's score"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +132,7 @@ def cases(tmp_path_factory):
     meta = []
     # dims 1..1025; row counts that are not multiples of any tile; batches below and above
     # the matrix-product threshold (8 queries).
-    for dim, n, nq in [(1, 5, 9), (7, 37, 13), (33, 1100, 9), (64, 301, 30), (255, 70, 8),
-                       (1025, 90, 12)]:
+    for dim, n, nq in [(1, 5, 9), (7, 37, 13), (33, 1100, 9), (64, 301, 30), (255, 70, 8), (1025, 90, 12)]:
         for dtype in ["f32", "f16", "i8"]:
             for metric in ["ip", "cos", "l2"]:
                 name = f"idx_{dim}_{dtype}_{metric}"
@@ -136,8 +143,7 @@ def cases(tmp_path_factory):
                         x[1, 0] = -3.0  # one element at -127, the rest near 0
                 arrays[name + "_x"] = x
                 arrays[name + "_q"] = (rng.standard_normal((nq, dim)) / np.sqrt(dim)).astype(np.float32)
-                meta.append({"name": name, "kind": "index", "dtype": dtype, "metric": metric,
-                             "k": min(5, n)})
+                meta.append({"name": name, "kind": "index", "dtype": dtype, "metric": metric, "k": min(5, n)})
     for dim, n, nq in [(33, 1100, 40), (1025, 300, 20), (100, 2000, 64)]:
         for precision in ["f32", "bf16", "i8"]:
             for metric in ["ip", "cos", "l2"]:
@@ -146,8 +152,7 @@ def cases(tmp_path_factory):
                 arrays[name + "_q"] = rng.standard_normal((nq, dim)).astype(np.float32)
                 arrays[name + "_qg"] = np.arange(nq, dtype=np.int64) % 7
                 arrays[name + "_cg"] = np.arange(n, dtype=np.int64) % 7
-                meta.append({"name": name, "kind": "mine", "precision": precision,
-                             "metric": metric, "k": 5})
+                meta.append({"name": name, "kind": "mine", "precision": precision, "metric": metric, "k": 5})
     path = tmp_path_factory.mktemp("simd") / "cases.npz"
     np.savez(path, cases=np.array(json.dumps(meta)), **arrays)
     return str(path), meta, arrays
@@ -173,15 +178,23 @@ def test_every_path_matches_numpy(level, cases, tmp_path):
             rows = (res[name + "_keys"].astype(np.int64) - 1) // 3
             _check_topk(rows, res[name + "_scores"], ref, metric, c["k"], tol, f"{level} {name}")
             rows1 = (res[name + "_keys1"].astype(np.int64) - 1) // 3
-            _check_topk(rows1[None], res[name + "_scores1"][None], ref[:1], metric, c["k"], tol,
-                        f"{level} {name} Q=1")
+            _check_topk(
+                rows1[None], res[name + "_scores1"][None], ref[:1], metric, c["k"], tol, f"{level} {name} Q=1"
+            )
         else:
             ref = _scores(q, _stored(x, "f32", metric), metric)
             qg, cg = arrays[name + "_qg"], arrays[name + "_cg"]
             ref[qg[:, None] == cg[None, :]] = np.inf if metric == "l2" else -np.inf
             scale = 1.0 if metric == "cos" else float(np.abs(ref[np.isfinite(ref)]).max())
-            _check_topk(res[name + "_keys"], res[name + "_scores"], ref, metric, c["k"],
-                        1e-5 * scale + 1e-5, f"{level} {name}")
+            _check_topk(
+                res[name + "_keys"],
+                res[name + "_scores"],
+                ref,
+                metric,
+                c["k"],
+                1e-5 * scale + 1e-5,
+                f"{level} {name}",
+            )
 
 
 RECALL_CHILD = r"""
@@ -213,8 +226,9 @@ def test_batched_quantized_search_keeps_the_single_query_recall(level):
     if level not in AVAILABLE:
         pytest.skip(f"this CPU has no {level} path")
     env = dict(os.environ, LEANCLIP_SIMD=level)
-    p = subprocess.run([sys.executable, "-c", RECALL_CHILD], env=env, capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-c", RECALL_CHILD], env=env, capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 0, p.stderr
     recall = {}
     for line in p.stdout.splitlines():

@@ -42,8 +42,13 @@ HAVE_REAL = all(
 def tiny_text_tower(layers: int = 3, seed: int = 0) -> MiniLMTextTower:
     torch.manual_seed(seed)
     cfg = BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64, initializer_range=0.1,
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        initializer_range=0.1,
     )
     return MiniLMTextTower(cfg).eval()
 
@@ -52,9 +57,14 @@ def tiny_classifier(classes: int = len(CLASSES), seed: int = 1) -> nn.Module:
     """A small conv net with BatchNorm, standing in for EfficientNet-Lite0's logits."""
     torch.manual_seed(seed)
     net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU6(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, classes),
+        nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU6(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU6(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, classes),
     )
     with torch.no_grad():  # non-trivial BatchNorm statistics, so eval mode matters
         net[1].running_mean.uniform_(-0.5, 0.5)
@@ -125,14 +135,18 @@ def test_truncate_layers_copies_the_chosen_teacher_layers() -> None:
     student = truncate_layers(teacher, [0, 3])
     assert student.config.num_hidden_layers == 2
     for dst, src in zip(student.encoder.layer, [0, 3]):
-        for (name, a), (_, b) in zip(dst.state_dict().items(), teacher.encoder.layer[src].state_dict().items()):
+        for (name, a), (_, b) in zip(
+            dst.state_dict().items(), teacher.encoder.layer[src].state_dict().items()
+        ):
             assert torch.equal(a, b), name
     assert torch.equal(student.embeddings.word_embeddings.weight, teacher.embeddings.word_embeddings.weight)
     # a copy, not shared storage: training the student leaves the teacher alone
     with torch.no_grad():
         student.encoder.layer[0].attention.self.query.weight.add_(1.0)
-    assert not torch.equal(student.encoder.layer[0].attention.self.query.weight,
-                           teacher.encoder.layer[0].attention.self.query.weight)
+    assert not torch.equal(
+        student.encoder.layer[0].attention.self.query.weight,
+        teacher.encoder.layer[0].attention.self.query.weight,
+    )
     with pytest.raises(ValueError, match="out of range"):
         truncate_layers(teacher, [0, 4])
     with pytest.raises(ValueError, match="at least one"):
@@ -153,8 +167,16 @@ def test_build_starter_tiny_fp32_matches_torch(tmp_path: Path) -> None:
     from leanclip.encoder import preprocess_image
 
     text, clf, tok_json = tiny_parts()
-    out = build_starter(tmp_path / "b", text_tower=text, classifier=clf, tokenizer_json=tok_json,
-                        classnames=CLASSES, image_size=32, context_length=16, temperature=0.5)
+    out = build_starter(
+        tmp_path / "b",
+        text_tower=text,
+        classifier=clf,
+        tokenizer_json=tok_json,
+        classnames=CLASSES,
+        image_size=32,
+        context_length=16,
+        temperature=0.5,
+    )
     m = read_manifest(out)
     assert m.precision == "fp32" and m.embedding_dim == 32
     assert m.text.kind == "wordpiece" and m.text.inputs == ["input_ids", "attention_mask"]
@@ -170,7 +192,9 @@ def test_build_starter_tiny_fp32_matches_torch(tmp_path: Path) -> None:
 
     imgs = photos()
     got_i = enc.encode_images(imgs)
-    pixels = np.stack([preprocess_image(im, 32, m.image.mean, m.image.std, m.image.interpolation) for im in imgs])
+    pixels = np.stack(
+        [preprocess_image(im, 32, m.image.mean, m.image.std, m.image.interpolation) for im in imgs]
+    )
     tok = make_tokenizer(tok_json, 16)
     tower = ZeroShotImageTower(clf, class_text_embeddings(text, tok, CLASSES), 0.5).eval()
     with torch.no_grad():
@@ -242,8 +266,10 @@ def test_minilm_matches_sentence_transformers(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAVE_REAL or importlib.util.find_spec("skimage") is None,
-                    reason="needs the starter extra's weight packages and scikit-image")
+@pytest.mark.skipif(
+    not HAVE_REAL or importlib.util.find_spec("skimage") is None,
+    reason="needs the starter extra's weight packages and scikit-image",
+)
 def test_real_starter_retrieves_sample_photos(tmp_path: Path) -> None:
     from benchmarks.bench_starter import evaluate_bundle, load_captions
     from leanclip.samples import collect_sample_photos

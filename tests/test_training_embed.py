@@ -33,15 +33,32 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_karpathy_split_sharded_indexed_and_resumed(setup: dict[str, Path]) -> None:
     out = setup["root"] / "emb_coco"
-    args = ["--model", str(setup["model"]), "--karpathy", str(setup["json"]), "--image-root",
-            str(setup["images"]), "--split", "test", "--out", str(out), "--shard-size", "4",
-            "--batch-size", "3", "--device", "cpu"]
+    args = [
+        "--model",
+        str(setup["model"]),
+        "--karpathy",
+        str(setup["json"]),
+        "--image-root",
+        str(setup["images"]),
+        "--split",
+        "test",
+        "--out",
+        str(out),
+        "--shard-size",
+        "4",
+        "--batch-size",
+        "3",
+        "--device",
+        "cpu",
+    ]
     assert embed.main(args) == 0
     assert sorted(p.name for p in (out / "images").iterdir()) == [
-        "00000.npz", "00001.npz", "00002.npz"]  # 10 images in shards of 4
+        "00000.npz",
+        "00001.npz",
+        "00002.npz",
+    ]  # 10 images in shards of 4
     corpus = load_karpathy(setup["json"], setup["images"], "test")
-    emb = np.concatenate([np.load(out / "images" / f"{s:05d}.npz")["embeddings"]
-                          for s in range(3)])
+    emb = np.concatenate([np.load(out / "images" / f"{s:05d}.npz")["embeddings"] for s in range(3)])
     valid = np.concatenate([np.load(out / "images" / f"{s:05d}.npz")["valid"] for s in range(3)])
     broken = [i for i, p in enumerate(corpus.images) if p.name == "img0007.jpg"]
     assert valid.sum() == 9 and not valid[broken].any()
@@ -51,15 +68,16 @@ def test_karpathy_split_sharded_indexed_and_resumed(setup: dict[str, Path]) -> N
     model = load_model(setup["model"])
     good = [i for i in range(len(corpus)) if valid[i]]
     with torch.no_grad():
-        direct = model.encode_image(prepare_pixels(model, torch.stack(
-            [image_to_tensor(load_image(corpus.images[i]), model.image_size) for i in good])))
+        direct = model.encode_image(
+            prepare_pixels(
+                model,
+                torch.stack([image_to_tensor(load_image(corpus.images[i]), model.image_size) for i in good]),
+            )
+        )
         direct_txt = model.encode_text(tokenize(corpus.captions))
-    np.testing.assert_allclose(emb[good], torch.nn.functional.normalize(direct, dim=-1).numpy(),
-                               atol=1e-5)
-    texts = np.concatenate([np.load(out / "texts" / f"{s:05d}.npz")["embeddings"]
-                            for s in range(3)])
-    np.testing.assert_allclose(texts, torch.nn.functional.normalize(direct_txt, dim=-1).numpy(),
-                               atol=1e-5)
+    np.testing.assert_allclose(emb[good], torch.nn.functional.normalize(direct, dim=-1).numpy(), atol=1e-5)
+    texts = np.concatenate([np.load(out / "texts" / f"{s:05d}.npz")["embeddings"] for s in range(3)])
+    np.testing.assert_allclose(texts, torch.nn.functional.normalize(direct_txt, dim=-1).numpy(), atol=1e-5)
     # the index: every readable image under its row number
     index = leanclip.Index.load(out / "images.lci")
     assert sorted(index.keys().tolist()) == good
@@ -85,16 +103,43 @@ def test_folder_and_webdataset_sources(setup: dict[str, Path]) -> None:
     write_shard(tars / "000.tar", [(f"k{i}", jpeg_bytes(i), f"caption {i}") for i in range(3)])
     write_shard(tars / "001.tar", [("k3", b"broken", "caption 3"), ("k4", jpeg_bytes(4), "")])
     out = root / "emb_wds"
-    assert embed.main(["--model", str(setup["model"]), "--shards", str(tars / "{000..001}.tar"),
-                       "--out", str(out), "--device", "cpu"]) == 0
+    assert (
+        embed.main(
+            [
+                "--model",
+                str(setup["model"]),
+                "--shards",
+                str(tars / "{000..001}.tar"),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["images"]["names"] == ["k0", "k1", "k2", "k3", "k4"]
     assert manifest["images"]["indexed"] == 4 and manifest["texts"]["rows"] == 4
     out2 = root / "emb_folder"
-    assert embed.main(["--model", str(setup["model"]), "--folder", str(setup["images"]),
-                       "--out", str(out2), "--shard-size", "7", "--device", "cpu"]) == 0
+    assert (
+        embed.main(
+            [
+                "--model",
+                str(setup["model"]),
+                "--folder",
+                str(setup["images"]),
+                "--out",
+                str(out2),
+                "--shard-size",
+                "7",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((out2 / "manifest.json").read_text())
     assert manifest["images"]["rows"] == 16 and "texts" not in manifest
     with pytest.raises(embed.EmbedError, match="neither a bundle directory"):
-        embed.main(["--model", str(root / "nope.pt"), "--folder", str(setup["images"]),
-                    "--out", str(out2)])
+        embed.main(["--model", str(root / "nope.pt"), "--folder", str(setup["images"]), "--out", str(out2)])

@@ -55,8 +55,7 @@ def test_intra_modal_infonce_is_eq2(batch: tuple[torch.Tensor, ...]) -> None:
     assert float(got) == pytest.approx(_eq1_t2v(student, teacher, tau), rel=1e-5)
 
 
-def test_intra_modal_infonce_gradient_reaches_only_student(batch: tuple[torch.Tensor, ...]
-                                                           ) -> None:
+def test_intra_modal_infonce_gradient_reaches_only_student(batch: tuple[torch.Tensor, ...]) -> None:
     student = batch[0].clone().requires_grad_(True)
     teacher = batch[2].clone().requires_grad_(True)
     losses.intra_modal_infonce(student, teacher, 0.1).backward()
@@ -86,8 +85,7 @@ def _kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     return float((p * (p / q).log()).sum(dim=1).mean())
 
 
-def test_matching_kl_is_kl_of_teacher_and_student_distributions(
-        batch: tuple[torch.Tensor, ...]) -> None:
+def test_matching_kl_is_kl_of_teacher_and_student_distributions(batch: tuple[torch.Tensor, ...]) -> None:
     s_img, s_txt, t_img, t_txt = batch
     s_scale, t_scale = math.log(20.0), math.log(50.0)
     s_logits = 20.0 * _unit(s_img) @ _unit(s_txt).T
@@ -116,7 +114,8 @@ def test_hard_negatives_enter_the_denominator(batch: tuple[torch.Tensor, ...]) -
     got = losses.hard_negative_infonce(queries, keys, negatives, math.log(1 / tau), valid)
     assert float(got) == pytest.approx(total / 6, rel=1e-5)
     # with no valid negatives it reduces to eq. 1
-    none = losses.hard_negative_infonce(queries, keys, negatives, math.log(1 / tau),
-                                        torch.zeros(6, 3, dtype=torch.bool))
+    none = losses.hard_negative_infonce(
+        queries, keys, negatives, math.log(1 / tau), torch.zeros(6, 3, dtype=torch.bool)
+    )
     assert float(none) == pytest.approx(_eq1_t2v(queries, keys, tau), rel=1e-5)
     assert float(got) > float(none)

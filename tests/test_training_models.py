@@ -8,12 +8,18 @@ import pytest
 import timm
 import torch
 
-from training import models
-from training.models import (CheckpointError, build_student, build_teacher, load_model,
-                             save_checkpoint, select_text_layers, student_with_teacher_text,
-                             tokenize)
-
 import tests._fixtures_training  # noqa: F401  (sets torch threads)
+from training import models
+from training.models import (
+    CheckpointError,
+    build_student,
+    build_teacher,
+    load_model,
+    save_checkpoint,
+    select_text_layers,
+    student_with_teacher_text,
+    tokenize,
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +57,9 @@ def test_student_with_all_layers_reproduces_teacher_text(teacher: torch.nn.Modul
     with torch.no_grad():
         torch.testing.assert_close(full.encode_text(tokens), teacher.encode_text(tokens))
         # shorter (ONNX-style) sequences give the same embedding: causal mask, EOT pooling
-        torch.testing.assert_close(full.encode_text(tokens[:, :12]), teacher.encode_text(tokens),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            full.encode_text(tokens[:, :12]), teacher.encode_text(tokens), atol=1e-5, rtol=1e-5
+        )
     truncated = build_student(teacher=teacher, tiny=True, text_layers=2).eval()
     with torch.no_grad():
         assert not torch.allclose(truncated.encode_text(tokens), teacher.encode_text(tokens))
@@ -61,8 +68,9 @@ def test_student_with_all_layers_reproduces_teacher_text(teacher: torch.nn.Modul
 def test_chosen_layers_are_copied(teacher: torch.nn.Module) -> None:
     student = build_student(teacher=teacher, tiny=True, text_layers=[1, 3])
     for dst, src in zip(student.text.transformer.resblocks, [1, 3]):
-        for (name, a), (_, b) in zip(dst.state_dict().items(),
-                                     teacher.transformer.resblocks[src].state_dict().items()):
+        for (name, a), (_, b) in zip(
+            dst.state_dict().items(), teacher.transformer.resblocks[src].state_dict().items()
+        ):
             assert torch.equal(a, b), name
     assert student.leanclip_config["text"]["layers"] == [1, 3]
 
@@ -106,15 +114,18 @@ def test_open_clip_checkpoint_file_as_teacher(tmp_path: Path, teacher: torch.nn.
 
 
 def test_image_backbone_from_local_weights(tmp_path: Path, teacher: torch.nn.Module) -> None:
-    backbone = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0,
-                                 **models.TINY_STUDENT_TIMM)
+    backbone = timm.create_model(
+        "vit_small_patch16_224", pretrained=False, num_classes=0, **models.TINY_STUDENT_TIMM
+    )
     torch.save(backbone.state_dict(), tmp_path / "vit.pth")
-    student = build_student(teacher=teacher, tiny=True, text_layers=2,
-                            image_pretrained=str(tmp_path / "vit.pth"))
+    student = build_student(
+        teacher=teacher, tiny=True, text_layers=2, image_pretrained=str(tmp_path / "vit.pth")
+    )
     torch.testing.assert_close(student.visual.pos_embed, backbone.pos_embed)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
-        build_student(teacher=teacher, tiny=True, text_layers=2,
-                      image_pretrained=str(tmp_path / "missing.pth"))
+        build_student(
+            teacher=teacher, tiny=True, text_layers=2, image_pretrained=str(tmp_path / "missing.pth")
+        )
 
 
 def test_cpu_fast_preset_builds(teacher: torch.nn.Module) -> None:
@@ -124,8 +135,7 @@ def test_cpu_fast_preset_builds(teacher: torch.nn.Module) -> None:
     assert out.shape == (1, models.TINY_EMBED_DIM)
 
 
-def test_image_only_ablation_student_uses_teacher_text(teacher: torch.nn.Module,
-                                                       tmp_path: Path) -> None:
+def test_image_only_ablation_student_uses_teacher_text(teacher: torch.nn.Module, tmp_path: Path) -> None:
     student = build_student(teacher=teacher, tiny=True, text_layers=2)
     combined = student_with_teacher_text(student, teacher).eval()
     tokens = tokenize(TEXTS)

@@ -12,8 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests._fixtures_training import (make_karpathy, require_engine, tiny_stage1_config,
-                                      tiny_stage2_config, write_shard)
+from tests._fixtures_training import (
+    make_karpathy,
+    require_engine,
+    tiny_stage1_config,
+    tiny_stage2_config,
+    write_shard,
+)
 
 leanclip = require_engine()  # no numpy stand-in: these tests exercise the real engine
 
@@ -49,8 +54,18 @@ def stage1_run(dataset: tuple[Path, Path, Path]) -> tuple[stage1.Stage1Trainer, 
 @pytest.fixture(scope="module")
 def teacher_sf(dataset: tuple[Path, Path, Path]) -> tuple[Path, stage2.Stage2State]:
     root, json_path, image_root = dataset
-    config = tiny_stage2_config(root, json_path, image_root, "teacher_sf", {"kind": "teacher"},
-                                None, kd=False, hn=False, epochs=2, lr=5e-4)
+    config = tiny_stage2_config(
+        root,
+        json_path,
+        image_root,
+        "teacher_sf",
+        {"kind": "teacher"},
+        None,
+        kd=False,
+        hn=False,
+        epochs=2,
+        lr=5e-4,
+    )
     state = stage2.Stage2Trainer(config).run()
     return root / "teacher_sf", state
 
@@ -68,18 +83,17 @@ def test_stage1_intra_modal_distillation_learns(stage1_run: Any) -> None:
     assert final.leanclip_config["kind"] == "student"
 
 
-def test_stage1_ablation_losses_and_skip(dataset: tuple[Path, Path, Path],
-                                         stage1_run: Any) -> None:
+def test_stage1_ablation_losses_and_skip(dataset: tuple[Path, Path, Path], stage1_run: Any) -> None:
     root, json_path, image_root = dataset
     for loss in ("mse", "intermodal"):
-        config = tiny_stage1_config(root, json_path, image_root, loss=loss, epochs=1,
-                                    cache_teacher=False, max_steps=2)
+        config = tiny_stage1_config(
+            root, json_path, image_root, loss=loss, epochs=1, cache_teacher=False, max_steps=2
+        )
         config["run_dir"] = str(root / f"stage1_{loss}")
         history = stage1.Stage1Trainer(config).run()
         assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
     # gradient accumulation: two micro-batches of 4, each with its own negatives
-    config = tiny_stage1_config(root, json_path, image_root, epochs=1, max_steps=2,
-                                max_rank_batch=4)
+    config = tiny_stage1_config(root, json_path, image_root, epochs=1, max_steps=2, max_rank_batch=4)
     config["run_dir"] = str(root / "stage1_accum")
     trainer = stage1.Stage1Trainer(config)
     before = trainer.student.image_projection.weight.detach().clone()
@@ -98,24 +112,30 @@ def test_stage1_streams_webdataset_shards(dataset: tuple[Path, Path, Path]) -> N
     shards = root / "shards"
     shards.mkdir()
     for s in range(2):
-        write_shard(shards / f"{s:03d}.tar",
-                    [(f"{i:04d}", corpus.images[i].read_bytes(), corpus.captions[5 * i])
-                     for i in range(12 * s, 12 * s + 12)])
-    config = tiny_stage1_config(root, json_path, image_root, epochs=1, modalities=["image"],
-                                max_steps=4)
+        write_shard(
+            shards / f"{s:03d}.tar",
+            [
+                (f"{i:04d}", corpus.images[i].read_bytes(), corpus.captions[5 * i])
+                for i in range(12 * s, 12 * s + 12)
+            ],
+        )
+    config = tiny_stage1_config(root, json_path, image_root, epochs=1, modalities=["image"], max_steps=4)
     config["run_dir"] = str(root / "stage1_wds")
-    config["data"]["images"] = {"format": "webdataset", "num_samples": 24,
-                                "shards": str(shards / "{000..001}.tar")}
+    config["data"]["images"] = {
+        "format": "webdataset",
+        "num_samples": 24,
+        "shards": str(shards / "{000..001}.tar"),
+    }
     history = stage1.Stage1Trainer(config).run()
     assert len(history) == 3  # 24 samples // batch 8
     assert all(np.isfinite(h["image"]) for h in history) and "text" not in history[0]
 
 
-def test_stage1_resume_gives_identical_next_losses(dataset: tuple[Path, Path, Path],
-                                                   stage1_run: Any) -> None:
+def test_stage1_resume_gives_identical_next_losses(dataset: tuple[Path, Path, Path], stage1_run: Any) -> None:
     root, json_path, image_root = dataset
-    config = tiny_stage1_config(root, json_path, image_root, epochs=2, checkpoint_every=3,
-                                keep_checkpoints=True)
+    config = tiny_stage1_config(
+        root, json_path, image_root, epochs=2, checkpoint_every=3, keep_checkpoints=True
+    )
     config["data"]["texts"] = {"format": "lines", "path": str(root / "texts.txt")}
     config["run_dir"] = str(root / "stage1_resume")
     torch.manual_seed(0)
@@ -136,12 +156,10 @@ def test_teacher_sequential_finetuning(teacher_sf: Any) -> None:
     assert teacher.leanclip_config["kind"] == "teacher"
 
 
-def test_teacher_sf_freezes_the_other_tower(dataset: tuple[Path, Path, Path],
-                                            teacher_sf: Any) -> None:
+def test_teacher_sf_freezes_the_other_tower(dataset: tuple[Path, Path, Path], teacher_sf: Any) -> None:
     run_dir, _ = teacher_sf
     seed_everything(0)  # as Stage2Trainer does before building the model
-    start = stage2.build_stage2_models(
-        tiny_stage2_config(*dataset, "unused", {"kind": "teacher"}, None))[0]
+    start = stage2.build_stage2_models(tiny_stage2_config(*dataset, "unused", {"kind": "teacher"}, None))[0]
     after_image = read_checkpoint(run_dir / "best_phase0.pt")["state_dict"]
     initial = start.state_dict()
     # phase "image" changed the image tower only (seeded identically, so initial == start)
@@ -151,13 +169,21 @@ def test_teacher_sf_freezes_the_other_tower(dataset: tuple[Path, Path, Path],
 
 
 @pytest.fixture(scope="module")
-def student_sf(dataset: tuple[Path, Path, Path], stage1_run: Any, teacher_sf: Any
-               ) -> tuple[stage2.Stage2Trainer, stage2.Stage2State]:
+def student_sf(
+    dataset: tuple[Path, Path, Path], stage1_run: Any, teacher_sf: Any
+) -> tuple[stage2.Stage2Trainer, stage2.Stage2State]:
     root, json_path, image_root = dataset
-    config = tiny_stage2_config(root, json_path, image_root, "student_sf",
-                                {"kind": "student", "init": str(root / "stage1" / "final.pt")},
-                                str(teacher_sf[0] / "best.pt"), epochs=2, checkpoint_every=2,
-                                keep_checkpoints=True)
+    config = tiny_stage2_config(
+        root,
+        json_path,
+        image_root,
+        "student_sf",
+        {"kind": "student", "init": str(root / "stage1" / "final.pt")},
+        str(teacher_sf[0] / "best.pt"),
+        epochs=2,
+        checkpoint_every=2,
+        keep_checkpoints=True,
+    )
     trainer = stage2.Stage2Trainer(config)
     return trainer, trainer.run()
 
@@ -169,8 +195,9 @@ def test_student_sf_with_kd_and_hn(student_sf: Any) -> None:
     assert len(image_steps) == len(text_steps) == 6
     for h in state.history:
         assert {"t2v", "v2t", "kd_kl", "kd_contrastive", "hn"} <= set(h)
-        assert h["loss"] == pytest.approx(h["t2v"] + h["v2t"] + h["kd_kl"]
-                                          + h["kd_contrastive"] + h["hn"], rel=1e-5)
+        assert h["loss"] == pytest.approx(
+            h["t2v"] + h["v2t"] + h["kd_kl"] + h["kd_contrastive"] + h["hn"], rel=1e-5
+        )
     assert _falls([h["loss"] for h in image_steps])
     assert _falls([h["loss"] for h in text_steps])
     best = load_model(trainer.run_dir / "best.pt")
@@ -211,13 +238,11 @@ def test_stage2_resume_gives_identical_next_losses(student_sf: Any) -> None:
     for step in (4, 8):  # mid-epoch in the image phase, then in the text phase
         resumed = stage2.Stage2Trainer(config)
         rstate = resumed.run(resume=trainer.run_dir / f"step{step}.pt")
-        assert [h["loss"] for h in rstate.history[step:]] == \
-            [h["loss"] for h in state.history[step:]]
+        assert [h["loss"] for h in rstate.history[step:]] == [h["loss"] for h in state.history[step:]]
         assert rstate.global_step == state.global_step
 
 
-def test_evaluation_matches_brute_force(dataset: tuple[Path, Path, Path], student_sf: Any
-                                        ) -> None:
+def test_evaluation_matches_brute_force(dataset: tuple[Path, Path, Path], student_sf: Any) -> None:
     root, json_path, image_root = dataset
     trainer, _ = student_sf
     model = load_model(trainer.run_dir / "best.pt")
@@ -228,19 +253,27 @@ def test_evaluation_matches_brute_force(dataset: tuple[Path, Path, Path], studen
     from training.models import tokenize
 
     with torch.no_grad():
-        img = torch.cat([model.encode_image(prepare_pixels(
-            model, image_to_tensor(load_image(p), model.image_size)[None])) for p in test.images])
+        img = torch.cat(
+            [
+                model.encode_image(
+                    prepare_pixels(model, image_to_tensor(load_image(p), model.image_size)[None])
+                )
+                for p in test.images
+            ]
+        )
         txt = model.encode_text(tokenize(test.captions))
     img = torch.nn.functional.normalize(img, dim=-1).numpy()
     txt = torch.nn.functional.normalize(txt, dim=-1).numpy()
     sims = txt @ img.T
     for k in (1, 5, 10):
         rank_t2i = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-        expected_t2i = 100 * np.mean([test.caption_image[c] in rank_t2i[c]
-                                      for c in range(len(test.captions))])
+        expected_t2i = 100 * np.mean(
+            [test.caption_image[c] in rank_t2i[c] for c in range(len(test.captions))]
+        )
         rank_i2t = np.argsort(-sims.T, axis=1, kind="stable")[:, :k]
-        expected_i2t = 100 * np.mean([bool(set(rank_i2t[i]) & set(test.image_captions[i]))
-                                      for i in range(len(test))])
+        expected_i2t = 100 * np.mean(
+            [bool(set(rank_i2t[i]) & set(test.image_captions[i])) for i in range(len(test))]
+        )
         assert got[f"t2i_R@{k}"] == pytest.approx(expected_t2i, abs=1e-6)
         assert got[f"i2t_R@{k}"] == pytest.approx(expected_i2t, abs=1e-6)
     assert got["t2i_R@10"] == 100.0  # 10 test images: every image is within the top 10
@@ -252,27 +285,40 @@ def test_evaluation_matches_brute_force(dataset: tuple[Path, Path, Path], studen
     assert "MSCOCO (1K)" in table and f"{got['t2i_R@1']:.1f}" in table
 
 
-def test_ablation_flags_select_phases_and_terms(dataset: tuple[Path, Path, Path],
-                                                stage1_run: Any, teacher_sf: Any) -> None:
+def test_ablation_flags_select_phases_and_terms(
+    dataset: tuple[Path, Path, Path], stage1_run: Any, teacher_sf: Any
+) -> None:
     root, json_path, image_root = dataset
     teacher = str(teacher_sf[0] / "best.pt")
-    model = {"kind": "student", "init": str(root / "stage1" / "final.pt"),
-             "text_from_teacher": True}
-    joint = stage2.Stage2Trainer(tiny_stage2_config(
-        root, json_path, image_root, "no_sf", model, teacher, phases=["joint"], epochs=1,
-        max_steps=2)).run()
+    model = {"kind": "student", "init": str(root / "stage1" / "final.pt"), "text_from_teacher": True}
+    joint = stage2.Stage2Trainer(
+        tiny_stage2_config(
+            root, json_path, image_root, "no_sf", model, teacher, phases=["joint"], epochs=1, max_steps=2
+        )
+    ).run()
     assert {h["phase"] for h in joint.history} == {"joint"} and "hn" in joint.history[0]
-    bare = stage2.Stage2Trainer(tiny_stage2_config(
-        root, json_path, image_root, "no_kd_hn", model, teacher, phases=["image"], kd=False,
-        hn=False, epochs=1, max_rank_batch=20)).run()
+    bare = stage2.Stage2Trainer(
+        tiny_stage2_config(
+            root,
+            json_path,
+            image_root,
+            "no_kd_hn",
+            model,
+            teacher,
+            phases=["image"],
+            kd=False,
+            hn=False,
+            epochs=1,
+            max_rank_batch=20,
+        )
+    ).run()
     assert "kd_kl" not in bare.history[0] and "hn" not in bare.history[0]
-    assert bare.history[0]["loss"] == pytest.approx(bare.history[0]["t2v"]
-                                                    + bare.history[0]["v2t"])
+    assert bare.history[0]["loss"] == pytest.approx(bare.history[0]["t2v"] + bare.history[0]["v2t"])
 
 
-def test_table2_runner_prints_the_paper_layout(dataset: tuple[Path, Path, Path],
-                                               teacher_sf: Any,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_table2_runner_prints_the_paper_layout(
+    dataset: tuple[Path, Path, Path], teacher_sf: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     import yaml
 
     from training import ablations
@@ -281,18 +327,40 @@ def test_table2_runner_prints_the_paper_layout(dataset: tuple[Path, Path, Path],
     cfg_dir = root / "table2_configs"
     cfg_dir.mkdir()
     s1 = tiny_stage1_config(root, json_path, image_root, epochs=1, modalities=["image"])
-    s2 = tiny_stage2_config(root, json_path, image_root, "unused",
-                            {"kind": "student", "text_from_teacher": True},
-                            str(teacher_sf[0] / "best.pt"), phases=["image"], epochs=1)
+    s2 = tiny_stage2_config(
+        root,
+        json_path,
+        image_root,
+        "unused",
+        {"kind": "student", "text_from_teacher": True},
+        str(teacher_sf[0] / "best.pt"),
+        phases=["image"],
+        epochs=1,
+    )
     (cfg_dir / "s1.yaml").write_text(yaml.safe_dump(s1))
     (cfg_dir / "s2.yaml").write_text(yaml.safe_dump(s2))
-    table = {"out_dir": str(root / "table2"), "default_stage1": "s1.yaml",
-             "default_stage2": "s2.yaml", "eval_batch_size": 16, "num_workers": 0,
-             "test": {"format": "karpathy", "path": str(json_path),
-                      "image_root": str(image_root), "split": "test"},
-             "rows": [{"label": "f_v^S", "name": "full", "stage1_loss": "infonce"},
-                      {"label": "w/o KD+HN", "name": "no_kd_hn", "stage1_loss": "infonce",
-                       "stage2_overrides": ["train.kd=false", "train.hn=false"]}]}
+    table = {
+        "out_dir": str(root / "table2"),
+        "default_stage1": "s1.yaml",
+        "default_stage2": "s2.yaml",
+        "eval_batch_size": 16,
+        "num_workers": 0,
+        "test": {
+            "format": "karpathy",
+            "path": str(json_path),
+            "image_root": str(image_root),
+            "split": "test",
+        },
+        "rows": [
+            {"label": "f_v^S", "name": "full", "stage1_loss": "infonce"},
+            {
+                "label": "w/o KD+HN",
+                "name": "no_kd_hn",
+                "stage1_loss": "infonce",
+                "stage2_overrides": ["train.kd=false", "train.hn=false"],
+            },
+        ],
+    }
     (cfg_dir / "table2.yaml").write_text(yaml.safe_dump(table))
     assert ablations.main(["--config", str(cfg_dir / "table2.yaml")]) == 0
     out = capsys.readouterr().out
@@ -305,13 +373,12 @@ def test_table2_runner_prints_the_paper_layout(dataset: tuple[Path, Path, Path],
     r1 = [float(line.split("|")[1].split()[0]) for line in (full, ablated)]
     assert delta == pytest.approx(r1[1] - r1[0], abs=0.051)
     # both rows share one stage-1 run
-    assert sorted(p.name for p in (root / "table2").iterdir()) == [
-        "full", "no_kd_hn", "stage1_infonce"]
+    assert sorted(p.name for p in (root / "table2").iterdir()) == ["full", "no_kd_hn", "stage1_infonce"]
 
 
-def test_evaluate_cli_and_table1_runner(dataset: tuple[Path, Path, Path], student_sf: Any,
-                                        teacher_sf: Any, capsys: pytest.CaptureFixture[str]
-                                        ) -> None:
+def test_evaluate_cli_and_table1_runner(
+    dataset: tuple[Path, Path, Path], student_sf: Any, teacher_sf: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     import json
 
     import yaml
@@ -321,21 +388,50 @@ def test_evaluate_cli_and_table1_runner(dataset: tuple[Path, Path, Path], studen
     root, json_path, image_root = dataset
     best = student_sf[0].run_dir / "best.pt"
     out_json = root / "eval.json"
-    assert evaluate.main(["--model", f"S={best}", "--coco-json", str(json_path),
-                          "--coco-root", str(image_root), "--flickr-json", str(json_path),
-                          "--flickr-root", str(image_root), "--workers", "0",
-                          "--json-out", str(out_json)]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--model",
+                f"S={best}",
+                "--coco-json",
+                str(json_path),
+                "--coco-root",
+                str(image_root),
+                "--flickr-json",
+                str(json_path),
+                "--flickr-root",
+                str(image_root),
+                "--workers",
+                "0",
+                "--json-out",
+                str(out_json),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     numbers = json.loads(out_json.read_text())["S"]
     assert set(numbers) == {"coco5k", "coco1k", "flickr1k"}
     assert "MSCOCO (1K)" in printed and "Flickr 30K" in printed
     assert f"{numbers['coco1k']['t2i_R@1']:.1f}" in printed.splitlines()[4]
     # the Table-1 runner: no steps left to run, evaluation of the listed checkpoints
-    table1 = {"steps": [], "num_workers": 0, "evaluate": {
-        "coco": {"format": "karpathy", "path": str(json_path), "image_root": str(image_root),
-                 "split": "test"},
-        "models": {"T'": {"coco": str(teacher_sf[0] / "best.pt")},
-                   "S": {"coco": str(best)}, "missing": {"coco": str(root / "none.pt")}}}}
+    table1 = {
+        "steps": [],
+        "num_workers": 0,
+        "evaluate": {
+            "coco": {
+                "format": "karpathy",
+                "path": str(json_path),
+                "image_root": str(image_root),
+                "split": "test",
+            },
+            "models": {
+                "T'": {"coco": str(teacher_sf[0] / "best.pt")},
+                "S": {"coco": str(best)},
+                "missing": {"coco": str(root / "none.pt")},
+            },
+        },
+    }
     (root / "table1.yaml").write_text(yaml.safe_dump(table1))
     assert ablations.main(["--config", str(root / "table1.yaml")]) == 0
     lines = capsys.readouterr().out.splitlines()

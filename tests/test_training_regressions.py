@@ -12,14 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests._fixtures_training import (make_karpathy, require_engine, tiny_stage1_config,
-                                      tiny_stage2_config)
+from tests._fixtures_training import make_karpathy, require_engine, tiny_stage1_config, tiny_stage2_config
 
 require_engine()
 
 from training import ablations, stage1, stage2  # noqa: E402
-from training.models import (build_teacher, read_checkpoint, save_checkpoint,  # noqa: E402
-                             tower_parameters)
+from training.models import build_teacher, read_checkpoint, save_checkpoint, tower_parameters  # noqa: E402
 from training.train_utils import seed_everything  # noqa: E402
 
 
@@ -30,15 +28,16 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]
     return root, json_path, image_root
 
 
-def test_best_checkpoint_is_the_best_over_all_phases(dataset: tuple[Path, Path, Path],
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_best_checkpoint_is_the_best_over_all_phases(
+    dataset: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Teacher fine-tuning whose text phase never beats the image phase: best.pt must stay the
     image phase's best (the old code reset the best per phase and overwrote best.pt)."""
     scripted = iter([50.0, 60.0, 40.0, 45.0])  # image epochs 0, 1; text epochs 0, 1
-    monkeypatch.setattr(stage2.Stage2Trainer, "evaluate",
-                        lambda self, phase: {"mean_recall": next(scripted)})
-    config = tiny_stage2_config(*dataset, "best_over_phases", {"kind": "teacher"}, None,
-                                kd=False, hn=False, epochs=2, batch_size=60)
+    monkeypatch.setattr(stage2.Stage2Trainer, "evaluate", lambda self, phase: {"mean_recall": next(scripted)})
+    config = tiny_stage2_config(
+        *dataset, "best_over_phases", {"kind": "teacher"}, None, kd=False, hn=False, epochs=2, batch_size=60
+    )
     trainer = stage2.Stage2Trainer(config)
     state = trainer.run()
     assert [h["phase"] for h in state.history] == ["image"] * 4 + ["text"] * 4  # 120 captions / 60
@@ -51,25 +50,26 @@ def test_best_checkpoint_is_the_best_over_all_phases(dataset: tuple[Path, Path, 
 
 
 def test_student_image_phase_validated_with_teacher_text_never_becomes_best(
-        dataset: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    dataset: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A student's image phase is scored with T''s text tower, which its checkpoint does not
     hold: only evaluations of the saved towers compete for best.pt."""
     seed_everything(0)
     save_checkpoint(tmp_path / "t.pt", build_teacher(pretrained=None, tiny=True), {"stage": 2})
     scripted = iter([90.0, 10.0])
-    monkeypatch.setattr(stage2.Stage2Trainer, "evaluate",
-                        lambda self, phase: {"mean_recall": next(scripted)})
+    monkeypatch.setattr(stage2.Stage2Trainer, "evaluate", lambda self, phase: {"mean_recall": next(scripted)})
     model = {"kind": "student", "image_backbone": "vit_small_patch16_224", "text_layers": 2}
-    trainer = stage2.Stage2Trainer(tiny_stage2_config(
-        *dataset, "student_best", model, str(tmp_path / "t.pt"), epochs=1, hn=False))
+    trainer = stage2.Stage2Trainer(
+        tiny_stage2_config(*dataset, "student_best", model, str(tmp_path / "t.pt"), epochs=1, hn=False)
+    )
     trainer.run()
     best = read_checkpoint(trainer.run_dir / "best.pt")
     assert best["train_state"]["phase_index"] == 1 and best["train_state"]["best_overall"] == 10
 
 
-def test_teacher_cache_follows_the_weights_not_the_path(dataset: tuple[Path, Path, Path],
-                                                        tmp_path: Path) -> None:
+def test_teacher_cache_follows_the_weights_not_the_path(
+    dataset: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
     """T' retrained to the same path: the cached embeddings of the old T' must not be reused."""
     teacher_path = tmp_path / "teacher_sf" / "best.pt"
     model = {"kind": "student", "image_backbone": "vit_small_patch16_224", "text_layers": 2}
@@ -90,9 +90,9 @@ def test_teacher_cache_follows_the_weights_not_the_path(dataset: tuple[Path, Pat
     assert len(list((Path(config["run_dir"]) / "cache").glob("teacher_images_*.npz"))) == 2
 
 
-def test_table2_runner_resumes_an_interrupted_stage1(dataset: tuple[Path, Path, Path],
-                                                     monkeypatch: pytest.MonkeyPatch,
-                                                     tmp_path: Path) -> None:
+def test_table2_runner_resumes_an_interrupted_stage1(
+    dataset: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     root, json_path, image_root = dataset
     calls: list[tuple[str, Any]] = []
 
@@ -113,10 +113,18 @@ def test_table2_runner_resumes_an_interrupted_stage1(dataset: tuple[Path, Path, 
     out = tmp_path / "table2"
     (out / "stage1_infonce").mkdir(parents=True)
     (out / "stage1_infonce" / "latest.pt").write_bytes(b"interrupted run")
-    table = {"out_dir": str(out), "default_stage1": "s1.yaml", "default_stage2": "s2.yaml",
-             "test": {"format": "karpathy", "path": str(json_path),
-                      "image_root": str(image_root), "split": "test"},
-             "rows": [{"label": "f_v^S", "name": "full", "stage1_loss": "infonce"}]}
+    table = {
+        "out_dir": str(out),
+        "default_stage1": "s1.yaml",
+        "default_stage2": "s2.yaml",
+        "test": {
+            "format": "karpathy",
+            "path": str(json_path),
+            "image_root": str(image_root),
+            "split": "test",
+        },
+        "rows": [{"label": "f_v^S", "name": "full", "stage1_loss": "infonce"}],
+    }
     results = ablations.run_table(table, tmp_path)
     assert calls == [("stage1_infonce", out / "stage1_infonce" / "latest.pt"), ("full", None)]
     assert results == [("f_v^S", None)]
@@ -125,21 +133,22 @@ def test_table2_runner_resumes_an_interrupted_stage1(dataset: tuple[Path, Path, 
 def test_stage2_epoch_visits_every_caption(dataset: tuple[Path, Path, Path]) -> None:
     """COCO has five captions per image: an epoch is 5x the images (the old epoch drew one
     caption per image, 1,180 steps on COCO where the paper's warm-up alone is 10,000)."""
-    config = tiny_stage2_config(*dataset, "epoch", {"kind": "teacher"}, None, kd=False,
-                                hn=False, epochs=1, batch_size=8)
+    config = tiny_stage2_config(
+        *dataset, "epoch", {"kind": "teacher"}, None, kd=False, hn=False, epochs=1, batch_size=8
+    )
     trainer = stage2.Stage2Trainer(config)
     assert trainer.steps_per_epoch() == 120 // 8
     plan = trainer.epoch_plan(0, "image", 0, None)
     assert sorted(plan["pairs"][:, 1].tolist()) == list(range(120))
 
 
-def test_tinybert_baseline_trains_student_towers_against_each_other(
-        dataset: tuple[Path, Path, Path]) -> None:
+def test_tinybert_baseline_trains_student_towers_against_each_other(dataset: tuple[Path, Path, Path]) -> None:
     """The paper's baseline: stage-1 CLIP InfoNCE between the student's own two towers (and its
     logit scale); the teacher's towers play no part in the loss."""
     root, json_path, image_root = dataset
-    config = tiny_stage1_config(root, json_path, image_root, loss="clip", epochs=1,
-                                max_steps=2, batch_size=8, cache_teacher=False)
+    config = tiny_stage1_config(
+        root, json_path, image_root, loss="clip", epochs=1, max_steps=2, batch_size=8, cache_teacher=False
+    )
     config["run_dir"] = str(root / "tinybert_clip")
     trainer = stage1.Stage1Trainer(config)
     before = {n: p.detach().clone() for n, p in trainer.student.named_parameters()}
@@ -148,8 +157,9 @@ def test_tinybert_baseline_trains_student_towers_against_each_other(
     assert len(history) == 2 and "clip" in history[0] and np.isfinite(history[-1]["loss"])
     after = dict(trainer.student.named_parameters())
     for side in ("image", "text"):
-        assert any(not torch.equal(before[n], after[n])
-                   for n in tower_parameters(trainer.student, side)), side
+        assert any(not torch.equal(before[n], after[n]) for n in tower_parameters(trainer.student, side)), (
+            side
+        )
     assert not torch.equal(before["logit_scale"], after["logit_scale"])
 
 
@@ -157,8 +167,9 @@ def test_stage1_trains_only_its_modalities(dataset: tuple[Path, Path, Path]) -> 
     """Stage 1 never trains the logit scale, and an image-only run leaves the text tower alone
     (what DDP would otherwise wait for)."""
     root, json_path, image_root = dataset
-    config = tiny_stage1_config(root, json_path, image_root, epochs=1, max_steps=2,
-                                batch_size=8, modalities=["image"])
+    config = tiny_stage1_config(
+        root, json_path, image_root, epochs=1, max_steps=2, batch_size=8, modalities=["image"]
+    )
     config["run_dir"] = str(root / "image_only")
     trainer = stage1.Stage1Trainer(config)
     trainable = {n for n, p in trainer.student.named_parameters() if p.requires_grad}

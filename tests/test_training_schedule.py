@@ -25,18 +25,22 @@ def _lrs(schedule, lr: float) -> list[float]:
     return [lr * factor(step) for step in range(schedule.total_steps)]
 
 
-@pytest.mark.parametrize("config, captions, steps, warmup", [
-    ("s6_stage2_coco.yaml", COCO_TRAIN[1], 5_903, 10_000),
-    ("s4_stage2_coco.yaml", COCO_TRAIN[1], 5_903, 10_000),
-    ("teacher_sf_coco.yaml", COCO_TRAIN[1], 5_903, 10_000),
-    ("s6_stage2_flickr.yaml", FLICKR_TRAIN[1], 1_510, 3_775),
-    ("teacher_sf_flickr.yaml", FLICKR_TRAIN[1], 1_510, 3_775),
-])
+@pytest.mark.parametrize(
+    "config, captions, steps, warmup",
+    [
+        ("s6_stage2_coco.yaml", COCO_TRAIN[1], 5_903, 10_000),
+        ("s4_stage2_coco.yaml", COCO_TRAIN[1], 5_903, 10_000),
+        ("teacher_sf_coco.yaml", COCO_TRAIN[1], 5_903, 10_000),
+        ("s6_stage2_flickr.yaml", FLICKR_TRAIN[1], 1_510, 3_775),
+        ("teacher_sf_flickr.yaml", FLICKR_TRAIN[1], 1_510, 3_775),
+    ],
+)
 def test_stage2_schedule_shape(config: str, captions: int, steps: int, warmup: int) -> None:
     train = load_config(CONFIGS / config)["train"]
     assert train["batch_size"] == 96 and train["epochs"] == 5  # the paper's global batch
-    schedule = plan_schedule(captions, train["batch_size"], train["epochs"],
-                             train["warmup_steps"], train["warmup_max_fraction"])
+    schedule = plan_schedule(
+        captions, train["batch_size"], train["epochs"], train["warmup_steps"], train["warmup_max_fraction"]
+    )
     # an epoch is every caption once (not one caption per image: 1,180 steps on COCO)
     assert schedule.steps_per_epoch == steps == captions // 96
     assert schedule.total_steps == 5 * steps
@@ -46,15 +50,16 @@ def test_stage2_schedule_shape(config: str, captions: int, steps: int, warmup: i
     assert peak == warmup - 1  # linear warm-up reaches the base rate at its last step ...
     assert all(a < b for a, b in zip(lrs[:warmup], lrs[1:warmup]))
     assert lrs[peak] == pytest.approx(train["lr"])
-    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # ... then decay
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :]))  # ... then decay
     assert lrs[-1] < 1e-3 * train["lr"]  # to ~0 by the end of the phase
 
 
 def test_stage1_schedule_shape() -> None:
     train = load_config(CONFIGS / "s6_stage1.yaml")["train"]
     assert train["batch_size"] == 84 and train["epochs"] == 1
-    schedule = plan_schedule(3_318_333, 84, 1, train["warmup_steps"],
-                             train["warmup_max_fraction"])  # CC3M's captions
+    schedule = plan_schedule(
+        3_318_333, 84, 1, train["warmup_steps"], train["warmup_max_fraction"]
+    )  # CC3M's captions
     assert schedule.steps_per_epoch == 39_503 and schedule.warmup_steps == 10_000
 
 

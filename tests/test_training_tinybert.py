@@ -16,16 +16,22 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from the hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from tests._fixtures_training import (make_karpathy, require_engine,  # noqa: E402
-                                      tiny_stage1_config, tiny_stage2_config)
+from tests._fixtures_training import make_karpathy, require_engine, tiny_stage1_config, tiny_stage2_config  # noqa: E402
 
 leanclip = require_engine()
 
 from training import ablations, evaluate, stage1, stage2  # noqa: E402
 from training.data import load_karpathy  # noqa: E402
-from training.models import (HFTextTower, build_hf_student, build_teacher,  # noqa: E402
-                             has_own_tokenizer, load_model, save_checkpoint, tokenize,
-                             tokenize_for)
+from training.models import (  # noqa: E402
+    HFTextTower,
+    build_hf_student,
+    build_teacher,
+    has_own_tokenizer,
+    load_model,
+    save_checkpoint,
+    tokenize,
+    tokenize_for,
+)
 from training.train_utils import load_config  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
@@ -47,8 +53,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]
 def stage1_run(dataset: tuple[Path, Path, Path]) -> tuple[stage1.Stage1Trainer, list[dict]]:
     root, json_path, image_root = dataset
     # the paper's baseline: the two student towers against each other (an epoch: 120 captions)
-    config = tiny_stage1_config(root, json_path, image_root, loss="clip", epochs=5,
-                                batch_size=40)
+    config = tiny_stage1_config(root, json_path, image_root, loss="clip", epochs=5, batch_size=40)
     config["run_dir"] = str(root / "tinybert_stage1")
     config["model"].update(HF_MODEL)
     torch.manual_seed(0)
@@ -57,13 +62,22 @@ def stage1_run(dataset: tuple[Path, Path, Path]) -> tuple[stage1.Stage1Trainer, 
 
 
 @pytest.fixture(scope="module")
-def stage2_run(dataset: tuple[Path, Path, Path], stage1_run: Any
-               ) -> tuple[stage2.Stage2Trainer, stage2.Stage2State]:
+def stage2_run(
+    dataset: tuple[Path, Path, Path], stage1_run: Any
+) -> tuple[stage2.Stage2Trainer, stage2.Stage2State]:
     root, json_path, image_root = dataset
     config = tiny_stage2_config(
-        root, json_path, image_root, "tinybert_stage2",
-        {"kind": "student", "init": str(root / "tinybert_stage1" / "final.pt")}, None,
-        phases=["joint"], kd=False, hn=False, epochs=2)
+        root,
+        json_path,
+        image_root,
+        "tinybert_stage2",
+        {"kind": "student", "init": str(root / "tinybert_stage1" / "final.pt")},
+        None,
+        phases=["joint"],
+        kd=False,
+        hn=False,
+        epochs=2,
+    )
     trainer = stage2.Stage2Trainer(config)
     return trainer, trainer.run()
 
@@ -92,8 +106,7 @@ def test_build_and_tokenize() -> None:
     n = int((padded != pad).sum())
     assert n < 16
     with torch.no_grad():
-        assert torch.allclose(mean.encode_text(padded[:, :n]), mean.encode_text(padded),
-                              atol=1e-5)
+        assert torch.allclose(mean.encode_text(padded[:, :n]), mean.encode_text(padded), atol=1e-5)
     with pytest.raises(ValueError, match="pooling"):
         build_hf_student(teacher=teacher, tiny=True, pooling="max")
     from training.export import export_model  # CLIP's BPE would silently be wrong: refused
@@ -108,16 +121,37 @@ def test_local_directory_and_checkpoint_round_trip(tmp_path: Path) -> None:
     and tokenizer without the directory."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "square",
-             "photo", "of", "dots", "##s"]
+    words = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        "a",
+        "red",
+        "blue",
+        "square",
+        "photo",
+        "of",
+        "dots",
+        "##s",
+    ]
     bert_dir = tmp_path / "bert"
     BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(bert_dir)
-    BertModel(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1,
-                         num_attention_heads=2, intermediate_size=32,
-                         max_position_embeddings=24)).save_pretrained(bert_dir)
+    BertModel(
+        BertConfig(
+            vocab_size=len(words),
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=24,
+        )
+    ).save_pretrained(bert_dir)
     teacher = build_teacher(pretrained=None, tiny=True)
-    student = build_hf_student("vit_tiny_patch16_224", str(bert_dir), teacher=teacher,
-                               tiny=False, context_length=77).eval()
+    student = build_hf_student(
+        "vit_tiny_patch16_224", str(bert_dir), teacher=teacher, tiny=False, context_length=77
+    ).eval()
     assert student.context_length == 24  # capped at the encoder's position embeddings
     assert student.tokenize(["a red squares"])[0, :5].tolist() == [2, 5, 6, 8, 12]
     with pytest.raises(FileNotFoundError, match="text encoder directory"):
@@ -130,8 +164,11 @@ def test_local_directory_and_checkpoint_round_trip(tmp_path: Path) -> None:
     texts = ["a photo of blue dots", "red square"]
     assert torch.equal(loaded.tokenize(texts), student.tokenize(texts))
     with torch.no_grad():
-        assert torch.allclose(loaded.encode_text(loaded.tokenize(texts)),
-                              student.encode_text(student.tokenize(texts)), atol=1e-6)
+        assert torch.allclose(
+            loaded.encode_text(loaded.tokenize(texts)),
+            student.encode_text(student.tokenize(texts)),
+            atol=1e-6,
+        )
 
 
 def test_stage1_student_towers_infonce_learns(stage1_run: Any) -> None:
@@ -146,8 +183,7 @@ def test_stage1_student_towers_infonce_learns(stage1_run: Any) -> None:
     assert isinstance(final.text, HFTextTower) and final.text.pooling == "mean"
 
 
-def test_stage2_joint_infonce_and_round_trip(stage2_run: Any, dataset: tuple[Path, Path, Path]
-                                             ) -> None:
+def test_stage2_joint_infonce_and_round_trip(stage2_run: Any, dataset: tuple[Path, Path, Path]) -> None:
     trainer, state = stage2_run
     assert trainer.teacher is None  # no KD, no HN: the baseline needs no teacher
     assert {h["phase"] for h in state.history} == {"joint"} and len(state.history) == 6
@@ -162,12 +198,14 @@ def test_stage2_joint_infonce_and_round_trip(stage2_run: Any, dataset: tuple[Pat
     model = trainer.model.eval()
     with torch.no_grad():
         final = load_model(trainer.run_dir / "final.pt")
-        assert torch.allclose(final.encode_text(final.tokenize(texts)),
-                              model.encode_text(tokenize_for(model, texts)), atol=1e-5)
+        assert torch.allclose(
+            final.encode_text(final.tokenize(texts)), model.encode_text(tokenize_for(model, texts)), atol=1e-5
+        )
 
 
-def test_evaluation_and_table1_row(stage2_run: Any, dataset: tuple[Path, Path, Path],
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_evaluation_and_table1_row(
+    stage2_run: Any, dataset: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     import json
 
     import yaml
@@ -175,17 +213,41 @@ def test_evaluation_and_table1_row(stage2_run: Any, dataset: tuple[Path, Path, P
     root, json_path, image_root = dataset
     best = stage2_run[0].run_dir / "best.pt"
     out = root / "eval.json"
-    assert evaluate.main(["--model", f"TB={best}", "--coco-json", str(json_path),
-                          "--coco-root", str(image_root), "--workers", "0",
-                          "--json-out", str(out)]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--model",
+                f"TB={best}",
+                "--coco-json",
+                str(json_path),
+                "--coco-root",
+                str(image_root),
+                "--workers",
+                "0",
+                "--json-out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     numbers = json.loads(out.read_text())["TB"]
     assert set(numbers) == {"coco5k", "coco1k"}
     assert all(0 <= v <= 100 for r in numbers.values() for v in r.values())
     capsys.readouterr()
     label = "f_v^S   f_t^TinyBERT"
-    table1 = {"steps": [], "num_workers": 0, "evaluate": {
-        "coco": {"format": "karpathy", "path": str(json_path), "image_root": str(image_root),
-                 "split": "test"}, "models": {label: {"coco": str(best)}}}}
+    table1 = {
+        "steps": [],
+        "num_workers": 0,
+        "evaluate": {
+            "coco": {
+                "format": "karpathy",
+                "path": str(json_path),
+                "image_root": str(image_root),
+                "split": "test",
+            },
+            "models": {label: {"coco": str(best)}},
+        },
+    }
     (root / "table1.yaml").write_text(yaml.safe_dump(table1))
     assert ablations.main(["--config", str(root / "table1.yaml")]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(label))

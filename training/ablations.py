@@ -31,16 +31,20 @@ log = logging.getLogger("training.ablations")
 
 def format_table2(rows: Sequence[tuple[str, Mapping[str, float] | None]]) -> str:
     """rows: (label, recalls or None when not run yet). The paper's Table 2 layout."""
-    lines = [f"{'Image':<18}| {'MSCOCO (5K)':^23} | {'Δ':^6}",
-             f"{'':<18}| {'R@1':<7}{'R@5':<7}{'R@10':<9}| {'R@1':^6}", "-" * 52]
+    lines = [
+        f"{'Image':<18}| {'MSCOCO (5K)':^23} | {'Δ':^6}",
+        f"{'':<18}| {'R@1':<7}{'R@5':<7}{'R@10':<9}| {'R@1':^6}",
+        "-" * 52,
+    ]
     reference = rows[0][1]["t2i_R@1"] if rows and rows[0][1] else None
     for i, (label, r) in enumerate(rows):
         if r is None:
             lines.append(f"{label:<18}| {'(not run)':<23} |")
             continue
         delta = "-" if i == 0 or reference is None else f"{r['t2i_R@1'] - reference:+.1f}"
-        lines.append(f"{label:<18}| {r['t2i_R@1']:<7.1f}{r['t2i_R@5']:<7.1f}"
-                     f"{r['t2i_R@10']:<9.1f}| {delta:^6}")
+        lines.append(
+            f"{label:<18}| {r['t2i_R@1']:<7.1f}{r['t2i_R@5']:<7.1f}{r['t2i_R@10']:<9.1f}| {delta:^6}"
+        )
     return "\n".join(lines)
 
 
@@ -52,8 +56,9 @@ def _resolve(base: Path, path: str | None) -> Path:
     return p if p.is_absolute() or p.exists() else base / p
 
 
-def run_table(config: Mapping[str, Any], config_dir: Path, eval_only: bool = False,
-              only: Sequence[str] | None = None) -> list[tuple[str, dict[str, float] | None]]:
+def run_table(
+    config: Mapping[str, Any], config_dir: Path, eval_only: bool = False, only: Sequence[str] | None = None
+) -> list[tuple[str, dict[str, float] | None]]:
     from training import stage1, stage2
     from training.data import load_paired
     from training.distributed import init_distributed
@@ -79,20 +84,22 @@ def run_table(config: Mapping[str, Any], config_dir: Path, eval_only: bool = Fal
             s1_dir = out_dir / f"stage1_{s1_loss}"
             stage1_runs[s1_key] = s1_dir
             if not eval_only and not (s1_dir / "final.pt").is_file():
-                cfg1 = load_config(_resolve(config_dir, row.get("stage1")
-                                            or config["default_stage1"]), common1)
-                cfg1 = apply_overrides(cfg1, [f"run_dir={s1_dir}", f"train.loss={s1_loss}"]
-                                       + row.get("stage1_overrides", []))
+                cfg1 = load_config(
+                    _resolve(config_dir, row.get("stage1") or config["default_stage1"]), common1
+                )
+                cfg1 = apply_overrides(
+                    cfg1, [f"run_dir={s1_dir}", f"train.loss={s1_loss}"] + row.get("stage1_overrides", [])
+                )
                 latest1 = s1_dir / "latest.pt"  # an interrupted stage 1 resumes
-                stage1.Stage1Trainer(cfg1, info).run(
-                    resume=latest1 if latest1.is_file() else None)
+                stage1.Stage1Trainer(cfg1, info).run(resume=latest1 if latest1.is_file() else None)
         s2_dir = out_dir / run_name
         if not eval_only and not (s2_dir / "final.pt").is_file():
-            cfg2 = load_config(_resolve(config_dir, row.get("stage2") or config["default_stage2"]),
-                               common2)
-            cfg2 = apply_overrides(cfg2, [f"run_dir={s2_dir}",
-                                          f"model.init={stage1_runs[s1_key] / 'final.pt'}"]
-                                   + row.get("stage2_overrides", []))
+            cfg2 = load_config(_resolve(config_dir, row.get("stage2") or config["default_stage2"]), common2)
+            cfg2 = apply_overrides(
+                cfg2,
+                [f"run_dir={s2_dir}", f"model.init={stage1_runs[s1_key] / 'final.pt'}"]
+                + row.get("stage2_overrides", []),
+            )
             resume = s2_dir / "latest.pt"
             stage2.Stage2Trainer(cfg2, info).run(resume=resume if resume.is_file() else None)
         best = s2_dir / "best.pt"
@@ -102,17 +109,27 @@ def run_table(config: Mapping[str, Any], config_dir: Path, eval_only: bool = Fal
             results.append((label, None))
             continue
         model = load_model(best).to(info.device)
-        results.append((label, evaluate_model(model, test, info=info,
-                                              batch_size=int(config.get("eval_batch_size", 256)),
-                                              num_workers=int(config.get("num_workers", 4)),
-                                              amp=info.device.type == "cuda")))
+        results.append(
+            (
+                label,
+                evaluate_model(
+                    model,
+                    test,
+                    info=info,
+                    batch_size=int(config.get("eval_batch_size", 256)),
+                    num_workers=int(config.get("num_workers", 4)),
+                    amp=info.device.type == "cuda",
+                ),
+            )
+        )
         if info.is_main:
             log.info(json.dumps({"row": label, **(results[-1][1] or {})}))
     return results
 
 
-def run_steps_and_table1(config: Mapping[str, Any], config_dir: Path, eval_only: bool = False
-                         ) -> dict[str, dict[str, dict[str, float]]]:
+def run_steps_and_table1(
+    config: Mapping[str, Any], config_dir: Path, eval_only: bool = False
+) -> dict[str, dict[str, dict[str, float]]]:
     """Table 1: run each ``steps`` entry (stage 1 or 2 config) unless its final.pt exists, then
     evaluate every model of ``evaluate.models`` on COCO (1K 5-fold and 5K) and Flickr30k 1K."""
     from training import stage1, stage2
@@ -144,17 +161,23 @@ def run_steps_and_table1(config: Mapping[str, Any], config_dir: Path, eval_only:
                 log.warning("%s: %s not found, row left empty", label, source)
                 continue
             model = _load_for_eval(f"{label}={source}")[1].to(info.device).eval()
-            images, texts, valid = embed_corpus(model, corpus, info,
-                                                int(config.get("eval_batch_size", 256)),
-                                                int(config.get("num_workers", 4)),
-                                                amp=info.device.type == "cuda")
+            images, texts, valid = embed_corpus(
+                model,
+                corpus,
+                info,
+                int(config.get("eval_batch_size", 256)),
+                int(config.get("num_workers", 4)),
+                amp=info.device.type == "cuda",
+            )
             if name == "coco":
-                rows[label]["coco5k"] = retrieval_recalls(images, texts, corpus.caption_image,
-                                                          image_valid=valid)
+                rows[label]["coco5k"] = retrieval_recalls(
+                    images, texts, corpus.caption_image, image_valid=valid
+                )
                 rows[label]["coco1k"] = fold_recalls(images, texts, corpus, 5, valid)
             else:
-                rows[label]["flickr1k"] = retrieval_recalls(images, texts, corpus.caption_image,
-                                                            image_valid=valid)
+                rows[label]["flickr1k"] = retrieval_recalls(
+                    images, texts, corpus.caption_image, image_valid=valid
+                )
     return rows
 
 

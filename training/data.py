@@ -40,8 +40,6 @@ class DataError(ValueError):
     """A dataset file is missing, malformed, or holds an empty caption."""
 
 
-
-
 # --------------------------------------------------------------------------------------------
 # Images
 
@@ -60,8 +58,7 @@ def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
     without normalisation. Returns float32 (3, size, size) in [0, 1]."""
     w, h = img.size
     scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))),
-                     Image.Resampling.BICUBIC)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
     w, h = img.size
     left, top = (w - size) // 2, (h - size) // 2
     img = img.crop((left, top, left + size, top + size))
@@ -73,8 +70,9 @@ def prepare_pixels(model: nn.Module, images01: torch.Tensor) -> torch.Tensor:
     """[0,1] images (n,3,S,S) -> the model's input size and normalisation."""
     size = int(model.image_size)
     if images01.shape[-1] != size or images01.shape[-2] != size:
-        images01 = F.interpolate(images01, size=(size, size), mode="bicubic",
-                                 align_corners=False, antialias=True).clamp(0, 1)
+        images01 = F.interpolate(
+            images01, size=(size, size), mode="bicubic", align_corners=False, antialias=True
+        ).clamp(0, 1)
     mean = torch.tensor(model.image_mean, dtype=images01.dtype, device=images01.device)
     std = torch.tensor(model.image_std, dtype=images01.dtype, device=images01.device)
     return (images01 - mean[:, None, None]) / std[:, None, None]
@@ -97,8 +95,10 @@ class PairedCorpus:
     def __post_init__(self) -> None:
         self.caption_image = np.asarray(self.caption_image, dtype=np.int64)
         if len(self.captions) != len(self.caption_image):
-            raise DataError(f"{self.name}: {len(self.captions)} captions but "
-                            f"{len(self.caption_image)} caption->image entries")
+            raise DataError(
+                f"{self.name}: {len(self.captions)} captions but "
+                f"{len(self.caption_image)} caption->image entries"
+            )
         self.image_captions = [[] for _ in self.images]
         for c, i in enumerate(self.caption_image.tolist()):
             self.image_captions[i].append(c)
@@ -130,9 +130,12 @@ def _require_file(path: Path, what: str) -> None:
         raise FileNotFoundError(f"{what} not found: {path}")
 
 
-def load_karpathy(json_path: str | os.PathLike, image_root: str | os.PathLike,
-                  split: str | Sequence[str] = "train", check_images: bool = True
-                  ) -> PairedCorpus:
+def load_karpathy(
+    json_path: str | os.PathLike,
+    image_root: str | os.PathLike,
+    split: str | Sequence[str] = "train",
+    check_images: bool = True,
+) -> PairedCorpus:
     """COCO / Flickr30k in Karpathy's split json (dataset_coco.json, dataset_flickr30k.json).
     ``split``: "train" (COCO's "restval" is added to it, the usual 113,287 images), "val",
     "test", or a list of split names. Images are at image_root/filepath/filename."""
@@ -170,9 +173,13 @@ def load_karpathy(json_path: str | os.PathLike, image_root: str | os.PathLike,
     return PairedCorpus(images, captions, np.asarray(owner), name=f"{json_path.stem}:{split}")
 
 
-def load_tsv(path: str | os.PathLike, image_root: str | os.PathLike | None = None,
-             image_key: str = "filepath", caption_key: str = "title", sep: str = "\t"
-             ) -> PairedCorpus:
+def load_tsv(
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    image_key: str = "filepath",
+    caption_key: str = "title",
+    sep: str = "\t",
+) -> PairedCorpus:
     """CC3M-style tsv with a header naming the image and caption columns (open_clip's
     ``--csv-img-key filepath --csv-caption-key title`` convention). Rows sharing an image path
     become one image with several captions. URLs must be downloaded first (img2dataset)."""
@@ -192,8 +199,10 @@ def load_tsv(path: str | os.PathLike, image_root: str | os.PathLike | None = Non
         for line, row in enumerate(reader, start=2):
             ref = row[image_key]
             if ref.startswith(("http://", "https://")):
-                raise DataError(f"{path}:{line}: image column holds a URL ({ref}); download "
-                                "the images first (e.g. img2dataset) and point to local files")
+                raise DataError(
+                    f"{path}:{line}: image column holds a URL ({ref}); download "
+                    "the images first (e.g. img2dataset) and point to local files"
+                )
             image = root / ref
             if image not in index_of:
                 index_of[image] = len(images)
@@ -204,13 +213,14 @@ def load_tsv(path: str | os.PathLike, image_root: str | os.PathLike | None = Non
         raise DataError(f"{path}: no rows")
     missing = [p for p in images[:1000] if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"{path}: {len(missing)} of the first {min(1000, len(images))} "
-                                f"images are missing, e.g. {missing[0]}")
+        raise FileNotFoundError(
+            f"{path}: {len(missing)} of the first {min(1000, len(images))} "
+            f"images are missing, e.g. {missing[0]}"
+        )
     return PairedCorpus(images, captions, np.asarray(owner), name=path.stem)
 
 
-def load_folder(folder: str | os.PathLike, captions_file: str | os.PathLike | None = None
-                ) -> PairedCorpus:
+def load_folder(folder: str | os.PathLike, captions_file: str | os.PathLike | None = None) -> PairedCorpus:
     """A folder of images plus a captions file: either ``name<TAB>caption`` lines (a name may
     repeat for several captions) or a JSON object {name: caption or [captions]}. The default
     captions file is folder/captions.tsv or folder/captions.json."""
@@ -289,12 +299,19 @@ def load_paired(spec: Mapping[str, Any]) -> PairedCorpus:
     if fmt == "karpathy":
         return load_karpathy(spec["path"], spec["image_root"], spec.get("split", "train"))
     if fmt == "tsv":
-        return load_tsv(spec["path"], spec.get("image_root"), spec.get("image_key", "filepath"),
-                        spec.get("caption_key", "title"), spec.get("sep", "\t"))
+        return load_tsv(
+            spec["path"],
+            spec.get("image_root"),
+            spec.get("image_key", "filepath"),
+            spec.get("caption_key", "title"),
+            spec.get("sep", "\t"),
+        )
     if fmt == "folder":
         return load_folder(spec["path"], spec.get("captions"))
-    raise DataError(f"unknown paired dataset format {fmt!r} (karpathy, tsv, folder); "
-                    "webdataset shards are read as streams by stage 1")
+    raise DataError(
+        f"unknown paired dataset format {fmt!r} (karpathy, tsv, folder); "
+        "webdataset shards are read as streams by stage 1"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,8 +341,9 @@ class PairedImages(Dataset):
     def __init__(self, corpus: PairedCorpus, size: int) -> None:
         self.corpus = corpus
         self.size = size
-        self.pairs: np.ndarray = np.stack([np.arange(len(corpus)),
-                                           [c[0] for c in corpus.image_captions]], axis=1)
+        self.pairs: np.ndarray = np.stack(
+            [np.arange(len(corpus)), [c[0] for c in corpus.image_captions]], axis=1
+        )
 
     def set_pairs(self, pairs: np.ndarray) -> None:
         self.pairs = pairs
@@ -352,9 +370,14 @@ def collate_skipping(items: Sequence[Any]) -> SkippingBatch:
     batch = SkippingBatch(skipped=len(items) - len(kept), size=len(kept))
     if kept:
         columns = list(zip(*kept))
-        batch["columns"] = [torch.stack(col) if isinstance(col[0], torch.Tensor)
-                            else list(col) if isinstance(col[0], str)
-                            else torch.tensor(col) for col in columns]
+        batch["columns"] = [
+            torch.stack(col)
+            if isinstance(col[0], torch.Tensor)
+            else list(col)
+            if isinstance(col[0], str)
+            else torch.tensor(col)
+            for col in columns
+        ]
     return batch
 
 
@@ -372,8 +395,14 @@ class WebDatasetImages(IterableDataset):
     step's share per batch, in step order, with any number of workers. Resumption skips the first
     ``skip`` samples (whole global batches) of the stream."""
 
-    def __init__(self, urls: str | Sequence[str], size: int, skip: int = 0,
-                 global_batch: int = 1, share: slice = slice(0, 1)) -> None:
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        size: int,
+        skip: int = 0,
+        global_batch: int = 1,
+        share: slice = slice(0, 1),
+    ) -> None:
         super().__init__()
         self.urls = urls
         self.size = size
@@ -389,8 +418,13 @@ class WebDatasetImages(IterableDataset):
         workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
         # Every rank and worker reads all shards (tar reads are cheap) and decodes its share;
         # webdataset's own shard splitters would break the global sample positions.
-        dataset = wds.WebDataset(self.urls, shardshuffle=False, empty_check=False,
-                                 nodesplitter=_all_shards, workersplitter=_all_shards)
+        dataset = wds.WebDataset(
+            self.urls,
+            shardshuffle=False,
+            empty_check=False,
+            nodesplitter=_all_shards,
+            workersplitter=_all_shards,
+        )
         for position, sample in enumerate(dataset):
             if position < self.skip:
                 continue
@@ -418,8 +452,9 @@ def read_webdataset_texts(urls: str | Sequence[str]) -> list[str]:
     import webdataset as wds
 
     texts = []
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False,
-                                 nodesplitter=_all_shards, workersplitter=_all_shards):
+    for sample in wds.WebDataset(
+        urls, shardshuffle=False, empty_check=False, nodesplitter=_all_shards, workersplitter=_all_shards
+    ):
         caption = sample.get("txt", b"")
         caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
         caption = " ".join(caption.split())
@@ -438,8 +473,10 @@ def expand_shards(urls: str | Sequence[str]) -> list[str]:
     files = [f for pattern in patterns for f in braceexpand.braceexpand(pattern)]
     missing = [f for f in files if "://" not in f and not Path(f).is_file()]
     if missing:
-        raise FileNotFoundError(f"webdataset shard not found: {missing[0]}"
-                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise FileNotFoundError(
+            f"webdataset shard not found: {missing[0]}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     return files
 
 
@@ -460,8 +497,9 @@ def epoch_pairs(corpus: PairedCorpus, seed: int, *salt: int) -> np.ndarray:
     rounds = []
     for j in range(int(counts.max()) if len(counts) else 0):
         images = rng.permutation(np.flatnonzero(counts > j))
-        rounds.append(np.stack([images, np.asarray([captions[i][j] for i in images],
-                                                   dtype=np.int64)], axis=1))
+        rounds.append(
+            np.stack([images, np.asarray([captions[i][j] for i in images], dtype=np.int64)], axis=1)
+        )
     return np.concatenate(rounds) if rounds else np.zeros((0, 2), np.int64)
 
 
@@ -472,8 +510,24 @@ def tokenize_all(texts: Sequence[str], context_length: int = 77) -> torch.Tensor
 
 
 __all__ = [
-    "DataError", "ImageLoadError", "PairedCorpus", "load_karpathy", "load_tsv", "load_folder",
-    "load_text_lines", "list_images", "load_paired", "ImageFiles", "PairedImages",
-    "collate_skipping", "WebDatasetImages", "read_webdataset_texts", "expand_shards",
-    "epoch_permutation", "epoch_pairs", "image_to_tensor", "prepare_pixels", "load_image",
+    "DataError",
+    "ImageLoadError",
+    "PairedCorpus",
+    "load_karpathy",
+    "load_tsv",
+    "load_folder",
+    "load_text_lines",
+    "list_images",
+    "load_paired",
+    "ImageFiles",
+    "PairedImages",
+    "collate_skipping",
+    "WebDatasetImages",
+    "read_webdataset_texts",
+    "expand_shards",
+    "epoch_permutation",
+    "epoch_pairs",
+    "image_to_tensor",
+    "prepare_pixels",
+    "load_image",
 ]

@@ -94,11 +94,12 @@ class BatchLayout:
 
     def __post_init__(self) -> None:
         if self.global_batch < 1:
-            raise ValueError(f"train.batch_size (the global batch) must be >= 1, "
-                             f"got {self.global_batch}")
+            raise ValueError(f"train.batch_size (the global batch) must be >= 1, got {self.global_batch}")
         if self.global_batch < self.world_size:
-            raise ValueError(f"the global batch {self.global_batch} is smaller than the "
-                             f"{self.world_size} processes; raise train.batch_size")
+            raise ValueError(
+                f"the global batch {self.global_batch} is smaller than the "
+                f"{self.world_size} processes; raise train.batch_size"
+            )
         if self.max_rank_batch is not None and self.max_rank_batch < 1:
             raise ValueError(f"train.max_rank_batch must be >= 1, got {self.max_rank_batch}")
 
@@ -130,9 +131,13 @@ class BatchLayout:
 
     def describe(self) -> dict[str, int]:
         """What a run logs: the effective (optimizer) batch and how it is laid out."""
-        return {"global_batch": self.global_batch, "world_size": self.world_size,
-                "rank_batch": self.rank_batch(0), "grad_accum": self.grad_accum,
-                "micro_global_batch": -(-self.global_batch // self.grad_accum)}
+        return {
+            "global_batch": self.global_batch,
+            "world_size": self.world_size,
+            "rank_batch": self.rank_batch(0),
+            "grad_accum": self.grad_accum,
+            "micro_global_batch": -(-self.global_batch // self.grad_accum),
+        }
 
 
 def micro_slice(m: int, accum: int, n: int) -> slice:
@@ -228,8 +233,9 @@ def gather_rows(local: np.ndarray, n: int, info: DistInfo, align: int = 1) -> np
     (every rank gets the whole array, in order)."""
     if not info.enabled:
         return local
-    shares = [shard_for_rank(n, DistInfo(r, info.world_size, 0, info.device), align)
-              for r in range(info.world_size)]
+    shares = [
+        shard_for_rank(n, DistInfo(r, info.world_size, 0, info.device), align) for r in range(info.world_size)
+    ]
     sizes = [s.stop - s.start for s in shares]
     tensor = torch.from_numpy(np.ascontiguousarray(local))
     as_bytes = tensor.dtype == torch.bool
@@ -257,8 +263,7 @@ class TowerForward(nn.Module):
         self.side = side
         self._model = [model]  # a list: not a submodule, so DDP sees only the tower below
         named = dict(model.named_parameters())
-        self.tower = nn.ParameterList([named[n] for n in parameter_names
-                                       if named[n].requires_grad])
+        self.tower = nn.ParameterList([named[n] for n in parameter_names if named[n].requires_grad])
         if not len(self.tower):
             raise ValueError(f"the {side} tower has no trainable parameters")
 
@@ -276,8 +281,9 @@ class TrainableSides(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, pixels: torch.Tensor | None, tokens: torch.Tensor | None
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    def forward(
+        self, pixels: torch.Tensor | None, tokens: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
         image = self.model.encode_image(pixels) if pixels is not None else None
         text = self.model.encode_text(tokens) if tokens is not None else None
         return image, text, self.model.logit_scale
@@ -288,7 +294,8 @@ def ddp(module: nn.Module, info: DistInfo) -> nn.Module:
     if not info.enabled:
         return module
     return nn.parallel.DistributedDataParallel(
-        module, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+        module, device_ids=[info.local_rank] if info.device.type == "cuda" else None
+    )
 
 
 def cleanup() -> None:

@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from leanclip.errors import LeanclipError
 from PIL import Image
+
+from leanclip.errors import LeanclipError
 
 log = logging.getLogger("training.embed")
 
@@ -67,13 +68,17 @@ def folder_shards(folder: Path, shard_size: int) -> list[Callable[[], JobShard]]
     from training.data import list_images
 
     paths = list_images(folder)
-    return [lambda chunk=paths[i:i + shard_size]: JobShard(
-        [(str(p.relative_to(folder)), _open_path(p)) for p in chunk])
-        for i in range(0, len(paths), shard_size)]
+    return [
+        lambda chunk=paths[i : i + shard_size]: JobShard(
+            [(str(p.relative_to(folder)), _open_path(p)) for p in chunk]
+        )
+        for i in range(0, len(paths), shard_size)
+    ]
 
 
-def karpathy_shards(json_path: Path, image_root: Path, split: str, shard_size: int
-                    ) -> list[Callable[[], JobShard]]:
+def karpathy_shards(
+    json_path: Path, image_root: Path, split: str, shard_size: int
+) -> list[Callable[[], JobShard]]:
     from training.data import load_karpathy
 
     corpus = load_karpathy(json_path, image_root, split)
@@ -81,9 +86,10 @@ def karpathy_shards(json_path: Path, image_root: Path, split: str, shard_size: i
     def make(start: int) -> JobShard:
         images = range(start, min(start + shard_size, len(corpus)))
         names = {i: str(corpus.images[i].relative_to(image_root)) for i in images}
-        return JobShard([(names[i], _open_path(corpus.images[i])) for i in images],
-                        [(corpus.captions[c], names[i]) for i in images
-                         for c in corpus.image_captions[i]])
+        return JobShard(
+            [(names[i], _open_path(corpus.images[i])) for i in images],
+            [(corpus.captions[c], names[i]) for i in images for c in corpus.image_captions[i]],
+        )
 
     return [lambda s=start: make(s) for start in range(0, len(corpus), shard_size)]
 
@@ -95,12 +101,12 @@ def webdataset_shards(pattern: str | Sequence[str]) -> list[Callable[[], JobShar
         import webdataset as wds
 
         shard = JobShard()
-        for sample in wds.WebDataset(tar, shardshuffle=False, empty_check=False,
-                                     nodesplitter=_all_shards, workersplitter=_all_shards):
+        for sample in wds.WebDataset(
+            tar, shardshuffle=False, empty_check=False, nodesplitter=_all_shards, workersplitter=_all_shards
+        ):
             key = str(sample.get("__key__"))
             raw = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
-            shard.images.append((key, _open_bytes(raw, key) if raw is not None
-                                 else _missing(key)))
+            shard.images.append((key, _open_bytes(raw, key) if raw is not None else _missing(key)))
             caption = sample.get("txt")
             if caption is not None:
                 text = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
@@ -116,6 +122,7 @@ def _missing(key: str) -> Callable[[], Image.Image]:
         from training.data import ImageLoadError
 
         raise ImageLoadError(f"webdataset sample {key}", "no image in the sample")
+
     return fail
 
 
@@ -175,10 +182,10 @@ class CheckpointEmbedder(Embedder):
 
         out = []
         for i in range(0, len(images), self.batch_size):
-            pixels = torch.stack([image_to_tensor(im, int(self.model.image_size))
-                                  for im in images[i:i + self.batch_size]])
-            out.append(self._run(self.model.encode_image,
-                                 prepare_pixels(self.model, pixels.to(self.device))))
+            pixels = torch.stack(
+                [image_to_tensor(im, int(self.model.image_size)) for im in images[i : i + self.batch_size]]
+            )
+            out.append(self._run(self.model.encode_image, prepare_pixels(self.model, pixels.to(self.device))))
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
     def texts(self, texts: Sequence[str]) -> np.ndarray:
@@ -186,7 +193,7 @@ class CheckpointEmbedder(Embedder):
 
         out = []
         for i in range(0, len(texts), self.batch_size):
-            tokens = tokenize_for(self.model, texts[i:i + self.batch_size]).to(self.device)
+            tokens = tokenize_for(self.model, texts[i : i + self.batch_size]).to(self.device)
             out.append(self._run(self.model.encode_text, tokens.long()))
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
@@ -229,12 +236,16 @@ def encode_shard(embedder: Embedder, shard: JobShard, out: Path, index: int) -> 
     names = np.asarray([n for n, _ in shard.images], dtype=str)
     if shard.texts:
         texts = embedder.texts([t for t, _ in shard.texts])
-        _write_npz(out / "texts" / f"{index:05d}.npz", embeddings=texts,
-                   valid=np.ones(len(texts), bool),
-                   names=np.asarray([t for t, _ in shard.texts], dtype=str),
-                   image_names=np.asarray([n for _, n in shard.texts], dtype=str))
-    _write_npz(out / "images" / f"{index:05d}.npz", embeddings=images, valid=valid,
-               names=names)  # written last: it marks the shard done
+        _write_npz(
+            out / "texts" / f"{index:05d}.npz",
+            embeddings=texts,
+            valid=np.ones(len(texts), bool),
+            names=np.asarray([t for t, _ in shard.texts], dtype=str),
+            image_names=np.asarray([n for _, n in shard.texts], dtype=str),
+        )
+    _write_npz(
+        out / "images" / f"{index:05d}.npz", embeddings=images, valid=valid, names=names
+    )  # written last: it marks the shard done
 
 
 def build_index(out: Path, kind: str, n_shards: int, dtype: str) -> dict[str, Any] | None:
@@ -273,12 +284,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     elif args.karpathy:
         if not args.image_root:
             raise EmbedError("--karpathy needs --image-root")
-        shards = karpathy_shards(Path(args.karpathy), Path(args.image_root), args.split,
-                                 args.shard_size)
+        shards = karpathy_shards(Path(args.karpathy), Path(args.image_root), args.split, args.shard_size)
     else:
         shards = webdataset_shards(args.shards)
-    embedder = load_embedder(Path(args.model), args.batch_size, info.device,
-                             info.device.type == "cuda")
+    embedder = load_embedder(Path(args.model), args.batch_size, info.device, info.device.type == "cuda")
     done = skipped = 0
     for s in range(info.rank, len(shards), info.world_size):
         if (out / "images" / f"{s:05d}.npz").is_file():
@@ -294,8 +303,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for kind in ("images", "texts"):
             built = build_index(out, kind, len(shards), args.index_dtype)
             if built is not None:
-                manifest[kind] = {"index": f"{kind}.lci", "rows": built["rows"],
-                                  "indexed": built["indexed"], "names": built["names"]}
+                manifest[kind] = {
+                    "index": f"{kind}.lci",
+                    "rows": built["rows"],
+                    "indexed": built["indexed"],
+                    "names": built["names"],
+                }
                 summary[kind] = {"rows": built["rows"], "indexed": built["indexed"]}
         from leanclip._fs import atomic_write
 
@@ -315,8 +328,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root")
     p.add_argument("--split", default="test")
     p.add_argument("--out", required=True)
-    p.add_argument("--shard-size", type=int, default=10000, help="images per job shard "
-                   "(folders and Karpathy splits; a webdataset tar is one shard)")
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=10000,
+        help="images per job shard (folders and Karpathy splits; a webdataset tar is one shard)",
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--index-dtype", default="f32", choices=("f32", "f16", "i8"))
     p.add_argument("--device", default=None)

@@ -36,9 +36,13 @@ def _index_search(corpus: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray
     return keys.astype(np.int64)
 
 
-def retrieval_recalls(image_emb: np.ndarray, text_emb: np.ndarray, caption_image: np.ndarray,
-                      ks: Sequence[int] = KS, image_valid: np.ndarray | None = None
-                      ) -> dict[str, float]:
+def retrieval_recalls(
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    caption_image: np.ndarray,
+    ks: Sequence[int] = KS,
+    image_valid: np.ndarray | None = None,
+) -> dict[str, float]:
     """Recall@K in percent. t2i: the caption's image is among the top K images. i2t: at least one
     of the image's captions is among the top K captions. Embeddings should be L2-normalized.
     Unreadable images (image_valid False) still count as queries/targets that always miss, so a
@@ -64,8 +68,13 @@ def retrieval_recalls(image_emb: np.ndarray, text_emb: np.ndarray, caption_image
     return out
 
 
-def fold_recalls(image_emb: np.ndarray, text_emb: np.ndarray, corpus: PairedCorpus,
-                 folds: int = 5, image_valid: np.ndarray | None = None) -> dict[str, float]:
+def fold_recalls(
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    corpus: PairedCorpus,
+    folds: int = 5,
+    image_valid: np.ndarray | None = None,
+) -> dict[str, float]:
     """COCO 1K protocol: the 5K test images in ``folds`` consecutive folds, recalls averaged."""
     n = len(corpus)
     if n % folds:
@@ -74,31 +83,49 @@ def fold_recalls(image_emb: np.ndarray, text_emb: np.ndarray, corpus: PairedCorp
     results = []
     for f in range(folds):
         images = np.arange(f * size, (f + 1) * size)
-        captions = np.flatnonzero((corpus.caption_image >= f * size)
-                                  & (corpus.caption_image < (f + 1) * size))
-        results.append(retrieval_recalls(
-            image_emb[images], text_emb[captions], corpus.caption_image[captions] - f * size,
-            image_valid=None if image_valid is None else image_valid[images]))
+        captions = np.flatnonzero(
+            (corpus.caption_image >= f * size) & (corpus.caption_image < (f + 1) * size)
+        )
+        results.append(
+            retrieval_recalls(
+                image_emb[images],
+                text_emb[captions],
+                corpus.caption_image[captions] - f * size,
+                image_valid=None if image_valid is None else image_valid[images],
+            )
+        )
     return {key: float(np.mean([r[key] for r in results])) for key in results[0]}
 
 
-def embed_corpus(model: nn.Module, corpus: PairedCorpus, info: DistInfo | None = None,
-                 batch_size: int = 128, num_workers: int = 0, amp: bool = False
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def embed_corpus(
+    model: nn.Module,
+    corpus: PairedCorpus,
+    info: DistInfo | None = None,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    amp: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image embeddings, text embeddings, image_valid) of a paired corpus."""
     from training.models import tokenize_for
 
     info = info or DistInfo(0, 1, 0, next(model.parameters()).device)
-    images, valid = encode_image_files(model, corpus.images, load_size_for(model), batch_size,
-                                       info, num_workers, amp)
+    images, valid = encode_image_files(
+        model, corpus.images, load_size_for(model), batch_size, info, num_workers, amp
+    )
     tokens = tokenize_for(model, corpus.captions)
     texts = encode_token_rows(model, tokens, batch_size, info, amp)
     return images, texts, valid
 
 
-def evaluate_model(model: nn.Module, corpus: PairedCorpus, folds: int = 1,
-                   info: DistInfo | None = None, batch_size: int = 128, num_workers: int = 0,
-                   amp: bool = False) -> dict[str, float]:
+def evaluate_model(
+    model: nn.Module,
+    corpus: PairedCorpus,
+    folds: int = 1,
+    info: DistInfo | None = None,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    amp: bool = False,
+) -> dict[str, float]:
     image_emb, text_emb, valid = embed_corpus(model, corpus, info, batch_size, num_workers, amp)
     if folds > 1:
         return fold_recalls(image_emb, text_emb, corpus, folds, valid)
@@ -112,22 +139,30 @@ def evaluate_model(model: nn.Module, corpus: PairedCorpus, folds: int = 1,
 BENCHMARKS = (("MSCOCO (1K)", "coco1k"), ("MSCOCO (5K)", "coco5k"), ("Flickr 30K", "flickr1k"))
 
 
-def format_table1(rows: Mapping[str, Mapping[str, Mapping[str, float]]], direction: str = "t2i"
-                  ) -> str:
+def format_table1(rows: Mapping[str, Mapping[str, Mapping[str, float]]], direction: str = "t2i") -> str:
     """rows: model label -> benchmark key -> recalls. The paper's Table 1 layout."""
-    present = [(title, key) for title, key in BENCHMARKS
-               if any(key in r for r in rows.values())]
+    present = [(title, key) for title, key in BENCHMARKS if any(key in r for r in rows.values())]
     head1 = f"{'model':<24}" + "".join(f"| {title:^22} " for title, _ in present)
-    head2 = f"{'':<24}" + "".join("| " + " ".join(f"R@{k:<5}" for k in KS) + "  "
-                                   for _ in present)
-    lines = [f"{'text-to-image' if direction == 't2i' else 'image-to-text'} retrieval",
-             head1, head2, "-" * len(head1)]
+    head2 = f"{'':<24}" + "".join("| " + " ".join(f"R@{k:<5}" for k in KS) + "  " for _ in present)
+    lines = [
+        f"{'text-to-image' if direction == 't2i' else 'image-to-text'} retrieval",
+        head1,
+        head2,
+        "-" * len(head1),
+    ]
     for label, results in rows.items():
         cells = []
         for _, key in present:
             r = results.get(key)
-            cells.append("| " + (" ".join(f"{r[f'{direction}_R@{k}']:<7.1f}" for k in KS)
-                                 if r else " ".join(f"{'-':<7}" for _ in KS)) + "")
+            cells.append(
+                "| "
+                + (
+                    " ".join(f"{r[f'{direction}_R@{k}']:<7.1f}" for k in KS)
+                    if r
+                    else " ".join(f"{'-':<7}" for _ in KS)
+                )
+                + ""
+            )
         lines.append(f"{label:<24}" + "".join(cells))
     return "\n".join(lines)
 
@@ -147,9 +182,12 @@ def _load_for_eval(spec: str) -> tuple[str, nn.Module]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", action="append", required=True,
-                        help="LABEL=CHECKPOINT (leanclip checkpoint) or "
-                             "LABEL=open_clip:ViT-B-32:openai; repeatable")
+    parser.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="LABEL=CHECKPOINT (leanclip checkpoint) or LABEL=open_clip:ViT-B-32:openai; repeatable",
+    )
     parser.add_argument("--coco-json"), parser.add_argument("--coco-root")
     parser.add_argument("--flickr-json"), parser.add_argument("--flickr-root")
     parser.add_argument("--split", default="test")
@@ -176,12 +214,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows[label] = {}
         for key, (corpus, folds) in corpora.items():
             if id(corpus) not in embedded:
-                embedded[id(corpus)] = embed_corpus(model, corpus, info, args.batch_size,
-                                                    args.workers, amp=info.device.type == "cuda")
+                embedded[id(corpus)] = embed_corpus(
+                    model, corpus, info, args.batch_size, args.workers, amp=info.device.type == "cuda"
+                )
             images, texts, valid = embedded[id(corpus)]
-            rows[label][key] = (fold_recalls(images, texts, corpus, folds, valid) if folds > 1
-                                else retrieval_recalls(images, texts, corpus.caption_image,
-                                                       image_valid=valid))
+            rows[label][key] = (
+                fold_recalls(images, texts, corpus, folds, valid)
+                if folds > 1
+                else retrieval_recalls(images, texts, corpus.caption_image, image_valid=valid)
+            )
     if info.is_main:
         print(format_table1(rows, "t2i"))
         print()

@@ -28,7 +28,9 @@ from leanclip.export import ExportError, export_model
 __all__ = ["load_source", "main"]
 
 
-def load_source(spec: str, *, pretrained: Optional[str] = None, arch: str = "ViT-B-32") -> Tuple[nn.Module, str, str]:
+def load_source(
+    spec: str, *, pretrained: Optional[str] = None, arch: str = "ViT-B-32"
+) -> Tuple[nn.Module, str, str]:
     """(model, name, source description) for a checkpoint path or an open_clip model name."""
     path = Path(spec)
     if path.is_file():
@@ -61,18 +63,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("out_dir", help="bundle directory to write")
     parser.add_argument("--int8", action="store_true", help="also write an int8 bundle at OUT_DIR-int8")
     parser.add_argument("--pretrained", default=None, help="open_clip weights (tag or file) for a model name")
-    parser.add_argument("--arch", default="ViT-B-32", help="open_clip architecture of an open_clip checkpoint file")
+    parser.add_argument(
+        "--arch", default="ViT-B-32", help="open_clip architecture of an open_clip checkpoint file"
+    )
     parser.add_argument("--name", default=None, help="bundle name (default: from the source)")
     parser.add_argument("--no-check", action="store_true", help="skip the torch-vs-ONNX self-check")
     args = parser.parse_args(argv)
     try:
         model, name, source = load_source(args.source, pretrained=args.pretrained, arch=args.arch)
         out8 = Path(str(Path(args.out_dir)) + "-int8") if args.int8 else None
-        out = export_model(model, args.out_dir, name=args.name or name, source=source, check=not args.no_check,
-                           int8_out_dir=out8)
+        out = export_model(
+            model,
+            args.out_dir,
+            name=args.name or name,
+            source=source,
+            check=not args.no_check,
+            int8_out_dir=out8,
+        )
         for d in [out] + ([out8] if out8 else []):
             m = read_manifest(d)
-            print(f"wrote {d} ({m.precision}, dim {m.embedding_dim}; self-check {json.dumps(m.extra.get('self_check'))})")
+            print(
+                f"wrote {d} ({m.precision}, dim {m.embedding_dim}; self-check {json.dumps(m.extra.get('self_check'))})"
+            )
     except (ExportError, BundleError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -23,8 +23,7 @@ def _scale(logit_scale: torch.Tensor | float) -> torch.Tensor | float:
     return min(float(torch.tensor(logit_scale).exp()), 100.0)
 
 
-def infonce(queries: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor | float
-            ) -> torch.Tensor:
+def infonce(queries: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     """-1/N sum_i log softmax_j(scale * q_i . k_j)[i]: key i is query i's positive, every other
     key in the batch a negative (eq. 1 with queries=texts and keys=images)."""
     logits = scale * _normalize(queries) @ _normalize(keys).T
@@ -32,15 +31,15 @@ def infonce(queries: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor | flo
     return F.cross_entropy(logits, labels)
 
 
-def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor | float
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def clip_loss(
+    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor | float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(L_t2v, L_v2t) of eq. 1 and its symmetric version; ``logit_scale`` is log(1/tau)."""
     scale = _scale(logit_scale)
     return infonce(text, image, scale), infonce(image, text, scale)
 
 
-def intra_modal_infonce(student: torch.Tensor, teacher: torch.Tensor, temperature: float
-                        ) -> torch.Tensor:
+def intra_modal_infonce(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """Eq. 2 (images) / eq. 3 (texts): student embedding i must pick the teacher's embedding of
     the same input among the teacher's embeddings of the batch."""
     if temperature <= 0:
@@ -53,26 +52,38 @@ def embedding_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(_normalize(student), _normalize(teacher.detach()))
 
 
-def matching_kl(student_image: torch.Tensor, student_text: torch.Tensor,
-                teacher_image: torch.Tensor, teacher_text: torch.Tensor,
-                student_logit_scale: torch.Tensor | float,
-                teacher_logit_scale: torch.Tensor | float) -> torch.Tensor:
+def matching_kl(
+    student_image: torch.Tensor,
+    student_text: torch.Tensor,
+    teacher_image: torch.Tensor,
+    teacher_text: torch.Tensor,
+    student_logit_scale: torch.Tensor | float,
+    teacher_logit_scale: torch.Tensor | float,
+) -> torch.Tensor:
     """KD term: KL(p_teacher || p_student) of the image-to-text and text-to-image matching
     distributions over the batch, averaged over both directions (batch mean)."""
     s_logits = _scale(student_logit_scale) * _normalize(student_image) @ _normalize(student_text).T
     with torch.no_grad():
-        t_logits = (_scale(teacher_logit_scale)
-                    * _normalize(teacher_image) @ _normalize(teacher_text).T)
-    i2t = F.kl_div(F.log_softmax(s_logits, dim=1), F.log_softmax(t_logits, dim=1),
-                   reduction="batchmean", log_target=True)
-    t2i = F.kl_div(F.log_softmax(s_logits.T, dim=1), F.log_softmax(t_logits.T, dim=1),
-                   reduction="batchmean", log_target=True)
+        t_logits = _scale(teacher_logit_scale) * _normalize(teacher_image) @ _normalize(teacher_text).T
+    i2t = F.kl_div(
+        F.log_softmax(s_logits, dim=1), F.log_softmax(t_logits, dim=1), reduction="batchmean", log_target=True
+    )
+    t2i = F.kl_div(
+        F.log_softmax(s_logits.T, dim=1),
+        F.log_softmax(t_logits.T, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
     return 0.5 * (i2t + t2i)
 
 
-def hard_negative_infonce(queries: torch.Tensor, keys: torch.Tensor, negatives: torch.Tensor,
-                          logit_scale: torch.Tensor | float,
-                          negative_valid: torch.Tensor | None = None) -> torch.Tensor:
+def hard_negative_infonce(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    negatives: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    negative_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """HN term: InfoNCE of queries against the in-batch keys with each query's mined corpus
     negatives added to its softmax denominator.
 

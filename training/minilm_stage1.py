@@ -323,8 +323,13 @@ def distill(
         history.append({"step": step + 1, "loss": float(loss.item()), "cos_to_teacher": cos})
         if (step + 1) % int(train["log_every"]) == 0 or step + 1 == steps:
             log.info(
-                "%s step %d/%d loss %.4f cos %.3f (%.1fs)", loss_name, step + 1, steps,
-                loss.item(), cos, time.perf_counter() - t0,
+                "%s step %d/%d loss %.4f cos %.3f (%.1fs)",
+                loss_name,
+                step + 1,
+                steps,
+                loss.item(),
+                cos,
+                time.perf_counter() - t0,
             )
     student.eval()
     return history
@@ -369,7 +374,9 @@ def caption_eval_set(teacher: nn.Module, tokenizer: Any, photo_dir: Path) -> Cap
         load_efficientnet_lite0,
     )
 
-    captions = json.loads((ROOT / "benchmarks/data/sample_captions.json").read_text(encoding="utf-8"))["captions"]
+    captions = json.loads((ROOT / "benchmarks/data/sample_captions.json").read_text(encoding="utf-8"))[
+        "captions"
+    ]
     photos = [p for p in collect_sample_photos(photo_dir) if p.name in captions]
     index = {p.name: i for i, p in enumerate(photos)}
     texts, targets = [], []
@@ -379,9 +386,12 @@ def caption_eval_set(teacher: nn.Module, tokenizer: Any, photo_dir: Path) -> Cap
             targets.append(index[name])
     class_embeds = class_text_embeddings(teacher, tokenizer, list(imagenet_classnames()), DEFAULT_TEMPLATES)
     tower = ZeroShotImageTower(load_efficientnet_lite0(), class_embeds, DEFAULT_TEMPERATURE).eval()
-    pixels = np.stack([
-        preprocess_image(_load_image(p), IMAGE_SIZE, EFFICIENTNET_MEAN, EFFICIENTNET_STD, "bicubic") for p in photos
-    ])
+    pixels = np.stack(
+        [
+            preprocess_image(_load_image(p), IMAGE_SIZE, EFFICIENTNET_MEAN, EFFICIENTNET_STD, "bicubic")
+            for p in photos
+        ]
+    )
     with torch.no_grad():
         image_embeds = tower(torch.from_numpy(pixels))
     return CaptionEval(image_embeds, texts, torch.tensor(targets))
@@ -434,8 +444,9 @@ def resolve_config(config: Dict[str, Any]) -> Dict[str, Any]:
     return cfg
 
 
-def run(config: Dict[str, Any], teacher: Optional[MiniLMTextTower] = None,
-        tokenizer_json: Optional[str] = None) -> Dict[str, Any]:
+def run(
+    config: Dict[str, Any], teacher: Optional[MiniLMTextTower] = None, tokenizer_json: Optional[str] = None
+) -> Dict[str, Any]:
     """Run the configured students x losses; returns the results (and writes them to out_dir).
 
     ``teacher``/``tokenizer_json`` default to the packaged MiniLM; tests pass tiny stand-ins.
@@ -474,7 +485,9 @@ def run(config: Dict[str, Any], teacher: Optional[MiniLMTextTower] = None,
 
     def evaluate(tower: nn.Module) -> Dict[str, Any]:
         res: Dict[str, Any] = {
-            "agreement@10": neighbour_agreement(embed_texts(tower, tokenizer, corpus.heldout), held_teacher, int(eval_cfg["k"])),
+            "agreement@10": neighbour_agreement(
+                embed_texts(tower, tokenizer, corpus.heldout), held_teacher, int(eval_cfg["k"])
+            ),
             "params": param_count(tower),
         }
         if caption_ev is not None:
@@ -482,7 +495,11 @@ def run(config: Dict[str, Any], teacher: Optional[MiniLMTextTower] = None,
         return res
 
     results: Dict[str, Any] = {"config": cfg, "corpus": corpus.info, "rows": []}
-    teacher_row = {"model": f"teacher ({teacher.config.num_hidden_layers} layers)", "loss": "-", **evaluate(teacher)}
+    teacher_row = {
+        "model": f"teacher ({teacher.config.num_hidden_layers} layers)",
+        "loss": "-",
+        **evaluate(teacher),
+    }
     results["rows"].append(teacher_row)
     towers: List[nn.Module] = []  # parallel to results["rows"][1:]
     for keep in cfg["students"]:
@@ -494,7 +511,9 @@ def run(config: Dict[str, Any], teacher: Optional[MiniLMTextTower] = None,
             history: List[Dict[str, float]] = []
             t1 = time.perf_counter()
             if loss_name != "none":
-                history = distill(student, tokenizer, train_texts, train_targets, loss_name, train_cfg, cfg["seed"])
+                history = distill(
+                    student, tokenizer, train_texts, train_targets, loss_name, train_cfg, cfg["seed"]
+                )
             row = {
                 "model": f"student {len(layers)} layers {layers}",
                 "loss": loss_name,
@@ -506,8 +525,13 @@ def run(config: Dict[str, Any], teacher: Optional[MiniLMTextTower] = None,
             results["rows"].append(row)
             towers.append(student)
             torch.save(
-                {"config": student.config.to_dict(), "layers": layers, "loss": loss_name, "state_dict": student.state_dict(),
-                 "history": history},
+                {
+                    "config": student.config.to_dict(),
+                    "layers": layers,
+                    "loss": loss_name,
+                    "state_dict": student.state_dict(),
+                    "history": history,
+                },
                 out_dir / f"student_L{len(layers)}_{loss_name}.pt",
             )
     # size and speed in one pass at the end, so all towers are timed under the same load
@@ -542,7 +566,15 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> 
         if isinstance(x, float):
             if x != x:
                 return "–"
-            return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}" if abs(x) < 1 else f"{x:.2f}"
+            return (
+                f"{x:,.0f}"
+                if abs(x) >= 100
+                else f"{x:.1f}"
+                if abs(x) >= 10
+                else f"{x:.3g}"
+                if abs(x) < 1
+                else f"{x:.2f}"
+            )
         return str(x)
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -587,8 +619,17 @@ def write_table(runs: Sequence[Dict[str, Any]], path: Path) -> None:
         "(one run, same process as that row's teacher)",
         "",
     ]
-    header = ["text tower", "stage 1", "agreement@10", "caption R@1", "caption R@5", "final loss",
-              "params (M)", "size ratio", "QPS ratio"]
+    header = [
+        "text tower",
+        "stage 1",
+        "agreement@10",
+        "caption R@1",
+        "caption R@5",
+        "final loss",
+        "params (M)",
+        "size ratio",
+        "QPS ratio",
+    ]
     rows = []
     shown = set()
     for res in runs:
@@ -597,13 +638,19 @@ def write_table(runs: Sequence[Dict[str, Any]], path: Path) -> None:
             if (r["model"], label) in shown:
                 continue
             shown.add((r["model"], label))
-            rows.append([
-                r["model"], label, f"{r['agreement@10']:.3f}",
-                f"{r['caption_r1']:.3f}" if "caption_r1" in r else "-",
-                f"{r['caption_r5']:.3f}" if "caption_r5" in r else "-",
-                f"{r['final_loss']:.2e}" if r.get("final_loss") is not None else "-",
-                f"{r['params'] / 1e6:.1f}", f"{r['size_ratio']:.2f}", f"{r['qps_ratio']:.2f}",
-            ])
+            rows.append(
+                [
+                    r["model"],
+                    label,
+                    f"{r['agreement@10']:.3f}",
+                    f"{r['caption_r1']:.3f}" if "caption_r1" in r else "-",
+                    f"{r['caption_r5']:.3f}" if "caption_r5" in r else "-",
+                    f"{r['final_loss']:.2e}" if r.get("final_loss") is not None else "-",
+                    f"{r['params'] / 1e6:.1f}",
+                    f"{r['size_ratio']:.2f}",
+                    f"{r['qps_ratio']:.2f}",
+                ]
+            )
     lines.append(_markdown_table(header, rows))
     lines.append("")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -46,10 +46,14 @@ STUDENT_IMAGE_PRESETS = ("vit_small_patch16_224", "vit_small_patch32_224")
 # Shrunk shapes used by ``tiny=True``: same code paths, random weights, seconds on a CPU.
 TINY_EMBED_DIM = 32
 TINY_IMAGE_SIZE = 32
-TINY_TEACHER_VISION = {"image_size": TINY_IMAGE_SIZE, "layers": 2, "width": 64, "patch_size": 8,
-                       "head_width": 32}
-TINY_TEACHER_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
-                     "layers": 4}
+TINY_TEACHER_VISION = {
+    "image_size": TINY_IMAGE_SIZE,
+    "layers": 2,
+    "width": 64,
+    "patch_size": 8,
+    "head_width": 32,
+}
+TINY_TEACHER_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 4}
 TINY_STUDENT_TIMM = {"img_size": TINY_IMAGE_SIZE, "embed_dim": 32, "depth": 2, "num_heads": 2}
 
 PathLike = Union[str, os.PathLike]
@@ -66,8 +70,9 @@ class CheckpointError(ValueError):
 def _teacher_model_cfg(name: str, tiny: bool, quick_gelu: bool) -> dict[str, Any]:
     base = open_clip.get_model_config(name)
     if base is None:
-        raise ValueError(f"unknown open_clip model name {name!r}; "
-                         f"known: {', '.join(open_clip.list_models()[:20])}, ...")
+        raise ValueError(
+            f"unknown open_clip model name {name!r}; known: {', '.join(open_clip.list_models()[:20])}, ..."
+        )
     cfg = copy.deepcopy(base)
     if tiny:
         cfg["embed_dim"] = TINY_EMBED_DIM
@@ -77,8 +82,9 @@ def _teacher_model_cfg(name: str, tiny: bool, quick_gelu: bool) -> dict[str, Any
     return cfg
 
 
-def _set_interface_attributes(model: nn.Module, image_size: int, mean: Sequence[float],
-                              std: Sequence[float], context_length: int) -> None:
+def _set_interface_attributes(
+    model: nn.Module, image_size: int, mean: Sequence[float], std: Sequence[float], context_length: int
+) -> None:
     model.image_size = int(image_size)
     model.image_mean = tuple(float(v) for v in mean)
     model.image_std = tuple(float(v) for v in std)
@@ -93,31 +99,37 @@ def _create_teacher(config: Mapping[str, Any], pretrained: str | None) -> nn.Mod
     vision = cfg["vision_cfg"]
     size = vision.get("image_size", 224)
     size = size[0] if isinstance(size, (tuple, list)) else size
-    _set_interface_attributes(model, size, open_clip.OPENAI_DATASET_MEAN,
-                              open_clip.OPENAI_DATASET_STD,
-                              cfg["text_cfg"].get("context_length", 77))
+    _set_interface_attributes(
+        model,
+        size,
+        open_clip.OPENAI_DATASET_MEAN,
+        open_clip.OPENAI_DATASET_STD,
+        cfg["text_cfg"].get("context_length", 77),
+    )
     model.leanclip_config = copy.deepcopy(dict(config))
     return model
 
 
-def build_teacher(name: str = "ViT-B-32", pretrained: str | None = "openai",
-                  tiny: bool = False) -> nn.Module:
+def build_teacher(name: str = "ViT-B-32", pretrained: str | None = "openai", tiny: bool = False) -> nn.Module:
     """An open_clip dual encoder. ``pretrained``: an open_clip tag ("openai"), a local open_clip
     checkpoint file, a leanclip training checkpoint (e.g. the fine-tuned teacher T'), or None
     for random weights."""
     if pretrained is not None and Path(pretrained).is_file() and _is_leanclip_checkpoint(pretrained):
         model = load_model(pretrained)
         if model.leanclip_config.get("kind") != "teacher":
-            raise ValueError(f"{pretrained} is a leanclip {model.leanclip_config.get('kind')} "
-                             "checkpoint, not a teacher")
+            raise ValueError(
+                f"{pretrained} is a leanclip {model.leanclip_config.get('kind')} checkpoint, not a teacher"
+            )
         return model
-    if pretrained is not None and not Path(pretrained).exists() and (
-            os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
+    if (
+        pretrained is not None
+        and not Path(pretrained).exists()
+        and (os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")))
+    ):
         raise FileNotFoundError(f"teacher checkpoint not found: {pretrained}")
     # OpenAI's weights were trained with QuickGELU; open_clip's plain config uses nn.GELU.
     quick_gelu = pretrained == "openai"
-    config = {"kind": "teacher", "name": name,
-              "open_clip_cfg": _teacher_model_cfg(name, tiny, quick_gelu)}
+    config = {"kind": "teacher", "name": name, "open_clip_cfg": _teacher_model_cfg(name, tiny, quick_gelu)}
     return _create_teacher(config, pretrained)
 
 
@@ -129,14 +141,19 @@ class StudentDualEncoder(nn.Module):
     """timm image backbone + linear projection; truncated CLIP text tower, or (``text.kind:
     hf``) a Hugging Face BERT-style encoder + projection with its own WordPiece tokenizer."""
 
-    def __init__(self, config: Mapping[str, Any], visual: nn.Module | None = None,
-                 hf_text_model: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        visual: nn.Module | None = None,
+        hf_text_model: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.leanclip_config = copy.deepcopy(dict(config))
         img = config["image"]
         if visual is None:
-            visual = timm.create_model(img["backbone"], pretrained=False, num_classes=0,
-                                       **img.get("timm_kwargs", {}))
+            visual = timm.create_model(
+                img["backbone"], pretrained=False, num_classes=0, **img.get("timm_kwargs", {})
+            )
         self.visual = visual
         embed_dim = int(config["embed_dim"])
         self.image_projection = nn.Linear(self.visual.num_features, embed_dim, bias=False)
@@ -145,14 +162,18 @@ class StudentDualEncoder(nn.Module):
         if txt.get("kind", "clip") == "hf":
             self.text = HFTextTower(txt, embed_dim, model=hf_text_model)
         else:
-            self.text = CLIPTextTower(vocab_size=txt["vocab_size"],
-                                      context_length=txt["context_length"], width=txt["width"],
-                                      heads=txt["heads"], layers=len(txt["layers"]),
-                                      output_dim=embed_dim, mlp_ratio=txt.get("mlp_ratio", 4.0),
-                                      quick_gelu=txt.get("quick_gelu", False))
+            self.text = CLIPTextTower(
+                vocab_size=txt["vocab_size"],
+                context_length=txt["context_length"],
+                width=txt["width"],
+                heads=txt["heads"],
+                layers=len(txt["layers"]),
+                output_dim=embed_dim,
+                mlp_ratio=txt.get("mlp_ratio", 4.0),
+                quick_gelu=txt.get("quick_gelu", False),
+            )
         self.logit_scale = nn.Parameter(torch.tensor(float(config.get("logit_scale", 4.6052))))
-        _set_interface_attributes(self, img["image_size"], img["mean"], img["std"],
-                                  txt["context_length"])
+        _set_interface_attributes(self, img["image_size"], img["mean"], img["std"], txt["context_length"])
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         x = self.image_projection(self.visual(pixels))
@@ -169,14 +190,18 @@ class StudentDualEncoder(nn.Module):
             return self.text.tokenize(texts)
         return tokenize(texts, int(self.context_length))
 
-    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_image(pixels, normalize=True), self.encode_text(tokens, normalize=True)
 
 
 # Shrunk BERT used by ``build_hf_student(tiny=True)``: random weights, built locally.
-TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-             "intermediate_size": 64, "max_position_embeddings": 128}
+TINY_BERT = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 128,
+}
 HF_POOLING = ("cls", "mean")
 
 
@@ -188,15 +213,22 @@ def _tiny_wordpiece_json() -> str:
 
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
     words = ["a", "an", "the", "photo", "image", "picture", "of", "with", "in", "is", "that"]
-    vocab_list = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
-                  + list(".,:;!?'\"-()/&") + [w for w in words if w not in chars])
+    vocab_list = (
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        + chars
+        + ["##" + c for c in chars]
+        + list(".,:;!?'\"-()/&")
+        + [w for w in words if w not in chars]
+    )
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
     tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
     tok.decoder = decoders.WordPiece()
     tok.add_special_tokens(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
     return tok.to_str()
@@ -221,12 +253,10 @@ class HFTextTower(nn.Module):
     mean over unpadded positions. The config holds the HF config dict and the tokenizer.json
     text, so a checkpoint rebuilds the tower without the hub."""
 
-    def __init__(self, config: Mapping[str, Any], output_dim: int,
-                 model: nn.Module | None = None) -> None:
+    def __init__(self, config: Mapping[str, Any], output_dim: int, model: nn.Module | None = None) -> None:
         super().__init__()
         if config.get("pooling", "cls") not in HF_POOLING:
-            raise ValueError(f"text pooling must be one of {HF_POOLING}, "
-                             f"got {config.get('pooling')!r}")
+            raise ValueError(f"text pooling must be one of {HF_POOLING}, got {config.get('pooling')!r}")
         self.pooling = config.get("pooling", "cls")
         self.context_length = int(config["context_length"])
         self.pad_id = int(config["pad_id"])
@@ -243,8 +273,11 @@ class HFTextTower(nn.Module):
 
             tok = Tokenizer.from_str(self._tokenizer_json)
             tok.enable_truncation(max_length=self.context_length)
-            tok.enable_padding(length=self.context_length, pad_id=self.pad_id,
-                               pad_token=tok.id_to_token(self.pad_id) or "[PAD]")
+            tok.enable_padding(
+                length=self.context_length,
+                pad_id=self.pad_id,
+                pad_token=tok.id_to_token(self.pad_id) or "[PAD]",
+            )
             self._tokenizer = tok
         return self._tokenizer
 
@@ -261,8 +294,9 @@ class HFTextTower(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape[1] > self.context_length:
-            raise ValueError(f"token sequence length {tokens.shape[1]} exceeds the context "
-                             f"length {self.context_length}")
+            raise ValueError(
+                f"token sequence length {tokens.shape[1]} exceeds the context length {self.context_length}"
+            )
         mask = (tokens != self.pad_id).long()
         hidden = self.model(input_ids=tokens, attention_mask=mask).last_hidden_state
         if self.pooling == "cls":
@@ -273,8 +307,7 @@ class HFTextTower(nn.Module):
         return self.projection(pooled)
 
 
-def select_text_layers(total: int, text_layers: int | Sequence[int],
-                       spacing: str = "first") -> list[int]:
+def select_text_layers(total: int, text_layers: int | Sequence[int], spacing: str = "first") -> list[int]:
     """Which teacher layers the student text tower keeps: an explicit list of indices, or N
     layers chosen as the first N (paper default) or evenly spaced (always keeping the last)."""
     if isinstance(text_layers, int):
@@ -301,8 +334,9 @@ def _timm_create(backbone: str, image_pretrained: str | None, kwargs: dict[str, 
     if path.exists():
         if not path.is_file():
             raise FileNotFoundError(f"image backbone weights {path} is not a file")
-        return timm.create_model(backbone, pretrained=True, num_classes=0,
-                                 pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        return timm.create_model(
+            backbone, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)}, **kwargs
+        )
     if os.sep in image_pretrained or image_pretrained.endswith((".pth", ".bin", ".safetensors")):
         raise FileNotFoundError(f"image backbone weights not found: {image_pretrained}")
     # A timm pretrained tag, e.g. "augreg_in21k" -> "vit_small_patch16_224.augreg_in21k".
@@ -310,10 +344,14 @@ def _timm_create(backbone: str, image_pretrained: str | None, kwargs: dict[str, 
     return timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
 
 
-def build_student(image_backbone: str = "vit_small_patch16_224",
-                  text_layers: int | Sequence[int] = 6, teacher: nn.Module | None = None,
-                  image_pretrained: str | None = None, tiny: bool = False,
-                  text_layer_spacing: str = "first") -> StudentDualEncoder:
+def build_student(
+    image_backbone: str = "vit_small_patch16_224",
+    text_layers: int | Sequence[int] = 6,
+    teacher: nn.Module | None = None,
+    image_pretrained: str | None = None,
+    tiny: bool = False,
+    text_layer_spacing: str = "first",
+) -> StudentDualEncoder:
     """The paper's student, initialised from ``teacher`` (an open_clip CLIP built by
     ``build_teacher``): text embeddings, chosen layers, final LN, projection and logit scale are
     copied; the image backbone comes from timm (``image_pretrained``: None for random weights, a
@@ -333,23 +371,31 @@ def build_student(image_backbone: str = "vit_small_patch16_224",
         "kind": "student",
         "embed_dim": int(tcfg["embed_dim"]),
         "logit_scale": float(teacher.logit_scale.detach().reshape(-1)[0]),
-        "image": {"backbone": image_backbone, "timm_kwargs": timm_kwargs,
-                  "image_size": image_size, "mean": list(data_cfg["mean"]),
-                  "std": list(data_cfg["std"]), "pretrained": image_pretrained},
-        "text": {"vocab_size": text_cfg.get("vocab_size", 49408),
-                 "context_length": text_cfg.get("context_length", 77),
-                 "width": text_cfg.get("width", 512), "heads": text_cfg.get("heads", 8),
-                 "mlp_ratio": text_cfg.get("mlp_ratio", 4.0),
-                 "quick_gelu": bool(tcfg.get("quick_gelu", False)), "layers": layers,
-                 "teacher_layers": total},
+        "image": {
+            "backbone": image_backbone,
+            "timm_kwargs": timm_kwargs,
+            "image_size": image_size,
+            "mean": list(data_cfg["mean"]),
+            "std": list(data_cfg["std"]),
+            "pretrained": image_pretrained,
+        },
+        "text": {
+            "vocab_size": text_cfg.get("vocab_size", 49408),
+            "context_length": text_cfg.get("context_length", 77),
+            "width": text_cfg.get("width", 512),
+            "heads": text_cfg.get("heads", 8),
+            "mlp_ratio": text_cfg.get("mlp_ratio", 4.0),
+            "quick_gelu": bool(tcfg.get("quick_gelu", False)),
+            "layers": layers,
+            "teacher_layers": total,
+        },
     }
     student = StudentDualEncoder(config, visual=visual)
     _copy_text_from_teacher(student, teacher, layers)
     return student
 
 
-def _copy_text_from_teacher(student: StudentDualEncoder, teacher: nn.Module,
-                            layers: Sequence[int]) -> None:
+def _copy_text_from_teacher(student: StudentDualEncoder, teacher: nn.Module, layers: Sequence[int]) -> None:
     with torch.no_grad():
         student.text.token_embedding.weight.copy_(teacher.token_embedding.weight)
         student.text.positional_embedding.copy_(teacher.positional_embedding)
@@ -362,11 +408,16 @@ def _copy_text_from_teacher(student: StudentDualEncoder, teacher: nn.Module,
         student.logit_scale.copy_(teacher.logit_scale.detach().reshape(()))
 
 
-def build_hf_student(image_backbone: str = "vit_small_patch16_224",
-                     text_model: str = "huawei-noah/TinyBERT_General_4L_312D",
-                     teacher: nn.Module | None = None, image_pretrained: str | None = None,
-                     tiny: bool = False, pooling: str = "cls", context_length: int = 77,
-                     text_pretrained: bool = True) -> StudentDualEncoder:
+def build_hf_student(
+    image_backbone: str = "vit_small_patch16_224",
+    text_model: str = "huawei-noah/TinyBERT_General_4L_312D",
+    teacher: nn.Module | None = None,
+    image_pretrained: str | None = None,
+    tiny: bool = False,
+    pooling: str = "cls",
+    context_length: int = 77,
+    text_pretrained: bool = True,
+) -> StudentDualEncoder:
     """Table 1's compression baseline "f_v^S + f_t^TinyBERT": a timm image backbone and a Hugging
     Face BERT-style text encoder (``text_model``: a hub name or a local directory, loaded with
     ``transformers.AutoModel``/``AutoTokenizer``; ``text_pretrained=False`` keeps the architecture
@@ -424,36 +475,57 @@ def build_hf_student(image_backbone: str = "vit_small_patch16_224",
         "kind": "student",
         "embed_dim": embed_dim,
         "logit_scale": float(teacher.logit_scale.detach().reshape(-1)[0]),
-        "image": {"backbone": image_backbone, "timm_kwargs": timm_kwargs,
-                  "image_size": image_size, "mean": list(data_cfg["mean"]),
-                  "std": list(data_cfg["std"]), "pretrained": image_pretrained},
-        "text": {"kind": "hf", "name": text_model, "hf_config": hf_config,
-                 "tokenizer_json": tokenizer_json, "pooling": pooling,
-                 "context_length": context_length, "pad_id": int(pad_id),
-                 "width": int(hf_config["hidden_size"])},
+        "image": {
+            "backbone": image_backbone,
+            "timm_kwargs": timm_kwargs,
+            "image_size": image_size,
+            "mean": list(data_cfg["mean"]),
+            "std": list(data_cfg["std"]),
+            "pretrained": image_pretrained,
+        },
+        "text": {
+            "kind": "hf",
+            "name": text_model,
+            "hf_config": hf_config,
+            "tokenizer_json": tokenizer_json,
+            "pooling": pooling,
+            "context_length": context_length,
+            "pad_id": int(pad_id),
+            "width": int(hf_config["hidden_size"]),
+        },
     }
     return StudentDualEncoder(config, visual=visual, hf_text_model=hf_model)
 
 
-def build_student_from_settings(m: Mapping[str, Any], teacher: nn.Module, tiny: bool = False
-                                ) -> StudentDualEncoder:
+def build_student_from_settings(
+    m: Mapping[str, Any], teacher: nn.Module, tiny: bool = False
+) -> StudentDualEncoder:
     """The student a stage-1/2 config's ``model:`` section describes: with ``text_encoder`` (a
     Hugging Face name or directory; ``text_pooling``, ``text_context_length``) the HF-text
     baseline of ``build_hf_student``, else the paper's student of ``build_student``."""
     backbone = m.get("image_backbone", "vit_small_patch16_224")
     if m.get("text_encoder"):
-        return build_hf_student(backbone, str(m["text_encoder"]), teacher=teacher,
-                                image_pretrained=m.get("image_pretrained"), tiny=tiny,
-                                pooling=m.get("text_pooling", "cls"),
-                                context_length=int(m.get("text_context_length", 77)),
-                                text_pretrained=bool(m.get("text_pretrained", True)))
-    return build_student(backbone, m.get("text_layers", 6), teacher=teacher,
-                         image_pretrained=m.get("image_pretrained"), tiny=tiny,
-                         text_layer_spacing=m.get("text_layer_spacing", "first"))
+        return build_hf_student(
+            backbone,
+            str(m["text_encoder"]),
+            teacher=teacher,
+            image_pretrained=m.get("image_pretrained"),
+            tiny=tiny,
+            pooling=m.get("text_pooling", "cls"),
+            context_length=int(m.get("text_context_length", 77)),
+            text_pretrained=bool(m.get("text_pretrained", True)),
+        )
+    return build_student(
+        backbone,
+        m.get("text_layers", 6),
+        teacher=teacher,
+        image_pretrained=m.get("image_pretrained"),
+        tiny=tiny,
+        text_layer_spacing=m.get("text_layer_spacing", "first"),
+    )
 
 
-def student_with_teacher_text(student: StudentDualEncoder, teacher: nn.Module
-                              ) -> StudentDualEncoder:
+def student_with_teacher_text(student: StudentDualEncoder, teacher: nn.Module) -> StudentDualEncoder:
     """The student's image tower paired with a full copy of the teacher's text tower: the
     paper's Table-2 setting, where ablations touch only the image encoder and the text encoder
     stays the fine-tuned teacher's (T')."""
@@ -461,13 +533,20 @@ def student_with_teacher_text(student: StudentDualEncoder, teacher: nn.Module
     config = copy.deepcopy(student.leanclip_config)
     text_cfg = teacher.leanclip_config["open_clip_cfg"]["text_cfg"]
     if config["text"].get("kind", "clip") == "hf":  # replace the HF tower by a CLIP one
-        config["text"] = {"vocab_size": text_cfg.get("vocab_size", 49408),
-                          "context_length": text_cfg.get("context_length", 77)}
-    config["text"].update({"layers": list(range(total)), "teacher_layers": total,
-                           "width": text_cfg.get("width", 512), "heads": text_cfg.get("heads", 8),
-                           "mlp_ratio": text_cfg.get("mlp_ratio", 4.0),
-                           "quick_gelu": bool(teacher.leanclip_config["open_clip_cfg"]
-                                              .get("quick_gelu", False))})
+        config["text"] = {
+            "vocab_size": text_cfg.get("vocab_size", 49408),
+            "context_length": text_cfg.get("context_length", 77),
+        }
+    config["text"].update(
+        {
+            "layers": list(range(total)),
+            "teacher_layers": total,
+            "width": text_cfg.get("width", 512),
+            "heads": text_cfg.get("heads", 8),
+            "mlp_ratio": text_cfg.get("mlp_ratio", 4.0),
+            "quick_gelu": bool(teacher.leanclip_config["open_clip_cfg"].get("quick_gelu", False)),
+        }
+    )
     combined = StudentDualEncoder(config, visual=student.visual)
     combined.image_projection = student.image_projection
     _copy_text_from_teacher(combined, teacher, list(range(total)))
@@ -512,14 +591,16 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
         raise
 
 
-def save_checkpoint(path: PathLike, model: nn.Module, extra: Mapping[str, Any] | None = None
-                    ) -> None:
+def save_checkpoint(path: PathLike, model: nn.Module, extra: Mapping[str, Any] | None = None) -> None:
     """Save ``model`` (teacher or student) with its config; ``extra`` holds training state
     (optimizer, scheduler, data position, RNG) for exact resumption."""
     unwrapped = getattr(model, "module", model)  # DistributedDataParallel
-    payload: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                               "model_config": model_config(unwrapped),
-                               "state_dict": unwrapped.state_dict()}
+    payload: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "model_config": model_config(unwrapped),
+        "state_dict": unwrapped.state_dict(),
+    }
     if extra:
         payload.update(extra)
     atomic_torch_save(payload, path)
@@ -542,11 +623,14 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot read checkpoint ({exc})") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a leanclip training checkpoint "
-                              "(no 'format': 'leanclip-training-checkpoint' entry)")
+        raise CheckpointError(
+            f"{path}: not a leanclip training checkpoint (no 'format': 'leanclip-training-checkpoint' entry)"
+        )
     if payload.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {payload.get('version')} is not "
-                              f"supported (expected {CHECKPOINT_VERSION})")
+        raise CheckpointError(
+            f"{path}: checkpoint version {payload.get('version')} is not "
+            f"supported (expected {CHECKPOINT_VERSION})"
+        )
     return payload
 
 

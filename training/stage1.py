@@ -36,20 +36,61 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from training import losses
-from training.data import (ImageFiles, PairedCorpus, PairedImages, WebDatasetImages,
-                           collate_skipping, epoch_pairs, epoch_permutation, expand_shards,
-                           list_images, load_paired, load_text_lines, prepare_pixels,
-                           read_webdataset_texts)
-from training.distributed import (BatchLayout, DistInfo, TowerForward, TrainableSides,
-                                  all_counts, all_true, barrier, ddp, gather_with_grad,
-                                  init_distributed, micro_slice)
-from training.models import (build_student_from_settings, build_teacher, has_own_tokenizer,
-                             model_config, read_checkpoint, save_checkpoint, tokenize,
-                             tokenize_for, tower_parameters)
-from training.train_utils import (autocast, config_arg_parser, cosine_with_warmup,
-                                  encode_image_files, encode_token_rows, grad_norm, load_config,
-                                  load_size_for, make_optimizer, model_fingerprint,
-                                  plan_schedule, rng_state, seed_everything, set_rng_state)
+from training.data import (
+    ImageFiles,
+    PairedCorpus,
+    PairedImages,
+    WebDatasetImages,
+    collate_skipping,
+    epoch_pairs,
+    epoch_permutation,
+    expand_shards,
+    list_images,
+    load_paired,
+    load_text_lines,
+    prepare_pixels,
+    read_webdataset_texts,
+)
+from training.distributed import (
+    BatchLayout,
+    DistInfo,
+    TowerForward,
+    TrainableSides,
+    all_counts,
+    all_true,
+    barrier,
+    ddp,
+    gather_with_grad,
+    init_distributed,
+    micro_slice,
+)
+from training.models import (
+    build_student_from_settings,
+    build_teacher,
+    has_own_tokenizer,
+    model_config,
+    read_checkpoint,
+    save_checkpoint,
+    tokenize,
+    tokenize_for,
+    tower_parameters,
+)
+from training.train_utils import (
+    autocast,
+    config_arg_parser,
+    cosine_with_warmup,
+    encode_image_files,
+    encode_token_rows,
+    grad_norm,
+    load_config,
+    load_size_for,
+    make_optimizer,
+    model_fingerprint,
+    plan_schedule,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
 log = logging.getLogger("training.stage1")
 
@@ -57,11 +98,25 @@ LOSSES = ("infonce", "mse", "intermodal", "clip", "none")
 PAIRED_LOSSES = ("intermodal", "clip")
 
 DEFAULT_TRAIN: dict[str, Any] = {
-    "loss": "infonce", "modalities": ["image", "text"], "epochs": 1, "batch_size": 84,
-    "max_rank_batch": None, "lr": 3e-4, "weight_decay": 0.1, "warmup_steps": 10000,
-    "warmup_max_fraction": 0.5, "temperature": 0.05, "amp": True, "cache_teacher": True,
-    "num_workers": 4, "checkpoint_every": 1000, "keep_checkpoints": False, "max_steps": None,
-    "log_every": 50, "embed_batch_size": 256, "cache_dir": None,
+    "loss": "infonce",
+    "modalities": ["image", "text"],
+    "epochs": 1,
+    "batch_size": 84,
+    "max_rank_batch": None,
+    "lr": 3e-4,
+    "weight_decay": 0.1,
+    "warmup_steps": 10000,
+    "warmup_max_fraction": 0.5,
+    "temperature": 0.05,
+    "amp": True,
+    "cache_teacher": True,
+    "num_workers": 4,
+    "checkpoint_every": 1000,
+    "keep_checkpoints": False,
+    "max_steps": None,
+    "log_every": 50,
+    "embed_batch_size": 256,
+    "cache_dir": None,
 }
 
 
@@ -89,8 +144,9 @@ class Stage1Trainer:
         self.config = dict(config)
         unknown = set(config.get("train", {})) - set(DEFAULT_TRAIN)
         if unknown:
-            raise ValueError(f"unknown stage-1 train settings {sorted(unknown)}; "
-                             f"known: {sorted(DEFAULT_TRAIN)}")
+            raise ValueError(
+                f"unknown stage-1 train settings {sorted(unknown)}; known: {sorted(DEFAULT_TRAIN)}"
+            )
         self.cfg = {**DEFAULT_TRAIN, **dict(config.get("train", {}))}
         if self.cfg["loss"] not in LOSSES:
             raise ValueError(f"train.loss must be one of {LOSSES}, got {self.cfg['loss']!r}")
@@ -103,8 +159,9 @@ class Stage1Trainer:
         seed_everything(self.seed)
         m = dict(config.get("model", {}))
         tiny = bool(m.get("tiny", False))
-        self.teacher = build_teacher(m.get("teacher_name", "ViT-B-32"),
-                                     m.get("teacher_pretrained", "openai"), tiny=tiny)
+        self.teacher = build_teacher(
+            m.get("teacher_name", "ViT-B-32"), m.get("teacher_pretrained", "openai"), tiny=tiny
+        )
         self.teacher.eval().requires_grad_(False)  # frozen, eval mode (paper: teacher fixed)
         self.student = build_student_from_settings(m, self.teacher, tiny=tiny)
         self.teacher.to(self.info.device)
@@ -117,8 +174,7 @@ class Stage1Trainer:
         self.webdataset = False
         if self.cfg["loss"] in PAIRED_LOSSES:
             if "paired" not in data:
-                raise ValueError(f"the {self.cfg['loss']} stage-1 loss needs data.paired "
-                                 "(image-text pairs)")
+                raise ValueError(f"the {self.cfg['loss']} stage-1 loss needs data.paired (image-text pairs)")
             self.paired = load_paired(data["paired"])
         else:
             if "image" in self.modalities:
@@ -134,13 +190,20 @@ class Stage1Trainer:
         self.amp = bool(self.cfg["amp"]) and self.info.device.type == "cuda"
         # int32 halves the memory of millions of tokenized captions; cast per batch
         texts = self.paired.captions if self.paired else self.texts
-        self.tokens = tokenize_for(self.student, texts).to(torch.int32) if (
-            self.paired or self.texts) else torch.zeros(0, 77, dtype=torch.int32)
+        self.tokens = (
+            tokenize_for(self.student, texts).to(torch.int32)
+            if (self.paired or self.texts)
+            else torch.zeros(0, 77, dtype=torch.int32)
+        )
         # a student with its own tokenizer (HF text tower): the teacher keeps CLIP's tokens
-        self.teacher_tokens = tokenize(texts, int(self.teacher.context_length)).to(
-            torch.int32) if has_own_tokenizer(self.student) and len(texts) else self.tokens
-        self.layout = BatchLayout(int(self.cfg["batch_size"]), self.info.world_size,
-                                  self.cfg["max_rank_batch"])
+        self.teacher_tokens = (
+            tokenize(texts, int(self.teacher.context_length)).to(torch.int32)
+            if has_own_tokenizer(self.student) and len(texts)
+            else self.tokens
+        )
+        self.layout = BatchLayout(
+            int(self.cfg["batch_size"]), self.info.world_size, self.cfg["max_rank_batch"]
+        )
         self._set_trainable()
         self.teacher_image_cache: np.ndarray | None = None
         self.teacher_text_cache: np.ndarray | None = None
@@ -186,19 +249,33 @@ class Stage1Trainer:
     def schedule(self):
         if self.webdataset and self.n_images() == 0 and "image" in self.modalities:
             raise ValueError("for webdataset images set data.images.num_samples")
-        return plan_schedule(self.epoch_items(), self.layout.global_batch,
-                             int(self.cfg["epochs"]), int(self.cfg["warmup_steps"]),
-                             float(self.cfg["warmup_max_fraction"]))
+        return plan_schedule(
+            self.epoch_items(),
+            self.layout.global_batch,
+            int(self.cfg["epochs"]),
+            int(self.cfg["warmup_steps"]),
+            float(self.cfg["warmup_max_fraction"]),
+        )
 
     def steps_per_epoch(self) -> int:
         return self.schedule().steps_per_epoch
 
     # ------------------------------------------------------------ teacher cache
     def _cache_key(self, what: str, count: int) -> Path:
-        fingerprint = hashlib.sha256(json.dumps(
-            [model_config(self.teacher), what, count, model_fingerprint(self.teacher),
-             self.config.get("data", {}), self.cfg["loss"]], sort_keys=True,
-            default=str).encode()).hexdigest()[:12]
+        fingerprint = hashlib.sha256(
+            json.dumps(
+                [
+                    model_config(self.teacher),
+                    what,
+                    count,
+                    model_fingerprint(self.teacher),
+                    self.config.get("data", {}),
+                    self.cfg["loss"],
+                ],
+                sort_keys=True,
+                default=str,
+            ).encode()
+        ).hexdigest()[:12]
         root = Path(self.cfg.get("cache_dir") or self.run_dir / "cache")
         return root / f"teacher_{what}_{fingerprint}.npy"
 
@@ -220,16 +297,21 @@ class Stage1Trainer:
         bs = int(self.cfg["embed_batch_size"])
         paths = self.paired.images if self.paired is not None else self.images
         if paths and (self.paired is not None or "image" in self.modalities):
+
             def images() -> np.ndarray:
-                emb, valid = encode_image_files(self.teacher, paths, self.load_size, bs,
-                                                self.info, int(self.cfg["num_workers"]), self.amp)
+                emb, valid = encode_image_files(
+                    self.teacher, paths, self.load_size, bs, self.info, int(self.cfg["num_workers"]), self.amp
+                )
                 emb[~valid] = np.nan  # unreadable: skipped again by the loader
                 return emb
+
             self.teacher_image_cache = self._memmap_cache("images", images, len(paths))
         if len(self.tokens) and (self.paired is not None or "text" in self.modalities):
             self.teacher_text_cache = self._memmap_cache(
-                "texts", lambda: encode_token_rows(self.teacher, self.teacher_tokens, bs,
-                                                   self.info, self.amp), len(self.tokens))
+                "texts",
+                lambda: encode_token_rows(self.teacher, self.teacher_tokens, bs, self.info, self.amp),
+                len(self.tokens),
+            )
 
     # ------------------------------------------------------------ data
     def _image_batches(self, epoch: int, start: int, stop: int) -> Iterator[dict[str, Any]]:
@@ -238,12 +320,14 @@ class Stage1Trainer:
         local = self.layout.rank_batch(self.info.rank)
         workers = int(self.cfg["num_workers"])
         if self.webdataset:
-            stream = WebDatasetImages(self.images, self.load_size,
-                                      skip=start * self.layout.global_batch,
-                                      global_batch=self.layout.global_batch,
-                                      share=self.layout.share(self.info.rank))
-            loader = DataLoader(stream, batch_size=local, collate_fn=collate_skipping,
-                                num_workers=workers)
+            stream = WebDatasetImages(
+                self.images,
+                self.load_size,
+                skip=start * self.layout.global_batch,
+                global_batch=self.layout.global_batch,
+                share=self.layout.share(self.info.rank),
+            )
+            loader = DataLoader(stream, batch_size=local, collate_fn=collate_skipping, num_workers=workers)
             while True:  # cycle through the shards
                 for batch in loader:
                     yield batch
@@ -258,8 +342,9 @@ class Stage1Trainer:
             order = epoch_permutation(self.n_images(), self.seed, 1, epoch)
             rows = order[positions % len(order)]
             dataset = ImageFiles([self.images[i] for i in rows], self.load_size)
-        loader = DataLoader(dataset, batch_size=local, shuffle=False, collate_fn=collate_skipping,
-                            num_workers=workers)
+        loader = DataLoader(
+            dataset, batch_size=local, shuffle=False, collate_fn=collate_skipping, num_workers=workers
+        )
         for batch in loader:
             if rows is not None and batch["size"]:
                 position, pixels = batch["columns"]
@@ -273,20 +358,21 @@ class Stage1Trainer:
     # ------------------------------------------------------------ loss
     def _teacher_images(self, index: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
         if self.teacher_image_cache is not None:
-            return torch.from_numpy(np.asarray(self.teacher_image_cache[index.numpy()],
-                                               np.float32)).to(self.info.device)
+            return torch.from_numpy(np.asarray(self.teacher_image_cache[index.numpy()], np.float32)).to(
+                self.info.device
+            )
         with torch.no_grad(), autocast(self.info.device, self.amp):
             return self.teacher.encode_image(prepare_pixels(self.teacher, pixels)).float()
 
     def _teacher_texts(self, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         if self.teacher_text_cache is not None:
-            return torch.from_numpy(np.asarray(self.teacher_text_cache[rows.numpy()],
-                                               np.float32)).to(self.info.device)
+            return torch.from_numpy(np.asarray(self.teacher_text_cache[rows.numpy()], np.float32)).to(
+                self.info.device
+            )
         with torch.no_grad(), autocast(self.info.device, self.amp):
             return self.teacher.encode_text(tokens).float()
 
-    def _distill(self, student: torch.Tensor, teacher: torch.Tensor, sizes: list[int]
-                 ) -> torch.Tensor:
+    def _distill(self, student: torch.Tensor, teacher: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         s = gather_with_grad(student.float(), sizes)
         t = gather_with_grad(teacher.float(), sizes)
         if self.cfg["loss"] == "mse":
@@ -299,13 +385,19 @@ class Stage1Trainer:
         scale."""
         if self.cfg["loss"] == "clip":
             return {"pair": ddp(TrainableSides(self.student), self.info)}
-        return {side: ddp(TowerForward(self.student, side,
-                                       tower_parameters(self.student, side)), self.info)
-                for side in self.modalities}
+        return {
+            side: ddp(TowerForward(self.student, side, tower_parameters(self.student, side)), self.info)
+            for side in self.modalities
+        }
 
-    def _step_loss(self, towers: Mapping[str, nn.Module], image_cols: list[Any] | None,
-                   image_sizes: list[int], text_rows: np.ndarray | None, text_sizes: list[int]
-                   ) -> tuple[torch.Tensor, dict[str, float]]:
+    def _step_loss(
+        self,
+        towers: Mapping[str, nn.Module],
+        image_cols: list[Any] | None,
+        image_sizes: list[int],
+        text_rows: np.ndarray | None,
+        text_sizes: list[int],
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         device = self.info.device
         parts: dict[str, float] = {}
         loss = torch.zeros((), device=device)
@@ -318,26 +410,32 @@ class Stage1Trainer:
             if self.cfg["loss"] == "clip":  # the paper's TinyBERT baseline: towers vs each other
                 with autocast(device, self.amp):
                     s_img, s_txt, scale = towers["pair"](student_pixels, tokens)
-                t2v, v2t = losses.clip_loss(gather_with_grad(s_img.float(), image_sizes),
-                                            gather_with_grad(s_txt.float(), image_sizes), scale)
+                t2v, v2t = losses.clip_loss(
+                    gather_with_grad(s_img.float(), image_sizes),
+                    gather_with_grad(s_txt.float(), image_sizes),
+                    scale,
+                )
                 parts["clip"] = float((t2v + v2t).detach())
                 return t2v + v2t, parts
             scale = self.teacher.logit_scale
             if "image" in self.modalities:
                 with autocast(device, self.amp):
                     s_img = towers["image"](student_pixels)
-                t_txt = self._teacher_texts(caption_index,
-                                            self.teacher_tokens[caption_index].to(device).long())
-                t2v, v2t = losses.clip_loss(gather_with_grad(s_img.float(), image_sizes),
-                                            gather_with_grad(t_txt, image_sizes), scale)
+                t_txt = self._teacher_texts(
+                    caption_index, self.teacher_tokens[caption_index].to(device).long()
+                )
+                t2v, v2t = losses.clip_loss(
+                    gather_with_grad(s_img.float(), image_sizes), gather_with_grad(t_txt, image_sizes), scale
+                )
                 parts["image_intermodal"] = float((t2v + v2t).detach())
                 loss = loss + t2v + v2t
             if "text" in self.modalities:
                 with autocast(device, self.amp):
                     s_txt = towers["text"](tokens)
                 t_img = self._teacher_images(image_index, pixels)
-                t2v, v2t = losses.clip_loss(gather_with_grad(t_img, image_sizes),
-                                            gather_with_grad(s_txt.float(), image_sizes), scale)
+                t2v, v2t = losses.clip_loss(
+                    gather_with_grad(t_img, image_sizes), gather_with_grad(s_txt.float(), image_sizes), scale
+                )
                 parts["text_intermodal"] = float((t2v + v2t).detach())
                 loss = loss + t2v + v2t
             return loss, parts
@@ -353,15 +451,20 @@ class Stage1Trainer:
             rows = torch.as_tensor(text_rows)
             with autocast(device, self.amp):
                 s_txt = towers["text"](self.tokens[rows].to(device).long())
-            l_txt = self._distill(s_txt, self._teacher_texts(
-                rows, self.teacher_tokens[rows].to(device).long()), text_sizes)
+            l_txt = self._distill(
+                s_txt, self._teacher_texts(rows, self.teacher_tokens[rows].to(device).long()), text_sizes
+            )
             parts["text"] = float(l_txt.detach())
             loss = loss + l_txt
         return loss, parts
 
-    def _accumulate(self, towers: Mapping[str, nn.Module], image_batch: dict[str, Any] | None,
-                    image_sizes: list[int], text_rows: np.ndarray | None
-                    ) -> tuple[torch.Tensor, dict[str, float]]:
+    def _accumulate(
+        self,
+        towers: Mapping[str, nn.Module],
+        image_batch: dict[str, Any] | None,
+        image_sizes: list[int],
+        text_rows: np.ndarray | None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Backward over ``grad_accum`` micro-batches (each with its own in-batch negatives,
         gathered across ranks); DDP synchronises gradients on the last one only."""
         accum = self.layout.grad_accum
@@ -369,23 +472,23 @@ class Stage1Trainer:
         total = torch.zeros((), device=self.info.device)
         parts: dict[str, float] = {}
         for m in range(accum):
+
             def sizes_of(all_sizes: list[int]) -> list[int]:
-                return [micro_slice(m, accum, n).stop - micro_slice(m, accum, n).start
-                        for n in all_sizes]
+                return [micro_slice(m, accum, n).stop - micro_slice(m, accum, n).start for n in all_sizes]
 
             micro_images = None
             if image_batch is not None:
                 sl = micro_slice(m, accum, image_batch["size"])
                 micro_images = [c[sl] for c in image_batch["columns"]]
-            micro_rows = (text_rows[micro_slice(m, accum, len(text_rows))]
-                          if text_rows is not None else None)
+            micro_rows = text_rows[micro_slice(m, accum, len(text_rows))] if text_rows is not None else None
             last = m == accum - 1
             with contextlib.ExitStack() as stack:
                 if self.info.enabled and not last:
                     for tower in towers.values():
                         stack.enter_context(tower.no_sync())
-                loss, micro_parts = self._step_loss(towers, micro_images, sizes_of(image_sizes),
-                                                    micro_rows, sizes_of(text_sizes))
+                loss, micro_parts = self._step_loss(
+                    towers, micro_images, sizes_of(image_sizes), micro_rows, sizes_of(text_sizes)
+                )
                 (loss / accum).backward()
             total = total + loss.detach() / accum
             for key, value in micro_parts.items():
@@ -393,36 +496,56 @@ class Stage1Trainer:
         return total, parts
 
     # ------------------------------------------------------------ loop
-    def _save(self, name: str, optimizer: torch.optim.Optimizer, scheduler: Any,
-              epoch: int, step_in_epoch: int) -> None:
+    def _save(
+        self, name: str, optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int, step_in_epoch: int
+    ) -> None:
         if self.info.is_main:
-            save_checkpoint(self.run_dir / name, self.student, {
-                "stage": 1, "config": self.config,
-                "train_state": {"epoch": epoch, "step_in_epoch": step_in_epoch,
-                                "global_step": self.step, "history": self.history,
-                                "skipped_images": self.skipped_images,
-                                "skipped_steps": self.skipped_steps,
-                                "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(), "rng": rng_state()}})
+            save_checkpoint(
+                self.run_dir / name,
+                self.student,
+                {
+                    "stage": 1,
+                    "config": self.config,
+                    "train_state": {
+                        "epoch": epoch,
+                        "step_in_epoch": step_in_epoch,
+                        "global_step": self.step,
+                        "history": self.history,
+                        "skipped_images": self.skipped_images,
+                        "skipped_steps": self.skipped_steps,
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": rng_state(),
+                    },
+                },
+            )
         barrier()
 
     def run(self, resume: str | Path | None = None) -> list[dict[str, Any]]:
         if self.cfg["loss"] == "none":  # "w/o stage-1" kept as a checkpoint for stage 2
             if self.info.is_main:
-                save_checkpoint(self.run_dir / "final.pt", self.student,
-                                {"stage": 1, "config": self.config})
+                save_checkpoint(self.run_dir / "final.pt", self.student, {"stage": 1, "config": self.config})
             barrier()
             return []
         self.prepare_cache()
         schedule = self.schedule()
         steps, epochs = schedule.steps_per_epoch, schedule.epochs
-        optimizer = make_optimizer(self.student.named_parameters(), float(self.cfg["lr"]),
-                                   float(self.cfg["weight_decay"]))
+        optimizer = make_optimizer(
+            self.student.named_parameters(), float(self.cfg["lr"]), float(self.cfg["weight_decay"])
+        )
         scheduler = cosine_with_warmup(optimizer, schedule.warmup_steps, schedule.total_steps)
         if self.info.is_main:
-            log.info(json.dumps({"stage": 1, **self.layout.describe(),
-                                 "steps_per_epoch": steps, "epochs": epochs,
-                                 "warmup_steps": schedule.warmup_steps}))
+            log.info(
+                json.dumps(
+                    {
+                        "stage": 1,
+                        **self.layout.describe(),
+                        "steps_per_epoch": steps,
+                        "epochs": epochs,
+                        "warmup_steps": schedule.warmup_steps,
+                    }
+                )
+            )
         start_epoch, start_step = 0, 0
         if resume:
             payload = read_checkpoint(resume)
@@ -449,8 +572,7 @@ class Stage1Trainer:
             for i, step in enumerate(range(start_step, stop)):
                 t0 = time.perf_counter()
                 image_batch = next(images) if images is not None else None
-                rows = (text_rows[i * local_texts:(i + 1) * local_texts]
-                        if text_rows is not None else None)
+                rows = text_rows[i * local_texts : (i + 1) * local_texts] if text_rows is not None else None
                 image_sizes: list[int] = []
                 skip = False
                 if image_batch is not None:
@@ -462,8 +584,9 @@ class Stage1Trainer:
                     skip = min(image_sizes) < self.layout.grad_accum
                 if skip:
                     self.skipped_steps += 1
-                    log.warning("step %d skipped on every rank: readable images per rank %s",
-                                step, image_sizes)
+                    log.warning(
+                        "step %d skipped on every rank: readable images per rank %s", step, image_sizes
+                    )
                 else:
                     optimizer.zero_grad(set_to_none=True)
                     loss, parts = self._accumulate(towers, image_batch, image_sizes, rows)
@@ -475,11 +598,16 @@ class Stage1Trainer:
                 scheduler.step()  # the schedule follows the position in the epoch
                 self.step += 1
                 if not skip:
-                    record = {"epoch": epoch, "step": step, "global_step": self.step,
-                              "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0],
-                              "batch": sum(image_sizes) if image_sizes
-                              else self.layout.global_batch,
-                              "seconds": time.perf_counter() - t0, **parts}
+                    record = {
+                        "epoch": epoch,
+                        "step": step,
+                        "global_step": self.step,
+                        "loss": float(loss.detach()),
+                        "lr": scheduler.get_last_lr()[0],
+                        "batch": sum(image_sizes) if image_sizes else self.layout.global_batch,
+                        "seconds": time.perf_counter() - t0,
+                        **parts,
+                    }
                     self.history.append(record)
                     if self.info.is_main and step % int(self.cfg["log_every"]) == 0:
                         log.info(json.dumps(record))
@@ -494,8 +622,7 @@ class Stage1Trainer:
             start_step = 0
         self._save("latest.pt", optimizer, scheduler, epochs, 0)
         if self.info.is_main:
-            save_checkpoint(self.run_dir / "final.pt", self.student,
-                            {"stage": 1, "config": self.config})
+            save_checkpoint(self.run_dir / "final.pt", self.student, {"stage": 1, "config": self.config})
         barrier()
         return self.history
 
@@ -503,9 +630,12 @@ class Stage1Trainer:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = config_arg_parser("Stage 1: intra-modal contrastive distillation")
     parser.add_argument("--resume", help="a latest.pt / stepN.pt checkpoint of this run")
-    parser.add_argument("--stage1-loss", choices=LOSSES,
-                        help="infonce (paper), mse, intermodal (ablations), clip (the paper's "
-                             "TinyBERT baseline), none (skip)")
+    parser.add_argument(
+        "--stage1-loss",
+        choices=LOSSES,
+        help="infonce (paper), mse, intermodal (ablations), clip (the paper's "
+        "TinyBERT baseline), none (skip)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     config = load_config(args.config, args.overrides)
@@ -518,8 +648,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer = Stage1Trainer(config)
     history = trainer.run(resume=args.resume)
     if trainer.info.is_main:
-        print(json.dumps({"steps": trainer.step, "skipped_images": trainer.skipped_images,
-                          "last_loss": history[-1]["loss"] if history else None}))
+        print(
+            json.dumps(
+                {
+                    "steps": trainer.step,
+                    "skipped_images": trainer.skipped_images,
+                    "last_loss": history[-1]["loss"] if history else None,
+                }
+            )
+        )
     return 0
 
 

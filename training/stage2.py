@@ -43,33 +43,80 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from training import losses
-from training.data import (PairedImages, collate_skipping, epoch_pairs, load_paired,
-                           prepare_pixels)
-from training.distributed import (BatchLayout, DistInfo, TrainableSides, all_counts, all_true,
-                                  barrier, ddp, gather_no_grad, gather_rows, gather_with_grad,
-                                  init_distributed, micro_slice, shard_for_rank)
+from training.data import PairedImages, collate_skipping, epoch_pairs, load_paired, prepare_pixels
+from training.distributed import (
+    BatchLayout,
+    DistInfo,
+    TrainableSides,
+    all_counts,
+    all_true,
+    barrier,
+    ddp,
+    gather_no_grad,
+    gather_rows,
+    gather_with_grad,
+    init_distributed,
+    micro_slice,
+    shard_for_rank,
+)
 from training.evaluate import retrieval_recalls
-from training.models import (build_student_from_settings, build_teacher, has_own_tokenizer,
-                             load_model, read_checkpoint, save_checkpoint,
-                             student_with_teacher_text, tokenize, tokenize_for,
-                             tower_parameters)
-from training.train_utils import (Schedule, autocast, config_arg_parser, cosine_with_warmup,
-                                  encode_image_files, encode_token_rows, grad_norm,
-                                  load_config, load_size_for, make_optimizer,
-                                  model_fingerprint,
-                                  plan_schedule, rng_state, seed_everything, set_rng_state)
+from training.models import (
+    build_student_from_settings,
+    build_teacher,
+    has_own_tokenizer,
+    load_model,
+    read_checkpoint,
+    save_checkpoint,
+    student_with_teacher_text,
+    tokenize,
+    tokenize_for,
+    tower_parameters,
+)
+from training.train_utils import (
+    Schedule,
+    autocast,
+    config_arg_parser,
+    cosine_with_warmup,
+    encode_image_files,
+    encode_token_rows,
+    grad_norm,
+    load_config,
+    load_size_for,
+    make_optimizer,
+    model_fingerprint,
+    plan_schedule,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
 log = logging.getLogger("training.stage2")
 
 PHASES = ("image", "text", "joint")
 
 DEFAULT_TRAIN: dict[str, Any] = {
-    "phases": ["image", "text"], "epochs": 5, "batch_size": 96, "max_rank_batch": None,
-    "lr": 3e-4, "weight_decay": 0.1, "warmup_steps": 10000, "warmup_max_fraction": 0.5,
+    "phases": ["image", "text"],
+    "epochs": 5,
+    "batch_size": 96,
+    "max_rank_batch": None,
+    "lr": 3e-4,
+    "weight_decay": 0.1,
+    "warmup_steps": 10000,
+    "warmup_max_fraction": 0.5,
     "amp": True,
-    "kd": True, "kd_weight": 1.0, "kd_contrastive_weight": 1.0, "kd_temperature": 0.05,
-    "hn": True, "hn_k": 8, "hn_weight": 1.0, "num_workers": 4, "checkpoint_every": 1000,
-    "keep_checkpoints": False, "eval_batch_size": 256, "max_steps": None, "log_every": 50,
+    "kd": True,
+    "kd_weight": 1.0,
+    "kd_contrastive_weight": 1.0,
+    "kd_temperature": 0.05,
+    "hn": True,
+    "hn_k": 8,
+    "hn_weight": 1.0,
+    "num_workers": 4,
+    "checkpoint_every": 1000,
+    "keep_checkpoints": False,
+    "eval_batch_size": 256,
+    "max_steps": None,
+    "log_every": 50,
     "image_phase_text": None,
 }
 
@@ -85,21 +132,23 @@ def build_stage2_models(config: Mapping[str, Any]) -> tuple[nn.Module, nn.Module
     tiny = bool(mcfg.get("tiny", False))
     teacher_ft = None
     if config.get("teacher"):
-        teacher_ft = build_teacher(mcfg.get("teacher_name", "ViT-B-32"), config["teacher"],
-                                   tiny=tiny)
+        teacher_ft = build_teacher(mcfg.get("teacher_name", "ViT-B-32"), config["teacher"], tiny=tiny)
         teacher_ft.eval().requires_grad_(False)
     if kind == "teacher":
         if mcfg.get("init"):
             return load_model(mcfg["init"]).train(), teacher_ft
-        return build_teacher(mcfg.get("teacher_name", "ViT-B-32"),
-                             mcfg.get("teacher_pretrained", "openai"), tiny=tiny), teacher_ft
+        return build_teacher(
+            mcfg.get("teacher_name", "ViT-B-32"), mcfg.get("teacher_pretrained", "openai"), tiny=tiny
+        ), teacher_ft
     if kind != "student":
         raise ValueError(f"model.kind must be 'teacher' or 'student', got {kind!r}")
     if teacher_ft is None and not mcfg.get("init"):
         # (a stage-1 student fine-tuned without KD and against its own towers needs no teacher:
         # the TinyBERT baseline)
-        raise ValueError("student fine-tuning needs 'teacher:' (the fine-tuned teacher T', a "
-                         "leanclip checkpoint from the teacher_sf config, or an open_clip tag)")
+        raise ValueError(
+            "student fine-tuning needs 'teacher:' (the fine-tuned teacher T', a "
+            "leanclip checkpoint from the teacher_sf config, or an open_clip tag)"
+        )
     if mcfg.get("init"):  # the stage-1 student
         student = load_model(mcfg["init"])
     else:  # "w/o stage-1": image backbone from its own pre-training, text copied from T'
@@ -150,9 +199,15 @@ def set_trainable(model: nn.Module, phase: str) -> None:
 MINING_PRECISION = "i8"
 
 
-def mine(queries: np.ndarray, corpus: np.ndarray, k: int, query_groups: np.ndarray,
-         corpus_groups: np.ndarray, corpus_valid: np.ndarray | None = None,
-         info: DistInfo | None = None) -> np.ndarray:
+def mine(
+    queries: np.ndarray,
+    corpus: np.ndarray,
+    k: int,
+    query_groups: np.ndarray,
+    corpus_groups: np.ndarray,
+    corpus_valid: np.ndarray | None = None,
+    info: DistInfo | None = None,
+) -> np.ndarray:
     """Top-k corpus rows per query by inner product (ties by row), skipping rows of the query's
     own group (its positives); -1 where fewer than k are eligible. Unreadable corpus rows are
     left out. Under torchrun each rank mines its 1/W of the queries against the whole corpus and
@@ -162,12 +217,18 @@ def mine(queries: np.ndarray, corpus: np.ndarray, k: int, query_groups: np.ndarr
     info = info or DistInfo(0, 1, 0, torch.device("cpu"))
     rows = np.arange(len(corpus)) if corpus_valid is None else np.flatnonzero(corpus_valid)
     share = shard_for_rank(len(queries), info)
-    local = hard_negative_ids(np.arange(share.start, share.stop),
-                              np.ascontiguousarray(queries[share], np.float32),
-                              rows, np.ascontiguousarray(corpus[rows], np.float32), k,
-                              query_groups=np.ascontiguousarray(query_groups[share], np.int64),
-                              corpus_groups=np.ascontiguousarray(corpus_groups[rows], np.int64),
-                              metric="ip", dtype="f32", precision=MINING_PRECISION)
+    local = hard_negative_ids(
+        np.arange(share.start, share.stop),
+        np.ascontiguousarray(queries[share], np.float32),
+        rows,
+        np.ascontiguousarray(corpus[rows], np.float32),
+        k,
+        query_groups=np.ascontiguousarray(query_groups[share], np.int64),
+        corpus_groups=np.ascontiguousarray(corpus_groups[rows], np.int64),
+        metric="ip",
+        dtype="f32",
+        precision=MINING_PRECISION,
+    )
     return gather_rows(local, len(queries), info)
 
 
@@ -193,8 +254,9 @@ class Stage2Trainer:
         self.config = dict(config)
         unknown = set(config.get("train", {})) - set(DEFAULT_TRAIN)
         if unknown:
-            raise ValueError(f"unknown stage-2 train settings {sorted(unknown)}; "
-                             f"known: {sorted(DEFAULT_TRAIN)}")
+            raise ValueError(
+                f"unknown stage-2 train settings {sorted(unknown)}; known: {sorted(DEFAULT_TRAIN)}"
+            )
         self.train_cfg = {**DEFAULT_TRAIN, **dict(config.get("train", {}))}
         self.info = info or init_distributed(config.get("device"))
         self.run_dir = Path(config["run_dir"])
@@ -218,22 +280,29 @@ class Stage2Trainer:
         # a student with its own tokenizer (HF text tower): T' keeps CLIP's tokens
         self.teacher_tokens = self.tokens
         if self.teacher is not None and has_own_tokenizer(self.model):
-            self.teacher_tokens = tokenize(self.train.captions,
-                                           int(self.teacher.context_length)).to(torch.int32)
+            self.teacher_tokens = tokenize(self.train.captions, int(self.teacher.context_length)).to(
+                torch.int32
+            )
         self.load_size = load_size_for(*(m for m in (self.model, self.teacher) if m is not None))
         self.amp = bool(self.train_cfg["amp"]) and self.info.device.type == "cuda"
-        self.layout = BatchLayout(int(self.train_cfg["batch_size"]), self.info.world_size,
-                                  self.train_cfg["max_rank_batch"])
+        self.layout = BatchLayout(
+            int(self.train_cfg["batch_size"]), self.info.world_size, self.train_cfg["max_rank_batch"]
+        )
         self.state = Stage2State()
         self.teacher_images: np.ndarray | None = None
         self.teacher_texts: np.ndarray | None = None
         self.image_valid = np.ones(len(self.train), dtype=bool)
         phases = set(self.train_cfg["phases"])
-        if (self.is_student and phases == {"image"}
-                and not self.config.get("model", {}).get("text_from_teacher", False)):
-            log.warning("phases [image] validate the student image tower with T''s text, but "
-                        "the saved checkpoints keep the student's own text tower; set "
-                        "model.text_from_teacher: true to save the pairing that was validated")
+        if (
+            self.is_student
+            and phases == {"image"}
+            and not self.config.get("model", {}).get("text_from_teacher", False)
+        ):
+            log.warning(
+                "phases [image] validate the student image tower with T''s text, but "
+                "the saved checkpoints keep the student's own text tower; set "
+                "model.text_from_teacher: true to save the pairing that was validated"
+            )
         if self.train_cfg["kd"] and self.teacher is None:
             raise ValueError("train.kd needs a teacher (config 'teacher:')")
 
@@ -253,56 +322,65 @@ class Stage2Trainer:
         return result
 
     def _encode_images(self, model: nn.Module) -> tuple[np.ndarray, np.ndarray]:
-        return encode_image_files(model, self.train.images, self.load_size,
-                                  int(self.train_cfg["eval_batch_size"]), self.info,
-                                  int(self.train_cfg["num_workers"]), self.amp)
+        return encode_image_files(
+            model,
+            self.train.images,
+            self.load_size,
+            int(self.train_cfg["eval_batch_size"]),
+            self.info,
+            int(self.train_cfg["num_workers"]),
+            self.amp,
+        )
 
     def _encode_texts(self, model: nn.Module, rows: np.ndarray | None = None) -> np.ndarray:
         table = self.teacher_tokens if model is self.teacher else self.tokens
         tokens = table if rows is None else table[torch.as_tensor(rows)]
-        return encode_token_rows(model, tokens, int(self.train_cfg["eval_batch_size"]),
-                                 self.info, self.amp)
+        return encode_token_rows(model, tokens, int(self.train_cfg["eval_batch_size"]), self.info, self.amp)
 
     def prepare_teacher_cache(self) -> None:
         if self.teacher is None:
             return
         # keyed by the teacher's weights (not its path: T' retrained in place must not reuse
         # stale embeddings) and the training data
-        tag = hashlib.sha256(json.dumps([model_fingerprint(self.teacher),
-                                         self.config["data"]["train"],
-                                         self.model.context_length], sort_keys=True,
-                                        default=str).encode()).hexdigest()[:12]
-        images, valid = self._cached(f"teacher_images_{tag}",
-                                     lambda: self._encode_images(self.teacher))
-        (texts,) = self._cached(f"teacher_texts_{tag}",
-                                lambda: (self._encode_texts(self.teacher),))
+        tag = hashlib.sha256(
+            json.dumps(
+                [model_fingerprint(self.teacher), self.config["data"]["train"], self.model.context_length],
+                sort_keys=True,
+                default=str,
+            ).encode()
+        ).hexdigest()[:12]
+        images, valid = self._cached(f"teacher_images_{tag}", lambda: self._encode_images(self.teacher))
+        (texts,) = self._cached(f"teacher_texts_{tag}", lambda: (self._encode_texts(self.teacher),))
         self.teacher_images, self.teacher_texts = images, texts
         self.image_valid &= valid.astype(bool)
 
     def frozen_side(self, phase_index: int, phase: str) -> np.ndarray | None:
         """Embeddings of the side this phase keeps fixed, for the whole corpus."""
         if phase == "image":
-            source = self.train_cfg["image_phase_text"] or (
-                "teacher" if self.is_student else "self")
+            source = self.train_cfg["image_phase_text"] or ("teacher" if self.is_student else "self")
             if source == "teacher":
                 if self.teacher_texts is None:
                     raise ValueError("image_phase_text 'teacher' needs a teacher")
                 return self.teacher_texts
-            (texts,) = self._cached(f"phase{phase_index}_frozen_text",
-                                    lambda: (self._encode_texts(self.model),))
+            (texts,) = self._cached(
+                f"phase{phase_index}_frozen_text", lambda: (self._encode_texts(self.model),)
+            )
             return texts
         if phase == "text":
-            images, valid = self._cached(f"phase{phase_index}_frozen_images",
-                                         lambda: self._encode_images(self.model))
+            images, valid = self._cached(
+                f"phase{phase_index}_frozen_images", lambda: self._encode_images(self.model)
+            )
             self.image_valid &= valid.astype(bool)
             return images
         return None
 
-    def epoch_plan(self, phase_index: int, phase: str, epoch: int, frozen: np.ndarray | None
-                   ) -> dict[str, np.ndarray]:
+    def epoch_plan(
+        self, phase_index: int, phase: str, epoch: int, frozen: np.ndarray | None
+    ) -> dict[str, np.ndarray]:
         """The epoch's (image, caption) schedule (every caption once, ``epoch_pairs``) and its
         mined hard negatives (i2t per image, t2i per caption), computed at the start of the epoch
         with the current model and saved so a resumed run reuses them."""
+
         def compute() -> tuple[np.ndarray, ...]:
             pairs = epoch_pairs(self.train, self.seed, phase_index, epoch)
             if not self.train_cfg["hn"]:
@@ -318,8 +396,9 @@ class Stage2Trainer:
                 image_valid = image_valid & valid.astype(bool)
                 if text_table is None:
                     text_table = self._encode_texts(self.model)
-                i2t = mine(q_images, text_table, k, np.arange(n_img), self.train.caption_image,
-                           info=self.info)
+                i2t = mine(
+                    q_images, text_table, k, np.arange(n_img), self.train.caption_image, info=self.info
+                )
                 arrays += [i2t, text_table if phase == "joint" else np.zeros((0,), np.float32)]
             else:
                 arrays += [np.zeros((0, k), np.int64), np.zeros((0,), np.float32)]
@@ -327,8 +406,15 @@ class Stage2Trainer:
                 q_texts = self._encode_texts(self.model)
                 if image_table is None:
                     image_table = q_images if phase == "joint" else None
-                t2i = mine(q_texts, image_table, k, self.train.caption_image, np.arange(n_img),
-                           image_valid, info=self.info)
+                t2i = mine(
+                    q_texts,
+                    image_table,
+                    k,
+                    self.train.caption_image,
+                    np.arange(n_img),
+                    image_valid,
+                    info=self.info,
+                )
                 arrays += [t2i, image_table if phase == "joint" else np.zeros((0,), np.float32)]
             else:
                 arrays += [np.zeros((0, k), np.int64), np.zeros((0,), np.float32)]
@@ -346,30 +432,50 @@ class Stage2Trainer:
         from training.evaluate import embed_corpus
 
         text_model = self.model
-        if phase == "image" and self.is_student and (
-                self.train_cfg["image_phase_text"] or "teacher") == "teacher":
+        if (
+            phase == "image"
+            and self.is_student
+            and (self.train_cfg["image_phase_text"] or "teacher") == "teacher"
+        ):
             text_model = self.teacher  # the pairing being trained: student image + T' text
         pair = PairedEncoders(self.model, text_model)
-        images, texts, valid = embed_corpus(pair, self.val, self.info,
-                                            int(self.train_cfg["eval_batch_size"]),
-                                            int(self.train_cfg["num_workers"]), self.amp)
+        images, texts, valid = embed_corpus(
+            pair,
+            self.val,
+            self.info,
+            int(self.train_cfg["eval_batch_size"]),
+            int(self.train_cfg["num_workers"]),
+            self.amp,
+        )
         return retrieval_recalls(images, texts, self.val.caption_image, image_valid=valid)
 
     # ---------------------------------------------------------------- checkpoints
-    def _train_state(self, optimizer: torch.optim.Optimizer,
-                     scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
+    def _train_state(
+        self, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler
+    ) -> dict[str, Any]:
         s = self.state
-        return {"stage": 2, "config": self.config,
-                "train_state": {"phase_index": s.phase_index, "epoch": s.epoch,
-                                "step_in_epoch": s.step_in_epoch, "global_step": s.global_step,
-                                "best_metric": s.best_metric,
-                                "best_overall": s.best_overall, "history": s.history,
-                                "evals": s.evals, "skipped_images": s.skipped_images,
-                                "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(), "rng": rng_state()}}
+        return {
+            "stage": 2,
+            "config": self.config,
+            "train_state": {
+                "phase_index": s.phase_index,
+                "epoch": s.epoch,
+                "step_in_epoch": s.step_in_epoch,
+                "global_step": s.global_step,
+                "best_metric": s.best_metric,
+                "best_overall": s.best_overall,
+                "history": s.history,
+                "evals": s.evals,
+                "skipped_images": s.skipped_images,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+            },
+        }
 
-    def save(self, name: str, optimizer: torch.optim.Optimizer,
-             scheduler: torch.optim.lr_scheduler.LRScheduler) -> Path:
+    def save(
+        self, name: str, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler
+    ) -> Path:
         path = self.run_dir / name
         if self.info.is_main:
             save_checkpoint(path, self.model, self._train_state(optimizer, scheduler))
@@ -382,19 +488,30 @@ class Stage2Trainer:
             raise ValueError(f"{path} is not a stage-2 training checkpoint")
         self.model.load_state_dict(payload["state_dict"])
         ts = payload["train_state"]
-        self.state = Stage2State(ts["phase_index"], ts["epoch"], ts["step_in_epoch"],
-                                 ts["global_step"], ts["best_metric"],
-                                 ts.get("best_overall", ts["best_metric"]), ts["history"],
-                                 ts["evals"], ts["skipped_images"])
+        self.state = Stage2State(
+            ts["phase_index"],
+            ts["epoch"],
+            ts["step_in_epoch"],
+            ts["global_step"],
+            ts["best_metric"],
+            ts.get("best_overall", ts["best_metric"]),
+            ts["history"],
+            ts["evals"],
+            ts["skipped_images"],
+        )
         return ts
 
     # ---------------------------------------------------------------- loop
     def schedule(self) -> Schedule:
         """One epoch visits every caption of a readable image once, in global batches."""
         n_pairs = int(self.image_valid[self.train.caption_image].sum())
-        return plan_schedule(n_pairs, self.layout.global_batch, int(self.train_cfg["epochs"]),
-                             int(self.train_cfg["warmup_steps"]),
-                             float(self.train_cfg["warmup_max_fraction"]))
+        return plan_schedule(
+            n_pairs,
+            self.layout.global_batch,
+            int(self.train_cfg["epochs"]),
+            int(self.train_cfg["warmup_steps"]),
+            float(self.train_cfg["warmup_max_fraction"]),
+        )
 
     def steps_per_epoch(self) -> int:
         return self.schedule().steps_per_epoch
@@ -418,21 +535,31 @@ class Stage2Trainer:
         for phase_index in range(self.state.phase_index, len(phases)):
             phase = phases[phase_index]
             if resumed is None or phase_index != resumed["phase_index"]:
-                self.state.phase_index, self.state.epoch, self.state.step_in_epoch = (
-                    phase_index, 0, 0)
+                self.state.phase_index, self.state.epoch, self.state.step_in_epoch = (phase_index, 0, 0)
                 self.state.best_metric = -math.inf
             set_trainable(self.model, phase)
             frozen = self.frozen_side(phase_index, phase)
             schedule = self.schedule()
             steps = schedule.steps_per_epoch
-            optimizer = make_optimizer(self.model.named_parameters(), float(self.train_cfg["lr"]),
-                                       float(self.train_cfg["weight_decay"]))
-            scheduler = cosine_with_warmup(optimizer, schedule.warmup_steps,
-                                           schedule.total_steps)
+            optimizer = make_optimizer(
+                self.model.named_parameters(),
+                float(self.train_cfg["lr"]),
+                float(self.train_cfg["weight_decay"]),
+            )
+            scheduler = cosine_with_warmup(optimizer, schedule.warmup_steps, schedule.total_steps)
             if self.info.is_main:
-                log.info(json.dumps({"stage": 2, "phase": phase, **self.layout.describe(),
-                                     "steps_per_epoch": steps, "epochs": epochs,
-                                     "warmup_steps": schedule.warmup_steps}))
+                log.info(
+                    json.dumps(
+                        {
+                            "stage": 2,
+                            "phase": phase,
+                            **self.layout.describe(),
+                            "steps_per_epoch": steps,
+                            "epochs": epochs,
+                            "warmup_steps": schedule.warmup_steps,
+                        }
+                    )
+                )
             if resumed is not None and phase_index == resumed["phase_index"]:
                 optimizer.load_state_dict(resumed["optimizer"])
                 scheduler.load_state_dict(resumed["scheduler"])
@@ -444,23 +571,22 @@ class Stage2Trainer:
                 plan = self.epoch_plan(phase_index, phase, epoch, frozen)
                 start = self.state.step_in_epoch
                 stop = steps if max_steps is None else min(steps, start + int(max_steps) - phase_steps)
-                phase_steps += self._train_epoch(phase, plan, frozen, forward, optimizer,
-                                                 scheduler, start, stop, steps)
+                phase_steps += self._train_epoch(
+                    phase, plan, frozen, forward, optimizer, scheduler, start, stop, steps
+                )
                 finished_epoch = stop == steps
                 if finished_epoch:
                     self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
                     self._end_of_epoch(phase, optimizer, scheduler)
                 if max_steps is not None and phase_steps >= int(max_steps):
                     break
-            if max_steps is not None and phase_steps >= int(max_steps) and (
-                    self.state.epoch < epochs):
+            if max_steps is not None and phase_steps >= int(max_steps) and (self.state.epoch < epochs):
                 self.save("latest.pt", optimizer, scheduler)
                 return self.state  # a truncated run (smoke tests) stops here
             self._restore_best_of_phase(phase_index)
             resumed = None
         if self.info.is_main:
-            save_checkpoint(self.run_dir / "final.pt", self.model,
-                            {"stage": 2, "config": self.config})
+            save_checkpoint(self.run_dir / "final.pt", self.model, {"stage": 2, "config": self.config})
         barrier()
         return self.state
 
@@ -472,29 +598,50 @@ class Stage2Trainer:
         local_pairs = pairs[self.layout.rows(self.info.rank, start, stop)]
         if phase == "text":  # no pixels needed: the image side is the frozen cache
             for s in range(stop - start):
-                chunk = local_pairs[s * local:(s + 1) * local]
-                yield {"skipped": 0, "size": len(chunk),
-                       "image_index": torch.as_tensor(chunk[:, 0]),
-                       "caption_index": torch.as_tensor(chunk[:, 1]), "pixels": None}
+                chunk = local_pairs[s * local : (s + 1) * local]
+                yield {
+                    "skipped": 0,
+                    "size": len(chunk),
+                    "image_index": torch.as_tensor(chunk[:, 0]),
+                    "caption_index": torch.as_tensor(chunk[:, 1]),
+                    "pixels": None,
+                }
             return
         dataset = PairedImages(self.train, self.load_size)
         dataset.set_pairs(local_pairs)
-        loader = DataLoader(dataset, batch_size=local, shuffle=False, collate_fn=collate_skipping,
-                            num_workers=int(self.train_cfg["num_workers"]),
-                            persistent_workers=False)
+        loader = DataLoader(
+            dataset,
+            batch_size=local,
+            shuffle=False,
+            collate_fn=collate_skipping,
+            num_workers=int(self.train_cfg["num_workers"]),
+            persistent_workers=False,
+        )
         for batch in loader:
             if batch["size"] == 0:
                 yield {"skipped": batch["skipped"], "size": 0, "image_index": None}
                 continue
             image_index, pixels, caption_index = batch["columns"]
-            yield {"skipped": batch["skipped"], "size": batch["size"],
-                   "image_index": image_index, "caption_index": caption_index, "pixels": pixels}
+            yield {
+                "skipped": batch["skipped"],
+                "size": batch["size"],
+                "image_index": image_index,
+                "caption_index": caption_index,
+                "pixels": pixels,
+            }
 
-    def _train_epoch(self, phase: str, plan: Mapping[str, np.ndarray],
-                     frozen: np.ndarray | None, forward: nn.Module,
-                     optimizer: torch.optim.Optimizer,
-                     scheduler: torch.optim.lr_scheduler.LRScheduler,
-                     start: int, stop: int, steps: int) -> int:
+    def _train_epoch(
+        self,
+        phase: str,
+        plan: Mapping[str, np.ndarray],
+        frozen: np.ndarray | None,
+        forward: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        start: int,
+        stop: int,
+        steps: int,
+    ) -> int:
         cfg = self.train_cfg
         done = 0
         for step, batch in zip(range(start, stop), self._batches(plan, phase, start, stop)):
@@ -505,8 +652,7 @@ class Stage2Trainer:
             sizes = [c[0] for c in counts]
             self.state.skipped_images += sum(c[1] for c in counts)
             if min(sizes) < self.layout.grad_accum:
-                log.warning("step %d skipped on every rank: readable images per rank %s",
-                            step, sizes)
+                log.warning("step %d skipped on every rank: readable images per rank %s", step, sizes)
                 parts = None
             else:
                 parts = self._train_step(phase, batch, sizes, plan, frozen, forward, optimizer)
@@ -514,10 +660,16 @@ class Stage2Trainer:
             self.state.global_step += 1
             self.state.step_in_epoch = step + 1
             if parts is not None:
-                record = {"phase": phase, "epoch": self.state.epoch, "step": step,
-                          "global_step": self.state.global_step,
-                          "lr": scheduler.get_last_lr()[0], "batch": sum(sizes),
-                          "seconds": time.perf_counter() - t0, **parts}
+                record = {
+                    "phase": phase,
+                    "epoch": self.state.epoch,
+                    "step": step,
+                    "global_step": self.state.global_step,
+                    "lr": scheduler.get_last_lr()[0],
+                    "batch": sum(sizes),
+                    "seconds": time.perf_counter() - t0,
+                    **parts,
+                }
                 self.state.history.append(record)
                 if self.info.is_main and (step % int(cfg["log_every"]) == 0 or step == steps - 1):
                     log.info(json.dumps(record))
@@ -529,9 +681,16 @@ class Stage2Trainer:
                     self.save(f"step{self.state.global_step}.pt", optimizer, scheduler)
         return done
 
-    def _train_step(self, phase: str, batch: Mapping[str, Any], sizes: list[int],
-                    plan: Mapping[str, np.ndarray], frozen: np.ndarray | None,
-                    forward: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    def _train_step(
+        self,
+        phase: str,
+        batch: Mapping[str, Any],
+        sizes: list[int],
+        plan: Mapping[str, np.ndarray],
+        frozen: np.ndarray | None,
+        forward: nn.Module,
+        optimizer: torch.optim.Optimizer,
+    ) -> dict[str, float]:
         device = self.info.device
         accum = self.layout.grad_accum
         image_index = batch["image_index"]
@@ -541,8 +700,7 @@ class Stage2Trainer:
         totals: dict[str, float] = {}
         for m in range(accum):
             sl = micro_slice(m, accum, n)
-            micro_sizes = [micro_slice(m, accum, k).stop - micro_slice(m, accum, k).start
-                           for k in sizes]
+            micro_sizes = [micro_slice(m, accum, k).stop - micro_slice(m, accum, k).start for k in sizes]
             img_idx, cap_idx = image_index[sl], caption_index[sl]
             pixels = tokens = None
             if phase in ("image", "joint"):
@@ -554,8 +712,9 @@ class Stage2Trainer:
             with context:
                 with autocast(device, self.amp):
                     image, text, logit_scale = forward(pixels, tokens)
-                loss, parts = self._loss(phase, image, text, logit_scale, img_idx, cap_idx,
-                                         plan, frozen, micro_sizes)
+                loss, parts = self._loss(
+                    phase, image, text, logit_scale, img_idx, cap_idx, plan, frozen, micro_sizes
+                )
                 (loss / accum).backward()
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value / accum
@@ -565,10 +724,18 @@ class Stage2Trainer:
             self.model.logit_scale.clamp_(0, math.log(100))
         return totals
 
-    def _loss(self, phase: str, image: torch.Tensor | None, text: torch.Tensor | None,
-              logit_scale: torch.Tensor, img_idx: torch.Tensor, cap_idx: torch.Tensor,
-              plan: Mapping[str, np.ndarray], frozen: np.ndarray | None, sizes: list[int]
-              ) -> tuple[torch.Tensor, dict[str, float]]:
+    def _loss(
+        self,
+        phase: str,
+        image: torch.Tensor | None,
+        text: torch.Tensor | None,
+        logit_scale: torch.Tensor,
+        img_idx: torch.Tensor,
+        cap_idx: torch.Tensor,
+        plan: Mapping[str, np.ndarray],
+        frozen: np.ndarray | None,
+        sizes: list[int],
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.train_cfg
         device = self.info.device
         lookup = lambda table, idx: torch.from_numpy(table[idx.numpy()]).to(device)  # noqa: E731
@@ -584,8 +751,7 @@ class Stage2Trainer:
         if cfg["kd"]:
             t_img = gather_no_grad(lookup(self.teacher_images, img_idx), sizes)
             t_txt = gather_no_grad(lookup(self.teacher_texts, cap_idx), sizes)
-            kl = losses.matching_kl(image_g, text_g, t_img, t_txt, logit_scale,
-                                    self.teacher.logit_scale)
+            kl = losses.matching_kl(image_g, text_g, t_img, t_txt, logit_scale, self.teacher.logit_scale)
             contrastive = torch.zeros((), device=device)
             tau = float(cfg["kd_temperature"])
             if phase in ("image", "joint"):
@@ -599,20 +765,25 @@ class Stage2Trainer:
             hn = torch.zeros((), device=device)
             if phase in ("image", "joint"):
                 table = frozen if phase == "image" else plan["i2t_table"]
-                hn = hn + self._hn_term(image_g, text_g, plan["i2t"], table, img_idx,
-                                        logit_scale, sizes)
+                hn = hn + self._hn_term(image_g, text_g, plan["i2t"], table, img_idx, logit_scale, sizes)
             if phase in ("text", "joint"):
                 table = frozen if phase == "text" else plan["t2i_table"]
-                hn = hn + self._hn_term(text_g, image_g, plan["t2i"], table, cap_idx,
-                                        logit_scale, sizes)
+                hn = hn + self._hn_term(text_g, image_g, plan["t2i"], table, cap_idx, logit_scale, sizes)
             parts["hn"] = float(hn.detach())
             loss = loss + float(cfg["hn_weight"]) * hn
         parts["loss"] = float(loss.detach())
         return loss, parts
 
-    def _hn_term(self, queries: torch.Tensor, keys: torch.Tensor, ids: np.ndarray,
-                 table: np.ndarray, query_idx: torch.Tensor, logit_scale: torch.Tensor,
-                 sizes: list[int]) -> torch.Tensor:
+    def _hn_term(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        ids: np.ndarray,
+        table: np.ndarray,
+        query_idx: torch.Tensor,
+        logit_scale: torch.Tensor,
+        sizes: list[int],
+    ) -> torch.Tensor:
         """``ids`` holds the mined negatives per query id (i2t: image, t2i: caption)."""
         device = self.info.device
         neg_ids = torch.from_numpy(ids[query_idx.numpy()]).to(device)
@@ -621,8 +792,9 @@ class Stage2Trainer:
         negatives, valid = gather_no_grad(negatives, sizes), gather_no_grad(valid, sizes)
         return losses.hard_negative_infonce(queries, keys, negatives, logit_scale, valid)
 
-    def _end_of_epoch(self, phase: str, optimizer: torch.optim.Optimizer,
-                      scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    def _end_of_epoch(
+        self, phase: str, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler
+    ) -> None:
         metrics = self.evaluate(phase)
         if metrics is not None:
             self.state.evals.append({"phase": phase, "epoch": self.state.epoch, **metrics})
@@ -633,17 +805,19 @@ class Stage2Trainer:
                 self.save(f"best_phase{self.state.phase_index}.pt", optimizer, scheduler)
             # best.pt: the best validation over every phase, among evaluations of the model
             # being saved (not of a student image tower validated with T''s text)
-            if (self._validates_saved_model(phase)
-                    and metrics["mean_recall"] > self.state.best_overall):
+            if self._validates_saved_model(phase) and metrics["mean_recall"] > self.state.best_overall:
                 self.state.best_overall = metrics["mean_recall"]
                 self.save("best.pt", optimizer, scheduler)
         self.save("latest.pt", optimizer, scheduler)
 
     def _validates_saved_model(self, phase: str) -> bool:
         """Whether ``evaluate(phase)`` scores the towers the checkpoint holds."""
-        return not (phase == "image" and self.is_student
-                    and (self.train_cfg["image_phase_text"] or "teacher") == "teacher"
-                    and not self.config.get("model", {}).get("text_from_teacher", False))
+        return not (
+            phase == "image"
+            and self.is_student
+            and (self.train_cfg["image_phase_text"] or "teacher") == "teacher"
+            and not self.config.get("model", {}).get("text_from_teacher", False)
+        )
 
     def _restore_best_of_phase(self, phase_index: int) -> None:
         """The next phase starts from this phase's best validation checkpoint."""
@@ -676,9 +850,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer = Stage2Trainer(config)
     state = trainer.run(resume=args.resume)
     if trainer.info.is_main:
-        print(json.dumps({"best_val_mean_recall": state.best_overall,
-                          "skipped_images": state.skipped_images,
-                          "steps": state.global_step}))
+        print(
+            json.dumps(
+                {
+                    "best_val_mean_recall": state.best_overall,
+                    "skipped_images": state.skipped_images,
+                    "steps": state.global_step,
+                }
+            )
+        )
     return 0
 
 

@@ -48,8 +48,14 @@ def _time(fn: Callable[[], None], steps: int, device: torch.device) -> list[floa
     return times
 
 
-def measure(batch: int, steps: int, device: torch.device, backbones: Sequence[str],
-            text_layers: Sequence[int], amp: bool) -> list[dict[str, Any]]:
+def measure(
+    batch: int,
+    steps: int,
+    device: torch.device,
+    backbones: Sequence[str],
+    text_layers: Sequence[int],
+    amp: bool,
+) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     teacher = build_teacher("ViT-B-32", pretrained=None).to(device).eval().requires_grad_(False)
     results: list[dict[str, Any]] = []
@@ -61,8 +67,14 @@ def measure(batch: int, steps: int, device: torch.device, backbones: Sequence[st
     negatives = F.normalize(torch.randn(batch, 8, dim, device=device), dim=-1)
 
     def record(name: str, times: list[float]) -> None:
-        entry = {"measure": name, "batch": batch, "device": str(device),
-                 "median_s": statistics.median(times), "min_s": min(times), "steps": len(times)}
+        entry = {
+            "measure": name,
+            "batch": batch,
+            "device": str(device),
+            "median_s": statistics.median(times),
+            "min_s": min(times),
+            "steps": len(times),
+        }
         if device.type == "cuda":
             entry["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             torch.cuda.reset_peak_memory_stats()
@@ -72,13 +84,13 @@ def measure(batch: int, steps: int, device: torch.device, backbones: Sequence[st
     def teacher_forward() -> None:
         with torch.no_grad(), autocast(device, amp):
             teacher.encode_image(pixels)
+
     record("teacher image forward (no grad)", _time(teacher_forward, steps, device))
 
     for backbone in backbones:
         student = build_student(backbone, text_layers[0], teacher=teacher).to(device).train()
         opt = make_optimizer(student.visual.named_parameters(), 3e-4, 0.1)
-        opt.add_param_group({"params": list(student.image_projection.parameters()),
-                             "weight_decay": 0.1})
+        opt.add_param_group({"params": list(student.image_projection.parameters()), "weight_decay": 0.1})
 
         def stage1_image() -> None:
             opt.zero_grad(set_to_none=True)
@@ -86,6 +98,7 @@ def measure(batch: int, steps: int, device: torch.device, backbones: Sequence[st
                 emb = student.encode_image(pixels)
             losses.intra_modal_infonce(emb, target, 0.05).backward()
             opt.step()
+
         record(f"stage-1 image step {backbone}", _time(stage1_image, steps, device))
 
         def stage2_image() -> None:
@@ -93,12 +106,13 @@ def measure(batch: int, steps: int, device: torch.device, backbones: Sequence[st
             with autocast(device, amp):
                 emb = student.encode_image(pixels)
             t2v, v2t = losses.clip_loss(emb, target, student.logit_scale)
-            kd = losses.matching_kl(emb, target, target, target, student.logit_scale,
-                                    teacher.logit_scale) + losses.intra_modal_infonce(
-                emb, target, 0.05)
+            kd = losses.matching_kl(
+                emb, target, target, target, student.logit_scale, teacher.logit_scale
+            ) + losses.intra_modal_infonce(emb, target, 0.05)
             hn = losses.hard_negative_infonce(emb, target, negatives, student.logit_scale)
             (t2v + v2t + kd + hn).backward()
             opt.step()
+
         record(f"stage-2 image step (KD+HN) {backbone}", _time(stage2_image, steps, device))
 
     for n in text_layers:
@@ -111,6 +125,7 @@ def measure(batch: int, steps: int, device: torch.device, backbones: Sequence[st
                 emb = student.encode_text(tokens)
             losses.intra_modal_infonce(emb, target, 0.05).backward()
             opt.step()
+
         record(f"stage-1 text step {n} layers", _time(stage1_text, steps, device))
     return results
 
@@ -147,8 +162,24 @@ def _synthetic_corpus(root: Any, n_images: int, size: int, n_texts: int) -> dict
     images = root / "images" / "train"
     images.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    words = ["red", "blue", "dog", "cat", "car", "tree", "sky", "house", "man", "woman",
-             "ball", "beach", "street", "field", "city", "water"]
+    words = [
+        "red",
+        "blue",
+        "dog",
+        "cat",
+        "car",
+        "tree",
+        "sky",
+        "house",
+        "man",
+        "woman",
+        "ball",
+        "beach",
+        "street",
+        "field",
+        "city",
+        "water",
+    ]
     entries = []
     for i in range(n_images):
         path = images / f"{i:06d}.jpg"
@@ -156,14 +187,21 @@ def _synthetic_corpus(root: Any, n_images: int, size: int, n_texts: int) -> dict
             pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(path, quality=80)
         split = "train" if i < n_images - max(8, n_images // 10) else "val"
-        entries.append({"filepath": "train", "filename": path.name, "split": split,
-                        "sentences": [{"raw": " ".join(rng.choice(words, 8))}
-                                      for _ in range(5)]})
+        entries.append(
+            {
+                "filepath": "train",
+                "filename": path.name,
+                "split": split,
+                "sentences": [{"raw": " ".join(rng.choice(words, 8))} for _ in range(5)],
+            }
+        )
     (root / "karpathy.json").write_text(json.dumps({"images": entries}))
-    (root / "texts.txt").write_text("\n".join(" ".join(rng.choice(words, 10))
-                                              for _ in range(n_texts)))
-    return {"json": str(root / "karpathy.json"), "root": str(root / "images"),
-            "texts": str(root / "texts.txt")}
+    (root / "texts.txt").write_text("\n".join(" ".join(rng.choice(words, 10)) for _ in range(n_texts)))
+    return {
+        "json": str(root / "karpathy.json"),
+        "root": str(root / "images"),
+        "texts": str(root / "texts.txt"),
+    }
 
 
 def smoke(steps: int, dry_run: bool, workdir: str, json_out: str | None) -> dict[str, Any]:
@@ -185,14 +223,27 @@ def smoke(steps: int, dry_run: bool, workdir: str, json_out: str | None) -> dict
     if info.is_main:
         _synthetic_corpus(data_dir, n_images, size, n_texts=max(g1 * (steps + 1), 64))
     barrier()
-    karpathy = {"format": "karpathy", "path": str(data_dir / "karpathy.json"),
-                "image_root": str(data_dir / "images")}
-    model = {"tiny": tiny, "teacher_name": "ViT-B-32", "teacher_pretrained": None,
-             "image_pretrained": None}
-    common = {"num_workers": 0 if dry_run else min(8, os.cpu_count() or 1), "lr": 3e-4,
-              "warmup_steps": 10000, "checkpoint_every": 0, "log_every": 50, "amp": True}
-    results: dict[str, Any] = {"world_size": info.world_size, "device": str(info.device),
-                               "dry_run": dry_run, "steps": steps, "runs": {}}
+    karpathy = {
+        "format": "karpathy",
+        "path": str(data_dir / "karpathy.json"),
+        "image_root": str(data_dir / "images"),
+    }
+    model = {"tiny": tiny, "teacher_name": "ViT-B-32", "teacher_pretrained": None, "image_pretrained": None}
+    common = {
+        "num_workers": 0 if dry_run else min(8, os.cpu_count() or 1),
+        "lr": 3e-4,
+        "warmup_steps": 10000,
+        "checkpoint_every": 0,
+        "log_every": 50,
+        "amp": True,
+    }
+    results: dict[str, Any] = {
+        "world_size": info.world_size,
+        "device": str(info.device),
+        "dry_run": dry_run,
+        "steps": steps,
+        "runs": {},
+    }
 
     def peak() -> float | None:
         if info.device.type != "cuda":
@@ -202,27 +253,37 @@ def smoke(steps: int, dry_run: bool, workdir: str, json_out: str | None) -> dict
         return value
 
     def rate(history: list[dict[str, Any]], key: str = "batch") -> tuple[float, float]:
-        timed = history[min(5, len(history) - 1):] if len(history) > 1 else history
+        timed = history[min(5, len(history) - 1) :] if len(history) > 1 else history
         seconds = statistics.median(h["seconds"] for h in timed)
         return seconds, statistics.median(h[key] for h in timed) / seconds
 
-    for backbone, layers in (("vit_small_patch16_224", 6), ("vit_small_patch16_224", 4),
-                             ("vit_small_patch32_224", 6)):
+    for backbone, layers in (
+        ("vit_small_patch16_224", 6),
+        ("vit_small_patch16_224", 4),
+        ("vit_small_patch32_224", 6),
+    ):
         name = f"stage1 {backbone} S{layers}"
-        config = {"run_dir": str(work / f"s1_{backbone}_{layers}"), "seed": 0,
-                  # (the tiny teacher of a dry run has 4 text layers: S6 -> 3, S4 -> 2)
-                  "model": {**model, "image_backbone": backbone,
-                            "text_layers": layers // 2 if tiny else layers},
-                  "data": {"images": {**karpathy, "split": "train"},
-                           "texts": {"format": "lines", "path": str(data_dir / "texts.txt")}},
-                  "train": {**common, "batch_size": g1, "epochs": 1, "max_steps": steps,
-                            "embed_batch_size": 256}}
+        config = {
+            "run_dir": str(work / f"s1_{backbone}_{layers}"),
+            "seed": 0,
+            # (the tiny teacher of a dry run has 4 text layers: S6 -> 3, S4 -> 2)
+            "model": {**model, "image_backbone": backbone, "text_layers": layers // 2 if tiny else layers},
+            "data": {
+                "images": {**karpathy, "split": "train"},
+                "texts": {"format": "lines", "path": str(data_dir / "texts.txt")},
+            },
+            "train": {**common, "batch_size": g1, "epochs": 1, "max_steps": steps, "embed_batch_size": 256},
+        }
         trainer = stage1.Stage1Trainer(config, info)
         peak()
         history = trainer.run()
         seconds, images_s = rate(history)
-        results["runs"][name] = {"seconds_per_step": seconds, "images_per_s": images_s,
-                                 "peak_gib": peak(), "steps": len(history)}
+        results["runs"][name] = {
+            "seconds_per_step": seconds,
+            "images_per_s": images_s,
+            "peak_gib": peak(),
+            "steps": len(history),
+        }
         if info.is_main:
             print(json.dumps({"run": name, **results["runs"][name]}), flush=True)
     s1_ckpt = work / "s1_vit_small_patch16_224_6" / "latest.pt"  # the S6 student so far
@@ -233,23 +294,38 @@ def smoke(steps: int, dry_run: bool, workdir: str, json_out: str | None) -> dict
         save_checkpoint(teacher_ckpt, build_teacher("ViT-B-32", None, tiny=tiny), {"stage": 2})
     barrier()
     per_epoch = (n_images - max(8, n_images // 10)) * 5 // g2
-    for name, kind, extra in (("stage2 teacher SF", "teacher", {}),
-                              ("stage2 student S6 KD+HN", "student", {})):
-        config = {"run_dir": str(work / name.replace(" ", "_")), "seed": 0,
-                  "teacher": None if kind == "teacher" else str(teacher_ckpt),
-                  "model": {**model, "kind": kind,
-                            **({} if kind == "teacher" else {"init": str(s1_ckpt)})},
-                  "data": {"train": {**karpathy, "split": "train"},
-                           "val": {**karpathy, "split": "val"}},
-                  "train": {**common, "batch_size": g2, "epochs": max(2, math.ceil(
-                      steps / max(1, per_epoch))), "max_steps": steps, "kd": kind == "student",
-                      "hn": kind == "student", "hn_k": 8, "eval_batch_size": 256, **extra}}
+    for name, kind, extra in (
+        ("stage2 teacher SF", "teacher", {}),
+        ("stage2 student S6 KD+HN", "student", {}),
+    ):
+        config = {
+            "run_dir": str(work / name.replace(" ", "_")),
+            "seed": 0,
+            "teacher": None if kind == "teacher" else str(teacher_ckpt),
+            "model": {**model, "kind": kind, **({} if kind == "teacher" else {"init": str(s1_ckpt)})},
+            "data": {"train": {**karpathy, "split": "train"}, "val": {**karpathy, "split": "val"}},
+            "train": {
+                **common,
+                "batch_size": g2,
+                "epochs": max(2, math.ceil(steps / max(1, per_epoch))),
+                "max_steps": steps,
+                "kd": kind == "student",
+                "hn": kind == "student",
+                "hn_k": 8,
+                "eval_batch_size": 256,
+                **extra,
+            },
+        }
         trainer = stage2.Stage2Trainer(config, info)
         peak()
         state = trainer.run()
         seconds, images_s = rate(state.history)
-        results["runs"][name] = {"seconds_per_step": seconds, "images_per_s": images_s,
-                                 "peak_gib": peak(), "steps": len(state.history)}
+        results["runs"][name] = {
+            "seconds_per_step": seconds,
+            "images_per_s": images_s,
+            "peak_gib": peak(),
+            "steps": len(state.history),
+        }
         if info.is_main:
             print(json.dumps({"run": name, **results["runs"][name]}), flush=True)
     # projections: steps of each table run x the measured time of its kind of step
@@ -263,14 +339,19 @@ def smoke(steps: int, dry_run: bool, workdir: str, json_out: str | None) -> dict
             key = "stage2 teacher SF" if backbone == "teacher" else "stage2 student S6 KD+HN"
         step_s = runs[key]["seconds_per_step"]
         hours = schedule.total_steps * phases * step_s / 3600
-        projections.append({"row": label, "steps": schedule.total_steps * phases,
-                            "measured_as": key, "projected_hours": hours})
+        projections.append(
+            {
+                "row": label,
+                "steps": schedule.total_steps * phases,
+                "measured_as": key,
+                "projected_hours": hours,
+            }
+        )
     results["projections"] = projections
     if info.is_main:
         print(f"{'run':<44}{'steps':>10}{'hours':>10}   (measured as)")
         for p in projections:
-            print(f"{p['row']:<44}{p['steps']:>10}{p['projected_hours']:>10.2f}   "
-                  f"{p['measured_as']}")
+            print(f"{p['row']:<44}{p['steps']:>10}{p['projected_hours']:>10.2f}   {p['measured_as']}")
         if json_out:
             Path(json_out).write_text(json.dumps(results, indent=2))
     barrier()
@@ -282,23 +363,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backbone", action="append",
-                        help="default: vit_small_patch16_224 and vit_small_patch32_224")
+    parser.add_argument(
+        "--backbone", action="append", help="default: vit_small_patch16_224 and vit_small_patch32_224"
+    )
     parser.add_argument("--text-layers", type=int, action="append", help="default: 6 and 4")
     parser.add_argument("--no-amp", action="store_true")
     parser.add_argument("--json-out")
-    parser.add_argument("--smoke", action="store_true",
-                        help="run the real trainers under DDP on generated data (GPU smoke run)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="with --smoke: tiny models on the CPU, to check the run end to end")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="run the real trainers under DDP on generated data (GPU smoke run)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --smoke: tiny models on the CPU, to check the run end to end",
+    )
     parser.add_argument("--workdir", default="", help="with --smoke: where data and runs go")
     args = parser.parse_args(argv)
     if args.smoke:
         smoke(args.steps, args.dry_run, args.workdir, args.json_out)
         return 0
-    results = measure(args.batch, args.steps, torch.device(args.device),
-                      args.backbone or ["vit_small_patch16_224", "vit_small_patch32_224"],
-                      args.text_layers or [6, 4], not args.no_amp)
+    results = measure(
+        args.batch,
+        args.steps,
+        torch.device(args.device),
+        args.backbone or ["vit_small_patch16_224", "vit_small_patch32_224"],
+        args.text_layers or [6, 4],
+        not args.no_amp,
+    )
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(results, f, indent=2)

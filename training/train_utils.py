@@ -86,8 +86,14 @@ def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any
 def config_arg_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="YAML config (see training/configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a config entry, e.g. train.lr=1e-4")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config entry, e.g. train.lr=1e-4",
+    )
     return parser
 
 
@@ -95,9 +101,13 @@ def config_arg_parser(description: str) -> argparse.ArgumentParser:
 # Optimisation
 
 
-def make_optimizer(params: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float,
-                   betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6
-                   ) -> torch.optim.AdamW:
+def make_optimizer(
+    params: Iterable[tuple[str, nn.Parameter]],
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.98),
+    eps: float = 1e-6,
+) -> torch.optim.AdamW:
     """AdamW; as in CLIP / open_clip, gains, biases, embeddings' positions and the logit scale
     (1-d or scalar parameters) get no weight decay."""
     decay, no_decay = [], []
@@ -107,9 +117,12 @@ def make_optimizer(params: Iterable[tuple[str, nn.Parameter]], lr: float, weight
         (no_decay if p.ndim < 2 or "positional_embedding" in name else decay).append(p)
     if not decay and not no_decay:
         raise ValueError("no trainable parameters")
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=betas,
+        eps=eps,
+    )
 
 
 def grad_norm(params: Iterable[nn.Parameter]) -> float:
@@ -119,8 +132,9 @@ def grad_norm(params: Iterable[nn.Parameter]) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0  # one sync
 
 
-def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
-                       ) -> torch.optim.lr_scheduler.LambdaLR:
+def cosine_with_warmup(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up to the base lr over ``warmup_steps``, then cosine decay to 0 at
     ``total_steps`` (the paper: 10,000 warm-up steps)."""
     warmup_steps = max(0, min(warmup_steps, total_steps))
@@ -138,8 +152,10 @@ def scaled_warmup(configured: int, total_steps: int, max_fraction: float = 0.1) 
     """The paper's 10,000 warm-up steps, capped at ``max_fraction`` of the run's steps so the
     learning rate always decays within the run (a short run, or Flickr30k's ~7,500 steps)."""
     if not 0.0 < max_fraction < 1.0:
-        raise ValueError(f"train.warmup_max_fraction must be in (0, 1) so the learning rate "
-                         f"decays within the run, got {max_fraction}")
+        raise ValueError(
+            f"train.warmup_max_fraction must be in (0, 1) so the learning rate "
+            f"decays within the run, got {max_fraction}"
+        )
     return int(min(configured, max(1, round(max_fraction * total_steps))))
 
 
@@ -160,15 +176,23 @@ class Schedule:
         return self.steps_per_epoch * self.epochs
 
 
-def plan_schedule(items: int, global_batch: int, epochs: int, warmup_steps: int,
-                  warmup_max_fraction: float) -> Schedule:
+def plan_schedule(
+    items: int, global_batch: int, epochs: int, warmup_steps: int, warmup_max_fraction: float
+) -> Schedule:
     steps = items // global_batch
     if steps == 0:
-        raise ValueError(f"{items} training items are fewer than one global batch of "
-                         f"{global_batch}; lower train.batch_size")
+        raise ValueError(
+            f"{items} training items are fewer than one global batch of "
+            f"{global_batch}; lower train.batch_size"
+        )
     total = steps * int(epochs)
-    return Schedule(items, global_batch, steps, int(epochs),
-                    scaled_warmup(int(warmup_steps), total, float(warmup_max_fraction)))
+    return Schedule(
+        items,
+        global_batch,
+        steps,
+        int(epochs),
+        scaled_warmup(int(warmup_steps), total, float(warmup_max_fraction)),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,8 +206,7 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -203,22 +226,28 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 def autocast(device: torch.device, enabled: bool) -> torch.autocast:
     # bf16 needs no loss scaling; CPU runs stay in fp32.
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                          enabled=enabled and device.type == "cuda")
+    return torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda"
+    )
 
 
 @torch.no_grad()
-def encode_image_files(model: nn.Module, paths: Sequence[Path], load_size: int, batch_size: int,
-                       info: DistInfo, num_workers: int = 0, amp: bool = False
-                       ) -> tuple[np.ndarray, np.ndarray]:
+def encode_image_files(
+    model: nn.Module,
+    paths: Sequence[Path],
+    load_size: int,
+    batch_size: int,
+    info: DistInfo,
+    num_workers: int = 0,
+    amp: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """L2-normalized float32 embeddings (n, d) of image files, and a bool mask of the images
     that could be read (unreadable ones get a zero row and False). Each rank encodes a
     batch-aligned 1/W of the files (the same batches one process runs), then all ranks gather
     the whole result."""
     share = shard_for_rank(len(paths), info, align=batch_size)
     dataset = ImageFiles(list(paths)[share], load_size)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=collate_skipping)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skipping)
     was_training = model.training
     model.eval()
     local_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -237,13 +266,16 @@ def encode_image_files(model: nn.Module, paths: Sequence[Path], load_size: int, 
     for index, emb in local_rows:
         local[index] = emb
         valid[index] = True
-    return (gather_rows(local.numpy(), len(paths), info, batch_size),
-            gather_rows(valid.numpy(), len(paths), info, batch_size))
+    return (
+        gather_rows(local.numpy(), len(paths), info, batch_size),
+        gather_rows(valid.numpy(), len(paths), info, batch_size),
+    )
 
 
 @torch.no_grad()
-def encode_token_rows(model: nn.Module, tokens: torch.Tensor, batch_size: int, info: DistInfo,
-                      amp: bool = False) -> np.ndarray:
+def encode_token_rows(
+    model: nn.Module, tokens: torch.Tensor, batch_size: int, info: DistInfo, amp: bool = False
+) -> np.ndarray:
     """L2-normalized float32 text embeddings (n, d); each rank encodes a batch-aligned 1/W."""
     share = shard_for_rank(len(tokens), info, align=batch_size)
     was_training = model.training
@@ -251,7 +283,7 @@ def encode_token_rows(model: nn.Module, tokens: torch.Tensor, batch_size: int, i
     out = []
     part = tokens[share]
     for start in range(0, len(part), batch_size):
-        chunk = part[start:start + batch_size].to(info.device).long()
+        chunk = part[start : start + batch_size].to(info.device).long()
         with autocast(info.device, amp):
             emb = model.encode_text(chunk)
         out.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu())
@@ -285,8 +317,11 @@ def model_fingerprint(model: nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
-                      .tobytes() if tensor.numel() else b"")
+        digest.update(
+            tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            if tensor.numel()
+            else b""
+        )
     return digest.hexdigest()[:16]
 
 

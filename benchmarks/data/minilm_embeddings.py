@@ -157,7 +157,9 @@ def load(n: int, cache: Path = CACHE) -> np.ndarray:
         total += len(a)
         start += CHUNK
     if not parts:
-        raise FileNotFoundError(f"no embeddings cached under {cache}: run python -m benchmarks.data.minilm_embeddings")
+        raise FileNotFoundError(
+            f"no embeddings cached under {cache}: run python -m benchmarks.data.minilm_embeddings"
+        )
     return np.concatenate(parts)[:n]
 
 

@@ -26,11 +26,13 @@ def _leanclip_index(corpus: np.ndarray, dtype: str):
 def _peer(name: str, corpus: np.ndarray):
     """search(queries) -> (q, K) row ids, for an installed peer (skips where it is missing)."""
     if name == "numpy":
+
         def search(q):
             s = q @ corpus.T
             top = np.argpartition(-s, K, axis=1)[:, :K]
             order = np.argsort(-np.take_along_axis(s, top, 1), axis=1)
             return np.take_along_axis(top, order, 1)
+
         return search
     if name == "faiss":
         faiss = pytest.importorskip("faiss")
@@ -131,8 +133,9 @@ def test_mining_leanclip(benchmark, mining_data, precision):
 
     x, groups = mining_data
     benchmark.group = "mining"
-    rows, scores = benchmark(leanclip.mine_hard_negatives, x, x, K, groups, groups, metric="ip",
-                             precision=precision)
+    rows, scores = benchmark(
+        leanclip.mine_hard_negatives, x, x, K, groups, groups, metric="ip", precision=precision
+    )
     # exact re-score: the scores are the f32 inner products of the rows returned
     want = np.einsum("ij,ikj->ik", x[:50], x[rows[:50]])
     np.testing.assert_allclose(scores[:50], want, atol=1e-5)

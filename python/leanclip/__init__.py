@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover - the names type checkers see (``X as X``:
     from leanclip.images import ImageLoadError as ImageLoadError
     from leanclip.mining import hard_negative_ids as hard_negative_ids
 
+
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:

@@ -37,15 +37,19 @@ _DISTRIBUTIONS = {
 class MissingDependency(LeanclipError, ImportError):
     """An optional dependency is not installed; the message names the extra that provides it."""
 
-    def __init__(self, what: str, extra: str, modules: Iterable[str] = (), need: Optional[str] = None) -> None:
+    def __init__(
+        self, what: str, extra: str, modules: Iterable[str] = (), need: Optional[str] = None
+    ) -> None:
         self.what = what
         self.extra = extra
         self.modules = list(modules)
         if need is None:
             names = ", ".join(_DISTRIBUTIONS.get(m, m) for m in self.modules)
             need = f"{names} (not installed)" if names else f"the '{extra}' extra"
-        super().__init__(f"{what} needs {need}: pip install 'leanclip[{extra}]'",
-                         name=self.modules[0] if self.modules else None)
+        super().__init__(
+            f"{what} needs {need}: pip install 'leanclip[{extra}]'",
+            name=self.modules[0] if self.modules else None,
+        )
 
 
 def _importable(module: str) -> bool:

@@ -56,7 +56,9 @@ def load_tokenizer(tokenizer_json: Any, text: TextSpec) -> Any:
         raise ValueError(f"{path}: not a Hugging Face tokenizer.json ({exc})") from None
 
 
-def tokenize_batch(tok: Any, text: TextSpec, texts: Sequence[str], length: Optional[int]) -> Dict[str, np.ndarray]:
+def tokenize_batch(
+    tok: Any, text: TextSpec, texts: Sequence[str], length: Optional[int]
+) -> Dict[str, np.ndarray]:
     """ids / attention_mask padded with pad_id to ``length`` (None: the longest in the batch),
     cleaned and truncated as the Encoder does."""
     tok = copy.deepcopy(tok)
@@ -132,7 +134,9 @@ def compare(what: str, threshold: float, pairs: Sequence[Tuple[str, np.ndarray, 
 def raise_if_failed(checks: Sequence[Check], where: Path) -> None:
     bad = [c for c in checks if not c.ok()]
     if bad:
-        lines = [f"{c.what}: min cosine {c.min_cos:.6f} < {c.threshold} ({'; '.join(c.details)})" for c in bad]
+        lines = [
+            f"{c.what}: min cosine {c.min_cos:.6f} < {c.threshold} ({'; '.join(c.details)})" for c in bad
+        ]
         raise ExportError(f"ONNX self-check failed for {where}: " + " | ".join(lines))
 
 
@@ -142,6 +146,8 @@ def check_target(out: Path, overwrite: bool = True) -> None:
             raise FileExistsError(f"export target {out} exists and is not a directory")
         if any(out.iterdir()):
             if not (out / MANIFEST_NAME).is_file():
-                raise FileExistsError(f"export target {out} is a non-empty directory that is not a leanclip bundle")
+                raise FileExistsError(
+                    f"export target {out} is a non-empty directory that is not a leanclip bundle"
+                )
             if not overwrite:
                 raise FileExistsError(f"export target {out} is an existing bundle (overwrite=False)")

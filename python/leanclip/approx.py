@@ -59,7 +59,6 @@ _HEADER_SIZE = 64
 _COPY_CHUNK = 1 << 24
 
 
-
 def _usearch() -> Any:
     # usearch 2.26's extension, once loaded, breaks onnxruntime's later import (a segfault in
     # libstdc++ symbols); onnxruntime loaded first is safe, so load it first when it exists.
@@ -351,9 +350,17 @@ class ApproxIndex:
                 while chunk := src.read(_COPY_CHUNK):
                     crc = zlib.crc32(chunk, crc)
             head = _HEAD.pack(
-                _MAGIC, _VERSION, _METRIC_CODE[self._metric], _DTYPE_CODE[self._dtype],
-                self._dim, self._connectivity, self._expansion_add, self.expansion_search,
-                count, body_len, crc,
+                _MAGIC,
+                _VERSION,
+                _METRIC_CODE[self._metric],
+                _DTYPE_CODE[self._dtype],
+                self._dim,
+                self._connectivity,
+                self._expansion_add,
+                self.expansion_search,
+                count,
+                body_len,
+                crc,
             )
             head = head + struct.pack("<I", zlib.crc32(head))
             head = head.ljust(_HEADER_SIZE, b"\x00")
@@ -392,8 +399,12 @@ class ApproxIndex:
         if zlib.crc32(body) != meta["crc"]:
             raise IndexFileError(f"{path}: checksum mismatch, the file is corrupt")
         index = ApproxIndex(
-            meta["dim"], meta["metric"], meta["dtype"], meta["connectivity"],
-            meta["expansion_add"], meta["expansion_search"],
+            meta["dim"],
+            meta["metric"],
+            meta["dtype"],
+            meta["connectivity"],
+            meta["expansion_add"],
+            meta["expansion_search"],
         )
         try:
             info = index._index.metadata(body)
@@ -450,8 +461,15 @@ def _parse_header(head: bytes, size: int, path: str) -> dict:
             f"{path}: {size} bytes, header says {_HEADER_SIZE + body_len} (truncated or padded)"
         )
     return dict(
-        metric=metrics[metric], dtype=dtypes[dtype], dim=dim, connectivity=conn,
-        expansion_add=ef_add, expansion_search=ef_search, count=count, body_len=body_len, crc=crc,
+        metric=metrics[metric],
+        dtype=dtypes[dtype],
+        dim=dim,
+        connectivity=conn,
+        expansion_add=ef_add,
+        expansion_search=ef_search,
+        count=count,
+        body_len=body_len,
+        crc=crc,
     )
 
 

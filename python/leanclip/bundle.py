@@ -38,6 +38,7 @@ MAX_EMBEDDING_DIM = 65536
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+
 class BundleError(LeanclipError, ValueError):
     """A model bundle is missing, malformed, of another format version, or fails its checksums."""
 

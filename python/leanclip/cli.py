@@ -109,12 +109,26 @@ def _errors() -> tuple:
 
 
 common_gallery = [
-    click.option("--dir", "-d", "directory", type=click.Path(file_okay=False), default=None,
-                 help="Gallery folder (default: the current folder or its nearest parent with a .leanclip store)."),
-    click.option("--store", type=click.Path(file_okay=False), default=None,
-                 help="Store folder (default: DIR/.leanclip)."),
-    click.option("--model", "-m", default=None,
-                 help="Model: a bundle folder or a registered name (default: the model the gallery was indexed with, else the starter model)."),
+    click.option(
+        "--dir",
+        "-d",
+        "directory",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="Gallery folder (default: the current folder or its nearest parent with a .leanclip store).",
+    ),
+    click.option(
+        "--store",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="Store folder (default: DIR/.leanclip).",
+    ),
+    click.option(
+        "--model",
+        "-m",
+        default=None,
+        help="Model: a bundle folder or a registered name (default: the model the gallery was indexed with, else the starter model).",
+    ),
 ]
 
 
@@ -151,19 +165,46 @@ def main() -> None:
 
 @main.command(epilog=_EPILOG)
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
-@click.option("--store", type=click.Path(file_okay=False), default=None, help="Store folder (default: DIR/.leanclip).")
-@click.option("--model", "-m", default=None, help="Model bundle folder or registered name (changing it re-encodes).")
-@click.option("--batch-size", type=click.IntRange(1, 1024), default=32, show_default=True, help="Images per encoder batch.")
-@click.option("--precision", type=click.Choice(list(DTYPES)), default=None,
-              help="Vector storage: f32 (default for a new gallery), f16 or i8 use 2x / 4x less memory and search faster. Changing it converts, no re-encoding.")
-@click.option("--index", "index_kind", type=click.Choice(["exact", "ivf", "auto"]), default=None,
-              help="Search index: exact (every photo scored), ivf (approximate, for large libraries) or auto "
-                   "(default for a new gallery: ivf above 200,000 photos). Kept across runs; changing it converts, "
-                   "no re-encoding.")
+@click.option(
+    "--store", type=click.Path(file_okay=False), default=None, help="Store folder (default: DIR/.leanclip)."
+)
+@click.option(
+    "--model", "-m", default=None, help="Model bundle folder or registered name (changing it re-encodes)."
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 1024),
+    default=32,
+    show_default=True,
+    help="Images per encoder batch.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(list(DTYPES)),
+    default=None,
+    help="Vector storage: f32 (default for a new gallery), f16 or i8 use 2x / 4x less memory and search faster. Changing it converts, no re-encoding.",
+)
+@click.option(
+    "--index",
+    "index_kind",
+    type=click.Choice(["exact", "ivf", "auto"]),
+    default=None,
+    help="Search index: exact (every photo scored), ivf (approximate, for large libraries) or auto "
+    "(default for a new gallery: ivf above 200,000 photos). Kept across runs; changing it converts, "
+    "no re-encoding.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def index(directory: str, store: Optional[str], model: Optional[str], batch_size: int, precision: Optional[str],
-          index_kind: Optional[str], as_json: bool, quiet: bool) -> None:
+def index(
+    directory: str,
+    store: Optional[str],
+    model: Optional[str],
+    batch_size: int,
+    precision: Optional[str],
+    index_kind: Optional[str],
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """Index DIRECTORY (or bring its index up to date).
 
     Only new and changed files are encoded; deleted files leave the index; moved or renamed
@@ -172,8 +213,9 @@ def index(directory: str, store: Optional[str], model: Optional[str], batch_size
     from leanclip.gallery import Gallery
 
     try:
-        g = Gallery(directory, store=store, model=model, batch_size=batch_size, dtype=precision,
-                    index_kind=index_kind)
+        g = Gallery(
+            directory, store=store, model=model, batch_size=batch_size, dtype=precision, index_kind=index_kind
+        )
         console = _stderr_console()
         if not quiet and not as_json:
             console.print("loading model ...", style="dim")
@@ -183,7 +225,9 @@ def index(directory: str, store: Optional[str], model: Optional[str], batch_size
         with _progress(quiet or not console.is_terminal) as progress:
             summary = g.update(progress=progress)
     except KeyboardInterrupt:
-        _stderr_console().print("[yellow]interrupted[/]: finished batches are saved; run the same command to resume")
+        _stderr_console().print(
+            "[yellow]interrupted[/]: finished batches are saved; run the same command to resume"
+        )
         raise click.exceptions.Exit(EXIT_INTERRUPTED)
     except _errors() as exc:
         raise _fail(str(exc))
@@ -193,8 +237,11 @@ def index(directory: str, store: Optional[str], model: Optional[str], batch_size
         _print_summary(summary)
     for name, reason in summary.unreadable:
         where = "the gallery folder itself" if name == "." else f"folder {name}"
-        click.echo(f"warning: {printable(where)} cannot be read ({printable(reason)}): the photos recorded "
-                   "under it are kept as they were, not updated", err=True)
+        click.echo(
+            f"warning: {printable(where)} cannot be read ({printable(reason)}): the photos recorded "
+            "under it are kept as they were, not updated",
+            err=True,
+        )
     raise click.exceptions.Exit(EXIT_FAILED_FILES if summary.failed or summary.unreadable else EXIT_OK)
 
 
@@ -210,11 +257,24 @@ class _progress:
     def __enter__(self) -> Optional["_progress"]:
         if self.disabled:
             return None
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
-        self.p = Progress(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
-                          TimeElapsedColumn(), TimeRemainingColumn(), console=_stderr_console(), transient=False)
+        self.p = Progress(
+            TextColumn("{task.description:<24}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=_stderr_console(),
+            transient=False,
+        )
         self.p.__enter__()
         return self
 
@@ -235,16 +295,26 @@ def _print_summary(s: Any) -> None:
     console = _stderr_console()
     if s.recovered:
         console.print(Text.assemble(("note", "yellow"), f": {printable(s.recovered)}"))
-    parts = [f"added {s.added}", f"updated {s.updated}", f"removed {s.removed}",
-             f"renamed {s.renamed}", f"failed {s.failed}"]
+    parts = [
+        f"added {s.added}",
+        f"updated {s.updated}",
+        f"removed {s.removed}",
+        f"renamed {s.renamed}",
+        f"failed {s.failed}",
+    ]
     if s.copied:
         parts.append(f"duplicates {s.copied}")
     index = f" ({s.index} index)" if s.index else ""
-    console.print(", ".join(parts) + f"; {s.total_ok} photos indexed{index}, {s.unchanged} unchanged, "
-                  f"{s.encoded} encoded in {s.seconds:.1f} s", highlight=False)
+    console.print(
+        ", ".join(parts) + f"; {s.total_ok} photos indexed{index}, {s.unchanged} unchanged, "
+        f"{s.encoded} encoded in {s.seconds:.1f} s",
+        highlight=False,
+    )
     for name, reason in s.failures[:20]:
-        console.print(Text.assemble("  ", ("failed", "red"), f" {printable(name)}: {printable(reason)}"),
-                      highlight=False)
+        console.print(
+            Text.assemble("  ", ("failed", "red"), f" {printable(name)}: {printable(reason)}"),
+            highlight=False,
+        )
     if len(s.failures) > 20:
         console.print(f"  ... and {len(s.failures) - 20} more (leanclip index --json lists all)")
 
@@ -277,10 +347,25 @@ def _print_hits(hits: List[Any], as_json: bool, query: str) -> None:
 
 
 _search_options = [
-    click.option("-k", "--top", "k", type=click.IntRange(1, 10_000), default=10, show_default=True, help="How many results."),
-    click.option("--min-score", type=float, default=None, help="Drop results scoring below this (cosine, -1..1)."),
-    click.option("--path", "-p", "paths", multiple=True,
-                 help="Only files whose path (relative to the gallery) matches this glob; repeatable. '*' crosses folders."),
+    click.option(
+        "-k",
+        "--top",
+        "k",
+        type=click.IntRange(1, 10_000),
+        default=10,
+        show_default=True,
+        help="How many results.",
+    ),
+    click.option(
+        "--min-score", type=float, default=None, help="Drop results scoring below this (cosine, -1..1)."
+    ),
+    click.option(
+        "--path",
+        "-p",
+        "paths",
+        multiple=True,
+        help="Only files whose path (relative to the gallery) matches this glob; repeatable. '*' crosses folders.",
+    ),
     click.option("--json", "as_json", is_flag=True, help="Print results as JSON."),
 ]
 
@@ -288,8 +373,16 @@ _search_options = [
 @main.command(epilog=_EPILOG, context_settings={"ignore_unknown_options": True})
 @click.argument("query", nargs=-1, required=True)
 @_with(common_gallery + _search_options)
-def search(query: Sequence[str], directory: Optional[str], store: Optional[str], model: Optional[str],
-           k: int, min_score: Optional[float], paths: Sequence[str], as_json: bool) -> None:
+def search(
+    query: Sequence[str],
+    directory: Optional[str],
+    store: Optional[str],
+    model: Optional[str],
+    k: int,
+    min_score: Optional[float],
+    paths: Sequence[str],
+    as_json: bool,
+) -> None:
     """Search the gallery by text: leanclip search "dog on a beach" -people"""
     # arguments are joined: `search "dog on a beach" -people` and `search 'dog on a beach -people'`
     # mean the same (the unsigned words form one phrase)
@@ -307,8 +400,17 @@ def search(query: Sequence[str], directory: Optional[str], store: Optional[str],
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--and", "extra", default="", help="Extra query terms, e.g. --and '+sunset -people'.")
 @_with(common_gallery + _search_options)
-def similar(image: str, extra: str, directory: Optional[str], store: Optional[str], model: Optional[str],
-            k: int, min_score: Optional[float], paths: Sequence[str], as_json: bool) -> None:
+def similar(
+    image: str,
+    extra: str,
+    directory: Optional[str],
+    store: Optional[str],
+    model: Optional[str],
+    k: int,
+    min_score: Optional[float],
+    paths: Sequence[str],
+    as_json: bool,
+) -> None:
     """Find photos similar to IMAGE (a file in the gallery or anywhere else)."""
     try:
         if not os.path.isfile(image):
@@ -326,16 +428,40 @@ def similar(image: str, extra: str, directory: Optional[str], store: Optional[st
 
 @main.command(epilog=_EPILOG)
 @click.argument("directory", required=False, type=click.Path(exists=True, file_okay=False))
-@click.option("--store", type=click.Path(file_okay=False), default=None, help="Store folder (default: DIR/.leanclip).")
+@click.option(
+    "--store", type=click.Path(file_okay=False), default=None, help="Store folder (default: DIR/.leanclip)."
+)
 @click.option("--model", "-m", default=None, help="Model bundle folder or registered name.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind. Anything but loopback exposes your photos to the network.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="Port (0: any free port).")
-@click.option("--allow-updates", is_flag=True, help="Enable the POST /api/update endpoint (re-index from the page).")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to bind. Anything but loopback exposes your photos to the network.",
+)
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="Port (0: any free port)."
+)
+@click.option(
+    "--allow-updates", is_flag=True, help="Enable the POST /api/update endpoint (re-index from the page)."
+)
 @click.option("--open", "open_browser", is_flag=True, help="Open the page in a web browser.")
-@click.option("--max-batch", type=click.IntRange(1, 1024), default=64, show_default=True,
-              help="Most concurrent text queries answered together (1 disables batching).")
-def serve(directory: Optional[str], store: Optional[str], model: Optional[str], host: str, port: int,
-          allow_updates: bool, open_browser: bool, max_batch: int) -> None:
+@click.option(
+    "--max-batch",
+    type=click.IntRange(1, 1024),
+    default=64,
+    show_default=True,
+    help="Most concurrent text queries answered together (1 disables batching).",
+)
+def serve(
+    directory: Optional[str],
+    store: Optional[str],
+    model: Optional[str],
+    host: str,
+    port: int,
+    allow_updates: bool,
+    open_browser: bool,
+    max_batch: int,
+) -> None:
     """Serve a local search page for the gallery in DIRECTORY (default: current gallery)."""
     from leanclip.server import is_loopback, make_server
 
@@ -349,8 +475,10 @@ def serve(directory: Optional[str], store: Optional[str], model: Optional[str], 
         raise _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     console = _stderr_console()
     if not is_loopback(host):
-        console.print(f"[bold yellow]warning[/]: listening on {host}, not loopback: anyone who can reach "
-                      "this machine can see your photos")
+        console.print(
+            f"[bold yellow]warning[/]: listening on {host}, not loopback: anyone who can reach "
+            "this machine can see your photos"
+        )
     url = server.url
     from rich.markup import escape
 
@@ -390,8 +518,12 @@ def models(ctx: click.Context, as_json: bool) -> None:
     for col in ("", "name", "installed", "description / how to get it"):
         table.add_column(col)
     for r in rows:
-        table.add_row("*" if r["active"] else "", r["name"], "yes" if r["installed"] else "no",
-                      r["description"] + ("" if r["installed"] else f"\n[dim]{r['how']}[/]"))
+        table.add_row(
+            "*" if r["active"] else "",
+            r["name"],
+            "yes" if r["installed"] else "no",
+            r["description"] + ("" if r["installed"] else f"\n[dim]{r['how']}[/]"),
+        )
     Console().print(table)
 
 
@@ -444,9 +576,16 @@ def models_build_starter(int8: bool) -> None:
 
 
 @main.command(epilog=_EPILOG)
-@click.option("--dir", "directory", type=click.Path(file_okay=False), default=None,
-              help="Where to put the sample photos (default: $LEANCLIP_HOME/demo-photos).")
-@click.option("--model", "-m", default=None, help="Model bundle folder or registered name (default: starter).")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where to put the sample photos (default: $LEANCLIP_HOME/demo-photos).",
+)
+@click.option(
+    "--model", "-m", default=None, help="Model bundle folder or registered name (default: starter)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the answers as JSON.")
 def demo(directory: Optional[str], model: Optional[str], as_json: bool) -> None:
     """Index real sample photos shipped by scikit-image, scikit-learn and matplotlib, then

@@ -32,9 +32,7 @@ import html
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
 if TYPE_CHECKING:  # tokenizers is imported where it is used: the Encoder imports clip_clean only
     from tokenizers import Tokenizer, normalizers
@@ -45,7 +43,6 @@ VOCAB_SIZE = 49408
 # open_clip's word regex (tokenizer.py), minus the special-token alternatives which the
 # tokenizer handles as added tokens.
 CLIP_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-
 
 
 def default_bpe_path() -> Path:
@@ -64,7 +61,11 @@ def default_bpe_path() -> Path:
 
 def bytes_to_unicode() -> Dict[int, str]:
     """GPT-2/CLIP reversible byte -> printable-unicode map (same order as open_clip)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -162,7 +163,17 @@ def _ftfy_normalizers() -> List[normalizers.Normalizer]:
 
 def build_clip_tokenizer(bpe_path: Optional[Union[str, Path]] = None) -> Tokenizer:
     """A ``tokenizers.Tokenizer`` equal to open_clip's ``SimpleTokenizer`` (see module docstring)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
+
     path = Path(bpe_path) if bpe_path is not None else default_bpe_path()
     merges = _read_merges(path)
     byte_chars = list(bytes_to_unicode().values())
@@ -171,7 +182,9 @@ def build_clip_tokenizer(bpe_path: Optional[Union[str, Path]] = None) -> Tokeniz
     if len(vocab) != VOCAB_SIZE:
         raise ValueError(f"{path}: built a vocabulary of {len(vocab)} tokens, expected {VOCAB_SIZE}")
 
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", unk_token=None, fuse_unk=False))
+    tok = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", unk_token=None, fuse_unk=False)
+    )
     tok.normalizer = normalizers.Sequence(
         _ftfy_normalizers()
         + [
@@ -192,7 +205,9 @@ def build_clip_tokenizer(bpe_path: Optional[Union[str, Path]] = None) -> Tokeniz
     tok.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Replace("</w>", " ")])
     # Written in the text, the special tokens are matched after normalization (open_clip's regex
     # also matches them in the lower-cased text).
-    tok.add_special_tokens([AddedToken(SOT, normalized=True, special=True), AddedToken(EOT, normalized=True, special=True)])
+    tok.add_special_tokens(
+        [AddedToken(SOT, normalized=True, special=True), AddedToken(EOT, normalized=True, special=True)]
+    )
     tok.post_processor = processors.TemplateProcessing(
         single=f"{SOT} $A {EOT}", special_tokens=[(SOT, vocab[SOT]), (EOT, vocab[EOT])]
     )
@@ -218,7 +233,9 @@ def _cached_clip_tokenizer() -> Tokenizer:
     return build_clip_tokenizer()
 
 
-def tokenize(texts: List[str], context_length: int = 77, tokenizer: Optional[Tokenizer] = None) -> List[List[int]]:
+def tokenize(
+    texts: List[str], context_length: int = 77, tokenizer: Optional[Tokenizer] = None
+) -> List[List[int]]:
     """Token ids as open_clip would produce them (unpadded), for tests and export checks."""
     from tokenizers import Tokenizer
 
@@ -229,7 +246,10 @@ def tokenize(texts: List[str], context_length: int = 77, tokenizer: Optional[Tok
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m leanclip.clip_tokenizer", description="Write open_clip's CLIP BPE as a Hugging Face tokenizer.json")
+    parser = argparse.ArgumentParser(
+        prog="python -m leanclip.clip_tokenizer",
+        description="Write open_clip's CLIP BPE as a Hugging Face tokenizer.json",
+    )
     parser.add_argument("out", help="output tokenizer.json path")
     parser.add_argument("--bpe", default=None, help="bpe_simple_vocab_16e6.txt.gz (default: open_clip's)")
     args = parser.parse_args(argv)

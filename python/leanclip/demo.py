@@ -25,8 +25,13 @@ TEXT_QUERIES: Sequence[str] = (
 IMAGE_QUERY = "chelsea.png"  # the cat
 
 
-def run_demo(directory: Union[str, "os.PathLike[str]", None] = None, *, model: Any = None,
-             echo: Optional[Callable[[str], Any]] = print, k: int = 3) -> Dict[str, Any]:
+def run_demo(
+    directory: Union[str, "os.PathLike[str]", None] = None,
+    *,
+    model: Any = None,
+    echo: Optional[Callable[[str], Any]] = print,
+    k: int = 3,
+) -> Dict[str, Any]:
     """Collect the sample photos into ``directory``, index them, run the demo queries.
 
     Returns ``{"folder", "model_id", "index": summary, "queries": [{"query", "results"}]}``.
@@ -50,21 +55,33 @@ def run_demo(directory: Union[str, "os.PathLike[str]", None] = None, *, model: A
     enc = gallery.encoder
     say(f"model {enc.model_id} loaded in {time.perf_counter() - t0:.1f} s")
     summary = gallery.update()
-    say(f"indexed: added {summary.added}, updated {summary.updated}, removed {summary.removed}, "
-        f"renamed {summary.renamed}, failed {summary.failed} ({summary.total_ok} photos, {summary.seconds:.1f} s)")
+    say(
+        f"indexed: added {summary.added}, updated {summary.updated}, removed {summary.removed}, "
+        f"renamed {summary.renamed}, failed {summary.failed} ({summary.total_ok} photos, {summary.seconds:.1f} s)"
+    )
 
     queries: List[Dict[str, Any]] = []
     for q in TEXT_QUERIES:
         t = time.perf_counter()
         hits = gallery.search(q, k)
-        queries.append({"query": q, "ms": round((time.perf_counter() - t) * 1000, 1),
-                        "results": [h.to_dict() for h in hits]})
+        queries.append(
+            {
+                "query": q,
+                "ms": round((time.perf_counter() - t) * 1000, 1),
+                "results": [h.to_dict() for h in hits],
+            }
+        )
     image = dest / IMAGE_QUERY
     if image.is_file():
         t = time.perf_counter()
         hits = gallery.similar(image, k)
-        queries.append({"query": f"similar to {IMAGE_QUERY}", "ms": round((time.perf_counter() - t) * 1000, 1),
-                        "results": [h.to_dict() for h in hits]})
+        queries.append(
+            {
+                "query": f"similar to {IMAGE_QUERY}",
+                "ms": round((time.perf_counter() - t) * 1000, 1),
+                "results": [h.to_dict() for h in hits],
+            }
+        )
     for entry in queries:
         say("")
         say(f"{entry['query']!r}  ({entry['ms']} ms)")

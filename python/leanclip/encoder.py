@@ -56,8 +56,9 @@ _to_rgb = to_rgb  # kept for callers of the old private name
 _MAX_RESIZE_PIXELS = 16_000_000
 
 
-def preprocess_image(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float],
-                     interpolation: str = "bicubic") -> np.ndarray:
+def preprocess_image(
+    img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic"
+) -> np.ndarray:
     """open_clip's eval transform in numpy: resize the shortest side to ``size`` (Pillow, as
     torchvision does for PIL images), center-crop ``size`` x ``size``, scale to [0, 1],
     normalize by mean/std. Returns float32 (3, size, size)."""
@@ -111,9 +112,16 @@ class Encoder:
     sessions are created on first use, so a text-only search never loads the image model.
     """
 
-    def __init__(self, bundle: PathLike, *, threads: Optional[int] = None,
-                 providers: Optional[Sequence[Any]] = None, verify: bool = True,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, spin: bool = False) -> None:
+    def __init__(
+        self,
+        bundle: PathLike,
+        *,
+        threads: Optional[int] = None,
+        providers: Optional[Sequence[Any]] = None,
+        verify: bool = True,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        spin: bool = False,
+    ) -> None:
         self.path = Path(bundle)
         self.manifest: Manifest = read_manifest(self.path, verify=verify)
         m = self.manifest
@@ -136,8 +144,9 @@ class Encoder:
         for prov in self.providers:
             pname = prov[0] if isinstance(prov, tuple) else prov
             if pname not in available:
-                raise ValueError(f"onnxruntime execution provider {pname!r} is not available "
-                                 f"(available: {available})")
+                raise ValueError(
+                    f"onnxruntime execution provider {pname!r} is not available (available: {available})"
+                )
         self._lock = threading.Lock()
         self._sessions: Dict[str, Any] = {}
         self._text_length: Optional[int] = None  # fixed sequence length of text.onnx, if any
@@ -207,7 +216,9 @@ class Encoder:
             try:
                 t.encode("utf-8")
             except UnicodeEncodeError as exc:
-                raise ValueError(f"texts[{i}] is not valid UTF-8 text (lone surrogate at index {exc.start})") from None
+                raise ValueError(
+                    f"texts[{i}] is not valid UTF-8 text (lone surrogate at index {exc.start})"
+                ) from None
         if self.manifest.text.kind == "clip":
             # open_clip unescapes HTML entities twice; the rest of its cleaning is in tokenizer.json
             items = [clip_clean(t) for t in items]
@@ -226,7 +237,7 @@ class Encoder:
         # sort by length so each batch pads little (exact: see leanclip.export docs)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+            chunk = order[start : start + batch_size]
             width = self._text_length or max(len(ids[i]) for i in chunk)
             arr = np.full((len(chunk), width), spec.pad_id, dtype=np.int64)
             mask = np.zeros((len(chunk), width), dtype=np.int64)
@@ -273,24 +284,31 @@ class Encoder:
         sess = self._session("image")
         spec = self.manifest.image
         for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            pixels = np.stack([
-                self.preprocess(item if isinstance(item, Image.Image) else load_image(item, max_pixels=self.max_pixels))
-                for item in chunk
-            ])
+            chunk = items[start : start + batch_size]
+            pixels = np.stack(
+                [
+                    self.preprocess(
+                        item
+                        if isinstance(item, Image.Image)
+                        else load_image(item, max_pixels=self.max_pixels)
+                    )
+                    for item in chunk
+                ]
+            )
             emb = sess.run([spec.output], {spec.input: pixels})[0]
-            out[start:start + len(chunk)] = self._check_and_normalize(emb, len(chunk), "image")
+            out[start : start + len(chunk)] = self._check_and_normalize(emb, len(chunk), "image")
         return out
 
     # -- helpers ----------------------------------------------------------------------------
 
     def _check_and_normalize(self, emb: np.ndarray, n: int, which: str) -> np.ndarray:
         if emb.ndim != 2 or emb.shape != (n, self.dim):
-            raise BundleError(f"{self.path}: {which} model returned shape {emb.shape}, expected ({n}, {self.dim})")
+            raise BundleError(
+                f"{self.path}: {which} model returned shape {emb.shape}, expected ({n}, {self.dim})"
+            )
         emb = emb.astype(np.float32, copy=False)
         norms = np.linalg.norm(emb, axis=1, keepdims=True)
         return emb / np.maximum(norms, np.float32(1e-12))
 
     def __repr__(self) -> str:
         return f"Encoder({str(self.path)!r}, model_id={self.model_id!r}, dim={self.dim})"
-

@@ -99,18 +99,31 @@ class CLIPTextTower(nn.Module):
     dynamic_length = True
     POOLING = ("argmax", "eos", "first")
 
-    def __init__(self, vocab_size: int, context_length: int, width: int, heads: int,
-                 layers: int, output_dim: int, mlp_ratio: float = 4.0,
-                 quick_gelu: bool = False) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        context_length: int,
+        width: int,
+        heads: int,
+        layers: int,
+        output_dim: int,
+        mlp_ratio: float = 4.0,
+        quick_gelu: bool = False,
+    ) -> None:
         super().__init__()
         from open_clip.transformer import LayerNorm, QuickGELU, Transformer
 
         self.context_length = context_length
         self.token_embedding: Any = nn.Embedding(vocab_size, width)
         self.positional_embedding: Any = nn.Parameter(torch.empty(context_length, width))
-        self.transformer: Any = Transformer(width, layers, heads, mlp_ratio,
-                                            act_layer=QuickGELU if quick_gelu else nn.GELU,
-                                            norm_layer=LayerNorm)
+        self.transformer: Any = Transformer(
+            width,
+            layers,
+            heads,
+            mlp_ratio,
+            act_layer=QuickGELU if quick_gelu else nn.GELU,
+            norm_layer=LayerNorm,
+        )
         self.ln_final: Any = LayerNorm(width)
         self.text_projection: Any = nn.Parameter(torch.empty(width, output_dim))
         self.attn_mask: Any
@@ -120,7 +133,7 @@ class CLIPTextTower(nn.Module):
         self.eos_id: Optional[int] = None
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        nn.init.normal_(self.text_projection, std=width ** -0.5)
+        nn.init.normal_(self.text_projection, std=width**-0.5)
 
     @classmethod
     def wrap(cls, src: Any) -> "CLIPTextTower":
@@ -153,8 +166,9 @@ class CLIPTextTower(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         length = input_ids.shape[1]
         if length > self.context_length:
-            raise ValueError(f"token sequence length {length} exceeds the context length "
-                             f"{self.context_length}")
+            raise ValueError(
+                f"token sequence length {length} exceeds the context length {self.context_length}"
+            )
         x = self.token_embedding(input_ids) + self.positional_embedding[:length]
         mask = None if self.attn_mask is None else self.attn_mask[:length, :length]
         x = self.transformer(x, attn_mask=mask)
@@ -212,8 +226,14 @@ def _export_mode(module: nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
-def _onnx_export(module: nn.Module, args: Tuple[torch.Tensor, ...], path: Path, input_names: List[str],
-                 output_name: str, dynamic: Dict[str, Dict[int, str]]) -> str:
+def _onnx_export(
+    module: nn.Module,
+    args: Tuple[torch.Tensor, ...],
+    path: Path,
+    input_names: List[str],
+    output_name: str,
+    dynamic: Dict[str, Dict[int, str]],
+) -> str:
     """Export with torch.export (dynamo); fall back to the TorchScript exporter if that fails.
 
     The TorchScript exporter bakes the example sequence length into nn.MultiheadAttention's
@@ -222,21 +242,36 @@ def _onnx_export(module: nn.Module, args: Tuple[torch.Tensor, ...], path: Path, 
     errors = []
     with _export_mode(module), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        shapes = tuple({ax: torch.export.Dim.DYNAMIC for ax in dynamic.get(n, {})} or None for n in input_names)
+        shapes = tuple(
+            {ax: torch.export.Dim.DYNAMIC for ax in dynamic.get(n, {})} or None for n in input_names
+        )
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # dynamo prints progress lines
                 torch.onnx.export(
-                    module, args, str(path), dynamo=True, input_names=input_names,
-                    output_names=[output_name], dynamic_shapes=shapes, opset_version=OPSET,
-                    external_data=False, optimize=True,
+                    module,
+                    args,
+                    str(path),
+                    dynamo=True,
+                    input_names=input_names,
+                    output_names=[output_name],
+                    dynamic_shapes=shapes,
+                    opset_version=OPSET,
+                    external_data=False,
+                    optimize=True,
                 )
             return "torch.onnx (dynamo)"
         except Exception as exc:  # noqa: BLE001 - any exporter failure: try the other one
             errors.append(f"dynamo: {type(exc).__name__}: {str(exc)[:500]}")
         try:
             torch.onnx.export(
-                module, args, str(path), dynamo=False, input_names=input_names,
-                output_names=[output_name], dynamic_axes=dynamic, opset_version=OPSET,
+                module,
+                args,
+                str(path),
+                dynamo=False,
+                input_names=input_names,
+                output_names=[output_name],
+                dynamic_axes=dynamic,
+                opset_version=OPSET,
                 do_constant_folding=True,
             )
             return "torch.onnx (TorchScript)"
@@ -298,7 +333,9 @@ def export_bundle(
         raise ValueError(f"unknown text kind {text.kind!r} (expected 'clip' or 'wordpiece')")
     unknown = [n for n in text.inputs if n not in ("input_ids", "attention_mask")]
     if unknown or not text.inputs or text.inputs[0] != "input_ids":
-        raise ValueError(f"text.inputs must be ['input_ids'] or ['input_ids', 'attention_mask'], got {text.inputs}")
+        raise ValueError(
+            f"text.inputs must be ['input_ids'] or ['input_ids', 'attention_mask'], got {text.inputs}"
+        )
     tok = load_tokenizer(tokenizer_json, text)
     dynamic_length = bool(getattr(text_tower, "dynamic_length", True))
 
@@ -311,20 +348,36 @@ def export_bundle(
         size = int(image.size)
         dummy_px = torch.from_numpy(check_images(size, image.mean, image.std)[1][:2])
         exporters = {}
-        exporters[image.file] = _onnx_export(image_tower, (dummy_px,), fp32 / image.file, [image.input], image.output,
-                     {image.input: {0: "batch"}, image.output: {0: "batch"}})
-        example = tokenize_batch(tok, text, ["a photo of a cat", "hi"], None if dynamic_length else text.context_length)
+        exporters[image.file] = _onnx_export(
+            image_tower,
+            (dummy_px,),
+            fp32 / image.file,
+            [image.input],
+            image.output,
+            {image.input: {0: "batch"}, image.output: {0: "batch"}},
+        )
+        example = tokenize_batch(
+            tok, text, ["a photo of a cat", "hi"], None if dynamic_length else text.context_length
+        )
         text_axes: Dict[str, Dict[int, str]] = {text.output: {0: "batch"}}
         for n in text.inputs:
             text_axes[n] = {0: "batch", 1: "sequence"} if dynamic_length else {0: "batch"}
-        exporters[text.file] = _onnx_export(text_tower, tuple(torch.from_numpy(example[n]) for n in text.inputs), fp32 / text.file,
-                     list(text.inputs), text.output, text_axes)
+        exporters[text.file] = _onnx_export(
+            text_tower,
+            tuple(torch.from_numpy(example[n]) for n in text.inputs),
+            fp32 / text.file,
+            list(text.inputs),
+            text.output,
+            text_axes,
+        )
 
         # --- self-check inputs and torch references
         texts = list(example_texts) if example_texts else list(DEFAULT_CHECK_TEXTS)
         img_batches = check_images(size, image.mean, image.std)
-        txt_batches = [tokenize_batch(tok, text, texts, None if dynamic_length else text.context_length),
-                       tokenize_batch(tok, text, texts[:1], None if dynamic_length else text.context_length)]
+        txt_batches = [
+            tokenize_batch(tok, text, texts, None if dynamic_length else text.context_length),
+            tokenize_batch(tok, text, texts[:1], None if dynamic_length else text.context_length),
+        ]
         full = [tokenize_batch(tok, text, t, text.context_length) for t in (texts, texts[:1])]
         img_ref = [_torch_out(image_tower, [b]) for b in img_batches]
         ref_text_module = text_reference if text_reference is not None else text_tower
@@ -338,11 +391,26 @@ def export_bundle(
         def run_checks(folder: Path, threshold: float, label: str) -> List[Check]:
             si = session(folder / image.file)
             st = session(folder / text.file)
-            img = compare(f"{label} image encoder", threshold, [
-                (f"batch {len(b)}", r, si.run([image.output], {image.input: b})[0]) for b, r in zip(img_batches, img_ref)])
-            txt = compare(f"{label} text encoder", threshold, [
-                (f"batch {len(next(iter(b.values())))} length {next(iter(b.values())).shape[1]}", r,
-                 st.run([text.output], b)[0]) for b, r in zip(txt_batches, txt_ref)])
+            img = compare(
+                f"{label} image encoder",
+                threshold,
+                [
+                    (f"batch {len(b)}", r, si.run([image.output], {image.input: b})[0])
+                    for b, r in zip(img_batches, img_ref)
+                ],
+            )
+            txt = compare(
+                f"{label} text encoder",
+                threshold,
+                [
+                    (
+                        f"batch {len(next(iter(b.values())))} length {next(iter(b.values())).shape[1]}",
+                        r,
+                        st.run([text.output], b)[0],
+                    )
+                    for b, r in zip(txt_batches, txt_ref)
+                ],
+            )
             return [img, txt]
 
         checks: List[Check] = []
@@ -373,16 +441,30 @@ def export_bundle(
                 os.replace(folder / f, stage / f)
             tok.save(str(stage / text.tokenizer))
             info: Dict[str, Any] = dict(extra or {})
-            info.update({
-                "exporter": {f: f"torch {torch.__version__} {e}, opset {OPSET}" for f, e in exporters.items()},
-                "text_dynamic_length": dynamic_length,
-                "self_check": {c.what: round(c.min_cos, 6) for c in target_checks} if check else "skipped",
-            })
+            info.update(
+                {
+                    "exporter": {
+                        f: f"torch {torch.__version__} {e}, opset {OPSET}" for f, e in exporters.items()
+                    },
+                    "text_dynamic_length": dynamic_length,
+                    "self_check": {c.what: round(c.min_cos, 6) for c in target_checks}
+                    if check
+                    else "skipped",
+                }
+            )
             if precision == "int8":
-                info["quantization"] = quantization_record(image.file, image_int8_op_types,
-                                                           text.file, text_int8_op_types)
-            manifest = Manifest(embedding_dim=dim, image=copy.deepcopy(image), text=copy.deepcopy(text),
-                                name=name, source=source, precision=precision, extra=info)
+                info["quantization"] = quantization_record(
+                    image.file, image_int8_op_types, text.file, text_int8_op_types
+                )
+            manifest = Manifest(
+                embedding_dim=dim,
+                image=copy.deepcopy(image),
+                text=copy.deepcopy(text),
+                name=name,
+                source=source,
+                precision=precision,
+                extra=info,
+            )
             write_manifest(stage, manifest)
             read_manifest(stage, verify=True)  # what the Encoder will do: fail here, not there
             staged.append((stage, target))
@@ -421,7 +503,9 @@ def image_spec_for(model: nn.Module) -> ImageSpec:
     if interp:
         spec.interpolation = str(interp)
     if cfg.get("resize_mode", "shortest") != "shortest":
-        raise ExportError(f"resize_mode {cfg.get('resize_mode')!r} is not supported (bundles resize the shortest side)")
+        raise ExportError(
+            f"resize_mode {cfg.get('resize_mode')!r} is not supported (bundles resize the shortest side)"
+        )
     return spec
 
 
@@ -430,8 +514,10 @@ def _has_own_tokenizer(model: nn.Module) -> bool:
     ``own_tokenizer = True`` (on the model or its ``text`` tower) or carries its own tokenizer."""
     unwrapped = getattr(model, "module", model)
     text = getattr(unwrapped, "text", None)
-    return any(bool(getattr(m, "own_tokenizer", False)) for m in (unwrapped, text)) or \
-        getattr(text, "tokenizer", None) is not None
+    return (
+        any(bool(getattr(m, "own_tokenizer", False)) for m in (unwrapped, text))
+        or getattr(text, "tokenizer", None) is not None
+    )
 
 
 def export_model(
@@ -451,8 +537,10 @@ def export_model(
     if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
         raise TypeError(f"{type(model).__name__} has no encode_image / encode_text: not a dual encoder")
     if _has_own_tokenizer(model):  # e.g. the TinyBERT baseline: CLIP's BPE would be wrong
-        raise ValueError("export of a student with a Hugging Face text tower (its own WordPiece "
-                         "tokenizer) is not supported")
+        raise ValueError(
+            "export of a student with a Hugging Face text tower (its own WordPiece "
+            "tokenizer) is not supported"
+        )
     context = int(getattr(model, "context_length", 77) or 77)
     text_tower = text_tower_for(model)
     return export_bundle(

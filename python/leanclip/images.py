@@ -36,8 +36,15 @@ from PIL import Image, ImageOps
 from leanclip._fs import PathLike
 from leanclip.errors import LeanclipError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "MAX_ASPECT_RATIO", "ImageLoadError", "check_dimensions", "decode_image",
-           "load_image", "to_rgb"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "MAX_ASPECT_RATIO",
+    "ImageLoadError",
+    "check_dimensions",
+    "decode_image",
+    "load_image",
+    "to_rgb",
+]
 
 # Larger images are refused before decoding (decompression bombs): 64 Mpx decodes to ~192 MB of
 # RGB, which bounds memory. Pillow's global settings stay as they are (its own limit is ~179 Mpx).
@@ -104,7 +111,9 @@ def _reduce(img: Image.Image, size: int) -> Image.Image:
     return img.reduce(short // (2 * size)) if short >= 4 * size else img
 
 
-def load_image(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_for: Optional[int] = None) -> Image.Image:
+def load_image(
+    path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_for: Optional[int] = None
+) -> Image.Image:
     """An EXIF-rotated 8-bit RGB image, or :class:`ImageLoadError` naming the file and reason.
 
     ``reduce_for``: the output size the caller will resize to; decoding then stops at a short
@@ -127,8 +136,13 @@ def load_image(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_f
     return decode_image(path, path, max_pixels=max_pixels, reduce_for=reduce_for)
 
 
-def decode_image(source: Union[PathLike, BinaryIO], where: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 reduce_for: Optional[int] = None) -> Image.Image:
+def decode_image(
+    source: Union[PathLike, BinaryIO],
+    where: Any,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    reduce_for: Optional[int] = None,
+) -> Image.Image:
     """:func:`load_image`'s decoding, from a path or an open binary file (bytes already read
     and checked by the caller, e.g. the server's verified file); ``where`` names it in errors.
     The file checks (regular, not empty) are the caller's."""

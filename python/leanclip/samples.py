@@ -91,8 +91,7 @@ SAMPLE_CREDITS: Dict[str, Dict[str, str]] = {
     "hubble_deep_field.jpg": {
         "title": "Hubble eXtreme Deep Field (skimage.data.hubble_deep_field)",
         "package": "scikit-image",
-        "source": "NASA / HubbleSite, "
-        "http://hubblesite.org/newscenter/archive/releases/2012/37/image/a/",
+        "source": "NASA / HubbleSite, http://hubblesite.org/newscenter/archive/releases/2012/37/image/a/",
         "license": "Public domain (NASA media guidelines)",
     },
     "retina.jpg": {
@@ -105,8 +104,7 @@ SAMPLE_CREDITS: Dict[str, Dict[str, str]] = {
     "china.jpg": {
         "title": "Summer Palace, Beijing (sklearn.datasets.load_sample_images: china.jpg)",
         "package": "scikit-learn",
-        "source": "danielbuechele on Flickr, "
-        "https://www.flickr.com/photos/danielbuechele/6061409035/",
+        "source": "danielbuechele on Flickr, https://www.flickr.com/photos/danielbuechele/6061409035/",
         "license": "CC BY 2.0, https://creativecommons.org/licenses/by/2.0/",
     },
     "flower.jpg": {
@@ -152,9 +150,7 @@ def _credits_markdown(names: List[str]) -> str:
     ]
     for name in names:
         c = SAMPLE_CREDITS[name]
-        lines.append(
-            f"| {name} | {c['title']} | {c['package']} | {c['source']} | {c['license']} |"
-        )
+        lines.append(f"| {name} | {c['title']} | {c['package']} | {c['source']} | {c['license']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -175,8 +171,7 @@ def collect_sample_photos(dest_dir: PathLike) -> List[Path]:
             roots[package] = _package_dir(package)
             if roots[package] is None:
                 warnings.warn(
-                    f"leanclip.samples: package {package!r} is not installed; "
-                    f"skipping its sample photos",
+                    f"leanclip.samples: package {package!r} is not installed; skipping its sample photos",
                     UserWarning,
                     stacklevel=2,
                 )
@@ -186,8 +181,7 @@ def collect_sample_photos(dest_dir: PathLike) -> List[Path]:
         source = root / relative
         if not source.is_file():
             warnings.warn(
-                f"leanclip.samples: {package} does not ship {relative} here ({source}); "
-                f"skipping {name}",
+                f"leanclip.samples: {package} does not ship {relative} here ({source}); skipping {name}",
                 UserWarning,
                 stacklevel=2,
             )
@@ -197,9 +191,11 @@ def collect_sample_photos(dest_dir: PathLike) -> List[Path]:
         shutil.copy2(source, target)
         copied.append(target)
     if not copied:
-        raise MissingDependency("leanclip demo", "demo", [p for p, root in roots.items() if root is None],
-                                need="the sample photos of scikit-image, scikit-learn or matplotlib (none found)")
-    (dest / "CREDITS.md").write_text(
-        _credits_markdown([p.name for p in copied]), encoding="utf-8"
-    )
+        raise MissingDependency(
+            "leanclip demo",
+            "demo",
+            [p for p, root in roots.items() if root is None],
+            need="the sample photos of scikit-image, scikit-learn or matplotlib (none found)",
+        )
+    (dest / "CREDITS.md").write_text(_credits_markdown([p.name for p in copied]), encoding="utf-8")
     return copied

@@ -51,11 +51,15 @@ MAX_K = 200
 THUMB_SIZE = 256
 THUMB_CACHE = 512  # thumbnails kept in memory
 
-IMG_REFUSED = ("img: terms on this page must name a photo of this gallery by its path in the gallery "
-               "(as shown under each result)")
+IMG_REFUSED = (
+    "img: terms on this page must name a photo of this gallery by its path in the gallery "
+    "(as shown under each result)"
+)
 
-CSP = ("default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; "
-       "frame-ancestors 'none'; base-uri 'none'")
+CSP = (
+    "default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
 
 
 def is_loopback(host: str) -> bool:
@@ -116,7 +120,9 @@ class GalleryServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
 
-    def __init__(self, gallery: Gallery, host: str, port: int, allow_updates: bool, max_batch: int = 64) -> None:
+    def __init__(
+        self, gallery: Gallery, host: str, port: int, allow_updates: bool, max_batch: int = 64
+    ) -> None:
         self.gallery = gallery
         self.allow_updates = allow_updates
         self.loopback_only = is_loopback(host)
@@ -239,7 +245,9 @@ class GalleryServer(ThreadingHTTPServer):
         if blob is None:
             return None
         try:  # decoded from the bytes that were checked, not from the path again
-            im = decode_image(io.BytesIO(blob), rel, max_pixels=self.gallery.max_pixels, reduce_for=THUMB_SIZE)
+            im = decode_image(
+                io.BytesIO(blob), rel, max_pixels=self.gallery.max_pixels, reduce_for=THUMB_SIZE
+            )
         except ImageLoadError:
             return None
         im.thumbnail((THUMB_SIZE, THUMB_SIZE))
@@ -275,8 +283,13 @@ class GalleryServer(ThreadingHTTPServer):
         return True
 
 
-def make_server(gallery: Gallery, host: str = "127.0.0.1", port: int = 8765,
-                allow_updates: bool = False, max_batch: int = 64) -> GalleryServer:
+def make_server(
+    gallery: Gallery,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    allow_updates: bool = False,
+    max_batch: int = 64,
+) -> GalleryServer:
     """A ready-to-run server (call ``serve_forever()``); port 0 picks a free port.
     ``max_batch``: most concurrent text queries answered together (1: no batching)."""
     return GalleryServer(gallery, host, port, allow_updates, max_batch)
@@ -354,15 +367,17 @@ class Handler(BaseHTTPRequestHandler):
             if path == "/":
                 self._page(params)
             elif path == "/static/style.css":
-                self._send(200, _static("style.css"), "text/css; charset=utf-8", {"Cache-Control": "max-age=3600"})
+                self._send(
+                    200, _static("style.css"), "text/css; charset=utf-8", {"Cache-Control": "max-age=3600"}
+                )
             elif path.startswith("/thumb/"):
-                key = _int(path[len("/thumb/"):])
+                key = _int(path[len("/thumb/") :])
                 data = self.server.thumbnail(key) if key is not None else None
                 if data is None:
                     return self._not_found()
                 self._send(200, data, "image/jpeg", {"Cache-Control": "max-age=300"})
             elif path.startswith("/file/"):
-                self._file(url.path[len("/file/"):])
+                self._file(url.path[len("/file/") :])
             elif path == "/api/search":
                 status, result = self._search(params)
                 self._json(status, result)
@@ -399,7 +414,9 @@ class Handler(BaseHTTPRequestHandler):
         if urllib.parse.urlsplit(self.path).path != "/api/update":
             return self._error(405, "method not allowed")
         if not self.server.allow_updates:
-            return self._error(403, "updates are disabled; start `leanclip serve --allow-updates` to enable them")
+            return self._error(
+                403, "updates are disabled; start `leanclip serve --allow-updates` to enable them"
+            )
         if self.headers.get("X-Leanclip") != "update":
             return self._error(403, "missing header X-Leanclip: update")
         started = self.server.start_update()
@@ -443,7 +460,9 @@ class Handler(BaseHTTPRequestHandler):
                 out["similar"] = {"key": key, "name": rel.decode("utf-8", "replace")}
                 hits = g.search([Term(1, "photo", str(key))], k, paths=[glob] if glob else None)
             else:
-                terms = self.server.indexed_terms(parse_query(q))  # refuse a bad query before it joins a batch
+                terms = self.server.indexed_terms(
+                    parse_query(q)
+                )  # refuse a bad query before it joins a batch
                 hits = self.server.batcher.search(terms, k, [glob] if glob else None)
         except LeanclipError as exc:
             return 400, {"error": str(exc)}
@@ -475,13 +494,17 @@ class Handler(BaseHTTPRequestHandler):
             parts.append(f"<p class=error id=error>{e(result.get('error', 'error'))}</p>")
         elif "similar" in result:
             s = result["similar"]
-            parts.append(f"<div class=query id=similar-to><img src='/thumb/{s['key']}' alt=''>"
-                         f"<p>Photos similar to <b>{e(s['name'])}</b></p></div>")
+            parts.append(
+                f"<div class=query id=similar-to><img src='/thumb/{s['key']}' alt=''>"
+                f"<p>Photos similar to <b>{e(s['name'])}</b></p></div>"
+            )
         elif q:
             parts.append(f"<p class=note id=summary>{len(result['results'])} results for <b>{e(q)}</b></p>")
         else:
-            parts.append("<p class=note>Type what you are looking for. Prefix words with + or - to add or "
-                         "exclude them; click a photo to see similar ones.</p>")
+            parts.append(
+                "<p class=note>Type what you are looking for. Prefix words with + or - to add or "
+                "exclude them; click a photo to see similar ones.</p>"
+            )
         if result.get("results"):
             parts.append("<div class=grid id=results>")
             for r in result["results"]:
@@ -501,12 +524,24 @@ class Handler(BaseHTTPRequestHandler):
 
 def _hit_json(h: Hit, root: Path) -> Dict[str, Any]:
     rel = os.path.relpath(os.fsencode(h.path), os.fsencode(root))
-    return {"key": h.key, "name": h.name, "score": round(h.score, 4), "thumb": f"/thumb/{h.key}",
-            "file": "/file/" + urllib.parse.quote(rel)}
+    return {
+        "key": h.key,
+        "name": h.name,
+        "score": round(h.score, 4),
+        "thumb": f"/thumb/{h.key}",
+        "file": "/file/" + urllib.parse.quote(rel),
+    }
 
 
-_IMAGE_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif",
-                "BMP": "image/bmp", "TIFF": "image/tiff", "MPO": "image/jpeg"}
+_IMAGE_TYPES = {
+    "JPEG": "image/jpeg",
+    "PNG": "image/png",
+    "WEBP": "image/webp",
+    "GIF": "image/gif",
+    "BMP": "image/bmp",
+    "TIFF": "image/tiff",
+    "MPO": "image/jpeg",
+}
 
 
 def _image_type(data: bytes) -> Optional[str]:

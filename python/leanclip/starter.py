@@ -297,8 +297,14 @@ def quantize_starter(fp32_dir: PathLike, out_dir: PathLike, *, check: bool = Tru
     against it (min cosine >= export's int8 bar): :func:`leanclip.quantize.quantize_bundle`."""
     from leanclip.quantize import quantize_bundle
 
-    return quantize_bundle(fp32_dir, out_dir, check=check, image_op_types=IMAGE_INT8_OP_TYPES,
-                           text_op_types=TEXT_INT8_OP_TYPES, check_texts=CHECK_TEXTS)
+    return quantize_bundle(
+        fp32_dir,
+        out_dir,
+        check=check,
+        image_op_types=IMAGE_INT8_OP_TYPES,
+        text_op_types=TEXT_INT8_OP_TYPES,
+        check_texts=CHECK_TEXTS,
+    )
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -306,11 +312,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--int8", action="store_true", help="dynamic int8 quantized ONNX")
     parser.add_argument(
-        "--templates", nargs="+", default=list(DEFAULT_TEMPLATES),
+        "--templates",
+        nargs="+",
+        default=list(DEFAULT_TEMPLATES),
         help="prompt templates with '{}' for the class name (default: %(default)s)",
     )
-    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
-                        help="softmax temperature over the classifier logits (default: %(default)s)")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=DEFAULT_TEMPERATURE,
+        help="softmax temperature over the classifier logits (default: %(default)s)",
+    )
     parser.add_argument("--context-length", type=int, default=DEFAULT_CONTEXT_LENGTH)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))

@@ -24,17 +24,38 @@ from __future__ import annotations
 from typing import Any
 
 from leanclip.gallery.api import EncoderLike, Gallery
-from leanclip.gallery.kinds import AUTO_IVF_THRESHOLD, INDEX_CHOICES, IVFLayout, ivf_layout
 from leanclip.gallery.errors import GalleryBusyError, GalleryError, ImageError, ModelMismatchError
+from leanclip.gallery.kinds import AUTO_IVF_THRESHOLD, INDEX_CHOICES, IVFLayout, ivf_layout
 from leanclip.gallery.query import Hit, Term, parse_query
 from leanclip.gallery.store import DB_NAME, SCHEMA, SCHEMA_VERSION, STORE_DIRNAME, FileRow
 from leanclip.gallery.sync import IMAGE_EXTENSIONS, Progress, UpdateState, UpdateSummary
 from leanclip.images import DEFAULT_MAX_PIXELS, load_image
 
 __all__ = [
-    "AUTO_IVF_THRESHOLD", "INDEX_CHOICES", "IVFLayout", "ivf_layout", "DB_NAME", "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "SCHEMA", "SCHEMA_VERSION", "STORE_DIRNAME",
-    "EncoderLike", "FileRow", "Gallery", "GalleryBusyError", "GalleryError", "Hit", "ImageError",
-    "ModelMismatchError", "Progress", "Term", "UpdateState", "UpdateSummary", "open_image", "parse_query",
+    "AUTO_IVF_THRESHOLD",
+    "INDEX_CHOICES",
+    "IVFLayout",
+    "ivf_layout",
+    "DB_NAME",
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "STORE_DIRNAME",
+    "EncoderLike",
+    "FileRow",
+    "Gallery",
+    "GalleryBusyError",
+    "GalleryError",
+    "Hit",
+    "ImageError",
+    "ModelMismatchError",
+    "Progress",
+    "Term",
+    "UpdateState",
+    "UpdateSummary",
+    "open_image",
+    "parse_query",
 ]
 
 

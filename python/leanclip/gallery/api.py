@@ -179,9 +179,11 @@ class Gallery:
     def failures(self) -> List[Tuple[str, str]]:
         """(name, reason) of every file recorded as failed."""
         with self._lock:
-            rows = self._reader().execute(
-                "SELECT path, reason FROM files WHERE status='failed' ORDER BY path"
-            ).fetchall()
+            rows = (
+                self._reader()
+                .execute("SELECT path, reason FROM files WHERE status='failed' ORDER BY path")
+                .fetchall()
+            )
         return [(display(bytes(p)), r or "") for p, r in rows]
 
     def files(self) -> List[Tuple[str, str, Optional[int]]]:
@@ -205,7 +207,9 @@ class Gallery:
                     index = Index(max(1, int(meta.get("dim", 1) or 1)))
                 else:
                     try:
-                        index = kinds.load_index(self._index_path(gen), meta.get("index_kind", "exact"), mmap=True)
+                        index = kinds.load_index(
+                            self._index_path(gen), meta.get("index_kind", "exact"), mmap=True
+                        )
                         kinds.set_search_nprobe(index, self.nprobe)
                     except FileNotFoundError:
                         # a writer committed a newer generation and removed this file: re-read
@@ -268,7 +272,9 @@ class Gallery:
         """The unit query vector of a query string or terms, and gallery keys of its image terms."""
         return self._query_vectors([query])[0]
 
-    def _query_vectors(self, queries: Sequence[Union[str, Sequence[Term]]]) -> List[Tuple[np.ndarray, List[int]]]:
+    def _query_vectors(
+        self, queries: Sequence[Union[str, Sequence[Term]]]
+    ) -> List[Tuple[np.ndarray, List[int]]]:
         """Query vectors of several queries; all their text terms go through one encoder call."""
         parsed = [parse_query(q) if isinstance(q, str) else list(q) for q in queries]
         _, index, meta = self._snapshot()
@@ -354,10 +360,18 @@ class Gallery:
         if not queries:
             return []
         vecs = self._query_vectors(queries)
-        return self._search_vectors(np.stack([v for v, _ in vecs]), [own for _, own in vecs], k, min_score, paths)
+        return self._search_vectors(
+            np.stack([v for v, _ in vecs]), [own for _, own in vecs], k, min_score, paths
+        )
 
-    def _search_vectors(self, qv: np.ndarray, excludes: List[List[int]], k: int, min_score: Optional[float],
-                        paths: Optional[Sequence[str]]) -> List[List[Hit]]:
+    def _search_vectors(
+        self,
+        qv: np.ndarray,
+        excludes: List[List[int]],
+        k: int,
+        min_score: Optional[float],
+        paths: Optional[Sequence[str]],
+    ) -> List[List[Hit]]:
         _, index, _ = self._snapshot()
         total = len(index)
         if total == 0:
@@ -397,7 +411,9 @@ class Gallery:
             want = kk * 4
         return [r if r is not None else [] for r in results]
 
-    def similar(self, image: PathLike, k: int = 10, *, extra: Union[str, Sequence[Term]] = (), **kw: Any) -> List[Hit]:
+    def similar(
+        self, image: PathLike, k: int = 10, *, extra: Union[str, Sequence[Term]] = (), **kw: Any
+    ) -> List[Hit]:
         """Files most like ``image`` (a path; reuses its stored vector if it is in the gallery).
 
         ``extra``: more terms, as query syntax (``"+sunset -people"``) or :class:`Term` s;

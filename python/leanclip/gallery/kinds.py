@@ -28,8 +28,19 @@ import numpy as np
 
 from leanclip.gallery.errors import GalleryError
 
-__all__ = ["INDEX_CHOICES", "KINDS", "AUTO_IVF_THRESHOLD", "IVFLayout", "ivf_layout", "kind_of", "want_kind",
-           "new_index", "load_index", "convert", "needs_rebuild"]
+__all__ = [
+    "INDEX_CHOICES",
+    "KINDS",
+    "AUTO_IVF_THRESHOLD",
+    "IVFLayout",
+    "ivf_layout",
+    "kind_of",
+    "want_kind",
+    "new_index",
+    "load_index",
+    "convert",
+    "needs_rebuild",
+]
 
 INDEX_CHOICES = ("exact", "ivf", "auto")
 KINDS = ("exact", "ivf")
@@ -74,15 +85,22 @@ def want_kind(choice: str, current: str, n: int, threshold: int = AUTO_IVF_THRES
     return "exact"
 
 
-def new_index(kind: str, dim: int, dtype: str, n: int, layout: Callable[[int], IVFLayout] = ivf_layout) -> Any:
+def new_index(
+    kind: str, dim: int, dtype: str, n: int, layout: Callable[[int], IVFLayout] = ivf_layout
+) -> Any:
     """An empty index of ``kind`` sized for about ``n`` photos."""
     from leanclip import Index, IVFIndex
 
     if kind == "exact":
         return Index(dim, dtype=dtype)  # type: ignore[arg-type]
     p = layout(n)
-    return IVFIndex(dim, dtype=dtype, nlist=p.nlist, nprobe=p.nprobe,  # type: ignore[arg-type]
-                    train_threshold=p.train_threshold)
+    return IVFIndex(
+        dim,
+        dtype=dtype,
+        nlist=p.nlist,
+        nprobe=p.nprobe,  # type: ignore[arg-type]
+        train_threshold=p.train_threshold,
+    )
 
 
 def load_index(path: "os.PathLike[str] | str", kind: str, mmap: bool = False) -> Any:
@@ -105,7 +123,9 @@ def needs_rebuild(index: Any, n: int, layout: Callable[[int], IVFLayout] = ivf_l
     return want >= 2 * index.nlist or 2 * want <= index.nlist
 
 
-def convert(index: Any, kind: str, dtype: str, n: int, layout: Callable[[int], IVFLayout] = ivf_layout) -> Any:
+def convert(
+    index: Any, kind: str, dtype: str, n: int, layout: Callable[[int], IVFLayout] = ivf_layout
+) -> Any:
     """``index`` as ``kind`` with storage ``dtype`` (an IVF one laid out for ``n`` photos), its
     stored vectors moved across in chunks (``get`` / ``add``): nothing is re-encoded. Returns
     ``index`` itself when it already is what is asked."""

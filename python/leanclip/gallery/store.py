@@ -22,9 +22,24 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from leanclip.gallery.errors import GalleryError
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "STORE_DIRNAME", "DB_NAME", "FileRow", "open_db", "open_reader",
-           "check_schema", "migrate", "read_meta", "set_meta", "init_schema", "load_rows", "write_row",
-           "rows_for_keys", "ok_row"]
+__all__ = [
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "STORE_DIRNAME",
+    "DB_NAME",
+    "FileRow",
+    "open_db",
+    "open_reader",
+    "check_schema",
+    "migrate",
+    "read_meta",
+    "set_meta",
+    "init_schema",
+    "load_rows",
+    "write_row",
+    "rows_for_keys",
+    "ok_row",
+]
 
 SCHEMA_VERSION = 2
 # Version 1 lacked files.ino and files.ctime_ns: it is read as is, and the next update() adds
@@ -70,8 +85,17 @@ class FileRow:
     @classmethod
     def from_sql(cls, r: Sequence[Any]) -> "FileRow":
         p, size, mtime, sha, key, status, reason, ino, ctime = r
-        return cls(bytes(p), int(size), int(mtime), sha, None if key is None else int(key), str(status), reason,
-                   None if ino is None else int(ino), None if ctime is None else int(ctime))
+        return cls(
+            bytes(p),
+            int(size),
+            int(mtime),
+            sha,
+            None if key is None else int(key),
+            str(status),
+            reason,
+            None if ino is None else int(ino),
+            None if ctime is None else int(ctime),
+        )
 
     def same_file(self, st: os.stat_result) -> bool:
         """Is ``st`` (an ``os.stat`` of the path) still the file this row recorded? Size and
@@ -87,7 +111,9 @@ class FileRow:
 def open_db(db_path: Path) -> sqlite3.Connection:
     """A writer's connection: autocommit mode (transactions are explicit), WAL, full sync."""
     try:
-        conn = sqlite3.connect(os.fspath(db_path), timeout=30.0, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(
+            os.fspath(db_path), timeout=30.0, isolation_level=None, check_same_thread=False
+        )
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=30000")
@@ -107,8 +133,9 @@ def open_reader(db_path: Path) -> sqlite3.Connection:
     last: Optional[Exception] = None
     for flags in ("?mode=ro", "?mode=ro&immutable=1"):
         try:
-            conn = sqlite3.connect(uri + flags, uri=True, timeout=30.0, isolation_level=None,
-                                   check_same_thread=False)
+            conn = sqlite3.connect(
+                uri + flags, uri=True, timeout=30.0, isolation_level=None, check_same_thread=False
+            )
             conn.execute("PRAGMA busy_timeout=30000")
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
             return conn
@@ -127,8 +154,10 @@ def check_schema(conn: sqlite3.Connection, db_path: Path) -> None:
         raise GalleryError(f"{db_path} is not a leanclip gallery database ({exc})") from None
     if row is None or int(row[0]) not in READABLE_VERSIONS:
         found = row[0] if row else "none"
-        raise GalleryError(f"{db_path} has schema version {found}; this leanclip reads versions "
-                           f"{', '.join(map(str, READABLE_VERSIONS))}")
+        raise GalleryError(
+            f"{db_path} has schema version {found}; this leanclip reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
+        )
 
 
 def migrate(conn: sqlite3.Connection) -> bool:
@@ -159,8 +188,13 @@ def init_schema(conn: sqlite3.Connection) -> None:
             conn.execute(stmt)
     conn.executemany(
         "INSERT INTO meta (key, value) VALUES (?, ?)",
-        [("schema_version", str(SCHEMA_VERSION)), ("generation", "0"), ("next_key", "1"),
-         ("model_id", ""), ("dim", "0")],
+        [
+            ("schema_version", str(SCHEMA_VERSION)),
+            ("generation", "0"),
+            ("next_key", "1"),
+            ("model_id", ""),
+            ("dim", "0"),
+        ],
     )
 
 
@@ -180,7 +214,17 @@ def load_rows(conn: sqlite3.Connection) -> Dict[bytes, FileRow]:
 def write_row(conn: sqlite3.Connection, row: FileRow) -> None:
     conn.execute(
         f"INSERT OR REPLACE INTO files ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (row.path, row.size, row.mtime_ns, row.sha256, row.key, row.status, row.reason, row.ino, row.ctime_ns),
+        (
+            row.path,
+            row.size,
+            row.mtime_ns,
+            row.sha256,
+            row.key,
+            row.status,
+            row.reason,
+            row.ino,
+            row.ctime_ns,
+        ),
     )
 
 

@@ -85,7 +85,12 @@ class FoundFile:
     def unchanged_since(self, row: FileRow) -> bool:
         """The cheap check: same size, mtime, inode and ctime as the row recorded (a row of
         schema version 1, without inode and ctime, never passes: it is re-hashed once)."""
-        return (row.size, row.mtime_ns, row.ino, row.ctime_ns) == (self.size, self.mtime_ns, self.ino, self.ctime_ns)
+        return (row.size, row.mtime_ns, row.ino, row.ctime_ns) == (
+            self.size,
+            self.mtime_ns,
+            self.ino,
+            self.ctime_ns,
+        )
 
 
 @dataclass
@@ -138,7 +143,11 @@ def acquire_writer(store: Any) -> int:
         store.mkdir(parents=True, exist_ok=True)
         fd = os.open(store / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
-        what = "is a directory, not a lock file" if isinstance(exc, IsADirectoryError) else (exc.strerror or str(exc))
+        what = (
+            "is a directory, not a lock file"
+            if isinstance(exc, IsADirectoryError)
+            else (exc.strerror or str(exc))
+        )
         raise GalleryError(
             f"cannot update the gallery: its store {store} cannot be written ({exc.filename or store}: {what})"
         ) from None
@@ -249,9 +258,15 @@ def run_update(g: "Gallery", progress: Optional[Progress] = None) -> UpdateSumma
         db.set_meta(conn, "index", choice)
         db.set_meta(conn, "index_kind", kinds.kind_of(index))
         remove_stray_files(g, keep=gen)
-        state = UpdateState(conn=conn, index=index, gen=gen, next_key=next_key,
-                            dirty=bool(reset_reason or fresh or migrated),
-                            dtype=want_dtype, index_choice=choice)
+        state = UpdateState(
+            conn=conn,
+            index=index,
+            gen=gen,
+            next_key=next_key,
+            dirty=bool(reset_reason or fresh or migrated),
+            dtype=want_dtype,
+            index_choice=choice,
+        )
         run = Sync(g, state, summary, progress)
         run.run()
         run.finish()
@@ -300,7 +315,9 @@ def remove_stray_files(g: "Gallery", keep: int) -> None:
 class Sync:
     """One update run over an open write transaction (``UpdateState``)."""
 
-    def __init__(self, g: "Gallery", state: UpdateState, summary: UpdateSummary, progress: Optional[Progress]) -> None:
+    def __init__(
+        self, g: "Gallery", state: UpdateState, summary: UpdateSummary, progress: Optional[Progress]
+    ) -> None:
         self.g = g
         self.state = state
         self.summary = summary
@@ -335,8 +352,10 @@ class Sync:
         s = self.state
         elapsed = time.monotonic() - s.last_checkpoint
         min_gap = s.last_save_s * (1.0 / self.g.checkpoint_overhead - 1.0)
-        due = force or elapsed >= min_gap and (
-            s.since_checkpoint >= self.g.checkpoint_every or elapsed >= self.g.checkpoint_seconds
+        due = (
+            force
+            or elapsed >= min_gap
+            and (s.since_checkpoint >= self.g.checkpoint_every or elapsed >= self.g.checkpoint_seconds)
         )
         if due:
             self.checkpoint()
@@ -384,8 +403,11 @@ class Sync:
         kept_under = tuple(rel + b"/" for rel, _ in scanned.unreadable)
         keep_all = any(rel == b"." for rel, _ in scanned.unreadable)
         missing = {
-            rel: r for rel, r in rows.items()
-            if rel not in seen and rel not in bad_names and not keep_all
+            rel: r
+            for rel, r in rows.items()
+            if rel not in seen
+            and rel not in bad_names
+            and not keep_all
             and not (kept_under and rel.startswith(kept_under))
         }
         # content of vanished ok rows, for rename detection
@@ -407,8 +429,10 @@ class Sync:
             if old is not None:
                 if old.sha256 == digest and old.status == "ok":
                     # same content, new mtime (touched / copied back): nothing to encode
-                    conn.execute("UPDATE files SET size=?, mtime_ns=?, ino=?, ctime_ns=? WHERE path=?",
-                                 (f.size, f.mtime_ns, f.ino, f.ctime_ns, f.rel))
+                    conn.execute(
+                        "UPDATE files SET size=?, mtime_ns=?, ino=?, ctime_ns=? WHERE path=?",
+                        (f.size, f.mtime_ns, f.ino, f.ctime_ns, f.rel),
+                    )
                     summary.unchanged += 1
                     s.dirty = True
                 else:
