@@ -96,9 +96,9 @@ def new_index(
     p = layout(n)
     return IVFIndex(
         dim,
-        dtype=dtype,
+        dtype=dtype,  # type: ignore[arg-type]
         nlist=p.nlist,
-        nprobe=p.nprobe,  # type: ignore[arg-type]
+        nprobe=p.nprobe,
         train_threshold=p.train_threshold,
     )
 
