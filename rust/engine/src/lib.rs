@@ -3,6 +3,7 @@
 
 pub mod error;
 mod fault_guard;
+mod file_io;
 pub mod format;
 pub mod index;
 pub mod ivf;
