@@ -12,6 +12,8 @@ pub mod key_map;
 pub mod matmul;
 pub mod mining;
 pub mod search;
+#[doc(hidden)]
+pub mod testutil;
 pub mod topk;
 pub mod types;
 
