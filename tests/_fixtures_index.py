@@ -1,4 +1,4 @@
-"""Fixtures for the Index and IVFIndex tests: the float64 reference scores and the check that
+"""Fixtures for the Index, IVFIndex and mining tests: the float64 reference scores and the check that
 two indexes (one saved and loaded, say) hold the same thing."""
 
 from __future__ import annotations
