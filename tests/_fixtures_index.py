@@ -1,5 +1,5 @@
-"""Fixtures for the Index, IVFIndex and mining tests: the float64 reference scores and the check that
-two indexes (one saved and loaded, say) hold the same thing."""
+"""Fixtures for the Index, IVFIndex and mining tests: the float64 reference scores, and the
+check that two indexes (one saved and loaded, say) hold the same thing."""
 
 from __future__ import annotations
 
