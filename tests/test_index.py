@@ -7,6 +7,7 @@ import pytest
 
 import leanclip
 from leanclip import Index
+from tests._fixtures_index import reference_scores
 
 METRICS = ["cos", "ip", "l2"]
 DTYPES = ["f32", "f16", "i8"]
@@ -14,17 +15,7 @@ DTYPES = ["f32", "f16", "i8"]
 
 def brute_force(metric, keys, data, queries, k, exclude=()):
     """Reference top-k in float64: (keys, scores) best first, ties by ascending key."""
-    data = np.asarray(data, np.float64)
-    queries = np.asarray(queries, np.float64)
-    if metric == "cos":
-        data = data / np.linalg.norm(data, axis=1, keepdims=True)
-        queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
-    if metric == "l2":
-        scores = ((queries[:, None, :] - data[None, :, :]) ** 2).sum(-1)
-        primary = scores
-    else:
-        scores = queries @ data.T
-        primary = -scores
+    scores, primary = reference_scores(metric, data, queries)
     keep = ~np.isin(keys, np.asarray(list(exclude), dtype=np.uint64))
     keys, scores, primary = keys[keep], scores[:, keep], primary[:, keep]
     out_k, out_s = [], []

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from leanclip import Index, IndexFileError
+from tests._fixtures_index import assert_same_contents
 
 HEADER = 64
 
@@ -25,18 +26,6 @@ def make_index(metric="cos", dtype="f32", n=40, dim=5, seed=0):
     return index, rng
 
 
-def same_index(a, b, rng):
-    assert (a.dim, a.metric, a.dtype, len(a)) == (b.dim, b.metric, b.dtype, len(b))
-    assert a.keys().tolist() == b.keys().tolist()
-    np.testing.assert_array_equal(a.get(a.keys()), b.get(a.keys()))
-    queries = rng.standard_normal((9, a.dim))
-    for qs in (queries[0], queries):
-        ka, sa = a.search(qs, k=7)
-        kb, sb = b.search(qs, k=7)
-        np.testing.assert_array_equal(ka, kb)
-        np.testing.assert_array_equal(sa, sb)
-
-
 @pytest.mark.parametrize("metric", ["cos", "ip", "l2"])
 @pytest.mark.parametrize("dtype", ["f32", "f16", "i8"])
 @pytest.mark.parametrize("mmap", [False, True])
@@ -47,7 +36,7 @@ def test_save_load_round_trip(tmp_path, metric, dtype, mmap):
     index.save(path)
     loaded = Index.load(path, mmap=mmap)
     assert loaded.read_only is mmap
-    same_index(index, loaded, rng)
+    assert_same_contents(index, loaded, rng)
     if mmap:
         loaded.verify()
 
@@ -86,7 +75,7 @@ def test_overwriting_a_mapped_file_leaves_the_open_map_intact(tmp_path):
     mapped = Index.load(path, mmap=True)
     other, _ = make_index(n=3, seed=5)
     other.save(path)
-    same_index(index, mapped, rng)
+    assert_same_contents(index, mapped, rng)
     assert len(Index.load(path)) == 3
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import leanclip
-from leanclip import Index, IndexFileError, _engine
+from leanclip import Index, IndexFileError, IVFIndex, _engine
 from leanclip.errors import LeanclipError
 from leanclip.mining import hard_negative_ids
 
@@ -229,8 +229,9 @@ def test_huge_vectors_are_refused_and_batch_matches_single(metric):
         np.testing.assert_allclose(batch[q], single, rtol=1e-3)
 
 
-def test_a_zero_row_array_of_another_dimension_is_refused():
-    index = Index(8)
+@pytest.mark.parametrize("make", [Index, lambda dim: IVFIndex(dim, nlist=2)], ids=["Index", "IVFIndex"])
+def test_a_zero_row_array_of_another_dimension_is_refused(make):
+    index = make(8)
     with pytest.raises(ValueError, match=r"shape \(0, 8\)"):
         index.add(np.array([], np.uint64), np.zeros((0, 3)))
     with pytest.raises(ValueError, match=r"shape \(0, 8\)"):

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from leanclip import Index, IVFIndex
+from tests._fixtures_index import reference_scores
 
 
 def clustered(n, dim, centers, seed, spread=0.15):
@@ -22,25 +23,9 @@ def clustered(n, dim, centers, seed, spread=0.15):
     return (means[labels] + spread * rng.standard_normal((n, dim))).astype(np.float32)
 
 
-def brute_force(metric, stored, queries, k):
-    """(keys order, scores) by numpy in float64: best first, ties by ascending key."""
-    s = stored.astype(np.float64)
-    q = queries.astype(np.float64)
-    if metric == "cos":
-        s = s / np.linalg.norm(s, axis=1, keepdims=True)
-        q = q / np.linalg.norm(q, axis=1, keepdims=True)
-    if metric == "l2":
-        scores = ((q[:, None, :] - s[None, :, :]) ** 2).sum(-1)
-        primary = scores
-    else:
-        scores = q @ s.T
-        primary = -scores
-    return scores, primary
-
-
 def check_equals_brute_force(index, keys, vectors, queries, k, tol):
     got_keys, got_scores = index.search(queries, k=k)
-    scores, primary = brute_force(index.metric, vectors, queries, k)
+    scores, primary = reference_scores(index.metric, vectors, queries)
     for qi in range(len(queries)):
         order = np.lexsort((keys, primary[qi]))[:k]
         want_keys = keys[order]

@@ -6,25 +6,18 @@ import numpy as np
 import pytest
 
 from leanclip import mine_hard_negatives
+from tests._fixtures_index import reference_scores
 
 
 def brute_force(queries, corpus, k, qg=None, cg=None, metric="ip"):
     """float64 reference: (indices, scores) best first, ties by ascending row, -1 padding."""
-    q = np.asarray(queries, np.float64)
-    c = np.asarray(corpus, np.float64)
-    if metric == "cos":
-        q = q / np.linalg.norm(q, axis=1, keepdims=True)
-        c = c / np.linalg.norm(c, axis=1, keepdims=True)
-    if metric == "l2":
-        scores = ((q[:, None, :] - c[None, :, :]) ** 2).sum(-1)
-        primary, missing = scores, np.inf
-    else:
-        scores = q @ c.T
-        primary, missing = -scores, -np.inf
-    idx = np.full((len(q), k), -1, np.int64)
-    out = np.full((len(q), k), missing)
-    rows = np.arange(len(c))
-    for i in range(len(q)):
+    scores, primary = reference_scores(metric, corpus, queries)
+    nq, n = scores.shape
+    missing = np.inf if metric == "l2" else -np.inf
+    idx = np.full((nq, k), -1, np.int64)
+    out = np.full((nq, k), missing)
+    rows = np.arange(n)
+    for i in range(nq):
         ok = rows if qg is None else rows[np.asarray(cg) != qg[i]]
         order = ok[np.lexsort((ok, primary[i, ok]))][:k]
         idx[i, : len(order)] = order

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Callable, Iterator, Optional, Union
+from typing import IO, Callable, Iterator, Optional, Tuple, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -34,27 +34,34 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: PathLike, mode: str = "wb", *, perms: int = 0o644) -> Iterator[IO]:
-    """Open a temporary sibling of ``path`` for writing; on a clean exit fsync it and rename it
-    over ``path`` (then fsync the folder). On an exception the temporary is removed and ``path``
-    is untouched. ``mode`` is ``"wb"`` or ``"w"`` (text, UTF-8)."""
-    if mode not in ("wb", "w"):
-        raise ValueError(f"atomic_write mode must be 'wb' or 'w', not {mode!r}")
-    target = Path(path)
+def _replacing(target: Path) -> Iterator[Tuple[int, str]]:
+    """A temporary sibling of ``target`` (open descriptor, name) for the body to fill: renamed
+    over ``target`` on a clean exit (then the folder is fsynced), removed on an exception."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        encoding = "utf-8" if mode == "w" else None
-        with os.fdopen(fd, mode, encoding=encoding) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, perms)  # mkstemp makes 0600; what we write is meant to be shared
+        yield fd, tmp
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     _fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, mode: str = "wb", *, perms: int = 0o644) -> Iterator[IO]:
+    """Open a temporary sibling of ``path`` for writing; on a clean exit fsync it and rename it
+    over ``path`` (then fsync the folder). On an exception the temporary is removed and ``path``
+    is untouched. ``mode`` is ``"wb"`` or ``"w"`` (text, UTF-8)."""
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_write mode must be 'wb' or 'w', not {mode!r}")
+    encoding = "utf-8" if mode == "w" else None
+    with _replacing(Path(path)) as (fd, tmp):
+        with os.fdopen(fd, mode, encoding=encoding) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, perms)  # mkstemp makes 0600; what we write is meant to be shared
 
 
 def atomic_write_with(path: PathLike, writer: Callable[[str], None]) -> None:
@@ -62,16 +69,9 @@ def atomic_write_with(path: PathLike, writer: Callable[[str], None]) -> None:
     ``writer(tmp_name)`` writes the temporary, which is then renamed over ``path``."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
+    with _replacing(target) as (fd, tmp):
+        os.close(fd)
         writer(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(target.parent)
 
 
 @contextlib.contextmanager

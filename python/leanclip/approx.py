@@ -32,7 +32,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from leanclip._fs import PathLike
+from leanclip._fs import PathLike, atomic_write
 from leanclip._validate import (
     IndexFileError,
     as_keys,
@@ -339,7 +339,6 @@ class ApproxIndex:
         """Write atomically: a temporary file beside ``path``, fsync, rename, fsync the folder."""
         path = Path(os.fspath(path))
         body_tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.body")
-        final_tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             with self._lock:
                 self._index.save(str(body_tmp))
@@ -364,20 +363,12 @@ class ApproxIndex:
             )
             head = head + struct.pack("<I", zlib.crc32(head))
             head = head.ljust(_HEADER_SIZE, b"\x00")
-            with open(final_tmp, "wb") as dst, open(body_tmp, "rb") as src:
+            with atomic_write(path) as dst, open(body_tmp, "rb") as src:
                 dst.write(head)
                 while chunk := src.read(_COPY_CHUNK):
                     dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(final_tmp, path)
-            _fsync_dir(path.parent)
         finally:
-            for p in (body_tmp, final_tmp):
-                try:
-                    p.unlink()
-                except FileNotFoundError:
-                    pass
+            body_tmp.unlink(missing_ok=True)
 
     @staticmethod
     def load(path: PathLike, mmap: bool = False) -> "ApproxIndex":
@@ -471,16 +462,3 @@ def _parse_header(head: bytes, size: int, path: str) -> dict:
         body_len=body_len,
         crc=crc,
     )
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

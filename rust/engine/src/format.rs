@@ -24,13 +24,13 @@
 //! [`parse`] checks everything but the vectors' checksum; [`verify_vectors`] checks that.
 
 use crate::error::{Error, Result};
+use crate::file_io::{atomic_write, bad, file_error, io_error, meta_checksum, u32_at, u64_at};
 use crate::index::{check_dim, Buf, FileStamp, Index, MappedFile, Store, MAX_ROWS};
 use crate::key_map::key_map;
 use crate::types::{DType, Metric};
 use half::f16;
 use memmap2::Mmap;
 use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::ops::Range;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
@@ -60,10 +60,6 @@ pub struct Layout {
 /// Byte ranges of the keys, the i8 scales (if any) and the vectors.
 type Sections = (Range<usize>, Option<Range<usize>>, Range<usize>);
 
-fn bad<T>(reason: impl Into<String>) -> std::result::Result<T, String> {
-    Err(reason.into())
-}
-
 fn sections(dim: usize, dtype: DType, count: usize) -> Option<Sections> {
     let keys = HEADER_LEN..HEADER_LEN.checked_add(count.checked_mul(8)?)?;
     let (scales, meta_end) = if dtype == DType::I8 {
@@ -79,20 +75,6 @@ fn sections(dim: usize, dtype: DType, count: usize) -> Option<Sections> {
         scales,
         vectors_start..vectors_start.checked_add(vectors_len)?,
     ))
-}
-
-fn u32_at(bytes: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
-}
-fn u64_at(bytes: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
-}
-
-fn meta_checksum(bytes: &[u8], vectors_start: usize) -> u64 {
-    let mut h = Xxh3::new();
-    h.update(&bytes[..56]);
-    h.update(&bytes[HEADER_LEN..vectors_start]);
-    h.digest()
 }
 
 /// Checks a whole file image except the vectors' checksum. Never panics on any input.
@@ -161,7 +143,7 @@ pub fn check_meta(meta: &[u8], layout: &Layout) -> std::result::Result<(), Strin
     if bytes.len() < layout.vectors.start {
         return bad("truncated: the file ends before its vectors");
     }
-    if meta_checksum(bytes, layout.vectors.start) != u64_at(bytes, 56) {
+    if meta_checksum(&bytes[..56], &bytes[HEADER_LEN..layout.vectors.start]) != u64_at(bytes, 56) {
         return bad("corrupt file: header/keys checksum mismatch");
     }
     if bytes[12..16]
@@ -302,20 +284,6 @@ fn hash_range(file: &File, range: Range<usize>) -> std::io::Result<Option<u64>> 
         at += n;
     }
     Ok(Some(h.digest()))
-}
-
-fn file_error(path: Option<&Path>, reason: String) -> Error {
-    Error::File {
-        path: path.map(Path::to_path_buf),
-        reason,
-    }
-}
-
-fn io_error(path: &Path, source: std::io::Error) -> Error {
-    Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 impl Index {
@@ -502,10 +470,8 @@ impl Index {
         header[21] = self.metric.code();
         header[24..32].copy_from_slice(&(count as u64).to_le_bytes());
         header[48..56].copy_from_slice(&xxh3_64(vector_bytes).to_le_bytes());
-        let mut h = Xxh3::new();
-        h.update(&header[..56]);
-        h.update(&meta);
-        header[56..64].copy_from_slice(&h.digest().to_le_bytes());
+        let checksum = meta_checksum(&header[..56], &meta);
+        header[56..64].copy_from_slice(&checksum.to_le_bytes());
         (header, meta, vector_bytes)
     }
 
@@ -523,37 +489,7 @@ impl Index {
     /// `path`, fsync of the directory. A crash leaves either the old file or the new one.
     pub fn save(&self, path: &Path) -> Result<()> {
         self.check_file()?;
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let prefix = format!(".{name}.");
-        let mut builder = tempfile::Builder::new();
-        builder.prefix(&prefix).suffix(".tmp");
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            builder.permissions(std::fs::Permissions::from_mode(0o644));
-        }
-        let tmp = builder.tempfile_in(dir).map_err(|e| io_error(path, e))?;
         let (header, meta, vectors) = self.header_and_sections();
-        {
-            let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file());
-            w.write_all(&header).map_err(|e| io_error(path, e))?;
-            w.write_all(&meta).map_err(|e| io_error(path, e))?;
-            w.write_all(vectors).map_err(|e| io_error(path, e))?;
-            w.flush().map_err(|e| io_error(path, e))?;
-        }
-        tmp.as_file().sync_all().map_err(|e| io_error(path, e))?;
-        tmp.persist(path).map_err(|e| io_error(path, e.error))?;
-        #[cfg(unix)]
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_error(dir, e))?;
-        Ok(())
+        atomic_write(path, &[&header, &meta, vectors])
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod error;
 mod fault_guard;
+mod file_io;
 pub mod format;
 pub mod index;
 pub mod ivf;
@@ -11,6 +12,8 @@ pub mod key_map;
 pub mod matmul;
 pub mod mining;
 pub mod search;
+#[doc(hidden)]
+pub mod testutil;
 pub mod topk;
 pub mod types;
 

@@ -2,21 +2,10 @@
 //! format under corruption, mining with groups.
 
 use half::f16;
+use leanclip_engine::testutil::values;
 use leanclip_engine::{
     mine_hard_negatives, DType, Error, Index, Metric, Queries, Rows, ScanPrecision, VectorFault,
 };
-
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 /// Reference top-k in f64: (id, score) best first, ties by ascending id.
 fn brute_force(

@@ -1,21 +1,16 @@
 //! Issue 14, engine items: mapped files that change, files that are not regular files, vectors
 //! whose norms do not fit float32, keys that were never added.
 
+use leanclip_engine::testutil::values;
 use leanclip_engine::{DType, Error, Index, Metric, VectorFault};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+/// `n` rows of values in [-0.5, 0.5) (the shared test values halved: exact, same bits as
+/// before).
 fn rows(n: usize, dim: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n * dim)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
+    values(n * dim, seed).into_iter().map(|x| x * 0.5).collect()
 }
 
 fn saved(path: &Path, n: usize, dim: usize, first_key: u64) {

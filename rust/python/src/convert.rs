@@ -1,8 +1,9 @@
-//! numpy <-> Rust conversion of the arguments (arrays, keys, groups, k).
+//! numpy <-> Rust conversion of the arguments (arrays, keys, groups, k) and of the results
+//! shared by the index classes.
 
 use crate::errors::value_error;
 use half::f16;
-use numpy::{PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 fn asarray<'py>(
@@ -45,6 +46,90 @@ pub(crate) fn f32_array<'py>(
         .import("numpy")?
         .call_method1("ascontiguousarray", (arr, "float32"))?;
     Ok(out.cast_into::<PyArrayDyn<f32>>()?)
+}
+
+/// `vectors` of an index of dimension `dim` as a contiguous float32 array of shape (n, dim):
+/// exactly `n` rows (len(keys)) when `n` is given, any number otherwise. An empty list
+/// (shape (0,)) also passes for n = 0, but not a (0, d) array of another dimension.
+pub(crate) fn vectors_arg<'py>(
+    py: Python<'py>,
+    obj: &Bound<'py, PyAny>,
+    dim: usize,
+    n: Option<usize>,
+) -> PyResult<PyReadonlyArrayDyn<'py, f32>> {
+    let arr = f32_array(py, obj, "vectors")?;
+    let shape = arr.shape().to_vec();
+    let ok = (shape.len() == 2 && n.is_none_or(|n| shape[0] == n) && shape[1] == dim)
+        || (n == Some(0) && shape == [0]);
+    if !ok {
+        let rows = n.map_or("n".to_string(), |n| n.to_string());
+        let why = if n.is_some() { " (len(keys), dim)" } else { "" };
+        return Err(value_error(format!(
+            "vectors must have shape ({rows}, {dim}){why}, got {shape:?}"
+        )));
+    }
+    Ok(arr.readonly())
+}
+
+/// add / upsert's arguments: the keys and their (len(keys), dim) vectors.
+pub(crate) fn batch_args<'py>(
+    py: Python<'py>,
+    keys: &Bound<'py, PyAny>,
+    vectors: &Bound<'py, PyAny>,
+    dim: usize,
+) -> PyResult<(Vec<u64>, PyReadonlyArrayDyn<'py, f32>)> {
+    let keys = key_vec(py, keys, "keys")?;
+    let vectors = vectors_arg(py, vectors, dim, Some(keys.len()))?;
+    Ok((keys, vectors))
+}
+
+/// `queries` of an index of dimension `dim`: shape (dim,) or (q, dim), as contiguous float32,
+/// with q (None for a single query).
+pub(crate) fn queries_arg<'py>(
+    py: Python<'py>,
+    obj: &Bound<'py, PyAny>,
+    dim: usize,
+) -> PyResult<(PyReadonlyArrayDyn<'py, f32>, Option<usize>)> {
+    let arr = f32_array(py, obj, "queries")?;
+    let shape = arr.shape().to_vec();
+    let batch = match shape.as_slice() {
+        [d] if *d == dim => None,
+        [q, d] if *d == dim => Some(*q),
+        _ => {
+            return Err(value_error(format!(
+                "queries must have shape ({dim},) or (q, {dim}), got {shape:?}"
+            )))
+        }
+    };
+    Ok((arr.readonly(), batch))
+}
+
+/// A search's keys and scores as numpy: shape (k',) for a single query, (q, k') for a batch
+/// of q queries (`batch` as returned by `queries_arg`).
+pub(crate) fn search_result<'py>(
+    py: Python<'py>,
+    (ids, scores, kp): (Vec<u64>, Vec<f32>, usize),
+    batch: Option<usize>,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let ids = PyArray1::from_vec(py, ids);
+    let scores = PyArray1::from_vec(py, scores);
+    Ok(match batch {
+        None => (ids.into_any(), scores.into_any()),
+        Some(nq) => (
+            ids.reshape([nq, kp])?.into_any(),
+            scores.reshape([nq, kp])?.into_any(),
+        ),
+    })
+}
+
+/// The stored vectors of `n` keys (row-major) as an (n, dim) float32 array.
+pub(crate) fn rows_result<'py>(
+    py: Python<'py>,
+    values: Vec<f32>,
+    n: usize,
+    dim: usize,
+) -> PyResult<Bound<'py, PyAny>> {
+    Ok(PyArray1::from_vec(py, values).reshape([n, dim])?.into_any())
 }
 
 /// Float input that may stay float16 (mining reads f16 without a copy).

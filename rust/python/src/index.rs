@@ -1,9 +1,9 @@
 //! leanclip._engine.Index: the exact index, with the GIL released around every call.
 
-use crate::convert::{f32_array, key_vec, Count};
+use crate::convert::{batch_args, key_vec, queries_arg, rows_result, search_result, Count};
 use crate::errors::{to_py_err, value_error};
 use leanclip_engine::{DType, Index, Metric};
-use numpy::{PyArray1, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::PyArray1;
 use parking_lot::RwLock;
 use pyo3::prelude::*;
 use std::path::PathBuf;
@@ -27,7 +27,6 @@ impl PyIndex {
         }
     }
 
-    /// Vectors as a contiguous (n, dim) float32 array, with the shape checked.
     /// add / upsert: converts keys and vectors, then runs `op` under the write lock, GIL released.
     fn write_batch(
         &self,
@@ -36,32 +35,10 @@ impl PyIndex {
         vectors: &Bound<'_, PyAny>,
         op: fn(&mut Index, &[u64], &[f32]) -> leanclip_engine::Result<()>,
     ) -> PyResult<()> {
-        let keys = key_vec(py, keys, "keys")?;
-        let vectors = self.vectors(py, vectors, keys.len())?;
+        let (keys, vectors) = batch_args(py, keys, vectors, self.dim)?;
         let vectors = vectors.as_slice()?;
         py.detach(|| op(&mut self.inner.write(), &keys, vectors))
             .map_err(to_py_err)
-    }
-
-    fn vectors<'py>(
-        &self,
-        py: Python<'py>,
-        obj: &Bound<'py, PyAny>,
-        n: usize,
-    ) -> PyResult<PyReadonlyArrayDyn<'py, f32>> {
-        let arr = f32_array(py, obj, "vectors")?;
-        let shape = arr.shape().to_vec();
-        // (n, dim) exactly; an empty list (shape (0,)) also passes for n = 0, but not a
-        // (0, d) array of another dimension.
-        let ok =
-            (shape.len() == 2 && shape[0] == n && shape[1] == self.dim) || (n == 0 && shape == [0]);
-        if !ok {
-            return Err(value_error(format!(
-                "vectors must have shape ({n}, {dim}) (len(keys), dim), got {shape:?}",
-                dim = self.dim
-            )));
-        }
-        Ok(arr.readonly())
     }
 }
 
@@ -163,9 +140,7 @@ impl PyIndex {
         let values = py
             .detach(|| self.inner.read().get(&keys))
             .map_err(to_py_err)?;
-        Ok(PyArray1::from_vec(py, values)
-            .reshape([n, self.dim])?
-            .into_any())
+        rows_result(py, values, n, self.dim)
     }
 
     #[pyo3(signature = (queries, k = Count(10), exclude = None), text_signature = "(self, queries, k=10, exclude=None)")]
@@ -176,38 +151,13 @@ impl PyIndex {
         k: Count,
         exclude: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
-        let k = k.0;
-        let arr = f32_array(py, queries, "queries")?;
-        let shape = arr.shape().to_vec();
-        let single = shape.len() == 1;
-        let shape_ok = match shape.as_slice() {
-            [d] => *d == self.dim,
-            [_, d] => *d == self.dim,
-            _ => false,
-        };
-        if !shape_ok {
-            return Err(value_error(format!(
-                "queries must have shape ({dim},) or (q, {dim}), got {shape:?}",
-                dim = self.dim
-            )));
-        }
-        let nq = if single { 1 } else { shape[0] };
+        let (queries, batch) = queries_arg(py, queries, self.dim)?;
         let exclude = exclude.map(|e| key_vec(py, e, "exclude")).transpose()?;
-        let arr = arr.readonly();
-        let q = arr.as_slice()?;
-        let (ids, scores, kp) = py
-            .detach(|| self.inner.read().search(q, k, exclude.as_deref()))
+        let q = queries.as_slice()?;
+        let found = py
+            .detach(|| self.inner.read().search(q, k.0, exclude.as_deref()))
             .map_err(to_py_err)?;
-        let ids = PyArray1::from_vec(py, ids);
-        let scores = PyArray1::from_vec(py, scores);
-        if single {
-            Ok((ids.into_any(), scores.into_any()))
-        } else {
-            Ok((
-                ids.reshape([nq, kp])?.into_any(),
-                scores.reshape([nq, kp])?.into_any(),
-            ))
-        }
+        search_result(py, found, batch)
     }
 
     /// A new in-memory index with the same keys, dim and metric, stored as `dtype`.

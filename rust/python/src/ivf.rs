@@ -1,11 +1,13 @@
 //! leanclip._engine.IVFIndex: the thin binding of the engine's IVF index (same conversions,
 //! errors and GIL handling as `Index`).
 
-use crate::convert::{f32_array, key_vec, Count};
+use crate::convert::{
+    batch_args, key_vec, queries_arg, rows_result, search_result, vectors_arg, Count,
+};
 use crate::errors::{to_py_err, value_error};
 use leanclip_engine::ivf::{IvfIndex, IvfParams, DEFAULT_TRAIN_PER_LIST};
 use leanclip_engine::{DType, Metric};
-use numpy::{PyArray1, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::PyArray1;
 use parking_lot::RwLock;
 use pyo3::prelude::*;
 use std::path::PathBuf;
@@ -38,27 +40,6 @@ impl PyIvfIndex {
         }
     }
 
-    fn vectors<'py>(
-        &self,
-        py: Python<'py>,
-        obj: &Bound<'py, PyAny>,
-        n: Option<usize>,
-    ) -> PyResult<PyReadonlyArrayDyn<'py, f32>> {
-        let arr = f32_array(py, obj, "vectors")?;
-        let shape = arr.shape().to_vec();
-        let ok = (shape.len() == 2 && n.is_none_or(|n| shape[0] == n) && shape[1] == self.dim)
-            || (n == Some(0) && arr.len() == 0);
-        if !ok {
-            let rows = n.map_or("n".to_string(), |n| n.to_string());
-            let why = if n.is_some() { " (len(keys), dim)" } else { "" };
-            return Err(value_error(format!(
-                "vectors must have shape ({rows}, {dim}){why}, got {shape:?}",
-                dim = self.dim
-            )));
-        }
-        Ok(arr.readonly())
-    }
-
     fn write_batch(
         &self,
         py: Python<'_>,
@@ -66,8 +47,7 @@ impl PyIvfIndex {
         vectors: &Bound<'_, PyAny>,
         op: fn(&mut IvfIndex, &[u64], &[f32]) -> leanclip_engine::Result<()>,
     ) -> PyResult<()> {
-        let keys = key_vec(py, keys, "keys")?;
-        let vectors = self.vectors(py, vectors, Some(keys.len()))?;
+        let (keys, vectors) = batch_args(py, keys, vectors, self.dim)?;
         let vectors = vectors.as_slice()?;
         py.detach(|| op(&mut self.inner.write(), &keys, vectors))
             .map_err(to_py_err)
@@ -250,13 +230,11 @@ impl PyIvfIndex {
         let values = py
             .detach(|| self.inner.read().get(&keys))
             .map_err(to_py_err)?;
-        Ok(PyArray1::from_vec(py, values)
-            .reshape([n, self.dim])?
-            .into_any())
+        rows_result(py, values, n, self.dim)
     }
 
     fn train(&self, py: Python<'_>, vectors: &Bound<'_, PyAny>) -> PyResult<()> {
-        let vectors = self.vectors(py, vectors, None)?;
+        let vectors = vectors_arg(py, vectors, self.dim, None)?;
         let vectors = vectors.as_slice()?;
         py.detach(|| self.inner.write().train(vectors))
             .map_err(to_py_err)
@@ -275,38 +253,13 @@ impl PyIvfIndex {
         k: Count,
         exclude: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
-        let k = k.0;
-        let arr = f32_array(py, queries, "queries")?;
-        let shape = arr.shape().to_vec();
-        let single = shape.len() == 1;
-        let shape_ok = match shape.as_slice() {
-            [d] => *d == self.dim,
-            [_, d] => *d == self.dim,
-            _ => false,
-        };
-        if !shape_ok {
-            return Err(value_error(format!(
-                "queries must have shape ({dim},) or (q, {dim}), got {shape:?}",
-                dim = self.dim
-            )));
-        }
-        let nq = if single { 1 } else { shape[0] };
+        let (queries, batch) = queries_arg(py, queries, self.dim)?;
         let exclude = exclude.map(|e| key_vec(py, e, "exclude")).transpose()?;
-        let arr = arr.readonly();
-        let q = arr.as_slice()?;
-        let (ids, scores, kp) = py
-            .detach(|| self.inner.read().search(q, k, exclude.as_deref()))
+        let q = queries.as_slice()?;
+        let found = py
+            .detach(|| self.inner.read().search(q, k.0, exclude.as_deref()))
             .map_err(to_py_err)?;
-        let ids = PyArray1::from_vec(py, ids);
-        let scores = PyArray1::from_vec(py, scores);
-        if single {
-            Ok((ids.into_any(), scores.into_any()))
-        } else {
-            Ok((
-                ids.reshape([nq, kp])?.into_any(),
-                scores.reshape([nq, kp])?.into_any(),
-            ))
-        }
+        search_result(py, found, batch)
     }
 
     fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {

@@ -12,12 +12,11 @@ mod encoding;
 mod storage;
 
 pub(crate) use encoding::check_rows;
-pub(crate) use storage::{Buf, FileStamp, MappedFile, Store};
+pub(crate) use storage::{swap_remove_rows, Buf, FileStamp, MappedFile, Store};
 
 use crate::error::{invalid, Error, Result};
 use crate::search::{self, Plan, Queries};
 use crate::types::{DType, Metric};
-use bytemuck::Pod;
 use encoding::{encode_append, Buffers};
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::sync::OnceLock;
@@ -57,6 +56,41 @@ impl std::fmt::Debug for Index {
 pub(crate) fn check_dim(dim: usize) -> Result<()> {
     if dim == 0 || dim > MAX_DIM {
         return invalid(format!("dim must be between 1 and {MAX_DIM}, got {dim}"));
+    }
+    Ok(())
+}
+
+/// `search`'s arguments: `queries` holds whole rows of `dim` values and k >= 1. Returns the
+/// number of queries.
+pub(crate) fn check_search_args(queries: &[f32], dim: usize, k: usize) -> Result<usize> {
+    if !queries.len().is_multiple_of(dim) {
+        return invalid(format!(
+            "queries must have shape (dim,) or (q, dim) with dim = {dim}; got {} values",
+            queries.len()
+        ));
+    }
+    if k < 1 {
+        return invalid(format!("k must be at least 1, got {k}"));
+    }
+    Ok(queries.len() / dim)
+}
+
+/// `add` / `upsert`'s batch: one row of `dim` values per key, no key twice.
+pub(crate) fn check_batch_keys(keys: &[u64], vectors: &[f32], dim: usize) -> Result<()> {
+    if vectors.len() != keys.len() * dim {
+        return invalid(format!(
+            "vectors must have shape (n, {dim}) with n = len(keys) = {n}; got {m} values",
+            n = keys.len(),
+            m = vectors.len()
+        ));
+    }
+    let mut seen = FxHashSet::with_capacity_and_hasher(keys.len(), Default::default());
+    for &key in keys {
+        if !seen.insert(key) {
+            return invalid(format!(
+                "key {key} appears more than once in the batch; keys must be unique"
+            ));
+        }
     }
     Ok(())
 }
@@ -140,23 +174,7 @@ impl Index {
     }
 
     fn check_batch(&self, keys: &[u64], vectors: &[f32]) -> Result<()> {
-        if vectors.len() != keys.len() * self.dim {
-            return invalid(format!(
-                "vectors must have shape (n, {dim}) with n = len(keys) = {n}; got {m} values",
-                dim = self.dim,
-                n = keys.len(),
-                m = vectors.len()
-            ));
-        }
-        let mut seen = FxHashSet::with_capacity_and_hasher(keys.len(), Default::default());
-        for &key in keys {
-            if !seen.insert(key) {
-                return invalid(format!(
-                    "key {key} appears more than once in the batch; keys must be unique"
-                ));
-            }
-        }
-        Ok(())
+        check_batch_keys(keys, vectors, self.dim)
     }
 
     /// Validates and converts `vectors` into new buffers (for upsert).
@@ -290,22 +308,16 @@ impl Index {
     fn swap_remove_row(&mut self, row: usize) -> Result<()> {
         let dim = self.dim;
         let last = self.keys.as_slice().len() - 1;
-        fn swap_remove_chunk<T: Pod>(v: &mut Vec<T>, row: usize, last: usize, width: usize) {
-            if row != last {
-                v.copy_within(last * width..(last + 1) * width, row * width);
-            }
-            v.truncate(last * width);
-        }
         match &mut self.store {
-            Store::F32(b) => swap_remove_chunk(b.owned_mut()?, row, last, dim),
-            Store::F16(b) => swap_remove_chunk(b.owned_mut()?, row, last, dim),
+            Store::F32(b) => swap_remove_rows(b.owned_mut()?, row, last, dim),
+            Store::F16(b) => swap_remove_rows(b.owned_mut()?, row, last, dim),
             Store::I8 { data, scales } => {
-                swap_remove_chunk(data.owned_mut()?, row, last, dim);
-                swap_remove_chunk(scales.owned_mut()?, row, last, 1);
+                swap_remove_rows(data.owned_mut()?, row, last, dim);
+                swap_remove_rows(scales.owned_mut()?, row, last, 1);
             }
         }
         let keys = self.keys.owned_mut()?;
-        swap_remove_chunk(keys, row, last, 1);
+        swap_remove_rows(keys, row, last, 1);
         if row != last {
             let moved = keys[row];
             self.key_rows_mut().insert(moved, row as u32);
@@ -368,17 +380,8 @@ impl Index {
         exclude: Option<&[u64]>,
     ) -> Result<(Vec<u64>, Vec<f32>, usize)> {
         let dim = self.dim;
-        if !queries.len().is_multiple_of(dim) {
-            return invalid(format!(
-                "queries must have shape (dim,) or (q, dim) with dim = {dim}; got {} values",
-                queries.len()
-            ));
-        }
-        if k < 1 {
-            return invalid(format!("k must be at least 1, got {k}"));
-        }
+        let nq = check_search_args(queries, dim, k)?;
         check_rows(queries, dim, self.metric, "queries")?;
-        let nq = queries.len() / dim;
         let n = self.len();
         let mut excluded_rows: Vec<u64> = Vec::new();
         let mut excluded = 0usize;

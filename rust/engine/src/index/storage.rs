@@ -13,7 +13,8 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-/// A buffer that is either owned or a read-only view into a memory-mapped file.
+/// A buffer that is either owned or a read-only view into a memory-mapped file (the index's
+/// sections, and the IVF index's, where it is called `Seg`).
 pub(crate) enum Buf<T: Pod> {
     Owned(Vec<T>),
     Mapped {
@@ -29,7 +30,8 @@ impl<T: Pod> Buf<T> {
             Buf::Owned(v) => v,
             Buf::Mapped { map, offset, len } => {
                 // The file layout puts every section at an offset aligned for its type and the
-                // map itself is page-aligned, so this cast cannot fail (format.rs checks it).
+                // map itself is page-aligned, so this cast cannot fail (format.rs and
+                // ivf/file.rs check it).
                 bytemuck::cast_slice(&map[*offset..*offset + *len * std::mem::size_of::<T>()])
             }
         }
@@ -41,6 +43,14 @@ impl<T: Pod> Buf<T> {
             Buf::Mapped { .. } => Err(Error::ReadOnly),
         }
     }
+}
+
+/// Removes row `row` of rows `width` values wide by moving row `last` (the last one) into it.
+pub(crate) fn swap_remove_rows<T: Pod>(v: &mut Vec<T>, row: usize, last: usize, width: usize) {
+    if row != last {
+        v.copy_within(last * width..(last + 1) * width, row * width);
+    }
+    v.truncate(last * width);
 }
 
 /// The stored vectors.

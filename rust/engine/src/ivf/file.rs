@@ -34,12 +34,12 @@
 //! checksum, which `verify` (or a load with verify=true) checks.
 
 use super::{Data, IvfIndex, IvfParams, List, Seg, MAX_DIM, MAX_LISTS, MAX_VECTORS};
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::file_io::{atomic_write, bad, file_error, io_error, meta_checksum, u32_at, u64_at};
 use crate::types::{DType, Metric};
 use memmap2::Mmap;
 use rustc_hash::FxHashMap;
 use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
@@ -78,17 +78,6 @@ struct Layout {
     vectors: Range<usize>,
     copies: Range<usize>,
     data_checksum: u64,
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
-
-fn bad<T>(reason: impl Into<String>) -> std::result::Result<T, String> {
-    Err(reason.into())
 }
 
 /// Section ranges after the list sizes: keys, centroids, scales, vectors, copies.
@@ -132,13 +121,6 @@ fn sections(
         vectors.end..vectors.end
     };
     Some((keys, centroids, scales, vectors, copies))
-}
-
-fn meta_checksum(bytes: &[u8], vectors_start: usize) -> u64 {
-    let mut h = Xxh3::new();
-    h.update(&bytes[..120]);
-    h.update(&bytes[HEADER_LEN..vectors_start]);
-    h.digest()
 }
 
 fn data_checksum(vectors: &[u8], copies: &[u8]) -> u64 {
@@ -208,7 +190,7 @@ fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
             bytes.len()
         ));
     }
-    if meta_checksum(bytes, vectors.start) != u64_at(bytes, 120) {
+    if meta_checksum(&bytes[..120], &bytes[HEADER_LEN..vectors.start]) != u64_at(bytes, 120) {
         return bad("corrupt file: header/keys checksum mismatch");
     }
     if bytes[12..16]
@@ -285,20 +267,6 @@ fn verify_data(bytes: &[u8], l: &Layout) -> std::result::Result<(), String> {
         return bad("corrupt file: vectors checksum mismatch");
     }
     Ok(())
-}
-
-fn file_error(path: Option<&Path>, reason: String) -> Error {
-    Error::File {
-        path: path.map(Path::to_path_buf),
-        reason,
-    }
-}
-
-fn io_error(path: &Path, source: std::io::Error) -> Error {
-    Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// Where list data comes from while building an index out of a file.
@@ -499,10 +467,8 @@ impl IvfIndex {
         header[48..56].copy_from_slice(&p.seed.to_le_bytes());
         header[56..64].copy_from_slice(&(p.train_threshold as u64).to_le_bytes());
         header[112..120].copy_from_slice(&data_checksum(&data, &copy_bytes).to_le_bytes());
-        let mut h = Xxh3::new();
-        h.update(&header[..120]);
-        h.update(&meta);
-        header[120..128].copy_from_slice(&h.digest().to_le_bytes());
+        let checksum = meta_checksum(&header[..120], &meta);
+        header[120..128].copy_from_slice(&checksum.to_le_bytes());
         // Padding between vectors and copies lives with the copies.
         let mut tail = data;
         if exact {
@@ -523,36 +489,7 @@ impl IvfIndex {
     /// Writes the index atomically: a temporary file in the same directory, fsync, rename over
     /// `path`, fsync of the directory. A crash leaves either the old file or the new one.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let mut builder = tempfile::Builder::new();
-        let prefix = format!(".{name}.");
-        builder.prefix(&prefix).suffix(".tmp");
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            builder.permissions(std::fs::Permissions::from_mode(0o644));
-        }
-        let tmp = builder.tempfile_in(dir).map_err(|e| io_error(path, e))?;
         let (head, tail) = self.image_parts();
-        {
-            let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file());
-            w.write_all(&head).map_err(|e| io_error(path, e))?;
-            w.write_all(&tail).map_err(|e| io_error(path, e))?;
-            w.flush().map_err(|e| io_error(path, e))?;
-        }
-        tmp.as_file().sync_all().map_err(|e| io_error(path, e))?;
-        tmp.persist(path).map_err(|e| io_error(path, e.error))?;
-        #[cfg(unix)]
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_error(dir, e))?;
-        Ok(())
+        atomic_write(path, &[&head, &tail])
     }
 }

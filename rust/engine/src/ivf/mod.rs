@@ -25,18 +25,16 @@ pub(crate) mod kmeans;
 pub use file::{IVF_FORMAT_VERSION, IVF_MAGIC};
 
 use crate::error::{invalid, Error, Result};
+use crate::index::{check_batch_keys, check_search_args, swap_remove_rows};
 use crate::kernels;
 use crate::search::{self, Plan, Queries, Rows};
 use crate::topk::TopK;
 use crate::types::{DType, Metric};
-use bytemuck::Pod;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
-use memmap2::Mmap;
 use rayon::prelude::*;
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::borrow::Cow;
-use std::sync::Arc;
 
 /// Largest supported dimension (as for `Index`).
 pub const MAX_DIM: usize = 1 << 16;
@@ -87,40 +85,7 @@ impl IvfParams {
 }
 
 /// A buffer that is owned or a read-only view into a memory-mapped file.
-pub(crate) enum Seg<T: Pod> {
-    Owned(Vec<T>),
-    Mapped {
-        map: Arc<Mmap>,
-        offset: usize,
-        len: usize,
-    },
-}
-
-impl<T: Pod> Seg<T> {
-    pub(crate) fn as_slice(&self) -> &[T] {
-        match self {
-            Seg::Owned(v) => v,
-            // The file layout aligns every section for its type (file.rs checks it).
-            Seg::Mapped { map, offset, len } => {
-                bytemuck::cast_slice(&map[*offset..*offset + *len * std::mem::size_of::<T>()])
-            }
-        }
-    }
-
-    fn owned_mut(&mut self) -> Result<&mut Vec<T>> {
-        match self {
-            Seg::Owned(v) => Ok(v),
-            Seg::Mapped { .. } => Err(Error::ReadOnly),
-        }
-    }
-}
-
-fn swap_remove_rows<T: Pod>(v: &mut Vec<T>, row: usize, last: usize, width: usize) {
-    if row != last {
-        v.copy_within(last * width..(last + 1) * width, row * width);
-    }
-    v.truncate(last * width);
-}
+pub(crate) use crate::index::Buf as Seg;
 
 /// Stored rows of one list.
 pub(crate) enum Data {
@@ -468,22 +433,7 @@ impl IvfIndex {
     }
 
     fn check_batch(&self, keys: &[u64], vectors: &[f32]) -> Result<()> {
-        if vectors.len() != keys.len() * self.dim {
-            return invalid(format!(
-                "vectors must have shape (n, {dim}) with n = len(keys) = {n}; got {m} values",
-                dim = self.dim,
-                n = keys.len(),
-                m = vectors.len()
-            ));
-        }
-        let mut seen = FxHashSet::with_capacity_and_hasher(keys.len(), Default::default());
-        for &key in keys {
-            if !seen.insert(key) {
-                return invalid(format!(
-                    "key {key} appears more than once in the batch; keys must be unique"
-                ));
-            }
-        }
+        check_batch_keys(keys, vectors, self.dim)?;
         self.check_vectors(vectors, "vectors", true)
     }
 
@@ -806,17 +756,8 @@ impl IvfIndex {
         exclude: Option<&[u64]>,
     ) -> Result<(Vec<u64>, Vec<f32>, usize)> {
         let dim = self.dim;
-        if !queries.len().is_multiple_of(dim) {
-            return invalid(format!(
-                "queries must have shape (dim,) or (q, dim) with dim = {dim}; got {} values",
-                queries.len()
-            ));
-        }
-        if k < 1 {
-            return invalid(format!("k must be at least 1, got {k}"));
-        }
+        let nq = check_search_args(queries, dim, k)?;
         self.check_vectors(queries, "queries", false)?;
-        let nq = queries.len() / dim;
         // Excluded keys present, and how many fall in each list.
         let mut excluded: FxHashSet<u64> = FxHashSet::default();
         let mut excluded_per_list = vec![0usize; self.lists.len()];

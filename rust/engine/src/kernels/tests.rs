@@ -1,22 +1,10 @@
 //! Every compiled level against the scalar reference.
 
 use super::*;
+use crate::testutil::values;
 use half::f16;
 
 const DIMS: [usize; 13] = [1, 3, 7, 8, 15, 16, 17, 31, 33, 64, 511, 513, 4100 * 2];
-
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    // xorshift: deterministic, no extra dev-dependency
-    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 fn close(a: f32, b: f32, dim: usize) -> bool {
     (a - b).abs() <= 1e-5 * (dim as f32).sqrt() * (1.0 + b.abs())
