@@ -5,11 +5,19 @@ Layout (format version 1)::
     BUNDLE/
       leanclip.json     manifest (this module reads and writes it)
       image.onnx        pixels (n, 3, S, S) float32 -> embeddings (n, dim)
+                        [, similarity embeddings (n, similarity_dim): optional second output]
       text.onnx         input_ids (n, L) int64 [, attention_mask (n, L) int64] -> (n, dim)
       tokenizer.json    Hugging Face tokenizers file
 
 The manifest records every file's sha256, so a missing or altered file is refused at load
-time rather than producing silently wrong embeddings. This module needs only the standard
+time rather than producing silently wrong embeddings.
+
+Optional image-to-image vectors: ``image.similarity_output`` names a second output of
+``image.onnx`` (``image.similarity_dim`` wide) holding vectors meant only for comparing images
+with images (e.g. a classifier's pooled features), used for image-only queries; the first output
+stays the joint text-image space. Both fields are absent from bundles without them, so such a
+manifest is byte-for-byte a plain version-1 one (and older leanclip versions, which refuse
+unknown fields, refuse a bundle that has them rather than misreading it). This module needs only the standard
 library: it is shared by the torch-side exporter and the torch-free ``leanclip.Encoder``.
 """
 
@@ -49,6 +57,9 @@ class ImageSpec:
     interpolation: str = "bicubic"
     input: str = "pixel_values"
     output: str = "image_embeds"
+    # optional second output of image.onnx: image-to-image vectors (see the module docstring)
+    similarity_output: Optional[str] = None
+    similarity_dim: Optional[int] = None
 
 
 @dataclass
@@ -88,8 +99,20 @@ class Manifest:
             digest.update(f"{name}={self.files[name]};".encode())
         return f"{self.name}-{self.precision}-{digest.hexdigest()[:16]}"
 
+    @property
+    def has_similarity(self) -> bool:
+        """Whether ``image.onnx`` has a second, image-to-image output."""
+        return self.image.similarity_output is not None
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        data = asdict(self)
+        for key in _OPTIONAL_IMAGE_FIELDS:  # absent, not null, when unused: see the module docstring
+            if data["image"].get(key) is None:
+                data["image"].pop(key, None)
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+_OPTIONAL_IMAGE_FIELDS = ("similarity_output", "similarity_dim")
 
 
 def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
@@ -171,6 +194,17 @@ def _check_specs(manifest: Manifest, where: Path) -> None:
         fail("image.std", "positive", image.std)
     if image.interpolation not in ("bicubic", "bilinear", "nearest", "lanczos"):
         fail("image.interpolation", "bicubic, bilinear, nearest or lanczos", image.interpolation)
+    if (image.similarity_output is None) != (image.similarity_dim is None):
+        fail("image.similarity_output and image.similarity_dim", "both set or both absent",
+             [image.similarity_output, image.similarity_dim])
+    if image.similarity_output is not None:
+        if not isinstance(image.similarity_output, str) or not image.similarity_output:
+            fail("image.similarity_output", "a non-empty string", image.similarity_output)
+        if image.similarity_output == image.output:
+            fail("image.similarity_output", f"another output than image.output ({image.output!r})",
+                 image.similarity_output)
+        if not is_int(image.similarity_dim) or not 1 <= image.similarity_dim <= 1_000_000:
+            fail("image.similarity_dim", "an integer in 1..1000000", image.similarity_dim)
     if not is_int(text.context_length) or not 1 <= text.context_length <= 1_000_000:
         fail("text.context_length", "an integer >= 1", text.context_length)
     if not is_int(text.pad_id) or text.pad_id < 0:
