@@ -203,8 +203,9 @@ def _check_specs(manifest: Manifest, where: Path) -> None:
         if image.similarity_output == image.output:
             fail("image.similarity_output", f"another output than image.output ({image.output!r})",
                  image.similarity_output)
-        if not is_int(image.similarity_dim) or not 1 <= image.similarity_dim <= 1_000_000:
-            fail("image.similarity_dim", "an integer in 1..1000000", image.similarity_dim)
+        sim_dim = image.similarity_dim
+        if not is_int(sim_dim) or not 1 <= int(sim_dim or 0) <= 1_000_000:
+            fail("image.similarity_dim", "an integer in 1..1000000", sim_dim)
     if not is_int(text.context_length) or not 1 <= text.context_length <= 1_000_000:
         fail("text.context_length", "an integer >= 1", text.context_length)
     if not is_int(text.pad_id) or text.pad_id < 0:
