@@ -137,6 +137,9 @@ def test_new_starter_bundle_exposes_similarity_vectors(starter_pair: Tuple[Path,
     fp32, _, tower = starter_pair
     raw = json.loads((fp32 / "leanclip.json").read_text())
     assert raw["image"]["similarity_output"] == "similarity_embeds" and raw["image"]["similarity_dim"] == 16
+    from training.starter import STARTER_RECIPE
+
+    assert raw["extra"]["starter"]["recipe"] == STARTER_RECIPE == 2
     enc = Encoder(fp32, threads=1)
     assert enc.has_similarity and enc.similarity_dim == 16
     imgs = _photos(3)

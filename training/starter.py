@@ -45,6 +45,7 @@ from training.minilm import (
 __all__ = [
     "DEFAULT_TEMPLATES",
     "DEFAULT_TEMPERATURE",
+    "STARTER_RECIPE",
     "STARTER_TEMPLATES",
     "STARTER_TEMPERATURE",
     "STARTER_TOP_K",
@@ -70,6 +71,9 @@ DEFAULT_TEMPERATURE = 1.0
 STARTER_TEMPLATES: tuple = DEFAULT_TEMPLATES
 STARTER_TEMPERATURE = 3.0
 STARTER_TOP_K: Optional[int] = 10
+# recorded in the manifest (extra.starter.recipe): a cached starter built by an older recipe
+# (none recorded = 1) can be recognised and rebuilt
+STARTER_RECIPE = 2
 # EfficientNet-Lite was trained on inputs (x - 127) / 128 (TF's lite builder: MEAN_RGB 127,
 # STDDEV_RGB 128); on [0, 1] pixels that is mean 127/255, std 128/255.
 EFFICIENTNET_MEAN = (127.0 / 255.0,) * 3
@@ -347,6 +351,7 @@ def build_starter(
         "starter": {
             "templates": list(templates),
             "temperature": float(temperature),
+            "recipe": STARTER_RECIPE,
             "top_k": top_k,
             "similarity": "pooled penultimate features" if similarity else None,
             "classes": len(classnames),
