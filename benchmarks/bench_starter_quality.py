@@ -488,6 +488,33 @@ def report_bundles(res: Dict[str, Dict[str, Any]]) -> str:
                           f"{r['images_per_s'] / before['images_per_s']:.2f}x")
         text += "\nAgainst the bundle before issue 18 (same run): " + "; ".join(ratios) + ".\n"
     new = res.get("new (fp32)")
+    q8 = res.get("new (int8)")
+    if new is not None:
+        text += ("\nThe cat's 3 nearest among the 12 sample photos alone (what the demo shows), new fp32: "
+                 + _fmt_top(new["chelsea12"]) + (f"; before: {_fmt_top(before['chelsea12'])}" if before else "")
+                 + ".\n")
+    if new is not None and q8 is not None and before is not None:
+        h, h8 = new["held-out"], q8["held-out"]
+        checks = [
+            ("held-out text-to-image R@1 >= 0.85 (fp32)", f"{h['r1']:.3f}", h["r1"] >= 0.85),
+            ("held-out text-to-image R@5 >= 0.97 (fp32)", f"{h['r5']:.3f}", h["r5"] >= 0.97),
+            ("int8 within 0.03 of fp32 (held-out R@1, R@5)",
+             f"{h8['r1'] - h['r1']:+.3f}, {h8['r5'] - h['r5']:+.3f}",
+             abs(h8["r1"] - h["r1"]) <= 0.03 and abs(h8["r5"] - h["r5"]) <= 0.03),
+            ("image-to-image augmentation R@1 >= 0.95 (fp32, with the 9 distractors)",
+             f"{new['aug_r1_distr']:.3f}", new["aug_r1_distr"] >= 0.95),
+            ("chelsea.png's top 3 holds no astronomy/microscopy photo (fp32, 12 and 21 photos)",
+             _fmt_top(new["chelsea"]),
+             not any(n in NOT_LIKE_A_CAT + ("cell.png", "ihc.png", "microaneurysms.png", "moon.png")
+                     for n, _ in new["chelsea"] + new["chelsea12"])),
+            ("bundle size <= 1.2x before (fp32)", f"{new['size_mb'] / before['size_mb']:.2f}x",
+             new["size_mb"] <= 1.2 * before["size_mb"]),
+            ("text and image latency <= 1.2x before (fp32; noisy here)",
+             f"{before['text_qps'] / new['text_qps']:.2f}x, {before['images_per_s'] / new['images_per_s']:.2f}x",
+             before["text_qps"] / new["text_qps"] <= 1.2 and before["images_per_s"] / new["images_per_s"] <= 1.2),
+        ]
+        text += "\n### Issue 18 targets\n\n" + H.markdown_table(
+            ["target", "measured", "holds"], [(a, b, "yes" if c else "**no**") for a, b, c in checks]) + "\n"
     if new is not None:
         text += "\nHeld-out queries the new fp32 bundle does not rank first (rank, 0 = first):\n\n"
         h = new["held-out"]
@@ -530,8 +557,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     n_t = len(flatten(load_query_sets()["tuning"], [str(x) for x in feats["names"]])[0])
     n_h = len(flatten(load_query_sets()["held-out"], [str(x) for x in feats["names"]])[0])
     text += (
-        f"\n- load average at start: {os.getloadavg()[0]:.1f} (7 helpers share 2 cores: read throughputs as "
-        "ratios within this run)\n"
+        f"\n- load average when the report was written: {os.getloadavg()[0]:.1f} (7 helpers share 2 cores: "
+        "read throughputs as ratios within this run, and a ratio within about 1.5x as noise)\n"
         f"- tuning set: {n_t} captions (benchmarks/data/sample_captions.json); held-out set: {n_h} short "
         "queries (benchmarks/data/heldout_queries.json), written before any tuning and never used to choose "
         "anything. Chance R@1 = 1/12 = 0.083.\n"
