@@ -6,6 +6,9 @@ Store layout (default ``ROOT/.leanclip/``)::
                       reason) and a ``meta`` table (schema version, model id, dim, generation)
     index-<G>.lci     the Index holding exactly the keys of the rows with status 'ok' at
                       generation G
+    similar-<G>.lci   only for a model with image-to-image vectors (``Encoder.has_similarity``):
+                      those vectors, same keys as index-<G>.lci, saved before the same commit;
+                      queries made only of images search it (``leanclip.encoder.query_space``)
     lock              held (flock) by the one process running ``update()``
 
 Commit protocol (crash consistency). The database's ``generation`` names the one index file
@@ -65,6 +68,45 @@ DEFAULT_MAX_PIXELS = 64_000_000
 PathLike = Union[str, "os.PathLike[str]"]
 Progress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``; stage is "scan", "hash" or "encode"."""
+
+
+
+class _TwinIndex:
+    """The joint Index and its image-to-image twin (same keys), mutated together by update().
+
+    Vectors go in and come out as ``[joint | similarity]`` rows, so the update code that moves
+    vectors around (new files, duplicates, removals) keeps both in step without knowing."""
+
+    def __init__(self, joint: Any, sim: Any) -> None:
+        self.joint, self.sim = joint, sim
+
+    @property
+    def dim(self) -> int:
+        return int(self.joint.dim)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.joint.dtype)
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self.joint
+
+    def __len__(self) -> int:
+        return len(self.joint)
+
+    def keys(self) -> Any:
+        return self.joint.keys()
+
+    def remove(self, keys: Any) -> None:
+        self.joint.remove(keys)
+        self.sim.remove(keys)
+
+    def add(self, keys: Any, vecs: np.ndarray) -> None:
+        self.joint.add(keys, np.ascontiguousarray(vecs[:, : self.dim]))
+        self.sim.add(keys, np.ascontiguousarray(vecs[:, self.dim :]))
+
+    def get(self, keys: Any) -> np.ndarray:
+        return np.concatenate([np.asarray(self.joint.get(keys)), np.asarray(self.sim.get(keys))], axis=1)
 
 
 class GalleryError(Exception):
@@ -313,6 +355,7 @@ class Gallery:
         self._lock = threading.RLock()
         self._conn: Optional[sqlite3.Connection] = None
         self._cached: Optional[Tuple[int, Any]] = None  # (generation, Index) for queries
+        self._cached_sim: Optional[Tuple[int, Any]] = None  # (generation, similarity Index)
         self._model_source = ""  # bundle path of the model, recorded so later runs reuse it
 
     # -- resources -------------------------------------------------------------------------
@@ -385,6 +428,7 @@ class Gallery:
                 self._conn.close()
                 self._conn = None
             self._cached = None
+            self._cached_sim = None
 
     def __enter__(self) -> "Gallery":
         return self
@@ -397,6 +441,29 @@ class Gallery:
 
     def _index_path(self, generation: int) -> Path:
         return self.store / f"index-{generation}.lci"
+
+    def _similar_path(self, generation: int) -> Path:
+        return self.store / f"similar-{generation}.lci"
+
+    def _similarity_snapshot(self, gen: int, meta: Dict[str, str]) -> Optional[Any]:
+        """The image-to-image index of generation ``gen``; None when the gallery has none."""
+        from leanclip import Index, IndexFileError
+
+        if gen == 0 or not int(meta.get("similarity_dim", 0) or 0):
+            return None
+        with self._lock:
+            if self._cached_sim is not None and self._cached_sim[0] == gen:
+                return self._cached_sim[1]
+            try:
+                sim = Index.load(os.fspath(self._similar_path(gen)), mmap=True)
+            except FileNotFoundError:
+                return None  # superseded meanwhile: the joint space still answers
+            except IndexFileError as exc:
+                raise GalleryError(
+                    f"the gallery's image-to-image index is damaged ({exc}); run `leanclip index {self.root}`"
+                ) from None
+            self._cached_sim = (gen, sim)
+            return sim
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -500,13 +567,22 @@ class Gallery:
         return enc
 
     def query_vector(self, query: Union[str, Sequence[Term]]) -> Tuple[np.ndarray, List[int]]:
-        """The unit query vector of a query string or terms, and gallery keys of its image terms."""
-        return self._query_vectors([query])[0]
+        """The unit query vector of a query string or terms, and gallery keys of its image terms.
 
-    def _query_vectors(self, queries: Sequence[Union[str, Sequence[Term]]]) -> List[Tuple[np.ndarray, List[int]]]:
-        """Query vectors of several queries; all their text terms go through one encoder call."""
+        A query made only of images gets an image-to-image vector when the gallery has them
+        (its length is then the model's ``similarity_dim``; ``search`` routes it there)."""
+        vec, own, _ = self._query_vectors([query])[0]
+        return vec, own
+
+    def _query_vectors(self, queries: Sequence[Union[str, Sequence[Term]]]) -> List[Tuple[np.ndarray, List[int], str]]:
+        """(vector, own keys, space) of several queries; their text terms go through one encoder
+        call. ``space`` is "similarity" for image-only queries of a gallery with image-to-image
+        vectors (``leanclip.encoder.query_space``), else "joint"."""
+        from leanclip.encoder import query_space
+
         parsed = [parse_query(q) if isinstance(q, str) else list(q) for q in queries]
-        _, index, meta = self._snapshot()
+        gen, index, meta = self._snapshot()
+        sim_index = self._similarity_snapshot(gen, meta)
         dim = int(meta.get("dim", 0))
         texts = sorted({t.value for terms in parsed for t in terms if t.kind == "text"})
         text_vecs: Dict[str, np.ndarray] = {}
@@ -516,6 +592,9 @@ class Gallery:
                 text_vecs[text] = tv
         out = []
         for terms in parsed:
+            space = query_space([t.kind for t in terms], sim_index is not None)
+            store = sim_index if space == "similarity" else index
+            want_dim = int(sim_index.dim) if space == "similarity" else dim
             vecs: List[np.ndarray] = []
             own_keys: List[int] = []
             for t in terms:
@@ -523,24 +602,27 @@ class Gallery:
                     v = text_vecs[t.value]
                 else:
                     key = self._key_of(t.value)
-                    if key is not None and key in index:
-                        v = np.asarray(index.get([key]), dtype=np.float32)[0]
+                    if key is not None and key in store:
+                        v = np.asarray(store.get([key]), dtype=np.float32)[0]
                         if t.sign > 0:
                             own_keys.append(key)
                     else:
                         enc = self._check_model(meta)
                         size = _model_image_size(enc)
                         im = open_image(t.value, size=size, max_pixels=self.max_pixels)
-                        v = np.asarray(enc.encode_images([im]), dtype=np.float32)[0]
-                if dim and v.shape[0] != dim:
-                    raise ModelMismatchError(f"query vector has dim {v.shape[0]}, gallery has {dim}")
+                        if space == "similarity":
+                            v = np.asarray(enc.encode_images([im], kind="similarity"), dtype=np.float32)[0]  # type: ignore[call-arg]
+                        else:
+                            v = np.asarray(enc.encode_images([im]), dtype=np.float32)[0]
+                if want_dim and v.shape[0] != want_dim:
+                    raise ModelMismatchError(f"query vector has dim {v.shape[0]}, gallery has {want_dim}")
                 n = float(np.linalg.norm(v))
                 vecs.append(t.sign * (v / n if n > 0 else v))
             q = np.sum(vecs, axis=0).astype(np.float32)
             n = float(np.linalg.norm(q))
             if not np.isfinite(n) or n == 0.0:
                 raise GalleryError("the query's terms cancel out (positive and negative terms are the same)")
-            out.append((q / n, own_keys))
+            out.append((q / n, own_keys, space))
         return out
 
     def search(
@@ -563,9 +645,14 @@ class Gallery:
         if isinstance(query, np.ndarray):
             qv = np.asarray(query, dtype=np.float32)
             own: List[int] = []
+            gen, index, meta = self._snapshot()
+            sim_index = self._similarity_snapshot(gen, meta)
+            # a vector of the image-to-image width (and not the joint one) searches that index
+            space = ("similarity" if sim_index is not None and qv.shape[-1] == sim_index.dim != index.dim
+                     else "joint")
         else:
-            qv, own = self.query_vector(query)
-        return self._search_vectors(qv[None, :], [own if exclude_self else []], k, min_score, paths)[0]
+            qv, own, space = self._query_vectors([query])[0]
+        return self._search_vectors(qv[None, :], [own if exclude_self else []], k, min_score, paths, space)[0]
 
     def search_batch(
         self,
@@ -582,11 +669,24 @@ class Gallery:
         if not queries:
             return []
         vecs = self._query_vectors(queries)
-        return self._search_vectors(np.stack([v for v, _ in vecs]), [own for _, own in vecs], k, min_score, paths)
+        out: List[List[Hit]] = [[] for _ in vecs]
+        for space in ("joint", "similarity"):
+            idx = [i for i, v in enumerate(vecs) if v[2] == space]
+            if idx:
+                hits = self._search_vectors(np.stack([vecs[i][0] for i in idx]), [vecs[i][1] for i in idx],
+                                            k, min_score, paths, space)
+                for i, h in zip(idx, hits):
+                    out[i] = h
+        return out
 
     def _search_vectors(self, qv: np.ndarray, excludes: List[List[int]], k: int, min_score: Optional[float],
-                        paths: Optional[Sequence[str]]) -> List[List[Hit]]:
-        _, index, _ = self._snapshot()
+                        paths: Optional[Sequence[str]], space: str = "joint") -> List[List[Hit]]:
+        gen, index, meta = self._snapshot()
+        if space == "similarity":
+            sim_index = self._similarity_snapshot(gen, meta)
+            if sim_index is None:
+                raise GalleryError("the gallery's image-to-image index changed during the query; retry it")
+            index = sim_index
         total = len(index)
         if total == 0:
             return [[] for _ in excludes]
@@ -626,7 +726,10 @@ class Gallery:
         return [r if r is not None else [] for r in results]
 
     def similar(self, image: PathLike, k: int = 10, **kw: Any) -> List[Hit]:
-        """Files most like ``image`` (a path; reuses its stored vector if it is in the gallery)."""
+        """Files most like ``image`` (a path; reuses its stored vector if it is in the gallery).
+
+        Searches the image-to-image vectors when the gallery has them (a model with
+        ``has_similarity``), else the joint ones; scores are cosines of that space."""
         return self.search([Term(1, "image", os.fspath(image))], k, **kw)
 
     def check(self) -> Tuple[List[int], List[int]]:
@@ -637,6 +740,7 @@ class Gallery:
                 conn.execute("BEGIN")  # one read snapshot for the generation and the rows
                 try:
                     self._cached = None
+                    self._cached_sim = None
                     _, index, _ = self._snapshot()
                     rows = {int(k) for (k,) in conn.execute("SELECT key FROM files WHERE status='ok'")}
                     break
@@ -759,6 +863,31 @@ class Gallery:
                     converted.add(keys[i : i + 65536], index.get(keys[i : i + 65536]))
                 index = converted
                 state_dirty_dtype = True
+            sim_dim = int(getattr(enc, "similarity_dim", 0) or 0) if getattr(enc, "has_similarity", False) else 0
+            if sim_dim:
+                sim: Any = None
+                if not reset_reason and len(index) and meta.get("similarity_dim") == str(sim_dim):
+                    try:
+                        sim = Index.load(os.fspath(self._similar_path(gen)))
+                    except (FileNotFoundError, IndexFileError, OSError, ValueError):
+                        sim = None
+                    if sim is not None and (sim.dim != sim_dim or len(sim) != len(index)):
+                        sim = None
+                if sim is None and len(index) and not reset_reason:
+                    reset_reason = "no usable image-to-image index for this model: re-encoding"
+                    index = Index(enc.dim, dtype=want_dtype)  # type: ignore[arg-type]
+                if sim is None:
+                    sim = Index(sim_dim, dtype=want_dtype)  # type: ignore[arg-type]
+                elif sim.dtype != want_dtype:
+                    keys = np.asarray(sim.keys(), dtype=np.uint64)
+                    converted = Index(sim_dim, dtype=want_dtype)  # type: ignore[arg-type]
+                    for i in range(0, len(keys), 65536):
+                        converted.add(keys[i : i + 65536], sim.get(keys[i : i + 65536]))
+                    sim = converted
+                index = _TwinIndex(index, sim)
+            if meta.get("similarity_dim", "0") != str(sim_dim):
+                state_dirty_dtype = True  # the new generation records it
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('similarity_dim', ?)", (str(sim_dim),))
             if reset_reason:
                 conn.execute("UPDATE files SET status='pending', key=NULL WHERE status='ok'")
                 summary.recovered = reset_reason
@@ -794,15 +923,16 @@ class Gallery:
             os.close(lock_fd)
         with self._lock:
             self._cached = None
+            self._cached_sim = None
         summary.total_ok = self.info()["ok"]
         summary.seconds = time.perf_counter() - t0
         return summary
 
     def _remove_stray_files(self, keep: int) -> None:
-        keep_name = self._index_path(keep).name
+        keep_names = {self._index_path(keep).name, self._similar_path(keep).name}
         for entry in os.scandir(self.store):
             n = entry.name
-            if (n.startswith("index-") or n.startswith(".index-") or n.startswith(".tmp")) and n != keep_name:
+            if n.startswith(("index-", ".index-", "similar-", ".similar-", ".tmp")) and n not in keep_names:
                 try:
                     os.unlink(entry.path)
                 except OSError:
@@ -816,7 +946,11 @@ class Gallery:
             return
         old, new = state["gen"], state["gen"] + 1
         t0 = time.monotonic()
-        state["index"].save(os.fspath(self._index_path(new)))
+        if isinstance(state["index"], _TwinIndex):
+            state["index"].sim.save(os.fspath(self._similar_path(new)))
+            state["index"].joint.save(os.fspath(self._index_path(new)))
+        else:
+            state["index"].save(os.fspath(self._index_path(new)))
         state["last_save_s"] = time.monotonic() - t0
         conn.execute("UPDATE meta SET value=? WHERE key='generation'", (str(new),))
         conn.execute("UPDATE meta SET value=? WHERE key='next_key'", (str(state["next_key"]),))
@@ -824,10 +958,11 @@ class Gallery:
         state["gen"], state["dirty"] = new, False
         state["last_checkpoint"] = time.monotonic()
         state["since_checkpoint"] = 0
-        try:
-            os.unlink(self._index_path(old))
-        except FileNotFoundError:
-            pass
+        for path in (self._index_path(old), self._similar_path(old)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
         conn.execute("BEGIN IMMEDIATE")
 
     def _new_keys(self, state: Dict[str, Any], n: int) -> List[int]:
@@ -983,8 +1118,16 @@ class Gallery:
         if not images:
             return None
         enc = self.encoder
+        twin = isinstance(state["index"], _TwinIndex)
+
+        def encode(ims: List[Any]) -> np.ndarray:
+            if not twin:
+                return np.asarray(enc.encode_images(ims), dtype=np.float32)
+            joint, sim = enc.encode_images_all(ims)  # type: ignore[attr-defined]
+            return np.concatenate([np.asarray(joint, np.float32), np.asarray(sim, np.float32)], axis=1)
+
         try:
-            return np.asarray(enc.encode_images(images), dtype=np.float32)
+            return encode(images)
         except Exception:
             if len(images) == 1:
                 raise
@@ -992,7 +1135,7 @@ class Gallery:
         vecs, keep = [], []
         for im, item in zip(images, items):
             try:
-                vecs.append(np.asarray(enc.encode_images([im]), dtype=np.float32)[0])
+                vecs.append(encode([im])[0])
                 keep.append(item)
             except Exception as exc:  # the model refused this image; record, go on
                 self._record_failure(state, summary, rows, item[0], item[1], f"encoder failed: {exc}")
