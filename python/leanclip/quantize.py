@@ -96,10 +96,14 @@ def quantize_bundle(src_dir: PathLike, out_dir: PathLike, *, check: bool = True,
             tok = Tokenizer.from_file(str(src / m.text.tokenizer))
             imgs = check_images(m.image.size, m.image.mean, m.image.std)
             txts = [tokenize_batch(tok, m.text, list(check_texts or DEFAULT_CHECK_TEXTS), None)]
-            for label, f, feeds, outname in (
-                ("int8 image encoder", m.image.file, [{m.image.input: b} for b in imgs], m.image.output),
+            img_feeds = [{m.image.input: b} for b in imgs]
+            checked = [
+                ("int8 image encoder", m.image.file, img_feeds, m.image.output),
                 ("int8 text encoder", m.text.file, txts, m.text.output),
-            ):
+            ]
+            if m.image.similarity_output is not None:  # the optional image-to-image output
+                checked.append(("int8 image similarity", m.image.file, img_feeds, m.image.similarity_output))
+            for label, f, feeds, outname in checked:
                 ref_s, got_s = session(src / f), session(stage / f)
                 checks.append(compare(label, INT8_MIN_COS, [
                     (f"batch {i}", ref_s.run([outname], fd)[0], got_s.run([outname], fd)[0])
