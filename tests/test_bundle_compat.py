@@ -211,3 +211,21 @@ def test_similarity_spec_round_trips(tiny_bundle: Path) -> None:  # noqa: F811
     data = json.loads(m.to_json())
     assert data["image"]["similarity_output"] == "s" and data["image"]["similarity_dim"] == 4
     assert isinstance(m, Manifest) and m.has_similarity
+
+
+def test_model_id_covers_similarity_fields_and_keeps_old_ids(tiny_bundle: Path) -> None:  # noqa: F811
+    import hashlib
+    from dataclasses import asdict
+
+    m = read_manifest(tiny_bundle)
+    # the id of a bundle without the fields is what it was before they existed
+    image = {k: v for k, v in asdict(m.image).items() if k not in ("similarity_output", "similarity_dim")}
+    identity = {"files": m.files, "embedding_dim": m.embedding_dim, "precision": m.precision,
+                "image": image, "text": asdict(m.text)}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode())
+    assert m.model_id == f"{m.name}-{m.precision}-{digest.hexdigest()[:16]}"
+    ids = {m.model_id}
+    for out, dim in (("s", 4), ("s", 8), ("t", 4)):
+        m.image.similarity_output, m.image.similarity_dim = out, dim
+        ids.add(m.model_id)
+    assert len(ids) == 4

@@ -118,3 +118,47 @@ def test_switching_to_a_similarity_model_reencodes_and_adds_the_index(sim_bundle
     gen = g.info()["generation"]
     assert (g.store / f"similar-{gen}.lci").is_file()
     assert len(list(g.store.glob("similar-*"))) == 1 and len(list(g.store.glob("index-*"))) == 1
+
+
+def test_ivf_gallery_keeps_an_exact_similarity_index(sim_bundle: Path, tmp_path: Path) -> None:
+    """The joint index may be IVF (gallery.kinds); the image-to-image one stays an exact Index
+    with the same keys, and image-only queries still search it."""
+    from leanclip import Index, IVFIndex
+    from leanclip.gallery import Gallery
+
+    paths = _photos(tmp_path / "photos", 6)
+    enc = Encoder(sim_bundle, threads=1)
+    g = Gallery(tmp_path / "photos", model=enc, index_kind="ivf")
+    g.update()
+    info = g.info()
+    assert info["index"] == "ivf"
+    gen = info["generation"]
+    joint_idx = IVFIndex.load(str(g.store / f"index-{gen}.lci"))
+    sim_idx = Index.load(str(g.store / f"similar-{gen}.lci"))
+    assert sorted(np.asarray(joint_idx.keys()).tolist()) == sorted(np.asarray(sim_idx.keys()).tolist())
+    assert g.check() == ([], [])
+    sims = enc.encode_images([str(p) for p in paths], kind="similarity")
+    want = [paths[j].name for j in np.argsort(-(sims[1:] @ sims[0]), kind="stable") + 1]
+    assert [h.name for h in g.similar(paths[0], k=len(paths) - 1)] == want
+    # converting to exact moves the joint vectors; the similarity index is kept as it is
+    g2 = Gallery(tmp_path / "photos", model=enc, index_kind="exact")
+    s = g2.update()
+    assert s.encoded == 0 and g2.info()["index"] == "exact" and g2.check() == ([], [])
+    assert [h.name for h in g2.similar(paths[0], k=len(paths) - 1)] == want
+
+
+def test_missing_similarity_index_is_reported_and_rebuilt(sim_bundle: Path, tmp_path: Path) -> None:
+    from leanclip.gallery import Gallery, GalleryError
+
+    paths = _photos(tmp_path / "photos", 4)
+    g = Gallery(tmp_path / "photos", model=Encoder(sim_bundle, threads=1))
+    g.update()
+    gen = g.info()["generation"]
+    (g.store / f"similar-{gen}.lci").unlink()
+    g2 = Gallery(tmp_path / "photos", model=Encoder(sim_bundle, threads=1))
+    with pytest.raises(GalleryError, match="image-to-image index similar-.* is missing.*leanclip index"):
+        g2.similar(paths[0], k=2)
+    assert g2.search("a photo of the cat", k=2)  # text queries do not need it
+    summary = g2.update()
+    assert "image-to-image" in summary.recovered and summary.encoded == len(paths)
+    assert g2.check() == ([], []) and len(g2.similar(paths[0], k=2)) == 2

@@ -241,7 +241,13 @@ class Gallery:
             try:
                 sim = Index.load(os.fspath(self._similar_path(gen)), mmap=True)
             except FileNotFoundError:
-                # a writer committed a newer generation and removed this file: the caller's
+                if self._index_path(gen).exists():
+                    # a checkpoint removes index-<G> before similar-<G>: this one is just missing
+                    raise GalleryError(
+                        f"the gallery's image-to-image index {self._similar_path(gen).name} is missing; "
+                        f"run `leanclip index {self.root}` to rebuild it"
+                    ) from None
+                # a writer committed a newer generation and removed the files: the caller's
                 # snapshot is stale (it re-reads the generation)
                 raise StaleSnapshot() from None
             except IndexFileError as exc:
@@ -252,12 +258,14 @@ class Gallery:
             self._cached_sim = (gen, sim)
             return sim
 
-    def _snapshots(self) -> Tuple[Any, Optional[Any], Dict[str, str]]:
-        """The joint index, the image-to-image index (None without one) and the meta of one
-        committed generation."""
+    def _snapshots(self, similar: bool = True) -> Tuple[Any, Optional[Any], Dict[str, str]]:
+        """The joint index, the image-to-image index (None without one, or unless ``similar``)
+        and the meta of one committed generation."""
         with self._lock:
             for _ in range(20):
                 gen, index, meta = self._snapshot()
+                if not similar:
+                    return index, None, meta
                 try:
                     return index, self._similarity_snapshot(gen, meta), meta
                 except StaleSnapshot:
@@ -324,7 +332,11 @@ class Gallery:
         from leanclip.encoder import SIMILARITY, query_space
 
         parsed = [parse_query(q) if isinstance(q, str) else list(q) for q in queries]
-        joint_index, sim_index, meta = self._snapshots()
+        # an indexed photo (kind "photo") is an image term too
+        term_kinds = [["text" if t.kind == "text" else "image" for t in terms] for terms in parsed]
+        joint_index, sim_index, meta = self._snapshots(similar=False)
+        if int(meta.get("similarity_dim", 0) or 0) and any(SIMILARITY == query_space(k, True) for k in term_kinds):
+            joint_index, sim_index, meta = self._snapshots()  # only image-only queries need it
         joint_dim = int(meta.get("dim", 0))
         texts = sorted({t.value for terms in parsed for t in terms if t.kind == "text"})
         text_vecs: Dict[str, np.ndarray] = {}
@@ -333,9 +345,8 @@ class Gallery:
             for text, tv in zip(texts, np.asarray(enc.encode_text(texts), dtype=np.float32)):
                 text_vecs[text] = tv
         out = []
-        for terms in parsed:
-            # an indexed photo (kind "photo") is an image term too
-            space = query_space(["text" if t.kind == "text" else "image" for t in terms], sim_index is not None)
+        for terms, kinds_of_terms in zip(parsed, term_kinds):
+            space = query_space(kinds_of_terms, sim_index is not None)
             index: Any = sim_index if space == SIMILARITY else joint_index
             dim = int(index.dim) if space == SIMILARITY else joint_dim
             vecs: List[np.ndarray] = []
@@ -396,10 +407,13 @@ class Gallery:
         if isinstance(query, np.ndarray):
             qv = np.asarray(query, dtype=np.float32)
             own: List[int] = []
-            index, sim_index, _ = self._snapshots()
-            # a vector of the image-to-image width (and not the joint one) searches that index
-            space = ("similarity" if sim_index is not None and qv.shape[-1] == sim_index.dim != index.dim
-                     else "joint")
+            index, _, _ = self._snapshots(similar=False)
+            space = "joint"
+            if qv.shape[-1] != index.dim:
+                # a vector of the image-to-image width (and not the joint one) searches that index
+                _, sim_index, _ = self._snapshots()
+                if sim_index is not None and qv.shape[-1] == sim_index.dim:
+                    space = "similarity"
         else:
             qv, own, space = self._query_vectors([query])[0]
         return self._search_vectors(qv[None, :], [own if exclude_self else []], k, min_score, paths, space)[0]
@@ -431,7 +445,7 @@ class Gallery:
 
     def _search_vectors(self, qv: np.ndarray, excludes: List[List[int]], k: int, min_score: Optional[float],
                         paths: Optional[Sequence[str]], space: str = "joint") -> List[List[Hit]]:
-        index, sim_index, _ = self._snapshots()
+        index, sim_index, _ = self._snapshots(similar=space == "similarity")
         if space == "similarity":
             if sim_index is None:
                 raise GalleryError("the gallery's image-to-image index went away during the query; retry it")

@@ -365,6 +365,7 @@ class Sync:
         s.gen, s.dirty = new, False
         s.last_checkpoint = time.monotonic()
         s.since_checkpoint = 0
+        # index-<G> first: a reader that finds similar-<G> gone knows its generation is stale
         for path in (self.g._index_path(old), self.g._similar_path(old)):
             try:
                 os.unlink(path)
