@@ -19,6 +19,7 @@ import numpy as np
 
 from leanclip._engine import DTYPES
 from leanclip._fs import PathLike
+from leanclip.encoder import SIMILARITY, query_space
 from leanclip.gallery import kinds
 from leanclip.gallery import store as db
 from leanclip.gallery.errors import GalleryError, ModelMismatchError, StaleSnapshot
@@ -329,8 +330,6 @@ class Gallery:
         """(vector, own keys, space) of several queries; all their text terms go through one
         encoder call. ``space`` is "similarity" for image-only queries of a gallery with
         image-to-image vectors (:func:`leanclip.encoder.query_space`), else "joint"."""
-        from leanclip.encoder import SIMILARITY, query_space
-
         parsed = [parse_query(q) if isinstance(q, str) else list(q) for q in queries]
         # an indexed photo (kind "photo") is an image term too
         term_kinds = [["text" if t.kind == "text" else "image" for t in terms] for terms in parsed]
