@@ -62,12 +62,18 @@ def cached_class_embeddings(cache: Path, templates: Sequence[str], *, compute: b
         if not compute:
             continue
         if text_tower is None:
-            from leanclip.minilm import DEFAULT_CONTEXT_LENGTH, load_minilm, load_minilm_tokenizer_json, make_tokenizer
+            from leanclip.minilm import (
+                DEFAULT_CONTEXT_LENGTH,
+                load_minilm,
+                load_minilm_tokenizer_json,
+                make_tokenizer,
+            )
 
             text_tower = load_minilm().eval()
             tokenizer = make_tokenizer(load_minilm_tokenizer_json(), DEFAULT_CONTEXT_LENGTH)
-        from leanclip.minilm import embed_texts
         import torch
+
+        from leanclip.minilm import embed_texts
 
         with torch.no_grad():
             e = embed_texts(text_tower, tokenizer, [t.format(c) for c in IMAGENET_CLASSNAMES], batch_size=250)
@@ -227,7 +233,13 @@ def cache_photo_features(cache: Path) -> Dict[str, np.ndarray]:
     with torch.no_grad():
         pooled = torch.cat([clf._avg_pooling(clf.extract_features(px[i:i + 16])).flatten(1) for i in range(0, len(px), 16)])
         logits = clf._fc(pooled)
-    from leanclip.minilm import DEFAULT_CONTEXT_LENGTH, embed_texts, load_minilm, load_minilm_tokenizer_json, make_tokenizer
+    from leanclip.minilm import (
+        DEFAULT_CONTEXT_LENGTH,
+        embed_texts,
+        load_minilm,
+        load_minilm_tokenizer_json,
+        make_tokenizer,
+    )
 
     names = [p.name for p in photos]
     old = cache / "photo_features.npz"  # an earlier cache without distractors: reuse its text side

@@ -35,7 +35,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanclip._fs import staged_dir
-from leanclip._selfcheck import FP32_MIN_COS, Check, check_images, check_target, compare, raise_if_failed, session
+from leanclip._selfcheck import (
+    FP32_MIN_COS,
+    Check,
+    check_images,
+    check_target,
+    compare,
+    raise_if_failed,
+    session,
+)
 from leanclip.bundle import BundleError, read_manifest, write_manifest
 from leanclip.export import OPSET, _onnx_export, export_bundle
 from leanclip.minilm import (
