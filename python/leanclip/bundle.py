@@ -5,12 +5,22 @@ Layout (format version 1)::
     BUNDLE/
       leanclip.json     manifest (this module reads and writes it)
       image.onnx        pixels (n, 3, S, S) float32 -> embeddings (n, dim)
+                        [, similarity embeddings (n, similarity_dim): optional second output]
       text.onnx         input_ids (n, L) int64 [, attention_mask (n, L) int64] -> (n, dim)
       tokenizer.json    Hugging Face tokenizers file
 
 The manifest records every file's sha256, so a missing or altered file is refused at load
-time rather than producing silently wrong embeddings. This module needs only the standard
-library: it is shared by the torch-side exporter and the torch-free ``leanclip.Encoder``.
+time rather than producing silently wrong embeddings.
+
+Optional image-to-image vectors: ``image.similarity_output`` names a second output of
+``image.onnx`` (``image.similarity_dim`` wide) holding vectors meant only for comparing images
+with images (e.g. a classifier's pooled features), used for image-only queries; the first output
+stays the joint text-image space. Both fields are absent from bundles without them, so such a
+manifest is byte-for-byte a plain version-1 one with the same model id (and older leanclip
+versions, which refuse unknown fields, refuse a bundle that has them rather than misreading it).
+
+This module needs only the standard library: it is shared by the torch-side exporter and the
+torch-free ``leanclip.Encoder``.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from leanclip._fs import PathLike, atomic_write
 from leanclip.errors import LeanclipError
@@ -55,6 +65,9 @@ class ImageSpec:
     interpolation: str = "bicubic"
     input: str = "pixel_values"
     output: str = "image_embeds"
+    # optional second output of image.onnx: image-to-image vectors (see the module docstring)
+    similarity_output: Optional[str] = None
+    similarity_dim: Optional[int] = None
 
 
 @dataclass
@@ -93,19 +106,37 @@ class Manifest:
         It covers everything that changes an embedding: every file's checksum, the embedding
         size, the precision, and the whole image and text sections (preprocessing size, mean,
         std, interpolation; tokenizer, context length, padding, input and output names). The
-        free-form ``name``, ``source`` and ``extra`` are left out (``name`` is its prefix)."""
+        free-form ``name``, ``source`` and ``extra`` are left out (``name`` is its prefix). The
+        optional image-to-image fields (``image.similarity_output``, ``image.similarity_dim``)
+        count when set and are left out when absent, so a bundle without them keeps its id."""
         identity = {
             "files": self.files,
             "embedding_dim": self.embedding_dim,
             "precision": self.precision,
-            "image": asdict(self.image),
+            "image": _without_unused_optional(asdict(self.image)),
             "text": asdict(self.text),
         }
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode())
         return f"{self.name}-{self.precision}-{digest.hexdigest()[:16]}"
 
+    @property
+    def has_similarity(self) -> bool:
+        """Whether ``image.onnx`` has a second, image-to-image output."""
+        return self.image.similarity_output is not None
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        data = asdict(self)
+        # absent, not null, when unused: see the module docstring
+        data["image"] = _without_unused_optional(data["image"])
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+_OPTIONAL_IMAGE_FIELDS = ("similarity_output", "similarity_dim")
+
+
+def _without_unused_optional(image: Dict[str, Any]) -> Dict[str, Any]:
+    """The image section without the optional fields that are unset (None)."""
+    return {k: v for k, v in image.items() if not (k in _OPTIONAL_IMAGE_FIELDS and v is None)}
 
 
 def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
@@ -179,6 +210,24 @@ def _check_specs(manifest: Manifest, where: Path) -> None:
         fail("image.std", f"3 numbers in {MIN_STD}..{MAX_STD}", image.std)
     if image.interpolation not in ("bicubic", "bilinear", "nearest", "lanczos"):
         fail("image.interpolation", "bicubic, bilinear, nearest or lanczos", image.interpolation)
+    if (image.similarity_output is None) != (image.similarity_dim is None):
+        fail(
+            "image.similarity_output and image.similarity_dim",
+            "both set or both absent",
+            [image.similarity_output, image.similarity_dim],
+        )
+    if image.similarity_output is not None:
+        if not isinstance(image.similarity_output, str) or not image.similarity_output:
+            fail("image.similarity_output", "a non-empty string", image.similarity_output)
+        if image.similarity_output == image.output:
+            fail(
+                "image.similarity_output",
+                f"another output than image.output ({image.output!r})",
+                image.similarity_output,
+            )
+        sim_dim = image.similarity_dim
+        if not is_int(sim_dim) or not 1 <= int(sim_dim or 0) <= MAX_EMBEDDING_DIM:
+            fail("image.similarity_dim", f"an integer in 1..{MAX_EMBEDDING_DIM}", sim_dim)
     if not is_int(text.context_length) or not 1 <= text.context_length <= MAX_CONTEXT_LENGTH:
         fail("text.context_length", f"an integer in 1..{MAX_CONTEXT_LENGTH}", text.context_length)
     if not is_int(text.pad_id) or not 0 <= text.pad_id < 2**31:

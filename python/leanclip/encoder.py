@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -36,7 +36,7 @@ from leanclip.bundle import BundleError, Manifest, read_manifest
 from leanclip.clip_tokenizer import clip_clean
 from leanclip.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image, to_rgb
 
-__all__ = ["Encoder", "ImageLoadError", "BundleError", "preprocess_image"]
+__all__ = ["Encoder", "ImageLoadError", "BundleError", "QueryVector", "preprocess_image", "query_space"]
 
 ImageInput = Union[str, "os.PathLike[str]", Image.Image]
 
@@ -54,6 +54,32 @@ _to_rgb = to_rgb  # kept for callers of the old private name
 # Images whose full resize stays within this many pixels (48 MB as RGB) are resized exactly as
 # open_clip does; beyond it (long thin strips) preprocess_image computes only the center crop.
 _MAX_RESIZE_PIXELS = 16_000_000
+
+# vector spaces of a bundle: "joint" (text and images, every bundle) and "similarity" (images
+# only; bundles whose manifest declares image.similarity_output)
+JOINT = "joint"
+SIMILARITY = "similarity"
+SPACES = (JOINT, SIMILARITY)
+
+
+def query_space(term_kinds: Iterable[str], has_similarity: bool) -> str:
+    """The space a query is searched in: ``"similarity"`` when every term is an image and the
+    bundle has similarity vectors, else ``"joint"`` (any text term keeps the query in the space
+    texts and images share, so ``text +img:x`` stays coherent)."""
+    kinds = list(term_kinds)
+    for k in kinds:
+        if k not in ("text", "image"):
+            raise ValueError(f"unknown query term kind {k!r} (expected 'text' or 'image')")
+    if not kinds:
+        raise ValueError("a query needs at least one term")
+    return SIMILARITY if has_similarity and all(k == "image" for k in kinds) else JOINT
+
+
+class QueryVector(NamedTuple):
+    """A unit query vector and the space (``"joint"`` or ``"similarity"``) it belongs to."""
+
+    vector: np.ndarray
+    space: str
 
 
 def preprocess_image(
@@ -126,6 +152,9 @@ class Encoder:
         self.manifest: Manifest = read_manifest(self.path, verify=verify)
         m = self.manifest
         self.dim: int = m.embedding_dim
+        # image-to-image vectors (a second output of image.onnx), when the bundle has them
+        self.has_similarity: bool = m.has_similarity
+        self.similarity_dim: Optional[int] = m.image.similarity_dim
         self.model_id: str = m.model_id
         self.name: str = m.name
         self.max_pixels = int(max_pixels)
@@ -191,6 +220,15 @@ class Encoder:
             outs = [o.name for o in sess.get_outputs()]
             if spec.output not in outs:
                 raise BundleError(f"{path}: ONNX outputs {outs} lack the manifest's {spec.output!r}")
+            if (
+                which == "image"
+                and m.image.similarity_output is not None
+                and m.image.similarity_output not in outs
+            ):
+                raise BundleError(
+                    f"{path}: ONNX outputs {outs} lack the manifest's similarity output "
+                    f"{m.image.similarity_output!r}"
+                )
             if which == "text":
                 seq = sess.get_inputs()[0].shape[1]
                 self._text_length = seq if isinstance(seq, int) else None
@@ -263,11 +301,36 @@ class Encoder:
         spec = self.manifest.image
         return preprocess_image(img, spec.size, spec.mean, spec.std, spec.interpolation)
 
-    def encode_images(self, images: Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
+    def encode_images(
+        self, images: Sequence[ImageInput], batch_size: int = 32, *, kind: str = JOINT
+    ) -> np.ndarray:
         """(n, dim) float32, L2-normalized, from file paths and/or PIL images.
 
-        A file that cannot be loaded raises :class:`ImageLoadError` (encode files one by one, or
-        check them with :meth:`load_image`, to skip bad ones)."""
+        ``kind="joint"`` (default): vectors in the space shared with texts. ``kind="similarity"``:
+        the bundle's image-to-image vectors, ``(n, similarity_dim)``; ``ValueError`` if the bundle
+        has none (see :attr:`has_similarity`). A file that cannot be loaded raises
+        :class:`ImageLoadError` (encode files one by one, or check them with :meth:`load_image`,
+        to skip bad ones)."""
+        if kind not in SPACES:
+            raise ValueError(f"kind must be one of {SPACES}, got {kind!r}")
+        if kind == SIMILARITY and not self.has_similarity:
+            raise ValueError(
+                f"bundle {self.path} has no image-to-image (similarity) vectors; "
+                "use kind='joint' or check Encoder.has_similarity"
+            )
+        joint, sim = self._encode_images(images, batch_size, want_similarity=kind == SIMILARITY)
+        return sim if kind == SIMILARITY else joint  # type: ignore[return-value]
+
+    def encode_images_all(
+        self, images: Sequence[ImageInput], batch_size: int = 32
+    ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """``(joint, similarity)`` from one run of the image model: what an index stores per
+        photo. ``similarity`` is None when the bundle has no similarity vectors."""
+        return self._encode_images(images, batch_size, want_similarity=self.has_similarity)
+
+    def _encode_images(
+        self, images: Sequence[ImageInput], batch_size: int, want_similarity: bool
+    ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if isinstance(images, (str, bytes, os.PathLike, Image.Image)):
@@ -278,11 +341,14 @@ class Encoder:
                 raise TypeError(f"images[{i}] is {type(item).__name__}, not a path or PIL.Image.Image")
             if isinstance(item, Image.Image) and (item.width <= 0 or item.height <= 0):
                 raise ImageLoadError(f"images[{i}]", f"image has no pixels ({item.width} x {item.height})")
-        out = np.zeros((len(items), self.dim), dtype=np.float32)
-        if not items:
-            return out
-        sess = self._session("image")
         spec = self.manifest.image
+        out = np.zeros((len(items), self.dim), dtype=np.float32)
+        sim_dim = int(spec.similarity_dim or 0)
+        sim = np.zeros((len(items), sim_dim), dtype=np.float32) if want_similarity else None
+        if not items:
+            return out, sim
+        sess = self._session("image")
+        names = [spec.output] + ([str(spec.similarity_output)] if want_similarity else [])
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             pixels = np.stack(
@@ -295,17 +361,47 @@ class Encoder:
                     for item in chunk
                 ]
             )
-            emb = sess.run([spec.output], {spec.input: pixels})[0]
-            out[start : start + len(chunk)] = self._check_and_normalize(emb, len(chunk), "image")
-        return out
+            got = sess.run(names, {spec.input: pixels})
+            out[start : start + len(chunk)] = self._check_and_normalize(got[0], len(chunk), "image")
+            if sim is not None:
+                sim[start : start + len(chunk)] = self._check_and_normalize(
+                    got[1], len(chunk), "image (similarity output)", sim_dim
+                )
+        return out, sim
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def encode_query(self, terms: Sequence[Tuple[int, str, Any]]) -> QueryVector:
+        """One unit query vector from signed terms ``(sign, kind, value)``: ``kind`` "text" (a
+        str) or "image" (a path or PIL image), ``sign`` +1 or -1. Each term's unit vector is
+        added with its sign, and the sum normalized. The space is chosen by :func:`query_space`:
+        image-only queries use the similarity vectors when the bundle has them, anything with
+        text uses the joint space."""
+        items = list(terms)
+        for i, t in enumerate(items):
+            if not (isinstance(t, tuple) and len(t) == 3) or t[0] not in (1, -1):
+                raise ValueError(f"terms[{i}] must be (sign +1/-1, 'text'|'image', value), got {t!r}")
+        space = query_space([t[1] for t in items], self.has_similarity)
+        if not any(t[0] > 0 for t in items):
+            raise ValueError("a query needs at least one positive term")
+        texts = [t[2] for t in items if t[1] == "text"]
+        images = [t[2] for t in items if t[1] == "image"]
+        tv = iter(self.encode_text(texts)) if texts else iter(())
+        iv = iter(self.encode_images(images, kind=space)) if images else iter(())
+        q = sum(t[0] * (next(tv) if t[1] == "text" else next(iv)) for t in items)
+        norm = float(np.linalg.norm(q))
+        if not np.isfinite(norm) or norm == 0.0:
+            raise ValueError("the query's terms cancel out (positive and negative terms are the same)")
+        return QueryVector(np.asarray(q / norm, dtype=np.float32), space)
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _check_and_normalize(self, emb: np.ndarray, n: int, which: str) -> np.ndarray:
-        if emb.ndim != 2 or emb.shape != (n, self.dim):
-            raise BundleError(
-                f"{self.path}: {which} model returned shape {emb.shape}, expected ({n}, {self.dim})"
-            )
+    def _check_and_normalize(
+        self, emb: np.ndarray, n: int, which: str, dim: Optional[int] = None
+    ) -> np.ndarray:
+        dim = self.dim if dim is None else dim
+        if emb.ndim != 2 or emb.shape != (n, dim):
+            raise BundleError(f"{self.path}: {which} model returned shape {emb.shape}, expected ({n}, {dim})")
         emb = emb.astype(np.float32, copy=False)
         norms = np.linalg.norm(emb, axis=1, keepdims=True)
         return emb / np.maximum(norms, np.float32(1e-12))

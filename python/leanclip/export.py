@@ -30,7 +30,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -231,15 +231,17 @@ def _onnx_export(
     args: Tuple[torch.Tensor, ...],
     path: Path,
     input_names: List[str],
-    output_name: str,
+    output_name: Union[str, Sequence[str]],
     dynamic: Dict[str, Dict[int, str]],
 ) -> str:
     """Export with torch.export (dynamo); fall back to the TorchScript exporter if that fails.
+    ``output_name``: one name, or a list of names for a module returning a tuple.
 
     The TorchScript exporter bakes the example sequence length into nn.MultiheadAttention's
     reshapes, so it is only a fallback; the self-check catches a length-specialized graph.
     Returns which exporter produced the file."""
     errors = []
+    output_names = [output_name] if isinstance(output_name, str) else list(output_name)
     with _export_mode(module), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         shapes = tuple(
@@ -253,7 +255,7 @@ def _onnx_export(
                     str(path),
                     dynamo=True,
                     input_names=input_names,
-                    output_names=[output_name],
+                    output_names=output_names,
                     dynamic_shapes=shapes,
                     opset_version=OPSET,
                     external_data=False,
@@ -269,7 +271,7 @@ def _onnx_export(
                 str(path),
                 dynamo=False,
                 input_names=input_names,
-                output_names=[output_name],
+                output_names=output_names,
                 dynamic_axes=dynamic,
                 opset_version=OPSET,
                 do_constant_folding=True,

@@ -110,10 +110,14 @@ def quantize_bundle(
             tok = Tokenizer.from_file(str(src / m.text.tokenizer))
             imgs = check_images(m.image.size, m.image.mean, m.image.std)
             txts = [tokenize_batch(tok, m.text, list(check_texts or DEFAULT_CHECK_TEXTS), None)]
-            for label, f, feeds, outname in (
-                ("int8 image encoder", m.image.file, [{m.image.input: b} for b in imgs], m.image.output),
+            img_feeds = [{m.image.input: b} for b in imgs]
+            checked = [
+                ("int8 image encoder", m.image.file, img_feeds, m.image.output),
                 ("int8 text encoder", m.text.file, txts, m.text.output),
-            ):
+            ]
+            if m.image.similarity_output is not None:  # the optional image-to-image output
+                checked.append(("int8 image similarity", m.image.file, img_feeds, m.image.similarity_output))
+            for label, f, feeds, outname in checked:
                 ref_s, got_s = session(src / f), session(stage / f)
                 checks.append(
                     compare(

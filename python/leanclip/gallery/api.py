@@ -19,6 +19,7 @@ import numpy as np
 
 from leanclip._engine import DTYPES
 from leanclip._fs import PathLike
+from leanclip.encoder import SIMILARITY, query_space
 from leanclip.gallery import kinds
 from leanclip.gallery import store as db
 from leanclip.gallery.errors import GalleryError, ModelMismatchError, StaleSnapshot
@@ -96,6 +97,7 @@ class Gallery:
         self._lock = threading.RLock()
         self._conn: Optional[sqlite3.Connection] = None
         self._cached: Optional[Tuple[int, Any]] = None  # (generation, Index) for queries
+        self._cached_sim: Optional[Tuple[int, Any]] = None  # (generation, image-to-image Index)
         self._model_source = ""  # bundle path of the model, recorded so later runs reuse it
 
     # -- resources -------------------------------------------------------------------------
@@ -145,6 +147,7 @@ class Gallery:
                 self._conn.close()
                 self._conn = None
             self._cached = None
+            self._cached_sim = None
 
     def __enter__(self) -> "Gallery":
         return self
@@ -154,6 +157,10 @@ class Gallery:
 
     def _index_path(self, generation: int) -> Path:
         return self.store / f"index-{generation}.lci"
+
+    def _similar_path(self, generation: int) -> Path:
+        """The image-to-image index of a generation (models with ``has_similarity`` only)."""
+        return self.store / f"similar-{generation}.lci"
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -226,6 +233,52 @@ class Gallery:
                 return gen, index, meta
         raise GalleryError(f"index file for generation {gen} keeps disappearing in {self.store}")
 
+    def _similarity_snapshot(self, gen: int, meta: Dict[str, str]) -> Optional[Any]:
+        """The image-to-image index of generation ``gen`` (an exact Index, cached); None when
+        the gallery has none (its model has no image-to-image vectors)."""
+        from leanclip import Index, IndexFileError
+
+        if gen == 0 or not int(meta.get("similarity_dim", 0) or 0):
+            return None
+        with self._lock:
+            if self._cached_sim is not None and self._cached_sim[0] == gen:
+                return self._cached_sim[1]
+            try:
+                sim = Index.load(os.fspath(self._similar_path(gen)), mmap=True)
+            except FileNotFoundError:
+                if self._index_path(gen).exists():
+                    # a checkpoint removes index-<G> before similar-<G>: this one is just missing
+                    raise GalleryError(
+                        f"the gallery's image-to-image index {self._similar_path(gen).name} is missing; "
+                        f"run `leanclip index {self.root}` to rebuild it"
+                    ) from None
+                # a writer committed a newer generation and removed the files: the caller's
+                # snapshot is stale (it re-reads the generation)
+                raise StaleSnapshot() from None
+            except IndexFileError as exc:
+                raise GalleryError(
+                    f"the gallery's image-to-image index is damaged ({exc}); run `leanclip index {self.root}` "
+                    "to rebuild it"
+                ) from None
+            self._cached_sim = (gen, sim)
+            return sim
+
+    def _snapshots(self, similar: bool = True) -> Tuple[Any, Optional[Any], Dict[str, str]]:
+        """The joint index, the image-to-image index (None without one, or unless ``similar``)
+        and the meta of one committed generation."""
+        with self._lock:
+            for _ in range(20):
+                gen, index, meta = self._snapshot()
+                if not similar:
+                    return index, None, meta
+                try:
+                    return index, self._similarity_snapshot(gen, meta), meta
+                except StaleSnapshot:
+                    if self._reader().in_transaction:
+                        raise
+                    time.sleep(0.05)  # a writer committed meanwhile: take the new generation
+        raise GalleryError(f"the image-to-image index keeps disappearing in {self.store}")
+
     def _rows_for_keys(self, keys: Sequence[int]) -> Dict[int, bytes]:
         return db.rows_for_keys(self._reader(), keys)
 
@@ -269,16 +322,29 @@ class Gallery:
         return enc
 
     def query_vector(self, query: Union[str, Sequence[Term]]) -> Tuple[np.ndarray, List[int]]:
-        """The unit query vector of a query string or terms, and gallery keys of its image terms."""
-        return self._query_vectors([query])[0]
+        """The unit query vector of a query string or terms, and gallery keys of its image terms.
+
+        A query made only of images (``img:`` / photo terms) gets an image-to-image vector when
+        the gallery has them (its length is then the model's ``similarity_dim``; ``search``
+        routes it there)."""
+        vec, own, _ = self._query_vectors([query])[0]
+        return vec, own
 
     def _query_vectors(
         self, queries: Sequence[Union[str, Sequence[Term]]]
-    ) -> List[Tuple[np.ndarray, List[int]]]:
-        """Query vectors of several queries; all their text terms go through one encoder call."""
+    ) -> List[Tuple[np.ndarray, List[int], str]]:
+        """(vector, own keys, space) of several queries; all their text terms go through one
+        encoder call. ``space`` is "similarity" for image-only queries of a gallery with
+        image-to-image vectors (:func:`leanclip.encoder.query_space`), else "joint"."""
         parsed = [parse_query(q) if isinstance(q, str) else list(q) for q in queries]
-        _, index, meta = self._snapshot()
-        dim = int(meta.get("dim", 0))
+        # an indexed photo (kind "photo") is an image term too
+        term_kinds = [["text" if t.kind == "text" else "image" for t in terms] for terms in parsed]
+        joint_index, sim_index, meta = self._snapshots(similar=False)
+        if int(meta.get("similarity_dim", 0) or 0) and any(
+            SIMILARITY == query_space(k, True) for k in term_kinds
+        ):
+            joint_index, sim_index, meta = self._snapshots()  # only image-only queries need it
+        joint_dim = int(meta.get("dim", 0))
         texts = sorted({t.value for terms in parsed for t in terms if t.kind == "text"})
         text_vecs: Dict[str, np.ndarray] = {}
         if texts:
@@ -286,7 +352,10 @@ class Gallery:
             for text, tv in zip(texts, np.asarray(enc.encode_text(texts), dtype=np.float32)):
                 text_vecs[text] = tv
         out = []
-        for terms in parsed:
+        for terms, kinds_of_terms in zip(parsed, term_kinds):
+            space = query_space(kinds_of_terms, sim_index is not None)
+            index: Any = sim_index if space == SIMILARITY else joint_index
+            dim = int(index.dim) if space == SIMILARITY else joint_dim
             vecs: List[np.ndarray] = []
             own_keys: List[int] = []
             for t in terms:
@@ -309,7 +378,13 @@ class Gallery:
                         enc = self._check_model(meta)
                         size = model_image_size(enc)
                         im = load_image(t.value, max_pixels=self.max_pixels, reduce_for=size)
-                        v = np.asarray(enc.encode_images([im]), dtype=np.float32)[0]
+                        if space == SIMILARITY:
+                            v = np.asarray(
+                                enc.encode_images([im], kind=SIMILARITY),  # type: ignore[call-arg]
+                                dtype=np.float32,
+                            )[0]
+                        else:
+                            v = np.asarray(enc.encode_images([im]), dtype=np.float32)[0]
                 if dim and v.shape[0] != dim:
                     raise ModelMismatchError(f"query vector has dim {v.shape[0]}, gallery has {dim}")
                 n = float(np.linalg.norm(v))
@@ -318,7 +393,7 @@ class Gallery:
             n = float(np.linalg.norm(q))
             if not np.isfinite(n) or n == 0.0:
                 raise GalleryError("the query's terms cancel out (positive and negative terms are the same)")
-            out.append((q / n, own_keys))
+            out.append((q / n, own_keys, space))
         return out
 
     def search(
@@ -341,9 +416,16 @@ class Gallery:
         if isinstance(query, np.ndarray):
             qv = np.asarray(query, dtype=np.float32)
             own: List[int] = []
+            index, _, _ = self._snapshots(similar=False)
+            space = "joint"
+            if qv.shape[-1] != index.dim:
+                # a vector of the image-to-image width (and not the joint one) searches that index
+                _, sim_index, _ = self._snapshots()
+                if sim_index is not None and qv.shape[-1] == sim_index.dim:
+                    space = "similarity"
         else:
-            qv, own = self.query_vector(query)
-        return self._search_vectors(qv[None, :], [own if exclude_self else []], k, min_score, paths)[0]
+            qv, own, space = self._query_vectors([query])[0]
+        return self._search_vectors(qv[None, :], [own if exclude_self else []], k, min_score, paths, space)[0]
 
     def search_batch(
         self,
@@ -360,9 +442,16 @@ class Gallery:
         if not queries:
             return []
         vecs = self._query_vectors(queries)
-        return self._search_vectors(
-            np.stack([v for v, _ in vecs]), [own for _, own in vecs], k, min_score, paths
-        )
+        out: List[List[Hit]] = [[] for _ in vecs]
+        for space in ("joint", "similarity"):  # one index search per space
+            idx = [i for i, v in enumerate(vecs) if v[2] == space]
+            if idx:
+                hits = self._search_vectors(
+                    np.stack([vecs[i][0] for i in idx]), [vecs[i][1] for i in idx], k, min_score, paths, space
+                )
+                for i, h in zip(idx, hits):
+                    out[i] = h
+        return out
 
     def _search_vectors(
         self,
@@ -371,8 +460,13 @@ class Gallery:
         k: int,
         min_score: Optional[float],
         paths: Optional[Sequence[str]],
+        space: str = "joint",
     ) -> List[List[Hit]]:
-        _, index, _ = self._snapshot()
+        index, sim_index, _ = self._snapshots(similar=space == "similarity")
+        if space == "similarity":
+            if sim_index is None:
+                raise GalleryError("the gallery's image-to-image index went away during the query; retry it")
+            index = sim_index
         total = len(index)
         if total == 0:
             return [[] for _ in excludes]
@@ -416,7 +510,9 @@ class Gallery:
     ) -> List[Hit]:
         """Files most like ``image`` (a path; reuses its stored vector if it is in the gallery).
 
-        ``extra``: more terms, as query syntax (``"+sunset -people"``) or :class:`Term` s;
+        Searches the image-to-image vectors when the gallery has them (a model with
+        ``has_similarity``) and ``extra`` has no text, else the joint ones; scores are cosines
+        of that space. ``extra``: more terms, as query syntax (``"+sunset -people"``) or :class:`Term` s;
         other keywords as for :meth:`search`."""
         if isinstance(extra, str):
             more = parse_query("+x " + extra)[1:] if extra.strip() else []
@@ -432,7 +528,9 @@ class Gallery:
                 conn.execute("BEGIN")  # one read snapshot for the generation and the rows
                 try:
                     self._cached = None
-                    _, index, _ = self._snapshot()
+                    self._cached_sim = None
+                    gen, index, meta = self._snapshot()
+                    sim_index = self._similarity_snapshot(gen, meta)
                     rows = {int(k) for (k,) in conn.execute("SELECT key FROM files WHERE status='ok'")}
                     break
                 except StaleSnapshot:
@@ -442,6 +540,9 @@ class Gallery:
             else:
                 raise GalleryError(f"the gallery in {self.store} changes too fast to check")
         keys = {int(k) for k in np.asarray(index.keys()).tolist()}
+        if sim_index is not None:  # the image-to-image index must hold exactly the same keys
+            sim_keys = {int(k) for k in np.asarray(sim_index.keys()).tolist()}
+            return sorted(rows - (keys & sim_keys)), sorted((keys | sim_keys) - rows)
         return sorted(rows - keys), sorted(keys - rows)
 
     # -- writing ---------------------------------------------------------------------------
@@ -469,3 +570,4 @@ class Gallery:
     def _forget_snapshot(self) -> None:
         with self._lock:
             self._cached = None
+            self._cached_sim = None

@@ -2,8 +2,9 @@
 
 Commit protocol (crash consistency). The database's ``generation`` names the one index file
 that matches its rows. A checkpoint saves the in-memory index as a *new* file
-``index-<G+1>.lci`` (atomically), then commits the rows together with ``generation = G+1`` in
-one SQLite transaction, and only then deletes ``index-<G>.lci``. A kill before the commit leaves
+``index-<G+1>.lci`` (atomically; for a model with image-to-image vectors their exact index
+``similar-<G+1>.lci`` is saved first, same keys), then commits the rows together with
+``generation = G+1`` in one SQLite transaction, and only then deletes the generation-G files. A kill before the commit leaves
 the old rows and the old index (both still on disk) in force; a kill after it leaves the new
 pair. Stray index files are removed by the next ``update()``. Keys are never reused, so a reader
 holding an older index never maps a key to the wrong file.
@@ -115,6 +116,9 @@ class UpdateState:
     last_save_s: float = 0.0  # how long the last index save took
     dtype: str = "f32"  # the storage precision asked for
     index_choice: str = "auto"  # "exact", "ivf" or "auto" (gallery.kinds)
+    # the image-to-image vectors of a model that has them (``Encoder.has_similarity``): an exact
+    # leanclip.Index with the same keys as ``index``, whatever kind that is; None otherwise
+    similar: Any = None
 
 
 def _describe(exc: BaseException) -> str:
@@ -128,6 +132,13 @@ def _describe(exc: BaseException) -> str:
 def display(rel: bytes) -> str:
     """A printable form of a stored relative path (non-UTF-8 bytes shown as U+FFFD)."""
     return rel.decode("utf-8", "replace")
+
+
+def similarity_dim(enc: Any) -> int:
+    """The width of a model's image-to-image vectors; 0 when it has none."""
+    if not getattr(enc, "has_similarity", False):
+        return 0
+    return int(getattr(enc, "similarity_dim", 0) or 0)
 
 
 def model_image_size(enc: Any) -> int:
@@ -246,6 +257,16 @@ def run_update(g: "Gallery", progress: Optional[Progress] = None) -> UpdateSumma
         want_dtype = g.dtype or meta.get("dtype") or "f32"
         # the index kind asked for (kept across updates); conversions happen after the scan
         choice = g.index_kind or meta.get("index") or "auto"
+        sim_dim = similarity_dim(enc)
+        similar: Any = None
+        if sim_dim:
+            if index is not None and not reset_reason:
+                similar = load_similar(g, gen, meta, sim_dim, len(index))
+                if similar is None and len(index):
+                    reset_reason = "no usable image-to-image index for this model: re-encoding"
+                    index = None
+            if similar is None:
+                similar = Index(sim_dim, dtype=want_dtype)  # type: ignore[arg-type]
         if index is None:
             index = Index(enc.dim, dtype=want_dtype)  # type: ignore[arg-type]
         if reset_reason:
@@ -257,15 +278,19 @@ def run_update(g: "Gallery", progress: Optional[Progress] = None) -> UpdateSumma
         db.set_meta(conn, "model_source", g._model_source)
         db.set_meta(conn, "index", choice)
         db.set_meta(conn, "index_kind", kinds.kind_of(index))
+        # committed with the generation: readers open similar-<G>.lci only when it is nonzero
+        sim_changed = meta.get("similarity_dim", "0") != str(sim_dim)
+        db.set_meta(conn, "similarity_dim", sim_dim)
         remove_stray_files(g, keep=gen)
         state = UpdateState(
             conn=conn,
             index=index,
             gen=gen,
             next_key=next_key,
-            dirty=bool(reset_reason or fresh or migrated),
+            dirty=bool(reset_reason or fresh or migrated or sim_changed),
             dtype=want_dtype,
             index_choice=choice,
+            similar=similar,
         )
         run = Sync(g, state, summary, progress)
         run.run()
@@ -301,11 +326,25 @@ def run_update(g: "Gallery", progress: Optional[Progress] = None) -> UpdateSumma
     return summary
 
 
+def load_similar(g: "Gallery", gen: int, meta: Dict[str, str], sim_dim: int, n: int) -> Any:
+    """The committed image-to-image index of generation ``gen`` when it fits a model with
+    ``sim_dim``-wide vectors and an index of ``n`` vectors; None when there is none to reuse."""
+    from leanclip import Index, IndexFileError
+
+    if gen == 0 or meta.get("similarity_dim") != str(sim_dim):
+        return None
+    try:
+        similar = Index.load(os.fspath(g._similar_path(gen)))
+    except (FileNotFoundError, IndexFileError, OSError, ValueError):
+        return None
+    return similar if similar.dim == sim_dim and len(similar) == n else None
+
+
 def remove_stray_files(g: "Gallery", keep: int) -> None:
-    keep_name = g._index_path(keep).name
+    keep_names = {g._index_path(keep).name, g._similar_path(keep).name}
     for entry in os.scandir(g.store):
         n = entry.name
-        if (n.startswith("index-") or n.startswith(".index-") or n.startswith(".tmp")) and n != keep_name:
+        if n.startswith(("index-", ".index-", "similar-", ".similar-", ".tmp")) and n not in keep_names:
             try:
                 os.unlink(entry.path)
             except OSError:
@@ -334,6 +373,8 @@ class Sync:
             return
         old, new = s.gen, s.gen + 1
         t0 = time.monotonic()
+        if s.similar is not None:
+            s.similar.save(os.fspath(self.g._similar_path(new)))
         s.index.save(os.fspath(self.g._index_path(new)))
         s.last_save_s = time.monotonic() - t0
         db.set_meta(s.conn, "generation", new)
@@ -342,10 +383,12 @@ class Sync:
         s.gen, s.dirty = new, False
         s.last_checkpoint = time.monotonic()
         s.since_checkpoint = 0
-        try:
-            os.unlink(self.g._index_path(old))
-        except FileNotFoundError:
-            pass
+        # index-<G> first: a reader that finds similar-<G> gone knows its generation is stale
+        for path in (self.g._index_path(old), self.g._similar_path(old)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
         s.conn.execute("BEGIN IMMEDIATE")
 
     def checkpoint_if_due(self, force: bool = False) -> None:
@@ -383,7 +426,7 @@ class Sync:
                 summary.unchanged += 1
                 continue
             if old and old.key is not None:
-                index.remove([old.key])
+                self.remove_keys([old.key])
             db.write_row(conn, FileRow(rel, 0, 0, None, None, "failed", reason))
             summary.failed += 1
             summary.failures.append((display(rel), reason))
@@ -457,7 +500,7 @@ class Sync:
         if missing:
             gone = [r.key for r in missing.values() if r.key is not None]
             if gone:
-                index.remove(np.asarray(gone, dtype=np.uint64))
+                self.remove_keys(gone)
             conn.executemany("DELETE FROM files WHERE path=?", [(rel,) for rel in missing])
             summary.removed += len(missing)
             s.dirty = True
@@ -470,7 +513,8 @@ class Sync:
             ).fetchone()
             if dup is not None and int(dup[0]) in index:
                 vec = index.get([int(dup[0])])
-                self.store_vectors([(f, digest)], vec)
+                sim = s.similar.get([int(dup[0])]) if s.similar is not None else None
+                self.store_vectors([(f, digest)], vec, sim)
                 summary.copied += 1
             else:
                 remaining.append((f, digest))
@@ -489,6 +533,9 @@ class Sync:
         if new is not s.index:
             s.index = new
             db.set_meta(s.conn, "index_kind", kinds.kind_of(new))
+            s.dirty = True
+        if s.similar is not None and s.similar.dtype != s.dtype:  # always exact: only the precision
+            s.similar = s.similar.astype(s.dtype)
             s.dirty = True
 
     def finish(self) -> None:
@@ -523,7 +570,7 @@ class Sync:
             vecs = self.encode(images, ok_items)
             s.clean = False
             if vecs is not None and ok_items:
-                self.store_vectors(ok_items, vecs)
+                self.store_vectors(ok_items, *vecs)
                 self.summary.encoded += len(ok_items)
             s.clean = True
             for im in images:
@@ -535,42 +582,74 @@ class Sync:
             self.checkpoint_if_due()
         s.clean = False
 
-    def encode(self, images: List[Any], items: List[Tuple[FoundFile, str]]) -> Optional[np.ndarray]:
+    def encode_batch(self, images: List[Any]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """(joint, image-to-image) vectors of ``images`` from one run of the image model; the
+        second is None unless the gallery keeps image-to-image vectors."""
+        enc = self.g.encoder
+        if self.state.similar is None:
+            return np.asarray(enc.encode_images(images), dtype=np.float32), None
+        joint, sim = enc.encode_images_all(images)  # type: ignore[attr-defined]
+        return np.asarray(joint, dtype=np.float32), np.asarray(sim, dtype=np.float32)
+
+    def encode(
+        self, images: List[Any], items: List[Tuple[FoundFile, str]]
+    ) -> Optional[Tuple[np.ndarray, Optional[np.ndarray]]]:
         if not images:
             return None
-        enc = self.g.encoder
         try:
-            return np.asarray(enc.encode_images(images), dtype=np.float32)
+            return self.encode_batch(images)
         except Exception:
             if len(images) == 1:
                 raise
         # a batch failed: encode one by one to find the file at fault
-        vecs, keep = [], []
+        vecs, sims, keep = [], [], []
         for im, item in zip(images, items):
             try:
-                vecs.append(np.asarray(enc.encode_images([im]), dtype=np.float32)[0])
+                v, sv = self.encode_batch([im])
+                vecs.append(v[0])
+                if sv is not None:
+                    sims.append(sv[0])
                 keep.append(item)
             except Exception as exc:  # the model refused this image; record, go on
                 self.record_failure(item[0], item[1], f"encoder failed: {_describe(exc)}")
         items[:] = keep
-        return np.stack(vecs) if vecs else None
+        if not vecs:
+            return None
+        return np.stack(vecs), (np.stack(sims) if sims else None)
 
     def new_keys(self, n: int) -> List[int]:
         start = self.state.next_key
         self.state.next_key = start + n
         return list(range(start, start + n))
 
-    def store_vectors(self, items: List[Tuple[FoundFile, str]], vecs: np.ndarray) -> None:
+    def remove_keys(self, keys: Any) -> None:
+        """Drop ``keys`` from the index and from the image-to-image index in step."""
+        arr = np.asarray(keys, dtype=np.uint64)
+        self.state.index.remove(arr)
+        if self.state.similar is not None:
+            self.state.similar.remove(arr)
+
+    def store_vectors(
+        self, items: List[Tuple[FoundFile, str]], vecs: np.ndarray, sims: Optional[np.ndarray] = None
+    ) -> None:
         s, rows, summary = self.state, self.rows, self.summary
         vecs = np.asarray(vecs, dtype=np.float32).reshape(len(items), -1)
         finite = np.isfinite(vecs).all(axis=1) & (np.linalg.norm(vecs, axis=1) > 0)
+        if s.similar is not None:
+            if sims is None:
+                raise GalleryError("internal: image-to-image vectors missing for a model that has them")
+            sims = np.asarray(sims, dtype=np.float32).reshape(len(items), -1)
+            finite &= np.isfinite(sims).all(axis=1) & (np.linalg.norm(sims, axis=1) > 0)
         keys = self.new_keys(len(items))
         old_keys = [rows[f.rel].key for f, _ in items if f.rel in rows and rows[f.rel].key is not None]
         if old_keys:
-            s.index.remove(np.asarray(old_keys, dtype=np.uint64))
+            self.remove_keys(old_keys)
         good = [i for i in range(len(items)) if finite[i]]
         if good:
-            s.index.add(np.asarray([keys[i] for i in good], dtype=np.uint64), vecs[good])
+            good_keys = np.asarray([keys[i] for i in good], dtype=np.uint64)
+            s.index.add(good_keys, vecs[good])
+            if s.similar is not None and sims is not None:
+                s.similar.add(good_keys, sims[good])
         for i, (f, digest) in enumerate(items):
             if not finite[i]:
                 self.record_failure(f, digest, "encoder produced a NaN or zero vector")
@@ -587,7 +666,7 @@ class Sync:
     def record_failure(self, f: FoundFile, digest: Optional[str], reason: str) -> None:
         old = self.rows.get(f.rel)
         if old is not None and old.key is not None:
-            self.state.index.remove(np.asarray([old.key], dtype=np.uint64))
+            self.remove_keys([old.key])
         row = FileRow(f.rel, f.size, f.mtime_ns, digest, None, "failed", reason, f.ino, f.ctime_ns)
         db.write_row(self.state.conn, row)
         self.rows[f.rel] = row
