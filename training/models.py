@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanclip._fs import atomic_write_with
 from leanclip.export import CLIPTextTower  # the one home of CLIP's causal text tower
 
 CHECKPOINT_FORMAT = "leanclip-training-checkpoint"
@@ -577,18 +577,9 @@ def model_config(model: nn.Module) -> dict[str, Any]:
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
-    """Write to a sibling temporary file and rename it over ``path``: a crash mid-write never
-    leaves a truncated checkpoint behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` through a sibling temporary renamed over ``path`` (``leanclip._fs``): a
+    crash mid-write never leaves a truncated checkpoint behind."""
+    atomic_write_with(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_checkpoint(path: PathLike, model: nn.Module, extra: Mapping[str, Any] | None = None) -> None:
