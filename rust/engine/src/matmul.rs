@@ -384,6 +384,128 @@ impl PackedQueries {
         }
     }
 
+    /// `c[i * ldc + j] = a_i . b_(j0 + j)` for rows `j0..j0 + n` of rows packed once (`j0` a
+    /// multiple of 32, the panel width); the product must be the one both were packed for.
+    pub fn scores_packed(
+        &self,
+        b: &PackedRows,
+        j0: usize,
+        n: usize,
+        c: &mut [f32],
+        ldc: usize,
+        ws: &mut Workspace,
+    ) {
+        let (m, k) = (self.m, self.k);
+        assert!(
+            self.product == b.product && k == b.k,
+            "rows packed for another product"
+        );
+        assert!(
+            j0.is_multiple_of(b.shape.nr) && j0 + n <= b.n,
+            "rows out of the packed range"
+        );
+        assert!(
+            ldc >= n && (m == 0 || c.len() >= (m - 1) * ldc + n),
+            "c too short"
+        );
+        if m == 0 || n == 0 {
+            return;
+        }
+        let shape = self.shape.expect("a packed product has a micro-kernel");
+        #[cfg(target_arch = "x86_64")]
+        {
+            let cp = c.as_mut_ptr();
+            match self.product {
+                Product::Bf16 => self.drive_packed::<u16, u16>(shape, b, j0, n, |t| {
+                    // SAFETY: as in `run_bf16`; the panel pointers lie inside `b`'s buffer.
+                    unsafe {
+                        x86::bf16_12x32(
+                            t.steps,
+                            t.a,
+                            t.b,
+                            cp.add(t.i0 * ldc + t.j0),
+                            ldc,
+                            t.mr_valid,
+                            t.nr_valid,
+                            !t.first,
+                        )
+                    }
+                }),
+                Product::I8 => {
+                    let multi = k > shape.kc;
+                    if multi {
+                        ws.ints.resize(m * n, 0);
+                    }
+                    let out = x86::I8Out {
+                        c: cp,
+                        ldc,
+                        ints: ws.ints.as_mut_ptr(),
+                        ldi: n,
+                        qscale: self.scales.as_ptr(),
+                        // SAFETY: j0 + n <= b.n (asserted), inside both arrays.
+                        bscale: unsafe { b.scales.as_ptr().add(j0) },
+                        corr: unsafe { b.corr.as_ptr().add(j0) },
+                    };
+                    self.drive_packed::<u8, i8>(shape, b, j0, n, |t| {
+                        // SAFETY: as in `run_i8`; tile columns are relative to j0, as are
+                        // `out`'s scale and correction pointers.
+                        unsafe { x86::i8_12x32(t, &out, multi) }
+                    })
+                }
+                Product::F32 => unreachable!("f32 rows are packed per block"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (shape, c, ws);
+            unreachable!("no packed product on this architecture");
+        }
+    }
+
+    /// [`Self::drive`] over rows packed once: no packing, the same blocking.
+    fn drive_packed<TA: bytemuck::Pod, TB: bytemuck::Pod>(
+        &self,
+        shape: Shape,
+        b: &PackedRows,
+        j0: usize,
+        n: usize,
+        mut kernel: impl FnMut(&Tile<TA, TB>),
+    ) {
+        let (m, k) = (self.m, self.k);
+        let Shape { mr, nr, kc, nc, .. } = shape;
+        let a_panels = m.div_ceil(mr);
+        let mut p0 = 0;
+        while p0 < k {
+            let kcur = kc.min(k - p0);
+            let kcp = shape.padded(k, p0);
+            let apack: *const TA = self.slice(p0);
+            let mut jb = 0;
+            while jb < n {
+                let ncur = nc.min(n - jb);
+                for ip in 0..a_panels {
+                    // SAFETY: the packed queries hold a_panels panels of mr * kcp values.
+                    let a = unsafe { apack.add(ip * mr * kcp) };
+                    for jp in 0..ncur.div_ceil(nr) {
+                        let col = jb + jp * nr;
+                        kernel(&Tile {
+                            a,
+                            b: b.panel::<TB>((j0 + col) / nr, p0),
+                            steps: kcp / shape.g,
+                            i0: ip * mr,
+                            j0: col,
+                            mr_valid: mr.min(m - ip * mr),
+                            nr_valid: nr.min(n - col),
+                            first: p0 == 0,
+                            last: p0 + kcur == k,
+                        });
+                    }
+                }
+                jb += ncur;
+            }
+            p0 += kcur;
+        }
+    }
+
     /// The portable path and the tests' reference: the same arithmetic, one pair at a time.
     fn reference(&self, b: Src<'_>, n: usize, c: &mut [f32], ldc: usize, ws: &mut Workspace) {
         let (m, k) = (self.m, self.k);
@@ -558,11 +680,7 @@ impl PackedQueries {
                 |dst, j0, count, p0, kc, kcp| {
                     let staged: &mut [u16] = aligned(&mut stage, count * kcp);
                     for (i, out) in staged.chunks_exact_mut(kcp).enumerate() {
-                        row.resize(kc, 0.0);
-                        b.read(j0 + i, k, p0, row);
-                        for (o, &v) in out.iter_mut().zip(row.iter()) {
-                            *o = bf16_bits(v);
-                        }
+                        read_bf16(b, level, j0 + i, k, p0, &mut out[..kc], row);
                         out[kc..].fill(0);
                     }
                     pack_words(level, dst, staged, count, shape.nr, kcp / 2);
@@ -666,6 +784,40 @@ impl PackedQueries {
     }
 }
 
+/// Values `[p0, p0 + out.len())` of row `r` of `src` as bf16 bits (rounded to nearest even):
+/// 16 lanes at a time where the bf16 product runs, a plain loop elsewhere.
+fn read_bf16(
+    src: Src<'_>,
+    level: Level,
+    r: usize,
+    k: usize,
+    p0: usize,
+    out: &mut [u16],
+    tmp: &mut Vec<f32>,
+) {
+    let s = r * k + p0;
+    #[cfg(target_arch = "x86_64")]
+    if has_bf16_product(level) {
+        // SAFETY: the bf16 product needs AVX-512F, checked by `has_bf16_product`; the slices
+        // have out.len() values.
+        match src {
+            Src::F32(v) => return unsafe { x86::f32_to_bf16(&v[s..s + out.len()], out) },
+            Src::F16(v) => return unsafe { x86::f16_to_bf16(&v[s..s + out.len()], out) },
+            Src::I8 { .. } => {
+                tmp.resize(out.len(), 0.0);
+                src.read(r, k, p0, tmp);
+                return unsafe { x86::f32_to_bf16(tmp, out) };
+            }
+        }
+    }
+    let _ = level;
+    tmp.resize(out.len(), 0.0);
+    src.read(r, k, p0, tmp);
+    for (o, &v) in out.iter_mut().zip(tmp.iter()) {
+        *o = bf16_bits(v);
+    }
+}
+
 /// bf16 bits of `v`, rounded to nearest even (NaN stays NaN); a plain loop of these vectorizes.
 #[inline(always)]
 fn bf16_bits(v: f32) -> u16 {
@@ -718,6 +870,158 @@ fn pack_slices<T: Copy + Default>(
             &mut tmp,
         );
         p0 += kc;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stored rows packed once.
+
+/// Stored rows packed once, for the whole scan, into the panels a low-precision product reads
+/// (i8 rows quantized per row, or bf16), so that a scan running many query blocks over the
+/// same rows (mining) packs each row once instead of once per block.
+///
+/// Layout: panel-major (`NR` rows per panel, the last one zero-padded), within a panel the
+/// `k` slices one after the other, each as [`pack`] writes it.
+pub struct PackedRows {
+    product: Product,
+    shape: Shape,
+    n: usize,
+    k: usize,
+    /// Padded values of `k` a panel holds per row (all slices).
+    kp: usize,
+    buf: Vec<u8>,
+    /// i8: each row's scale, and `128 * sum(row)` (removes the queries' u8 offset exactly).
+    scales: Vec<f32>,
+    corr: Vec<i32>,
+}
+
+impl PackedRows {
+    /// The `n` rows of `src` (`k` values each) for `product` at `level`; None where the level
+    /// has no micro-kernel for it (or for f32, whose per-block packing costs little).
+    pub fn new(product: Product, level: Level, src: Src<'_>, n: usize, k: usize) -> Option<Self> {
+        use rayon::prelude::*;
+        if product == Product::F32 || k == 0 || (product == Product::I8 && k > I8_MAX_K) {
+            return None;
+        }
+        let shape = Shape::of(product, level)?;
+        assert!(src.rows(k) >= n, "fewer than n stored rows");
+        let full = k / shape.kc * shape.kc;
+        let kp = full + (k - full).div_ceil(shape.g) * shape.g;
+        let panel_len = shape.nr * kp;
+        let panels = n.div_ceil(shape.nr);
+        let mut p = PackedRows {
+            product,
+            shape,
+            n,
+            k,
+            kp,
+            buf: Vec::new(),
+            scales: Vec::new(),
+            corr: Vec::new(),
+        };
+        let mut buf = std::mem::take(&mut p.buf);
+        match product {
+            Product::Bf16 => {
+                let dst: &mut [u16] = aligned(&mut buf, panels * panel_len);
+                dst.par_chunks_mut(panel_len).enumerate().for_each_init(
+                    Vec::new,
+                    |row, (panel, out)| {
+                        p.pack_panel(out, panel, |r, vals: &mut [u16]| {
+                            read_bf16(src, level, r, k, 0, vals, row);
+                        });
+                    },
+                );
+            }
+            Product::I8 => {
+                let mut scales = vec![0f32; panels * shape.nr];
+                let mut corr = vec![0i32; panels * shape.nr];
+                let dst: &mut [i8] = aligned(&mut buf, panels * panel_len);
+                dst.par_chunks_mut(panel_len)
+                    .zip(scales.par_chunks_mut(shape.nr))
+                    .zip(corr.par_chunks_mut(shape.nr))
+                    .enumerate()
+                    .for_each_init(
+                        || (Vec::new(), Vec::new()),
+                        |(row, quant), (panel, ((out, sc), co))| {
+                            p.pack_panel(out, panel, |r, vals: &mut [i8]| {
+                                let lane = r - panel * shape.nr;
+                                sc[lane] = match src {
+                                    Src::I8 { data, scales } => {
+                                        vals.copy_from_slice(&data[r * k..(r + 1) * k]);
+                                        scales[r]
+                                    }
+                                    _ => {
+                                        row.resize(k, 0.0);
+                                        quant.resize(k, 0i8);
+                                        src.read(r, k, 0, row);
+                                        let scale = kernels::quantize_row_i8(row, quant);
+                                        vals.copy_from_slice(quant);
+                                        scale
+                                    }
+                                };
+                                co[lane] = 128 * vals.iter().map(|&v| v as i32).sum::<i32>();
+                            });
+                        },
+                    );
+                p.scales = scales;
+                p.corr = corr;
+            }
+            Product::F32 => unreachable!("f32 rows are packed per block"),
+        }
+        p.buf = buf;
+        Some(p)
+    }
+
+    /// Pack panel `panel` (rows `panel * NR..`) into `out`: `row(r, values)` fills row `r`'s
+    /// `k` values; rows past `n` and the padding stay zero.
+    fn pack_panel<T: Copy + Default>(
+        &self,
+        out: &mut [T],
+        panel: usize,
+        mut row: impl FnMut(usize, &mut [T]),
+    ) {
+        let Shape { nr, g, kc, .. } = self.shape;
+        let k = self.k;
+        out.fill(T::default());
+        let mut vals = vec![T::default(); k];
+        for lane in 0..nr.min(self.n - panel * nr) {
+            row(panel * nr + lane, &mut vals);
+            let mut p0 = 0;
+            while p0 < k {
+                let kcur = kc.min(k - p0);
+                let kcp = self.shape.padded(k, p0);
+                let slice = &mut out[nr * p0..nr * p0 + nr * kcp];
+                for (step, v) in vals[p0..p0 + kcur].chunks(g).enumerate() {
+                    let d = (step * nr + lane) * g;
+                    slice[d..d + v.len()].copy_from_slice(v);
+                }
+                p0 += kcur;
+            }
+        }
+    }
+
+    pub fn product(&self) -> Product {
+        self.product
+    }
+
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Bytes held (the packed rows and their per-row values).
+    pub fn bytes(&self) -> usize {
+        self.buf.len() + 4 * (self.scales.len() + self.corr.len())
+    }
+
+    /// Panel `panel`'s slice starting at `p0`.
+    fn panel<T: bytemuck::Pod>(&self, panel: usize, p0: usize) -> *const T {
+        let off = self.buf.as_ptr().align_offset(64);
+        let all: &[T] = bytemuck::cast_slice(&self.buf[off..]);
+        all[panel * self.shape.nr * self.kp + self.shape.nr * p0..].as_ptr()
     }
 }
 
@@ -789,7 +1093,56 @@ pub fn scores_i8(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::Tile;
+    use half::f16;
     use std::arch::x86_64::*;
+
+    /// [`super::bf16_bits`] of 16 lanes.
+    #[inline(always)]
+    unsafe fn bf16_bits16(v: __m512) -> __m256i {
+        let b = _mm512_castps_si512(v);
+        let hi = _mm512_srli_epi32::<16>(b);
+        let lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+        let round = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb);
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        let quiet = _mm512_or_si512(hi, _mm512_set1_epi32(0x40));
+        let bits = _mm512_mask_blend_epi32(nan, _mm512_srli_epi32::<16>(round), quiet);
+        _mm512_cvtepi32_epi16(bits)
+    }
+
+    /// `dst[i] = bf16_bits(src[i])`, 16 lanes at a time (the bf16 product's packing).
+    ///
+    /// # Safety
+    /// AVX-512F; `dst` at least as long as `src`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn f32_to_bf16(src: &[f32], dst: &mut [u16]) {
+        let n = src.len();
+        assert!(dst.len() >= n);
+        let mut i = 0;
+        while i < n {
+            let m = mask16(n - i);
+            let v = _mm512_maskz_loadu_ps(m, src.as_ptr().add(i));
+            _mm256_mask_storeu_epi16(dst.as_mut_ptr().add(i) as *mut _, m, bf16_bits16(v));
+            i += 16;
+        }
+    }
+
+    /// f16 values to bf16 bits through f32 (exact), 16 lanes at a time.
+    ///
+    /// # Safety
+    /// AVX-512F (F16C's 512-bit form is part of it); `dst` at least as long as `src`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn f16_to_bf16(src: &[f16], dst: &mut [u16]) {
+        let n = src.len();
+        assert!(dst.len() >= n);
+        let mut i = 0;
+        while i < n {
+            let m = mask16(n - i);
+            let h = _mm256_maskz_loadu_epi16(m, src.as_ptr().add(i) as *const _);
+            let v = _mm512_cvtph_ps(h);
+            _mm256_mask_storeu_epi16(dst.as_mut_ptr().add(i) as *mut _, m, bf16_bits16(v));
+            i += 16;
+        }
+    }
 
     #[inline(always)]
     fn mask16(n: usize) -> __mmask16 {
@@ -1227,6 +1580,100 @@ mod tests {
                         "{level:?} {m}x{n}x{k}: {g} vs {w}"
                     );
                 }
+            }
+        }
+    }
+
+    /// Rows packed once give what per-block packing gives (bit for bit: the same kernels on
+    /// the same values), from any panel-aligned start, for float and i8 sources.
+    #[test]
+    fn rows_packed_once_score_as_rows_packed_per_block() {
+        for level in available_levels() {
+            for product in [Product::I8, Product::Bf16] {
+                for &(m, n, k) in &SHAPES {
+                    let a = values(m * k, (m + 11 * k) as u64);
+                    let b = values(n * k, (n + 13 * k) as u64);
+                    let Some(rows) = PackedRows::new(product, level, Src::F32(&b), n, k) else {
+                        continue;
+                    };
+                    assert_eq!(rows.len(), n);
+                    // The per-block reference: i8 rows quantized the same way first.
+                    let mut quant = vec![0i8; n * k];
+                    let scales: Vec<f32> = (0..n)
+                        .map(|r| {
+                            let dst = &mut quant[r * k..(r + 1) * k];
+                            kernels::quantize_row_i8(&b[r * k..(r + 1) * k], dst)
+                        })
+                        .collect();
+                    let queries = PackedQueries::new(product, level, m, k, &a);
+                    let mut ws = Workspace::default();
+                    for j0 in (0..n).step_by(32).take(3) {
+                        let len = n - j0;
+                        let mut want = vec![0.0f32; m * len];
+                        let mut got = vec![f32::NAN; m * len];
+                        let src = match product {
+                            Product::I8 => Src::I8 {
+                                data: &quant[j0 * k..],
+                                scales: &scales[j0..],
+                            },
+                            _ => Src::F32(&b[j0 * k..]),
+                        };
+                        queries.scores(src, len, &mut want, len, &mut ws);
+                        queries.scores_packed(&rows, j0, len, &mut got, len, &mut ws);
+                        assert_eq!(got, want, "{level:?} {product:?} {m}x{n}x{k} from {j0}");
+                    }
+                    // An i8 source is packed as it is (no second quantization).
+                    if product == Product::I8 {
+                        let src = Src::I8 {
+                            data: &quant,
+                            scales: &scales,
+                        };
+                        let again = PackedRows::new(product, level, src, n, k).unwrap();
+                        let mut want = vec![0.0f32; m * n];
+                        let mut got = vec![0.0f32; m * n];
+                        queries.scores_packed(&rows, 0, n, &mut want, n, &mut ws);
+                        queries.scores_packed(&again, 0, n, &mut got, n, &mut ws);
+                        assert_eq!(got, want, "{level:?} i8 source {m}x{n}x{k}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The 16-lane conversion rounds exactly as `bf16_bits` on every kind of value: ties,
+    /// NaN, infinities, subnormals, and the f16 source through f32.
+    #[test]
+    fn bf16_conversion_matches_the_scalar_rounding_on_every_level() {
+        let mut vals: Vec<f32> = vec![
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::MIN_POSITIVE,
+            f32::MIN_POSITIVE / 3.0,
+            -1e-40,
+            f32::MAX,
+            f32::MIN,
+            f32::from_bits(0x3F80_8000), // a tie, rounds to even (down)
+            f32::from_bits(0x3F81_8000), // a tie, rounds to even (up)
+            f32::from_bits(0x7F7F_FFFF), // rounds up to infinity
+        ];
+        vals.extend(values(1000, 5));
+        let h: Vec<f16> = vals.iter().map(|&v| f16::from_f32(v)).collect();
+        for level in available_levels() {
+            for len in [0, 1, 15, 16, 17, vals.len()] {
+                let mut got = vec![0u16; len];
+                let mut tmp = Vec::new();
+                read_bf16(Src::F32(&vals), level, 0, vals.len(), 0, &mut got, &mut tmp);
+                let want: Vec<u16> = vals[..len].iter().map(|&v| bf16_bits(v)).collect();
+                assert_eq!(got, want, "{level:?} f32 len {len}");
+                read_bf16(Src::F16(&h), level, 0, h.len(), 0, &mut got, &mut tmp);
+                let want: Vec<u16> = h[..len].iter().map(|v| bf16_bits(v.to_f32())).collect();
+                assert_eq!(got, want, "{level:?} f16 len {len}");
             }
         }
     }

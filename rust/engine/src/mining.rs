@@ -7,6 +7,7 @@
 use crate::error::{invalid, invalid_vector, Result, VectorFault};
 use crate::index::{check_dim, check_rows};
 use crate::kernels;
+use crate::matmul::{PackedRows, Product, Src};
 use crate::search::{self, Plan, Queries, Rows, Scan, ScanPrecision};
 use crate::types::{DType, Metric};
 use half::f16;
@@ -126,20 +127,23 @@ pub fn mine_hard_negatives(
         (_, Rows::I8 { .. }) => return invalid("corpus must be float32 or float16"),
     };
 
-    let scan_copy: (Vec<i8>, Vec<f32>);
-    let scan = match (precision, corpus) {
-        _ if !precision.is_accelerated() => Scan::Exact,
-        (ScanPrecision::F32, _) => Scan::Exact,
-        (ScanPrecision::Bf16, _) => Scan::Bf16,
-        (ScanPrecision::I8, Rows::I8 { data, scales }) => Scan::I8 { data, scales },
-        (ScanPrecision::I8, rows) => {
-            scan_copy = quantize_rows(rows, n, dim);
-            Scan::I8 {
-                data: &scan_copy.0,
-                scales: &scan_copy.1,
-            }
-        }
+    // A low-precision scan runs on a copy of the corpus packed once (i8: n x dim bytes,
+    // bf16: twice that), which every block of queries reads as it is.
+    let product = match precision {
+        ScanPrecision::F32 => Product::F32,
+        ScanPrecision::Bf16 => Product::Bf16,
+        ScanPrecision::I8 => Product::I8,
     };
+    let src = match corpus {
+        Rows::F32(v) => Src::F32(v),
+        Rows::F16(v) => Src::F16(v),
+        Rows::I8 { data, scales } => Src::I8 { data, scales },
+    };
+    let scan_copy = match precision.is_accelerated() {
+        true => PackedRows::new(product, kernels::level(), src, n, dim),
+        false => None,
+    };
+    let scan = scan_copy.as_ref().map_or(Scan::Exact, Scan::Packed);
     let plan = Plan {
         dim,
         metric,

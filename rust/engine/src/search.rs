@@ -13,7 +13,7 @@
 //! top k are kept. Where the CPU lacks the instructions the scan is exact.
 
 use crate::kernels;
-use crate::matmul::{self, PackedQueries, Product, Src, Workspace};
+use crate::matmul::{self, PackedQueries, PackedRows, Product, Src, Workspace};
 use crate::topk::TopK;
 use crate::types::Metric;
 use half::f16;
@@ -30,7 +30,7 @@ const QUERY_BLOCK: usize = 512;
 /// writes it and the top-k scan that reads it.
 const ROW_BLOCK: usize = 1024;
 /// Target size of a score tile.
-const TILE_BYTES: usize = 512 * 1024;
+const TILE_BYTES: usize = 256 * 1024;
 /// Corpus rows per kernel chunk (fits L1/L2 while every query of the batch scans it).
 const KERNEL_CHUNK: usize = 256;
 /// A corpus part is not split below this many rows (task overhead would dominate).
@@ -47,6 +47,9 @@ pub enum Scan<'a> {
     /// i8 products over this quantized copy of the rows (the rows themselves when they are
     /// stored as i8), then an exact re-score.
     I8 { data: &'a [i8], scales: &'a [f32] },
+    /// i8 or bf16 products over a copy of all the rows packed once for the whole search (many
+    /// query blocks over the same rows: mining), then an exact re-score.
+    Packed(&'a PackedRows),
 }
 
 /// The precision a mining scan runs at (`precision=` in `mine_hard_negatives`). Scores and
@@ -99,6 +102,11 @@ pub fn scan_candidates(k: usize, scan: Scan<'_>) -> usize {
         // smaller margin suffices than for i8 (~1e-3).
         Scan::Bf16 => k + k.max(16),
         Scan::I8 { .. } => k + k.max(32),
+        Scan::Packed(p) => match p.product() {
+            Product::F32 => k,
+            Product::Bf16 => k + k.max(16),
+            Product::I8 => k + k.max(32),
+        },
     }
 }
 
@@ -280,9 +288,16 @@ pub fn search_into_scan<E, I>(
         .for_each(|(block, (ids, scores))| {
             let q0 = block * qb;
             let q1 = (q0 + qb).min(nq);
+            // Parts start on multiples of 32 rows: the panel width of rows packed once.
+            let split = |part: usize| {
+                if part == parts {
+                    n
+                } else {
+                    n * part / parts / 32 * 32
+                }
+            };
             let run = |part: usize| {
-                let r0 = n * part / parts;
-                let r1 = n * (part + 1) / parts;
+                let (r0, r1) = (split(part), split(part + 1));
                 if use_gemm {
                     gemm_task(
                         plan, rows, scan, r0, r1, queries, q0, q1, k, eligible, row_id,
@@ -345,32 +360,19 @@ fn push_candidates<E, I>(
     row0: usize,
     eligible: &E,
     row_id: &I,
+    passing: &mut Vec<u32>,
 ) where
     E: Fn(usize, usize) -> bool,
     I: Fn(usize) -> u64,
 {
-    const LANES: usize = 16;
-    let mut threshold = heap.threshold();
-    let mut chunks = scores.chunks_exact(LANES);
-    let mut base = row0;
-    for chunk in &mut chunks {
-        // The threshold only rises, so a chunk with no score reaching it holds no candidate:
-        // one branch-free (vectorized) test rejects most chunks once the heap is full.
-        let any = chunk.iter().fold(false, |acc, &s| acc | (s >= threshold));
-        if any {
-            for (j, &s) in chunk.iter().enumerate() {
-                if s >= threshold && eligible(query, base + j) {
-                    heap.push(s, row_id(base + j));
-                    threshold = heap.threshold();
-                }
-            }
-        }
-        base += LANES;
-    }
-    for (j, &s) in chunks.remainder().iter().enumerate() {
-        if s >= threshold && eligible(query, base + j) {
-            heap.push(s, row_id(base + j));
-            threshold = heap.threshold();
+    // Once the top-k is full most scores fail its threshold: one SIMD pass lists those that
+    // pass it now; the threshold only rises, so each is checked again as it is pushed.
+    passing.clear();
+    kernels::at_least_with(kernels::level(), scores, heap.threshold(), passing);
+    for &j in passing.iter() {
+        let (j, s) = (j as usize, scores[j as usize]);
+        if s >= heap.threshold() && eligible(query, row0 + j) {
+            heap.push(s, row_id(row0 + j));
         }
     }
 }
@@ -407,6 +409,7 @@ where
         }
     }
     let mut heaps: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
+    let mut passing = Vec::new();
     let mut scores = vec![0.0f32; KERNEL_CHUNK];
     let mut ints = vec![0i64; KERNEL_CHUNK];
     let mut dequant = Vec::new();
@@ -446,7 +449,7 @@ where
                     }
                 }
             }
-            push_candidates(heap, out, q0 + i, c0, eligible, row_id);
+            push_candidates(heap, out, q0 + i, c0, eligible, row_id, &mut passing);
         }
         c0 = c1;
     }
@@ -486,10 +489,12 @@ where
     let kept = scan_candidates(k, scan);
     let by_row = |row: usize| row as u64;
     let mut heaps: Vec<TopK> = (0..nq).map(|_| TopK::new(kept)).collect();
+    let mut passing = Vec::new();
     let product = match scan {
         Scan::Exact => Product::F32,
         Scan::Bf16 => Product::Bf16,
         Scan::I8 { .. } => Product::I8,
+        Scan::Packed(p) => p.product(),
     };
     let packed = PackedQueries::new(product, level, nq, dim, &qbuf);
     let mut ws = Workspace::default();
@@ -513,16 +518,20 @@ where
             }
         }
         let tile = &mut tile[..nq * nb];
-        let src = match (scan, block) {
-            (Scan::I8 { data, scales }, _) => Src::I8 {
-                data: &data[b0 * dim..b1 * dim],
-                scales: &scales[b0..b1],
-            },
-            (_, Rows::F32(v)) => Src::F32(v),
-            (_, Rows::F16(v)) => Src::F16(v),
-            (_, Rows::I8 { data, scales }) => Src::I8 { data, scales },
-        };
-        packed.scores(src, nb, tile, nb, &mut ws);
+        if let Scan::Packed(p) = scan {
+            packed.scores_packed(p, b0, nb, tile, nb, &mut ws);
+        } else {
+            let src = match (scan, block) {
+                (Scan::I8 { data, scales }, _) => Src::I8 {
+                    data: &data[b0 * dim..b1 * dim],
+                    scales: &scales[b0..b1],
+                },
+                (_, Rows::F32(v)) => Src::F32(v),
+                (_, Rows::F16(v)) => Src::F16(v),
+                (_, Rows::I8 { data, scales }) => Src::I8 { data, scales },
+            };
+            packed.scores(src, nb, tile, nb, &mut ws);
+        }
         for (i, heap) in heaps.iter_mut().enumerate() {
             let scores = &mut tile[i * nb..(i + 1) * nb];
             match plan.metric {
@@ -540,9 +549,9 @@ where
                 _ => {}
             }
             if exact {
-                push_candidates(heap, scores, q0 + i, b0, eligible, row_id);
+                push_candidates(heap, scores, q0 + i, b0, eligible, row_id, &mut passing);
             } else {
-                push_candidates(heap, scores, q0 + i, b0, eligible, &by_row);
+                push_candidates(heap, scores, q0 + i, b0, eligible, &by_row, &mut passing);
             }
         }
         b0 = b1;
@@ -550,36 +559,41 @@ where
     if exact {
         return heaps;
     }
-    // Re-score the candidates with the per-row kernels (the single-query scores).
+    // Re-score the candidates with the per-row kernels (the single-query scores), in row
+    // order: a block of queries has candidates all over the corpus, which then streams through
+    // once, each row read once for every query that kept it, instead of at random per query.
+    let i8_queries = matches!(rows, Rows::I8 { .. }) && plan.metric != Metric::L2;
     let mut q16 = Vec::new();
-    heaps
-        .into_iter()
-        .enumerate()
-        .map(|(i, candidates)| {
-            let q = &qbuf[i * dim..(i + 1) * dim];
-            let q16_scale = match rows {
-                Rows::I8 { .. } if plan.metric != Metric::L2 => {
-                    kernels::quantize_query_i16(q, &mut q16)
-                }
-                _ => 0.0,
-            };
-            let mut best = TopK::new(k);
-            let hits = candidates.into_sorted();
-            // The candidates lie anywhere in the corpus: fetch the next rows while scoring one.
-            for h in hits.iter().take(PREFETCH_AHEAD) {
-                prefetch_row(rows, h.id as usize, dim);
+    let mut q16_scales = Vec::new();
+    if i8_queries {
+        let mut one = Vec::new();
+        for q in qbuf.chunks_exact(dim) {
+            q16_scales.push(kernels::quantize_query_i16(q, &mut one));
+            q16.extend_from_slice(&one);
+        }
+    }
+    let mut pairs: Vec<(u64, u32)> = Vec::with_capacity(nq * kept);
+    for (i, candidates) in heaps.into_iter().enumerate() {
+        pairs.extend(candidates.into_sorted().iter().map(|h| (h.id, i as u32)));
+    }
+    pairs.sort_unstable();
+    let mut best: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
+    for (j, &(row, i)) in pairs.iter().enumerate() {
+        if let Some(&(next, _)) = pairs.get(j + PREFETCH_AHEAD) {
+            if next != row {
+                prefetch_row(rows, next as usize, dim);
             }
-            for (j, hit) in hits.iter().enumerate() {
-                if let Some(next) = hits.get(j + PREFETCH_AHEAD) {
-                    prefetch_row(rows, next.id as usize, dim);
-                }
-                let row = hit.id as usize;
-                let s = exact_score(plan, rows, row, q, &q16, q16_scale, &mut converted);
-                best.push(s, row_id(row));
-            }
-            best
-        })
-        .collect()
+        }
+        let i = i as usize;
+        let q = &qbuf[i * dim..(i + 1) * dim];
+        let (qi, scale) = match i8_queries {
+            true => (&q16[i * dim..(i + 1) * dim], q16_scales[i]),
+            false => (&q16[..0], 0.0),
+        };
+        let s = exact_score(plan, rows, row as usize, q, qi, scale, &mut converted);
+        best[i].push(s, row_id(row as usize));
+    }
+    best
 }
 
 /// Candidate rows requested ahead of the one being re-scored.

@@ -187,3 +187,25 @@ pub unsafe fn dot_i8(q: &[i16], x: &[i8]) -> i64 {
     }
     total
 }
+
+/// # Safety
+/// The CPU must support AVX2; `scores.len()` < 2^32.
+#[target_feature(enable = "avx2")]
+pub unsafe fn at_least(scores: &[f32], t: f32, out: &mut Vec<u32>) {
+    let n = scores.len();
+    let p = scores.as_ptr();
+    let tv = _mm256_set1_ps(t);
+    let mut i = 0;
+    while i + 8 <= n {
+        let mut m =
+            _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(_mm256_loadu_ps(p.add(i)), tv)) as u32;
+        while m != 0 {
+            out.push(i as u32 + m.trailing_zeros());
+            m &= m - 1;
+        }
+        i += 8;
+    }
+    let start = out.len();
+    super::scalar::at_least(&scores[i..], t, out);
+    out[start..].iter_mut().for_each(|j| *j += i as u32);
+}

@@ -173,3 +173,57 @@ pub unsafe fn dot_i8(q: &[i16], x: &[i8]) -> i64 {
     }
     total
 }
+
+/// # Safety
+/// The CPU must support AVX-512F; `scores.len()` < 2^32.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn at_least(scores: &[f32], t: f32, out: &mut Vec<u32>) {
+    let n = scores.len();
+    let p = scores.as_ptr();
+    let tv = _mm512_set1_ps(t);
+    let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    out.reserve(n + 16);
+    let mut len = out.len();
+    let dst = out.as_mut_ptr();
+    // The indices of the lanes that pass, packed to the front in a register, then one full
+    // store (inside the n + 16 reserved): a compressing store to memory is microcoded and
+    // slow on some CPUs (Zen 4).
+    let mut emit = |m: __mmask16, base: usize| {
+        let idx = _mm512_add_epi32(lanes, _mm512_set1_epi32(base as i32));
+        _mm512_storeu_si512(dst.add(len) as *mut _, _mm512_maskz_compress_epi32(m, idx));
+        len += m.count_ones() as usize;
+    };
+    let ge = |v: __m512| _mm512_cmp_ps_mask::<_CMP_GE_OQ>(v, tv);
+    let mut i = 0;
+    // Four vectors per test: once a top-k is full, most runs of 64 scores hold no candidate.
+    while i + 64 <= n {
+        let m = [
+            ge(_mm512_loadu_ps(p.add(i))),
+            ge(_mm512_loadu_ps(p.add(i + 16))),
+            ge(_mm512_loadu_ps(p.add(i + 32))),
+            ge(_mm512_loadu_ps(p.add(i + 48))),
+        ];
+        if (m[0] | m[1] | m[2] | m[3]) != 0 {
+            for (j, &mj) in m.iter().enumerate() {
+                if mj != 0 {
+                    emit(mj, i + 16 * j);
+                }
+            }
+        }
+        i += 64;
+    }
+    while i < n {
+        let valid: __mmask16 = if n - i >= 16 {
+            0xFFFF
+        } else {
+            ((1u32 << (n - i)) - 1) as u16
+        };
+        let v = _mm512_maskz_loadu_ps(valid, p.add(i));
+        let m = _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(valid, v, tv);
+        if m != 0 {
+            emit(m, i);
+        }
+        i += 16;
+    }
+    out.set_len(len);
+}

@@ -292,6 +292,23 @@ pub fn dot_i8_with(level: Level, q: &[i16], x: &[i8]) -> i64 {
     }
 }
 
+/// Appends to `out` the index of every score `>= t` (NaN never is), in order: the test a
+/// top-k scan applies to every score, at the vector width. `scores.len()` must be < 2^32.
+pub fn at_least_with(level: Level, scores: &[f32], t: f32, out: &mut Vec<u32>) {
+    assert!(scores.len() < u32::MAX as usize);
+    match level {
+        Level::Scalar => scalar::at_least(scores, t, out),
+        // SAFETY: the level was checked against the CPU by `available_levels`; length asserted.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { avx2::at_least(scores, t, out) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { avx512::at_least(scores, t, out) },
+        #[cfg(target_arch = "aarch64")]
+        Level::Neon => scalar::at_least(scores, t, out),
+    }
+}
+
 /// Quantize a query for the i8 kernels: `q ~= scale * out`, |out| <= [`I16_QUERY_MAX`].
 pub fn quantize_query_i16(q: &[f32], out: &mut Vec<i16>) -> f32 {
     let max_abs = q.iter().fold(0.0f32, |m, v| m.max(v.abs()));

@@ -147,3 +147,40 @@ fn quantizers_bound_their_outputs() {
     }
     assert_eq!(quantize_row_i8(&[0.0; 4], &mut [1i8; 4]), 0.0);
 }
+
+#[test]
+fn at_least_matches_scalar_on_every_level_length_and_pattern() {
+    let mut state = 0x9E3779B97F4A7C15u64;
+    for level in available_levels() {
+        for n in [
+            0usize, 1, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 130, 1000,
+        ] {
+            for t in [f32::NEG_INFINITY, -0.5, 0.0, 0.9, f32::INFINITY] {
+                let v: Vec<f32> = (0..n)
+                    .map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        match state % 23 {
+                            0 => f32::NAN,
+                            1 => 0.0, // ties with t = 0 pass
+                            _ => (state % 2001) as f32 / 1000.0 - 1.0,
+                        }
+                    })
+                    .collect();
+                for off in 0..3.min(n + 1) {
+                    let mut want = vec![7u32]; // appends after what is there
+                    scalar::at_least(&v[off..], t, &mut want);
+                    let naive: Vec<u32> = (off..n)
+                        .filter(|&j| v[j] >= t)
+                        .map(|j| (j - off) as u32)
+                        .collect();
+                    assert_eq!(want[1..], naive[..]);
+                    let mut got = vec![7u32];
+                    at_least_with(level, &v[off..], t, &mut got);
+                    assert_eq!(got, want, "{level:?} n {n} t {t} off {off}");
+                }
+            }
+        }
+    }
+}
