@@ -578,12 +578,7 @@ where
     }
     pairs.sort_unstable();
     let mut best: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
-    for (j, &(row, i)) in pairs.iter().enumerate() {
-        if let Some(&(next, _)) = pairs.get(j + PREFETCH_AHEAD) {
-            if next != row {
-                prefetch_row(rows, next as usize, dim);
-            }
-        }
+    for &(row, i) in &pairs {
         let i = i as usize;
         let q = &qbuf[i * dim..(i + 1) * dim];
         let (qi, scale) = match i8_queries {
@@ -594,29 +589,6 @@ where
         best[i].push(s, row_id(row as usize));
     }
     best
-}
-
-/// Candidate rows requested ahead of the one being re-scored.
-const PREFETCH_AHEAD: usize = 4;
-
-/// Ask the CPU to bring row `row` into cache (a hint: no effect on results).
-#[inline(always)]
-fn prefetch_row(rows: Rows<'_>, row: usize, dim: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let bytes: &[u8] = match rows.range(row, row + 1, dim) {
-            Rows::F32(v) => bytemuck::cast_slice(v),
-            Rows::F16(v) => bytemuck::cast_slice(v),
-            Rows::I8 { data, .. } => bytemuck::cast_slice(data),
-        };
-        for line in bytes.chunks(64) {
-            // SAFETY: prefetching is a hint that never faults; the address is inside `rows`.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr() as *const i8) };
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (rows, row, dim);
 }
 
 /// `|row|^2` of every row of `block` (as the exact scores see the rows).
