@@ -31,8 +31,9 @@ use rayon::prelude::*;
 /// `search::scan_candidates` rows per query and re-score those at `dtype`'s precision, so
 /// the scores returned are exact and the rows are the exact top k unless more than the
 /// margin of rows overtook a true top-k row in the scan (docs/mining.md gives the measured
-/// agreement). The "i8" scan of a float corpus quantizes a copy of it (n x dim bytes). On a
-/// CPU without the instructions the scan is exact.
+/// agreement). The scan reads a copy of the corpus quantized (i8: n x dim bytes) or rounded
+/// (bf16: twice that) and packed once per call. On a CPU without the instructions the scan
+/// is exact.
 #[allow(clippy::too_many_arguments)]
 pub fn mine_hard_negatives(
     queries: Queries<'_>,

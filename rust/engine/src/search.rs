@@ -30,7 +30,7 @@ const QUERY_BLOCK: usize = 512;
 /// writes it and the top-k scan that reads it.
 const ROW_BLOCK: usize = 1024;
 /// Target size of a score tile.
-const TILE_BYTES: usize = 256 * 1024;
+const TILE_BYTES: usize = 512 * 1024;
 /// Corpus rows per kernel chunk (fits L1/L2 while every query of the batch scans it).
 const KERNEL_CHUNK: usize = 256;
 /// A corpus part is not split below this many rows (task overhead would dominate).
