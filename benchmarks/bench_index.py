@@ -126,14 +126,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         index = Index(DIM, "ip", dtype)
         t0 = time.perf_counter()
         index.add(keys, data)
-        seconds = time.perf_counter() - t0
-        # steady state: a fresh index, timed again (the first run also pays page faults)
-        again = Index(DIM, "ip", dtype)
-        t0 = time.perf_counter()
-        again.add(keys, data)
-        seconds = min(seconds, time.perf_counter() - t0)
-        del again
-        add_rows.append([f"leanclip {dtype}", n / seconds])
+        first = time.perf_counter() - t0
+        # Steady state: fresh indexes, timed again, best of 5. On this VM a first touch of fresh
+        # memory can cost more than the add's own work (0.14-2.9M vectors/s seen for one call),
+        # which the best of several runs filters out; the first run is reported beside it.
+        seconds = first
+        for _ in range(5):
+            again = Index(DIM, "ip", dtype)
+            t0 = time.perf_counter()
+            again.add(keys, data)
+            seconds = min(seconds, time.perf_counter() - t0)
+            del again
+        add_rows.append([f"leanclip {dtype}", n / seconds, n / first])
         indexes[dtype] = index
         measure("leanclip", dtype, lambda q, ix=index: ix.search(q, k=K)[0].astype(np.int64))
 
@@ -146,7 +150,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         flat = faiss.IndexFlatIP(DIM)
         t0 = time.perf_counter()
         flat.add(data)
-        add_rows.append(["faiss IndexFlatIP (reference)", n / (time.perf_counter() - t0)])
+        first = time.perf_counter() - t0
+        seconds = first
+        for _ in range(5):
+            again = faiss.IndexFlatIP(DIM)
+            t0 = time.perf_counter()
+            again.add(data)
+            seconds = min(seconds, time.perf_counter() - t0)
+            del again
+        add_rows.append(["faiss IndexFlatIP (reference)", n / seconds, n / first])
     except ImportError:
         pass
 
@@ -237,8 +249,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     )
     text += "\nTargets (issues 3, 15): f32 >= 1.0x the fastest f32 peer at Q=1 and >= 1.1x faiss at Q=1000; "
     text += "f16 >= 1.6x and i8 >= 2.5x the fastest f32 peer at Q=1.\n"
-    text += "\n## Add throughput (vectors/s, one batch of N)\n\n" + markdown_table(
-        ["index", "vectors/s"], add_rows
+    text += "\n## Add throughput (vectors/s, one batch of N into a fresh index)\n\n" + markdown_table(
+        ["index", "vectors/s (best of 6)", "vectors/s (first call)"], add_rows
+    )
+    text += (
+        "\n\nTarget (issue 15): >= 1M vectors/s for every dtype. The first call into fresh memory "
+        "also pays this VM's first-touch page faults, which vary from run to run by 10x and more."
     )
     text += "\n\n## Save and load (seconds, median)\n\n" + markdown_table(
         [

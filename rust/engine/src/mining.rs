@@ -7,7 +7,7 @@
 use crate::error::{invalid, invalid_vector, Result, VectorFault};
 use crate::index::{check_dim, check_rows};
 use crate::kernels;
-use crate::matmul::{PackedRows, Product, Src};
+use crate::matmul::{PackedRows, Src};
 use crate::search::{self, Plan, Queries, Rows, Scan, ScanPrecision};
 use crate::types::{DType, Metric};
 use half::f16;
@@ -130,19 +130,15 @@ pub fn mine_hard_negatives(
 
     // A low-precision scan runs on a copy of the corpus packed once (i8: n x dim bytes,
     // bf16: twice that), which every block of queries reads as it is.
-    let product = match precision {
-        ScanPrecision::F32 => Product::F32,
-        ScanPrecision::Bf16 => Product::Bf16,
-        ScanPrecision::I8 => Product::I8,
-    };
     let src = match corpus {
         Rows::F32(v) => Src::F32(v),
         Rows::F16(v) => Src::F16(v),
         Rows::I8 { data, scales } => Src::I8 { data, scales },
     };
-    let scan_copy = match precision.is_accelerated() {
-        true => PackedRows::new(product, kernels::level(), src, n, dim),
-        false => None,
+    let scan_copy = if precision.is_accelerated() {
+        PackedRows::new(precision.product(), kernels::level(), src, n, dim)
+    } else {
+        None
     };
     let scan = scan_copy.as_ref().map_or(Scan::Exact, Scan::Packed);
     let plan = Plan {

@@ -62,6 +62,15 @@ pub enum ScanPrecision {
 }
 
 impl ScanPrecision {
+    /// The matrix product a scan at this precision runs.
+    pub fn product(self) -> Product {
+        match self {
+            ScanPrecision::F32 => Product::F32,
+            ScanPrecision::Bf16 => Product::Bf16,
+            ScanPrecision::I8 => Product::I8,
+        }
+    }
+
     pub fn parse(name: &str) -> crate::error::Result<Self> {
         match name {
             "f32" => Ok(ScanPrecision::F32),
@@ -96,21 +105,26 @@ impl ScanPrecision {
 /// The margin absorbs the scan's rounding: a true top-k row is lost only if more than
 /// `margin` rows overtake it in the scan (see docs/mining.md for the measured agreement).
 pub fn scan_candidates(k: usize, scan: Scan<'_>) -> usize {
-    match scan {
-        Scan::Exact => k,
+    match scan.product() {
+        Product::F32 => k,
         // bf16 keeps 8 significant bits (~1e-4 of a unit-vector score over dim 512): a
         // smaller margin suffices than for i8 (~1e-3).
-        Scan::Bf16 => k + k.max(16),
-        Scan::I8 { .. } => k + k.max(32),
-        Scan::Packed(p) => match p.product() {
-            Product::F32 => k,
-            Product::Bf16 => k + k.max(16),
-            Product::I8 => k + k.max(32),
-        },
+        Product::Bf16 => k + k.max(16),
+        Product::I8 => k + k.max(32),
     }
 }
 
 impl Scan<'_> {
+    /// The matrix product the scan runs.
+    fn product(&self) -> Product {
+        match self {
+            Scan::Exact => Product::F32,
+            Scan::Bf16 => Product::Bf16,
+            Scan::I8 { .. } => Product::I8,
+            Scan::Packed(p) => p.product(),
+        }
+    }
+
     /// The scan the index uses for a batch over `rows` at this level: the rows' own i8 data
     /// with VNNI, bf16 over f16 rows with AVX512-BF16, else exact.
     pub fn auto(rows: Rows<'_>, level: kernels::Level) -> Scan<'_> {
@@ -490,13 +504,7 @@ where
     let by_row = |row: usize| row as u64;
     let mut heaps: Vec<TopK> = (0..nq).map(|_| TopK::new(kept)).collect();
     let mut passing = Vec::new();
-    let product = match scan {
-        Scan::Exact => Product::F32,
-        Scan::Bf16 => Product::Bf16,
-        Scan::I8 { .. } => Product::I8,
-        Scan::Packed(p) => p.product(),
-    };
-    let packed = PackedQueries::new(product, level, nq, dim, &qbuf);
+    let packed = PackedQueries::new(scan.product(), level, nq, dim, &qbuf);
     let mut ws = Workspace::default();
     let mut converted = Vec::new();
     let row_block = (TILE_BYTES / 4 / nq).clamp(64, ROW_BLOCK) / 32 * 32;
