@@ -2,10 +2,21 @@
 //!
 //! Vectors are split into `nlist` lists by a k-means coarse quantizer; a search scores the
 //! query against the centroids and scans only the `nprobe` nearest lists. Each list stores its
-//! rows contiguously as f32, f16 or i8 (as [`crate::Index`] does), so a list scan is the exact
-//! engine's search core (`search::search_into`) over that list. A batch of queries is grouped
-//! by list: each probed list is scanned once for all the queries probing it, as one small
-//! matrix product (GEMM), which is where an IVF outruns a graph index.
+//! rows contiguously as f32, f16 or i8 (as [`crate::Index`] does).
+//!
+//! Search (see `scan.rs`): fewer than 8 queries scan their lists with the single-query SIMD
+//! kernels on the calling thread. A batch groups its queries by list and scans each probed
+//! list once for all the queries probing it, as one matrix product: i8 lists with VNNI, f16
+//! lists with AVX512-BF16 (each list's rows packed once and cached until the list changes),
+//! f32 lists in f32; that is where an IVF outruns a graph index. The product's scores rank the
+//! candidates; each query then re-scores its best `k + margin` once.
+//!
+//! Score contract: a search reports, for every key it returns, the score the single-query
+//! kernels give (the scores of [`crate::Index`] searched one query at a time), except f32
+//! batches, which report the f32 product's (within ~1e-6 relative). So a key's score is the
+//! same bits alone or in a batch, and results are ranked by those scores, ties by key. A
+//! batch's low-precision ranking only chooses which `k + margin` candidates are re-scored
+//! (margin as `Index` batches keep: max(k, 32) for i8, max(k, 16) for f16).
 //!
 //! - Until it is trained the index holds one list and every search is exact. It trains itself
 //!   once it holds `train_threshold` vectors (default 64 x nlist), or on [`IvfIndex::train`];
@@ -15,8 +26,8 @@
 //!   (spherical k-means, as faiss does for inner-product IVF); under "l2" by L2 distance.
 //! - Removal swaps the list's last row into the hole: O(1), no tombstones.
 //! - With `rerank > 0` (f16 / i8 storage) float32 copies are kept next to the lists; a search
-//!   takes the best `max(k, rerank)` candidates by the quantized scores and re-scores them
-//!   exactly: 4 more bytes per dimension per vector for the recall quantization loses.
+//!   takes the best `max(k, rerank)` candidates by the scan's scores and re-scores them from
+//!   the copies: 4 more bytes per dimension per vector for the recall quantization loses.
 //! - With nprobe >= nlist a search is exact (the same results as [`crate::Index`]).
 
 mod file;
@@ -799,9 +810,12 @@ impl IvfIndex {
         // A batch of f16 / i8 lists re-scores its best candidates with the single-query
         // kernels (so it reports what Q=1 reports); a low-precision scan keeps a margin.
         let rescore = batch && rerank == 0 && self.dtype != DType::F32;
+        // Candidates per query: k plus the margin of the scan's rounding (as `Index` batches
+        // keep); an f32 product over f16 / i8 rows keeps the bf16 margin, as its order may
+        // differ from the single-query kernels' in the last bits.
         let kc = if rerank > 0 {
             kp.max(rerank)
-        } else if rescore && product != Product::F32 {
+        } else if rescore {
             let probe = match product {
                 Product::I8 => search::Scan::I8 {
                     data: &[],
