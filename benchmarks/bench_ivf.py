@@ -344,6 +344,8 @@ def worker(spec: str, data_path: str, add_fraction: float) -> Dict:
         if r >= 0.999:
             break
     out["points"] = points
+    # after the searches: includes what a search keeps (leanclip's packed lists)
+    out["rss_growth_after_search_mb"] = peak_mb() - base_rss
     return out
 
 
@@ -408,6 +410,11 @@ def best_at(res: Dict, target: float, key: str) -> Optional[Dict]:
     return max(ok, key=lambda p: p[key]) if key.startswith("qps") else min(ok, key=lambda p: p[key])
 
 
+def _peak_rss(r: Dict) -> float:
+    """Peak RSS growth over the build and, where measured, the searches."""
+    return max(r["rss_growth_mb"], r.get("rss_growth_after_search_mb", 0.0))
+
+
 def _ratio(a: Optional[float], b: Optional[float]) -> str:
     return f"{a / b:.2f}x" if a and b else "–"
 
@@ -462,6 +469,7 @@ def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
                 r.get("build_cpu_s", float("nan")),
                 r["build_s"],
                 r["rss_growth_mb"],
+                r.get("rss_growth_after_search_mb", float("nan")),
                 r["disk_mb"],
                 add,
             ]
@@ -473,6 +481,7 @@ def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
                 "build CPU (s)",
                 "build wall (s)",
                 "peak RSS growth (MiB)",
+                "... after the searches (MiB)",
                 "on disk (MiB)",
                 "add 1% after build (of build)",
             ],
@@ -511,7 +520,7 @@ def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
                     f"{r['build_cpu_s'] / hn['build_cpu_s']:.3f} ({r['build_s'] / hn['build_s']:.3f} wall)"
                     if hn
                     else "–",
-                    f"{r['rss_growth_mb']:.0f} vs {hn['rss_growth_mb']:.0f}" if hn else "–",
+                    f"{_peak_rss(r):.0f} vs {_peak_rss(hn):.0f}" if hn else "–",
                 ]
             )
     lines.append("Targets (ratios from this run; CPU time first, wall clock in parentheses):")
@@ -526,7 +535,7 @@ def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
                 "vs best faiss IVF (target >= 1.2x)",
                 "Q=1 CPU ms vs hnswlib (target <=)",
                 "build / hnswlib build (target <= 0.1)",
-                "peak RSS MiB vs hnswlib (target <=)",
+                "peak RSS MiB (build + searches) vs hnswlib (target <=)",
             ],
             trows,
         )

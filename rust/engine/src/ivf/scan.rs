@@ -23,6 +23,8 @@ use std::cmp::Ordering;
 const QUERY_BLOCK: usize = 256;
 /// Target size of a (queries x rows) score tile.
 const TILE_BYTES: usize = 256 * 1024;
+/// Fewer queries of one list than this scan it with the single-query kernels.
+const PRODUCT_MIN_QUERIES: usize = 8;
 /// Rows per single-query kernel chunk.
 const KERNEL_CHUNK: usize = 256;
 
@@ -299,13 +301,16 @@ fn scan_list(
             .resize_with(QUERY_BLOCK.min(m.max(1)), Select::default);
     }
     let l2 = spec.metric == Metric::L2;
-    if spec.parallel && spec.product != Product::F32 {
+    // A product pays packing and setup per call: fewer than PRODUCT_MIN_QUERIES queries of a
+    // list run the single-query kernels (exact scores) even in a batch.
+    let product = spec.parallel && m >= PRODUCT_MIN_QUERIES;
+    if product && spec.product != Product::F32 {
         scan_list_packed(
             spec, list, qs, queries, floors, q8, excluded, out, counts, s,
         );
         return;
     }
-    if spec.parallel {
+    if product {
         let level = kernels::level();
         if l2 {
             row_sqnorms(rows, dim, &mut s.rnorms, &mut s.conv);
