@@ -535,14 +535,32 @@ fn scan_list_packed(
     }
 }
 
+/// The candidates of scanned (query, list) pairs: one vector per list scanned, and for pair
+/// `i` its list and range there.
+struct PairHits {
+    by_list: Vec<Vec<Cand>>,
+    ranges: Vec<(u32, u32, u32)>,
+}
+
+impl PairHits {
+    /// Pair `i`'s candidates (list-local slots) and its list.
+    fn get(&self, i: usize) -> (&[Cand], u32) {
+        let (l, a, b) = self.ranges[i];
+        (&self.by_list[l as usize][a as usize..b as usize], l)
+    }
+}
+
+/// Probes per query scanned in the first round (they set the floors of the second).
+const ROUND1_PROBES: usize = 4;
+
 impl IvfIndex {
     /// Scans every probed list once for all the queries probing it (list-major) and merges
     /// each query's candidates: its best `spec.kc` by scan score, best first.
     ///
-    /// Two rounds: first each query's nearest list only, which gives every query a floor (its
-    /// `kc`-th best score there; the final `kc`-th best can only be higher), then the other
-    /// probed lists, where a (query, list) pair keeps only scores at or above the floor: most
-    /// rows of a far list are dropped by one comparison, not sorted.
+    /// Two rounds: first each query's nearest lists only (up to [`ROUND1_PROBES`]), which give
+    /// every query a floor (its `kc`-th best score there; the final `kc`-th best can only be
+    /// higher), then the other probed lists, where a (query, list) pair keeps only scores at or
+    /// above the floor: most rows of a far list are dropped by one comparison, not sorted.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn scan_lists_into(
         &self,
@@ -558,14 +576,24 @@ impl IvfIndex {
         let nq = queries.len() / dim;
         let kc = spec.kc;
         let (offsets, flat) = probes;
-        // Round 1: probe 0 of each query; round 2: the rest.
-        let first = |q: usize| offsets[q + 1] > offsets[q];
-        let round1: Vec<(u32, u32)> = (0..nq)
-            .filter(|&q| first(q))
-            .map(|q| (q as u32, flat[offsets[q]]))
-            .collect();
+        // Both rounds are query-major: query q's pairs are [r_start[q], r_start[q + 1]).
+        let split = |q: usize| (offsets[q + 1] - offsets[q]).min(ROUND1_PROBES);
+        let mut r1_start = Vec::with_capacity(nq + 1);
+        let mut r2_start = Vec::with_capacity(nq + 1);
+        let mut round1 = Vec::new();
+        let mut round2 = Vec::new();
+        r1_start.push(0);
+        r2_start.push(0);
+        for q in 0..nq {
+            let mine = &flat[offsets[q]..offsets[q + 1]];
+            let (near, far) = mine.split_at(split(q));
+            round1.extend(near.iter().map(|&l| (q as u32, l)));
+            round2.extend(far.iter().map(|&l| (q as u32, l)));
+            r1_start.push(round1.len());
+            r2_start.push(round2.len());
+        }
         let mut floors = vec![f32::NEG_INFINITY; nq];
-        let (c1, at1) = self.scan_pairs(
+        let h1 = self.scan_pairs(
             spec,
             queries,
             &round1,
@@ -575,28 +603,36 @@ impl IvfIndex {
             excluded,
             excluded_per_list,
         );
-        // Where each query's round-1 candidates are.
-        let mut r1_of = vec![usize::MAX; nq];
-        for (i, &(q, _)) in round1.iter().enumerate() {
-            r1_of[q as usize] = i;
-        }
-        for (q, floor) in floors.iter_mut().enumerate() {
-            if let Some(&i) = r1_of.get(q).filter(|&&i| i != usize::MAX) {
-                let cands = &c1[at1[i]..at1[i + 1]];
-                if cands.len() >= kc {
-                    *floor = cands.iter().map(|c| c.score).fold(f32::INFINITY, f32::min);
+        let merge_round1 = |sel: &mut Select, q: usize| {
+            sel.reset(kc);
+            for i in r1_start[q]..r1_start[q + 1] {
+                let (cands, l) = h1.get(i);
+                for c in cands {
+                    sel.push(Cand { list: l, ..*c });
                 }
             }
+        };
+        let floor_of = |sel: &mut Select, q: usize| -> f32 {
+            merge_round1(sel, q);
+            let best = sel.sorted();
+            if best.len() >= kc {
+                best[kc - 1].score
+            } else {
+                f32::NEG_INFINITY
+            }
+        };
+        if spec.parallel {
+            floors
+                .par_iter_mut()
+                .enumerate()
+                .for_each_init(Select::default, |sel, (q, f)| *f = floor_of(sel, q));
+        } else {
+            let mut sel = Select::default();
+            for (q, f) in floors.iter_mut().enumerate() {
+                *f = floor_of(&mut sel, q);
+            }
         }
-        let round2: Vec<(u32, u32)> = (0..nq)
-            .flat_map(|q| {
-                flat[offsets[q]..offsets[q + 1]]
-                    .iter()
-                    .skip(1)
-                    .map(move |&l| (q as u32, l))
-            })
-            .collect();
-        let (c2, at2) = self.scan_pairs(
+        let h2 = self.scan_pairs(
             spec,
             queries,
             &round2,
@@ -606,26 +642,11 @@ impl IvfIndex {
             excluded,
             excluded_per_list,
         );
-        // round2 is query-major: each query's pairs are consecutive.
-        let mut r2_start = vec![0usize; nq + 1];
-        for &(q, _) in &round2 {
-            r2_start[q as usize + 1] += 1;
-        }
-        for q in 0..nq {
-            r2_start[q + 1] += r2_start[q];
-        }
         let merge = |sel: &mut Select, q: usize| -> Vec<Cand> {
-            sel.reset(kc);
-            if r1_of[q] != usize::MAX {
-                let i = r1_of[q];
-                let l = round1[i].1;
-                for c in &c1[at1[i]..at1[i + 1]] {
-                    sel.push(Cand { list: l, ..*c });
-                }
-            }
+            merge_round1(sel, q);
             for i in r2_start[q]..r2_start[q + 1] {
-                let l = round2[i].1;
-                for c in &c2[at2[i]..at2[i + 1]] {
+                let (cands, l) = h2.get(i);
+                for c in cands {
                     if c.score >= sel.threshold() {
                         sel.push(Cand { list: l, ..*c });
                     }
@@ -645,7 +666,6 @@ impl IvfIndex {
     }
 
     /// Scans the (query, list) `pairs`, list-major: each list once for all its queries.
-    /// Returns the candidates of all pairs, and where pair `i`'s are: `[at[i], at[i + 1])`.
     #[allow(clippy::too_many_arguments)]
     fn scan_pairs(
         &self,
@@ -657,7 +677,7 @@ impl IvfIndex {
         q8: Option<&Q8>,
         excluded: &FxHashSet<u64>,
         excluded_per_list: &[usize],
-    ) -> (Vec<Cand>, Vec<usize>) {
+    ) -> PairHits {
         let nlist = self.lists.len();
         // Pairs grouped by list (CSR), remembering each pair's place.
         let mut start = vec![0usize; nlist + 1];
@@ -669,13 +689,14 @@ impl IvfIndex {
         }
         let mut fill = start.clone();
         let mut list_queries = vec![0u32; pairs.len()];
-        let mut place = vec![0usize; pairs.len()];
+        let mut place = vec![0u32; pairs.len()];
         for (i, &(q, l)) in pairs.iter().enumerate() {
             let at = fill[l as usize];
             list_queries[at] = q;
-            place[i] = at;
+            place[i] = at as u32;
             fill[l as usize] += 1;
         }
+        drop(fill);
         let mut counts = vec![0u32; pairs.len()];
         let mut jobs = Vec::new();
         {
@@ -719,31 +740,20 @@ impl IvfIndex {
             let mut s = Scratch::default();
             jobs.into_iter().map(|job| run(&mut s, job)).collect()
         };
-        // Candidates in list-major pair order, then pair i's range via its place.
-        let mut by_list: Vec<Option<Vec<Cand>>> = (0..nlist).map(|_| None).collect();
+        let mut by_list: Vec<Vec<Cand>> = (0..nlist).map(|_| Vec::new()).collect();
         for (l, out) in outs {
-            by_list[l] = Some(out);
+            by_list[l] = out;
         }
-        let mut all = Vec::with_capacity(by_list.iter().flatten().map(Vec::len).sum());
-        for out in by_list.into_iter().flatten() {
-            all.extend_from_slice(&out);
+        // Slot `at` (list-major) -> (list, range in that list's output).
+        let mut slot_range = vec![(0u32, 0u32, 0u32); pairs.len()];
+        for l in 0..nlist {
+            let mut off = 0u32;
+            for at in start[l]..start[l + 1] {
+                slot_range[at] = (l as u32, off, off + counts[at]);
+                off += counts[at];
+            }
         }
-        let mut pos = vec![0usize; pairs.len() + 1];
-        for (at, &c) in counts.iter().enumerate() {
-            pos[at + 1] = pos[at] + c as usize;
-        }
-        let mut at = Vec::with_capacity(pairs.len() + 1);
-        let mut ranges = vec![(0usize, 0usize); pairs.len()];
-        for (i, &p) in place.iter().enumerate() {
-            ranges[i] = (pos[p], pos[p + 1]);
-        }
-        // Lay the candidates out in pair order so that pair i is [at[i], at[i + 1]).
-        let mut ordered = Vec::with_capacity(all.len());
-        at.push(0);
-        for &(a, b) in &ranges {
-            ordered.extend_from_slice(&all[a..b]);
-            at.push(ordered.len());
-        }
-        (ordered, at)
+        let ranges = place.iter().map(|&at| slot_range[at as usize]).collect();
+        PairHits { by_list, ranges }
     }
 }
