@@ -891,12 +891,14 @@ impl IvfIndex {
         let dim = self.dim;
         let nq = queries.len() / dim;
         let nlist = self.lists.len();
-        if !self.is_trained() || self.params.nprobe >= nlist {
+        if !self.is_trained() {
             let offsets = (0..=nq).map(|q| q * nlist).collect();
             let flat = (0..nq).flat_map(|_| 0..nlist as u32).collect();
             return (offsets, flat);
         }
-        let np = self.params.nprobe;
+        // Nearest first even when every list is probed: a batch's first round scans the
+        // nearest lists, whose scores bound what the others must keep.
+        let np = self.params.nprobe.min(nlist);
         let plan = Plan {
             dim,
             metric: self.coarse_metric(),

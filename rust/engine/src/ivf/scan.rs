@@ -130,11 +130,10 @@ pub(crate) fn batch_product(dtype: DType) -> Product {
 /// operand: a list costs a copy of its queries per batch, not a quantization and packing.
 pub(crate) type PackCache = std::sync::OnceLock<PackedQueries>;
 
-fn pack_rows(list: &List, product: Product, dim: usize) -> PackedQueries {
-    let mut buf = Vec::new();
+fn pack_rows(list: &List, product: Product, dim: usize, buf: &mut Vec<f32>) -> PackedQueries {
     // i8 rows dequantized and quantized again give back the same integers (the largest
     // |value| of a row is 127) and the scale to an ulp.
-    let rows = list.rows().to_f32(dim, &mut buf);
+    let rows = list.rows().to_f32(dim, buf);
     PackedQueries::new(product, kernels::level(), list.len(), dim, rows)
 }
 
@@ -441,7 +440,7 @@ fn scan_list_packed(
     let l2 = spec.metric == Metric::L2;
     let packed = list
         .packed
-        .get_or_init(|| pack_rows(list, spec.product, dim));
+        .get_or_init(|| pack_rows(list, spec.product, dim, &mut s.conv));
     if l2 {
         row_sqnorms(list.rows(), dim, &mut s.rnorms, &mut s.conv);
     }
