@@ -279,6 +279,7 @@ fn row_sqnorms(rows: Rows<'_>, dim: usize, out: &mut Vec<f32>, conv: &mut Vec<f3
 fn scan_list(
     spec: ScanSpec,
     list: &List,
+    by_product: bool,
     qs: &[u32],
     queries: &[f32],
     floors: &[f32],
@@ -300,9 +301,9 @@ fn scan_list(
             .resize_with(QUERY_BLOCK.min(m.max(1)), Select::default);
     }
     let l2 = spec.metric == Metric::L2;
-    // A product pays packing and setup per call: fewer than PRODUCT_MIN_QUERIES queries of a
-    // list run the single-query kernels (exact scores) even in a batch.
-    let product = spec.parallel && m >= PRODUCT_MIN_QUERIES;
+    // A product pays packing and setup per call: lists probed by fewer than
+    // PRODUCT_MIN_QUERIES queries of the batch (both rounds) run the single-query kernels.
+    let product = spec.parallel && by_product;
     if product && spec.product != Product::F32 {
         scan_list_packed(
             spec, list, qs, queries, floors, q8, excluded, out, counts, s,
@@ -591,9 +592,17 @@ impl IvfIndex {
             r1_start.push(round1.len());
             r2_start.push(round2.len());
         }
+        // Each list is scanned the same way in both rounds (so a query's scores from one list
+        // do not depend on the round): by the product if the batch probes it often enough.
+        let mut probed = vec![0usize; self.lists.len()];
+        for &l in flat.iter() {
+            probed[l as usize] += 1;
+        }
+        let by_product: Vec<bool> = probed.iter().map(|&c| c >= PRODUCT_MIN_QUERIES).collect();
         let mut floors = vec![f32::NEG_INFINITY; nq];
         let h1 = self.scan_pairs(
             spec,
+            &by_product,
             queries,
             &round1,
             &floors,
@@ -633,6 +642,7 @@ impl IvfIndex {
         }
         let h2 = self.scan_pairs(
             spec,
+            &by_product,
             queries,
             &round2,
             &floors,
@@ -669,6 +679,7 @@ impl IvfIndex {
     fn scan_pairs(
         &self,
         spec: ScanSpec,
+        by_product: &[bool],
         queries: &[f32],
         pairs: &[(u32, u32)],
         floors: &[f32],
@@ -715,6 +726,7 @@ impl IvfIndex {
             scan_list(
                 spec,
                 &self.lists[l],
+                by_product[l],
                 &list_queries[start[l]..start[l + 1]],
                 queries,
                 floors,
