@@ -19,10 +19,11 @@ from __future__ import annotations
 import argparse
 import ast
 import random
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
 import numpy as np
 
@@ -71,6 +72,93 @@ def _site_packages_text(limit_files: int = 20_000, budget_s: float = 120.0) -> I
                 yield from text.split("\n\n")
 
 
+_ROFF_BREAK = re.compile(
+    r"^\.(?:SH|SS|PP|LP|P|TP|IP|HP|sp|br|RS|RE|TH|nf|fi|Sh|Ss|Pp|Bl|El|It|Bd|Ed|EX|EE)\b"
+)
+_ROFF_TEXT = re.compile(r"^\.(?:B|I|BR|RB|IR|RI|BI|IB|SM|SB|Nm|Ar|Fl|Em|Sy|Pa|Xr|Dq|Sq|Ql)\s+(.*)$")
+_ROFF_ESC = re.compile(
+    r"\\f(?:\[[^\]]*\]|\(..|.)|\\s[+-]?\d+|\\\(..|\\\[[^\]]*\]|\\[&|^~0:%/,]|\\\*(?:\(..|\[[^\]]*\]|.)"
+)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def roff_paragraphs(text: str) -> Iterable[str]:
+    """Paragraphs of a man page's roff source: macro lines end paragraphs, font and character
+    escapes are dropped, the text arguments of font macros (.B, .I, .BR, ...) are kept."""
+    para: List[str] = []
+    for line in text.split("\n"):
+        if line.startswith((".", "'")):
+            m = _ROFF_TEXT.match(line)
+            if m:
+                para.append(m.group(1).replace('"', ""))
+                continue
+            if _ROFF_BREAK.match(line) or line.startswith(('.\\"', "'\\\"")):
+                if para:
+                    yield " ".join(para)
+                    para = []
+            continue
+        if not line.strip():
+            if para:
+                yield " ".join(para)
+                para = []
+            continue
+        line = _ROFF_ESC.sub("", line).replace("\\-", "-").replace("\\e", "\\").replace("\\ ", " ")
+        para.append(line)
+    if para:
+        yield " ".join(para)
+
+
+def man_pages(root: Path = Path("/usr/share/man"), budget_s: float = 300.0) -> Iterable[str]:
+    """Paragraphs of the English man pages (sections 1-9 directly under ``root``; gzip or plain)."""
+    import gzip
+
+    t0 = time.perf_counter()
+    for path in sorted(root.glob("man*/*")):
+        if time.perf_counter() - t0 > budget_s:
+            return
+        if not path.is_file():
+            continue
+        try:
+            raw = path.read_bytes()
+            if path.suffix == ".gz":
+                raw = gzip.decompress(raw)
+        except (OSError, EOFError, ValueError):
+            continue
+        text = raw.decode("utf-8", errors="replace")
+        if text.startswith(".so "):  # a link to another page
+            continue
+        yield from roff_paragraphs(text)
+
+
+def doc_files(root: Path = Path("/usr/share/doc"), budget_s: float = 120.0) -> Iterable[str]:
+    """Paragraphs of the text files packages ship under /usr/share/doc (README, NEWS, *.txt,
+    *.md, *.rst, gzip or plain; changelogs and copyright files are skipped)."""
+    import gzip
+
+    t0 = time.perf_counter()
+    for path in sorted(root.rglob("*")):
+        if time.perf_counter() - t0 > budget_s:
+            return
+        name = path.name.lower()
+        base = name[:-3] if name.endswith(".gz") else name
+        if base.startswith(("changelog", "copyright")) or not path.is_file():
+            continue
+        if not (base.endswith((".txt", ".md", ".rst")) or base.startswith(("readme", "news", "faq"))):
+            continue
+        try:
+            raw = path.read_bytes()
+            if name.endswith(".gz"):
+                raw = gzip.decompress(raw)
+        except (OSError, EOFError, ValueError):
+            continue
+        if len(raw) > 4_000_000:
+            continue
+        text = _ANSI.sub("", raw.decode("utf-8", errors="replace"))
+        yield from text.split("\n\n")
+
+
 def gather(n: int) -> List[str]:
     from training.minilm_stage1 import (
         apt_descriptions,
@@ -87,7 +175,9 @@ def gather(n: int) -> List[str]:
         ("apt", apt_descriptions),
         ("dpkg", dpkg_descriptions),
         ("stdlib", stdlib_docstrings),
-        ("site-packages", lambda: _site_packages_text()),
+        ("site-packages", lambda: _site_packages_text(limit_files=200_000, budget_s=300.0)),
+        ("man", man_pages),
+        ("doc", doc_files),
     ]
     for name, read in sources:
         before = len(out)
@@ -103,10 +193,63 @@ def gather(n: int) -> List[str]:
     return out[:n]
 
 
-def encode(cache: Path, n: int, threads: int, batch: int) -> None:
+def _reuse_table(reuse: Path) -> dict:
+    """sentence -> embedding from an earlier cache (its sentences.txt and emb_*.npy chunks)."""
+    table: dict = {}
+    sentences_file = reuse / "sentences.txt"
+    if not sentences_file.exists():
+        return table
+    sentences = sentences_file.read_text(encoding="utf-8").split("\n")
+    for start in range(0, len(sentences), CHUNK):
+        path = reuse / f"emb_{start:07d}.npy"
+        if not path.exists():
+            break
+        emb = np.load(path)
+        for s, e in zip(sentences[start : start + CHUNK], emb):
+            table[s] = e
+    return table
+
+
+class _OrtTower:
+    """The same MiniLM tower exported to ONNX (fp32) and run by onnxruntime: on this 2-core Zen 4
+    it encodes ~2x faster than torch eager; outputs agree to ~2e-7."""
+
+    def __init__(self, tower, tok, cache: Path, threads: int):
+        import onnxruntime as ort
+        import torch
+
+        from leanclip.minilm import tokenize
+
+        path = cache / "minilm-l6.onnx"
+        if not path.exists():
+            ids, mask = tokenize(tok, ["an example sentence", "a second, longer example sentence"])
+            tmp = cache / "minilm-l6.tmp.onnx"
+            torch.onnx.export(
+                tower,
+                (ids, mask),
+                str(tmp),
+                input_names=["ids", "mask"],
+                output_names=["emb"],
+                dynamic_axes={"ids": {0: "b", 1: "s"}, "mask": {0: "b", 1: "s"}, "emb": {0: "b"}},
+                opset_version=17,
+                dynamo=False,
+            )
+            tmp.rename(path)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+    def __call__(self, ids, mask) -> np.ndarray:
+        e = self.sess.run(None, {"ids": ids.numpy(), "mask": mask.numpy()})[0]
+        return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
+def encode(
+    cache: Path, n: int, threads: int, batch: int, backend: str = "ort", reuse: Optional[Path] = None
+) -> None:
     import torch
 
-    from training.minilm import load_minilm, load_minilm_tokenizer_json, make_tokenizer, tokenize
+    from leanclip.minilm import load_minilm, load_minilm_tokenizer_json, make_tokenizer, tokenize
 
     torch.set_num_threads(threads)
     cache.mkdir(parents=True, exist_ok=True)
@@ -118,29 +261,46 @@ def encode(cache: Path, n: int, threads: int, batch: int) -> None:
         sentences_file.write_text("\n".join(sentences), encoding="utf-8")
     sentences = sentences[:n]
     print(f"{len(sentences)} sentences", file=sys.stderr)
+    table = _reuse_table(reuse) if reuse is not None else {}
+    if table:
+        print(f"{len(table)} embeddings to reuse from {reuse}", file=sys.stderr)
     tower = load_minilm()
     tok = make_tokenizer(load_minilm_tokenizer_json(), context_length=64)
+    if backend == "ort":
+        run = _OrtTower(tower, tok, cache, threads)
+    else:
+
+        def run(ids, mask):
+            with torch.inference_mode():
+                return torch.nn.functional.normalize(tower(ids, mask), dim=-1).numpy()
+
     t0 = time.perf_counter()
+    encoded = 0
     for start in range(0, len(sentences), CHUNK):
         path = cache / f"emb_{start:07d}.npy"
         if path.exists():
             continue
         texts = sentences[start : start + CHUNK]
-        # length-sorted batches pad little; results go back to sentence order
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = np.zeros((len(texts), 384), dtype=np.float32)
-        with torch.inference_mode():
-            for b in range(0, len(order), batch):
-                idx = order[b : b + batch]
-                ids, mask = tokenize(tok, [texts[i] for i in idx])
-                emb = torch.nn.functional.normalize(tower(ids, mask), dim=-1)
-                out[idx] = emb.numpy()
+        todo = []
+        for i, t in enumerate(texts):
+            if t in table:
+                out[i] = table[t]
+            else:
+                todo.append(i)
+        # length-sorted batches pad little; results go back to sentence order
+        order = sorted(todo, key=lambda i: len(texts[i]))
+        for b in range(0, len(order), batch):
+            idx = order[b : b + batch]
+            ids, mask = tokenize(tok, [texts[i] for i in idx])
+            out[idx] = run(ids, mask)
+        encoded += len(order)
         tmp = path.with_suffix(".tmp.npy")
         np.save(tmp, out)
         tmp.rename(path)
         done = start + len(texts)
-        rate = (done - 0) / (time.perf_counter() - t0)
-        print(f"{done}/{len(sentences)} encoded ({rate:.0f}/s this run)", file=sys.stderr)
+        rate = encoded / (time.perf_counter() - t0)
+        print(f"{done}/{len(sentences)} done, {encoded} encoded ({rate:.0f}/s this run)", file=sys.stderr)
 
 
 def load(n: int, cache: Path = CACHE) -> np.ndarray:
@@ -167,10 +327,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=200_000)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--cache", type=Path, default=CACHE)
+    ap.add_argument("--backend", choices=["ort", "torch"], default="ort")
+    ap.add_argument(
+        "--reuse", type=Path, default=None, help="an earlier cache whose embeddings are reused by sentence"
+    )
     args = ap.parse_args()
-    encode(args.cache, args.n, args.threads, args.batch)
+    encode(args.cache, args.n, args.threads, args.batch, args.backend, args.reuse)
 
 
 if __name__ == "__main__":

@@ -321,6 +321,7 @@ fn build(src: Source<'_>, l: &Layout) -> std::result::Result<IvfIndex, String> {
             exact: l
                 .exact
                 .then(|| src.seg(l.copies.start, first * dim, n * dim)),
+            packed: Default::default(),
         });
         first += n;
     }

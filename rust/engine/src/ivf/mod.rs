@@ -2,10 +2,21 @@
 //!
 //! Vectors are split into `nlist` lists by a k-means coarse quantizer; a search scores the
 //! query against the centroids and scans only the `nprobe` nearest lists. Each list stores its
-//! rows contiguously as f32, f16 or i8 (as [`crate::Index`] does), so a list scan is the exact
-//! engine's search core (`search::search_into`) over that list. A batch of queries is grouped
-//! by list: each probed list is scanned once for all the queries probing it, as one small
-//! matrix product (GEMM), which is where an IVF outruns a graph index.
+//! rows contiguously as f32, f16 or i8 (as [`crate::Index`] does).
+//!
+//! Search (see `scan.rs`): fewer than 8 queries scan their lists with the single-query SIMD
+//! kernels on the calling thread. A batch groups its queries by list and scans each probed
+//! list once for all the queries probing it, as one matrix product: i8 lists with VNNI, f16
+//! lists with AVX512-BF16 (each list's rows packed once and cached until the list changes),
+//! f32 lists in f32; that is where an IVF outruns a graph index. The product's scores rank the
+//! candidates; each query then re-scores its best `k + margin` once.
+//!
+//! Score contract: a search reports, for every key it returns, the score the single-query
+//! kernels give (the scores of [`crate::Index`] searched one query at a time), except f32
+//! batches, which report the f32 product's (within ~1e-6 relative). So a key's score is the
+//! same bits alone or in a batch, and results are ranked by those scores, ties by key. A
+//! batch's low-precision ranking only chooses which `k + margin` candidates are re-scored
+//! (margin as `Index` batches keep: max(k, 32) for i8, max(k, 16) for f16).
 //!
 //! - Until it is trained the index holds one list and every search is exact. It trains itself
 //!   once it holds `train_threshold` vectors (default 64 x nlist), or on [`IvfIndex::train`];
@@ -15,20 +26,21 @@
 //!   (spherical k-means, as faiss does for inner-product IVF); under "l2" by L2 distance.
 //! - Removal swaps the list's last row into the hole: O(1), no tombstones.
 //! - With `rerank > 0` (f16 / i8 storage) float32 copies are kept next to the lists; a search
-//!   takes the best `max(k, rerank)` candidates by the quantized scores and re-scores them
-//!   exactly: 4 more bytes per dimension per vector for the recall quantization loses.
+//!   takes the best `max(k, rerank)` candidates by the scan's scores and re-scores them from
+//!   the copies: 4 more bytes per dimension per vector for the recall quantization loses.
 //! - With nprobe >= nlist a search is exact (the same results as [`crate::Index`]).
 
 mod file;
 pub(crate) mod kmeans;
+mod scan;
 
 pub use file::{IVF_FORMAT_VERSION, IVF_MAGIC};
 
 use crate::error::{invalid, Error, Result};
 use crate::index::{check_batch_keys, check_search_args, swap_remove_rows};
 use crate::kernels;
+use crate::matmul::Product;
 use crate::search::{self, Plan, Queries, Rows};
-use crate::topk::TopK;
 use crate::types::{DType, Metric};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -103,6 +115,9 @@ pub(crate) struct List {
     pub(crate) keys: Seg<u64>,
     pub(crate) data: Data,
     pub(crate) exact: Option<Seg<f32>>,
+    /// The rows packed for batched low-precision scans (built by the first batch that scans
+    /// the list, dropped by every change to it).
+    pub(crate) packed: scan::PackCache,
 }
 
 impl List {
@@ -118,6 +133,7 @@ impl List {
                 },
             },
             exact: exact.then(|| Seg::Owned(Vec::new())),
+            packed: Default::default(),
         }
     }
 
@@ -155,6 +171,7 @@ impl List {
 
     /// Appends row `i` of `enc`.
     fn push(&mut self, key: u64, enc: &Encoded, i: usize, dim: usize) -> Result<()> {
+        self.packed = Default::default();
         let r = i * dim..(i + 1) * dim;
         match (&mut self.data, &enc.data) {
             (Data::F32(s), EncData::F32(v)) => s.owned_mut()?.extend_from_slice(&v[r.clone()]),
@@ -174,6 +191,7 @@ impl List {
 
     /// Appends slot `slot` of `other` (the encoded bytes, no re-encoding).
     fn push_from(&mut self, other: &List, slot: usize, dim: usize) -> Result<()> {
+        self.packed = Default::default();
         let r = slot * dim..(slot + 1) * dim;
         match (&mut self.data, &other.data) {
             (Data::F32(d), Data::F32(s)) => {
@@ -204,6 +222,7 @@ impl List {
 
     /// Removes `slot` by moving the last row into it; returns the key moved (if any).
     fn swap_remove(&mut self, slot: usize, dim: usize) -> Result<Option<u64>> {
+        self.packed = Default::default();
         let last = self.len() - 1;
         match &mut self.data {
             Data::F32(s) => swap_remove_rows(s.owned_mut()?, slot, last, dim),
@@ -243,6 +262,9 @@ enum EncData {
     F16(Vec<f16>),
     I8(Vec<i8>, Vec<f32>),
 }
+
+/// One query's output slots and candidates, as the search's last step receives them.
+type FinishItem<'a> = (usize, ((&'a mut [u64], &'a mut [f32]), Vec<scan::Cand>));
 
 /// The IVF index. See the module documentation.
 pub struct IvfIndex {
@@ -449,7 +471,7 @@ impl IvfIndex {
             return Cow::Borrowed(vectors);
         }
         let mut v = vectors.to_vec();
-        v.par_chunks_mut(self.dim).for_each(|row| {
+        let one = |row: &mut [f32]| {
             let norm = kernels::sqnorm_f32(row).sqrt();
             if queries {
                 row.iter_mut().for_each(|x| *x /= norm);
@@ -457,7 +479,12 @@ impl IvfIndex {
                 let inv = 1.0 / norm;
                 row.iter_mut().for_each(|x| *x *= inv);
             }
-        });
+        };
+        if vectors.len() < search::GEMM_MIN_QUERIES * self.dim {
+            v.chunks_mut(self.dim).for_each(one);
+        } else {
+            v.par_chunks_mut(self.dim).for_each(one);
+        }
         Cow::Owned(v)
     }
 
@@ -778,28 +805,83 @@ impl IvfIndex {
         } else {
             0
         };
-        let kc = kp.max(rerank);
+        let batch = nq >= search::GEMM_MIN_QUERIES;
+        let product = scan::batch_product(self.dtype);
+        // A batch of f16 / i8 lists re-scores its best candidates with the single-query
+        // kernels (so it reports what Q=1 reports); a low-precision scan keeps a margin.
+        let rescore = batch && rerank == 0 && self.dtype != DType::F32;
+        // Candidates per query: k plus the margin of the scan's rounding (as `Index` batches
+        // keep); an f32 product over f16 / i8 rows keeps the bf16 margin, as its order may
+        // differ from the single-query kernels' in the last bits.
+        let kc = if rerank > 0 {
+            kp.max(rerank)
+        } else if rescore {
+            let probe = match product {
+                Product::I8 => search::Scan::I8 {
+                    data: &[],
+                    scales: &[],
+                },
+                _ => search::Scan::Bf16,
+            };
+            search::scan_candidates(kp, probe)
+        } else {
+            kp
+        };
+        let spec = scan::ScanSpec {
+            metric: self.metric,
+            dim,
+            product,
+            kc,
+            parallel: batch,
+        };
+        let q16 = (self.dtype == DType::I8 && self.metric != Metric::L2)
+            .then(|| scan::Q16::new(&queries, dim));
+        let q8 = (batch && product == Product::I8).then(|| scan::Q8::new(&queries, dim));
         let probes = self.probes(&queries, kp + excluded.len());
-        let hits = self.scan_lists(&queries, &probes, kc, &excluded, &excluded_per_list);
+        let hits = self.scan_lists_into(
+            spec,
+            &queries,
+            &probes,
+            q16.as_ref(),
+            q8.as_ref(),
+            &excluded,
+            &excluded_per_list,
+        );
         let mut ids = vec![0u64; nq * kp];
         let mut scores = vec![0f32; nq * kp];
-        ids.par_chunks_mut(kp)
-            .zip(scores.par_chunks_mut(kp))
-            .zip(hits.into_par_iter())
-            .enumerate()
-            .for_each(|(q, ((ids, scores), top))| {
-                let top = if rerank > 0 {
-                    self.rerank(&queries[q * dim..(q + 1) * dim], top, kp)
-                } else {
-                    top
-                };
-                let hits = top.into_sorted();
-                debug_assert_eq!(hits.len(), kp);
-                for (j, h) in hits.iter().take(kp).enumerate() {
-                    ids[j] = h.id;
-                    scores[j] = self.metric.to_external(h.score);
+        let finish = |conv: &mut Vec<f32>, (q, ((ids, scores), mut top)): FinishItem| {
+            let qv = &queries[q * dim..(q + 1) * dim];
+            if rerank > 0 {
+                self.rerank(qv, &mut top);
+            } else if rescore {
+                let q16 = q16.as_ref().map(|x| x.query(q, dim));
+                for c in top.iter_mut() {
+                    let list = &self.lists[c.list as usize];
+                    c.score =
+                        scan::exact_score(list, c.slot as usize, self.metric, dim, qv, q16, conv);
                 }
-            });
+                top.sort_unstable_by(scan::rank);
+            }
+            debug_assert!(top.len() >= kp);
+            for (j, h) in top.iter().take(kp).enumerate() {
+                ids[j] = h.key;
+                scores[j] = self.metric.to_external(h.score);
+            }
+        };
+        if batch {
+            ids.par_chunks_mut(kp)
+                .zip(scores.par_chunks_mut(kp))
+                .zip(hits.into_par_iter())
+                .enumerate()
+                .for_each_init(Vec::new, finish);
+        } else {
+            let mut conv = Vec::new();
+            ids.chunks_mut(kp)
+                .zip(scores.chunks_mut(kp))
+                .zip(hits)
+                .enumerate()
+                .for_each(|item| finish(&mut conv, item));
+        }
         Ok((ids, scores, kp))
     }
 
@@ -809,12 +891,14 @@ impl IvfIndex {
         let dim = self.dim;
         let nq = queries.len() / dim;
         let nlist = self.lists.len();
-        if !self.is_trained() || self.params.nprobe >= nlist {
+        if !self.is_trained() {
             let offsets = (0..=nq).map(|q| q * nlist).collect();
             let flat = (0..nq).flat_map(|_| 0..nlist as u32).collect();
             return (offsets, flat);
         }
-        let np = self.params.nprobe;
+        // Nearest first even when every list is probed: a batch's first round scans the
+        // nearest lists, whose scores bound what the others must keep.
+        let np = self.params.nprobe.min(nlist);
         let plan = Plan {
             dim,
             metric: self.coarse_metric(),
@@ -823,16 +907,44 @@ impl IvfIndex {
         };
         let mut ids = vec![0u64; nq * np];
         let mut scores = vec![0f32; nq * np];
-        search::search_into(
-            plan,
-            Rows::F32(&self.centroids),
-            Queries::F32(queries),
-            np,
-            &|_, _| true,
-            &|r| r as u64,
-            &mut ids,
-            &mut scores,
-        );
+        if nq < search::GEMM_MIN_QUERIES {
+            // Few queries: the same kernels and order as the search core, on this thread
+            // (no hand-off to the thread pool for a few microseconds of work).
+            let mut all = vec![0f32; nlist];
+            let mut top = scan::Select::default();
+            for (q, qv) in queries.chunks_exact(dim).enumerate() {
+                match plan.metric {
+                    Metric::L2 => {
+                        kernels::l2_f32_rows(qv, &self.centroids, &mut all);
+                        all.iter_mut().for_each(|s| *s = -*s);
+                    }
+                    _ => kernels::dot_f32_rows(qv, &self.centroids, &mut all),
+                }
+                top.reset(np);
+                for (l, &s) in all.iter().enumerate() {
+                    top.push(scan::Cand {
+                        score: s,
+                        list: l as u32,
+                        slot: 0,
+                        key: l as u64,
+                    });
+                }
+                for (j, c) in top.sorted().iter().enumerate() {
+                    ids[q * np + j] = c.key;
+                }
+            }
+        } else {
+            search::search_into(
+                plan,
+                Rows::F32(&self.centroids),
+                Queries::F32(queries),
+                np,
+                &|_, _| true,
+                &|r| r as u64,
+                &mut ids,
+                &mut scores,
+            );
+        }
         let mut offsets = Vec::with_capacity(nq + 1);
         let mut flat = Vec::with_capacity(nq * np);
         offsets.push(0);
@@ -855,142 +967,23 @@ impl IvfIndex {
         (offsets, flat)
     }
 
-    /// Scans every probed list once for all the queries probing it (list-major), and merges
-    /// each query's candidates into its best `kc`.
-    fn scan_lists(
-        &self,
-        queries: &[f32],
-        probes: &(Vec<usize>, Vec<u32>),
-        kc: usize,
-        excluded: &FxHashSet<u64>,
-        excluded_per_list: &[usize],
-    ) -> Vec<TopK> {
+    /// Re-scores the candidates from their float32 copies, best first.
+    fn rerank(&self, q: &[f32], top: &mut [scan::Cand]) {
         let dim = self.dim;
-        let nq = queries.len() / dim;
-        let (offsets, flat) = probes;
-        let nlist = self.lists.len();
-        // Queries per list (CSR), and where each (query, probe) finds its results.
-        let mut count = vec![0usize; nlist + 1];
-        for &l in flat {
-            count[l as usize + 1] += 1;
-        }
-        for l in 0..nlist {
-            count[l + 1] += count[l];
-        }
-        let list_start = count.clone();
-        let mut fill = count;
-        let mut list_queries = vec![0u32; flat.len()];
-        let mut slot_of = vec![0usize; flat.len()];
-        for q in 0..nq {
-            for (p, &l) in flat[offsets[q]..offsets[q + 1]].iter().enumerate() {
-                let at = fill[l as usize];
-                list_queries[at] = q as u32;
-                slot_of[offsets[q] + p] = at;
-                fill[l as usize] += 1;
-            }
-        }
-        let plan = Plan {
-            dim,
-            metric: self.metric,
-            normalize_queries: false,
-            normalize_rows: false,
-        };
-        // Per probed list: (valid results per query, ids, scores), nq_l x valid each.
-        let active: Vec<usize> = (0..nlist)
-            .filter(|&l| list_start[l + 1] > list_start[l])
-            .collect();
-        let mut result_of = vec![usize::MAX; nlist];
-        for (i, &l) in active.iter().enumerate() {
-            result_of[l] = i;
-        }
-        let results: Vec<(usize, Vec<u64>, Vec<f32>)> = active
-            .par_iter()
-            .map(|&l| {
-                let qs = &list_queries[list_start[l]..list_start[l + 1]];
-                let list = &self.lists[l];
-                let valid = (list.len() - excluded_per_list[l]).min(kc);
-                if qs.is_empty() || valid == 0 {
-                    return (0, Vec::new(), Vec::new());
-                }
-                let mut qbuf = Vec::with_capacity(qs.len() * dim);
-                for &q in qs {
-                    qbuf.extend_from_slice(&queries[q as usize * dim..(q as usize + 1) * dim]);
-                }
-                let keys = list.keys.as_slice();
-                let mut ids = vec![0u64; qs.len() * valid];
-                let mut scores = vec![0f32; qs.len() * valid];
-                let row_id = |r: usize| keys[r];
-                if excluded_per_list[l] == 0 {
-                    search::search_into(
-                        plan,
-                        list.rows(),
-                        Queries::F32(&qbuf),
-                        valid,
-                        &|_, _| true,
-                        &row_id,
-                        &mut ids,
-                        &mut scores,
-                    );
-                } else {
-                    let eligible = |_: usize, r: usize| !excluded.contains(&keys[r]);
-                    search::search_into(
-                        plan,
-                        list.rows(),
-                        Queries::F32(&qbuf),
-                        valid,
-                        &eligible,
-                        &row_id,
-                        &mut ids,
-                        &mut scores,
-                    );
-                }
-                (valid, ids, scores)
-            })
-            .collect();
-        // Which list and which position in it hold slot `at`.
-        let list_of_slot = |at: usize| list_start.partition_point(|&s| s <= at) - 1;
-        (0..nq)
-            .into_par_iter()
-            .map(|q| {
-                let mut top = TopK::new(kc);
-                for &at in &slot_of[offsets[q]..offsets[q + 1]] {
-                    let l = list_of_slot(at);
-                    let (valid, ids, scores) = &results[result_of[l]];
-                    let j = at - list_start[l];
-                    for r in j * valid..(j + 1) * valid {
-                        top.push(self.metric.to_external(scores[r]), ids[r]);
-                    }
-                }
-                top
-            })
-            .collect()
-    }
-
-    /// Re-scores the candidates from their float32 copies; keeps the best `k`.
-    fn rerank(&self, q: &[f32], top: TopK, k: usize) -> TopK {
-        let dim = self.dim;
-        let mut out = TopK::new(k);
-        let mut s = [0f32; 1];
-        for h in top.into_sorted() {
-            let (l, slot) = self.map[&h.id];
-            let exact = self.lists[l as usize]
+        let level = kernels::level();
+        for c in top.iter_mut() {
+            let exact = self.lists[c.list as usize]
                 .exact
                 .as_ref()
                 .expect("rerank only with float32 copies");
-            let row = &exact.as_slice()[slot as usize * dim..(slot as usize + 1) * dim];
-            let score = match self.metric {
-                Metric::L2 => {
-                    kernels::l2_f32_rows(q, row, &mut s);
-                    -s[0]
-                }
-                _ => {
-                    kernels::dot_f32_rows(q, row, &mut s);
-                    s[0]
-                }
+            let slot = c.slot as usize;
+            let row = &exact.as_slice()[slot * dim..(slot + 1) * dim];
+            c.score = match self.metric {
+                Metric::L2 => -kernels::l2_f32_with(level, q, row),
+                _ => kernels::dot_f32_with(level, q, row),
             };
-            out.push(score, h.id);
         }
-        out
+        top.sort_unstable_by(scan::rank);
     }
 }
 

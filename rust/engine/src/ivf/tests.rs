@@ -192,3 +192,177 @@ fn save_load_roundtrip_and_corruption_is_refused() {
         assert!(matches!(m.remove(&[6]), Err(Error::ReadOnly)));
     }
 }
+
+/// An index of `n` clustered rows (so that lists hold queries' neighbours) and its exact twin.
+fn clustered_pair(
+    metric: Metric,
+    dtype: DType,
+    n: usize,
+    dim: usize,
+    nlist: usize,
+) -> (IvfIndex, Index, Vec<f32>) {
+    let centres = data(11, 16, dim);
+    let noise = data(12, n, dim);
+    let v: Vec<f32> = (0..n * dim)
+        .map(|i| centres[(i / dim % 16) * dim + i % dim] + 0.3 * noise[i])
+        .collect();
+    let keys: Vec<u64> = (0..n as u64).map(|k| k * 5 + 1).collect();
+    let mut ivf = IvfIndex::new(dim, metric, dtype, params(nlist)).unwrap();
+    ivf.add(&keys, &v).unwrap();
+    ivf.train(&v).unwrap();
+    let mut flat = Index::new(dim, metric, dtype).unwrap();
+    flat.add(&keys, &v).unwrap();
+    (ivf, flat, v)
+}
+
+/// Batches (Q >= 8) probing every list give the exact index's ranking; on f16 / i8 lists the
+/// batch re-scores its candidates with the single-query kernels, so the scores are the exact
+/// index's (and a single query's) bit for bit; f32 batches report the product's scores.
+#[test]
+fn batched_search_with_every_list_probed_equals_the_exact_index() {
+    for metric in [Metric::Cos, Metric::Ip, Metric::L2] {
+        for dtype in [DType::F32, DType::F16, DType::I8] {
+            let (mut ivf, flat, _) = clustered_pair(metric, dtype, 3000, 48, 16);
+            ivf.set_nprobe(16).unwrap();
+            let q = data(21, 64, 48);
+            for k in [1, 10, 40] {
+                let (a_ids, a_s, _) = ivf.search(&q, k, None).unwrap();
+                // f16 / i8: the exact index's single-query results (its batches rank by the
+                // product's scores where the CPU lacks the low-precision products)
+                let (b_ids, b_s) = if dtype == DType::F32 {
+                    let (i, s, _) = flat.search(&q, k, None).unwrap();
+                    (i, s)
+                } else {
+                    let mut ids = Vec::new();
+                    let mut scores = Vec::new();
+                    for qv in q.chunks_exact(48) {
+                        let (i, s, _) = flat.search(qv, k, None).unwrap();
+                        ids.extend(i);
+                        scores.extend(s);
+                    }
+                    (ids, scores)
+                };
+                assert_eq!(a_ids, b_ids, "{metric:?} {dtype:?} k={k}");
+                for (x, y) in a_s.iter().zip(&b_s) {
+                    if dtype == DType::F32 {
+                        assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
+                    } else {
+                        assert_eq!(x.to_bits(), y.to_bits(), "{metric:?} {dtype:?}: {x} vs {y}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A query alone (single-query kernels) and the same query in a batch (list-major products)
+/// agree: the same keys at nprobe = nlist, nearly the same below, and on f16 / i8 lists the
+/// same score for every key both return.
+#[test]
+fn single_queries_and_batches_agree() {
+    for dtype in [DType::F32, DType::F16, DType::I8] {
+        let (mut ivf, _, _) = clustered_pair(Metric::Cos, dtype, 4000, 32, 32);
+        let q = data(31, 40, 32);
+        for nprobe in [4, 32] {
+            ivf.set_nprobe(nprobe).unwrap();
+            let (b_ids, b_s, kb) = ivf.search(&q, 10, None).unwrap();
+            let mut same = 0;
+            for i in 0..40 {
+                let (ids, s, k1) = ivf.search(&q[i * 32..(i + 1) * 32], 10, None).unwrap();
+                assert_eq!(k1, kb);
+                let row = &b_ids[i * 10..(i + 1) * 10];
+                for (j, key) in ids.iter().enumerate() {
+                    if let Some(p) = row.iter().position(|x| x == key) {
+                        same += 1;
+                        let (x, y) = (s[j], b_s[i * 10 + p]);
+                        if dtype == DType::F32 {
+                            assert!((x - y).abs() <= 1e-5, "{x} vs {y}");
+                        } else {
+                            assert_eq!(x.to_bits(), y.to_bits(), "{dtype:?}: {x} vs {y}");
+                        }
+                    }
+                }
+                if nprobe == 32 {
+                    assert_eq!(ids, row, "{dtype:?} query {i}");
+                }
+            }
+            assert!(
+                same >= 390,
+                "{dtype:?} nprobe={nprobe}: {same}/400 keys shared"
+            );
+        }
+    }
+}
+
+/// Equal vectors under different keys rank by ascending key, alone and in a batch, and the
+/// smallest keys are the ones kept when the tie straddles k.
+#[test]
+fn ties_rank_by_key_in_batches_and_single_queries() {
+    for dtype in [DType::F32, DType::F16, DType::I8] {
+        let dim = 16;
+        let base = data(41, 64, dim);
+        // every vector 4 times, under keys in scrambled order
+        let mut keys = Vec::new();
+        let mut v = Vec::new();
+        for copy in 0..4u64 {
+            for r in 0..64u64 {
+                keys.push((r * 4 + (3 - copy)) * 1000 + 7 * copy);
+                v.extend_from_slice(&base[r as usize * dim..(r as usize + 1) * dim]);
+            }
+        }
+        let mut ivf = IvfIndex::new(dim, Metric::Ip, dtype, params(4)).unwrap();
+        ivf.add(&keys, &v).unwrap();
+        ivf.train(&v).unwrap();
+        ivf.set_nprobe(4).unwrap();
+        let q = base[..16 * dim].to_vec();
+        let (b_ids, b_s, _) = ivf.search(&q, 6, None).unwrap();
+        for i in 0..16 {
+            let (ids, s, _) = ivf.search(&q[i * dim..(i + 1) * dim], 6, None).unwrap();
+            assert_eq!(ids, &b_ids[i * 6..(i + 1) * 6], "{dtype:?} query {i}");
+            for w in 0..5 {
+                if s[w] == s[w + 1] {
+                    assert!(ids[w] < ids[w + 1], "{dtype:?}: tie not by key");
+                }
+            }
+            // the 4 copies of the best row come first (equal scores), then 2 of the next 4
+            assert_eq!(s[0], s[3]);
+            assert_eq!(b_s[i * 6], b_s[i * 6 + 3]);
+            if dtype != DType::F32 {
+                assert_eq!(&b_s[i * 6..(i + 1) * 6], &s[..], "{dtype:?}");
+            }
+        }
+    }
+}
+
+/// The packed rows a batch caches per list are dropped by every change: batches after add,
+/// remove, upsert and retrain still equal the exact index.
+#[test]
+fn batches_after_changes_see_the_changes() {
+    for dtype in [DType::F16, DType::I8] {
+        let (mut ivf, mut flat, v) = clustered_pair(Metric::Ip, dtype, 2000, 32, 8);
+        ivf.set_nprobe(8).unwrap();
+        let q = data(51, 24, 32);
+        let check = |ivf: &IvfIndex, flat: &Index| {
+            let (a, _, _) = ivf.search(&q, 10, None).unwrap();
+            let (b, _, _) = flat.search(&q, 10, None).unwrap();
+            assert_eq!(a, b, "{dtype:?}");
+        };
+        check(&ivf, &flat);
+        let gone: Vec<u64> = (0..2000u64).step_by(3).map(|k| k * 5 + 1).collect();
+        ivf.remove(&gone).unwrap();
+        flat.remove(&gone).unwrap();
+        check(&ivf, &flat);
+        let extra = data(52, 100, 32);
+        let extra_keys: Vec<u64> = (0..100u64).map(|k| 1_000_000 + k).collect();
+        ivf.add(&extra_keys, &extra).unwrap();
+        flat.add(&extra_keys, &extra).unwrap();
+        check(&ivf, &flat);
+        let moved = vec![6u64, 11, 1_000_003];
+        let to = &v[..3 * 32];
+        ivf.upsert(&moved, to).unwrap();
+        flat.upsert(&moved, to).unwrap();
+        check(&ivf, &flat);
+        ivf.retrain().unwrap();
+        check(&ivf, &flat);
+    }
+}

@@ -227,3 +227,54 @@ pub unsafe fn at_least(scores: &[f32], t: f32, out: &mut Vec<u32>) {
     }
     out.set_len(len);
 }
+
+/// `max |x_i|` (0 for an empty slice; NaNs are skipped as `f32::max` skips them).
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn max_abs_f32(x: &[f32]) -> f32 {
+    let n = x.len();
+    let p = x.as_ptr();
+    let mut acc = _mm512_setzero_ps();
+    let mut i = 0;
+    while i + 16 <= n {
+        // max_ps returns its second operand when either is NaN: a NaN element keeps acc.
+        acc = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(p.add(i))), acc);
+        i += 16;
+    }
+    let mut m = _mm512_reduce_max_ps(acc);
+    for &v in &x[i..] {
+        m = m.max(v.abs());
+    }
+    m
+}
+
+/// `out[i] = round_to_nearest_even(clamp(x[i] * inv, -127, 127))`, the arithmetic of
+/// `quantize_row_i8` (same operations in the same order, so the same bits).
+///
+/// # Safety
+/// The CPU must support AVX-512F; `out` must be as long as `x`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn quantize_i8(x: &[f32], inv: f32, out: &mut [i8]) {
+    assert_eq!(x.len(), out.len());
+    const MAGIC: f32 = 12_582_912.0;
+    let n = x.len();
+    let (p, o) = (x.as_ptr(), out.as_mut_ptr());
+    let vinv = _mm512_set1_ps(inv);
+    let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+    let magic = _mm512_set1_ps(MAGIC);
+    let mut i = 0;
+    while i + 16 <= n {
+        let v = _mm512_mul_ps(_mm512_loadu_ps(p.add(i)), vinv);
+        let v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+        let r = _mm512_sub_ps(_mm512_add_ps(v, magic), magic);
+        let b = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(r));
+        _mm_storeu_si128(o.add(i) as *mut __m128i, b);
+        i += 16;
+    }
+    for j in i..n {
+        let v = (x[j] * inv).clamp(-127.0, 127.0);
+        out[j] = ((v + MAGIC) - MAGIC) as i32 as i8;
+    }
+}

@@ -332,6 +332,18 @@ fn round_small(x: f32) -> i32 {
 
 /// Quantize one stored row to i8 with its own scale: `x ~= scale * out`, |out| <= 127.
 pub fn quantize_row_i8(x: &[f32], out: &mut [i8]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::Avx512 && x.len() == out.len() {
+        // SAFETY: the Avx512 level was checked against the CPU by `available_levels`.
+        let max_abs = unsafe { avx512::max_abs_f32(x) };
+        if max_abs == 0.0 {
+            out.fill(0);
+            return 0.0;
+        }
+        // SAFETY: as above; the lengths are equal.
+        unsafe { avx512::quantize_i8(x, 127.0 / max_abs, out) };
+        return max_abs / 127.0;
+    }
     let max_abs = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     if max_abs == 0.0 {
         out.fill(0);

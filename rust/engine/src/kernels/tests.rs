@@ -184,3 +184,42 @@ fn at_least_matches_scalar_on_every_level_length_and_pattern() {
         }
     }
 }
+
+/// `quantize_row_i8` as first written (the scalar loop every level must reproduce bit for bit).
+fn quantize_row_i8_reference(x: &[f32], out: &mut [i8]) -> f32 {
+    let max_abs = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    if max_abs == 0.0 {
+        out.fill(0);
+        return 0.0;
+    }
+    let inv = 127.0 / max_abs;
+    for (o, v) in out.iter_mut().zip(x) {
+        let v = (v * inv).clamp(-127.0, 127.0);
+        *o = ((v + 12_582_912.0) - 12_582_912.0) as i32 as i8;
+    }
+    max_abs / 127.0
+}
+
+#[test]
+fn quantize_row_i8_matches_the_scalar_reference_bit_for_bit() {
+    let mut cases: Vec<Vec<f32>> = Vec::new();
+    for &dim in &DIMS {
+        for offset in 0..3 {
+            cases.push(values(dim + offset, dim as u64 + 7)[offset..].to_vec());
+        }
+    }
+    // Halfway points (ties to even), exact maxima, signed zeros, tiny values.
+    cases.push((0..100).map(|i| (i as f32 - 50.0) * 0.5).collect());
+    cases.push(vec![
+        -0.0, 0.0, 1e-30, -1e-30, 127.0, -127.0, 63.5, -63.5, 0.5, 1.5, 2.5,
+    ]);
+    cases.push(vec![0.0; 37]);
+    for x in &cases {
+        let mut got = vec![0i8; x.len()];
+        let mut want = vec![0i8; x.len()];
+        let gs = quantize_row_i8(x, &mut got);
+        let ws = quantize_row_i8_reference(x, &mut want);
+        assert_eq!(gs.to_bits(), ws.to_bits(), "scale, len {}", x.len());
+        assert_eq!(got, want, "len {}", x.len());
+    }
+}

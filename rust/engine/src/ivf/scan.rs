@@ -1,0 +1,770 @@
+//! The IVF search core: probing, list-major scans and the per-query merge.
+//!
+//! A batch (at least [`GEMM_MIN_QUERIES`] queries) groups its queries by list and scans each
+//! probed list once for all of them as one matrix product at the lists' scan precision: i8
+//! lists with VNNI (queries quantized to i8), f16 lists with AVX512-BF16 (both rounded to
+//! bf16), f32 lists (and CPUs without those instructions) in f32. The product's scores are the
+//! candidate scores: each (query, list) pair keeps its best `kc`, a query merges its pairs, and
+//! only then are its best candidates re-scored once, with the single-query kernels (f16 / i8
+//! lists) or from the float32 copies (`rerank`). Few queries scan with the single-query
+//! kernels and need no re-score. Nothing here allocates per list or per (query, list) pair:
+//! buffers live per rayon task, and results go to one flat array indexed by pair.
+
+use super::{IvfIndex, List};
+use crate::kernels;
+use crate::matmul::{self, PackedQueries, Product, Src, Workspace};
+use crate::search::Rows;
+use crate::types::{DType, Metric};
+use rayon::prelude::*;
+use rustc_hash::FxHashSet;
+use std::cmp::Ordering;
+
+/// Queries per product block within one list.
+const QUERY_BLOCK: usize = 256;
+/// Target size of a (queries x rows) score tile.
+const TILE_BYTES: usize = 256 * 1024;
+/// Fewer queries of one list than this scan it with the single-query kernels.
+const PRODUCT_MIN_QUERIES: usize = 8;
+/// Rows per single-query kernel chunk.
+const KERNEL_CHUNK: usize = 256;
+
+/// A candidate of one query: internal score (higher is better), key, and where its row lies.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Cand {
+    pub score: f32,
+    pub list: u32,
+    pub slot: u32,
+    pub key: u64,
+}
+
+/// Best first: higher score, then lower key (as `TopK` ranks).
+#[inline]
+pub(crate) fn rank(a: &Cand, b: &Cand) -> Ordering {
+    b.score.total_cmp(&a.score).then(a.key.cmp(&b.key))
+}
+
+/// Keeps the best `k` of the candidates pushed (by [`rank`]): a buffer that is cut back to `k`
+/// with a partial sort whenever it holds `2k`, so a push is a compare and an append.
+#[derive(Default)]
+pub(crate) struct Select {
+    k: usize,
+    buf: Vec<Cand>,
+    threshold: f32,
+}
+
+impl Select {
+    pub fn reset(&mut self, k: usize) {
+        self.reset_with_floor(k, f32::NEG_INFINITY);
+    }
+
+    /// Starts over, refusing scores below `floor` (known not to reach the final `k`).
+    pub fn reset_with_floor(&mut self, k: usize, floor: f32) {
+        self.k = k;
+        self.buf.clear();
+        self.threshold = floor;
+    }
+
+    /// Scores below this can never enter (a score equal to it may, with a lower key).
+    #[inline]
+    pub fn threshold(&self) -> f32 {
+        self.threshold
+    }
+
+    #[inline]
+    pub fn push(&mut self, c: Cand) {
+        if c.score < self.threshold || self.k == 0 {
+            return;
+        }
+        self.buf.push(c);
+        if self.buf.len() >= 2 * self.k.max(16) {
+            self.cut();
+        }
+    }
+
+    fn cut(&mut self) {
+        if self.buf.len() > self.k {
+            self.buf.select_nth_unstable_by(self.k - 1, rank);
+            self.buf.truncate(self.k);
+            let worst = self
+                .buf
+                .iter()
+                .map(|c| c.score)
+                .fold(f32::INFINITY, f32::min);
+            self.threshold = self.threshold.max(worst);
+        }
+    }
+
+    /// The best `k` (or fewer), best first.
+    pub fn sorted(&mut self) -> &mut [Cand] {
+        self.cut();
+        self.buf.sort_unstable_by(rank);
+        &mut self.buf
+    }
+}
+
+/// How the lists of one search are scanned.
+#[derive(Clone, Copy)]
+pub(crate) struct ScanSpec {
+    pub metric: Metric,
+    pub dim: usize,
+    /// The product a batch runs (its scores are the candidate scores).
+    pub product: Product,
+    /// Candidates kept per (query, list) pair and per query.
+    pub kc: usize,
+    /// Run list scans in parallel (a batch) or all on the calling thread (few queries).
+    pub parallel: bool,
+}
+
+/// The product a batch over lists of `dtype` runs on this CPU.
+pub(crate) fn batch_product(dtype: DType) -> Product {
+    let level = kernels::level();
+    match dtype {
+        DType::I8 if matmul::has_i8_product(level) => Product::I8,
+        DType::F16 if matmul::has_bf16_product(level) => Product::Bf16,
+        _ => Product::F32,
+    }
+}
+
+/// A list's rows packed as the left operand of the batch product (i8 or bf16), built once and
+/// reused by every batch until the list changes. The queries are then the product's right
+/// operand: a list costs a copy of its queries per batch, not a quantization and packing.
+pub(crate) type PackCache = std::sync::OnceLock<PackedQueries>;
+
+fn pack_rows(list: &List, product: Product, dim: usize, buf: &mut Vec<f32>) -> PackedQueries {
+    // i8 rows dequantized and quantized again give back the same integers (the largest
+    // |value| of a row is 127) and the scale to an ulp.
+    let rows = list.rows().to_f32(dim, buf);
+    PackedQueries::new(product, kernels::level(), list.len(), dim, rows)
+}
+
+/// Queries quantized for the i8 product (as stored rows are: one i8 copy and scale each).
+pub(crate) struct Q8 {
+    pub data: Vec<i8>,
+    pub scales: Vec<f32>,
+}
+
+impl Q8 {
+    pub fn new(queries: &[f32], dim: usize) -> Q8 {
+        let mut data = vec![0i8; queries.len()];
+        let scales = queries
+            .chunks_exact(dim)
+            .zip(data.chunks_exact_mut(dim))
+            .map(|(q, o)| kernels::quantize_row_i8(q, o))
+            .collect();
+        Q8 { data, scales }
+    }
+}
+
+/// Queries quantized for the i8 single-query kernels (one i16 copy and scale each).
+pub(crate) struct Q16 {
+    pub data: Vec<i16>,
+    pub scales: Vec<f32>,
+}
+
+impl Q16 {
+    pub fn new(queries: &[f32], dim: usize) -> Q16 {
+        let mut data = Vec::with_capacity(queries.len());
+        let mut scales = Vec::with_capacity(queries.len() / dim.max(1));
+        let mut one = Vec::with_capacity(dim);
+        for q in queries.chunks_exact(dim) {
+            scales.push(kernels::quantize_query_i16(q, &mut one));
+            data.extend_from_slice(&one);
+        }
+        Q16 { data, scales }
+    }
+
+    pub fn query(&self, q: usize, dim: usize) -> (&[i16], f32) {
+        (&self.data[q * dim..(q + 1) * dim], self.scales[q])
+    }
+}
+
+/// Buffers one task reuses across the lists it scans.
+#[derive(Default)]
+struct Scratch {
+    qbuf: Vec<f32>,
+    qnorms: Vec<f32>,
+    rnorms: Vec<f32>,
+    tile: Vec<f32>,
+    ints: Vec<i64>,
+    conv: Vec<f32>,
+    ws: Workspace,
+    sels: Vec<Select>,
+    qi8: Vec<i8>,
+    qsc: Vec<f32>,
+    thr: Vec<f32>,
+}
+
+/// The exact internal score of row `slot` of `list` for query `q` (as the single-query
+/// kernels give it: the scores a Q=1 search reports).
+#[inline]
+pub(crate) fn exact_score(
+    list: &List,
+    slot: usize,
+    metric: Metric,
+    dim: usize,
+    q: &[f32],
+    q16: Option<(&[i16], f32)>,
+    conv: &mut Vec<f32>,
+) -> f32 {
+    let level = kernels::level();
+    let one = list.rows().range(slot, slot + 1, dim);
+    match (one, metric) {
+        (Rows::F32(x), Metric::L2) => -kernels::l2_f32_with(level, q, x),
+        (Rows::F16(x), Metric::L2) => -kernels::l2_f16_with(level, q, x),
+        (Rows::I8 { .. }, Metric::L2) => {
+            let x = one.to_f32(dim, conv);
+            -kernels::l2_f32_with(level, q, x)
+        }
+        (Rows::F32(x), _) => kernels::dot_f32_with(level, q, x),
+        (Rows::F16(x), _) => kernels::dot_f16_with(level, q, x),
+        (Rows::I8 { data, scales }, _) => {
+            let (q16, qs) = q16.expect("i8 rows need the i16 query");
+            kernels::dot_i8_with(level, q16, data) as f32 * (qs * scales[0])
+        }
+    }
+}
+
+/// Pushes the scores of rows `[r0, r0 + scores.len())` of a list, skipping excluded keys.
+#[inline(always)]
+fn push_scores(
+    sel: &mut Select,
+    scores: &[f32],
+    r0: usize,
+    keys: &[u64],
+    excluded: Option<&FxHashSet<u64>>,
+) {
+    const LANES: usize = 16;
+    let mut threshold = sel.threshold();
+    let mut base = r0;
+    for chunk in scores.chunks(LANES) {
+        // The threshold only rises: one vectorizable test rejects most chunks.
+        if chunk.iter().fold(false, |acc, &s| acc | (s >= threshold)) {
+            for (j, &s) in chunk.iter().enumerate() {
+                if s >= threshold {
+                    let key = keys[base + j];
+                    if excluded.is_some_and(|e| e.contains(&key)) {
+                        continue;
+                    }
+                    sel.push(Cand {
+                        score: s,
+                        list: 0,
+                        slot: (base + j) as u32,
+                        key,
+                    });
+                    threshold = sel.threshold();
+                }
+            }
+        }
+        base += LANES;
+    }
+}
+
+/// `|row|^2` of every row of `rows`, as the exact scores see them.
+fn row_sqnorms(rows: Rows<'_>, dim: usize, out: &mut Vec<f32>, conv: &mut Vec<f32>) {
+    out.clear();
+    let n = rows.count(dim);
+    let mut r0 = 0;
+    while r0 < n {
+        let r1 = (r0 + KERNEL_CHUNK).min(n);
+        let v = rows.range(r0, r1, dim).to_f32(dim, conv);
+        out.extend(v.chunks_exact(dim).map(kernels::sqnorm_f32));
+        r0 = r1;
+    }
+}
+
+/// Scans one list for the queries `qs` (indices into `queries`); appends each query's best
+/// `spec.kc` with scores >= its floor (list-local slots, unsorted) to `out`, pair after pair,
+/// and their number to `counts[j]`.
+#[allow(clippy::too_many_arguments)]
+fn scan_list(
+    spec: ScanSpec,
+    list: &List,
+    by_product: bool,
+    qs: &[u32],
+    queries: &[f32],
+    floors: &[f32],
+    q16: Option<&Q16>,
+    q8: Option<&Q8>,
+    excluded: Option<&FxHashSet<u64>>,
+    out: &mut Vec<Cand>,
+    counts: &mut [u32],
+    s: &mut Scratch,
+) {
+    let dim = spec.dim;
+    let kc = spec.kc;
+    let n = list.len();
+    let rows = list.rows();
+    let keys = list.keys.as_slice();
+    let m = qs.len();
+    if s.sels.len() < QUERY_BLOCK.min(m.max(1)) {
+        s.sels
+            .resize_with(QUERY_BLOCK.min(m.max(1)), Select::default);
+    }
+    let l2 = spec.metric == Metric::L2;
+    // A product pays packing and setup per call: lists probed by fewer than
+    // PRODUCT_MIN_QUERIES queries of the batch (both rounds) run the single-query kernels.
+    let product = spec.parallel && by_product;
+    if product && spec.product != Product::F32 {
+        scan_list_packed(
+            spec, list, qs, queries, floors, q8, excluded, out, counts, s,
+        );
+        return;
+    }
+    if product {
+        let level = kernels::level();
+        if l2 {
+            row_sqnorms(rows, dim, &mut s.rnorms, &mut s.conv);
+        }
+        for b0 in (0..m).step_by(QUERY_BLOCK) {
+            let b1 = (b0 + QUERY_BLOCK).min(m);
+            let mb = b1 - b0;
+            s.qbuf.clear();
+            s.qnorms.clear();
+            for &q in &qs[b0..b1] {
+                let q = &queries[q as usize * dim..(q as usize + 1) * dim];
+                s.qbuf.extend_from_slice(q);
+                if l2 {
+                    s.qnorms.push(kernels::sqnorm_f32(q));
+                }
+            }
+            let packed = PackedQueries::new(spec.product, level, mb, dim, &s.qbuf);
+            for (sel, &q) in s.sels[..mb].iter_mut().zip(&qs[b0..b1]) {
+                sel.reset_with_floor(kc, floors[q as usize]);
+            }
+            let rb = ((TILE_BYTES / 4 / mb).clamp(64, 1024) / 32 * 32).min(n.max(1));
+            if s.tile.len() < mb * rb {
+                s.tile.resize(mb * rb, 0.0);
+            }
+            let mut r0 = 0;
+            while r0 < n {
+                let r1 = (r0 + rb).min(n);
+                let nb = r1 - r0;
+                let src = match rows.range(r0, r1, dim) {
+                    Rows::F32(v) => Src::F32(v),
+                    Rows::F16(v) => Src::F16(v),
+                    Rows::I8 { data, scales } => Src::I8 { data, scales },
+                };
+                let tile = &mut s.tile[..mb * nb];
+                packed.scores(src, nb, tile, nb, &mut s.ws);
+                for (i, sel) in s.sels[..mb].iter_mut().enumerate() {
+                    let scores = &mut tile[i * nb..(i + 1) * nb];
+                    if l2 {
+                        let qn = s.qnorms[i];
+                        for (v, &xn) in scores.iter_mut().zip(&s.rnorms[r0..r1]) {
+                            *v = -(qn + xn - 2.0 * *v).max(0.0);
+                        }
+                    }
+                    push_scores(sel, scores, r0, keys, excluded);
+                }
+                r0 = r1;
+            }
+            for (i, sel) in s.sels[..mb].iter_mut().enumerate() {
+                sel.cut();
+                out.extend_from_slice(&sel.buf);
+                counts[b0 + i] = sel.buf.len() as u32;
+            }
+        }
+        return;
+    }
+    // Few queries: the single-query kernels, exact scores.
+    if s.tile.len() < KERNEL_CHUNK {
+        s.tile.resize(KERNEL_CHUNK, 0.0);
+    }
+    if s.ints.len() < KERNEL_CHUNK {
+        s.ints.resize(KERNEL_CHUNK, 0);
+    }
+    for (j, &q) in qs.iter().enumerate() {
+        let qv = &queries[q as usize * dim..(q as usize + 1) * dim];
+        let sel = &mut s.sels[0];
+        sel.reset_with_floor(kc, floors[q as usize]);
+        let mut r0 = 0;
+        while r0 < n {
+            let r1 = (r0 + KERNEL_CHUNK).min(n);
+            let scores = &mut s.tile[..r1 - r0];
+            match (rows.range(r0, r1, dim), spec.metric) {
+                (Rows::F32(v), Metric::L2) => {
+                    kernels::l2_f32_rows(qv, v, scores);
+                    scores.iter_mut().for_each(|x| *x = -*x);
+                }
+                (Rows::F32(v), _) => kernels::dot_f32_rows(qv, v, scores),
+                (Rows::F16(v), Metric::L2) => {
+                    kernels::l2_f16_rows(qv, v, scores);
+                    scores.iter_mut().for_each(|x| *x = -*x);
+                }
+                (Rows::F16(v), _) => kernels::dot_f16_rows(qv, v, scores),
+                (chunk @ Rows::I8 { .. }, Metric::L2) => {
+                    let x = chunk.to_f32(dim, &mut s.conv);
+                    kernels::l2_f32_rows(qv, x, scores);
+                    scores.iter_mut().for_each(|x| *x = -*x);
+                }
+                (Rows::I8 { data, scales }, _) => {
+                    let (q16, qs16) = q16
+                        .expect("i8 rows need the i16 queries")
+                        .query(q as usize, dim);
+                    let ints = &mut s.ints[..r1 - r0];
+                    kernels::dot_i8_rows(q16, data, ints);
+                    for ((v, &dot), &xs) in scores.iter_mut().zip(ints.iter()).zip(scales) {
+                        *v = dot as f32 * (qs16 * xs);
+                    }
+                }
+            }
+            push_scores(sel, scores, r0, keys, excluded);
+            r0 = r1;
+        }
+        sel.cut();
+        out.extend_from_slice(&sel.buf);
+        counts[j] = sel.buf.len() as u32;
+    }
+}
+
+/// The batch scan of one list with its rows packed (cached) as the left operand: the tile is
+/// rows x queries, scanned a row at a time against every query's running threshold.
+#[allow(clippy::too_many_arguments)]
+fn scan_list_packed(
+    spec: ScanSpec,
+    list: &List,
+    qs: &[u32],
+    queries: &[f32],
+    floors: &[f32],
+    q8: Option<&Q8>,
+    excluded: Option<&FxHashSet<u64>>,
+    out: &mut Vec<Cand>,
+    counts: &mut [u32],
+    s: &mut Scratch,
+) {
+    const LANES: usize = 16;
+    let dim = spec.dim;
+    let kc = spec.kc;
+    let n = list.len();
+    let keys = list.keys.as_slice();
+    let m = qs.len();
+    let l2 = spec.metric == Metric::L2;
+    let packed = list
+        .packed
+        .get_or_init(|| pack_rows(list, spec.product, dim, &mut s.conv));
+    if l2 {
+        row_sqnorms(list.rows(), dim, &mut s.rnorms, &mut s.conv);
+    }
+    // Queries per product: the (rows x queries) tile stays within TILE_BYTES.
+    let qb = (TILE_BYTES / 4 / n.max(1)).clamp(LANES, QUERY_BLOCK);
+    if s.sels.len() < qb.min(m) {
+        s.sels.resize_with(qb.min(m), Select::default);
+    }
+    for b0 in (0..m).step_by(qb) {
+        let b1 = (b0 + qb).min(m);
+        let mb = b1 - b0;
+        s.qnorms.clear();
+        s.thr.clear();
+        let src = match (spec.product, q8) {
+            (Product::I8, Some(q8)) => {
+                s.qi8.clear();
+                s.qsc.clear();
+                for &q in &qs[b0..b1] {
+                    let q = q as usize;
+                    s.qi8.extend_from_slice(&q8.data[q * dim..(q + 1) * dim]);
+                    s.qsc.push(q8.scales[q]);
+                }
+                Src::I8 {
+                    data: &s.qi8,
+                    scales: &s.qsc,
+                }
+            }
+            _ => {
+                s.qbuf.clear();
+                for &q in &qs[b0..b1] {
+                    s.qbuf
+                        .extend_from_slice(&queries[q as usize * dim..(q as usize + 1) * dim]);
+                }
+                Src::F32(&s.qbuf)
+            }
+        };
+        if l2 {
+            for &q in &qs[b0..b1] {
+                let q = &queries[q as usize * dim..(q as usize + 1) * dim];
+                s.qnorms.push(kernels::sqnorm_f32(q));
+            }
+        }
+        for (sel, &q) in s.sels[..mb].iter_mut().zip(&qs[b0..b1]) {
+            sel.reset_with_floor(kc, floors[q as usize]);
+            s.thr.push(sel.threshold());
+        }
+        if s.tile.len() < n * mb {
+            s.tile.resize(n * mb, 0.0);
+        }
+        let tile = &mut s.tile[..n * mb];
+        packed.scores(src, mb, tile, mb, &mut s.ws);
+        for (r, row) in tile.chunks_exact_mut(mb).enumerate() {
+            if l2 {
+                let xn = s.rnorms[r];
+                for (v, &qn) in row.iter_mut().zip(&s.qnorms) {
+                    *v = -(qn + xn - 2.0 * *v).max(0.0);
+                }
+            }
+            let key = keys[r];
+            for (c, (vals, thr)) in row.chunks(LANES).zip(s.thr.chunks_mut(LANES)).enumerate() {
+                // One vectorizable test per 16 queries: most rows reach no query's threshold.
+                if !vals
+                    .iter()
+                    .zip(thr.iter())
+                    .fold(false, |acc, (&v, &t)| acc | (v >= t))
+                {
+                    continue;
+                }
+                if excluded.is_some_and(|e| e.contains(&key)) {
+                    break;
+                }
+                for (j, (&v, t)) in vals.iter().zip(thr.iter_mut()).enumerate() {
+                    if v >= *t {
+                        let sel = &mut s.sels[c * LANES + j];
+                        sel.push(Cand {
+                            score: v,
+                            list: 0,
+                            slot: r as u32,
+                            key,
+                        });
+                        *t = sel.threshold();
+                    }
+                }
+            }
+        }
+        for (i, sel) in s.sels[..mb].iter_mut().enumerate() {
+            sel.cut();
+            out.extend_from_slice(&sel.buf);
+            counts[b0 + i] = sel.buf.len() as u32;
+        }
+    }
+}
+
+/// The candidates of scanned (query, list) pairs: one vector per list scanned, and for pair
+/// `i` its list and range there.
+struct PairHits {
+    by_list: Vec<Vec<Cand>>,
+    ranges: Vec<(u32, u32, u32)>,
+}
+
+impl PairHits {
+    /// Pair `i`'s candidates (list-local slots) and its list.
+    fn get(&self, i: usize) -> (&[Cand], u32) {
+        let (l, a, b) = self.ranges[i];
+        (&self.by_list[l as usize][a as usize..b as usize], l)
+    }
+}
+
+/// Probes per query scanned in the first round (they set the floors of the second).
+const ROUND1_PROBES: usize = 4;
+
+impl IvfIndex {
+    /// Scans every probed list once for all the queries probing it (list-major) and merges
+    /// each query's candidates: its best `spec.kc` by scan score, best first.
+    ///
+    /// Two rounds: first each query's nearest lists only (up to [`ROUND1_PROBES`]), which give
+    /// every query a floor (its `kc`-th best score there; the final `kc`-th best can only be
+    /// higher), then the other probed lists, where a (query, list) pair keeps only scores at or
+    /// above the floor: most rows of a far list are dropped by one comparison, not sorted.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn scan_lists_into(
+        &self,
+        spec: ScanSpec,
+        queries: &[f32],
+        probes: &(Vec<usize>, Vec<u32>),
+        q16: Option<&Q16>,
+        q8: Option<&Q8>,
+        excluded: &FxHashSet<u64>,
+        excluded_per_list: &[usize],
+    ) -> Vec<Vec<Cand>> {
+        let dim = self.dim;
+        let nq = queries.len() / dim;
+        let kc = spec.kc;
+        let (offsets, flat) = probes;
+        // Both rounds are query-major: query q's pairs are [r_start[q], r_start[q + 1]).
+        let split = |q: usize| (offsets[q + 1] - offsets[q]).min(ROUND1_PROBES);
+        let mut r1_start = Vec::with_capacity(nq + 1);
+        let mut r2_start = Vec::with_capacity(nq + 1);
+        let mut round1 = Vec::new();
+        let mut round2 = Vec::new();
+        r1_start.push(0);
+        r2_start.push(0);
+        for q in 0..nq {
+            let mine = &flat[offsets[q]..offsets[q + 1]];
+            let (near, far) = mine.split_at(split(q));
+            round1.extend(near.iter().map(|&l| (q as u32, l)));
+            round2.extend(far.iter().map(|&l| (q as u32, l)));
+            r1_start.push(round1.len());
+            r2_start.push(round2.len());
+        }
+        // Each list is scanned the same way in both rounds (so a query's scores from one list
+        // do not depend on the round): by the product if the batch probes it often enough.
+        let mut probed = vec![0usize; self.lists.len()];
+        for &l in flat.iter() {
+            probed[l as usize] += 1;
+        }
+        let by_product: Vec<bool> = probed.iter().map(|&c| c >= PRODUCT_MIN_QUERIES).collect();
+        let mut floors = vec![f32::NEG_INFINITY; nq];
+        let h1 = self.scan_pairs(
+            spec,
+            &by_product,
+            queries,
+            &round1,
+            &floors,
+            q16,
+            q8,
+            excluded,
+            excluded_per_list,
+        );
+        let merge_round1 = |sel: &mut Select, q: usize| {
+            sel.reset(kc);
+            for i in r1_start[q]..r1_start[q + 1] {
+                let (cands, l) = h1.get(i);
+                for c in cands {
+                    sel.push(Cand { list: l, ..*c });
+                }
+            }
+        };
+        let floor_of = |sel: &mut Select, q: usize| -> f32 {
+            merge_round1(sel, q);
+            let best = sel.sorted();
+            if best.len() >= kc {
+                best[kc - 1].score
+            } else {
+                f32::NEG_INFINITY
+            }
+        };
+        if spec.parallel {
+            floors
+                .par_iter_mut()
+                .enumerate()
+                .for_each_init(Select::default, |sel, (q, f)| *f = floor_of(sel, q));
+        } else {
+            let mut sel = Select::default();
+            for (q, f) in floors.iter_mut().enumerate() {
+                *f = floor_of(&mut sel, q);
+            }
+        }
+        let h2 = self.scan_pairs(
+            spec,
+            &by_product,
+            queries,
+            &round2,
+            &floors,
+            q16,
+            q8,
+            excluded,
+            excluded_per_list,
+        );
+        let merge = |sel: &mut Select, q: usize| -> Vec<Cand> {
+            merge_round1(sel, q);
+            for i in r2_start[q]..r2_start[q + 1] {
+                let (cands, l) = h2.get(i);
+                for c in cands {
+                    if c.score >= sel.threshold() {
+                        sel.push(Cand { list: l, ..*c });
+                    }
+                }
+            }
+            sel.sorted().to_vec()
+        };
+        if spec.parallel {
+            (0..nq)
+                .into_par_iter()
+                .map_init(Select::default, merge)
+                .collect()
+        } else {
+            let mut sel = Select::default();
+            (0..nq).map(|q| merge(&mut sel, q)).collect()
+        }
+    }
+
+    /// Scans the (query, list) `pairs`, list-major: each list once for all its queries.
+    #[allow(clippy::too_many_arguments)]
+    fn scan_pairs(
+        &self,
+        spec: ScanSpec,
+        by_product: &[bool],
+        queries: &[f32],
+        pairs: &[(u32, u32)],
+        floors: &[f32],
+        q16: Option<&Q16>,
+        q8: Option<&Q8>,
+        excluded: &FxHashSet<u64>,
+        excluded_per_list: &[usize],
+    ) -> PairHits {
+        let nlist = self.lists.len();
+        // Pairs grouped by list (CSR), remembering each pair's place.
+        let mut start = vec![0usize; nlist + 1];
+        for &(_, l) in pairs {
+            start[l as usize + 1] += 1;
+        }
+        for l in 0..nlist {
+            start[l + 1] += start[l];
+        }
+        let mut fill = start.clone();
+        let mut list_queries = vec![0u32; pairs.len()];
+        let mut place = vec![0u32; pairs.len()];
+        for (i, &(q, l)) in pairs.iter().enumerate() {
+            let at = fill[l as usize];
+            list_queries[at] = q;
+            place[i] = at as u32;
+            fill[l as usize] += 1;
+        }
+        drop(fill);
+        let mut counts = vec![0u32; pairs.len()];
+        let mut jobs = Vec::new();
+        {
+            let mut rest: &mut [u32] = &mut counts;
+            for l in 0..nlist {
+                let len = start[l + 1] - start[l];
+                let (n, rn) = std::mem::take(&mut rest).split_at_mut(len);
+                rest = rn;
+                if len > 0 && self.lists[l].len() > 0 {
+                    jobs.push((l, n));
+                }
+            }
+        }
+        let run = |s: &mut Scratch, (l, n): (usize, &mut [u32])| -> (usize, Vec<Cand>) {
+            let ex = (excluded_per_list[l] > 0).then_some(excluded);
+            let mut out = Vec::new();
+            scan_list(
+                spec,
+                &self.lists[l],
+                by_product[l],
+                &list_queries[start[l]..start[l + 1]],
+                queries,
+                floors,
+                q16,
+                q8,
+                ex,
+                &mut out,
+                n,
+                s,
+            );
+            (l, out)
+        };
+        let outs: Vec<(usize, Vec<Cand>)> = if spec.parallel {
+            // Most work first, so no long list is left to the end.
+            let work = |l: usize| self.lists[l].len() * (start[l + 1] - start[l]);
+            jobs.sort_by_key(|(l, _)| std::cmp::Reverse(work(*l)));
+            jobs.into_par_iter()
+                .with_max_len(1)
+                .map_init(Scratch::default, run)
+                .collect()
+        } else {
+            let mut s = Scratch::default();
+            jobs.into_iter().map(|job| run(&mut s, job)).collect()
+        };
+        let mut by_list: Vec<Vec<Cand>> = (0..nlist).map(|_| Vec::new()).collect();
+        for (l, out) in outs {
+            by_list[l] = out;
+        }
+        // Slot `at` (list-major) -> (list, range in that list's output).
+        let mut slot_range = vec![(0u32, 0u32, 0u32); pairs.len()];
+        for l in 0..nlist {
+            let mut off = 0u32;
+            for at in start[l]..start[l + 1] {
+                slot_range[at] = (l as u32, off, off + counts[at]);
+                off += counts[at];
+            }
+        }
+        let ranges = place.iter().map(|&at| slot_range[at as usize]).collect();
+        PairHits { by_list, ranges }
+    }
+}
