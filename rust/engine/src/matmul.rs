@@ -418,18 +418,7 @@ impl PackedQueries {
             match self.product {
                 Product::Bf16 => self.drive_packed::<u16, u16>(shape, b, j0, n, |t| {
                     // SAFETY: as in `run_bf16`; the panel pointers lie inside `b`'s buffer.
-                    unsafe {
-                        x86::bf16_12x32(
-                            t.steps,
-                            t.a,
-                            t.b,
-                            cp.add(t.i0 * ldc + t.j0),
-                            ldc,
-                            t.mr_valid,
-                            t.nr_valid,
-                            !t.first,
-                        )
-                    }
+                    unsafe { x86::bf16_12x32(t, cp, ldc) }
                 }),
                 Product::I8 => {
                     let multi = k > shape.kc;
@@ -689,18 +678,7 @@ impl PackedQueries {
                     // SAFETY: AVX512-BF16 was checked by `Shape::of`; the panels hold `t.steps`
                     // steps of 12 x 2 / 32 x 2 values and the kernel writes only the valid rows
                     // and columns of its tile inside c (asserted in `scores`).
-                    unsafe {
-                        x86::bf16_12x32(
-                            t.steps,
-                            t.a,
-                            t.b,
-                            cp.add(t.i0 * ldc + t.j0),
-                            ldc,
-                            t.mr_valid,
-                            t.nr_valid,
-                            !t.first,
-                        )
-                    }
+                    unsafe { x86::bf16_12x32(t, cp, ldc) }
                 },
             );
         }
@@ -1393,20 +1371,14 @@ mod x86 {
     }
 
     /// # Safety
-    /// AVX-512F and AVX512-BF16. `a` / `b` hold `steps` lane steps of 12 x 2 / 32 x 2 bf16;
-    /// `c` rows `0..mr` and columns `0..nr` (stride `ldc`) are valid for reads and writes.
-    #[allow(clippy::too_many_arguments)]
+    /// AVX-512F and AVX512-BF16. The tile's panels hold `steps` lane steps of 12 x 2 / 32 x 2
+    /// bf16; `c` (the matrix's origin, stride `ldc`) is valid for reads and writes at the
+    /// tile's valid rows and columns, the only ones the kernel touches.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub unsafe fn bf16_12x32(
-        steps: usize,
-        a: *const u16,
-        b: *const u16,
-        c: *mut f32,
-        ldc: usize,
-        mr: usize,
-        nr: usize,
-        accumulate: bool,
-    ) {
+    pub unsafe fn bf16_12x32(t: &Tile<u16, u16>, c: *mut f32, ldc: usize) {
+        let (steps, a, b) = (t.steps, t.a, t.b);
+        let c = c.add(t.i0 * ldc + t.j0);
+        let (mr, nr, accumulate) = (t.mr_valid, t.nr_valid, !t.first);
         let mut s = [[_mm512_setzero_ps(); 2]; 12];
         let (mut pa, mut pb) = (a as *const i32, b as *const __m512i);
         for _ in 0..steps {
