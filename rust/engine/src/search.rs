@@ -600,7 +600,7 @@ where
 }
 
 /// `|row|^2` of every row of `block` (as the exact scores see the rows).
-fn row_sqnorms(block: Rows<'_>, dim: usize, out: &mut [f32], buf: &mut Vec<f32>) {
+pub(crate) fn row_sqnorms(block: Rows<'_>, dim: usize, out: &mut [f32], buf: &mut Vec<f32>) {
     match block {
         Rows::F32(v) => {
             for (o, row) in out.iter_mut().zip(v.chunks_exact(dim)) {
@@ -617,7 +617,7 @@ fn row_sqnorms(block: Rows<'_>, dim: usize, out: &mut [f32], buf: &mut Vec<f32>)
 }
 
 /// The exact internal score (higher is better) of one row, as the per-row kernels give it.
-fn exact_score(
+pub(crate) fn exact_score(
     plan: Plan,
     rows: Rows<'_>,
     row: usize,

@@ -13,7 +13,7 @@
 use super::{IvfIndex, List};
 use crate::kernels;
 use crate::matmul::{self, PackedQueries, Product, Src, Workspace};
-use crate::search::Rows;
+use crate::search::{self, Plan, Rows};
 use crate::types::{DType, Metric};
 use rayon::prelude::*;
 use rustc_hash::FxHashSet;
@@ -192,10 +192,12 @@ struct Scratch {
     qi8: Vec<i8>,
     qsc: Vec<f32>,
     thr: Vec<f32>,
+    passing: Vec<u32>,
 }
 
 /// The exact internal score of row `slot` of `list` for query `q` (as the single-query
-/// kernels give it: the scores a Q=1 search reports).
+/// kernels give it: the scores a Q=1 search reports). `q16` (the i16 query and its scale) is
+/// needed for i8 rows.
 #[inline]
 pub(crate) fn exact_score(
     list: &List,
@@ -206,22 +208,14 @@ pub(crate) fn exact_score(
     q16: Option<(&[i16], f32)>,
     conv: &mut Vec<f32>,
 ) -> f32 {
-    let level = kernels::level();
-    let one = list.rows().range(slot, slot + 1, dim);
-    match (one, metric) {
-        (Rows::F32(x), Metric::L2) => -kernels::l2_f32_with(level, q, x),
-        (Rows::F16(x), Metric::L2) => -kernels::l2_f16_with(level, q, x),
-        (Rows::I8 { .. }, Metric::L2) => {
-            let x = one.to_f32(dim, conv);
-            -kernels::l2_f32_with(level, q, x)
-        }
-        (Rows::F32(x), _) => kernels::dot_f32_with(level, q, x),
-        (Rows::F16(x), _) => kernels::dot_f16_with(level, q, x),
-        (Rows::I8 { data, scales }, _) => {
-            let (q16, qs) = q16.expect("i8 rows need the i16 query");
-            kernels::dot_i8_with(level, q16, data) as f32 * (qs * scales[0])
-        }
-    }
+    let plan = Plan {
+        dim,
+        metric,
+        normalize_queries: false,
+        normalize_rows: false,
+    };
+    let (q16, scale) = q16.unwrap_or((&[], 0.0));
+    search::exact_score(plan, list.rows(), slot, q, q16, scale, conv)
 }
 
 /// Pushes the scores of rows `[r0, r0 + scores.len())` of a list, skipping excluded keys.
@@ -232,43 +226,36 @@ fn push_scores(
     r0: usize,
     keys: &[u64],
     excluded: Option<&FxHashSet<u64>>,
+    passing: &mut Vec<u32>,
 ) {
-    const LANES: usize = 16;
-    let mut threshold = sel.threshold();
-    let mut base = r0;
-    for chunk in scores.chunks(LANES) {
-        // The threshold only rises: one vectorizable test rejects most chunks.
-        if chunk.iter().fold(false, |acc, &s| acc | (s >= threshold)) {
-            for (j, &s) in chunk.iter().enumerate() {
-                if s >= threshold {
-                    let key = keys[base + j];
-                    if excluded.is_some_and(|e| e.contains(&key)) {
-                        continue;
-                    }
-                    sel.push(Cand {
-                        score: s,
-                        list: 0,
-                        slot: (base + j) as u32,
-                        key,
-                    });
-                    threshold = sel.threshold();
-                }
-            }
+    // One SIMD pass lists the scores reaching the threshold now; it only rises, so each is
+    // checked again as it is pushed (as `search` does).
+    passing.clear();
+    kernels::at_least_with(kernels::level(), scores, sel.threshold(), passing);
+    for &j in passing.iter() {
+        let (slot, s) = (r0 + j as usize, scores[j as usize]);
+        let key = keys[slot];
+        if s < sel.threshold() || excluded.is_some_and(|e| e.contains(&key)) {
+            continue;
         }
-        base += LANES;
+        sel.push(Cand {
+            score: s,
+            list: 0,
+            slot: slot as u32,
+            key,
+        });
     }
 }
 
-/// `|row|^2` of every row of `rows`, as the exact scores see them.
+/// `|row|^2` of every row of `rows`, as the exact scores see them (converted a chunk at a
+/// time).
 fn row_sqnorms(rows: Rows<'_>, dim: usize, out: &mut Vec<f32>, conv: &mut Vec<f32>) {
-    out.clear();
     let n = rows.count(dim);
-    let mut r0 = 0;
-    while r0 < n {
+    out.clear();
+    out.resize(n, 0.0);
+    for r0 in (0..n).step_by(KERNEL_CHUNK) {
         let r1 = (r0 + KERNEL_CHUNK).min(n);
-        let v = rows.range(r0, r1, dim).to_f32(dim, conv);
-        out.extend(v.chunks_exact(dim).map(kernels::sqnorm_f32));
-        r0 = r1;
+        search::row_sqnorms(rows.range(r0, r1, dim), dim, &mut out[r0..r1], conv);
     }
 }
 
@@ -354,7 +341,7 @@ fn scan_list(
                             *v = -(qn + xn - 2.0 * *v).max(0.0);
                         }
                     }
-                    push_scores(sel, scores, r0, keys, excluded);
+                    push_scores(sel, scores, r0, keys, excluded, &mut s.passing);
                 }
                 r0 = r1;
             }
@@ -408,7 +395,7 @@ fn scan_list(
                     }
                 }
             }
-            push_scores(sel, scores, r0, keys, excluded);
+            push_scores(sel, scores, r0, keys, excluded, &mut s.passing);
             r0 = r1;
         }
         sel.cut();
