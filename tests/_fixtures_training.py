@@ -287,13 +287,14 @@ def dist_worker() -> None:
 
     torch.set_num_threads(1)
     spec, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
-    from training import stage1, stage2
     from training.distributed import init_distributed
 
     info = init_distributed("cpu")
     for task in json.loads(spec.read_text()):
         kind, name = task["kind"], task["name"]
         if kind in ("stage1", "stage2"):
+            from training import stage1, stage2
+
             trainer_cls = stage1.Stage1Trainer if kind == "stage1" else stage2.Stage2Trainer
             trainer = trainer_cls(task["config"], info)
             kill_at = task.get("kill_after_checkpoint")
@@ -324,6 +325,11 @@ def dist_worker() -> None:
             from training import embed
 
             embed.main(task["argv"])
+        elif kind == "collectives":  # only gathers, then a normal exit
+            from training.distributed import gather_no_grad
+
+            for _ in range(int(task["rounds"])):
+                gather_no_grad(torch.randn(256))
         elif kind == "encode_and_mine":
             arrays = encode_and_mine(task, info)
             if info.is_main:

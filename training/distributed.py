@@ -27,6 +27,7 @@ gradient averaging turns back into the single-process gradient)."""
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 from dataclasses import dataclass
@@ -68,6 +69,9 @@ def init_distributed(device: str | None = None) -> DistInfo:
             torch.cuda.set_device(local_rank)
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+            # A group still alive at interpreter shutdown lets gloo's worker threads outlive
+            # Python, and the process dies with SIGABRT after the work is done.
+            atexit.register(cleanup)
         dev = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
         return DistInfo(rank, world_size, local_rank, dev)
     return DistInfo(0, 1, 0, torch.device("cuda" if want_cuda else "cpu"))
@@ -299,5 +303,6 @@ def ddp(module: nn.Module, info: DistInfo) -> nn.Module:
 
 
 def cleanup() -> None:
+    """Destroy the process group (registered at exit by ``init_distributed``; safe to repeat)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
