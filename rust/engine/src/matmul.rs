@@ -270,7 +270,8 @@ pub struct PackedQueries {
     m: usize,
     k: usize,
     buf: Vec<u8>,
-    /// The queries as given (reference paths), or quantized to i8 (`Product::I8`).
+    /// The queries as given, or quantized to i8 (`Product::I8`): kept only for the reference
+    /// loop (no micro-kernel at this level).
     raw: Vec<f32>,
     qa: Vec<i8>,
     /// Per-query scales of the i8 quantization.
@@ -314,7 +315,9 @@ impl PackedQueries {
             return p;
         };
         let panels = m.div_ceil(shape.mr);
-        let total = panels * shape.mr * (k.div_ceil(shape.kc) * shape.kc);
+        // Slice p0 starts at panels * mr * p0; the last one holds its values rounded up to g.
+        let last = (k - 1) / shape.kc * shape.kc;
+        let total = panels * shape.mr * (last + shape.padded(k, last));
         match product {
             Product::F32 => {
                 let dst: &mut [f32] = aligned(&mut p.buf, total);
@@ -342,6 +345,9 @@ impl PackedQueries {
                         *o = (v as i16 + 128) as u8;
                     }
                 });
+                // Only the reference loop reads the unpacked copy: free it (IVF keeps its
+                // packed lists, and this copy would double them).
+                p.qa = Vec::new();
             }
         }
         p
@@ -353,6 +359,14 @@ impl PackedQueries {
 
     pub fn is_empty(&self) -> bool {
         self.m == 0
+    }
+
+    /// Bytes held on the heap (IVF keeps one per packed list).
+    pub fn heap_bytes(&self) -> usize {
+        self.buf.capacity()
+            + 4 * self.raw.capacity()
+            + self.qa.capacity()
+            + 4 * self.scales.capacity()
     }
 
     /// The packed slice starting at `p0`.
@@ -1475,6 +1489,34 @@ mod tests {
                             "{level:?} f16 {m}x{n}x{k} [{i},{j}]: {got} vs {w}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn packed_queries_hold_their_values_once_without_slice_padding() {
+        // IVF caches one per list: a k of 384 once took the i8 slice width (1024) per row,
+        // beside an unpacked copy.
+        for level in available_levels() {
+            for product in [Product::F32, Product::Bf16, Product::I8] {
+                for &(m, k) in &[(200, 384), (13, 1025), (1, 1)] {
+                    let p = PackedQueries::new(product, level, m, k, &values(m * k, 5));
+                    let Some(shape) = p.shape else {
+                        continue; // the reference loop keeps the queries as given
+                    };
+                    let size = match product {
+                        Product::F32 => 4,
+                        Product::Bf16 => 2,
+                        Product::I8 => 1,
+                    };
+                    let values = m.div_ceil(shape.mr) * shape.mr * k.next_multiple_of(shape.g);
+                    let most = values * size + 64 + 4 * m;
+                    assert!(
+                        p.heap_bytes() <= most,
+                        "{level:?} {product:?} {m}x{k}: {} > {most} bytes",
+                        p.heap_bytes()
+                    );
                 }
             }
         }
