@@ -14,7 +14,7 @@
 
 use crate::kernels;
 use crate::matmul::{self, PackedQueries, PackedRows, Product, Src, Workspace};
-use crate::topk::TopK;
+use crate::topk::{Hit, TopK};
 use crate::types::Metric;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -386,7 +386,10 @@ fn push_candidates<E, I>(
     for &j in passing.iter() {
         let (j, s) = (j as usize, scores[j as usize]);
         if s >= heap.threshold() && eligible(query, row0 + j) {
-            heap.push(s, row_id(row0 + j));
+            heap.push(Hit {
+                score: s,
+                id: row_id(row0 + j),
+            });
         }
     }
 }
@@ -594,7 +597,10 @@ where
             false => (&q16[..0], 0.0),
         };
         let s = exact_score(plan, rows, row as usize, q, qi, scale, &mut converted);
-        best[i].push(s, row_id(row as usize));
+        best[i].push(Hit {
+            score: s,
+            id: row_id(row as usize),
+        });
     }
     best
 }

@@ -1,4 +1,4 @@
-//! Bounded top-k selection. Scores are "higher is better" here (callers negate distances);
+//! Bounded top-k selection, the one every scan uses (exact, mining, IVF). Scores are "higher is better" here (callers negate distances);
 //! equal scores rank by ascending id, so results are deterministic.
 //!
 //! Candidates go into a buffer of about twice k; when it fills, a linear-time selection
@@ -8,6 +8,18 @@
 
 use std::cmp::Ordering;
 
+/// What a top-k ranks: an internal score (higher is better) and an id that breaks ties.
+pub trait Ranked: Copy {
+    fn score(&self) -> f32;
+    fn id(&self) -> u64;
+}
+
+/// Total order, best first: higher score, then lower id. NaN never panics (total_cmp).
+#[inline]
+pub fn rank<T: Ranked>(a: &T, b: &T) -> Ordering {
+    b.score().total_cmp(&a.score()).then(a.id().cmp(&b.id()))
+}
+
 /// One candidate: an internal score (higher is better) and its id (key or row).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Hit {
@@ -15,41 +27,62 @@ pub struct Hit {
     pub id: u64,
 }
 
-impl Hit {
-    /// Total order, best first: higher score, then lower id. NaN never panics (total_cmp).
+impl Ranked for Hit {
     #[inline]
-    pub fn rank_cmp(&self, other: &Hit) -> Ordering {
-        other
-            .score
-            .total_cmp(&self.score)
-            .then(self.id.cmp(&other.id))
+    fn score(&self) -> f32 {
+        self.score
+    }
+
+    #[inline]
+    fn id(&self) -> u64 {
+        self.id
     }
 }
 
-/// Keeps the best `k` hits seen so far.
+/// Keeps the best `k` candidates seen so far (`Hit`s, or any [`Ranked`] that carries where
+/// its row lies, as the IVF scan's do).
 #[derive(Clone, Debug)]
-pub struct TopK {
+pub struct TopK<T = Hit> {
     k: usize,
     /// Buffer length that triggers a selection (`k` plus a slack of at least 32).
     cap: usize,
-    hits: Vec<Hit>,
-    /// The worst kept hit's score after the last selection (`-inf` before the first).
+    hits: Vec<T>,
+    /// Nothing below it enters: the floor given, raised to the worst kept score by each
+    /// selection.
     cut: f32,
 }
 
-impl TopK {
-    pub fn new(k: usize) -> Self {
-        // k may exceed the candidates by far (mining pads with -1): the buffer grows as needed.
-        let cap = k.saturating_add(k.max(32));
+impl<T> Default for TopK<T> {
+    /// Keeps nothing until [`TopK::reset`].
+    fn default() -> Self {
         TopK {
-            k,
-            cap,
-            hits: Vec::with_capacity(cap.min(512)),
+            k: 0,
+            cap: 0,
+            hits: Vec::new(),
             cut: f32::NEG_INFINITY,
         }
     }
+}
 
-    /// Scores strictly below this can never enter (`-inf` until k hits were kept). A score
+impl<T: Ranked> TopK<T> {
+    pub fn new(k: usize) -> Self {
+        let mut top = TopK::default();
+        top.reset(k, f32::NEG_INFINITY);
+        top
+    }
+
+    /// Starts over for `k` (keeping the buffer), refusing scores below `floor`: one known
+    /// not to reach the final `k`.
+    pub fn reset(&mut self, k: usize, floor: f32) {
+        // k may exceed the candidates by far (mining pads with -1): the buffer grows as needed.
+        self.k = k;
+        self.cap = k.saturating_add(k.max(32));
+        self.hits.clear();
+        self.hits.reserve(self.cap.min(512));
+        self.cut = floor;
+    }
+
+    /// Scores strictly below this can never enter (the floor until k hits were kept). A score
     /// equal to it may still enter with a lower id, so callers filter with `>=`.
     #[inline]
     pub fn threshold(&self) -> f32 {
@@ -57,11 +90,11 @@ impl TopK {
     }
 
     #[inline]
-    pub fn push(&mut self, score: f32, id: u64) {
-        if self.k == 0 || score < self.cut {
+    pub fn push(&mut self, hit: T) {
+        if self.k == 0 || hit.score() < self.cut {
             return;
         }
-        self.hits.push(Hit { score, id });
+        self.hits.push(hit);
         if self.hits.len() >= self.cap {
             self.select();
         }
@@ -73,14 +106,14 @@ impl TopK {
             return;
         }
         let k = self.k;
-        self.hits.select_nth_unstable_by(k - 1, Hit::rank_cmp);
+        self.hits.select_nth_unstable_by(k - 1, rank);
         self.hits.truncate(k);
-        self.cut = self.hits[k - 1].score;
+        self.cut = self.hits[k - 1].score();
     }
 
-    pub fn merge(&mut self, other: TopK) {
+    pub fn merge(&mut self, other: TopK<T>) {
         for h in other.hits {
-            self.push(h.score, h.id);
+            self.push(h);
         }
     }
 
@@ -92,10 +125,22 @@ impl TopK {
         self.hits.is_empty()
     }
 
-    /// The hits, best first.
-    pub fn into_sorted(mut self) -> Vec<Hit> {
+    /// The best k (or fewer), in no order.
+    pub fn kept(&mut self) -> &[T] {
         self.select();
-        self.hits.sort_unstable_by(Hit::rank_cmp);
+        &self.hits
+    }
+
+    /// The best k (or fewer), best first, left in place for the next [`TopK::reset`].
+    pub fn sorted(&mut self) -> &mut [T] {
+        self.select();
+        self.hits.sort_unstable_by(rank);
+        &mut self.hits
+    }
+
+    /// The hits, best first.
+    pub fn into_sorted(mut self) -> Vec<T> {
+        self.sorted();
         self.hits
     }
 }
@@ -108,7 +153,7 @@ mod tests {
     fn keeps_best_k_with_ties_by_ascending_id() {
         let mut t = TopK::new(3);
         for (s, id) in [(1.0, 9), (5.0, 4), (5.0, 2), (3.0, 1), (5.0, 7), (0.5, 0)] {
-            t.push(s, id);
+            t.push(Hit { score: s, id });
         }
         let ids: Vec<u64> = t.into_sorted().iter().map(|h| h.id).collect();
         assert_eq!(ids, vec![2, 4, 7]);
@@ -118,12 +163,15 @@ mod tests {
     fn threshold_is_neg_inf_until_a_selection_then_the_worst_kept_and_only_rises() {
         let mut t = TopK::new(2);
         assert_eq!(t.threshold(), f32::NEG_INFINITY);
-        t.push(1.0, 1);
-        t.push(2.0, 2);
+        t.push(Hit { score: 1.0, id: 1 });
+        t.push(Hit { score: 2.0, id: 2 });
         assert_eq!(t.threshold(), f32::NEG_INFINITY);
         let mut last = f32::NEG_INFINITY;
         for i in 3..100u64 {
-            t.push(i as f32, i);
+            t.push(Hit {
+                score: i as f32,
+                id: i,
+            });
             assert!(t.threshold() >= last);
             last = t.threshold();
         }
@@ -141,11 +189,11 @@ mod tests {
         for i in 0..50u64 {
             let s = ((i * 37) % 11) as f32;
             if i % 2 == 0 {
-                a.push(s, i)
+                a.push(Hit { score: s, id: i })
             } else {
-                b.push(s, i)
+                b.push(Hit { score: s, id: i })
             }
-            all.push(s, i);
+            all.push(Hit { score: s, id: i });
         }
         a.merge(b);
         assert_eq!(a.into_sorted(), all.into_sorted());
@@ -180,11 +228,11 @@ mod tests {
                     .collect();
                 let mut top = TopK::new(k);
                 for h in &hits {
-                    top.push(h.score, h.id);
+                    top.push(*h);
                 }
                 assert_eq!(top.len(), n.min(k));
                 let mut want = hits.clone();
-                want.sort_by(Hit::rank_cmp);
+                want.sort_by(rank);
                 want.truncate(k);
                 let got = top.into_sorted();
                 assert_eq!(got.len(), want.len(), "k {k} n {n}");
@@ -197,12 +245,31 @@ mod tests {
     }
 
     #[test]
+    fn reset_keeps_a_floor_and_kept_is_the_best_k() {
+        let mut t = TopK::default();
+        t.push(Hit { score: 9.0, id: 0 }); // k = 0 until reset: kept nothing
+        assert!(t.is_empty());
+        t.reset(2, 3.0);
+        for (s, id) in [(2.9, 1), (3.0, 2), (5.0, 3), (4.0, 4), (1.0, 5)] {
+            t.push(Hit { score: s, id });
+        }
+        let mut kept: Vec<u64> = t.kept().iter().map(|h| h.id).collect();
+        kept.sort();
+        assert_eq!(kept, vec![3, 4]);
+        assert_eq!(t.threshold(), 4.0);
+        t.reset(3, f32::NEG_INFINITY);
+        t.push(Hit { score: -1.0, id: 7 });
+        let ids: Vec<u64> = t.sorted().iter().map(|h| h.id).collect();
+        assert_eq!(ids, vec![7]);
+    }
+
+    #[test]
     fn threshold_never_excludes_a_hit_that_belongs() {
         let mut t = TopK::new(3);
         for i in 0..200u64 {
             let s = (i % 7) as f32;
             if s >= t.threshold() {
-                t.push(s, i);
+                t.push(Hit { score: s, id: i });
             }
         }
         let ids: Vec<u64> = t.into_sorted().iter().map(|h| h.id).collect();

@@ -123,6 +123,25 @@ fn sections(
     Some((keys, centroids, scales, vectors, copies))
 }
 
+/// A file image in parts, as `save` writes them.
+struct Image<'a> {
+    /// Header and metadata.
+    head: Vec<u8>,
+    /// Each list's vectors; with float32 copies, the padding, then each list's copies.
+    data: Vec<&'a [u8]>,
+}
+
+impl Image<'_> {
+    fn parts(&self) -> Vec<&[u8]> {
+        std::iter::once(self.head.as_slice())
+            .chain(self.data.iter().copied())
+            .collect()
+    }
+}
+
+/// Zero bytes for the padding before the float32 copies (under one alignment unit).
+static ZEROS: [u8; ALIGN] = [0; ALIGN];
+
 fn data_checksum(vectors: &[u8], copies: &[u8]) -> u64 {
     let mut h = Xxh3::new();
     h.update(vectors);
@@ -415,9 +434,10 @@ impl IvfIndex {
         Ok(())
     }
 
-    /// The file image in two parts: header + metadata (sizes, keys, centroids, scales,
-    /// padding), then the data (vectors, padding, float32 copies).
-    fn image_parts(&self) -> (Vec<u8>, Vec<u8>) {
+    /// The file image: header + metadata (sizes, keys, centroids, scales, padding), then the
+    /// lists' vectors, the padding before the float32 copies, and the copies. The vectors and
+    /// copies are borrowed: saving copies none of them.
+    fn image(&self) -> Image<'_> {
         let n = self.len();
         let lists = self.lists.len();
         let trained = self.is_trained();
@@ -433,64 +453,65 @@ impl IvfIndex {
             meta.extend_from_slice(bytemuck::cast_slice(l.keys.as_slice()));
         }
         meta.extend_from_slice(bytemuck::cast_slice(&self.centroids));
-        let mut data = Vec::with_capacity(vectors.len());
+        let mut data: Vec<&[u8]> = Vec::with_capacity(2 * lists);
         for l in &self.lists {
-            match &l.data {
-                Data::F32(s) => data.extend_from_slice(bytemuck::cast_slice(s.as_slice())),
-                Data::F16(s) => data.extend_from_slice(bytemuck::cast_slice(s.as_slice())),
+            data.push(match &l.data {
+                Data::F32(s) => bytemuck::cast_slice(s.as_slice()),
+                Data::F16(s) => bytemuck::cast_slice(s.as_slice()),
                 Data::I8 { data: d, scales: s } => {
                     meta.extend_from_slice(bytemuck::cast_slice(s.as_slice()));
-                    data.extend_from_slice(bytemuck::cast_slice(d.as_slice()));
+                    bytemuck::cast_slice(d.as_slice())
                 }
-            }
+            });
         }
         debug_assert_eq!(HEADER_LEN + meta.len(), scales.end);
         meta.resize(vectors.start - HEADER_LEN, 0);
-        let mut copy_bytes = Vec::with_capacity(copies.len());
-        for l in &self.lists {
-            if let Some(e) = &l.exact {
-                copy_bytes.extend_from_slice(bytemuck::cast_slice(e.as_slice()));
+        let vector_parts = data.len();
+        if exact {
+            // Padding between vectors and copies lives with the copies (not checksummed).
+            data.push(&ZEROS[..copies.start - vectors.end]);
+            for l in &self.lists {
+                data.push(bytemuck::cast_slice(
+                    l.exact.as_ref().expect("exact copies").as_slice(),
+                ));
             }
         }
-        let mut header = vec![0u8; HEADER_LEN];
-        header[..8].copy_from_slice(&IVF_MAGIC);
-        header[8..12].copy_from_slice(&IVF_FORMAT_VERSION.to_le_bytes());
-        header[16..20].copy_from_slice(&(self.dim as u32).to_le_bytes());
-        header[20] = self.dtype.code();
-        header[21] = self.metric.code();
-        header[22] = if trained { FLAG_TRAINED } else { 0 } | if exact { FLAG_EXACT } else { 0 };
-        header[24..32].copy_from_slice(&(n as u64).to_le_bytes());
-        header[32..36].copy_from_slice(&(lists as u32).to_le_bytes());
-        let p = &self.params;
-        header[36..40].copy_from_slice(&(p.nlist as u32).to_le_bytes());
-        header[40..44].copy_from_slice(&(p.nprobe.min(u32::MAX as usize) as u32).to_le_bytes());
-        header[44..48].copy_from_slice(&(p.rerank.min(u32::MAX as usize) as u32).to_le_bytes());
-        header[48..56].copy_from_slice(&p.seed.to_le_bytes());
-        header[56..64].copy_from_slice(&(p.train_threshold as u64).to_le_bytes());
-        header[112..120].copy_from_slice(&data_checksum(&data, &copy_bytes).to_le_bytes());
-        let checksum = meta_checksum(&header[..120], &meta);
-        header[120..128].copy_from_slice(&checksum.to_le_bytes());
-        // Padding between vectors and copies lives with the copies.
-        let mut tail = data;
-        if exact {
-            tail.resize(copies.start - vectors.start, 0);
-            tail.extend_from_slice(&copy_bytes);
+        let mut h = Xxh3::new();
+        for (i, part) in data.iter().enumerate() {
+            if !(exact && i == vector_parts) {
+                h.update(part);
+            }
         }
-        header.extend_from_slice(&meta);
-        (header, tail)
+        let mut head = vec![0u8; HEADER_LEN];
+        head[..8].copy_from_slice(&IVF_MAGIC);
+        head[8..12].copy_from_slice(&IVF_FORMAT_VERSION.to_le_bytes());
+        head[16..20].copy_from_slice(&(self.dim as u32).to_le_bytes());
+        head[20] = self.dtype.code();
+        head[21] = self.metric.code();
+        head[22] = if trained { FLAG_TRAINED } else { 0 } | if exact { FLAG_EXACT } else { 0 };
+        head[24..32].copy_from_slice(&(n as u64).to_le_bytes());
+        head[32..36].copy_from_slice(&(lists as u32).to_le_bytes());
+        let p = &self.params;
+        head[36..40].copy_from_slice(&(p.nlist as u32).to_le_bytes());
+        head[40..44].copy_from_slice(&(p.nprobe.min(u32::MAX as usize) as u32).to_le_bytes());
+        head[44..48].copy_from_slice(&(p.rerank.min(u32::MAX as usize) as u32).to_le_bytes());
+        head[48..56].copy_from_slice(&p.seed.to_le_bytes());
+        head[56..64].copy_from_slice(&(p.train_threshold as u64).to_le_bytes());
+        head[112..120].copy_from_slice(&h.digest().to_le_bytes());
+        let checksum = meta_checksum(&head[..120], &meta);
+        head[120..128].copy_from_slice(&checksum.to_le_bytes());
+        head.extend_from_slice(&meta);
+        Image { head, data }
     }
 
     /// The file image (what `save` writes).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let (mut head, tail) = self.image_parts();
-        head.extend_from_slice(&tail);
-        head
+        self.image().parts().concat()
     }
 
     /// Writes the index atomically: a temporary file in the same directory, fsync, rename over
     /// `path`, fsync of the directory. A crash leaves either the old file or the new one.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let (head, tail) = self.image_parts();
-        atomic_write(path, &[&head, &tail])
+        atomic_write(path, &self.image().parts())
     }
 }

@@ -41,6 +41,7 @@ use crate::index::{check_batch_keys, check_search_args, swap_remove_rows};
 use crate::kernels;
 use crate::matmul::Product;
 use crate::search::{self, Plan, Queries, Rows};
+use crate::topk::{self, Hit, TopK};
 use crate::types::{DType, Metric};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -860,7 +861,7 @@ impl IvfIndex {
                     c.score =
                         scan::exact_score(list, c.slot as usize, self.metric, dim, qv, q16, conv);
                 }
-                top.sort_unstable_by(scan::rank);
+                top.sort_unstable_by(topk::rank);
             }
             debug_assert!(top.len() >= kp);
             for (j, h) in top.iter().take(kp).enumerate() {
@@ -911,7 +912,7 @@ impl IvfIndex {
             // Few queries: the same kernels and order as the search core, on this thread
             // (no hand-off to the thread pool for a few microseconds of work).
             let mut all = vec![0f32; nlist];
-            let mut top = scan::Select::default();
+            let mut top = TopK::<Hit>::default();
             for (q, qv) in queries.chunks_exact(dim).enumerate() {
                 match plan.metric {
                     Metric::L2 => {
@@ -920,17 +921,15 @@ impl IvfIndex {
                     }
                     _ => kernels::dot_f32_rows(qv, &self.centroids, &mut all),
                 }
-                top.reset(np);
+                top.reset(np, f32::NEG_INFINITY);
                 for (l, &s) in all.iter().enumerate() {
-                    top.push(scan::Cand {
+                    top.push(Hit {
                         score: s,
-                        list: l as u32,
-                        slot: 0,
-                        key: l as u64,
+                        id: l as u64,
                     });
                 }
                 for (j, c) in top.sorted().iter().enumerate() {
-                    ids[q * np + j] = c.key;
+                    ids[q * np + j] = c.id;
                 }
             }
         } else {
@@ -983,7 +982,7 @@ impl IvfIndex {
                 _ => kernels::dot_f32_with(level, q, row),
             };
         }
-        top.sort_unstable_by(scan::rank);
+        top.sort_unstable_by(topk::rank);
     }
 }
 

@@ -14,10 +14,10 @@ use super::{IvfIndex, List};
 use crate::kernels;
 use crate::matmul::{self, PackedQueries, Product, Src, Workspace};
 use crate::search::{self, Plan, Rows};
+use crate::topk::{Ranked, TopK};
 use crate::types::{DType, Metric};
 use rayon::prelude::*;
 use rustc_hash::FxHashSet;
-use std::cmp::Ordering;
 
 /// Queries per product block within one list.
 const QUERY_BLOCK: usize = 256;
@@ -37,70 +37,21 @@ pub(crate) struct Cand {
     pub key: u64,
 }
 
-/// Best first: higher score, then lower key (as `TopK` ranks).
-#[inline]
-pub(crate) fn rank(a: &Cand, b: &Cand) -> Ordering {
-    b.score.total_cmp(&a.score).then(a.key.cmp(&b.key))
-}
-
-/// Keeps the best `k` of the candidates pushed (by [`rank`]): a buffer that is cut back to `k`
-/// with a partial sort whenever it holds `2k`, so a push is a compare and an append.
-#[derive(Default)]
-pub(crate) struct Select {
-    k: usize,
-    buf: Vec<Cand>,
-    threshold: f32,
-}
-
-impl Select {
-    pub fn reset(&mut self, k: usize) {
-        self.reset_with_floor(k, f32::NEG_INFINITY);
-    }
-
-    /// Starts over, refusing scores below `floor` (known not to reach the final `k`).
-    pub fn reset_with_floor(&mut self, k: usize, floor: f32) {
-        self.k = k;
-        self.buf.clear();
-        self.threshold = floor;
-    }
-
-    /// Scores below this can never enter (a score equal to it may, with a lower key).
+impl Ranked for Cand {
     #[inline]
-    pub fn threshold(&self) -> f32 {
-        self.threshold
+    fn score(&self) -> f32 {
+        self.score
     }
 
+    /// Ties rank by key, as everywhere.
     #[inline]
-    pub fn push(&mut self, c: Cand) {
-        if c.score < self.threshold || self.k == 0 {
-            return;
-        }
-        self.buf.push(c);
-        if self.buf.len() >= 2 * self.k.max(16) {
-            self.cut();
-        }
-    }
-
-    fn cut(&mut self) {
-        if self.buf.len() > self.k {
-            self.buf.select_nth_unstable_by(self.k - 1, rank);
-            self.buf.truncate(self.k);
-            let worst = self
-                .buf
-                .iter()
-                .map(|c| c.score)
-                .fold(f32::INFINITY, f32::min);
-            self.threshold = self.threshold.max(worst);
-        }
-    }
-
-    /// The best `k` (or fewer), best first.
-    pub fn sorted(&mut self) -> &mut [Cand] {
-        self.cut();
-        self.buf.sort_unstable_by(rank);
-        &mut self.buf
+    fn id(&self) -> u64 {
+        self.key
     }
 }
+
+/// The best candidates of one (query, list) pair or one query.
+pub(crate) type Select = TopK<Cand>;
 
 /// How the lists of one search are scanned.
 #[derive(Clone, Copy)]
@@ -316,7 +267,7 @@ fn scan_list(
             }
             let packed = PackedQueries::new(spec.product, level, mb, dim, &s.qbuf);
             for (sel, &q) in s.sels[..mb].iter_mut().zip(&qs[b0..b1]) {
-                sel.reset_with_floor(kc, floors[q as usize]);
+                sel.reset(kc, floors[q as usize]);
             }
             let rb = ((TILE_BYTES / 4 / mb).clamp(64, 1024) / 32 * 32).min(n.max(1));
             if s.tile.len() < mb * rb {
@@ -346,9 +297,9 @@ fn scan_list(
                 r0 = r1;
             }
             for (i, sel) in s.sels[..mb].iter_mut().enumerate() {
-                sel.cut();
-                out.extend_from_slice(&sel.buf);
-                counts[b0 + i] = sel.buf.len() as u32;
+                let kept = sel.kept();
+                out.extend_from_slice(kept);
+                counts[b0 + i] = kept.len() as u32;
             }
         }
         return;
@@ -363,7 +314,7 @@ fn scan_list(
     for (j, &q) in qs.iter().enumerate() {
         let qv = &queries[q as usize * dim..(q as usize + 1) * dim];
         let sel = &mut s.sels[0];
-        sel.reset_with_floor(kc, floors[q as usize]);
+        sel.reset(kc, floors[q as usize]);
         let mut r0 = 0;
         while r0 < n {
             let r1 = (r0 + KERNEL_CHUNK).min(n);
@@ -398,9 +349,9 @@ fn scan_list(
             push_scores(sel, scores, r0, keys, excluded, &mut s.passing);
             r0 = r1;
         }
-        sel.cut();
-        out.extend_from_slice(&sel.buf);
-        counts[j] = sel.buf.len() as u32;
+        let kept = sel.kept();
+        out.extend_from_slice(kept);
+        counts[j] = kept.len() as u32;
     }
 }
 
@@ -472,7 +423,7 @@ fn scan_list_packed(
             }
         }
         for (sel, &q) in s.sels[..mb].iter_mut().zip(&qs[b0..b1]) {
-            sel.reset_with_floor(kc, floors[q as usize]);
+            sel.reset(kc, floors[q as usize]);
             s.thr.push(sel.threshold());
         }
         if s.tile.len() < n * mb {
@@ -515,9 +466,9 @@ fn scan_list_packed(
             }
         }
         for (i, sel) in s.sels[..mb].iter_mut().enumerate() {
-            sel.cut();
-            out.extend_from_slice(&sel.buf);
-            counts[b0 + i] = sel.buf.len() as u32;
+            let kept = sel.kept();
+            out.extend_from_slice(kept);
+            counts[b0 + i] = kept.len() as u32;
         }
     }
 }
@@ -599,7 +550,7 @@ impl IvfIndex {
             excluded_per_list,
         );
         let merge_round1 = |sel: &mut Select, q: usize| {
-            sel.reset(kc);
+            sel.reset(kc, f32::NEG_INFINITY);
             for i in r1_start[q]..r1_start[q + 1] {
                 let (cands, l) = h1.get(i);
                 for c in cands {
