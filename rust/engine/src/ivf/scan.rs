@@ -18,6 +18,7 @@ use crate::topk::{Ranked, TopK};
 use crate::types::{DType, Metric};
 use rayon::prelude::*;
 use rustc_hash::FxHashSet;
+use std::cell::RefCell;
 
 /// Queries per product block within one list.
 const QUERY_BLOCK: usize = 256;
@@ -129,7 +130,14 @@ impl Q16 {
     }
 }
 
-/// Buffers one task reuses across the lists it scans.
+thread_local! {
+    /// Each thread's scan buffers, kept across lists and searches: once grown, scanning a
+    /// list allocates nothing but its output. (A list scan makes no rayon calls, so it never
+    /// re-enters this on the same thread.)
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Buffers a thread reuses across the lists it scans.
 #[derive(Default)]
 struct Scratch {
     qbuf: Vec<f32>,
@@ -658,36 +666,34 @@ impl IvfIndex {
                 }
             }
         }
-        let run = |s: &mut Scratch, (l, n): (usize, &mut [u32])| -> (usize, Vec<Cand>) {
+        let run = |(l, n): (usize, &mut [u32])| -> (usize, Vec<Cand>) {
             let ex = (excluded_per_list[l] > 0).then_some(excluded);
             let mut out = Vec::new();
-            scan_list(
-                spec,
-                &self.lists[l],
-                by_product[l],
-                &list_queries[start[l]..start[l + 1]],
-                queries,
-                floors,
-                q16,
-                q8,
-                ex,
-                &mut out,
-                n,
-                s,
-            );
+            SCRATCH.with_borrow_mut(|s| {
+                scan_list(
+                    spec,
+                    &self.lists[l],
+                    by_product[l],
+                    &list_queries[start[l]..start[l + 1]],
+                    queries,
+                    floors,
+                    q16,
+                    q8,
+                    ex,
+                    &mut out,
+                    n,
+                    s,
+                )
+            });
             (l, out)
         };
         let outs: Vec<(usize, Vec<Cand>)> = if spec.parallel {
             // Most work first, so no long list is left to the end.
             let work = |l: usize| self.lists[l].len() * (start[l + 1] - start[l]);
             jobs.sort_by_key(|(l, _)| std::cmp::Reverse(work(*l)));
-            jobs.into_par_iter()
-                .with_max_len(1)
-                .map_init(Scratch::default, run)
-                .collect()
+            jobs.into_par_iter().with_max_len(1).map(run).collect()
         } else {
-            let mut s = Scratch::default();
-            jobs.into_iter().map(|job| run(&mut s, job)).collect()
+            jobs.into_iter().map(run).collect()
         };
         let mut by_list: Vec<Vec<Cand>> = (0..nlist).map(|_| Vec::new()).collect();
         for (l, out) in outs {
