@@ -130,11 +130,7 @@ pub fn mine_hard_negatives(
 
     // A low-precision scan runs on a copy of the corpus packed once (i8: n x dim bytes,
     // bf16: twice that), which every block of queries reads as it is.
-    let src = match corpus {
-        Rows::F32(v) => Src::F32(v),
-        Rows::F16(v) => Src::F16(v),
-        Rows::I8 { data, scales } => Src::I8 { data, scales },
-    };
+    let src = Src::from(corpus);
     let scan_copy = if precision.is_accelerated() {
         PackedRows::new(precision.product(), kernels::level(), src, n, dim)
     } else {

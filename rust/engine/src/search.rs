@@ -152,6 +152,17 @@ pub enum Rows<'a> {
     },
 }
 
+impl<'a> From<Rows<'a>> for Src<'a> {
+    /// The same rows as a product's operand.
+    fn from(rows: Rows<'a>) -> Src<'a> {
+        match rows {
+            Rows::F32(v) => Src::F32(v),
+            Rows::F16(v) => Src::F16(v),
+            Rows::I8 { data, scales } => Src::I8 { data, scales },
+        }
+    }
+}
+
 impl<'a> Rows<'a> {
     pub fn count(&self, dim: usize) -> usize {
         match self {
@@ -537,9 +548,7 @@ where
                     data: &data[b0 * dim..b1 * dim],
                     scales: &scales[b0..b1],
                 },
-                (_, Rows::F32(v)) => Src::F32(v),
-                (_, Rows::F16(v)) => Src::F16(v),
-                (_, Rows::I8 { data, scales }) => Src::I8 { data, scales },
+                (_, rows) => rows.into(),
             };
             packed.scores(src, nb, tile, nb, &mut ws);
         }

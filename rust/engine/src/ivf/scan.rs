@@ -285,11 +285,7 @@ fn scan_list(
             while r0 < n {
                 let r1 = (r0 + rb).min(n);
                 let nb = r1 - r0;
-                let src = match rows.range(r0, r1, dim) {
-                    Rows::F32(v) => Src::F32(v),
-                    Rows::F16(v) => Src::F16(v),
-                    Rows::I8 { data, scales } => Src::I8 { data, scales },
-                };
+                let src = rows.range(r0, r1, dim).into();
                 let tile = &mut s.tile[..mb * nb];
                 packed.scores(src, nb, tile, nb, &mut s.ws);
                 for (i, sel) in s.sels[..mb].iter_mut().enumerate() {
