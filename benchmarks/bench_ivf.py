@@ -410,6 +410,23 @@ def best_at(res: Dict, target: float, key: str) -> Optional[Dict]:
     return max(ok, key=lambda p: p[key]) if key.startswith("qps") else min(ok, key=lambda p: p[key])
 
 
+def at_recall(r: Dict, target: float, key: str) -> Optional[float]:
+    """``key`` at recall exactly ``target``: interpolated (log-linearly) between the two
+    settings around it, so a setting that lands just below or above a threshold does not
+    decide a ratio (the first setting's value when even it reaches ``target``). None if no
+    setting reaches ``target``."""
+    pts = sorted(r["points"], key=lambda p: p["recall"])
+    if pts and target <= pts[0]["recall"]:  # even the cheapest setting swept reaches it
+        return pts[0][key]
+    for lo, hi in zip(pts, pts[1:]):
+        if lo["recall"] <= target <= hi["recall"]:
+            if hi["recall"] == lo["recall"]:
+                return hi[key]
+            t = (target - lo["recall"]) / (hi["recall"] - lo["recall"])
+            return float(np.exp(np.log(lo[key]) * (1 - t) + np.log(hi[key]) * t))
+    return None
+
+
 def _peak_rss(r: Dict) -> float:
     """Peak RSS growth over the build and, where measured, the searches."""
     return max(r["rss_growth_mb"], r.get("rss_growth_after_search_mb", 0.0))
@@ -498,7 +515,7 @@ def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
         for r in lean:
             b = best_at(r, target, "qps1000_cpu")
             if b is None:
-                trows.append([r["peer"], target, "not reached", "", "", "", "", ""])
+                trows.append([r["peer"], target, "not reached", "", "", "", "", "", ""])
                 continue
             bw = best_at(r, target, "qps1000")
             lat = best_at(r, target, "latency_cpu_ms")
@@ -509,11 +526,14 @@ def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
             fbw = [x for x in (best_at(f, target, "qps1000") for f in faiss_ivf) if x]
             best_f = max((x["qps1000_cpu"] for x in fb), default=None)
             best_fw = max((x["qps1000"] for x in fbw), default=None)
+            iq, ihq = at_recall(r, target, "qps1000_cpu"), hn and at_recall(hn, target, "qps1000_cpu")
+            il, ihl = at_recall(r, target, "latency_cpu_ms"), hn and at_recall(hn, target, "latency_cpu_ms")
             trows.append(
                 [
                     r["peer"],
                     target,
                     f"{b['qps1000_cpu']:,.0f} ({r['knob']}={b['setting']})",
+                    f"{_ratio(iq, ihq)}; Q=1 {il:.3f} vs {ihl:.3f} ms" if iq and ihq and il and ihl else "–",
                     f"{_ratio(b['qps1000_cpu'], hb and hb['qps1000_cpu'])} ({_ratio(bw['qps1000'], hbw and hbw['qps1000'])} wall)",
                     f"{_ratio(b['qps1000_cpu'], best_f)} ({_ratio(bw['qps1000'], best_fw)} wall)",
                     f"{lat['latency_cpu_ms']:.3f} vs {hl['latency_cpu_ms']:.3f}" if hl else "–",
@@ -531,6 +551,7 @@ def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
                 "leanclip",
                 "recall >=",
                 "best Q=1000 (queries per CPU-s)",
+                "at recall exactly R (interpolated): Q=1000 vs hnswlib; Q=1 CPU ms",
                 "vs hnswlib (target >= 2x)",
                 "vs best faiss IVF (target >= 1.2x)",
                 "Q=1 CPU ms vs hnswlib (target <=)",
