@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -398,7 +398,7 @@ def _load_run(enc: Any, tmp: Path, root: Path, clients: int, seconds: float, max
     ]
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--photos", type=int, default=2000)
     ap.add_argument("--big", type=int, default=1_000_000)
@@ -410,7 +410,7 @@ def main() -> None:
         help="run only the server load test and append/replace its section in the results file",
     )
     ap.add_argument("--load-seconds", type=float, default=30.0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.load_only:
         from benchmarks._harness import RESULTS
 

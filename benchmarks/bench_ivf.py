@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -598,7 +598,7 @@ def plot(all_results: Dict[str, List[Dict]], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker")
     ap.add_argument("--data-path")
@@ -608,7 +608,7 @@ def main() -> None:
     ap.add_argument("--json", default=str(CACHE / "ivf-results.json"))
     ap.add_argument("--load-note", default="")
     ap.add_argument("--report", nargs="+", help="only rewrite ivf.md / ivf.png from these result JSON files")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.data_path, args.add_fraction)))
         return
