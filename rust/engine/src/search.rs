@@ -453,30 +453,8 @@ where
         }
         for (i, heap) in heaps.iter_mut().enumerate() {
             let q = &qbuf[i * dim..(i + 1) * dim];
-            match (chunk, plan.metric) {
-                (Rows::F32(v), Metric::L2) => {
-                    kernels::l2_f32_rows(q, v, out);
-                    out.iter_mut().for_each(|s| *s = -*s);
-                }
-                (Rows::F32(v), _) => kernels::dot_f32_rows(q, v, out),
-                (Rows::F16(v), Metric::L2) => {
-                    kernels::l2_f16_rows(q, v, out);
-                    out.iter_mut().for_each(|s| *s = -*s);
-                }
-                (Rows::F16(v), _) => kernels::dot_f16_rows(q, v, out),
-                (Rows::I8 { .. }, Metric::L2) => {
-                    kernels::l2_f32_rows(q, &dequant, out);
-                    out.iter_mut().for_each(|s| *s = -*s);
-                }
-                (Rows::I8 { data, scales }, _) => {
-                    let ints = &mut ints[..c1 - c0];
-                    kernels::dot_i8_rows(&q16[i], data, ints);
-                    let qs = q16_scale[i];
-                    for ((s, &dot), &xs) in out.iter_mut().zip(ints.iter()).zip(scales) {
-                        *s = dot as f32 * (qs * xs);
-                    }
-                }
-            }
+            let q16 = q16.get(i).map(|v| (v.as_slice(), q16_scale[i]));
+            score_chunk(plan.metric, q, q16, chunk, &dequant, &mut ints, out);
             push_candidates(heap, out, q0 + i, c0, eligible, row_id, &mut passing);
         }
         c0 = c1;
@@ -626,6 +604,45 @@ pub(crate) fn row_sqnorms(block: Rows<'_>, dim: usize, out: &mut [f32], buf: &mu
             let v = block.to_f32(dim, buf);
             for (o, row) in out.iter_mut().zip(v.chunks_exact(dim)) {
                 *o = kernels::sqnorm_f32(row);
+            }
+        }
+    }
+}
+
+/// The internal scores (higher is better) of one query against a chunk of rows, with the
+/// single-query kernels: `q16` (the query quantized to i16, and its scale) serves i8 dot
+/// products; i8 rows under l2 read `dequant`, the chunk converted to f32 beforehand (once for
+/// every query). `ints` holds at least a chunk's worth of integer dot products.
+pub(crate) fn score_chunk(
+    metric: Metric,
+    q: &[f32],
+    q16: Option<(&[i16], f32)>,
+    chunk: Rows<'_>,
+    dequant: &[f32],
+    ints: &mut [i64],
+    out: &mut [f32],
+) {
+    match (chunk, metric) {
+        (Rows::F32(v), Metric::L2) => {
+            kernels::l2_f32_rows(q, v, out);
+            out.iter_mut().for_each(|s| *s = -*s);
+        }
+        (Rows::F32(v), _) => kernels::dot_f32_rows(q, v, out),
+        (Rows::F16(v), Metric::L2) => {
+            kernels::l2_f16_rows(q, v, out);
+            out.iter_mut().for_each(|s| *s = -*s);
+        }
+        (Rows::F16(v), _) => kernels::dot_f16_rows(q, v, out),
+        (Rows::I8 { .. }, Metric::L2) => {
+            kernels::l2_f32_rows(q, dequant, out);
+            out.iter_mut().for_each(|s| *s = -*s);
+        }
+        (Rows::I8 { data, scales }, _) => {
+            let (q16, qs) = q16.expect("i8 dot products need the i16 query");
+            let ints = &mut ints[..out.len()];
+            kernels::dot_i8_rows(q16, data, ints);
+            for ((s, &dot), &xs) in out.iter_mut().zip(ints.iter()).zip(scales) {
+                *s = dot as f32 * (qs * xs);
             }
         }
     }

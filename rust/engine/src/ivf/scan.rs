@@ -322,34 +322,15 @@ fn scan_list(
         let mut r0 = 0;
         while r0 < n {
             let r1 = (r0 + KERNEL_CHUNK).min(n);
+            let chunk = rows.range(r0, r1, dim);
+            let dequant: &[f32] = if l2 && matches!(chunk, Rows::I8 { .. }) {
+                chunk.to_f32(dim, &mut s.conv)
+            } else {
+                &[]
+            };
             let scores = &mut s.tile[..r1 - r0];
-            match (rows.range(r0, r1, dim), spec.metric) {
-                (Rows::F32(v), Metric::L2) => {
-                    kernels::l2_f32_rows(qv, v, scores);
-                    scores.iter_mut().for_each(|x| *x = -*x);
-                }
-                (Rows::F32(v), _) => kernels::dot_f32_rows(qv, v, scores),
-                (Rows::F16(v), Metric::L2) => {
-                    kernels::l2_f16_rows(qv, v, scores);
-                    scores.iter_mut().for_each(|x| *x = -*x);
-                }
-                (Rows::F16(v), _) => kernels::dot_f16_rows(qv, v, scores),
-                (chunk @ Rows::I8 { .. }, Metric::L2) => {
-                    let x = chunk.to_f32(dim, &mut s.conv);
-                    kernels::l2_f32_rows(qv, x, scores);
-                    scores.iter_mut().for_each(|x| *x = -*x);
-                }
-                (Rows::I8 { data, scales }, _) => {
-                    let (q16, qs16) = q16
-                        .expect("i8 rows need the i16 queries")
-                        .query(q as usize, dim);
-                    let ints = &mut s.ints[..r1 - r0];
-                    kernels::dot_i8_rows(q16, data, ints);
-                    for ((v, &dot), &xs) in scores.iter_mut().zip(ints.iter()).zip(scales) {
-                        *v = dot as f32 * (qs16 * xs);
-                    }
-                }
-            }
+            let q16 = q16.map(|x| x.query(q as usize, dim));
+            search::score_chunk(spec.metric, qv, q16, chunk, dequant, &mut s.ints, scores);
             push_scores(sel, scores, r0, keys, excluded, &mut s.passing);
             r0 = r1;
         }
