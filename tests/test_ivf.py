@@ -161,6 +161,65 @@ def test_rerank_needs_float32_copies_and_recovers_exact_scores():
     assert ivf.rerank == 0
 
 
+def test_codes_find_the_neighbours_and_report_the_stored_vectors_scores():
+    x = clustered(4000, 32, 16, seed=21, spread=0.5)
+    keys = np.arange(4000, dtype=np.uint64) * 3
+    coded = IVFIndex(32, "cos", "i8", nlist=16, nprobe=16, pq=32, shortlist=40, train_threshold=0)
+    coded.add(keys, x)
+    coded.train(x)
+    assert coded.pq == 32 and coded.shortlist == 40 and "pq=32, shortlist=40" in repr(coded)
+    flat = Index(32, "cos", "i8")
+    flat.add(keys, x)
+    queries = clustered(50, 32, 16, seed=22, spread=0.5)
+    got, got_scores = coded.search(queries, k=10)
+    want, _ = flat.search(queries, k=10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want)]) >= 0.9
+    # Scores are the stored vectors' (as Index reports them), one query or a batch alike.
+    for qi in range(5):
+        one, one_scores = coded.search(queries[qi], k=10)
+        np.testing.assert_array_equal(one, got[qi])
+        np.testing.assert_array_equal(one_scores, got_scores[qi])
+        _, exact_scores = flat.search(queries[qi], k=len(flat))
+        assert set(one_scores.tolist()) <= set(exact_scores.tolist())
+    # A shortlist as long as the index is exact.
+    coded.shortlist = len(coded)
+    got, _ = coded.search(queries, k=10)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_codes_survive_save_and_mmap_load(tmp_path):
+    x = clustered(1500, 16, 8, seed=23)
+    keys = np.arange(1500, dtype=np.uint64)
+    ivf = IVFIndex(16, "l2", "f16", nlist=8, nprobe=3, pq=8, shortlist=30, train_threshold=0)
+    ivf.add(keys, x)
+    ivf.train(x)
+    ivf.remove(keys[:10])
+    path = tmp_path / "coded.ivf"
+    ivf.save(path)
+    for mmap in (False, True):
+        back = IVFIndex.load(path, mmap=mmap)
+        assert back.pq == 8 and back.shortlist == 30
+        a, sa = back.search(x[:30], k=5)
+        b, sb = ivf.search(x[:30], k=5)
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(sa, sb)
+
+
+def test_bad_pq_settings_name_the_problem():
+    with pytest.raises(ValueError, match="even number"):
+        IVFIndex(12, pq=3)
+    with pytest.raises(ValueError, match="divides dim = 12"):
+        IVFIndex(12, pq=8)
+    with pytest.raises(ValueError, match="shortlist needs pq"):
+        IVFIndex(12, shortlist=10)
+    with pytest.raises(ValueError, match="shortlist must be at least 1"):
+        IVFIndex(12, pq=4, shortlist=0)
+    ivf = IVFIndex(12, pq=4)
+    assert ivf.shortlist == 100
+    with pytest.raises(ValueError, match="shortlist"):
+        ivf.shortlist = 0
+
+
 def test_errors_match_index():
     ivf = IVFIndex(4, "cos", nlist=2, train_threshold=0)
     ivf.add([1, 2], np.eye(4, dtype=np.float32)[:2])
@@ -229,7 +288,7 @@ def test_searches_run_while_another_thread_writes():
 # ---------------------------------------------------------------------------------------------
 # Hypothesis: a model of the key -> vector map; searches with every list probed are exact.
 
-DIM = 3
+DIM = 4
 KEYS = st.integers(min_value=0, max_value=14) | st.sampled_from([2**63, 2**64 - 1])
 VECTOR = st.lists(st.integers(-3, 3), min_size=DIM, max_size=DIM).filter(any)
 
@@ -296,3 +355,20 @@ TestIVFModel = IVFModel.TestCase
 TestIVFModel.settings = settings(
     max_examples=60, stateful_step_count=30, deadline=None, suppress_health_check=list(HealthCheck)
 )
+
+
+class IVFCodesModel(IVFModel):
+    """The same model with 4-bit codes: a shortlist longer than the index keeps searches exact,
+    so codes must follow every add, upsert, removal and retraining."""
+
+    def __init__(self):
+        super().__init__()
+        self.index = IVFIndex(DIM, "ip", nlist=3, nprobe=3, train_threshold=6, seed=1, pq=2, shortlist=1000)
+
+    @invariant()
+    def codes_once_trained(self):
+        assert self.index.pq == 2 and self.index.shortlist == 1000
+
+
+TestIVFCodesModel = IVFCodesModel.TestCase
+TestIVFCodesModel.settings = TestIVFModel.settings

@@ -139,6 +139,12 @@ class IVFIndex:
     - dtype "f16" / "i8" store lists quantized; ``rerank > 0`` keeps float32 copies too
       (4 bytes per dimension per vector more) and re-scores the best ``max(k, rerank)``
       candidates exactly.
+    - ``pq > 0`` also keeps a 4-bit product-quantization code per vector (``pq`` sub-vectors
+      of ``dim // pq`` values, 16 centroids each: ``pq / 2`` bytes; ``pq`` even, at most 256,
+      dividing ``dim``). Once trained, every search scans those codes instead of the stored
+      vectors (one lookup table per query, summed with byte shuffles) and re-scores its best
+      ``shortlist`` candidates (default 100) from the stored vectors: the single-query speed of a
+      graph at a fraction of the memory. Results still report the stored vectors' scores.
     - ``remove`` swaps the list's last vector into the hole (O(1), no tombstones).
     - Every call releases the GIL; searches run concurrently, writes are exclusive.
     """
@@ -153,6 +159,8 @@ class IVFIndex:
         rerank: int = 0,
         seed: int = 0,
         train_threshold: Optional[int] = None,
+        pq: int = 0,
+        shortlist: Optional[int] = None,
     ) -> IVFIndex: ...
     @property
     def dim(self) -> int: ...
@@ -173,6 +181,14 @@ class IVFIndex:
         with rerank > 0)."""
     @rerank.setter
     def rerank(self, value: int) -> None: ...
+    @property
+    def pq(self) -> int:
+        """Product-quantization sub-quantizers (0: no codes)."""
+    @property
+    def shortlist(self) -> int:
+        """Candidates of the code scan re-scored from the stored vectors (settable, >= 1)."""
+    @shortlist.setter
+    def shortlist(self, value: int) -> None: ...
     @property
     def seed(self) -> int: ...
     @property

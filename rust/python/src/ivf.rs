@@ -57,7 +57,7 @@ impl PyIvfIndex {
 #[pymethods]
 impl PyIvfIndex {
     #[new]
-    #[pyo3(signature = (dim, metric = "cos", dtype = "f32", nlist = 1024, nprobe = None, rerank = 0, seed = 0, train_threshold = None))]
+    #[pyo3(signature = (dim, metric = "cos", dtype = "f32", nlist = 1024, nprobe = None, rerank = 0, seed = 0, train_threshold = None, pq = 0, shortlist = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         dim: i64,
@@ -68,6 +68,8 @@ impl PyIvfIndex {
         rerank: i64,
         seed: u64,
         train_threshold: Option<i64>,
+        pq: i64,
+        shortlist: Option<i64>,
     ) -> PyResult<Self> {
         let metric = Metric::parse(metric).map_err(to_py_err)?;
         let dtype = DType::parse(dtype).map_err(to_py_err)?;
@@ -84,6 +86,16 @@ impl PyIvfIndex {
             Some(t) => count_arg(t, "train_threshold", 0)?,
             None => nlist.saturating_mul(DEFAULT_TRAIN_PER_LIST),
         };
+        params.pq = count_arg(pq, "pq", 0)?;
+        if let Some(s) = shortlist {
+            if params.pq == 0 {
+                return Err(value_error(
+                    "shortlist needs pq > 0: it is how many candidates of the code scan are \
+                     re-scored",
+                ));
+            }
+            params.shortlist = count_arg(s, "shortlist", 1)?;
+        }
         Ok(Self::wrap(
             IvfIndex::new(dim, metric, dtype, params).map_err(to_py_err)?,
         ))
@@ -134,6 +146,23 @@ impl PyIvfIndex {
     }
 
     #[getter]
+    fn pq(&self, py: Python<'_>) -> usize {
+        py.detach(|| self.inner.read().params().pq)
+    }
+
+    #[getter]
+    fn shortlist(&self, py: Python<'_>) -> usize {
+        py.detach(|| self.inner.read().params().shortlist)
+    }
+
+    #[setter]
+    fn set_shortlist(&self, py: Python<'_>, value: i64) -> PyResult<()> {
+        let value = count_arg(value, "shortlist", 1)?;
+        py.detach(|| self.inner.write().set_shortlist(value))
+            .map_err(to_py_err)
+    }
+
+    #[getter]
     fn seed(&self, py: Python<'_>) -> u64 {
         py.detach(|| self.inner.read().params().seed)
     }
@@ -170,8 +199,13 @@ impl PyIvfIndex {
             (g.len(), g.params(), g.is_trained(), g.is_read_only())
         });
         let ro = if ro { ", read_only=True" } else { "" };
+        let pq = if p.pq > 0 {
+            format!(", pq={}, shortlist={}", p.pq, p.shortlist)
+        } else {
+            String::new()
+        };
         format!(
-            "IVFIndex(dim={}, metric='{}', dtype='{}', nlist={}, nprobe={}, rerank={}, \
+            "IVFIndex(dim={}, metric='{}', dtype='{}', nlist={}, nprobe={}, rerank={}{pq}, \
              trained={}, len={len}{ro})",
             self.dim,
             self.metric.name(),

@@ -17,25 +17,36 @@
 //!     44     4  rerank (u32)
 //!     48     8  seed (u64)
 //!     56     8  train_threshold (u64)
-//!     64    48  reserved, zero
-//!    112     8  xxh3-64 of the data sections (vectors, then float32 copies)
+//!     64     4  pq (u32): 4-bit product-quantization sub-quantizers, 0 = none
+//!     68     4  shortlist (u32); 0 when pq = 0
+//!     72    40  reserved, zero
+//!    112     8  xxh3-64 of the data sections (vectors, float32 copies, codes)
 //!    120     8  xxh3-64 of bytes 0..120 and of every byte from 128 up to the vectors
 //!    128  8*L   list sizes (u64), L = lists stored
 //!      .  8*n   keys (u64), list by list in slot order
 //!      .  4*L*dim  centroids (f32), trained only
+//!      .  4*16*dim  codebooks (f32, pq x 16 x dim/pq), trained with pq > 0 only
 //!      .  4*n   scales (f32), i8 only
 //!      .     .  zero padding up to a multiple of 64
 //!      .  n*dim*size  vectors, list by list (each list contiguous)
 //!      .     .  zero padding up to a multiple of 64 (copies kept only)
 //!      .  4*n*dim  float32 copies, same order (copies kept only)
+//!      .     .  zero padding up to a multiple of 64 (codes only)
+//!      .     .  codes, list by list: ceil(size / 32) blocks of 16*pq bytes (trained with pq
+//!               > 0 only; the layout of `pq.rs`, unused rows of a last block zero)
 //! ```
+//! Files without codes are byte for byte what builds before `pq` wrote (pq and shortlist 0).
 //! The file ends exactly where the last section ends. Every section offset follows from the
 //! header, so nothing else can disagree with it; `parse` checks all of it but the data
 //! checksum, which `verify` (or a load with verify=true) checks.
 
-use super::{Data, IvfIndex, IvfParams, List, Seg, MAX_DIM, MAX_LISTS, MAX_VECTORS};
+use super::pq::{self, Pq, CENTROIDS};
+use super::{
+    Data, IvfIndex, IvfParams, List, Seg, DEFAULT_SHORTLIST, MAX_DIM, MAX_LISTS, MAX_VECTORS,
+};
 use crate::error::Result;
 use crate::file_io::{atomic_write, bad, file_error, io_error, meta_checksum, u32_at, u64_at};
+use crate::kernels::PQ_BLOCK;
 use crate::types::{DType, Metric};
 use memmap2::Mmap;
 use rustc_hash::FxHashMap;
@@ -61,6 +72,7 @@ pub(crate) struct MappedData {
     checksum: u64,
     vectors: Range<usize>,
     copies: Range<usize>,
+    codes: Range<usize>,
 }
 
 /// Where everything is, after `parse` checked it.
@@ -74,20 +86,35 @@ struct Layout {
     sizes: Vec<usize>,
     keys: Range<usize>,
     centroids: Range<usize>,
+    codebooks: Range<usize>,
     scales: Range<usize>,
     vectors: Range<usize>,
     copies: Range<usize>,
+    codes: Range<usize>,
     data_checksum: u64,
 }
 
-/// Section ranges after the list sizes: keys, centroids, scales, vectors, copies.
-type Sections = (
-    Range<usize>,
-    Range<usize>,
-    Range<usize>,
-    Range<usize>,
-    Range<usize>,
-);
+/// Section ranges after the list sizes, up to the codes (whose size needs the list sizes).
+struct Sections {
+    keys: Range<usize>,
+    centroids: Range<usize>,
+    codebooks: Range<usize>,
+    scales: Range<usize>,
+    vectors: Range<usize>,
+    copies: Range<usize>,
+}
+
+/// The codes section: after the copies, aligned, `sizes` lists of `m`-sub-quantizer codes.
+fn codes_section(copies_end: usize, sizes: &[usize], m: usize) -> Option<Range<usize>> {
+    if m == 0 {
+        return Some(copies_end..copies_end);
+    }
+    let c0 = copies_end.checked_next_multiple_of(ALIGN)?;
+    let len = sizes.iter().try_fold(0usize, |a, &s| {
+        a.checked_add(s.div_ceil(PQ_BLOCK).checked_mul(16 * m)?)
+    })?;
+    Some(c0..c0.checked_add(len)?)
+}
 
 fn sections(
     dim: usize,
@@ -96,6 +123,7 @@ fn sections(
     lists: usize,
     trained: bool,
     exact: bool,
+    m: usize,
 ) -> Option<Sections> {
     let sizes_end = HEADER_LEN.checked_add(lists.checked_mul(8)?)?;
     let keys = sizes_end..sizes_end.checked_add(count.checked_mul(8)?)?;
@@ -105,12 +133,18 @@ fn sections(
         0
     };
     let centroids = keys.end..keys.end.checked_add(cen_len)?;
+    let book_len = if trained && m > 0 {
+        CENTROIDS.checked_mul(dim)?.checked_mul(4)?
+    } else {
+        0
+    };
+    let codebooks = centroids.end..centroids.end.checked_add(book_len)?;
     let sc_len = if dtype == DType::I8 {
         count.checked_mul(4)?
     } else {
         0
     };
-    let scales = centroids.end..centroids.end.checked_add(sc_len)?;
+    let scales = codebooks.end..codebooks.end.checked_add(sc_len)?;
     let v0 = scales.end.checked_next_multiple_of(ALIGN)?;
     let vlen = count.checked_mul(dim)?.checked_mul(dtype.element_size())?;
     let vectors = v0..v0.checked_add(vlen)?;
@@ -120,7 +154,14 @@ fn sections(
     } else {
         vectors.end..vectors.end
     };
-    Some((keys, centroids, scales, vectors, copies))
+    Some(Sections {
+        keys,
+        centroids,
+        codebooks,
+        scales,
+        vectors,
+        copies,
+    })
 }
 
 /// A file image in parts, as `save` writes them.
@@ -142,10 +183,11 @@ impl Image<'_> {
 /// Zero bytes for the padding before the float32 copies (under one alignment unit).
 static ZEROS: [u8; ALIGN] = [0; ALIGN];
 
-fn data_checksum(vectors: &[u8], copies: &[u8]) -> u64 {
+fn data_checksum(vectors: &[u8], copies: &[u8], codes: &[u8]) -> u64 {
     let mut h = Xxh3::new();
     h.update(vectors);
     h.update(copies);
+    h.update(codes);
     h.digest()
 }
 
@@ -199,15 +241,27 @@ fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
             "corrupt header: {lists} lists stored for nlist {nlist} (trained: {trained})"
         ));
     }
-    let (keys, centroids, scales, vectors, copies) =
-        sections(dim, dtype, count, lists, trained, exact)
-            .ok_or_else(|| "corrupt header: sizes overflow".to_string())?;
-    if bytes.len() != copies.end {
-        return bad(format!(
-            "truncated or corrupt: the header describes {} bytes, the file has {}",
-            copies.end,
+    let m = u32_at(bytes, 64) as usize;
+    if pq::check_m(m, dim).is_some() {
+        return bad(format!("corrupt header: pq {m} for dim {dim}"));
+    }
+    let Sections {
+        keys,
+        centroids,
+        codebooks,
+        scales,
+        vectors,
+        copies,
+    } = sections(dim, dtype, count, lists, trained, exact, m)
+        .ok_or_else(|| "corrupt header: sizes overflow".to_string())?;
+    let truncated = |want: usize| {
+        format!(
+            "truncated or corrupt: the header describes {want} bytes, the file has {}",
             bytes.len()
-        ));
+        )
+    };
+    if bytes.len() < copies.end {
+        return Err(truncated(copies.end));
     }
     if meta_checksum(&bytes[..120], &bytes[HEADER_LEN..vectors.start]) != u64_at(bytes, 120) {
         return bad("corrupt file: header/keys checksum mismatch");
@@ -215,17 +269,14 @@ fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
     if bytes[12..16]
         .iter()
         .chain(&bytes[23..24])
-        .chain(&bytes[64..112])
+        .chain(&bytes[72..112])
         .any(|&b| b != 0)
     {
         return bad("corrupt header: reserved bytes are not zero");
     }
-    if bytes[scales.end..vectors.start]
-        .iter()
-        .chain(&bytes[vectors.end..copies.start])
-        .any(|&b| b != 0)
-    {
-        return bad("corrupt file: padding is not zero");
+    let shortlist = u32_at(bytes, 68) as usize;
+    if (m == 0) != (shortlist == 0) {
+        return bad(format!("corrupt header: shortlist {shortlist} with pq {m}"));
     }
     let params = IvfParams {
         nlist,
@@ -234,8 +285,10 @@ fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
         seed: u64_at(bytes, 48),
         train_threshold: usize::try_from(u64_at(bytes, 56))
             .map_err(|_| "corrupt header: train_threshold".to_string())?,
+        pq: m,
+        shortlist: if m == 0 { DEFAULT_SHORTLIST } else { shortlist },
     };
-    if super::check_params(dtype, &params).is_err() {
+    if super::check_params(dim, dtype, &params).is_err() {
         return bad("corrupt header: invalid parameters");
     }
     if params.rerank > 0 && !exact {
@@ -258,6 +311,22 @@ fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
             "corrupt file: list sizes sum to {total}, the header says {count} vectors"
         ));
     }
+    let codes = codes_section(copies.end, &sizes, if trained { m } else { 0 })
+        .ok_or_else(|| "corrupt header: sizes overflow".to_string())?;
+    if bytes.len() != codes.end {
+        return Err(truncated(codes.end));
+    }
+    if bytes[scales.end..vectors.start]
+        .iter()
+        .chain(&bytes[vectors.end..copies.start])
+        .chain(&bytes[copies.end..codes.start])
+        .any(|&b| b != 0)
+    {
+        return bad("corrupt file: padding is not zero");
+    }
+    if f32s(&bytes[codebooks.clone()]).any(|v| !v.is_finite()) {
+        return bad("corrupt file: a codebook entry is not finite");
+    }
     if f32s(&bytes[centroids.clone()]).any(|v| !v.is_finite()) {
         return bad("corrupt file: a centroid is not finite");
     }
@@ -274,15 +343,18 @@ fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
         sizes,
         keys,
         centroids,
+        codebooks,
         scales,
         vectors,
         copies,
+        codes,
         data_checksum: u64_at(bytes, 112),
     })
 }
 
 fn verify_data(bytes: &[u8], l: &Layout) -> std::result::Result<(), String> {
-    if data_checksum(&bytes[l.vectors.clone()], &bytes[l.copies.clone()]) != l.data_checksum {
+    let (v, c, k) = (l.vectors.clone(), l.copies.clone(), l.codes.clone());
+    if data_checksum(&bytes[v], &bytes[c], &bytes[k]) != l.data_checksum {
         return bad("corrupt file: vectors checksum mismatch");
     }
     Ok(())
@@ -323,8 +395,11 @@ impl Source<'_> {
 fn build(src: Source<'_>, l: &Layout) -> std::result::Result<IvfIndex, String> {
     let bytes = src.bytes();
     let dim = l.dim;
+    let m = l.params.pq;
+    let has_codes = !l.codebooks.is_empty();
     let mut lists = Vec::with_capacity(l.sizes.len());
     let mut first = 0usize;
+    let mut code_at = l.codes.start;
     for &n in &l.sizes {
         let data = match l.dtype {
             DType::F32 => Data::F32(src.seg(l.vectors.start, first * dim, n * dim)),
@@ -340,10 +415,17 @@ fn build(src: Source<'_>, l: &Layout) -> std::result::Result<IvfIndex, String> {
             exact: l
                 .exact
                 .then(|| src.seg(l.copies.start, first * dim, n * dim)),
+            codes: has_codes.then(|| {
+                let len = pq::code_bytes(n, m);
+                code_at += len;
+                src.seg(code_at - len, 0, len)
+            }),
             packed: Default::default(),
         });
         first += n;
     }
+    let codebooks =
+        has_codes.then(|| Pq::new(m, dim / m, f32s(&bytes[l.codebooks.clone()]).collect()));
     let centroids: Vec<f32> = f32s(&bytes[l.centroids.clone()]).collect();
     let mut map = FxHashMap::with_capacity_and_hasher(l.count, Default::default());
     for (li, list) in lists.iter().enumerate() {
@@ -353,16 +435,20 @@ fn build(src: Source<'_>, l: &Layout) -> std::result::Result<IvfIndex, String> {
             }
         }
     }
-    Ok(IvfIndex {
+    let mut index = IvfIndex {
         dim,
         metric: l.metric,
         dtype: l.dtype,
         params: l.params,
-        centroids,
+        centroids: Vec::new(),
+        probe_centroids: None,
         lists,
         map,
+        codebooks,
         mapped: None,
-    })
+    };
+    index.set_centroids(centroids);
+    Ok(index)
 }
 
 impl IvfIndex {
@@ -415,6 +501,7 @@ impl IvfIndex {
                 checksum: layout.data_checksum,
                 vectors: layout.vectors.clone(),
                 copies: layout.copies.clone(),
+                codes: layout.codes.clone(),
             });
             Ok(index)
         };
@@ -424,7 +511,8 @@ impl IvfIndex {
     /// Checks the data of an mmap-opened index against its checksum (a no-op in memory).
     pub fn verify(&self) -> Result<()> {
         if let Some(m) = &self.mapped {
-            if data_checksum(&m.map[m.vectors.clone()], &m.map[m.copies.clone()]) != m.checksum {
+            let (v, c, k) = (m.vectors.clone(), m.copies.clone(), m.codes.clone());
+            if data_checksum(&m.map[v], &m.map[c], &m.map[k]) != m.checksum {
                 return Err(file_error(
                     None,
                     "corrupt file: vectors checksum mismatch".into(),
@@ -442,8 +530,25 @@ impl IvfIndex {
         let lists = self.lists.len();
         let trained = self.is_trained();
         let exact = self.keeps_exact();
-        let (keys, _, scales, vectors, copies) =
-            sections(self.dim, self.dtype, n, lists, trained, exact).expect("in-memory sizes fit");
+        let m = if self.has_codes() { self.params.pq } else { 0 };
+        let Sections {
+            keys,
+            scales,
+            vectors,
+            copies,
+            ..
+        } = sections(
+            self.dim,
+            self.dtype,
+            n,
+            lists,
+            trained,
+            exact,
+            self.params.pq,
+        )
+        .expect("in-memory sizes fit");
+        let sizes: Vec<usize> = self.lists.iter().map(List::len).collect();
+        let codes = codes_section(copies.end, &sizes, m).expect("in-memory sizes fit");
         let mut meta = Vec::with_capacity(vectors.start - HEADER_LEN);
         for l in &self.lists {
             meta.extend_from_slice(&(l.len() as u64).to_le_bytes());
@@ -453,7 +558,10 @@ impl IvfIndex {
             meta.extend_from_slice(bytemuck::cast_slice(l.keys.as_slice()));
         }
         meta.extend_from_slice(bytemuck::cast_slice(&self.centroids));
-        let mut data: Vec<&[u8]> = Vec::with_capacity(2 * lists);
+        if let Some(book) = &self.codebooks {
+            meta.extend_from_slice(bytemuck::cast_slice(&book.centroids));
+        }
+        let mut data: Vec<&[u8]> = Vec::with_capacity(3 * lists + 2);
         for l in &self.lists {
             data.push(match &l.data {
                 Data::F32(s) => bytemuck::cast_slice(s.as_slice()),
@@ -466,20 +574,23 @@ impl IvfIndex {
         }
         debug_assert_eq!(HEADER_LEN + meta.len(), scales.end);
         meta.resize(vectors.start - HEADER_LEN, 0);
-        let vector_parts = data.len();
+        // Paddings before the copies and the codes are parts too, but not checksummed.
+        let mut h = Xxh3::new();
+        data.iter().for_each(|p| h.update(p));
         if exact {
-            // Padding between vectors and copies lives with the copies (not checksummed).
             data.push(&ZEROS[..copies.start - vectors.end]);
             for l in &self.lists {
-                data.push(bytemuck::cast_slice(
-                    l.exact.as_ref().expect("exact copies").as_slice(),
-                ));
+                let part = bytemuck::cast_slice(l.exact.as_ref().expect("exact copies").as_slice());
+                h.update(part);
+                data.push(part);
             }
         }
-        let mut h = Xxh3::new();
-        for (i, part) in data.iter().enumerate() {
-            if !(exact && i == vector_parts) {
+        if m > 0 {
+            data.push(&ZEROS[..codes.start - copies.end]);
+            for l in &self.lists {
+                let part = l.codes.as_ref().expect("codes").as_slice();
                 h.update(part);
+                data.push(part);
             }
         }
         let mut head = vec![0u8; HEADER_LEN];
@@ -497,6 +608,11 @@ impl IvfIndex {
         head[44..48].copy_from_slice(&(p.rerank.min(u32::MAX as usize) as u32).to_le_bytes());
         head[48..56].copy_from_slice(&p.seed.to_le_bytes());
         head[56..64].copy_from_slice(&(p.train_threshold as u64).to_le_bytes());
+        if p.pq > 0 {
+            head[64..68].copy_from_slice(&(p.pq as u32).to_le_bytes());
+            let shortlist = p.shortlist.min(u32::MAX as usize) as u32;
+            head[68..72].copy_from_slice(&shortlist.to_le_bytes());
+        }
         head[112..120].copy_from_slice(&h.digest().to_le_bytes());
         let checksum = meta_checksum(&head[..120], &meta);
         head[120..128].copy_from_slice(&checksum.to_le_bytes());

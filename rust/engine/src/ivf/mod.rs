@@ -32,9 +32,11 @@
 
 mod file;
 pub(crate) mod kmeans;
+mod pq;
 mod scan;
 
 pub use file::{IVF_FORMAT_VERSION, IVF_MAGIC};
+pub use pq::MAX_PQ;
 
 use crate::error::{invalid, Error, Result};
 use crate::index::{check_batch_keys, check_search_args, swap_remove_rows};
@@ -67,6 +69,8 @@ const F16_MAX: f32 = 65504.0;
 const MOVE_CHUNK: usize = 16 * 1024;
 /// Rows encoded at a time by `add` / `upsert`.
 const INSERT_CHUNK: usize = 4096;
+/// Default `shortlist`: candidates of the code scan re-scored from the stored rows.
+pub const DEFAULT_SHORTLIST: usize = 100;
 
 /// The tunable parameters of an [`IvfIndex`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +85,10 @@ pub struct IvfParams {
     pub seed: u64,
     /// The index trains itself when it reaches this many vectors (0: only on `train`).
     pub train_threshold: usize,
+    /// 4-bit product-quantization sub-quantizers (0: no codes; see `pq.rs`).
+    pub pq: usize,
+    /// With codes: candidates of the code scan re-scored from the stored rows, per query.
+    pub shortlist: usize,
 }
 
 impl IvfParams {
@@ -93,6 +101,8 @@ impl IvfParams {
             rerank: 0,
             seed: 0,
             train_threshold: nlist.saturating_mul(DEFAULT_TRAIN_PER_LIST),
+            pq: 0,
+            shortlist: DEFAULT_SHORTLIST,
         }
     }
 }
@@ -111,11 +121,14 @@ pub(crate) enum Data {
     },
 }
 
-/// One inverted list: keys, rows and (with re-ranking) float32 copies, all in slot order.
+/// One inverted list: keys, rows, (with re-ranking) float32 copies and (with `pq`, once
+/// trained) 4-bit codes, all in slot order.
 pub(crate) struct List {
     pub(crate) keys: Seg<u64>,
     pub(crate) data: Data,
     pub(crate) exact: Option<Seg<f32>>,
+    /// `pq::code_bytes(len, m)` bytes in the fast-scan block layout.
+    pub(crate) codes: Option<Seg<u8>>,
     /// The rows packed for batched low-precision scans (built by the first batch that scans
     /// the list, dropped by every change to it).
     pub(crate) packed: scan::PackCache,
@@ -134,6 +147,7 @@ impl List {
                 },
             },
             exact: exact.then(|| Seg::Owned(Vec::new())),
+            codes: None,
             packed: Default::default(),
         }
     }
@@ -186,6 +200,13 @@ impl List {
         if let (Some(dst), Some(src)) = (&mut self.exact, &enc.exact) {
             dst.owned_mut()?.extend_from_slice(&src[r]);
         }
+        if let (Some(dst), Some((src, m))) = (&mut self.codes, &enc.codes) {
+            let m = *m;
+            let slot = self.keys.as_slice().len();
+            let dst = dst.owned_mut()?;
+            dst.resize(pq::code_bytes(slot + 1, m), 0);
+            pq::set_row(dst, slot, &src[i * m..(i + 1) * m]);
+        }
         self.keys.owned_mut()?.push(key);
         Ok(())
     }
@@ -236,9 +257,29 @@ impl List {
         if let Some(e) = &mut self.exact {
             swap_remove_rows(e.owned_mut()?, slot, last, dim);
         }
+        if let Some(c) = &mut self.codes {
+            let c = c.owned_mut()?;
+            let m = c.len() / (last + 1).div_ceil(kernels::PQ_BLOCK) / kernels::PQ_BLOCK * 2;
+            let mut row = vec![0u8; m];
+            pq::get_row(c, last, &mut row);
+            pq::set_row(c, slot, &row);
+            row.fill(0);
+            pq::set_row(c, last, &row);
+            c.truncate(pq::code_bytes(last, m));
+        }
         let keys = self.keys.owned_mut()?;
         swap_remove_rows(keys, slot, last, 1);
         Ok((slot != last).then(|| keys[slot]))
+    }
+
+    /// The bytes of stored row `slot` (for prefetching).
+    fn row_bytes(&self, slot: usize, dim: usize) -> &[u8] {
+        let r = slot * dim..(slot + 1) * dim;
+        match &self.data {
+            Data::F32(s) => bytemuck::cast_slice(&s.as_slice()[r]),
+            Data::F16(s) => bytemuck::cast_slice(&s.as_slice()[r]),
+            Data::I8 { data, .. } => bytemuck::cast_slice(&data.as_slice()[r]),
+        }
     }
 
     /// Row `slot` as float32 (the exact copy when kept, else the stored row dequantized).
@@ -256,6 +297,8 @@ impl List {
 struct Encoded {
     data: EncData,
     exact: Option<Vec<f32>>,
+    /// With trained codebooks: `m` codes per row, and `m`.
+    codes: Option<(Vec<u8>, usize)>,
 }
 
 enum EncData {
@@ -275,10 +318,16 @@ pub struct IvfIndex {
     pub(crate) params: IvfParams,
     /// `nlist x dim` once trained (unit length under cos / ip); empty before.
     pub(crate) centroids: Vec<f32>,
+    /// Under cos / ip, the centroids quantized to i8 (one scale each) that searches score to
+    /// choose lists: a quarter of the bytes, which a single query reads every time (1.5 MB
+    /// in float32 at 1,024 x 384). Adds and training assign by the float32 centroids.
+    pub(crate) probe_centroids: Option<(Vec<i8>, Vec<f32>)>,
     /// One list before training, `nlist` after.
     pub(crate) lists: Vec<List>,
     /// key -> (list, slot).
     pub(crate) map: FxHashMap<u64, (u32, u32)>,
+    /// The product-quantization codebooks, once trained with `params.pq > 0`.
+    pub(crate) codebooks: Option<pq::Pq>,
     /// Set when opened with mmap: (the map, checksum of its data sections, their range).
     pub(crate) mapped: Option<file::MappedData>,
 }
@@ -296,7 +345,7 @@ impl std::fmt::Debug for IvfIndex {
     }
 }
 
-fn check_params(dtype: DType, p: &IvfParams) -> Result<()> {
+fn check_params(dim: usize, dtype: DType, p: &IvfParams) -> Result<()> {
     if p.nlist == 0 || p.nlist > MAX_LISTS {
         return invalid(format!(
             "nlist must be between 1 and {MAX_LISTS}, got {}",
@@ -310,6 +359,12 @@ fn check_params(dtype: DType, p: &IvfParams) -> Result<()> {
         return invalid(
             "rerank needs dtype \"f16\" or \"i8\": with \"f32\" the scan is already exact",
         );
+    }
+    if let Some(msg) = pq::check_m(p.pq, dim) {
+        return invalid(msg);
+    }
+    if p.shortlist == 0 {
+        return invalid("shortlist must be at least 1, got 0");
     }
     if p.train_threshold > 0 && p.train_threshold < p.nlist {
         return invalid(format!(
@@ -325,7 +380,7 @@ impl IvfIndex {
         if dim == 0 || dim > MAX_DIM {
             return invalid(format!("dim must be between 1 and {MAX_DIM}, got {dim}"));
         }
-        check_params(dtype, &params)?;
+        check_params(dim, dtype, &params)?;
         Ok(IvfIndex {
             dim,
             metric,
@@ -334,6 +389,8 @@ impl IvfIndex {
             centroids: Vec::new(),
             lists: vec![List::empty(dtype, params.rerank > 0)],
             map: FxHashMap::default(),
+            codebooks: None,
+            probe_centroids: None,
             mapped: None,
         })
     }
@@ -378,6 +435,30 @@ impl IvfIndex {
         &self.centroids
     }
 
+    /// Sets the centroids and their quantized copy for probing.
+    pub(crate) fn set_centroids(&mut self, centroids: Vec<f32>) {
+        let dim = self.dim;
+        self.probe_centroids =
+            (self.coarse_metric() == Metric::Ip && !centroids.is_empty()).then(|| {
+                let mut data = vec![0i8; centroids.len()];
+                let scales = data
+                    .chunks_exact_mut(dim)
+                    .zip(centroids.chunks_exact(dim))
+                    .map(|(o, c)| kernels::quantize_row_i8(c, o))
+                    .collect();
+                (data, scales)
+            });
+        self.centroids = centroids;
+    }
+
+    /// The rows searches score to choose lists.
+    fn probe_rows(&self) -> Rows<'_> {
+        match &self.probe_centroids {
+            Some((data, scales)) => Rows::I8 { data, scales },
+            None => Rows::F32(&self.centroids),
+        }
+    }
+
     /// All keys, list by list in slot order.
     pub fn keys(&self) -> Vec<u64> {
         let mut out = Vec::with_capacity(self.len());
@@ -408,6 +489,20 @@ impl IvfIndex {
         Ok(())
     }
 
+    /// Changes how many candidates of the code scan (`pq > 0`) are re-scored.
+    pub fn set_shortlist(&mut self, shortlist: usize) -> Result<()> {
+        if shortlist == 0 {
+            return invalid("shortlist must be at least 1, got 0");
+        }
+        self.params.shortlist = shortlist;
+        Ok(())
+    }
+
+    /// Whether searches scan 4-bit codes (`pq > 0` and trained).
+    pub fn has_codes(&self) -> bool {
+        self.codebooks.is_some()
+    }
+
     fn check_writable(&self) -> Result<()> {
         if self.is_read_only() {
             Err(Error::ReadOnly)
@@ -420,35 +515,38 @@ impl IvfIndex {
     fn check_vectors(&self, vectors: &[f32], what: &str, storage: bool) -> Result<()> {
         let dim = self.dim;
         let f16_range = storage && self.dtype == DType::F16 && self.metric != Metric::Cos;
-        let bad = vectors
-            .par_chunks(dim)
-            .enumerate()
-            .find_map_first(|(r, row)| {
-                let max = row.iter().fold(0f32, |m, v| {
-                    if v.is_finite() {
-                        m.max(v.abs())
-                    } else {
-                        f32::INFINITY
-                    }
-                });
-                if !max.is_finite() {
-                    Some(format!(
-                        "{what}[{r}] contains NaN or inf; expected finite values"
-                    ))
-                } else if self.metric == Metric::Cos && max == 0.0 {
-                    Some(format!(
-                        "{what}[{r}] is a zero vector, which has no direction under metric \
-                         \"cos\"; expected a non-zero vector"
-                    ))
-                } else if f16_range && max > F16_MAX {
-                    Some(format!(
-                        "{what}[{r}] has a value beyond the float16 range (|x| <= {F16_MAX}); \
-                         expected values that fit dtype \"f16\""
-                    ))
+        let check = |(r, row): (usize, &[f32])| {
+            let max = row.iter().fold(0f32, |m, v| {
+                if v.is_finite() {
+                    m.max(v.abs())
                 } else {
-                    None
+                    f32::INFINITY
                 }
             });
+            if !max.is_finite() {
+                Some(format!(
+                    "{what}[{r}] contains NaN or inf; expected finite values"
+                ))
+            } else if self.metric == Metric::Cos && max == 0.0 {
+                Some(format!(
+                    "{what}[{r}] is a zero vector, which has no direction under metric \
+                         \"cos\"; expected a non-zero vector"
+                ))
+            } else if f16_range && max > F16_MAX {
+                Some(format!(
+                    "{what}[{r}] has a value beyond the float16 range (|x| <= {F16_MAX}); \
+                         expected values that fit dtype \"f16\""
+                ))
+            } else {
+                None
+            }
+        };
+        // A few rows are checked on this thread: waking the pool costs more than the check.
+        let bad = if vectors.len() < search::GEMM_MIN_QUERIES * dim {
+            vectors.chunks(dim).enumerate().find_map(check)
+        } else {
+            vectors.par_chunks(dim).enumerate().find_map_first(check)
+        };
         match bad {
             Some(msg) => Err(Error::Invalid(msg)),
             None => Ok(()),
@@ -489,7 +587,8 @@ impl IvfIndex {
         Cow::Owned(v)
     }
 
-    /// Encodes (already normalized) rows for storage, like `Index` does.
+    /// Encodes (already normalized) rows for storage, like `Index` does, and their codes when
+    /// the index has codebooks.
     fn encode(&self, rows: &[f32]) -> Encoded {
         let dim = self.dim;
         let data = match self.dtype {
@@ -511,9 +610,33 @@ impl IvfIndex {
                 EncData::I8(out, scales)
             }
         };
+        let codes = self.codebooks.as_ref().map(|book| {
+            let mut codes = vec![0u8; rows.len() / dim * book.m];
+            codes
+                .par_chunks_mut(book.m)
+                .zip(rows.par_chunks(dim))
+                .enumerate()
+                .for_each_init(
+                    || vec![0f32; dim],
+                    |row, (i, (c, r))| {
+                        // Codes encode the row as stored (what a retraining re-encodes).
+                        match &data {
+                            EncData::F32(_) => row.copy_from_slice(r),
+                            EncData::F16(v) => v[i * dim..(i + 1) * dim].convert_to_f32_slice(row),
+                            EncData::I8(v, sc) => row
+                                .iter_mut()
+                                .zip(&v[i * dim..(i + 1) * dim])
+                                .for_each(|(o, &x)| *o = sc[i] * x as f32),
+                        }
+                        book.encode(row, c)
+                    },
+                );
+            (codes, book.m)
+        });
         Encoded {
             data,
             exact: self.keeps_exact().then(|| rows.to_vec()),
+            codes,
         }
     }
 
@@ -557,8 +680,8 @@ impl IvfIndex {
         }
         self.map.reserve(keys.len());
         for (c, chunk) in rows.chunks(INSERT_CHUNK * dim).enumerate() {
-            let enc = self.encode(chunk);
             let first = c * INSERT_CHUNK;
+            let enc = self.encode(chunk);
             for i in 0..chunk.len() / dim {
                 let (key, l) = (keys[first + i], labels[first + i]);
                 let list = &mut self.lists[l as usize];
@@ -704,7 +827,7 @@ impl IvfIndex {
     fn train_on(&mut self, sample: Vec<f32>) -> Result<()> {
         let spherical = self.coarse_metric() == Metric::Ip;
         let seed = self.params.seed.wrapping_add(1);
-        self.centroids = kmeans::kmeans(
+        let centroids = kmeans::kmeans(
             &sample,
             self.dim,
             self.params.nlist,
@@ -712,7 +835,35 @@ impl IvfIndex {
             spherical,
             seed,
         );
-        self.redistribute()
+        self.set_centroids(centroids);
+        self.codebooks = (self.params.pq > 0).then(|| {
+            let seed = self.params.seed.wrapping_add(2);
+            pq::Pq::train(&sample, self.dim, self.params.pq, seed)
+        });
+        self.redistribute()?;
+        self.encode_lists();
+        Ok(())
+    }
+
+    /// Computes every list's codes from its stored rows.
+    fn encode_lists(&mut self) {
+        let Some(book) = &self.codebooks else {
+            return;
+        };
+        let dim = self.dim;
+        self.lists.par_iter_mut().for_each(|list| {
+            let n = list.len();
+            let mut codes = vec![0u8; pq::code_bytes(n, book.m)];
+            let (mut conv, mut c) = (Vec::new(), vec![0u8; book.m]);
+            let rows = list.rows();
+            for slot in 0..n {
+                // The stored row (not the float32 copy): what `add` encodes too.
+                let row = rows.range(slot, slot + 1, dim).to_f32(dim, &mut conv);
+                book.encode(row, &mut c);
+                pq::set_row(&mut codes, slot, &c);
+            }
+            list.codes = Some(Seg::Owned(codes));
+        });
     }
 
     /// Moves every stored row to its nearest list (encoded bytes are copied, not re-encoded).
@@ -808,13 +959,17 @@ impl IvfIndex {
         };
         let batch = nq >= search::GEMM_MIN_QUERIES;
         let product = scan::batch_product(self.dtype);
+        let codes = self.has_codes();
         // A batch of f16 / i8 lists re-scores its best candidates with the single-query
-        // kernels (so it reports what Q=1 reports); a low-precision scan keeps a margin.
-        let rescore = batch && rerank == 0 && self.dtype != DType::F32;
+        // kernels (so it reports what Q=1 reports); a low-precision scan keeps a margin. So
+        // does every search of codes.
+        let rescore = rerank == 0 && (codes || (batch && self.dtype != DType::F32));
         // Candidates per query: k plus the margin of the scan's rounding (as `Index` batches
         // keep); an f32 product over f16 / i8 rows keeps the bf16 margin, as its order may
         // differ from the single-query kernels' in the last bits.
-        let kc = if rerank > 0 {
+        let kc = if codes {
+            kp.max(rerank).max(self.params.shortlist)
+        } else if rerank > 0 {
             kp.max(rerank)
         } else if rescore {
             let probe = match product {
@@ -828,26 +983,36 @@ impl IvfIndex {
         } else {
             kp
         };
+        // A batch of codes scans each list once for all its queries, with each query's tables.
+        let tables: Option<Vec<kernels::PqTables>> = self
+            .codebooks
+            .as_ref()
+            .filter(|_| batch)
+            .map(|book| scan::code_tables(book, self.metric, &queries, dim));
         let spec = scan::ScanSpec {
             metric: self.metric,
             dim,
             product,
             kc,
             parallel: batch,
+            tables: tables.as_deref(),
         };
         let q16 = (self.dtype == DType::I8 && self.metric != Metric::L2)
             .then(|| scan::Q16::new(&queries, dim));
-        let q8 = (batch && product == Product::I8).then(|| scan::Q8::new(&queries, dim));
+        let q8 = (batch && !codes && product == Product::I8).then(|| scan::Q8::new(&queries, dim));
         let probes = self.probes(&queries, kp + excluded.len());
-        let hits = self.scan_lists_into(
-            spec,
-            &queries,
-            &probes,
-            q16.as_ref(),
-            q8.as_ref(),
-            &excluded,
-            &excluded_per_list,
-        );
+        let hits = match &self.codebooks {
+            Some(book) if !batch => self.scan_codes(book, spec, &queries, &probes, &excluded),
+            _ => self.scan_lists_into(
+                spec,
+                &queries,
+                &probes,
+                q16.as_ref(),
+                q8.as_ref(),
+                &excluded,
+                &excluded_per_list,
+            ),
+        };
         let mut ids = vec![0u64; nq * kp];
         let mut scores = vec![0f32; nq * kp];
         let finish = |conv: &mut Vec<f32>, (q, ((ids, scores), mut top)): FinishItem| {
@@ -856,6 +1021,13 @@ impl IvfIndex {
                 self.rerank(qv, &mut top);
             } else if rescore {
                 let q16 = q16.as_ref().map(|x| x.query(q, dim));
+                // Candidates of a code scan lie anywhere in memory: load them all at once.
+                if codes {
+                    for c in top.iter() {
+                        let list = &self.lists[c.list as usize];
+                        kernels::prefetch(list.row_bytes(c.slot as usize, dim));
+                    }
+                }
                 for c in top.iter_mut() {
                     let list = &self.lists[c.list as usize];
                     c.score =
@@ -911,16 +1083,16 @@ impl IvfIndex {
         if nq < search::GEMM_MIN_QUERIES {
             // Few queries: the same kernels and order as the search core, on this thread
             // (no hand-off to the thread pool for a few microseconds of work).
-            let mut all = vec![0f32; nlist];
+            let (mut all, mut ints) = (vec![0f32; nlist], vec![0i64; nlist]);
+            let mut q16 = Vec::new();
             let mut top = TopK::<Hit>::default();
+            let rows = self.probe_rows();
             for (q, qv) in queries.chunks_exact(dim).enumerate() {
-                match plan.metric {
-                    Metric::L2 => {
-                        kernels::l2_f32_rows(qv, &self.centroids, &mut all);
-                        all.iter_mut().for_each(|s| *s = -*s);
-                    }
-                    _ => kernels::dot_f32_rows(qv, &self.centroids, &mut all),
-                }
+                let q16 = matches!(rows, Rows::I8 { .. }).then(|| {
+                    let scale = kernels::quantize_query_i16(qv, &mut q16);
+                    (q16.as_slice(), scale)
+                });
+                search::score_chunk(plan.metric, qv, q16, rows, &[], &mut ints, &mut all);
                 top.reset(np, f32::NEG_INFINITY);
                 for (l, &s) in all.iter().enumerate() {
                     top.push(Hit {
@@ -935,7 +1107,7 @@ impl IvfIndex {
         } else {
             search::search_into(
                 plan,
-                Rows::F32(&self.centroids),
+                self.probe_rows(),
                 Queries::F32(queries),
                 np,
                 &|_, _| true,

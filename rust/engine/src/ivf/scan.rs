@@ -10,6 +10,7 @@
 //! kernels and need no re-score. Nothing here allocates per list or per (query, list) pair:
 //! buffers live per rayon task, and results go to one flat array indexed by pair.
 
+use super::pq::Pq;
 use super::{IvfIndex, List};
 use crate::kernels;
 use crate::matmul::{self, PackedQueries, Product, Src, Workspace};
@@ -56,7 +57,7 @@ pub(crate) type Select = TopK<Cand>;
 
 /// How the lists of one search are scanned.
 #[derive(Clone, Copy)]
-pub(crate) struct ScanSpec {
+pub(crate) struct ScanSpec<'a> {
     pub metric: Metric,
     pub dim: usize,
     /// The product a batch runs (its scores are the candidate scores).
@@ -65,6 +66,9 @@ pub(crate) struct ScanSpec {
     pub kc: usize,
     /// Run list scans in parallel (a batch) or all on the calling thread (few queries).
     pub parallel: bool,
+    /// With codes: each query's lookup tables; lists are then scanned by their codes, and
+    /// candidate scores are code sums (see `pq.rs`).
+    pub tables: Option<&'a [kernels::PqTables]>,
 }
 
 /// The product a batch over lists of `dtype` runs on this CPU.
@@ -152,6 +156,7 @@ struct Scratch {
     qsc: Vec<f32>,
     thr: Vec<f32>,
     passing: Vec<u32>,
+    sums: Vec<u16>,
 }
 
 /// The exact internal score of row `slot` of `list` for query `q` (as the single-query
@@ -206,6 +211,39 @@ fn push_scores(
     }
 }
 
+/// Pushes the code sums of list `list`'s rows (as scores), skipping excluded keys; as
+/// [`push_scores`], one SIMD pass first lists the sums reaching the threshold.
+#[inline]
+fn push_sums(
+    sel: &mut Select,
+    list: u32,
+    sums: &[u16],
+    keys: &[u64],
+    excluded: Option<&FxHashSet<u64>>,
+    passing: &mut Vec<u32>,
+) {
+    // Sums are integers: the threshold as one (never above the true one) finds the same rows.
+    let floor = sel.threshold().clamp(0.0, 65536.0) as u32;
+    passing.clear();
+    if floor > u16::MAX as u32 {
+        return;
+    }
+    kernels::at_least_u16_with(kernels::level(), sums, floor as u16, passing);
+    for &j in passing.iter() {
+        let (slot, sum) = (j as usize, sums[j as usize] as f32);
+        let key = keys[slot];
+        if sum < sel.threshold() || excluded.is_some_and(|e| e.contains(&key)) {
+            continue;
+        }
+        sel.push(Cand {
+            score: sum,
+            list,
+            slot: slot as u32,
+            key,
+        });
+    }
+}
+
 /// `|row|^2` of every row of `rows`, as the exact scores see them (converted a chunk at a
 /// time).
 fn row_sqnorms(rows: Rows<'_>, dim: usize, out: &mut Vec<f32>, conv: &mut Vec<f32>) {
@@ -223,7 +261,7 @@ fn row_sqnorms(rows: Rows<'_>, dim: usize, out: &mut Vec<f32>, conv: &mut Vec<f3
 /// and their number to `counts[j]`.
 #[allow(clippy::too_many_arguments)]
 fn scan_list(
-    spec: ScanSpec,
+    spec: ScanSpec<'_>,
     list: &List,
     by_product: bool,
     qs: &[u32],
@@ -247,6 +285,23 @@ fn scan_list(
             .resize_with(QUERY_BLOCK.min(m.max(1)), Select::default);
     }
     let l2 = spec.metric == Metric::L2;
+    if let Some(tables) = spec.tables {
+        let codes = list.codes.as_ref().expect("codes once trained").as_slice();
+        let level = kernels::level();
+        let rows = n.div_ceil(kernels::PQ_BLOCK) * kernels::PQ_BLOCK;
+        s.sums.resize(rows, 0);
+        // One list's codes for every query probing it: they stay in cache across queries.
+        for (j, &q) in qs.iter().enumerate() {
+            let sel = &mut s.sels[0];
+            sel.reset(kc, floors[q as usize]);
+            kernels::pq_scan_with(level, &tables[q as usize], codes, &mut s.sums[..rows]);
+            push_sums(sel, 0, &s.sums[..n], keys, excluded, &mut s.passing);
+            let kept = sel.kept();
+            out.extend_from_slice(kept);
+            counts[j] = kept.len() as u32;
+        }
+        return;
+    }
     // A product pays packing and setup per call: lists probed by fewer than
     // PRODUCT_MIN_QUERIES queries of the batch (both rounds) run the single-query kernels.
     let product = spec.parallel && by_product;
@@ -344,7 +399,7 @@ fn scan_list(
 /// rows x queries, scanned a row at a time against every query's running threshold.
 #[allow(clippy::too_many_arguments)]
 fn scan_list_packed(
-    spec: ScanSpec,
+    spec: ScanSpec<'_>,
     list: &List,
     qs: &[u32],
     queries: &[f32],
@@ -487,7 +542,7 @@ impl IvfIndex {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn scan_lists_into(
         &self,
-        spec: ScanSpec,
+        spec: ScanSpec<'_>,
         queries: &[f32],
         probes: &(Vec<usize>, Vec<u32>),
         q16: Option<&Q16>,
@@ -601,7 +656,7 @@ impl IvfIndex {
     #[allow(clippy::too_many_arguments)]
     fn scan_pairs(
         &self,
-        spec: ScanSpec,
+        spec: ScanSpec<'_>,
         by_product: &[bool],
         queries: &[f32],
         pairs: &[(u32, u32)],
@@ -687,5 +742,96 @@ impl IvfIndex {
         }
         let ranges = place.iter().map(|&at| slot_range[at as usize]).collect();
         PairHits { by_list, ranges }
+    }
+}
+
+/// Each query's lookup tables for the kernel (a batch's, built in parallel).
+pub(crate) fn code_tables(
+    book: &Pq,
+    metric: Metric,
+    queries: &[f32],
+    dim: usize,
+) -> Vec<kernels::PqTables> {
+    let level = kernels::level();
+    queries
+        .par_chunks(dim)
+        .map_init(
+            || (Vec::new(), Vec::new()),
+            |(table, lut), q| {
+                book.lut(q, metric == Metric::L2, table, lut);
+                let mut t = kernels::PqTables::default();
+                t.set(level, lut);
+                t
+            },
+        )
+        .collect()
+}
+
+/// Buffers of one thread's code scans.
+#[derive(Default)]
+struct CodeScratch {
+    table: Vec<f32>,
+    lut: Vec<u8>,
+    tables: kernels::PqTables,
+    sums: Vec<u16>,
+    passing: Vec<u32>,
+    sel: Select,
+}
+
+impl IvfIndex {
+    /// Each query's best `spec.kc` candidates by its 4-bit codes (see `pq.rs`): the probed
+    /// lists' codes are summed through the query's lookup table, one list after another.
+    /// Candidate scores are those sums (to be re-scored); queries run in parallel in a batch.
+    pub(crate) fn scan_codes(
+        &self,
+        book: &Pq,
+        spec: ScanSpec<'_>,
+        queries: &[f32],
+        probes: &(Vec<usize>, Vec<u32>),
+        excluded: &FxHashSet<u64>,
+    ) -> Vec<Vec<Cand>> {
+        let dim = spec.dim;
+        let (offsets, flat) = probes;
+        let level = kernels::level();
+        let l2 = spec.metric == Metric::L2;
+        let one = |s: &mut CodeScratch, q: usize| -> Vec<Cand> {
+            let qv = &queries[q * dim..(q + 1) * dim];
+            book.lut(qv, l2, &mut s.table, &mut s.lut);
+            s.tables.set(level, &s.lut);
+            s.sel.reset(spec.kc, f32::NEG_INFINITY);
+            let mine = &flat[offsets[q]..offsets[q + 1]];
+            for (i, &l) in mine.iter().enumerate() {
+                let list = &self.lists[l as usize];
+                let n = list.len();
+                let Some(codes) = list.codes.as_ref().filter(|_| n > 0) else {
+                    continue;
+                };
+                // Lists lie apart in memory: start loading the next one while this one is
+                // scanned.
+                if let Some(next) = mine
+                    .get(i + 1)
+                    .and_then(|&m| self.lists[m as usize].codes.as_ref())
+                {
+                    kernels::prefetch(next.as_slice());
+                }
+                let rows = n.div_ceil(kernels::PQ_BLOCK) * kernels::PQ_BLOCK;
+                s.sums.resize(rows, 0);
+                kernels::pq_scan_with(level, &s.tables, codes.as_slice(), &mut s.sums[..rows]);
+                let ex = (!excluded.is_empty()).then_some(excluded);
+                let keys = list.keys.as_slice();
+                push_sums(&mut s.sel, l, &s.sums[..n], keys, ex, &mut s.passing);
+            }
+            s.sel.kept().to_vec()
+        };
+        let nq = queries.len() / dim;
+        if spec.parallel {
+            (0..nq)
+                .into_par_iter()
+                .map_init(CodeScratch::default, one)
+                .collect()
+        } else {
+            let mut s = CodeScratch::default();
+            (0..nq).map(|q| one(&mut s, q)).collect()
+        }
     }
 }

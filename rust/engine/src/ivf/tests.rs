@@ -366,3 +366,166 @@ fn batches_after_changes_see_the_changes() {
         check(&ivf, &flat);
     }
 }
+
+fn pq_params(nlist: usize, pq: usize, shortlist: usize) -> IvfParams {
+    IvfParams {
+        pq,
+        shortlist,
+        ..params(nlist)
+    }
+}
+
+#[test]
+fn codes_with_every_list_probed_and_a_full_shortlist_equal_the_exact_index() {
+    let (n, dim) = (500, 16);
+    for metric in [Metric::Cos, Metric::Ip, Metric::L2] {
+        for dtype in [DType::F32, DType::F16, DType::I8] {
+            let v = data(1, n, dim);
+            let keys: Vec<u64> = (0..n as u64).map(|k| k * 7 + 3).collect();
+            let mut ivf = IvfIndex::new(dim, metric, dtype, pq_params(8, 8, n)).unwrap();
+            ivf.add(&keys, &v).unwrap();
+            assert!(!ivf.has_codes(), "no codes before training");
+            ivf.train(&v).unwrap();
+            assert!(ivf.has_codes());
+            ivf.set_nprobe(8).unwrap();
+            let mut flat = Index::new(dim, metric, dtype).unwrap();
+            flat.add(&keys, &v).unwrap();
+            for nq in [1, 3, 20] {
+                let q = data(9, nq, dim);
+                let (a_ids, a_s, _) = ivf.search(&q, 10, None).unwrap();
+                let (b_ids, b_s, _) = flat.search(&q, 10, None).unwrap();
+                assert_eq!(a_ids, b_ids, "{metric:?} {dtype:?} nq={nq}");
+                // The codes only choose candidates: scores are the single-query kernels'.
+                for (x, y) in a_s.iter().zip(&b_s) {
+                    assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn codes_rank_candidates_well_and_follow_adds_removals_and_upserts() {
+    let (metric, dtype) = (Metric::Cos, DType::I8);
+    let (n, dim) = (3000, 32);
+    let (_, mut flat, v) = clustered_pair(metric, dtype, n, dim, 16);
+    let keys: Vec<u64> = (0..n as u64).map(|k| k * 5 + 1).collect();
+    let mut coded = IvfIndex::new(dim, metric, dtype, pq_params(16, 32, 40)).unwrap();
+    coded.add(&keys, &v).unwrap();
+    coded.train(&v).unwrap();
+    coded.set_nprobe(16).unwrap();
+    let noise = data(4, 40, dim);
+    let q: Vec<f32> = noise.iter().zip(&v).map(|(e, x)| x + 0.2 * e).collect();
+    let recall = |coded: &IvfIndex, flat: &Index| {
+        let (a, _, _) = coded.search(&q, 10, None).unwrap();
+        let (b, _, _) = flat.search(&q, 10, None).unwrap();
+        a.iter().filter(|x| b.contains(x)).count() as f64 / b.len() as f64
+    };
+    // 32 sub-quantizers of 1 dim and a shortlist of 40 find nearly all of the top 10.
+    assert!(recall(&coded, &flat) >= 0.9, "{}", recall(&coded, &flat));
+    // Removals move the last row's codes into the hole; upserts and adds encode theirs.
+    let gone: Vec<u64> = keys.iter().copied().step_by(3).collect();
+    coded.remove(&gone).unwrap();
+    flat.remove(&gone).unwrap();
+    let fresh = data(77, 200, dim);
+    let new_keys: Vec<u64> = (0..200).map(|k| 1_000_000 + k).collect();
+    coded.add(&new_keys, &fresh).unwrap();
+    flat.add(&new_keys, &fresh).unwrap();
+    let moved: Vec<u64> = keys.iter().copied().skip(1).step_by(5).take(100).collect();
+    let moved_v = data(78, moved.len(), dim);
+    coded.upsert(&moved, &moved_v).unwrap();
+    flat.upsert(&moved, &moved_v).unwrap();
+    // Every list's codes are what encoding its stored rows gives.
+    let book = coded.codebooks.clone().unwrap();
+    let mut row = vec![0f32; dim];
+    let (mut want, mut got) = (vec![0u8; 32], vec![0u8; 32]);
+    for (l, list) in coded.lists.iter().enumerate() {
+        let codes = list.codes.as_ref().unwrap().as_slice();
+        assert_eq!(codes.len(), pq::code_bytes(list.len(), 32));
+        for slot in 0..list.len() {
+            let mut conv = Vec::new();
+            row.copy_from_slice(
+                list.rows()
+                    .range(slot, slot + 1, dim)
+                    .to_f32(dim, &mut conv),
+            );
+            book.encode(&row, &mut want);
+            pq::get_row(codes, slot, &mut got);
+            assert_eq!(got, want, "list {l} slot {slot}");
+        }
+    }
+    assert!(recall(&coded, &flat) >= 0.9, "{}", recall(&coded, &flat));
+    coded.set_shortlist(coded.len()).unwrap();
+    coded.set_nprobe(16).unwrap();
+    let (a, _, _) = coded.search(&q, 10, Some(&keys[..50])).unwrap();
+    let (b, _, _) = flat.search(&q, 10, Some(&keys[..50])).unwrap();
+    assert_eq!(a, b, "a full shortlist is exact, exclusions included");
+}
+
+#[test]
+fn codes_survive_save_and_load_and_corruption_is_refused() {
+    for (dtype, rerank) in [(DType::F32, 0), (DType::I8, 5)] {
+        let (n, dim) = (150, 8);
+        let v = data(8, n, dim);
+        let keys: Vec<u64> = (0..n as u64).map(|k| k * 3).collect();
+        let p = IvfParams {
+            rerank,
+            ..pq_params(4, 4, 12)
+        };
+        let mut ivf = IvfIndex::new(dim, Metric::Ip, dtype, p).unwrap();
+        ivf.add(&keys, &v).unwrap();
+        let untrained = ivf.to_bytes();
+        assert_eq!(IvfIndex::from_bytes(&untrained).unwrap().params(), p);
+        ivf.train(&v).unwrap();
+        ivf.remove(&[0, 3]).unwrap();
+        let bytes = ivf.to_bytes();
+        let back = IvfIndex::from_bytes(&bytes).unwrap();
+        assert!(back.has_codes());
+        assert_eq!(back.codebooks, ivf.codebooks);
+        assert_eq!(back.to_bytes(), bytes);
+        let q = data(1, 9, dim);
+        assert_eq!(
+            back.search(&q, 5, None).unwrap(),
+            ivf.search(&q, 5, None).unwrap()
+        );
+        for at in (0..bytes.len()).step_by(bytes.len() / 131 + 1) {
+            let mut bad = bytes.clone();
+            bad[at] ^= 0x10;
+            assert!(
+                matches!(IvfIndex::from_bytes(&bad), Err(Error::File { .. })),
+                "flipped byte {at} accepted"
+            );
+        }
+        for cut in [129, bytes.len() - 1] {
+            assert!(matches!(
+                IvfIndex::from_bytes(&bytes[..cut]),
+                Err(Error::File { .. })
+            ));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.ivf");
+        ivf.save(&path).unwrap();
+        let m = IvfIndex::load(&path, true, true).unwrap();
+        m.verify().unwrap();
+        assert_eq!(
+            m.search(&q, 5, None).unwrap(),
+            ivf.search(&q, 5, None).unwrap()
+        );
+    }
+}
+
+#[test]
+fn bad_pq_settings_are_refused_with_reasons() {
+    let err = |p: IvfParams| {
+        IvfIndex::new(12, Metric::Ip, DType::F32, p)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(err(pq_params(4, 5, 10)).contains("even number"));
+    assert!(err(pq_params(4, 8, 10)).contains("divides dim = 12"));
+    assert!(err(pq_params(4, 4, 0)).contains("shortlist"));
+    let mut ivf = IvfIndex::new(12, Metric::Ip, DType::F32, pq_params(4, 4, 10)).unwrap();
+    assert!(ivf.set_shortlist(0).is_err());
+    ivf.set_shortlist(3).unwrap();
+    assert_eq!(ivf.params().shortlist, 3);
+}

@@ -278,3 +278,111 @@ pub unsafe fn quantize_i8(x: &[f32], inv: f32, out: &mut [i8]) {
         out[j] = ((v + MAGIC) - MAGIC) as i32 as i8;
     }
 }
+
+/// The AVX-512 kernel's tables: per two pairs of sub-quantizers (2j, 2j + 1), 64 bytes of
+/// low-nibble tables (sub-quantizers 4j, 4j, 4j + 2, 4j + 2: one per 128-bit lane) and 64 of
+/// high-nibble tables (4j + 1, 4j + 1, 4j + 3, 4j + 3); an odd last pair keeps its 32 bytes.
+pub fn pq_tables(lut: &[u8], out: &mut Vec<u8>) {
+    let pairs = lut.len() / 32;
+    out.clear();
+    for j in 0..pairs / 2 {
+        for nibble in 0..2 {
+            for s in [
+                4 * j + nibble,
+                4 * j + nibble,
+                4 * j + 2 + nibble,
+                4 * j + 2 + nibble,
+            ] {
+                out.extend_from_slice(&lut[16 * s..16 * (s + 1)]);
+            }
+        }
+    }
+    if pairs % 2 == 1 {
+        out.extend_from_slice(&lut[32 * (pairs - 1)..]);
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX-512F and BW (and AVX2); `tables` from [`pq_tables`]; lengths as
+/// [`super::pq_scan_with`] asserts.
+#[target_feature(enable = "avx512f,avx512bw,avx2")]
+pub unsafe fn pq_scan(tables: &[u8], pairs: usize, codes: &[u8], out: &mut [u16]) {
+    let quads = pairs / 2;
+    let t = tables.as_ptr();
+    let odd_table = |s: usize| {
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(
+            t.add(quads * 128 + 16 * s) as *const __m128i
+        ))
+    };
+    let low = _mm512_set1_epi8(0x0f);
+    let low256 = _mm256_set1_epi8(0x0f);
+    for (b, o) in out.chunks_exact_mut(32).enumerate() {
+        let block = codes.as_ptr().add(b * pairs * 32);
+        // As in the AVX2 kernel: 16-bit lanes summed whole (`all`) and by high byte (`odd`).
+        let mut all = _mm512_setzero_si512();
+        let mut odd = _mm512_setzero_si512();
+        for j in 0..quads {
+            let c = _mm512_loadu_si512(block.add(j * 64) as *const _);
+            let lo_t = _mm512_loadu_si512(t.add(j * 128) as *const _);
+            let hi_t = _mm512_loadu_si512(t.add(j * 128 + 64) as *const _);
+            let a = _mm512_shuffle_epi8(lo_t, _mm512_and_si512(c, low));
+            let h = _mm512_shuffle_epi8(hi_t, _mm512_and_si512(_mm512_srli_epi16::<4>(c), low));
+            all = _mm512_add_epi16(all, _mm512_add_epi16(a, h));
+            odd = _mm512_add_epi16(
+                odd,
+                _mm512_add_epi16(_mm512_srli_epi16::<8>(a), _mm512_srli_epi16::<8>(h)),
+            );
+        }
+        let mut all = _mm256_add_epi16(
+            _mm512_castsi512_si256(all),
+            _mm512_extracti64x4_epi64::<1>(all),
+        );
+        let mut odd = _mm256_add_epi16(
+            _mm512_castsi512_si256(odd),
+            _mm512_extracti64x4_epi64::<1>(odd),
+        );
+        if pairs % 2 == 1 {
+            let c = _mm256_loadu_si256(block.add((pairs - 1) * 32) as *const __m256i);
+            let a = _mm256_shuffle_epi8(odd_table(0), _mm256_and_si256(c, low256));
+            let h = _mm256_shuffle_epi8(
+                odd_table(1),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(c), low256),
+            );
+            all = _mm256_add_epi16(all, _mm256_add_epi16(a, h));
+            odd = _mm256_add_epi16(
+                odd,
+                _mm256_add_epi16(_mm256_srli_epi16::<8>(a), _mm256_srli_epi16::<8>(h)),
+            );
+        }
+        let even = _mm256_sub_epi16(all, _mm256_slli_epi16::<8>(odd));
+        let lo = _mm256_unpacklo_epi16(even, odd);
+        let hi = _mm256_unpackhi_epi16(even, odd);
+        let p = o.as_mut_ptr() as *mut __m256i;
+        _mm256_storeu_si256(p, _mm256_permute2x128_si256::<0x20>(lo, hi));
+        _mm256_storeu_si256(p.add(1), _mm256_permute2x128_si256::<0x31>(lo, hi));
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX-512F and BW; `values.len()` < 2^32.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn at_least_u16(values: &[u16], t: u16, out: &mut Vec<u32>) {
+    let n = values.len();
+    let p = values.as_ptr();
+    let tv = _mm512_set1_epi16(t as i16);
+    let mut i = 0;
+    while i < n {
+        let valid: __mmask32 = if n - i >= 32 {
+            u32::MAX
+        } else {
+            (1u32 << (n - i)) - 1
+        };
+        let v = _mm512_maskz_loadu_epi16(valid, p.add(i) as *const i16);
+        let mut m = _mm512_mask_cmpge_epu16_mask(valid, v, tv);
+        while m != 0 {
+            out.push(i as u32 + m.trailing_zeros());
+            m &= m - 1;
+        }
+        i += 32;
+    }
+}

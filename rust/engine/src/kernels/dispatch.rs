@@ -309,6 +309,97 @@ pub fn at_least_with(level: Level, scores: &[f32], t: f32, out: &mut Vec<u32>) {
     }
 }
 
+/// Rows per block of 4-bit product-quantization codes.
+pub const PQ_BLOCK: usize = 32;
+
+/// Appends to `out` the index of every value `>= t`, in order ([`at_least_with`] for the u16
+/// sums of [`pq_scan_with`]). `values.len()` must be < 2^32.
+pub fn at_least_u16_with(level: Level, values: &[u16], t: u16, out: &mut Vec<u32>) {
+    assert!(values.len() < u32::MAX as usize);
+    match level {
+        Level::Scalar => scalar::at_least_u16(values, t, out),
+        // SAFETY: the level was checked against the CPU by `available_levels`; length asserted.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { avx2::at_least_u16(values, t, out) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { avx512::at_least_u16(values, t, out) },
+        #[cfg(target_arch = "aarch64")]
+        Level::Neon => scalar::at_least_u16(values, t, out),
+    }
+}
+
+/// Asks the CPU to start loading `bytes` into the cache (a hint: no effect on results).
+#[inline]
+pub fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in bytes.chunks(64) {
+        // SAFETY: a prefetch reads nothing architecturally; the address lies within `bytes`.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr() as *const i8
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
+}
+
+/// A query's product-quantization lookup table as the kernel of `level` reads it. `lut`
+/// holds 16 u8 entries per sub-quantizer (an even number of them, at most 256, so that sums
+/// fit u16); built once per query, the tables serve every list it scans.
+#[derive(Clone, Debug, Default)]
+pub struct PqTables {
+    level: Option<Level>,
+    pairs: usize,
+    bytes: Vec<u8>,
+}
+
+impl PqTables {
+    /// Rebuilds the tables from `lut` for `level`.
+    pub fn set(&mut self, level: Level, lut: &[u8]) {
+        let pairs = lut.len() / 32;
+        assert!(
+            lut.len() == pairs * 32 && (1..=128).contains(&pairs),
+            "lut: 16 entries per sub-quantizer, an even number of 2..=256 of them"
+        );
+        self.level = Some(level);
+        self.pairs = pairs;
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => avx512::pq_tables(lut, &mut self.bytes),
+            _ => {
+                self.bytes.clear();
+                self.bytes.extend_from_slice(lut);
+            }
+        }
+    }
+}
+
+/// The 4-bit product-quantization "fast scan": `out[r] = sum_s lut[16 s + code(r, s)]` for
+/// every row r of `codes`, a run of blocks of [`PQ_BLOCK`] rows, with `tables` built from
+/// `lut` for `level`. In a block, the 32 bytes of sub-quantizer pair p hold, at byte r, row
+/// r's code of sub-quantizer 2p (low nibble) and of 2p + 1 (high nibble); each pair's lookup
+/// is one byte shuffle per 32 rows.
+pub fn pq_scan_with(level: Level, tables: &PqTables, codes: &[u8], out: &mut [u16]) {
+    assert_eq!(tables.level, Some(level), "tables built for another level");
+    let pairs = tables.pairs;
+    let blocks = out.len() / PQ_BLOCK;
+    assert!(out.len() == blocks * PQ_BLOCK && codes.len() == blocks * pairs * 32);
+    let t = &tables.bytes;
+    match level {
+        Level::Scalar => scalar::pq_scan(t, codes, out),
+        // SAFETY: the level was checked against the CPU by `available_levels`; lengths asserted.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { avx2::pq_scan(t, codes, out) },
+        // SAFETY: as above; the tables were built for this level.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { avx512::pq_scan(t, pairs, codes, out) },
+        #[cfg(target_arch = "aarch64")]
+        Level::Neon => scalar::pq_scan(t, codes, out),
+    }
+}
+
 /// Quantize a query for the i8 kernels: `q ~= scale * out`, |out| <= [`I16_QUERY_MAX`].
 pub fn quantize_query_i16(q: &[f32], out: &mut Vec<i16>) -> f32 {
     let max_abs = q.iter().fold(0.0f32, |m, v| m.max(v.abs()));

@@ -38,3 +38,30 @@ pub fn at_least(scores: &[f32], t: f32, out: &mut Vec<u32>) {
             .map(|(j, _)| j as u32),
     );
 }
+
+/// 4-bit product-quantization fast scan (see [`super::pq_scan_with`]).
+pub fn pq_scan(lut: &[u8], codes: &[u8], out: &mut [u16]) {
+    let pairs = lut.len() / 32;
+    for (block, out) in codes.chunks_exact(pairs * 32).zip(out.chunks_exact_mut(32)) {
+        for (j, o) in out.iter_mut().enumerate() {
+            let mut sum = 0u16;
+            for p in 0..pairs {
+                let byte = block[p * 32 + j];
+                sum += lut[(2 * p) * 16 + (byte & 15) as usize] as u16;
+                sum += lut[(2 * p + 1) * 16 + (byte >> 4) as usize] as u16;
+            }
+            *o = sum;
+        }
+    }
+}
+
+/// [`at_least`] for u16 values (the sums of a product-quantization scan).
+pub fn at_least_u16(values: &[u16], t: u16, out: &mut Vec<u32>) {
+    out.extend(
+        values
+            .iter()
+            .enumerate()
+            .filter(|(_, &v)| v >= t)
+            .map(|(j, _)| j as u32),
+    );
+}

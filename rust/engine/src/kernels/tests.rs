@@ -223,3 +223,58 @@ fn quantize_row_i8_matches_the_scalar_reference_bit_for_bit() {
         assert_eq!(got, want, "len {}", x.len());
     }
 }
+
+#[test]
+fn simd_pq_scan_matches_scalar() {
+    let mut state = 7u64;
+    let mut byte = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as u8
+    };
+    for level in available_levels() {
+        for &(subq, blocks) in &[
+            (2usize, 1usize),
+            (6, 2),
+            (8, 3),
+            (96, 5),
+            (98, 2),
+            (128, 2),
+            (256, 2),
+        ] {
+            let mut lut: Vec<u8> = (0..subq * 16).map(|_| byte()).collect();
+            if subq == 256 {
+                lut.fill(255); // the largest sums: 255 * 256
+            }
+            let codes: Vec<u8> = (0..blocks * subq * 16).map(|_| byte()).collect();
+            let mut want = vec![0u16; blocks * PQ_BLOCK];
+            let mut got = vec![1u16; blocks * PQ_BLOCK];
+            scalar::pq_scan(&lut, &codes, &mut want);
+            let mut tables = PqTables::default();
+            tables.set(level, &lut);
+            pq_scan_with(level, &tables, &codes, &mut got);
+            assert_eq!(got, want, "{level:?} pq_scan with {subq} sub-quantizers");
+            if subq == 256 {
+                assert!(want.iter().all(|&s| s == 255 * 256));
+            }
+        }
+    }
+}
+
+#[test]
+fn simd_at_least_u16_matches_scalar() {
+    let values: Vec<u16> = (0..300u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 16) as u16)
+        .collect();
+    for level in available_levels() {
+        for len in [0, 1, 15, 16, 17, 31, 32, 33, 100, 300] {
+            for t in [0u16, 1, 20_000, 40_000, 65_535] {
+                let (mut want, mut got) = (vec![7u32], vec![7u32]);
+                scalar::at_least_u16(&values[..len], t, &mut want);
+                at_least_u16_with(level, &values[..len], t, &mut got);
+                assert_eq!(got, want, "{level:?} len {len} t {t}");
+            }
+        }
+    }
+}
