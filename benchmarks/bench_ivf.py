@@ -41,6 +41,8 @@ THREADS = 2
 M = 16
 EF_CONSTRUCTION = 128
 EFS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+# leanclip with codes re-scores max(SHORTLIST_MIN, nprobe) candidates per query.
+SHORTLIST_MIN = 64
 NPROBES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
@@ -140,15 +142,19 @@ class Peer:
 class LeanIVF(Peer):
     knob = "nprobe"
 
-    def __init__(self, dtype: str, rerank: int, nlist: int):
-        self.dtype, self.rerank, self.nlist = dtype, rerank, nlist
+    def __init__(self, dtype: str, rerank: int, nlist: int, codes: bool = False):
+        self.dtype, self.rerank, self.nlist, self.codes = dtype, rerank, nlist, codes
         self.name = f"leanclip IVF {dtype}" + (f" rerank={rerank}" if rerank else "")
+        if codes:
+            self.name += " + 4-bit codes"
 
     def build(self, base):
         from leanclip import IVFIndex
 
+        # Codes: one 4-bit sub-quantizer per 4 dimensions (dim / 8 bytes a vector).
+        pq = base.shape[1] // 4 if self.codes else 0
         self.index = IVFIndex(
-            base.shape[1], "ip", self.dtype, nlist=self.nlist, rerank=self.rerank, train_threshold=0
+            base.shape[1], "ip", self.dtype, nlist=self.nlist, rerank=self.rerank, train_threshold=0, pq=pq
         )
         self.index.train(base)
         self.index.add(np.arange(len(base), dtype=np.uint64), base)
@@ -161,6 +167,10 @@ class LeanIVF(Peer):
 
     def set(self, v):
         self.index.nprobe = v
+        if self.codes:
+            # More lists probed, more candidates worth re-scoring: recall stops rising with
+            # nprobe once the shortlist is shorter than about nprobe (measured on MiniLM).
+            self.index.shortlist = max(SHORTLIST_MIN, v)
 
     def search(self, q):
         return self.index.search(q, k=K)[0]
@@ -278,6 +288,7 @@ def make_peer(spec: str, n: int) -> Peer:
         "lean-f32": lambda: LeanIVF("f32", 0, nlist),
         "lean-i8": lambda: LeanIVF("i8", 0, nlist),
         "lean-i8-rerank": lambda: LeanIVF("i8", 40, nlist),
+        "lean-i8-codes": lambda: LeanIVF("i8", 0, nlist, codes=True),
         "lean-f16": lambda: LeanIVF("f16", 0, nlist),
         "hnswlib": Hnswlib,
         "usearch": USearch,
@@ -357,6 +368,7 @@ PEERS = [
     "lean-f16",
     "lean-i8",
     "lean-i8-rerank",
+    "lean-i8-codes",
     "faiss-ivfflat",
     "faiss-ivfsq8",
     "hnswlib",

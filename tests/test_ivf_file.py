@@ -190,6 +190,7 @@ def test_golden_file_loads_with_recorded_results(name, mmap):
     index = IVFIndex.load(GOLDEN / name, mmap=mmap)
     assert (index.dim, index.metric, index.dtype) == (exp_all["dim"], exp["metric"], exp["dtype"])
     assert (index.nlist, index.rerank, index.is_trained) == (exp["nlist"], exp["rerank"], exp["trained"])
+    assert index.pq == exp.get("pq", 0)
     assert index.list_sizes().tolist() == exp["list_sizes"]
     assert sorted(int(k) for k in index.keys()) == exp["keys"]
     keys = np.array([int(k) for k in exp["vectors"]], dtype=np.uint64)

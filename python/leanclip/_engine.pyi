@@ -141,10 +141,11 @@ class IVFIndex:
       candidates exactly.
     - ``pq > 0`` also keeps a 4-bit product-quantization code per vector (``pq`` sub-vectors
       of ``dim // pq`` values, 16 centroids each: ``pq / 2`` bytes; ``pq`` even, at most 256,
-      dividing ``dim``). Once trained, every search scans those codes instead of the stored
-      vectors (one lookup table per query, summed with byte shuffles) and re-scores its best
-      ``shortlist`` candidates (default 100) from the stored vectors: the single-query speed of a
-      graph at a fraction of the memory. Results still report the stored vectors' scores.
+      dividing ``dim``). Once trained, single queries (fewer than 8 per call) scan those codes
+      instead of the stored vectors (one lookup table per query, summed with byte shuffles) and
+      re-score their best ``shortlist`` candidates (default 100) from the stored vectors: a
+      graph's single-query speed for ``pq / 2`` bytes a vector. Batches scan the stored vectors
+      as without codes. Results report the stored vectors' scores either way.
     - ``remove`` swaps the list's last vector into the hole (O(1), no tombstones).
     - Every call releases the GIL; searches run concurrently, writes are exclusive.
     """

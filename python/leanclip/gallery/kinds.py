@@ -46,6 +46,7 @@ INDEX_CHOICES = ("exact", "ivf", "auto")
 KINDS = ("exact", "ivf")
 AUTO_IVF_THRESHOLD = 200_000
 _CHUNK = 32_768  # vectors moved per get/add during a conversion
+SHORTLIST_MIN = 100  # IVF code-scan candidates re-scored per query, at least
 
 
 class IVFLayout(NamedTuple):
@@ -94,12 +95,17 @@ def new_index(
     if kind == "exact":
         return Index(dim, dtype=dtype)  # type: ignore[arg-type]
     p = layout(n)
+    # 4-bit codes for the gallery's single text queries (one sub-quantizer per 4 dimensions),
+    # re-scoring as many candidates as lists probed (at least SHORTLIST_MIN).
+    pq = dim // 4 if dim % 8 == 0 else 0
     return IVFIndex(
         dim,
         dtype=dtype,  # type: ignore[arg-type]
         nlist=p.nlist,
         nprobe=p.nprobe,
         train_threshold=p.train_threshold,
+        pq=pq,
+        shortlist=max(SHORTLIST_MIN, p.nprobe) if pq else None,
     )
 
 
@@ -148,6 +154,9 @@ def convert(
 
 
 def set_search_nprobe(index: Any, nprobe: Optional[int]) -> None:
-    """Apply a search-time ``nprobe`` to an IVF index (capped at its list count)."""
+    """Apply a search-time ``nprobe`` to an IVF index (capped at its list count); with codes,
+    the shortlist grows with it (as many candidates re-scored as lists probed, at least 100)."""
     if nprobe is not None and kind_of(index) == "ivf":
         index.nprobe = max(1, min(int(nprobe), index.nlist))
+        if index.pq:
+            index.shortlist = max(SHORTLIST_MIN, index.nprobe)

@@ -10,15 +10,19 @@ use leanclip_engine::{DType, Metric};
 
 fn seeds() -> Vec<Vec<u8>> {
     let mut out = Vec::new();
-    for (metric, dtype, rerank, train) in [
-        (Metric::Cos, DType::F32, 0, true),
-        (Metric::Ip, DType::F16, 0, true),
-        (Metric::L2, DType::I8, 3, true),
-        (Metric::Cos, DType::I8, 0, false),
+    // (metric, dtype, rerank, trained, pq): the last seed holds 4-bit codes.
+    for (metric, dtype, rerank, train, pq) in [
+        (Metric::Cos, DType::F32, 0, true, 0),
+        (Metric::Ip, DType::F16, 0, true, 0),
+        (Metric::L2, DType::I8, 3, true, 0),
+        (Metric::Cos, DType::I8, 0, false, 0),
+        (Metric::Ip, DType::I8, 0, true, 2),
     ] {
         let p = IvfParams {
             rerank,
             train_threshold: 0,
+            pq,
+            shortlist: 3,
             ..IvfParams::with_nlist(3)
         };
         let mut ivf = IvfIndex::new(4, metric, dtype, p).unwrap();

@@ -28,7 +28,11 @@
 //! - With `rerank > 0` (f16 / i8 storage) float32 copies are kept next to the lists; a search
 //!   takes the best `max(k, rerank)` candidates by the scan's scores and re-scores them from
 //!   the copies: 4 more bytes per dimension per vector for the recall quantization loses.
-//! - With nprobe >= nlist a search is exact (the same results as [`crate::Index`]).
+//! - With `pq > 0` each vector also has a 4-bit product-quantization code (`pq.rs`): single
+//!   queries scan the codes and re-score their best `shortlist` candidates from the rows
+//!   (`scan.rs`, `scan_codes`); batches scan the rows as above.
+//! - With nprobe >= nlist a search is exact (the same results as [`crate::Index`]); with codes,
+//!   also `shortlist >= len`.
 
 mod file;
 pub(crate) mod kmeans;
@@ -318,9 +322,11 @@ pub struct IvfIndex {
     pub(crate) params: IvfParams,
     /// `nlist x dim` once trained (unit length under cos / ip); empty before.
     pub(crate) centroids: Vec<f32>,
-    /// Under cos / ip, the centroids quantized to i8 (one scale each) that searches score to
-    /// choose lists: a quarter of the bytes, which a single query reads every time (1.5 MB
-    /// in float32 at 1,024 x 384). Adds and training assign by the float32 centroids.
+    /// Under cos / ip, the centroids quantized to i8 (one scale each) that single queries
+    /// score to choose lists: a quarter of the bytes they read every time (1.5 MB in float32
+    /// at 1,024 x 384; reading them was half of a one-probe query). Batches, adds and training
+    /// use the float32 centroids (so a list at the nprobe boundary can differ between a query
+    /// alone and in a batch, as any two roundings can).
     pub(crate) probe_centroids: Option<(Vec<i8>, Vec<f32>)>,
     /// One list before training, `nlist` after.
     pub(crate) lists: Vec<List>,
@@ -451,7 +457,7 @@ impl IvfIndex {
         self.centroids = centroids;
     }
 
-    /// The rows searches score to choose lists.
+    /// The rows single queries score to choose lists.
     fn probe_rows(&self) -> Rows<'_> {
         match &self.probe_centroids {
             Some((data, scales)) => Rows::I8 { data, scales },
@@ -959,7 +965,10 @@ impl IvfIndex {
         };
         let batch = nq >= search::GEMM_MIN_QUERIES;
         let product = scan::batch_product(self.dtype);
-        let codes = self.has_codes();
+        // Codes serve single queries (fewer than GEMM_MIN_QUERIES): a batch's product over the
+        // lists themselves is compute-bound and costs less per query than codes plus a
+        // shortlist re-scored from rows spread through memory.
+        let codes = self.has_codes() && !batch;
         // A batch of f16 / i8 lists re-scores its best candidates with the single-query
         // kernels (so it reports what Q=1 reports); a low-precision scan keeps a margin. So
         // does every search of codes.
@@ -983,26 +992,19 @@ impl IvfIndex {
         } else {
             kp
         };
-        // A batch of codes scans each list once for all its queries, with each query's tables.
-        let tables: Option<Vec<kernels::PqTables>> = self
-            .codebooks
-            .as_ref()
-            .filter(|_| batch)
-            .map(|book| scan::code_tables(book, self.metric, &queries, dim));
         let spec = scan::ScanSpec {
             metric: self.metric,
             dim,
             product,
             kc,
             parallel: batch,
-            tables: tables.as_deref(),
         };
         let q16 = (self.dtype == DType::I8 && self.metric != Metric::L2)
             .then(|| scan::Q16::new(&queries, dim));
-        let q8 = (batch && !codes && product == Product::I8).then(|| scan::Q8::new(&queries, dim));
+        let q8 = (batch && product == Product::I8).then(|| scan::Q8::new(&queries, dim));
         let probes = self.probes(&queries, kp + excluded.len());
         let hits = match &self.codebooks {
-            Some(book) if !batch => self.scan_codes(book, spec, &queries, &probes, &excluded),
+            Some(book) if codes => self.scan_codes(book, spec, &queries, &probes, &excluded),
             _ => self.scan_lists_into(
                 spec,
                 &queries,
@@ -1105,9 +1107,11 @@ impl IvfIndex {
                 }
             }
         } else {
+            // A batch reuses the centroids across its queries (a product, compute-bound): in
+            // float32, as an i8 product would be re-scored at nprobe + margin per query.
             search::search_into(
                 plan,
-                self.probe_rows(),
+                Rows::F32(&self.centroids),
                 Queries::F32(queries),
                 np,
                 &|_, _| true,

@@ -57,7 +57,7 @@ pub(crate) type Select = TopK<Cand>;
 
 /// How the lists of one search are scanned.
 #[derive(Clone, Copy)]
-pub(crate) struct ScanSpec<'a> {
+pub(crate) struct ScanSpec {
     pub metric: Metric,
     pub dim: usize,
     /// The product a batch runs (its scores are the candidate scores).
@@ -66,9 +66,6 @@ pub(crate) struct ScanSpec<'a> {
     pub kc: usize,
     /// Run list scans in parallel (a batch) or all on the calling thread (few queries).
     pub parallel: bool,
-    /// With codes: each query's lookup tables; lists are then scanned by their codes, and
-    /// candidate scores are code sums (see `pq.rs`).
-    pub tables: Option<&'a [kernels::PqTables]>,
 }
 
 /// The product a batch over lists of `dtype` runs on this CPU.
@@ -156,7 +153,6 @@ struct Scratch {
     qsc: Vec<f32>,
     thr: Vec<f32>,
     passing: Vec<u32>,
-    sums: Vec<u16>,
 }
 
 /// The exact internal score of row `slot` of `list` for query `q` (as the single-query
@@ -261,7 +257,7 @@ fn row_sqnorms(rows: Rows<'_>, dim: usize, out: &mut Vec<f32>, conv: &mut Vec<f3
 /// and their number to `counts[j]`.
 #[allow(clippy::too_many_arguments)]
 fn scan_list(
-    spec: ScanSpec<'_>,
+    spec: ScanSpec,
     list: &List,
     by_product: bool,
     qs: &[u32],
@@ -285,23 +281,6 @@ fn scan_list(
             .resize_with(QUERY_BLOCK.min(m.max(1)), Select::default);
     }
     let l2 = spec.metric == Metric::L2;
-    if let Some(tables) = spec.tables {
-        let codes = list.codes.as_ref().expect("codes once trained").as_slice();
-        let level = kernels::level();
-        let rows = n.div_ceil(kernels::PQ_BLOCK) * kernels::PQ_BLOCK;
-        s.sums.resize(rows, 0);
-        // One list's codes for every query probing it: they stay in cache across queries.
-        for (j, &q) in qs.iter().enumerate() {
-            let sel = &mut s.sels[0];
-            sel.reset(kc, floors[q as usize]);
-            kernels::pq_scan_with(level, &tables[q as usize], codes, &mut s.sums[..rows]);
-            push_sums(sel, 0, &s.sums[..n], keys, excluded, &mut s.passing);
-            let kept = sel.kept();
-            out.extend_from_slice(kept);
-            counts[j] = kept.len() as u32;
-        }
-        return;
-    }
     // A product pays packing and setup per call: lists probed by fewer than
     // PRODUCT_MIN_QUERIES queries of the batch (both rounds) run the single-query kernels.
     let product = spec.parallel && by_product;
@@ -399,7 +378,7 @@ fn scan_list(
 /// rows x queries, scanned a row at a time against every query's running threshold.
 #[allow(clippy::too_many_arguments)]
 fn scan_list_packed(
-    spec: ScanSpec<'_>,
+    spec: ScanSpec,
     list: &List,
     qs: &[u32],
     queries: &[f32],
@@ -542,7 +521,7 @@ impl IvfIndex {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn scan_lists_into(
         &self,
-        spec: ScanSpec<'_>,
+        spec: ScanSpec,
         queries: &[f32],
         probes: &(Vec<usize>, Vec<u32>),
         q16: Option<&Q16>,
@@ -656,7 +635,7 @@ impl IvfIndex {
     #[allow(clippy::too_many_arguments)]
     fn scan_pairs(
         &self,
-        spec: ScanSpec<'_>,
+        spec: ScanSpec,
         by_product: &[bool],
         queries: &[f32],
         pairs: &[(u32, u32)],
@@ -745,28 +724,6 @@ impl IvfIndex {
     }
 }
 
-/// Each query's lookup tables for the kernel (a batch's, built in parallel).
-pub(crate) fn code_tables(
-    book: &Pq,
-    metric: Metric,
-    queries: &[f32],
-    dim: usize,
-) -> Vec<kernels::PqTables> {
-    let level = kernels::level();
-    queries
-        .par_chunks(dim)
-        .map_init(
-            || (Vec::new(), Vec::new()),
-            |(table, lut), q| {
-                book.lut(q, metric == Metric::L2, table, lut);
-                let mut t = kernels::PqTables::default();
-                t.set(level, lut);
-                t
-            },
-        )
-        .collect()
-}
-
 /// Buffers of one thread's code scans.
 #[derive(Default)]
 struct CodeScratch {
@@ -781,11 +738,11 @@ struct CodeScratch {
 impl IvfIndex {
     /// Each query's best `spec.kc` candidates by its 4-bit codes (see `pq.rs`): the probed
     /// lists' codes are summed through the query's lookup table, one list after another.
-    /// Candidate scores are those sums (to be re-scored); queries run in parallel in a batch.
+    /// Candidate scores are those sums (to be re-scored).
     pub(crate) fn scan_codes(
         &self,
         book: &Pq,
-        spec: ScanSpec<'_>,
+        spec: ScanSpec,
         queries: &[f32],
         probes: &(Vec<usize>, Vec<u32>),
         excluded: &FxHashSet<u64>,
@@ -823,15 +780,8 @@ impl IvfIndex {
             }
             s.sel.kept().to_vec()
         };
-        let nq = queries.len() / dim;
-        if spec.parallel {
-            (0..nq)
-                .into_par_iter()
-                .map_init(CodeScratch::default, one)
-                .collect()
-        } else {
-            let mut s = CodeScratch::default();
-            (0..nq).map(|q| one(&mut s, q)).collect()
-        }
+        // Few queries (a batch scans the lists themselves): on the calling thread.
+        let mut s = CodeScratch::default();
+        (0..queries.len() / dim).map(|q| one(&mut s, q)).collect()
     }
 }

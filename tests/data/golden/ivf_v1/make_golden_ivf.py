@@ -15,11 +15,13 @@ HERE = Path(__file__).resolve().parent
 DIM = 4
 K = 3
 CASES = {
-    # name: (metric, dtype, rerank, trained)
-    "f32_cos.lcivf": ("cos", "f32", 0, True),
-    "f16_ip.lcivf": ("ip", "f16", 0, True),
-    "i8_l2_rerank.lcivf": ("l2", "i8", 5, True),
-    "i8_cos_untrained.lcivf": ("cos", "i8", 0, False),
+    # name: (metric, dtype, rerank, trained, pq): pq > 0 files hold 4-bit codes (and a
+    # shortlist of 3 = k, so the codes choose the results)
+    "f32_cos.lcivf": ("cos", "f32", 0, True, 0),
+    "f16_ip.lcivf": ("ip", "f16", 0, True, 0),
+    "i8_l2_rerank.lcivf": ("l2", "i8", 5, True, 0),
+    "i8_cos_untrained.lcivf": ("cos", "i8", 0, False, 0),
+    "i8_ip_codes.lcivf": ("ip", "i8", 0, True, 2),
 }
 
 
@@ -32,8 +34,11 @@ def main() -> None:
     queries = rng.integers(-4, 5, size=(3, DIM)).astype(np.float32)
     queries[np.all(queries == 0, axis=1)] = 1.0
     out = {"format_version": 1, "dim": DIM, "k": K, "queries": queries.tolist(), "files": {}}
-    for name, (metric, dtype, rerank, trained) in CASES.items():
-        index = IVFIndex(DIM, metric, dtype, nlist=3, nprobe=3, rerank=rerank, seed=11, train_threshold=0)
+    for name, (metric, dtype, rerank, trained, pq) in CASES.items():
+        codes = {"pq": pq, "shortlist": K} if pq else {}
+        index = IVFIndex(
+            DIM, metric, dtype, nlist=3, nprobe=3, rerank=rerank, seed=11, train_threshold=0, **codes
+        )
         index.add(keys, vectors)
         if trained:
             index.train(vectors)
@@ -45,6 +50,7 @@ def main() -> None:
             "metric": metric,
             "dtype": dtype,
             "rerank": rerank,
+            "pq": pq,
             "trained": trained,
             "nlist": 3,
             "list_sizes": index.list_sizes().tolist(),
