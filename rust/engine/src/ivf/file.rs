@@ -84,17 +84,13 @@ struct Layout {
     exact: bool,
     count: usize,
     sizes: Vec<usize>,
-    keys: Range<usize>,
-    centroids: Range<usize>,
-    codebooks: Range<usize>,
-    scales: Range<usize>,
-    vectors: Range<usize>,
-    copies: Range<usize>,
+    at: Sections,
     codes: Range<usize>,
     data_checksum: u64,
 }
 
 /// Section ranges after the list sizes, up to the codes (whose size needs the list sizes).
+#[derive(Clone)]
 struct Sections {
     keys: Range<usize>,
     centroids: Range<usize>,
@@ -245,6 +241,8 @@ fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
     if pq::check_m(m, dim).is_some() {
         return bad(format!("corrupt header: pq {m} for dim {dim}"));
     }
+    let at = sections(dim, dtype, count, lists, trained, exact, m)
+        .ok_or_else(|| "corrupt header: sizes overflow".to_string())?;
     let Sections {
         keys,
         centroids,
@@ -252,8 +250,7 @@ fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
         scales,
         vectors,
         copies,
-    } = sections(dim, dtype, count, lists, trained, exact, m)
-        .ok_or_else(|| "corrupt header: sizes overflow".to_string())?;
+    } = at.clone();
     let truncated = |want: usize| {
         format!(
             "truncated or corrupt: the header describes {want} bytes, the file has {}",
@@ -341,19 +338,14 @@ fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
         exact,
         count,
         sizes,
-        keys,
-        centroids,
-        codebooks,
-        scales,
-        vectors,
-        copies,
+        at,
         codes,
         data_checksum: u64_at(bytes, 112),
     })
 }
 
 fn verify_data(bytes: &[u8], l: &Layout) -> std::result::Result<(), String> {
-    let (v, c, k) = (l.vectors.clone(), l.copies.clone(), l.codes.clone());
+    let (v, c, k) = (l.at.vectors.clone(), l.at.copies.clone(), l.codes.clone());
     if data_checksum(&bytes[v], &bytes[c], &bytes[k]) != l.data_checksum {
         return bad("corrupt file: vectors checksum mismatch");
     }
@@ -396,25 +388,25 @@ fn build(src: Source<'_>, l: &Layout) -> std::result::Result<IvfIndex, String> {
     let bytes = src.bytes();
     let dim = l.dim;
     let m = l.params.pq;
-    let has_codes = !l.codebooks.is_empty();
+    let has_codes = !l.at.codebooks.is_empty();
     let mut lists = Vec::with_capacity(l.sizes.len());
     let mut first = 0usize;
     let mut code_at = l.codes.start;
     for &n in &l.sizes {
         let data = match l.dtype {
-            DType::F32 => Data::F32(src.seg(l.vectors.start, first * dim, n * dim)),
-            DType::F16 => Data::F16(src.seg(l.vectors.start, first * dim, n * dim)),
+            DType::F32 => Data::F32(src.seg(l.at.vectors.start, first * dim, n * dim)),
+            DType::F16 => Data::F16(src.seg(l.at.vectors.start, first * dim, n * dim)),
             DType::I8 => Data::I8 {
-                data: src.seg(l.vectors.start, first * dim, n * dim),
-                scales: src.seg(l.scales.start, first, n),
+                data: src.seg(l.at.vectors.start, first * dim, n * dim),
+                scales: src.seg(l.at.scales.start, first, n),
             },
         };
         lists.push(List {
-            keys: src.seg(l.keys.start, first, n),
+            keys: src.seg(l.at.keys.start, first, n),
             data,
             exact: l
                 .exact
-                .then(|| src.seg(l.copies.start, first * dim, n * dim)),
+                .then(|| src.seg(l.at.copies.start, first * dim, n * dim)),
             codes: has_codes.then(|| {
                 let len = pq::code_bytes(n, m);
                 code_at += len;
@@ -425,8 +417,8 @@ fn build(src: Source<'_>, l: &Layout) -> std::result::Result<IvfIndex, String> {
         first += n;
     }
     let codebooks =
-        has_codes.then(|| Pq::new(m, dim / m, f32s(&bytes[l.codebooks.clone()]).collect()));
-    let centroids: Vec<f32> = f32s(&bytes[l.centroids.clone()]).collect();
+        has_codes.then(|| Pq::new(m, dim / m, f32s(&bytes[l.at.codebooks.clone()]).collect()));
+    let centroids: Vec<f32> = f32s(&bytes[l.at.centroids.clone()]).collect();
     let mut map = FxHashMap::with_capacity_and_hasher(l.count, Default::default());
     for (li, list) in lists.iter().enumerate() {
         for (slot, &key) in list.keys.as_slice().iter().enumerate() {
@@ -499,8 +491,8 @@ impl IvfIndex {
             index.mapped = Some(MappedData {
                 map: Arc::clone(&map),
                 checksum: layout.data_checksum,
-                vectors: layout.vectors.clone(),
-                copies: layout.copies.clone(),
+                vectors: layout.at.vectors.clone(),
+                copies: layout.at.copies.clone(),
                 codes: layout.codes.clone(),
             });
             Ok(index)

@@ -210,42 +210,62 @@ pub unsafe fn at_least(scores: &[f32], t: f32, out: &mut Vec<u32>) {
     out[start..].iter_mut().for_each(|j| *j += i as u32);
 }
 
+/// Adds one sub-quantizer pair's lookups for a block's 32 rows to the 16-bit sums: `c` holds
+/// the pair's codes (low nibble: table `t0`, high: `t1`). Each 16-bit lane i of the sums covers
+/// rows 2i (low byte) and 2i + 1 (high byte): `all` sums the lane as a whole (wrapping), `odd`
+/// the high bytes alone; `all - odd * 256` is then the low bytes' sum. Sums stay below 2^16
+/// (at most 255 per sub-quantizer, <= 256 of them).
+#[inline(always)]
+pub(super) unsafe fn pq_pair(
+    c: __m256i,
+    t0: __m256i,
+    t1: __m256i,
+    all: &mut __m256i,
+    odd: &mut __m256i,
+) {
+    let low = _mm256_set1_epi8(0x0f);
+    let a = _mm256_shuffle_epi8(t0, _mm256_and_si256(c, low));
+    let h = _mm256_shuffle_epi8(t1, _mm256_and_si256(_mm256_srli_epi16::<4>(c), low));
+    *all = _mm256_add_epi16(*all, _mm256_add_epi16(a, h));
+    *odd = _mm256_add_epi16(
+        *odd,
+        _mm256_add_epi16(_mm256_srli_epi16::<8>(a), _mm256_srli_epi16::<8>(h)),
+    );
+}
+
+/// Writes a block's 32 sums, in row order, from the accumulators of [`pq_pair`].
+#[inline(always)]
+pub(super) unsafe fn pq_store(all: __m256i, odd: __m256i, out: &mut [u16]) {
+    let even = _mm256_sub_epi16(all, _mm256_slli_epi16::<8>(odd));
+    // Per 128-bit half: unpacklo gives rows 0-7 (16-23), unpackhi rows 8-15 (24-31).
+    let lo = _mm256_unpacklo_epi16(even, odd);
+    let hi = _mm256_unpackhi_epi16(even, odd);
+    let p = out.as_mut_ptr() as *mut __m256i;
+    _mm256_storeu_si256(p, _mm256_permute2x128_si256::<0x20>(lo, hi));
+    _mm256_storeu_si256(p.add(1), _mm256_permute2x128_si256::<0x31>(lo, hi));
+}
+
+/// A 16-byte table repeated in both 128-bit lanes (the byte shuffle looks up within a lane).
+#[inline(always)]
+pub(super) unsafe fn pq_table(t: *const u8) -> __m256i {
+    _mm256_broadcastsi128_si256(_mm_loadu_si128(t as *const __m128i))
+}
+
 /// # Safety
 /// The CPU must support AVX2; the lengths are as [`super::pq_scan_with`] asserts.
 #[target_feature(enable = "avx2")]
 pub unsafe fn pq_scan(lut: &[u8], codes: &[u8], out: &mut [u16]) {
     let pairs = lut.len() / 32;
-    let low = _mm256_set1_epi8(0x0f);
     for (b, o) in out.chunks_exact_mut(32).enumerate() {
         let block = codes.as_ptr().add(b * pairs * 32);
-        // Each 16-bit lane i holds rows 2i (low byte) and 2i + 1 (high byte): `all` sums the
-        // lane as a whole (wrapping), `odd` the high bytes alone; `all - odd * 256` is then the
-        // low bytes' sum. Sums stay below 2^16 (at most 255 per sub-quantizer, <= 256 of them).
         let mut all = _mm256_setzero_si256();
         let mut odd = _mm256_setzero_si256();
         for p in 0..pairs {
             let c = _mm256_loadu_si256(block.add(p * 32) as *const __m256i);
-            let t0 = _mm256_broadcastsi128_si256(_mm_loadu_si128(
-                lut.as_ptr().add(p * 32) as *const __m128i
-            ));
-            let t1 = _mm256_broadcastsi128_si256(_mm_loadu_si128(
-                lut.as_ptr().add(p * 32 + 16) as *const __m128i
-            ));
-            let a = _mm256_shuffle_epi8(t0, _mm256_and_si256(c, low));
-            let h = _mm256_shuffle_epi8(t1, _mm256_and_si256(_mm256_srli_epi16::<4>(c), low));
-            all = _mm256_add_epi16(all, _mm256_add_epi16(a, h));
-            odd = _mm256_add_epi16(
-                odd,
-                _mm256_add_epi16(_mm256_srli_epi16::<8>(a), _mm256_srli_epi16::<8>(h)),
-            );
+            let t = lut.as_ptr().add(p * 32);
+            pq_pair(c, pq_table(t), pq_table(t.add(16)), &mut all, &mut odd);
         }
-        let even = _mm256_sub_epi16(all, _mm256_slli_epi16::<8>(odd));
-        // Per 128-bit half: unpacklo gives rows 0-7 (16-23), unpackhi rows 8-15 (24-31).
-        let lo = _mm256_unpacklo_epi16(even, odd);
-        let hi = _mm256_unpackhi_epi16(even, odd);
-        let p = o.as_mut_ptr() as *mut __m256i;
-        _mm256_storeu_si256(p, _mm256_permute2x128_si256::<0x20>(lo, hi));
-        _mm256_storeu_si256(p.add(1), _mm256_permute2x128_si256::<0x31>(lo, hi));
+        pq_store(all, odd, o);
     }
 }
 

@@ -307,18 +307,14 @@ pub fn pq_tables(lut: &[u8], out: &mut Vec<u8>) {
 /// [`super::pq_scan_with`] asserts.
 #[target_feature(enable = "avx512f,avx512bw,avx2")]
 pub unsafe fn pq_scan(tables: &[u8], pairs: usize, codes: &[u8], out: &mut [u16]) {
+    use super::avx2::{pq_pair, pq_store, pq_table};
     let quads = pairs / 2;
     let t = tables.as_ptr();
-    let odd_table = |s: usize| {
-        _mm256_broadcastsi128_si256(_mm_loadu_si128(
-            t.add(quads * 128 + 16 * s) as *const __m128i
-        ))
-    };
     let low = _mm512_set1_epi8(0x0f);
-    let low256 = _mm256_set1_epi8(0x0f);
     for (b, o) in out.chunks_exact_mut(32).enumerate() {
         let block = codes.as_ptr().add(b * pairs * 32);
-        // As in the AVX2 kernel: 16-bit lanes summed whole (`all`) and by high byte (`odd`).
+        // As in the AVX2 kernel (`pq_pair`), two pairs per step: 16-bit lanes summed whole
+        // (`all`) and by high byte (`odd`).
         let mut all = _mm512_setzero_si512();
         let mut odd = _mm512_setzero_si512();
         for j in 0..quads {
@@ -343,23 +339,16 @@ pub unsafe fn pq_scan(tables: &[u8], pairs: usize, codes: &[u8], out: &mut [u16]
         );
         if pairs % 2 == 1 {
             let c = _mm256_loadu_si256(block.add((pairs - 1) * 32) as *const __m256i);
-            let a = _mm256_shuffle_epi8(odd_table(0), _mm256_and_si256(c, low256));
-            let h = _mm256_shuffle_epi8(
-                odd_table(1),
-                _mm256_and_si256(_mm256_srli_epi16::<4>(c), low256),
-            );
-            all = _mm256_add_epi16(all, _mm256_add_epi16(a, h));
-            odd = _mm256_add_epi16(
-                odd,
-                _mm256_add_epi16(_mm256_srli_epi16::<8>(a), _mm256_srli_epi16::<8>(h)),
+            let odd_t = t.add(quads * 128);
+            pq_pair(
+                c,
+                pq_table(odd_t),
+                pq_table(odd_t.add(16)),
+                &mut all,
+                &mut odd,
             );
         }
-        let even = _mm256_sub_epi16(all, _mm256_slli_epi16::<8>(odd));
-        let lo = _mm256_unpacklo_epi16(even, odd);
-        let hi = _mm256_unpackhi_epi16(even, odd);
-        let p = o.as_mut_ptr() as *mut __m256i;
-        _mm256_storeu_si256(p, _mm256_permute2x128_si256::<0x20>(lo, hi));
-        _mm256_storeu_si256(p.add(1), _mm256_permute2x128_si256::<0x31>(lo, hi));
+        pq_store(all, odd, o);
     }
 }
 
