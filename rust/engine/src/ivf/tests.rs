@@ -395,9 +395,11 @@ fn codes_with_every_list_probed_and_a_full_shortlist_equal_the_exact_index() {
                 let (a_ids, a_s, _) = ivf.search(&q, 10, None).unwrap();
                 let (b_ids, b_s, _) = flat.search(&q, 10, None).unwrap();
                 assert_eq!(a_ids, b_ids, "{metric:?} {dtype:?} nq={nq}");
-                // The codes only choose candidates: scores are the single-query kernels'.
+                // The codes only choose candidates: scores are the stored rows' (within the
+                // tolerance of a product's rounding against the single-query kernels, as in
+                // `all_lists_probed_equals_exact_index`: every kernel level runs this).
                 for (x, y) in a_s.iter().zip(&b_s) {
-                    assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
+                    assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
                 }
             }
         }
