@@ -80,6 +80,8 @@ pub struct Workspace {
     ints: Vec<i32>,
     row: Vec<f32>,
     corr: Vec<i32>,
+    /// Rows padded to the lane step, on their way into the panels.
+    stage: Vec<u8>,
 }
 
 /// A 64-byte aligned `&mut [T]` of `len` elements inside `buf` (contents unspecified).
@@ -394,7 +396,51 @@ impl PackedQueries {
         match self.product {
             Product::F32 => self.run_f32(shape, b, n, c, ldc, ws),
             Product::Bf16 => self.run_bf16(shape, b, n, c, ldc, ws),
-            Product::I8 => self.run_i8(shape, b, n, c, ldc, ws),
+            Product::I8 => self.run_i8(shape, b, n, c, ldc, None, ws),
+        }
+    }
+
+    /// [`Self::scores`], keeping only the scores at or above their row's threshold: bit
+    /// `j % 32` of `masks[i * n.div_ceil(32) + j / 32]` is set iff `a_i . b_j >= thr[j]`, and
+    /// `c[i * ldc + j]` holds the score where it is (elsewhere it is unspecified). The i8
+    /// micro-kernel compares as it stores, so a caller looking for the few scores above a
+    /// floor reads a bit per score, not the whole matrix.
+    #[allow(clippy::too_many_arguments)]
+    pub fn scores_above(
+        &self,
+        b: Src<'_>,
+        n: usize,
+        thr: &[f32],
+        c: &mut [f32],
+        ldc: usize,
+        masks: &mut [u32],
+        ws: &mut Workspace,
+    ) {
+        let (m, words) = (self.m, n.div_ceil(32));
+        assert!(thr.len() >= n, "fewer thresholds than rows");
+        assert!(masks.len() >= m * words, "masks too short");
+        masks[..m * words].fill(0);
+        if let (Product::I8, Some(shape)) = (self.product, self.shape) {
+            assert!(
+                b.rows(self.k) >= n || self.k == 0,
+                "fewer than n stored rows"
+            );
+            assert!(
+                ldc >= n && (m == 0 || c.len() >= (m - 1) * ldc + n),
+                "c too short"
+            );
+            if m > 0 && n > 0 {
+                self.run_i8(shape, b, n, c, ldc, Some((thr, masks)), ws);
+            }
+            return;
+        }
+        self.scores(b, n, c, ldc, ws);
+        for i in 0..m {
+            for (j, (&v, &t)) in c[i * ldc..i * ldc + n].iter().zip(thr).enumerate() {
+                if v >= t {
+                    masks[i * words + j / 32] |= 1 << (j % 32);
+                }
+            }
         }
     }
 
@@ -448,6 +494,9 @@ impl PackedQueries {
                         // SAFETY: j0 + n <= b.n (asserted), inside both arrays.
                         bscale: unsafe { b.scales.as_ptr().add(j0) },
                         corr: unsafe { b.corr.as_ptr().add(j0) },
+                        thr: std::ptr::null(),
+                        mask: std::ptr::null_mut(),
+                        ldm: 0,
                     };
                     self.drive_packed::<u8, i8>(shape, b, j0, n, |t| {
                         // SAFETY: as in `run_i8`; tile columns are relative to j0, as are
@@ -674,14 +723,18 @@ impl PackedQueries {
         {
             let (k, level) = (self.k, self.level);
             let cp = c.as_mut_ptr();
-            let Workspace { b: bbuf, row, .. } = ws;
-            let mut stage = Vec::new();
+            let Workspace {
+                b: bbuf,
+                row,
+                stage,
+                ..
+            } = ws;
             self.drive::<u16, u16>(
                 shape,
                 n,
                 bbuf,
                 |dst, j0, count, p0, kc, kcp| {
-                    let staged: &mut [u16] = aligned(&mut stage, count * kcp);
+                    let staged: &mut [u16] = aligned(stage, count * kcp);
                     for (i, out) in staged.chunks_exact_mut(kcp).enumerate() {
                         read_bf16(b, level, j0 + i, k, p0, &mut out[..kc], row);
                         out[kc..].fill(0);
@@ -703,6 +756,7 @@ impl PackedQueries {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run_i8(
         &self,
         shape: Shape,
@@ -710,6 +764,7 @@ impl PackedQueries {
         n: usize,
         c: &mut [f32],
         ldc: usize,
+        above: Option<(&[f32], &mut [u32])>,
         ws: &mut Workspace,
     ) {
         #[cfg(target_arch = "x86_64")]
@@ -719,10 +774,12 @@ impl PackedQueries {
             };
             let (m, k) = (self.m, self.k);
             ws.corr.clear();
+            // The queries are offset by 128 (u8): each row's correction is 128 x its sum.
             ws.corr.extend(
                 data.chunks_exact(k)
                     .take(n)
-                    .map(|x| 128 * x.iter().map(|&v| v as i32).sum::<i32>()),
+                    // SAFETY: VNNI was checked by `Shape::of` (this is its only caller).
+                    .map(|x| 128 * unsafe { x86::sum_i8(x) }),
             );
             let multi = k > shape.kc;
             if multi {
@@ -732,8 +789,13 @@ impl PackedQueries {
                 b: bbuf,
                 ints,
                 corr,
+                stage,
                 ..
             } = ws;
+            let (thr, mask) = match above {
+                Some((thr, mask)) => (thr.as_ptr(), mask.as_mut_ptr()),
+                None => (std::ptr::null(), std::ptr::null_mut()),
+            };
             let out = x86::I8Out {
                 c: c.as_mut_ptr(),
                 ldc,
@@ -742,15 +804,28 @@ impl PackedQueries {
                 qscale: self.scales.as_ptr(),
                 bscale: scales.as_ptr(),
                 corr: corr.as_ptr(),
+                thr,
+                mask,
+                ldm: n.div_ceil(32),
             };
             let level = self.level;
-            let mut stage = Vec::new();
+            // Rows whose slices fill whole lane steps pack straight from `data` (as 4-byte
+            // words), without a staged copy.
+            let words: Option<&[f32]> = (k % 4 == 0)
+                .then(|| bytemuck::try_cast_slice(&data[..n * k]).ok())
+                .flatten();
             self.drive::<u8, i8>(
                 shape,
                 n,
                 bbuf,
                 |dst, j0, count, p0, kc, kcp| {
-                    let staged: &mut [i8] = aligned(&mut stage, count * kcp);
+                    if let (Some(src), true) = (words, kc == kcp) {
+                        let dst: &mut [f32] = bytemuck::cast_slice_mut(dst);
+                        let (stride, w) = (k / 4, shape.nr);
+                        pack_f32_rows(level, dst, src, stride, j0, count, w, p0 / 4, kc / 4);
+                        return;
+                    }
+                    let staged: &mut [i8] = aligned(stage, count * kcp);
                     for (i, out) in staged.chunks_exact_mut(kcp).enumerate() {
                         let r = j0 + i;
                         out[..kc].copy_from_slice(&data[r * k + p0..r * k + p0 + kc]);
@@ -770,7 +845,7 @@ impl PackedQueries {
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (shape, b, n, c, ldc, ws);
+            let _ = (shape, b, n, c, ldc, above, ws);
             unreachable!("no i8 micro-kernel on this architecture");
         }
     }
@@ -1136,6 +1211,28 @@ mod x86 {
         }
     }
 
+    /// The sum of `x`, 64 values per VNNI step (a product with ones).
+    ///
+    /// # Safety
+    /// AVX-512F/BW and VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn sum_i8(x: &[i8]) -> i32 {
+        let ones = _mm512_set1_epi8(1);
+        let mut acc = _mm512_setzero_si512();
+        let mut i = 0;
+        while i < x.len() {
+            let m = if x.len() - i >= 64 {
+                u64::MAX
+            } else {
+                (1u64 << (x.len() - i)) - 1
+            };
+            let v = _mm512_maskz_loadu_epi8(m, x.as_ptr().add(i));
+            acc = _mm512_dpbusd_epi32(acc, ones, v);
+            i += 64;
+        }
+        _mm512_reduce_add_epi32(acc)
+    }
+
     #[inline(always)]
     fn mask16(n: usize) -> __mmask16 {
         if n >= 16 {
@@ -1331,6 +1428,11 @@ mod x86 {
         pub qscale: *const f32,
         pub bscale: *const f32,
         pub corr: *const i32,
+        /// Null, or one threshold per column: then only scores at or above their column's
+        /// threshold are stored, and `mask[i * ldm + j / 32]` bit `j % 32` says which.
+        pub thr: *const f32,
+        pub mask: *mut u32,
+        pub ldm: usize,
     }
 
     /// # Safety
@@ -1358,6 +1460,14 @@ mod x86 {
         let corr1 = _mm512_maskz_loadu_epi32(m1, out.corr.add(j0 + 16));
         let bs0 = _mm512_maskz_loadu_ps(m0, out.bscale.add(j0));
         let bs1 = _mm512_maskz_loadu_ps(m1, out.bscale.add(j0 + 16));
+        let (thr0, thr1) = if out.thr.is_null() {
+            (_mm512_setzero_ps(), _mm512_setzero_ps())
+        } else {
+            (
+                _mm512_maskz_loadu_ps(m0, out.thr.add(j0)),
+                _mm512_maskz_loadu_ps(m1, out.thr.add(j0 + 16)),
+            )
+        };
         for (r, sr) in s.iter().enumerate() {
             if r < t.mr_valid {
                 let i = t.i0 + r;
@@ -1377,9 +1487,17 @@ mod x86 {
                 let qs = _mm512_set1_ps(*out.qscale.add(i));
                 let f0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(v0, corr0));
                 let f1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(v1, corr1));
+                let f0 = _mm512_mul_ps(f0, _mm512_mul_ps(qs, bs0));
+                let f1 = _mm512_mul_ps(f1, _mm512_mul_ps(qs, bs1));
                 let row = out.c.add(i * out.ldc + j0);
-                _mm512_mask_storeu_ps(row, m0, _mm512_mul_ps(f0, _mm512_mul_ps(qs, bs0)));
-                _mm512_mask_storeu_ps(row.add(16), m1, _mm512_mul_ps(f1, _mm512_mul_ps(qs, bs1)));
+                let (mut s0, mut s1) = (m0, m1);
+                if !out.thr.is_null() {
+                    s0 = _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(m0, f0, thr0);
+                    s1 = _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(m1, f1, thr1);
+                    *out.mask.add(i * out.ldm + j0 / 32) = s0 as u32 | (s1 as u32) << 16;
+                }
+                _mm512_mask_storeu_ps(row, s0, f0);
+                _mm512_mask_storeu_ps(row.add(16), s1, f1);
             }
         }
     }
@@ -1563,6 +1681,60 @@ mod tests {
                     .map(|(&x, &y)| x as i64 * y as i64)
                     .sum();
                 assert_eq!(want[0], dot as f32 * (s * scales[0]));
+            }
+        }
+    }
+
+    #[test]
+    fn scores_above_mark_exactly_the_scores_reaching_each_threshold() {
+        for level in available_levels() {
+            for product in [Product::I8, Product::Bf16, Product::F32] {
+                for &(m, n, k) in &SHAPES {
+                    let a = values(m * k, (m + 11 * k) as u64);
+                    let data: Vec<i8> = values(n * k, (n + 13 * k) as u64)
+                        .iter()
+                        .map(|&v| (v * 127.9) as i8)
+                        .collect();
+                    let scales: Vec<f32> = (0..n).map(|j| 0.01 + j as f32 * 1e-4).collect();
+                    let src = Src::I8 {
+                        data: &data,
+                        scales: &scales,
+                    };
+                    let packed = PackedQueries::new(product, level, m, k, &a);
+                    let mut ws = Workspace::default();
+                    let mut want = vec![0.0f32; m * n];
+                    packed.scores(src, n, &mut want, n, &mut ws);
+                    // Thresholds: the column's median score, and unreachable / everything.
+                    let thr: Vec<f32> = (0..n)
+                        .map(|j| match j % 5 {
+                            3 => f32::INFINITY,
+                            4 => f32::NEG_INFINITY,
+                            _ => {
+                                let mut col: Vec<f32> = (0..m).map(|i| want[i * n + j]).collect();
+                                col.sort_by(f32::total_cmp);
+                                col[m / 2]
+                            }
+                        })
+                        .collect();
+                    let words = n.div_ceil(32);
+                    let mut got = vec![f32::NAN; m * n];
+                    let mut masks = vec![u32::MAX; m * words];
+                    packed.scores_above(src, n, &thr, &mut got, n, &mut masks, &mut ws);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let marked = masks[i * words + j / 32] >> (j % 32) & 1 == 1;
+                            let v = want[i * n + j];
+                            assert_eq!(marked, v >= thr[j], "{level:?} {product:?} {m}x{n}x{k}");
+                            if marked {
+                                assert_eq!(got[i * n + j], v, "{level:?} {product:?}");
+                            }
+                        }
+                        // No bit beyond the last column.
+                        if n % 32 != 0 {
+                            assert_eq!(masks[i * words + words - 1] >> (n % 32), 0);
+                        }
+                    }
+                }
             }
         }
     }

@@ -381,6 +381,10 @@ fn check_params(dim: usize, dtype: DType, p: &IvfParams) -> Result<()> {
     Ok(())
 }
 
+/// (Query, list) pairs one batch scans at most (its buffers take ~50 bytes a pair); larger
+/// batches run in chunks of queries.
+const MAX_BATCH_PAIRS: usize = 1 << 18;
+
 impl IvfIndex {
     pub fn new(dim: usize, metric: Metric, dtype: DType, params: IvfParams) -> Result<Self> {
         if dim == 0 || dim > MAX_DIM {
@@ -943,6 +947,37 @@ impl IvfIndex {
         let dim = self.dim;
         let nq = check_search_args(queries, dim, k)?;
         self.check_vectors(queries, "queries", false)?;
+        // A batch's per-pair buffers grow with queries x probed lists: a large one runs in
+        // chunks of queries, balanced so that each stays a batch.
+        let probed = if self.is_trained() {
+            self.params.nprobe.min(self.lists.len())
+        } else {
+            self.lists.len()
+        };
+        let parts = (nq * probed.max(1)).div_ceil(MAX_BATCH_PAIRS).max(1);
+        if parts == 1 || nq < 2 * parts * search::GEMM_MIN_QUERIES {
+            return self.search_checked(queries, k, exclude);
+        }
+        let per = nq.div_ceil(parts);
+        let (mut ids, mut scores, mut kp) = (Vec::new(), Vec::new(), 0);
+        for part in queries.chunks(per * dim) {
+            let (i, s, kpart) = self.search_checked(part, k, exclude)?;
+            ids.extend_from_slice(&i);
+            scores.extend_from_slice(&s);
+            kp = kpart;
+        }
+        Ok((ids, scores, kp))
+    }
+
+    /// [`Self::search`] of queries already checked.
+    fn search_checked(
+        &self,
+        queries: &[f32],
+        k: usize,
+        exclude: Option<&[u64]>,
+    ) -> Result<(Vec<u64>, Vec<f32>, usize)> {
+        let dim = self.dim;
+        let nq = queries.len() / dim;
         // Excluded keys present, and how many fall in each list.
         let mut excluded: FxHashSet<u64> = FxHashSet::default();
         let mut excluded_per_list = vec![0usize; self.lists.len()];

@@ -1,14 +1,16 @@
 //! The IVF search core: probing, list-major scans and the per-query merge.
 //!
 //! A batch (at least [`GEMM_MIN_QUERIES`] queries) groups its queries by list and scans each
-//! probed list once for all of them as one matrix product at the lists' scan precision: i8
-//! lists with VNNI (queries quantized to i8), f16 lists with AVX512-BF16 (both rounded to
-//! bf16), f32 lists (and CPUs without those instructions) in f32. The product's scores are the
-//! candidate scores: each (query, list) pair keeps its best `kc`, a query merges its pairs, and
-//! only then are its best candidates re-scored once, with the single-query kernels (f16 / i8
-//! lists) or from the float32 copies (`rerank`). Few queries scan with the single-query
-//! kernels and need no re-score. Nothing here allocates per list or per (query, list) pair:
-//! buffers live per rayon task, and results go to one flat array indexed by pair.
+//! probed list once for all of them as one matrix product at a scan precision: i8 and f16
+//! lists with VNNI (rows packed to i8 once, queries quantized to i8), f16 lists with
+//! AVX512-BF16 where VNNI is missing (both rounded to bf16), f32 lists (and CPUs without those
+//! instructions) in f32. The product's scores are the candidate scores: each (query, list)
+//! pair keeps its best `kc` (the product itself drops scores below the query's floor), a query
+//! merges its pairs, and only then are its best candidates re-scored once, with the
+//! single-query kernels (f16 / i8 lists) or from the float32 copies (`rerank`). Few queries
+//! scan with the single-query kernels and need no re-score. Nothing here allocates per list or
+//! per (query, list) pair: buffers live per rayon task, and results go to one flat array
+//! indexed by pair.
 
 use super::pq::Pq;
 use super::{IvfIndex, List};
@@ -69,10 +71,15 @@ pub(crate) struct ScanSpec {
 }
 
 /// The product a batch over lists of `dtype` runs on this CPU.
+///
+/// f16 lists scan in i8 too where the CPU has VNNI: the batch re-scores every query's best
+/// candidates from the f16 rows anyway, so the product only has to rank them, and an i8
+/// product runs twice as many values per instruction as bf16 and keeps a packed copy half
+/// the size.
 pub(crate) fn batch_product(dtype: DType) -> Product {
     let level = kernels::level();
     match dtype {
-        DType::I8 if matmul::has_i8_product(level) => Product::I8,
+        DType::I8 | DType::F16 if matmul::has_i8_product(level) => Product::I8,
         DType::F16 if matmul::has_bf16_product(level) => Product::Bf16,
         _ => Product::F32,
     }
@@ -152,6 +159,7 @@ struct Scratch {
     qi8: Vec<i8>,
     qsc: Vec<f32>,
     thr: Vec<f32>,
+    masks: Vec<u32>,
     passing: Vec<u32>,
 }
 
@@ -449,37 +457,66 @@ fn scan_list_packed(
             s.tile.resize(n * mb, 0.0);
         }
         let tile = &mut s.tile[..n * mb];
-        packed.scores(src, mb, tile, mb, &mut s.ws);
-        for (r, row) in tile.chunks_exact_mut(mb).enumerate() {
-            if l2 {
+        if !l2 {
+            // The product keeps only the scores reaching the queries' floors (most rows of a
+            // far list reach none) and marks them: the scan visits the marked scores only.
+            let words = mb.div_ceil(32);
+            s.masks.resize(n * words, 0);
+            packed.scores_above(src, mb, &s.thr, tile, mb, &mut s.masks, &mut s.ws);
+            for (r, marks) in s.masks.chunks_exact(words).enumerate() {
+                let key = keys[r];
+                if marks.iter().all(|&w| w == 0) || excluded.is_some_and(|e| e.contains(&key)) {
+                    continue;
+                }
+                for (w, &word) in marks.iter().enumerate() {
+                    let mut bits = word;
+                    while bits != 0 {
+                        let j = w * 32 + bits.trailing_zeros() as usize;
+                        bits &= bits - 1;
+                        let (v, sel) = (tile[r * mb + j], &mut s.sels[j]);
+                        if v >= sel.threshold() {
+                            sel.push(Cand {
+                                score: v,
+                                list: 0,
+                                slot: r as u32,
+                                key,
+                            });
+                        }
+                    }
+                }
+            }
+        } else {
+            // L2 scores need both norms: turn each row into scores, then test it.
+            packed.scores(src, mb, tile, mb, &mut s.ws);
+            for (r, row) in tile.chunks_exact_mut(mb).enumerate() {
                 let xn = s.rnorms[r];
                 for (v, &qn) in row.iter_mut().zip(&s.qnorms) {
                     *v = -(qn + xn - 2.0 * *v).max(0.0);
                 }
-            }
-            let key = keys[r];
-            for (c, (vals, thr)) in row.chunks(LANES).zip(s.thr.chunks_mut(LANES)).enumerate() {
-                // One vectorizable test per 16 queries: most rows reach no query's threshold.
-                if !vals
-                    .iter()
-                    .zip(thr.iter())
-                    .fold(false, |acc, (&v, &t)| acc | (v >= t))
-                {
-                    continue;
-                }
-                if excluded.is_some_and(|e| e.contains(&key)) {
-                    break;
-                }
-                for (j, (&v, t)) in vals.iter().zip(thr.iter_mut()).enumerate() {
-                    if v >= *t {
-                        let sel = &mut s.sels[c * LANES + j];
-                        sel.push(Cand {
-                            score: v,
-                            list: 0,
-                            slot: r as u32,
-                            key,
-                        });
-                        *t = sel.threshold();
+                let key = keys[r];
+                for (c, (vals, thr)) in row.chunks(LANES).zip(s.thr.chunks_mut(LANES)).enumerate() {
+                    // One vectorizable test per 16 queries: most rows reach no query's threshold.
+                    if !vals
+                        .iter()
+                        .zip(thr.iter())
+                        .fold(false, |acc, (&v, &t)| acc | (v >= t))
+                    {
+                        continue;
+                    }
+                    if excluded.is_some_and(|e| e.contains(&key)) {
+                        break;
+                    }
+                    for (j, (&v, t)) in vals.iter().zip(thr.iter_mut()).enumerate() {
+                        if v >= *t {
+                            let sel = &mut s.sels[c * LANES + j];
+                            sel.push(Cand {
+                                score: v,
+                                list: 0,
+                                slot: r as u32,
+                                key,
+                            });
+                            *t = sel.threshold();
+                        }
                     }
                 }
             }

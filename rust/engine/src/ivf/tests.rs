@@ -493,3 +493,26 @@ fn bad_pq_settings_are_refused_with_reasons() {
     ivf.set_shortlist(3).unwrap();
     assert_eq!(ivf.params().shortlist, 3);
 }
+
+/// A batch of more (query, list) pairs than one batch holds runs in chunks of queries and
+/// returns what its parts searched as batches of their own return, exclusions included.
+#[test]
+fn a_batch_beyond_the_pair_limit_runs_in_chunks_with_the_same_results() {
+    for dtype in [DType::F32, DType::F16, DType::I8] {
+        let (dim, nlist) = (8, 64);
+        let (mut ivf, _, _) = clustered_pair(Metric::Ip, dtype, 2000, dim, nlist);
+        ivf.set_nprobe(nlist).unwrap();
+        let nq = MAX_BATCH_PAIRS / nlist + 100;
+        let q = data(41, nq, dim);
+        let exclude: Vec<u64> = (0..40u64).map(|k| k * 5 + 1).collect();
+        let (ids, scores, k) = ivf.search(&q, 10, Some(&exclude)).unwrap();
+        assert_eq!((k, ids.len()), (10, nq * 10));
+        for (p, part) in q.chunks(100 * dim).enumerate() {
+            let (i, s, _) = ivf.search(part, 10, Some(&exclude)).unwrap();
+            let at = p * 100 * 10;
+            assert_eq!(&ids[at..at + i.len()], &i[..], "{dtype:?} part {p}");
+            assert_eq!(&scores[at..at + s.len()], &s[..], "{dtype:?} part {p}");
+        }
+        assert!(ids.iter().all(|key| !exclude.contains(key)));
+    }
+}
