@@ -94,6 +94,22 @@ fn aligned<T: bytemuck::Pod>(buf: &mut Vec<u8>, len: usize) -> &mut [T] {
     bytemuck::cast_slice_mut(&mut buf[off..off + bytes])
 }
 
+/// Set bit `j % 32` of `masks[i * n.div_ceil(32) + j / 32]` where `c[i * ldc + j] >= thr[j]`
+/// (the marks the i8 micro-kernel makes as it stores).
+fn mark_above(c: &[f32], ldc: usize, m: usize, n: usize, above: Option<(&[f32], &mut [u32])>) {
+    let Some((thr, masks)) = above else {
+        return;
+    };
+    let words = n.div_ceil(32);
+    for i in 0..m {
+        for (j, (&v, &t)) in c[i * ldc..i * ldc + n].iter().zip(thr).enumerate() {
+            if v >= t {
+                masks[i * words + j / 32] |= 1 << (j % 32);
+            }
+        }
+    }
+}
+
 /// Whether the i8 product runs on VNNI at this level (else it runs the reference loop).
 pub fn has_i8_product(level: Level) -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -381,23 +397,7 @@ impl PackedQueries {
 
     /// `c[i * ldc + j] = a_i . b_j` for every packed query `i` and stored row `j < n`.
     pub fn scores(&self, b: Src<'_>, n: usize, c: &mut [f32], ldc: usize, ws: &mut Workspace) {
-        let (m, k) = (self.m, self.k);
-        assert!(b.rows(k) >= n || k == 0, "fewer than n stored rows");
-        assert!(
-            ldc >= n && (m == 0 || c.len() >= (m - 1) * ldc + n),
-            "c too short"
-        );
-        if m == 0 || n == 0 {
-            return;
-        }
-        let Some(shape) = self.shape else {
-            return self.reference(b, n, c, ldc, ws);
-        };
-        match self.product {
-            Product::F32 => self.run_f32(shape, b, n, c, ldc, ws),
-            Product::Bf16 => self.run_bf16(shape, b, n, c, ldc, ws),
-            Product::I8 => self.run_i8(shape, b, n, c, ldc, None, ws),
-        }
+        self.product(b, n, c, ldc, None, ws);
     }
 
     /// [`Self::scores`], keeping only the scores at or above their row's threshold: bit
@@ -416,32 +416,44 @@ impl PackedQueries {
         masks: &mut [u32],
         ws: &mut Workspace,
     ) {
-        let (m, words) = (self.m, n.div_ceil(32));
+        let words = n.div_ceil(32);
         assert!(thr.len() >= n, "fewer thresholds than rows");
-        assert!(masks.len() >= m * words, "masks too short");
-        masks[..m * words].fill(0);
-        if let (Product::I8, Some(shape)) = (self.product, self.shape) {
-            assert!(
-                b.rows(self.k) >= n || self.k == 0,
-                "fewer than n stored rows"
-            );
-            assert!(
-                ldc >= n && (m == 0 || c.len() >= (m - 1) * ldc + n),
-                "c too short"
-            );
-            if m > 0 && n > 0 {
-                self.run_i8(shape, b, n, c, ldc, Some((thr, masks)), ws);
-            }
+        assert!(masks.len() >= self.m * words, "masks too short");
+        masks[..self.m * words].fill(0);
+        self.product(b, n, c, ldc, Some((thr, masks)), ws);
+    }
+
+    /// The product behind [`Self::scores`] and [`Self::scores_above`]: the i8 micro-kernel
+    /// marks the scores reaching `above`'s thresholds itself; every other path marks them
+    /// after computing the scores.
+    fn product(
+        &self,
+        b: Src<'_>,
+        n: usize,
+        c: &mut [f32],
+        ldc: usize,
+        above: Option<(&[f32], &mut [u32])>,
+        ws: &mut Workspace,
+    ) {
+        let (m, k) = (self.m, self.k);
+        assert!(b.rows(k) >= n || k == 0, "fewer than n stored rows");
+        assert!(
+            ldc >= n && (m == 0 || c.len() >= (m - 1) * ldc + n),
+            "c too short"
+        );
+        if m == 0 || n == 0 {
             return;
         }
-        self.scores(b, n, c, ldc, ws);
-        for i in 0..m {
-            for (j, (&v, &t)) in c[i * ldc..i * ldc + n].iter().zip(thr).enumerate() {
-                if v >= t {
-                    masks[i * words + j / 32] |= 1 << (j % 32);
-                }
-            }
+        let Some(shape) = self.shape else {
+            self.reference(b, n, c, ldc, ws);
+            return mark_above(c, ldc, m, n, above);
+        };
+        match self.product {
+            Product::F32 => self.run_f32(shape, b, n, c, ldc, ws),
+            Product::Bf16 => self.run_bf16(shape, b, n, c, ldc, ws),
+            Product::I8 => return self.run_i8(shape, b, n, c, ldc, above, ws),
         }
+        mark_above(c, ldc, m, n, above);
     }
 
     /// `c[i * ldc + j] = a_i . b_(j0 + j)` for rows `j0..j0 + n` of rows packed once (`j0` a
