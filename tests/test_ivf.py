@@ -220,6 +220,62 @@ def test_bad_pq_settings_name_the_problem():
         ivf.shortlist = 0
 
 
+@pytest.mark.parametrize("dtype", ["f16", "i8"])
+@pytest.mark.parametrize("metric", ["cos", "ip"])
+def test_batches_ranking_by_principal_directions_equal_brute_force_on_data_of_that_rank(metric, dtype):
+    # 24-d vectors in an 8-d subspace: 8 principal directions keep every inner product, and
+    # the batch re-scores its candidates from the stored rows.
+    rng = np.random.default_rng(11)
+    x = (clustered(3000, 8, 12, seed=12) @ rng.standard_normal((8, 24))).astype(np.float32)
+    keys = np.arange(len(x), dtype=np.uint64) * 3
+    index = IVFIndex(24, metric, dtype, nlist=16, nprobe=16, train_threshold=0, scan_dims=8)
+    assert index.scan_dims == 8 and "scan_dims=8" in repr(index)
+    index.train(x)
+    index.add(keys, x)
+    queries = x[:40] + 0.05 * x[40:80]
+    stored = index.get(keys)  # f16 / i8 rows as stored: the scores a search reports
+    check_equals_brute_force(index, keys, stored, queries, 10, 2e-3)
+
+
+def test_scan_dims_trades_dimensions_for_speed_and_names_bad_settings(tmp_path):
+    # A decaying spectrum, as real embeddings have (random directions, scales 0.85^i).
+    rng = np.random.default_rng(13)
+    rotation, _ = np.linalg.qr(rng.standard_normal((32, 32)))
+    scales = 0.85 ** np.arange(32)
+    x = ((rng.standard_normal((4000, 32)) * scales) @ rotation).astype(np.float32)
+    keys = np.arange(len(x), dtype=np.uint64)
+    index = IVFIndex(32, "cos", "f16", nlist=32, nprobe=32, train_threshold=0)
+    index.train(x)
+    index.add(keys, x)
+    queries = ((rng.standard_normal((64, 32)) * scales) @ rotation).astype(np.float32)
+    exact_keys, exact_scores = index.search(queries, k=10)
+    index.scan_dims = 16
+    got_keys, got_scores = index.search(queries, k=10)
+    # Half the directions keep most neighbours, and every reported score is the exact score
+    # of its key.
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got_keys, exact_keys)])
+    assert recall > 0.9, recall
+    for qk, qs, q in zip(got_keys, got_scores, queries):
+        _, alone = index.search(q, k=1000)
+        k_alone, _ = index.search(q, k=1000)
+        want = dict(zip(k_alone.tolist(), alone.tolist()))
+        assert [want[k] for k in qk.tolist()] == qs.tolist()
+    index.save(tmp_path / "x.lcivf")
+    back = IVFIndex.load(tmp_path / "x.lcivf", mmap=True)
+    assert back.scan_dims == 16
+    np.testing.assert_array_equal(back.search(queries, k=10)[0], got_keys)
+    index.scan_dims = 0
+    np.testing.assert_array_equal(index.search(queries, k=10)[0], exact_keys)
+    with pytest.raises(ValueError, match="below dim = 32, got 32"):
+        index.scan_dims = 32
+    with pytest.raises(ValueError, match="scan_dims must be"):
+        index.scan_dims = -1
+    with pytest.raises(ValueError, match='needs dtype "f16" or "i8"'):
+        IVFIndex(32, "cos", "f32", scan_dims=8)
+    with pytest.raises(ValueError, match='needs metric "cos" or "ip"'):
+        IVFIndex(32, "l2", "i8", scan_dims=8)
+
+
 def test_errors_match_index():
     ivf = IVFIndex(4, "cos", nlist=2, train_threshold=0)
     ivf.add([1, 2], np.eye(4, dtype=np.float32)[:2])
@@ -372,3 +428,26 @@ class IVFCodesModel(IVFModel):
 
 TestIVFCodesModel = IVFCodesModel.TestCase
 TestIVFCodesModel.settings = TestIVFModel.settings
+
+
+class IVFScanDimsModel(IVFModel):
+    """f16 lists and batches ranked by 2 of 4 principal directions: a model this small holds
+    fewer vectors than the batch re-scores (k + max(k, 64)), so batches stay exact, and the
+    reduced packed copies must follow every add, upsert, removal and retraining."""
+
+    def __init__(self):
+        super().__init__()
+        self.index = IVFIndex(DIM, "ip", "f16", nlist=3, nprobe=3, train_threshold=6, seed=1, scan_dims=2)
+
+    @rule(queries=st.lists(VECTOR, min_size=8, max_size=10), k=st.integers(1, 20))
+    def search_batch(self, queries, k):
+        got_keys, got_scores = self.index.search(np.array(queries, np.float32), k=k)
+        for row_keys, row_scores, query in zip(got_keys, got_scores, queries):
+            q = np.array(query, np.float64)
+            want = sorted((-float(v @ q), key) for key, v in self.model.items())[:k]
+            assert row_keys[: len(want)].tolist() == [key for _, key in want]
+            assert row_scores[: len(want)].tolist() == [-s for s, _ in want]
+
+
+TestIVFScanDimsModel = IVFScanDimsModel.TestCase
+TestIVFScanDimsModel.settings = TestIVFModel.settings

@@ -148,6 +148,13 @@ class IVFIndex:
       re-score their best ``shortlist`` candidates (default 100) from the stored vectors: a
       graph's single-query speed for ``pq / 2`` bytes a vector. Batches scan the stored vectors
       as without codes. Results report the stored vectors' scores either way.
+    - ``scan_dims > 0`` (dtype "f16" / "i8", metric "cos" / "ip"): batches rank by the
+      vectors projected onto their ``scan_dims`` principal directions (computed by the first
+      batch from a sample of the stored vectors, kept until the next training), then re-score
+      each query's best ``k + max(k, 64)`` from the stored vectors. Fewer multiply-adds and a
+      smaller packed copy for real embeddings, whose variance sits in few directions (MiniLM:
+      192 of 384 keep 99.96% of the true top 10 among the re-scored); batches are then
+      approximate even at ``nprobe >= nlist``. Single queries are unaffected.
     - ``remove`` swaps the list's last vector into the hole (O(1), no tombstones).
     - Every call releases the GIL; searches run concurrently, writes are exclusive.
     """
@@ -164,6 +171,7 @@ class IVFIndex:
         train_threshold: Optional[int] = None,
         pq: int = 0,
         shortlist: Optional[int] = None,
+        scan_dims: int = 0,
     ) -> IVFIndex: ...
     @property
     def dim(self) -> int: ...
@@ -192,6 +200,12 @@ class IVFIndex:
         """Candidates of the code scan re-scored from the stored vectors (settable, >= 1)."""
     @shortlist.setter
     def shortlist(self, value: int) -> None: ...
+    @property
+    def scan_dims(self) -> int:
+        """Principal directions batches rank by (settable; 0: all dimensions, else below
+        ``dim``; f16 / i8 under cos / ip only)."""
+    @scan_dims.setter
+    def scan_dims(self, value: int) -> None: ...
     @property
     def seed(self) -> int: ...
     @property

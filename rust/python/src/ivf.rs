@@ -57,7 +57,7 @@ impl PyIvfIndex {
 #[pymethods]
 impl PyIvfIndex {
     #[new]
-    #[pyo3(signature = (dim, metric = "cos", dtype = "f32", nlist = 1024, nprobe = None, rerank = 0, seed = 0, train_threshold = None, pq = 0, shortlist = None))]
+    #[pyo3(signature = (dim, metric = "cos", dtype = "f32", nlist = 1024, nprobe = None, rerank = 0, seed = 0, train_threshold = None, pq = 0, shortlist = None, scan_dims = 0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         dim: i64,
@@ -70,6 +70,7 @@ impl PyIvfIndex {
         train_threshold: Option<i64>,
         pq: i64,
         shortlist: Option<i64>,
+        scan_dims: i64,
     ) -> PyResult<Self> {
         let metric = Metric::parse(metric).map_err(to_py_err)?;
         let dtype = DType::parse(dtype).map_err(to_py_err)?;
@@ -96,6 +97,7 @@ impl PyIvfIndex {
             }
             params.shortlist = count_arg(s, "shortlist", 1)?;
         }
+        params.scan_dims = count_arg(scan_dims, "scan_dims", 0)?;
         Ok(Self::wrap(
             IvfIndex::new(dim, metric, dtype, params).map_err(to_py_err)?,
         ))
@@ -163,6 +165,18 @@ impl PyIvfIndex {
     }
 
     #[getter]
+    fn scan_dims(&self, py: Python<'_>) -> usize {
+        py.detach(|| self.inner.read().params().scan_dims)
+    }
+
+    #[setter]
+    fn set_scan_dims(&self, py: Python<'_>, value: i64) -> PyResult<()> {
+        let value = count_arg(value, "scan_dims", 0)?;
+        py.detach(|| self.inner.write().set_scan_dims(value))
+            .map_err(to_py_err)
+    }
+
+    #[getter]
     fn seed(&self, py: Python<'_>) -> u64 {
         py.detach(|| self.inner.read().params().seed)
     }
@@ -199,11 +213,14 @@ impl PyIvfIndex {
             (g.len(), g.params(), g.is_trained(), g.is_read_only())
         });
         let ro = if ro { ", read_only=True" } else { "" };
-        let pq = if p.pq > 0 {
+        let mut pq = if p.pq > 0 {
             format!(", pq={}, shortlist={}", p.pq, p.shortlist)
         } else {
             String::new()
         };
+        if p.scan_dims > 0 {
+            pq += &format!(", scan_dims={}", p.scan_dims);
+        }
         format!(
             "IVFIndex(dim={}, metric='{}', dtype='{}', nlist={}, nprobe={}, rerank={}{pq}, \
              trained={}, len={len}{ro})",

@@ -19,7 +19,8 @@
 //!     56     8  train_threshold (u64)
 //!     64     4  pq (u32): 4-bit product-quantization sub-quantizers, 0 = none
 //!     68     4  shortlist (u32); 0 when pq = 0
-//!     72    40  reserved, zero
+//!     72     4  scan_dims (u32): principal directions batches rank by, 0 = all
+//!     76    36  reserved, zero
 //!    112     8  xxh3-64 of the data sections (vectors, float32 copies, codes)
 //!    120     8  xxh3-64 of bytes 0..120 and of every byte from 128 up to the vectors
 //!    128  8*L   list sizes (u64), L = lists stored
@@ -35,7 +36,8 @@
 //!      .     .  codes, list by list: ceil(size / 32) blocks of 16*pq bytes (trained with pq
 //!               > 0 only; the layout of `pq.rs`, unused rows of a last block zero)
 //! ```
-//! Files without codes are byte for byte what builds before `pq` wrote (pq and shortlist 0).
+//! Files without codes and with scan_dims 0 are byte for byte what builds before `pq` wrote
+//! (pq, shortlist and scan_dims 0).
 //! The file ends exactly where the last section ends. Every section offset follows from the
 //! header, so nothing else can disagree with it; `parse` checks all of it but the data
 //! checksum, which `verify` (or a load with verify=true) checks.
@@ -266,7 +268,7 @@ fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
     if bytes[12..16]
         .iter()
         .chain(&bytes[23..24])
-        .chain(&bytes[72..112])
+        .chain(&bytes[76..112])
         .any(|&b| b != 0)
     {
         return bad("corrupt header: reserved bytes are not zero");
@@ -284,8 +286,9 @@ fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
             .map_err(|_| "corrupt header: train_threshold".to_string())?,
         pq: m,
         shortlist: if m == 0 { DEFAULT_SHORTLIST } else { shortlist },
+        scan_dims: u32_at(bytes, 72) as usize,
     };
-    if super::check_params(dim, dtype, &params).is_err() {
+    if super::check_params(dim, dtype, metric, &params).is_err() {
         return bad("corrupt header: invalid parameters");
     }
     if params.rerank > 0 && !exact {
@@ -437,6 +440,7 @@ fn build(src: Source<'_>, l: &Layout) -> std::result::Result<IvfIndex, String> {
         lists,
         map,
         codebooks,
+        directions: Default::default(),
         mapped: None,
     };
     index.set_centroids(centroids);
@@ -605,6 +609,7 @@ impl IvfIndex {
             let shortlist = p.shortlist.min(u32::MAX as usize) as u32;
             head[68..72].copy_from_slice(&shortlist.to_le_bytes());
         }
+        head[72..76].copy_from_slice(&(p.scan_dims as u32).to_le_bytes());
         head[112..120].copy_from_slice(&h.digest().to_le_bytes());
         let checksum = meta_checksum(&head[..120], &meta);
         head[120..128].copy_from_slice(&checksum.to_le_bytes());

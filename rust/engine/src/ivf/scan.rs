@@ -13,7 +13,7 @@
 //! indexed by pair.
 
 use super::pq::Pq;
-use super::{IvfIndex, List};
+use super::{project, IvfIndex, List};
 use crate::kernels;
 use crate::matmul::{self, PackedQueries, Product, Src, Workspace};
 use crate::search::{self, Plan, Rows};
@@ -62,6 +62,9 @@ pub(crate) type Select = TopK<Cand>;
 pub(crate) struct ScanSpec {
     pub metric: Metric,
     pub dim: usize,
+    /// Dimensions of the product's operands: `dim`, or `scan_dims` when a batch ranks by the
+    /// principal directions.
+    pub pdim: usize,
     /// The product a batch runs (its scores are the candidate scores).
     pub product: Product,
     /// Candidates kept per (query, list) pair and per query.
@@ -90,11 +93,32 @@ pub(crate) fn batch_product(dtype: DType) -> Product {
 /// operand: a list costs a copy of its queries per batch, not a quantization and packing.
 pub(crate) type PackCache = std::sync::OnceLock<PackedQueries>;
 
-fn pack_rows(list: &List, product: Product, dim: usize, buf: &mut Vec<f32>) -> PackedQueries {
+fn pack_rows(
+    list: &List,
+    spec: ScanSpec,
+    directions: Option<&[f32]>,
+    s: &mut Scratch,
+) -> PackedQueries {
+    let (dim, level, n) = (spec.dim, kernels::level(), list.len());
     // i8 rows dequantized and quantized again give back the same integers (the largest
     // |value| of a row is 127) and the scale to an ulp.
-    let rows = list.rows().to_f32(dim, buf);
-    PackedQueries::new(product, kernels::level(), list.len(), dim, rows)
+    let rows = list.rows().to_f32(dim, &mut s.conv);
+    match directions {
+        Some(d) => {
+            project::project(rows, dim, d, spec.pdim, &mut s.proj, &mut s.ws);
+            PackedQueries::new(spec.product, level, n, spec.pdim, &s.proj)
+        }
+        None => PackedQueries::new(spec.product, level, n, dim, rows),
+    }
+}
+
+/// What a batch's product multiplies: the queries as they are (`directions` None), or
+/// projected onto the first `pdim` principal directions (`scan_dims`), with the rows packed
+/// the same way. `queries` holds `spec.pdim` values per query.
+#[derive(Clone, Copy)]
+pub(crate) struct Reduced<'a> {
+    pub directions: Option<&'a [f32]>,
+    pub queries: &'a [f32],
 }
 
 /// Queries quantized for the i8 product (as stored rows are: one i8 copy and scale each).
@@ -154,6 +178,7 @@ struct Scratch {
     tile: Vec<f32>,
     ints: Vec<i64>,
     conv: Vec<f32>,
+    proj: Vec<f32>,
     ws: Workspace,
     sels: Vec<Select>,
     qi8: Vec<i8>,
@@ -270,6 +295,7 @@ fn scan_list(
     by_product: bool,
     qs: &[u32],
     queries: &[f32],
+    reduced: Reduced<'_>,
     floors: &[f32],
     q16: Option<&Q16>,
     q8: Option<&Q8>,
@@ -292,9 +318,9 @@ fn scan_list(
     // A product pays packing and setup per call: lists probed by fewer than
     // PRODUCT_MIN_QUERIES queries of the batch (both rounds) run the single-query kernels.
     let product = spec.parallel && by_product;
-    if product && spec.product != Product::F32 {
+    if product && (spec.product != Product::F32 || reduced.directions.is_some()) {
         scan_list_packed(
-            spec, list, qs, queries, floors, q8, excluded, out, counts, s,
+            spec, list, qs, reduced, floors, q8, excluded, out, counts, s,
         );
         return;
     }
@@ -389,7 +415,7 @@ fn scan_list_packed(
     spec: ScanSpec,
     list: &List,
     qs: &[u32],
-    queries: &[f32],
+    reduced: Reduced<'_>,
     floors: &[f32],
     q8: Option<&Q8>,
     excluded: Option<&FxHashSet<u64>>,
@@ -398,7 +424,8 @@ fn scan_list_packed(
     s: &mut Scratch,
 ) {
     const LANES: usize = 16;
-    let dim = spec.dim;
+    let (dim, pdim) = (spec.dim, spec.pdim);
+    let queries = reduced.queries;
     let kc = spec.kc;
     let n = list.len();
     let keys = list.keys.as_slice();
@@ -406,7 +433,7 @@ fn scan_list_packed(
     let l2 = spec.metric == Metric::L2;
     let packed = list
         .packed
-        .get_or_init(|| pack_rows(list, spec.product, dim, &mut s.conv));
+        .get_or_init(|| pack_rows(list, spec, reduced.directions, s));
     if l2 {
         row_sqnorms(list.rows(), dim, &mut s.rnorms, &mut s.conv);
     }
@@ -426,7 +453,7 @@ fn scan_list_packed(
                 s.qsc.clear();
                 for &q in &qs[b0..b1] {
                     let q = q as usize;
-                    s.qi8.extend_from_slice(&q8.data[q * dim..(q + 1) * dim]);
+                    s.qi8.extend_from_slice(&q8.data[q * pdim..(q + 1) * pdim]);
                     s.qsc.push(q8.scales[q]);
                 }
                 Src::I8 {
@@ -438,7 +465,7 @@ fn scan_list_packed(
                 s.qbuf.clear();
                 for &q in &qs[b0..b1] {
                     s.qbuf
-                        .extend_from_slice(&queries[q as usize * dim..(q as usize + 1) * dim]);
+                        .extend_from_slice(&queries[q as usize * pdim..(q as usize + 1) * pdim]);
                 }
                 Src::F32(&s.qbuf)
             }
@@ -560,6 +587,7 @@ impl IvfIndex {
         &self,
         spec: ScanSpec,
         queries: &[f32],
+        reduced: Reduced<'_>,
         probes: &(Vec<usize>, Vec<u32>),
         q16: Option<&Q16>,
         q8: Option<&Q8>,
@@ -592,12 +620,18 @@ impl IvfIndex {
         for &l in flat.iter() {
             probed[l as usize] += 1;
         }
-        let by_product: Vec<bool> = probed.iter().map(|&c| c >= PRODUCT_MIN_QUERIES).collect();
+        // A reduced scan's scores are not the exact ones: every list takes the product then.
+        let reduced_scan = reduced.directions.is_some();
+        let by_product: Vec<bool> = probed
+            .iter()
+            .map(|&c| c >= PRODUCT_MIN_QUERIES || reduced_scan)
+            .collect();
         let mut floors = vec![f32::NEG_INFINITY; nq];
         let h1 = self.scan_pairs(
             spec,
             &by_product,
             queries,
+            reduced,
             &round1,
             &floors,
             q16,
@@ -638,6 +672,7 @@ impl IvfIndex {
             spec,
             &by_product,
             queries,
+            reduced,
             &round2,
             &floors,
             q16,
@@ -675,6 +710,7 @@ impl IvfIndex {
         spec: ScanSpec,
         by_product: &[bool],
         queries: &[f32],
+        reduced: Reduced<'_>,
         pairs: &[(u32, u32)],
         floors: &[f32],
         q16: Option<&Q16>,
@@ -724,6 +760,7 @@ impl IvfIndex {
                     by_product[l],
                     &list_queries[start[l]..start[l + 1]],
                     queries,
+                    reduced,
                     floors,
                     q16,
                     q8,

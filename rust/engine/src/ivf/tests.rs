@@ -15,14 +15,27 @@ fn params(nlist: usize) -> IvfParams {
     }
 }
 
+/// A trained IVF index of `nlist` lists holding `keys` -> `v`, and its exact twin.
+fn twins(
+    metric: Metric,
+    dtype: DType,
+    dim: usize,
+    nlist: usize,
+    keys: &[u64],
+    v: &[f32],
+) -> (IvfIndex, Index) {
+    let mut ivf = IvfIndex::new(dim, metric, dtype, params(nlist)).unwrap();
+    ivf.add(keys, v).unwrap();
+    ivf.train(v).unwrap();
+    let mut flat = Index::new(dim, metric, dtype).unwrap();
+    flat.add(keys, v).unwrap();
+    (ivf, flat)
+}
+
 fn pair(metric: Metric, dtype: DType, n: usize, dim: usize) -> (IvfIndex, Index, Vec<u64>) {
     let v = data(1, n, dim);
     let keys: Vec<u64> = (0..n as u64).map(|k| k * 7 + 3).collect();
-    let mut ivf = IvfIndex::new(dim, metric, dtype, params(8)).unwrap();
-    ivf.add(&keys, &v).unwrap();
-    ivf.train(&v).unwrap();
-    let mut flat = Index::new(dim, metric, dtype).unwrap();
-    flat.add(&keys, &v).unwrap();
+    let (ivf, flat) = twins(metric, dtype, dim, 8, &keys, &v);
     (ivf, flat, keys)
 }
 
@@ -221,11 +234,7 @@ fn clustered_pair(
         .map(|i| centres[(i / dim % 16) * dim + i % dim] + 0.3 * noise[i])
         .collect();
     let keys: Vec<u64> = (0..n as u64).map(|k| k * 5 + 1).collect();
-    let mut ivf = IvfIndex::new(dim, metric, dtype, params(nlist)).unwrap();
-    ivf.add(&keys, &v).unwrap();
-    ivf.train(&v).unwrap();
-    let mut flat = Index::new(dim, metric, dtype).unwrap();
-    flat.add(&keys, &v).unwrap();
+    let (ivf, flat) = twins(metric, dtype, dim, nlist, &keys, &v);
     (ivf, flat, v)
 }
 
@@ -515,4 +524,153 @@ fn a_batch_beyond_the_pair_limit_runs_in_chunks_with_the_same_results() {
         }
         assert!(ids.iter().all(|key| !exclude.contains(key)));
     }
+}
+
+/// `n` rows of `dim` values lying in a `rank`-dimensional subspace (random directions), and
+/// their exact twin: projected onto `rank` principal directions they keep every inner product.
+fn low_rank_pair(
+    metric: Metric,
+    dtype: DType,
+    n: usize,
+    dim: usize,
+    rank: usize,
+) -> (IvfIndex, Index, Vec<f32>) {
+    let basis = data(31, rank, dim);
+    let w = data(32, n, rank);
+    let v: Vec<f32> = (0..n * dim)
+        .map(|i| {
+            (0..rank)
+                .map(|b| w[(i / dim) * rank + b] * basis[b * dim + i % dim])
+                .sum()
+        })
+        .collect();
+    let keys: Vec<u64> = (0..n as u64).map(|k| k * 3 + 2).collect();
+    let (ivf, flat) = twins(metric, dtype, dim, 16, &keys, &v);
+    (ivf, flat, v)
+}
+
+/// A batch ranking by `scan_dims` principal directions re-scores its candidates from the rows:
+/// on data of that rank, with every list probed, it returns the exact index's keys and its
+/// single-query scores bit for bit; alone, a query does not use the directions at all.
+#[test]
+fn a_batch_ranking_by_principal_directions_re_scores_to_the_exact_results() {
+    for metric in [Metric::Cos, Metric::Ip] {
+        for dtype in [DType::F16, DType::I8] {
+            let (dim, rank) = (48, 12);
+            let (mut ivf, flat, v) = low_rank_pair(metric, dtype, 3000, dim, rank);
+            ivf.set_nprobe(16).unwrap();
+            ivf.set_scan_dims(rank).unwrap();
+            // queries: stored rows, slightly moved within the subspace
+            let q: Vec<f32> = v[..40 * dim]
+                .iter()
+                .zip(&v[dim..41 * dim])
+                .map(|(a, b)| a + 0.1 * b)
+                .collect();
+            for k in [1, 10, 40] {
+                let (a_ids, a_s, _) = ivf.search(&q, k, None).unwrap();
+                let mut b_ids = Vec::new();
+                let mut b_s = Vec::new();
+                for qv in q.chunks_exact(dim) {
+                    let (i, s, _) = flat.search(qv, k, None).unwrap();
+                    b_ids.extend(i);
+                    b_s.extend(s);
+                }
+                assert_eq!(a_ids, b_ids, "{metric:?} {dtype:?} k={k}");
+                let bits = |s: &[f32]| s.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a_s), bits(&b_s), "{metric:?} {dtype:?} k={k}");
+            }
+            assert!(
+                ivf.directions.get().is_some(),
+                "the batch computed the directions"
+            );
+            // Changing scan_dims repacks the lists: still exact with all dims but one.
+            ivf.set_scan_dims(dim - 1).unwrap();
+            let (a_ids, _, _) = ivf.search(&q, 10, None).unwrap();
+            let (b_ids, _, _) = ivf.search(&q[..dim], 10, None).unwrap();
+            assert_eq!(&a_ids[..10], &b_ids[..], "{metric:?} {dtype:?}");
+            // Training again drops the directions (the next batch computes them anew).
+            ivf.retrain().unwrap();
+            assert!(ivf.directions.get().is_none());
+        }
+    }
+}
+
+/// Too few dimensions drop true neighbours from the ranking (the margin is finite), yet every
+/// reported score is the exact score of its key and the order is by score, then key.
+#[test]
+fn a_reduced_scan_reports_exact_scores_even_where_it_loses_neighbours() {
+    let (dim, n) = (32, 2000);
+    let v = data(41, n, dim);
+    let keys: Vec<u64> = (0..n as u64).collect();
+    let mut ivf = IvfIndex::new(dim, Metric::Ip, DType::F16, params(8)).unwrap();
+    ivf.add(&keys, &v).unwrap();
+    ivf.train(&v).unwrap();
+    ivf.set_nprobe(8).unwrap();
+    ivf.set_scan_dims(2).unwrap();
+    let q = data(42, 16, dim);
+    let (ids, scores, kp) = ivf.search(&q, 10, None).unwrap();
+    assert_eq!(kp, 10);
+    let mut flat = Index::new(dim, Metric::Ip, DType::F16).unwrap();
+    flat.add(&keys, &v).unwrap();
+    let (exact, _, _) = flat.search(&q, 10, None).unwrap();
+    let found = ids.iter().zip(&exact).filter(|(a, b)| a == b).count();
+    assert!(
+        found < 160,
+        "2 of 32 random dimensions should not rank like all 32"
+    );
+    for (qi, qv) in q.chunks_exact(dim).enumerate() {
+        let row = &ids[qi * 10..(qi + 1) * 10];
+        let got = &scores[qi * 10..(qi + 1) * 10];
+        let want = ivf.get(row).unwrap();
+        for (j, (&s, r)) in got.iter().zip(want.chunks_exact(dim)).enumerate() {
+            let dot: f32 = qv.iter().zip(r).map(|(a, b)| a * b).sum();
+            assert!(
+                (s - dot).abs() <= 1e-4 * (1.0 + dot.abs()),
+                "query {qi} rank {j}: {s} vs {dot}"
+            );
+            if j > 0 {
+                assert!(got[j - 1] > s || (got[j - 1] == s && row[j - 1] < row[j]));
+            }
+        }
+    }
+}
+
+#[test]
+fn scan_dims_is_checked_and_survives_save_and_load() {
+    let dim = 16;
+    let bad = |metric, dtype, d| {
+        let p = IvfParams {
+            scan_dims: d,
+            ..params(4)
+        };
+        IvfIndex::new(dim, metric, dtype, p)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(bad(Metric::Cos, DType::F16, 16).contains("below dim = 16, got 16"));
+    assert!(bad(Metric::Cos, DType::F32, 8).contains("needs dtype \"f16\" or \"i8\""));
+    assert!(bad(Metric::L2, DType::I8, 8).contains("needs metric \"cos\" or \"ip\""));
+    let mut ivf = IvfIndex::new(dim, Metric::Cos, DType::F32, params(4)).unwrap();
+    assert!(ivf
+        .set_scan_dims(4)
+        .unwrap_err()
+        .to_string()
+        .contains("needs dtype"));
+    ivf.set_scan_dims(0).unwrap();
+
+    let (mut ivf, _, v) = low_rank_pair(Metric::Cos, DType::I8, 1500, dim, 6);
+    ivf.set_nprobe(3).unwrap();
+    ivf.set_scan_dims(5).unwrap();
+    let q = data(43, 30, dim);
+    let before = ivf.search(&q, 10, None).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.lcivf");
+    ivf.save(&path).unwrap();
+    for mmap in [false, true] {
+        let loaded = IvfIndex::load(&path, mmap, true).unwrap();
+        assert_eq!(loaded.params().scan_dims, 5);
+        // The directions come again from the same contents: the same results.
+        assert_eq!(loaded.search(&q, 10, None).unwrap(), before, "mmap={mmap}");
+    }
+    drop(v);
 }
