@@ -125,6 +125,18 @@ def test_wheel_installs_outside_the_checkout_and_searches(wheel: Path, tmp_path:
     assert str(Path(info["engine"]).resolve()).startswith(site), info
     assert info["training"] is False  # the product runs without the research code
 
+    # The IVF index from the wheel: a batch ranked by principal directions (scan_dims)
+    # returns each query's own stored vector first.
+    ivf = (
+        "import numpy as np, leanclip; x = np.random.default_rng(0).standard_normal((3000, 32)).astype('f4'); "
+        "i = leanclip.IVFIndex(32, 'cos', 'f16', nlist=16, nprobe=16, train_threshold=0, scan_dims=16); "
+        "i.train(x); i.add(np.arange(3000, dtype=np.uint64), x); k, _ = i.search(x[:50], k=1); "
+        "assert k[:, 0].tolist() == list(range(50)), k[:, 0]; print(i)"
+    )
+    proc = _run([str(py), "-c", ivf], env, work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "scan_dims=16" in proc.stdout, proc.stdout
+
     leanclip = str(env_dir / "bin" / "leanclip")
     proc = _run([leanclip, "models", "build-starter"], env, work, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
