@@ -54,14 +54,8 @@ def bundle(tmp_path_factory):
     return root, valid
 
 
-# Exceptions read_manifest is known to leak today (bugs in python/leanclip/bundle.py, each
-# pinned by a strict xfail in test_hostile_manifest). The random tests tolerate only these, so
-# they keep finding anything new; delete an entry once bundle.py is fixed.
-KNOWN_LEAKS: list = []  # exceptions read_manifest is known to leak: none since bundle.py validates types
-
-
-def outcome(root: Path, tolerate_known: bool = True) -> str:
-    """Runs read_manifest; returns 'ok', 'BundleError' or 'known-bug', fails on anything else."""
+def outcome(root: Path) -> str:
+    """Runs read_manifest; returns 'ok' or 'BundleError', fails on anything else."""
     try:
         read_manifest(root, verify=True)
         return "ok"
@@ -69,8 +63,6 @@ def outcome(root: Path, tolerate_known: bool = True) -> str:
         assert str(e), "empty BundleError message"
         return "BundleError"
     except Exception as e:  # noqa: BLE001 - the finding
-        if tolerate_known and any(type(e) is t and m in str(e) for t, m in KNOWN_LEAKS):
-            return "known-bug"
         pytest.fail(
             f"read_manifest raised {type(e).__name__}: {e!r} (expected BundleError)\n"
             f"manifest: {(root / 'leanclip.json').read_bytes()[:600]!r}"
@@ -135,14 +127,14 @@ def test_mutated_manifest_values(bundle, data):
 def test_random_bytes_manifest(bundle, blob):
     root, _ = bundle
     (root / "leanclip.json").write_bytes(blob)
-    assert outcome(root) in ("BundleError", "known-bug")
+    assert outcome(root) == "BundleError"
 
 
 def test_truncated_and_flipped_manifest_text(bundle):
     root, valid = bundle
     text = json.dumps(valid, indent=2).encode()
     rng = random.Random(6)
-    seen = {"ok": 0, "BundleError": 0, "known-bug": 0}
+    seen = {"ok": 0, "BundleError": 0}
     for n in range(len(text)):
         (root / "leanclip.json").write_bytes(text[:n])
         assert outcome(root) == "BundleError", n
@@ -208,16 +200,11 @@ def hostile_docs(valid: dict) -> dict[str, str]:
     return out
 
 
-KNOWN_BUGS: dict = {}  # hostile case -> bug; all fixed in bundle.py (types, ranges, json errors)
-
-
 @pytest.mark.parametrize("case", list(HOSTILE))
-def test_hostile_manifest(bundle, case, request):
-    if case in KNOWN_BUGS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=f"bundle.py bug: {KNOWN_BUGS[case]}"))
+def test_hostile_manifest(bundle, case):
     root, valid = bundle
     (root / "leanclip.json").write_text(hostile_docs(valid)[case], encoding="utf-8", errors="surrogatepass")
-    assert outcome(root, tolerate_known=False) == "BundleError"
+    assert outcome(root) == "BundleError"
 
 
 def test_bundle_directory_problems(tmp_path):
