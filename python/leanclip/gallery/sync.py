@@ -244,7 +244,8 @@ def run_update(g: "Gallery", progress: Optional[Progress] = None) -> UpdateSumma
         next_key = int(meta["next_key"])
         index: Any = None
         reset_reason = ""
-        if meta.get("model_id") and meta["model_id"] != enc.model_id:
+        model_changed = bool(meta.get("model_id")) and meta["model_id"] != enc.model_id
+        if model_changed:
             reset_reason = f"model changed from {meta['model_id']} to {enc.model_id}: re-encoding all files"
         elif gen > 0:
             try:
@@ -270,7 +271,9 @@ def run_update(g: "Gallery", progress: Optional[Progress] = None) -> UpdateSumma
         if index is None:
             index = Index(enc.dim, dtype=want_dtype)  # type: ignore[arg-type]
         if reset_reason:
-            conn.execute("UPDATE files SET status='pending', key=NULL WHERE status='ok'")
+            # a new model also retries the files the old one failed: the failure may have been its own
+            retry = "('ok', 'failed')" if model_changed else "('ok')"
+            conn.execute(f"UPDATE files SET status='pending', key=NULL WHERE status IN {retry}")
             summary.recovered = reset_reason
         db.set_meta(conn, "model_id", enc.model_id)
         db.set_meta(conn, "dim", enc.dim)
