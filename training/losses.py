@@ -47,6 +47,19 @@ def intra_modal_infonce(student: torch.Tensor, teacher: torch.Tensor, temperatur
     return infonce(student, teacher.detach(), 1.0 / temperature)
 
 
+def intra_modal_infonce_learned(
+    student: torch.Tensor, teacher: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """Eq. 2/3 with a learned temperature: ``logit_scale`` is log(1/tau), trained as CLIP's
+    (1/tau clamped at 100)."""
+    return infonce(student, teacher.detach(), _scale(logit_scale))
+
+
+def temperature(logit_scale: torch.Tensor) -> float:
+    """tau of a learned ``logit_scale`` (log(1/tau)), with the clamp the losses apply."""
+    return float(1.0 / _scale(logit_scale.detach()))
+
+
 def embedding_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Stage-1 MSE ablation: mean squared error between normalized embeddings."""
     return F.mse_loss(_normalize(student), _normalize(teacher.detach()))

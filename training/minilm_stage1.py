@@ -285,30 +285,59 @@ def distill(
     loss_name: str,
     train: Dict[str, Any],
     seed: int,
+    learn_temperature: bool = False,
+    checkpoint: Optional[Path] = None,
+    checkpoint_every: int = 100,
 ) -> List[Dict[str, float]]:
-    """Train ``student`` towards the teacher embeddings ``targets`` of ``texts``; returns the log."""
-    from training.losses import embedding_mse, intra_modal_infonce
+    """Train ``student`` towards the teacher embeddings ``targets`` of ``texts``; returns the log.
+
+    ``learn_temperature`` (InfoNCE only) trains tau as CLIP does: a log(1/tau) scalar starting at
+    ``train["temperature"]``, no weight decay, 1/tau clamped at 100. With ``checkpoint`` the run
+    saves its whole state there every ``checkpoint_every`` steps and picks up from it when
+    started again (batch order, dropout RNG and optimizer included), then deletes it."""
+    from training.losses import embedding_mse, intra_modal_infonce, intra_modal_infonce_learned, temperature
     from training.train_utils import cosine_with_warmup, make_optimizer, scaled_warmup
 
     if loss_name not in ("infonce", "mse"):
         raise ValueError(f"loss must be infonce or mse to train, got {loss_name!r}")
+    if learn_temperature and loss_name != "infonce":
+        raise ValueError("a learned temperature needs the infonce loss")
     steps, batch = int(train["steps"]), int(train["batch_size"])
-    optimizer = make_optimizer(student.named_parameters(), float(train["lr"]), float(train["weight_decay"]))
+    params = list(student.named_parameters())
+    logit_scale = None
+    if learn_temperature:
+        logit_scale = nn.Parameter(torch.tensor(float(np.log(1.0 / float(train["temperature"])))))
+        params.append(("logit_scale", logit_scale))
+    optimizer = make_optimizer(params, float(train["lr"]), float(train["weight_decay"]))
     scheduler = cosine_with_warmup(optimizer, scaled_warmup(int(train["warmup_steps"]), steps), steps)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(texts), generator=gen)
     history: List[Dict[str, float]] = []
+    pos, start = 0, 0
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        student.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        order, pos, start, history = state["order"], state["pos"], state["step"], state["history"]
+        if logit_scale is not None:
+            with torch.no_grad():
+                logit_scale.copy_(state["logit_scale"])
+        log.info("%s resumed at step %d/%d from %s", loss_name, start, steps, checkpoint)
     student.train()
     t0 = time.perf_counter()
-    pos = 0
-    for step in range(steps):
+    for step in range(start, steps):
         if pos + batch > len(order):  # next epoch
             order, pos = torch.randperm(len(texts), generator=gen), 0
         idx = order[pos : pos + batch]
         pos += batch
         ids, mask = tokenize(tokenizer, [texts[i] for i in idx.tolist()])
         out = student(ids, mask)
-        if loss_name == "infonce":
+        if logit_scale is not None:
+            loss = intra_modal_infonce_learned(out, targets[idx], logit_scale)
+        elif loss_name == "infonce":
             loss = intra_modal_infonce(out, targets[idx], float(train["temperature"]))
         else:
             loss = embedding_mse(out, targets[idx])
@@ -320,7 +349,10 @@ def distill(
             raise FloatingPointError(f"{loss_name} loss became {loss.item()} at step {step}")
         with torch.no_grad():
             cos = F.cosine_similarity(out.detach(), targets[idx]).mean().item()
-        history.append({"step": step + 1, "loss": float(loss.item()), "cos_to_teacher": cos})
+        entry = {"step": step + 1, "loss": float(loss.item()), "cos_to_teacher": cos}
+        if logit_scale is not None:
+            entry["temperature"] = temperature(logit_scale)
+        history.append(entry)
         if (step + 1) % int(train["log_every"]) == 0 or step + 1 == steps:
             log.info(
                 "%s step %d/%d loss %.4f cos %.3f (%.1fs)",
@@ -331,6 +363,25 @@ def distill(
                 cos,
                 time.perf_counter() - t0,
             )
+        if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            state = {
+                "student": student.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "gen": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "order": order,
+                "pos": pos,
+                "step": step + 1,
+                "history": history,
+                "logit_scale": None if logit_scale is None else logit_scale.detach().clone(),
+            }
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            tmp = checkpoint.with_suffix(".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, checkpoint)  # a kill mid-save leaves the previous checkpoint
+    if checkpoint is not None and checkpoint.is_file():
+        checkpoint.unlink()
     student.eval()
     return history
 
@@ -358,9 +409,19 @@ class CaptionEval:
     targets: torch.Tensor
 
 
-def caption_eval_set(teacher: nn.Module, tokenizer: Any, photo_dir: Path) -> CaptionEval:
-    """The starter image tower's embeddings of the captioned sample photos (teacher text space)."""
-    from leanclip.encoder import _load_image, preprocess_image
+CAPTION_SETS = {
+    "tuning": ROOT / "benchmarks/data/sample_captions.json",  # 36 captions, used to tune the starter
+    "heldout": ROOT / "benchmarks/data/heldout_queries.json",  # 48 queries, never tuned on
+}
+
+
+def caption_eval_sets(
+    teacher: nn.Module, tokenizer: Any, photo_dir: Path, files: Dict[str, Path]
+) -> Dict[str, CaptionEval]:
+    """Per named json file of captions (``{"captions"|"queries": {photo: [text, ...]}}``): the
+    starter image tower's embeddings of the sample photos (teacher text space) and the targets."""
+    from leanclip.encoder import preprocess_image
+    from leanclip.images import load_image
     from leanclip.samples import collect_sample_photos
     from leanclip.starter import (
         DEFAULT_TEMPERATURE,
@@ -374,27 +435,38 @@ def caption_eval_set(teacher: nn.Module, tokenizer: Any, photo_dir: Path) -> Cap
         load_efficientnet_lite0,
     )
 
-    captions = json.loads((ROOT / "benchmarks/data/sample_captions.json").read_text(encoding="utf-8"))[
-        "captions"
-    ]
-    photos = [p for p in collect_sample_photos(photo_dir) if p.name in captions]
-    index = {p.name: i for i, p in enumerate(photos)}
-    texts, targets = [], []
-    for name, caps in captions.items():
-        for c in caps:
-            texts.append(c)
-            targets.append(index[name])
+    photos = collect_sample_photos(photo_dir)
     class_embeds = class_text_embeddings(teacher, tokenizer, list(imagenet_classnames()), DEFAULT_TEMPLATES)
     tower = ZeroShotImageTower(load_efficientnet_lite0(), class_embeds, DEFAULT_TEMPERATURE).eval()
     pixels = np.stack(
         [
-            preprocess_image(_load_image(p), IMAGE_SIZE, EFFICIENTNET_MEAN, EFFICIENTNET_STD, "bicubic")
+            preprocess_image(load_image(p), IMAGE_SIZE, EFFICIENTNET_MEAN, EFFICIENTNET_STD, "bicubic")
             for p in photos
         ]
     )
     with torch.no_grad():
-        image_embeds = tower(torch.from_numpy(pixels))
-    return CaptionEval(image_embeds, texts, torch.tensor(targets))
+        all_embeds = tower(torch.from_numpy(pixels))
+    out: Dict[str, CaptionEval] = {}
+    for name, path in files.items():
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        captions = doc.get("captions", doc.get("queries"))
+        keep = [i for i, p in enumerate(photos) if p.name in captions]
+        index = {photos[i].name: j for j, i in enumerate(keep)}
+        missing = sorted(set(captions) - set(index))
+        if missing:
+            raise FileNotFoundError(f"{path}: sample photos not available: {missing}")
+        texts, targets = [], []
+        for photo, caps in captions.items():
+            for c in caps:
+                texts.append(c)
+                targets.append(index[photo])
+        out[name] = CaptionEval(all_embeds[keep], texts, torch.tensor(targets))
+    return out
+
+
+def caption_eval_set(teacher: nn.Module, tokenizer: Any, photo_dir: Path) -> CaptionEval:
+    """The tuning captions' evaluation set (see :func:`caption_eval_sets`)."""
+    return caption_eval_sets(teacher, tokenizer, photo_dir, {"tuning": CAPTION_SETS["tuning"]})["tuning"]
 
 
 def caption_recall(tower: nn.Module, tokenizer: Any, ev: CaptionEval) -> Tuple[float, float]:
