@@ -20,6 +20,10 @@ Rules (public: ``from leanclip.images import load_image, ImageLoadError``):
   animation is used.
 * Every failure is an :class:`ImageLoadError` whose ``path`` and ``reason`` say which file and
   why; the reason is never empty.
+* Phone formats: HEIC/HEIF decode through pillow-heif, AVIF through Pillow's own plugin (Pillow
+  11.3 and later); both come with ``pip install 'leanclip[heif]'``. They pass the same checks as
+  any other format. A HEIF or AVIF file that the installed packages cannot open fails with a
+  reason naming that extra (:func:`register_formats`, :data:`PHONE_EXTENSIONS`).
 """
 
 from __future__ import annotations
@@ -38,11 +42,13 @@ from leanclip.errors import LeanclipError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "PHONE_EXTENSIONS",
     "MAX_ASPECT_RATIO",
     "ImageLoadError",
     "check_dimensions",
     "decode_image",
     "load_image",
+    "register_formats",
     "to_rgb",
 ]
 
@@ -51,6 +57,54 @@ __all__ = [
 DEFAULT_MAX_PIXELS = 64_000_000
 # Longest side / shortest side beyond which an image is refused (panoramas are up to ~12:1).
 MAX_ASPECT_RATIO = 50
+
+
+# HEIF (HEIC) and AVIF: the formats phones save, opened by pillow-heif / Pillow's AVIF plugin
+PHONE_EXTENSIONS = frozenset({".heic", ".heif", ".hif", ".avif"})
+# ISO base media "ftyp" brands (bytes 8-12 of the file) of HEIF stills and of AVIF
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"})
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+_formats_registered = False
+
+
+def register_formats() -> None:
+    """Register pillow-heif's HEIF opener with Pillow (once; a no-op when it is not installed).
+    AVIF needs nothing: Pillow 11.3 and later open it themselves."""
+    global _formats_registered
+    if _formats_registered:
+        return
+    _formats_registered = True
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return
+    register_heif_opener()
+
+
+def _missing_plugin(source: Any) -> Optional[str]:
+    """Why a file Pillow did not recognise cannot be read, when it is a HEIF or AVIF file that
+    the installed packages cannot open (the reason names the extra), else None."""
+    try:
+        if hasattr(source, "seek"):
+            source.seek(0)
+            head = source.read(12)
+        else:
+            with open(source, "rb") as fh:
+                head = fh.read(12)
+    except (OSError, ValueError):
+        return None
+    if head[4:8] != b"ftyp":
+        return None
+    brand = head[8:12]
+    if brand in _HEIF_BRANDS:
+        if "HEIF" in Image.ID:
+            return "corrupt HEIC/HEIF file (its header or image data cannot be read)"
+        return "HEIC/HEIF needs pillow-heif (not installed): pip install 'leanclip[heif]'"
+    if brand in _AVIF_BRANDS:
+        if "AVIF" in Image.ID:
+            return "corrupt AVIF file (its header or image data cannot be read)"
+        return "AVIF needs Pillow 11.3 or later with AVIF support: pip install 'leanclip[heif]'"
+    return None
 
 
 class ImageLoadError(LeanclipError, ValueError):
@@ -146,6 +200,7 @@ def decode_image(
     """:func:`load_image`'s decoding, from a path or an open binary file (bytes already read
     and checked by the caller, e.g. the server's verified file); ``where`` names it in errors.
     The file checks (regular, not empty) are the caller's."""
+    register_formats()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -170,7 +225,8 @@ def decode_image(
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(where, f"image too large (possible decompression bomb): {exc}") from None
     except Image.UnidentifiedImageError:
-        raise ImageLoadError(where, "not a recognised image format (corrupt or wrong extension)") from None
+        reason = _missing_plugin(source) or "not a recognised image format (corrupt or wrong extension)"
+        raise ImageLoadError(where, reason) from None
     except PermissionError:
         raise ImageLoadError(where, "permission denied") from None
     except MemoryError:
@@ -179,5 +235,6 @@ def decode_image(
         # Pillow reports truncated or corrupt data as OSError ("image file is truncated"),
         # SyntaxError (bad PNG chunks), ValueError or struct.error
         raise ImageLoadError(
-            where, f"truncated or corrupt image data ({type(exc).__name__}: {exc or 'no detail'})"
+            where,
+            f"truncated or corrupt image data ({type(exc).__name__}: {str(exc).strip() or 'no detail'})",
         ) from None
