@@ -8,8 +8,10 @@
 #   scripts/gpu_smoke.sh              # all GPUs of this machine, STEPS=300
 #   STEPS=100 scripts/gpu_smoke.sh
 #   scripts/gpu_smoke.sh --dry-run    # tiny models, 2 CPU processes, 3 steps (what CI checks)
+#   PYTHON=.venv/bin/python scripts/gpu_smoke.sh   # another interpreter (default python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"  # the interpreter to run (a venv's, say); not a bare `python`
 STEPS="${STEPS:-300}"
 OUT="${OUT:-gpu_smoke.json}"
 WORKDIR="${WORKDIR:-$(mktemp -d -t leanclip_smoke.XXXXXX)}"
@@ -17,7 +19,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # random weights only: never rea
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [[ "${1:-}" == "--dry-run" ]]; then
     export OMP_NUM_THREADS=1
-    exec python -m torch.distributed.run --standalone --nproc_per_node=2 \
+    exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=2 \
         -m training.step_timing --smoke --dry-run --steps "${STEPS_DRY:-3}" \
         --workdir "$WORKDIR" --json-out "$OUT"
 fi
@@ -27,5 +29,5 @@ if ! command -v nvidia-smi >/dev/null; then
 fi
 NGPU="$(nvidia-smi -L | wc -l)"
 echo "gpu_smoke.sh: $NGPU GPU(s), $STEPS steps per run, work dir $WORKDIR" >&2
-exec python -m torch.distributed.run --standalone --nproc_per_node="$NGPU" \
+exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" \
     -m training.step_timing --smoke --steps "$STEPS" --workdir "$WORKDIR" --json-out "$OUT"

@@ -44,3 +44,33 @@ def test_gpu_smoke_dry_run(tmp_path: Path) -> None:
     assert [p["row"] for p in report["projections"]] == [r[0] for r in TABLE_RUNS]
     assert all(p["projected_hours"] > 0 for p in report["projections"])
     assert "stage 2 S6 (COCO)" in result.stdout
+
+
+def _fake_interpreter(path: Path, log: Path) -> Path:
+    path.write_text(f'#!/bin/sh\necho "$0 $*" >> "{log}"\n')
+    path.chmod(0o755)
+    return path
+
+
+def test_gpu_smoke_runs_the_interpreter_it_is_given(tmp_path: Path) -> None:
+    """PYTHON picks the interpreter; without it the script runs python3, never a bare python."""
+    log = tmp_path / "calls.log"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake_interpreter(bin_dir / "python3", log)
+    (bin_dir / "python").write_text("#!/bin/sh\nexit 97\n")  # a stray `python` must not be run
+    (bin_dir / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "OUT": str(tmp_path / "o.json")}
+    env.pop("PYTHON", None)
+    result = subprocess.run(["bash", str(SCRIPT), "--dry-run"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert log.read_text().startswith(f"{bin_dir / 'python3'} -m torch.distributed.run")
+
+    chosen = _fake_interpreter(tmp_path / "venv-python", log)
+    log.unlink()
+    result = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run"], env={**env, "PYTHON": str(chosen)}, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    calls = log.read_text()
+    assert calls.startswith(f"{chosen} -m torch.distributed.run") and "training.step_timing" in calls
