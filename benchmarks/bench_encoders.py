@@ -36,10 +36,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "python"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
-
 from benchmarks import _harness as H  # noqa: E402
 
 THREADS = 2
@@ -157,7 +153,6 @@ def mb(path: Path) -> float:
 
 TOWER = r"""
 import json, sys, time
-sys.path.insert(0, {python!r})
 import numpy as np
 from leanclip.encoder import Encoder
 enc = Encoder({bundle!r}, threads={threads})
@@ -190,7 +185,6 @@ def time_tower(bundle: Path, which: str, rnd: int) -> Dict[str, float]:
     """Seconds per call at batch 1 and 32 of one tower (image.onnx on preprocessed pixels, or
     Encoder.encode_text on real captions), in a fresh process with the Encoder's defaults."""
     code = TOWER.format(
-        python=str(ROOT / "python"),
         bundle=str(bundle),
         threads=THREADS,
         captions=CAPTIONS,
@@ -212,7 +206,6 @@ def run_script(code: str, what: str) -> Dict[str, Any]:
 PROBE = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
-sys.path.insert(0, {python!r})
 import numpy as np
 from leanclip.encoder import Encoder
 t_import = time.perf_counter() - t0
@@ -246,7 +239,7 @@ print(json.dumps(dict(import_s=t_import, load_s=t_load, first_query_s=first, war
 
 
 def probe(bundle: Path) -> Dict[str, Any]:
-    code = PROBE.format(python=str(ROOT / "python"), bundle=str(bundle), threads=THREADS)
+    code = PROBE.format(bundle=str(bundle), threads=THREADS)
     return run_script(code, f"probe of {bundle}")
 
 

@@ -17,11 +17,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "python") not in sys.path:
-    sys.path.insert(0, str(ROOT / "python"))
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 DATA = ROOT / "benchmarks" / "data"
 TUNING = DATA / "sample_captions.json"
 HELDOUT = DATA / "heldout_queries.json"

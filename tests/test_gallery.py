@@ -221,7 +221,7 @@ def test_unreadable_file_is_recorded(tmp_path: Path) -> None:
             Image.init()  # load the decoders before losing access to site-packages
             import leanclip
             from leanclip import Index, IndexFileError
-            from leanclip.gallery import Gallery, open_image
+            from leanclip.gallery import Gallery
             from tests._fixtures_gallery import ColorEncoder
             if os.geteuid() == 0:
                 libc = ctypes.CDLL(None, use_errno=True)
@@ -613,14 +613,14 @@ def test_large_images_are_decoded_small(tmp_path: Path) -> None:
     and a large PNG shrunk by an integer factor, to under 4x the model input size (short side)."""
     from PIL import Image
 
-    from leanclip.gallery import open_image
+    from leanclip.images import load_image
 
     big = tmp_path / "big.jpg"
     Image.new("RGB", (6000, 4000), (200, 30, 30)).save(big, quality=50)
-    im = open_image(big, size=224)
+    im = load_image(big, reduce_for=224)
     assert 224 <= min(im.size) < 4 * 224 and im.mode == "RGB"
     png = tmp_path / "big.png"
     Image.new("L", (3000, 2000), 128).save(png)
-    im = open_image(png, size=224)
+    im = load_image(png, reduce_for=224)
     assert 224 <= min(im.size) < 4 * 224 and im.mode == "RGB"
     assert abs(im.size[0] / im.size[1] - 1.5) < 0.01  # aspect ratio kept

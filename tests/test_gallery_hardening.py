@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from leanclip.errors import LeanclipError
 from leanclip.gallery import Gallery, GalleryError
 from tests._fixtures_gallery import COLORS, ColorEncoder, make_folder, make_photo
 
@@ -233,20 +232,6 @@ def test_read_only_gallery_can_be_searched(tmp_path: Path) -> None:
         assert {r["name"] for r in json.loads(output)["results"]} == {"red/red_0.jpg", "red/red_1.jpg"}
     finally:
         shutil.rmtree(base, ignore_errors=True)
-
-
-def test_every_public_error_is_a_leanclip_error() -> None:
-    from leanclip.bundle import BundleError
-    from leanclip.encoder import ImageLoadError
-    from leanclip.gallery import GalleryBusyError, ImageError, ModelMismatchError
-    from leanclip.images import ImageLoadError as Loader
-    from leanclip.models import ModelError
-
-    assert ImageError is ImageLoadError is Loader
-    for cls in (GalleryError, GalleryBusyError, ModelMismatchError, ImageLoadError, BundleError, ModelError):
-        assert issubclass(cls, LeanclipError), cls
-    assert issubclass(BundleError, ValueError) and issubclass(ImageLoadError, ValueError)
-    assert issubclass(GalleryBusyError, GalleryError) and issubclass(ModelMismatchError, GalleryError)
 
 
 def test_a_store_that_is_not_a_database_is_a_gallery_error(tmp_path: Path) -> None:

@@ -185,12 +185,13 @@ _MEMORY_PROBE = r"""
 import json, resource, sys
 sys.path.insert(0, sys.argv[3])
 from pathlib import Path
-from leanclip.gallery import Gallery, open_image
+from leanclip.gallery import Gallery
+from leanclip.images import load_image
 from leanclip.encoder import Encoder, ImageLoadError
 from _fixtures_gallery import ColorEncoder
 photos, store = Path(sys.argv[1]), Path(sys.argv[2])
 # warm up every code path on a good photo first, so imports do not count
-open_image(photos / "good" / "red.jpg"); Encoder.load_image(photos / "good" / "red.jpg")
+load_image(photos / "good" / "red.jpg", reduce_for=224); Encoder.load_image(photos / "good" / "red.jpg")
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 for p in sorted((photos / "bad").iterdir()):
     if p.name != "bomb_real.png":

@@ -174,3 +174,18 @@ def test_stage1_trains_only_its_modalities(dataset: tuple[Path, Path, Path]) -> 
     trainer = stage1.Stage1Trainer(config)
     trainable = {n for n, p in trainer.student.named_parameters() if p.requires_grad}
     assert trainable == set(tower_parameters(trainer.student, "image"))
+
+
+def test_clip_stage1_computes_no_teacher_cache(dataset: tuple[Path, Path, Path]) -> None:
+    """The paired ``clip`` loss (TinyBERT baseline) never uses the teacher's embeddings, so even
+    with ``cache_teacher`` on it must not spend a pass over the data computing them (issue 26)."""
+    root, json_path, image_root = dataset
+    config = tiny_stage1_config(
+        root, json_path, image_root, loss="clip", epochs=1, max_steps=1, batch_size=8, cache_teacher=True
+    )
+    config["run_dir"] = str(root / "clip_cached")
+    trainer = stage1.Stage1Trainer(config)
+    trainer.teacher.encode_image = trainer.teacher.encode_text = None  # a cache pass would call these
+    assert len(trainer.run()) == 1
+    assert trainer.teacher_image_cache is None and trainer.teacher_text_cache is None
+    assert not list((root / "clip_cached" / "cache").glob("teacher_*"))

@@ -96,6 +96,8 @@ log = logging.getLogger("training.stage1")
 
 LOSSES = ("infonce", "mse", "intermodal", "clip", "none")
 PAIRED_LOSSES = ("intermodal", "clip")
+# losses that never look at the teacher's embeddings: no cache pass over the data for them
+TEACHER_FREE_LOSSES = ("clip", "none")
 
 DEFAULT_TRAIN: dict[str, Any] = {
     "loss": "infonce",
@@ -292,7 +294,7 @@ class Stage1Trainer:
         return np.load(path, mmap_mode="r")
 
     def prepare_cache(self) -> None:
-        if not self.cfg["cache_teacher"] or self.webdataset or self.cfg["loss"] == "none":
+        if not self.cfg["cache_teacher"] or self.webdataset or self.cfg["loss"] in TEACHER_FREE_LOSSES:
             return
         bs = int(self.cfg["embed_batch_size"])
         paths = self.paired.images if self.paired is not None else self.images

@@ -101,8 +101,8 @@ def _open(directory: Optional[str], store: Optional[str], model: Optional[str]) 
 
 
 def _errors() -> tuple:
-    """What a command reports as a one-line error with exit code 3: every error leanclip
-    raises on purpose (``LeanclipError``: gallery, model, bundle, image)."""
+    """What a command reports as a one-line error with exit code 3: leanclip's own errors
+    (``LeanclipError``: gallery, model, bundle, image, missing extra)."""
     from leanclip.errors import LeanclipError
 
     return (LeanclipError,)

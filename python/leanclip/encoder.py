@@ -49,8 +49,6 @@ _FILTERS = {
     "hamming": Image.Resampling.HAMMING,
 }
 
-_to_rgb = to_rgb  # kept for callers of the old private name
-
 # Images whose full resize stays within this many pixels (48 MB as RGB) are resized exactly as
 # open_clip does; beyond it (long thin strips) preprocess_image computes only the center crop.
 _MAX_RESIZE_PIXELS = 16_000_000
@@ -119,11 +117,6 @@ def preprocess_image(
     arr: np.ndarray = np.asarray(img, dtype=np.float32) * np.float32(1.0 / 255.0)
     arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32)
-
-
-def _load_image(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Kept for callers of the old private name: use :func:`leanclip.images.load_image`."""
-    return load_image(path, max_pixels=max_pixels)
 
 
 class Encoder:

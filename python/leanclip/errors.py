@@ -1,15 +1,22 @@
-"""One root for every error leanclip raises on purpose.
+"""The root of leanclip's own error classes.
 
-Catch :class:`LeanclipError` to handle anything the library refuses; each subclass keeps the
-built-in base it always had (``BundleError`` is still a ``ValueError``, and so on), so existing
-``except ValueError`` code keeps working.
+Every error class leanclip defines derives from :class:`LeanclipError` (``tests/test_api_surface.py``
+finds them all): refused files, bundles, models, images, galleries, missing optional packages.
+Catch it to handle anything the library refuses *about its inputs' content or state*; each
+subclass keeps the built-in base it always had (``BundleError`` is still a ``ValueError``, and so
+on), so existing ``except ValueError`` code keeps working.
+
+A bad *argument* is the built-in exception Python code raises anywhere, not a LeanclipError: the
+engine answers a wrong shape, NaN, a bad ``k`` or an unknown metric with ``ValueError``, a key
+already present (``add``) or absent (``get``) with ``KeyError``, a write to a memory-mapped index
+with ``RuntimeError``, and a missing file with ``FileNotFoundError``.
 """
 
 from __future__ import annotations
 
 
 class LeanclipError(Exception):
-    """Base class of every error that leanclip raises on purpose."""
+    """Base class of every error class leanclip defines (argument errors are built-in ones)."""
 
 
 class IndexFileError(LeanclipError):

@@ -21,15 +21,13 @@ subtracts a term; quotes group words; ``img:PATH`` makes a term an image::
 
 from __future__ import annotations
 
-from typing import Any
-
 from leanclip.gallery.api import EncoderLike, Gallery
-from leanclip.gallery.errors import GalleryBusyError, GalleryError, ImageError, ModelMismatchError
+from leanclip.gallery.errors import GalleryBusyError, GalleryError, ModelMismatchError
 from leanclip.gallery.kinds import AUTO_IVF_THRESHOLD, INDEX_CHOICES, IVFLayout, ivf_layout
 from leanclip.gallery.query import Hit, Term, parse_query
 from leanclip.gallery.store import DB_NAME, SCHEMA, SCHEMA_VERSION, STORE_DIRNAME, FileRow
 from leanclip.gallery.sync import IMAGE_EXTENSIONS, Progress, UpdateState, UpdateSummary
-from leanclip.images import DEFAULT_MAX_PIXELS, load_image
+from leanclip.images import DEFAULT_MAX_PIXELS
 
 __all__ = [
     "AUTO_IVF_THRESHOLD",
@@ -48,18 +46,10 @@ __all__ = [
     "GalleryBusyError",
     "GalleryError",
     "Hit",
-    "ImageError",
     "ModelMismatchError",
     "Progress",
     "Term",
     "UpdateState",
     "UpdateSummary",
-    "open_image",
     "parse_query",
 ]
-
-
-def open_image(path: Any, *, size: int = 224, max_pixels: int = DEFAULT_MAX_PIXELS) -> Any:
-    """The gallery's way to decode a photo: :func:`leanclip.images.load_image` with the decode
-    bounded for a model input of ``size`` (kept for callers of the old name)."""
-    return load_image(path, max_pixels=max_pixels, reduce_for=size)

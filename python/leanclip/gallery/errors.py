@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from leanclip.errors import LeanclipError
-from leanclip.images import ImageLoadError
 
-__all__ = ["GalleryError", "GalleryBusyError", "ModelMismatchError", "ImageError"]
+__all__ = ["GalleryError", "GalleryBusyError", "ModelMismatchError"]
 
 
 class GalleryError(LeanclipError):
@@ -18,10 +17,6 @@ class GalleryBusyError(GalleryError):
 
 class ModelMismatchError(GalleryError):
     """The gallery was indexed with another model than the one asked for."""
-
-
-# One image error for the whole package (leanclip.images); the gallery's old name is kept.
-ImageError = ImageLoadError
 
 
 class StaleSnapshot(Exception):
