@@ -53,11 +53,9 @@ from training.distributed import (
     barrier,
     ddp,
     gather_no_grad,
-    gather_rows,
     gather_with_grad,
     init_distributed,
     micro_slice,
-    shard_for_rank,
 )
 from training.evaluate import retrieval_recalls
 from training.models import (
@@ -89,6 +87,7 @@ from training.train_utils import (
     seed_everything,
     set_rng_state,
 )
+from training.weights import configure as configure_weights
 
 log = logging.getLogger("training.stage2")
 
@@ -127,6 +126,7 @@ DEFAULT_TRAIN: dict[str, Any] = {
 
 def build_stage2_models(config: Mapping[str, Any]) -> tuple[nn.Module, nn.Module | None]:
     """(the model to fine-tune, the frozen fine-tuned teacher T' or None)."""
+    configure_weights(config)  # a config's weights_dir: every pretrained weight from that folder
     mcfg = dict(config.get("model", {}))
     kind = mcfg.get("kind", "student")
     tiny = bool(mcfg.get("tiny", False))
@@ -210,26 +210,41 @@ def mine(
 ) -> np.ndarray:
     """Top-k corpus rows per query by inner product (ties by row), skipping rows of the query's
     own group (its positives); -1 where fewer than k are eligible. Unreadable corpus rows are
-    left out. Under torchrun each rank mines its 1/W of the queries against the whole corpus and
-    the lists are gathered: the same ids in the same order as one process."""
+    left out. Under torchrun the corpus is sharded: each rank mines against its 1/W of the
+    corpus rows while query blocks travel the ring of ranks (``training.scale``, docs/scale.md),
+    and every rank gets all the lists: the same ids in the same order as one process."""
     from leanclip.mining import hard_negative_ids
 
     info = info or DistInfo(0, 1, 0, torch.device("cpu"))
     rows = np.arange(len(corpus)) if corpus_valid is None else np.flatnonzero(corpus_valid)
-    share = shard_for_rank(len(queries), info)
-    local = hard_negative_ids(
-        np.arange(share.start, share.stop),
-        np.ascontiguousarray(queries[share], np.float32),
+    if info.enabled:
+        from training import scale
+
+        found, _ = scale.mine(
+            np.ascontiguousarray(queries, np.float32),
+            np.ascontiguousarray(corpus[rows], np.float32),
+            k,
+            info,
+            np.ascontiguousarray(query_groups, np.int64),
+            np.ascontiguousarray(corpus_groups[rows], np.int64),
+            layout="corpus",
+            metric="ip",
+            dtype="f32",
+            precision=MINING_PRECISION,
+        )
+        return np.where(found >= 0, rows[np.maximum(found, 0)], -1)
+    return hard_negative_ids(
+        np.arange(len(queries)),
+        np.ascontiguousarray(queries, np.float32),
         rows,
         np.ascontiguousarray(corpus[rows], np.float32),
         k,
-        query_groups=np.ascontiguousarray(query_groups[share], np.int64),
+        query_groups=np.ascontiguousarray(query_groups, np.int64),
         corpus_groups=np.ascontiguousarray(corpus_groups[rows], np.int64),
         metric="ip",
         dtype="f32",
         precision=MINING_PRECISION,
     )
-    return gather_rows(local, len(queries), info)
 
 
 # --------------------------------------------------------------------------------------------

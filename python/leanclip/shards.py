@@ -111,6 +111,9 @@ class ShardedIndex:
         shards = list(shards)
         if not shards:
             raise ShardError("a ShardedIndex needs at least one shard")
+        self._init(shards, threads)
+
+    def _init(self, shards: list[Any], threads: Optional[int]) -> None:
         dims = {int(s.dim) for s in shards}
         metrics = {str(s.metric) for s in shards}
         if len(dims) != 1 or len(metrics) != 1:
@@ -118,21 +121,29 @@ class ShardedIndex:
         if threads is not None and threads < 1:
             raise ShardError(f"threads must be >= 1, got {threads}")
         self.shards = shards
-        self.threads = min(len(shards), threads or len(shards))
+        self.threads = max(1, min(len(shards), threads or len(shards)))
 
     @staticmethod
     def load(
-        path: _PathLike, mmap: bool = False, verify: bool = True, threads: Optional[int] = None
+        path: _PathLike,
+        mmap: bool = False,
+        verify: bool = True,
+        threads: Optional[int] = None,
+        part: Optional[Tuple[int, int]] = None,
     ) -> "ShardedIndex":
         """Open the shards a manifest lists (``path``: the manifest or its folder), each with
-        ``Index.load`` / ``IVFIndex.load(..., mmap, verify)``."""
+        ``Index.load`` / ``IVFIndex.load(..., mmap, verify)``. ``part=(r, W)`` opens only
+        shards r, r + W, r + 2W, ... (one process's part of a distributed search; an empty
+        part is an empty index of the manifest's dim and metric)."""
         from leanclip._engine import Index, IVFIndex
 
         folder, data = _load_manifest(Path(path))
         cls = IVFIndex if data["kind"] == "ivf" else Index
-        return ShardedIndex(
-            [cls.load(folder / s["file"], mmap=mmap, verify=verify) for s in data["shards"]], threads
-        )
+        entries = data["shards"] if part is None else data["shards"][part[0] :: part[1]]
+        shards = [cls.load(folder / s["file"], mmap=mmap, verify=verify) for s in entries]
+        if not shards:
+            shards = [Index(int(data.get("dim", 1)), metric=data.get("metric", "ip"))]
+        return ShardedIndex(shards, threads)
 
     @property
     def dim(self) -> int:
@@ -150,7 +161,8 @@ class ShardedIndex:
     @nprobe.setter
     def nprobe(self, value: int) -> None:
         for s in self.shards:
-            s.nprobe = value
+            if hasattr(s, "nprobe"):
+                s.nprobe = value
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.shards)
