@@ -103,3 +103,81 @@ def make_folder(
 def set_mtime_later(path: Path, seconds: float = 5.0) -> None:
     st = os.stat(path)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + int(seconds * 1e9)))
+
+
+# ----------------------------------------------------------------------- crash-test worker
+#
+# The kill tests (test_gallery.py, test_gallery_ivf.py, test_gallery_crash.py) run update() in a
+# child process and SIGKILL it: `python -m tests._fixtures_gallery '<json config>'`, started
+# with the repository root as the working directory (see update_worker_command).
+
+
+def update_worker_command(root: Path, **config: Any) -> List[str]:
+    """The argv of a child running ``Gallery(root, ...).update()`` under ``config``:
+
+    * ``mode`` / ``at``: SIGKILL itself at the ``at``-th ``encode`` (inside a batch, before its
+      vectors are applied), ``save`` (a checkpoint's files are saved, the rows not yet
+      committed) or ``unlink`` (after a commit, removing the old generation's files); other
+      modes (``time``, ``none``) never kill themselves;
+    * ``delay``: seconds each encoder call sleeps; ``ivf_small``: a 4-list IVF layout;
+    * the rest are Gallery keywords (``store``, ``batch_size``, ``checkpoint_every``, ...).
+
+    The child prints ``start`` once the gallery is open, and ``done`` when update() returns.
+    """
+    import json
+    import sys
+
+    return [sys.executable, "-m", "tests._fixtures_gallery", json.dumps({"root": str(root), **config})]
+
+
+def _update_worker(config: Dict[str, Any]) -> None:
+    import signal
+    import time
+
+    import leanclip.gallery.store as store
+    from leanclip.gallery import Gallery, kinds
+
+    mode, at, delay = config.pop("mode", "none"), config.pop("at", 0), config.pop("delay", 0.0)
+    counts = {"encode": 0, "save": 0, "unlink": 0}
+
+    def tick(what: str) -> None:
+        counts[what] += 1
+        if mode == what and counts[what] == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    class Slow(ColorEncoder):
+        def encode_images(self, images: Sequence[Any], batch_size: int = 32) -> np.ndarray:
+            if delay:
+                time.sleep(delay)
+            tick("encode")
+            return super().encode_images(images)
+
+    real_set_meta = store.set_meta
+
+    def set_meta(conn: Any, key: str, value: object) -> None:
+        if key == "generation":  # a checkpoint: the new files are saved, the commit comes next
+            tick("save")
+        real_set_meta(conn, key, value)
+
+    store.set_meta = set_meta
+    real_unlink = os.unlink
+
+    def unlink(path: Any, *a: Any, **k: Any) -> None:
+        real_unlink(path, *a, **k)
+        if str(path).endswith(".lci"):
+            tick("unlink")
+
+    os.unlink = unlink  # type: ignore[assignment]
+    if config.pop("ivf_small", False):
+        config["ivf_layout"] = lambda n: kinds.IVFLayout(4, 1, 16)
+    g = Gallery(config.pop("root"), model=Slow(), **config)
+    print("start", flush=True)
+    g.update()
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    _update_worker(json.loads(sys.argv[1]))

@@ -25,7 +25,16 @@ from leanclip.gallery import (
     Term,
     parse_query,
 )
-from tests._fixtures_gallery import COLORS, ColorEncoder, make_folder, make_photo, set_mtime_later
+from tests._fixtures_gallery import (
+    COLORS,
+    ColorEncoder,
+    make_folder,
+    make_photo,
+    set_mtime_later,
+    update_worker_command,
+)
+
+REPO = Path(__file__).resolve().parent.parent  # the crash-test worker runs as tests._fixtures_gallery
 
 
 def _gallery(root: Path, enc: ColorEncoder | None = None, **kw) -> Gallery:
@@ -407,56 +416,6 @@ def test_interrupt_keeps_finished_batches(tmp_path: Path) -> None:
 
 # -------------------------------------------------------------------------- crash consistency
 
-_WORKER = textwrap.dedent(
-    """
-    import os, signal, sys, time
-    sys.path[:0] = {path!r}
-    import leanclip.gallery as G
-    import leanclip.gallery.sync as S
-    from tests._fixtures_gallery import ColorEncoder
-
-    MODE, AT = {mode!r}, {at}
-    counts = {{"encode": 0, "save": 0, "unlink": 0}}
-
-    def tick(what):
-        counts[what] += 1
-        if MODE == what and counts[what] == AT:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    class Slow(ColorEncoder):
-        def encode_images(self, images, batch_size=32):
-            time.sleep({delay})
-            tick("encode")  # killed inside a batch, before its vectors are applied
-            return super().encode_images(images)
-
-    class SaveHook:
-        # kills right after the new index file is saved, before the rows are committed
-        def __init__(self, real): self.real = real
-        def __getattr__(self, name): return getattr(self.real, name)
-        def __contains__(self, key): return key in self.real
-        def __len__(self): return len(self.real)
-        def save(self, path):
-            self.real.save(path)
-            tick("save")
-
-    class Hooked(S.Sync):
-        def checkpoint(self):
-            if not isinstance(self.state.index, SaveHook):
-                self.state.index = SaveHook(self.state.index)
-            super().checkpoint()
-    S.Sync = Hooked
-
-    real_unlink = os.unlink
-    def unlink(path, *a, **k):
-        real_unlink(path, *a, **k)
-        if str(path).endswith(".lci"):
-            tick("unlink")  # killed after the commit, while cleaning up the old index file
-    os.unlink = unlink
-
-    G.Gallery({root!r}, model=Slow(), batch_size={batch}, checkpoint_every={every}, checkpoint_overhead=1.0).update()
-    """
-)
-
 _MODES = ["encode", "save", "unlink", "time"]
 
 
@@ -486,8 +445,10 @@ def _kill_test(tmp_path: Path, n_files: int, kills: int, seed: int) -> None:
             os.rename(v, v.with_name(f"moved{i}_" + v.name))
         mode = _MODES[i % len(_MODES)]
         at = int(rng.integers(1, 6)) if mode != "time" else 0
-        code = _WORKER.format(path=sys.path, root=str(root), delay=0.01, batch=4, every=8, mode=mode, at=at)
-        proc = subprocess.Popen([sys.executable, "-c", code], cwd=os.getcwd())
+        argv = update_worker_command(
+            root, mode=mode, at=at, delay=0.01, batch_size=4, checkpoint_every=8, checkpoint_overhead=1.0
+        )
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL)
         if mode == "time":
             time.sleep(float(rng.uniform(0.3, 1.2)))
             proc.kill()

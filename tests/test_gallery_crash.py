@@ -33,22 +33,10 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
-from _fixtures_gallery import COLORS, ColorEncoder, make_photo  # noqa: E402
+from _fixtures_gallery import COLORS, ColorEncoder, make_photo, update_worker_command  # noqa: E402
 
 N_FILES = 240
 ROUNDS = 50
-
-_CHILD = r"""
-import sys
-sys.path[:0] = [sys.argv[3]]
-from leanclip.gallery import Gallery
-from _fixtures_gallery import ColorEncoder
-g = Gallery(sys.argv[1], store=sys.argv[2], model=ColorEncoder(), batch_size=8, checkpoint_every=24,
-            checkpoint_seconds=0.05)
-print("start", flush=True)
-g.update()
-print("done", flush=True)
-"""
 
 
 def _gallery(root: Path, store: Path):
@@ -177,12 +165,11 @@ def test_sigkill_at_50_random_points_keeps_rows_and_index_in_step(tmp_path):
 
     def run_child(delay: float | None) -> tuple[bool, float]:
         """Starts update() in a child; kills it `delay` s after it starts. (killed, seconds)"""
+        argv = update_worker_command(
+            root, store=str(store), batch_size=8, checkpoint_every=24, checkpoint_seconds=0.05
+        )
         proc = subprocess.Popen(
-            [sys.executable, "-c", _CHILD, str(root), str(store), str(TESTS)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=TESTS.parent
         )
         assert proc.stdout.readline().strip() == "start", proc.stderr.read()
         t0 = time.monotonic()

@@ -252,7 +252,7 @@ def test_truncated_mapped_index_is_a_gallery_error_then_recovers(folder: Path) -
     g.update()
     assert g.search("red", k=2)  # maps and caches the index
     gen = g.info()["generation"]
-    path = g._index_path(gen)
+    path = g.layout.index_path(gen)
     size = path.stat().st_size
     with open(path, "r+b") as fh:
         fh.truncate(size // 2)

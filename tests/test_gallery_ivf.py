@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import shutil
 import subprocess
-import sys
-import textwrap
 import threading
 from pathlib import Path
 
@@ -17,7 +14,16 @@ import pytest
 
 from leanclip import Index, IVFIndex
 from leanclip.gallery import Gallery, GalleryError, kinds
-from tests._fixtures_gallery import COLORS, ColorEncoder, make_folder, make_photo, set_mtime_later
+from tests._fixtures_gallery import (
+    COLORS,
+    ColorEncoder,
+    make_folder,
+    make_photo,
+    set_mtime_later,
+    update_worker_command,
+)
+
+REPO = Path(__file__).resolve().parent.parent  # the crash-test worker runs as tests._fixtures_gallery
 
 # a layout small enough to train on a few dozen photos: 4 lists, 1 probed, trains at 16 vectors
 SMALL = kinds.IVFLayout(nlist=4, nprobe=1, train_threshold=16)
@@ -305,53 +311,6 @@ def test_server_with_an_ivf_gallery(folder: Path) -> None:
 
 # -------------------------------------------------------------------------- crash consistency
 
-_WORKER = textwrap.dedent(
-    """
-    import os, signal, sys, time
-    sys.path[:0] = {path!r}
-    import leanclip.gallery.sync as S
-    from leanclip.gallery import Gallery, kinds
-    from tests._fixtures_gallery import ColorEncoder
-
-    MODE, AT = {mode!r}, {at}
-    counts = {{"encode": 0, "save": 0, "unlink": 0}}
-
-    def tick(what):
-        counts[what] += 1
-        if MODE == what and counts[what] == AT:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    class Slow(ColorEncoder):
-        def encode_images(self, images, batch_size=32):
-            time.sleep(0.01)
-            tick("encode")  # killed inside a batch, before its vectors are applied
-            return super().encode_images(images)
-
-    class Hooked(S.Sync):
-        def checkpoint(self):
-            s = self.state
-            if s.dirty and MODE == "save" and counts["save"] + 1 == AT:
-                # the new generation's file is saved (a converted index on the first checkpoint
-                # of a conversion run), then the process dies before the rows are committed
-                s.index.save(os.fspath(self.g._index_path(s.gen + 1)))
-            if s.dirty:
-                tick("save")
-            super().checkpoint()
-    S.Sync = Hooked
-
-    real_unlink = os.unlink
-    def unlink(path, *a, **k):
-        real_unlink(path, *a, **k)
-        if str(path).endswith(".lci"):
-            tick("unlink")  # killed after the commit, while removing the old index file
-    os.unlink = unlink
-
-    layout = lambda n: kinds.IVFLayout(4, 1, 16)
-    Gallery({root!r}, model=Slow(), index_kind={kind!r}, ivf_layout=layout, batch_size=2,
-            checkpoint_every=2, checkpoint_overhead=1.0).update()
-    """
-)
-
 
 def test_sigkill_during_ivf_updates_and_conversions(tmp_path: Path) -> None:
     """Runs that encode into an IVF index, or convert exact <-> IVF, are SIGKILLed inside a batch,
@@ -377,10 +336,18 @@ def test_sigkill_during_ivf_updates_and_conversions(tmp_path: Path) -> None:
                 )
                 set_mtime_later(files[j], 1 + i)
         kind = ["ivf", "exact"][i % 2]  # every run after the first converts
-        code = _WORKER.format(
-            path=sys.path, root=str(root), kind=kind, mode=modes[i % 3], at=int(rng.integers(1, 3))
+        argv = update_worker_command(
+            root,
+            mode=modes[i % 3],
+            at=int(rng.integers(1, 3)),
+            delay=0.01,
+            index_kind=kind,
+            ivf_small=True,
+            batch_size=2,
+            checkpoint_every=2,
+            checkpoint_overhead=1.0,
         )
-        proc = subprocess.run([sys.executable, "-c", code], cwd=os.getcwd(), timeout=120)
+        proc = subprocess.run(argv, cwd=REPO, timeout=120, stdout=subprocess.DEVNULL)
         killed += proc.returncode == -9
         if (root / ".leanclip" / "gallery.db").exists():
             g = Gallery(root, model=ColorEncoder())

@@ -24,8 +24,15 @@ from leanclip.gallery import kinds
 from leanclip.gallery import store as db
 from leanclip.gallery.errors import GalleryError, ModelMismatchError, StaleSnapshot
 from leanclip.gallery.query import Hit, Term, parse_query
-from leanclip.gallery.store import DB_NAME, STORE_DIRNAME
-from leanclip.gallery.sync import Progress, UpdateSummary, display, model_image_size, run_update
+from leanclip.gallery.store import StoreLayout
+from leanclip.gallery.sync import (
+    Progress,
+    UpdateOptions,
+    UpdateSummary,
+    display,
+    model_image_size,
+    run_update,
+)
 from leanclip.images import DEFAULT_MAX_PIXELS, load_image
 
 
@@ -80,11 +87,12 @@ class Gallery:
         self.nprobe = nprobe  # IVF lists scanned per query; None: the index's own (set at indexing)
         self.auto_threshold = int(auto_threshold)  # "auto" is IVF above this many photos
         self.ivf_layout = ivf_layout  # IVF nlist / nprobe / training size from the gallery size
-        self.root = Path(root).expanduser().absolute()
+        self.layout = StoreLayout.of(root, store)
+        self.root = self.layout.root
         if not self.root.is_dir():
             raise GalleryError(f"gallery folder {self.root} does not exist or is not a directory")
-        self.store = Path(store).expanduser().absolute() if store else self.root / STORE_DIRNAME
-        self.db_path = self.store / DB_NAME
+        self.store = self.layout.store
+        self.db_path = self.layout.db_path
         self.batch_size = max(1, int(batch_size))
         self.checkpoint_every = max(1, int(checkpoint_every))
         self.checkpoint_seconds = float(checkpoint_seconds)
@@ -155,13 +163,6 @@ class Gallery:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _index_path(self, generation: int) -> Path:
-        return self.store / f"index-{generation}.lci"
-
-    def _similar_path(self, generation: int) -> Path:
-        """The image-to-image index of a generation (models with ``has_similarity`` only)."""
-        return self.store / f"similar-{generation}.lci"
-
     # -- reading ---------------------------------------------------------------------------
 
     def info(self) -> Dict[str, Any]:
@@ -215,7 +216,7 @@ class Gallery:
                 else:
                     try:
                         index = kinds.load_index(
-                            self._index_path(gen), meta.get("index_kind", "exact"), mmap=True
+                            self.layout.index_path(gen), meta.get("index_kind", "exact"), mmap=True
                         )
                         kinds.set_search_nprobe(index, self.nprobe)
                     except FileNotFoundError:
@@ -244,12 +245,12 @@ class Gallery:
             if self._cached_sim is not None and self._cached_sim[0] == gen:
                 return self._cached_sim[1]
             try:
-                sim = Index.load(os.fspath(self._similar_path(gen)), mmap=True)
+                sim = Index.load(os.fspath(self.layout.similar_path(gen)), mmap=True)
             except FileNotFoundError:
-                if self._index_path(gen).exists():
+                if self.layout.index_path(gen).exists():
                     # a checkpoint removes index-<G> before similar-<G>: this one is just missing
                     raise GalleryError(
-                        f"the gallery's image-to-image index {self._similar_path(gen).name} is missing; "
+                        f"the gallery's image-to-image index {self.layout.similar_path(gen).name} is missing; "
                         f"run `leanclip index {self.root}` to rebuild it"
                     ) from None
                 # a writer committed a newer generation and removed the files: the caller's
@@ -550,7 +551,26 @@ class Gallery:
     def update(self, progress: Optional[Progress] = None) -> UpdateSummary:
         """Bring the store in step with the folder (see :mod:`leanclip.gallery.sync`). Returns
         counts; ``progress(stage, done, total)`` is called as it goes."""
-        return run_update(self, progress)
+        enc = self.encoder  # loads the model first: its bundle path is recorded
+        try:
+            return run_update(self.layout, enc, self.update_options(), progress)
+        finally:
+            self._forget_snapshot()
+
+    def update_options(self) -> UpdateOptions:
+        """The :class:`~leanclip.gallery.sync.UpdateOptions` of this gallery's keywords."""
+        return UpdateOptions(
+            dtype=self.dtype,
+            index_kind=self.index_kind,
+            auto_threshold=self.auto_threshold,
+            ivf_layout=self.ivf_layout,
+            batch_size=self.batch_size,
+            checkpoint_every=self.checkpoint_every,
+            checkpoint_seconds=self.checkpoint_seconds,
+            checkpoint_overhead=self.checkpoint_overhead,
+            max_pixels=self.max_pixels,
+            model_source=self._model_source,
+        )
 
     def _read_index(self, call: Any, *args: Any) -> Any:
         """Run ``call(*args)`` on the cached index; the engine raises IndexFileError when the

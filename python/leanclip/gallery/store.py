@@ -28,6 +28,7 @@ __all__ = [
     "STORE_DIRNAME",
     "DB_NAME",
     "FileRow",
+    "StoreLayout",
     "open_db",
     "open_reader",
     "check_schema",
@@ -66,6 +67,50 @@ CREATE INDEX IF NOT EXISTS files_sha256 ON files (sha256);
 
 _COLUMNS = "path, size, mtime_ns, sha256, key, status, reason, ino, ctime_ns"
 _COLUMNS_V1 = "path, size, mtime_ns, sha256, key, status, reason, NULL, NULL"
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Where a gallery keeps what: the photo folder, the store folder, and the file names of
+    each generation's index files (see the module docstring)."""
+
+    root: Path  # the photo folder (absolute)
+    store: Path  # the store folder (absolute; default ROOT/.leanclip)
+
+    @classmethod
+    def of(
+        cls, root: "os.PathLike[str] | str", store: "os.PathLike[str] | str | None" = None
+    ) -> "StoreLayout":
+        r = Path(root).expanduser().absolute()
+        return cls(r, Path(store).expanduser().absolute() if store else r / STORE_DIRNAME)
+
+    @property
+    def db_path(self) -> Path:
+        return self.store / DB_NAME
+
+    @property
+    def lock_path(self) -> Path:
+        return self.store / "lock"
+
+    def index_path(self, generation: int) -> Path:
+        """The joint index of a generation (an Index or IVFIndex, per meta ``index_kind``)."""
+        return self.store / f"index-{generation}.lci"
+
+    def similar_path(self, generation: int) -> Path:
+        """The image-to-image index of a generation (models with ``has_similarity`` only)."""
+        return self.store / f"similar-{generation}.lci"
+
+    def remove_stray_files(self, keep: int) -> None:
+        """Remove index files (and temporary files of interrupted saves) of every generation
+        but ``keep``: what a killed run leaves behind."""
+        keep_names = {self.index_path(keep).name, self.similar_path(keep).name}
+        for entry in os.scandir(self.store):
+            n = entry.name
+            if n.startswith(("index-", ".index-", "similar-", ".similar-", ".tmp")) and n not in keep_names:
+                try:
+                    os.unlink(entry.path)
+                except OSError:
+                    pass
 
 
 @dataclass

@@ -26,7 +26,7 @@ import stat
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -34,16 +34,31 @@ from leanclip.bundle import sha256_file
 from leanclip.gallery import kinds
 from leanclip.gallery import store as db
 from leanclip.gallery.errors import GalleryBusyError, GalleryError
-from leanclip.gallery.store import FileRow
-from leanclip.images import ImageLoadError, load_image
-
-if TYPE_CHECKING:  # pragma: no cover
-    from leanclip.gallery.api import Gallery
+from leanclip.gallery.store import FileRow, StoreLayout
+from leanclip.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 Progress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``; stage is "scan", "hash" or "encode"."""
+
+
+@dataclass(frozen=True)
+class UpdateOptions:
+    """How an update run encodes, stores and checkpoints (``Gallery``'s keywords)."""
+
+    dtype: Optional[str] = None  # vector storage precision; None keeps the store's (new: f32)
+    index_kind: Optional[str] = None  # exact | ivf | auto; None keeps the store's (new: auto)
+    auto_threshold: int = kinds.AUTO_IVF_THRESHOLD  # "auto" is IVF above this many photos
+    ivf_layout: Callable[[int], kinds.IVFLayout] = kinds.ivf_layout  # IVF lists from the size
+    batch_size: int = 32  # images per encoder call
+    checkpoint_every: int = 512  # files between checkpoints, at most ...
+    checkpoint_seconds: float = 30.0  # ... or seconds between them
+    # a checkpoint rewrites the whole index file: they are spaced so that saving takes at
+    # most this fraction of the run (1.0: no spacing beyond checkpoint_every / _seconds)
+    checkpoint_overhead: float = 0.1
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused before decoding
+    model_source: str = ""  # the model's bundle path, recorded so later runs reuse it
 
 
 @dataclass
@@ -219,25 +234,27 @@ def scan(root: str, store: str, progress: Optional[Progress]) -> ScanResult:
     return ScanResult(found, bad, unreadable)
 
 
-def run_update(g: "Gallery", progress: Optional[Progress] = None) -> UpdateSummary:
-    """The body of ``Gallery.update()``: see the module docstring."""
+def run_update(
+    layout: StoreLayout, enc: Any, options: UpdateOptions, progress: Optional[Progress] = None
+) -> UpdateSummary:
+    """Bring the store at ``layout`` in step with its folder, encoding with ``enc`` (see the
+    module docstring); the body of ``Gallery.update()``."""
     from leanclip import Index, IndexFileError
 
     t0 = time.perf_counter()
-    enc = g.encoder
     summary = UpdateSummary(model_id=enc.model_id)
-    lock_fd = acquire_writer(g.store)
+    lock_fd = acquire_writer(layout.store)
     conn: Optional[sqlite3.Connection] = None
     run: Optional[Sync] = None
     try:
-        conn = db.open_db(g.db_path)
+        conn = db.open_db(layout.db_path)
         conn.execute("BEGIN IMMEDIATE")
         # A database without any table is ours, killed before its schema was committed
         # (connect() creates the file first): start it afresh rather than refuse it.
         fresh = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
         if fresh:
             db.init_schema(conn)
-        db.check_schema(conn, g.db_path)
+        db.check_schema(conn, layout.db_path)
         migrated = db.migrate(conn)
         meta = db.read_meta(conn)
         gen = int(meta["generation"])
@@ -249,20 +266,20 @@ def run_update(g: "Gallery", progress: Optional[Progress] = None) -> UpdateSumma
             reset_reason = f"model changed from {meta['model_id']} to {enc.model_id}: re-encoding all files"
         elif gen > 0:
             try:
-                index = kinds.load_index(g._index_path(gen), meta.get("index_kind", "exact"))
+                index = kinds.load_index(layout.index_path(gen), meta.get("index_kind", "exact"))
                 if index.dim != enc.dim:
                     reset_reason = f"index dim {index.dim} != model dim {enc.dim}: re-encoding"
                     index = None
             except (FileNotFoundError, IndexFileError, OSError, ValueError) as exc:
                 reset_reason = f"index file for generation {gen} unusable ({exc}); re-encoding"
-        want_dtype = g.dtype or meta.get("dtype") or "f32"
+        want_dtype = options.dtype or meta.get("dtype") or "f32"
         # the index kind asked for (kept across updates); conversions happen after the scan
-        choice = g.index_kind or meta.get("index") or "auto"
+        choice = options.index_kind or meta.get("index") or "auto"
         sim_dim = similarity_dim(enc)
         similar: Any = None
         if sim_dim:
             if index is not None and not reset_reason:
-                similar = load_similar(g, gen, meta, sim_dim, len(index))
+                similar = load_similar(layout, gen, meta, sim_dim, len(index))
                 if similar is None and len(index):
                     reset_reason = "no usable image-to-image index for this model: re-encoding"
                     index = None
@@ -278,13 +295,13 @@ def run_update(g: "Gallery", progress: Optional[Progress] = None) -> UpdateSumma
         db.set_meta(conn, "model_id", enc.model_id)
         db.set_meta(conn, "dim", enc.dim)
         db.set_meta(conn, "dtype", want_dtype)
-        db.set_meta(conn, "model_source", g._model_source)
+        db.set_meta(conn, "model_source", options.model_source)
         db.set_meta(conn, "index", choice)
         db.set_meta(conn, "index_kind", kinds.kind_of(index))
         # committed with the generation: readers open similar-<G>.lci only when it is nonzero
         sim_changed = meta.get("similarity_dim", "0") != str(sim_dim)
         db.set_meta(conn, "similarity_dim", sim_dim)
-        remove_stray_files(g, keep=gen)
+        layout.remove_stray_files(keep=gen)
         state = UpdateState(
             conn=conn,
             index=index,
@@ -295,16 +312,18 @@ def run_update(g: "Gallery", progress: Optional[Progress] = None) -> UpdateSumma
             index_choice=choice,
             similar=similar,
         )
-        run = Sync(g, state, summary, progress)
+        run = Sync(layout, enc, options, state, summary, progress)
         run.run()
         run.finish()
         run.checkpoint()
         conn.execute("COMMIT")
+        summary.total_ok = int(conn.execute("SELECT COUNT(*) FROM files WHERE status='ok'").fetchone()[0])
+        summary.index = kinds.kind_of(run.state.index)
     except sqlite3.Error as exc:
         if conn is not None and conn.in_transaction:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-        raise GalleryError(f"cannot update the gallery database {g.db_path}: {exc}") from None
+        raise GalleryError(f"cannot update the gallery database {layout.db_path}: {exc}") from None
     except BaseException:
         if conn is not None and conn.in_transaction:
             if run is not None and run.state.clean and isinstance(sys.exc_info()[1], KeyboardInterrupt):
@@ -322,14 +341,11 @@ def run_update(g: "Gallery", progress: Optional[Progress] = None) -> UpdateSumma
         if conn is not None:
             conn.close()
         os.close(lock_fd)
-    g._forget_snapshot()
-    info = g.info()
-    summary.total_ok, summary.index = info["ok"], info["index"]
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def load_similar(g: "Gallery", gen: int, meta: Dict[str, str], sim_dim: int, n: int) -> Any:
+def load_similar(layout: StoreLayout, gen: int, meta: Dict[str, str], sim_dim: int, n: int) -> Any:
     """The committed image-to-image index of generation ``gen`` when it fits a model with
     ``sim_dim``-wide vectors and an index of ``n`` vectors; None when there is none to reuse."""
     from leanclip import Index, IndexFileError
@@ -337,30 +353,27 @@ def load_similar(g: "Gallery", gen: int, meta: Dict[str, str], sim_dim: int, n: 
     if gen == 0 or meta.get("similarity_dim") != str(sim_dim):
         return None
     try:
-        similar = Index.load(os.fspath(g._similar_path(gen)))
+        similar = Index.load(os.fspath(layout.similar_path(gen)))
     except (FileNotFoundError, IndexFileError, OSError, ValueError):
         return None
     return similar if similar.dim == sim_dim and len(similar) == n else None
-
-
-def remove_stray_files(g: "Gallery", keep: int) -> None:
-    keep_names = {g._index_path(keep).name, g._similar_path(keep).name}
-    for entry in os.scandir(g.store):
-        n = entry.name
-        if n.startswith(("index-", ".index-", "similar-", ".similar-", ".tmp")) and n not in keep_names:
-            try:
-                os.unlink(entry.path)
-            except OSError:
-                pass
 
 
 class Sync:
     """One update run over an open write transaction (``UpdateState``)."""
 
     def __init__(
-        self, g: "Gallery", state: UpdateState, summary: UpdateSummary, progress: Optional[Progress]
+        self,
+        layout: StoreLayout,
+        encoder: Any,
+        options: UpdateOptions,
+        state: UpdateState,
+        summary: UpdateSummary,
+        progress: Optional[Progress],
     ) -> None:
-        self.g = g
+        self.layout = layout
+        self.encoder = encoder
+        self.options = options
         self.state = state
         self.summary = summary
         self.progress = progress
@@ -377,8 +390,8 @@ class Sync:
         old, new = s.gen, s.gen + 1
         t0 = time.monotonic()
         if s.similar is not None:
-            s.similar.save(os.fspath(self.g._similar_path(new)))
-        s.index.save(os.fspath(self.g._index_path(new)))
+            s.similar.save(os.fspath(self.layout.similar_path(new)))
+        s.index.save(os.fspath(self.layout.index_path(new)))
         s.last_save_s = time.monotonic() - t0
         db.set_meta(s.conn, "generation", new)
         db.set_meta(s.conn, "next_key", s.next_key)
@@ -387,7 +400,7 @@ class Sync:
         s.last_checkpoint = time.monotonic()
         s.since_checkpoint = 0
         # index-<G> first: a reader that finds similar-<G> gone knows its generation is stale
-        for path in (self.g._index_path(old), self.g._similar_path(old)):
+        for path in (self.layout.index_path(old), self.layout.similar_path(old)):
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -397,11 +410,14 @@ class Sync:
     def checkpoint_if_due(self, force: bool = False) -> None:
         s = self.state
         elapsed = time.monotonic() - s.last_checkpoint
-        min_gap = s.last_save_s * (1.0 / self.g.checkpoint_overhead - 1.0)
+        min_gap = s.last_save_s * (1.0 / self.options.checkpoint_overhead - 1.0)
         due = (
             force
             or elapsed >= min_gap
-            and (s.since_checkpoint >= self.g.checkpoint_every or elapsed >= self.g.checkpoint_seconds)
+            and (
+                s.since_checkpoint >= self.options.checkpoint_every
+                or elapsed >= self.options.checkpoint_seconds
+            )
         )
         if due:
             self.checkpoint()
@@ -413,7 +429,7 @@ class Sync:
         s.last_checkpoint = time.monotonic()
         s.since_checkpoint = 0
 
-        scanned = scan(os.fspath(self.g.root), os.fspath(self.g.store), progress)
+        scanned = scan(os.fspath(self.layout.root), os.fspath(self.layout.store), progress)
         # the gallery's size after this run; a folder that cannot be listed keeps its rows
         n = len(scanned.found) if not scanned.unreadable else max(len(scanned.found), len(s.index))
         self.convert_index(n)
@@ -531,8 +547,8 @@ class Sync:
         converted index is saved as the next generation with its kind in the same commit."""
         s = self.state
         current = kinds.kind_of(s.index)
-        kind = kinds.want_kind(s.index_choice, current, n, self.g.auto_threshold)
-        new = kinds.convert(s.index, kind, s.dtype, n, self.g.ivf_layout)
+        kind = kinds.want_kind(s.index_choice, current, n, self.options.auto_threshold)
+        new = kinds.convert(s.index, kind, s.dtype, n, self.options.ivf_layout)
         if new is not s.index:
             s.index = new
             db.set_meta(s.conn, "index_kind", kinds.kind_of(new))
@@ -553,18 +569,18 @@ class Sync:
 
     def encode_all(self, remaining: List[Tuple[FoundFile, str]]) -> None:
         s, progress = self.state, self.progress
-        size = model_image_size(self.g.encoder)
+        size = model_image_size(self.encoder)
         total = len(remaining)
         if progress:
             progress("encode", 0, total)
         done = 0
-        for start in range(0, total, self.g.batch_size):
-            batch = remaining[start : start + self.g.batch_size]
+        for start in range(0, total, self.options.batch_size):
+            batch = remaining[start : start + self.options.batch_size]
             s.clean = True  # an interrupt here loses nothing already applied
             images, ok_items = [], []
             for f, digest in batch:
                 try:
-                    images.append(load_image(f.abspath, max_pixels=self.g.max_pixels, reduce_for=size))
+                    images.append(load_image(f.abspath, max_pixels=self.options.max_pixels, reduce_for=size))
                     ok_items.append((f, digest))
                 except ImageLoadError as exc:
                     s.clean = False
@@ -588,7 +604,7 @@ class Sync:
     def encode_batch(self, images: List[Any]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """(joint, image-to-image) vectors of ``images`` from one run of the image model; the
         second is None unless the gallery keeps image-to-image vectors."""
-        enc = self.g.encoder
+        enc = self.encoder
         if self.state.similar is None:
             return np.asarray(enc.encode_images(images), dtype=np.float32), None
         joint, sim = enc.encode_images_all(images)  # type: ignore[attr-defined]
