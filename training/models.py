@@ -36,6 +36,7 @@ from torch import nn
 
 from leanclip._fs import atomic_write_with
 from leanclip.export import CLIPTextTower  # the one home of CLIP's causal text tower
+from training.weights import local_weight
 
 CHECKPOINT_FORMAT = "leanclip-training-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -130,6 +131,10 @@ def build_teacher(name: str = "ViT-B-32", pretrained: str | None = "openai", tin
     # OpenAI's weights were trained with QuickGELU; open_clip's plain config uses nn.GELU.
     quick_gelu = pretrained == "openai"
     config = {"kind": "teacher", "name": name, "open_clip_cfg": _teacher_model_cfg(name, tiny, quick_gelu)}
+    if pretrained is not None and not Path(pretrained).exists():  # an open_clip tag
+        local = local_weight("open_clip", f"{name}:{pretrained}")  # LEANCLIP_WEIGHTS: never the network
+        if local is not None:
+            return _create_teacher(config, str(local))
     return _create_teacher(config, pretrained)
 
 
@@ -341,6 +346,11 @@ def _timm_create(backbone: str, image_pretrained: str | None, kwargs: dict[str, 
         raise FileNotFoundError(f"image backbone weights not found: {image_pretrained}")
     # A timm pretrained tag, e.g. "augreg_in21k" -> "vit_small_patch16_224.augreg_in21k".
     name = backbone if image_pretrained in ("", "default") else f"{backbone}.{image_pretrained}"
+    local = local_weight("timm", name)  # LEANCLIP_WEIGHTS: never the network
+    if local is not None:
+        return timm.create_model(
+            name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(local)}, **kwargs
+        )
     return timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
 
 
@@ -442,22 +452,26 @@ def build_hf_student(
         from transformers import AutoModel, AutoTokenizer
 
         source = Path(text_model)
-        if (os.sep in text_model or text_model.startswith(".")) and not source.is_dir():
+        # "org/name" is a hub name; a path starts with / . or ~ (or exists)
+        if text_model.startswith(("/", ".", "~")) and not source.is_dir():
             raise FileNotFoundError(f"text encoder directory not found: {text_model}")
-        tok = AutoTokenizer.from_pretrained(text_model)
+        # a hub name: from LEANCLIP_WEIGHTS when set (never the network); the config keeps the name
+        local = None if source.is_dir() else local_weight("hf", text_model)
+        load_from = str(local) if local is not None else text_model
+        tok = AutoTokenizer.from_pretrained(load_from)
         if not getattr(tok, "is_fast", False):
             raise ValueError(f"{text_model}: needs a fast (tokenizers) tokenizer")
         tokenizer_json = tok.backend_tokenizer.to_str()
         if text_pretrained:
             try:
-                hf_model = AutoModel.from_pretrained(text_model, add_pooling_layer=False)
+                hf_model = AutoModel.from_pretrained(load_from, add_pooling_layer=False)
             except TypeError:
-                hf_model = AutoModel.from_pretrained(text_model)
+                hf_model = AutoModel.from_pretrained(load_from)
             hf_config = hf_model.config.to_dict()
         else:
             from transformers import AutoConfig
 
-            hf_config = AutoConfig.from_pretrained(text_model).to_dict()
+            hf_config = AutoConfig.from_pretrained(load_from).to_dict()
             hf_model = _hf_model_from_config(hf_config)
     from tokenizers import Tokenizer
 

@@ -91,6 +91,7 @@ from training.train_utils import (
     seed_everything,
     set_rng_state,
 )
+from training.weights import configure as configure_weights
 
 log = logging.getLogger("training.stage1")
 
@@ -159,6 +160,7 @@ class Stage1Trainer:
         barrier()
         self.seed = int(config.get("seed", 0))
         seed_everything(self.seed)
+        configure_weights(config)  # a config's weights_dir: every pretrained weight from that folder
         m = dict(config.get("model", {}))
         tiny = bool(m.get("tiny", False))
         self.teacher = build_teacher(
