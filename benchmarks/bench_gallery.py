@@ -49,11 +49,11 @@ def make_jpegs(root: Path, n: int, seed: int = 0, start: int = 0) -> List[Path]:
 
 
 def pick_encoder(tmp: Path) -> Tuple[Any, str]:
-    from leanclip import models
+    from leanclip import registry
     from leanclip.encoder import Encoder
 
-    starter = models.model_path("starter")
-    if models.is_bundle(starter):
+    starter = registry.model_path("starter")
+    if registry.is_bundle(starter):
         return Encoder(starter), f"starter bundle ({starter})"
     from tests._fixtures_bundle import make_tiny_bundle
 
@@ -236,10 +236,10 @@ def ivf_latency(tmp: Path, n: int, enc: Any, n_queries: int) -> Tuple[List[List[
 
 
 def starter_load_time() -> str:
-    from leanclip import models
+    from leanclip import registry
 
-    path = models.model_path("starter")
-    if not models.is_bundle(path):
+    path = registry.model_path("starter")
+    if not registry.is_bundle(path):
         return "starter bundle not built on this machine: not measured"
     code = (
         "import time; t=time.perf_counter()\n"
@@ -306,9 +306,9 @@ def _load_run(enc: Any, tmp: Path, root: Path, clients: int, seconds: float, max
     import threading
     import urllib.parse
 
-    from leanclip import models
+    from leanclip import registry
 
-    model_arg = str(models.model_path("starter")) if "starter" in enc.model_id else None
+    model_arg = str(registry.model_path("starter")) if "starter" in enc.model_id else None
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -110,10 +110,10 @@ PLACE = [
 def pick_model(arg: str | None) -> Path:
     if arg:
         return Path(arg)
-    from leanclip import models
+    from leanclip import registry
 
     try:
-        return models.resolve(None, build=False)
+        return registry.resolve(None, build=False)
     except Exception:
         from tests._fixtures_bundle import make_tiny_bundle
 

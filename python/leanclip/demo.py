@@ -37,7 +37,7 @@ def run_demo(
     Returns ``{"folder", "model_id", "index": summary, "queries": [{"query", "results"}]}``.
     """
     from leanclip.gallery import Gallery
-    from leanclip.models import leanclip_home
+    from leanclip.registry import leanclip_home
     from leanclip.samples import collect_sample_photos
 
     say = echo or (lambda _msg: None)

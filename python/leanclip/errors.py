@@ -29,4 +29,4 @@ class IndexFileError(LeanclipError):
 
 
 class ModelError(LeanclipError):
-    """A model cannot be found, built or fetched; the message says what to do (``leanclip.models``)."""
+    """A model cannot be found, built or fetched; the message says what to do (``leanclip.registry``)."""

@@ -340,7 +340,7 @@ def build_starter(
 ) -> Path:
     """Build the starter bundle into ``out_dir`` (fp32, or int8 with ``int8=True``); returns it.
 
-    Used by ``leanclip.models`` to build the default model into the user's cache on first use.
+    Used by ``leanclip.registry`` to build the default model into the user's cache on first use.
     ``classnames`` default to open_clip's ImageNet-1k names (the classifier's classes).
     ``similarity`` (default on) adds the image-to-image output (``image.similarity_output``, the
     classifier's pooled features) that image-only queries use; off, the bundle is a plain

@@ -53,7 +53,7 @@ class Gallery:
 
     ``model`` is an encoder object (anything with ``dim``, ``model_id``, ``encode_text``,
     ``encode_images``), a bundle directory, or None for the default model of
-    ``leanclip.models``. It is loaded only when first needed.
+    ``leanclip.registry``. It is loaded only when first needed.
     """
 
     def __init__(
@@ -113,17 +113,17 @@ class Gallery:
     @property
     def encoder(self) -> EncoderLike:
         if self._encoder is None:
-            from leanclip import models
+            from leanclip import registry
 
             arg = self._model_arg
             if arg is None:
                 # by default a gallery keeps the model it was indexed with
                 recorded = self._recorded_model()
-                if recorded and models.is_bundle(recorded):
+                if recorded and registry.is_bundle(recorded):
                     arg = recorded
-            path = models.resolve(arg)  # type: ignore[arg-type]
+            path = registry.resolve(arg)  # type: ignore[arg-type]
             self._model_source = str(path.absolute())
-            self._encoder = models.load_encoder(path)
+            self._encoder = registry.load_encoder(path)
         return self._encoder
 
     def _recorded_model(self) -> str:
