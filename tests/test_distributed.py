@@ -148,6 +148,8 @@ def embed_argv(data: dict[str, Any], out: Path) -> list[str]:
         "5",
         "--batch-size",
         "4",
+        "--index",
+        "exact",
         "--device",
         "cpu",
     ]
@@ -349,22 +351,29 @@ def test_embedding_job_under_two_processes_equals_one(
     data: dict[str, Any], world2: Path, single: dict[str, Any]
 ) -> None:
     """`torchrun -m training.embed`: 5 job shards over 2 ranks (0, 2, 4 and 1, 3) give the same
-    files, index and manifest as one process."""
+    files, index shards and manifest as one process."""
+    import json
+
     one, two = data["root"] / "emb_w1", data["root"] / "emb_w2"
-    for kind in ("images", "texts"):
+    for kind, ext in (("images", "npy"), ("texts", "npy"), ("shards", "npz")):
         names = sorted(p.name for p in (one / kind).iterdir())
-        assert names == [f"{s:05d}.npz" for s in range(5)]  # 24 images, shards of 5
+        assert names == [f"{s:05d}.{ext}" for s in range(5)]  # 24 images, shards of 5
         assert sorted(p.name for p in (two / kind).iterdir()) == names
         for name in names:
+            if ext == "npy":
+                assert np.array_equal(np.load(one / kind / name), np.load(two / kind / name)), (kind, name)
+                continue
             with np.load(one / kind / name) as a, np.load(two / kind / name) as b:
                 assert sorted(a.files) == sorted(b.files)
                 for key in a.files:
                     assert np.array_equal(a[key], b[key]), (kind, name, key)
-    import json
-
-    assert json.loads((one / "manifest.json").read_text())["images"]["indexed"] == 24 - BROKEN
-    assert json.loads((one / "manifest.json").read_text()) == json.loads((two / "manifest.json").read_text())
-    assert (one / "images.lci").read_bytes() == (two / "images.lci").read_bytes()
+    manifest = json.loads((one / "manifest.json").read_text())
+    assert manifest["images"] == {"rows": 24, "valid": 24 - BROKEN}
+    assert len(manifest["problems"]) == BROKEN
+    assert manifest == json.loads((two / "manifest.json").read_text())
+    for kind in ("images", "texts"):
+        for f in sorted((one / f"{kind}.index").iterdir()):
+            assert f.read_bytes() == (two / f"{kind}.index" / f.name).read_bytes(), f
 
 
 # ------------------------------------------------------------------------------ shutdown
