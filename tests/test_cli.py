@@ -378,7 +378,9 @@ def test_printable_is_one_line_printable_and_reversible() -> None:
     assert printable(os.fsdecode(b"caf\xe9\xff")) == r"caf\xe9\xff"
 
 
-def test_similar_without_dir_finds_the_gallery_from_the_photo(tmp_path: Path, bundle: Path, home: Path) -> None:
+def test_similar_without_dir_finds_the_gallery_from_the_photo(
+    tmp_path: Path, bundle: Path, home: Path
+) -> None:
     # issue 25: the gallery is looked for from the photo's folder (walking up), then the current one
     root = tmp_path / "photos"
     make_folder(root, n_per_color=1)

@@ -21,6 +21,7 @@ _LAZY = {
     "ApproxIndex": "leanclip.approx",
     "hard_negative_ids": "leanclip.mining",
     "Encoder": "leanclip.encoder",
+    "EncodeError": "leanclip.encoder",
     "ImageLoadError": "leanclip.images",
     "LeanclipError": "leanclip.errors",
     "BundleError": "leanclip.bundle",
@@ -35,6 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover - the names type checkers see (``X as X``:
     from leanclip._engine import mine_hard_negatives as mine_hard_negatives
     from leanclip.approx import ApproxIndex as ApproxIndex
     from leanclip.bundle import BundleError as BundleError
+    from leanclip.encoder import EncodeError as EncodeError
     from leanclip.encoder import Encoder as Encoder
     from leanclip.errors import IndexFileError as IndexFileError
     from leanclip.errors import LeanclipError as LeanclipError

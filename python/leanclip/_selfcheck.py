@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from leanclip.bundle import MANIFEST_NAME, TextSpec
+from leanclip.bundle import MANIFEST_NAME, TextSpec, not_a_file
 from leanclip.clip_tokenizer import clip_clean
 from leanclip.errors import LeanclipError
 
@@ -48,8 +48,11 @@ def load_tokenizer(tokenizer_json: Any, text: TextSpec) -> Any:
     if isinstance(tokenizer_json, Tokenizer):
         return Tokenizer.from_str(tokenizer_json.to_str())
     path = Path(tokenizer_json)
-    if not path.is_file():
+    problem = not_a_file(path)
+    if problem == "missing":
         raise FileNotFoundError(f"tokenizer file not found: {path}")
+    if problem:
+        raise ValueError(f"tokenizer file {path} is {problem}")
     try:
         return Tokenizer.from_file(str(path))
     except Exception as exc:

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -150,6 +152,31 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def not_a_file(path: PathLike) -> str:
+    """Why ``path`` is not a regular file, for a message: "missing", "a directory, not a file",
+    "a FIFO (named pipe), not a file", ... ("" when it is one). Links are followed."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or type(exc).__name__})"
+    except ValueError:  # a NUL byte, or a lone surrogate the file system cannot take
+        return "not a usable file name"
+    kinds = (
+        (stat.S_ISREG, ""),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    for test, what in kinds:
+        if test(mode):
+            return f"{what}, not a file" if what else ""
+    return "not a regular file"
+
+
 def write_manifest(bundle_dir: PathLike, manifest: Manifest) -> Path:
     """Checksum the bundle's files and write ``leanclip.json`` atomically. Returns its path."""
     root = Path(bundle_dir)
@@ -158,8 +185,10 @@ def write_manifest(bundle_dir: PathLike, manifest: Manifest) -> Path:
     files = {}
     for name in names:
         path = root / name
-        if not path.is_file():
-            raise BundleError(f"cannot write manifest: bundle file {path} does not exist")
+        problem = not_a_file(path)
+        if problem:
+            what = "does not exist" if problem == "missing" else f"is {problem}"
+            raise BundleError(f"cannot write manifest: bundle file {path} {what}")
         files[name] = sha256_file(path)
     manifest.files = files
     target = root / MANIFEST_NAME
@@ -268,7 +297,7 @@ def read_manifest(bundle_dir: PathLike, verify: bool = True) -> Manifest:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise BundleError(f"{where}: not a leanclip bundle manifest (format != {FORMAT!r})")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # true == 1, but is no version
         raise BundleError(
             f"{where}: bundle format version {version!r} is not supported "
             f"(this leanclip reads version {FORMAT_VERSION})"
@@ -304,8 +333,11 @@ def read_manifest(bundle_dir: PathLike, verify: bool = True) -> Manifest:
         path = root / name
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise BundleError(f"{where}: file name {name!r} leaves the bundle directory")
-        if not path.is_file():
+        problem = not_a_file(path)
+        if problem == "missing":
             raise BundleError(f"model bundle {root} is missing {name}")
+        if problem:
+            raise BundleError(f"model bundle file {path} is {problem}")
         if verify and sha256_file(path) != expected:
             raise BundleError(
                 f"model bundle file {path} does not match its sha256 in {MANIFEST_NAME} "

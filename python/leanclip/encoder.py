@@ -32,11 +32,20 @@ import numpy as np
 from PIL import Image
 
 from leanclip._fs import PathLike
-from leanclip.bundle import BundleError, Manifest, read_manifest
+from leanclip.bundle import MANIFEST_NAME, BundleError, Manifest, read_manifest
 from leanclip.clip_tokenizer import clip_clean
+from leanclip.errors import LeanclipError
 from leanclip.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image, to_rgb
 
-__all__ = ["Encoder", "ImageLoadError", "BundleError", "QueryVector", "preprocess_image", "query_space"]
+__all__ = [
+    "Encoder",
+    "EncodeError",
+    "ImageLoadError",
+    "BundleError",
+    "QueryVector",
+    "preprocess_image",
+    "query_space",
+]
 
 ImageInput = Union[str, "os.PathLike[str]", Image.Image]
 
@@ -71,6 +80,21 @@ def query_space(term_kinds: Iterable[str], has_similarity: bool) -> str:
     if not kinds:
         raise ValueError("a query needs at least one term")
     return SIMILARITY if has_similarity and all(k == "image" for k in kinds) else JOINT
+
+
+class EncodeError(LeanclipError, RuntimeError):
+    """The bundle's ONNX model failed on a batch it should take (onnxruntime's own error, e.g.
+    out of memory, in one line). A bundle that cannot run at all is refused earlier, as a
+    :class:`BundleError`, by the check each ONNX session runs when it is created."""
+
+
+def _first_line(exc: BaseException) -> str:
+    """onnxruntime's message, one line: its reason without the "[ONNXRuntimeError] : 2 :" prefix."""
+    text = " ".join(str(exc).split())
+    if text.startswith("[ONNXRuntimeError]"):
+        text = text.split(" : ", 3)[-1]
+    text = text or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 class QueryVector(NamedTuple):
@@ -171,6 +195,8 @@ class Encoder:
                 )
         self._lock = threading.Lock()
         self._sessions: Dict[str, Any] = {}
+        # a session that failed its self-check, by tower: raised again at once on the next use
+        self._refused: Dict[str, str] = {}
         self._text_length: Optional[int] = None  # fixed sequence length of text.onnx, if any
         from tokenizers import Tokenizer
 
@@ -181,6 +207,12 @@ class Encoder:
             raise BundleError(f"{tok_path}: not a valid tokenizer.json ({exc})") from None
         self._tokenizer.enable_truncation(m.text.context_length)
         self._tokenizer.no_padding()
+        self._vocab_size: int = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        if m.text.pad_id >= self._vocab_size:
+            raise BundleError(
+                f"{self.path}: text.pad_id {m.text.pad_id} is beyond the tokenizer's vocabulary "
+                f"({self._vocab_size} ids: 0..{self._vocab_size - 1})"
+            )
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -191,6 +223,8 @@ class Encoder:
         with self._lock:
             if which in self._sessions:
                 return self._sessions[which]
+            if which in self._refused:
+                raise BundleError(self._refused[which])
             import onnxruntime as ort
 
             m = self.manifest
@@ -201,7 +235,7 @@ class Encoder:
                 so.intra_op_num_threads = self.threads
             so.inter_op_num_threads = 1
             so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
-            so.log_severity_level = 3
+            so.log_severity_level = 4  # its failures come back as our errors, not as log lines
             try:
                 sess = ort.InferenceSession(str(path), so, providers=self.providers)
             except Exception as exc:
@@ -225,8 +259,64 @@ class Encoder:
             if which == "text":
                 seq = sess.get_inputs()[0].shape[1]
                 self._text_length = seq if isinstance(seq, int) else None
+            try:
+                self._self_check(which, sess, path)
+            except BundleError as exc:
+                self._refused[which] = str(exc)
+                raise
             self._sessions[which] = sess
             return sess
+
+    def _self_check(self, which: str, sess: Any, path: Path) -> None:
+        """Run what the manifest declares through a new session once, cheaply: one black image of
+        ``image.size`` pixels, or one short text row holding the tokenizer's largest id and
+        ``pad_id``. A manifest the graph cannot take (an image size it has no shape for, a pad
+        id or tokenizer beyond its vocabulary, another output width) is a :class:`BundleError`
+        naming the bundle and the fields, here, rather than an onnxruntime error at the first
+        real batch. (A ``context_length`` longer than the model's positions is not run here,
+        at the cost of a full-length row: the first text that long is an :class:`EncodeError`.)"""
+        m = self.manifest
+        if which == "image":
+            spec: Any = m.image
+            declared = f"image.size {spec.size}"
+            names = [spec.output] + ([str(spec.similarity_output)] if m.has_similarity else [])
+            feeds = {spec.input: np.zeros((1, 3, spec.size, spec.size), dtype=np.float32)}
+        else:
+            spec = m.text
+            top = self._vocab_size - 1
+            declared = f"text.pad_id {spec.pad_id}, tokenizer ids up to {top}"
+            ids = self._tokenizer.encode("").ids + [top]
+            # a short row (a full-context one costs a real query's time): room for one pad
+            width = self._text_length or min(spec.context_length, len(ids) + 1)
+            ids = ids[-max(width - 1, 1) :]  # the largest id is the last: keep it
+            row = np.full((1, width), spec.pad_id, dtype=np.int64)
+            row[0, : len(ids)] = ids
+            mask = np.zeros((1, width), dtype=np.int64)
+            mask[0, : len(ids)] = 1
+            names = [spec.output]
+            both = {"input_ids": row, "attention_mask": mask}
+            feeds = {k: both[k] for k in spec.inputs}
+        try:
+            got = sess.run(names, feeds)
+        except Exception as exc:
+            raise BundleError(
+                f"{path}: the model cannot run what {self.path / MANIFEST_NAME} declares "
+                f"({declared}): {_first_line(exc)}"
+            ) from None
+        self._check_and_normalize(got[0], 1, which)
+        if len(got) > 1:
+            self._check_and_normalize(got[1], 1, "image (similarity output)", spec.similarity_dim)
+
+    def _run(self, which: str, names: List[str], feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:
+        """One batch through the ``which`` model; its failure is an :class:`EncodeError`."""
+        sess = self._session(which)
+        try:
+            return list(sess.run(names, feeds))
+        except Exception as exc:
+            n = len(next(iter(feeds.values())))
+            raise EncodeError(
+                f"{self.path}: the {which} model failed on a batch of {n}: {_first_line(exc)}"
+            ) from None
 
     def load(self) -> "Encoder":
         """Create both ONNX sessions now (otherwise they are created on first use)."""
@@ -263,7 +353,7 @@ class Encoder:
         out = np.zeros((len(ids), self.dim), dtype=np.float32)
         if not ids:
             return out
-        sess = self._session("text")
+        self._session("text")  # fixes _text_length
         spec = self.manifest.text
         # sort by length so each batch pads little (exact: see leanclip.export docs)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -276,7 +366,7 @@ class Encoder:
                 arr[row, : len(ids[i])] = ids[i]
                 mask[row, : len(ids[i])] = 1
             feeds = {"input_ids": arr, "attention_mask": mask}
-            emb = sess.run([spec.output], {k: feeds[k] for k in spec.inputs})[0]
+            emb = self._run("text", [spec.output], {k: feeds[k] for k in spec.inputs})[0]
             out[chunk] = self._check_and_normalize(emb, len(chunk), "text")
         return out
 
@@ -340,7 +430,6 @@ class Encoder:
         sim = np.zeros((len(items), sim_dim), dtype=np.float32) if want_similarity else None
         if not items:
             return out, sim
-        sess = self._session("image")
         names = [spec.output] + ([str(spec.similarity_output)] if want_similarity else [])
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
@@ -354,7 +443,7 @@ class Encoder:
                     for item in chunk
                 ]
             )
-            got = sess.run(names, {spec.input: pixels})
+            got = self._run("image", names, {spec.input: pixels})
             out[start : start + len(chunk)] = self._check_and_normalize(got[0], len(chunk), "image")
             if sim is not None:
                 sim[start : start + len(chunk)] = self._check_and_normalize(
