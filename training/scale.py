@@ -440,18 +440,38 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _rss_kib(field: str) -> int:
+    """VmRSS / VmHWM (peak) of this process in KiB (0 where /proc is not there)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import time
+
     from leanclip.errors import LeanclipError
 
     args = parser().parse_args(argv)
     try:
         info = init_distributed(args.device)
         run = {"mine": _cmd_mine, "build-ivf": _cmd_build_ivf, "search": _cmd_search}[args.command]
+        start_kib, started = _rss_kib("VmRSS"), time.perf_counter()
         summary = run(args, info)
+        # every rank's time and memory (peak RSS, and RSS before the command: the imports)
+        ms = int(1000 * (time.perf_counter() - started))
+        ranks = all_counts([ms, start_kib, _rss_kib("VmHWM")], info)
     except (LeanclipError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if info.is_main:
+        summary["ranks"] = [
+            {"seconds": m / 1000, "start_rss_mib": a / 1024, "peak_rss_mib": p / 1024} for m, a, p in ranks
+        ]
         print(json.dumps(summary))
     return 0
 
