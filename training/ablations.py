@@ -71,6 +71,24 @@ def run_table(
     common2 = config.get("stage2_overrides", [])
     stage1_runs: dict[str, Path] = {}
     results: list[tuple[str, dict[str, float] | None]] = []
+    pending = []  # the runs still to do, checked for their inputs before the first starts
+    for row in config["rows"]:
+        if eval_only or (only and row["label"] not in only):
+            continue
+        s1_loss = row.get("stage1_loss", "infonce")
+        if not (out_dir / f"stage1_{s1_loss}" / "final.pt").is_file():
+            cfg1 = load_config(_resolve(config_dir, row.get("stage1") or config["default_stage1"]), common1)
+            pending.append((f"stage 1 ({s1_loss})", apply_overrides(cfg1, [f"train.loss={s1_loss}"])))
+        if not (
+            out_dir / (row.get("name") or row["label"].replace(" ", "_").replace("/", "_")) / "final.pt"
+        ).is_file():
+            pending.append(
+                (
+                    row["label"],
+                    load_config(_resolve(config_dir, row.get("stage2") or config["default_stage2"]), common2),
+                )
+            )
+    _fail_on_missing_inputs(pending, config)
     test = load_paired(config["test"])
     for row in config["rows"]:
         label = row["label"]
@@ -131,24 +149,61 @@ def run_steps_and_table1(
     config: Mapping[str, Any], config_dir: Path, eval_only: bool = False
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Table 1: run each ``steps`` entry (stage 1 or 2 config) unless its final.pt exists, then
-    evaluate every model of ``evaluate.models`` on COCO (1K 5-fold and 5K) and Flickr30k 1K."""
+    evaluate every model of ``evaluate.models`` on COCO (1K 5-fold and 5K) and Flickr30k 1K.
+    Every input of the steps still to run is checked before the first starts."""
     from training import stage1, stage2
-    from training.data import load_paired
     from training.distributed import init_distributed
-    from training.evaluate import _load_for_eval, embed_corpus, fold_recalls, retrieval_recalls
 
     info = init_distributed(config.get("device"))
+    pending = []
     for step in config.get("steps", []):
         cfg = load_config(_resolve(config_dir, step["config"]), step.get("overrides", []))
-        if eval_only or (Path(cfg["run_dir"]) / "final.pt").is_file():
-            continue
+        if not eval_only and not (Path(cfg["run_dir"]) / "final.pt").is_file():
+            pending.append((step, cfg))
+    _fail_on_missing_inputs([(_resolve(config_dir, s["config"]).name, c) for s, c in pending], config)
+    for step, cfg in pending:
         latest = Path(cfg["run_dir"]) / "latest.pt"
         resume = latest if latest.is_file() else None
         if int(step["stage"]) == 1:
             stage1.Stage1Trainer(cfg, info).run(resume=resume)
         else:
             stage2.Stage2Trainer(cfg, info).run(resume=resume)
-    ev = config["evaluate"]
+    return evaluate_table1_models(
+        config["evaluate"], info, int(config.get("eval_batch_size", 256)), int(config.get("num_workers", 4))
+    )
+
+
+def _fail_on_missing_inputs(jobs: Sequence[tuple[str, Mapping[str, Any]]], table: Mapping[str, Any]) -> None:
+    """Raise before anything runs when a data file of a job still to run is missing (a missing
+    CC3M tsv used to kill the Table 1 runner after hours of earlier rows)."""
+    from training.data import spec_missing_files
+
+    problems = []
+    for name, cfg in jobs:
+        for spec in (cfg.get("data") or {}).values():
+            if isinstance(spec, Mapping):
+                problems += [f"{path} (needed by {name})" for path in spec_missing_files(spec)]
+    for key in ("coco", "flickr"):
+        spec = (table.get("evaluate") or {}).get(key)
+        if spec:
+            problems += [f"{path} (needed by the {key} evaluation)" for path in spec_missing_files(spec)]
+    if table.get("test"):
+        problems += [f"{path} (needed by the evaluation)" for path in spec_missing_files(table["test"])]
+    if problems:
+        raise FileNotFoundError(
+            "missing inputs, nothing was run (see docs/training.md, python -m training.prepare):\n  "
+            + "\n  ".join(dict.fromkeys(problems))
+        )
+
+
+def evaluate_table1_models(
+    ev: Mapping[str, Any], info: Any, batch_size: int = 256, num_workers: int = 4
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Every model of ``ev["models"]`` (label -> {coco|flickr: checkpoint or open_clip:NAME:TAG})
+    on COCO (5K and 1K 5-fold) and Flickr30k 1K; a checkpoint not there leaves its cells empty."""
+    from training.data import load_paired
+    from training.evaluate import _load_for_eval, embed_corpus, fold_recalls, retrieval_recalls
+
     corpora = {name: load_paired(ev[name]) for name in ("coco", "flickr") if ev.get(name)}
     rows: dict[str, dict[str, dict[str, float]]] = {}
     for label, sources in ev["models"].items():
@@ -162,12 +217,7 @@ def run_steps_and_table1(
                 continue
             model = _load_for_eval(f"{label}={source}")[1].to(info.device).eval()
             images, texts, valid = embed_corpus(
-                model,
-                corpus,
-                info,
-                int(config.get("eval_batch_size", 256)),
-                int(config.get("num_workers", 4)),
-                amp=info.device.type == "cuda",
+                model, corpus, info, batch_size, num_workers, amp=info.device.type == "cuda"
             )
             if name == "coco":
                 rows[label]["coco5k"] = retrieval_recalls(
@@ -191,20 +241,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     config = load_config(args.config, args.overrides)
+    from training.distributed import init_distributed
+
+    is_main = init_distributed(config.get("device")).is_main  # under torchrun: print and write once
     if "steps" in config or "evaluate" in config:  # Table 1 pipeline
         from training.evaluate import format_table1
 
         table1 = run_steps_and_table1(config, Path(args.config).parent, args.eval_only)
-        print(format_table1(table1, "t2i"))
-        print()
-        print(format_table1(table1, "i2t"))
-        if args.json_out:
-            Path(args.json_out).write_text(json.dumps(table1, indent=2))
+        if is_main:
+            print(format_table1(table1, "t2i"))
+            print()
+            print(format_table1(table1, "i2t"))
+            if args.json_out:
+                Path(args.json_out).write_text(json.dumps(table1, indent=2))
         return 0
     results = run_table(config, Path(args.config).parent, args.eval_only, args.row)
-    print(format_table2(results))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(dict(results), indent=2))
+    if is_main:
+        print(format_table2(results))
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(dict(results), indent=2))
     return 0
 
 

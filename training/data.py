@@ -314,6 +314,78 @@ def load_paired(spec: Mapping[str, Any]) -> PairedCorpus:
     )
 
 
+SHARD_INDEX_FORMAT = "leanclip-webdataset-index"
+
+
+def read_shard_index(path: str | os.PathLike) -> dict[str, Any]:
+    """A webdataset index written by ``training.prepare cc3m``: the shards that exist (paths
+    relative to the index's folder) and the real number of samples in them."""
+    path = Path(path)
+    _require_file(path, "webdataset index (python -m training.prepare cc3m writes it)")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise DataError(f"{path}: not JSON ({exc})") from exc
+    if not isinstance(index, dict) or index.get("format") != SHARD_INDEX_FORMAT:
+        raise DataError(f"{path}: not a webdataset index (format {SHARD_INDEX_FORMAT!r})")
+    return index
+
+
+def resolve_webdataset(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A webdataset spec with ``index: shards.json`` turned into ``shards`` (the listed files)
+    and ``num_samples`` (the counted samples); a spec with ``shards`` is returned as is."""
+    spec = dict(spec)
+    if spec.get("format") != "webdataset" or "index" not in spec:
+        return spec
+    index_path = Path(spec.pop("index"))
+    index = read_shard_index(index_path)
+    spec["shards"] = [str(index_path.parent / name) for name in index["shards"]]
+    spec.setdefault("num_samples", int(index["num_samples"]))
+    return spec
+
+
+def spec_missing_files(spec: Mapping[str, Any]) -> list[str]:
+    """The files and folders a data spec names that are not there (checked before a long run
+    starts; the images inside a folder or a json are not opened)."""
+    fmt = spec.get("format")
+    wanted: list[tuple[str, str]] = []  # (path, "file" | "dir")
+    if fmt == "karpathy":
+        wanted = [(spec.get("path", ""), "file"), (spec.get("image_root", ""), "dir")]
+    elif fmt in ("tsv", "lines"):
+        wanted = [(spec.get("path", ""), "file")]
+        if spec.get("image_root"):
+            wanted.append((spec["image_root"], "dir"))
+    elif fmt in ("folder", "images"):
+        wanted = [(spec.get("path", ""), "dir")]
+        if spec.get("captions"):
+            wanted.append((spec["captions"], "file"))
+    elif fmt == "webdataset":
+        if "index" in spec:
+            if not Path(spec["index"]).is_file():
+                return [str(spec["index"])]
+            try:
+                shards = resolve_webdataset(spec)["shards"]
+            except DataError as exc:
+                return [f"{spec['index']} ({exc})"]
+        else:
+            import braceexpand
+
+            patterns = (
+                [spec["shards"]] if isinstance(spec.get("shards"), str) else list(spec.get("shards") or [])
+            )
+            shards = [f for pattern in patterns for f in braceexpand.braceexpand(pattern)]
+        missing = [f for f in shards if "://" not in f and not Path(f).is_file()]
+        if len(missing) > 3:
+            return missing[:3] + [f"... and {len(missing) - 3} more shards"]
+        return missing
+    missing = []
+    for path, kind in wanted:
+        ok = Path(path).is_file() if kind == "file" else Path(path).is_dir()
+        if not path or not ok:
+            missing.append(str(path) or f"(no path in {dict(spec)})")
+    return missing
+
+
 # --------------------------------------------------------------------------------------------
 # torch datasets. Each item carries its index so cached embeddings can be looked up; an
 # unreadable image yields None and is dropped (and counted) by ``collate_skipping``.

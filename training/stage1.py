@@ -50,6 +50,7 @@ from training.data import (
     load_text_lines,
     prepare_pixels,
     read_webdataset_texts,
+    resolve_webdataset,
 )
 from training.distributed import (
     BatchLayout,
@@ -171,7 +172,12 @@ class Stage1Trainer:
         self.teacher.to(self.info.device)
         self.student.to(self.info.device).train()
         self.modalities = list(self.cfg["modalities"])
-        data = config.get("data", {})
+        # a webdataset index (training.prepare) gives the shards and the real sample count
+        data = {
+            k: resolve_webdataset(v) if isinstance(v, Mapping) else v
+            for k, v in config.get("data", {}).items()
+        }
+        self.config["data"] = data
         self.paired: PairedCorpus | None = None
         self.images: list[Any] = []
         self.texts: list[str] = []
