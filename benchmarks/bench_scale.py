@@ -63,14 +63,16 @@ def torchrun(world: int, argv: Sequence[str]) -> Dict[str, Any]:
     return summary
 
 
-def run_peak(module: str, argv: Sequence[str], threads: int = CORES) -> Dict[str, Any]:
-    """``module.main(argv)`` in a fresh process: its return code, seconds, RSS after imports and
-    peak RSS (VmHWM), in MiB."""
+def run_peak(
+    module: str, argv: Sequence[str], threads: int = CORES, preload: str = "numpy"
+) -> Dict[str, Any]:
+    """``module.main(argv)`` in a fresh process: its return code, seconds, RSS after importing it
+    and ``preload`` (e.g. torch, which the module imports lazily), and peak RSS (VmHWM), in MiB."""
     code = (
         "import importlib, json, sys, time\n"
         "def rss(f):\n"
         "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(f + ':')) / 1024\n"
-        f"m = importlib.import_module({module!r}); import leanclip._engine, numpy\n"
+        f"m = importlib.import_module({module!r}); import leanclip._engine, {preload}\n"
         "start, t = rss('VmRSS'), time.perf_counter()\n"
         f"rc = m.main({list(argv)!r})\n"
         "print('@@' + json.dumps({'rc': rc, 'seconds': time.perf_counter() - t, 'start': start, 'peak': rss('VmHWM')}))\n"
@@ -293,7 +295,7 @@ def part_embed(tmp: Path) -> Dict[str, Any]:
             os.link(distinct[i % len(distinct)], folder / f"{i:06d}.jpg")
         out = tmp / f"emb{size}"
         argv = ["--model", str(tmp / "model.pt"), "--folder", str(folder), "--out", str(out), "--shard-size", str(size), "--batch-size", "32", "--device", "cpu"]  # fmt: skip
-        r = run_peak("training.embed", argv)
+        r = run_peak("training.embed", argv, preload="numpy, torch, training.models")
         rows.append(
             [
                 f"{size:,}",
@@ -438,7 +440,6 @@ def main(argv: Sequence[str] = ()) -> None:
     import datetime as dt
 
     wanted = [p for p in os.environ.get("LEANCLIP_BENCH_SCALE_PARTS", ",".join(PARTS)).split(",") if p]
-    stored = json.loads(PARTS_FILE.read_text()) if PARTS_FILE.is_file() else {}
     for name in wanted:
         load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
         with tempfile.TemporaryDirectory(
@@ -448,10 +449,13 @@ def main(argv: Sequence[str] = ()) -> None:
         result.update(
             date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), load=load, cpu=H.cpu_model()
         )
+        stored = (
+            json.loads(PARTS_FILE.read_text()) if PARTS_FILE.is_file() else {}
+        )  # read late: parts may run side by side
         stored[name] = result
         PARTS_FILE.write_text(json.dumps(stored, indent=1))
         print(f"[{name} done]", flush=True)
-    H.write_result("scale", render(stored))
+    H.write_result("scale", render(json.loads(PARTS_FILE.read_text())))
 
 
 if __name__ == "__main__":

@@ -137,6 +137,30 @@ def test_wheel_installs_outside_the_checkout_and_searches(wheel: Path, tmp_path:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "scan_dims=16" in proc.stdout, proc.stdout
 
+    # The single-machine IVF build from embedding files (docs/scale.md), served through mmap.
+    emb = work / "emb"
+    emb.mkdir()
+    write = (
+        "import numpy as np; x = np.random.default_rng(1).standard_normal((3001, 32)).astype('f2'); "
+        f"np.save({str(emb / 'a.npy')!r}, x[:1700]); np.save({str(emb / 'b.npy')!r}, x[1700:])"
+    )
+    assert _run([str(py), "-c", write], env, work).returncode == 0
+    proc = _run(
+        [str(py), "-m", "leanclip.build_ivf", str(work / "ivf"), str(emb), "--nlist", "8", "--quiet"],
+        env,
+        work,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["vectors"] == 3001
+    serve = (
+        "import numpy as np; from leanclip.shards import ShardedIndex; "
+        f"s = ShardedIndex.load({str(work / 'ivf')!r}, mmap=True); s.nprobe = 8; "
+        f"x = np.load({str(emb / 'b.npy')!r}).astype('f4'); k, _ = s.search(x[:20], k=1); "
+        "assert k[:, 0].tolist() == list(range(1700, 1720)), k[:, 0]; print(len(s))"
+    )
+    proc = _run([str(py), "-c", serve], env, work)
+    assert proc.returncode == 0 and proc.stdout.strip() == "3001", proc.stderr[-3000:]
+
     leanclip = str(env_dir / "bin" / "leanclip")
     proc = _run([leanclip, "models", "build-starter"], env, work, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
