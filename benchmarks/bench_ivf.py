@@ -3,7 +3,7 @@
 Data sets (unit vectors, inner product = cosine for every library):
 - ``minilm``: MiniLM-L6 sentence embeddings (dim 384) of real sentences found on this machine,
   cached by ``python -m benchmarks.data.minilm_embeddings`` (queries: held-out sentences);
-- ``clustered``: synthetic 512-d points around n/100 shared centers (as bench_approx);
+- ``clustered``: synthetic 512-d points around n/100 shared centers;
 - ``random``: uniform random 512-d unit vectors, the worst case for every approximate index.
 
 Each library runs in its own process (a clean heap and its own peak RSS), one after the other.

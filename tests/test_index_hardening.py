@@ -286,9 +286,6 @@ def _fix_checksums(data: bytearray, vectors_start: int) -> None:
 def test_index_file_error_is_a_leanclip_error_everywhere():
     assert issubclass(IndexFileError, LeanclipError) and issubclass(IndexFileError, Exception)
     assert leanclip.IndexFileError is _engine.IndexFileError is IndexFileError
-    from leanclip._validate import IndexFileError as from_validate
-
-    assert from_validate is IndexFileError
 
 
 def test_dtype_and_metric_lists_come_from_the_engine():

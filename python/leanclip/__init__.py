@@ -18,7 +18,6 @@ _LAZY = {
     "IVFIndex": "leanclip._engine",
     "IndexFileError": "leanclip.errors",
     "mine_hard_negatives": "leanclip._engine",
-    "ApproxIndex": "leanclip.approx",
     "hard_negative_ids": "leanclip.mining",
     "Encoder": "leanclip.encoder",
     "EncodeError": "leanclip.encoder",
@@ -34,7 +33,6 @@ if TYPE_CHECKING:  # pragma: no cover - the names type checkers see (``X as X``:
     from leanclip._engine import Index as Index
     from leanclip._engine import IVFIndex as IVFIndex
     from leanclip._engine import mine_hard_negatives as mine_hard_negatives
-    from leanclip.approx import ApproxIndex as ApproxIndex
     from leanclip.bundle import BundleError as BundleError
     from leanclip.encoder import EncodeError as EncodeError
     from leanclip.encoder import Encoder as Encoder

@@ -30,7 +30,6 @@ _DISTRIBUTIONS = {
     "efficientnet_lite_pytorch": "efficientnet-lite-pytorch",
     "skimage": "scikit-image",
     "sklearn": "scikit-learn",
-    "usearch": "usearch",
 }
 
 

@@ -1,7 +1,7 @@
-"""Input validation shared by the Python-side search helpers (ApproxIndex, hard_negative_ids).
+"""Input validation of the Python-side helpers (hard_negative_ids, sharded search).
 
-Every check runs before any state changes, so bad input raises a clear exception and leaves the
-index untouched. Messages name the argument, the problem and the expected value, like the engine's.
+Every check runs before any work starts, so bad input raises a clear exception. Messages name the
+argument, the problem and the expected value, like the engine's.
 """
 
 from __future__ import annotations
@@ -11,9 +11,6 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from leanclip._engine import DTYPES, METRICS  # the engine's lists: one home
-from leanclip.errors import IndexFileError as IndexFileError  # re-exported (approx.py)
-
-_U64_MAX = np.iinfo(np.uint64).max
 
 
 def _one_of(names: Tuple[str, ...]) -> str:
@@ -41,42 +38,6 @@ def check_positive_int(value: Any, name: str, maximum: Optional[int] = None) -> 
     if value < 1:
         raise ValueError(f"{name} must be at least 1, got {int(value)}")
     return int(value)
-
-
-def as_keys(keys: Any, name: str = "keys", max_key: int = int(_U64_MAX)) -> np.ndarray:
-    """A 1-D uint64 array of non-negative integer keys (<= max_key), or ValueError."""
-    try:
-        arr = np.asarray(keys)
-    except (OverflowError, ValueError, TypeError) as exc:
-        raise ValueError(f"{name} must be a 1-D array of non-negative integers: {exc}") from None
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D array of integers, got shape {list(arr.shape)}")
-    if arr.size == 0:
-        return np.empty(0, dtype=np.uint64)
-    if arr.dtype.kind == "O":  # Python ints beyond int64 land here
-        if not all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) for k in arr):
-            raise ValueError(f"{name} must be integers, got {arr.dtype} values")
-        lo, hi = min(int(k) for k in arr), max(int(k) for k in arr)
-        if lo < 0 or hi > _U64_MAX:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"{name} must be non-negative integers that fit in uint64, got {bad}")
-        arr = np.array([int(k) for k in arr], dtype=np.uint64)
-    if arr.dtype.kind not in "iu":
-        raise ValueError(f"{name} must be integers, got dtype {arr.dtype}")
-    if arr.dtype.kind == "i" and int(arr.min()) < 0:
-        raise ValueError(f"{name} must be non-negative, got {int(arr.min())}")
-    out = arr.astype(np.uint64, copy=False)
-    if int(out.max()) > max_key:
-        raise ValueError(f"{name} must be at most {max_key}, got {int(out.max())}")
-    return out
-
-
-def check_unique(keys: np.ndarray, name: str = "keys") -> None:
-    if keys.size > 1:
-        s = np.sort(keys)
-        dup = s[1:][s[1:] == s[:-1]]
-        if dup.size:
-            raise ValueError(f"key {int(dup[0])} appears more than once in the batch; {name} must be unique")
 
 
 def as_matrix(
@@ -117,18 +78,6 @@ def as_matrix(
         row = int(np.nonzero(~np.isfinite(arr).all(axis=1))[0][0])
         raise ValueError(f"{name}[{row}] contains NaN or inf; expected finite values")
     return arr, single and allow_1d
-
-
-def check_nonzero(arr: np.ndarray, name: str) -> np.ndarray:
-    """Row norms (float32) of arr; ValueError naming the first zero row (undefined cosine)."""
-    norms = np.linalg.norm(arr.astype(np.float32, copy=False), axis=1)
-    zero = np.nonzero(norms == 0)[0]
-    if zero.size:
-        raise ValueError(
-            f'{name}[{int(zero[0])}] is a zero vector, which has no direction under metric "cos"; '
-            "expected a non-zero vector"
-        )
-    return norms
 
 
 def as_groups(groups: Any, n: int, name: str) -> Optional[np.ndarray]:

@@ -24,7 +24,7 @@ class IndexFileError(LeanclipError):
     index file that changed (was truncated, replaced or rewritten) after it was opened.
 
     Raised by the engine (``leanclip._engine`` imports this class, so
-    ``leanclip.IndexFileError is leanclip._engine.IndexFileError``) and by ``ApproxIndex``.
+    ``leanclip.IndexFileError is leanclip._engine.IndexFileError``).
     """
 
 
