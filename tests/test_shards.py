@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import leanclip
 from leanclip import build_ivf as build_ivf_cli
@@ -143,3 +145,33 @@ def test_build_ivf_command_and_its_errors(tmp_path: Path, capsys: pytest.Capture
         ShardedIndex.load(tmp_path / "m.json")
     with pytest.raises(ShardError, match="disagree"):
         ShardedIndex([leanclip.Index(4), leanclip.Index(8)])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 300),
+    cuts=st.lists(st.floats(0, 1), max_size=5),
+    k=st.integers(1, 40),
+    metric=st.sampled_from(["ip", "l2", "cos"]),
+    seed=st.integers(0, 2**16),
+)
+def test_any_split_into_shards_searches_like_one_index(
+    n: int, cuts: list[float], k: int, metric: str, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-3, 4, size=(n, 8)).astype(np.float32)  # small integers: many exact ties
+    x[np.all(x == 0, axis=1), 0] = 1  # no zero vectors (cos)
+    q = rng.integers(-3, 4, size=(9, 8)).astype(np.float32)
+    q[np.all(q == 0, axis=1), 1] = 1
+    keys = rng.permutation(n).astype(np.uint64) * 3
+    one = leanclip.Index(8, metric=metric)
+    one.add(keys, x)
+    bounds = sorted({0, n, *(int(c * n) for c in cuts)})
+    shards = []
+    for a, b in zip(bounds, bounds[1:]):
+        shard = leanclip.Index(8, metric=metric)
+        shard.add(keys[a:b], x[a:b])
+        shards.append(shard)
+    got, want = ShardedIndex(shards).search(q, k), one.search(q, k)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
