@@ -28,11 +28,12 @@ Rules (public: ``from leanclip.images import load_image, ImageLoadError``):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import warnings
 from struct import error as struct_error
-from typing import Any, BinaryIO, Optional, Union
+from typing import Any, BinaryIO, Callable, ContextManager, Iterator, Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -47,6 +48,8 @@ __all__ = [
     "ImageLoadError",
     "check_dimensions",
     "decode_image",
+    "decode_thumbnail",
+    "decoded_bytes",
     "load_image",
     "register_formats",
     "to_rgb",
@@ -200,26 +203,91 @@ def decode_image(
     """:func:`load_image`'s decoding, from a path or an open binary file (bytes already read
     and checked by the caller, e.g. the server's verified file); ``where`` names it in errors.
     The file checks (regular, not empty) are the caller's."""
+    with _decoding(source, where), Image.open(source) as img:
+        check_dimensions(where, *img.size, max_pixels=max_pixels)
+        if reduce_for and img.format == "JPEG":
+            img.draft("RGB", (reduce_for, reduce_for))  # decode at 1/2, 1/4 or 1/8 scale
+        img.load()
+        out: Image.Image = img
+        try:
+            out = ImageOps.exif_transpose(img)
+        except Exception:  # noqa: BLE001 - a malformed EXIF block: keep the pixels as stored
+            pass
+        if reduce_for and out.mode in _REDUCIBLE:
+            out = _reduce(out, reduce_for)  # before converting: the copy made is small
+        out = to_rgb(out)
+        if reduce_for:
+            out = _reduce(out, reduce_for)
+        return out
+
+
+def decoded_bytes(img: Image.Image) -> int:
+    """The memory Pillow needs to hold ``img``'s pixels at its current (possibly drafted) size:
+    1 byte a pixel for 1/L/P, 2 for 16-bit, 4 for the rest (Pillow keeps RGB as 32-bit pixels)."""
+    mode = img.mode
+    per_pixel = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+    return img.width * img.height * per_pixel
+
+
+def decode_thumbnail(
+    source: Union[PathLike, BinaryIO],
+    where: Any,
+    size: int,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    reserve: Optional[Callable[[int], ContextManager[Any]]] = None,
+) -> Image.Image:
+    """An EXIF-rotated RGB preview that fits in ``size`` x ``size`` (aspect kept), decoded with
+    as little memory as Pillow allows: a JPEG at reduced scale (``draft``: down to 1/8 a side),
+    any other format once at full size and shrunk by an integer factor (``reduce``) before any
+    conversion or rotation, so only the small image is ever copied. The declared size is
+    checked first (``max_pixels``), so the decode is bounded by ``max_pixels`` x 4 bytes.
+
+    ``reserve(nbytes)``: a context manager entered around the decode with the bytes it needs
+    (:func:`decoded_bytes`, known before any pixel is decoded): the caller's way to bound how
+    much memory concurrent decodes hold (the server's thumbnail budget)."""
+    with _decoding(source, where), _binary(source) as fh:
+        img = Image.open(fh)  # not a with block: the pixels are freed below, by dropping img
+        check_dimensions(where, *img.size, max_pixels=max_pixels)
+        img.draft("RGB", (size, size))  # JPEG only (others ignore it)
+        with reserve(decoded_bytes(img)) if reserve is not None else contextlib.nullcontext():
+            img.load()
+            factor = max(img.size) // (2 * size)
+            if factor < 2:
+                small = img.copy()
+            elif img.mode in _REDUCIBLE:
+                small = img.reduce(factor)
+            else:  # palette and other modes: a nearest-pixel shrink (reduce takes none)
+                w, h = img.size
+                small = img.resize((max(1, w // factor), max(1, h // factor)), Image.Resampling.NEAREST)
+            del img  # the full-size pixels are freed here, inside the reservation
+    try:
+        small = ImageOps.exif_transpose(small)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block: keep the pixels as stored
+        pass
+    small = to_rgb(small)
+    small.thumbnail((size, size))
+    return small
+
+
+@contextlib.contextmanager
+def _binary(source: Union[PathLike, BinaryIO]) -> Iterator[BinaryIO]:
+    """An open binary file: ``source`` itself, or the file at that path (closed after)."""
+    if hasattr(source, "read"):
+        yield source  # type: ignore[misc]
+    else:
+        with open(source, "rb") as fh:  # type: ignore[arg-type]
+            yield fh
+
+
+@contextlib.contextmanager
+def _decoding(source: Any, where: Any) -> Iterator[None]:
+    """Pillow's failures while opening and decoding ``source`` as :class:`ImageLoadError`."""
     register_formats()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(source) as img:
-                check_dimensions(where, *img.size, max_pixels=max_pixels)
-                if reduce_for and img.format == "JPEG":
-                    img.draft("RGB", (reduce_for, reduce_for))  # decode at 1/2, 1/4 or 1/8 scale
-                img.load()
-                out: Image.Image = img
-                try:
-                    out = ImageOps.exif_transpose(img)
-                except Exception:  # noqa: BLE001 - a malformed EXIF block: keep the pixels as stored
-                    pass
-                if reduce_for and out.mode in _REDUCIBLE:
-                    out = _reduce(out, reduce_for)  # before converting: the copy made is small
-                out = to_rgb(out)
-                if reduce_for:
-                    out = _reduce(out, reduce_for)
-                return out
+            yield
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as exc:

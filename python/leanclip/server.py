@@ -15,12 +15,23 @@ JavaScript (its Content-Security-Policy forbids scripts). Routes::
 
 Safety: binds 127.0.0.1 unless told otherwise; answers 404 for anything that is not an indexed,
 regular file inside the gallery root (``..``, encoded ``%2e%2e``, absolute paths, symlinks);
-checks the Host header on loopback (DNS rebinding); bounds request lines, query strings and
-bodies; nothing changes the gallery unless the server was started with ``allow_updates``.
+checks the Host header on loopback (DNS rebinding: exactly one Host, and an absolute-form
+target's host is checked the same way); bounds request lines, query strings and bodies (a GET's
+body is read and dropped, never parsed as a next request); nothing changes the gallery unless
+the server was started with ``allow_updates``.
+
+Memory: files are streamed from the checked descriptor (``sendfile``), never read whole.
+Thumbnails are decoded small (JPEG at reduced scale, other formats shrunk before any copy:
+``leanclip.images.decode_thumbnail``); decodes running at once hold at most
+``THUMB_DECODE_BYTES`` of pixels (one larger image runs alone) and ``THUMB_DECODES`` threads;
+concurrent requests for the same thumbnail share one decode; made thumbnails are kept in an LRU
+of ``THUMB_CACHE_BYTES``. ``benchmarks/bench_server_load.py --memory`` measures the server's RSS
+under concurrent large-file and thumbnail requests.
 """
 
 from __future__ import annotations
 
+import contextlib
 import html
 import io
 import ipaddress
@@ -29,6 +40,7 @@ import os
 import queue
 import socket
 import stat
+import sys
 import threading
 import urllib.parse
 from collections import OrderedDict
@@ -36,7 +48,7 @@ from concurrent.futures import Future
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Tuple, Union
 
 from leanclip.errors import LeanclipError
 from leanclip.gallery import Gallery, GalleryError, Hit, Term, parse_query
@@ -49,7 +61,10 @@ MAX_QUERY = 512  # characters of a search query
 MAX_BODY = 4096  # bytes of a request body
 MAX_K = 200
 THUMB_SIZE = 256
-THUMB_CACHE = 512  # thumbnails kept in memory
+THUMB_CACHE_BYTES = 32 << 20  # made thumbnails kept in memory (~2,000 at ~15 KB)
+THUMB_DECODE_BYTES = 256 << 20  # pixels decoded at once, all thumbnail requests together
+THUMB_DECODES = 4  # thumbnails decoded at once (the CPU is the limit beyond)
+THUMB_WAIT = 60.0  # seconds a thumbnail request waits for its turn before a 503
 
 IMG_REFUSED = (
     "img: terms on this page must name a photo of this gallery by its path in the gallery "
@@ -116,6 +131,70 @@ class Batcher:
                             it[3].set_exception(exc)
 
 
+class DecodeBudget:
+    """A weighted semaphore over decoded pixels: ``reserve(nbytes)`` waits until at most
+    ``max_count - 1`` decodes run and ``nbytes`` fit in ``max_bytes`` beside them (a single
+    decode larger than the budget runs alone), so the pixels of all decodes together stay
+    within ``max(max_bytes, the largest one)``. Waiting longer than ``timeout`` raises
+    ``TimeoutError`` (the server answers 503)."""
+
+    def __init__(self, max_bytes: int, max_count: int, timeout: float) -> None:
+        self.max_bytes, self.max_count, self.timeout = max_bytes, max_count, timeout
+        self.used = self.count = 0
+        self.cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        n = min(int(nbytes), self.max_bytes)
+        with self.cond:
+            if not self.cond.wait_for(
+                lambda: self.count < self.max_count and self.used + n <= self.max_bytes, self.timeout
+            ):
+                raise TimeoutError("too many thumbnails are being made; try again")
+            self.used += n
+            self.count += 1
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.used -= n
+                self.count -= 1
+                self.cond.notify_all()
+
+
+class ThumbCache:
+    """Made thumbnails, least recently used dropped first, at most ``max_bytes`` in all."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.items: "OrderedDict[Tuple[int, str], bytes]" = OrderedDict()
+        self.bytes = 0
+        self.lock = threading.Lock()
+
+    def get(self, key: Tuple[int, str]) -> Optional[bytes]:
+        with self.lock:
+            data = self.items.get(key)
+            if data is not None:
+                self.items.move_to_end(key)
+            return data
+
+    def put(self, key: Tuple[int, str], data: bytes) -> None:
+        with self.lock:
+            old = self.items.pop(key, None)
+            self.bytes += len(data) - (len(old) if old is not None else 0)
+            self.items[key] = data
+            while self.bytes > self.max_bytes and self.items:
+                self.bytes -= len(self.items.popitem(last=False)[1])
+
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
+            self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 class GalleryServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
@@ -127,7 +206,10 @@ class GalleryServer(ThreadingHTTPServer):
         self.allow_updates = allow_updates
         self.loopback_only = is_loopback(host)
         self.real_root = os.path.realpath(gallery.root)
-        self.thumbs: "OrderedDict[Tuple[int, str], bytes]" = OrderedDict()
+        self.thumbs = ThumbCache(THUMB_CACHE_BYTES)
+        self.thumb_budget = DecodeBudget(THUMB_DECODE_BYTES, THUMB_DECODES, THUMB_WAIT)
+        # thumbnails being made: a second request for one waits for the first one's result
+        self.thumbs_making: Dict[Tuple[int, str], Future] = {}
         self.thumbs_lock = threading.Lock()
         self.update_lock = threading.Lock()
         self.update_state: Dict[str, Any] = {"running": False, "last": None, "error": None}
@@ -135,6 +217,12 @@ class GalleryServer(ThreadingHTTPServer):
         self.batcher = Batcher(gallery, max_batch=max(1, max_batch))
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__((host, port), Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away (reset, broken pipe) is no error of ours: no traceback."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
     @property
     def url(self) -> str:
@@ -182,9 +270,10 @@ class GalleryServer(ThreadingHTTPServer):
             return None  # not indexed, or no longer the file that was (swapped, hard-linked, edited)
         return os.fsdecode(full)
 
-    def read_indexed(self, rel: bytes) -> Optional[bytes]:
-        """The bytes of the indexed photo at ``rel``, read from a descriptor whose file was
-        checked to be the one indexed (a swap after the path checks is caught here), else None."""
+    def open_indexed(self, rel: bytes) -> Optional[BinaryIO]:
+        """The indexed photo at ``rel``, opened, from a descriptor whose file was checked to be
+        the one indexed (a swap after the path checks is caught here), else None. The caller
+        closes it; its size is ``os.fstat(fh.fileno()).st_size``."""
         full = self.safe_path(rel)
         row = self.indexed_row(rel) if full is not None else None
         if full is None or row is None:
@@ -194,12 +283,12 @@ class GalleryServer(ThreadingHTTPServer):
             fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             return None
-        with os.fdopen(fd, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            if not stat.S_ISREG(st.st_mode) or not row.same_file(st):
-                return None
-            data = fh.read(st.st_size + 1)
-        return data if len(data) == st.st_size else None
+        fh = os.fdopen(fd, "rb")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or not row.same_file(st):
+            fh.close()
+            return None
+        return fh
 
     def indexed_row(self, rel: bytes) -> Optional[FileRow]:
         with self.gallery._lock:
@@ -227,6 +316,8 @@ class GalleryServer(ThreadingHTTPServer):
         return rows.get(key)
 
     def thumbnail(self, key: int) -> Optional[bytes]:
+        """The JPEG thumbnail of the photo with ``key``, else None. Raises ``TimeoutError``
+        when the decode budget stays full (see :class:`DecodeBudget`)."""
         rel = self.path_of_key(key)
         if rel is None:
             return None
@@ -234,31 +325,43 @@ class GalleryServer(ThreadingHTTPServer):
         if path is None:
             return None
         cache_key = (key, path)
+        data = self.thumbs.get(cache_key)
+        if data is not None:
+            return data
+        mine: Future = Future()
         with self.thumbs_lock:
-            data = self.thumbs.get(cache_key)
+            making = self.thumbs_making.setdefault(cache_key, mine)
+        if making is not mine:  # another request is making it: one decode serves both
+            return making.result(timeout=THUMB_WAIT)  # type: ignore[no-any-return]
+        try:
+            data = self.make_thumbnail(rel)
             if data is not None:
-                self.thumbs.move_to_end(cache_key)
-                return data
-        from leanclip.images import ImageLoadError, decode_image
+                self.thumbs.put(cache_key, data)
+            mine.set_result(data)
+        except BaseException as exc:
+            mine.set_exception(exc)
+            raise
+        finally:
+            with self.thumbs_lock:
+                del self.thumbs_making[cache_key]
+        return data
 
-        blob = self.read_indexed(rel)
-        if blob is None:
+    def make_thumbnail(self, rel: bytes) -> Optional[bytes]:
+        from leanclip.images import ImageLoadError, decode_thumbnail
+
+        fh = self.open_indexed(rel)
+        if fh is None:
             return None
-        try:  # decoded from the bytes that were checked, not from the path again
-            im = decode_image(
-                io.BytesIO(blob), rel, max_pixels=self.gallery.max_pixels, reduce_for=THUMB_SIZE
-            )
+        try:  # decoded from the descriptor that was checked, not from the path again
+            with fh:
+                im = decode_thumbnail(
+                    fh, rel, THUMB_SIZE, max_pixels=self.gallery.max_pixels, reserve=self.thumb_budget.reserve
+                )
         except ImageLoadError:
             return None
-        im.thumbnail((THUMB_SIZE, THUMB_SIZE))
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=82)
-        data = buf.getvalue()
-        with self.thumbs_lock:
-            self.thumbs[cache_key] = data
-            while len(self.thumbs) > THUMB_CACHE:
-                self.thumbs.popitem(last=False)
-        return data
+        return buf.getvalue()
 
     # -- updates ---------------------------------------------------------------------------
 
@@ -275,8 +378,7 @@ class GalleryServer(ThreadingHTTPServer):
             except Exception as exc:  # reported through /api/update
                 self.update_state.update(error=str(exc))
             finally:
-                with self.thumbs_lock:
-                    self.thumbs.clear()
+                self.thumbs.clear()
                 self.update_state["running"] = False
 
         threading.Thread(target=run, name="leanclip-update", daemon=True).start()
@@ -313,18 +415,23 @@ class Handler(BaseHTTPRequestHandler):
     # -- responses -------------------------------------------------------------------------
 
     def _send(self, status: int, body: bytes, ctype: str, extra: Optional[Dict[str, str]] = None) -> None:
+        self._head(status, len(body), ctype, extra)
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _head(self, status: int, length: int, ctype: str, extra: Optional[Dict[str, str]] = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(length))
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Referrer-Policy", "no-referrer")
         self.send_header("Content-Security-Policy", CSP)
         self.send_header("X-Frame-Options", "DENY")
+        if self.close_connection:
+            self.send_header("Connection", "close")
         for k, v in (extra or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
 
     def _json(self, status: int, obj: Any) -> None:
         # '<' escaped too, so that JSON is never read as HTML
@@ -343,23 +450,60 @@ class Handler(BaseHTTPRequestHandler):
     # -- request checks --------------------------------------------------------------------
 
     def _preflight(self) -> bool:
+        """The checks every request passes first; False when it was answered (and refused)."""
         if len(self.path) > MAX_URL:
             self._error(414, f"request target longer than {MAX_URL} bytes")
             return False
-        if self.server.loopback_only:
-            host = (self.headers.get("Host") or "").lower()
-            if host not in self.server.allowed_hosts():
-                # a page on another site reaching us through a rebound DNS name
-                self._error(421, "unexpected Host header")
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) > 1:
+            self.close_connection = True
+            self._error(400, "more than one Host header")
+            return False
+        host = hosts[0].strip().lower() if hosts else ""
+        if not self.path.startswith("/"):
+            # absolute form (http://host/path): its host is the one that counts (RFC 9112 3.2.2)
+            target = urllib.parse.urlsplit(self.path)
+            if target.scheme.lower() != "http" or not target.netloc:
+                self._error(400, "bad request target")
                 return False
+            host = target.netloc.lower()
+            self.path = urllib.parse.urlunsplit(("", "", target.path or "/", target.query, ""))
+        if self.server.loopback_only and host not in self.server.allowed_hosts():
+            # a page on another site reaching us through a rebound DNS name
+            self._error(421, "unexpected Host header")
+            return False
         return True
+
+    def _body(self) -> Optional[bytes]:
+        """The request body (b"" when there is none), read whole so that nothing of it is
+        taken for a next request; None when the request was answered (refused) here or the
+        client went away mid-body (then the connection is closed)."""
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            self._error(411, "chunked bodies are not accepted; send Content-Length")
+            return None
+        lengths = self.headers.get_all("Content-Length") or []
+        n = _int(lengths[0].strip()) if len(lengths) == 1 else 0 if not lengths else None
+        if n is None:
+            self.close_connection = True
+            self._error(400, "bad Content-Length")
+            return None
+        if n > MAX_BODY:
+            self.close_connection = True
+            self._error(413, f"request body larger than {MAX_BODY} bytes")
+            return None
+        body = self.rfile.read(n) if n else b""
+        if len(body) < n:  # the client closed the connection mid-body: nobody to answer
+            self.close_connection = True
+            return None
+        return body
 
     def do_HEAD(self) -> None:
         self.do_GET()
 
     def do_GET(self) -> None:
         try:
-            if not self._preflight():
+            if not self._preflight() or self._body() is None:
                 return
             url = urllib.parse.urlsplit(self.path)
             path = url.path
@@ -372,7 +516,10 @@ class Handler(BaseHTTPRequestHandler):
                 )
             elif path.startswith("/thumb/"):
                 key = _int(path[len("/thumb/") :])
-                data = self.server.thumbnail(key) if key is not None else None
+                try:
+                    data = self.server.thumbnail(key) if key is not None else None
+                except TimeoutError:
+                    return self._error(503, "the server is busy making thumbnails; try again")
                 if data is None:
                     return self._not_found()
                 self._send(200, data, "image/jpeg", {"Cache-Control": "max-age=300"})
@@ -398,19 +545,14 @@ class Handler(BaseHTTPRequestHandler):
             pass
 
     def do_POST(self) -> None:
-        if not self._preflight():
+        try:
+            self._post()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client went away: nobody to answer
+
+    def _post(self) -> None:
+        if not self._preflight() or self._body() is None:
             return
-        length = self.headers.get("Content-Length")
-        if self.headers.get("Transfer-Encoding"):
-            return self._error(411, "chunked bodies are not accepted; send Content-Length")
-        n = _int(length or "0")
-        if n is None:
-            return self._error(400, "bad Content-Length")
-        if n > MAX_BODY:
-            self.close_connection = True
-            return self._error(413, f"request body larger than {MAX_BODY} bytes")
-        if n:
-            self.rfile.read(n)
         if urllib.parse.urlsplit(self.path).path != "/api/update":
             return self._error(405, "method not allowed")
         if not self.server.allow_updates:
@@ -432,11 +574,21 @@ class Handler(BaseHTTPRequestHandler):
     def _file(self, quoted: str) -> None:
         # one unquoting pass: '%2e%2e' becomes '..' and is refused like '..'
         rel = urllib.parse.unquote_to_bytes(quoted)
-        data = self.server.read_indexed(rel)
-        ctype = _image_type(data) if data is not None else None
-        if data is None or ctype is None:
-            return self._not_found()  # only image content is served, whatever the file's name
-        self._send(200, data, ctype, {"Content-Disposition": "inline", "Cache-Control": "max-age=300"})
+        fh = self.server.open_indexed(rel)
+        if fh is None:
+            return self._not_found()
+        with fh:
+            size = os.fstat(fh.fileno()).st_size
+            ctype = _image_type(fh)
+            if ctype is None:
+                return self._not_found()  # only image content is served, whatever the file's name
+            self._head(200, size, ctype, {"Content-Disposition": "inline", "Cache-Control": "max-age=300"})
+            if self.command == "HEAD":
+                return
+            # streamed from the checked descriptor by the kernel: no copy of the file in memory
+            sent = self.connection.sendfile(fh, 0, size) if size else 0
+            if sent != size:  # the file shrank meanwhile: the response is short, end it
+                self.close_connection = True
 
     def _search(self, params: Dict[str, List[str]]) -> Tuple[int, Dict[str, Any]]:
         q = (params.get("q") or [""])[0].strip()
@@ -544,13 +696,14 @@ _IMAGE_TYPES = {
 }
 
 
-def _image_type(data: bytes) -> Optional[str]:
-    """The content type of image bytes, identified from their header by Pillow (no decoding),
-    or None when they are not one of the gallery's image formats."""
+def _image_type(fh: BinaryIO) -> Optional[str]:
+    """The content type of an image file, identified from its header by Pillow (no decoding),
+    or None when it is not one of the gallery's image formats."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        fh.seek(0)
+        with Image.open(fh) as im:
             return _IMAGE_TYPES.get(im.format or "")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
