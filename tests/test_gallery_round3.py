@@ -60,3 +60,40 @@ def test_model_change_keeps_failing_what_no_model_can_read(folder: Path) -> None
     assert s2.encoded == 8 and s2.failed == 2
     assert set(dict(g2.failures())) == {"broken.jpg", "dir.jpg"}
     assert g2.info()["failed"] == 2
+
+
+def test_raising_the_precision_re_encodes(folder: Path) -> None:
+    enc = ColorEncoder()
+    g = Gallery(folder, model=enc)
+    g.update()
+    exact = {h.name: h.score for h in g.search("red", k=8)}
+    s = Gallery(folder, model=enc, dtype="i8").update()
+    assert s.encoded == 0 and enc.images_encoded == 8  # lowering converts the stored vectors
+    coarse = {h.name: h.score for h in Gallery(folder, model=enc).search("red", k=8)}
+    assert max(abs(coarse[n] - exact[n]) for n in exact) > 1e-4  # i8 is lossy
+    for finer in ("f16", "f32"):
+        s = Gallery(folder, model=enc, dtype=finer).update()
+        assert s.encoded == 8 and "precision raised" in s.recovered, s
+        assert Gallery(folder, model=enc).info()["ok"] == 8
+    assert enc.images_encoded == 24
+    again = {h.name: h.score for h in Gallery(folder, model=enc).search("red", k=8)}
+    assert again.keys() == exact.keys() and max(abs(again[n] - exact[n]) for n in exact) < 1e-6
+    assert Gallery(folder, model=enc).update().encoded == 0  # and it stays f32
+
+
+def test_a_model_that_fails_its_self_check_stops_the_update(folder: Path) -> None:
+    from leanclip.bundle import BundleError
+
+    Gallery(folder, model=ColorEncoder()).update()
+
+    class CannotRun(ColorEncoder):
+        def encode_images(self, images, batch_size=32):  # type: ignore[no-untyped-def]
+            raise BundleError("image.onnx: the model cannot run what leanclip.json declares (image.size 223)")
+
+    with pytest.raises(BundleError, match="image.size 223"):
+        Gallery(folder, model=CannotRun("broken-v2")).update()
+    # no photo is recorded as failed (none is at fault): all wait for a model that runs
+    info = Gallery(folder, model=ColorEncoder()).info()
+    assert (info["failed"], info["pending"]) == (0, 8)
+    s = Gallery(folder, model=ColorEncoder()).update()
+    assert (s.encoded, s.failed) == (8, 0)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from leanclip.bundle import sha256_file
+from leanclip.bundle import BundleError, sha256_file
 from leanclip.gallery import kinds
 from leanclip.gallery import store as db
 from leanclip.gallery.errors import GalleryBusyError, GalleryError
@@ -273,6 +273,12 @@ def run_update(
             except (FileNotFoundError, IndexFileError, OSError, ValueError) as exc:
                 reset_reason = f"index file for generation {gen} unusable ({exc}); re-encoding"
         want_dtype = options.dtype or meta.get("dtype") or "f32"
+        stored_dtype, finer = meta.get("dtype") or "f32", ("i8", "f16", "f32")
+        if index is not None and not reset_reason and stored_dtype in finer and want_dtype in finer:
+            if finer.index(want_dtype) > finer.index(stored_dtype):
+                # i8 or f16 vectors cannot give back what a finer precision keeps: encode again
+                reset_reason = f"precision raised from {stored_dtype} to {want_dtype}: re-encoding all files"
+                index = None
         # the index kind asked for (kept across updates); conversions happen after the scan
         choice = options.index_kind or meta.get("index") or "auto"
         sim_dim = similarity_dim(enc)
@@ -617,6 +623,8 @@ class Sync:
             return None
         try:
             return self.encode_batch(images)
+        except BundleError:
+            raise  # the model cannot run at all (it failed its self-check): no photo is at fault
         except Exception:
             if len(images) == 1:
                 raise
@@ -629,6 +637,8 @@ class Sync:
                 if sv is not None:
                     sims.append(sv[0])
                 keep.append(item)
+            except BundleError:
+                raise
             except Exception as exc:  # the model refused this image; record, go on
                 self.record_failure(item[0], item[1], f"encoder failed: {_describe(exc)}")
         items[:] = keep
