@@ -181,3 +181,16 @@ if __name__ == "__main__":
     import sys
 
     _update_worker(json.loads(sys.argv[1]))
+
+
+def use_color_encoder(monkeypatch: Any) -> None:
+    """Make every ``leanclip.gallery.Gallery`` the CLI opens encode with ColorEncoder (no bundle)."""
+    import leanclip.gallery as G
+
+    real = G.Gallery
+
+    class ColorGallery(real):  # type: ignore[misc,valid-type]
+        def __init__(self, root: Any, store: Any = None, model: Any = None, **kw: Any) -> None:
+            super().__init__(root, store=store, model=ColorEncoder(), **kw)
+
+    monkeypatch.setattr(G, "Gallery", ColorGallery)

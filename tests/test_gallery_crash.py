@@ -79,9 +79,20 @@ def _check_committed(root: Path, store: Path) -> int:
         dup = conn.execute(
             "SELECT key FROM files WHERE key IS NOT NULL GROUP BY key HAVING COUNT(*) > 1"
         ).fetchall()
+        # the near-duplicate pairs and the texts are committed with the rows: never of a key
+        # that is not an 'ok' row
+        live = "SELECT key FROM files WHERE status='ok'"
+        stray = (
+            conn.execute(
+                f"SELECT count(*) FROM near WHERE a NOT IN ({live}) OR b NOT IN ({live})"
+            ).fetchone()[0]
+            + conn.execute(f"SELECT count(*) FROM near_done WHERE key NOT IN ({live})").fetchone()[0]
+        )
+        stray += conn.execute(f"SELECT count(*) FROM texts WHERE rowid NOT IN ({live})").fetchone()[0]
     finally:
         conn.close()
     assert dup == [], f"keys used by several rows: {dup}"
+    assert stray == 0, "near-duplicate pairs or texts of keys without an 'ok' row"
     gen = int(meta["generation"])
     if gen == 0:
         assert rows == [], "ok rows committed without an index generation"
@@ -125,6 +136,18 @@ def _check_complete(root: Path, store: Path, g) -> None:
     key_of = {n: k for n, _, k in files}
     keys = np.array([key_of[n] for n in sorted(on_disk)], dtype=np.uint64)
     np.testing.assert_allclose(index.get(keys), np.stack([want[n] for n in sorted(on_disk)]), atol=1e-5)
+    # every photo's neighbours were searched once; each stored pair holds its true score
+    conn = sqlite3.connect(store / "gallery.db")
+    try:
+        done = {int(k) for (k,) in conn.execute("SELECT key FROM near_done")}
+        pairs = conn.execute("SELECT a, b, score FROM near").fetchall()
+    finally:
+        conn.close()
+    assert done == set(key_of.values()), "photos whose near-duplicates were never searched"
+    if pairs:
+        a, b, sc = (np.array(c) for c in zip(*pairs))
+        va, vb = index.get(a.astype(np.uint64)), index.get(b.astype(np.uint64))
+        np.testing.assert_allclose((va * vb).sum(1), sc, atol=1e-4)
 
 
 def _mutate(root: Path, rng: random.Random, round_no: int) -> None:

@@ -353,8 +353,21 @@ def _print_hits(hits: List[Any], as_json: bool, query: str) -> None:
     table.add_column("#", justify="right")
     table.add_column("score", justify="right")
     table.add_column("file")
+    dated = any(h.taken is not None for h in hits)
+    if dated:
+        table.add_column("taken")
+    texts = any(h.text for h in hits)
+    if texts:
+        table.add_column("text")
+    from leanclip.dates import format_wall
+
     for i, h in enumerate(hits, 1):
-        table.add_row(str(i), f"{h.score:.3f}", Text(printable(h.name)))  # Text: never read as markup
+        cells: List[Any] = [str(i), f"{h.score:.3f}", Text(printable(h.name))]  # Text: never markup
+        if dated:
+            cells.append(format_wall(h.taken))
+        if texts:
+            cells.append(Text(printable((h.text or "").replace("\x02", "").replace("\x03", ""))))
+        table.add_row(*cells)
     Console().print(table)
 
 
@@ -378,6 +391,25 @@ _search_options = [
         multiple=True,
         help="Only files whose path (relative to the gallery) matches this glob; repeatable. '*' crosses folders.",
     ),
+    click.option(
+        "--after",
+        default=None,
+        metavar="DATE",
+        help="Only photos taken on or after DATE (2024, 2024-07, 2024-07-14): EXIF date, else file time.",
+    ),
+    click.option(
+        "--before",
+        default=None,
+        metavar="DATE",
+        help="Only photos taken before DATE (same forms as --after).",
+    ),
+    click.option(
+        "--sort",
+        type=click.Choice(["score", "date"]),
+        default="score",
+        show_default=True,
+        help="Order of the results: best match first, or newest first.",
+    ),
     click.option("--json", "as_json", is_flag=True, help="Print results as JSON."),
 ]
 
@@ -393,6 +425,9 @@ def search(
     k: int,
     min_score: Optional[float],
     paths: Sequence[str],
+    after: Optional[str],
+    before: Optional[str],
+    sort: str,
     as_json: bool,
 ) -> None:
     """Search the gallery by text: leanclip search "dog on a beach" -people"""
@@ -401,7 +436,9 @@ def search(
     text = " ".join(query)
     try:
         g = _open(directory, store, model)
-        hits = g.search(text, k, min_score=min_score, paths=list(paths) or None)
+        hits = g.search(
+            text, k, min_score=min_score, paths=list(paths) or None, after=after, before=before, sort=sort
+        )
     except _errors() as exc:
         raise _fail(str(exc))
     _print_hits(hits, as_json, text)
@@ -421,6 +458,9 @@ def similar(
     k: int,
     min_score: Optional[float],
     paths: Sequence[str],
+    after: Optional[str],
+    before: Optional[str],
+    sort: str,
     as_json: bool,
 ) -> None:
     """Find photos similar to IMAGE (a file in the gallery or anywhere else).
@@ -430,11 +470,75 @@ def similar(
         if not os.path.isfile(image):
             raise _fail(f"query image {image} does not exist or is not a file")
         g = _open(directory, store, model, near=Path(image).parent)
-        hits = g.similar(image, k, extra=extra, min_score=min_score, paths=list(paths) or None)
+        hits = g.similar(
+            image,
+            k,
+            extra=extra,
+            min_score=min_score,
+            paths=list(paths) or None,
+            after=after,
+            before=before,
+            sort=sort,
+        )
     except _errors() as exc:
         raise _fail(str(exc))
     _print_hits(hits, as_json, f"img:{image} {extra}".strip())
     raise click.exceptions.Exit(EXIT_OK if hits else EXIT_NO_MATCH)
+
+
+# --------------------------------------------------------------------------------- duplicates
+
+
+@main.command(epilog=_EPILOG)
+@_with(common_gallery)
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0.8, 1.0),
+    default=None,
+    help="Group photos whose image-to-image score is at least this (0.8-1.0); default: --auto.",
+)
+@click.option(
+    "--auto",
+    "auto",
+    is_flag=True,
+    help="Calibrate the threshold on this gallery (the default): above what its distinct photos score.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the groups as JSON.")
+def duplicates(
+    directory: Optional[str],
+    store: Optional[str],
+    model: Optional[str],
+    threshold: Optional[float],
+    auto: bool,
+    as_json: bool,
+) -> None:
+    """List groups of near-duplicate photos (bursts, edits, re-saved copies). Nothing is deleted."""
+    if auto and threshold is not None:
+        raise _fail("give --threshold or --auto, not both", EXIT_USAGE)
+    try:
+        g = _open(directory, store, model)
+        used, groups = g.duplicates(threshold)
+    except _errors() as exc:
+        raise _fail(str(exc))
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "threshold": round(used, 4),
+                    "auto": threshold is None,
+                    "groups": [[h.to_dict() for h in grp] for grp in groups],
+                },
+                indent=2,
+            )
+        )
+    else:
+        how = "calibrated" if threshold is None else "given"
+        click.echo(f"{len(groups)} groups of near-duplicates (threshold {used:.3f}, {how})", err=True)
+        for i, grp in enumerate(groups, 1):
+            click.echo(f"group {i} ({len(grp)} photos)")
+            for h in grp:
+                click.echo(f"  {h.score:.4f}\t{printable(os.fsdecode(h.path))}")
+    raise click.exceptions.Exit(EXIT_OK if groups else EXIT_NO_MATCH)
 
 
 # --------------------------------------------------------------------------------- serve

@@ -12,14 +12,29 @@ import os
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    List,
+    Optional,
+    Protocol,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+    runtime_checkable,
+)
 
 import numpy as np
 
 from leanclip._engine import DTYPES
 from leanclip._fs import PathLike
+from leanclip.dates import parse_bound
 from leanclip.encoder import SIMILARITY, query_space
+from leanclip.gallery import duplicates as dup
 from leanclip.gallery import kinds
 from leanclip.gallery import store as db
 from leanclip.gallery.errors import GalleryError, ModelMismatchError, StaleSnapshot
@@ -405,15 +420,31 @@ class Gallery:
         min_score: Optional[float] = None,
         paths: Optional[Sequence[str]] = None,
         exclude_self: bool = True,
+        after: Union[str, int, None] = None,
+        before: Union[str, int, None] = None,
+        sort: str = "score",
     ) -> List[Hit]:
         """Top-``k`` files for a query string (see module docstring), terms, or a vector.
 
         ``paths``: glob patterns on the file name relative to the root (``*`` matches across
         folders); a file must match one. ``min_score``: drop hits scoring below it.
+        ``after`` / ``before``: capture dates (``2024``, ``2024-07``, ``2024-07-14``, or wall
+        seconds; :func:`leanclip.dates.parse_bound`): only photos taken at or after the start
+        of ``after`` and before the start of ``before``. ``sort``: ``"score"`` (best first) or
+        ``"date"`` (the same hits, newest first). ``text:"..."`` terms keep the photos whose
+        text (``--ocr``) has those words; a query of text terms alone ranks by text relevance.
         Image terms that are files of this gallery are excluded from their own results.
         """
         if k < 1:
             raise GalleryError(f"k must be >= 1, got {k}")
+        terms: Optional[List[Term]] = None
+        if isinstance(query, str):
+            terms = parse_query(query)
+        elif not isinstance(query, np.ndarray):
+            terms = list(query)
+        filt = self._filter(paths, after, before, sort, [t for t in terms or [] if t.kind == "ocr"])
+        if terms is not None and all(t.kind == "ocr" for t in terms):
+            return self._text_search(filt, k, min_score)
         if isinstance(query, np.ndarray):
             qv = np.asarray(query, dtype=np.float32)
             own: List[int] = []
@@ -425,8 +456,8 @@ class Gallery:
                 if sim_index is not None and qv.shape[-1] == sim_index.dim:
                     space = "similarity"
         else:
-            qv, own, space = self._query_vectors([query])[0]
-        return self._search_vectors(qv[None, :], [own if exclude_self else []], k, min_score, paths, space)[0]
+            qv, own, space = self._query_vectors([[t for t in terms or [] if t.kind != "ocr"]])[0]
+        return self._search_vectors(qv[None, :], [own if exclude_self else []], k, min_score, filt, space)[0]
 
     def search_batch(
         self,
@@ -437,22 +468,112 @@ class Gallery:
         paths: Optional[Sequence[str]] = None,
     ) -> List[List[Hit]]:
         """``search`` for many queries at once: one encoder call and one index search for all
-        (several times the throughput of single queries; the server batches concurrent requests)."""
+        (several times the throughput of single queries; the server batches concurrent
+        requests). Queries with ``text:`` terms are answered one by one."""
         if k < 1:
             raise GalleryError(f"k must be >= 1, got {k}")
         if not queries:
             return []
-        vecs = self._query_vectors(queries)
-        out: List[List[Hit]] = [[] for _ in vecs]
+        parsed = [parse_query(q) if isinstance(q, str) else list(q) for q in queries]
+        out: List[List[Hit]] = [[] for _ in parsed]
+        plain = [i for i, terms in enumerate(parsed) if not any(t.kind == "ocr" for t in terms)]
+        for i in sorted(set(range(len(parsed))) - set(plain)):
+            out[i] = self.search(parsed[i], k, min_score=min_score, paths=paths)
+        if not plain:
+            return out
+        vecs = self._query_vectors([parsed[i] for i in plain])
+        filt = self._filter(paths, None, None, "score", [])
         for space in ("joint", "similarity"):  # one index search per space
-            idx = [i for i, v in enumerate(vecs) if v[2] == space]
+            idx = [j for j, v in enumerate(vecs) if v[2] == space]
             if idx:
                 hits = self._search_vectors(
-                    np.stack([vecs[i][0] for i in idx]), [vecs[i][1] for i in idx], k, min_score, paths, space
+                    np.stack([vecs[j][0] for j in idx]), [vecs[j][1] for j in idx], k, min_score, filt, space
                 )
-                for i, h in zip(idx, hits):
-                    out[i] = h
+                for j, h in zip(idx, hits):
+                    out[plain[j]] = h
         return out
+
+    def _filter(
+        self,
+        paths: Optional[Sequence[str]],
+        after: Union[str, int, None],
+        before: Union[str, int, None],
+        sort: str,
+        text_terms: Sequence[Term],
+    ) -> "_Filter":
+        if sort not in ("score", "date"):
+            raise GalleryError(f"sort must be 'score' or 'date', got {sort!r}")
+        lo, hi = _bound(after, "after"), _bound(before, "before")
+        filt = _Filter(list(paths or []), lo, hi, sort)
+        if lo is not None or hi is not None or sort == "date" or text_terms:
+            with self._lock:
+                if not db.has_dates(self._reader()):
+                    raise GalleryError(
+                        "this gallery has no capture dates or text yet (indexed by an older leanclip); "
+                        f"run `leanclip index {self.root}` to add them"
+                    )
+        if text_terms:
+            filt.match = _fts_match(text_terms)
+            with self._lock:
+                conn = self._reader()
+                if any(t.sign > 0 for t in text_terms):
+                    filt.allowed = {int(r) for (r,) in conn.execute(_FTS_KEYS, (filt.match,))}
+                else:
+                    neg = " OR ".join(_fts_phrase(t.value) for t in text_terms)
+                    filt.banned = {int(r) for (r,) in conn.execute(_FTS_KEYS, (neg,))}
+        return filt
+
+    def _text_search(self, filt: "_Filter", k: int, min_score: Optional[float]) -> List[Hit]:
+        """A query of ``text:`` terms alone: photos ranked by text relevance (FTS5's bm25,
+        shown as a score in (0, 1]: 1 / (1 + |bm25|))."""
+        if not filt.allowed:
+            return []
+        with self._lock:
+            ranked = self._reader().execute(
+                "SELECT rowid, rank FROM texts WHERE texts MATCH ? ORDER BY rank", (filt.match,)
+            )
+            scored = [(int(key), 1.0 / (1.0 + abs(float(r)))) for key, r in ranked]
+            rows = db.hit_rows(self._reader(), [key for key, _ in scored])
+        hits: List[Hit] = []
+        for key, score in scored:
+            if min_score is not None and score < min_score:
+                break
+            hit = self._hit(key, score, rows, filt)
+            if hit is not None:
+                hits.append(hit)
+                if len(hits) == k:
+                    break
+        return self._finish(hits, filt)
+
+    def _hit(
+        self, key: int, score: float, rows: Dict[int, Tuple[bytes, Optional[int]]], filt: "_Filter"
+    ) -> Optional[Hit]:
+        """The hit for ``key`` if its row exists and passes the filter, else None."""
+        row = rows.get(int(key))
+        if row is None:
+            return None
+        rel, taken = row
+        if (filt.allowed is not None and key not in filt.allowed) or key in filt.banned:
+            return None
+        if filt.after is not None and (taken is None or taken < filt.after):
+            return None
+        if filt.before is not None and (taken is None or taken >= filt.before):
+            return None
+        name = display(rel)
+        if filt.paths and not any(fnmatch.fnmatchcase(name, p) for p in filt.paths):
+            return None
+        return Hit(self.root / os.fsdecode(rel), name, float(score), int(key), taken)
+
+    def _finish(self, hits: List[Hit], filt: "_Filter") -> List[Hit]:
+        """The matched text of each hit (for a query with text terms), and the date order."""
+        if filt.match and hits and filt.allowed is not None:
+            with self._lock:
+                marks = db.text_snippets(self._reader(), filt.match, [h.key for h in hits])
+            for h in hits:
+                h.text = marks.get(h.key)
+        if filt.sort == "date":
+            hits.sort(key=lambda h: (h.taken is None, -(h.taken or 0)))
+        return hits
 
     def _search_vectors(
         self,
@@ -460,7 +581,7 @@ class Gallery:
         excludes: List[List[int]],
         k: int,
         min_score: Optional[float],
-        paths: Optional[Sequence[str]],
+        filt: "_Filter",
         space: str = "joint",
     ) -> List[List[Hit]]:
         index, sim_index, _ = self._snapshots(similar=space == "similarity")
@@ -479,7 +600,7 @@ class Gallery:
             keys, scores = self._read_index(index.search, qv[todo], kk)
             keys, scores = np.asarray(keys), np.asarray(scores)
             with self._lock:
-                rows = self._rows_for_keys(np.unique(keys).tolist())
+                rows = db.hit_rows(self._reader(), np.unique(keys).tolist())
             unfinished = []
             for row_i, qi in enumerate(todo):
                 hits: List[Hit] = []
@@ -489,13 +610,12 @@ class Gallery:
                     if min_score is not None and score < min_score:
                         below = True
                         break
-                    rel = rows.get(int(key))
-                    if rel is None or key in skip:  # removed since this snapshot, or the query image
+                    if key in skip:  # the query image
                         continue
-                    name = display(rel)
-                    if paths and not any(fnmatch.fnmatchcase(name, p) for p in paths):
+                    hit = self._hit(int(key), score, rows, filt)  # None: removed since, or filtered
+                    if hit is None:
                         continue
-                    hits.append(Hit(self.root / os.fsdecode(rel), name, float(score), int(key)))
+                    hits.append(hit)
                     if len(hits) == k:
                         break
                 if len(hits) == k or below or kk >= total:
@@ -504,7 +624,7 @@ class Gallery:
                     unfinished.append(qi)
             todo = unfinished
             want = kk * 4
-        return [r if r is not None else [] for r in results]
+        return [self._finish(r, filt) if r is not None else [] for r in results]
 
     def similar(
         self, image: PathLike, k: int = 10, *, extra: Union[str, Sequence[Term]] = (), **kw: Any
@@ -520,6 +640,41 @@ class Gallery:
         else:
             more = list(extra)
         return self.search([Term(1, "image", os.fspath(image)), *more], k, **kw)
+
+    def duplicates(self, threshold: Optional[float] = None) -> Tuple[float, List[List[Hit]]]:
+        """Groups of near-duplicate photos (bursts, edited copies, re-saved files), largest
+        first, and the threshold used: ``threshold`` (a cosine in the image-to-image space), or
+        when None the gallery's calibrated one (:mod:`leanclip.gallery.duplicates`). Each hit's
+        score is its best score with another photo of its group. Nothing is deleted."""
+        if threshold is not None and not (-1.0 <= float(threshold) <= 1.0):
+            raise GalleryError(f"the duplicate threshold is a cosine from -1 to 1, got {threshold}")
+        with self._lock:
+            conn = self._reader()
+            if not db.has_dates(conn):
+                raise GalleryError(
+                    "this gallery has no near-duplicate pairs yet (indexed by an older leanclip); "
+                    f"run `leanclip index {self.root}` to find them"
+                )
+            if threshold is None:
+                background = [float(b) for (b,) in conn.execute("SELECT background FROM near_done")]
+                threshold = dup.auto_threshold(background)
+            floor = max(float(threshold), dup.FLOOR)
+            got = conn.execute("SELECT a, b, score FROM near WHERE score >= ?", (floor,)).fetchall()
+            pairs = np.asarray(got, dtype=np.float64).reshape(-1, 3)
+            a, b = pairs[:, 0].astype(np.uint64), pairs[:, 1].astype(np.uint64)
+            groups = dup.components(a, b)
+            rows = db.hit_rows(conn, [k for g in groups for k in g])
+        best: Dict[int, float] = {}
+        order = np.argsort(pairs[:, 2])  # ascending: the last write per key is its best
+        for x, y, sc in pairs[order].tolist():
+            best[int(x)] = best[int(y)] = sc
+        out: List[List[Hit]] = []
+        everything = _Filter([])
+        for g in groups:
+            hits = [h for h in (self._hit(key, best.get(key, 0.0), rows, everything) for key in g) if h]
+            if len(hits) > 1:
+                out.append(sorted(hits, key=lambda h: h.name))
+        return float(threshold), out
 
     def check(self) -> Tuple[List[int], List[int]]:
         """Consistency check: (keys of ok rows missing from the index, index keys without a row)."""
@@ -591,3 +746,44 @@ class Gallery:
         with self._lock:
             self._cached = None
             self._cached_sim = None
+
+
+@dataclass
+class _Filter:
+    """What a hit must pass besides its score: path globs, a capture-date range, text terms."""
+
+    paths: List[str]
+    after: Optional[int] = None  # wall seconds, inclusive
+    before: Optional[int] = None  # wall seconds, exclusive
+    sort: str = "score"
+    match: str = ""  # the FTS5 query of the text terms
+    allowed: Optional[Set[int]] = None  # keys whose text matches the positive text terms
+    banned: Set[int] = field(default_factory=set)  # keys whose text matches a negative one
+
+
+def _bound(value: Union[str, int, None], what: str) -> Optional[int]:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise GalleryError(f"--{what} must be a date, got {value!r}")
+    if isinstance(value, int):
+        return value
+    try:
+        return parse_bound(str(value))
+    except ValueError as exc:
+        raise GalleryError(f"--{what}: {exc}") from None
+
+
+_FTS_KEYS = "SELECT rowid FROM texts WHERE texts MATCH ?"
+
+
+def _fts_phrase(words: str) -> str:
+    """An FTS5 phrase matching ``words`` in order (its own quotes doubled: no query syntax)."""
+    return '"' + words.replace('"', '""') + '"'
+
+
+def _fts_match(terms: Sequence[Term]) -> str:
+    """The FTS5 query of text terms: every positive phrase, none of the negative ones."""
+    pos = [_fts_phrase(t.value) for t in terms if t.sign > 0]
+    neg = [_fts_phrase(t.value) for t in terms if t.sign < 0]
+    return " AND ".join(pos) + "".join(f" NOT {n}" for n in neg) if pos else " OR ".join(neg)

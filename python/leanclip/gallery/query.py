@@ -1,9 +1,12 @@
 """Query syntax and search results.
 
 Unsigned words form one phrase; ``+term`` adds and ``-term`` subtracts a term; quotes group
-words; ``img:PATH`` makes a term an image::
+words; ``img:PATH`` makes a term an image; ``text:"WORDS"`` matches the text read in the photos
+(``leanclip index --ocr``): unsigned or ``+``, a photo must contain those words in that order;
+``-``, it must not. Text terms filter, the other terms rank::
 
     beach at night +sunset -people +img:photos/dog.jpg -"city lights"
+    receipt text:"total 42.50" -text:void
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from leanclip.gallery.errors import GalleryError
 
@@ -23,7 +26,9 @@ MAX_QUERY_CHARS = 4096
 @dataclass(frozen=True)
 class Term:
     sign: int  # +1 or -1
-    kind: str  # "text"; "image" (value: a file path); "photo" (value: the key of an indexed photo)
+    # "text"; "image" (value: a file path); "photo" (value: the key of an indexed photo);
+    # "ocr" (value: words that must, or with sign -1 must not, be in the photo's text)
+    kind: str
     value: str
 
 
@@ -35,9 +40,23 @@ class Hit:
     name: str  # path relative to the gallery root, printable
     score: float
     key: int
+    taken: Optional[int] = None  # capture time, wall-clock seconds (leanclip.dates)
+    text: Optional[str] = None  # the text read in the photo around the words a text: term matched
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"path": str(self.path), "name": self.name, "score": round(self.score, 6), "key": self.key}
+        out: Dict[str, Any] = {
+            "path": str(self.path),
+            "name": self.name,
+            "score": round(self.score, 6),
+            "key": self.key,
+        }
+        if self.taken is not None:
+            from leanclip.dates import format_wall
+
+            out["taken"] = format_wall(self.taken)
+        if self.text is not None:
+            out["text"] = self.text
+        return out
 
 
 def parse_query(query: str) -> List[Term]:
@@ -59,6 +78,10 @@ def parse_query(query: str) -> List[Term]:
             kind, tok = "image", tok[4:]
             if not tok:
                 raise GalleryError("'img:' must be followed by an image path")
+        elif tok.startswith("text:"):
+            kind, tok = "ocr", " ".join(tok[5:].split())
+            if not tok:
+                raise GalleryError("'text:' must be followed by words, e.g. text:\"total 42.50\"")
         if sign == 0 and kind == "text":
             phrase.append(tok)
         else:
@@ -66,7 +89,7 @@ def parse_query(query: str) -> List[Term]:
     if phrase:
         terms.insert(0, Term(1, "text", " ".join(phrase)))
     for t in terms:
-        if t.kind == "text":
+        if t.kind in ("text", "ocr"):
             try:
                 t.value.encode("utf-8")
             except UnicodeEncodeError as exc:  # e.g. argv bytes that are not UTF-8 (surrogateescape)

@@ -3,9 +3,11 @@
 Layout (default ``ROOT/.leanclip/``)::
 
     gallery.db        SQLite (WAL): one row per file (path, size, mtime, inode, ctime, sha256,
-                      key, status, reason) and a ``meta`` table (schema version, model id, dim,
-                      generation, dtype, index = exact|ivf|auto, index_kind = the kind of the
-                      generation's file: exact or ivf)
+                      key, status, reason, capture date) and a ``meta`` table (schema version,
+                      model id, dim, generation, dtype, index = exact|ivf|auto, index_kind = the
+                      kind of the generation's file: exact or ivf, ocr = 0|1); ``texts`` (FTS5:
+                      the text read in each photo, rowid = its key, with ``--ocr``); ``near`` and
+                      ``near_done`` (near-duplicate candidate pairs, gallery.duplicates)
     index-<G>.lci     the Index (or IVFIndex, per index_kind) holding exactly the keys of the
                       rows with status 'ok' at generation G
     lock              held (flock) by the one process running ``update()``
@@ -18,7 +20,7 @@ import sqlite3
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from leanclip.gallery.errors import GalleryError
 
@@ -40,16 +42,36 @@ __all__ = [
     "write_row",
     "rows_for_keys",
     "ok_row",
+    "hit_rows",
+    "text_snippets",
+    "has_dates",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Version 1 lacked files.ino and files.ctime_ns: it is read as is, and the next update() adds
-# the columns (its rows then count as changed once: re-hashed, not re-encoded).
-READABLE_VERSIONS = (1, 2)
+# the columns (its rows then count as changed once: re-hashed, not re-encoded). Version 2 lacked
+# the capture dates (files.taken, files.taken_from) and the texts / near / near_done tables:
+# read as is (no dates, no text, no duplicates until then), the next update() adds them and
+# reads the dates from the files' headers (nothing is re-encoded).
+READABLE_VERSIONS = (1, 2, 3)
 STORE_DIRNAME = ".leanclip"
 DB_NAME = "gallery.db"
 
-SCHEMA = """
+# Tables added by version 3 (created by migrate() in older stores). texts: FTS5, rowid = the
+# photo's key, the words read in it (an empty body: read, no text); near: pairs of photos whose
+# image-to-image score is at least gallery.duplicates.FLOOR (a < b); near_done: keys whose
+# neighbours were searched, with their background score (gallery.duplicates).
+EXTRA_TABLES = """
+CREATE VIRTUAL TABLE IF NOT EXISTS texts USING fts5(body, tokenize = 'unicode61');
+CREATE TABLE IF NOT EXISTS near (
+    a INTEGER NOT NULL, b INTEGER NOT NULL, score REAL NOT NULL, PRIMARY KEY (a, b)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS near_b ON near (b);
+CREATE TABLE IF NOT EXISTS near_done (key INTEGER PRIMARY KEY, background REAL NOT NULL);
+"""
+
+SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS files (
     path BLOB PRIMARY KEY,          -- relative to root, os.fsencode'd, '/' separated
@@ -60,13 +82,19 @@ CREATE TABLE IF NOT EXISTS files (
     sha256 TEXT,
     key INTEGER UNIQUE,             -- vector key in the index, NULL unless status = 'ok'
     status TEXT NOT NULL CHECK (status IN ('ok', 'failed', 'pending')),
-    reason TEXT
+    reason TEXT,
+    taken INTEGER,                  -- capture time, local wall-clock seconds (leanclip.dates)
+    taken_from TEXT                 -- 'exif' or 'mtime'
 );
 CREATE INDEX IF NOT EXISTS files_sha256 ON files (sha256);
 """
+    + EXTRA_TABLES
+)
 
-_COLUMNS = "path, size, mtime_ns, sha256, key, status, reason, ino, ctime_ns"
-_COLUMNS_V1 = "path, size, mtime_ns, sha256, key, status, reason, NULL, NULL"
+
+_COLUMNS = "path, size, mtime_ns, sha256, key, status, reason, ino, ctime_ns, taken, taken_from"
+_COLUMNS_V2 = "path, size, mtime_ns, sha256, key, status, reason, ino, ctime_ns, NULL, NULL"
+_COLUMNS_V1 = "path, size, mtime_ns, sha256, key, status, reason, NULL, NULL, NULL, NULL"
 
 
 @dataclass(frozen=True)
@@ -126,10 +154,12 @@ class FileRow:
     reason: Optional[str] = None  # why it failed
     ino: Optional[int] = None  # inode number when indexed (None: a version 1 row)
     ctime_ns: Optional[int] = None  # status change time when indexed
+    taken: Optional[int] = None  # capture time, wall-clock seconds (leanclip.dates); None: unknown
+    taken_from: Optional[str] = None  # "exif" or "mtime"
 
     @classmethod
     def from_sql(cls, r: Sequence[Any]) -> "FileRow":
-        p, size, mtime, sha, key, status, reason, ino, ctime = r
+        p, size, mtime, sha, key, status, reason, ino, ctime, taken, taken_from = r
         return cls(
             bytes(p),
             int(size),
@@ -140,6 +170,8 @@ class FileRow:
             reason,
             None if ino is None else int(ino),
             None if ctime is None else int(ctime),
+            None if taken is None else int(taken),
+            taken_from,
         )
 
     def same_file(self, st: os.stat_result) -> bool:
@@ -214,23 +246,42 @@ def migrate(conn: sqlite3.Connection) -> bool:
     if version == 1:
         conn.execute("ALTER TABLE files ADD COLUMN ino INTEGER")
         conn.execute("ALTER TABLE files ADD COLUMN ctime_ns INTEGER")
+    if version <= 2:
+        conn.execute("ALTER TABLE files ADD COLUMN taken INTEGER")
+        conn.execute("ALTER TABLE files ADD COLUMN taken_from TEXT")
+        _run_script(conn, EXTRA_TABLES)
     set_meta(conn, "schema_version", SCHEMA_VERSION)
     return True
 
 
 def _columns(conn: sqlite3.Connection) -> str:
+    if has_dates(conn):
+        return _COLUMNS
     try:
         conn.execute("SELECT ino, ctime_ns FROM files LIMIT 0")
-        return _COLUMNS
+        return _COLUMNS_V2  # a version 2 store, read before its first update by this version
     except sqlite3.OperationalError:
-        return _COLUMNS_V1  # a version 1 store, read before its first update by this version
+        return _COLUMNS_V1  # a version 1 store, likewise
+
+
+def has_dates(conn: sqlite3.Connection) -> bool:
+    """Does this store have version 3's columns and tables (capture dates, texts, near)?"""
+    try:
+        conn.execute("SELECT taken FROM files LIMIT 0")
+        return True
+    except sqlite3.OperationalError:
+        return False
+
+
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    for stmt in script.strip().split(";"):
+        if stmt.strip():
+            conn.execute(stmt)
 
 
 def init_schema(conn: sqlite3.Connection) -> None:
     """Create the tables of a new store (inside the caller's transaction)."""
-    for stmt in SCHEMA.strip().split(";"):
-        if stmt.strip():
-            conn.execute(stmt)
+    _run_script(conn, SCHEMA)
     conn.executemany(
         "INSERT INTO meta (key, value) VALUES (?, ?)",
         [
@@ -258,7 +309,7 @@ def load_rows(conn: sqlite3.Connection) -> Dict[bytes, FileRow]:
 
 def write_row(conn: sqlite3.Connection, row: FileRow) -> None:
     conn.execute(
-        f"INSERT OR REPLACE INTO files ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT OR REPLACE INTO files ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             row.path,
             row.size,
@@ -269,6 +320,8 @@ def write_row(conn: sqlite3.Connection, row: FileRow) -> None:
             row.reason,
             row.ino,
             row.ctime_ns,
+            row.taken,
+            row.taken_from,
         ),
     )
 
@@ -289,3 +342,33 @@ def rows_for_keys(conn: sqlite3.Connection, keys: Sequence[int]) -> Dict[int, by
         for k, p in conn.execute(q, chunk):
             out[int(k)] = bytes(p)
     return out
+
+
+def hit_rows(conn: sqlite3.Connection, keys: Sequence[int]) -> Dict[int, Tuple[bytes, Optional[int]]]:
+    """key -> (path, capture time) of the 'ok' rows holding these keys (the time None in a
+    store from before dates, or where unknown)."""
+    out: Dict[int, Tuple[bytes, Optional[int]]] = {}
+    taken = "taken" if has_dates(conn) else "NULL"
+    ks: List[int] = [int(k) for k in keys if 0 <= int(k) < 1 << 63]
+    for i in range(0, len(ks), 500):
+        chunk = ks[i : i + 500]
+        q = f"SELECT key, path, {taken} FROM files WHERE status='ok' AND key IN ({','.join('?' * len(chunk))})"
+        for k, p, t in conn.execute(q, chunk):
+            out[int(k)] = (bytes(p), None if t is None else int(t))
+    return out
+
+
+MARK_START, MARK_END = "\x02", "\x03"  # around matched words in text snippets
+
+
+def text_snippets(conn: sqlite3.Connection, match: str, keys: Sequence[int]) -> Dict[int, str]:
+    """key -> the text read in that photo around the words ``match`` (an FTS5 query) found,
+    the matched words between MARK_START and MARK_END."""
+    ks = [int(k) for k in keys]
+    if not ks:
+        return {}
+    q = (
+        f"SELECT rowid, snippet(texts, 0, '{MARK_START}', '{MARK_END}', '…', 24) FROM texts "
+        f"WHERE texts MATCH ? AND rowid IN ({','.join('?' * len(ks))})"
+    )
+    return {int(k): str(t) for k, t in conn.execute(q, [match, *ks])}

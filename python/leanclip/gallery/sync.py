@@ -31,16 +31,20 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from leanclip.bundle import BundleError, sha256_file
-from leanclip.gallery import kinds
+from leanclip.dates import capture_time
+from leanclip.gallery import duplicates, kinds
 from leanclip.gallery import store as db
 from leanclip.gallery.errors import GalleryBusyError, GalleryError
 from leanclip.gallery.store import FileRow, StoreLayout
-from leanclip.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from leanclip.images import DEFAULT_MAX_PIXELS, PHONE_EXTENSIONS, ImageLoadError, load_image
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"} | PHONE_EXTENSIONS
+)
 
 Progress = Callable[[str, int, int], None]
-"""``progress(stage, done, total)``; stage is "scan", "hash" or "encode"."""
+"""``progress(stage, done, total)``; stage is "scan", "hash", "encode", "dates", "text" or
+"duplicates"."""
 
 
 @dataclass(frozen=True)
@@ -297,6 +301,8 @@ def run_update(
             # a new model also retries the files the old one failed: the failure may have been its own
             retry = "('ok', 'failed')" if model_changed else "('ok')"
             conn.execute(f"UPDATE files SET status='pending', key=NULL WHERE status IN {retry}")
+            for table in ("near", "near_done", "texts"):  # all keyed by the keys just dropped
+                conn.execute(f"DELETE FROM {table}")
             summary.recovered = reset_reason
         db.set_meta(conn, "model_id", enc.model_id)
         db.set_meta(conn, "dim", enc.dim)
@@ -497,9 +503,10 @@ class Sync:
             if old is not None:
                 if old.sha256 == digest and old.status == "ok":
                     # same content, new mtime (touched / copied back): nothing to encode
+                    when = capture_time(f.abspath)
                     conn.execute(
-                        "UPDATE files SET size=?, mtime_ns=?, ino=?, ctime_ns=? WHERE path=?",
-                        (f.size, f.mtime_ns, f.ino, f.ctime_ns, f.rel),
+                        "UPDATE files SET size=?, mtime_ns=?, ino=?, ctime_ns=?, taken=?, taken_from=? WHERE path=?",
+                        (f.size, f.mtime_ns, f.ino, f.ctime_ns, when.wall, when.source, f.rel),
                     )
                     summary.unchanged += 1
                     s.dirty = True
@@ -546,6 +553,51 @@ class Sync:
 
         self.checkpoint_if_due(force=True)
         self.encode_all(remaining)
+        self.fill_dates()
+        self.update_near()
+
+    def fill_dates(self) -> None:
+        """Capture dates of indexed photos that have none (a store from before dates existed):
+        read from the files' headers, nothing re-encoded."""
+        s, progress = self.state, self.progress
+        todo = [
+            bytes(p) for (p,) in s.conn.execute("SELECT path FROM files WHERE status='ok' AND taken IS NULL")
+        ]
+        root = os.fsencode(self.layout.root)
+        for i, rel in enumerate(todo):
+            when = capture_time(os.fsdecode(os.path.join(root, rel)))
+            s.conn.execute(
+                "UPDATE files SET taken=?, taken_from=? WHERE path=?", (when.wall, when.source, rel)
+            )
+            s.dirty = True
+            if progress and i % 256 == 0:
+                progress("dates", i, len(todo))
+
+    def update_near(self) -> None:
+        """Near-duplicate pairs of the photos added since the last run (gallery.duplicates):
+        the pairs of removed photos go, the new photos' neighbours are searched once."""
+        s, conn = self.state, self.state.conn
+        live = "SELECT key FROM files WHERE status='ok' AND key IS NOT NULL"
+        conn.execute(f"DELETE FROM near_done WHERE key NOT IN ({live})")
+        conn.execute(f"DELETE FROM near WHERE a NOT IN ({live}) OR b NOT IN ({live})")
+        space = s.similar if s.similar is not None else s.index
+        done = {int(k) for (k,) in conn.execute("SELECT key FROM near_done")}
+        pending = [int(k) for (k,) in conn.execute(live) if int(k) not in done]
+        if not pending:
+            return
+        if self.progress:
+            self.progress("duplicates", 0, len(pending))
+        pairs = duplicates.neighbour_pairs(space, pending)
+        conn.executemany(
+            "INSERT OR REPLACE INTO near (a, b, score) VALUES (?, ?, ?)",
+            zip(pairs.a.tolist(), pairs.b.tolist(), pairs.score.tolist()),
+        )
+        conn.executemany(
+            "INSERT OR REPLACE INTO near_done (key, background) VALUES (?, ?)", pairs.background.items()
+        )
+        s.dirty = True
+        if self.progress:
+            self.progress("duplicates", len(pending), len(pending))
 
     def convert_index(self, n: int) -> None:
         """Give the index the kind, precision and layout a gallery of about ``n`` photos should
@@ -657,6 +709,12 @@ class Sync:
         self.state.index.remove(arr)
         if self.state.similar is not None:
             self.state.similar.remove(arr)
+        # their near-duplicate pairs and text go in the same commit
+        gone = [(int(k),) for k in arr.tolist()]
+        conn = self.state.conn
+        conn.executemany("DELETE FROM near WHERE a = ?1 OR b = ?1", gone)
+        conn.executemany("DELETE FROM near_done WHERE key = ?", gone)
+        conn.executemany("DELETE FROM texts WHERE rowid = ?", gone)
 
     def store_vectors(
         self, items: List[Tuple[FoundFile, str]], vecs: np.ndarray, sims: Optional[np.ndarray] = None
@@ -687,7 +745,20 @@ class Sync:
                 summary.updated += 1
             else:
                 summary.added += 1
-            row = FileRow(f.rel, f.size, f.mtime_ns, digest, keys[i], "ok", None, f.ino, f.ctime_ns)
+            when = capture_time(f.abspath)
+            row = FileRow(
+                f.rel,
+                f.size,
+                f.mtime_ns,
+                digest,
+                keys[i],
+                "ok",
+                None,
+                f.ino,
+                f.ctime_ns,
+                when.wall,
+                when.source,
+            )
             db.write_row(s.conn, row)
             rows[f.rel] = row
         s.dirty = True
