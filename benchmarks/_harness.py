@@ -16,7 +16,9 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional
+
+from training.report import cpu_model  # one home, shared with training's reports
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -26,16 +28,6 @@ try:
     import onnxruntime  # noqa: F401
 except ImportError:
     pass
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _cpuinfo() -> Dict[str, str]:
@@ -165,23 +157,6 @@ def current_rss_mb() -> float:
     except OSError:
         pass
     return float("nan")
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    def fmt(x: object) -> str:
-        if isinstance(x, float):
-            if x != x:
-                return "–"
-            if abs(x) >= 100:
-                return f"{x:,.0f}"
-            if abs(x) >= 10:
-                return f"{x:.1f}"
-            return f"{x:.3g}" if abs(x) < 1 else f"{x:.2f}"
-        return str(x)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def header(title: str, packages: Iterable[str] = (), note: Optional[str] = None) -> str:

@@ -2,7 +2,7 @@
 against a gallery of 100,000 synthetic vectors.
 
     python -m benchmarks server_load                 # writes results/server_load.md
-    python benchmarks/bench_server_load.py --seconds 5 --clients 8 --vectors 10000   # quick
+    python -m benchmarks.bench_server_load --seconds 5 --clients 8 --vectors 10000   # quick
 
 The gallery is built directly in the store format of ``leanclip.gallery`` (SQLite rows and an
 ``index-1.lci``): 100,000 random unit vectors of the model's dimension under made-up file names,

@@ -13,7 +13,7 @@ def fake_fetchers() -> dict[str, Any]:
     """kind -> fetch(name, dest) making a tiny random stand-in (no network)."""
     import timm
 
-    from training.models import TINY_BERT, TINY_STUDENT_TIMM, _tiny_wordpiece_json, build_teacher
+    from training.models import TINY_STUDENT_TIMM, build_hf_student, build_teacher
 
     def open_clip_fetch(name: str, dest: Path) -> None:
         model_name, _tag = name.split(":", 1)
@@ -28,13 +28,11 @@ def fake_fetchers() -> dict[str, Any]:
         from tokenizers import Tokenizer
         from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
-        tok = Tokenizer.from_str(_tiny_wordpiece_json())
+        text = build_hf_student(tiny=True).leanclip_config["text"]  # the tiny BERT and its WordPiece
         torch.manual_seed(3)
-        BertModel(
-            BertConfig(vocab_size=tok.get_vocab_size(), **TINY_BERT), add_pooling_layer=False
-        ).save_pretrained(dest)
+        BertModel(BertConfig(**text["hf_config"]), add_pooling_layer=False).save_pretrained(dest)
         PreTrainedTokenizerFast(
-            tokenizer_object=tok,
+            tokenizer_object=Tokenizer.from_str(text["tokenizer_json"]),
             unk_token="[UNK]",
             pad_token="[PAD]",
             cls_token="[CLS]",

@@ -3,8 +3,13 @@ walking the package (not listed by hand), and the names docs/ARCHITECTURE.md pro
 
 from __future__ import annotations
 
+import ast
 import importlib
+import inspect
 import pkgutil
+import re
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -89,3 +94,95 @@ def test_argument_errors_are_the_builtin_exceptions() -> None:
         with pytest.raises(expected) as info:
             call()
         assert not isinstance(info.value, LeanclipError), info.value
+
+
+# --- docs/ARCHITECTURE.md's API blocks ------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _api_blocks() -> list:
+    """(module name, parsed block) for each ```python block of ARCHITECTURE.md, under the
+    heading that names its module: ``## Title (`leanclip.module`...)``."""
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    blocks = []
+    for section in re.split(r"^## ", text, flags=re.M)[1:]:
+        heading = section.splitlines()[0]
+        named = re.search(r"`((?:leanclip|training)(?:\.\w+)*)`", heading)
+        for code in re.findall(r"```python\n(.*?)```", section, flags=re.S):
+            assert named, f"a Python block under '## {heading}' whose heading names no module"
+            blocks.append((named.group(1), ast.parse(code, filename=f"ARCHITECTURE.md: {heading}")))
+    return blocks
+
+
+def _documented_params(fn: ast.FunctionDef) -> list:
+    a = fn.args
+    return [p.arg for p in (*a.posonlyargs, *a.args, *a.kwonlyargs) if p.arg != "self"]
+
+
+def _real_params(obj: Any) -> list:
+    sig = inspect.signature(obj)
+    skip = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return [p.name for p in sig.parameters.values() if p.kind not in skip and p.name != "self"]
+
+
+def _has_attribute(cls: type, name: str) -> bool:
+    """A class attribute or property, or (Python classes) an attribute ``__init__`` sets."""
+    if hasattr(cls, name):
+        return True
+    try:
+        return f"self.{name}" in inspect.getsource(cls)
+    except (OSError, TypeError):  # compiled class: only what hasattr sees
+        return False
+
+
+def test_architecture_api_blocks_name_what_exists() -> None:
+    """Every class, function, method and attribute in ARCHITECTURE.md's API blocks exists, and
+    every documented function lists the real parameters, in order."""
+    blocks = _api_blocks()
+    assert len(blocks) >= 6 and {m for m, _ in blocks} >= {"leanclip._engine", "leanclip.encoder"}
+    problems = []
+    for module_name, tree in blocks:
+        module = importlib.import_module(module_name)
+        for node in tree.body:
+            where = f"{module_name}.{getattr(node, 'name', '')}"
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                if not hasattr(module, node.target.id):
+                    problems.append(f"{module_name}.{node.target.id} does not exist")
+                continue
+            if not isinstance(node, (ast.ClassDef, ast.FunctionDef)):
+                continue
+            obj = getattr(module, node.name, None)
+            if obj is None:
+                problems.append(f"{where} does not exist")
+                continue
+            if isinstance(node, ast.FunctionDef):
+                if _documented_params(node) != _real_params(obj):
+                    problems.append(f"{where}{_documented_params(node)} is {_real_params(obj)}")
+                continue
+            for member in node.body:
+                if isinstance(member, ast.AnnAssign) and isinstance(member.target, ast.Name):
+                    if not _has_attribute(obj, member.target.id):
+                        problems.append(f"{where}.{member.target.id} does not exist")
+                elif isinstance(member, ast.FunctionDef):
+                    if member.name == "__init__":
+                        real = _real_params(obj)
+                    elif not hasattr(obj, member.name):
+                        problems.append(f"{where}.{member.name} does not exist")
+                        continue
+                    elif member.name.startswith("__"):
+                        continue  # slots (__len__, __contains__): their existence is the contract
+                    else:
+                        real = _real_params(getattr(obj, member.name))
+                    if _documented_params(member) != real:
+                        problems.append(f"{where}.{member.name}{_documented_params(member)} is {real}")
+    assert not problems, "\n".join(problems)
+
+
+def test_engine_names_are_reexported_from_leanclip() -> None:
+    """The Engine heading promises ``leanclip.X is leanclip._engine.X`` for each of its names."""
+    (engine,) = [tree for module, tree in _api_blocks() if module == "leanclip._engine"]
+    names = [n.name for n in engine.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))]
+    assert "IVFIndex" in names and "mine_hard_negatives" in names
+    for name in names:
+        assert getattr(leanclip, name) is getattr(leanclip._engine, name), name

@@ -13,14 +13,9 @@ from torch import nn
 
 from leanclip.bundle import ImageSpec, TextSpec, read_manifest
 from leanclip.encoder import Encoder
-from leanclip.export import (
-    ExportError,
-    FixedLengthTextTower,
-    ImageTower,
-    export_bundle,
-    export_model,
-)
+from leanclip.export import BundleTarget, ExportError, export_bundle, export_model
 from leanclip.quantize import quantize_bundle
+from leanclip.towers import FixedLengthTextTower, ImageTower
 from tests._fixtures_bundle import make_tiny_bundle, make_tiny_clip, tiny_bundle  # noqa: F401
 from training.export import main
 
@@ -111,11 +106,13 @@ def test_self_check_failure_is_clear_and_leaves_nothing(tmp_path: Path):
     with pytest.raises(ExportError, match=r"self-check failed.*fp32 image encoder: min cosine"):
         export_bundle(
             out,
-            image_tower=_Mismatch(model),
-            text_tower=FixedLengthTextTower(model),
-            image=ImageSpec(size=32),
-            text=TextSpec(),
-            name="bad",
+            BundleTarget(
+                image_tower=_Mismatch(model),
+                text_tower=FixedLengthTextTower(model),
+                image=ImageSpec(size=32),
+                text=TextSpec(),
+                name="bad",
+            ),
         )
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bad")], "temporary files left behind"
@@ -175,15 +172,17 @@ def test_wordpiece_towers_with_attention_mask(tmp_path: Path):
     spec = TextSpec(kind="wordpiece", inputs=["input_ids", "attention_mask"], pad_id=0, context_length=16)
     out = export_bundle(
         tmp_path / "wp",
-        image_tower=image_tower,
-        text_tower=text_tower,
-        tokenizer_json=tok,
-        image=ImageSpec(size=24, mean=[0.5] * 3, std=[0.25] * 3),
-        text=spec,
-        embedding_dim=16,
-        name="wp",
-        source="test",
-        example_texts=["a dog", "the cats on the mat", ""],
+        BundleTarget(
+            image_tower=image_tower,
+            text_tower=text_tower,
+            tokenizer_json=tok,
+            image=ImageSpec(size=24, mean=[0.5] * 3, std=[0.25] * 3),
+            text=spec,
+            embedding_dim=16,
+            name="wp",
+            source="test",
+            example_texts=["a dog", "the cats on the mat", ""],
+        ),
     )
     enc = Encoder(out)
     assert enc.manifest.text.inputs == ["input_ids", "attention_mask"]
@@ -205,11 +204,13 @@ def test_fixed_length_text_tower(tmp_path: Path):
     model = make_tiny_clip(seed=3)
     out = export_bundle(
         tmp_path / "fixed",
-        image_tower=ImageTower(model),
-        text_tower=FixedLengthTextTower(model),
-        image=ImageSpec(size=32),
-        text=TextSpec(),
-        name="fixed",
+        BundleTarget(
+            image_tower=ImageTower(model),
+            text_tower=FixedLengthTextTower(model),
+            image=ImageSpec(size=32),
+            text=TextSpec(),
+            name="fixed",
+        ),
     )
     m = read_manifest(out)
     assert m.extra["text_dynamic_length"] is False

@@ -141,7 +141,7 @@ def test_demo_without_sample_photo_packages_is_one_line(
 ) -> None:
     from leanclip import samples
 
-    monkeypatch.setattr(samples, "_package_dir", lambda package: None)
+    monkeypatch.setattr(samples, "package_dir", lambda package: None)
     monkeypatch.setenv("LEANCLIP_HOME", str(tmp_path / "home"))
     result = CliRunner().invoke(cli.main, ["demo", "--dir", str(tmp_path / "photos")])
     _one_line_error(

@@ -39,12 +39,12 @@ def test_collect_copies_real_photos_and_credits(tmp_path: Path) -> None:
 
 
 def test_missing_package_is_skipped_with_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = samples._package_dir
+    real = samples.package_dir
 
     def fake(package: str):
         return None if package == "matplotlib" else real(package)
 
-    monkeypatch.setattr(samples, "_package_dir", fake)
+    monkeypatch.setattr(samples, "package_dir", fake)
     if real("skimage") is None and real("sklearn") is None:
         pytest.skip("needs scikit-image or scikit-learn")
     with pytest.warns(UserWarning, match="matplotlib"):
@@ -54,7 +54,7 @@ def test_missing_package_is_skipped_with_warning(tmp_path: Path, monkeypatch: py
 
 
 def test_no_package_at_all_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(samples, "_package_dir", lambda package: None)
+    monkeypatch.setattr(samples, "package_dir", lambda package: None)
     from leanclip._deps import MissingDependency
     from leanclip.errors import LeanclipError
 

@@ -28,7 +28,8 @@ from leanclip.minilm import (
     tokenize,
     truncate_layers,
 )
-from leanclip.starter import ZeroShotImageTower, build_starter, class_text_embeddings
+from leanclip.starter import build_starter, class_text_embeddings
+from leanclip.towers import ZeroShotImageTower
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "red car", "tree", "cup of coffee"]

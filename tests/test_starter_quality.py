@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from benchmarks import bench_starter_quality as Q
-from leanclip.starter import StarterImageTower, ZeroShotImageTower, split_classifier
+from leanclip.towers import StarterImageTower, ZeroShotImageTower, split_classifier
 
 
 def _classifier(classes: int = 6) -> nn.Sequential:

@@ -34,7 +34,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -57,9 +56,11 @@ from leanclip.minilm import (
     load_minilm,
     load_minilm_tokenizer_json,
     make_tokenizer,
+    student_layers,
     tokenize,
     truncate_layers,
 )
+from training.report import cpu_model, markdown_table
 
 log = logging.getLogger("minilm_stage1")
 
@@ -242,15 +243,6 @@ def build_corpus(data: Dict[str, Any], seed: int) -> Corpus:
 # Students, training
 
 
-def student_layers(total: int, keep: int) -> List[int]:
-    """``keep`` layer indices spread evenly from the first to the last of ``total``."""
-    if not 1 <= keep <= total:
-        raise ValueError(f"cannot keep {keep} of {total} layers")
-    if keep == 1:
-        return [total - 1]
-    return sorted({int(round(i * (total - 1) / (keep - 1))) for i in range(keep)})
-
-
 def _texts_digest(texts: Sequence[str], extra: str) -> str:
     h = hashlib.sha256(extra.encode())
     for t in texts:
@@ -429,11 +421,11 @@ def caption_eval_sets(
         EFFICIENTNET_MEAN,
         EFFICIENTNET_STD,
         IMAGE_SIZE,
-        ZeroShotImageTower,
         class_text_embeddings,
         imagenet_classnames,
         load_efficientnet_lite0,
     )
+    from leanclip.towers import ZeroShotImageTower
 
     photos = collect_sample_photos(photo_dir)
     class_embeds = class_text_embeddings(teacher, tokenizer, list(imagenet_classnames()), DEFAULT_TEMPLATES)
@@ -623,36 +615,6 @@ def run(
     return results
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    def fmt(x: object) -> str:
-        if isinstance(x, float):
-            if x != x:
-                return "–"
-            return (
-                f"{x:,.0f}"
-                if abs(x) >= 100
-                else f"{x:.1f}"
-                if abs(x) >= 10
-                else f"{x:.3g}"
-                if abs(x) < 1
-                else f"{x:.2f}"
-            )
-        return str(x)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows])
-
-
 def _stage1_label(row: Dict[str, Any], cfg: Dict[str, Any]) -> str:
     if row["loss"] == "infonce":
         return f"infonce (tau {cfg['train']['temperature']})"
@@ -671,7 +633,7 @@ def write_table(runs: Sequence[Dict[str, Any]], path: Path) -> None:
         "# Stage 1 on real weights: MiniLM-L6 -> 2/3-layer students (Table 2's stage-1 ablation)",
         "",
         *[f"- command: `{c}`" for c in commands],
-        f"- machine: {_cpu_model()} ({os.cpu_count()} cores, shared), torch {torch.__version__}, "
+        f"- machine: {cpu_model()} ({os.cpu_count()} cores, shared), torch {torch.__version__}, "
         f"{cfg['threads']} thread(s)",
         f"- data: {first['corpus']}. Sources: apt = package synopses of the Debian archive known to apt on "
         "this machine (`apt-cache dumpavail`), dpkg = synopses and long descriptions of the installed packages "
@@ -723,7 +685,7 @@ def write_table(runs: Sequence[Dict[str, Any]], path: Path) -> None:
                     f"{r['qps_ratio']:.2f}",
                 ]
             )
-    lines.append(_markdown_table(header, rows))
+    lines.append(markdown_table(header, rows))
     lines.append("")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -26,7 +26,7 @@ import copy
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence
 
 import open_clip
 import timm
@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanclip._fs import atomic_write_with
-from leanclip.export import CLIPTextTower  # the one home of CLIP's causal text tower
+from leanclip._fs import PathLike, atomic_write_with
+from leanclip.minilm import student_layers, tiny_wordpiece_tokenizer_json
+from leanclip.towers import CLIPTextTower  # the one home of CLIP's causal text tower
 from training.weights import local_weight
 
 CHECKPOINT_FORMAT = "leanclip-training-checkpoint"
@@ -56,8 +57,6 @@ TINY_TEACHER_VISION = {
 }
 TINY_TEACHER_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 4}
 TINY_STUDENT_TIMM = {"img_size": TINY_IMAGE_SIZE, "embed_dim": 32, "depth": 2, "num_heads": 2}
-
-PathLike = Union[str, os.PathLike]
 
 
 class CheckpointError(ValueError):
@@ -210,33 +209,9 @@ TINY_BERT = {
 HF_POOLING = ("cls", "mean")
 
 
-def _tiny_wordpiece_json() -> str:
-    """A BERT-style (lower-casing, [CLS] x [SEP]) WordPiece tokenizer over characters plus a few
-    words, built locally so tests need no download; every lower-case ASCII word tokenizes."""
-    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordPiece
-
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
-    words = ["a", "an", "the", "photo", "image", "picture", "of", "with", "in", "is", "that"]
-    vocab_list = (
-        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        + chars
-        + ["##" + c for c in chars]
-        + list(".,:;!?'\"-()/&")
-        + [w for w in words if w not in chars]
-    )
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
-    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
-    )
-    tok.decoder = decoders.WordPiece()
-    tok.add_special_tokens(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    return tok.to_str()
+# the words of the tiny WordPiece tokenizer of ``build_hf_student(tiny=True)`` (spelled out
+# letter by letter otherwise: leanclip.minilm.tiny_wordpiece_tokenizer_json)
+TINY_WORDPIECE_WORDS = ("a", "an", "the", "photo", "image", "picture", "of", "with", "in", "is", "that")
 
 
 def _hf_model_from_config(hf_config: Mapping[str, Any]) -> nn.Module:
@@ -322,9 +297,7 @@ def select_text_layers(total: int, text_layers: int | Sequence[int], spacing: st
         if spacing == "first":
             return list(range(n))
         if spacing == "even":
-            if n == 1:
-                return [total - 1]
-            return sorted({round(i * (total - 1) / (n - 1)) for i in range(n)})
+            return student_layers(total, n)
         raise ValueError(f"unknown layer spacing {spacing!r}; use 'first' or 'even'")
     layers = [int(i) for i in text_layers]
     if not layers or any(not 0 <= i < total for i in layers) or len(set(layers)) != len(layers):
@@ -441,7 +414,7 @@ def build_hf_student(
     if tiny:
         from transformers import BertConfig
 
-        tokenizer_json = _tiny_wordpiece_json()
+        tokenizer_json = tiny_wordpiece_tokenizer_json(TINY_WORDPIECE_WORDS, spell_out=True)
         from tokenizers import Tokenizer
 
         vocab_size = Tokenizer.from_str(tokenizer_json).get_vocab_size()

@@ -35,6 +35,7 @@ from leanclip.minilm import (
     make_tokenizer,
 )
 from training import minilm_stage1 as s1
+from training.report import cpu_model, markdown_table
 
 log = logging.getLogger("stage1_seeds")
 
@@ -150,7 +151,7 @@ def render(cfg: Dict[str, Any], runs: Sequence[Dict[str, Any]], context: Dict[st
         "tokens; the teacher's embeddings of the split computed once and cached; learned temperature = "
         "log(1/tau) trained with the student (no weight decay, 1/tau <= 100), as in CLIP",
         f"- data: {context.get('corpus', '')}",
-        f"- machine: {s1._cpu_model()} ({context.get('cores', '?')} cores shared with other sessions), torch "
+        f"- machine: {cpu_model()} ({context.get('cores', '?')} cores shared with other sessions), torch "
         f"{torch.__version__}, {cfg['threads']} thread(s), `nice -n 10`",
         "- agreement@10: mean recall of each held-out sentence's teacher top-10 neighbours among the student's top-10 "
         f"({context.get('heldout', '?')} held-out sentences, never trained on)",
@@ -203,7 +204,7 @@ def render(cfg: Dict[str, Any], runs: Sequence[Dict[str, Any]], context: Dict[st
                 ),
             ]
         )
-    lines.append(s1._markdown_table(header, rows))
+    lines.append(markdown_table(header, rows))
     lines += ["", f"**Verdict:** {verdict(cfg, runs)}", "", "### Runs", ""]
     run_header = [
         "row",
@@ -229,7 +230,7 @@ def render(cfg: Dict[str, Any], runs: Sequence[Dict[str, Any]], context: Dict[st
         ]
         for x in runs
     ]
-    lines.append(s1._markdown_table(run_header, run_rows))
+    lines.append(markdown_table(run_header, run_rows))
     if remaining:
         lines += ["", f"{remaining} of {total} runs remain; running the command again finishes them."]
     lines += ["", RUNS_TAG + json.dumps(list(runs), sort_keys=True) + " -->", END]

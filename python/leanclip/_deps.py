@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from pathlib import Path
 from types import ModuleType
 from typing import Iterable, List, Optional, Tuple
 
 from leanclip.errors import LeanclipError
 
-__all__ = ["MissingDependency", "require", "require_all", "missing"]
+__all__ = ["MissingDependency", "missing", "package_dir", "require", "require_all"]
 
 # import name -> the pip distribution that provides it (when the two differ)
 _DISTRIBUTIONS = {
@@ -56,6 +57,19 @@ def _importable(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):  # a parent package missing, or a broken install
         return False
+
+
+def package_dir(package: str) -> Optional[Path]:
+    """The folder of an installed package, or None when it is not installed: where packages that
+    ship weights or data (MiniLM, EfficientNet-Lite0, open_clip's BPE, sample photos) keep them.
+    Found without importing the package (some print banners, some import torch or are slow)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):  # a parent package missing, or a broken install
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def missing(modules: Iterable[str]) -> List[str]:

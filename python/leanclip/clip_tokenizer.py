@@ -47,13 +47,12 @@ CLIP_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}
 
 def default_bpe_path() -> Path:
     """open_clip's shipped merges file (installed with open_clip_torch)."""
-    import importlib.util
+    from leanclip._deps import package_dir
 
-    # find_spec locates the package without importing it (importing open_clip imports torch)
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
+    root = package_dir("open_clip")  # not imported: importing open_clip imports torch
+    if root is None:
         raise FileNotFoundError("open_clip is not installed: pass bpe_path= to build_clip_tokenizer")
-    path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    path = root / "bpe_simple_vocab_16e6.txt.gz"
     if not path.is_file():
         raise FileNotFoundError(f"open_clip's BPE merges file is missing: {path}")
     return path

