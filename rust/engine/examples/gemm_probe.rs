@@ -117,14 +117,16 @@ fn main() {
             continue;
         }
         let g = time(flops, || {
-            matmul::scores_f32(level, m, n, k, &a, Src::F32(&b), &mut c, n, &mut ws)
+            let pa = PackedQueries::new(Product::F32, level, m, k, &a);
+            pa.scores(Src::F32(&b), n, &mut c, n, &mut ws)
         });
         println!("leanclip {name:7} (packing queries each call) f32: {g:6.1} GFLOPS");
         let pa = PackedQueries::new(Product::F32, level, m, k, &a);
         let g = time(flops, || pa.scores(Src::F32(&b), n, &mut c, n, &mut ws));
         println!("leanclip {name:7}              f32: {g:6.1} GFLOPS");
         let g = time(flops, || {
-            matmul::scores_f32(level, m, n, k, &a, Src::F16(&b16), &mut c, n, &mut ws)
+            let pa = PackedQueries::new(Product::F32, level, m, k, &a);
+            pa.scores(Src::F16(&b16), n, &mut c, n, &mut ws)
         });
         println!("leanclip {name:7} f16 rows (F16C) f32: {g:6.1} GFLOPS");
         if matmul::has_bf16_product(level) {

@@ -8,7 +8,7 @@ use crate::error::{invalid, invalid_vector, Result, VectorFault};
 use crate::index::{check_dim, check_rows};
 use crate::kernels;
 use crate::matmul::{PackedRows, Src};
-use crate::search::{self, Plan, Queries, Rows, Scan, ScanPrecision};
+use crate::search::{Plan, Queries, Rows, Scan, ScanPrecision, Search};
 use crate::types::{DType, Metric};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -52,43 +52,8 @@ pub fn mine_hard_negatives(
     }
     let nq = queries.count(dim);
     let n = corpus.count(dim);
-    match (query_groups, corpus_groups) {
-        (Some(qg), Some(cg)) => {
-            if qg.len() != nq {
-                return invalid(format!(
-                    "query_groups must have length {nq} (one per query), got {}",
-                    qg.len()
-                ));
-            }
-            if cg.len() != n {
-                return invalid(format!(
-                    "corpus_groups must have length {n} (one per corpus row), got {}",
-                    cg.len()
-                ));
-            }
-        }
-        (None, None) => {}
-        _ => return invalid("query_groups and corpus_groups must be given together"),
-    }
-    match queries {
-        Queries::F32(v) if v.len() % dim != 0 => {
-            return invalid(format!("queries must have shape (q, {dim})"))
-        }
-        Queries::F16(v) if v.len() % dim != 0 => {
-            return invalid(format!("queries must have shape (q, {dim})"))
-        }
-        _ => {}
-    }
-    let corpus_len = match corpus {
-        Rows::F32(v) => v.len(),
-        Rows::F16(v) => v.len(),
-        Rows::I8 { data, .. } => data.len(),
-    };
-    if corpus_len % dim != 0 {
-        return invalid(format!("corpus must have shape (n, {dim})"));
-    }
-    check_queries(queries, dim, metric)?;
-    check_corpus(corpus, dim, metric)?;
+    check_groups(query_groups, corpus_groups, nq, n)?;
+    check_inputs(queries, corpus, dim, metric)?;
     let nq_k = nq.checked_mul(k).filter(|&m| m <= isize::MAX as usize / 8);
     let Some(nq_k) = nq_k else {
         return invalid(format!("k = {k} is too large for {nq} queries"));
@@ -147,33 +112,82 @@ pub fn mine_hard_negatives(
     match (query_groups, corpus_groups) {
         (Some(qg), Some(cg)) => {
             let eligible = |q: usize, row: usize| qg[q] != cg[row];
-            search::search_into_scan(
+            let search = Search {
                 plan,
-                corpus,
-                scan,
+                rows: corpus,
                 queries,
                 k,
-                &eligible,
-                &row_id,
-                &mut ids,
-                &mut scores,
-            );
+                eligible: &eligible,
+                row_id: &row_id,
+            };
+            search.run_scan(scan, &mut ids, &mut scores);
         }
-        _ => search::search_into_scan(
-            plan,
-            corpus,
-            scan,
-            queries,
-            k,
-            &|_, _| true,
-            &row_id,
-            &mut ids,
-            &mut scores,
-        ),
+        _ => {
+            let search = Search {
+                plan,
+                rows: corpus,
+                queries,
+                k,
+                eligible: &|_: usize, _: usize| true,
+                row_id: &row_id,
+            };
+            search.run_scan(scan, &mut ids, &mut scores);
+        }
     }
     // Missing slots carry u64::MAX, which is -1 as i64; rows are < 2^63, so the cast is exact.
     let indices: Vec<i64> = bytemuck::allocation::cast_vec(ids);
     Ok((indices, scores))
+}
+
+/// Both group arrays or neither, one group per query and per corpus row.
+fn check_groups(
+    query_groups: Option<&[i64]>,
+    corpus_groups: Option<&[i64]>,
+    nq: usize,
+    n: usize,
+) -> Result<()> {
+    match (query_groups, corpus_groups) {
+        (Some(qg), Some(cg)) => {
+            if qg.len() != nq {
+                return invalid(format!(
+                    "query_groups must have length {nq} (one per query), got {}",
+                    qg.len()
+                ));
+            }
+            if cg.len() != n {
+                return invalid(format!(
+                    "corpus_groups must have length {n} (one per corpus row), got {}",
+                    cg.len()
+                ));
+            }
+        }
+        (None, None) => {}
+        _ => return invalid("query_groups and corpus_groups must be given together"),
+    }
+    Ok(())
+}
+
+/// Queries and corpus of whole rows of `dim` values, each row valid for `metric`.
+fn check_inputs(queries: Queries<'_>, corpus: Rows<'_>, dim: usize, metric: Metric) -> Result<()> {
+    match queries {
+        Queries::F32(v) if v.len() % dim != 0 => {
+            return invalid(format!("queries must have shape (q, {dim})"))
+        }
+        Queries::F16(v) if v.len() % dim != 0 => {
+            return invalid(format!("queries must have shape (q, {dim})"))
+        }
+        _ => {}
+    }
+    let corpus_len = match corpus {
+        Rows::F32(v) => v.len(),
+        Rows::F16(v) => v.len(),
+        Rows::I8 { data, .. } => data.len(),
+    };
+    if corpus_len % dim != 0 {
+        return invalid(format!("corpus must have shape (n, {dim})"));
+    }
+    check_queries(queries, dim, metric)?;
+    check_corpus(corpus, dim, metric)
 }
 
 /// Every row quantized to i8 with its own scale (as an i8 `Index` stores it).

@@ -19,6 +19,7 @@ use crate::types::Metric;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Below this many queries a search runs the per-row kernels instead of matrix products.
 pub const GEMM_MIN_QUERIES: usize = 8;
@@ -244,10 +245,20 @@ pub struct Plan {
     pub normalize_rows: bool,
 }
 
-/// Top-`k` per query into `out_ids` / `out_scores` (`nq * k` each, best first). `eligible(q,
-/// row)` filters candidates, `row_id(row)` gives the id reported and used to break ties.
-/// Slots beyond the eligible candidates get id `u64::MAX` and the metric's missing score.
-/// Batches scan as [`Scan::auto`] picks.
+/// One exact top-k search: the best `k` of `rows` for each of `queries`, as `plan` scores
+/// them. `eligible(q, row)` filters candidates, `row_id(row)` gives the id reported and used
+/// to break ties.
+#[derive(Clone, Copy)]
+pub struct Search<'a, E, I> {
+    pub plan: Plan,
+    pub rows: Rows<'a>,
+    pub queries: Queries<'a>,
+    pub k: usize,
+    pub eligible: &'a E,
+    pub row_id: &'a I,
+}
+
+/// Top-`k` per query into `out_ids` / `out_scores` (`nq * k` each, best first): [`Search::run`].
 #[allow(clippy::too_many_arguments)]
 pub fn search_into<E, I>(
     plan: Plan,
@@ -262,111 +273,286 @@ pub fn search_into<E, I>(
     E: Fn(usize, usize) -> bool + Sync,
     I: Fn(usize) -> u64 + Sync,
 {
-    let scan = Scan::auto(rows, kernels::level());
-    search_into_scan(
-        plan, rows, scan, queries, k, eligible, row_id, out_ids, out_scores,
-    )
+    let search = Search {
+        plan,
+        rows,
+        queries,
+        k,
+        eligible,
+        row_id,
+    };
+    search.run(out_ids, out_scores)
 }
 
-/// [`search_into`] with the batch scan chosen by the caller (a [`Scan::I8`] copy must hold
-/// the same rows as `rows`). The reported scores are always the exact ones.
-#[allow(clippy::too_many_arguments)]
-pub fn search_into_scan<E, I>(
-    plan: Plan,
-    rows: Rows<'_>,
-    scan: Scan<'_>,
-    queries: Queries<'_>,
-    k: usize,
-    eligible: &E,
-    row_id: &I,
-    out_ids: &mut [u64],
-    out_scores: &mut [f32],
-) where
+impl<E, I> Search<'_, E, I>
+where
     E: Fn(usize, usize) -> bool + Sync,
     I: Fn(usize) -> u64 + Sync,
 {
-    let dim = plan.dim;
-    let nq = queries.count(dim);
-    let n = rows.count(dim);
-    assert_eq!(out_ids.len(), nq * k);
-    assert_eq!(out_scores.len(), nq * k);
-    if nq == 0 || k == 0 {
-        return;
+    /// Top-`k` per query into `out_ids` / `out_scores` (`nq * k` each, best first). Slots
+    /// beyond the eligible candidates get id `u64::MAX` and the metric's missing score.
+    /// Batches scan as [`Scan::auto`] picks.
+    pub fn run(&self, out_ids: &mut [u64], out_scores: &mut [f32]) {
+        self.run_scan(Scan::auto(self.rows, kernels::level()), out_ids, out_scores)
     }
-    let use_gemm = plan.normalize_rows || nq >= GEMM_MIN_QUERIES;
-    // Blocks of equal size (at most QUERY_BLOCK), so no small tail block idles a core.
-    let qb = if use_gemm {
-        nq.div_ceil(nq.div_ceil(QUERY_BLOCK))
-    } else {
-        nq
-    };
-    let n_qblocks = nq.div_ceil(qb);
-    let wanted_tasks = rayon::current_num_threads() * 4;
-    let parts = wanted_tasks
-        .div_ceil(n_qblocks)
-        .min((n / MIN_PART_ROWS).max(1));
 
-    out_ids
-        .par_chunks_mut(qb * k)
-        .zip(out_scores.par_chunks_mut(qb * k))
-        .enumerate()
-        .for_each(|(block, (ids, scores))| {
-            let q0 = block * qb;
-            let q1 = (q0 + qb).min(nq);
-            // Parts start on multiples of 32 rows: the panel width of rows packed once.
-            let split = |part: usize| {
-                if part == parts {
-                    n
-                } else {
-                    n * part / parts / 32 * 32
-                }
-            };
-            let run = |part: usize| {
-                let (r0, r1) = (split(part), split(part + 1));
-                if use_gemm {
-                    gemm_task(
-                        plan, rows, scan, r0, r1, queries, q0, q1, k, eligible, row_id,
-                    )
-                } else {
-                    kernel_task(plan, rows, r0, r1, queries, q0, q1, k, eligible, row_id)
-                }
-            };
-            let heaps = if parts == 1 {
-                run(0)
+    /// [`Self::run`] with the batch scan chosen by the caller (a [`Scan::I8`] copy must hold
+    /// the same rows as `rows`). The reported scores are always the exact ones.
+    ///
+    /// The work is split into (query block, corpus part) tasks over rayon; each part's heaps
+    /// are merged per query block.
+    pub fn run_scan(&self, scan: Scan<'_>, out_ids: &mut [u64], out_scores: &mut [f32]) {
+        let (dim, k) = (self.plan.dim, self.k);
+        let nq = self.queries.count(dim);
+        let n = self.rows.count(dim);
+        assert_eq!(out_ids.len(), nq * k);
+        assert_eq!(out_scores.len(), nq * k);
+        if nq == 0 || k == 0 {
+            return;
+        }
+        let use_gemm = self.plan.normalize_rows || nq >= GEMM_MIN_QUERIES;
+        // Blocks of equal size (at most QUERY_BLOCK), so no small tail block idles a core.
+        let qb = if use_gemm {
+            nq.div_ceil(nq.div_ceil(QUERY_BLOCK))
+        } else {
+            nq
+        };
+        let n_qblocks = nq.div_ceil(qb);
+        let wanted_tasks = rayon::current_num_threads() * 4;
+        let parts = wanted_tasks
+            .div_ceil(n_qblocks)
+            .min((n / MIN_PART_ROWS).max(1));
+        // Parts start on multiples of 32 rows: the panel width of rows packed once.
+        let split = |part: usize| {
+            if part == parts {
+                n
             } else {
-                (0..parts)
-                    .into_par_iter()
-                    .map(run)
-                    .reduce_with(|mut a, b| {
-                        for (x, y) in a.iter_mut().zip(b) {
-                            x.merge(y);
-                        }
-                        a
-                    })
-                    .expect("at least one part")
-            };
-            for (i, heap) in heaps.into_iter().enumerate() {
-                let hits = heap.into_sorted();
-                let id_row = &mut ids[i * k..(i + 1) * k];
-                let score_row = &mut scores[i * k..(i + 1) * k];
-                for j in 0..k {
-                    match hits.get(j) {
-                        Some(h) => {
-                            id_row[j] = h.id;
-                            score_row[j] = plan.metric.to_external(h.score);
-                        }
-                        None => {
-                            id_row[j] = u64::MAX;
-                            score_row[j] = plan.metric.missing_score();
-                        }
+                n * part / parts / 32 * 32
+            }
+        };
+
+        out_ids
+            .par_chunks_mut(qb * k)
+            .zip(out_scores.par_chunks_mut(qb * k))
+            .enumerate()
+            .for_each(|(block, (ids, scores))| {
+                let queries = block * qb..((block + 1) * qb).min(nq);
+                let run = |part: usize| {
+                    let rows = split(part)..split(part + 1);
+                    if use_gemm {
+                        self.gemm_task(scan, queries.clone(), rows)
+                    } else {
+                        self.kernel_task(queries.clone(), rows)
+                    }
+                };
+                let heaps = if parts == 1 {
+                    run(0)
+                } else {
+                    (0..parts)
+                        .into_par_iter()
+                        .map(run)
+                        .reduce_with(|mut a, b| {
+                            for (x, y) in a.iter_mut().zip(b) {
+                                x.merge(y);
+                            }
+                            a
+                        })
+                        .expect("at least one part")
+                };
+                self.write_hits(heaps, ids, scores);
+            });
+    }
+
+    /// Each query's hits, best first, into its `k` slots (the empty ones marked missing).
+    fn write_hits(&self, heaps: Vec<TopK>, ids: &mut [u64], scores: &mut [f32]) {
+        let (k, metric) = (self.k, self.plan.metric);
+        for (i, heap) in heaps.into_iter().enumerate() {
+            let hits = heap.into_sorted();
+            let id_row = &mut ids[i * k..(i + 1) * k];
+            let score_row = &mut scores[i * k..(i + 1) * k];
+            for j in 0..k {
+                match hits.get(j) {
+                    Some(h) => {
+                        id_row[j] = h.id;
+                        score_row[j] = metric.to_external(h.score);
+                    }
+                    None => {
+                        id_row[j] = u64::MAX;
+                        score_row[j] = metric.missing_score();
                     }
                 }
             }
-        });
+        }
+    }
+
+    /// Queries `queries` against rows `part` with the per-row kernels (few queries).
+    fn kernel_task(&self, queries: Range<usize>, part: Range<usize>) -> Vec<TopK> {
+        let (plan, rows, dim) = (self.plan, self.rows, self.plan.dim);
+        let mut qbuf = Vec::new();
+        prepare_queries(plan, self.queries, queries.clone(), &mut qbuf);
+        // i8 dot products run in integers against an i16 copy of each query.
+        let mut q16: Vec<Vec<i16>> = Vec::new();
+        let mut q16_scale = Vec::new();
+        if matches!(rows, Rows::I8 { .. }) && plan.metric != Metric::L2 {
+            for q in qbuf.chunks_exact(dim) {
+                let mut v = Vec::new();
+                q16_scale.push(kernels::quantize_query_i16(q, &mut v));
+                q16.push(v);
+            }
+        }
+        let mut heaps: Vec<TopK> = queries.clone().map(|_| TopK::new(self.k)).collect();
+        let mut passing = Vec::new();
+        let mut scores = vec![0.0f32; KERNEL_CHUNK];
+        let mut ints = vec![0i64; KERNEL_CHUNK];
+        let mut dequant = Vec::new();
+        let mut c0 = part.start;
+        while c0 < part.end {
+            let c1 = (c0 + KERNEL_CHUNK).min(part.end);
+            let chunk = rows.range(c0, c1, dim);
+            let out = &mut scores[..c1 - c0];
+            // l2 over i8 rows runs on the chunk dequantized once for all queries
+            let i8_l2 = matches!(chunk, Rows::I8 { .. }) && plan.metric == Metric::L2;
+            if i8_l2 {
+                chunk.to_f32(dim, &mut dequant);
+            }
+            for (i, heap) in heaps.iter_mut().enumerate() {
+                let q = &qbuf[i * dim..(i + 1) * dim];
+                let q16 = q16.get(i).map(|v| (v.as_slice(), q16_scale[i]));
+                score_chunk(plan.metric, q, q16, chunk, &dequant, &mut ints, out);
+                let (query, (eligible, row_id)) = (queries.start + i, (self.eligible, self.row_id));
+                push_candidates(heap, out, query, c0, eligible, row_id, &mut passing);
+            }
+            c0 = c1;
+        }
+        heaps
+    }
+
+    /// Queries `queries` against rows `part` as blocked matrix products: a tile of scores per
+    /// block of rows feeds the heaps. A low-precision `scan` keeps row indices, re-scored
+    /// exactly at the end ([`Self::rescore`]); an exact one keeps the final ids.
+    fn gemm_task(&self, scan: Scan<'_>, queries: Range<usize>, part: Range<usize>) -> Vec<TopK> {
+        let (plan, dim) = (self.plan, self.plan.dim);
+        let nq = queries.len();
+        let mut qbuf = Vec::new();
+        prepare_queries(plan, self.queries, queries.clone(), &mut qbuf);
+        let query_norms: Vec<f32> = if plan.metric == Metric::L2 {
+            qbuf.chunks_exact(dim).map(kernels::sqnorm_f32).collect()
+        } else {
+            Vec::new()
+        };
+        let exact = scan.is_exact();
+        let kept = scan_candidates(self.k, scan);
+        let by_row = |row: usize| row as u64;
+        let mut heaps: Vec<TopK> = (0..nq).map(|_| TopK::new(kept)).collect();
+        let mut passing = Vec::new();
+        let packed = PackedQueries::new(scan.product(), kernels::level(), nq, dim, &qbuf);
+        let mut ws = Workspace::default();
+        let mut converted = Vec::new();
+        let row_block = (TILE_BYTES / 4 / nq).clamp(64, ROW_BLOCK) / 32 * 32;
+        let mut tile = vec![0.0f32; nq * row_block];
+        let mut row_norms = vec![0.0f32; row_block];
+        let need_norms = plan.metric == Metric::L2 || plan.normalize_rows;
+        let mut b0 = part.start;
+        while b0 < part.end {
+            let b1 = (b0 + row_block).min(part.end);
+            let nb = b1 - b0;
+            let block = self.rows.range(b0, b1, dim);
+            if need_norms {
+                row_sqnorms(block, dim, &mut row_norms[..nb], &mut converted);
+                if plan.normalize_rows && plan.metric != Metric::L2 {
+                    // Zero rows are rejected before a cosine search; guard anyway.
+                    row_norms[..nb]
+                        .iter_mut()
+                        .for_each(|v| *v = if *v > 0.0 { 1.0 / v.sqrt() } else { 0.0 });
+                }
+            }
+            let tile = &mut tile[..nq * nb];
+            if let Scan::Packed(p) = scan {
+                packed.scores_packed(p, b0, nb, tile, nb, &mut ws);
+            } else {
+                let src = match (scan, block) {
+                    (Scan::I8 { data, scales }, _) => Src::I8 {
+                        data: &data[b0 * dim..b1 * dim],
+                        scales: &scales[b0..b1],
+                    },
+                    (_, rows) => rows.into(),
+                };
+                packed.scores(src, nb, tile, nb, &mut ws);
+            }
+            for (i, heap) in heaps.iter_mut().enumerate() {
+                let scores = &mut tile[i * nb..(i + 1) * nb];
+                match plan.metric {
+                    Metric::L2 => {
+                        let qn = query_norms[i];
+                        for (s, &xn) in scores.iter_mut().zip(&row_norms[..nb]) {
+                            *s = -(qn + xn - 2.0 * *s).max(0.0);
+                        }
+                    }
+                    _ if plan.normalize_rows => {
+                        for (s, &inv) in scores.iter_mut().zip(&row_norms[..nb]) {
+                            *s *= inv;
+                        }
+                    }
+                    _ => {}
+                }
+                let (query, eligible) = (queries.start + i, self.eligible);
+                if exact {
+                    let row_id = self.row_id;
+                    push_candidates(heap, scores, query, b0, eligible, row_id, &mut passing);
+                } else {
+                    push_candidates(heap, scores, query, b0, eligible, &by_row, &mut passing);
+                }
+            }
+            b0 = b1;
+        }
+        if exact {
+            return heaps;
+        }
+        self.rescore(&qbuf, heaps, &mut converted)
+    }
+
+    /// The top `k` of each query's `candidates` (row indices) re-scored with the per-row
+    /// kernels (the single-query scores), in row order: a block of queries has candidates all
+    /// over the corpus, which then streams through once, each row read once for every query
+    /// that kept it, instead of at random per query.
+    fn rescore(&self, qbuf: &[f32], candidates: Vec<TopK>, converted: &mut Vec<f32>) -> Vec<TopK> {
+        let (plan, rows, dim) = (self.plan, self.rows, self.plan.dim);
+        let nq = candidates.len();
+        let i8_queries = matches!(rows, Rows::I8 { .. }) && plan.metric != Metric::L2;
+        let mut q16 = Vec::new();
+        let mut q16_scales = Vec::new();
+        if i8_queries {
+            let mut one = Vec::new();
+            for q in qbuf.chunks_exact(dim) {
+                q16_scales.push(kernels::quantize_query_i16(q, &mut one));
+                q16.extend_from_slice(&one);
+            }
+        }
+        let mut pairs: Vec<(u64, u32)> = Vec::with_capacity(candidates.iter().map(TopK::len).sum());
+        for (i, heap) in candidates.into_iter().enumerate() {
+            pairs.extend(heap.into_sorted().iter().map(|h| (h.id, i as u32)));
+        }
+        pairs.sort_unstable();
+        let mut best: Vec<TopK> = (0..nq).map(|_| TopK::new(self.k)).collect();
+        for &(row, i) in &pairs {
+            let i = i as usize;
+            let q = &qbuf[i * dim..(i + 1) * dim];
+            let (qi, scale) = match i8_queries {
+                true => (&q16[i * dim..(i + 1) * dim], q16_scales[i]),
+                false => (&q16[..0], 0.0),
+            };
+            let s = exact_score(plan, rows, row as usize, q, qi, scale, converted);
+            best[i].push(Hit {
+                score: s,
+                id: (self.row_id)(row as usize),
+            });
+        }
+        best
+    }
 }
 
-fn prepare_queries(plan: Plan, queries: Queries<'_>, q0: usize, q1: usize, buf: &mut Vec<f32>) {
-    queries.block_to_f32(q0, q1, plan.dim, buf);
+fn prepare_queries(plan: Plan, queries: Queries<'_>, range: Range<usize>, buf: &mut Vec<f32>) {
+    queries.block_to_f32(range.start, range.end, plan.dim, buf);
     if plan.normalize_queries {
         for q in buf.chunks_exact_mut(plan.dim) {
             let norm = kernels::sqnorm_f32(q).sqrt();
@@ -403,193 +589,6 @@ fn push_candidates<E, I>(
             });
         }
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn kernel_task<E, I>(
-    plan: Plan,
-    rows: Rows<'_>,
-    r0: usize,
-    r1: usize,
-    queries: Queries<'_>,
-    q0: usize,
-    q1: usize,
-    k: usize,
-    eligible: &E,
-    row_id: &I,
-) -> Vec<TopK>
-where
-    E: Fn(usize, usize) -> bool,
-    I: Fn(usize) -> u64,
-{
-    let dim = plan.dim;
-    let mut qbuf = Vec::new();
-    prepare_queries(plan, queries, q0, q1, &mut qbuf);
-    let nq = q1 - q0;
-    // i8 dot products run in integers against an i16 copy of each query.
-    let mut q16: Vec<Vec<i16>> = Vec::new();
-    let mut q16_scale = Vec::new();
-    if matches!(rows, Rows::I8 { .. }) && plan.metric != Metric::L2 {
-        for q in qbuf.chunks_exact(dim) {
-            let mut v = Vec::new();
-            q16_scale.push(kernels::quantize_query_i16(q, &mut v));
-            q16.push(v);
-        }
-    }
-    let mut heaps: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
-    let mut passing = Vec::new();
-    let mut scores = vec![0.0f32; KERNEL_CHUNK];
-    let mut ints = vec![0i64; KERNEL_CHUNK];
-    let mut dequant = Vec::new();
-    let mut c0 = r0;
-    while c0 < r1 {
-        let c1 = (c0 + KERNEL_CHUNK).min(r1);
-        let chunk = rows.range(c0, c1, dim);
-        let out = &mut scores[..c1 - c0];
-        // l2 over i8 rows runs on the chunk dequantized once for all queries
-        let i8_l2 = matches!(chunk, Rows::I8 { .. }) && plan.metric == Metric::L2;
-        if i8_l2 {
-            chunk.to_f32(dim, &mut dequant);
-        }
-        for (i, heap) in heaps.iter_mut().enumerate() {
-            let q = &qbuf[i * dim..(i + 1) * dim];
-            let q16 = q16.get(i).map(|v| (v.as_slice(), q16_scale[i]));
-            score_chunk(plan.metric, q, q16, chunk, &dequant, &mut ints, out);
-            push_candidates(heap, out, q0 + i, c0, eligible, row_id, &mut passing);
-        }
-        c0 = c1;
-    }
-    heaps
-}
-
-#[allow(clippy::too_many_arguments)]
-fn gemm_task<E, I>(
-    plan: Plan,
-    rows: Rows<'_>,
-    scan: Scan<'_>,
-    r0: usize,
-    r1: usize,
-    queries: Queries<'_>,
-    q0: usize,
-    q1: usize,
-    k: usize,
-    eligible: &E,
-    row_id: &I,
-) -> Vec<TopK>
-where
-    E: Fn(usize, usize) -> bool,
-    I: Fn(usize) -> u64,
-{
-    let dim = plan.dim;
-    let nq = q1 - q0;
-    let level = kernels::level();
-    let mut qbuf = Vec::new();
-    prepare_queries(plan, queries, q0, q1, &mut qbuf);
-    let query_norms: Vec<f32> = if plan.metric == Metric::L2 {
-        qbuf.chunks_exact(dim).map(kernels::sqnorm_f32).collect()
-    } else {
-        Vec::new()
-    };
-    let exact = scan.is_exact();
-    // A low-precision scan keeps row indices (re-scored below); an exact one the final ids.
-    let kept = scan_candidates(k, scan);
-    let by_row = |row: usize| row as u64;
-    let mut heaps: Vec<TopK> = (0..nq).map(|_| TopK::new(kept)).collect();
-    let mut passing = Vec::new();
-    let packed = PackedQueries::new(scan.product(), level, nq, dim, &qbuf);
-    let mut ws = Workspace::default();
-    let mut converted = Vec::new();
-    let row_block = (TILE_BYTES / 4 / nq).clamp(64, ROW_BLOCK) / 32 * 32;
-    let mut tile = vec![0.0f32; nq * row_block];
-    let mut row_norms = vec![0.0f32; row_block];
-    let need_norms = plan.metric == Metric::L2 || plan.normalize_rows;
-    let mut b0 = r0;
-    while b0 < r1 {
-        let b1 = (b0 + row_block).min(r1);
-        let nb = b1 - b0;
-        let block = rows.range(b0, b1, dim);
-        if need_norms {
-            row_sqnorms(block, dim, &mut row_norms[..nb], &mut converted);
-            if plan.normalize_rows && plan.metric != Metric::L2 {
-                // Zero rows are rejected before a cosine search; guard anyway.
-                row_norms[..nb]
-                    .iter_mut()
-                    .for_each(|v| *v = if *v > 0.0 { 1.0 / v.sqrt() } else { 0.0 });
-            }
-        }
-        let tile = &mut tile[..nq * nb];
-        if let Scan::Packed(p) = scan {
-            packed.scores_packed(p, b0, nb, tile, nb, &mut ws);
-        } else {
-            let src = match (scan, block) {
-                (Scan::I8 { data, scales }, _) => Src::I8 {
-                    data: &data[b0 * dim..b1 * dim],
-                    scales: &scales[b0..b1],
-                },
-                (_, rows) => rows.into(),
-            };
-            packed.scores(src, nb, tile, nb, &mut ws);
-        }
-        for (i, heap) in heaps.iter_mut().enumerate() {
-            let scores = &mut tile[i * nb..(i + 1) * nb];
-            match plan.metric {
-                Metric::L2 => {
-                    let qn = query_norms[i];
-                    for (s, &xn) in scores.iter_mut().zip(&row_norms[..nb]) {
-                        *s = -(qn + xn - 2.0 * *s).max(0.0);
-                    }
-                }
-                _ if plan.normalize_rows => {
-                    for (s, &inv) in scores.iter_mut().zip(&row_norms[..nb]) {
-                        *s *= inv;
-                    }
-                }
-                _ => {}
-            }
-            if exact {
-                push_candidates(heap, scores, q0 + i, b0, eligible, row_id, &mut passing);
-            } else {
-                push_candidates(heap, scores, q0 + i, b0, eligible, &by_row, &mut passing);
-            }
-        }
-        b0 = b1;
-    }
-    if exact {
-        return heaps;
-    }
-    // Re-score the candidates with the per-row kernels (the single-query scores), in row
-    // order: a block of queries has candidates all over the corpus, which then streams through
-    // once, each row read once for every query that kept it, instead of at random per query.
-    let i8_queries = matches!(rows, Rows::I8 { .. }) && plan.metric != Metric::L2;
-    let mut q16 = Vec::new();
-    let mut q16_scales = Vec::new();
-    if i8_queries {
-        let mut one = Vec::new();
-        for q in qbuf.chunks_exact(dim) {
-            q16_scales.push(kernels::quantize_query_i16(q, &mut one));
-            q16.extend_from_slice(&one);
-        }
-    }
-    let mut pairs: Vec<(u64, u32)> = Vec::with_capacity(nq * kept);
-    for (i, candidates) in heaps.into_iter().enumerate() {
-        pairs.extend(candidates.into_sorted().iter().map(|h| (h.id, i as u32)));
-    }
-    pairs.sort_unstable();
-    let mut best: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
-    for &(row, i) in &pairs {
-        let i = i as usize;
-        let q = &qbuf[i * dim..(i + 1) * dim];
-        let (qi, scale) = match i8_queries {
-            true => (&q16[i * dim..(i + 1) * dim], q16_scales[i]),
-            false => (&q16[..0], 0.0),
-        };
-        let s = exact_score(plan, rows, row as usize, q, qi, scale, &mut converted);
-        best[i].push(Hit {
-            score: s,
-            id: row_id(row as usize),
-        });
-    }
-    best
 }
 
 /// `|row|^2` of every row of `block` (as the exact scores see the rows).

@@ -1,6 +1,6 @@
 //! AVX2 + FMA + F16C kernels (x86-64).
 
-use super::dispatch::I8_BLOCK;
+use super::I8_BLOCK;
 use half::f16;
 use std::arch::x86_64::*;
 

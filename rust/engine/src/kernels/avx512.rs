@@ -1,6 +1,6 @@
 //! AVX-512 (F, BW, VL) kernels (x86-64).
 
-use super::dispatch::I8_BLOCK;
+use super::I8_BLOCK;
 use half::f16;
 use std::arch::x86_64::*;
 

@@ -137,11 +137,8 @@ pub fn has_avx512_bf16() -> bool {
 }
 
 /// Largest magnitude of a query quantized for the i8 kernels. Products with stored values
-/// (|x| <= 127) summed in 32-bit lanes stay exact for [`I8_BLOCK`] elements at a time.
+/// (|x| <= 127) summed in 32-bit lanes stay exact for [`super::I8_BLOCK`] elements at a time.
 pub const I16_QUERY_MAX: f32 = 16383.0;
-/// Elements accumulated in 32-bit lanes before spilling to 64 bits (see [`I16_QUERY_MAX`]).
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-pub(super) const I8_BLOCK: usize = 4096;
 
 // ---------------------------------------------------------------------------------------------
 // Public dispatching kernels. `rows` holds `out.len()` rows of `q.len()` values each.

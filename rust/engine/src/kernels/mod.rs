@@ -20,5 +20,11 @@ mod neon;
 
 pub use dispatch::*;
 
+/// Elements the i8 kernels accumulate in 32-bit lanes before spilling to 64 bits (see
+/// [`I16_QUERY_MAX`]). Here, not in `dispatch`, so that the instruction-set files depend on
+/// this module alone and `dispatch` depends on them.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const I8_BLOCK: usize = 4096;
+
 #[cfg(test)]
 mod tests;
