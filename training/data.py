@@ -575,12 +575,6 @@ def epoch_pairs(corpus: PairedCorpus, seed: int, *salt: int) -> np.ndarray:
     return np.concatenate(rounds) if rounds else np.zeros((0, 2), np.int64)
 
 
-def tokenize_all(texts: Sequence[str], context_length: int = 77) -> torch.Tensor:
-    from training.models import tokenize
-
-    return tokenize(texts, context_length)
-
-
 __all__ = [
     "DataError",
     "ImageLoadError",
