@@ -44,7 +44,7 @@ import sys
 import threading
 import urllib.parse
 from collections import OrderedDict
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
@@ -63,8 +63,13 @@ MAX_K = 200
 THUMB_SIZE = 256
 THUMB_CACHE_BYTES = 32 << 20  # made thumbnails kept in memory (~2,000 at ~15 KB)
 THUMB_DECODE_BYTES = 256 << 20  # pixels decoded at once, all thumbnail requests together
-THUMB_DECODES = 4  # thumbnails decoded at once (the CPU is the limit beyond)
-THUMB_WAIT = 60.0  # seconds a thumbnail request waits for its turn before a 503
+THUMB_DECODES = 2  # threads decoding thumbnails (the CPU is the limit beyond)
+THUMB_WAIT = 120.0  # seconds a thumbnail request waits for its thumbnail before a 503
+# Pillow allocates a large image in blocks. Blocks larger than glibc's highest mmap threshold
+# (32 MB) are each mapped and unmapped, so a decoded image's memory goes back to the system
+# when it is freed; Pillow's default 16 MB blocks stay in malloc's per-thread arenas, and the
+# server's RSS kept the peak of every thread that ever decoded a large image.
+PILLOW_BLOCK_SIZE = 64 << 20
 
 IMG_REFUSED = (
     "img: terms on this page must name a photo of this gallery by its path in the gallery "
@@ -206,9 +211,14 @@ class GalleryServer(ThreadingHTTPServer):
         self.allow_updates = allow_updates
         self.loopback_only = is_loopback(host)
         self.real_root = os.path.realpath(gallery.root)
+        from PIL import Image
+
+        Image.core.set_block_size(PILLOW_BLOCK_SIZE)
         self.thumbs = ThumbCache(THUMB_CACHE_BYTES)
         self.thumb_budget = DecodeBudget(THUMB_DECODE_BYTES, THUMB_DECODES, THUMB_WAIT)
-        # thumbnails being made: a second request for one waits for the first one's result
+        # thumbnails are made by a few threads of their own (few malloc arenas ever hold pixels);
+        # a request for one being made waits for that one's result
+        self.thumb_pool = ThreadPoolExecutor(THUMB_DECODES, thread_name_prefix="leanclip-thumb")
         self.thumbs_making: Dict[Tuple[int, str], Future] = {}
         self.thumbs_lock = threading.Lock()
         self.update_lock = threading.Lock()
@@ -217,6 +227,10 @@ class GalleryServer(ThreadingHTTPServer):
         self.batcher = Batcher(gallery, max_batch=max(1, max_batch))
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__((host, port), Handler)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.thumb_pool.shutdown(wait=False, cancel_futures=True)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that went away (reset, broken pipe) is no error of ours: no traceback."""
@@ -328,23 +342,23 @@ class GalleryServer(ThreadingHTTPServer):
         data = self.thumbs.get(cache_key)
         if data is not None:
             return data
-        mine: Future = Future()
         with self.thumbs_lock:
-            making = self.thumbs_making.setdefault(cache_key, mine)
-        if making is not mine:  # another request is making it: one decode serves both
-            return making.result(timeout=THUMB_WAIT)  # type: ignore[no-any-return]
-        try:
-            data = self.make_thumbnail(rel)
-            if data is not None:
-                self.thumbs.put(cache_key, data)
-            mine.set_result(data)
-        except BaseException as exc:
-            mine.set_exception(exc)
-            raise
-        finally:
-            with self.thumbs_lock:
-                del self.thumbs_making[cache_key]
-        return data
+            making = self.thumbs_making.get(cache_key)
+            if making is None:
+                making = self.thumbs_making[cache_key] = self.thumb_pool.submit(self.make_thumbnail, rel)
+                mine = True
+            else:
+                mine = False
+        if mine:  # outside the lock: a future already done runs the callback here
+            making.add_done_callback(lambda f: self._thumbnail_made(cache_key, f))
+        return making.result(timeout=THUMB_WAIT)  # type: ignore[no-any-return]
+
+    def _thumbnail_made(self, cache_key: Tuple[int, str], made: Future) -> None:
+        """Cache a finished thumbnail (even when its requests stopped waiting for it)."""
+        with self.thumbs_lock:
+            self.thumbs_making.pop(cache_key, None)
+        if not made.cancelled() and made.exception() is None and made.result() is not None:
+            self.thumbs.put(cache_key, made.result())
 
     def make_thumbnail(self, rel: bytes) -> Optional[bytes]:
         from leanclip.images import ImageLoadError, decode_thumbnail
