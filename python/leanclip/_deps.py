@@ -31,6 +31,8 @@ _DISTRIBUTIONS = {
     "efficientnet_lite_pytorch": "efficientnet-lite-pytorch",
     "skimage": "scikit-image",
     "sklearn": "scikit-learn",
+    "rapidocr_onnxruntime": "rapidocr-onnxruntime",
+    "pillow_heif": "pillow-heif",
 }
 
 

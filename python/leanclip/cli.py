@@ -205,6 +205,12 @@ def main() -> None:
     "(default for a new gallery: ivf above 200,000 photos). Kept across runs; changing it converts, "
     "no re-encoding.",
 )
+@click.option(
+    "--ocr/--no-ocr",
+    default=None,
+    help='Read the text in photos (receipts, signs, slides) for text:"..." queries; kept across runs '
+    "(needs pip install 'leanclip[ocr]').",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def index(
@@ -214,6 +220,7 @@ def index(
     batch_size: int,
     precision: Optional[str],
     index_kind: Optional[str],
+    ocr: Optional[bool],
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -226,7 +233,13 @@ def index(
 
     try:
         g = Gallery(
-            directory, store=store, model=model, batch_size=batch_size, dtype=precision, index_kind=index_kind
+            directory,
+            store=store,
+            model=model,
+            batch_size=batch_size,
+            dtype=precision,
+            index_kind=index_kind,
+            ocr=ocr,
         )
         console = _stderr_console()
         if not quiet and not as_json:
@@ -260,7 +273,14 @@ def index(
 class _progress:
     """A rich progress display fed by Gallery.update's ``progress(stage, done, total)``."""
 
-    LABELS = {"scan": "scanning", "hash": "checking changed files", "encode": "encoding"}
+    LABELS = {
+        "scan": "scanning",
+        "hash": "checking changed files",
+        "encode": "encoding",
+        "dates": "reading dates",
+        "duplicates": "finding near-duplicates",
+        "text": "reading text (OCR)",
+    }
 
     def __init__(self, disabled: bool) -> None:
         self.disabled = disabled
@@ -316,6 +336,8 @@ def _print_summary(s: Any) -> None:
     ]
     if s.copied:
         parts.append(f"duplicates {s.copied}")
+    if s.texts:
+        parts.append(f"text read in {s.texts}")
     index = f" ({s.index} index)" if s.index else ""
     console.print(
         ", ".join(parts) + f"; {s.total_ok} photos indexed{index}, {s.unchanged} unchanged, "

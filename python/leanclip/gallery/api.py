@@ -35,7 +35,7 @@ from leanclip._fs import PathLike
 from leanclip.dates import parse_bound
 from leanclip.encoder import SIMILARITY, query_space
 from leanclip.gallery import duplicates as dup
-from leanclip.gallery import kinds
+from leanclip.gallery import kinds, texts
 from leanclip.gallery import store as db
 from leanclip.gallery.errors import GalleryError, ModelMismatchError, StaleSnapshot
 from leanclip.gallery.query import Hit, Term, parse_query
@@ -85,6 +85,7 @@ class Gallery:
         checkpoint_overhead: float = 0.1,
         index_kind: Optional[str] = None,
         nprobe: Optional[int] = None,
+        ocr: Optional[bool] = None,
         auto_threshold: int = kinds.AUTO_IVF_THRESHOLD,
         ivf_layout: Callable[[int], kinds.IVFLayout] = kinds.ivf_layout,
     ) -> None:
@@ -100,6 +101,7 @@ class Gallery:
         # exact | ivf | auto (gallery.kinds); None keeps the store's (new stores: auto)
         self.index_kind = index_kind
         self.nprobe = nprobe  # IVF lists scanned per query; None: the index's own (set at indexing)
+        self.ocr = ocr  # read the text in photos (leanclip.ocr); None keeps the store's choice
         self.auto_threshold = int(auto_threshold)  # "auto" is IVF above this many photos
         self.ivf_layout = ivf_layout  # IVF nlist / nprobe / training size from the gallery size
         self.layout = StoreLayout.of(root, store)
@@ -513,32 +515,26 @@ class Gallery:
                         f"run `leanclip index {self.root}` to add them"
                     )
         if text_terms:
-            filt.match = _fts_match(text_terms)
+            filt.words = [t.value for t in text_terms if t.sign > 0]
             with self._lock:
-                conn = self._reader()
-                if any(t.sign > 0 for t in text_terms):
-                    filt.allowed = {int(r) for (r,) in conn.execute(_FTS_KEYS, (filt.match,))}
-                else:
-                    neg = " OR ".join(_fts_phrase(t.value) for t in text_terms)
-                    filt.banned = {int(r) for (r,) in conn.execute(_FTS_KEYS, (neg,))}
+                filt.allowed, filt.banned = texts.matching_keys(
+                    self._reader(), filt.words, [t.value for t in text_terms if t.sign < 0]
+                )
         return filt
 
     def _text_search(self, filt: "_Filter", k: int, min_score: Optional[float]) -> List[Hit]:
-        """A query of ``text:`` terms alone: photos ranked by text relevance (FTS5's bm25,
-        shown as a score in (0, 1]: 1 / (1 + |bm25|))."""
+        """A query of ``text:`` terms alone: every photo whose text matches, score 1.0, in the
+        order they were indexed (a negative-only query has nothing to rank: no hits)."""
         if not filt.allowed:
             return []
+        keys = sorted(filt.allowed)
         with self._lock:
-            ranked = self._reader().execute(
-                "SELECT rowid, rank FROM texts WHERE texts MATCH ? ORDER BY rank", (filt.match,)
-            )
-            scored = [(int(key), 1.0 / (1.0 + abs(float(r)))) for key, r in ranked]
-            rows = db.hit_rows(self._reader(), [key for key, _ in scored])
+            rows = db.hit_rows(self._reader(), keys)
         hits: List[Hit] = []
-        for key, score in scored:
-            if min_score is not None and score < min_score:
+        for key in keys:
+            if min_score is not None and 1.0 < min_score:
                 break
-            hit = self._hit(key, score, rows, filt)
+            hit = self._hit(key, 1.0, rows, filt)
             if hit is not None:
                 hits.append(hit)
                 if len(hits) == k:
@@ -566,11 +562,12 @@ class Gallery:
 
     def _finish(self, hits: List[Hit], filt: "_Filter") -> List[Hit]:
         """The matched text of each hit (for a query with text terms), and the date order."""
-        if filt.match and hits and filt.allowed is not None:
+        if filt.words and hits:
             with self._lock:
-                marks = db.text_snippets(self._reader(), filt.match, [h.key for h in hits])
+                found = texts.bodies(self._reader(), [h.key for h in hits])
             for h in hits:
-                h.text = marks.get(h.key)
+                if h.key in found:
+                    h.text = texts.highlight(found[h.key], filt.words)
         if filt.sort == "date":
             hits.sort(key=lambda h: (h.taken is None, -(h.taken or 0)))
         return hits
@@ -725,6 +722,7 @@ class Gallery:
             checkpoint_overhead=self.checkpoint_overhead,
             max_pixels=self.max_pixels,
             model_source=self._model_source,
+            ocr=self.ocr,
         )
 
     def _read_index(self, call: Any, *args: Any) -> Any:
@@ -756,7 +754,7 @@ class _Filter:
     after: Optional[int] = None  # wall seconds, inclusive
     before: Optional[int] = None  # wall seconds, exclusive
     sort: str = "score"
-    match: str = ""  # the FTS5 query of the text terms
+    words: List[str] = field(default_factory=list)  # the positive text terms
     allowed: Optional[Set[int]] = None  # keys whose text matches the positive text terms
     banned: Set[int] = field(default_factory=set)  # keys whose text matches a negative one
 
@@ -772,18 +770,3 @@ def _bound(value: Union[str, int, None], what: str) -> Optional[int]:
         return parse_bound(str(value))
     except ValueError as exc:
         raise GalleryError(f"--{what}: {exc}") from None
-
-
-_FTS_KEYS = "SELECT rowid FROM texts WHERE texts MATCH ?"
-
-
-def _fts_phrase(words: str) -> str:
-    """An FTS5 phrase matching ``words`` in order (its own quotes doubled: no query syntax)."""
-    return '"' + words.replace('"', '""') + '"'
-
-
-def _fts_match(terms: Sequence[Term]) -> str:
-    """The FTS5 query of text terms: every positive phrase, none of the negative ones."""
-    pos = [_fts_phrase(t.value) for t in terms if t.sign > 0]
-    neg = [_fts_phrase(t.value) for t in terms if t.sign < 0]
-    return " AND ".join(pos) + "".join(f" NOT {n}" for n in neg) if pos else " OR ".join(neg)

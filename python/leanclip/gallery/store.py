@@ -43,7 +43,6 @@ __all__ = [
     "rows_for_keys",
     "ok_row",
     "hit_rows",
-    "text_snippets",
     "has_dates",
 ]
 
@@ -58,11 +57,11 @@ STORE_DIRNAME = ".leanclip"
 DB_NAME = "gallery.db"
 
 # Tables added by version 3 (created by migrate() in older stores). texts: FTS5, rowid = the
-# photo's key, the words read in it (an empty body: read, no text); near: pairs of photos whose
+# photo's key, the words read in it (an empty body: read, no text; gallery.texts); near: pairs of photos whose
 # image-to-image score is at least gallery.duplicates.FLOOR (a < b); near_done: keys whose
 # neighbours were searched, with their background score (gallery.duplicates).
 EXTRA_TABLES = """
-CREATE VIRTUAL TABLE IF NOT EXISTS texts USING fts5(body, tokenize = 'unicode61');
+CREATE VIRTUAL TABLE IF NOT EXISTS texts USING fts5(body, compact, tokenize = 'trigram');
 CREATE TABLE IF NOT EXISTS near (
     a INTEGER NOT NULL, b INTEGER NOT NULL, score REAL NOT NULL, PRIMARY KEY (a, b)
 ) WITHOUT ROWID;
@@ -356,19 +355,3 @@ def hit_rows(conn: sqlite3.Connection, keys: Sequence[int]) -> Dict[int, Tuple[b
         for k, p, t in conn.execute(q, chunk):
             out[int(k)] = (bytes(p), None if t is None else int(t))
     return out
-
-
-MARK_START, MARK_END = "\x02", "\x03"  # around matched words in text snippets
-
-
-def text_snippets(conn: sqlite3.Connection, match: str, keys: Sequence[int]) -> Dict[int, str]:
-    """key -> the text read in that photo around the words ``match`` (an FTS5 query) found,
-    the matched words between MARK_START and MARK_END."""
-    ks = [int(k) for k in keys]
-    if not ks:
-        return {}
-    q = (
-        f"SELECT rowid, snippet(texts, 0, '{MARK_START}', '{MARK_END}', '…', 24) FROM texts "
-        f"WHERE texts MATCH ? AND rowid IN ({','.join('?' * len(ks))})"
-    )
-    return {int(k): str(t) for k, t in conn.execute(q, [match, *ks])}

@@ -32,7 +32,7 @@ import numpy as np
 
 from leanclip.bundle import BundleError, sha256_file
 from leanclip.dates import capture_time
-from leanclip.gallery import duplicates, kinds
+from leanclip.gallery import duplicates, kinds, texts
 from leanclip.gallery import store as db
 from leanclip.gallery.errors import GalleryBusyError, GalleryError
 from leanclip.gallery.store import FileRow, StoreLayout
@@ -63,6 +63,7 @@ class UpdateOptions:
     checkpoint_overhead: float = 0.1
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused before decoding
     model_source: str = ""  # the model's bundle path, recorded so later runs reuse it
+    ocr: Optional[bool] = None  # read the text in photos (leanclip.ocr); None keeps the store's
 
 
 @dataclass
@@ -75,6 +76,7 @@ class UpdateSummary:
     unchanged: int = 0
     failed: int = 0  # files that failed in this run
     encoded: int = 0
+    texts: int = 0  # photos whose text was read in this run (--ocr)
     total_ok: int = 0
     seconds: float = 0.0
     model_id: str = ""
@@ -309,6 +311,8 @@ def run_update(
         db.set_meta(conn, "dtype", want_dtype)
         db.set_meta(conn, "model_source", options.model_source)
         db.set_meta(conn, "index", choice)
+        ocr = options.ocr if options.ocr is not None else meta.get("ocr") == "1"
+        db.set_meta(conn, "ocr", int(ocr))
         db.set_meta(conn, "index_kind", kinds.kind_of(index))
         # committed with the generation: readers open similar-<G>.lci only when it is nonzero
         sim_changed = meta.get("similarity_dim", "0") != str(sim_dim)
@@ -325,6 +329,10 @@ def run_update(
             similar=similar,
         )
         run = Sync(layout, enc, options, state, summary, progress)
+        if ocr:
+            from leanclip.ocr import TextReader
+
+            run.text_reader = TextReader()  # a missing extra fails here, before any work
         run.run()
         run.finish()
         run.checkpoint()
@@ -390,6 +398,7 @@ class Sync:
         self.summary = summary
         self.progress = progress
         self.rows: Dict[bytes, FileRow] = {}
+        self.text_reader: Any = None  # leanclip.ocr.TextReader when the gallery reads text
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -555,6 +564,35 @@ class Sync:
         self.encode_all(remaining)
         self.fill_dates()
         self.update_near()
+        self.read_texts()
+
+    def read_texts(self) -> None:
+        """The text in every indexed photo not read yet (with ``--ocr``), checkpointed as it
+        goes like encoding: a kill loses at most the photos since the last checkpoint."""
+        s, progress, reader = self.state, self.progress, self.text_reader
+        if reader is None:
+            return
+        todo = s.conn.execute(
+            "SELECT key, path FROM files WHERE status='ok' AND key NOT IN (SELECT rowid FROM texts)"
+        ).fetchall()
+        root = os.fsencode(self.layout.root)
+        if progress:
+            progress("text", 0, len(todo))
+        for i, (key, rel) in enumerate(todo):
+            s.clean = True
+            try:
+                text = reader.read(os.fsdecode(os.path.join(root, bytes(rel))), self.options.max_pixels)
+            except ImageLoadError:
+                text = ""  # changed since it was encoded: the next run re-encodes and reads it
+            s.clean = False
+            texts.store_text(s.conn, int(key), text)
+            self.summary.texts += 1
+            s.dirty = True
+            s.since_checkpoint += 1
+            if progress:
+                progress("text", i + 1, len(todo))
+            self.checkpoint_if_due()
+        s.clean = False
 
     def fill_dates(self) -> None:
         """Capture dates of indexed photos that have none (a store from before dates existed):
