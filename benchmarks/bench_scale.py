@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 
 from benchmarks import _harness as H
+from training.report import cpu_model, markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTS_FILE = H.RESULTS / "scale.parts.json"
@@ -430,7 +431,7 @@ def render(parts: Dict[str, Any]) -> str:
         text += (
             f"\n## {p['title']}\n\n- measured {p['date']}, load at the start {p['load']}, CPU {p['cpu']}\n\n"
         )
-        text += H.markdown_table(p["header"], p["rows"]) + "\n"
+        text += markdown_table(p["header"], p["rows"]) + "\n"
         if p.get("note"):
             text += "\n" + p["note"] + "\n"
     return text
@@ -447,7 +448,7 @@ def main(argv: Sequence[str] = ()) -> None:
         ) as tmp:
             result = PARTS[name](Path(tmp))
         result.update(
-            date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), load=load, cpu=H.cpu_model()
+            date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), load=load, cpu=cpu_model()
         )
         stored = (
             json.loads(PARTS_FILE.read_text()) if PARTS_FILE.is_file() else {}

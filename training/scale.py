@@ -57,18 +57,22 @@ class NpyRows:
 
     def rows(self, start: int, stop: int, copy: bool = True) -> np.ndarray:
         """Rows [start, stop). ``copy=False`` returns the mmap'd slice itself when the rows sit
-        in one file (no copy; its pages count as resident once read)."""
-        parts = []
+        in one file (no copy; its pages count as resident once read). Copies are read with
+        plain file reads into one array: no mapped pages stay behind, so the copy is the only
+        memory they take."""
         f = self.files
-        for i in range(len(f.paths)):
-            lo, hi = max(start, f.offsets[i]), min(stop, f.offsets[i + 1])
-            if lo < hi:
-                parts.append(f.open(f.paths[i])[lo - f.offsets[i] : hi - f.offsets[i]])
-        if not parts:
-            return np.zeros((0, self.shape[1]), self.dtype)
+        parts = [
+            (i, max(start, int(f.offsets[i])), min(stop, int(f.offsets[i + 1])))
+            for i in range(len(f.paths))
+            if max(start, f.offsets[i]) < min(stop, f.offsets[i + 1])
+        ]
         if len(parts) == 1 and not copy:
-            return parts[0]
-        return np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
+            i, lo, hi = parts[0]
+            return f.open(f.paths[i])[lo - f.offsets[i] : hi - f.offsets[i]]
+        out = np.empty((max(0, stop - start), self.shape[1]), self.dtype)
+        for i, lo, hi in parts:
+            _read_rows(f.paths[i], lo - int(f.offsets[i]), out[lo - start : hi - start])
+        return out
 
     def __getitem__(self, s: slice) -> np.ndarray:
         start, stop, _ = s.indices(len(self))
@@ -89,6 +93,21 @@ def _pad_block(q: np.ndarray, total: int, *extra: np.ndarray) -> list[np.ndarray
     if short <= 0 or total < GEMM_MIN_QUERIES or not len(q):
         return [q, *extra]
     return [np.concatenate([a, np.repeat(a[:1], short, axis=0)]) for a in (q, *extra)]
+
+
+def _read_rows(path: Path, first: int, out: np.ndarray) -> None:
+    """Fill ``out`` with rows ``first ..`` of a C-order ``.npy`` file, by file reads."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        read_header = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        _, fortran, _ = read_header(fh)
+        if fortran:
+            raise ValueError(f"{path}: a Fortran-order array; save it in C order")
+        fh.seek(fh.tell() + first * out.shape[1] * out.itemsize)
+        if fh.readinto(memoryview(out).cast("B")) != out.nbytes:
+            raise ValueError(f"{path}: shorter than its header says")
 
 
 def _worst(metric: str) -> float:
