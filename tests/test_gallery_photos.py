@@ -253,12 +253,13 @@ def test_neighbour_pairs_match_numpy(monkeypatch, self_join):
     )
 
 
-def test_auto_threshold_rises_with_look_alike_galleries():
-    varied = np.full(500, 0.5)
-    alike = np.full(500, 0.95)
-    assert dup.auto_threshold(varied) == dup.MIN_THRESHOLD
-    assert dup.auto_threshold(alike) == pytest.approx(min(dup.MAX_THRESHOLD, 0.95 + dup.MARGIN))
-    assert dup.auto_threshold([0.99] * 3) == dup.MIN_THRESHOLD  # too few to say
+def test_calibrated_rule_rises_with_look_alike_photos():
+    score = np.array([0.97, 0.97, 0.97, 0.86, 0.84])
+    bg_a = np.array([0.50, 0.95, 0.50, 0.50, 0.10])
+    bg_b = np.array([0.50, 0.50, 0.94, 0.80, 0.10])
+    # a varied pair passes; a pair where either photo lives among look-alikes scoring 0.94-0.95
+    # does not; nothing passes below MIN_THRESHOLD
+    assert dup.calibrated(score, bg_a, bg_b).tolist() == [True, False, False, True, False]
 
 
 def test_duplicate_groups_are_incremental_and_nothing_is_deleted(tmp_path, monkeypatch):
@@ -303,6 +304,6 @@ def test_duplicate_groups_are_incremental_and_nothing_is_deleted(tmp_path, monke
     out = json.loads(run.output)
     assert out["threshold"] == 0.97 and not out["auto"] and len(out["groups"]) == 2
     auto = CliRunner().invoke(main, ["duplicates", "-d", str(root), "--json"])
-    assert json.loads(auto.output)["auto"] is True
+    assert json.loads(auto.output)["auto"] is True and json.loads(auto.output)["threshold"] is None
     both = CliRunner().invoke(main, ["duplicates", "-d", str(root), "--auto", "--threshold", "0.9"])
     assert both.exit_code == 2 and "not both" in both.output

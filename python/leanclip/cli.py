@@ -523,7 +523,8 @@ def similar(
     "--auto",
     "auto",
     is_flag=True,
-    help="Calibrate the threshold on this gallery (the default): above what its distinct photos score.",
+    help="Calibrate the threshold per photo (the default): a pair must score above both photos' "
+    "nearest distinct scenes.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the groups as JSON.")
 def duplicates(
@@ -546,7 +547,7 @@ def duplicates(
         click.echo(
             json.dumps(
                 {
-                    "threshold": round(used, 4),
+                    "threshold": None if used is None else round(used, 4),
                     "auto": threshold is None,
                     "groups": [[h.to_dict() for h in grp] for grp in groups],
                 },
@@ -554,8 +555,14 @@ def duplicates(
             )
         )
     else:
-        how = "calibrated" if threshold is None else "given"
-        click.echo(f"{len(groups)} groups of near-duplicates (threshold {used:.3f}, {how})", err=True)
+        from leanclip.gallery import duplicates as dup
+
+        how = (
+            f"threshold {used:.3f}"
+            if used is not None
+            else f"calibrated: >= {dup.MIN_THRESHOLD} and {dup.MARGIN} above each photo's background"
+        )
+        click.echo(f"{len(groups)} groups of near-duplicates ({how})", err=True)
         for i, grp in enumerate(groups, 1):
             click.echo(f"group {i} ({len(grp)} photos)")
             for h in grp:

@@ -638,11 +638,12 @@ class Gallery:
             more = list(extra)
         return self.search([Term(1, "image", os.fspath(image)), *more], k, **kw)
 
-    def duplicates(self, threshold: Optional[float] = None) -> Tuple[float, List[List[Hit]]]:
+    def duplicates(self, threshold: Optional[float] = None) -> Tuple[Optional[float], List[List[Hit]]]:
         """Groups of near-duplicate photos (bursts, edited copies, re-saved files), largest
-        first, and the threshold used: ``threshold`` (a cosine in the image-to-image space), or
-        when None the gallery's calibrated one (:mod:`leanclip.gallery.duplicates`). Each hit's
-        score is its best score with another photo of its group. Nothing is deleted."""
+        first, and the threshold used: ``threshold`` (one cosine in the image-to-image space),
+        or when None (returned as None) the calibrated per-photo rule of
+        :mod:`leanclip.gallery.duplicates`. Each hit's score is its best score with another
+        photo of its group. Nothing is deleted."""
         if threshold is not None and not (-1.0 <= float(threshold) <= 1.0):
             raise GalleryError(f"the duplicate threshold is a cosine from -1 to 1, got {threshold}")
         with self._lock:
@@ -652,18 +653,21 @@ class Gallery:
                     "this gallery has no near-duplicate pairs yet (indexed by an older leanclip); "
                     f"run `leanclip index {self.root}` to find them"
                 )
+            floor = max(float(threshold if threshold is not None else dup.MIN_THRESHOLD), dup.FLOOR)
+            got = conn.execute(
+                "SELECT a, b, score, coalesce(da.background, -1), coalesce(db.background, -1) FROM near "
+                "LEFT JOIN near_done da ON da.key = a LEFT JOIN near_done db ON db.key = b WHERE score >= ?",
+                (floor,),
+            ).fetchall()
+            pairs = np.asarray(got, dtype=np.float64).reshape(-1, 5)
             if threshold is None:
-                background = [float(b) for (b,) in conn.execute("SELECT background FROM near_done")]
-                threshold = dup.auto_threshold(background)
-            floor = max(float(threshold), dup.FLOOR)
-            got = conn.execute("SELECT a, b, score FROM near WHERE score >= ?", (floor,)).fetchall()
-            pairs = np.asarray(got, dtype=np.float64).reshape(-1, 3)
+                pairs = pairs[dup.calibrated(pairs[:, 2], pairs[:, 3], pairs[:, 4])]
             a, b = pairs[:, 0].astype(np.uint64), pairs[:, 1].astype(np.uint64)
             groups = dup.components(a, b)
             rows = db.hit_rows(conn, [k for g in groups for k in g])
         best: Dict[int, float] = {}
         order = np.argsort(pairs[:, 2])  # ascending: the last write per key is its best
-        for x, y, sc in pairs[order].tolist():
+        for x, y, sc in pairs[order][:, :3].tolist():
             best[int(x)] = best[int(y)] = sc
         out: List[List[Hit]] = []
         everything = _Filter([])
@@ -671,7 +675,7 @@ class Gallery:
             hits = [h for h in (self._hit(key, best.get(key, 0.0), rows, everything) for key in g) if h]
             if len(hits) > 1:
                 out.append(sorted(hits, key=lambda h: h.name))
-        return float(threshold), out
+        return (None if threshold is None else float(threshold)), out
 
     def check(self) -> Tuple[List[int], List[int]]:
         """Consistency check: (keys of ok rows missing from the index, index keys without a row)."""

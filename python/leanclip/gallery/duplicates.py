@@ -16,13 +16,16 @@ How (``leanclip duplicates``, ``Gallery.duplicates``):
 2. **Groups, at query time.** The connected components of the pairs scoring at least the
    threshold (numpy label propagation, no Python loop over photos).
 3. **The threshold is calibrated, not fixed** (Immich #31487: a fixed cut-off gives thousands of
-   false duplicates in galleries whose photos are alike). ``--auto`` (the default) reads each
-   photo's *background*: the score of its :data:`BACKGROUND_RANK`-th nearest neighbour, which
-   for all but the largest bursts is a different scene. The threshold is the
-   :data:`BACKGROUND_QUANTILE` quantile of the background scores plus :data:`MARGIN`, clamped to
-   [:data:`MIN_THRESHOLD`, :data:`MAX_THRESHOLD`]: a gallery of look-alike photos (documents,
-   one beach) raises it, a varied one lowers it towards the floor that held on the generated
-   benchmark (benchmarks/results/gallery.md, "Near-duplicates").
+   false duplicates in galleries whose photos are alike). ``--auto`` (the default) calibrates it
+   per photo: each photo's *background* is the score of its :data:`BACKGROUND_RANK`-th nearest
+   neighbour, which for all but the largest bursts is a different scene. A pair counts when its
+   score is at least :data:`MIN_THRESHOLD` and at least :data:`MARGIN` above the background of
+   *both* photos: in a run of look-alike photos (documents, one beach, a shoot) the bar rises
+   with them, in a varied library it stays near the floor. The values are the best on the
+   generated benchmark (benchmarks/results/gallery.md, "Near-duplicates"). ``--threshold T``
+   is one fixed cut-off instead.
+4. Backgrounds are measured when a photo's neighbours are searched (at its first index); a
+   photo added later next to it is compared with its own background at that time.
 """
 
 from __future__ import annotations
@@ -39,17 +42,15 @@ __all__ = [
     "Pairs",
     "neighbour_pairs",
     "components",
-    "auto_threshold",
+    "calibrated",
     "group_pairs",
 ]
 
 FLOOR = 0.80  # pairs below this score are not stored (no useful threshold is below it)
 NEIGHBOURS = 12  # neighbours searched per photo (the last is the background rank)
-BACKGROUND_RANK = 10  # the neighbour whose score is a photo's "background"
-BACKGROUND_QUANTILE = 0.99
-MARGIN = 0.03
-MIN_THRESHOLD = 0.90
-MAX_THRESHOLD = 0.985
+BACKGROUND_RANK = 5  # the neighbour whose score is a photo's "background"
+MARGIN = 0.04  # a duplicate pair scores this much above both photos' backgrounds ...
+MIN_THRESHOLD = 0.85  # ... and at least this
 EXACT_BUDGET = 2_000_000_000  # query x gallery pairs scored exactly before switching to IVF
 SELF_JOIN_NPROBE = 4
 PROJECT_DIMS = 128  # the self-join ranks candidates in this many principal directions ...
@@ -202,14 +203,11 @@ def components(a: np.ndarray, b: np.ndarray) -> List[List[int]]:
     return groups
 
 
-def auto_threshold(background: Sequence[float]) -> float:
-    """The calibrated threshold for a gallery whose photos have these background scores (see
-    the module docstring); MIN_THRESHOLD for a gallery too small to say."""
-    bg = np.asarray([x for x in background if x > -1.0], dtype=np.float64)
-    if len(bg) < 2 * BACKGROUND_RANK:
-        return MIN_THRESHOLD
-    t = float(np.quantile(bg, BACKGROUND_QUANTILE)) + MARGIN
-    return float(min(MAX_THRESHOLD, max(MIN_THRESHOLD, t)))
+def calibrated(score: np.ndarray, bg_a: np.ndarray, bg_b: np.ndarray) -> np.ndarray:
+    """Which pairs count under ``--auto``: score >= MIN_THRESHOLD and >= both backgrounds +
+    MARGIN (see the module docstring)."""
+    bar = np.maximum(np.maximum(bg_a, bg_b) + MARGIN, MIN_THRESHOLD)
+    return np.asarray(score) >= bar
 
 
 def group_pairs(a: np.ndarray, b: np.ndarray, score: np.ndarray, threshold: float) -> List[List[int]]:
