@@ -205,10 +205,10 @@ def duplicate_quality(tmp: Path, encoder: object) -> Tuple[str, Dict[str, float]
     for t in (0.85, 0.88, 0.90, 0.92, 0.94, 0.96, 0.98, None):
         used, groups = (auto_t, auto_groups) if t is None else g.duplicates(t)
         p, r, npred, ntrue = pair_scores([[h.name for h in grp] for grp in groups], truth)
-        label = f"**{used:.3f} (auto)**" if t is None else f"{used:.2f}"
+        label = "**calibrated (--auto)**" if t is None else f"{used:.2f}"
         rows.append([label, len(groups), npred, ntrue, f"{p:.3f}", f"{r:.3f}"])
         if t is None:
-            summary = {"threshold": used, "precision": p, "recall": r}
+            summary = {"precision": p, "recall": r}
     n_orig = len(set(truth.values()))
     text = (
         f"\n### Near-duplicates: precision and recall\n\n"

@@ -1,10 +1,14 @@
 """``leanclip serve``: a local search page for a gallery (standard library HTTP server).
 
-Pages are rendered on the server with every file name HTML-escaped; the page runs no
-JavaScript (its Content-Security-Policy forbids scripts). Routes::
+Pages are rendered on the server with every file name HTML-escaped; the only script is the
+page's own keyboard navigation (web/keys.js; its Content-Security-Policy allows no other), and
+the page works without it. Routes::
 
-    GET  /                       search form; ?q=QUERY&k=N&path=GLOB shows a thumbnail grid
+    GET  /                       search form; ?q=QUERY&k=N&path=GLOB shows a thumbnail grid;
+                                 &after=DATE&before=DATE&sort=date filter and order by capture
+                                 date (leanclip.pages)
     GET  /?similar=KEY           photos similar to the indexed photo KEY (click a thumbnail)
+    GET  /?view=duplicates       the groups of near-duplicate photos, side by side
     GET  /thumb/KEY              JPEG thumbnail of an indexed photo
     GET  /file/REL/PATH          the original file, by its path relative to the gallery
     GET  /api/search?q=..        JSON results (also ?similar=KEY); ``img:`` terms name indexed
@@ -50,6 +54,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Tuple, Union
 
+from leanclip import pages
 from leanclip.errors import LeanclipError
 from leanclip.gallery import Gallery, GalleryError, Hit, Term, parse_query
 from leanclip.gallery.store import FileRow, ok_row
@@ -77,7 +82,7 @@ IMG_REFUSED = (
 )
 
 CSP = (
-    "default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; "
+    "default-src 'none'; img-src 'self'; style-src 'self'; script-src 'self'; form-action 'self'; "
     "frame-ancestors 'none'; base-uri 'none'"
 )
 
@@ -320,7 +325,7 @@ class GalleryServer(ThreadingHTTPServer):
                 if key is None:
                     raise GalleryError(IMG_REFUSED)
                 t = Term(t.sign, "photo", str(key))
-            elif t.kind != "text":
+            elif t.kind not in ("text", "ocr"):  # ocr: a text: term, matched in the store
                 raise GalleryError(IMG_REFUSED)
             out.append(t)
         return out
@@ -524,6 +529,13 @@ class Handler(BaseHTTPRequestHandler):
             params = urllib.parse.parse_qs(url.query, keep_blank_values=True, max_num_fields=16)
             if path == "/":
                 self._page(params)
+            elif path == "/static/keys.js":
+                self._send(
+                    200,
+                    _static("keys.js"),
+                    "text/javascript; charset=utf-8",
+                    {"Cache-Control": "max-age=3600"},
+                )
             elif path == "/static/style.css":
                 self._send(
                     200, _static("style.css"), "text/css; charset=utf-8", {"Cache-Control": "max-age=3600"}
@@ -617,6 +629,7 @@ class Handler(BaseHTTPRequestHandler):
         out: Dict[str, Any] = {"query": q, "results": []}
         if not q and not similar:
             return 200, out
+        filters = _filters(params)  # dates and order: answered outside the batcher
         try:
             if similar:
                 key = _int(similar)
@@ -624,12 +637,15 @@ class Handler(BaseHTTPRequestHandler):
                 if key is None or rel is None:
                     return 404, {"error": "no such photo"}
                 out["similar"] = {"key": key, "name": rel.decode("utf-8", "replace")}
-                hits = g.search([Term(1, "photo", str(key))], k, paths=[glob] if glob else None)
+                hits = g.search([Term(1, "photo", str(key))], k, paths=[glob] if glob else None, **filters)
             else:
                 terms = self.server.indexed_terms(
                     parse_query(q)
                 )  # refuse a bad query before it joins a batch
-                hits = self.server.batcher.search(terms, k, [glob] if glob else None)
+                if filters or any(t.kind == "ocr" for t in terms):
+                    hits = g.search(terms, k, paths=[glob] if glob else None, **filters)
+                else:
+                    hits = self.server.batcher.search(terms, k, [glob] if glob else None)
         except LeanclipError as exc:
             return 400, {"error": str(exc)}
         except TimeoutError:
@@ -638,6 +654,8 @@ class Handler(BaseHTTPRequestHandler):
         return 200, out
 
     def _page(self, params: Dict[str, List[str]]) -> None:
+        if (params.get("view") or [""])[0] == "duplicates":
+            return self._send(*pages.duplicates_page(self.server.gallery, self.server.info()))
         status, result = self._search(params)
         q = (params.get("q") or [""])[0][:MAX_QUERY]
         glob = (params.get("path") or [""])[0][:MAX_QUERY]
@@ -653,8 +671,10 @@ class Handler(BaseHTTPRequestHandler):
             f"<input type=search name=q value='{e(q, quote=True)}' placeholder='Search photos, e.g. dog on a beach -people'"
             f" maxlength={MAX_QUERY} autofocus aria-label='search'>",
             f"<input name=path value='{e(glob, quote=True)}' placeholder='folder/*' aria-label='path filter'>",
+            pages.filter_inputs(params),
             "<button type=submit>Search</button></form>",
-            f"<span class=note>{info['ok']} photos</span></header><main>",
+            f"<span class=note>{info['ok']} photos &middot; <a href='/?view=duplicates'>duplicates</a></span>"
+            "</header><main>",
         ]
         if status != 200:
             parts.append(f"<p class=error id=error>{e(result.get('error', 'error'))}</p>")
@@ -679,24 +699,38 @@ class Handler(BaseHTTPRequestHandler):
                     f"<figure><a href='/?similar={r['key']}' title='{name}'>"
                     f"<img src='/thumb/{r['key']}' alt='{name}' loading=lazy></a>"
                     f"<figcaption><a href='{e(r['file'], quote=True)}'>{name}</a> "
-                    f"<span class=score>{r['score']:.3f}</span></figcaption></figure>"
+                    f"<span class=score>{r['score']:.3f}</span>{pages.hit_details(r)}</figcaption></figure>"
                 )
             parts.append("</div>")
         elif status == 200 and (q or "similar" in result):
             parts.append("<p class=note id=empty>No results.</p>")
-        parts.append("</main></body></html>")
+        parts.append("</main><script src='/static/keys.js'></script></body></html>")
         self._send(status, "".join(parts).encode(), "text/html; charset=utf-8", {"Cache-Control": "no-store"})
 
 
 def _hit_json(h: Hit, root: Path) -> Dict[str, Any]:
     rel = os.path.relpath(os.fsencode(h.path), os.fsencode(root))
-    return {
+    out = {
         "key": h.key,
         "name": h.name,
         "score": round(h.score, 4),
         "thumb": f"/thumb/{h.key}",
         "file": "/file/" + urllib.parse.quote(rel),
     }
+    out.update({k: v for k, v in h.to_dict().items() if k in ("taken", "text")})
+    return out
+
+
+def _filters(params: Dict[str, List[str]]) -> Dict[str, Any]:
+    """The date range and order a request asks for (only those given)."""
+    out: Dict[str, Any] = {}
+    for name in ("after", "before"):
+        value = (params.get(name) or [""])[0].strip()[:32]
+        if value:
+            out[name] = value
+    if (params.get("sort") or [""])[0] == "date":
+        out["sort"] = "date"
+    return out
 
 
 _IMAGE_TYPES = {
@@ -707,6 +741,8 @@ _IMAGE_TYPES = {
     "BMP": "image/bmp",
     "TIFF": "image/tiff",
     "MPO": "image/jpeg",
+    "HEIF": "image/heic",
+    "AVIF": "image/avif",
 }
 
 
