@@ -5,6 +5,7 @@ every caption, and the paper's TinyBERT baseline (student towers against each ot
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +190,41 @@ def test_clip_stage1_computes_no_teacher_cache(dataset: tuple[Path, Path, Path])
     assert len(trainer.run()) == 1
     assert trainer.teacher_image_cache is None and trainer.teacher_text_cache is None
     assert not list((root / "clip_cached" / "cache").glob("teacher_*"))
+
+
+@pytest.mark.parametrize("table", ["table1", "table2"])
+def test_table_runners_print_and_write_on_rank_zero_only(
+    table: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Under torchrun every rank runs ``training.ablations``; only rank 0 may print the table and
+    write the JSON (issue 26: every rank did)."""
+    import yaml
+
+    from training import distributed
+    from training.distributed import DistInfo
+
+    config = tmp_path / f"{table}.yaml"
+    config.write_text(yaml.safe_dump({"steps": [], "evaluate": {}} if table == "table1" else {"rows": []}))
+    recalls = {
+        "t2i_R@1": 1.0,
+        "t2i_R@5": 2.0,
+        "t2i_R@10": 3.0,
+        "i2t_R@1": 1.0,
+        "i2t_R@5": 2.0,
+        "i2t_R@10": 3.0,
+    }
+    monkeypatch.setattr(ablations, "run_steps_and_table1", lambda *a, **k: {"S": {"coco5k": recalls}})
+    monkeypatch.setattr(ablations, "run_table", lambda *a, **k: [("S", recalls)])
+    for rank in (1, 0):
+        monkeypatch.setattr(
+            distributed,
+            "init_distributed",
+            lambda device=None, r=rank: DistInfo(r, 2, r, torch.device("cpu")),
+        )
+        out = tmp_path / f"rank{rank}.json"
+        assert ablations.main(["--config", str(config), "--json-out", str(out)]) == 0
+        printed = capsys.readouterr().out
+        if rank == 1:
+            assert printed == "" and not out.exists()
+        else:
+            assert "S" in printed and json.loads(out.read_text())["S"]

@@ -283,6 +283,11 @@ def _env(gpus: Sequence[str]) -> Dict[str, str]:
     return env
 
 
+def _check_finished(job: Job) -> None:
+    if not job.finished:  # e.g. train.max_steps stopped it mid-epoch: later jobs would lack its checkpoint
+        raise RuntimeError(f"job {job.name} ended without {job.run_dir / 'final.pt'} (train.max_steps set?)")
+
+
 def run_jobs(jobs: Sequence[Job], gpus: Sequence[str], parallel: bool, log_dir: Path) -> Dict[str, float]:
     """Run the unfinished ``jobs`` (dependency order); returns seconds per job run."""
     pending = [j for j in jobs if not j.finished]
@@ -307,6 +312,7 @@ def run_jobs(jobs: Sequence[Job], gpus: Sequence[str], parallel: bool, log_dir: 
                     raise RuntimeError(
                         f"job {job.name} failed (exit {rc}); see {log_dir / (job.name + '.log')}"
                     )
+            _check_finished(job)
             seconds[job.name] = time.perf_counter() - t0
         return seconds
     # --parallel: each ready job on a GPU of its own (CPU: one job at a time)
@@ -339,6 +345,7 @@ def run_jobs(jobs: Sequence[Job], gpus: Sequence[str], parallel: bool, log_dir: 
                 for other in running.values():
                     other[0].terminate()
                 raise RuntimeError(f"job {name} failed (exit {rc}); see {log_dir / (name + '.log')}")
+            _check_finished(next(j for j in pending if j.name == name))
             done.add(name)
             seconds[name] = time.perf_counter() - t0
     return seconds
