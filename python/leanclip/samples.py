@@ -16,13 +16,12 @@ from __future__ import annotations
 import shutil
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 from leanclip._deps import MissingDependency, package_dir
+from leanclip._fs import PathLike
 
 __all__ = ["SAMPLE_CREDITS", "SAMPLE_SOURCES", "collect_sample_photos", "sample_photo_names"]
-
-PathLike = Union[str, "Path"]
 
 # file name in dest_dir -> (package, path of the file inside that package)
 SAMPLE_SOURCES: Dict[str, Tuple[str, str]] = {
