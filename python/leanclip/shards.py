@@ -21,14 +21,14 @@ The command line: ``python -m leanclip.build_ivf OUT EMB.npy [EMB.npy ...] --nli
 from __future__ import annotations
 
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
+from leanclip._fs import PathLike
 from leanclip.errors import IndexFileError, LeanclipError
 
 __all__ = [
@@ -47,7 +47,6 @@ __all__ = [
 MANIFEST = "manifest.json"
 FORMAT = "leanclip-shards"
 QUANTIZER = "quantizer.ivf"
-_PathLike = Union[str, "os.PathLike[str]"]
 
 
 class ShardError(LeanclipError, ValueError):
@@ -125,7 +124,7 @@ class ShardedIndex:
 
     @staticmethod
     def load(
-        path: _PathLike,
+        path: PathLike,
         mmap: bool = False,
         verify: bool = True,
         threads: Optional[int] = None,
@@ -311,7 +310,7 @@ def _write_manifest(
 
 def build_ivf(
     embeddings: EmbeddingShards,
-    out: _PathLike,
+    out: PathLike,
     *,
     nlist: int = 1024,
     metric: str = "ip",
@@ -394,7 +393,7 @@ def build_ivf(
 
 def build_exact(
     embeddings: EmbeddingShards,
-    out: _PathLike,
+    out: PathLike,
     *,
     metric: str = "ip",
     dtype: str = "f32",
@@ -433,7 +432,7 @@ def build_exact(
     return {"vectors": sum(counts), "files": len(files), "out": str(out)}
 
 
-def embedding_files(paths: Iterable[_PathLike]) -> list[Path]:
+def embedding_files(paths: Iterable[PathLike]) -> list[Path]:
     """``.npy`` files from paths that are files or folders (a folder: its ``*.npy``, sorted)."""
     out: list[Path] = []
     for p in map(Path, paths):
