@@ -15,6 +15,18 @@ connection; must be 0), and the server's RSS before the load (after a warm-up) a
 
 Model: ``--model PATH``; default the cached starter bundle (``leanclip models``), else a tiny
 test bundle exported on the fly (needs torch + open_clip).
+
+Memory (``--memory``): the server's RSS under concurrent large-file requests, in a section of
+the same results file. A gallery holds one valid JPEG with a long trailer (``--big-mb``, 300 MB)
+and ``--pngs`` copies of a 7999 x 7999 one-colour PNG (200 KB on disk, 64 Mpx decoded); it is
+indexed with the real model, then ``--file-clients`` concurrent ``GET /file/big.jpg`` (each body
+read whole and counted) and ``--thumb-clients`` concurrent ``GET /thumb/KEY`` (one PNG each)
+are sent while the server's RSS is sampled every 10 ms. ``--code DIR`` runs the server from
+another checkout's ``python/`` folder (the code before a change: ``git worktree add DIR REV``),
+so before and after are measured on the same machine, same gallery::
+
+    python -m benchmarks.bench_server_load --memory --code /tmp/before --thumb-clients 8 --label before
+    python -m benchmarks.bench_server_load --memory --label after
 """
 
 from __future__ import annotations
@@ -333,6 +345,219 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def build_memory_gallery(root: Path, model: Path, big_mb: int, pngs: int, env: dict) -> tuple[Path, list]:
+    """A folder with big.jpg (a valid JPEG followed by ``big_mb`` MB of trailer) and ``pngs``
+    copies of one 7999 x 7999 PNG, indexed by ``leanclip index`` of the code under test (its
+    store format); returns the folder and the PNGs' photo keys."""
+    import shutil
+
+    from PIL import Image
+
+    photos = root / "photos"
+    photos.mkdir(parents=True)
+    Image.new("RGB", (640, 480), (200, 120, 40)).save(photos / "big.jpg", quality=90)
+    with open(photos / "big.jpg", "ab") as fh:
+        block = b"\0" * (1 << 20)
+        for _ in range(big_mb):
+            fh.write(block)
+    Image.new("RGB", (7999, 7999), (30, 90, 200)).save(photos / "png_000.png")
+    index = [*CLI, "index", str(photos), "--model", str(model), "-q"]
+    subprocess.run(index, env=env, check=True, stdout=subprocess.DEVNULL)
+    for i in range(1, pngs):  # copies: indexed by reusing the first one's vector
+        shutil.copyfile(photos / "png_000.png", photos / f"png_{i:03d}.png")
+    subprocess.run(index, env=env, check=True, stdout=subprocess.DEVNULL)
+    conn = sqlite3.connect(photos / ".leanclip" / "gallery.db")
+    rows = conn.execute("SELECT path, key FROM files WHERE status='ok' ORDER BY path").fetchall()
+    keys = [k for p, k in rows if bytes(p).startswith(b"png_")]
+    conn.close()
+    assert len(keys) == pngs, keys
+    return photos, keys
+
+
+CLI = [sys.executable, "-c", "import sys; from leanclip.cli import main; sys.exit(main())"]
+
+
+async def fetch_all(port: int, target: str, timeout: float) -> tuple[int, int]:
+    """(status, body bytes) of one GET, the body read in chunks and dropped."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+        status = int(head.split()[1])
+        n = 0
+        while True:
+            chunk = await asyncio.wait_for(reader.read(1 << 20), timeout)
+            if not chunk:
+                return status, n
+            n += len(chunk)
+    finally:
+        writer.close()
+
+
+async def burst(port: int, targets: list[str], pid: int, timeout: float) -> dict:
+    """All ``targets`` at once; the server's peak RSS (sampled every 10 ms) and the outcomes."""
+    peak = rss_mb(pid)
+    done = False
+
+    async def sample() -> None:
+        nonlocal peak
+        while not done:
+            peak = max(peak, rss_mb(pid))
+            await asyncio.sleep(0.01)
+
+    sampler = asyncio.create_task(sample())
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(fetch_all(port, t, timeout) for t in targets), return_exceptions=True)
+    wall = time.perf_counter() - t0
+    done = True
+    await sampler
+    ok = [r for r in results if isinstance(r, tuple) and r[0] == 200]
+    errors = [repr(r) if not isinstance(r, tuple) else f"HTTP {r[0]}" for r in results if r not in ok]
+    await asyncio.sleep(0.5)  # what the server keeps once the burst is over
+    after = rss_mb(pid)
+    return {
+        "peak_mb": peak,
+        "after_mb": after,
+        "wall_s": wall,
+        "ok": len(ok),
+        "bytes": [r[1] for r in ok],
+        "errors": errors,
+    }
+
+
+def run_memory(args: argparse.Namespace) -> dict:
+    import shutil
+    import urllib.request
+
+    model = pick_model(args.model).absolute()
+    tmp = Path(tempfile.mkdtemp(prefix="leanclip-mem-"))
+    code = Path(args.code).absolute() / "python" if args.code else ROOT / "python"
+    try:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(code), env_pp()])))
+        photos, keys = build_memory_gallery(tmp, model, args.big_mb, args.pngs, env)
+        port = free_port()
+        cmd = [*CLI, "serve", str(photos), "--model", str(model), "--port", str(port)]
+
+        def cap_memory() -> None:  # a safety net on a shared machine: the server, not the host, fails
+            import resource
+
+            limit = args.server_limit_gb << 30
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+        server = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, preexec_fn=cap_memory
+        )
+        try:
+            for _ in range(600):
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/info", timeout=5):
+                        break
+                except OSError:
+                    if server.poll() is not None:
+                        raise RuntimeError(
+                            f"server exited: {server.stderr.read().decode()[-2000:]}"
+                        ) from None
+                    time.sleep(0.1)
+            asyncio.run(fetch_all(port, "/api/search?q=a+photo&k=5", args.timeout))  # model loaded
+            idle = rss_mb(server.pid)
+            files = asyncio.run(burst(port, ["/file/big.jpg"] * args.file_clients, server.pid, args.timeout))
+            size = (photos / "big.jpg").stat().st_size
+            files["complete"] = sum(1 for n in files["bytes"] if n == size)
+            after_files = files["after_mb"]
+            thumbs = asyncio.run(
+                burst(port, [f"/thumb/{k}" for k in keys[: args.thumb_clients]], server.pid, args.timeout)
+            )
+            alive = server.poll() is None
+            hwm = next(
+                int(line.split()[1]) / 1024.0
+                for line in Path(f"/proc/{server.pid}/status").read_text().splitlines()
+                if line.startswith("VmHWM:")
+            )
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "label": args.label or ("this checkout" if not args.code else str(args.code)),
+        "code": str(code),
+        "model": model.name,
+        "big_mb": size / 1e6,
+        "idle_mb": idle,
+        "after_files_mb": after_files,
+        "files": files,
+        "thumbs": thumbs,
+        "hwm_mb": hwm,
+        "alive": alive,
+    }
+
+
+def report_memory(r: dict) -> str:
+    from benchmarks._harness import header
+
+    try:
+        from benchmarks._harness import markdown_table
+    except ImportError:  # its new home, while benchmarks/_harness.py is being changed
+        from training.report import markdown_table
+
+    f, t = r["files"], r["thumbs"]
+    rows = [
+        [
+            f"{len(f['bytes']) + len(f['errors'])} x GET /file/big.jpg ({r['big_mb']:.0f} MB)",
+            f"{f['complete']} complete",
+            f["wall_s"],
+            r["idle_mb"],
+            f["peak_mb"],
+            f["peak_mb"] - r["idle_mb"],
+            f["after_mb"],
+        ],
+        [
+            f"{t['ok'] + len(t['errors'])} x GET /thumb/KEY (7999x7999 PNG each)",
+            f"{t['ok']} ok",
+            t["wall_s"],
+            r["after_files_mb"],
+            t["peak_mb"],
+            t["peak_mb"] - r["after_files_mb"],
+            t["after_mb"],
+        ],
+    ]
+    note = (
+        f"Server code: {r['label']} (`{r['code']}`); model {r['model']}. Requests of each row sent at once "
+        "on separate connections by one asyncio client on the same machine; RSS of the server process "
+        "sampled every 10 ms (VmRSS). Server peak RSS over the whole run (VmHWM): "
+        f"{r['hwm_mb']:.0f} MB; alive afterwards: {r['alive']}."
+    )
+    if f["errors"] or t["errors"]:
+        note += " Errors: " + "; ".join((f["errors"] + t["errors"])[:5])
+    table = markdown_table(
+        ["requests", "outcome", "wall s", "RSS before MB", "peak RSS MB", "peak - before MB", "RSS after MB"],
+        rows,
+    )
+    text = header(f"Memory under large files and thumbnails: {r['label']}", ["pillow"], note)
+    return "#" + text + "\n" + table + "\n"
+
+
+def write_memory_section(text: str) -> None:
+    """Add (or replace) this label's memory section in results/server_load.md, keeping the rest."""
+    from benchmarks._harness import RESULTS, write_result
+
+    title = text.splitlines()[0]
+    current = (
+        (RESULTS / "server_load.md").read_text(encoding="utf-8")
+        if (RESULTS / "server_load.md").exists()
+        else ""
+    )
+    sections = current.split("\n## ")
+    kept = [sections[0].rstrip("\n")] + [
+        "## " + sec.rstrip("\n") for sec in sections[1:] if "## " + sec.splitlines()[0] != title
+    ]
+    write_result("server_load", "\n\n".join([*kept, text.rstrip("\n")]) + "\n")
+
+
 def env_pp() -> str:
     return os.environ.get("PYTHONPATH", "")
 
@@ -406,11 +631,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--warmup", type=float, default=5.0)
-    ap.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (counts as an error)")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="per-request timeout, s (counts as an error; default 60, --memory 300)",
+    )
     ap.add_argument("--no-write", action="store_true", help="print only; do not write results/server_load.md")
+    ap.add_argument(
+        "--memory", action="store_true", help="measure RSS under large /file/ and /thumb/ requests"
+    )
+    ap.add_argument(
+        "--code", default=None, help="--memory: run the server from DIR/python (another checkout)"
+    )
+    ap.add_argument("--label", default="", help="--memory: the name of this run in the results")
+    ap.add_argument("--big-mb", type=int, default=300, help="--memory: trailer of the large JPEG, MB")
+    ap.add_argument("--pngs", type=int, default=40, help="--memory: 7999x7999 PNGs in the gallery")
+    ap.add_argument("--file-clients", type=int, default=8)
+    ap.add_argument("--thumb-clients", type=int, default=40)
+    ap.add_argument(
+        "--server-limit-gb", type=int, default=12, help="--memory: address-space cap of the server"
+    )
     args = ap.parse_args(
         argv if argv is not None else (sys.argv[2:] if sys.argv[:2] == ["-m", "benchmarks"] else sys.argv[1:])
     )
+    if args.timeout is None:
+        args.timeout = 300.0 if args.memory else 60.0
+    if args.memory:
+        m = run_memory(args)
+        text = report_memory(m)
+        if args.no_write:
+            print(text)
+        else:
+            write_memory_section(text)
+        ok = m["alive"] and not m["files"]["errors"] and not m["thumbs"]["errors"]
+        return 0 if ok else 1
     r = run(args)
     text = report(r)
     if args.no_write:
