@@ -18,6 +18,12 @@
 #                       device and a FIFO must be refused
 #   ivf_from_bytes      raw bytes -> IvfIndex file reader (header, checksums, lists, key map);
 #                       shares its checks with rust/engine/tests/ivf_mutations.rs
+#   ivf_changed_file    bytes (checksums patched when the first byte is odd) written to a file,
+#                       opened with mmap: an accepted file must answer search (single and batch),
+#                       get, keys and save's image as from_bytes does; then the file is truncated,
+#                       extended, rewritten in place or replaced by rename, and search, batch
+#                       search, get, keys, verify and save must answer or raise Error::File (a
+#                       SIGBUS is a finding); once per run, a device and a FIFO must be refused
 #   kernels             every SIMD kernel at every level the CPU has (scalar/AVX2/AVX-512) vs the
 #                       scalar reference, lengths 0..5000 and unaligned slices, under ASan
 # The index targets start from the committed seeds in rust/engine/fuzz/corpus/index/ (real saved
@@ -33,7 +39,7 @@ cd "$(dirname "$0")/../rust/engine/fuzz"
 RUNS="${RUNS:-1000000}"
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then
-  TARGETS=(index_from_bytes index_checksummed index_load_file index_changed_file ivf_from_bytes kernels)
+  TARGETS=(index_from_bytes index_checksummed index_load_file index_changed_file ivf_from_bytes ivf_changed_file kernels)
 fi
 export RUSTC_BOOTSTRAP=1
 # Shared machines: stay out of the way of interactive work.
@@ -46,6 +52,7 @@ for t in "${TARGETS[@]}"; do
   seeds=corpus/index
   [ "$t" = kernels ] && seeds=corpus/kernels
   [ "$t" = ivf_from_bytes ] && seeds=corpus/ivf
+  [ "$t" = ivf_changed_file ] && seeds=corpus/ivf
   status=0
   $NICE cargo fuzz run "$t" "work/$t" "$seeds" -- \
     -runs="$RUNS" -max_len=8192 -rss_limit_mb=1024 -timeout=10 -print_final_stats=1 \

@@ -46,6 +46,9 @@ class Index:
       can overflow), and under "cos" if it is zero or its squared norm is below 2^-100
       (~7.9e-31, too small to normalize in float32); the message names the row
       (``vectors[i]`` / ``queries[i]``). Queries are checked the same way.
+    - Vectors and queries are float arrays (float16/32/64) or lists of numbers; a numpy array
+      of integers is refused (ValueError "must be float32 or float64"): most often keys or
+      uint8 pixels passed by mistake. Integer arguments out of range are ValueError.
     - An index opened with ``mmap=True`` checks before every read of the file that the file is
       still the one it mapped (same inode, size, mtime and ctime); if not, IndexFileError.
     """
@@ -155,7 +158,16 @@ class IVFIndex:
       smaller packed copy for real embeddings, whose variance sits in few directions (MiniLM:
       192 of 384 keep 99.96% of the true top 10 among the re-scored); batches are then
       approximate even at ``nprobe >= nlist``. Single queries are unaffected.
+      Needs ``dim <= 2048``: the directions take a dense ``dim x dim`` eigendecomposition
+      (~24 * dim^2 bytes, ~1 minute at 2048); a larger dim is a ValueError at construction,
+      in the setter and (IndexFileError) at load, before anything is allocated.
     - ``remove`` swaps the list's last vector into the hole (O(1), no tombstones).
+    - Vectors are checked as ``Index`` checks them (one shared check) in ``add``, ``upsert``,
+      ``train`` and ``search``: ValueError naming the row, index unchanged.
+    - Integer arguments out of range (``nprobe=2**70``, ``seed=-1``) are ValueError.
+    - An index opened with ``mmap=True`` checks around every read of its file (search, get,
+      keys, verify, save) that the file is still the one it mapped; if it was truncated or
+      rewritten, IndexFileError (never SIGBUS or other data), and ``save`` writes nothing.
     - Every call releases the GIL; searches run concurrently, writes are exclusive.
     """
 

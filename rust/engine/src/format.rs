@@ -23,18 +23,19 @@
 //!
 //! [`parse`] checks everything but the vectors' checksum; [`verify_vectors`] checks that.
 
-use crate::error::{Error, Result};
-use crate::file_io::{atomic_write, bad, file_error, io_error, meta_checksum, u32_at, u64_at};
-use crate::index::{check_dim, Buf, FileStamp, Index, MappedFile, Store, MAX_ROWS};
+use crate::error::Result;
+use crate::file_io::{
+    atomic_write, bad, changed_while_opening, file_error, hash_ranges, io_error, meta_checksum,
+    open_regular, read_at, u32_at, u64_at, FileStamp, MappedFile,
+};
+use crate::index::{check_dim, Buf, Index, Store, MAX_ROWS};
 use crate::key_map::key_map;
 use crate::types::{DType, Metric};
 use half::f16;
-use memmap2::Mmap;
-use std::fs::File;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
-use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+use xxhash_rust::xxh3::xxh3_64;
 
 #[cfg(target_endian = "big")]
 compile_error!("the index file format and its memory maps assume a little-endian target");
@@ -179,113 +180,6 @@ pub fn verify_vectors(bytes: &[u8], layout: &Layout) -> std::result::Result<(), 
     Ok(())
 }
 
-/// Opens `path` for reading if it is a regular file (a FIFO, socket, device or directory is
-/// refused before anything is read from it: a FIFO would block, /dev/zero never ends), and
-/// returns it with its stamp.
-fn open_regular(path: &Path) -> Result<(File, FileStamp)> {
-    let not_regular = |kind: &str| {
-        file_error(
-            Some(path),
-            format!("not a regular file ({kind}); an index is a regular file"),
-        )
-    };
-    let kind_of = |t: std::fs::FileType| -> Option<&'static str> {
-        if t.is_file() {
-            return None;
-        }
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::FileTypeExt;
-            if t.is_fifo() {
-                return Some("a FIFO");
-            }
-            if t.is_char_device() || t.is_block_device() {
-                return Some("a device");
-            }
-            if t.is_socket() {
-                return Some("a socket");
-            }
-        }
-        Some("not a file")
-    };
-    // stat first, so that a device or FIFO is not even opened
-    let meta = std::fs::metadata(path).map_err(|e| io_error(path, e))?;
-    if meta.is_dir() {
-        return Err(io_error(
-            path,
-            std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory"),
-        ));
-    }
-    if let Some(kind) = kind_of(meta.file_type()) {
-        return Err(not_regular(kind));
-    }
-    let mut options = std::fs::OpenOptions::new();
-    options.read(true);
-    #[cfg(unix)]
-    {
-        // Non-blocking, in case the path was swapped for a FIFO after the stat.
-        use std::os::unix::fs::OpenOptionsExt;
-        options.custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
-    }
-    let file = options.open(path).map_err(|e| io_error(path, e))?;
-    let meta = file.metadata().map_err(|e| io_error(path, e))?;
-    if let Some(kind) = kind_of(meta.file_type()) {
-        return Err(not_regular(kind));
-    }
-    let stamp = FileStamp::of(&file).map_err(|e| io_error(path, e))?;
-    Ok((file, stamp))
-}
-
-fn changed_while_opening(path: &Path) -> Error {
-    file_error(
-        Some(path),
-        "the file changed while it was being opened (truncated or rewritten by another \
-         program); try again once it is complete"
-            .into(),
-    )
-}
-
-/// Reads up to `buf.len()` bytes at `offset` (fewer only at the end of the file).
-fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        #[cfg(unix)]
-        let n = {
-            use std::os::unix::fs::FileExt;
-            file.read_at(&mut buf[done..], offset + done as u64)
-        };
-        #[cfg(windows)]
-        let n = {
-            use std::os::windows::fs::FileExt;
-            file.seek_read(&mut buf[done..], offset + done as u64)
-        };
-        match n {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
-}
-
-/// xxh3-64 of the bytes `range` of the file, read through the descriptor; `None` if the file
-/// ends first (it was truncated).
-fn hash_range(file: &File, range: Range<usize>) -> std::io::Result<Option<u64>> {
-    let mut h = Xxh3::new();
-    let mut buf = vec![0u8; (4 << 20).min(range.len())];
-    let mut at = range.start;
-    while at < range.end {
-        let n = (range.end - at).min(buf.len());
-        if read_at(file, &mut buf[..n], at as u64)? != n {
-            return Ok(None);
-        }
-        h.update(&buf[..n]);
-        at += n;
-    }
-    Ok(Some(h.digest()))
-}
-
 impl Index {
     /// Rebuilds an index from a file image, checking all of it (the fuzzing entry point).
     pub fn from_bytes(bytes: &[u8]) -> Result<Index> {
@@ -360,7 +254,8 @@ impl Index {
         }
         check_meta(&meta, &layout).map_err(|r| file_error(Some(path), r))?;
         if verify {
-            let sum = hash_range(&file, layout.vectors.clone()).map_err(|e| io_error(path, e))?;
+            let sum = hash_ranges(&file, std::slice::from_ref(&layout.vectors))
+                .map_err(|e| io_error(path, e))?;
             if sum != Some(layout.vectors_checksum) {
                 return Err(match sum {
                     None => changed_while_opening(path),
@@ -376,15 +271,7 @@ impl Index {
             let map = key_map(&keys).map_err(|r| file_error(Some(path), r))?;
             let _ = rows.set(map);
         }
-        // SAFETY: the map is read-only and private to this index. Another process may still
-        // truncate or rewrite the file: every read of the mapped vectors is preceded by a check
-        // that the file's size and mtime are unchanged (`Index::check_file`); the window that
-        // remains between that check and the read is documented in docs/reliability.md.
-        let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| io_error(path, e))?);
-        let guard = crate::fault_guard::Guard::register(map.as_ptr(), map.len());
-        if map.len() != size || FileStamp::of(&file).ok() != Some(stamp) {
-            return Err(changed_while_opening(path));
-        }
+        let (map, guard) = MappedFile::map(path, &file, stamp)?;
         let mapped = |size: usize| {
             (
                 Arc::clone(&map),
@@ -422,7 +309,7 @@ impl Index {
                 file,
                 stamp,
                 checksum: layout.vectors_checksum,
-                vectors: layout.vectors.clone(),
+                data: vec![layout.vectors.clone()],
                 guard,
                 _map: map,
             }),
@@ -434,18 +321,10 @@ impl Index {
     /// index in memory: its file was fully checked). `Error::File` if the file changed.
     pub fn verify(&self) -> Result<()> {
         self.key_rows()?;
-        if let Some(m) = &self.mapped {
-            m.check_unchanged()?;
-            let sum = hash_range(&m.file, m.vectors.clone()).map_err(|e| io_error(&m.path, e))?;
-            m.check_unchanged()?;
-            if sum != Some(m.checksum) {
-                return Err(file_error(
-                    Some(&m.path),
-                    "corrupt file: vectors checksum mismatch".into(),
-                ));
-            }
+        match &self.mapped {
+            Some(m) => m.verify_data(),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn header_and_sections(&self) -> ([u8; HEADER_LEN], Vec<u8>, &[u8]) {
@@ -490,6 +369,8 @@ impl Index {
     pub fn save(&self, path: &Path) -> Result<()> {
         self.check_file()?;
         let (header, meta, vectors) = self.header_and_sections();
-        atomic_write(path, &[&header, &meta, vectors])
+        // A file changed while it was written out may have given other bytes (zeros past a
+        // truncation): then the old file stays.
+        atomic_write(path, &[&header, &meta, vectors], || self.check_file())
     }
 }

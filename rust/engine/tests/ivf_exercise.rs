@@ -90,7 +90,7 @@ pub fn expect_file_error(err: &Error) {
 pub fn exercise(index: &IvfIndex, image: &[u8]) {
     assert_eq!(index.to_bytes(), image, "re-encoding changed the bytes");
     let dim = index.dim();
-    let keys = index.keys();
+    let keys = index.keys().expect("keys of an accepted index");
     assert_eq!(keys.len(), index.len());
     assert_eq!(index.list_sizes().iter().sum::<usize>(), index.len());
     let distinct: HashSet<u64> = keys.iter().copied().collect();

@@ -29,7 +29,10 @@ pub(crate) fn shape_of(arr: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
     arr.getattr("shape")?.extract()
 }
 
-/// A float array as C-contiguous float32 (float64 and integers are converted).
+/// A float array as C-contiguous float32 (float64 and float16 are converted). A numpy array of
+/// integers is refused: an embedding is floats, and an int array is most often a mistake (keys
+/// passed as vectors, an image's uint8 pixels). A Python list of numbers is converted
+/// (`[[1, 0, 0]]` means what it says), as is any empty array.
 pub(crate) fn f32_array<'py>(
     py: Python<'py>,
     obj: &Bound<'py, PyAny>,
@@ -37,7 +40,11 @@ pub(crate) fn f32_array<'py>(
 ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     let arr = asarray(py, obj, what)?;
     let (kind, _, name) = dtype_of(&arr)?;
-    if !matches!(kind.as_str(), "f" | "i" | "u") {
+    let int = matches!(kind.as_str(), "i" | "u");
+    let int_array = int
+        && obj.is_instance(&py.import("numpy")?.getattr("ndarray")?)?
+        && !shape_of(&arr)?.contains(&0);
+    if !(kind == "f" || int) || int_array {
         return Err(value_error(format!(
             "{what} must be float32 or float64, got dtype {name}"
         )));
@@ -273,4 +280,43 @@ fn check_k(k: &Bound<'_, PyAny>) -> PyResult<usize> {
         return Err(value_error(format!("k must be at least 1, got {k}")));
     }
     Ok(usize::try_from(value).unwrap_or(usize::MAX))
+}
+
+/// An integer argument as Python gave it (any size): a value out of range is then a ValueError
+/// naming the argument (`count_arg`, `seed_arg`), never an OverflowError. Not an integer at all
+/// stays a TypeError, as for any other argument of the wrong type.
+pub(crate) struct Int(pub(crate) i128);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Int {
+    type Error = PyErr;
+
+    fn extract(obj: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        match obj.extract::<i128>() {
+            Ok(v) => Ok(Int(v)),
+            Err(e) => {
+                // An int beyond 128 bits: only its sign matters for the range checks.
+                let index = obj.call_method0("__index__").map_err(|_| e)?;
+                Ok(Int(if index.lt(0)? { i128::MIN } else { i128::MAX }))
+            }
+        }
+    }
+}
+
+/// `value` as a count of at least `min` (ValueError otherwise, whatever the size).
+pub(crate) fn count_arg(value: Int, what: &str, min: usize) -> PyResult<usize> {
+    let Int(v) = value;
+    if v < min as i128 {
+        return Err(value_error(format!(
+            "{what} must be at least {min}, got {v}"
+        )));
+    }
+    usize::try_from(v)
+        .map_err(|_| value_error(format!("{what} must be at most {}, got {v}", usize::MAX)))
+}
+
+/// `value` as a u64 seed: 0 to 2**64 - 1 (ValueError otherwise).
+pub(crate) fn seed_arg(value: Int, what: &str) -> PyResult<u64> {
+    let Int(v) = value;
+    u64::try_from(v)
+        .map_err(|_| value_error(format!("{what} must be between 0 and 2**64 - 1, got {v}")))
 }

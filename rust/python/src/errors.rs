@@ -28,6 +28,28 @@ pub(crate) fn to_py_err(err: Error) -> PyErr {
     }
 }
 
+/// Runs an engine call with the GIL released. An engine panic (a bug: the engine answers every
+/// input with an `Error`) becomes a RuntimeError naming it, never a PanicException, which
+/// `except Exception` does not catch.
+pub(crate) fn engine<T: Send>(
+    py: Python<'_>,
+    call: impl FnOnce() -> leanclip_engine::Result<T> + Send,
+) -> PyResult<T> {
+    match py.detach(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(call))) {
+        Ok(result) => result.map_err(to_py_err),
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(PyRuntimeError::new_err(format!(
+                "internal error in the leanclip engine ({what}); please report it"
+            )))
+        }
+    }
+}
+
 pub(crate) fn value_error(msg: impl Into<String>) -> PyErr {
     PyValueError::new_err(msg.into())
 }

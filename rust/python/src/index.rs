@@ -1,7 +1,9 @@
 //! leanclip._engine.Index: the exact index, with the GIL released around every call.
 
-use crate::convert::{batch_args, key_vec, queries_arg, rows_result, search_result, Count};
-use crate::errors::{to_py_err, value_error};
+use crate::convert::{
+    batch_args, count_arg, key_vec, queries_arg, rows_result, search_result, Count, Int,
+};
+use crate::errors::{engine, to_py_err};
 use leanclip_engine::{DType, Index, Metric};
 use numpy::PyArray1;
 use parking_lot::RwLock;
@@ -37,8 +39,7 @@ impl PyIndex {
     ) -> PyResult<()> {
         let (keys, vectors) = batch_args(py, keys, vectors, self.dim)?;
         let vectors = vectors.as_slice()?;
-        py.detach(|| op(&mut self.inner.write(), &keys, vectors))
-            .map_err(to_py_err)
+        engine(py, || op(&mut self.inner.write(), &keys, vectors))
     }
 }
 
@@ -46,11 +47,10 @@ impl PyIndex {
 impl PyIndex {
     #[new]
     #[pyo3(signature = (dim, metric = "cos", dtype = "f32"))]
-    fn new(dim: i64, metric: &str, dtype: &str) -> PyResult<Self> {
+    fn new(dim: Int, metric: &str, dtype: &str) -> PyResult<Self> {
         let metric = Metric::parse(metric).map_err(to_py_err)?;
         let dtype = DType::parse(dtype).map_err(to_py_err)?;
-        let dim = usize::try_from(dim)
-            .map_err(|_| value_error(format!("dim must be positive, got {dim}")))?;
+        let dim = count_arg(dim, "dim", 1)?;
         Ok(Self::wrap(
             Index::new(dim, metric, dtype).map_err(to_py_err)?,
         ))
@@ -83,9 +83,7 @@ impl PyIndex {
 
     fn __contains__(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<bool> {
         match key.extract::<u64>() {
-            Ok(key) => py
-                .detach(|| self.inner.read().contains(key))
-                .map_err(to_py_err),
+            Ok(key) => engine(py, || self.inner.read().contains(key)),
             Err(_) => Ok(false),
         }
     }
@@ -130,16 +128,13 @@ impl PyIndex {
 
     fn remove(&self, py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<usize> {
         let keys = key_vec(py, keys, "keys")?;
-        py.detach(|| self.inner.write().remove(&keys))
-            .map_err(to_py_err)
+        engine(py, || self.inner.write().remove(&keys))
     }
 
     fn get<'py>(&self, py: Python<'py>, keys: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         let keys = key_vec(py, keys, "keys")?;
         let n = keys.len();
-        let values = py
-            .detach(|| self.inner.read().get(&keys))
-            .map_err(to_py_err)?;
+        let values = engine(py, || self.inner.read().get(&keys))?;
         rows_result(py, values, n, self.dim)
     }
 
@@ -154,25 +149,20 @@ impl PyIndex {
         let (queries, batch) = queries_arg(py, queries, self.dim)?;
         let exclude = exclude.map(|e| key_vec(py, e, "exclude")).transpose()?;
         let q = queries.as_slice()?;
-        let found = py
-            .detach(|| self.inner.read().search(q, k.0, exclude.as_deref()))
-            .map_err(to_py_err)?;
+        let found = engine(py, || self.inner.read().search(q, k.0, exclude.as_deref()))?;
         search_result(py, found, batch)
     }
 
     /// A new in-memory index with the same keys, dim and metric, stored as `dtype`.
     fn astype(&self, py: Python<'_>, dtype: &str) -> PyResult<Self> {
         let dtype = DType::parse(dtype).map_err(to_py_err)?;
-        let index = py
-            .detach(|| self.inner.read().astype(dtype))
-            .map_err(to_py_err)?;
+        let index = engine(py, || self.inner.read().astype(dtype))?;
         Ok(Self::wrap(index))
     }
 
     /// Writes the index atomically (temporary file, fsync, rename, fsync of the directory).
     fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
-        py.detach(|| self.inner.read().save(&path))
-            .map_err(to_py_err)
+        engine(py, || self.inner.read().save(&path))
     }
 
     /// Opens a saved index. mmap=True maps it read-only; verify=False skips checking the
@@ -180,16 +170,14 @@ impl PyIndex {
     #[staticmethod]
     #[pyo3(signature = (path, mmap = false, verify = true))]
     fn load(py: Python<'_>, path: PathBuf, mmap: bool, verify: bool) -> PyResult<Self> {
-        let index = py
-            .detach(|| Index::load(&path, mmap, verify))
-            .map_err(to_py_err)?;
+        let index = engine(py, || Index::load(&path, mmap, verify))?;
         Ok(Self::wrap(index))
     }
 
     /// Checks the vectors of an mmap-opened index against the file's checksum
     /// (IndexFileError on mismatch); a no-op for an index held in memory.
     fn verify(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| self.inner.read().verify()).map_err(to_py_err)
+        engine(py, || self.inner.read().verify())
     }
 }
 

@@ -2,9 +2,10 @@
 //! errors and GIL handling as `Index`).
 
 use crate::convert::{
-    batch_args, key_vec, queries_arg, rows_result, search_result, vectors_arg, Count,
+    batch_args, count_arg, key_vec, queries_arg, rows_result, search_result, seed_arg, vectors_arg,
+    Count, Int,
 };
-use crate::errors::{to_py_err, value_error};
+use crate::errors::{engine, to_py_err, value_error};
 use leanclip_engine::ivf::{IvfIndex, IvfParams, DEFAULT_TRAIN_PER_LIST};
 use leanclip_engine::{DType, Metric};
 use numpy::PyArray1;
@@ -19,15 +20,6 @@ pub(crate) struct PyIvfIndex {
     dim: usize,
     metric: Metric,
     dtype: DType,
-}
-
-fn count_arg(value: i64, what: &str, min: i64) -> PyResult<usize> {
-    if value < min {
-        return Err(value_error(format!(
-            "{what} must be at least {min}, got {value}"
-        )));
-    }
-    usize::try_from(value).map_err(|_| value_error(format!("{what} is out of range: {value}")))
 }
 
 impl PyIvfIndex {
@@ -49,40 +41,38 @@ impl PyIvfIndex {
     ) -> PyResult<()> {
         let (keys, vectors) = batch_args(py, keys, vectors, self.dim)?;
         let vectors = vectors.as_slice()?;
-        py.detach(|| op(&mut self.inner.write(), &keys, vectors))
-            .map_err(to_py_err)
+        engine(py, || op(&mut self.inner.write(), &keys, vectors))
     }
 }
 
 #[pymethods]
 impl PyIvfIndex {
     #[new]
-    #[pyo3(signature = (dim, metric = "cos", dtype = "f32", nlist = 1024, nprobe = None, rerank = 0, seed = 0, train_threshold = None, pq = 0, shortlist = None, scan_dims = 0))]
+    #[pyo3(signature = (dim, metric = "cos", dtype = "f32", nlist = Int(1024), nprobe = None, rerank = Int(0), seed = Int(0), train_threshold = None, pq = Int(0), shortlist = None, scan_dims = Int(0)), text_signature = "(dim, metric='cos', dtype='f32', nlist=1024, nprobe=None, rerank=0, seed=0, train_threshold=None, pq=0, shortlist=None, scan_dims=0)")]
     #[allow(clippy::too_many_arguments)]
     fn new(
-        dim: i64,
+        dim: Int,
         metric: &str,
         dtype: &str,
-        nlist: i64,
-        nprobe: Option<i64>,
-        rerank: i64,
-        seed: u64,
-        train_threshold: Option<i64>,
-        pq: i64,
-        shortlist: Option<i64>,
-        scan_dims: i64,
+        nlist: Int,
+        nprobe: Option<Int>,
+        rerank: Int,
+        seed: Int,
+        train_threshold: Option<Int>,
+        pq: Int,
+        shortlist: Option<Int>,
+        scan_dims: Int,
     ) -> PyResult<Self> {
         let metric = Metric::parse(metric).map_err(to_py_err)?;
         let dtype = DType::parse(dtype).map_err(to_py_err)?;
-        let dim = usize::try_from(dim)
-            .map_err(|_| value_error(format!("dim must be positive, got {dim}")))?;
+        let dim = count_arg(dim, "dim", 1)?;
         let nlist = count_arg(nlist, "nlist", 1)?;
         let mut params = IvfParams::with_nlist(nlist);
         if let Some(p) = nprobe {
             params.nprobe = count_arg(p, "nprobe", 1)?;
         }
         params.rerank = count_arg(rerank, "rerank", 0)?;
-        params.seed = seed;
+        params.seed = seed_arg(seed, "seed")?;
         params.train_threshold = match train_threshold {
             Some(t) => count_arg(t, "train_threshold", 0)?,
             None => nlist.saturating_mul(DEFAULT_TRAIN_PER_LIST),
@@ -129,10 +119,9 @@ impl PyIvfIndex {
     }
 
     #[setter]
-    fn set_nprobe(&self, py: Python<'_>, value: i64) -> PyResult<()> {
+    fn set_nprobe(&self, py: Python<'_>, value: Int) -> PyResult<()> {
         let value = count_arg(value, "nprobe", 1)?;
-        py.detach(|| self.inner.write().set_nprobe(value))
-            .map_err(to_py_err)
+        engine(py, || self.inner.write().set_nprobe(value))
     }
 
     #[getter]
@@ -141,10 +130,9 @@ impl PyIvfIndex {
     }
 
     #[setter]
-    fn set_rerank(&self, py: Python<'_>, value: i64) -> PyResult<()> {
+    fn set_rerank(&self, py: Python<'_>, value: Int) -> PyResult<()> {
         let value = count_arg(value, "rerank", 0)?;
-        py.detach(|| self.inner.write().set_rerank(value))
-            .map_err(to_py_err)
+        engine(py, || self.inner.write().set_rerank(value))
     }
 
     #[getter]
@@ -158,10 +146,9 @@ impl PyIvfIndex {
     }
 
     #[setter]
-    fn set_shortlist(&self, py: Python<'_>, value: i64) -> PyResult<()> {
+    fn set_shortlist(&self, py: Python<'_>, value: Int) -> PyResult<()> {
         let value = count_arg(value, "shortlist", 1)?;
-        py.detach(|| self.inner.write().set_shortlist(value))
-            .map_err(to_py_err)
+        engine(py, || self.inner.write().set_shortlist(value))
     }
 
     #[getter]
@@ -170,10 +157,9 @@ impl PyIvfIndex {
     }
 
     #[setter]
-    fn set_scan_dims(&self, py: Python<'_>, value: i64) -> PyResult<()> {
+    fn set_scan_dims(&self, py: Python<'_>, value: Int) -> PyResult<()> {
         let value = count_arg(value, "scan_dims", 0)?;
-        py.detach(|| self.inner.write().set_scan_dims(value))
-            .map_err(to_py_err)
+        engine(py, || self.inner.write().set_scan_dims(value))
     }
 
     #[getter]
@@ -234,9 +220,9 @@ impl PyIvfIndex {
         )
     }
 
-    fn keys<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
-        let keys = py.detach(|| self.inner.read().keys());
-        PyArray1::from_vec(py, keys)
+    fn keys<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<u64>>> {
+        let keys = engine(py, || self.inner.read().keys())?;
+        Ok(PyArray1::from_vec(py, keys))
     }
 
     fn list_sizes<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
@@ -271,29 +257,24 @@ impl PyIvfIndex {
 
     fn remove(&self, py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<usize> {
         let keys = key_vec(py, keys, "keys")?;
-        py.detach(|| self.inner.write().remove(&keys))
-            .map_err(to_py_err)
+        engine(py, || self.inner.write().remove(&keys))
     }
 
     fn get<'py>(&self, py: Python<'py>, keys: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         let keys = key_vec(py, keys, "keys")?;
         let n = keys.len();
-        let values = py
-            .detach(|| self.inner.read().get(&keys))
-            .map_err(to_py_err)?;
+        let values = engine(py, || self.inner.read().get(&keys))?;
         rows_result(py, values, n, self.dim)
     }
 
     fn train(&self, py: Python<'_>, vectors: &Bound<'_, PyAny>) -> PyResult<()> {
         let vectors = vectors_arg(py, vectors, self.dim, None)?;
         let vectors = vectors.as_slice()?;
-        py.detach(|| self.inner.write().train(vectors))
-            .map_err(to_py_err)
+        engine(py, || self.inner.write().train(vectors))
     }
 
     fn retrain(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| self.inner.write().retrain())
-            .map_err(to_py_err)
+        engine(py, || self.inner.write().retrain())
     }
 
     #[pyo3(signature = (queries, k = Count(10), exclude = None), text_signature = "(self, queries, k=10, exclude=None)")]
@@ -307,28 +288,23 @@ impl PyIvfIndex {
         let (queries, batch) = queries_arg(py, queries, self.dim)?;
         let exclude = exclude.map(|e| key_vec(py, e, "exclude")).transpose()?;
         let q = queries.as_slice()?;
-        let found = py
-            .detach(|| self.inner.read().search(q, k.0, exclude.as_deref()))
-            .map_err(to_py_err)?;
+        let found = engine(py, || self.inner.read().search(q, k.0, exclude.as_deref()))?;
         search_result(py, found, batch)
     }
 
     fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
-        py.detach(|| self.inner.read().save(&path))
-            .map_err(to_py_err)
+        engine(py, || self.inner.read().save(&path))
     }
 
     #[staticmethod]
     #[pyo3(signature = (path, mmap = false, verify = true))]
     fn load(py: Python<'_>, path: PathBuf, mmap: bool, verify: bool) -> PyResult<Self> {
-        let index = py
-            .detach(|| IvfIndex::load(&path, mmap, verify))
-            .map_err(to_py_err)?;
+        let index = engine(py, || IvfIndex::load(&path, mmap, verify))?;
         Ok(Self::wrap(index))
     }
 
     fn verify(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| self.inner.read().verify()).map_err(to_py_err)
+        engine(py, || self.inner.read().verify())
     }
 }
 

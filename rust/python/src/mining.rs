@@ -1,7 +1,7 @@
 //! leanclip._engine.mine_hard_negatives.
 
 use crate::convert::{f32_or_f16_array, group_vec, Count, FloatInput};
-use crate::errors::{to_py_err, value_error};
+use crate::errors::{engine, to_py_err, value_error};
 use leanclip_engine::{self as engine, DType, Metric, Queries, Rows};
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::prelude::*;
@@ -54,21 +54,19 @@ fn mine_hard_negatives<'py>(
         FloatInput::F32(a) => Rows::F32(a.as_slice()?),
         FloatInput::F16(a) => Rows::F16(a.as_slice()?),
     };
-    let (ids, scores) = py
-        .detach(|| {
-            engine::mine_hard_negatives(
-                q,
-                c,
-                dim,
-                k,
-                query_groups.as_deref(),
-                corpus_groups.as_deref(),
-                metric,
-                dtype,
-                precision,
-            )
-        })
-        .map_err(to_py_err)?;
+    let (ids, scores) = engine(py, || {
+        engine::mine_hard_negatives(
+            q,
+            c,
+            dim,
+            k,
+            query_groups.as_deref(),
+            corpus_groups.as_deref(),
+            metric,
+            dtype,
+            precision,
+        )
+    })?;
     Ok((
         PyArray1::from_vec(py, ids).reshape([nq, k])?.into_any(),
         PyArray1::from_vec(py, scores).reshape([nq, k])?.into_any(),

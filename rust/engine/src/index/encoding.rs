@@ -5,7 +5,7 @@
 use super::storage::{commit, spare};
 use crate::error::{invalid_vector, Result, VectorFault, MAX_SQNORM, MIN_COS_SQNORM};
 use crate::kernels;
-use crate::types::Metric;
+use crate::types::{DType, Metric};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
@@ -211,6 +211,34 @@ pub(crate) fn check_rows(
         f16_overflow: None,
     }
     .check(what)
+}
+
+/// What `add` accepts into storage of `dtype`: [`check_rows`], and for float16 storage under
+/// "ip" / "l2" every value within the float16 range (under "cos" rows are stored unit length).
+/// The one check of input vectors that `Index` (fused into its encoding) and `IvfIndex` share.
+pub(crate) fn check_stored_rows(
+    vectors: &[f32],
+    dim: usize,
+    metric: Metric,
+    dtype: DType,
+    what: &'static str,
+) -> Result<()> {
+    check_rows(vectors, dim, metric, what)?;
+    if dtype == DType::F16 && metric != Metric::Cos {
+        let over = vectors
+            .par_chunks(dim * ENCODE_CHUNK)
+            .enumerate()
+            .find_map_first(|(chunk, block)| {
+                block
+                    .chunks_exact(dim)
+                    .position(|row| max_abs_bits(row) > F16_MAX.to_bits())
+                    .map(|i| chunk * ENCODE_CHUNK + i)
+            });
+        if let Some(row) = over {
+            return invalid_vector(what, row, VectorFault::F16Overflow);
+        }
+    }
+    Ok(())
 }
 
 /// `kernels::quantize_row_i8`'s `round_small(x.clamp(-127.0, 127.0)) as i8` (round to nearest,

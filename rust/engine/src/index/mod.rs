@@ -11,8 +11,9 @@
 mod encoding;
 mod storage;
 
-pub(crate) use encoding::check_rows;
-pub(crate) use storage::{swap_remove_rows, Buf, FileStamp, MappedFile, Store};
+pub(crate) use crate::file_io::MappedFile;
+pub(crate) use encoding::{check_rows, check_stored_rows};
+pub(crate) use storage::{swap_remove_rows, Buf, Store};
 
 use crate::error::{invalid, Error, Result};
 use crate::search::{self, Plan, Queries};

@@ -7,10 +7,7 @@ use crate::types::DType;
 use bytemuck::Pod;
 use half::f16;
 use memmap2::Mmap;
-use std::fs::File;
 use std::mem::MaybeUninit;
-use std::ops::Range;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 /// A buffer that is either owned or a read-only view into a memory-mapped file (the index's
@@ -139,75 +136,4 @@ pub(crate) enum Encoded {
     F32(Vec<f32>),
     F16(Vec<f16>),
     I8(Vec<i8>, Vec<f32>),
-}
-
-/// The file behind an index opened with mmap: its open descriptor (kept so the mapped inode
-/// can be checked), what the file looked like when it was opened, and where the vectors are.
-pub(crate) struct MappedFile {
-    pub(crate) path: PathBuf,
-    pub(crate) file: File,
-    pub(crate) stamp: FileStamp,
-    pub(crate) checksum: u64,
-    pub(crate) vectors: Range<usize>,
-    /// The map's registration with the SIGBUS guard (`None` where there is none); declared
-    /// before the map so that it is dropped (unregistered) before the map is unmapped.
-    pub(crate) guard: Option<crate::fault_guard::Guard>,
-    /// Held so the vectors' `Buf::Mapped` views stay valid (they share it).
-    pub(crate) _map: Arc<Mmap>,
-}
-
-/// What is compared to tell that an open file changed: its size and its modification time
-/// (nanoseconds). Every write and every truncation through any descriptor updates both or the
-/// mtime. The inode change time is not compared: replacing the file by rename (what
-/// `Index::save` does) changes the replaced inode's ctime while leaving its bytes intact, and
-/// the map of that inode stays valid. The inode number is not compared either: the held
-/// descriptor always names the inode that was mapped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct FileStamp {
-    size: u64,
-    mtime: Option<std::time::SystemTime>,
-}
-
-impl FileStamp {
-    /// The stamp of the open file (one fstat).
-    pub(crate) fn of(file: &File) -> std::io::Result<FileStamp> {
-        let meta = file.metadata()?;
-        Ok(FileStamp {
-            size: meta.len(),
-            mtime: meta.modified().ok(),
-        })
-    }
-
-    pub(crate) fn size(&self) -> u64 {
-        self.size
-    }
-}
-
-impl MappedFile {
-    /// `Error::File` if the mapped file is no longer what it was when it was opened
-    /// (truncated, extended or written in place): reading its pages could then fault (SIGBUS
-    /// past a truncation) or give other bytes than were checked.
-    pub(crate) fn check_unchanged(&self) -> Result<()> {
-        let changed = |reason: String| Error::File {
-            path: Some(self.path.clone()),
-            reason,
-        };
-        let now = FileStamp::of(&self.file)
-            .map_err(|e| changed(format!("cannot stat the mapped file: {e}")))?;
-        let poisoned = self.guard.as_ref().is_some_and(|g| g.poisoned());
-        if now == self.stamp && !poisoned {
-            return Ok(());
-        }
-        Err(changed(if now.size != self.stamp.size {
-            format!(
-                "the file changed after it was opened with mmap=True (its size went from {} to {} \
-                 bytes); reopen the index",
-                self.stamp.size, now.size
-            )
-        } else {
-            "the file changed after it was opened with mmap=True (it was modified in place); \
-             reopen the index"
-                .to_string()
-        }))
-    }
 }

@@ -47,12 +47,14 @@ use super::{
     Data, IvfIndex, IvfParams, List, Seg, DEFAULT_SHORTLIST, MAX_DIM, MAX_LISTS, MAX_VECTORS,
 };
 use crate::error::Result;
-use crate::file_io::{atomic_write, bad, file_error, io_error, meta_checksum, u32_at, u64_at};
+use crate::file_io::{
+    atomic_write, bad, changed_while_opening, file_error, io_error, meta_checksum, open_regular,
+    read_at, u32_at, u64_at, FileStamp, MappedFile,
+};
 use crate::kernels::PQ_BLOCK;
 use crate::types::{DType, Metric};
 use memmap2::Mmap;
 use rustc_hash::FxHashMap;
-use std::fs::File;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
@@ -67,15 +69,6 @@ const HEADER_LEN: usize = 128;
 const ALIGN: usize = 64;
 const FLAG_TRAINED: u8 = 1;
 const FLAG_EXACT: u8 = 2;
-
-/// What an mmap-opened index keeps to check its data later.
-pub(crate) struct MappedData {
-    map: Arc<Mmap>,
-    checksum: u64,
-    vectors: Range<usize>,
-    copies: Range<usize>,
-    codes: Range<usize>,
-}
 
 /// Where everything is, after `parse` checked it.
 struct Layout {
@@ -288,8 +281,8 @@ fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
         shortlist: if m == 0 { DEFAULT_SHORTLIST } else { shortlist },
         scan_dims: u32_at(bytes, 72) as usize,
     };
-    if super::check_params(dim, dtype, metric, &params).is_err() {
-        return bad("corrupt header: invalid parameters");
+    if let Err(e) = super::check_params(dim, dtype, metric, &params) {
+        return bad(format!("corrupt header or unsupported parameters: {e}"));
     }
     if params.rerank > 0 && !exact {
         return bad("corrupt header: rerank without float32 copies");
@@ -460,18 +453,21 @@ impl IvfIndex {
 
     /// Opens a saved index. `mmap = false` reads it into memory; `mmap = true` maps it
     /// read-only (writes fail with `ReadOnly`). Header, list sizes, keys, centroids and scales
-    /// are always checked; the vectors' checksum only when `verify` (else see
-    /// [`IvfIndex::verify`]). Anything but a regular file (a FIFO, a device) is refused.
+    /// are always checked; the data's checksum only when `verify` (else see
+    /// [`IvfIndex::verify`]). Anything but a regular file (a FIFO, a device) is refused before
+    /// it is read. A mapped index checks around every read of its map that the file did not
+    /// change (`Error::File`), as [`crate::Index`] does.
     pub fn load(path: &Path, mmap: bool, verify: bool) -> Result<IvfIndex> {
-        let meta = std::fs::metadata(path).map_err(|e| io_error(path, e))?;
-        if !meta.is_file() && !meta.is_dir() {
-            return Err(file_error(
-                Some(path),
-                "not a regular file (an IVF index file is expected)".into(),
-            ));
-        }
-        if !mmap {
-            let bytes = std::fs::read(path).map_err(|e| io_error(path, e))?;
+        let (file, stamp) = open_regular(path)?;
+        let size = usize::try_from(stamp.size())
+            .map_err(|_| file_error(Some(path), "file too large for this platform".into()))?;
+        if !mmap || size < HEADER_LEN {
+            // Exactly the size stat gave (never a device's endless stream).
+            let mut bytes = vec![0u8; size];
+            let got = read_at(&file, &mut bytes, 0).map_err(|e| io_error(path, e))?;
+            if got != size || FileStamp::of(&file).ok() != Some(stamp) {
+                return Err(changed_while_opening(path));
+            }
             let inner = || {
                 let layout = parse(&bytes)?;
                 if verify {
@@ -481,41 +477,44 @@ impl IvfIndex {
             };
             return inner().map_err(|r| file_error(Some(path), r));
         }
-        let file = File::open(path).map_err(|e| io_error(path, e))?;
-        // SAFETY: the map is read-only and private to this index. `save` never rewrites a file
-        // in place (it renames a new file over the old one), so files written by leanclip stay
-        // intact for existing maps; another process truncating the file could make reads fault.
-        let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| io_error(path, e))?);
-        let inner = || {
-            let layout = parse(&map)?;
-            if verify {
-                verify_data(&map, &layout)?;
-            }
-            let mut index = build(Source::Map(&map), &layout)?;
-            index.mapped = Some(MappedData {
-                map: Arc::clone(&map),
-                checksum: layout.data_checksum,
-                vectors: layout.at.vectors.clone(),
-                copies: layout.at.copies.clone(),
-                codes: layout.codes.clone(),
-            });
-            Ok(index)
+        let (map, guard) = MappedFile::map(path, &file, stamp)?;
+        // The checks below read the map: a file changed meanwhile (a read past a truncation
+        // reads zeros) is reported as changed, not as corrupt.
+        let layout = parse(&map);
+        let mapped = MappedFile {
+            path: path.to_path_buf(),
+            file,
+            stamp,
+            checksum: layout.as_ref().map_or(0, |l| l.data_checksum),
+            data: layout.as_ref().map_or(Vec::new(), |l| {
+                vec![l.at.vectors.clone(), l.at.copies.clone(), l.codes.clone()]
+            }),
+            guard,
+            _map: Arc::clone(&map),
         };
-        inner().map_err(|r: String| file_error(Some(path), r))
+        let opened = |r: String| match mapped.check_unchanged() {
+            Ok(()) => file_error(Some(path), r),
+            Err(_) => changed_while_opening(path),
+        };
+        let layout = layout.map_err(opened)?;
+        if verify {
+            mapped.verify_data()?;
+        }
+        let mut index = build(Source::Map(&map), &layout).map_err(opened)?;
+        mapped
+            .check_unchanged()
+            .map_err(|_| changed_while_opening(path))?;
+        index.mapped = Some(mapped);
+        Ok(index)
     }
 
-    /// Checks the data of an mmap-opened index against its checksum (a no-op in memory).
+    /// Checks the data of an mmap-opened index against its checksum, read through the file
+    /// descriptor (a no-op in memory: its file was checked when it was read).
     pub fn verify(&self) -> Result<()> {
-        if let Some(m) = &self.mapped {
-            let (v, c, k) = (m.vectors.clone(), m.copies.clone(), m.codes.clone());
-            if data_checksum(&m.map[v], &m.map[c], &m.map[k]) != m.checksum {
-                return Err(file_error(
-                    None,
-                    "corrupt file: vectors checksum mismatch".into(),
-                ));
-            }
+        match &self.mapped {
+            Some(m) => m.verify_data(),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// The file image: header + metadata (sizes, keys, centroids, scales, padding), then the
@@ -617,14 +616,18 @@ impl IvfIndex {
         Image { head, data }
     }
 
-    /// The file image (what `save` writes).
+    /// The file image (what `save` writes). For an index in memory (the fuzzing entry point);
+    /// a mapped index's image is read from its map unchecked: save it with `save`, which checks.
     pub fn to_bytes(&self) -> Vec<u8> {
         self.image().parts().concat()
     }
 
     /// Writes the index atomically: a temporary file in the same directory, fsync, rename over
-    /// `path`, fsync of the directory. A crash leaves either the old file or the new one.
+    /// `path`, fsync of the directory. A crash leaves either the old file or the new one. A
+    /// mapped index whose file changed before or while it was written fails (`Error::File`)
+    /// and leaves `path` as it was.
     pub fn save(&self, path: &Path) -> Result<()> {
-        atomic_write(path, &self.image().parts())
+        self.check_file()?;
+        atomic_write(path, &self.image().parts(), || self.check_file())
     }
 }

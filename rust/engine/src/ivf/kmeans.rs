@@ -65,7 +65,12 @@ pub(crate) fn assign(rows: &[f32], centroids: &[f32], dim: usize, metric: Metric
         &mut ids,
         &mut scores,
     );
-    ids.into_iter().map(|i| i as u32).collect()
+    // A row that scores NaN against every centroid gets no id (u64::MAX): checked input
+    // cannot, but a crafted file's values could; it goes to list 0 rather than out of bounds.
+    let k = (centroids.len() / dim) as u64;
+    ids.into_iter()
+        .map(|i| if i < k { i as u32 } else { 0 })
+        .collect()
 }
 
 fn normalize(v: &mut [f32]) {

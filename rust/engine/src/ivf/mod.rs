@@ -44,9 +44,12 @@ mod scan;
 
 pub use file::{IVF_FORMAT_VERSION, IVF_MAGIC};
 pub use pq::MAX_PQ;
+pub use project::MAX_SCAN_DIMS_DIM;
 
 use crate::error::{invalid, Error, Result};
-use crate::index::{check_batch_keys, check_search_args, swap_remove_rows};
+use crate::index::{
+    check_batch_keys, check_rows, check_search_args, check_stored_rows, swap_remove_rows,
+};
 use crate::kernels;
 use crate::matmul::{self, PackedQueries, Product, Src, Workspace};
 use crate::search::{self, Plan, Queries, Rows};
@@ -70,8 +73,6 @@ pub const KMEANS_ITERS: usize = 10;
 pub const SAMPLE_PER_LIST: usize = 64;
 /// Default `train_threshold` per list: the index trains itself at 64 x nlist vectors.
 pub const DEFAULT_TRAIN_PER_LIST: usize = 64;
-/// Largest finite float16.
-const F16_MAX: f32 = 65504.0;
 /// Rows converted at a time when redistributing lists.
 const MOVE_CHUNK: usize = 16 * 1024;
 /// Rows encoded at a time by `add` / `upsert`.
@@ -350,8 +351,8 @@ pub struct IvfIndex {
     /// see `project.rs`), computed by the first batch from a sample of the contents and kept
     /// until the index is trained again.
     pub(crate) directions: std::sync::OnceLock<Vec<f32>>,
-    /// Set when opened with mmap: (the map, checksum of its data sections, their range).
-    pub(crate) mapped: Option<file::MappedData>,
+    /// Set when opened with mmap: the mapped file, checked around every read of the map.
+    pub(crate) mapped: Option<crate::file_io::MappedFile>,
 }
 
 impl std::fmt::Debug for IvfIndex {
@@ -407,6 +408,14 @@ fn check_scan_dims(dim: usize, dtype: DType, metric: Metric, scan_dims: usize) -
     if scan_dims >= dim {
         return invalid(format!(
             "scan_dims must be 0 (all dimensions) or below dim = {dim}, got {scan_dims}"
+        ));
+    }
+    if dim > project::MAX_SCAN_DIMS_DIM {
+        return invalid(format!(
+            "scan_dims needs dim <= {}, got dim = {dim}: the principal directions take a \
+             dim x dim eigendecomposition (memory ~24 * dim^2 bytes, time ~dim^3); use \
+             scan_dims=0",
+            project::MAX_SCAN_DIMS_DIM
         ));
     }
     if dtype == DType::F32 {
@@ -514,12 +523,24 @@ impl IvfIndex {
     }
 
     /// All keys, list by list in slot order.
-    pub fn keys(&self) -> Vec<u64> {
+    pub fn keys(&self) -> Result<Vec<u64>> {
+        self.check_file()?;
         let mut out = Vec::with_capacity(self.len());
         for l in &self.lists {
             out.extend_from_slice(l.keys.as_slice());
         }
-        out
+        self.check_file()?;
+        Ok(out)
+    }
+
+    /// For an index opened with mmap: `Error::File` if its file changed since it was opened, or
+    /// a read of the map faulted (one fstat). Called before and after every read of the map,
+    /// so a truncated or rewritten file is an error instead of a SIGBUS or other bytes.
+    pub(crate) fn check_file(&self) -> Result<()> {
+        match &self.mapped {
+            Some(m) => m.check_unchanged(),
+            None => Ok(()),
+        }
     }
 
     pub fn set_nprobe(&mut self, nprobe: usize) -> Result<()> {
@@ -578,45 +599,15 @@ impl IvfIndex {
         }
     }
 
-    /// Finite values, non-zero rows under cos, float16 range for f16 storage under ip / l2.
-    fn check_vectors(&self, vectors: &[f32], what: &str, storage: bool) -> Result<()> {
-        let dim = self.dim;
-        let f16_range = storage && self.dtype == DType::F16 && self.metric != Metric::Cos;
-        let check = |(r, row): (usize, &[f32])| {
-            let max = row.iter().fold(0f32, |m, v| {
-                if v.is_finite() {
-                    m.max(v.abs())
-                } else {
-                    f32::INFINITY
-                }
-            });
-            if !max.is_finite() {
-                Some(format!(
-                    "{what}[{r}] contains NaN or inf; expected finite values"
-                ))
-            } else if self.metric == Metric::Cos && max == 0.0 {
-                Some(format!(
-                    "{what}[{r}] is a zero vector, which has no direction under metric \
-                         \"cos\"; expected a non-zero vector"
-                ))
-            } else if f16_range && max > F16_MAX {
-                Some(format!(
-                    "{what}[{r}] has a value beyond the float16 range (|x| <= {F16_MAX}); \
-                         expected values that fit dtype \"f16\""
-                ))
-            } else {
-                None
-            }
-        };
-        // A few rows are checked on this thread: waking the pool costs more than the check.
-        let bad = if vectors.len() < search::GEMM_MIN_QUERIES * dim {
-            vectors.chunks(dim).enumerate().find_map(check)
+    /// The exact index's checks (one implementation, `index::check_stored_rows`): finite
+    /// values, a squared norm at most `MAX_SQNORM`, under cos at least `MIN_COS_SQNORM`, and
+    /// for `storage` (rows to add or train on) values within the float16 range for f16
+    /// storage under ip / l2.
+    fn check_vectors(&self, vectors: &[f32], what: &'static str, storage: bool) -> Result<()> {
+        if storage {
+            check_stored_rows(vectors, self.dim, self.metric, self.dtype, what)
         } else {
-            vectors.par_chunks(dim).enumerate().find_map_first(check)
-        };
-        match bad {
-            Some(msg) => Err(Error::Invalid(msg)),
-            None => Ok(()),
+            check_rows(vectors, self.dim, self.metric, what)
         }
     }
 
@@ -812,10 +803,12 @@ impl IvfIndex {
     pub fn get(&self, keys: &[u64]) -> Result<Vec<f32>> {
         let dim = self.dim;
         let mut out = vec![0f32; keys.len() * dim];
+        self.check_file()?;
         for (dst, key) in out.chunks_exact_mut(dim).zip(keys) {
             let &(l, slot) = self.map.get(key).ok_or(Error::MissingKey(*key))?;
             self.lists[l as usize].row_f32(slot as usize, dim, dst);
         }
+        self.check_file()?;
         Ok(out)
     }
 
@@ -837,7 +830,8 @@ impl IvfIndex {
                 self.params.nlist
             ));
         }
-        self.check_vectors(vectors, "vectors", false)?;
+        // What add refuses, train refuses too (the same rows would be stored by add).
+        self.check_vectors(vectors, "vectors", true)?;
         let m = self.params.nlist.saturating_mul(SAMPLE_PER_LIST);
         let sample = self.sample_rows(n, m, |i, out| {
             out.copy_from_slice(&vectors[i * self.dim..(i + 1) * self.dim])
@@ -1010,6 +1004,22 @@ impl IvfIndex {
         let dim = self.dim;
         let nq = check_search_args(queries, dim, k)?;
         self.check_vectors(queries, "queries", false)?;
+        self.check_file()?;
+        let found = self.search_parts(queries, k, exclude, nq)?;
+        // A file changed during the search may have given other bytes than were checked.
+        self.check_file()?;
+        Ok(found)
+    }
+
+    /// [`Self::search`] of `nq` checked queries, in parts where the batch is large.
+    fn search_parts(
+        &self,
+        queries: &[f32],
+        k: usize,
+        exclude: Option<&[u64]>,
+        nq: usize,
+    ) -> Result<(Vec<u64>, Vec<f32>, usize)> {
+        let dim = self.dim;
         // A batch's per-pair buffers grow with queries x probed lists: a large one runs in
         // chunks of queries, balanced so that each stays a batch.
         let probed = if self.is_trained() {

@@ -14,6 +14,11 @@ use crate::matmul::{PackedQueries, Product, Src, Workspace};
 
 /// Rows of the sample the directions are computed from.
 pub(crate) const BASIS_SAMPLE: usize = 16 * 1024;
+/// Largest `dim` that `scan_dims` allows. The directions take a dense eigendecomposition of a
+/// `dim x dim` matrix: about 24 * dim^2 bytes plus the sample's 8 * 16,384 * dim (~370 MiB at
+/// 2,048) and O(dim^3) time (0.6 s at 512, 5 s at 1,024, 55 s at 2,048 on one Xeon core).
+/// At dim 65,536 that would be ~34 GB: refused before anything is allocated.
+pub const MAX_SCAN_DIMS_DIM: usize = 2048;
 
 /// The `dim` principal directions of `sample` (rows of `dim` values), by decreasing
 /// variance, as `dim x dim` row-major (row `c` is the c-th direction, unit length).

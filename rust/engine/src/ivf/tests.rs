@@ -87,7 +87,7 @@ fn exclude_and_remove_and_upsert_follow_the_exact_index() {
     ivf.upsert(&upd_keys, &upd).unwrap();
     flat.upsert(&upd_keys, &upd).unwrap();
     assert_eq!(ivf.len(), flat.len());
-    let mut a = ivf.keys();
+    let mut a = ivf.keys().unwrap();
     let mut b = flat.keys().to_vec();
     a.sort();
     b.sort();
