@@ -119,7 +119,7 @@ def verdict(cfg: Dict[str, Any], runs: Sequence[Dict[str, Any]]) -> str:
     parts = []
     for name in nce:
         clauses = []
-        for metric in ("agreement@10", "heldout_r1"):
+        for metric in [m for m in ("agreement@10", "heldout_r1") if all(m in x for x in runs)]:
             a = [x[metric] for x in by_row[name]]
             b = [x[metric] for x in by_row[base]]
             diff = statistics.mean(a) - statistics.mean(b)
