@@ -15,7 +15,8 @@ logit scale, except with ``clip``), each wrapped in DDP on its own. The teacher'
 be precomputed once and cached on disk (float16 memmaps, ``train.cache_teacher``), keyed by a
 hash of the teacher's weights.
 
-A config with ``recipe: minilm_text`` is delegated to ``training.minilm_stage1.main``.
+A config with ``recipe: minilm_text`` is delegated to ``training.minilm_stage1.main``, one with
+``recipe: minilm_seeds`` to ``training.stage1_seeds.run_grid``.
 """
 
 from __future__ import annotations
@@ -653,6 +654,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from training import minilm_stage1  # the starter engineer's text-only recipe
 
         return int(minilm_stage1.main(config) or 0)
+    if config.get("recipe") == "minilm_seeds":  # the seeded grid (issue 30)
+        from training import stage1_seeds
+
+        stage1_seeds.run_grid(config)
+        return 0
     if args.stage1_loss:
         config.setdefault("train", {})["loss"] = args.stage1_loss
     trainer = Stage1Trainer(config)
