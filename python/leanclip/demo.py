@@ -1,7 +1,9 @@
 """``leanclip demo``: index real sample photos and answer a few queries, offline.
 
 The photos come from packages installed with ``pip install -e '.[demo]'`` (scikit-image,
-scikit-learn, matplotlib); their credits are written next to them in ``CREDITS.md``.
+scikit-learn, matplotlib); their credits are written next to them in ``CREDITS.md``. The demo
+also makes a phone photo (HEIC, with a capture date) and a receipt, and shows a text query
+(``--ocr``), the near-duplicate groups and a date filter on them.
 """
 
 from __future__ import annotations
@@ -36,21 +38,26 @@ def run_demo(
 
     Returns ``{"folder", "model_id", "index": summary, "queries": [{"query", "results"}]}``.
     """
+    from leanclip._deps import missing
     from leanclip.gallery import Gallery
     from leanclip.registry import leanclip_home
-    from leanclip.samples import collect_sample_photos
+    from leanclip.samples import collect_sample_photos, make_generated_samples
 
     say = echo or (lambda _msg: None)
     dest = Path(directory) if directory else leanclip_home() / "demo-photos"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         photos = collect_sample_photos(dest)
+        photos += make_generated_samples(dest)
     for w in caught:
         say(f"note: {w.message}")
     say(f"{len(photos)} sample photos in {dest} (credits: {dest / 'CREDITS.md'})")
 
     t0 = time.perf_counter()
-    gallery = Gallery(dest, model=model)
+    ocr = not missing(["rapidocr_onnxruntime"])
+    if not ocr:
+        say("note: rapidocr-onnxruntime is not installed (pip install 'leanclip[ocr]'): no text query")
+    gallery = Gallery(dest, model=model, ocr=ocr)
     say("loading the model (the first run builds the offline starter model; this takes a while) ...")
     enc = gallery.encoder
     say(f"model {enc.model_id} loaded in {time.perf_counter() - t0:.1f} s")
@@ -82,11 +89,35 @@ def run_demo(
                 "results": [h.to_dict() for h in hits],
             }
         )
+    features: Dict[str, Any] = {}
+    if ocr:
+        hits = gallery.search('text:"total 42.50"', k)
+        features["text"] = {"query": 'text:"total 42.50"', "results": [h.to_dict() for h in hits]}
+    _, groups = gallery.duplicates()
+    features["duplicates"] = [[h.name for h in g] for g in groups]
+    hits = gallery.search("a cup of coffee", k, after="2024", before="2025")
+    features["dates"] = {
+        "query": "a cup of coffee --after 2024 --before 2025",
+        "results": [h.to_dict() for h in hits],
+    }
     for entry in queries:
         say("")
         say(f"{entry['query']!r}  ({entry['ms']} ms)")
         for i, r in enumerate(entry["results"], 1):
             say(f"  {i}. {r['name']:<26} {r['score']:.3f}")
+    if "text" in features:
+        say("")
+        say(
+            f"text in photos, {features['text']['query']}: {[r['name'] for r in features['text']['results']]}"
+        )
+    say(f"near-duplicates (leanclip duplicates): {features['duplicates']}")
+    say(f"taken in 2024 (--after 2024 --before 2025): {[r['name'] for r in features['dates']['results']]}")
     say("")
     say(f"try: leanclip search 'a cat' -d {dest}    or    leanclip serve {dest}")
-    return {"folder": str(dest), "model_id": enc.model_id, "index": summary.to_dict(), "queries": queries}
+    return {
+        "folder": str(dest),
+        "model_id": enc.model_id,
+        "index": summary.to_dict(),
+        "queries": queries,
+        "features": features,
+    }

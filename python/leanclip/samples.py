@@ -21,7 +21,15 @@ from typing import Dict, List, Optional, Tuple
 from leanclip._deps import MissingDependency, package_dir
 from leanclip._fs import PathLike
 
-__all__ = ["SAMPLE_CREDITS", "SAMPLE_SOURCES", "collect_sample_photos", "sample_photo_names"]
+__all__ = [
+    "SAMPLE_CREDITS",
+    "SAMPLE_SOURCES",
+    "GENERATED",
+    "collect_sample_photos",
+    "make_generated_samples",
+    "sample_photo_names",
+]
+
 
 # file name in dest_dir -> (package, path of the file inside that package)
 SAMPLE_SOURCES: Dict[str, Tuple[str, str]] = {
@@ -139,6 +147,58 @@ def _credits_markdown(names: List[str]) -> str:
         c = SAMPLE_CREDITS[name]
         lines.append(f"| {name} | {c['title']} | {c['package']} | {c['source']} | {c['license']} |")
     return "\n".join(lines) + "\n"
+
+
+# files make_generated_samples writes -> what they show
+GENERATED: Dict[str, str] = {
+    "coffee_phone.heic": "coffee.png saved as a phone would (HEIC, with an EXIF capture date of "
+    "2024-07-14): a phone format, and a near-duplicate of coffee.png",
+    "receipt.png": 'a rendered receipt, for text in photos (`text:"total 42.50"`)',
+}
+RECEIPT_LINES = ("CAFE LEANCLIP", "2 x espresso   5.00", "1 x croissant  2.50", "TOTAL 42.50 EUR")
+
+
+def make_generated_samples(dest_dir: PathLike) -> List[Path]:
+    """Write the demo's generated files (:data:`GENERATED`) into ``dest_dir``: a HEIC made from
+    the sample coffee photo (skipped with a warning without pillow-heif or that photo) and a
+    receipt rendered with a font Debian ships (else Pillow's own). Returns the paths written."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from leanclip.images import register_formats
+
+    dest = Path(dest_dir)
+    out: List[Path] = []
+    coffee = dest / "coffee.png"
+    register_formats()
+    if "HEIF" not in Image.SAVE:
+        warnings.warn(
+            "leanclip.samples: pillow-heif is not installed (pip install 'leanclip[heif]'); no HEIC sample",
+            UserWarning,
+            stacklevel=2,
+        )
+    elif coffee.is_file():
+        exif = Image.Exif()
+        exif.get_ifd(0x8769)[0x9003] = "2024:07:14 09:30:00"
+        with Image.open(coffee) as im:
+            im.convert("RGB").save(dest / "coffee_phone.heic", quality=80, exif=exif.tobytes())
+        out.append(dest / "coffee_phone.heic")
+    font_path = Path("/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf")
+    font = ImageFont.truetype(str(font_path), 30) if font_path.is_file() else ImageFont.load_default(size=30)
+    receipt = Image.new("RGB", (560, 360), (250, 248, 240))
+    draw = ImageDraw.Draw(receipt)
+    for i, line in enumerate(RECEIPT_LINES):
+        draw.text((40, 40 + 72 * i), line, fill=(20, 20, 20), font=font)
+    receipt.save(dest / "receipt.png")
+    out.append(dest / "receipt.png")
+    credits = dest / "CREDITS.md"
+    if credits.is_file():
+        text = credits.read_text(encoding="utf-8").split(_MADE)[0].rstrip("\n") + "\n"
+        lines = [f"- {p.name}: {GENERATED[p.name]}" for p in out]
+        credits.write_text(text + "\n" + _MADE + "\n\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+_MADE = "Made by `leanclip demo` (`leanclip.samples.make_generated_samples`), not copied from a package:"
 
 
 def collect_sample_photos(dest_dir: PathLike) -> List[Path]:
