@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import shutil
 import threading
 import urllib.parse
 from pathlib import Path
@@ -95,3 +97,63 @@ def test_keyboard_script_is_the_only_script_allowed(served):
     assert "<script src='/static/keys.js'></script>" in body.decode()
     status, js, headers = get(served, "/static/keys.js")
     assert status == 200 and headers["Content-Type"].startswith("text/javascript") and b"ArrowRight" in js
+
+
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install -y chromium)"
+)
+def test_keyboard_filters_and_duplicates_view_in_chromium(served):
+    from playwright.sync_api import sync_playwright
+
+    artifacts = Path(os.environ.get("LEANCLIP_ARTIFACTS", "test-artifacts")).absolute()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    shot = artifacts / "web-duplicates.png"
+    errors: list = []
+    loaded = "() => [...document.querySelectorAll('img')].every(i => i.complete && i.naturalWidth > 0)"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+        )
+        page = browser.new_page(viewport={"width": 1000, "height": 700})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.goto(served.url)
+        page.locator("main").click()  # leave the search box: "/" comes back to it
+        page.keyboard.press("/")
+        assert page.evaluate("document.activeElement.name") == "q"
+        page.keyboard.type("red")
+        page.select_option("select[name=sort]", "date")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#results figure img")
+        page.wait_for_function(loaded)
+        dates = page.locator("#results time.taken").all_inner_texts()
+        assert dates == sorted(dates, reverse=True) and len(dates) >= 2  # newest first
+        # arrows move between photos, Enter opens the similar-photos page
+        page.keyboard.press("Escape")
+        page.keyboard.press("ArrowRight")
+        first = page.evaluate("document.activeElement.getAttribute('href')")
+        page.keyboard.press("ArrowRight")
+        second = page.evaluate("document.activeElement.getAttribute('href')")
+        assert first.startswith("/?similar=") and second.startswith("/?similar=") and first != second
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#similar-to")
+        # the near-duplicates view: the group side by side, thumbnails (the HEIC one too) loaded
+        page.goto(served.url + "?view=duplicates")
+        page.wait_for_selector("#group-1 figure img")
+        page.wait_for_function(loaded)
+        names = page.locator("#group-1 figcaption a").all_inner_texts()
+        assert sorted(names) == ["red.jpg", "red_copy.heic"]
+        tops = page.evaluate(
+            "[...document.querySelectorAll('#group-1 figure')].map(f => f.getBoundingClientRect().top)"
+        )
+        assert len(set(tops)) == 1  # side by side
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert shot.stat().st_size > 5_000
+    assert not errors, errors
+    print(f"\nscreenshot: {shot}")
