@@ -16,6 +16,8 @@ student's initialisation (the teacher's layers) is the same for every seed.
 from __future__ import annotations
 
 import argparse
+import gzip
+import hashlib
 import json
 import logging
 import statistics
@@ -48,6 +50,7 @@ METRICS = ("agreement@10", "heldout_r1", "heldout_r5", "tuning_r1", "tuning_r5")
 
 def resolve(config: Dict[str, Any]) -> Dict[str, Any]:
     known = {
+        "corpus_file",
         "recipe",
         "out_dir",
         "cache_dir",
@@ -260,6 +263,32 @@ def write_section(path: Path, section: str) -> None:
 # The grid
 
 
+def corpus_digest(corpus: s1.Corpus) -> str:
+    h = hashlib.sha256()
+    for part in (corpus.train, corpus.heldout):
+        for t in part:
+            h.update(t.encode("utf-8") + b"\0")
+        h.update(b"\1")
+    return h.hexdigest()[:12]
+
+
+def frozen_corpus(cfg: Dict[str, Any]) -> s1.Corpus:
+    """The corpus of the grid: read from ``corpus_file`` when it exists, else built (from this
+    machine's apt / dpkg / stdlib text, which changes as packages are installed) and written there,
+    so every run of the grid, in any session, trains and tests on the same sentences."""
+    path = s1._path(cfg["corpus_file"]) if cfg.get("corpus_file") else None
+    if path is not None and path.is_file():
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            doc = json.load(f)
+        return s1.Corpus(doc["train"], doc["heldout"], doc["info"])
+    corpus = s1.build_corpus(cfg["data"], int(cfg["data_seed"]))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            json.dump({"train": corpus.train, "heldout": corpus.heldout, "info": corpus.info}, f)
+    return corpus
+
+
 def run_grid(
     config: Dict[str, Any],
     teacher: Optional[MiniLMTextTower] = None,
@@ -288,8 +317,15 @@ def run_grid(
         tokenizer_json if tokenizer_json is not None else load_minilm_tokenizer_json(),
         int(cfg["train"]["max_tokens"]),
     )
-    corpus = s1.build_corpus(cfg["data"], int(cfg["data_seed"]))
-    log.info("corpus %s", corpus.info)
+    corpus = frozen_corpus(cfg)
+    digest = corpus_digest(corpus)
+    mixed = sorted({x.get("corpus") for x in runs} - {digest})
+    if mixed:
+        raise ValueError(
+            f"{md} holds runs on another corpus ({mixed}) than this one ({digest}): the grid cannot mix "
+            "them; restore its corpus_file, or move the file aside to start a new grid"
+        )
+    log.info("corpus %s (%s)", corpus.info, digest)
     tag = f"{teacher.config.to_dict()}|{cfg['train']['max_tokens']}|{s1.param_count(teacher)}"
     cache_dir = s1._path(cfg["cache_dir"]) if cfg.get("cache_dir") else None
     targets = s1.teacher_embeddings(teacher, tokenizer, corpus.train, cache_dir, tag)
@@ -359,6 +395,7 @@ def run_grid(
             "final_loss": history[-1]["loss"],
             "final_temperature": history[-1].get("temperature"),
             "finished": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            "corpus": digest,
             **evaluate(student),
         }
         log.info("finished %s", result)
