@@ -174,17 +174,17 @@ impl List {
 
     /// Room for `n` more rows.
     fn reserve(&mut self, n: usize, dim: usize) -> Result<()> {
-        self.keys.owned_mut()?.reserve(n);
+        grow(self.keys.owned_mut()?, n);
         match &mut self.data {
-            Data::F32(s) => s.owned_mut()?.reserve(n * dim),
-            Data::F16(s) => s.owned_mut()?.reserve(n * dim),
+            Data::F32(s) => grow(s.owned_mut()?, n * dim),
+            Data::F16(s) => grow(s.owned_mut()?, n * dim),
             Data::I8 { data, scales } => {
-                data.owned_mut()?.reserve(n * dim);
-                scales.owned_mut()?.reserve(n);
+                grow(data.owned_mut()?, n * dim);
+                grow(scales.owned_mut()?, n);
             }
         }
         if let Some(e) = &mut self.exact {
-            e.owned_mut()?.reserve(n * dim);
+            grow(e.owned_mut()?, n * dim);
         }
         Ok(())
     }
@@ -306,6 +306,16 @@ impl List {
         }
         let mut buf = Vec::new();
         out.copy_from_slice(self.rows().range(slot, slot + 1, dim).to_f32(dim, &mut buf));
+    }
+}
+
+/// Room for `extra` more elements in a list's buffer: exactly what comes, or an eighth of what
+/// it holds if that is more. Growth stays amortized (geometric, x1.125) with at most 12.5%
+/// unused, where `Vec::reserve` doubles: adds spread over many lists left ~1.7x the data
+/// allocated (a 1M x 512 i8 index built by `add` held 799 MiB for 488 MiB of rows).
+fn grow<T>(v: &mut Vec<T>, extra: usize) {
+    if v.capacity() - v.len() < extra {
+        v.reserve_exact(extra.max(v.len() / 8));
     }
 }
 
@@ -725,7 +735,7 @@ impl IvfIndex {
     fn insert(&mut self, keys: &[u64], rows: &[f32]) -> Result<()> {
         let dim = self.dim;
         let labels = self.assign(rows);
-        // Room for exactly what comes (an empty list gets no growth slack), and the batch is
+        // Room for what comes (`grow`: at most 1/8 unused), and the batch is
         // encoded a chunk at a time: the peak is the lists plus one chunk, not twice the data.
         let mut counts = vec![0usize; self.lists.len()];
         for &l in &labels {
