@@ -190,7 +190,8 @@ def test_engine_names_are_reexported_from_leanclip() -> None:
 
 def test_every_bad_input_row_names_tests_that_exist() -> None:
     """docs/reliability.md's bad-input table: each row's last cell names test files (and tests in
-    them, ``file.py::test_a, ::test_b``) that exist."""
+    them, ``file.py::test_a, ::test_b``) that exist: pytest files under tests/, or the engine's
+    Rust tests by their path (``rust/engine/tests/x.rs::name``)."""
     text = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
     table = text[text.index("### Bad inputs") :].split("\n\n", 3)[2]
     rows = [line for line in table.splitlines() if line.startswith("| ")][1:]  # the header row
@@ -199,16 +200,17 @@ def test_every_bad_input_row_names_tests_that_exist() -> None:
     for row in rows:
         cell = row.rstrip().rstrip("|").rsplit("|", 1)[1].strip()
         for group in cell.split(";"):
-            m = re.match(r"\s*(test_\w+\.py)(.*)", group)
+            m = re.match(r"\s*(test_\w+\.py|rust/[\w/]+\.rs)(.*)", group)
             if not m:
                 missing.append(f"{group.strip()!r}: no test file named")
                 continue
-            path = ROOT / "tests" / m.group(1)
+            path = ROOT / ("" if m.group(1).startswith("rust/") else "tests") / m.group(1)
             if not path.is_file():
                 missing.append(f"{m.group(1)}: no such file")
                 continue
             source = path.read_text(encoding="utf-8")
-            for name in re.findall(r"::(test_\w+)", m.group(2)):
-                if not re.search(rf"^(async )?def {name}\(", source, flags=re.M):
+            define = "fn" if path.suffix == ".rs" else "def"
+            for name in re.findall(r"::(\w+)", m.group(2)):
+                if not re.search(rf"^\s*(async )?{define} {name}\(", source, flags=re.M):
                     missing.append(f"{m.group(1)}::{name}: no such test")
     assert not missing, "\n".join(missing)
