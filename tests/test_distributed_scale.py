@@ -58,6 +58,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     shards = EmbeddingShards(sorted(four.glob("*.npy")))
     build_ivf(shards, root / "ivf1", nlist=12, dtype="f32", seed=2, pq=4)  # the 1-process build
     build_exact(shards, root / "exact", metric="ip")
+    build_exact(
+        EmbeddingShards([root / "c0.npy", root / "c1.npy"]), root / "two", metric="ip"
+    )  # ranks 2, 3 hold none
     return {"root": root, "corpus": corpus, "queries": queries, "cg": cg, "qg": qg}
 
 
@@ -116,6 +119,7 @@ def _commands(data: dict[str, Any], out: Path) -> list[list[str]]:
     cmds.append(
         ["search", str(r / "exact"), "--queries", q, "--k", "10", "--out", str(out / "exact_hits.npz")]
     )
+    cmds.append(["search", str(r / "two"), "--queries", q, "--k", "10", "--out", str(out / "two_hits.npz")])
     return cmds
 
 
@@ -154,7 +158,7 @@ def test_w_processes_equal_one_process(data: dict[str, Any], world_size: int) ->
     one = leanclip.Index(DIM, metric="ip")
     one.add(np.arange(N, dtype=np.uint64), data["corpus"])
     keys, scores = one.search(data["queries"], 10)
-    for hits in ("ivf_hits", "exact_hits"):
+    for hits in ("ivf_hits", "exact_hits", "two_hits"):
         got = np.load(out / f"{hits}.npz")
         np.testing.assert_array_equal(got["keys"], keys, err_msg=hits)
         np.testing.assert_allclose(got["scores"], scores, rtol=1e-5, atol=1e-6, err_msg=hits)

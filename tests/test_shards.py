@@ -74,6 +74,11 @@ def test_four_exact_shards_equal_one_index(tmp_path: Path, metric: str) -> None:
         np.testing.assert_array_equal(got[0], expected[0])
         k1, s1 = sharded.search(q[0], 5)  # one query: 1-D results, like Index
         assert k1.shape == (5,) and np.array_equal(k1, one.search(q[0], 5)[0])
+    # one process's part of a distributed search: shards r, r + W, ...; beyond the shards, empty
+    assert len(ShardedIndex.load(tmp_path / "exact", part=(1, 3))) == 800  # shard 1 (of 0..3)
+    assert len(ShardedIndex.load(tmp_path / "exact", part=(0, 2))) == 700 + 800  # shards 0 and 2
+    empty = ShardedIndex.load(tmp_path / "exact", part=(5, 6))
+    assert len(empty) == 0 and empty.search(q, 3)[0].shape == (37, 0)
     small = ShardedIndex([one, leanclip.Index(DIM, metric=metric)], threads=1)  # an empty shard
     assert small.search(q, 4000)[0].shape == (37, len(x))
 
