@@ -423,6 +423,13 @@ def _cmd_search(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
     return {"queries": len(queries), "k": int(keys.shape[1]), "out": args.out}
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.scale", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -431,12 +438,12 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--corpus", nargs="+", required=True, help=".npy corpus embeddings (files in order)")
     m.add_argument("--query-groups", help=".npy int64 group per query (with --corpus-groups)")
     m.add_argument("--corpus-groups", help=".npy int64 group per corpus row")
-    m.add_argument("--k", type=int, default=10)
+    m.add_argument("--k", type=_positive, default=10)
     m.add_argument("--layout", choices=LAYOUTS, default="corpus")
     m.add_argument("--metric", default="ip", choices=("ip", "cos", "l2"))
     m.add_argument("--dtype", default="f32", choices=("f32", "f16", "i8"))
     m.add_argument("--precision", default="f32", choices=("f32", "bf16", "i8"))
-    m.add_argument("--block", type=int, default=4096, help="queries per travelling block")
+    m.add_argument("--block", type=_positive, default=4096, help="queries per travelling block")
     m.add_argument("--out", required=True, help="folder for part-RANK.npz (query_start, rows, scores)")
     b = sub.add_parser("build-ivf", help="IVF shard files from embedding files, files split over ranks")
     b.add_argument("out")
@@ -448,11 +455,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--rerank", type=int, default=0)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--sample", type=int, default=None)
-    b.add_argument("--chunk", type=int, default=65536)
+    b.add_argument("--chunk", type=_positive, default=65536)
     s = sub.add_parser("search", help="batch search; each rank holds every W-th shard of a manifest")
     s.add_argument("index", help="a shard manifest (or its folder)")
     s.add_argument("--queries", required=True, help=".npy queries (every rank reads them)")
-    s.add_argument("--k", type=int, default=10)
+    s.add_argument("--k", type=_positive, default=10)
     s.add_argument("--nprobe", type=int, default=0)
     s.add_argument("--out", required=True, help=".npz of keys and scores (written by rank 0)")
     p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL); the engine runs on the CPU")
