@@ -152,3 +152,19 @@ def test_verdict_compares_the_difference_with_the_spread() -> None:
         cfg, runs({"mse": [0.6, 0.61, 0.59], "nce": [0.5, 0.51, 0.49]})
     )
     assert stage1_seeds.verdict(cfg, runs({"mse": [0.5], "nce": [0.6]})).startswith("No verdict yet")
+
+
+def test_the_corpus_is_frozen_and_runs_on_another_are_refused(tmp_path: Path) -> None:
+    cfg = stage1_seeds.resolve({**_config(tmp_path), "corpus_file": str(tmp_path / "corpus.json.gz")})
+    first = stage1_seeds.frozen_corpus(cfg)
+    (tmp_path / "corpus.txt").write_text(
+        "A completely different sentence about trees.\n" * 3
+    )  # the sources change
+    again = stage1_seeds.frozen_corpus(cfg)
+    assert again.train == first.train and again.heldout == first.heldout
+    md = tmp_path / "results.md"
+    stage1_seeds.write_section(md, stage1_seeds.render(cfg, [{"row": "mse", "seed": 0, "corpus": "0123456789ab",
+        "agreement@10": 0.5, "final_loss": 0.1, "train_s": 1.0, "finished": "x"}], {}))  # fmt: skip
+    with pytest.raises(ValueError, match="another corpus"):
+        stage1_seeds.run_grid({**_config(tmp_path), "corpus_file": str(tmp_path / "corpus.json.gz")}, tiny_teacher(),
+                              tiny_wordpiece_tokenizer_json(WORDS))  # fmt: skip

@@ -149,7 +149,7 @@ def render(cfg: Dict[str, Any], runs: Sequence[Dict[str, Any]], context: Dict[st
         f"- student: {cfg['student_layers']} layers {context.get('layers', '')} of MiniLM-L6 (embeddings + those "
         "teacher layers, all trained; the same initialisation for every seed; the seed sets batch order and dropout)",
         f"- training: {tr['steps']} steps x batch {tr['batch_size']} = {tr['steps'] * tr['batch_size']:,} sentences "
-        f"drawn from the whole training split ({context.get('train', '?'):,} sentences, reshuffled per seed), "
+        f"drawn from the whole training split ({context.get('train', 0):,} sentences, reshuffled per seed), "
         f"AdamW lr {tr['lr']} wd {tr['weight_decay']}, cosine with warm-up (10% of steps), max {tr['max_tokens']} "
         "tokens; the teacher's embeddings of the split computed once and cached; learned temperature = "
         "log(1/tau) trained with the student (no weight decay, 1/tau <= 100), as in CLIP",
