@@ -203,7 +203,11 @@ def render(cfg: Dict[str, Any], runs: Sequence[Dict[str, Any]], context: Dict[st
                 _mean_spread(taus)
                 if taus
                 else (
-                    f"{r.get('temperature', tr['temperature'])} (fixed)" if r["loss"] == "infonce" else "-"
+                    "-"
+                    if r["loss"] != "infonce"
+                    else f"learned from {r.get('temperature', tr['temperature'])}"
+                    if r.get("learn_temperature")
+                    else f"{r.get('temperature', tr['temperature'])} (fixed)"
                 ),
             ]
         )
