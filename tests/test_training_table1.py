@@ -117,3 +117,59 @@ def test_a_missing_input_fails_before_any_job(workspace: Path, capsys: pytest.Ca
     assert table1.main(["--row", "s6", "--gpus", "", *TINY]) == 2
     assert "timm:vit_small_patch16_224.augreg_in21k" in capsys.readouterr().err
     assert not (workspace / "runs").exists()
+
+
+class _FakeJobProcess:
+    """Stands in for a job's process: finishes (writes final.pt) on its second poll."""
+
+    running: list = []
+    log: list = []
+    run_dirs: dict = {}  # job name (its config's stem) -> run_dir
+
+    def __init__(self, cmd: list, env: dict, **kwargs: Any) -> None:
+        self.config = Path(cmd[cmd.index("--config") + 1]).stem
+        self.run_dir = _FakeJobProcess.run_dirs[self.config]
+        self.polls = 0
+        _FakeJobProcess.running.append(self.config)
+        _FakeJobProcess.log.append(
+            ("start", self.config, env["CUDA_VISIBLE_DEVICES"], len(_FakeJobProcess.running))
+        )
+
+    def poll(self) -> int | None:
+        self.polls += 1
+        if self.polls < 2:
+            return None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "final.pt").write_bytes(b"done")
+        if self.config in _FakeJobProcess.running:
+            _FakeJobProcess.running.remove(self.config)
+            _FakeJobProcess.log.append(("end", self.config, "", 0))
+        return 0
+
+    def terminate(self) -> None:
+        pass
+
+
+def test_parallel_runs_ready_jobs_on_a_gpu_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--parallel: each job gets one GPU of its own, no job starts before the jobs it reads, and at
+    most one job per GPU runs at a time; without it, a job on several GPUs goes through torchrun."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(table1.time, "sleep", lambda s: None)
+    monkeypatch.setattr(table1.subprocess, "Popen", _FakeJobProcess)
+    _FakeJobProcess.running, _FakeJobProcess.log = [], []
+    row = table1.all_rows()["s6"]
+    _FakeJobProcess.run_dirs = {j.name: j.run_dir for j in row.jobs}
+    seconds = table1.run_jobs(row.jobs, ["0", "1"], parallel=True, log_dir=tmp_path / "logs")
+    assert set(seconds) == {j.name for j in row.jobs}
+    starts = [e for e in _FakeJobProcess.log if e[0] == "start"]
+    assert all(gpu in ("0", "1") for _, _, gpu, _ in starts) and max(n for *_, n in starts) <= 2
+    order = [e[1] for e in _FakeJobProcess.log]
+    for job in row.jobs:
+        for dep in job.needs:  # started only after each job it reads had ended
+            assert order.index(job.name) > len(order) - 1 - order[::-1].index(dep), (job.name, dep)
+    # sequential on two GPUs: torchrun with one process per GPU, resuming from latest.pt
+    job = row.jobs[0]
+    (job.run_dir / "latest.pt").write_bytes(b"x")
+    cmd = table1._job_command(job, ["0", "1"])
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"] and "--nproc_per_node=2" in cmd
+    assert cmd[cmd.index("--resume") + 1] == str(job.run_dir / "latest.pt")
