@@ -14,11 +14,11 @@ the jobs already finished (their ``final.pt`` exists), resumes an interrupted on
 starts, every input of every pending job (data files, shards, and with ``LEANCLIP_WEIGHTS`` the
 weights) is checked, so a missing file fails in seconds, not after hours of earlier jobs.
 
-How jobs use the GPUs: without ``--parallel`` each job runs on all the GPUs given (torchrun, one
-process per GPU; in this process when there is one GPU or none); with ``--parallel`` every job
-whose dependencies are done starts at once on a GPU of its own, as GPUs free up. The global
-batch is the paper's either way (docs/training.md): a job on one GPU takes longer, not a different
-batch. ``--set``, ``--set1`` and ``--set2`` override config entries of every job, of stage-1 jobs,
+How jobs use the GPUs: without ``--parallel`` each job runs on all the GPUs given (its own
+process; torchrun with one process per GPU when there are several; on the CPU, in this process);
+with ``--parallel`` every job whose dependencies are done starts at once on a GPU of its own, as
+GPUs free up. The global batch is the paper's either way (docs/training.md): a job on one GPU
+takes longer, not a different batch. ``--set``, ``--set1`` and ``--set2`` override config entries of every job, of stage-1 jobs,
 of stage-2 jobs (the CPU dry run of the tests shrinks the models and the steps that way).
 
 Table 1 rows are the ``rows:`` of ``configs/table1.yaml`` (evaluated on COCO 5K, COCO 1K 5-fold and
@@ -299,11 +299,9 @@ def run_jobs(jobs: Sequence[Job], gpus: Sequence[str], parallel: bool, log_dir: 
         for job in pending:
             t0 = time.perf_counter()
             log.info("job %s (stage %d) on %s", job.name, job.stage, ",".join(gpus) or "cpu")
-            if len(gpus) <= 1:
-                if gpus:
-                    os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]
+            if not gpus:  # the CPU: in this process
                 run_in_process(job)
-            else:
+            else:  # a process per GPU, each seeing only the GPUs given (CUDA_VISIBLE_DEVICES)
                 with (log_dir / f"{job.name}.log").open("a") as out:
                     rc = subprocess.call(
                         _job_command(job, gpus), env=_env(gpus), stdout=out, stderr=subprocess.STDOUT
@@ -360,7 +358,7 @@ def evaluate_row(row: Row, gpus: Sequence[str], batch_size: int, num_workers: in
 
     from training.distributed import DistInfo
 
-    device = torch.device("cuda", 0) if gpus and torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device("cuda", int(gpus[0])) if gpus and torch.cuda.is_available() else torch.device("cpu")
     info = DistInfo(0, 1, 0, device)
     if row.table == 1:
         from training.ablations import evaluate_table1_models
