@@ -222,7 +222,7 @@ def test_demo_command(tmp_path: Path, bundle: Path, home: Path) -> None:
     r = _run("demo", "--dir", str(dest), "--model", str(bundle), "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
-    n_photos = len([p for p in dest.iterdir() if p.suffix in (".jpg", ".png", ".heic")])
+    n_photos = len([p for p in dest.iterdir() if p.suffix in (".jpg", ".png", ".heic", ".mp4")])
     assert n_photos >= 3 and (dest / "CREDITS.md").is_file()
     assert out["index"]["added"] == n_photos and out["index"]["failed"] == 0
     assert [q["query"] for q in out["queries"]][: len(TEXT_QUERIES)] == list(TEXT_QUERIES)
@@ -233,6 +233,8 @@ def test_demo_command(tmp_path: Path, bundle: Path, home: Path) -> None:
     # the generated phone photo and receipt: HEIC indexed with its date, text found, duplicates
     assert [r["name"] for r in out["features"]["text"]["results"]] == ["receipt.png"]
     assert [r["name"] for r in out["features"]["dates"]["results"]] == ["coffee_phone.heic"]
+    assert out["features"]["video"]["results"][0]["name"] == "clip.mp4"  # a frame: (clip, time)
+    assert out["features"]["video"]["results"][0]["t"] >= 0.0
     # a second run finds everything indexed already
     r = _run("demo", "--dir", str(dest), "--model", str(bundle), "--json")
     assert json.loads(r.stdout)["index"]["added"] == 0

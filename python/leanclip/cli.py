@@ -211,6 +211,12 @@ def main() -> None:
     help='Read the text in photos (receipts, signs, slides) for text:"..." queries; kept across runs '
     "(needs pip install 'leanclip[ocr]').",
 )
+@click.option(
+    "--video/--no-video",
+    default=None,
+    help="Index video clips too (a frame every 2 s; a hit is a clip and a time); kept across runs "
+    "(needs pip install 'leanclip[video]').",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def index(
@@ -221,6 +227,7 @@ def index(
     precision: Optional[str],
     index_kind: Optional[str],
     ocr: Optional[bool],
+    video: Optional[bool],
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -240,6 +247,7 @@ def index(
             dtype=precision,
             index_kind=index_kind,
             ocr=ocr,
+            video=video,
         )
         console = _stderr_console()
         if not quiet and not as_json:
@@ -280,6 +288,7 @@ class _progress:
         "dates": "reading dates",
         "duplicates": "finding near-duplicates",
         "text": "reading text (OCR)",
+        "video": "video clips",
     }
 
     def __init__(self, disabled: bool) -> None:
@@ -338,6 +347,8 @@ def _print_summary(s: Any) -> None:
         parts.append(f"duplicates {s.copied}")
     if s.texts:
         parts.append(f"text read in {s.texts}")
+    if s.frames:
+        parts.append(f"video frames {s.frames}")
     index = f" ({s.index} index)" if s.index else ""
     console.print(
         ", ".join(parts) + f"; {s.total_ok} photos indexed{index}, {s.unchanged} unchanged, "
@@ -365,7 +376,8 @@ def _print_hits(hits: List[Any], as_json: bool, query: str) -> None:
         return
     if not _stdout_is_terminal():  # scripts: score<TAB>path per line, the path escaped (module docstring)
         for h in hits:
-            click.echo(f"{h.score:.4f}\t{printable(os.fsdecode(h.path))}")
+            at = "" if h.t is None else f"\t{h.t:.2f}"  # a video frame: its time in the clip
+            click.echo(f"{h.score:.4f}\t{printable(os.fsdecode(h.path))}{at}")
         return
     from rich.console import Console
     from rich.table import Table
@@ -385,6 +397,10 @@ def _print_hits(hits: List[Any], as_json: bool, query: str) -> None:
 
     for i, h in enumerate(hits, 1):
         cells: List[Any] = [str(i), f"{h.score:.3f}", Text(printable(h.name))]  # Text: never markup
+        if h.t is not None:
+            from leanclip.video import format_time
+
+            cells[2] = Text(printable(h.name) + f" @ {format_time(h.t)}")
         if dated:
             cells.append(format_wall(h.taken))
         if texts:

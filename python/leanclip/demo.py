@@ -57,7 +57,8 @@ def run_demo(
     ocr = not missing(["rapidocr_onnxruntime"])
     if not ocr:
         say("note: rapidocr-onnxruntime is not installed (pip install 'leanclip[ocr]'): no text query")
-    gallery = Gallery(dest, model=model, ocr=ocr)
+    video = not missing(["av"])
+    gallery = Gallery(dest, model=model, ocr=ocr, video=video)
     say("loading the model (the first run builds the offline starter model; this takes a while) ...")
     enc = gallery.encoder
     say(f"model {enc.model_id} loaded in {time.perf_counter() - t0:.1f} s")
@@ -93,6 +94,9 @@ def run_demo(
     if ocr:
         hits = gallery.search('text:"total 42.50"', k)
         features["text"] = {"query": 'text:"total 42.50"', "results": [h.to_dict() for h in hits]}
+    if video:
+        hits = [h for h in gallery.search("a cat", 10) if h.t is not None][:1]
+        features["video"] = {"query": "a cat (in the clip)", "results": [h.to_dict() for h in hits]}
     _, groups = gallery.duplicates()
     features["duplicates"] = [[h.name for h in g] for g in groups]
     hits = gallery.search("a cup of coffee", k, after="2024", before="2025")
@@ -110,6 +114,9 @@ def run_demo(
         say(
             f"text in photos, {features['text']['query']}: {[r['name'] for r in features['text']['results']]}"
         )
+    if features.get("video", {}).get("results"):
+        r = features["video"]["results"][0]
+        say(f"video: 'a cat' in {r['name']} at {r['t']:.1f} s")
     say(f"near-duplicates (leanclip duplicates): {features['duplicates']}")
     say(f"taken in 2024 (--after 2024 --before 2025): {[r['name'] for r in features['dates']['results']]}")
     say("")

@@ -39,6 +39,11 @@ def marked(text: str) -> str:
 def hit_details(hit: Dict[str, Any]) -> str:
     """A hit's capture date and the text matched in it, for its caption."""
     out = ""
+    if hit.get("t") is not None:
+        from leanclip.video import format_time
+
+        at = f"{hit['file']}#t={hit['t']:.1f}"
+        out += f" <a class=at href='{e(at, quote=True)}'>&#9654; {format_time(hit['t'])}</a>"
     if hit.get("taken"):
         out += f" <time class=taken>{e(hit['taken'])}</time>"
     if hit.get("text"):

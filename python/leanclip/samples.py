@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from leanclip._deps import MissingDependency, package_dir
+from leanclip._deps import MissingDependency, missing, package_dir
 from leanclip._fs import PathLike
 
 __all__ = [
@@ -154,6 +154,7 @@ GENERATED: Dict[str, str] = {
     "coffee_phone.heic": "coffee.png saved as a phone would (HEIC, with an EXIF capture date of "
     "2024-07-14): a phone format, and a near-duplicate of coffee.png",
     "receipt.png": 'a rendered receipt, for text in photos (`text:"total 42.50"`)',
+    "clip.mp4": "a 6-second clip: rocket.jpg for 3 s, then chelsea.png (the cat) for 3 s, for video search",
 }
 RECEIPT_LINES = ("CAFE LEANCLIP", "2 x espresso   5.00", "1 x croissant  2.50", "TOTAL 42.50 EUR")
 
@@ -190,12 +191,47 @@ def make_generated_samples(dest_dir: PathLike) -> List[Path]:
         draw.text((40, 40 + 72 * i), line, fill=(20, 20, 20), font=font)
     receipt.save(dest / "receipt.png")
     out.append(dest / "receipt.png")
+    clip = _make_clip(dest, [dest / "rocket.jpg", dest / "chelsea.png"], seconds_each=3)
+    if clip is not None:
+        out.append(clip)
     credits = dest / "CREDITS.md"
     if credits.is_file():
         text = credits.read_text(encoding="utf-8").split(_MADE)[0].rstrip("\n") + "\n"
         lines = [f"- {p.name}: {GENERATED[p.name]}" for p in out]
         credits.write_text(text + "\n" + _MADE + "\n\n" + "\n".join(lines) + "\n", encoding="utf-8")
     return out
+
+
+def _make_clip(dest: Path, stills: List[Path], seconds_each: int) -> Optional[Path]:
+    """``dest/clip.mp4`` showing each still for ``seconds_each`` seconds (MPEG-4, 10 fps, a
+    keyframe a second); None (with a warning) without PyAV or the stills."""
+    if missing(["av"]):
+        warnings.warn(
+            "leanclip.samples: PyAV is not installed (pip install 'leanclip[video]'); no video sample",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
+    if not all(p.is_file() for p in stills):
+        return None
+    import av
+    from PIL import Image
+
+    path = dest / "clip.mp4"
+    out = av.open(str(path), "w")
+    stream = out.add_stream("mpeg4", rate=10)
+    stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+    stream.codec_context.gop_size = 10
+    for still in stills:
+        with Image.open(still) as im:
+            frame = av.VideoFrame.from_image(im.convert("RGB").resize((320, 240)))
+        for _ in range(10 * seconds_each):
+            for packet in stream.encode(frame):
+                out.mux(packet)
+    for packet in stream.encode():
+        out.mux(packet)
+    out.close()
+    return path
 
 
 _MADE = "Made by `leanclip demo` (`leanclip.samples.make_generated_samples`), not copied from a package:"

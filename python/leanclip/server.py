@@ -331,12 +331,42 @@ class GalleryServer(ThreadingHTTPServer):
         return out
 
     def path_of_key(self, key: int) -> Optional[bytes]:
-        rows = self.gallery._rows_for_keys([key])
-        return rows.get(key)
+        """The path of the indexed photo, or video clip whose frame, has ``key``."""
+        hit = self.hit_row(key)
+        return hit[0] if hit is not None else None
+
+    def hit_row(self, key: int) -> Optional[Tuple[bytes, Optional[int], Optional[int]]]:
+        from leanclip.gallery.store import hit_rows
+
+        with self.gallery._lock:
+            return hit_rows(self.gallery._reader(), [key]).get(key)
+
+    def frame_thumbnail(self, key: int, rel: bytes, ms: int) -> Optional[bytes]:
+        """The JPEG thumbnail of a video frame (leanclip.video), cached like a photo's."""
+        from leanclip.video import VideoError, frame_at
+
+        path = self.safe_path(rel)
+        if path is None:
+            return None
+        data = self.thumbs.get((key, path))
+        if data is None:
+            try:
+                im = frame_at(path, ms / 1000.0, THUMB_SIZE)
+            except (VideoError, ImportError):
+                return None
+            im.thumbnail((THUMB_SIZE, THUMB_SIZE))
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=82)
+            data = buf.getvalue()
+            self.thumbs.put((key, path), data)
+        return data
 
     def thumbnail(self, key: int) -> Optional[bytes]:
-        """The JPEG thumbnail of the photo with ``key``, else None. Raises ``TimeoutError``
-        when the decode budget stays full (see :class:`DecodeBudget`)."""
+        """The JPEG thumbnail of the photo (or video frame) with ``key``, else None. Raises
+        ``TimeoutError`` when the decode budget stays full (see :class:`DecodeBudget`)."""
+        hit = self.hit_row(key)
+        if hit is not None and hit[2] is not None:
+            return self.frame_thumbnail(key, hit[0], hit[2])
         rel = self.path_of_key(key)
         if rel is None:
             return None
@@ -605,9 +635,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._not_found()
         with fh:
             size = os.fstat(fh.fileno()).st_size
-            ctype = _image_type(fh)
+            ctype = _image_type(fh) or _video_type(fh)
             if ctype is None:
-                return self._not_found()  # only image content is served, whatever the file's name
+                return self._not_found()  # only image and video content is served, whatever the name
             self._head(200, size, ctype, {"Content-Disposition": "inline", "Cache-Control": "max-age=300"})
             if self.command == "HEAD":
                 return
@@ -717,7 +747,7 @@ def _hit_json(h: Hit, root: Path) -> Dict[str, Any]:
         "thumb": f"/thumb/{h.key}",
         "file": "/file/" + urllib.parse.quote(rel),
     }
-    out.update({k: v for k, v in h.to_dict().items() if k in ("taken", "text")})
+    out.update({k: v for k, v in h.to_dict().items() if k in ("taken", "text", "t")})
     return out
 
 
@@ -744,6 +774,20 @@ _IMAGE_TYPES = {
     "HEIF": "image/heic",
     "AVIF": "image/avif",
 }
+
+
+def _video_type(fh: BinaryIO) -> Optional[str]:
+    """The content type of a video file from its first bytes (MP4 / QuickTime, WebM /
+    Matroska, AVI), or None."""
+    fh.seek(0)
+    head = fh.read(16)
+    if head[4:8] == b"ftyp":
+        return "video/quicktime" if head[8:12] == b"qt  " else "video/mp4"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "video/webm"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "video/x-msvideo"
+    return None
 
 
 def _image_type(fh: BinaryIO) -> Optional[str]:

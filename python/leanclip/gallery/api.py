@@ -86,6 +86,7 @@ class Gallery:
         index_kind: Optional[str] = None,
         nprobe: Optional[int] = None,
         ocr: Optional[bool] = None,
+        video: Optional[bool] = None,
         auto_threshold: int = kinds.AUTO_IVF_THRESHOLD,
         ivf_layout: Callable[[int], kinds.IVFLayout] = kinds.ivf_layout,
     ) -> None:
@@ -102,6 +103,7 @@ class Gallery:
         self.index_kind = index_kind
         self.nprobe = nprobe  # IVF lists scanned per query; None: the index's own (set at indexing)
         self.ocr = ocr  # read the text in photos (leanclip.ocr); None keeps the store's choice
+        self.video = video  # index video clips too (leanclip.video); None keeps the store's choice
         self.auto_threshold = int(auto_threshold)  # "auto" is IVF above this many photos
         self.ivf_layout = ivf_layout  # IVF nlist / nprobe / training size from the gallery size
         self.layout = StoreLayout.of(root, store)
@@ -542,13 +544,17 @@ class Gallery:
         return self._finish(hits, filt)
 
     def _hit(
-        self, key: int, score: float, rows: Dict[int, Tuple[bytes, Optional[int]]], filt: "_Filter"
+        self,
+        key: int,
+        score: float,
+        rows: Dict[int, Tuple[bytes, Optional[int], Optional[int]]],
+        filt: "_Filter",
     ) -> Optional[Hit]:
         """The hit for ``key`` if its row exists and passes the filter, else None."""
         row = rows.get(int(key))
         if row is None:
             return None
-        rel, taken = row
+        rel, taken, ms = row
         if (filt.allowed is not None and key not in filt.allowed) or key in filt.banned:
             return None
         if filt.after is not None and (taken is None or taken < filt.after):
@@ -558,7 +564,8 @@ class Gallery:
         name = display(rel)
         if filt.paths and not any(fnmatch.fnmatchcase(name, p) for p in filt.paths):
             return None
-        return Hit(self.root / os.fsdecode(rel), name, float(score), int(key), taken)
+        t = None if ms is None else ms / 1000.0
+        return Hit(self.root / os.fsdecode(rel), name, float(score), int(key), taken, None, t)
 
     def _finish(self, hits: List[Hit], filt: "_Filter") -> List[Hit]:
         """The matched text of each hit (for a query with text terms), and the date order."""
@@ -689,6 +696,8 @@ class Gallery:
                     gen, index, meta = self._snapshot()
                     sim_index = self._similarity_snapshot(gen, meta)
                     rows = {int(k) for (k,) in conn.execute("SELECT key FROM files WHERE status='ok'")}
+                    if db.has_dates(conn):  # the frames of video clips have keys of their own
+                        rows |= {int(k) for (k,) in conn.execute("SELECT key FROM frames")}
                     break
                 except StaleSnapshot:
                     continue
@@ -727,6 +736,7 @@ class Gallery:
             max_pixels=self.max_pixels,
             model_source=self._model_source,
             ocr=self.ocr,
+            video=self.video,
         )
 
     def _read_index(self, call: Any, *args: Any) -> Any:

@@ -42,6 +42,7 @@ class Hit:
     key: int
     taken: Optional[int] = None  # capture time, wall-clock seconds (leanclip.dates)
     text: Optional[str] = None  # the text read in the photo around the words a text: term matched
+    t: Optional[float] = None  # for a frame of a video clip: its time in the clip, in seconds
 
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {
@@ -56,6 +57,8 @@ class Hit:
             out["taken"] = format_wall(self.taken)
         if self.text is not None:
             out["text"] = self.text
+        if self.t is not None:
+            out["t"] = round(self.t, 3)
         return out
 
 

@@ -59,7 +59,8 @@ DB_NAME = "gallery.db"
 # Tables added by version 3 (created by migrate() in older stores). texts: FTS5, rowid = the
 # photo's key, the words read in it (an empty body: read, no text; gallery.texts); near: pairs of photos whose
 # image-to-image score is at least gallery.duplicates.FLOOR (a < b); near_done: keys whose
-# neighbours were searched, with their background score (gallery.duplicates).
+# neighbours were searched, with their background score (gallery.duplicates); frames: the
+# sampled frames of video clips (key, clip path, time in ms; the clip's row holds the first key).
 EXTRA_TABLES = """
 CREATE VIRTUAL TABLE IF NOT EXISTS texts USING fts5(body, compact, tokenize = 'trigram');
 CREATE TABLE IF NOT EXISTS near (
@@ -67,6 +68,8 @@ CREATE TABLE IF NOT EXISTS near (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS near_b ON near (b);
 CREATE TABLE IF NOT EXISTS near_done (key INTEGER PRIMARY KEY, background REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS frames (key INTEGER PRIMARY KEY, path BLOB NOT NULL, t_ms INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS frames_path ON frames (path);
 """
 
 SCHEMA = (
@@ -343,15 +346,27 @@ def rows_for_keys(conn: sqlite3.Connection, keys: Sequence[int]) -> Dict[int, by
     return out
 
 
-def hit_rows(conn: sqlite3.Connection, keys: Sequence[int]) -> Dict[int, Tuple[bytes, Optional[int]]]:
-    """key -> (path, capture time) of the 'ok' rows holding these keys (the time None in a
-    store from before dates, or where unknown)."""
-    out: Dict[int, Tuple[bytes, Optional[int]]] = {}
-    taken = "taken" if has_dates(conn) else "NULL"
+def hit_rows(
+    conn: sqlite3.Connection, keys: Sequence[int]
+) -> Dict[int, Tuple[bytes, Optional[int], Optional[int]]]:
+    """key -> (path, capture time, time in the clip in ms) of the 'ok' rows and video frames
+    holding these keys (the capture time None in a store from before dates, or unknown; the
+    clip time None for a photo)."""
+    out: Dict[int, Tuple[bytes, Optional[int], Optional[int]]] = {}
+    dated = has_dates(conn)
+    taken = "taken" if dated else "NULL"
     ks: List[int] = [int(k) for k in keys if 0 <= int(k) < 1 << 63]
     for i in range(0, len(ks), 500):
         chunk = ks[i : i + 500]
-        q = f"SELECT key, path, {taken} FROM files WHERE status='ok' AND key IN ({','.join('?' * len(chunk))})"
+        marks = ",".join("?" * len(chunk))
+        q = f"SELECT key, path, {taken} FROM files WHERE status='ok' AND key IN ({marks})"
         for k, p, t in conn.execute(q, chunk):
-            out[int(k)] = (bytes(p), None if t is None else int(t))
+            out[int(k)] = (bytes(p), None if t is None else int(t), None)
+        if dated:
+            q = (
+                "SELECT fr.key, fr.path, f.taken, fr.t_ms FROM frames fr JOIN files f "
+                f"ON f.path = fr.path AND f.status = 'ok' WHERE fr.key IN ({marks})"
+            )
+            for k, p, t, ms in conn.execute(q, chunk):
+                out[int(k)] = (bytes(p), None if t is None else int(t), int(ms))
     return out

@@ -37,6 +37,7 @@ from leanclip.gallery import store as db
 from leanclip.gallery.errors import GalleryBusyError, GalleryError
 from leanclip.gallery.store import FileRow, StoreLayout
 from leanclip.images import DEFAULT_MAX_PIXELS, PHONE_EXTENSIONS, ImageLoadError, load_image
+from leanclip.video import VIDEO_EXTENSIONS
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"} | PHONE_EXTENSIONS
@@ -64,6 +65,8 @@ class UpdateOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused before decoding
     model_source: str = ""  # the model's bundle path, recorded so later runs reuse it
     ocr: Optional[bool] = None  # read the text in photos (leanclip.ocr); None keeps the store's
+    video: Optional[bool] = None  # index video clips (leanclip.video); None keeps the store's
+    video_interval: float = 2.0  # seconds between a clip's sampled frames
 
 
 @dataclass
@@ -77,6 +80,7 @@ class UpdateSummary:
     failed: int = 0  # files that failed in this run
     encoded: int = 0
     texts: int = 0  # photos whose text was read in this run (--ocr)
+    frames: int = 0  # video frames encoded in this run (--video)
     total_ok: int = 0
     seconds: float = 0.0
     model_id: str = ""
@@ -150,6 +154,10 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def is_video(rel: bytes) -> bool:
+    return os.path.splitext(rel)[1].lower().decode("ascii", "replace") in VIDEO_EXTENSIONS
+
+
 def display(rel: bytes) -> str:
     """A printable form of a stored relative path (non-UTF-8 bytes shown as U+FFFD)."""
     return rel.decode("utf-8", "replace")
@@ -191,7 +199,9 @@ def acquire_writer(store: Any) -> int:
     return fd
 
 
-def scan(root: str, store: str, progress: Optional[Progress]) -> ScanResult:
+def scan(
+    root: str, store: str, progress: Optional[Progress], extensions: "frozenset[str]" = IMAGE_EXTENSIONS
+) -> ScanResult:
     """Regular image files under root (symlinks are not followed), and entries that look like
     images but cannot be one (directories, devices) with the reason."""
     found: List[FoundFile] = []
@@ -214,13 +224,13 @@ def scan(root: str, store: str, progress: Optional[Progress]) -> ScanResult:
             full = os.path.join(dirpath, d)
             if d.startswith(".") or os.path.islink(full) or os.path.realpath(full) == store_real:
                 continue  # hidden folders, the store, and symlinked folders are skipped
-            if os.path.splitext(d)[1].lower() in IMAGE_EXTENSIONS:
+            if os.path.splitext(d)[1].lower() in extensions:
                 rel = os.fsencode(os.path.relpath(full, root).replace(os.sep, "/"))
                 bad.append((rel, "is a directory, not an image file"))
             keep.append(d)
         dirnames[:] = sorted(keep)
         for f in sorted(filenames):
-            if f.startswith(".") or os.path.splitext(f)[1].lower() not in IMAGE_EXTENSIONS:
+            if f.startswith(".") or os.path.splitext(f)[1].lower() not in extensions:
                 continue
             full = os.path.join(dirpath, f)
             rel = os.fsencode(os.path.relpath(full, root).replace(os.sep, "/"))
@@ -313,6 +323,12 @@ def run_update(
         db.set_meta(conn, "index", choice)
         ocr = options.ocr if options.ocr is not None else meta.get("ocr") == "1"
         db.set_meta(conn, "ocr", int(ocr))
+        video = options.video if options.video is not None else meta.get("video") == "1"
+        db.set_meta(conn, "video", int(video))
+        if video:
+            from leanclip._deps import require
+
+            require("av", "video", "indexing video clips (--video)")  # before any work
         db.set_meta(conn, "index_kind", kinds.kind_of(index))
         # committed with the generation: readers open similar-<G>.lci only when it is nonzero
         sim_changed = meta.get("similarity_dim", "0") != str(sim_dim)
@@ -329,6 +345,7 @@ def run_update(
             similar=similar,
         )
         run = Sync(layout, enc, options, state, summary, progress)
+        run.video = video
         if ocr:
             from leanclip.ocr import TextReader
 
@@ -399,6 +416,7 @@ class Sync:
         self.progress = progress
         self.rows: Dict[bytes, FileRow] = {}
         self.text_reader: Any = None  # leanclip.ocr.TextReader when the gallery reads text
+        self.video = False  # video clips are indexed too
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -450,7 +468,8 @@ class Sync:
         s.last_checkpoint = time.monotonic()
         s.since_checkpoint = 0
 
-        scanned = scan(os.fspath(self.layout.root), os.fspath(self.layout.store), progress)
+        extensions = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS if self.video else IMAGE_EXTENSIONS
+        scanned = scan(os.fspath(self.layout.root), os.fspath(self.layout.store), progress, extensions)
         # the gallery's size after this run; a folder that cannot be listed keeps its rows
         n = len(scanned.found) if not scanned.unreadable else max(len(scanned.found), len(s.index))
         self.convert_index(n)
@@ -530,6 +549,7 @@ class Sync:
                     "UPDATE files SET path=?, size=?, mtime_ns=?, ino=?, ctime_ns=? WHERE path=?",
                     (f.rel, f.size, f.mtime_ns, f.ino, f.ctime_ns, src),
                 )
+                conn.execute("UPDATE frames SET path=? WHERE path=?", (f.rel, src))  # a clip's frames
                 summary.renamed += 1
                 s.dirty = True
                 continue
@@ -552,7 +572,7 @@ class Sync:
             dup = conn.execute(
                 "SELECT key FROM files WHERE sha256=? AND status='ok' AND path<>? LIMIT 1", (digest, f.rel)
             ).fetchone()
-            if dup is not None and int(dup[0]) in index:
+            if dup is not None and int(dup[0]) in index and not is_video(f.rel):
                 vec = index.get([int(dup[0])])
                 sim = s.similar.get([int(dup[0])]) if s.similar is not None else None
                 self.store_vectors([(f, digest)], vec, sim)
@@ -561,7 +581,8 @@ class Sync:
                 remaining.append((f, digest))
 
         self.checkpoint_if_due(force=True)
-        self.encode_all(remaining)
+        self.encode_all([item for item in remaining if not is_video(item[0].rel)])
+        self.encode_videos([item for item in remaining if is_video(item[0].rel)])
         self.fill_dates()
         self.update_near()
         self.read_texts()
@@ -573,7 +594,8 @@ class Sync:
         if reader is None:
             return
         todo = s.conn.execute(
-            "SELECT key, path FROM files WHERE status='ok' AND key NOT IN (SELECT rowid FROM texts)"
+            "SELECT key, path FROM files WHERE status='ok' AND key NOT IN (SELECT rowid FROM texts) "
+            "AND key NOT IN (SELECT key FROM frames)"
         ).fetchall()
         root = os.fsencode(self.layout.root)
         if progress:
@@ -620,7 +642,8 @@ class Sync:
         conn.execute(f"DELETE FROM near WHERE a NOT IN ({live}) OR b NOT IN ({live})")
         space = s.similar if s.similar is not None else s.index
         done = {int(k) for (k,) in conn.execute("SELECT key FROM near_done")}
-        pending = [int(k) for (k,) in conn.execute(live) if int(k) not in done]
+        clips = {int(k) for (k,) in conn.execute("SELECT key FROM frames")}  # frames: not photos
+        pending = [int(k) for (k,) in conn.execute(live) if int(k) not in done and int(k) not in clips]
         if not pending:
             return
         if self.progress:
@@ -628,7 +651,11 @@ class Sync:
         pairs = duplicates.neighbour_pairs(space, pending)
         conn.executemany(
             "INSERT OR REPLACE INTO near (a, b, score) VALUES (?, ?, ?)",
-            zip(pairs.a.tolist(), pairs.b.tolist(), pairs.score.tolist()),
+            [
+                (a, b, sc)
+                for a, b, sc in zip(pairs.a.tolist(), pairs.b.tolist(), pairs.score.tolist())
+                if a not in clips and b not in clips
+            ],
         )
         conn.executemany(
             "INSERT OR REPLACE INTO near_done (key, background) VALUES (?, ?)", pairs.background.items()
@@ -697,6 +724,92 @@ class Sync:
             self.checkpoint_if_due()
         s.clean = False
 
+    def encode_videos(self, clips: List[Tuple[FoundFile, str]]) -> None:
+        """Each clip's sampled frames (leanclip.video), encoded in batches like photos; a frame
+        is a key of its own (the ``frames`` table: key, clip, time) and the clip's row holds
+        its first frame's key. A clip is applied whole between checkpoints: a kill loses at
+        most the clip being read. A clip that cannot be read is recorded as failed."""
+        from leanclip.video import VideoError, sample_frames
+
+        s, progress = self.state, self.progress
+        size = model_image_size(self.encoder)
+        for n, (f, digest) in enumerate(clips):
+            if progress:
+                progress("video", n, len(clips))
+            old = self.rows.get(f.rel)
+            if old is not None and old.key is not None:
+                self.remove_keys([old.key])  # the previous version's frames
+            added: List[int] = []
+            try:
+                batch: List[Tuple[float, Any]] = []
+                for item in sample_frames(f.abspath, self.options.video_interval, reduce_for=size):
+                    batch.append(item)
+                    if len(batch) == self.options.batch_size:
+                        added += self.store_frames(f.rel, batch)
+                        batch = []
+                if batch:
+                    added += self.store_frames(f.rel, batch)
+            except VideoError as exc:
+                if added:
+                    self.remove_keys(added[:1])
+                self.rows.pop(f.rel, None)
+                self.record_failure(f, digest, exc.reason)
+                continue
+            when = capture_time(f.abspath)
+            row = FileRow(
+                f.rel,
+                f.size,
+                f.mtime_ns,
+                digest,
+                added[0],
+                "ok",
+                None,
+                f.ino,
+                f.ctime_ns,
+                when.wall,
+                when.source,
+            )
+            db.write_row(s.conn, row)
+            if old is None:
+                self.summary.added += 1
+            else:
+                self.summary.updated += 1
+            self.rows[f.rel] = row
+            self.summary.encoded += 1
+            self.summary.frames += len(added)
+            s.dirty = True
+            s.since_checkpoint += max(1, len(added))
+            self.checkpoint_if_due()
+        if progress and clips:
+            progress("video", len(clips), len(clips))
+
+    def store_frames(self, rel: bytes, batch: List[Tuple[float, Any]]) -> List[int]:
+        """Encode and add one batch of a clip's frames; returns their keys."""
+        from leanclip.video import VideoError
+
+        s = self.state
+        images = [im for _, im in batch]
+        try:
+            vecs, sims = self.encode_batch(images)
+        except Exception as exc:  # the model refused a frame: the clip fails with the reason
+            raise VideoError(rel, f"encoder failed: {_describe(exc)}") from None
+        finally:
+            for im in images:
+                im.close()
+        finite = np.isfinite(vecs).all(axis=1) & (np.linalg.norm(vecs, axis=1) > 0)
+        if not finite.all():
+            raise VideoError(rel, "encoder produced a NaN or zero vector for a frame")
+        keys = self.new_keys(len(batch))
+        arr = np.asarray(keys, dtype=np.uint64)
+        s.index.add(arr, vecs)
+        if s.similar is not None and sims is not None:
+            s.similar.add(arr, sims)
+        s.conn.executemany(
+            "INSERT INTO frames (key, path, t_ms) VALUES (?, ?, ?)",
+            [(k, rel, int(round(t * 1000))) for k, (t, _) in zip(keys, batch)],
+        )
+        return keys
+
     def encode_batch(self, images: List[Any]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """(joint, image-to-image) vectors of ``images`` from one run of the image model; the
         second is None unless the gallery keeps image-to-image vectors."""
@@ -742,14 +855,25 @@ class Sync:
         return list(range(start, start + n))
 
     def remove_keys(self, keys: Any) -> None:
-        """Drop ``keys`` from the index and from the image-to-image index in step."""
+        """Drop ``keys`` from the index and from the image-to-image index in step; the key of
+        a clip (its first frame's) takes all the clip's frames with it."""
         arr = np.asarray(keys, dtype=np.uint64)
+        conn = self.state.conn
+        clips = [(int(k),) for k in arr.tolist()]
+        paths: set = set()
+        for (k,) in clips:
+            paths |= {bytes(p) for (p,) in conn.execute("SELECT path FROM frames WHERE key = ?", (k,))}
+        if paths:
+            frame_keys = [
+                int(k) for p in paths for (k,) in conn.execute("SELECT key FROM frames WHERE path = ?", (p,))
+            ]
+            arr = np.unique(np.concatenate([arr, np.asarray(frame_keys, dtype=np.uint64)]))
+            conn.executemany("DELETE FROM frames WHERE path = ?", [(p,) for p in paths])
         self.state.index.remove(arr)
         if self.state.similar is not None:
             self.state.similar.remove(arr)
         # their near-duplicate pairs and text go in the same commit
         gone = [(int(k),) for k in arr.tolist()]
-        conn = self.state.conn
         conn.executemany("DELETE FROM near WHERE a = ?1 OR b = ?1", gone)
         conn.executemany("DELETE FROM near_done WHERE key = ?", gone)
         conn.executemany("DELETE FROM texts WHERE rowid = ?", gone)
