@@ -233,7 +233,7 @@ def synthetic_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
     followed by a burst of 1-4 near-duplicates (cosine ~0.97)."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((max(1, n // 50), dim)).astype(np.float32)
-    n_scenes = n  # 10% of scenes bring 2.5 copies on average: the tail is cut at n
+    n_scenes = int(n / 1.25)  # 10% of scenes bring 2.5 copies on average
     scenes = centres[rng.integers(len(centres), size=n_scenes)] + rng.standard_normal((n_scenes, dim)).astype(
         np.float32
     )
@@ -242,6 +242,10 @@ def synthetic_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
     copies = np.repeat(bursty, rng.integers(1, 5, size=len(bursty)))
     dups = scenes[copies] + rng.standard_normal((len(copies), dim)).astype(np.float32) * (0.25 / np.sqrt(dim))
     out = np.concatenate([scenes, dups / np.linalg.norm(dups, axis=1, keepdims=True)])[:n]
+    if len(out) < n:  # fewer copies than expected: more distinct scenes
+        more = centres[rng.integers(len(centres), size=n - len(out))]
+        more = more + rng.standard_normal(more.shape).astype(np.float32)
+        out = np.concatenate([out, more / np.linalg.norm(more, axis=1, keepdims=True)])
     return np.ascontiguousarray(out, dtype=np.float32)
 
 

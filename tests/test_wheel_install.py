@@ -9,7 +9,9 @@ fresh HOME and LEANCLIP_HOME and a working directory outside the checkout:
 * ``leanclip`` is imported from the venv, and ``training`` is not importable at all;
 * ``leanclip models build-starter`` builds the default model from what the wheel ships;
 * ``leanclip demo --json`` indexes the sample photos and answers queries;
-* ``leanclip search`` finds the cat.
+* ``leanclip search`` finds the cat;
+* the demo's phone photo, receipt and clip are indexed (HEIC, OCR, video) and
+  ``leanclip duplicates`` groups the phone photo with the photo it was made from.
 
 About 3-6 minutes on 2 busy cores when the wheel is built here (most of it the Rust release
 build and the starter's ONNX export); set ``LEANCLIP_WHEEL=path/to.whl`` to skip the build.
@@ -176,6 +178,15 @@ def test_wheel_installs_outside_the_checkout_and_searches(wheel: Path, tmp_path:
     answers = {q["query"]: [r["name"] for r in q["results"]] for q in demo["queries"]}
     assert all(answers.values()), answers
     assert "chelsea.png" in answers["a cat"], answers  # the starter puts the cat in the top 3
+    # issue 29 from the wheel: the demo's HEIC (dated), receipt (OCR) and clip (PyAV)
+    features = demo["features"]
+    assert [r["name"] for r in features["text"]["results"]] == ["receipt.png"], features
+    assert [r["name"] for r in features["dates"]["results"]] == ["coffee_phone.heic"], features
+    assert features["video"]["results"][0]["name"] == "clip.mp4", features
+    proc = _run([leanclip, "duplicates", "-d", str(photos), "--json"], env, work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    groups = [[h["name"] for h in g] for g in json.loads(proc.stdout)["groups"]]
+    assert ["coffee.png", "coffee_phone.heic"] in groups, groups
 
     proc = _run([leanclip, "search", "a cat", "-d", str(photos), "-k", "3"], env, work)
     assert proc.returncode == 0, proc.stderr[-3000:]
