@@ -9,7 +9,9 @@ files against one index), ``embed`` (12-megapixel JPEGs, shard sizes 100 and
 ``LEANCLIP_BENCH_SCALE_EMBED_BIG``, default 10,000), ``ivf`` (``LEANCLIP_BENCH_SCALE_IVF_N``
 vectors, default 10M x 128 f16 with 4-bit codes, built from 500k-row files by
 ``python -m leanclip.build_ivf``: peak RSS against the files' size, recall through mmap against
-an in-memory index built with the same settings). Each part's table is kept in
+an in-memory index built with the same settings), ``serve`` (RSS of IVF shard files served
+through mmap as searches touch more lists, ``LEANCLIP_BENCH_SCALE_SERVE_N``, default 2M). Each
+part's table is kept in
 ``results/scale.parts.json`` with its own date and load, so parts can be rerun alone; the
 markdown shows every part last measured. W processes are started by ``torch.distributed.run``
 (torchrun) with ``RAYON_NUM_THREADS`` = cores / W.
@@ -409,12 +411,63 @@ def part_ivf(tmp: Path) -> Dict[str, Any]:
     }
 
 
+def part_serve(tmp: Path) -> Dict[str, Any]:
+    """Memory of IVF shard files served through mmap: RSS grows with the lists a search touches."""
+    n = int(os.environ.get("LEANCLIP_BENCH_SCALE_SERVE_N", "2000000"))
+    dim, per_file, nlist, pq = 128, 500_000, 1024, 32
+    rng = np.random.default_rng(12)
+    centres = rng.standard_normal((2000, dim), dtype=np.float32)
+    emb = tmp / "emb"
+    emb.mkdir()
+    for i, lo in enumerate(range(0, n, per_file)):
+        np.save(emb / f"{i:05d}.npy", _unit(rng, min(per_file, n - lo), dim, centres).astype(np.float16))
+    np.save(tmp / "q.npy", _unit(rng, 64, dim, centres))
+    out = tmp / "ivf"
+    run_peak("leanclip.build_ivf", [str(out), str(emb), "--nlist", str(nlist), "--pq", str(pq), "--quiet"])
+    size = sum(p.stat().st_size for p in out.glob("*.ivf")) / 2**20
+    code = (
+        "import json, numpy as np\n"
+        "from leanclip.shards import ShardedIndex\n"
+        "def rss(): return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')) / 1024\n"
+        f"q = np.load({str(tmp / 'q.npy')!r}); base = rss()\n"
+        f"s = ShardedIndex.load({str(out)!r}, mmap=True, verify=False); opened = rss()\n"
+        "out = {'opened': opened - base}\n"
+        "for nprobe in (1, 8, 64):\n"
+        "    s.nprobe = nprobe\n"
+        "    for x in q[:16]: s.search(x, 10)\n"
+        "    out[f'single_{nprobe}'] = rss() - base\n"
+        "s.search(q, 10); out['batch_64'] = rss() - base\n"
+        "print('@@' + json.dumps(out))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=_env(CORES), capture_output=True, text=True
+    )
+    lines = [x for x in done.stdout.splitlines() if x.startswith("@@")]
+    if done.returncode or not lines:
+        raise RuntimeError(done.stderr[-3000:])
+    r = json.loads(lines[-1][2:])
+    rows = [
+        ["opened (verify=False)", f"{r['opened']:.0f}"],
+        ["+ 16 single queries, nprobe 1", f"{r['single_1']:.0f}"],
+        ["+ 16 single queries, nprobe 8", f"{r['single_8']:.0f}"],
+        ["+ 16 single queries, nprobe 64", f"{r['single_64']:.0f}"],
+        ["+ a batch of 64 queries, nprobe 64", f"{r['batch_64']:.0f}"],
+    ]
+    return {
+        "title": f"IVF shard files served through mmap: {n:,} x {dim} f16, nlist {nlist}, pq {pq}, {size:,.0f} MiB of files",
+        "header": ["after", "RSS beyond the process's start, MiB (cumulative)"],
+        "rows": rows,
+        "note": "Each step adds the pages of the lists it probes (and, for the batch, its working copies).",
+    }
+
+
 PARTS = {
     "equality": part_equality,
     "mining": part_mining,
     "search": part_search,
     "embed": part_embed,
     "ivf": part_ivf,
+    "serve": part_serve,
 }
 
 
