@@ -382,6 +382,65 @@ def text_quality(tmp: Path, encoder: object) -> str:
     )
 
 
+_SAMPLE_CHILD = """
+import resource, sys, time
+from leanclip.video import sample_frames
+t = time.perf_counter(); n = 0; last = 0.0
+for last, im in sample_frames(sys.argv[1], 2.0, reduce_for=224):
+    n += 1
+print(n, round(last, 1), round(time.perf_counter() - t, 1), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def make_long_clip(path: Path, seconds: int, size: Tuple[int, int] = (1920, 1080)) -> None:
+    """A 1080p MPEG-4 clip of ``seconds``, one frame (a keyframe) every 2 s: what sampling at
+    2 s decodes of any clip (a real one also has the frames between, which the decoder skips)."""
+    import fractions
+
+    import av
+
+    out = av.open(str(path), "w")
+    stream = out.add_stream("mpeg4", rate=fractions.Fraction(1, 2))
+    stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+    stream.codec_context.gop_size = 1
+    stream.bit_rate = 1_000_000
+    ramp = np.linspace(0, 255, size[0], dtype=np.float32)[None, :, None]
+    for i in range(seconds // 2):
+        arr = np.empty((size[1], size[0], 3), np.uint8)
+        arr[:] = ((ramp + 7 * i) % 256).astype(np.uint8)
+        arr[:, :, 1] = (i * 13) % 256
+        for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+            out.mux(packet)
+    for packet in stream.encode():
+        out.mux(packet)
+    out.close()
+
+
+def video_memory(tmp: Path, durations: Sequence[int] = (60, 600, 3600)) -> str:
+    """Peak RSS of sampling 1080p clips of growing length (``leanclip.video.sample_frames`` at
+    2 s, each in a fresh process)."""
+    import subprocess
+    import sys
+
+    rows = []
+    for seconds in durations:
+        clip = tmp / f"clip_{seconds}.mp4"
+        make_long_clip(clip, seconds)
+        out = subprocess.run([sys.executable, "-c", _SAMPLE_CHILD, str(clip)], capture_output=True, text=True)
+        n, last, took, rss = out.stdout.split()
+        rows.append([f"{seconds // 60} min", f"{clip.stat().st_size / 1e6:.1f} MB", n, last, took, rss])
+        clip.unlink()
+    return (
+        "\n### Video: memory on long clips\n\n"
+        "1080p MPEG-4 clips with a keyframe every 2 s, sampled at 2 s by `leanclip.video.sample_frames` "
+        "(keyframes only, each frame scaled to a 448 px short side as it is decoded), each in a fresh "
+        "process; peak RSS is the process's maximum resident set (Python, numpy, PyAV and Pillow "
+        "included).\n\n"
+        + markdown_table(["clip", "file", "frames", "last frame s", "seconds", "peak RSS MB"], rows)
+        + "\nMemory does not grow with the clip's length: the frames are streamed.\n"
+    )
+
+
 def pick_encoder() -> object:
     from leanclip import registry
 
@@ -391,7 +450,9 @@ def pick_encoder() -> object:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vectors", type=int, default=100_000)
-    ap.add_argument("--parts", default="quality,text,speed", help="comma-separated: quality, text, speed")
+    ap.add_argument(
+        "--parts", default="quality,text,speed,video", help="comma-separated: quality, text, speed, video"
+    )
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="leanclip-bench-photos-"))
@@ -404,6 +465,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             _write(head, sections)  # each part is kept as soon as it is measured
         if "text" in parts:
             sections.append(text_quality(tmp, enc))
+            _write(head, sections)
+        if "video" in parts:
+            sections.append(video_memory(tmp))
             _write(head, sections)
         if "speed" in parts:
             dim = int(getattr(enc, "similarity_dim", 0) or enc.dim)  # type: ignore[attr-defined]
