@@ -3,8 +3,17 @@
 Data sets (unit vectors, inner product = cosine for every library):
 - ``minilm``: MiniLM-L6 sentence embeddings (dim 384) of real sentences found on this machine,
   cached by ``python -m benchmarks.data.minilm_embeddings`` (queries: held-out sentences);
-- ``clustered``: synthetic 512-d points around n/100 shared centers;
-- ``random``: uniform random 512-d unit vectors, the worst case for every approximate index.
+- ``clustered``, ``powerlaw``, ``neardup``, ``random``: the seeded shapes of
+  ``benchmarks/data/shapes.py`` (tight isotropic clusters; a power-law-spectrum mixture with
+  unbalanced clusters; the same with bursts of near duplicates; uniform on the sphere).
+
+Each data set also holds 1,000 more queries of its kind (``tune_queries``), disjoint from the
+1,000 the recall is measured on, for ``tune(queries=...)``.
+
+``lean-auto`` is ``IVFIndex(dim, "ip")`` with every knob chosen by the index, then
+``tune(target)`` for 0.9, 0.95 and 0.99 on held-out stored vectors (``lean-auto-q``: on the
+``tune_queries``); each target is one point, measured on the held-out queries like the
+sweeps, with what tune expected (recall and spread), its time, and the settings it chose.
 
 Each library runs in its own process (a clean heap and its own peak RSS), one after the other.
 A process loads the data, builds its index (timed: training + adding everything), then for each
@@ -88,39 +97,31 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def make_data(kind: str, n: int) -> Path:
     """Writes (once) <cache>/<kind>-<n>.npz with base, queries and the exact top-10."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"{kind}-{n}.npz"
+    path = CACHE / f"{kind}-{n}-seed0.npz"  # with tune_queries; shapes.py's generators
     if path.exists():
         return path
     if kind == "minilm":
         from benchmarks.data.minilm_embeddings import load
 
-        allv = load(n + Q)
-        if len(allv) < n + Q:
-            raise SystemExit(f"only {len(allv)} MiniLM embeddings cached; need {n + Q}")
-        base, queries = allv[:n], allv[n : n + Q]
-    elif kind == "clustered":
-        dim = 512
-        rng = np.random.default_rng(3)
-        centers = _unit(rng.standard_normal((max(n // 100, 10), dim)))
-
-        def points(m: int, seed: int) -> np.ndarray:
-            r = np.random.default_rng(seed)
-            labels = r.integers(0, len(centers), size=m)
-            noise = r.standard_normal((m, dim), dtype=np.float32) * np.float32(0.6 / np.sqrt(dim))
-            return _unit(centers[labels] + noise)
-
-        base, queries = points(n, 4), points(Q, 5)
-    elif kind == "random":
-        base = _unit(np.random.default_rng(1).standard_normal((n, 512), dtype=np.float32))
-        queries = _unit(np.random.default_rng(2).standard_normal((Q, 512), dtype=np.float32))
+        allv = load(n + 2 * Q)
+        if len(allv) < n + 2 * Q:
+            raise SystemExit(f"only {len(allv)} MiniLM embeddings cached; need {n + 2 * Q}")
+        base, queries, tune_queries = allv[:n], allv[n : n + Q], allv[n + Q : n + 2 * Q]
     else:
-        raise SystemExit(f"unknown data set {kind!r}")
+        from benchmarks.data.shapes import SHAPES, generate
+
+        if kind not in SHAPES:
+            raise SystemExit(f"unknown data set {kind!r}")
+        base, both = generate(kind, n, 2 * Q, seed=0)
+        queries, tune_queries = both[:Q], both[Q:]
     from leanclip import Index
 
     exact = Index(base.shape[1], "ip")
     exact.add(np.arange(n, dtype=np.uint64), base)
     truth, _ = exact.search(queries, k=K)
-    np.savez(path, base=base, queries=queries, truth=truth.astype(np.int64))
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")  # atomic: another run may read it
+    np.savez(tmp, base=base, queries=queries, truth=truth.astype(np.int64), tune_queries=tune_queries)
+    tmp.rename(path)
     return path
 
 
@@ -224,6 +225,49 @@ class LeanIVF(Peer):
     def set_single(self, s):
         if s is not None:
             self.index.shortlist = s
+
+    def search(self, q):
+        return self.index.search(q, k=K)[0]
+
+    def save(self, path):
+        self.index.save(path)
+
+
+class LeanAuto(Peer):
+    """Defaults + tune: every knob chosen by the index, then tune(target) per point."""
+
+    knob = "tune"
+
+    def __init__(self, user_queries: bool):
+        self.user_queries = user_queries
+        self.name = "leanclip IVF auto + tune" + (" (sample queries)" if user_queries else "")
+        self.tune_queries = None
+        self.last: Dict = {}
+
+    def build(self, base):
+        from leanclip import IVFIndex
+
+        self.index = IVFIndex(base.shape[1], "ip", train_threshold=0)
+        self.index.train(base)
+        self.index.add(np.arange(len(base), dtype=np.uint64), base)
+
+    def add(self, more, start):
+        self.index.add(np.arange(start, start + len(more), dtype=np.uint64), more)
+
+    def settings(self):
+        return ["defaults", 0.9, 0.95, 0.99]
+
+    def set(self, v):
+        if v == "defaults":
+            self.last = {"auto": list(self.index.auto)}
+            return
+        q = self.tune_queries if self.user_queries else None
+        c0 = time.process_time()
+        report = self.index.tune(v, k=K, queries=q)
+        self.last = dict(report, cpu_seconds=time.process_time() - c0)
+
+    def info(self):
+        return dict(self.last, repr=repr(self.index))
 
     def search(self, q):
         return self.index.search(q, k=K)[0]
@@ -347,6 +391,8 @@ def make_peer(spec: str, n: int) -> Peer:
         "lean-f16-half": lambda: LeanIVF("f16", 0, nlist, half_dims=True),
         "lean-f16-codes-half": lambda: LeanIVF("f16", 0, nlist, codes=True, half_dims=True),
         "lean-i8-codes-half": lambda: LeanIVF("i8", 0, nlist, codes=True, half_dims=True),
+        "lean-auto": lambda: LeanAuto(False),
+        "lean-auto-q": lambda: LeanAuto(True),
         "hnswlib": Hnswlib,
         "usearch": USearch,
         "faiss-ivfflat": lambda: Faiss("flat", nlist),
@@ -358,11 +404,14 @@ def make_peer(spec: str, n: int) -> Peer:
 def worker(spec: str, data_path: str, add_fraction: float) -> Dict:
     d = np.load(data_path)
     base, queries, truth = d["base"], d["queries"], d["truth"]
+    tune_queries = d["tune_queries"] if "tune_queries" in d else None
     n = len(base)
     n_build = n - int(n * add_fraction) if add_fraction else n
     reset_peak()  # loading the .npz peaks at twice the data: measure from here
     base_rss = rss_mb()
     peer = make_peer(spec, n)
+    if isinstance(peer, LeanAuto):
+        peer.tune_queries = tune_queries
     t0, c0 = time.perf_counter(), time.process_time()
     peer.build(base[:n_build])
     build_s, build_cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -418,9 +467,10 @@ def worker(spec: str, data_path: str, add_fraction: float) -> Dict:
                 # CPU seconds of all threads: robust to other jobs on a loaded machine
                 "qps1000_cpu": Q / batch_cpu,
                 "single": single,
+                **({"tune": peer.info()} if isinstance(peer, LeanAuto) else {}),
             }
         )
-        if min(r, max(s["recall"] for s in single)) >= 0.999:
+        if min(r, max(s["recall"] for s in single)) >= 0.999 and not isinstance(peer, LeanAuto):
             break
     out["points"] = points
     # after the searches: includes what a search keeps (leanclip's packed lists)
@@ -619,7 +669,9 @@ def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
                 r["build_s"],
                 r["rss_growth_mb"],
                 r.get("rss_growth_after_search_mb", float("nan")),
+                f"{_peak_rss(r) * 2**20 / r['n']:,.0f}",
                 r["disk_mb"],
+                f"{r['disk_mb'] * 2**20 / r['n']:,.0f}",
                 add,
             ]
         )
@@ -631,14 +683,17 @@ def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
                 "build wall (s)",
                 "peak RSS growth (MiB)",
                 "... after the searches (MiB)",
+                "resident bytes / vector",
                 "on disk (MiB)",
+                "on disk bytes / vector",
                 "add 1% after build (of build)",
             ],
             rows,
         )
     )
     lines.append("")
-    lean = [r for r in results if r["peer"].startswith("leanclip")]
+    auto = [r for r in results if r["knob"] == "tune"]
+    lean = [r for r in results if r["peer"].startswith("leanclip") and r["knob"] != "tune"]
     by = {r["peer"]: r for r in results}
     hn = by.get("hnswlib HNSW")
     faiss_ivf = [r for r in results if r["peer"] in ("faiss IVFFlat", "faiss IVF-SQ8")]
@@ -676,6 +731,8 @@ def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
                     f"{_peak_rss(r):.0f} vs {_peak_rss(hn):.0f}" if hn else "–",
                 ]
             )
+    if auto:
+        lines.extend(auto_section(auto, by.get("hnswlib HNSW")))
     lines.append("Targets (ratios from this run; CPU time first, wall clock in parentheses):")
     lines.append("")
     lines.append(
@@ -697,6 +754,90 @@ def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def auto_section(auto: List[Dict], hn: Optional[Dict]) -> List[str]:
+    """Defaults + tune: per target, what tune expected, what the held-out queries got, and
+    hnswlib at the same recall (its Pareto curve interpolated there)."""
+    rows = []
+    for r in auto:
+        for p in r["points"]:
+            t = p.get("tune", {})
+            single = p["single"][0]
+            if p["setting"] == "defaults":
+                rows.append(
+                    [
+                        r["peer"],
+                        "defaults (untuned)",
+                        "",
+                        p["recall"],
+                        single["recall"],
+                        "",
+                        f"{p['qps1000_cpu']:,.0f}",
+                        "",
+                        f"{single['latency_cpu_ms']:.3f}",
+                        "",
+                        "",
+                        "",
+                    ]
+                )
+                continue
+            target = float(p["setting"])
+            hq = hn and at_recall(hn, p["recall"], "qps1000_cpu")
+            hl = hn and at_recall(hn, single["recall"], "latency_cpu_ms")
+            ok = abs(p["recall"] - target) <= 0.01 and abs(single["recall"] - target) <= 0.01
+            rows.append(
+                [
+                    r["peer"],
+                    target,
+                    f"{t.get('recall', float('nan')):.4f} ± {t.get('spread', float('nan')):.4f} / "
+                    f"{t.get('recall_single', float('nan')):.4f} ± {t.get('spread_single', float('nan')):.4f}",
+                    p["recall"],
+                    single["recall"],
+                    "yes" if ok else "NO",
+                    f"{p['qps1000_cpu']:,.0f}",
+                    _ratio(p["qps1000_cpu"], hq),
+                    f"{single['latency_cpu_ms']:.3f}",
+                    f"{hl / single['latency_cpu_ms']:.2f}x" if hl else "–",
+                    f"nprobe={t.get('nprobe')}, nprobe_single={t.get('nprobe_single')}, "
+                    f"shortlist={t.get('shortlist')}, scan_dims={t.get('scan_dims')}",
+                    f"{t.get('cpu_seconds', float('nan')):.2f} ({100 * t.get('cpu_seconds', float('nan')) / r['build_cpu_s']:.1f}%)",
+                ]
+            )
+    chosen = next((p.get("tune", {}).get("repr", "") for r in auto for p in r["points"][:1]), "")
+    return [
+        'Defaults + tune (no per-data-set settings): `IVFIndex(dim, "ip")`, trained on the build, '
+        "then `tune(target)` for each target; recall measured on the 1,000 held-out queries. "
+        "hnswlib's queries per CPU-s and CPU ms are its Pareto curves interpolated to the recall "
+        "leanclip reached (same recall, log-linear between ef settings).",
+        "",
+        f"Chosen at defaults: `{chosen}`",
+        "",
+        H_table(
+            [
+                "leanclip",
+                "target",
+                "tune expected: batch / single (± 1.96 SE)",
+                "held-out recall: Q=1000",
+                "held-out recall: Q=1",
+                "within ±0.01",
+                "Q=1000 queries per CPU-s",
+                "vs hnswlib at that recall (target >= 2x)",
+                "Q=1 CPU ms",
+                "Q=1 vs hnswlib at that recall (speed-up)",
+                "settings tune chose",
+                "tune CPU-s (of build)",
+            ],
+            rows,
+        ),
+        "",
+    ]
+
+
+def H_table(header: List[str], rows: List[List]) -> str:
+    from benchmarks import _harness as H
+
+    return H.markdown_table(header, rows)
+
+
 def plot(all_results: Dict[str, List[Dict]], path: Path) -> None:
     import matplotlib
 
@@ -713,6 +854,19 @@ def plot(all_results: Dict[str, List[Dict]], path: Path) -> None:
         for row, (key, label) in enumerate(panels):
             ax = axes[row][col]
             for r in all_results[kind]:
+                if r["knob"] == "tune":  # a few tuned points, not a sweep
+                    pts = sorted(
+                        (
+                            p
+                            for p in points_for(r, key)
+                            if p["setting"] != "defaults" and not str(p["setting"]).startswith("defaults")
+                        ),
+                        key=lambda p: p["recall"],
+                    )
+                    x = [p["recall"] for p in pts]
+                    y = [p[key] if key.startswith("qps") else 1000.0 / p[key] for p in pts]
+                    ax.plot(x, y, "*", label=r["peer"], markersize=12)
+                    continue
                 pts = pareto(points_for(r, key), key)
                 x = [p["recall"] for p in pts]
                 y = [p[key] if key.startswith("qps") else 1000.0 / p[key] for p in pts]
@@ -756,10 +910,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     load_before = os.getloadavg()
     for spec in specs:
         kind, n = spec.split(":")
-        if n == "auto":  # minilm: every embedding cached so far, less the queries
+        if n == "auto":  # minilm: every embedding cached so far, less the two query sets
             from benchmarks.data.minilm_embeddings import load
 
-            n = str((len(load(10**9)) - Q) // 1000 * 1000)
+            n = str((len(load(10**9)) - 2 * Q) // 1000 * 1000)
         path = make_data(kind, int(n))
         print(f"{kind} {n}: {path}", file=sys.stderr)
         results = [r for r in (run_peer(p, path, args.add_fraction) for p in args.peers.split(",")) if r]
@@ -774,7 +928,7 @@ def report(all_results: Dict[str, List[Dict]], load_before, load_after, extra: s
     sections = []
     for kind, results in all_results.items():
         n = results[0]["n"]
-        dim = int(np.load(CACHE / f"{kind}-{n}.npz")["base"].shape[1])
+        dim = int(np.load(CACHE / f"{kind}-{n}-seed0.npz")["base"].shape[1])
         note = (
             f"nlist = {nlist_for(n)} for every IVF; HNSW M={M}, efConstruction={EF_CONSTRUCTION}; "
             f"{THREADS} threads everywhere; k={K}. Build = the first 99% of the vectors "
