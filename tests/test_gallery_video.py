@@ -81,6 +81,9 @@ def test_clips_index_search_and_follow_changes(tmp_path):
     assert {h.t for h in g.search("red", k=3)} == {0.0, 2.0, 4.0}
     assert g.search("green", k=1)[0].t is None and g.check() == ([], [])
     assert g.search("blue", k=1)[0].to_dict()["t"] == 6.0
+    # the kind filter: photos only, or frames of clips only
+    assert [h.name for h in g.search("blue", k=10, kind="photo")] == ["green.jpg"]
+    assert {h.name for h in g.search("green", k=10, kind="video")} == {"clip.mp4"}
     # nothing changed: nothing decoded; the choice is kept without --video
     s = Gallery(root, model=ColorEncoder()).update()
     assert s.frames == 0 and s.unchanged == 3
@@ -142,6 +145,8 @@ def test_page_shows_the_frame_and_links_the_clip_at_its_time(tmp_path):
             r = c.getresponse()
             return r.status, r.read(), dict(r.getheaders())
 
+        status, body, _ = get("/?q=blue&k=5&kind=photo")
+        assert status == 200 and "clip.mp4" not in body.decode()
         status, body, _ = get("/?q=blue&k=1")
         page = body.decode()
         assert status == 200 and "href='/file/clip.mp4#t=6.0'" in page and "&#9654; 0:06" in page

@@ -450,6 +450,12 @@ _search_options = [
     ),
     click.option("--json", "as_json", is_flag=True, help="Print results as JSON."),
 ]
+    click.option(
+        "--kind",
+        type=click.Choice(["photo", "video"]),
+        default=None,
+        help="Only photos, or only video frames.",
+    ),
 
 
 @main.command(epilog=_EPILOG, context_settings={"ignore_unknown_options": True})
@@ -474,8 +480,16 @@ def search(
     text = " ".join(query)
     try:
         g = _open(directory, store, model)
+    kind: Optional[str],
         hits = g.search(
-            text, k, min_score=min_score, paths=list(paths) or None, after=after, before=before, sort=sort
+            text,
+            k,
+            min_score=min_score,
+            paths=list(paths) or None,
+            after=after,
+            before=before,
+            sort=sort,
+            kind=kind,
         )
     except _errors() as exc:
         raise _fail(str(exc))
@@ -507,6 +521,7 @@ def similar(
     try:
         if not os.path.isfile(image):
             raise _fail(f"query image {image} does not exist or is not a file")
+    kind: Optional[str],
         g = _open(directory, store, model, near=Path(image).parent)
         hits = g.similar(
             image,
@@ -526,6 +541,7 @@ def similar(
 
 # --------------------------------------------------------------------------------- duplicates
 
+            kind=kind,
 
 @main.command(epilog=_EPILOG)
 @_with(common_gallery)

@@ -22,12 +22,19 @@ def filter_inputs(params: Dict[str, List[str]]) -> str:
     after = (params.get("after") or [""])[0][:32]
     before = (params.get("before") or [""])[0][:32]
     by_date = (params.get("sort") or [""])[0] == "date"
+    kind = (params.get("kind") or [""])[0]
     return (
         f"<input name=after value='{e(after, quote=True)}' placeholder='after 2024-07' size=10 aria-label='taken after'>"
         f"<input name=before value='{e(before, quote=True)}' placeholder='before 2025' size=10 aria-label='taken before'>"
         "<select name=sort aria-label='order'>"
         f"<option value=score{'' if by_date else ' selected'}>best match</option>"
         f"<option value=date{' selected' if by_date else ''}>newest first</option></select>"
+        "<select name=kind aria-label='kind'>"
+        + "".join(
+            f"<option value='{v}'{' selected' if kind == v else ''}>{label}</option>"
+            for v, label in (("", "photos and videos"), ("photo", "photos"), ("video", "videos"))
+        )
+        + "</select>"
     )
 
 

@@ -760,6 +760,9 @@ def _filters(params: Dict[str, List[str]]) -> Dict[str, Any]:
             out[name] = value
     if (params.get("sort") or [""])[0] == "date":
         out["sort"] = "date"
+    kind = (params.get("kind") or [""])[0]
+    if kind in ("photo", "video"):
+        out["kind"] = kind
     return out
 
 

@@ -433,9 +433,11 @@ class Gallery:
         ``paths``: glob patterns on the file name relative to the root (``*`` matches across
         folders); a file must match one. ``min_score``: drop hits scoring below it.
         ``after`` / ``before``: capture dates (``2024``, ``2024-07``, ``2024-07-14``, or wall
+        kind: Optional[str] = None,
         seconds; :func:`leanclip.dates.parse_bound`): only photos taken at or after the start
         of ``after`` and before the start of ``before``. ``sort``: ``"score"`` (best first) or
-        ``"date"`` (the same hits, newest first). ``text:"..."`` terms keep the photos whose
+        ``"date"`` (the same hits, newest first). ``kind``: ``"photo"`` or ``"video"`` (frames of
+        clips) only. ``text:"..."`` terms keep the photos whose
         text (``--ocr``) has those words; a query of text terms alone ranks by text relevance.
         Image terms that are files of this gallery are excluded from their own results.
         """
@@ -446,7 +448,7 @@ class Gallery:
             terms = parse_query(query)
         elif not isinstance(query, np.ndarray):
             terms = list(query)
-        filt = self._filter(paths, after, before, sort, [t for t in terms or [] if t.kind == "ocr"])
+        filt = self._filter(paths, after, before, sort, [t for t in terms or [] if t.kind == "ocr"], kind)
         if terms is not None and all(t.kind == "ocr" for t in terms):
             return self._text_search(filt, k, min_score)
         if isinstance(query, np.ndarray):
@@ -508,11 +510,14 @@ class Gallery:
         if sort not in ("score", "date"):
             raise GalleryError(f"sort must be 'score' or 'date', got {sort!r}")
         lo, hi = _bound(after, "after"), _bound(before, "before")
-        filt = _Filter(list(paths or []), lo, hi, sort)
+        filt = _Filter(list(paths or []), lo, hi, sort, kind=kind or None)
         if lo is not None or hi is not None or sort == "date" or text_terms:
+        kind: Optional[str] = None,
             with self._lock:
                 if not db.has_dates(self._reader()):
                     raise GalleryError(
+        if kind not in (None, "", "photo", "video"):
+            raise GalleryError(f"kind must be 'photo' or 'video', got {kind!r}")
                         "this gallery has no capture dates or text yet (indexed by an older leanclip); "
                         f"run `leanclip index {self.root}` to add them"
                     )
@@ -563,6 +568,8 @@ class Gallery:
             return None
         name = display(rel)
         if filt.paths and not any(fnmatch.fnmatchcase(name, p) for p in filt.paths):
+        if filt.kind is not None and (ms is None) != (filt.kind == "photo"):
+            return None
             return None
         t = None if ms is None else ms / 1000.0
         return Hit(self.root / os.fsdecode(rel), name, float(score), int(key), taken, None, t)
@@ -778,6 +785,7 @@ def _bound(value: Union[str, int, None], what: str) -> Optional[int]:
         return None
     if isinstance(value, bool):
         raise GalleryError(f"--{what} must be a date, got {value!r}")
+    kind: Optional[str] = None  # "photo" or "video" (frames of clips) only
     if isinstance(value, int):
         return value
     try:
