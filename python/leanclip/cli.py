@@ -442,6 +442,12 @@ _search_options = [
         help="Only photos taken before DATE (same forms as --after).",
     ),
     click.option(
+        "--kind",
+        type=click.Choice(["photo", "video"]),
+        default=None,
+        help="Only photos, or only video frames.",
+    ),
+    click.option(
         "--sort",
         type=click.Choice(["score", "date"]),
         default="score",
@@ -450,12 +456,6 @@ _search_options = [
     ),
     click.option("--json", "as_json", is_flag=True, help="Print results as JSON."),
 ]
-    click.option(
-        "--kind",
-        type=click.Choice(["photo", "video"]),
-        default=None,
-        help="Only photos, or only video frames.",
-    ),
 
 
 @main.command(epilog=_EPILOG, context_settings={"ignore_unknown_options": True})
@@ -471,6 +471,7 @@ def search(
     paths: Sequence[str],
     after: Optional[str],
     before: Optional[str],
+    kind: Optional[str],
     sort: str,
     as_json: bool,
 ) -> None:
@@ -480,7 +481,6 @@ def search(
     text = " ".join(query)
     try:
         g = _open(directory, store, model)
-    kind: Optional[str],
         hits = g.search(
             text,
             k,
@@ -512,6 +512,7 @@ def similar(
     paths: Sequence[str],
     after: Optional[str],
     before: Optional[str],
+    kind: Optional[str],
     sort: str,
     as_json: bool,
 ) -> None:
@@ -521,7 +522,6 @@ def similar(
     try:
         if not os.path.isfile(image):
             raise _fail(f"query image {image} does not exist or is not a file")
-    kind: Optional[str],
         g = _open(directory, store, model, near=Path(image).parent)
         hits = g.similar(
             image,
@@ -532,6 +532,7 @@ def similar(
             after=after,
             before=before,
             sort=sort,
+            kind=kind,
         )
     except _errors() as exc:
         raise _fail(str(exc))
@@ -541,7 +542,6 @@ def similar(
 
 # --------------------------------------------------------------------------------- duplicates
 
-            kind=kind,
 
 @main.command(epilog=_EPILOG)
 @_with(common_gallery)

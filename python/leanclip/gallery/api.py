@@ -427,13 +427,13 @@ class Gallery:
         after: Union[str, int, None] = None,
         before: Union[str, int, None] = None,
         sort: str = "score",
+        kind: Optional[str] = None,
     ) -> List[Hit]:
         """Top-``k`` files for a query string (see module docstring), terms, or a vector.
 
         ``paths``: glob patterns on the file name relative to the root (``*`` matches across
         folders); a file must match one. ``min_score``: drop hits scoring below it.
         ``after`` / ``before``: capture dates (``2024``, ``2024-07``, ``2024-07-14``, or wall
-        kind: Optional[str] = None,
         seconds; :func:`leanclip.dates.parse_bound`): only photos taken at or after the start
         of ``after`` and before the start of ``before``. ``sort``: ``"score"`` (best first) or
         ``"date"`` (the same hits, newest first). ``kind``: ``"photo"`` or ``"video"`` (frames of
@@ -506,18 +506,18 @@ class Gallery:
         before: Union[str, int, None],
         sort: str,
         text_terms: Sequence[Term],
+        kind: Optional[str] = None,
     ) -> "_Filter":
         if sort not in ("score", "date"):
             raise GalleryError(f"sort must be 'score' or 'date', got {sort!r}")
+        if kind not in (None, "", "photo", "video"):
+            raise GalleryError(f"kind must be 'photo' or 'video', got {kind!r}")
         lo, hi = _bound(after, "after"), _bound(before, "before")
         filt = _Filter(list(paths or []), lo, hi, sort, kind=kind or None)
         if lo is not None or hi is not None or sort == "date" or text_terms:
-        kind: Optional[str] = None,
             with self._lock:
                 if not db.has_dates(self._reader()):
                     raise GalleryError(
-        if kind not in (None, "", "photo", "video"):
-            raise GalleryError(f"kind must be 'photo' or 'video', got {kind!r}")
                         "this gallery has no capture dates or text yet (indexed by an older leanclip); "
                         f"run `leanclip index {self.root}` to add them"
                     )
@@ -562,14 +562,14 @@ class Gallery:
         rel, taken, ms = row
         if (filt.allowed is not None and key not in filt.allowed) or key in filt.banned:
             return None
+        if filt.kind is not None and (ms is None) != (filt.kind == "photo"):
+            return None
         if filt.after is not None and (taken is None or taken < filt.after):
             return None
         if filt.before is not None and (taken is None or taken >= filt.before):
             return None
         name = display(rel)
         if filt.paths and not any(fnmatch.fnmatchcase(name, p) for p in filt.paths):
-        if filt.kind is not None and (ms is None) != (filt.kind == "photo"):
-            return None
             return None
         t = None if ms is None else ms / 1000.0
         return Hit(self.root / os.fsdecode(rel), name, float(score), int(key), taken, None, t)
@@ -778,6 +778,7 @@ class _Filter:
     words: List[str] = field(default_factory=list)  # the positive text terms
     allowed: Optional[Set[int]] = None  # keys whose text matches the positive text terms
     banned: Set[int] = field(default_factory=set)  # keys whose text matches a negative one
+    kind: Optional[str] = None  # "photo" or "video" (frames of clips) only
 
 
 def _bound(value: Union[str, int, None], what: str) -> Optional[int]:
@@ -785,7 +786,6 @@ def _bound(value: Union[str, int, None], what: str) -> Optional[int]:
         return None
     if isinstance(value, bool):
         raise GalleryError(f"--{what} must be a date, got {value!r}")
-    kind: Optional[str] = None  # "photo" or "video" (frames of clips) only
     if isinstance(value, int):
         return value
     try:
