@@ -329,3 +329,21 @@ def test_hard_negative_ids_leaves_the_value_checks_to_the_engine():
         hard_negative_ids(np.arange(3), q, np.arange(5), c, 2)
     with pytest.raises(ValueError, match=r"queries\[0\] contains NaN"):
         hard_negative_ids(np.arange(1), np.full((1, 4), np.inf), np.arange(0), np.zeros((0, 4)), 2)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
+def test_f16_batches_keep_single_query_results_on_tie_heavy_data(metric: str) -> None:
+    """Issue 25 item 8: rows of {0, 0.5, 1} put thousands of rows at a few distances; a batch
+    of 8 or more queries (the matrix-product path) must return each query's single-query ids
+    and score bits. Keys run against row order, so a tie broken by row would show."""
+    rng = np.random.default_rng(11)
+    rows = (rng.integers(0, 3, (3000, 16)) * 0.5).astype(np.float32)
+    rows[np.all(rows == 0, axis=1)] = 0.5  # no zero rows under cos
+    queries = (rng.integers(0, 3, (12, 16)) * 0.5 + 0.25).astype(np.float32)
+    index = Index(16, metric, "f16")
+    index.add(np.arange(3000, 0, -1), rows)
+    ids, scores = index.search(queries, k=10)
+    for i, q in enumerate(queries):
+        one_ids, one_scores = index.search(q, k=10)
+        np.testing.assert_array_equal(ids[i], one_ids, err_msg=f"query {i}")
+        np.testing.assert_array_equal(scores[i].view(np.uint32), one_scores.view(np.uint32))

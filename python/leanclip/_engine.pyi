@@ -122,7 +122,13 @@ def mine_hard_negatives(
     "i8" (AVX512-VNNI) / "bf16" (AVX512-BF16) scan in low precision for k + max(k, 32)
     (i8) / k + max(k, 16) (bf16) candidates per query and re-score them at dtype's
     precision, so scores stay exact (docs/mining.md: measured top-10 agreement with "f32");
-    without those instructions the scan is exact."""
+    without those instructions the scan is exact.
+
+    Score contract: with dtype "f16" or "i8" the scores are bit for bit those an
+    ``Index(dim, metric, dtype)`` holding the corpus reports for each query searched alone
+    (the corpus is encoded as it stores it: unit length first under "cos"), whatever the
+    precision ("f32" scans those rows with f32 products and re-scores with the same kernels).
+    With dtype "f32" they are the f32 product's, within float32 rounding of ``Index``'s."""
 
 def simd_level() -> str:
     """The instruction set the kernels use on this CPU: "avx512", "avx2", "neon" or "scalar"."""

@@ -67,7 +67,10 @@ def hard_negative_ids(
     - ``positives``: optionally, a length-q sequence of corpus-id collections, the explicit
       positives of each query (for pairings that groups cannot express).
 
-    Where fewer than k corpus rows are eligible, the row is padded with -1. Scores follow
+    Ids are returned per corpus row: an id that several corpus rows carry (several embeddings
+    of one image) appears once for each of those rows that ranks among the k hardest, and
+    takes one slot each (deduplicate with ``np.unique`` if you want each id once). Where fewer
+    than k corpus rows are eligible, the row is padded with -1. Scores follow
     ``metric`` ("ip": the usual choice for L2-normalized embeddings, "cos", or "l2");
     ``dtype`` ("f32", "f16" or "i8") and ``precision`` ("f32", "bf16" or "i8": the scan's
     precision, re-scored exactly at ``dtype``; see docs/mining.md) are passed to the engine's
@@ -117,7 +120,12 @@ def hard_negative_ids(
             hit[hit] = uniq[at[hit]] == pos[hit]
             extra = max(extra, int(counts[at[hit]].sum()))
 
-    out = np.full((q, k), -1, dtype=np.int64)
+    try:
+        out = np.full((q, k), -1, dtype=np.int64)
+    except (MemoryError, ValueError):
+        raise ValueError(
+            f"k = {k} is too large: the ({q}, {k}) int64 result does not fit in memory"
+        ) from None
     if q == 0 or n == 0:
         # nothing to mine, but the values are still checked (by the engine, like any call)
         _mine()(queries, corpus, 1, metric=metric, dtype=dtype, precision=precision)

@@ -4,8 +4,8 @@
 //! (matrix products on all cores), so memory beyond the inputs is the output plus one block
 //! per thread, never a q x n score matrix.
 
-use crate::error::{invalid, invalid_vector, Result, VectorFault};
-use crate::index::{check_dim, check_rows};
+use crate::error::{invalid, Error, Result};
+use crate::index::{check_dim, check_rows, encode_append, Buffers};
 use crate::kernels;
 use crate::matmul::{PackedRows, Src};
 use crate::search::{Plan, Queries, Rows, Scan, ScanPrecision, Search};
@@ -71,26 +71,21 @@ pub fn mine_hard_negatives(
     let converted_f16: Vec<f16>;
     let converted_i8: (Vec<i8>, Vec<f32>);
     let corpus = match (dtype, corpus) {
-        (DType::F32, rows) | (DType::F16, rows @ Rows::F16(_)) => rows,
-        (DType::F16, Rows::F32(v)) => {
-            if let Some(pos) = v.iter().position(|x| x.abs() > 65504.0) {
-                return invalid_vector("corpus", pos / dim, VectorFault::F16Overflow);
-            }
-            let mut out = vec![f16::ZERO; v.len()];
-            out.par_chunks_mut(dim * 1024)
-                .zip(v.par_chunks(dim * 1024))
-                .for_each(|(d, s)| d.convert_from_f32_slice(s));
-            converted_f16 = out;
+        (DType::F32, rows) => rows,
+        // f16 rows as they are, except under cos, where an `Index` stores them unit length.
+        (DType::F16, rows @ Rows::F16(_)) if metric != Metric::Cos => rows,
+        (DType::F16, rows) => {
+            converted_f16 = encode_rows(rows, n, dim, metric, DType::F16)?.0;
             Rows::F16(&converted_f16)
         }
         (DType::I8, rows) => {
-            converted_i8 = quantize_rows(rows, n, dim);
+            let (_, data, scales) = encode_rows(rows, n, dim, metric, DType::I8)?;
+            converted_i8 = (data, scales);
             Rows::I8 {
                 data: &converted_i8.0,
                 scales: &converted_i8.1,
             }
         }
-        (_, Rows::I8 { .. }) => return invalid("corpus must be float32 or float16"),
     };
 
     // A low-precision scan runs on a copy of the corpus packed once (i8: n x dim bytes,
@@ -101,12 +96,20 @@ pub fn mine_hard_negatives(
     } else {
         None
     };
-    let scan = scan_copy.as_ref().map_or(Scan::Exact, Scan::Packed);
+    // Without a low-precision scan, f16 and i8 rows are scanned with f32 products and
+    // re-scored with the per-row kernels: every precision reports the same scores, those of
+    // an `Index` of `dtype` searched one query at a time.
+    let unscanned = match corpus {
+        Rows::F32(_) => Scan::Exact,
+        _ => Scan::Rescored,
+    };
+    let scan = scan_copy.as_ref().map_or(unscanned, Scan::Packed);
     let plan = Plan {
         dim,
         metric,
         normalize_queries: metric == Metric::Cos,
-        normalize_rows: metric == Metric::Cos,
+        // f16 and i8 rows are encoded unit length under cos (as `Index` stores them).
+        normalize_rows: metric == Metric::Cos && dtype == DType::F32,
     };
     let row_id = |row: usize| row as u64;
     match (query_groups, corpus_groups) {
@@ -190,17 +193,37 @@ fn check_inputs(queries: Queries<'_>, corpus: Rows<'_>, dim: usize, metric: Metr
     check_corpus(corpus, dim, metric)
 }
 
-/// Every row quantized to i8 with its own scale (as an i8 `Index` stores it).
-fn quantize_rows(rows: Rows<'_>, n: usize, dim: usize) -> (Vec<i8>, Vec<f32>) {
-    let mut data = vec![0i8; n * dim];
-    let mut scales = vec![0f32; n];
-    data.par_chunks_mut(dim)
-        .zip(scales.par_iter_mut())
-        .enumerate()
-        .for_each_init(Vec::new, |buf, (r, (dst, scale))| {
-            *scale = kernels::quantize_row_i8(rows.range(r, r + 1, dim).to_f32(dim, buf), dst);
-        });
-    (data, scales)
+/// The rows encoded as an `Index` of `metric` and `dtype` (f16 or i8) stores them, by its own
+/// encoding (so bit for bit: unit length first under "cos", f16 range checked for f16 under
+/// "ip" / "l2", one scale per row for i8), converted a block at a time. Returns the f16 rows,
+/// or the i8 rows and scales.
+fn encode_rows(
+    rows: Rows<'_>,
+    n: usize,
+    dim: usize,
+    metric: Metric,
+    dtype: DType,
+) -> Result<(Vec<f16>, Vec<i8>, Vec<f32>)> {
+    const BLOCK: usize = 16 * 1024;
+    let (mut half, mut data, mut scales) = (Vec::new(), Vec::new(), Vec::new());
+    let mut buf = Vec::new();
+    for start in (0..n).step_by(BLOCK) {
+        let end = (start + BLOCK).min(n);
+        let block = rows.range(start, end, dim).to_f32(dim, &mut buf);
+        let out = match dtype {
+            DType::I8 => Buffers::I8(&mut data, &mut scales),
+            _ => Buffers::F16(&mut half),
+        };
+        encode_append(block, dim, metric, out).map_err(|e| match e {
+            Error::InvalidVector { row, fault, .. } => Error::InvalidVector {
+                what: "corpus",
+                row: start + row,
+                fault,
+            },
+            other => other,
+        })?;
+    }
+    Ok((half, data, scales))
 }
 
 fn check_queries(queries: Queries<'_>, dim: usize, metric: Metric) -> Result<()> {

@@ -51,6 +51,12 @@ pub enum Scan<'a> {
     /// i8 or bf16 products over a copy of all the rows packed once for the whole search (many
     /// query blocks over the same rows: mining), then an exact re-score.
     Packed(&'a PackedRows),
+    /// f32 products over the rows as stored (f16 converted, i8 dequantized), then an exact
+    /// re-score with the per-row kernels, so that a batch reports what single queries report.
+    /// Over f32 / f16 rows it is certified: a query whose `k`-th score lies within the
+    /// product's error bound of the candidates left out is searched again with the per-row
+    /// kernels (ties and near-ties beyond the margin cannot change the result).
+    Rescored,
 }
 
 /// The precision a mining scan runs at (`precision=` in `mine_hard_negatives`). Scores and
@@ -106,6 +112,9 @@ impl ScanPrecision {
 /// The margin absorbs the scan's rounding: a true top-k row is lost only if more than
 /// `margin` rows overtake it in the scan (see docs/mining.md for the measured agreement).
 pub fn scan_candidates(k: usize, scan: Scan<'_>) -> usize {
+    if let Scan::Rescored = scan {
+        return k + k.max(16);
+    }
     match scan.product() {
         Product::F32 => k,
         // bf16 keeps 8 significant bits (~1e-4 of a unit-vector score over dim 512): a
@@ -119,7 +128,7 @@ impl Scan<'_> {
     /// The matrix product the scan runs.
     fn product(&self) -> Product {
         match self {
-            Scan::Exact => Product::F32,
+            Scan::Exact | Scan::Rescored => Product::F32,
             Scan::Bf16 => Product::Bf16,
             Scan::I8 { .. } => Product::I8,
             Scan::Packed(p) => p.product(),
@@ -293,7 +302,14 @@ where
     /// beyond the eligible candidates get id `u64::MAX` and the metric's missing score.
     /// Batches scan as [`Scan::auto`] picks.
     pub fn run(&self, out_ids: &mut [u64], out_scores: &mut [f32]) {
-        self.run_scan(Scan::auto(self.rows, kernels::level()), out_ids, out_scores)
+        let scan = match (self.rows, self.plan.metric) {
+            // l2 through a product (|q|^2 + |x|^2 - 2 q.x) cancels: its rounding (bf16's
+            // above all) reordered rows that single queries tell apart, and its scores were
+            // not the single-query ones. f16 rows under l2 re-score and certify instead.
+            (Rows::F16(_), Metric::L2) => Scan::Rescored,
+            (rows, _) => Scan::auto(rows, kernels::level()),
+        };
+        self.run_scan(scan, out_ids, out_scores)
     }
 
     /// [`Self::run`] with the batch scan chosen by the caller (a [`Scan::I8`] copy must hold
@@ -451,7 +467,10 @@ where
         let row_block = (TILE_BYTES / 4 / nq).clamp(64, ROW_BLOCK) / 32 * 32;
         let mut tile = vec![0.0f32; nq * row_block];
         let mut row_norms = vec![0.0f32; row_block];
-        let need_norms = plan.metric == Metric::L2 || plan.normalize_rows;
+        // Certification (`Scan::Rescored` over f32 / f16 rows) needs the largest row norm.
+        let certify = matches!(scan, Scan::Rescored) && !matches!(self.rows, Rows::I8 { .. });
+        let mut max_sqnorm = 0.0f32;
+        let need_norms = plan.metric == Metric::L2 || plan.normalize_rows || certify;
         let mut b0 = part.start;
         while b0 < part.end {
             let b1 = (b0 + row_block).min(part.end);
@@ -459,6 +478,9 @@ where
             let block = self.rows.range(b0, b1, dim);
             if need_norms {
                 row_sqnorms(block, dim, &mut row_norms[..nb], &mut converted);
+                if certify {
+                    max_sqnorm = row_norms[..nb].iter().fold(max_sqnorm, |m, &v| m.max(v));
+                }
                 if plan.normalize_rows && plan.metric != Metric::L2 {
                     // Zero rows are rejected before a cosine search; guard anyway.
                     row_norms[..nb]
@@ -508,7 +530,50 @@ where
         if exact {
             return heaps;
         }
-        self.rescore(&qbuf, heaps, &mut converted)
+        // The scan score every left-out candidate is at most (None: nothing was left out).
+        let left_out: Vec<Option<f32>> = heaps
+            .iter_mut()
+            .map(|h| {
+                let kept_hits = h.kept();
+                (kept_hits.len() >= kept).then(|| {
+                    kept_hits
+                        .iter()
+                        .map(|c| c.score)
+                        .fold(f32::INFINITY, f32::min)
+                })
+            })
+            .collect();
+        let mut best = self.rescore(&qbuf, heaps, &mut converted);
+        if certify {
+            // |product - per-row kernel| <= c (|q| + |x|)^2 for the f32 product over f32 / f16
+            // rows (dot: dim u |q||x| for each of the two summation orders; l2 adds |q|^2 and
+            // |x|^2 computed alike), with u = 2^-24 and a factor 4 of slack.
+            let c = (dim as f32 + 16.0) * 2f32.powi(-20);
+            let max_norm = max_sqnorm.sqrt();
+            for (i, top) in best.iter_mut().enumerate() {
+                let Some(t) = left_out[i] else { continue };
+                let q = &qbuf[i * dim..(i + 1) * dim];
+                let bound = c * (kernels::sqnorm_f32(q).sqrt() + max_norm).powi(2);
+                let kth = if top.len() >= self.k {
+                    top.kept()
+                        .iter()
+                        .map(|h| h.score)
+                        .fold(f32::INFINITY, f32::min)
+                } else {
+                    f32::NEG_INFINITY
+                };
+                // NaN (a crafted file's values) is not certain either.
+                let certain = t + bound < kth;
+                if !certain {
+                    let query = queries.start + i;
+                    *top = self
+                        .kernel_task(query..query + 1, part.clone())
+                        .pop()
+                        .expect("one query");
+                }
+            }
+        }
+        best
     }
 
     /// The top `k` of each query's `candidates` (row indices) re-scored with the per-row

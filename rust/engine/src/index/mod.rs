@@ -12,13 +12,12 @@ mod encoding;
 mod storage;
 
 pub(crate) use crate::file_io::MappedFile;
-pub(crate) use encoding::{check_rows, check_stored_rows};
+pub(crate) use encoding::{check_rows, check_stored_rows, encode_append, Buffers};
 pub(crate) use storage::{swap_remove_rows, Buf, Store};
 
 use crate::error::{invalid, Error, Result};
 use crate::search::{self, Plan, Queries};
 use crate::types::{DType, Metric};
-use encoding::{encode_append, Buffers};
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::sync::OnceLock;
 use storage::Encoded;
