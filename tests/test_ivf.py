@@ -218,6 +218,11 @@ def test_bad_pq_settings_name_the_problem():
     assert ivf.shortlist == 100
     with pytest.raises(ValueError, match="shortlist"):
         ivf.shortlist = 0
+    # The setter keeps the constructor's rule: no shortlist without codes.
+    plain = IVFIndex(12)
+    with pytest.raises(ValueError, match="shortlist needs pq"):
+        plain.shortlist = 10
+    assert plain.shortlist == 100
 
 
 @pytest.mark.parametrize("dtype", ["f16", "i8"])

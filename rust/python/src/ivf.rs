@@ -5,7 +5,7 @@ use crate::convert::{
     batch_args, count_arg, key_vec, queries_arg, rows_result, search_result, seed_arg, vectors_arg,
     Count, Int,
 };
-use crate::errors::{engine, to_py_err, value_error};
+use crate::errors::{engine, to_py_err};
 use leanclip_engine::ivf::{IvfIndex, IvfParams, DEFAULT_TRAIN_PER_LIST};
 use leanclip_engine::{DType, Metric};
 use numpy::PyArray1;
@@ -49,6 +49,7 @@ impl PyIvfIndex {
 impl PyIvfIndex {
     #[new]
     #[pyo3(signature = (dim, metric = "cos", dtype = "f32", nlist = Int(1024), nprobe = None, rerank = Int(0), seed = Int(0), train_threshold = None, pq = Int(0), shortlist = None, scan_dims = Int(0)), text_signature = "(dim, metric='cos', dtype='f32', nlist=1024, nprobe=None, rerank=0, seed=0, train_threshold=None, pq=0, shortlist=None, scan_dims=0)")]
+    // One argument per keyword of the Python constructor (pyo3 maps them by name).
     #[allow(clippy::too_many_arguments)]
     fn new(
         dim: Int,
@@ -79,13 +80,10 @@ impl PyIvfIndex {
         };
         params.pq = count_arg(pq, "pq", 0)?;
         if let Some(s) = shortlist {
-            if params.pq == 0 {
-                return Err(value_error(
-                    "shortlist needs pq > 0: it is how many candidates of the code scan are \
-                     re-scored",
-                ));
-            }
-            params.shortlist = count_arg(s, "shortlist", 1)?;
+            // The engine's rule, which the setter runs too: only an index with codes has one.
+            params
+                .set_shortlist(count_arg(s, "shortlist", 1)?)
+                .map_err(to_py_err)?;
         }
         params.scan_dims = count_arg(scan_dims, "scan_dims", 0)?;
         Ok(Self::wrap(

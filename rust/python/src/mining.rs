@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 /// Top-k corpus rows per query outside the query's group; see leanclip._engine.pyi.
 #[pyfunction]
 #[pyo3(signature = (queries, corpus, k, query_groups = None, corpus_groups = None, metric = "ip", dtype = "f32", precision = "f32"))]
+// One argument per keyword of the Python function (pyo3 maps them by name).
 #[allow(clippy::too_many_arguments)]
 fn mine_hard_negatives<'py>(
     py: Python<'py>,

@@ -188,7 +188,8 @@ fn f32s(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
         .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
 }
 
-/// Checks a whole file image except the data checksum. Never panics on any input.
+/// Checks a whole file image except the data checksum. Never panics on any input. The checks
+/// run in file order, each on what the ones before it established (hence one long function).
 fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
     if bytes.len() < HEADER_LEN {
         return bad(format!(
@@ -240,11 +241,9 @@ fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
         .ok_or_else(|| "corrupt header: sizes overflow".to_string())?;
     let Sections {
         keys,
-        centroids,
-        codebooks,
-        scales,
         vectors,
         copies,
+        ..
     } = at.clone();
     let truncated = |want: usize| {
         format!(
@@ -266,30 +265,7 @@ fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
     {
         return bad("corrupt header: reserved bytes are not zero");
     }
-    let shortlist = u32_at(bytes, 68) as usize;
-    if (m == 0) != (shortlist == 0) {
-        return bad(format!("corrupt header: shortlist {shortlist} with pq {m}"));
-    }
-    let params = IvfParams {
-        nlist,
-        nprobe: u32_at(bytes, 40) as usize,
-        rerank: u32_at(bytes, 44) as usize,
-        seed: u64_at(bytes, 48),
-        train_threshold: usize::try_from(u64_at(bytes, 56))
-            .map_err(|_| "corrupt header: train_threshold".to_string())?,
-        pq: m,
-        shortlist: if m == 0 { DEFAULT_SHORTLIST } else { shortlist },
-        scan_dims: u32_at(bytes, 72) as usize,
-    };
-    if let Err(e) = super::check_params(dim, dtype, metric, &params) {
-        return bad(format!("corrupt header or unsupported parameters: {e}"));
-    }
-    if params.rerank > 0 && !exact {
-        return bad("corrupt header: rerank without float32 copies");
-    }
-    if exact && dtype == DType::F32 {
-        return bad("corrupt header: float32 copies flag on a float32 index");
-    }
+    let params = read_params(bytes, nlist, m, (dim, dtype, metric), exact)?;
     let sizes: Vec<usize> = bytes[HEADER_LEN..keys.start]
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
@@ -309,6 +285,72 @@ fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
     if bytes.len() != codes.end {
         return Err(truncated(codes.end));
     }
+    check_fill(bytes, &at, &codes)?;
+    Ok(Layout {
+        dim,
+        dtype,
+        metric,
+        params,
+        exact,
+        count,
+        sizes,
+        at,
+        codes,
+        data_checksum: u64_at(bytes, 112),
+    })
+}
+
+/// The parameters the header stores, checked as the constructor checks them, and against the
+/// sections the flags say are there.
+fn read_params(
+    bytes: &[u8],
+    nlist: usize,
+    m: usize,
+    (dim, dtype, metric): (usize, DType, Metric),
+    exact: bool,
+) -> std::result::Result<IvfParams, String> {
+    let shortlist = u32_at(bytes, 68) as usize;
+    if (m == 0) != (shortlist == 0) {
+        return bad(format!("corrupt header: shortlist {shortlist} with pq {m}"));
+    }
+    let params = IvfParams {
+        nlist,
+        nprobe: u32_at(bytes, 40) as usize,
+        rerank: u32_at(bytes, 44) as usize,
+        seed: u64_at(bytes, 48),
+        train_threshold: usize::try_from(u64_at(bytes, 56))
+            .map_err(|_| "corrupt header: train_threshold".to_string())?,
+        pq: m,
+        shortlist: if m == 0 { DEFAULT_SHORTLIST } else { shortlist },
+        scan_dims: u32_at(bytes, 72) as usize,
+    };
+    if let Err(e) = params.check(dim, dtype, metric) {
+        return bad(format!("corrupt header or unsupported parameters: {e}"));
+    }
+    if params.rerank > 0 && !exact {
+        return bad("corrupt header: rerank without float32 copies");
+    }
+    if exact && dtype == DType::F32 {
+        return bad("corrupt header: float32 copies flag on a float32 index");
+    }
+    Ok(params)
+}
+
+/// The padding between sections is zero, and the float sections a search reads without
+/// checking (codebooks, centroids, scales) hold finite values.
+fn check_fill(
+    bytes: &[u8],
+    at: &Sections,
+    codes: &Range<usize>,
+) -> std::result::Result<(), String> {
+    let Sections {
+        centroids,
+        codebooks,
+        scales,
+        vectors,
+        copies,
+        ..
+    } = at;
     if bytes[scales.end..vectors.start]
         .iter()
         .chain(&bytes[vectors.end..copies.start])
@@ -326,18 +368,7 @@ fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
     if f32s(&bytes[scales.clone()]).any(|v| !v.is_finite()) {
         return bad("corrupt file: a quantization scale is not finite");
     }
-    Ok(Layout {
-        dim,
-        dtype,
-        metric,
-        params,
-        exact,
-        count,
-        sizes,
-        at,
-        codes,
-        data_checksum: u64_at(bytes, 112),
-    })
+    Ok(())
 }
 
 fn verify_data(bytes: &[u8], l: &Layout) -> std::result::Result<(), String> {

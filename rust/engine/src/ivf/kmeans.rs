@@ -1,8 +1,8 @@
 //! Seeded k-means for the coarse quantizer. Assignment runs through the engine's search core
-//! (`search::search_into`: blocked GEMM for batches), centroid updates are summed per centroid
+//! (`search::Search`: blocked GEMM for batches), centroid updates are summed per centroid
 //! in row order, so the result depends only on the data and the seed (not on thread timing).
 
-use crate::search::{self, Plan, Queries, Rows};
+use crate::search::{Plan, Queries, Rows, Search};
 use crate::types::Metric;
 use rayon::prelude::*;
 
@@ -55,16 +55,15 @@ pub(crate) fn assign(rows: &[f32], centroids: &[f32], dim: usize, metric: Metric
     };
     let mut ids = vec![0u64; n];
     let mut scores = vec![0f32; n];
-    search::search_into(
+    let search = Search {
         plan,
-        Rows::F32(centroids),
-        Queries::F32(rows),
-        1,
-        &|_, _| true,
-        &|r| r as u64,
-        &mut ids,
-        &mut scores,
-    );
+        rows: Rows::F32(centroids),
+        queries: Queries::F32(rows),
+        k: 1,
+        eligible: &|_: usize, _: usize| true,
+        row_id: &|r: usize| r as u64,
+    };
+    search.run(&mut ids, &mut scores);
     // A row that scores NaN against every centroid gets no id (u64::MAX): checked input
     // cannot, but a crafted file's values could; it goes to list 0 rather than out of bounds.
     let k = (centroids.len() / dim) as u64;

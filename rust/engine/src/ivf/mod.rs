@@ -4,8 +4,8 @@
 //! query against the centroids and scans only the `nprobe` nearest lists. Each list stores its
 //! rows contiguously as f32, f16 or i8 (as [`crate::Index`] does).
 //!
-//! Search (see `scan.rs`): fewer than 8 queries scan their lists with the single-query SIMD
-//! kernels on the calling thread. A batch groups its queries by list and scans each probed
+//! Search (the driver, `search.rs`; the scanner, `scan.rs`): fewer than 8 queries scan their
+//! lists with the single-query SIMD kernels on the calling thread. A batch groups its queries by list and scans each probed
 //! list once for all the queries probing it, as one matrix product: i8 lists with VNNI, f16
 //! lists with AVX512-BF16 (each list's rows packed once and cached until the list changes),
 //! f32 lists in f32; that is where an IVF outruns a graph index. The product's scores rank the
@@ -30,35 +30,44 @@
 //!   the copies: 4 more bytes per dimension per vector for the recall quantization loses.
 //! - With `pq > 0` each vector also has a 4-bit product-quantization code (`pq.rs`): single
 //!   queries scan the codes and re-score their best `shortlist` candidates from the rows
-//!   (`scan.rs`, `scan_codes`); batches scan the rows as above.
+//!   (`search.rs`, `scan_codes`); batches scan the rows as above.
 //! - With `scan_dims > 0` (f16 / i8, cos / ip) a batch's product ranks by the rows and queries
 //!   projected onto their top principal directions (`project.rs`) before the re-score.
 //! - With nprobe >= nlist a search is exact (the same results as [`crate::Index`]); with codes,
 //!   also `shortlist >= len`; batches with `scan_dims`, only where the data has that rank.
+//!
+//! Files, faiss's split of storage, scanner and driver: `list.rs` (the inverted lists),
+//! `params.rs` (the parameters and their rules), `search.rs` (the search driver and its plan),
+//! `scan.rs` (one list scanned for its queries), `kmeans.rs` (the coarse quantizer), `pq.rs`
+//! (4-bit codes), `project.rs` (principal directions), `file.rs` (the file format); here the
+//! index itself: adding, removing, training.
 
 mod file;
 pub(crate) mod kmeans;
+mod list;
+mod params;
 mod pq;
 mod project;
 mod scan;
+mod search;
 
 pub use file::{IVF_FORMAT_VERSION, IVF_MAGIC};
+pub use params::IvfParams;
 pub use pq::MAX_PQ;
 pub use project::MAX_SCAN_DIMS_DIM;
 
+pub(crate) use list::{Data, List, Seg};
+use list::{EncData, Encoded};
+
 use crate::error::{invalid, Error, Result};
-use crate::index::{
-    check_batch_keys, check_rows, check_search_args, check_stored_rows, swap_remove_rows,
-};
+use crate::index::{check_batch_keys, check_rows, check_stored_rows};
 use crate::kernels;
-use crate::matmul::{self, PackedQueries, Product, Src, Workspace};
-use crate::search::{self, Plan, Queries, Rows};
-use crate::topk::{self, Hit, TopK};
+use crate::search::{Rows, GEMM_MIN_QUERIES};
 use crate::types::{DType, Metric};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 use std::borrow::Cow;
 
 /// Largest supported dimension (as for `Index`).
@@ -79,262 +88,6 @@ const MOVE_CHUNK: usize = 16 * 1024;
 const INSERT_CHUNK: usize = 4096;
 /// Default `shortlist`: candidates of the code scan re-scored from the stored rows.
 pub const DEFAULT_SHORTLIST: usize = 100;
-/// Candidates beyond k (at least k) a batch with `scan_dims` re-scores per query. On 200k
-/// MiniLM embeddings, 192 of 384 principal directions keep 99.96% of the true top 10 among
-/// the best 64 by the reduced score.
-const SCAN_DIMS_MARGIN: usize = 64;
-
-/// The tunable parameters of an [`IvfIndex`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct IvfParams {
-    /// Lists once trained.
-    pub nlist: usize,
-    /// Lists scanned per query.
-    pub nprobe: usize,
-    /// Candidates re-scored from float32 copies (0: none kept, no re-ranking).
-    pub rerank: usize,
-    /// Seed of the k-means sampling and initialization.
-    pub seed: u64,
-    /// The index trains itself when it reaches this many vectors (0: only on `train`).
-    pub train_threshold: usize,
-    /// 4-bit product-quantization sub-quantizers (0: no codes; see `pq.rs`).
-    pub pq: usize,
-    /// With codes: candidates of the code scan re-scored from the stored rows, per query.
-    pub shortlist: usize,
-    /// Batches rank by the rows projected onto their top `scan_dims` principal directions
-    /// (0: all dimensions; see `project.rs`). f16 / i8 under cos / ip only.
-    pub scan_dims: usize,
-}
-
-impl IvfParams {
-    /// Defaults for a given `nlist`: nprobe = max(1, nlist / 32), no re-ranking, seed 0,
-    /// automatic training at 64 x nlist vectors.
-    pub fn with_nlist(nlist: usize) -> Self {
-        IvfParams {
-            nlist,
-            nprobe: (nlist / 32).max(1),
-            rerank: 0,
-            seed: 0,
-            train_threshold: nlist.saturating_mul(DEFAULT_TRAIN_PER_LIST),
-            pq: 0,
-            shortlist: DEFAULT_SHORTLIST,
-            scan_dims: 0,
-        }
-    }
-}
-
-/// A buffer that is owned or a read-only view into a memory-mapped file.
-pub(crate) use crate::index::Buf as Seg;
-
-/// Stored rows of one list.
-pub(crate) enum Data {
-    F32(Seg<f32>),
-    F16(Seg<f16>),
-    /// Row r is `scales[r] * data[r]`.
-    I8 {
-        data: Seg<i8>,
-        scales: Seg<f32>,
-    },
-}
-
-/// One inverted list: keys, rows, (with re-ranking) float32 copies and (with `pq`, once
-/// trained) 4-bit codes, all in slot order.
-pub(crate) struct List {
-    pub(crate) keys: Seg<u64>,
-    pub(crate) data: Data,
-    pub(crate) exact: Option<Seg<f32>>,
-    /// `pq::code_bytes(len, m)` bytes in the fast-scan block layout.
-    pub(crate) codes: Option<Seg<u8>>,
-    /// The rows packed for batched low-precision scans (built by the first batch that scans
-    /// the list, dropped by every change to it).
-    pub(crate) packed: scan::PackCache,
-}
-
-impl List {
-    fn empty(dtype: DType, exact: bool) -> List {
-        List {
-            keys: Seg::Owned(Vec::new()),
-            data: match dtype {
-                DType::F32 => Data::F32(Seg::Owned(Vec::new())),
-                DType::F16 => Data::F16(Seg::Owned(Vec::new())),
-                DType::I8 => Data::I8 {
-                    data: Seg::Owned(Vec::new()),
-                    scales: Seg::Owned(Vec::new()),
-                },
-            },
-            exact: exact.then(|| Seg::Owned(Vec::new())),
-            codes: None,
-            packed: Default::default(),
-        }
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.keys.as_slice().len()
-    }
-
-    /// Room for `n` more rows.
-    fn reserve(&mut self, n: usize, dim: usize) -> Result<()> {
-        grow(self.keys.owned_mut()?, n);
-        match &mut self.data {
-            Data::F32(s) => grow(s.owned_mut()?, n * dim),
-            Data::F16(s) => grow(s.owned_mut()?, n * dim),
-            Data::I8 { data, scales } => {
-                grow(data.owned_mut()?, n * dim);
-                grow(scales.owned_mut()?, n);
-            }
-        }
-        if let Some(e) = &mut self.exact {
-            grow(e.owned_mut()?, n * dim);
-        }
-        Ok(())
-    }
-
-    pub(crate) fn rows(&self) -> Rows<'_> {
-        match &self.data {
-            Data::F32(s) => Rows::F32(s.as_slice()),
-            Data::F16(s) => Rows::F16(s.as_slice()),
-            Data::I8 { data, scales } => Rows::I8 {
-                data: data.as_slice(),
-                scales: scales.as_slice(),
-            },
-        }
-    }
-
-    /// Appends row `i` of `enc`.
-    fn push(&mut self, key: u64, enc: &Encoded, i: usize, dim: usize) -> Result<()> {
-        self.packed = Default::default();
-        let r = i * dim..(i + 1) * dim;
-        match (&mut self.data, &enc.data) {
-            (Data::F32(s), EncData::F32(v)) => s.owned_mut()?.extend_from_slice(&v[r.clone()]),
-            (Data::F16(s), EncData::F16(v)) => s.owned_mut()?.extend_from_slice(&v[r.clone()]),
-            (Data::I8 { data, scales }, EncData::I8(d, sc)) => {
-                data.owned_mut()?.extend_from_slice(&d[r.clone()]);
-                scales.owned_mut()?.push(sc[i]);
-            }
-            _ => unreachable!("encoded with the index's own dtype"),
-        }
-        if let (Some(dst), Some(src)) = (&mut self.exact, &enc.exact) {
-            dst.owned_mut()?.extend_from_slice(&src[r]);
-        }
-        if let (Some(dst), Some((src, m))) = (&mut self.codes, &enc.codes) {
-            let m = *m;
-            let slot = self.keys.as_slice().len();
-            let dst = dst.owned_mut()?;
-            dst.resize(pq::code_bytes(slot + 1, m), 0);
-            pq::set_row(dst, slot, &src[i * m..(i + 1) * m]);
-        }
-        self.keys.owned_mut()?.push(key);
-        Ok(())
-    }
-
-    /// Appends slot `slot` of `other` (the encoded bytes, no re-encoding).
-    fn push_from(&mut self, other: &List, slot: usize, dim: usize) -> Result<()> {
-        self.packed = Default::default();
-        let r = slot * dim..(slot + 1) * dim;
-        match (&mut self.data, &other.data) {
-            (Data::F32(d), Data::F32(s)) => {
-                d.owned_mut()?.extend_from_slice(&s.as_slice()[r.clone()])
-            }
-            (Data::F16(d), Data::F16(s)) => {
-                d.owned_mut()?.extend_from_slice(&s.as_slice()[r.clone()])
-            }
-            (
-                Data::I8 { data, scales },
-                Data::I8 {
-                    data: sd,
-                    scales: ss,
-                },
-            ) => {
-                data.owned_mut()?
-                    .extend_from_slice(&sd.as_slice()[r.clone()]);
-                scales.owned_mut()?.push(ss.as_slice()[slot]);
-            }
-            _ => unreachable!("lists of one index share its dtype"),
-        }
-        if let (Some(dst), Some(src)) = (&mut self.exact, &other.exact) {
-            dst.owned_mut()?.extend_from_slice(&src.as_slice()[r]);
-        }
-        self.keys.owned_mut()?.push(other.keys.as_slice()[slot]);
-        Ok(())
-    }
-
-    /// Removes `slot` by moving the last row into it; returns the key moved (if any).
-    fn swap_remove(&mut self, slot: usize, dim: usize) -> Result<Option<u64>> {
-        self.packed = Default::default();
-        let last = self.len() - 1;
-        match &mut self.data {
-            Data::F32(s) => swap_remove_rows(s.owned_mut()?, slot, last, dim),
-            Data::F16(s) => swap_remove_rows(s.owned_mut()?, slot, last, dim),
-            Data::I8 { data, scales } => {
-                swap_remove_rows(data.owned_mut()?, slot, last, dim);
-                swap_remove_rows(scales.owned_mut()?, slot, last, 1);
-            }
-        }
-        if let Some(e) = &mut self.exact {
-            swap_remove_rows(e.owned_mut()?, slot, last, dim);
-        }
-        if let Some(c) = &mut self.codes {
-            let c = c.owned_mut()?;
-            let m = c.len() / (last + 1).div_ceil(kernels::PQ_BLOCK) / kernels::PQ_BLOCK * 2;
-            let mut row = vec![0u8; m];
-            pq::get_row(c, last, &mut row);
-            pq::set_row(c, slot, &row);
-            row.fill(0);
-            pq::set_row(c, last, &row);
-            c.truncate(pq::code_bytes(last, m));
-        }
-        let keys = self.keys.owned_mut()?;
-        swap_remove_rows(keys, slot, last, 1);
-        Ok((slot != last).then(|| keys[slot]))
-    }
-
-    /// The bytes of stored row `slot` (for prefetching).
-    fn row_bytes(&self, slot: usize, dim: usize) -> &[u8] {
-        let r = slot * dim..(slot + 1) * dim;
-        match &self.data {
-            Data::F32(s) => bytemuck::cast_slice(&s.as_slice()[r]),
-            Data::F16(s) => bytemuck::cast_slice(&s.as_slice()[r]),
-            Data::I8 { data, .. } => bytemuck::cast_slice(&data.as_slice()[r]),
-        }
-    }
-
-    /// Row `slot` as float32 (the exact copy when kept, else the stored row dequantized).
-    fn row_f32(&self, slot: usize, dim: usize, out: &mut [f32]) {
-        if let Some(e) = &self.exact {
-            out.copy_from_slice(&e.as_slice()[slot * dim..(slot + 1) * dim]);
-            return;
-        }
-        let mut buf = Vec::new();
-        out.copy_from_slice(self.rows().range(slot, slot + 1, dim).to_f32(dim, &mut buf));
-    }
-}
-
-/// Room for `extra` more elements in a list's buffer: exactly what comes, or an eighth of what
-/// it holds if that is more. Growth stays amortized (geometric, x1.125) with at most 12.5%
-/// unused, where `Vec::reserve` doubles: adds spread over many lists left ~1.7x the data
-/// allocated (a 1M x 512 i8 index built by `add` held 799 MiB for 488 MiB of rows).
-fn grow<T>(v: &mut Vec<T>, extra: usize) {
-    if v.capacity() - v.len() < extra {
-        v.reserve_exact(extra.max(v.len() / 8));
-    }
-}
-
-/// A batch encoded for storage (row-major, `dim` values per row).
-struct Encoded {
-    data: EncData,
-    exact: Option<Vec<f32>>,
-    /// With trained codebooks: `m` codes per row, and `m`.
-    codes: Option<(Vec<u8>, usize)>,
-}
-
-enum EncData {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
-    I8(Vec<i8>, Vec<f32>),
-}
-
-/// One query's output slots and candidates, as the search's last step receives them.
-type FinishItem<'a> = (usize, ((&'a mut [u64], &'a mut [f32]), Vec<scan::Cand>));
 
 /// The IVF index. See the module documentation.
 pub struct IvfIndex {
@@ -378,81 +131,12 @@ impl std::fmt::Debug for IvfIndex {
     }
 }
 
-fn check_params(dim: usize, dtype: DType, metric: Metric, p: &IvfParams) -> Result<()> {
-    if p.nlist == 0 || p.nlist > MAX_LISTS {
-        return invalid(format!(
-            "nlist must be between 1 and {MAX_LISTS}, got {}",
-            p.nlist
-        ));
-    }
-    if p.nprobe == 0 {
-        return invalid("nprobe must be at least 1, got 0");
-    }
-    if p.rerank > 0 && dtype == DType::F32 {
-        return invalid(
-            "rerank needs dtype \"f16\" or \"i8\": with \"f32\" the scan is already exact",
-        );
-    }
-    if let Some(msg) = pq::check_m(p.pq, dim) {
-        return invalid(msg);
-    }
-    if p.shortlist == 0 {
-        return invalid("shortlist must be at least 1, got 0");
-    }
-    check_scan_dims(dim, dtype, metric, p.scan_dims)?;
-    if p.train_threshold > 0 && p.train_threshold < p.nlist {
-        return invalid(format!(
-            "train_threshold must be 0 (train only on request) or at least nlist = {}, got {}",
-            p.nlist, p.train_threshold
-        ));
-    }
-    Ok(())
-}
-
-/// `scan_dims` is 0 (all dimensions) or fewer than `dim`, and only where batches re-score
-/// their candidates from the rows (f16 / i8) by inner product (cos / ip).
-fn check_scan_dims(dim: usize, dtype: DType, metric: Metric, scan_dims: usize) -> Result<()> {
-    if scan_dims == 0 {
-        return Ok(());
-    }
-    if scan_dims >= dim {
-        return invalid(format!(
-            "scan_dims must be 0 (all dimensions) or below dim = {dim}, got {scan_dims}"
-        ));
-    }
-    if dim > project::MAX_SCAN_DIMS_DIM {
-        return invalid(format!(
-            "scan_dims needs dim <= {}, got dim = {dim}: the principal directions take a \
-             dim x dim eigendecomposition (memory ~24 * dim^2 bytes, time ~dim^3); use \
-             scan_dims=0",
-            project::MAX_SCAN_DIMS_DIM
-        ));
-    }
-    if dtype == DType::F32 {
-        return invalid(
-            "scan_dims needs dtype \"f16\" or \"i8\": their batches re-score the candidates \
-             of the reduced scan from the stored rows; \"f32\" batches report the scan's scores",
-        );
-    }
-    if metric == Metric::L2 {
-        return invalid(
-            "scan_dims needs metric \"cos\" or \"ip\": the principal directions rank by \
-             inner product",
-        );
-    }
-    Ok(())
-}
-
-/// (Query, list) pairs one batch scans at most (its buffers take ~50 bytes a pair); larger
-/// batches run in chunks of queries.
-const MAX_BATCH_PAIRS: usize = 1 << 18;
-
 impl IvfIndex {
     pub fn new(dim: usize, metric: Metric, dtype: DType, params: IvfParams) -> Result<Self> {
         if dim == 0 || dim > MAX_DIM {
             return invalid(format!("dim must be between 1 and {MAX_DIM}, got {dim}"));
         }
-        check_params(dim, dtype, metric, &params)?;
+        params.check(dim, dtype, metric)?;
         Ok(IvfIndex {
             dim,
             metric,
@@ -554,9 +238,7 @@ impl IvfIndex {
     }
 
     pub fn set_nprobe(&mut self, nprobe: usize) -> Result<()> {
-        if nprobe == 0 {
-            return invalid("nprobe must be at least 1, got 0");
-        }
+        params::check_nprobe(nprobe)?;
         self.params.nprobe = nprobe;
         Ok(())
     }
@@ -570,23 +252,21 @@ impl IvfIndex {
                  rerank > 0 (dtype \"f16\" or \"i8\") keeps",
             );
         }
+        params::check_rerank(self.dtype, rerank)?;
         self.params.rerank = rerank;
         Ok(())
     }
 
-    /// Changes how many candidates of the code scan (`pq > 0`) are re-scored.
+    /// Changes how many candidates of the code scan are re-scored (an index with `pq > 0`
+    /// only, as in the constructor).
     pub fn set_shortlist(&mut self, shortlist: usize) -> Result<()> {
-        if shortlist == 0 {
-            return invalid("shortlist must be at least 1, got 0");
-        }
-        self.params.shortlist = shortlist;
-        Ok(())
+        self.params.set_shortlist(shortlist)
     }
 
     /// Changes how many principal directions batches rank by (0: all dimensions). The
     /// lists' packed copies are rebuilt by the next batch.
     pub fn set_scan_dims(&mut self, scan_dims: usize) -> Result<()> {
-        check_scan_dims(self.dim, self.dtype, self.metric, scan_dims)?;
+        params::check_scan_dims(self.dim, self.dtype, self.metric, scan_dims)?;
         if scan_dims != self.params.scan_dims {
             self.params.scan_dims = scan_dims;
             for list in &mut self.lists {
@@ -647,7 +327,7 @@ impl IvfIndex {
                 row.iter_mut().for_each(|x| *x *= inv);
             }
         };
-        if vectors.len() < search::GEMM_MIN_QUERIES * self.dim {
+        if vectors.len() < GEMM_MIN_QUERIES * self.dim {
             v.chunks_mut(self.dim).for_each(one);
         } else {
             v.par_chunks_mut(self.dim).for_each(one);
@@ -999,349 +679,6 @@ impl IvfIndex {
             }
         }
         self.map = map;
-    }
-
-    /// Approximate top-`k` of each query (exact with nprobe >= nlist or before training).
-    /// Returns (keys, scores, k') with k' = min(k, len - excluded keys present): every
-    /// query gets k' results, lists beyond `nprobe` are scanned when the probed ones hold
-    /// too few. Equal scores rank by ascending key.
-    pub fn search(
-        &self,
-        queries: &[f32],
-        k: usize,
-        exclude: Option<&[u64]>,
-    ) -> Result<(Vec<u64>, Vec<f32>, usize)> {
-        let dim = self.dim;
-        let nq = check_search_args(queries, dim, k)?;
-        self.check_vectors(queries, "queries", false)?;
-        self.check_file()?;
-        let found = self.search_parts(queries, k, exclude, nq)?;
-        // A file changed during the search may have given other bytes than were checked.
-        self.check_file()?;
-        Ok(found)
-    }
-
-    /// [`Self::search`] of `nq` checked queries, in parts where the batch is large.
-    fn search_parts(
-        &self,
-        queries: &[f32],
-        k: usize,
-        exclude: Option<&[u64]>,
-        nq: usize,
-    ) -> Result<(Vec<u64>, Vec<f32>, usize)> {
-        let dim = self.dim;
-        // A batch's per-pair buffers grow with queries x probed lists: a large one runs in
-        // chunks of queries, balanced so that each stays a batch.
-        let probed = if self.is_trained() {
-            self.params.nprobe.min(self.lists.len())
-        } else {
-            self.lists.len()
-        };
-        let parts = (nq * probed.max(1)).div_ceil(MAX_BATCH_PAIRS).max(1);
-        if parts == 1 || nq < 2 * parts * search::GEMM_MIN_QUERIES {
-            return self.search_checked(queries, k, exclude);
-        }
-        let per = nq.div_ceil(parts);
-        let (mut ids, mut scores, mut kp) = (Vec::new(), Vec::new(), 0);
-        for part in queries.chunks(per * dim) {
-            let (i, s, kpart) = self.search_checked(part, k, exclude)?;
-            ids.extend_from_slice(&i);
-            scores.extend_from_slice(&s);
-            kp = kpart;
-        }
-        Ok((ids, scores, kp))
-    }
-
-    /// [`Self::search`] of queries already checked.
-    fn search_checked(
-        &self,
-        queries: &[f32],
-        k: usize,
-        exclude: Option<&[u64]>,
-    ) -> Result<(Vec<u64>, Vec<f32>, usize)> {
-        let dim = self.dim;
-        let nq = queries.len() / dim;
-        // Excluded keys present, and how many fall in each list.
-        let mut excluded: FxHashSet<u64> = FxHashSet::default();
-        let mut excluded_per_list = vec![0usize; self.lists.len()];
-        for key in exclude.unwrap_or(&[]) {
-            if let Some(&(l, _)) = self.map.get(key) {
-                if excluded.insert(*key) {
-                    excluded_per_list[l as usize] += 1;
-                }
-            }
-        }
-        let kp = k.min(self.len() - excluded.len());
-        if nq == 0 || kp == 0 {
-            return Ok((Vec::new(), Vec::new(), kp));
-        }
-        let queries = self.normalize(queries, true);
-        let rerank = if self.keeps_exact() {
-            self.params.rerank
-        } else {
-            0
-        };
-        let batch = nq >= search::GEMM_MIN_QUERIES;
-        let product = scan::batch_product(self.dtype);
-        // Codes serve single queries (fewer than GEMM_MIN_QUERIES): a batch's product over the
-        // lists themselves is compute-bound and costs less per query than codes plus a
-        // shortlist re-scored from rows spread through memory.
-        let codes = self.has_codes() && !batch;
-        // A batch of f16 / i8 lists re-scores its best candidates with the single-query
-        // kernels (so it reports what Q=1 reports); a low-precision scan keeps a margin. So
-        // does every search of codes.
-        let rescore = rerank == 0 && (codes || (batch && self.dtype != DType::F32));
-        // Candidates per query: k plus the margin of the scan's rounding (as `Index` batches
-        // keep); an f32 product over f16 / i8 rows keeps the bf16 margin, as its order may
-        // differ from the single-query kernels' in the last bits.
-        let kc = if codes {
-            kp.max(rerank).max(self.params.shortlist)
-        } else if rerank > 0 {
-            kp.max(rerank)
-        } else if rescore {
-            let probe = match product {
-                Product::I8 => search::Scan::I8 {
-                    data: &[],
-                    scales: &[],
-                },
-                _ => search::Scan::Bf16,
-            };
-            search::scan_candidates(kp, probe)
-        } else {
-            kp
-        };
-        // A batch with scan_dims ranks by the principal directions (`project.rs`): its
-        // candidates are re-scored from the rows (check_scan_dims allows f16 / i8 only), with
-        // a margin for what the dropped dimensions move.
-        let reduce = batch && self.params.scan_dims > 0;
-        let kc = if reduce {
-            kc.max(kp + kp.max(SCAN_DIMS_MARGIN))
-        } else {
-            kc
-        };
-        let pdim = if reduce { self.params.scan_dims } else { dim };
-        let directions = reduce.then(|| {
-            self.directions
-                .get_or_init(|| {
-                    let sample = self.sample_contents(project::BASIS_SAMPLE);
-                    project::principal_directions(&sample, dim)
-                })
-                .as_slice()
-        });
-        let reduced_queries = directions.map(|d| {
-            let mut out = Vec::new();
-            project::project(&queries, dim, d, pdim, &mut out, &mut Default::default());
-            out
-        });
-        let reduced = scan::Reduced {
-            directions,
-            queries: reduced_queries.as_deref().unwrap_or(&queries),
-        };
-        let spec = scan::ScanSpec {
-            metric: self.metric,
-            dim,
-            pdim,
-            product,
-            kc,
-            parallel: batch,
-        };
-        let q16 = (self.dtype == DType::I8 && self.metric != Metric::L2)
-            .then(|| scan::Q16::new(&queries, dim));
-        let q8 = (batch && product == Product::I8).then(|| scan::Q8::new(reduced.queries, pdim));
-        let probes = self.probes(&queries, kp + excluded.len());
-        let hits = match &self.codebooks {
-            Some(book) if codes => self.scan_codes(book, spec, &queries, &probes, &excluded),
-            _ => self.scan_lists_into(
-                spec,
-                &queries,
-                reduced,
-                &probes,
-                q16.as_ref(),
-                q8.as_ref(),
-                &excluded,
-                &excluded_per_list,
-            ),
-        };
-        let mut ids = vec![0u64; nq * kp];
-        let mut scores = vec![0f32; nq * kp];
-        let finish = |conv: &mut Vec<f32>, (q, ((ids, scores), mut top)): FinishItem| {
-            let qv = &queries[q * dim..(q + 1) * dim];
-            if rerank > 0 {
-                self.rerank(qv, &mut top);
-            } else if rescore {
-                let q16 = q16.as_ref().map(|x| x.query(q, dim));
-                // Candidates lie anywhere in memory: start loading them all at once.
-                for c in top.iter() {
-                    let list = &self.lists[c.list as usize];
-                    kernels::prefetch(list.row_bytes(c.slot as usize, dim));
-                }
-                for c in top.iter_mut() {
-                    let list = &self.lists[c.list as usize];
-                    c.score =
-                        scan::exact_score(list, c.slot as usize, self.metric, dim, qv, q16, conv);
-                }
-                top.sort_unstable_by(topk::rank);
-            }
-            debug_assert!(top.len() >= kp);
-            for (j, h) in top.iter().take(kp).enumerate() {
-                ids[j] = h.key;
-                scores[j] = self.metric.to_external(h.score);
-            }
-        };
-        if batch {
-            ids.par_chunks_mut(kp)
-                .zip(scores.par_chunks_mut(kp))
-                .zip(hits.into_par_iter())
-                .enumerate()
-                .for_each_init(Vec::new, finish);
-        } else {
-            let mut conv = Vec::new();
-            ids.chunks_mut(kp)
-                .zip(scores.chunks_mut(kp))
-                .zip(hits)
-                .enumerate()
-                .for_each(|item| finish(&mut conv, item));
-        }
-        Ok((ids, scores, kp))
-    }
-
-    /// The lists each query scans (CSR: offsets into a flat list), nearest first. A query
-    /// whose probed lists hold fewer than `needed` vectors scans every list.
-    fn probes(&self, queries: &[f32], needed: usize) -> (Vec<usize>, Vec<u32>) {
-        let dim = self.dim;
-        let nq = queries.len() / dim;
-        let nlist = self.lists.len();
-        if !self.is_trained() {
-            let offsets = (0..=nq).map(|q| q * nlist).collect();
-            let flat = (0..nq).flat_map(|_| 0..nlist as u32).collect();
-            return (offsets, flat);
-        }
-        // Nearest first even when every list is probed: a batch's first round scans the
-        // nearest lists, whose scores bound what the others must keep.
-        let np = self.params.nprobe.min(nlist);
-        let plan = Plan {
-            dim,
-            metric: self.coarse_metric(),
-            normalize_queries: false,
-            normalize_rows: false,
-        };
-        let mut ids = vec![0u64; nq * np];
-        let mut scores = vec![0f32; nq * np];
-        if nq < search::GEMM_MIN_QUERIES {
-            // Few queries: the same kernels and order as the search core, on this thread
-            // (no hand-off to the thread pool for a few microseconds of work).
-            let (mut all, mut ints) = (vec![0f32; nlist], vec![0i64; nlist]);
-            let mut q16 = Vec::new();
-            let mut top = TopK::<Hit>::default();
-            let rows = self.probe_rows();
-            for (q, qv) in queries.chunks_exact(dim).enumerate() {
-                let q16 = matches!(rows, Rows::I8 { .. }).then(|| {
-                    let scale = kernels::quantize_query_i16(qv, &mut q16);
-                    (q16.as_slice(), scale)
-                });
-                search::score_chunk(plan.metric, qv, q16, rows, &[], &mut ints, &mut all);
-                top.reset(np, f32::NEG_INFINITY);
-                for (l, &s) in all.iter().enumerate() {
-                    top.push(Hit {
-                        score: s,
-                        id: l as u64,
-                    });
-                }
-                for (j, c) in top.sorted().iter().enumerate() {
-                    ids[q * np + j] = c.id;
-                }
-            }
-        } else if let Some((data, cscales)) = self
-            .probe_centroids
-            .as_ref()
-            .filter(|_| matmul::has_i8_product(kernels::level()))
-        {
-            // A batch reuses the centroids across its queries (a product, compute-bound): the
-            // i8 copy single queries score, by the VNNI product (a quarter of the float32
-            // product's time, which was a tenth of a batch at nprobe ~100). Lists are only
-            // chosen by these scores, never reported.
-            const BLOCK: usize = 256;
-            let level = kernels::level();
-            let src = Src::I8 {
-                data,
-                scales: cscales,
-            };
-            ids.par_chunks_mut(BLOCK * np)
-                .zip(queries.par_chunks(BLOCK * dim))
-                .for_each_init(
-                    || (Vec::new(), Workspace::default(), TopK::<Hit>::default()),
-                    |(tile, ws, top), (chosen, qs)| {
-                        let m = qs.len() / dim;
-                        let packed = PackedQueries::new(Product::I8, level, m, dim, qs);
-                        tile.resize(m * nlist, 0.0);
-                        packed.scores(src, nlist, tile, nlist, ws);
-                        for (row, out) in tile.chunks_exact(nlist).zip(chosen.chunks_exact_mut(np))
-                        {
-                            top.reset(np, f32::NEG_INFINITY);
-                            for (l, &s) in row.iter().enumerate() {
-                                top.push(Hit {
-                                    score: s,
-                                    id: l as u64,
-                                });
-                            }
-                            for (o, c) in out.iter_mut().zip(top.sorted()) {
-                                *o = c.id;
-                            }
-                        }
-                    },
-                );
-        } else {
-            // Float32 product (L2, or no VNNI).
-            search::search_into(
-                plan,
-                Rows::F32(&self.centroids),
-                Queries::F32(queries),
-                np,
-                &|_, _| true,
-                &|r| r as u64,
-                &mut ids,
-                &mut scores,
-            );
-        }
-        let mut offsets = Vec::with_capacity(nq + 1);
-        let mut flat = Vec::with_capacity(nq * np);
-        offsets.push(0);
-        for q in 0..nq {
-            let mine = &ids[q * np..(q + 1) * np];
-            let held: usize = mine.iter().map(|&l| self.lists[l as usize].len()).sum();
-            if held >= needed {
-                flat.extend(mine.iter().map(|&l| l as u32));
-            } else {
-                flat.extend(mine.iter().map(|&l| l as u32));
-                let seen: FxHashSet<u64> = mine.iter().copied().collect();
-                flat.extend(
-                    (0..nlist as u64)
-                        .filter(|l| !seen.contains(l))
-                        .map(|l| l as u32),
-                );
-            }
-            offsets.push(flat.len());
-        }
-        (offsets, flat)
-    }
-
-    /// Re-scores the candidates from their float32 copies, best first.
-    fn rerank(&self, q: &[f32], top: &mut [scan::Cand]) {
-        let dim = self.dim;
-        let level = kernels::level();
-        for c in top.iter_mut() {
-            let exact = self.lists[c.list as usize]
-                .exact
-                .as_ref()
-                .expect("rerank only with float32 copies");
-            let slot = c.slot as usize;
-            let row = &exact.as_slice()[slot * dim..(slot + 1) * dim];
-            c.score = match self.metric {
-                Metric::L2 => -kernels::l2_f32_with(level, q, row),
-                _ => kernels::dot_f32_with(level, q, row),
-            };
-        }
-        top.sort_unstable_by(topk::rank);
     }
 }
 

@@ -503,6 +503,54 @@ fn bad_pq_settings_are_refused_with_reasons() {
     assert_eq!(ivf.params().shortlist, 3);
 }
 
+/// The constructor's rules are the setters' rules: what one refuses, the other refuses too
+/// (the shortlist of an index without codes was once refused by the binding's constructor
+/// only, and the setter took it).
+#[test]
+fn setters_refuse_what_the_constructor_refuses() {
+    let mut plain = IvfIndex::new(12, Metric::Ip, DType::F16, params(4)).unwrap();
+    let before = plain.params();
+    let err = plain.set_shortlist(10).unwrap_err().to_string();
+    assert!(err.contains("shortlist needs pq > 0"), "{err}");
+    let mut p = params(4);
+    assert!(p
+        .set_shortlist(10)
+        .unwrap_err()
+        .to_string()
+        .contains("needs pq > 0"));
+    assert!(plain.set_nprobe(0).is_err());
+    assert!(IvfIndex::new(
+        12,
+        Metric::Ip,
+        DType::F16,
+        IvfParams {
+            nprobe: 0,
+            ..params(4)
+        }
+    )
+    .is_err());
+    assert!(plain.set_scan_dims(12).is_err());
+    let scan_dims_12 = IvfParams {
+        scan_dims: 12,
+        ..params(4)
+    };
+    assert!(IvfIndex::new(12, Metric::Ip, DType::F16, scan_dims_12).is_err());
+    // rerank needs copies kept from the start (f16 / i8 created with rerank > 0).
+    assert!(plain.set_rerank(5).is_err());
+    let mut f32_index = IvfIndex::new(12, Metric::Ip, DType::F32, params(4)).unwrap();
+    assert!(f32_index.set_rerank(5).is_err());
+    let f32_rerank = IvfParams {
+        rerank: 5,
+        ..params(4)
+    };
+    assert!(IvfIndex::new(12, Metric::Ip, DType::F32, f32_rerank).is_err());
+    assert_eq!(plain.params(), before, "a refused setting changes nothing");
+    // With codes the same setter takes it.
+    let mut coded = IvfIndex::new(12, Metric::Ip, DType::F16, pq_params(4, 4, 10)).unwrap();
+    coded.set_shortlist(7).unwrap();
+    assert_eq!(coded.params().shortlist, 7);
+}
+
 /// A batch of more (query, list) pairs than one batch holds runs in chunks of queries and
 /// returns what its parts searched as batches of their own return, exclusions included.
 #[test]
@@ -511,7 +559,7 @@ fn a_batch_beyond_the_pair_limit_runs_in_chunks_with_the_same_results() {
         let (dim, nlist) = (8, 64);
         let (mut ivf, _, _) = clustered_pair(Metric::Ip, dtype, 2000, dim, nlist);
         ivf.set_nprobe(nlist).unwrap();
-        let nq = MAX_BATCH_PAIRS / nlist + 100;
+        let nq = super::search::MAX_BATCH_PAIRS / nlist + 100;
         let q = data(41, nq, dim);
         let exclude: Vec<u64> = (0..40u64).map(|k| k * 5 + 1).collect();
         let (ids, scores, k) = ivf.search(&q, 10, Some(&exclude)).unwrap();

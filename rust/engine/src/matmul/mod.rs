@@ -36,7 +36,7 @@ mod rows;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use queries::PackedQueries;
+pub use queries::{Marks, PackedQueries};
 pub use rows::PackedRows;
 
 #[cfg(test)]

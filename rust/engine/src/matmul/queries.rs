@@ -141,26 +141,24 @@ impl PackedQueries {
     }
 
     /// [`Self::scores`], keeping only the scores at or above their row's threshold: bit
-    /// `j % 32` of `masks[i * n.div_ceil(32) + j / 32]` is set iff `a_i . b_j >= thr[j]`, and
-    /// `c[i * ldc + j]` holds the score where it is (elsewhere it is unspecified). The i8
-    /// micro-kernel compares as it stores, so a caller looking for the few scores above a
-    /// floor reads a bit per score, not the whole matrix.
-    #[allow(clippy::too_many_arguments)]
+    /// `j % 32` of `marks.masks[i * n.div_ceil(32) + j / 32]` is set iff `a_i . b_j >=
+    /// marks.thr[j]`, and `c[i * ldc + j]` holds the score where it is (elsewhere it is
+    /// unspecified). The i8 micro-kernel compares as it stores, so a caller looking for the
+    /// few scores above a floor reads a bit per score, not the whole matrix.
     pub fn scores_above(
         &self,
         b: Src<'_>,
         n: usize,
-        thr: &[f32],
         c: &mut [f32],
         ldc: usize,
-        masks: &mut [u32],
+        marks: Marks<'_>,
         ws: &mut Workspace,
     ) {
         let words = n.div_ceil(32);
-        assert!(thr.len() >= n, "fewer thresholds than rows");
-        assert!(masks.len() >= self.m * words, "masks too short");
-        masks[..self.m * words].fill(0);
-        let above = Some((thr, &mut *masks));
+        assert!(marks.thr.len() >= n, "fewer thresholds than rows");
+        assert!(marks.masks.len() >= self.m * words, "masks too short");
+        marks.masks[..self.m * words].fill(0);
+        let above = Some((marks.thr, marks.masks));
         self.product(b, n, Out { c, ldc, above }, ws);
     }
 
@@ -640,6 +638,13 @@ fn pack_slices<T: Copy + Default>(
         );
         p0 += kc;
     }
+}
+
+/// The thresholds of [`PackedQueries::scores_above`] (one per stored row) and the masks it
+/// marks the scores reaching them in (one bit per score, `n.div_ceil(32)` words per query).
+pub struct Marks<'a> {
+    pub thr: &'a [f32],
+    pub masks: &'a mut [u32],
 }
 
 /// Where a product writes: the scores `c[i * ldc + j]` and, with `above`, the marks of the

@@ -178,7 +178,11 @@ fn scores_above_mark_exactly_the_scores_reaching_each_threshold() {
                 let words = n.div_ceil(32);
                 let mut got = vec![f32::NAN; m * n];
                 let mut masks = vec![u32::MAX; m * words];
-                packed.scores_above(src, n, &thr, &mut got, n, &mut masks, &mut ws);
+                let marks = Marks {
+                    thr: &thr,
+                    masks: &mut masks,
+                };
+                packed.scores_above(src, n, &mut got, n, marks, &mut ws);
                 for i in 0..m {
                     for j in 0..n {
                         let marked = masks[i * words + j / 32] >> (j % 32) & 1 == 1;

@@ -1,0 +1,146 @@
+//! The parameters of an IVF index and their rules, one check per parameter: the constructor
+//! and the file loader run them all ([`IvfParams::check`]), each setter runs its own.
+
+use super::{pq, project, DEFAULT_SHORTLIST, DEFAULT_TRAIN_PER_LIST, MAX_LISTS};
+use crate::error::{invalid, Result};
+use crate::types::{DType, Metric};
+
+/// The tunable parameters of an [`super::IvfIndex`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IvfParams {
+    /// Lists once trained.
+    pub nlist: usize,
+    /// Lists scanned per query.
+    pub nprobe: usize,
+    /// Candidates re-scored from float32 copies (0: none kept, no re-ranking).
+    pub rerank: usize,
+    /// Seed of the k-means sampling and initialization.
+    pub seed: u64,
+    /// The index trains itself when it reaches this many vectors (0: only on `train`).
+    pub train_threshold: usize,
+    /// 4-bit product-quantization sub-quantizers (0: no codes; see `pq.rs`).
+    pub pq: usize,
+    /// With codes: candidates of the code scan re-scored from the stored rows, per query.
+    pub shortlist: usize,
+    /// Batches rank by the rows projected onto their top `scan_dims` principal directions
+    /// (0: all dimensions; see `project.rs`). f16 / i8 under cos / ip only.
+    pub scan_dims: usize,
+}
+
+impl IvfParams {
+    /// Defaults for a given `nlist`: nprobe = max(1, nlist / 32), no re-ranking, seed 0,
+    /// automatic training at 64 x nlist vectors.
+    pub fn with_nlist(nlist: usize) -> Self {
+        IvfParams {
+            nlist,
+            nprobe: (nlist / 32).max(1),
+            rerank: 0,
+            seed: 0,
+            train_threshold: nlist.saturating_mul(DEFAULT_TRAIN_PER_LIST),
+            pq: 0,
+            shortlist: DEFAULT_SHORTLIST,
+            scan_dims: 0,
+        }
+    }
+
+    /// Every rule at once: what the constructor and the file loader check.
+    pub(crate) fn check(&self, dim: usize, dtype: DType, metric: Metric) -> Result<()> {
+        if self.nlist == 0 || self.nlist > MAX_LISTS {
+            return invalid(format!(
+                "nlist must be between 1 and {MAX_LISTS}, got {}",
+                self.nlist
+            ));
+        }
+        check_nprobe(self.nprobe)?;
+        check_rerank(dtype, self.rerank)?;
+        if let Some(msg) = pq::check_m(self.pq, dim) {
+            return invalid(msg);
+        }
+        check_shortlist(self.shortlist)?;
+        check_scan_dims(dim, dtype, metric, self.scan_dims)?;
+        if self.train_threshold > 0 && self.train_threshold < self.nlist {
+            return invalid(format!(
+                "train_threshold must be 0 (train only on request) or at least nlist = {}, got {}",
+                self.nlist, self.train_threshold
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sets `shortlist` (candidates of the code scan re-scored per query), which only an
+    /// index with codes (`pq > 0`) has: the rule of the binding's constructor and of
+    /// [`super::IvfIndex::set_shortlist`].
+    pub fn set_shortlist(&mut self, shortlist: usize) -> Result<()> {
+        if self.pq == 0 {
+            return invalid(
+                "shortlist needs pq > 0: it is how many candidates of the code scan are re-scored",
+            );
+        }
+        check_shortlist(shortlist)?;
+        self.shortlist = shortlist;
+        Ok(())
+    }
+}
+
+pub(crate) fn check_nprobe(nprobe: usize) -> Result<()> {
+    if nprobe == 0 {
+        return invalid("nprobe must be at least 1, got 0");
+    }
+    Ok(())
+}
+
+/// Re-ranking reads float32 copies of f16 / i8 rows: an f32 index's scan is already exact.
+pub(crate) fn check_rerank(dtype: DType, rerank: usize) -> Result<()> {
+    if rerank > 0 && dtype == DType::F32 {
+        return invalid(
+            "rerank needs dtype \"f16\" or \"i8\": with \"f32\" the scan is already exact",
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn check_shortlist(shortlist: usize) -> Result<()> {
+    if shortlist == 0 {
+        return invalid("shortlist must be at least 1, got 0");
+    }
+    Ok(())
+}
+
+/// `scan_dims` is 0 (all dimensions) or fewer than `dim`, and only where batches re-score
+/// their candidates from the rows (f16 / i8) by inner product (cos / ip).
+pub(crate) fn check_scan_dims(
+    dim: usize,
+    dtype: DType,
+    metric: Metric,
+    scan_dims: usize,
+) -> Result<()> {
+    if scan_dims == 0 {
+        return Ok(());
+    }
+    if scan_dims >= dim {
+        return invalid(format!(
+            "scan_dims must be 0 (all dimensions) or below dim = {dim}, got {scan_dims}"
+        ));
+    }
+    if dim > project::MAX_SCAN_DIMS_DIM {
+        return invalid(format!(
+            "scan_dims needs dim <= {}, got dim = {dim}: the principal directions take a \
+             dim x dim eigendecomposition (memory ~24 * dim^2 bytes, time ~dim^3); use \
+             scan_dims=0",
+            project::MAX_SCAN_DIMS_DIM
+        ));
+    }
+    if dtype == DType::F32 {
+        return invalid(
+            "scan_dims needs dtype \"f16\" or \"i8\": their batches re-score the candidates \
+             of the reduced scan from the stored rows; \"f32\" batches report the scan's scores",
+        );
+    }
+    if metric == Metric::L2 {
+        return invalid(
+            "scan_dims needs metric \"cos\" or \"ip\": the principal directions rank by \
+             inner product",
+        );
+    }
+    Ok(())
+}

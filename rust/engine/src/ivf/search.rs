@@ -1,0 +1,863 @@
+//! The IVF search driver: from checked queries to each query's top k, in steps.
+//!
+//! 1. The plan ([`SearchPlan`]): what this search runs, from the parameters and the number
+//!    of queries alone. A batch (at least [`GEMM_MIN_QUERIES`] queries) scans list-major by
+//!    matrix products and re-scores its best candidates; fewer queries scan with the
+//!    single-query kernels, or their 4-bit codes (`pq > 0`) and re-score a shortlist.
+//! 2. The queries as the scans read them: normalized, projected onto the principal
+//!    directions (`scan_dims`, `project.rs`), quantized for i8 rows and the i8 product.
+//! 3. Each query's lists ([`IvfIndex::probes`]): its `nprobe` nearest centroids.
+//! 4. The scan: a batch groups its queries by list and scans each probed list once for all
+//!    of them (the scanner, `scan.rs`), in two rounds: the nearest lists first set each
+//!    query's floor, then the far lists keep only what reaches it. Codes are summed list after
+//!    list per query.
+//! 5. The finish: each query's candidates re-ranked from the float32 copies (`rerank`) or
+//!    re-scored with the single-query kernels, and written out best first.
+
+use super::list::List;
+use super::params::IvfParams;
+use super::pq::Pq;
+use super::project;
+use super::scan::{self, Cand, ListScan, Reduced, ScanInputs, ScanSpec, Select, Q16, Q8};
+use super::IvfIndex;
+use crate::error::Result;
+use crate::index::check_search_args;
+use crate::kernels;
+use crate::matmul::{self, PackedQueries, Product, Src, Workspace};
+use crate::search::{self, Plan, Queries, Rows, Search, GEMM_MIN_QUERIES};
+use crate::topk::{self, Hit, TopK};
+use crate::types::{DType, Metric};
+use rayon::prelude::*;
+use rustc_hash::FxHashSet;
+
+/// Candidates beyond k (at least k) a batch with `scan_dims` re-scores per query. On 200k
+/// MiniLM embeddings, 192 of 384 principal directions keep 99.96% of the true top 10 among
+/// the best 64 by the reduced score.
+const SCAN_DIMS_MARGIN: usize = 64;
+/// (Query, list) pairs one batch scans at most (its buffers take ~50 bytes a pair); larger
+/// batches run in chunks of queries.
+pub(super) const MAX_BATCH_PAIRS: usize = 1 << 18;
+/// Probes per query scanned in the first round (they set the floors of the second).
+const ROUND1_PROBES: usize = 4;
+/// A batch scans a list probed by fewer of its queries than this with the single-query
+/// kernels (a product pays packing and setup per call).
+const PRODUCT_MIN_QUERIES: usize = 8;
+
+/// What one search runs, decided from the parameters and the batch alone (no data).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SearchPlan {
+    /// Results per query.
+    pub k: usize,
+    pub metric: Metric,
+    /// At least [`GEMM_MIN_QUERIES`] queries: lists scanned list-major by matrix products,
+    /// in parallel.
+    pub batch: bool,
+    /// The product a batch runs (its scores rank the candidates).
+    pub product: Product,
+    /// Single queries scan the 4-bit codes (the index has them): a batch's product over the
+    /// lists themselves is compute-bound and costs less per query than codes plus a shortlist
+    /// re-scored from rows spread through memory.
+    pub codes: bool,
+    /// Candidates re-ranked from the float32 copies per query (0: none).
+    pub rerank: usize,
+    /// Candidates re-scored from the rows with the single-query kernels (so a batch reports
+    /// what Q=1 reports): every search of codes, and batches of f16 / i8 lists.
+    pub rescore: bool,
+    /// A batch ranks by the top `scan_dims` principal directions (None: all dimensions).
+    pub scan_dims: Option<usize>,
+    /// Candidates kept per query (and per (query, list) pair) for the finish.
+    pub kc: usize,
+}
+
+impl SearchPlan {
+    /// The plan of a search of `nq` queries for `k` results each (`k` at most the keys
+    /// present) over an index with these parameters (`has_codes`: `pq > 0` and trained).
+    pub fn new(
+        params: &IvfParams,
+        dtype: DType,
+        metric: Metric,
+        nq: usize,
+        k: usize,
+        has_codes: bool,
+    ) -> SearchPlan {
+        let batch = nq >= GEMM_MIN_QUERIES;
+        let product = scan::batch_product(dtype);
+        let codes = has_codes && !batch;
+        // Float32 copies exist exactly when rerank > 0 was allowed (f16 / i8, see params.rs).
+        let rerank = params.rerank;
+        let rescore = rerank == 0 && (codes || (batch && dtype != DType::F32));
+        // Candidates per query: k plus the margin of the scan's rounding (as `Index` batches
+        // keep); an f32 product over f16 / i8 rows keeps the bf16 margin, as its order may
+        // differ from the single-query kernels' in the last bits.
+        let kc = if codes {
+            k.max(rerank).max(params.shortlist)
+        } else if rerank > 0 {
+            k.max(rerank)
+        } else if rescore {
+            let probe = match product {
+                Product::I8 => search::Scan::I8 {
+                    data: &[],
+                    scales: &[],
+                },
+                _ => search::Scan::Bf16,
+            };
+            search::scan_candidates(k, probe)
+        } else {
+            k
+        };
+        // A batch with scan_dims ranks by the principal directions: its candidates are
+        // re-scored from the rows (scan_dims is allowed for f16 / i8 only), with a margin for
+        // what the dropped dimensions move.
+        let scan_dims = (batch && params.scan_dims > 0).then_some(params.scan_dims);
+        let kc = match scan_dims {
+            Some(_) => kc.max(k + k.max(SCAN_DIMS_MARGIN)),
+            None => kc,
+        };
+        SearchPlan {
+            k,
+            metric,
+            batch,
+            product,
+            codes,
+            rerank,
+            rescore,
+            scan_dims,
+            kc,
+        }
+    }
+
+    /// How the scanner scans the lists of `dim`-dimensional queries under this plan.
+    pub fn spec(&self, dim: usize) -> ScanSpec {
+        ScanSpec {
+            metric: self.metric,
+            dim,
+            pdim: self.scan_dims.unwrap_or(dim),
+            product: self.product,
+            kc: self.kc,
+            parallel: self.batch,
+        }
+    }
+}
+
+/// The keys a search excludes that the index holds, and how many fall in each list.
+struct Excluded {
+    keys: FxHashSet<u64>,
+    per_list: Vec<usize>,
+}
+
+/// One query's output slots and candidates, as the search's last step receives them.
+type FinishItem<'a> = (usize, ((&'a mut [u64], &'a mut [f32]), Vec<Cand>));
+
+/// The (query, list) pairs of a batch's two rounds, query-major: query `q`'s pairs of round
+/// one are `first[start1[q]..start1[q + 1]]`, and likewise for round two.
+struct Rounds {
+    first: Vec<(u32, u32)>,
+    start1: Vec<usize>,
+    second: Vec<(u32, u32)>,
+    start2: Vec<usize>,
+}
+
+impl Rounds {
+    /// Each query's nearest lists (up to [`ROUND1_PROBES`]) in round one, the rest in two.
+    fn split(probes: &(Vec<usize>, Vec<u32>), nq: usize) -> Rounds {
+        let (offsets, flat) = probes;
+        let mut r = Rounds {
+            first: Vec::new(),
+            start1: Vec::with_capacity(nq + 1),
+            second: Vec::new(),
+            start2: Vec::with_capacity(nq + 1),
+        };
+        r.start1.push(0);
+        r.start2.push(0);
+        for q in 0..nq {
+            let mine = &flat[offsets[q]..offsets[q + 1]];
+            let (near, far) = mine.split_at(mine.len().min(ROUND1_PROBES));
+            r.first.extend(near.iter().map(|&l| (q as u32, l)));
+            r.second.extend(far.iter().map(|&l| (q as u32, l)));
+            r.start1.push(r.first.len());
+            r.start2.push(r.second.len());
+        }
+        r
+    }
+}
+
+/// The candidates of scanned (query, list) pairs: one vector per list scanned, and for pair
+/// `i` its list and range there.
+struct PairHits {
+    by_list: Vec<Vec<Cand>>,
+    ranges: Vec<(u32, u32, u32)>,
+}
+
+impl PairHits {
+    /// Pair `i`'s candidates (list-local slots) and its list.
+    fn get(&self, i: usize) -> (&[Cand], u32) {
+        let (l, a, b) = self.ranges[i];
+        (&self.by_list[l as usize][a as usize..b as usize], l)
+    }
+}
+
+impl IvfIndex {
+    /// Approximate top-`k` of each query (exact with nprobe >= nlist or before training).
+    /// Returns (keys, scores, k') with k' = min(k, len - excluded keys present): every
+    /// query gets k' results, lists beyond `nprobe` are scanned when the probed ones hold
+    /// too few. Equal scores rank by ascending key.
+    pub fn search(
+        &self,
+        queries: &[f32],
+        k: usize,
+        exclude: Option<&[u64]>,
+    ) -> Result<(Vec<u64>, Vec<f32>, usize)> {
+        let dim = self.dim;
+        let nq = check_search_args(queries, dim, k)?;
+        self.check_vectors(queries, "queries", false)?;
+        self.check_file()?;
+        let found = self.search_parts(queries, k, exclude, nq)?;
+        // A file changed during the search may have given other bytes than were checked.
+        self.check_file()?;
+        Ok(found)
+    }
+
+    /// [`Self::search`] of `nq` checked queries, in parts where the batch is large.
+    fn search_parts(
+        &self,
+        queries: &[f32],
+        k: usize,
+        exclude: Option<&[u64]>,
+        nq: usize,
+    ) -> Result<(Vec<u64>, Vec<f32>, usize)> {
+        let dim = self.dim;
+        // A batch's per-pair buffers grow with queries x probed lists: a large one runs in
+        // chunks of queries, balanced so that each stays a batch.
+        let probed = if self.is_trained() {
+            self.params.nprobe.min(self.lists.len())
+        } else {
+            self.lists.len()
+        };
+        let parts = (nq * probed.max(1)).div_ceil(MAX_BATCH_PAIRS).max(1);
+        if parts == 1 || nq < 2 * parts * search::GEMM_MIN_QUERIES {
+            return self.search_checked(queries, k, exclude);
+        }
+        let per = nq.div_ceil(parts);
+        let (mut ids, mut scores, mut kp) = (Vec::new(), Vec::new(), 0);
+        for part in queries.chunks(per * dim) {
+            let (i, s, kpart) = self.search_checked(part, k, exclude)?;
+            ids.extend_from_slice(&i);
+            scores.extend_from_slice(&s);
+            kp = kpart;
+        }
+        Ok((ids, scores, kp))
+    }
+
+    /// [`Self::search`] of queries already checked: the steps of the module documentation.
+    fn search_checked(
+        &self,
+        queries: &[f32],
+        k: usize,
+        exclude: Option<&[u64]>,
+    ) -> Result<(Vec<u64>, Vec<f32>, usize)> {
+        let dim = self.dim;
+        let nq = queries.len() / dim;
+        let excluded = self.excluded(exclude);
+        let kp = k.min(self.len() - excluded.keys.len());
+        if nq == 0 || kp == 0 {
+            return Ok((Vec::new(), Vec::new(), kp));
+        }
+        let plan = SearchPlan::new(
+            &self.params,
+            self.dtype,
+            self.metric,
+            nq,
+            kp,
+            self.has_codes(),
+        );
+        debug_assert!(plan.rerank == 0 || self.keeps_exact());
+        let spec = plan.spec(dim);
+        // The queries as the scans read them.
+        let queries = self.normalize(queries, true);
+        let directions = plan.scan_dims.map(|_| self.directions());
+        let projected = directions.map(|d| {
+            let mut out = Vec::new();
+            project::project(
+                &queries,
+                dim,
+                d,
+                spec.pdim,
+                &mut out,
+                &mut Default::default(),
+            );
+            out
+        });
+        let reduced = Reduced {
+            directions,
+            queries: projected.as_deref().unwrap_or(&queries),
+        };
+        let q16 =
+            (self.dtype == DType::I8 && self.metric != Metric::L2).then(|| Q16::new(&queries, dim));
+        let q8 = (plan.batch && plan.product == Product::I8)
+            .then(|| Q8::new(reduced.queries, spec.pdim));
+        // Each query's lists, the scan, the finish.
+        let probes = self.probes(&queries, kp + excluded.keys.len());
+        let hits = match &self.codebooks {
+            Some(book) if plan.codes => {
+                self.scan_codes(book, spec, &queries, &probes, &excluded.keys)
+            }
+            _ => {
+                let inputs = ScanInputs {
+                    spec,
+                    queries: &queries,
+                    reduced,
+                    q16: q16.as_ref(),
+                    q8: q8.as_ref(),
+                };
+                self.scan_lists(&inputs, &probes, &excluded)
+            }
+        };
+        let (ids, scores) = self.finish(&plan, &queries, q16.as_ref(), hits);
+        Ok((ids, scores, kp))
+    }
+
+    /// The keys of `exclude` the index holds (each once), and how many fall in each list.
+    fn excluded(&self, exclude: Option<&[u64]>) -> Excluded {
+        let mut keys: FxHashSet<u64> = FxHashSet::default();
+        let mut per_list = vec![0usize; self.lists.len()];
+        for key in exclude.unwrap_or(&[]) {
+            if let Some(&(l, _)) = self.map.get(key) {
+                if keys.insert(*key) {
+                    per_list[l as usize] += 1;
+                }
+            }
+        }
+        Excluded { keys, per_list }
+    }
+
+    /// The principal directions a batch with `scan_dims` ranks by: computed by the first such
+    /// batch from a sample of the contents, kept until the index is trained again.
+    fn directions(&self) -> &[f32] {
+        self.directions.get_or_init(|| {
+            let sample = self.sample_contents(project::BASIS_SAMPLE);
+            project::principal_directions(&sample, self.dim)
+        })
+    }
+
+    /// Each query's top `plan.k` from its candidates (best first by scan score): re-ranked
+    /// from the float32 copies, or re-scored from the rows with the single-query kernels;
+    /// written out row-major.
+    fn finish(
+        &self,
+        plan: &SearchPlan,
+        queries: &[f32],
+        q16: Option<&Q16>,
+        hits: Vec<Vec<Cand>>,
+    ) -> (Vec<u64>, Vec<f32>) {
+        let (dim, kp) = (self.dim, plan.k);
+        let nq = queries.len() / dim;
+        let mut ids = vec![0u64; nq * kp];
+        let mut scores = vec![0f32; nq * kp];
+        let finish = |conv: &mut Vec<f32>, (q, ((ids, scores), mut top)): FinishItem| {
+            let qv = &queries[q * dim..(q + 1) * dim];
+            if plan.rerank > 0 {
+                self.rerank(qv, &mut top);
+            } else if plan.rescore {
+                let q16 = q16.map(|x| x.query(q, dim));
+                // Candidates lie anywhere in memory: start loading them all at once.
+                for c in top.iter() {
+                    let list = &self.lists[c.list as usize];
+                    kernels::prefetch(list.row_bytes(c.slot as usize, dim));
+                }
+                for c in top.iter_mut() {
+                    let list = &self.lists[c.list as usize];
+                    c.score =
+                        scan::exact_score(list, c.slot as usize, self.metric, dim, qv, q16, conv);
+                }
+                top.sort_unstable_by(topk::rank);
+            }
+            debug_assert!(top.len() >= kp);
+            for (j, h) in top.iter().take(kp).enumerate() {
+                ids[j] = h.key;
+                scores[j] = self.metric.to_external(h.score);
+            }
+        };
+        if plan.batch {
+            ids.par_chunks_mut(kp)
+                .zip(scores.par_chunks_mut(kp))
+                .zip(hits.into_par_iter())
+                .enumerate()
+                .for_each_init(Vec::new, finish);
+        } else {
+            let mut conv = Vec::new();
+            ids.chunks_mut(kp)
+                .zip(scores.chunks_mut(kp))
+                .zip(hits)
+                .enumerate()
+                .for_each(|item| finish(&mut conv, item));
+        }
+        (ids, scores)
+    }
+
+    /// The lists each query scans (CSR: offsets into a flat list), nearest first. A query
+    /// whose probed lists hold fewer than `needed` vectors scans every list.
+    pub(super) fn probes(&self, queries: &[f32], needed: usize) -> (Vec<usize>, Vec<u32>) {
+        let nq = queries.len() / self.dim;
+        let nlist = self.lists.len();
+        if !self.is_trained() {
+            let offsets = (0..=nq).map(|q| q * nlist).collect();
+            let flat = (0..nq).flat_map(|_| 0..nlist as u32).collect();
+            return (offsets, flat);
+        }
+        // Nearest first even when every list is probed: a batch's first round scans the
+        // nearest lists, whose scores bound what the others must keep.
+        let np = self.params.nprobe.min(nlist);
+        let ids = self.nearest_lists(queries, np);
+        let mut offsets = Vec::with_capacity(nq + 1);
+        let mut flat = Vec::with_capacity(nq * np);
+        offsets.push(0);
+        for q in 0..nq {
+            let mine = &ids[q * np..(q + 1) * np];
+            let held: usize = mine.iter().map(|&l| self.lists[l as usize].len()).sum();
+            if held >= needed {
+                flat.extend(mine.iter().map(|&l| l as u32));
+            } else {
+                flat.extend(mine.iter().map(|&l| l as u32));
+                let seen: FxHashSet<u64> = mine.iter().copied().collect();
+                flat.extend(
+                    (0..nlist as u64)
+                        .filter(|l| !seen.contains(l))
+                        .map(|l| l as u32),
+                );
+            }
+            offsets.push(flat.len());
+        }
+        (offsets, flat)
+    }
+
+    /// The `np` lists nearest each query, nearest first (`nq * np` list numbers).
+    fn nearest_lists(&self, queries: &[f32], np: usize) -> Vec<u64> {
+        let dim = self.dim;
+        let nq = queries.len() / dim;
+        let mut ids = vec![0u64; nq * np];
+        if nq < GEMM_MIN_QUERIES {
+            // Few queries: the same kernels and order as the search core, on this thread
+            // (no hand-off to the thread pool for a few microseconds of work).
+            self.nearest_lists_few(queries, np, &mut ids);
+        } else if let Some((data, scales)) = self
+            .probe_centroids
+            .as_ref()
+            .filter(|_| matmul::has_i8_product(kernels::level()))
+        {
+            // A batch reuses the centroids across its queries (a product, compute-bound): the
+            // i8 copy single queries score, by the VNNI product (a quarter of the float32
+            // product's time, which was a tenth of a batch at nprobe ~100). Lists are only
+            // chosen by these scores, never reported.
+            let src = Src::I8 { data, scales };
+            nearest_by_i8_product(src, self.lists.len(), queries, dim, np, &mut ids);
+        } else {
+            // Float32 product (L2, or no VNNI).
+            let mut scores = vec![0f32; nq * np];
+            let search = Search {
+                plan: self.coarse_plan(),
+                rows: Rows::F32(&self.centroids),
+                queries: Queries::F32(queries),
+                k: np,
+                eligible: &|_: usize, _: usize| true,
+                row_id: &|r: usize| r as u64,
+            };
+            search.run(&mut ids, &mut scores);
+        }
+        ids
+    }
+
+    /// How queries score the centroids (unnormalized, by the coarse metric).
+    fn coarse_plan(&self) -> Plan {
+        Plan {
+            dim: self.dim,
+            metric: self.coarse_metric(),
+            normalize_queries: false,
+            normalize_rows: false,
+        }
+    }
+
+    /// [`Self::nearest_lists`] of a few queries with the single-query kernels.
+    fn nearest_lists_few(&self, queries: &[f32], np: usize, ids: &mut [u64]) {
+        let (dim, nlist) = (self.dim, self.lists.len());
+        let metric = self.coarse_plan().metric;
+        let (mut all, mut ints) = (vec![0f32; nlist], vec![0i64; nlist]);
+        let mut q16 = Vec::new();
+        let mut top = TopK::<Hit>::default();
+        let rows = self.probe_rows();
+        for (q, qv) in queries.chunks_exact(dim).enumerate() {
+            let q16 = matches!(rows, Rows::I8 { .. }).then(|| {
+                let scale = kernels::quantize_query_i16(qv, &mut q16);
+                (q16.as_slice(), scale)
+            });
+            search::score_chunk(metric, qv, q16, rows, &[], &mut ints, &mut all);
+            top.reset(np, f32::NEG_INFINITY);
+            for (l, &s) in all.iter().enumerate() {
+                top.push(Hit {
+                    score: s,
+                    id: l as u64,
+                });
+            }
+            for (j, c) in top.sorted().iter().enumerate() {
+                ids[q * np + j] = c.id;
+            }
+        }
+    }
+
+    /// Re-scores the candidates from their float32 copies, best first.
+    fn rerank(&self, q: &[f32], top: &mut [Cand]) {
+        let dim = self.dim;
+        let level = kernels::level();
+        for c in top.iter_mut() {
+            let exact = self.lists[c.list as usize]
+                .exact
+                .as_ref()
+                .expect("rerank only with float32 copies");
+            let slot = c.slot as usize;
+            let row = &exact.as_slice()[slot * dim..(slot + 1) * dim];
+            c.score = match self.metric {
+                Metric::L2 => -kernels::l2_f32_with(level, q, row),
+                _ => kernels::dot_f32_with(level, q, row),
+            };
+        }
+        top.sort_unstable_by(topk::rank);
+    }
+
+    /// Scans every probed list once for all the queries probing it (list-major) and merges
+    /// each query's candidates: its best `spec.kc` by scan score, best first.
+    ///
+    /// Two rounds: first each query's nearest lists only (up to [`ROUND1_PROBES`]), which give
+    /// every query a floor (its `kc`-th best score there; the final `kc`-th best can only be
+    /// higher), then the other probed lists, where a (query, list) pair keeps only scores at or
+    /// above the floor: most rows of a far list are dropped by one comparison, not sorted.
+    fn scan_lists(
+        &self,
+        inputs: &ScanInputs<'_>,
+        probes: &(Vec<usize>, Vec<u32>),
+        excluded: &Excluded,
+    ) -> Vec<Vec<Cand>> {
+        let spec = inputs.spec;
+        let nq = inputs.queries.len() / self.dim;
+        let kc = spec.kc;
+        let rounds = Rounds::split(probes, nq);
+        // Each list is scanned the same way in both rounds (so a query's scores from one list
+        // do not depend on the round): by the product if the batch probes it often enough. A
+        // reduced scan's scores are not the exact ones: every list takes the product then.
+        let mut probed = vec![0usize; self.lists.len()];
+        for &l in probes.1.iter() {
+            probed[l as usize] += 1;
+        }
+        let reduced_scan = inputs.reduced.directions.is_some();
+        let by_product: Vec<bool> = probed
+            .iter()
+            .map(|&c| c >= PRODUCT_MIN_QUERIES || reduced_scan)
+            .collect();
+        let mut floors = vec![f32::NEG_INFINITY; nq];
+        let h1 = self.scan_pairs(inputs, &by_product, &rounds.first, &floors, excluded);
+        let merge_round1 = |sel: &mut Select, q: usize| {
+            sel.reset(kc, f32::NEG_INFINITY);
+            for i in rounds.start1[q]..rounds.start1[q + 1] {
+                let (cands, l) = h1.get(i);
+                for c in cands {
+                    sel.push(Cand { list: l, ..*c });
+                }
+            }
+        };
+        let floor_of = |sel: &mut Select, q: usize| -> f32 {
+            merge_round1(sel, q);
+            let best = sel.sorted();
+            if best.len() >= kc {
+                best[kc - 1].score
+            } else {
+                f32::NEG_INFINITY
+            }
+        };
+        if spec.parallel {
+            floors
+                .par_iter_mut()
+                .enumerate()
+                .for_each_init(Select::default, |sel, (q, f)| *f = floor_of(sel, q));
+        } else {
+            let mut sel = Select::default();
+            for (q, f) in floors.iter_mut().enumerate() {
+                *f = floor_of(&mut sel, q);
+            }
+        }
+        let h2 = self.scan_pairs(inputs, &by_product, &rounds.second, &floors, excluded);
+        let merge = |sel: &mut Select, q: usize| -> Vec<Cand> {
+            merge_round1(sel, q);
+            for i in rounds.start2[q]..rounds.start2[q + 1] {
+                let (cands, l) = h2.get(i);
+                for c in cands {
+                    if c.score >= sel.threshold() {
+                        sel.push(Cand { list: l, ..*c });
+                    }
+                }
+            }
+            sel.sorted().to_vec()
+        };
+        if spec.parallel {
+            (0..nq)
+                .into_par_iter()
+                .map_init(Select::default, merge)
+                .collect()
+        } else {
+            let mut sel = Select::default();
+            (0..nq).map(|q| merge(&mut sel, q)).collect()
+        }
+    }
+
+    /// Scans the (query, list) `pairs`, list-major: each list once for all its queries.
+    fn scan_pairs(
+        &self,
+        inputs: &ScanInputs<'_>,
+        by_product: &[bool],
+        pairs: &[(u32, u32)],
+        floors: &[f32],
+        excluded: &Excluded,
+    ) -> PairHits {
+        let nlist = self.lists.len();
+        // Pairs grouped by list (CSR), remembering each pair's place.
+        let mut start = vec![0usize; nlist + 1];
+        for &(_, l) in pairs {
+            start[l as usize + 1] += 1;
+        }
+        for l in 0..nlist {
+            start[l + 1] += start[l];
+        }
+        let mut fill = start.clone();
+        let mut list_queries = vec![0u32; pairs.len()];
+        let mut place = vec![0u32; pairs.len()];
+        for (i, &(q, l)) in pairs.iter().enumerate() {
+            let at = fill[l as usize];
+            list_queries[at] = q;
+            place[i] = at as u32;
+            fill[l as usize] += 1;
+        }
+        drop(fill);
+        let mut counts = vec![0u32; pairs.len()];
+        let mut jobs = Vec::new();
+        {
+            let mut rest: &mut [u32] = &mut counts;
+            for l in 0..nlist {
+                let len = start[l + 1] - start[l];
+                let (n, rn) = std::mem::take(&mut rest).split_at_mut(len);
+                rest = rn;
+                if len > 0 && self.lists[l].len() > 0 {
+                    jobs.push((l, n));
+                }
+            }
+        }
+        let run = |(l, n): (usize, &mut [u32])| -> (usize, Vec<Cand>) {
+            let job = ListScan {
+                list: &self.lists[l],
+                qs: &list_queries[start[l]..start[l + 1]],
+                floors,
+                by_product: by_product[l],
+                excluded: (excluded.per_list[l] > 0).then_some(&excluded.keys),
+            };
+            (l, inputs.scan_list(&job, n))
+        };
+        let outs: Vec<(usize, Vec<Cand>)> = if inputs.spec.parallel {
+            // Most work first, so no long list is left to the end.
+            let work = |l: usize| self.lists[l].len() * (start[l + 1] - start[l]);
+            jobs.sort_by_key(|(l, _)| std::cmp::Reverse(work(*l)));
+            jobs.into_par_iter().with_max_len(1).map(run).collect()
+        } else {
+            jobs.into_iter().map(run).collect()
+        };
+        let mut by_list: Vec<Vec<Cand>> = (0..nlist).map(|_| Vec::new()).collect();
+        for (l, out) in outs {
+            by_list[l] = out;
+        }
+        // Slot `at` (list-major) -> (list, range in that list's output).
+        let mut slot_range = vec![(0u32, 0u32, 0u32); pairs.len()];
+        for l in 0..nlist {
+            let mut off = 0u32;
+            for at in start[l]..start[l + 1] {
+                slot_range[at] = (l as u32, off, off + counts[at]);
+                off += counts[at];
+            }
+        }
+        let ranges = place.iter().map(|&at| slot_range[at as usize]).collect();
+        PairHits { by_list, ranges }
+    }
+
+    /// Each query's best `spec.kc` candidates by its 4-bit codes (see `pq.rs`): the probed
+    /// lists' codes are summed through the query's lookup table, one list after another.
+    /// Candidate scores are those sums (to be re-scored). Few queries (a batch scans the
+    /// lists themselves): on the calling thread.
+    fn scan_codes(
+        &self,
+        book: &Pq,
+        spec: ScanSpec,
+        queries: &[f32],
+        probes: &(Vec<usize>, Vec<u32>),
+        excluded: &FxHashSet<u64>,
+    ) -> Vec<Vec<Cand>> {
+        let dim = spec.dim;
+        let (offsets, flat) = probes;
+        let level = kernels::level();
+        let l2 = spec.metric == Metric::L2;
+        let ex = (!excluded.is_empty()).then_some(excluded);
+        let mut s = scan::CodeScratch::default();
+        let mut one = |q: usize| -> Vec<Cand> {
+            let qv = &queries[q * dim..(q + 1) * dim];
+            book.lut(qv, l2, &mut s.table, &mut s.lut);
+            s.tables.set(level, &s.lut);
+            s.sel.reset(spec.kc, f32::NEG_INFINITY);
+            let mine = &flat[offsets[q]..offsets[q + 1]];
+            for (i, &l) in mine.iter().enumerate() {
+                let list: &List = &self.lists[l as usize];
+                let Some(codes) = list.codes.as_ref().filter(|_| list.len() > 0) else {
+                    continue;
+                };
+                // Lists lie apart in memory: start loading the next one while this one is
+                // scanned.
+                if let Some(next) = mine
+                    .get(i + 1)
+                    .and_then(|&m| self.lists[m as usize].codes.as_ref())
+                {
+                    kernels::prefetch(next.as_slice());
+                }
+                scan::push_codes(&mut s, list, l, codes.as_slice(), ex);
+            }
+            s.sel.kept().to_vec()
+        };
+        (0..queries.len() / dim).map(&mut one).collect()
+    }
+}
+
+/// [`IvfIndex::nearest_lists`] of a batch by the VNNI product over the i8 centroids `src`
+/// (`nlist` of them), blocks of queries in parallel.
+fn nearest_by_i8_product(
+    src: Src<'_>,
+    nlist: usize,
+    queries: &[f32],
+    dim: usize,
+    np: usize,
+    ids: &mut [u64],
+) {
+    const BLOCK: usize = 256;
+    let level = kernels::level();
+    ids.par_chunks_mut(BLOCK * np)
+        .zip(queries.par_chunks(BLOCK * dim))
+        .for_each_init(
+            || (Vec::new(), Workspace::default(), TopK::<Hit>::default()),
+            |(tile, ws, top), (chosen, qs)| {
+                let m = qs.len() / dim;
+                let packed = PackedQueries::new(Product::I8, level, m, dim, qs);
+                tile.resize(m * nlist, 0.0);
+                packed.scores(src, nlist, tile, nlist, ws);
+                for (row, out) in tile.chunks_exact(nlist).zip(chosen.chunks_exact_mut(np)) {
+                    top.reset(np, f32::NEG_INFINITY);
+                    for (l, &s) in row.iter().enumerate() {
+                        top.push(Hit {
+                            score: s,
+                            id: l as u64,
+                        });
+                    }
+                    for (o, c) in out.iter_mut().zip(top.sorted()) {
+                        *o = c.id;
+                    }
+                }
+            },
+        );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(params: IvfParams, dtype: DType, nq: usize, k: usize, codes: bool) -> SearchPlan {
+        SearchPlan::new(&params, dtype, Metric::Cos, nq, k, codes)
+    }
+
+    fn params() -> IvfParams {
+        IvfParams::with_nlist(64)
+    }
+
+    #[test]
+    fn a_batch_starts_at_gemm_min_queries() {
+        for dtype in [DType::F32, DType::F16, DType::I8] {
+            assert!(!plan(params(), dtype, GEMM_MIN_QUERIES - 1, 10, false).batch);
+            assert!(plan(params(), dtype, GEMM_MIN_QUERIES, 10, false).batch);
+        }
+    }
+
+    #[test]
+    fn single_queries_scan_codes_and_rescore_a_shortlist_batches_never_do() {
+        let p = IvfParams {
+            pq: 8,
+            shortlist: 40,
+            ..params()
+        };
+        let single = plan(p, DType::F16, 1, 10, true);
+        assert!(single.codes && single.rescore);
+        assert_eq!(single.kc, 40, "the shortlist, at least k");
+        assert_eq!(plan(p, DType::F16, 1, 50, true).kc, 50);
+        let batch = plan(p, DType::F16, GEMM_MIN_QUERIES, 10, true);
+        assert!(!batch.codes);
+        // Not trained yet (no codes): single queries scan the lists exactly.
+        let untrained = plan(p, DType::F16, 1, 10, false);
+        assert!(!untrained.codes && !untrained.rescore);
+        assert_eq!(untrained.kc, 10);
+    }
+
+    #[test]
+    fn f32_batches_keep_k_low_precision_batches_keep_a_margin_to_rescore() {
+        let f32_batch = plan(params(), DType::F32, 100, 10, false);
+        assert!(!f32_batch.rescore);
+        assert_eq!(f32_batch.kc, 10);
+        for dtype in [DType::F16, DType::I8] {
+            let p = plan(params(), dtype, 100, 10, false);
+            assert!(p.rescore, "{dtype:?}");
+            // The margin of the product's rounding: max(k, 16) for bf16, max(k, 32) for i8.
+            let margin = if p.product == Product::I8 { 32 } else { 16 };
+            assert_eq!(p.kc, 10 + margin, "{dtype:?} {:?}", p.product);
+            assert_eq!(plan(params(), dtype, 100, 100, false).kc, 200);
+            // Single queries scan exactly with the single-query kernels.
+            let single = plan(params(), dtype, 1, 10, false);
+            assert!(!single.rescore);
+            assert_eq!(single.kc, 10);
+        }
+    }
+
+    #[test]
+    fn rerank_replaces_the_rescore_and_keeps_its_depth() {
+        let p = IvfParams {
+            rerank: 50,
+            ..params()
+        };
+        for nq in [1, 100] {
+            let r = plan(p, DType::I8, nq, 10, false);
+            assert!(!r.rescore);
+            assert_eq!((r.rerank, r.kc), (50, 50));
+            assert_eq!(plan(p, DType::I8, nq, 80, false).kc, 80);
+        }
+    }
+
+    #[test]
+    fn scan_dims_apply_to_batches_with_their_own_margin() {
+        let p = IvfParams {
+            scan_dims: 32,
+            ..params()
+        };
+        let single = plan(p, DType::F16, 1, 10, false);
+        assert_eq!(single.scan_dims, None);
+        assert_eq!(single.spec(384).pdim, 384);
+        let batch = plan(p, DType::F16, 100, 10, false);
+        assert_eq!(batch.scan_dims, Some(32));
+        assert_eq!(batch.spec(384).pdim, 32);
+        assert_eq!(batch.kc, 10 + SCAN_DIMS_MARGIN);
+        assert_eq!(plan(p, DType::F16, 100, 100, false).kc, 200);
+    }
+
+    #[test]
+    fn the_spec_carries_the_plan() {
+        let p = plan(params(), DType::I8, 100, 10, false);
+        let spec = p.spec(64);
+        assert_eq!((spec.dim, spec.kc, spec.parallel), (64, p.kc, true));
+        assert_eq!((spec.metric, spec.product), (Metric::Cos, p.product));
+        assert!(!plan(params(), DType::I8, 1, 10, false).spec(64).parallel);
+    }
+}
