@@ -68,7 +68,7 @@ def test_karpathy_split_streamed_indexed_and_resumed(setup: dict[str, Path]) -> 
     np.testing.assert_allclose(emb[good], torch.nn.functional.normalize(direct, dim=-1).numpy(), atol=1e-5)
     texts = np.concatenate([np.load(out / "texts" / f"{s:05d}.npy") for s in range(3)])
     np.testing.assert_allclose(texts, torch.nn.functional.normalize(direct_txt, dim=-1).numpy(), atol=1e-5)
-    # captions of unreadable or missing images are kept in the files, marked, and not indexed
+    # captions of unreadable or missing images are kept in the files, marked, and still indexed
     caption_valid = np.concatenate([m["caption_valid"] for m in metas])
     caption_of = np.asarray([i for i in range(len(corpus)) for _ in corpus.image_captions[i]])
     assert np.array_equal(caption_valid, valid[caption_of])
@@ -78,7 +78,10 @@ def test_karpathy_split_streamed_indexed_and_resumed(setup: dict[str, Path]) -> 
     keys, _ = index.search(emb[good[3]], k=1)
     assert int(keys[0]) == good[3]
     text_index = ShardedIndex.load(out / "texts.index")
-    assert len(text_index) == int(caption_valid.sum()) < len(corpus.captions)
+    assert int(caption_valid.sum()) < len(corpus.captions) == len(text_index)
+    orphan = int(np.flatnonzero(~caption_valid)[0])
+    keys, _ = text_index.search(texts[orphan], k=1)
+    assert int(keys[0]) == orphan
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["images"] == {"rows": 10, "valid": 8}
     assert sorted(p.split(": ")[0] for p in manifest["problems"]) == sorted(
@@ -157,7 +160,9 @@ def test_webdataset_bad_inputs_are_recorded_skipped_and_reported(
     assert names == ["k5", "k6"]
     assert manifest["images"]["valid"] == manifest["images"]["rows"] - 2
     assert manifest["texts"]["rows"] == 3 + 1 + 1 + 3  # k4's caption is empty, k5's not UTF-8
-    assert manifest["texts"]["valid"] == manifest["texts"]["rows"] - 2  # k3's and k6's images are not there
+    assert (
+        manifest["texts"]["with_valid_image"] == manifest["texts"]["rows"] - 2
+    )  # k3's and k6's images are not there
     index = ShardedIndex.load(out / "images.index", mmap=True)
     assert len(index) == manifest["images"]["valid"] and 3 not in index
     index.nprobe = 2

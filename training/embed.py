@@ -31,7 +31,8 @@ again once its file is fixed.
 The index step is optional (``--index``): ``exact`` writes one exact ``Index`` per shard file,
 ``ivf`` one ``IVFIndex`` per shard sharing a quantizer trained on a seeded sample across all
 shards; either way the ranks split the shard files, keys are global row numbers (shards in
-order), invalid rows and captions of invalid images are left out, and
+order), invalid image rows are left out (every caption is indexed, whether or not its image
+could be read), and
 ``leanclip.shards.ShardedIndex.load(OUT/"images.index", mmap=True)`` searches them as one."""
 
 from __future__ import annotations
@@ -397,12 +398,15 @@ def build_indexes(
     from training.distributed import barrier
 
     built: dict[str, Any] = {}
-    for kind, mask in (("images", "valid"), ("texts", "caption_valid")):
+    for kind in ("images", "texts"):
         paths = [out / kind / f"{s:05d}.npy" for s in range(n_shards)]
         masks = []
         for s in range(n_shards):
             with _meta(out, s) as m:
-                masks.append(m[mask].astype(bool))
+                # a caption is a valid text row even when its image is missing or unreadable
+                masks.append(
+                    m["valid"].astype(bool) if kind == "images" else np.ones(len(m["captions"]), bool)
+                )
         if not sum(len(m) for m in masks):
             continue
         shards = EmbeddingShards(paths, masks)
@@ -477,7 +481,7 @@ def _manifest(out: Path, n_shards: int, args: argparse.Namespace) -> dict[str, A
     small metadata files, one at a time)."""
     shards, problems = [], []
     images = {"rows": 0, "valid": 0}
-    texts = {"rows": 0, "valid": 0}
+    texts = {"rows": 0, "with_valid_image": 0}
     for s in range(n_shards):
         with _meta(out, s) as m:
             entry = {
@@ -489,7 +493,7 @@ def _manifest(out: Path, n_shards: int, args: argparse.Namespace) -> dict[str, A
             images["rows"] += entry["images"]
             images["valid"] += int(m["valid"].sum())
             texts["rows"] += entry["captions"]
-            texts["valid"] += int(m["caption_valid"].sum())
+            texts["with_valid_image"] += int(m["caption_valid"].sum())
             problems += [str(p) for p in m["problems"]]
             shards.append(entry)
     return {
