@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Literal, Optional, Tuple, Union, final
+from typing import Any, Literal, Optional, Tuple, Union, final
 
 import numpy as np
 import numpy.typing as npt
@@ -138,6 +138,14 @@ class IVFIndex:
     """Approximate (inverted-file) vector index keyed by uint64 ids: the same API and errors as
     ``Index``, plus its knobs.
 
+    - Without ``nlist`` the index chooses its knobs (docs/ivf.md, "Say the recall you need"):
+      the dtype now (f16; i8 with ``memory="low"`` or ``recall`` below 0.98), and when it
+      trains ``nlist`` (the power of two nearest 2 sqrt(n)), ``pq`` codes and ``scan_dims``
+      from the spectrum of its training sample; knobs given are kept. With ``nlist`` given,
+      the rest default as listed below (f32, no codes, all dimensions). ``tune(0.95)`` then
+      sets nprobe / nprobe_single / shortlist for a recall; ``repr`` and ``auto`` say what was
+      chosen and why.
+
     - k-means (seeded by ``seed``) splits the vectors into ``nlist`` lists; a search scores the
       query against the list centroids and scans the ``nprobe`` nearest lists (default
       max(1, nlist // 32)). A batch of queries scans each probed list once for all the queries
@@ -181,15 +189,17 @@ class IVFIndex:
         cls,
         dim: int,
         metric: _Metric = "cos",
-        dtype: _DType = "f32",
-        nlist: int = 1024,
+        dtype: Optional[_DType] = None,
+        nlist: Optional[int] = None,
         nprobe: Optional[int] = None,
         rerank: int = 0,
         seed: int = 0,
         train_threshold: Optional[int] = None,
-        pq: int = 0,
+        pq: Optional[int] = None,
         shortlist: Optional[int] = None,
-        scan_dims: int = 0,
+        scan_dims: Optional[int] = None,
+        recall: Optional[float] = None,
+        memory: Optional[Literal["low", "normal"]] = None,
     ) -> IVFIndex: ...
     @property
     def dim(self) -> int: ...
@@ -204,6 +214,29 @@ class IVFIndex:
         """Lists scanned per query (settable, >= 1)."""
     @nprobe.setter
     def nprobe(self, value: int) -> None: ...
+    @property
+    def nprobe_single(self) -> int:
+        """Lists a single query (fewer than 8 per call) scans (settable; set by ``tune``;
+        setting ``nprobe`` makes single queries follow it again)."""
+    @nprobe_single.setter
+    def nprobe_single(self, value: int) -> None: ...
+    @property
+    def tuned(self) -> Optional[Tuple[float, int]]:
+        """(target recall, k) of the last ``tune``, saved with the index; None if never tuned."""
+    @property
+    def auto(self) -> list[str]:
+        """One line per knob the index chose itself, and why (empty: laid out by hand)."""
+    def tune(
+        self, target_recall: float = 0.95, k: int = 10, queries: Optional[npt.ArrayLike] = None
+    ) -> dict[str, Any]:
+        """Sets nprobe (batches), nprobe_single and, with codes, shortlist to the cheapest
+        settings whose recall@k against the exact answer reaches ``target_recall`` on sample
+        queries: ``queries`` (up to 1,000 used) or 1,000 stored vectors held out (their near
+        duplicates excluded too). Returns what it measured: ``recall`` / ``recall_single`` with
+        ``spread`` / ``spread_single`` (1.96 standard errors), ``nprobe``, ``nprobe_single``,
+        ``shortlist`` (None without codes), ``scan_dims``, ``queries``, ``held_out``,
+        ``settings_measured``, ``seconds``. Codes or scan_dims the index chose itself are
+        dropped where they lose. Needs a trained, writable index."""
     @property
     def rerank(self) -> int:
         """Candidates re-scored from float32 copies (settable; > 0 needs an index created

@@ -206,6 +206,13 @@ def main() -> None:
     "no re-encoding.",
 )
 @click.option(
+    "--recall",
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    default=None,
+    help="Recall@10 an ivf index is tuned to (default 0.95 for a new gallery); kept across runs, "
+    "re-tuned when the library changes by 10%.",
+)
+@click.option(
     "--ocr/--no-ocr",
     default=None,
     help='Read the text in photos (receipts, signs, slides) for text:"..." queries; kept across runs '
@@ -226,6 +233,7 @@ def index(
     batch_size: int,
     precision: Optional[str],
     index_kind: Optional[str],
+    recall: Optional[float],
     ocr: Optional[bool],
     video: Optional[bool],
     as_json: bool,
@@ -246,6 +254,7 @@ def index(
             batch_size=batch_size,
             dtype=precision,
             index_kind=index_kind,
+            recall=recall,
             ocr=ocr,
             video=video,
         )

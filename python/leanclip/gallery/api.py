@@ -85,6 +85,7 @@ class Gallery:
         checkpoint_overhead: float = 0.1,
         index_kind: Optional[str] = None,
         nprobe: Optional[int] = None,
+        recall: Optional[float] = None,
         ocr: Optional[bool] = None,
         video: Optional[bool] = None,
         auto_threshold: int = kinds.AUTO_IVF_THRESHOLD,
@@ -98,6 +99,11 @@ class Gallery:
             )
         if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, int) or nprobe < 1):
             raise GalleryError(f"nprobe must be an integer >= 1, got {nprobe!r}")
+        if recall is not None and (
+            isinstance(recall, bool) or not isinstance(recall, (int, float)) or not 0 < recall <= 1
+        ):
+            raise GalleryError(f"recall must be a number in (0, 1], got {recall!r}")
+        self.recall = recall  # an IVF index's target recall@10 (tuned); None keeps the store's (new: 0.95)
         self.dtype = dtype  # vector storage precision; None keeps the store's (new stores: f32)
         # exact | ivf | auto (gallery.kinds); None keeps the store's (new stores: auto)
         self.index_kind = index_kind
@@ -734,6 +740,7 @@ class Gallery:
         return UpdateOptions(
             dtype=self.dtype,
             index_kind=self.index_kind,
+            recall=self.recall,
             auto_threshold=self.auto_threshold,
             ivf_layout=self.ivf_layout,
             batch_size=self.batch_size,

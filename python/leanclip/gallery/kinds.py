@@ -14,6 +14,11 @@ index could not train well (k-means wants tens of vectors per list; with ``nlist
 lists a gallery has fewer than 39 per list below ~25,000 photos). Above it, training costs
 little next to encoding 200,000 photos, and a query scans a few percent of the vectors.
 
+An IVF gallery keeps a target recall (``--recall``, default :data:`DEFAULT_RECALL`, kept in the
+store's meta as ``recall``): after an update, :func:`keep_recall` tunes the index to it
+(``IVFIndex.tune`` on held-out photos) when it is not tuned to it yet or its lists drifted (the
+photo count moved by more than :data:`RETUNE_DRIFT` since the last tune, or a retrain).
+
 Conversions reuse the stored vectors (``get`` from one index, ``add`` to the other): nothing is
 re-encoded.
 """
@@ -40,6 +45,8 @@ __all__ = [
     "load_index",
     "convert",
     "needs_rebuild",
+    "keep_recall",
+    "DEFAULT_RECALL",
 ]
 
 INDEX_CHOICES = ("exact", "ivf", "auto")
@@ -47,6 +54,8 @@ KINDS = ("exact", "ivf")
 AUTO_IVF_THRESHOLD = 200_000
 _CHUNK = 32_768  # vectors moved per get/add during a conversion
 SHORTLIST_MIN = 100  # IVF code-scan candidates re-scored per query, at least
+DEFAULT_RECALL = 0.95  # recall@10 an IVF gallery is tuned to (``leanclip index --recall``)
+RETUNE_DRIFT = 0.1  # re-tune once the photo count moved by this share since the last tune
 
 
 class IVFLayout(NamedTuple):
@@ -160,3 +169,22 @@ def set_search_nprobe(index: Any, nprobe: Optional[int]) -> None:
         index.nprobe = max(1, min(int(nprobe), index.nlist))
         if index.pq:
             index.shortlist = max(SHORTLIST_MIN, index.nprobe)
+
+
+def keep_recall(index: Any, recall: float, tuned_at: Optional[int]) -> Optional[int]:
+    """Tune an IVF ``index`` to ``recall`` (recall@10, ``IVFIndex.tune`` on held-out photos)
+    unless it is tuned to it already and its lists have not drifted: the photo count is within
+    :data:`RETUNE_DRIFT` of ``tuned_at`` (the count at the last tune; None: never). Returns the
+    count it tuned at, or None when nothing was done (an exact or untrained index, or still
+    tuned)."""
+    if not 0.0 < recall <= 1.0:
+        raise GalleryError(f"recall must be in (0, 1], got {recall!r}")
+    if kind_of(index) != "ivf" or not index.is_trained or len(index) <= 64:
+        return None
+    n = len(index)
+    tuned = index.tuned
+    same = tuned is not None and abs(tuned[0] - recall) < 1e-6
+    if same and tuned_at and abs(n - tuned_at) <= RETUNE_DRIFT * tuned_at:
+        return None
+    index.tune(recall, k=10)
+    return n

@@ -54,6 +54,7 @@ class UpdateOptions:
 
     dtype: Optional[str] = None  # vector storage precision; None keeps the store's (new: f32)
     index_kind: Optional[str] = None  # exact | ivf | auto; None keeps the store's (new: auto)
+    recall: Optional[float] = None  # an IVF index's target recall@10; None keeps the store's (new: 0.95)
     auto_threshold: int = kinds.AUTO_IVF_THRESHOLD  # "auto" is IVF above this many photos
     ivf_layout: Callable[[int], kinds.IVFLayout] = kinds.ivf_layout  # IVF lists from the size
     batch_size: int = 32  # images per encoder call
@@ -141,6 +142,7 @@ class UpdateState:
     last_save_s: float = 0.0  # how long the last index save took
     dtype: str = "f32"  # the storage precision asked for
     index_choice: str = "auto"  # "exact", "ivf" or "auto" (gallery.kinds)
+    recall: float = kinds.DEFAULT_RECALL  # an IVF index is tuned to it (kinds.keep_recall)
     # the image-to-image vectors of a model that has them (``Encoder.has_similarity``): an exact
     # leanclip.Index with the same keys as ``index``, whatever kind that is; None otherwise
     similar: Any = None
@@ -321,6 +323,10 @@ def run_update(
         db.set_meta(conn, "dtype", want_dtype)
         db.set_meta(conn, "model_source", options.model_source)
         db.set_meta(conn, "index", choice)
+        recall = (
+            options.recall if options.recall is not None else float(meta.get("recall", kinds.DEFAULT_RECALL))
+        )
+        db.set_meta(conn, "recall", recall)
         ocr = options.ocr if options.ocr is not None else meta.get("ocr") == "1"
         db.set_meta(conn, "ocr", int(ocr))
         video = options.video if options.video is not None else meta.get("video") == "1"
@@ -342,6 +348,7 @@ def run_update(
             dirty=bool(reset_reason or fresh or migrated or sim_changed),
             dtype=want_dtype,
             index_choice=choice,
+            recall=recall,
             similar=similar,
         )
         run = Sync(layout, enc, options, state, summary, progress)
@@ -688,6 +695,11 @@ class Sync:
         added = summary.encoded + summary.copied
         if kinds.kind_of(ix) == "ivf" and ix.is_trained and added and 2 * added >= len(ix):
             ix.retrain()
+            s.dirty = True
+        meta = db.read_meta(s.conn)
+        tuned_at = kinds.keep_recall(ix, s.recall, int(meta.get("ivf_tuned_at") or 0) or None)
+        if tuned_at is not None:
+            db.set_meta(s.conn, "ivf_tuned_at", tuned_at)
             s.dirty = True
 
     def encode_all(self, remaining: List[Tuple[FoundFile, str]]) -> None:

@@ -5,12 +5,13 @@ use crate::convert::{
     batch_args, count_arg, key_vec, queries_arg, rows_result, search_result, seed_arg, vectors_arg,
     Count, Int,
 };
-use crate::errors::{engine, to_py_err};
-use leanclip_engine::ivf::{IvfIndex, IvfParams, DEFAULT_TRAIN_PER_LIST};
+use crate::errors::{engine, to_py_err, value_error};
+use leanclip_engine::ivf::{IvfConfig, IvfIndex, Preference};
 use leanclip_engine::{DType, Metric};
 use numpy::PyArray1;
 use parking_lot::RwLock;
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 use std::path::PathBuf;
 
 /// An approximate (inverted-file) vector index keyed by uint64 ids; see leanclip._engine.pyi.
@@ -48,46 +49,54 @@ impl PyIvfIndex {
 #[pymethods]
 impl PyIvfIndex {
     #[new]
-    #[pyo3(signature = (dim, metric = "cos", dtype = "f32", nlist = Int(1024), nprobe = None, rerank = Int(0), seed = Int(0), train_threshold = None, pq = Int(0), shortlist = None, scan_dims = Int(0)), text_signature = "(dim, metric='cos', dtype='f32', nlist=1024, nprobe=None, rerank=0, seed=0, train_threshold=None, pq=0, shortlist=None, scan_dims=0)")]
+    #[pyo3(signature = (dim, metric = "cos", dtype = None, nlist = None, nprobe = None, rerank = Int(0), seed = Int(0), train_threshold = None, pq = None, shortlist = None, scan_dims = None, recall = None, memory = None), text_signature = "(dim, metric='cos', dtype=None, nlist=None, nprobe=None, rerank=0, seed=0, train_threshold=None, pq=None, shortlist=None, scan_dims=None, recall=None, memory=None)")]
     // One argument per keyword of the Python constructor (pyo3 maps them by name).
     #[allow(clippy::too_many_arguments)]
     fn new(
         dim: Int,
         metric: &str,
-        dtype: &str,
-        nlist: Int,
+        dtype: Option<&str>,
+        nlist: Option<Int>,
         nprobe: Option<Int>,
         rerank: Int,
         seed: Int,
         train_threshold: Option<Int>,
-        pq: Int,
+        pq: Option<Int>,
         shortlist: Option<Int>,
-        scan_dims: Int,
+        scan_dims: Option<Int>,
+        recall: Option<f64>,
+        memory: Option<&str>,
     ) -> PyResult<Self> {
         let metric = Metric::parse(metric).map_err(to_py_err)?;
-        let dtype = DType::parse(dtype).map_err(to_py_err)?;
         let dim = count_arg(dim, "dim", 1)?;
-        let nlist = count_arg(nlist, "nlist", 1)?;
-        let mut params = IvfParams::with_nlist(nlist);
-        if let Some(p) = nprobe {
-            params.nprobe = count_arg(p, "nprobe", 1)?;
-        }
-        params.rerank = count_arg(rerank, "rerank", 0)?;
-        params.seed = seed_arg(seed, "seed")?;
-        params.train_threshold = match train_threshold {
-            Some(t) => count_arg(t, "train_threshold", 0)?,
-            None => nlist.saturating_mul(DEFAULT_TRAIN_PER_LIST),
+        let opt =
+            |v: Option<Int>, what: &str, min: usize| v.map(|v| count_arg(v, what, min)).transpose();
+        let low_memory = match memory {
+            None | Some("normal") => false,
+            Some("low") => true,
+            Some(other) => {
+                return Err(value_error(format!(
+                    "memory must be \"low\" or \"normal\", got {other:?}"
+                )))
+            }
         };
-        params.pq = count_arg(pq, "pq", 0)?;
-        if let Some(s) = shortlist {
-            // The engine's rule, which the setter runs too: only an index with codes has one.
-            params
-                .set_shortlist(count_arg(s, "shortlist", 1)?)
-                .map_err(to_py_err)?;
-        }
-        params.scan_dims = count_arg(scan_dims, "scan_dims", 0)?;
+        let config = IvfConfig {
+            dtype: dtype.map(DType::parse).transpose().map_err(to_py_err)?,
+            nlist: opt(nlist, "nlist", 1)?,
+            nprobe: opt(nprobe, "nprobe", 1)?,
+            rerank: count_arg(rerank, "rerank", 0)?,
+            seed: seed_arg(seed, "seed")?,
+            train_threshold: opt(train_threshold, "train_threshold", 0)?,
+            pq: opt(pq, "pq", 0)?,
+            shortlist: opt(shortlist, "shortlist", 1)?,
+            scan_dims: opt(scan_dims, "scan_dims", 0)?,
+            pref: Preference {
+                recall: recall.map(|r| r as f32),
+                low_memory,
+            },
+        };
         Ok(Self::wrap(
-            IvfIndex::new(dim, metric, dtype, params).map_err(to_py_err)?,
+            IvfIndex::from_config(dim, metric, config).map_err(to_py_err)?,
         ))
     }
 
@@ -120,6 +129,27 @@ impl PyIvfIndex {
     fn set_nprobe(&self, py: Python<'_>, value: Int) -> PyResult<()> {
         let value = count_arg(value, "nprobe", 1)?;
         engine(py, || self.inner.write().set_nprobe(value))
+    }
+
+    #[getter]
+    fn nprobe_single(&self, py: Python<'_>) -> usize {
+        py.detach(|| self.inner.read().nprobe_single())
+    }
+
+    #[setter]
+    fn set_nprobe_single(&self, py: Python<'_>, value: Int) -> PyResult<()> {
+        let value = count_arg(value, "nprobe_single", 1)?;
+        engine(py, || self.inner.write().set_nprobe_single(value))
+    }
+
+    #[getter]
+    fn tuned(&self, py: Python<'_>) -> Option<(f32, usize)> {
+        py.detach(|| self.inner.read().tuned())
+    }
+
+    #[getter]
+    fn auto(&self, py: Python<'_>) -> Vec<String> {
+        py.detach(|| self.inner.read().auto_reasons())
     }
 
     #[getter]
@@ -192,9 +222,17 @@ impl PyIvfIndex {
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {
-        let (len, p, trained, ro) = py.detach(|| {
+        let (len, p, trained, ro, single, tuned, why) = py.detach(|| {
             let g = self.inner.read();
-            (g.len(), g.params(), g.is_trained(), g.is_read_only())
+            (
+                g.len(),
+                g.params(),
+                g.is_trained(),
+                g.is_read_only(),
+                g.nprobe_single(),
+                g.tuned(),
+                g.auto_reasons(),
+            )
         });
         let ro = if ro { ", read_only=True" } else { "" };
         let mut pq = if p.pq > 0 {
@@ -205,6 +243,17 @@ impl PyIvfIndex {
         if p.scan_dims > 0 {
             pq += &format!(", scan_dims={}", p.scan_dims);
         }
+        if single != p.nprobe {
+            pq += &format!(", nprobe_single={single}");
+        }
+        if let Some((target, k)) = tuned {
+            pq += &format!(", tuned=(recall {target}, k {k})");
+        }
+        let ro = if why.is_empty() {
+            ro.to_string()
+        } else {
+            format!("{ro}; auto: {}", why.join("; "))
+        };
         format!(
             "IVFIndex(dim={}, metric='{}', dtype='{}', nlist={}, nprobe={}, rerank={}{pq}, \
              trained={}, len={len}{ro})",
@@ -288,6 +337,36 @@ impl PyIvfIndex {
         let q = queries.as_slice()?;
         let found = engine(py, || self.inner.read().search(q, k.0, exclude.as_deref()))?;
         search_result(py, found, batch)
+    }
+
+    #[pyo3(signature = (target_recall = 0.95, k = Count(10), queries = None), text_signature = "(self, target_recall=0.95, k=10, queries=None)")]
+    fn tune<'py>(
+        &self,
+        py: Python<'py>,
+        target_recall: f64,
+        k: Count,
+        queries: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let queries = queries.map(|q| queries_arg(py, q, self.dim)).transpose()?;
+        let q = queries.as_ref().map(|(a, _)| a.as_slice()).transpose()?;
+        let t0 = std::time::Instant::now();
+        let r = engine(py, || self.inner.write().tune(target_recall as f32, k.0, q))?;
+        let d = PyDict::new(py);
+        d.set_item("target_recall", r.target)?;
+        d.set_item("k", r.k)?;
+        d.set_item("queries", r.queries)?;
+        d.set_item("held_out", !r.user_queries)?;
+        d.set_item("nprobe", r.nprobe)?;
+        d.set_item("recall", r.batch_recall)?;
+        d.set_item("spread", r.batch_spread)?;
+        d.set_item("nprobe_single", r.nprobe_single)?;
+        d.set_item("shortlist", (r.shortlist > 0).then_some(r.shortlist))?;
+        d.set_item("recall_single", r.single_recall)?;
+        d.set_item("spread_single", r.single_spread)?;
+        d.set_item("scan_dims", r.scan_dims)?;
+        d.set_item("settings_measured", r.evaluations)?;
+        d.set_item("seconds", t0.elapsed().as_secs_f64())?;
+        Ok(d)
     }
 
     fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {

@@ -20,7 +20,12 @@
 //!     64     4  pq (u32): 4-bit product-quantization sub-quantizers, 0 = none
 //!     68     4  shortlist (u32); 0 when pq = 0
 //!     72     4  scan_dims (u32): principal directions batches rank by, 0 = all
-//!     76    36  reserved, zero
+//!     76     4  nprobe of single queries (u32), 0 = nprobe (set by `tune`)
+//!     80     4  target recall of the last `tune`, in millionths (u32), 0 = never tuned
+//!     84     4  k of the last `tune` (u32), 0 when never tuned
+//!     88     1  knobs the index chooses at training (auto.rs): bit 0 nlist, 1 nprobe, 2 pq,
+//!               3 scan_dims; other bits zero
+//!     89    23  reserved, zero
 //!    112     8  xxh3-64 of the data sections (vectors, float32 copies, codes)
 //!    120     8  xxh3-64 of bytes 0..120 and of every byte from 128 up to the vectors
 //!    128  8*L   list sizes (u64), L = lists stored
@@ -37,7 +42,8 @@
 //!               > 0 only; the layout of `pq.rs`, unused rows of a last block zero)
 //! ```
 //! Files without codes and with scan_dims 0 are byte for byte what builds before `pq` wrote
-//! (pq, shortlist and scan_dims 0).
+//! (pq, shortlist and scan_dims 0).; files of indexes never tuned and with no automatic knobs,
+//! what builds before `tune` wrote (bytes 76..89 zero)
 //! The file ends exactly where the last section ends. Every section offset follows from the
 //! header, so nothing else can disagree with it; `parse` checks all of it but the data
 //! checksum, which `verify` (or a load with verify=true) checks.
@@ -76,6 +82,7 @@ struct Layout {
     dtype: DType,
     metric: Metric,
     params: IvfParams,
+    auto: super::auto::AutoState,
     exact: bool,
     count: usize,
     sizes: Vec<usize>,
@@ -260,7 +267,7 @@ fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
     if bytes[12..16]
         .iter()
         .chain(&bytes[23..24])
-        .chain(&bytes[76..112])
+        .chain(&bytes[89..112])
         .any(|&b| b != 0)
     {
         return bad("corrupt header: reserved bytes are not zero");
@@ -291,12 +298,30 @@ fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
         dtype,
         metric,
         params,
+        auto: read_auto(bytes)?,
         exact,
         count,
         sizes,
         at,
         codes,
         data_checksum: u64_at(bytes, 112),
+    })
+}
+
+/// What `tune` set and which knobs the index chooses itself (bytes 76..89).
+fn read_auto(bytes: &[u8]) -> std::result::Result<super::auto::AutoState, String> {
+    let (target, tune_k) = (u32_at(bytes, 80), u32_at(bytes, 84) as usize);
+    if target > 1_000_000 || (target == 0) != (tune_k == 0) {
+        return bad(format!(
+            "corrupt header: tuned for recall {target} ppm at k {tune_k}"
+        ));
+    }
+    Ok(super::auto::AutoState {
+        knobs: super::auto::AutoKnobs::from_bits(bytes[88])
+            .ok_or_else(|| format!("corrupt header: automatic knobs {:#x}", bytes[88]))?,
+        nprobe_single: u32_at(bytes, 76) as usize,
+        tuned: (target > 0).then_some((target as f32 / 1e6, tune_k)),
+        why: Vec::new(),
     })
 }
 
@@ -466,6 +491,7 @@ fn build(src: Source<'_>, l: &Layout) -> std::result::Result<IvfIndex, String> {
         codebooks,
         directions: Default::default(),
         mapped: None,
+        auto: l.auto.clone(),
     };
     index.set_centroids(centroids);
     Ok(index)
@@ -640,6 +666,15 @@ impl IvfIndex {
             head[68..72].copy_from_slice(&shortlist.to_le_bytes());
         }
         head[72..76].copy_from_slice(&(p.scan_dims as u32).to_le_bytes());
+        let a = &self.auto;
+        head[76..80]
+            .copy_from_slice(&(a.nprobe_single.min(u32::MAX as usize) as u32).to_le_bytes());
+        if let Some((target, k)) = a.tuned {
+            let ppm = (target as f64 * 1e6).round().clamp(1.0, 1e6) as u32;
+            head[80..84].copy_from_slice(&ppm.to_le_bytes());
+            head[84..88].copy_from_slice(&(k.clamp(1, u32::MAX as usize) as u32).to_le_bytes());
+        }
+        head[88] = a.knobs.bits();
         head[112..120].copy_from_slice(&h.digest().to_le_bytes());
         let checksum = meta_checksum(&head[..120], &meta);
         head[120..128].copy_from_slice(&checksum.to_le_bytes());

@@ -42,6 +42,7 @@
 //! (4-bit codes), `project.rs` (principal directions), `file.rs` (the file format); here the
 //! index itself: adding, removing, training.
 
+mod auto;
 mod file;
 pub(crate) mod kmeans;
 mod list;
@@ -50,11 +51,14 @@ mod pq;
 mod project;
 mod scan;
 mod search;
+mod tune;
 
+pub use auto::{AutoKnobs, IvfConfig, Preference, AUTO_TRAIN_THRESHOLD};
 pub use file::{IVF_FORMAT_VERSION, IVF_MAGIC};
 pub use params::IvfParams;
 pub use pq::MAX_PQ;
 pub use project::MAX_SCAN_DIMS_DIM;
+pub use tune::TuneReport;
 
 pub(crate) use list::{Data, List, Seg};
 use list::{EncData, Encoded};
@@ -116,6 +120,9 @@ pub struct IvfIndex {
     pub(crate) directions: std::sync::OnceLock<Vec<f32>>,
     /// Set when opened with mmap: the mapped file, checked around every read of the map.
     pub(crate) mapped: Option<crate::file_io::MappedFile>,
+    /// The knobs chosen at training, and why (auto.rs); the single queries' nprobe and the
+    /// target recall and k of the last `tune` (tune.rs).
+    pub(crate) auto: auto::AutoState,
 }
 
 impl std::fmt::Debug for IvfIndex {
@@ -149,6 +156,7 @@ impl IvfIndex {
             probe_centroids: None,
             directions: Default::default(),
             mapped: None,
+            auto: Default::default(),
         })
     }
 
@@ -240,6 +248,7 @@ impl IvfIndex {
     pub fn set_nprobe(&mut self, nprobe: usize) -> Result<()> {
         params::check_nprobe(nprobe)?;
         self.params.nprobe = nprobe;
+        self.auto.nprobe_single = 0; // single queries follow
         Ok(())
     }
 
@@ -514,6 +523,7 @@ impl IvfIndex {
             ));
         }
         let n = vectors.len() / self.dim;
+        self.choose_nlist(n);
         if n < self.params.nlist {
             return invalid(format!(
                 "training needs at least nlist = {} vectors, got {n}",
@@ -534,6 +544,7 @@ impl IvfIndex {
     pub fn retrain(&mut self) -> Result<()> {
         self.check_writable()?;
         let n = self.len();
+        self.choose_nlist(n);
         if n < self.params.nlist {
             return invalid(format!(
                 "training needs at least nlist = {} vectors, the index holds {n}",
@@ -581,6 +592,7 @@ impl IvfIndex {
     }
 
     fn train_on(&mut self, sample: Vec<f32>) -> Result<()> {
+        self.choose_from_spectrum(&sample);
         let spherical = self.coarse_metric() == Metric::Ip;
         let seed = self.params.seed.wrapping_add(1);
         let centroids = kmeans::kmeans(

@@ -229,7 +229,7 @@ impl IvfIndex {
         // A batch's per-pair buffers grow with queries x probed lists: a large one runs in
         // chunks of queries, balanced so that each stays a batch.
         let probed = if self.is_trained() {
-            self.params.nprobe.min(self.lists.len())
+            self.nprobe_for(nq).min(self.lists.len())
         } else {
             self.lists.len()
         };
@@ -406,7 +406,7 @@ impl IvfIndex {
         }
         // Nearest first even when every list is probed: a batch's first round scans the
         // nearest lists, whose scores bound what the others must keep.
-        let np = self.params.nprobe.min(nlist);
+        let np = self.nprobe_for(nq).min(nlist);
         let ids = self.nearest_lists(queries, np);
         let mut offsets = Vec::with_capacity(nq + 1);
         let mut flat = Vec::with_capacity(nq * np);
