@@ -44,6 +44,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from training.report import markdown_table  # one home, shared with training's reports
+
 CACHE = Path.home() / ".cache" / "leanclip-bench" / "ivf"
 K = 10
 Q = 1000
@@ -238,16 +240,18 @@ class LeanAuto(Peer):
 
     knob = "tune"
 
-    def __init__(self, user_queries: bool):
-        self.user_queries = user_queries
+    def __init__(self, user_queries: bool, memory: Optional[str] = None):
+        self.user_queries, self.memory = user_queries, memory
         self.name = "leanclip IVF auto + tune" + (" (sample queries)" if user_queries else "")
+        if memory:
+            self.name += f", memory={memory!r}"
         self.tune_queries = None
         self.last: Dict = {}
 
     def build(self, base):
         from leanclip import IVFIndex
 
-        self.index = IVFIndex(base.shape[1], "ip", train_threshold=0)
+        self.index = IVFIndex(base.shape[1], "ip", train_threshold=0, memory=self.memory)
         self.index.train(base)
         self.index.add(np.arange(len(base), dtype=np.uint64), base)
 
@@ -393,6 +397,7 @@ def make_peer(spec: str, n: int) -> Peer:
         "lean-i8-codes-half": lambda: LeanIVF("i8", 0, nlist, codes=True, half_dims=True),
         "lean-auto": lambda: LeanAuto(False),
         "lean-auto-q": lambda: LeanAuto(True),
+        "lean-auto-low": lambda: LeanAuto(False, memory="low"),
         "hnswlib": Hnswlib,
         "usearch": USearch,
         "faiss-ivfflat": lambda: Faiss("flat", nlist),
@@ -602,7 +607,6 @@ def _ratio(a: Optional[float], b: Optional[float]) -> str:
 
 
 def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
-    from benchmarks import _harness as H
 
     lines = [f"## {kind}: {n:,} x {dim}", "", note, ""]
     results = [dict(r, peer=r["peer"] + " *") if r.get("remeasured") else r for r in results]
@@ -637,7 +641,7 @@ def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
                     ]
                 )
     lines.append(
-        H.markdown_table(
+        markdown_table(
             [
                 "library",
                 "setting",
@@ -676,7 +680,7 @@ def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
             ]
         )
     lines.append(
-        H.markdown_table(
+        markdown_table(
             [
                 "library",
                 "build CPU (s)",
@@ -733,10 +737,12 @@ def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
             )
     if auto:
         lines.extend(auto_section(auto, by.get("hnswlib HNSW")))
+    if not lean:  # only the tuned peers: their table above is the result
+        return "\n".join(lines) + "\n"
     lines.append("Targets (ratios from this run; CPU time first, wall clock in parentheses):")
     lines.append("")
     lines.append(
-        H.markdown_table(
+        markdown_table(
             [
                 "leanclip",
                 "recall >=",
@@ -833,9 +839,8 @@ def auto_section(auto: List[Dict], hn: Optional[Dict]) -> List[str]:
 
 
 def H_table(header: List[str], rows: List[List]) -> str:
-    from benchmarks import _harness as H
 
-    return H.markdown_table(header, rows)
+    return markdown_table(header, rows)
 
 
 def plot(all_results: Dict[str, List[Dict]], path: Path) -> None:
