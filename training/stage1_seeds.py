@@ -103,12 +103,12 @@ def read_runs(path: Path) -> List[Dict[str, Any]]:
     return []
 
 
-def _mean_spread(values: Sequence[float]) -> str:
+def _mean_spread(values: Sequence[float], fmt: str = ".3f") -> str:
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
 
 
 def verdict(cfg: Dict[str, Any], runs: Sequence[Dict[str, Any]]) -> str:
@@ -199,7 +199,7 @@ def render(cfg: Dict[str, Any], runs: Sequence[Dict[str, Any]], context: Dict[st
             [r["name"], f"{len(mine)}/{len(cfg['seeds'])}"]
             + [_mean_spread([x[m] for x in mine if m in x]) for m in METRICS]
             + [
-                _mean_spread([x["final_loss"] for x in mine]) if mine else "-",
+                _mean_spread([x["final_loss"] for x in mine], ".3g") if mine else "-",
                 _mean_spread(taus)
                 if taus
                 else (
