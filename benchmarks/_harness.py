@@ -18,7 +18,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional
 
-from training.report import cpu_model  # one home, shared with training's reports
+from training import report
+
+# one home (training/report.py), shared with training's reports; re-exported for the benchmarks
+cpu_model, markdown_table = report.cpu_model, report.markdown_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
