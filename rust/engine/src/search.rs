@@ -307,6 +307,12 @@ where
             // above all) reordered rows that single queries tell apart, and its scores were
             // not the single-query ones. f16 rows under l2 re-score and certify instead.
             (Rows::F16(_), Metric::L2) => Scan::Rescored,
+            // i8 rows without an i8 product (no VNNI: AVX2, scalar) would otherwise report
+            // the f32 product's l2 over the dequantized rows; the per-row l2 kernel scores the
+            // same dequantized values in f32, so the same certified re-score applies.
+            (Rows::I8 { .. }, Metric::L2) if !matmul::has_i8_product(kernels::level()) => {
+                Scan::Rescored
+            }
             (rows, _) => Scan::auto(rows, kernels::level()),
         };
         self.run_scan(scan, out_ids, out_scores)
@@ -468,7 +474,10 @@ where
         let mut tile = vec![0.0f32; nq * row_block];
         let mut row_norms = vec![0.0f32; row_block];
         // Certification (`Scan::Rescored` over f32 / f16 rows) needs the largest row norm.
-        let certify = matches!(scan, Scan::Rescored) && !matches!(self.rows, Rows::I8 { .. });
+        // (i8 rows only under l2, whose per-row kernel reads the dequantized rows in f32; under
+        // ip / cos it quantizes the query, which this bound does not cover.)
+        let certify = matches!(scan, Scan::Rescored)
+            && (plan.metric == Metric::L2 || !matches!(self.rows, Rows::I8 { .. }));
         let mut max_sqnorm = 0.0f32;
         let need_norms = plan.metric == Metric::L2 || plan.normalize_rows || certify;
         let mut b0 = part.start;
