@@ -119,6 +119,23 @@ class FoundFile:
             self.ctime_ns,
         )
 
+    def ok_row(self, digest: str, key: int) -> FileRow:
+        """The row of this file encoded under ``key``, with its capture time read now."""
+        when = capture_time(self.abspath)
+        return FileRow(
+            self.rel,
+            self.size,
+            self.mtime_ns,
+            digest,
+            key,
+            "ok",
+            None,
+            self.ino,
+            self.ctime_ns,
+            when.wall,
+            when.source,
+        )
+
 
 @dataclass
 class ScanResult:
@@ -767,20 +784,7 @@ class Sync:
                 self.rows.pop(f.rel, None)
                 self.record_failure(f, digest, exc.reason)
                 continue
-            when = capture_time(f.abspath)
-            row = FileRow(
-                f.rel,
-                f.size,
-                f.mtime_ns,
-                digest,
-                added[0],
-                "ok",
-                None,
-                f.ino,
-                f.ctime_ns,
-                when.wall,
-                when.source,
-            )
+            row = f.ok_row(digest, added[0])
             db.write_row(s.conn, row)
             if old is None:
                 self.summary.added += 1
@@ -919,20 +923,7 @@ class Sync:
                 summary.updated += 1
             else:
                 summary.added += 1
-            when = capture_time(f.abspath)
-            row = FileRow(
-                f.rel,
-                f.size,
-                f.mtime_ns,
-                digest,
-                keys[i],
-                "ok",
-                None,
-                f.ino,
-                f.ctime_ns,
-                when.wall,
-                when.source,
-            )
+            row = f.ok_row(digest, keys[i])
             db.write_row(s.conn, row)
             rows[f.rel] = row
         s.dirty = True
