@@ -4,13 +4,12 @@ multi-process tests (tests/test_distributed_scale.py) and the scale benchmark.""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from tests._fixtures_training import free_port
+from tests._fixtures_training import free_port, rank_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,18 +25,7 @@ def launch_scale(
     port = free_port()
     procs = []
     for rank in range(world_size):
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "RAYON_NUM_THREADS": str(threads),
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "LOCAL_WORLD_SIZE": str(world_size),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        }
+        env = rank_env(rank, world_size, port, RAYON_NUM_THREADS=str(threads))
         code = "from tests._fixtures_scale import worker; worker()"
         procs.append(
             subprocess.Popen(

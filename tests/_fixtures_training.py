@@ -217,6 +217,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def rank_env(rank: int, world_size: int, port: int, **extra: str) -> dict[str, str]:
+    """The environment torchrun gives rank ``rank`` of a one-machine world (one thread each),
+    with this checkout importable."""
+    repo = Path(__file__).resolve().parents[1]
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
+        **extra,
+    }
+
+
 def launch_world(
     world_size: int,
     tasks: list[dict[str, Any]],
@@ -236,17 +254,7 @@ def launch_world(
     port = free_port()
     procs = []
     for rank in range(world_size):
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "LOCAL_WORLD_SIZE": str(world_size),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
-        }
+        env = rank_env(rank, world_size, port)
         procs.append(
             subprocess.Popen(
                 [
