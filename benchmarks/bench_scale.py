@@ -4,7 +4,9 @@ on this machine.
 
 Parts (``LEANCLIP_BENCH_SCALE_PARTS``, comma-separated; default all): ``equality`` (mining at
 W = 1..4, N and Q not divisible by W, against one engine call), ``mining`` (200k x 512 corpus,
-W = 1, 2, 4: time, per-rank peak RSS against corpus/W + one query block), ``search`` (4 shard
+W = 1, 2, 4: time, per-rank peak RSS against corpus/W + one query block;
+``LEANCLIP_BENCH_SCALE_MINING_PRECISIONS``, default ``f32,i8``, reruns some precisions and keeps
+the stored rows of the others), ``search`` (4 shard
 files against one index), ``embed`` (12-megapixel JPEGs, shard sizes 100 and
 ``LEANCLIP_BENCH_SCALE_EMBED_BIG``, default 10,000), ``ivf`` (``LEANCLIP_BENCH_SCALE_IVF_N``
 vectors, default 10M x 128 f16 with 4-bit codes, built from 500k-row files by
@@ -163,11 +165,15 @@ def part_mining(tmp: Path) -> Dict[str, Any]:
     import leanclip
 
     q = int(os.environ.get("LEANCLIP_BENCH_SCALE_MINING_Q", "8000"))
+    precisions = [
+        p for p in os.environ.get("LEANCLIP_BENCH_SCALE_MINING_PRECISIONS", "f32,i8").split(",") if p
+    ]
+    run_date = _now_and_load()
     n, dim, block = 200_000, 512, 2048
     queries, corpus, qg, cg = _mining_data(tmp, q, n, dim)
     corpus_mib, block_mib = corpus.nbytes / 2**20, block * dim * 4 / 2**20
     rows = []
-    for precision in ("f32", "i8"):
+    for precision in precisions:
         started = time.perf_counter()
         ref = leanclip.mine_hard_negatives(
             queries, corpus, 10, query_groups=qg, corpus_groups=cg, precision=precision
@@ -190,26 +196,56 @@ def part_mining(tmp: Path) -> Dict[str, Any]:
                     f"{one_call:.1f}",
                 ]
             )  # fmt: skip
-    return {
-        "title": f"Corpus-sharded mining, {q:,} queries x {n:,} corpus rows x {dim} (f32, {corpus_mib:.0f} MiB), "
-        f"top-10, query block {block} ({block_mib:.0f} MiB)",
-        "header": [
-            "precision",
-            "W",
-            "mining s (slowest rank)",
-            "torchrun wall s",
-            "throughput vs W=1",
-            "per-rank peak RSS beyond start, MiB (max)",
-            "budget 1.2 x (corpus/W + block), MiB",
-            "within",
-            "equal to 1 process",
-            "one engine call s",
-        ],  # fmt: skip
-        "rows": rows,
-        "note": "Per-rank RSS beyond start = VmHWM - VmRSS when the command starts (torch, leanclip and "
-        "the process group already loaded); the rank's corpus rows are read through mmap and count once "
-        "touched. RAYON_NUM_THREADS = cores / W.",
-    }
+    return _keep_other_rows(
+        "mining",
+        {
+            "title": f"Corpus-sharded mining, {q:,} queries x {n:,} corpus rows x {dim} (f32, {corpus_mib:.0f} MiB), "
+            f"top-10, query block {block} ({block_mib:.0f} MiB)",
+            "header": [
+                "precision",
+                "W",
+                "mining s (slowest rank)",
+                "torchrun wall s",
+                "throughput vs W=1",
+                "per-rank peak RSS beyond start, MiB (max)",
+                "budget 1.2 x (corpus/W + block), MiB",
+                "within",
+                "equal to 1 process",
+                "one engine call s",
+            ],  # fmt: skip
+            "rows": rows,
+            "note": "Per-rank RSS beyond start = VmHWM - VmRSS when the command starts (torch, leanclip and "
+            "the process group already loaded); the rank's corpus rows are read through mmap and count once "
+            "touched. RAYON_NUM_THREADS = cores / W.",
+        },
+        run_date,
+    )
+
+
+def _keep_other_rows(name: str, result: Dict[str, Any], started: str) -> Dict[str, Any]:
+    """``result`` with the stored part's rows of other precisions (first column) kept, when the
+    stored part has the same title: a rerun of some precisions
+    (``LEANCLIP_BENCH_SCALE_MINING_PRECISIONS``) replaces only their rows. ``runs`` dates each
+    precision's rows (``started``: this run's date and load); the note names them when they
+    differ."""
+    stored = json.loads(PARTS_FILE.read_text()).get(name) if PARTS_FILE.is_file() else None
+    measured = {r[0] for r in result["rows"]}
+    result["runs"] = {p: started for p in measured}
+    if not stored or stored["title"] != result["title"]:
+        return result
+    kept = [r for r in stored["rows"] if r[0] not in measured]
+    for r in kept:
+        result["runs"][r[0]] = stored.get("runs", {}).get(
+            r[0], f"{stored['date']}, load at the start {stored['load']}"
+        )
+    result["rows"] = sorted(kept + result["rows"], key=lambda r: (["f32", "bf16", "i8"].index(r[0]), r[1]))
+    if len(set(result["runs"].values())) > 1:
+        result["note"] += (
+            " Rows measured in separate runs: "
+            + "; ".join(f"{p}: {when}" for p, when in sorted(result["runs"].items()))
+            + "."
+        )
+    return result
 
 
 def part_search(tmp: Path) -> Dict[str, Any]:
@@ -490,6 +526,13 @@ def render(parts: Dict[str, Any]) -> str:
         if p.get("note"):
             text += "\n" + p["note"] + "\n"
     return text
+
+
+def _now_and_load() -> str:
+    import datetime as dt
+
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"{dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, load at the start {load}"
 
 
 def main(argv: Sequence[str] = ()) -> None:

@@ -33,6 +33,7 @@ MINE_RUNS = {  # name: extra argv
     "bf16": ["--precision", "bf16"],
     "l2": ["--metric", "l2"],
     "query_i8": ["--layout", "query", "--precision", "i8"],
+    "i8_scan_rows": ["--precision", "i8", "--scan-rows", "37"],  # each rank's rows in several calls
 }
 
 
@@ -136,7 +137,7 @@ def _reference(data: dict[str, Any], name: str) -> tuple[np.ndarray, np.ndarray]
     if name == "l2":
         kw["metric"] = "l2"
     else:
-        kw["precision"] = name.removeprefix("query_")
+        kw["precision"] = name.removeprefix("query_").removesuffix("_scan_rows")
     return leanclip.mine_hard_negatives(q, c, K, **kw)
 
 
@@ -182,6 +183,30 @@ def test_in_memory_mining_in_one_process_is_the_engine_call(data: dict[str, Any]
     np.testing.assert_array_equal(rows, ref[0])
     with pytest.raises(ValueError, match="layout must be one of"):
         scale.mine(data["queries"], data["corpus"], K, info, layout="rows")
+
+
+@pytest.mark.parametrize(
+    "engine", [{"precision": "i8"}, {"precision": "bf16"}, {"dtype": "i8"}, {"dtype": "f16", "metric": "l2"}]
+)
+@pytest.mark.parametrize("scan_rows", [1, 37, 600])
+def test_rows_mined_in_several_engine_calls_equal_one_call(
+    data: dict[str, Any], engine: dict[str, str], scan_rows: int
+) -> None:
+    """A rank's rows mined ``scan_rows`` at a time (its copy for the scan bounded) and merged give
+    one call's rows and scores, ties included; the default splits where the engine copies."""
+    import torch
+
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    q, c, qg, cg = data["queries"], data["corpus"], data["qg"], data["cg"]
+    ref = leanclip.mine_hard_negatives(q, c, K, query_groups=qg, corpus_groups=cg, **engine)  # type: ignore[arg-type]
+    rows, scores = scale.mine_corpus_sharded(
+        q, c, 0, K, info, qg, cg, block=64, scan_rows=scan_rows, **engine
+    )
+    np.testing.assert_array_equal(rows, ref[0])
+    np.testing.assert_array_equal(scores, ref[1])
+    assert scale._scan_rows(100_000, "f32", "f32") == 100_000
+    assert scale._scan_rows(50_000, "f32", "i8") == scale.SCAN_MIN_ROWS
+    assert scale._scan_rows(1_000_000, "f32", "bf16") == 62_500
 
 
 def test_command_errors_are_one_line(data: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:

@@ -110,6 +110,23 @@ def _read_rows(path: Path, first: int, out: np.ndarray) -> None:
             raise ValueError(f"{path}: shorter than its header says")
 
 
+# A rank's rows go to the engine in this many calls at least when it copies them (a low-precision
+# scan packs an i8 / bf16 copy, dtype f16 / i8 encodes one): that copy is then 1/16 of the rows',
+# not all of them on top of their f32 pages (it took i8 mining past its memory budget of 1.2 x the
+# rank's corpus bytes; benchmarks/results/scale.md). Calls of fewer than SCAN_MIN_ROWS rows would
+# only add per-call work.
+SCAN_SPLIT, SCAN_MIN_ROWS = 16, 4096
+
+
+def _scan_rows(n: int, dtype: str, precision: str) -> int:
+    """Corpus rows per engine call for a rank holding ``n`` rows: all of them where the engine
+    reads them as they are (f32 scan of f32 rows), else 1/SCAN_SPLIT of them (at least
+    SCAN_MIN_ROWS)."""
+    if dtype == "f32" and precision == "f32":
+        return max(1, n)
+    return max(SCAN_MIN_ROWS, -(-n // SCAN_SPLIT))
+
+
 def _worst(metric: str) -> float:
     return float("inf") if metric == "l2" else float("-inf")
 
@@ -154,6 +171,7 @@ def mine_corpus_sharded(
     dtype: str = "f32",
     precision: str = "f32",
     block: int = 4096,
+    scan_rows: Optional[int] = None,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Hard negatives of this rank's ``queries`` against the corpus held across all ranks.
 
@@ -162,7 +180,11 @@ def mine_corpus_sharded(
     ``NpyRows``, read ``block`` rows at a time). Groups as ``mine_hard_negatives`` (both or
     neither). Returns (q_local, k) global corpus rows and their scores, exactly those of one
     process's ``mine_hard_negatives`` over the whole corpus (-1 / -inf where fewer than k rows
-    are eligible). Every rank must call it (collectives)."""
+    are eligible). Every rank must call it (collectives).
+
+    ``scan_rows``: corpus rows per engine call (default ``_scan_rows``). Each call's top k are
+    merged exactly as the ring merges, so any value gives the same result; it bounds the copy
+    the engine makes of the rows it scans (see ``_scan_rows``)."""
     from leanclip import mine_hard_negatives
 
     if (query_groups is None) != (corpus_groups is None):
@@ -175,6 +197,7 @@ def mine_corpus_sharded(
     out_rows = np.full((q_local, k), -1, np.int64)
     out_scores = np.full((q_local, k), _worst(metric), np.float32)
     qdtype = torch.from_numpy(np.zeros(0, corpus.dtype)).dtype
+    step = max(1, scan_rows or _scan_rows(n_local, dtype, precision))
     for j in range(rounds):
         lo, hi = min(q_local, j * block), min(q_local, (j + 1) * block)
         q = np.ascontiguousarray(queries[lo:hi], dtype=corpus.dtype)
@@ -182,20 +205,20 @@ def mine_corpus_sharded(
         rows = np.full((hi - lo, k), -1, np.int64)
         scores = np.full((hi - lo, k), _worst(metric), np.float32)
         for _hop in range(info.world_size):
-            if len(q) and n_local:
-                fetch = min(k, n_local)
-                qp, gp = _pad_block(q, q_total, g)
+            qp, gp = _pad_block(q, q_total, g)
+            for c_lo in range(0, n_local if len(q) else 0, step):
+                c_hi = min(n_local, c_lo + step)
                 r, s = mine_hard_negatives(
                     qp,
-                    corpus,
-                    fetch,
+                    corpus[c_lo:c_hi],
+                    min(k, c_hi - c_lo),
                     query_groups=gp if grouped else None,
-                    corpus_groups=corpus_groups,
+                    corpus_groups=None if corpus_groups is None else corpus_groups[c_lo:c_hi],
                     metric=metric,  # type: ignore[arg-type]
                     dtype=dtype,  # type: ignore[arg-type]
                     precision=precision,  # type: ignore[arg-type]
                 )
-                r = np.where(r[: len(q)] >= 0, r[: len(q)] + corpus_start, -1)
+                r = np.where(r[: len(q)] >= 0, r[: len(q)] + corpus_start + c_lo, -1)
                 rows, scores = _merge(rows, scores, r, s[: len(q)], k, metric)
             if info.world_size > 1:  # pass the block on; after W hops it is home again
                 m = int(all_counts([len(q)], info)[(info.rank - 1) % info.world_size][0])
@@ -335,6 +358,7 @@ def _cmd_mine(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
             None if qg is None else np.asarray(qg[qs]),
             None if cg is None else np.ascontiguousarray(cg[cs], np.int64),
             block=args.block,
+            scan_rows=args.scan_rows,
             **engine,
         )
     else:
@@ -444,6 +468,13 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="f32", choices=("f32", "f16", "i8"))
     m.add_argument("--precision", default="f32", choices=("f32", "bf16", "i8"))
     m.add_argument("--block", type=_positive, default=4096, help="queries per travelling block")
+    m.add_argument(
+        "--scan-rows",
+        type=_positive,
+        default=None,
+        help="corpus rows per engine call (corpus layout; default: a rank's rows / 16, at least 4096, "
+        "where the engine copies them for a low-precision scan or another dtype)",
+    )
     m.add_argument("--out", required=True, help="folder for part-RANK.npz (query_start, rows, scores)")
     b = sub.add_parser("build-ivf", help="IVF shard files from embedding files, files split over ranks")
     b.add_argument("out")
