@@ -85,15 +85,15 @@ def synthetic_store(
 ) -> None:
     """A gallery store with ``n`` unit vectors (random, or around ``centres``) and matching rows,
     written the way ``Gallery.update`` leaves it (schema, meta, index-1.lci), without n image
-    files. ``kind`` "ivf" lays the index out as the gallery does for n photos
-    (``gallery.kinds.new_index``: it trains itself on the first vectors added)."""
+    files. ``kind`` "ivf" is the gallery's IVF index (``gallery.kinds.new_index``: it lays itself
+    out when it trains itself on the first vectors added)."""
     from leanclip.gallery import kinds
     from leanclip.gallery.store import DB_NAME, SCHEMA_VERSION, STORE_DIRNAME
     from leanclip.gallery.store import SCHEMA as _SCHEMA
 
     store = root / STORE_DIRNAME
     store.mkdir(parents=True)
-    index = kinds.new_index(kind, dim, dtype, n)
+    index = kinds.new_index(kind, dim, dtype)
     rng = np.random.default_rng(seed)
     conn = sqlite3.connect(store / DB_NAME, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -528,7 +528,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 f"precomputed query vector. {args.queries} distinct queries per row. Stores are synthetic: "
                 "random unit vectors, or clustered ones (1,000 unit centres, noise of norm ~1.0: photo "
                 "embeddings cluster, and IVF needs structure); the index is exact, or IVF laid out as the "
-                "gallery lays it out for that many photos (`gallery.kinds.ivf_layout`)."
+                "gallery makes it (`gallery.kinds.new_index`: IVFIndex's automatic layout)."
             ),
         )
         text += "\n## Indexing\n\n" + table1 + "\n"

@@ -135,7 +135,7 @@ def _update_worker(config: Dict[str, Any]) -> None:
     import time
 
     import leanclip.gallery.store as store
-    from leanclip.gallery import Gallery, kinds
+    from leanclip.gallery import Gallery
 
     mode, at, delay = config.pop("mode", "none"), config.pop("at", 0), config.pop("delay", 0.0)
     counts = {"encode": 0, "save": 0, "unlink": 0}
@@ -169,7 +169,7 @@ def _update_worker(config: Dict[str, Any]) -> None:
 
     os.unlink = unlink  # type: ignore[assignment]
     if config.pop("ivf_small", False):
-        config["ivf_layout"] = lambda n: kinds.IVFLayout(4, 1, 16)
+        config["ivf_train_at"] = 16  # trains (lays itself out) on a few dozen photos
     g = Gallery(config.pop("root"), model=Slow(), **config)
     print("start", flush=True)
     g.update()

@@ -25,12 +25,8 @@ from tests._fixtures_gallery import (
 
 REPO = Path(__file__).resolve().parent.parent  # the crash-test worker runs as tests._fixtures_gallery
 
-# a layout small enough to train on a few dozen photos: 4 lists, 1 probed, trains at 16 vectors
-SMALL = kinds.IVFLayout(nlist=4, nprobe=1, train_threshold=16)
-
-
-def _small(n: int) -> kinds.IVFLayout:
-    return SMALL
+# the IVF index lays itself out once it holds 16 vectors (not 65,536): a few dozen photos train
+SMALL = 16
 
 
 def _consistent(g: Gallery) -> None:
@@ -58,18 +54,31 @@ def folder(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture()
+def folder128(tmp_path: Path) -> Path:
+    root = tmp_path / "photos"
+    make_folder(root, n_per_color=32)  # 128 photos of 4 colours: the index chooses 4 lists
+    return root
+
+
 QUERIES = ["red", "green -yellow", "blue +white", "orange", "black purple", "yellow"]
 
 
-def test_ivf_gallery_with_all_lists_probed_equals_exact(folder: Path, tmp_path: Path) -> None:
+def test_ivf_gallery_with_all_lists_probed_equals_exact(folder128: Path, tmp_path: Path) -> None:
+    folder = folder128
     exact = Gallery(folder, store=tmp_path / "exact", model=ColorEncoder(), index_kind="exact")
     exact.update()
-    ivf = Gallery(folder, store=tmp_path / "ivf", model=ColorEncoder(), index_kind="ivf", ivf_layout=_small)
+    ivf = Gallery(folder, store=tmp_path / "ivf", model=ColorEncoder(), index_kind="ivf", ivf_train_at=SMALL)
     s = ivf.update()
     assert s.index == "ivf" and ivf.info()["index"] == "ivf" and exact.info()["index"] == "exact"
-    _, index, _ = ivf._snapshot()
-    assert isinstance(index, IVFIndex) and index.is_trained and index.nlist == 4 and len(index) == 32
-    assert sorted(np.asarray(index.list_sizes()).tolist())[-1] < 32  # really split into lists
+    _, index, meta = ivf._snapshot()
+    # laid out by IVFIndex itself (nlist from the 128 photos: 2 sqrt(n) as a power of two, at
+    # least 32 a list), retrained on all of them after training itself at 16, tuned to 0.95
+    assert isinstance(index, IVFIndex) and index.is_trained and index.nlist == 4 and len(index) == 128
+    assert index.auto  # what the index chose itself (a file laid out by hand says nothing)
+    assert index.tuned == pytest.approx((0.95, 10)) and index.dtype == "f32"
+    assert meta["ivf_layout"] == "auto" and meta["ivf_trained_at"] == meta["ivf_tuned_at"] == "128"
+    assert sorted(np.asarray(index.list_sizes()).tolist())[-1] < 128  # really split into lists
     _consistent(ivf)
     full = Gallery(folder, store=tmp_path / "ivf", model=ColorEncoder(), nprobe=4)
     blue = folder / "blue" / "blue_0.jpg"
@@ -85,7 +94,7 @@ def test_ivf_gallery_with_all_lists_probed_equals_exact(folder: Path, tmp_path: 
     deep_e = exact.search("red", k=3, paths=["yellow/*"])
     deep_i = full.search("red", k=3, paths=["yellow/*"])
     assert [h.name for h in deep_i] == [h.name for h in deep_e] and len(deep_i) == 3
-    # with the layout's nprobe (1 of 4 lists) a search still returns k results, best first
+    # with the tuned nprobe a search still returns k results, best first
     few = ivf.search("red", k=10)
     assert len(few) == 10 and [h.score for h in few] == sorted((h.score for h in few), reverse=True)
     assert few[0].name.startswith("red/")
@@ -94,7 +103,7 @@ def test_ivf_gallery_with_all_lists_probed_equals_exact(folder: Path, tmp_path: 
 def test_small_ivf_gallery_is_exact_before_training(folder: Path, tmp_path: Path) -> None:
     exact = Gallery(folder, store=tmp_path / "exact", model=ColorEncoder())
     exact.update()
-    # the real layout for 32 photos: 23 lists, trains at 39 per list: far above 32, one exact list
+    # IVFIndex trains itself at 65,536 vectors: 32 photos are one exact list
     ivf = Gallery(folder, store=tmp_path / "ivf", model=ColorEncoder(), index_kind="ivf")
     ivf.update()
     _, index, _ = ivf._snapshot()
@@ -113,7 +122,7 @@ def test_switching_kinds_keeps_every_vector_without_reencoding(folder: Path) -> 
     store = folder / ".leanclip"
     gen = g.info()["generation"]
 
-    s = Gallery(folder, model=enc, index_kind="ivf", ivf_layout=_small).update()
+    s = Gallery(folder, model=enc, index_kind="ivf", ivf_train_at=SMALL).update()
     assert s.encoded == 0 and enc.images_encoded == 32 and s.index == "ivf"
     g2 = Gallery(folder, model=enc)
     info = g2.info()
@@ -128,12 +137,12 @@ def test_switching_kinds_keeps_every_vector_without_reencoding(folder: Path) -> 
     _consistent(g2)
 
     # the choice is kept: a plain update (no index_kind) stays IVF and has nothing to do
-    s = Gallery(folder, model=enc, ivf_layout=_small).update()
+    s = Gallery(folder, model=enc, ivf_train_at=SMALL).update()
     assert s.index == "ivf" and s.encoded == 0 and Gallery(folder, model=enc).info()["generation"] == gen + 1
 
     # new photos go into the IVF index (encoded once, only them)
     make_photo(folder / "new" / "n0.jpg", COLORS["white"], seed=99)
-    s = Gallery(folder, model=enc, ivf_layout=_small).update()
+    s = Gallery(folder, model=enc, ivf_train_at=SMALL).update()
     assert s.added == 1 and enc.images_encoded == 33 and s.index == "ivf"
 
     # and back to exact, with precision change in the same run: still no re-encoding
@@ -149,7 +158,7 @@ def test_switching_kinds_keeps_every_vector_without_reencoding(folder: Path) -> 
     _consistent(g3)
 
     # f16 IVF (the precision is kept): another conversion, again without encoding
-    s = Gallery(folder, model=enc, index_kind="ivf", ivf_layout=_small).update()
+    s = Gallery(folder, model=enc, index_kind="ivf", ivf_train_at=SMALL).update()
     assert s.encoded == 0 and enc.images_encoded == 33
     _, index, _ = Gallery(folder, model=enc)._snapshot()
     assert isinstance(index, IVFIndex) and index.dtype == "f16" and len(index) == 33
@@ -159,7 +168,7 @@ def test_auto_switches_above_the_threshold(tmp_path: Path) -> None:
     root = tmp_path / "photos"
     make_folder(root, n_per_color=3)  # 12 photos
     enc = ColorEncoder()
-    kw = dict(model=enc, auto_threshold=16, ivf_layout=_small)
+    kw = dict(model=enc, auto_threshold=16, ivf_train_at=SMALL)
     s = Gallery(root, **kw).update()
     assert s.index == "exact" and Gallery(root, **kw).info()["index_choice"] == "auto"
     for i in range(8):  # 20 photos > 16
@@ -186,34 +195,94 @@ def test_auto_switches_above_the_threshold(tmp_path: Path) -> None:
     assert kinds.want_kind("auto", "ivf", 99_999) == "exact"
 
 
-def test_ivf_layout_from_gallery_size() -> None:
-    p = kinds.ivf_layout(1_000_000)
-    assert p.nlist == 4000 and p.nprobe == 250 and p.train_threshold == 39 * 4000
-    p = kinds.ivf_layout(200_000)
-    assert p.nlist == 1789 and 16 <= p.nprobe <= p.nlist
-    assert kinds.ivf_layout(0) == (4, 4, 156)  # tiny: nprobe capped at nlist (exact), never trains early
+def test_new_ivf_index_leaves_its_layout_to_ivfindex() -> None:
+    index = kinds.new_index("ivf", 48, "f16")
+    # the gallery gives its precision only: the rest is chosen at training (65,536 vectors)
+    assert isinstance(index, IVFIndex) and index.dtype == "f16" and index.train_threshold == 65_536
+    assert index.pq == 0 and index.scan_dims == 0 and not index.is_trained
+    assert kinds.new_index("ivf", 48, "i8", train_at=100).train_threshold == 100
+    assert isinstance(kinds.new_index("exact", 48, "f32"), Index)
+    with pytest.raises(GalleryError, match="ivf_train_at"):
+        Gallery(Path(__file__).parent, model=ColorEncoder(), ivf_train_at=0)
+
+
+def test_keep_layout_retrains_after_growing_or_shrinking_twofold() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((600, 48)).astype(np.float32)
+    index = kinds.new_index("ivf", 48, "f32", train_at=100)
+    assert kinds.keep_layout(index, None) is None  # untrained: nothing to keep
+    index.add(np.arange(100, dtype=np.uint64), x[:100])
+    assert index.is_trained and index.nlist == 2  # trained itself at 100 vectors
+    index.add(np.arange(100, 150, dtype=np.uint64), x[100:150])
+    assert kinds.keep_layout(index, None) == 150  # on the first vectors only: retrained on all
+    assert kinds.keep_layout(index, 150) is None  # as trained
+    index.add(np.arange(150, 299, dtype=np.uint64), x[150:299])
+    assert kinds.keep_layout(index, 150) is None  # 299 < 2 x 150
+    index.add(np.arange(299, 600, dtype=np.uint64), x[299:600])
+    assert kinds.keep_layout(index, 150) == 600 and index.nlist == 16  # nlist chosen again
+    index.remove(np.arange(300, 600, dtype=np.uint64))
+    assert kinds.keep_layout(index, 600) == 300 and index.nlist == 8
+    assert kinds.keep_layout(Index(48), None) is None
 
 
 def test_ivf_gallery_grows_into_a_new_layout(tmp_path: Path) -> None:
-    """Lists sized for 8 photos are rebuilt (vectors moved, not re-encoded) once it holds 4x more."""
+    """An IVF index trained on 32 photos is retrained (nlist chosen again, nothing re-encoded)
+    once the gallery holds twice as many."""
     root = tmp_path / "photos"
-    make_folder(root, n_per_color=2)
+    make_folder(root, n_per_color=8)
     enc = ColorEncoder()
-
-    def layout(n: int) -> kinds.IVFLayout:
-        nlist = max(1, n // 8)
-        return kinds.IVFLayout(nlist, nlist, 4 * nlist)
-
-    Gallery(root, model=enc, index_kind="ivf", ivf_layout=layout).update()
-    _, index, _ = Gallery(root, model=enc)._snapshot()
-    assert index.nlist == 1
-    for i in range(24):
+    Gallery(root, model=enc, index_kind="ivf", ivf_train_at=SMALL).update()
+    _, index, meta = Gallery(root, model=enc)._snapshot()
+    assert index.is_trained and index.nlist == 1 and meta["ivf_trained_at"] == "32"
+    for i in range(96):
         make_photo(root / "more" / f"m{i:02d}.jpg", COLORS[list(COLORS)[i % 8]], seed=200 + i)
-    s = Gallery(root, model=enc, ivf_layout=layout).update()
-    assert s.encoded == 24 and enc.images_encoded == 32
+    s = Gallery(root, model=enc, ivf_train_at=SMALL).update()
+    assert s.encoded == 96 and enc.images_encoded == 128
     g = Gallery(root, model=enc)
+    _, index, meta = g._snapshot()
+    assert index.nlist == 4 and index.is_trained and len(index) == 128
+    assert meta["ivf_trained_at"] == meta["ivf_tuned_at"] == "128"
+    _consistent(g)
+
+
+def test_ivf_store_from_before_the_automatic_layout_opens_and_is_converted(folder128: Path) -> None:
+    """A store whose IVF file was laid out by hand (the gallery's layout before: nlist 4 sqrt(n),
+    nprobe nlist / 16, 4-bit codes, shortlist >= 100; no ``ivf_layout`` in the meta) searches as it
+    is, and the next update moves its vectors into an automatic index without encoding."""
+    import sqlite3
+
+    folder = folder128
+    enc = ColorEncoder()
+    exact = Gallery(folder, model=enc, index_kind="exact")
+    exact.update()
+    want = {q: [h.name for h in exact.search(q, k=10)] for q in QUERIES}
+    store = folder / ".leanclip"
+    gen = exact.info()["generation"]
+    old = IVFIndex(48, dtype="f32", nlist=45, nprobe=16, train_threshold=39 * 45, pq=12, shortlist=100)
+    _, ex, _ = exact._snapshot()
+    keys = np.asarray(ex.keys(), dtype=np.uint64)
+    vecs = np.asarray(ex.get(keys), dtype=np.float32)
+    old.train(vecs)
+    old.add(keys, vecs)
+    assert not old.auto and old.tuned is None
+    old.save(str(store / f"index-{gen}.lci"))
+    conn = sqlite3.connect(store / "gallery.db")
+    conn.execute("UPDATE meta SET value='ivf' WHERE key IN ('index', 'index_kind')")
+    conn.execute("DELETE FROM meta WHERE key IN ('ivf_layout', 'ivf_trained_at', 'ivf_tuned_at')")
+    conn.commit()
+    conn.close()
+    g = Gallery(folder, model=enc, nprobe=45)  # every list: the old file gives the exact answer
     _, index, _ = g._snapshot()
-    assert index.nlist == 4 and index.is_trained and len(index) == 32
+    assert index.nlist == 45 and not index.auto
+    assert {q: [h.name for h in g.search(q, k=10)] for q in QUERIES} == want
+    assert len(Gallery(folder, model=enc).search("red", k=10)) == 10  # its own nprobe
+    s = Gallery(folder, model=enc, ivf_train_at=SMALL).update()
+    assert s.encoded == 0 and enc.images_encoded == 128 and s.index == "ivf"
+    g = Gallery(folder, model=enc, nprobe=4)
+    _, index, meta = g._snapshot()
+    assert g.info()["generation"] > gen and meta["ivf_layout"] == "auto"
+    assert index.nlist == 4 and index.auto and index.tuned == pytest.approx((0.95, 10)) and len(index) == 128
+    assert {q: [h.name for h in g.search(q, k=10)] for q in QUERIES} == want
     _consistent(g)
 
 
@@ -277,7 +346,7 @@ def test_cli_index_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 def test_server_with_an_ivf_gallery(folder: Path) -> None:
     from leanclip.server import make_server
 
-    g = Gallery(folder, model=ColorEncoder(), index_kind="ivf", ivf_layout=_small)
+    g = Gallery(folder, model=ColorEncoder(), index_kind="ivf", ivf_train_at=SMALL)
     g.update()
     server = make_server(Gallery(folder, model=ColorEncoder(), nprobe=4), port=0)
     t = threading.Thread(target=server.serve_forever, daemon=True)
@@ -359,7 +428,7 @@ def test_sigkill_during_ivf_updates_and_conversions(tmp_path: Path) -> None:
             g.close()
     assert killed >= runs - 1, f"only {killed} of {runs} runs were killed mid-update"
     enc = ColorEncoder()
-    g = Gallery(root, model=enc, index_kind="ivf", ivf_layout=_small)
+    g = Gallery(root, model=enc, index_kind="ivf", ivf_train_at=SMALL)
     s = g.update()
     assert s.index == "ivf" and s.failed == 0
     _consistent(g)

@@ -176,7 +176,7 @@ def test_keep_recall_tunes_once_and_again_after_drift():
 
 
 def test_ivf_gallery_keeps_its_target_recall(tmp_path):
-    from leanclip.gallery import Gallery, GalleryError, kinds
+    from leanclip.gallery import Gallery, GalleryError
     from tests._fixtures_gallery import COLORS, ColorEncoder, make_photo
 
     root = tmp_path / "photos"
@@ -185,16 +185,13 @@ def test_ivf_gallery_keeps_its_target_recall(tmp_path):
         make_photo(root / f"p{i:03d}.jpg", COLORS[names[i % len(names)]], seed=i)
     enc = ColorEncoder()
 
-    def layout(n: int) -> kinds.IVFLayout:
-        return kinds.IVFLayout(8, 2, 32)
-
-    Gallery(root, model=enc, index_kind="ivf", ivf_layout=layout, recall=0.9).update()
+    Gallery(root, model=enc, index_kind="ivf", ivf_train_at=32, recall=0.9).update()
     _, index, meta = Gallery(root, model=enc)._snapshot()
     assert index.is_trained and index.tuned == pytest.approx((0.9, 10)) and float(meta["recall"]) == 0.9
     # A later run without --recall keeps the store's target.
     for i in range(20):
         make_photo(root / "more" / f"m{i:02d}.jpg", COLORS[names[i % len(names)]], seed=500 + i)
-    Gallery(root, model=enc, ivf_layout=layout).update()
+    Gallery(root, model=enc, ivf_train_at=32).update()
     _, index, meta = Gallery(root, model=enc)._snapshot()
     assert index.tuned == pytest.approx((0.9, 10)) and int(meta["ivf_tuned_at"]) == 116
     with pytest.raises(GalleryError, match="recall"):

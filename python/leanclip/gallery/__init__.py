@@ -8,7 +8,7 @@ The package, by concern:
 * :mod:`~leanclip.gallery.store` — the SQLite store: layout, schema, typed rows
 * :mod:`~leanclip.gallery.sync` — the update run and its crash-consistent commit protocol
 * :mod:`~leanclip.gallery.kinds` — the index kinds (exact ``Index`` or ``IVFIndex``; ``auto``),
-  their IVF parameters and the conversions between them
+  the IVF layout they leave to ``IVFIndex`` and the conversions between them
 * :mod:`~leanclip.gallery.errors` — its errors (all :class:`leanclip.errors.LeanclipError`)
 
 Images are decoded by :mod:`leanclip.images`, the loader the encoder uses too.
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from leanclip.gallery.api import EncoderLike, Gallery
 from leanclip.gallery.errors import GalleryBusyError, GalleryError, ModelMismatchError
-from leanclip.gallery.kinds import AUTO_IVF_THRESHOLD, INDEX_CHOICES, IVFLayout, ivf_layout
+from leanclip.gallery.kinds import AUTO_IVF_THRESHOLD, INDEX_CHOICES
 from leanclip.gallery.query import Hit, Term, parse_query
 from leanclip.gallery.store import DB_NAME, SCHEMA, SCHEMA_VERSION, STORE_DIRNAME, FileRow
 from leanclip.gallery.sync import IMAGE_EXTENSIONS, Progress, UpdateState, UpdateSummary
@@ -32,8 +32,6 @@ from leanclip.images import DEFAULT_MAX_PIXELS
 __all__ = [
     "AUTO_IVF_THRESHOLD",
     "INDEX_CHOICES",
-    "IVFLayout",
-    "ivf_layout",
     "DB_NAME",
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import (
     Any,
-    Callable,
     Dict,
     List,
     Optional,
@@ -89,7 +88,7 @@ class Gallery:
         ocr: Optional[bool] = None,
         video: Optional[bool] = None,
         auto_threshold: int = kinds.AUTO_IVF_THRESHOLD,
-        ivf_layout: Callable[[int], kinds.IVFLayout] = kinds.ivf_layout,
+        ivf_train_at: Optional[int] = None,
     ) -> None:
         if dtype is not None and dtype not in DTYPES:
             raise GalleryError(f"dtype must be one of {', '.join(map(repr, DTYPES))}, got {dtype!r}")
@@ -111,7 +110,12 @@ class Gallery:
         self.ocr = ocr  # read the text in photos (leanclip.ocr); None keeps the store's choice
         self.video = video  # index video clips too (leanclip.video); None keeps the store's choice
         self.auto_threshold = int(auto_threshold)  # "auto" is IVF above this many photos
-        self.ivf_layout = ivf_layout  # IVF nlist / nprobe / training size from the gallery size
+        if ivf_train_at is not None and (
+            isinstance(ivf_train_at, bool) or not isinstance(ivf_train_at, int) or ivf_train_at < 1
+        ):
+            raise GalleryError(f"ivf_train_at must be an integer >= 1, got {ivf_train_at!r}")
+        # an IVF index trains itself (chooses its layout) at this many vectors (None: IVFIndex's own)
+        self.ivf_train_at = ivf_train_at
         self.layout = StoreLayout.of(root, store)
         self.root = self.layout.root
         if not self.root.is_dir():
@@ -742,7 +746,7 @@ class Gallery:
             index_kind=self.index_kind,
             recall=self.recall,
             auto_threshold=self.auto_threshold,
-            ivf_layout=self.ivf_layout,
+            ivf_train_at=self.ivf_train_at,
             batch_size=self.batch_size,
             checkpoint_every=self.checkpoint_every,
             checkpoint_seconds=self.checkpoint_seconds,

@@ -9,25 +9,27 @@ hovering around the threshold is not converted back and forth.
 Why 200,000: an exact search reads every stored vector, so its cost grows linearly with the
 library: the committed gallery benchmark (docs/gallery.md, "Numbers") has a text query at
 1,000,000 photos at 64 ms p99 in f32 and 26 ms in i8, i.e. about 13 ms / 5 ms at 200,000 -- where
-the scan starts to dominate a query. Below it, exact search is fast enough and exact, and an IVF
-index could not train well (k-means wants tens of vectors per list; with ``nlist = 4 * sqrt(n)``
-lists a gallery has fewer than 39 per list below ~25,000 photos). Above it, training costs
-little next to encoding 200,000 photos, and a query scans a few percent of the vectors.
+the scan starts to dominate a query. Below it, exact search is fast enough and exact (an IVF index
+trains itself only from 65,536 vectors: one exact list before). Above it, training costs little
+next to encoding 200,000 photos, and a query scans a few percent of the vectors.
 
-An IVF gallery keeps a target recall (``--recall``, default :data:`DEFAULT_RECALL`, kept in the
-store's meta as ``recall``): after an update, :func:`keep_recall` tunes the index to it
-(``IVFIndex.tune`` on held-out photos) when it is not tuned to it yet or its lists drifted (the
-photo count moved by more than :data:`RETUNE_DRIFT` since the last tune, or a retrain).
-
-Conversions reuse the stored vectors (``get`` from one index, ``add`` to the other): nothing is
-re-encoded.
+An IVF gallery is laid out by :class:`leanclip.IVFIndex` itself (docs/ivf.md, "Say the recall you
+need"): the gallery gives its storage precision (``--precision``: the vectors a conversion moves
+back to an exact index keep it, so the index does not pick a coarser one) and nothing else; the
+index chooses ``nlist`` from the photo count when it trains, codes and ``scan_dims`` from the
+spectrum, and :func:`keep_recall` tunes it to the gallery's target recall (``--recall``, default
+:data:`DEFAULT_RECALL`, kept in the store's meta as ``recall``; ``IVFIndex.tune`` on held-out
+photos) when it is not tuned to it yet or its lists drifted (the photo count moved by more than
+:data:`RETUNE_DRIFT` since the last tune). :func:`keep_layout` retrains it (``nlist``, codes and
+``scan_dims`` chosen again) once the photo count has doubled or halved since it was trained. An
+IVF index from before (laid out by hand: ``nlist = 4 sqrt(n)``; the meta has no ``ivf_layout``)
+opens and searches as it is, and the next update converts it.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -37,14 +39,13 @@ __all__ = [
     "INDEX_CHOICES",
     "KINDS",
     "AUTO_IVF_THRESHOLD",
-    "IVFLayout",
-    "ivf_layout",
+    "AUTO_LAYOUT",
     "kind_of",
     "want_kind",
     "new_index",
     "load_index",
     "convert",
-    "needs_rebuild",
+    "keep_layout",
     "keep_recall",
     "DEFAULT_RECALL",
 ]
@@ -53,26 +54,11 @@ INDEX_CHOICES = ("exact", "ivf", "auto")
 KINDS = ("exact", "ivf")
 AUTO_IVF_THRESHOLD = 200_000
 _CHUNK = 32_768  # vectors moved per get/add during a conversion
-SHORTLIST_MIN = 100  # IVF code-scan candidates re-scored per query, at least
+SHORTLIST_MIN = 100  # IVF code-scan candidates re-scored per query when nprobe is given, at least
 DEFAULT_RECALL = 0.95  # recall@10 an IVF gallery is tuned to (``leanclip index --recall``)
 RETUNE_DRIFT = 0.1  # re-tune once the photo count moved by this share since the last tune
-
-
-class IVFLayout(NamedTuple):
-    nlist: int
-    nprobe: int
-    train_threshold: int
-
-
-def ivf_layout(n: int) -> IVFLayout:
-    """IVF parameters for a gallery of ``n`` photos: ``nlist = 4 * sqrt(n)`` lists; ``nprobe =
-    max(16, nlist / 16)`` lists scanned per query (about 6% of the vectors; recall@10 >= 0.999 on
-    clustered synthetic data, not on unstructured data: the table in docs/gallery.md); training once it holds 39 vectors per list (the minimum
-    k-means sample faiss recommends), so a small IVF gallery stays one exact list."""
-    n = max(1, int(n))
-    nlist = max(1, round(4 * math.sqrt(n)))
-    nprobe = min(nlist, max(16, nlist // 16))
-    return IVFLayout(nlist, nprobe, 39 * nlist)
+RETRAIN_GROWTH = 2  # retrain once the photo count grew or shrank by this factor since training
+AUTO_LAYOUT = "auto"  # meta ``ivf_layout`` of an IVF index laid out by IVFIndex itself
 
 
 def kind_of(index: Any) -> str:
@@ -95,27 +81,16 @@ def want_kind(choice: str, current: str, n: int, threshold: int = AUTO_IVF_THRES
     return "exact"
 
 
-def new_index(
-    kind: str, dim: int, dtype: str, n: int, layout: Callable[[int], IVFLayout] = ivf_layout
-) -> Any:
-    """An empty index of ``kind`` sized for about ``n`` photos."""
+def new_index(kind: str, dim: int, dtype: str, train_at: Optional[int] = None) -> Any:
+    """An empty index of ``kind`` storing ``dtype`` vectors. An IVF one chooses its own layout
+    when it trains: once it holds ``train_at`` vectors (None: IVFIndex's own threshold,
+    65,536; 0: only when :func:`convert` / :func:`keep_layout` retrain it). Until then it is
+    one list and searches are exact."""
     from leanclip import Index, IVFIndex
 
     if kind == "exact":
         return Index(dim, dtype=dtype)  # type: ignore[arg-type]
-    p = layout(n)
-    # 4-bit codes for the gallery's single text queries (one sub-quantizer per 4 dimensions),
-    # re-scoring as many candidates as lists probed (at least SHORTLIST_MIN).
-    pq = dim // 4 if dim % 8 == 0 else 0
-    return IVFIndex(
-        dim,
-        dtype=dtype,  # type: ignore[arg-type]
-        nlist=p.nlist,
-        nprobe=p.nprobe,
-        train_threshold=p.train_threshold,
-        pq=pq,
-        shortlist=max(SHORTLIST_MIN, p.nprobe) if pq else None,
-    )
+    return IVFIndex(dim, dtype=dtype, train_threshold=train_at)  # type: ignore[arg-type]
 
 
 def load_index(path: "os.PathLike[str] | str", kind: str, mmap: bool = False) -> Any:
@@ -129,36 +104,29 @@ def load_index(path: "os.PathLike[str] | str", kind: str, mmap: bool = False) ->
     return Index.load(os.fspath(path), mmap=mmap)
 
 
-def needs_rebuild(index: Any, n: int, layout: Callable[[int], IVFLayout] = ivf_layout) -> bool:
-    """An IVF index whose list count is off by 2x or more from the layout for ``n`` photos
-    (the gallery grew or shrank a lot): rebuilt with the new layout (lists of the right size)."""
-    if kind_of(index) != "ivf":
-        return False
-    want = layout(n).nlist
-    return want >= 2 * index.nlist or 2 * want <= index.nlist
-
-
 def convert(
-    index: Any, kind: str, dtype: str, n: int, layout: Callable[[int], IVFLayout] = ivf_layout
+    index: Any, kind: str, dtype: str, auto_layout: bool = True, train_at: Optional[int] = None
 ) -> Any:
-    """``index`` as ``kind`` with storage ``dtype`` (an IVF one laid out for ``n`` photos), its
-    stored vectors moved across in chunks (``get`` / ``add``): nothing is re-encoded. Returns
+    """``index`` as ``kind`` with storage ``dtype``, its stored vectors moved across in chunks
+    (``get`` / ``add``): nothing is re-encoded. An IVF index laid out by hand (``auto_layout``
+    False: a store from before the automatic layout) becomes an automatic one. Returns
     ``index`` itself when it already is what is asked."""
-    if kind == kind_of(index) and dtype == index.dtype and not needs_rebuild(index, n, layout):
+    if kind == kind_of(index) and dtype == index.dtype and (kind == "exact" or auto_layout):
         return index
     if kind == "exact" and kind_of(index) == "exact":
         return index.astype(dtype)  # the engine converts the precision in place of a copy loop
     keys = np.asarray(index.keys(), dtype=np.uint64)
-    out = new_index(kind, index.dim, dtype, max(n, len(keys)), layout)
-    if kind == "ivf" and len(keys) >= out.train_threshold > 0:
-        # train on a seeded sample of the whole gallery before adding, rather than on whichever
-        # vectors happen to be added first
-        rng = np.random.default_rng(0)
-        sample = np.sort(rng.choice(keys, size=min(len(keys), 64 * out.nlist), replace=False))
-        out.train(np.asarray(index.get(sample), dtype=np.float32))
+    out = new_index(kind, index.dim, dtype, train_at)
+    # enough to train: add everything as one list, then train once on a sample of all of it
+    # (nlist chosen from the whole count), rather than on whichever vectors come first
+    train_now = kind == "ivf" and len(keys) >= out.train_threshold > 0
+    if train_now:
+        out = new_index(kind, index.dim, dtype, 0)
     for i in range(0, len(keys), _CHUNK):
         chunk = keys[i : i + _CHUNK]
         out.add(chunk, np.asarray(index.get(chunk), dtype=np.float32))
+    if train_now:
+        out.retrain()
     return out
 
 
@@ -169,6 +137,21 @@ def set_search_nprobe(index: Any, nprobe: Optional[int]) -> None:
         index.nprobe = max(1, min(int(nprobe), index.nlist))
         if index.pq:
             index.shortlist = max(SHORTLIST_MIN, index.nprobe)
+
+
+def keep_layout(index: Any, trained_at: Optional[int]) -> Optional[int]:
+    """Retrain a trained IVF ``index`` (its lists, and the layout it chooses: ``nlist`` from
+    the count, codes and ``scan_dims`` from the spectrum) when it trained itself as it grew
+    (``trained_at`` None: on the first vectors added, in path order) or its photo count has
+    grown or shrunk by :data:`RETRAIN_GROWTH` since ``trained_at``. Returns the count it
+    retrained at (its tuning is then stale), or None when nothing was done."""
+    if kind_of(index) != "ivf" or not index.is_trained:
+        return None
+    n = len(index)
+    if trained_at and trained_at / RETRAIN_GROWTH < n < trained_at * RETRAIN_GROWTH:
+        return None
+    index.retrain()
+    return n
 
 
 def keep_recall(index: Any, recall: float, tuned_at: Optional[int]) -> Optional[int]:

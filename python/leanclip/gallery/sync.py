@@ -56,7 +56,9 @@ class UpdateOptions:
     index_kind: Optional[str] = None  # exact | ivf | auto; None keeps the store's (new: auto)
     recall: Optional[float] = None  # an IVF index's target recall@10; None keeps the store's (new: 0.95)
     auto_threshold: int = kinds.AUTO_IVF_THRESHOLD  # "auto" is IVF above this many photos
-    ivf_layout: Callable[[int], kinds.IVFLayout] = kinds.ivf_layout  # IVF lists from the size
+    # an IVF index trains itself (its layout chosen) once it holds this many vectors; None:
+    # IVFIndex's own threshold (65,536)
+    ivf_train_at: Optional[int] = None
     batch_size: int = 32  # images per encoder call
     checkpoint_every: int = 512  # files between checkpoints, at most ...
     checkpoint_seconds: float = 30.0  # ... or seconds between them
@@ -689,32 +691,42 @@ class Sync:
             self.progress("duplicates", len(pending), len(pending))
 
     def convert_index(self, n: int) -> None:
-        """Give the index the kind, precision and layout a gallery of about ``n`` photos should
-        have (gallery.kinds), moving its stored vectors across: nothing is re-encoded. The
-        converted index is saved as the next generation with its kind in the same commit."""
+        """Give the index the kind and precision a gallery of about ``n`` photos should have
+        (gallery.kinds; an IVF index from before the automatic layout gets it), moving its
+        stored vectors across: nothing is re-encoded. The converted index is saved as the next
+        generation with its kind in the same commit."""
         s = self.state
+        meta = db.read_meta(s.conn)
         current = kinds.kind_of(s.index)
         kind = kinds.want_kind(s.index_choice, current, n, self.options.auto_threshold)
-        new = kinds.convert(s.index, kind, s.dtype, n, self.options.ivf_layout)
+        auto_layout = meta.get("ivf_layout") == kinds.AUTO_LAYOUT
+        new = kinds.convert(s.index, kind, s.dtype, auto_layout, self.options.ivf_train_at)
         if new is not s.index:
             s.index = new
             db.set_meta(s.conn, "index_kind", kinds.kind_of(new))
+            db.set_meta(s.conn, "ivf_layout", kinds.AUTO_LAYOUT if kind == "ivf" else "")
+            # a new index: trained on everything (or not yet), never tuned
+            db.set_meta(s.conn, "ivf_trained_at", len(new) if kind == "ivf" and new.is_trained else 0)
+            db.set_meta(s.conn, "ivf_tuned_at", 0)
             s.dirty = True
         if s.similar is not None and s.similar.dtype != s.dtype:  # always exact: only the precision
             s.similar = s.similar.astype(s.dtype)
             s.dirty = True
 
     def finish(self) -> None:
-        """After a run that added at least half of an IVF index's vectors (a first build trains
-        itself on the vectors that came first, in path order), retrain it on all of them."""
-        s, summary = self.state, self.summary
+        """Keep an IVF index's layout and recall: retrain it when it trained itself during the
+        run (on the vectors that came first, in path order) or its size doubled or halved since
+        it was trained (kinds.keep_layout), and tune it to the gallery's recall when it is not
+        tuned to it or drifted (kinds.keep_recall; always after a retrain)."""
+        s = self.state
         ix = s.index
-        added = summary.encoded + summary.copied
-        if kinds.kind_of(ix) == "ivf" and ix.is_trained and added and 2 * added >= len(ix):
-            ix.retrain()
-            s.dirty = True
         meta = db.read_meta(s.conn)
-        tuned_at = kinds.keep_recall(ix, s.recall, int(meta.get("ivf_tuned_at") or 0) or None)
+        tuned_at = int(meta.get("ivf_tuned_at") or 0) or None
+        trained_at = kinds.keep_layout(ix, int(meta.get("ivf_trained_at") or 0) or None)
+        if trained_at is not None:
+            db.set_meta(s.conn, "ivf_trained_at", trained_at)
+            s.dirty, tuned_at = True, None
+        tuned_at = kinds.keep_recall(ix, s.recall, tuned_at)
         if tuned_at is not None:
             db.set_meta(s.conn, "ivf_tuned_at", tuned_at)
             s.dirty = True
