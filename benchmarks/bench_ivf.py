@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -414,6 +414,7 @@ def worker(spec: str, data_path: str, add_fraction: float) -> Dict:
     n_build = n - int(n * add_fraction) if add_fraction else n
     reset_peak()  # loading the .npz peaks at twice the data: measure from here
     base_rss = rss_mb()
+    load_start = os.getloadavg()[0]
     peer = make_peer(spec, n)
     if isinstance(peer, LeanAuto):
         peer.tune_queries = tune_queries
@@ -480,6 +481,10 @@ def worker(spec: str, data_path: str, add_fraction: float) -> Dict:
     out["points"] = points
     # after the searches: includes what a search keeps (leanclip's packed lists)
     out["rss_growth_after_search_mb"] = peak_mb() - base_rss
+    # what the process still holds over the loaded data: the index and what its searches keep
+    # (the peaks above include the build's transient buffers)
+    out["rss_resident_mb"] = rss_mb() - base_rss
+    out["load"] = [load_start, os.getloadavg()[0]]  # 1-min load average at start and end
     return out
 
 
@@ -606,6 +611,93 @@ def _ratio(a: Optional[float], b: Optional[float]) -> str:
     return f"{a / b:.2f}x" if a and b else "–"
 
 
+def _bytes_per_vector(r: Dict, key: str) -> str:
+    return f"{r[key] * 2**20 / r['n']:,.0f}" if key in r else "–"
+
+
+def _vs_hnswlib(p: Dict, hn: Optional[Dict]) -> Tuple[Optional[float], Optional[float]]:
+    """A tuned point against hnswlib at the recall it reached: (Q=1000 queries per CPU-s
+    ratio, Q=1 speed-up), hnswlib's Pareto curves interpolated there."""
+    if not hn:
+        return None, None
+    single = p["single"][0]
+    hq = at_recall(hn, p["recall"], "qps1000_cpu")
+    hl = at_recall(hn, single["recall"], "latency_cpu_ms")
+    return (p["qps1000_cpu"] / hq if hq else None, hl / single["latency_cpu_ms"] if hl else None)
+
+
+def targets_section(all_results: Dict[str, List[Dict]]) -> str:
+    """One row per data set and automatic peer: the issue's targets as ratios to hnswlib."""
+    rows = []
+    for kind, results in all_results.items():
+        hn = next((r for r in results if r["peer"] == "hnswlib HNSW"), None)
+        for r in (r for r in results if r["knob"] == "tune"):
+            tuned = {float(p["setting"]): p for p in r["points"] if p["setting"] != "defaults"}
+            ratios = {t: _vs_hnswlib(p, hn) for t, p in tuned.items()}
+
+            def fmt(t: float, i: int) -> str:
+                v = ratios.get(t, (None, None))[i]
+                return f"{v:.2f}x" if v else "–"
+
+            within = [
+                f"{t}: {'yes' if max(abs(p['recall'] - t), abs(p['single'][0]['recall'] - t)) <= 0.01 else 'NO'}"
+                for t, p in tuned.items()
+            ]
+            rows.append(
+                [
+                    f"{kind} {r['n']:,}",
+                    r["peer"].replace("leanclip IVF ", ""),
+                    fmt(0.95, 0),
+                    fmt(0.99, 0),
+                    fmt(0.95, 1),
+                    fmt(0.99, 1),
+                    f"{hn['build_cpu_s'] / r['build_cpu_s']:.1f}x" if hn else "–",
+                    f"{_bytes_per_vector(r, 'rss_resident_mb')} vs {_bytes_per_vector(hn, 'rss_resident_mb')}"
+                    if hn
+                    else "–",
+                    f"{_peak_rss(r) * 2**20 / r['n']:,.0f} vs {_peak_rss(hn) * 2**20 / hn['n']:,.0f}"
+                    if hn
+                    else "–",
+                    f"{_bytes_per_vector(r, 'disk_mb')} vs {_bytes_per_vector(hn, 'disk_mb')}" if hn else "–",
+                    ", ".join(within),
+                    " / ".join(f"{x:.0f}" for x in r["load"] + (hn or {}).get("load", []))
+                    if "load" in r
+                    else "–",
+                ]
+            )
+    if not rows:
+        return ""
+    return (
+        "## Targets, every data set (defaults + tune against hnswlib M=16, efConstruction=128, ef swept)\n\n"
+        "Ratios at the recall each tuned point reached on the held-out queries (hnswlib's Pareto "
+        "curve interpolated there), CPU seconds. Batches: Q=1000 queries per CPU-s, target >= 2x; "
+        "single queries: hnswlib's CPU ms / ours, target >= 1.0x at 0.95 and >= 0.8x at 0.99; "
+        "build: hnswlib's build CPU-s / ours, target >= 5x; memory in bytes per vector, ours vs "
+        "hnswlib's (resident: what the process holds at the end over the loaded data; peak: the "
+        "build's and searches' high-water mark, training buffers included), target resident <= "
+        "hnswlib's; tune: recall on the held-out queries within +-0.01 of each target, batch and "
+        "single.\n\n"
+        + markdown_table(
+            [
+                "data",
+                "leanclip",
+                "batch vs hnswlib at 0.95",
+                "at 0.99",
+                "single vs hnswlib at 0.95",
+                "at 0.99",
+                "build speed-up",
+                "resident B/vector vs hnswlib",
+                "peak B/vector vs hnswlib",
+                "disk B/vector vs hnswlib",
+                "tune within +-0.01",
+                "load (1 min): ours start/end, hnswlib start/end",
+            ],
+            rows,
+        )
+        + "\n"
+    )
+
+
 def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
 
     lines = [f"## {kind}: {n:,} x {dim}", "", note, ""]
@@ -674,9 +766,11 @@ def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
                 r["rss_growth_mb"],
                 r.get("rss_growth_after_search_mb", float("nan")),
                 f"{_peak_rss(r) * 2**20 / r['n']:,.0f}",
+                _bytes_per_vector(r, "rss_resident_mb"),
                 r["disk_mb"],
-                f"{r['disk_mb'] * 2**20 / r['n']:,.0f}",
+                _bytes_per_vector(r, "disk_mb"),
                 add,
+                " / ".join(f"{x:.1f}" for x in r["load"]) if "load" in r else "–",
             ]
         )
     lines.append(
@@ -687,10 +781,12 @@ def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
                 "build wall (s)",
                 "peak RSS growth (MiB)",
                 "... after the searches (MiB)",
-                "resident bytes / vector",
+                "peak bytes / vector",
+                "resident bytes / vector (at the end)",
                 "on disk (MiB)",
                 "on disk bytes / vector",
                 "add 1% after build (of build)",
+                "load (1 min) at start / end",
             ],
             rows,
         )
@@ -808,14 +904,16 @@ def auto_section(auto: List[Dict], hn: Optional[Dict]) -> List[str]:
                     f"{t.get('cpu_seconds', float('nan')):.2f} ({100 * t.get('cpu_seconds', float('nan')) / r['build_cpu_s']:.1f}%)",
                 ]
             )
-    chosen = next((p.get("tune", {}).get("repr", "") for r in auto for p in r["points"][:1]), "")
+    chosen = [f"{r['peer']}: `{p.get('tune', {}).get('repr', '')}`" for r in auto for p in r["points"][:1]]
     return [
         'Defaults + tune (no per-data-set settings): `IVFIndex(dim, "ip")`, trained on the build, '
         "then `tune(target)` for each target; recall measured on the 1,000 held-out queries. "
         "hnswlib's queries per CPU-s and CPU ms are its Pareto curves interpolated to the recall "
         "leanclip reached (same recall, log-linear between ef settings).",
         "",
-        f"Chosen at defaults: `{chosen}`",
+        "Chosen at defaults:",
+        "",
+        *(f"- {c}" for c in chosen),
         "",
         H_table(
             [
@@ -953,7 +1051,7 @@ def report(all_results: Dict[str, List[Dict]], load_before, load_after, extra: s
     text = H.header(
         "IVF index: leanclip.IVFIndex vs hnswlib, usearch, faiss", ["hnswlib", "usearch", "faiss-cpu"], note
     )
-    H.write_result("ivf", text + "\n" + "\n".join(sections))
+    H.write_result("ivf", text + "\n" + targets_section(all_results) + "\n" + "\n".join(sections))
 
 
 if __name__ == "__main__":
