@@ -89,10 +89,11 @@ def _check_committed(root: Path, store: Path) -> int:
             + conn.execute(f"SELECT count(*) FROM near_done WHERE key NOT IN ({live})").fetchone()[0]
         )
         stray += conn.execute(f"SELECT count(*) FROM texts WHERE rowid NOT IN ({live})").fetchone()[0]
+        stray += conn.execute(f"SELECT count(*) FROM looks WHERE key NOT IN ({live})").fetchone()[0]
     finally:
         conn.close()
     assert dup == [], f"keys used by several rows: {dup}"
-    assert stray == 0, "near-duplicate pairs or texts of keys without an 'ok' row"
+    assert stray == 0, "near-duplicate pairs, looks or texts of keys without an 'ok' row"
     gen = int(meta["generation"])
     if gen == 0:
         assert rows == [], "ok rows committed without an index generation"
@@ -141,9 +142,11 @@ def _check_complete(root: Path, store: Path, g) -> None:
     try:
         done = {int(k) for (k,) in conn.execute("SELECT key FROM near_done")}
         pairs = conn.execute("SELECT a, b, score FROM near").fetchall()
+        looks = {int(k) for (k,) in conn.execute("SELECT key FROM looks")}
     finally:
         conn.close()
     assert done == set(key_of.values()), "photos whose near-duplicates were never searched"
+    assert looks == set(key_of.values()), "photos without a look (gallery.duplicates.look)"
     if pairs:
         a, b, sc = (np.array(c) for c in zip(*pairs))
         va, vb = index.get(a.astype(np.uint64)), index.get(b.astype(np.uint64))

@@ -110,7 +110,7 @@ def test_version_1_store_is_read_then_migrated(folder: Path) -> None:
     conn.execute("ALTER TABLE files DROP COLUMN ctime_ns")
     conn.execute("ALTER TABLE files DROP COLUMN taken")  # version 3's columns and tables
     conn.execute("ALTER TABLE files DROP COLUMN taken_from")
-    for table in ("texts", "near", "near_done"):
+    for table in ("texts", "near", "near_done", "looks"):
         conn.execute(f"DROP TABLE {table}")
     conn.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
     conn.commit()
@@ -120,7 +120,7 @@ def test_version_1_store_is_read_then_migrated(folder: Path) -> None:
     s = g.update()  # adds the columns; rows are re-hashed once, nothing re-encoded
     assert (s.encoded, s.added, s.removed, s.unchanged) == (0, 0, 0, 8)
     conn = sqlite3.connect(folder / ".leanclip" / "gallery.db")
-    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "4"
     assert conn.execute("SELECT count(*) FROM files WHERE ino IS NULL OR taken IS NULL").fetchone()[0] == 0
     conn.close()
 

@@ -178,7 +178,7 @@ def test_version_2_store_gets_dates_without_re_encoding(tmp_path):
     conn = sqlite3.connect(root / ".leanclip" / "gallery.db")
     conn.execute("ALTER TABLE files DROP COLUMN taken")
     conn.execute("ALTER TABLE files DROP COLUMN taken_from")
-    for table in ("texts", "near", "near_done"):
+    for table in ("texts", "near", "near_done", "looks"):
         conn.execute(f"DROP TABLE {table}")
     conn.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
     conn.commit()
@@ -254,12 +254,55 @@ def test_neighbour_pairs_match_numpy(monkeypatch, self_join):
 
 
 def test_calibrated_rule_rises_with_look_alike_photos():
-    score = np.array([0.97, 0.97, 0.97, 0.86, 0.84])
+    score = np.array([0.97, 0.97, 0.97, 0.89, 0.87])
     bg_a = np.array([0.50, 0.95, 0.50, 0.50, 0.10])
     bg_b = np.array([0.50, 0.50, 0.94, 0.80, 0.10])
     # a varied pair passes; a pair where either photo lives among look-alikes scoring 0.94-0.95
     # does not; nothing passes below MIN_THRESHOLD
     assert dup.calibrated(score, bg_a, bg_b).tolist() == [True, False, False, True, False]
+    # unknown looks (NaN: photos indexed before looks) leave that rule as it is
+    assert dup.calibrated(score, bg_a, bg_b, np.full(5, np.nan)).tolist() == [True, False, False, True, False]
+
+
+def test_calibrated_rule_with_looks():
+    # model-sure pairs whose layouts disagree are vetoed; pairs that look the same count when
+    # the model agrees loosely, whatever the backgrounds; neither signal alone is enough
+    score = np.array([0.97, 0.97, 0.70, 0.70, 0.55, 0.97])
+    look = np.array([0.80, 0.30, 0.95, 0.85, 0.99, np.nan])
+    bg = np.full(6, 0.96)  # photos among look-alikes: the model's rule alone passes nothing here
+    assert dup.calibrated(score, bg - 0.5, bg - 0.5, look).tolist() == [True, False, True, False, False, True]
+    assert dup.calibrated(score, bg, bg, look).tolist() == [False, False, True, False, False, False]
+    assert (score[[0, 2]] >= dup.LOOK_FLOOR).all() and dup.worth_storing(score, look).tolist() == [
+        True,
+        True,
+        True,
+        False,
+        False,
+        True,
+    ]
+
+
+def test_look_keeps_edits_and_tells_layouts_apart():
+    from PIL import ImageEnhance
+
+    rng = np.random.default_rng(0)
+    arr = np.zeros((96, 128, 3), np.uint8)
+    arr[:, :64] = (200, 40, 40)
+    arr[48:, 64:] = (30, 60, 220)
+    arr = np.clip(arr + rng.normal(0, 8, arr.shape), 0, 255).astype(np.uint8)
+    im = Image.fromarray(arr)
+    look = dup.look(im).astype(np.float32)
+    assert look.dtype == np.float32 and look.shape == (dup.LOOK_SIDE**2 * 3,)
+    assert abs(float(np.linalg.norm(look)) - 1) < 1e-2
+    brighter = dup.look(ImageEnhance.Brightness(im).enhance(1.15)).astype(np.float32)
+    smaller = dup.look(im.resize((48, 36))).astype(np.float32)
+    mirrored = dup.look(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)).astype(np.float32)
+    assert look @ brighter > 0.97 and look @ smaller > 0.97
+    assert look @ mirrored < 0.5  # the same colours laid out otherwise
+    assert not dup.look(Image.new("RGB", (40, 30), (9, 9, 9))).any()  # flat: no layout at all
+    keys = np.array([1, 1, 2], dtype=np.uint64)
+    scores = dup.look_scores(keys, np.array([2, 3, 3], dtype=np.uint64), {1: dup.look(im), 2: dup.look(im)})
+    assert abs(scores[0] - 1) < 1e-2 and np.isnan(scores[1]) and np.isnan(scores[2])
 
 
 def test_duplicate_groups_are_incremental_and_nothing_is_deleted(tmp_path, monkeypatch):
@@ -307,3 +350,44 @@ def test_duplicate_groups_are_incremental_and_nothing_is_deleted(tmp_path, monke
     assert json.loads(auto.output)["auto"] is True and json.loads(auto.output)["threshold"] is None
     both = CliRunner().invoke(main, ["duplicates", "-d", str(root), "--auto", "--threshold", "0.9"])
     assert both.exit_code == 2 and "not both" in both.output
+
+
+def test_looks_are_stored_copied_and_an_older_store_migrates(tmp_path):
+    import shutil
+
+    root = tmp_path / "p"
+    for i, c in enumerate(["red", "green", "blue"]):
+        make_photo(root / f"{c}.jpg", COLORS[c], seed=i)
+    shutil.copy(root / "red.jpg", root / "red_same.jpg")  # same bytes: the vector is copied
+    Image.open(root / "blue.jpg").save(root / "blue_resaved.jpg", quality=30)
+    Gallery(root, model=ColorEncoder()).update()
+    conn = sqlite3.connect(root / ".leanclip" / "gallery.db")
+    key = dict(conn.execute("SELECT CAST(path AS TEXT), key FROM files"))
+    looks = dict(conn.execute("SELECT key, look FROM looks"))
+    assert set(looks) == set(key.values())
+    assert looks[key["red.jpg"]] == looks[key["red_same.jpg"]]
+    stored = {(a, b): t for a, b, t in conn.execute("SELECT a, b, look FROM near")}
+    pair = tuple(sorted((key["blue.jpg"], key["blue_resaved.jpg"])))
+    want = np.frombuffer(looks[pair[0]], np.float16).astype(np.float32) @ np.frombuffer(
+        looks[pair[1]], np.float16
+    ).astype(np.float32)
+    assert abs(stored[pair] - want) < 1e-3 and want > dup.LOOK_MIN
+    # a version 3 store (no looks): read as it is, then migrated; only new photos get a look
+    conn.execute("DROP TABLE looks")
+    conn.execute("ALTER TABLE near DROP COLUMN look")
+    conn.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
+    conn.commit()
+    conn.close()
+    _, groups = Gallery(root, model=ColorEncoder()).duplicates()
+    assert ["blue.jpg", "blue_resaved.jpg"] in [[h.name for h in g] for g in groups]
+    make_photo(root / "yellow.jpg", COLORS["yellow"], seed=9)
+    enc = ColorEncoder()
+    Gallery(root, model=enc).update()
+    assert enc.images_encoded == 1
+    conn = sqlite3.connect(root / ".leanclip" / "gallery.db")
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "4"
+    new_key = conn.execute("SELECT key FROM files WHERE path = CAST('yellow.jpg' AS BLOB)").fetchone()[0]
+    assert [k for (k,) in conn.execute("SELECT key FROM looks")] == [new_key]
+    conn.close()
+    _, groups = Gallery(root, model=ColorEncoder()).duplicates()
+    assert ["blue.jpg", "blue_resaved.jpg"] in [[h.name for h in g] for g in groups]

@@ -677,15 +677,17 @@ class Gallery:
                     "this gallery has no near-duplicate pairs yet (indexed by an older leanclip); "
                     f"run `leanclip index {self.root}` to find them"
                 )
-            floor = max(float(threshold if threshold is not None else dup.MIN_THRESHOLD), dup.FLOOR)
+            floor = max(float(threshold), dup.FLOOR) if threshold is not None else dup.LOOK_FLOOR
+            look = "look" if db.has_looks(conn) else "NULL"  # a version 3 store not updated yet
             got = conn.execute(
-                "SELECT a, b, score, coalesce(da.background, -1), coalesce(db.background, -1) FROM near "
-                "LEFT JOIN near_done da ON da.key = a LEFT JOIN near_done db ON db.key = b WHERE score >= ?",
+                "SELECT a, b, score, coalesce(da.background, -1), coalesce(db.background, -1), "
+                f"coalesce({look}, 'nan') FROM near LEFT JOIN near_done da ON da.key = a "
+                "LEFT JOIN near_done db ON db.key = b WHERE score >= ?",
                 (floor,),
             ).fetchall()
-            pairs = np.asarray(got, dtype=np.float64).reshape(-1, 5)
+            pairs = np.asarray(got, dtype=np.float64).reshape(-1, 6)
             if threshold is None:
-                pairs = pairs[dup.calibrated(pairs[:, 2], pairs[:, 3], pairs[:, 4])]
+                pairs = pairs[dup.calibrated(pairs[:, 2], pairs[:, 3], pairs[:, 4], pairs[:, 5])]
             a, b = pairs[:, 0].astype(np.uint64), pairs[:, 1].astype(np.uint64)
             groups = dup.components(a, b)
             rows = db.hit_rows(conn, [k for g in groups for k in g])

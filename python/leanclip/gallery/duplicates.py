@@ -9,22 +9,33 @@ How (``leanclip duplicates``, ``Gallery.duplicates``):
    the rest). A photo added later finds the earlier ones, so every pair is seen once. The
    search is the engine's batched top-k over blocks of queries, or, when the queries times the
    gallery exceed :data:`EXACT_BUDGET` (a first index of a large library), an IVF self-join: a
-   temporary :class:`leanclip.IVFIndex` (i8 lists, ``nlist = sqrt(n)``) of the vectors projected
+   temporary :class:`leanclip.IVFIndex` (f16 lists, ``nlist = 2 sqrt(n)``) of the vectors projected
    on their :data:`PROJECT_DIMS` principal directions, probed at :data:`SELF_JOIN_NPROBE` lists
    (near-duplicates sit in the same or the next list), whose candidates are re-scored from the
    stored vectors. Never a Python loop over pairs.
 2. **Groups, at query time.** The connected components of the pairs scoring at least the
    threshold (numpy label propagation, no Python loop over photos).
-3. **The threshold is calibrated, not fixed** (Immich #31487: a fixed cut-off gives thousands of
+3. **A second signal, the look** (:func:`look`): each photo's 8 x 8 colour thumbnail, centred
+   and normalised (192 numbers, stored per photo at index time, table ``looks``). Its cosine
+   between two photos (stored with their pair) says whether the *pixels* are laid out alike:
+   it survives what the model's space does not (heavy JPEG re-encodes, downscales: 10% of
+   such true pairs score below 0.82 there) and tells apart what that space confuses (tiles of
+   one texture, look-alike scenes). Pairs are stored when the model scores them at least
+   :data:`FLOOR`, or at least :data:`LOOK_FLOOR` with a look of at least :data:`LOOK_MIN`.
+4. **The threshold is calibrated, not fixed** (Immich #31487: a fixed cut-off gives thousands of
    false duplicates in galleries whose photos are alike). ``--auto`` (the default) calibrates it
    per photo: each photo's *background* is the score of its :data:`BACKGROUND_RANK`-th nearest
-   neighbour, which for all but the largest bursts is a different scene. A pair counts when its
-   score is at least :data:`MIN_THRESHOLD` and at least :data:`MARGIN` above the background of
-   *both* photos: in a run of look-alike photos (documents, one beach, a shoot) the bar rises
-   with them, in a varied library it stays near the floor. The values are the best on the
-   generated benchmark (benchmarks/results/gallery.md, "Near-duplicates"). ``--threshold T``
-   is one fixed cut-off instead.
-4. Backgrounds are measured when a photo's neighbours are searched (at its first index); a
+   neighbour, which for all but the largest bursts is a different scene. A pair counts
+   (:func:`calibrated`) when its score is at least :data:`MIN_THRESHOLD` and at least
+   :data:`MARGIN` above the background of *both* photos, and its look does not contradict it
+   (at least :data:`LOOK_VETO`); or when it looks the same (look at least :data:`LOOK_MIN`)
+   and the model agrees loosely (at least :data:`LOOK_FLOOR`). In a run of look-alike photos
+   (documents, one beach, a shoot) the model's bar rises with them, in a varied library it
+   stays near the floor. The values are chosen on one generated set and checked on others
+   (benchmarks/results/photos.md, "Near-duplicates"). ``--threshold T`` is one fixed cut-off
+   on the model's score instead. Photos indexed before looks existed (schema 3) have none:
+   their pairs are judged by the model's rule alone until they are indexed again.
+5. Backgrounds are measured when a photo's neighbours are searched (at its first index); a
    photo added later next to it is compared with its own background at that time.
 """
 
@@ -38,7 +49,12 @@ import numpy as np
 
 __all__ = [
     "FLOOR",
+    "LOOK_FLOOR",
+    "LOOK_MIN",
     "NEIGHBOURS",
+    "look",
+    "look_scores",
+    "worth_storing",
     "Pairs",
     "neighbour_pairs",
     "components",
@@ -46,17 +62,21 @@ __all__ = [
     "group_pairs",
 ]
 
-FLOOR = 0.80  # pairs below this score are not stored (no useful threshold is below it)
+FLOOR = 0.80  # pairs below this score are stored only when they look alike (worth_storing)
 NEIGHBOURS = 12  # neighbours searched per photo (the last is the background rank)
 BACKGROUND_RANK = 5  # the neighbour whose score is a photo's "background"
 MARGIN = 0.04  # a duplicate pair scores this much above both photos' backgrounds ...
-MIN_THRESHOLD = 0.85  # ... and at least this
+MIN_THRESHOLD = 0.88  # ... and at least this ...
+LOOK_VETO = 0.5  # ... and their looks are at least this alike; or:
+LOOK_MIN = 0.90  # their looks are at least this alike ...
+LOOK_FLOOR = 0.60  # ... and the model scores them at least this
+LOOK_SIDE = 8  # the look: a LOOK_SIDE x LOOK_SIDE colour thumbnail
 EXACT_BUDGET = 2_000_000_000  # query x gallery pairs scored exactly before switching to IVF
-SELF_JOIN_NPROBE = 4
+SELF_JOIN_NPROBE = 8
 PROJECT_DIMS = 128  # the self-join ranks candidates in this many principal directions ...
 RESCORE_EXTRA = 8  # ... searching this many more than it keeps, and re-scores from the stored
 RESCORE_MARGIN = 0.08  # vectors those within this of the floor (the projection's error is smaller)
-_BLOCK = 4096  # queries per search call
+_BLOCK = 8192  # queries per search call (a batch scans each IVF list once for all)
 
 
 @dataclass
@@ -69,16 +89,55 @@ class Pairs:
     background: Dict[int, float]  # query key -> score of its BACKGROUND_RANK-th neighbour
 
 
+def look(img: Any) -> np.ndarray:
+    """The look of a decoded RGB image (see the module docstring): float16 (LOOK_SIDE^2 * 3,),
+    its LOOK_SIDE x LOOK_SIDE box-filtered thumbnail, centred on its mean and of unit norm
+    (zero for a flat image). Brightness and contrast edits barely move it; layout does."""
+    from PIL import Image
+
+    small = img.convert("RGB").resize((LOOK_SIDE, LOOK_SIDE), Image.Resampling.BOX)
+    x = np.asarray(small, dtype=np.float32).reshape(-1)
+    x = x - x.mean()
+    norm = float(np.linalg.norm(x))
+    return (x / norm if norm > 1e-3 else np.zeros_like(x)).astype(np.float16)
+
+
+def look_scores(a: np.ndarray, b: np.ndarray, looks: Dict[int, np.ndarray]) -> np.ndarray:
+    """The look cosine of each pair ``(a[i], b[i])``; NaN where a photo has no look."""
+    width = LOOK_SIDE * LOOK_SIDE * 3
+    have = np.fromiter(looks.keys(), dtype=np.uint64, count=len(looks))
+    order = np.argsort(have)
+    have = have[order]
+    table = np.full((len(have) + 1, width), np.nan, dtype=np.float32)  # the last row: no look
+    if len(have):
+        table[:-1] = np.stack(list(looks.values()))[order].astype(np.float32)
+
+    def rows(keys: np.ndarray) -> np.ndarray:
+        keys = np.asarray(keys, dtype=np.uint64)
+        pos = np.minimum(np.searchsorted(have, keys), max(len(have) - 1, 0))
+        found = (pos < len(have)) & (have[pos] == keys) if len(have) else np.zeros(len(keys), bool)
+        return table[np.where(found, pos, len(have))]
+
+    return np.einsum("pd,pd->p", rows(a), rows(b)).astype(np.float32)
+
+
+def worth_storing(score: np.ndarray, look_score: np.ndarray) -> np.ndarray:
+    """Which candidate pairs are kept: scored at least FLOOR by the model, or at least
+    LOOK_FLOOR with looks at least LOOK_MIN alike (no useful rule reaches below)."""
+    with np.errstate(invalid="ignore"):
+        return (np.asarray(score) >= FLOOR) | ((np.asarray(score) >= LOOK_FLOOR) & (look_score >= LOOK_MIN))
+
+
 def _projection(index: Any, keys: np.ndarray, dims: int) -> np.ndarray:
     """(dim, dims): the top principal directions (uncentred: those that keep the most of the
     inner products) of a seeded sample of the stored vectors, by a randomized range finder
-    (two power iterations; an exact eigendecomposition of dim x dim costs seconds more)."""
+    (one power iteration on 4,096 of them: the directions only rank candidates, which are
+    re-scored exactly; an exact eigendecomposition of dim x dim costs seconds more)."""
     rng = np.random.default_rng(0)
-    sample = np.sort(rng.choice(keys, size=min(len(keys), 8192), replace=False))
+    sample = np.sort(rng.choice(keys, size=min(len(keys), 4096), replace=False))
     x = np.asarray(index.get(sample), dtype=np.float32)
     basis = rng.standard_normal((x.shape[1], min(x.shape[1], dims + 16))).astype(np.float32)
-    for _ in range(2):
-        basis, _ = np.linalg.qr(x.T @ (x @ basis))
+    basis, _ = np.linalg.qr(x.T @ (x @ basis))
     small = (x @ basis).T @ (x @ basis)
     _, vecs = np.linalg.eigh(small)
     return np.ascontiguousarray((basis @ vecs[:, ::-1])[:, :dims], dtype=np.float32)
@@ -87,30 +146,66 @@ def _projection(index: Any, keys: np.ndarray, dims: int) -> np.ndarray:
 def _maybe_project(x: np.ndarray, proj: Optional[np.ndarray]) -> np.ndarray:
     """``x`` projected and re-normalised: cosines within the principal subspace."""
     if proj is None:
-        return x
+        return np.ascontiguousarray(x, dtype=np.float32)
     y = x @ proj
     return np.ascontiguousarray(y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12))
 
 
-def _self_join(index: Any, keys: np.ndarray) -> Tuple[Any, Optional[np.ndarray]]:
-    """A temporary IVF copy of ``index`` for a self-join over many queries: i8 lists of the
-    vectors projected on their PROJECT_DIMS principal directions (nlist = sqrt(n)); its
-    candidates are re-scored from the stored vectors. Returns (IVF index, projection or None)."""
-    from leanclip import IVFIndex
+@dataclass
+class _SelfJoin:
+    """A temporary IVF copy of the gallery for a self-join over many queries: f16 lists of the
+    vectors projected on their PROJECT_DIMS principal directions (nlist = 2 sqrt(n)), and
+    those projected vectors (rows in the order of ``keys``, sorted), which are the queries."""
 
-    n = len(keys)
-    proj = _projection(index, keys, PROJECT_DIMS) if index.dim > PROJECT_DIMS else None
-    dim = PROJECT_DIMS if proj is not None else index.dim
-    nlist = max(1, int(math.sqrt(n)))
-    ivf = IVFIndex(
-        dim, metric="cos", dtype="i8", nlist=nlist, nprobe=min(nlist, SELF_JOIN_NPROBE), train_threshold=0
-    )
-    sample = np.sort(np.random.default_rng(1).choice(keys, size=min(n, 16 * nlist), replace=False))
-    ivf.train(_maybe_project(np.asarray(index.get(sample), dtype=np.float32), proj))
-    for i in range(0, n, 16_384):
-        chunk = keys[i : i + 16_384]
-        ivf.add(chunk, _maybe_project(np.asarray(index.get(chunk), dtype=np.float32), proj))
-    return ivf, proj
+    ivf: Any
+    keys: np.ndarray
+    projected: np.ndarray
+
+    @classmethod
+    def build(cls, index: Any) -> "_SelfJoin":
+        from leanclip import IVFIndex
+
+        keys = np.sort(np.asarray(index.keys(), dtype=np.uint64))
+        n = len(keys)
+        proj = _projection(index, keys, PROJECT_DIMS) if index.dim > PROJECT_DIMS else None
+        projected = np.empty((n, PROJECT_DIMS if proj is not None else index.dim), dtype=np.float32)
+        for i in range(0, n, 16_384):  # each stored vector is read once
+            projected[i : i + 16_384] = _maybe_project(np.asarray(index.get(keys[i : i + 16_384])), proj)
+        nlist = max(1, int(2 * math.sqrt(n)))
+        ivf = IVFIndex(
+            projected.shape[1],
+            metric="cos",
+            dtype="f16",
+            nlist=nlist,
+            nprobe=min(nlist, SELF_JOIN_NPROBE),
+            train_threshold=0,
+        )
+        ivf.train(
+            projected[np.sort(np.random.default_rng(1).choice(n, size=min(n, 16 * nlist), replace=False))]
+        )
+        ivf.add(keys, projected)
+        return cls(ivf, keys, projected)
+
+    def candidates(
+        self, index: Any, qk: np.ndarray, qv: np.ndarray, kk: int, floor: float
+    ) -> Tuple[Any, Any]:
+        """Each query's ``kk`` best (keys, scores): approximate candidates ranked in the
+        principal subspace; those that may reach the floor, and each query's background rank,
+        are re-scored exactly from the stored vectors."""
+        n = len(self.keys)
+        keys, scores = self.ivf.search(
+            self.projected[np.searchsorted(self.keys, qk)], min(n, kk + RESCORE_EXTRA)
+        )
+        keys, scores = np.asarray(keys, dtype=np.uint64), np.asarray(scores, dtype=np.float32)
+        near = scores >= floor - RESCORE_MARGIN
+        near[:, min(BACKGROUND_RANK, keys.shape[1] - 1)] = True
+        rows, cols = np.nonzero(near)
+        uniq, inv = np.unique(keys[rows, cols], return_inverse=True)
+        vecs = np.asarray(index.get(uniq), dtype=np.float32)
+        scores[rows, cols] = np.einsum("pd,pd->p", qv[rows], vecs[inv])
+        scores[~near] = np.minimum(scores[~near], floor - RESCORE_MARGIN)  # below the floor
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
+        return np.take_along_axis(keys, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
 
 def neighbour_pairs(
@@ -130,43 +225,25 @@ def neighbour_pairs(
     if len(q) == 0 or n < 2:
         return Pairs(empty, empty.copy(), np.zeros(0, np.float32), {})
     kk = min(k + 1, n)  # + the photo itself
-    searcher, proj = index, None
-    if len(q) * n > EXACT_BUDGET:
-        searcher, proj = _self_join(index, np.asarray(index.keys(), dtype=np.uint64))
+    join = _SelfJoin.build(index) if len(q) * n > EXACT_BUDGET else None
     a_parts: List[np.ndarray] = []
     b_parts: List[np.ndarray] = []
     s_parts: List[np.ndarray] = []
     background: Dict[int, float] = {}
-    block = _BLOCK if searcher is index else 512
-    for i in range(0, len(q), block):
-        qk = q[i : i + block]
-        qv = vectors[i : i + block] if vectors is not None else index.get(qk)
-        qv = np.asarray(qv, dtype=np.float32)
-        if searcher is index:
+    for i in range(0, len(q), _BLOCK):
+        qk = q[i : i + _BLOCK]
+        qv = np.asarray(vectors[i : i + _BLOCK] if vectors is not None else index.get(qk), dtype=np.float32)
+        if join is None:
             keys, scores = index.search(qv, kk)
             keys, scores = np.asarray(keys, dtype=np.uint64), np.asarray(scores, dtype=np.float32)
         else:
-            # approximate candidates (cosines in the principal subspace); those that may reach
-            # the floor, and each query's background rank, are re-scored from the stored vectors
-            keys, scores = searcher.search(_maybe_project(qv, proj), min(n, kk + RESCORE_EXTRA))
-            keys, scores = np.asarray(keys, dtype=np.uint64), np.asarray(scores, dtype=np.float32)
-            near = scores >= floor - RESCORE_MARGIN
-            near[:, min(BACKGROUND_RANK, keys.shape[1] - 1)] = True
-            rows, cols = np.nonzero(near)
-            uniq, inv = np.unique(keys[rows, cols], return_inverse=True)
-            vecs = np.asarray(index.get(uniq), dtype=np.float32)
-            scores[rows, cols] = np.einsum("pd,pd->p", qv[rows], vecs[inv])
-            scores[~near] = np.minimum(scores[~near], floor - RESCORE_MARGIN)  # below the floor
-            order = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
-            keys = np.take_along_axis(keys, order, axis=1)
-            scores = np.take_along_axis(scores, order, axis=1)
+            keys, scores = join.candidates(index, qk, qv, kk, floor)
         self_hit = keys == qk[:, None]
         # the background: the BACKGROUND_RANK-th neighbour other than the photo itself
         others = np.where(self_hit, -np.inf, scores)
         others = -np.sort(-others, axis=1)
-        rank = min(BACKGROUND_RANK, kk - 1) - 1
-        for key, bg in zip(qk.tolist(), others[:, rank].tolist()):
-            background[int(key)] = float(bg) if math.isfinite(bg) else -1.0
+        bg = others[:, min(BACKGROUND_RANK, kk - 1) - 1]
+        background.update(zip(qk.tolist(), np.where(np.isfinite(bg), bg, -1.0).tolist()))
         keep = ~self_hit & (scores >= floor)
         rows, cols = np.nonzero(keep)
         src, dst = qk[rows], keys[rows, cols]
@@ -203,11 +280,22 @@ def components(a: np.ndarray, b: np.ndarray) -> List[List[int]]:
     return groups
 
 
-def calibrated(score: np.ndarray, bg_a: np.ndarray, bg_b: np.ndarray) -> np.ndarray:
-    """Which pairs count under ``--auto``: score >= MIN_THRESHOLD and >= both backgrounds +
-    MARGIN (see the module docstring)."""
+def calibrated(
+    score: np.ndarray, bg_a: np.ndarray, bg_b: np.ndarray, look_score: Optional[np.ndarray] = None
+) -> np.ndarray:
+    """Which pairs count under ``--auto`` (see the module docstring): the model's score is at
+    least MIN_THRESHOLD and both backgrounds + MARGIN, and the look at least LOOK_VETO; or the
+    look is at least LOOK_MIN and the score at least LOOK_FLOOR. A NaN look (a photo without
+    one) leaves the model's rule alone."""
+    score = np.asarray(score, dtype=np.float64)
     bar = np.maximum(np.maximum(bg_a, bg_b) + MARGIN, MIN_THRESHOLD)
-    return np.asarray(score) >= bar
+    if look_score is None:
+        return score >= bar
+    t = np.asarray(look_score, dtype=np.float64)
+    known = ~np.isnan(t)
+    t = np.where(known, t, -np.inf)
+    by_model = (score >= bar) & (~known | (t >= LOOK_VETO))
+    return by_model | ((t >= LOOK_MIN) & (score >= LOOK_FLOOR))
 
 
 def group_pairs(a: np.ndarray, b: np.ndarray, score: np.ndarray, threshold: float) -> List[List[int]]:

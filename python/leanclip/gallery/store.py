@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from leanclip.gallery.errors import GalleryError
 
 __all__ = [
@@ -44,32 +46,38 @@ __all__ = [
     "ok_row",
     "hit_rows",
     "has_dates",
+    "has_looks",
+    "read_looks",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Version 1 lacked files.ino and files.ctime_ns: it is read as is, and the next update() adds
 # the columns (its rows then count as changed once: re-hashed, not re-encoded). Version 2 lacked
 # the capture dates (files.taken, files.taken_from) and the texts / near / near_done tables:
 # read as is (no dates, no text, no duplicates until then), the next update() adds them and
-# reads the dates from the files' headers (nothing is re-encoded).
-READABLE_VERSIONS = (1, 2, 3)
+# reads the dates from the files' headers (nothing is re-encoded). Version 3 lacked the looks
+# table and near.look (gallery.duplicates): read as is; photos indexed before have no look.
+READABLE_VERSIONS = (1, 2, 3, 4)
 STORE_DIRNAME = ".leanclip"
 DB_NAME = "gallery.db"
 
 # Tables added by version 3 (created by migrate() in older stores). texts: FTS5, rowid = the
-# photo's key, the words read in it (an empty body: read, no text; gallery.texts); near: pairs of photos whose
-# image-to-image score is at least gallery.duplicates.FLOOR (a < b); near_done: keys whose
+# photo's key, the words read in it (an empty body: read, no text; gallery.texts); near: pairs of photos (a < b)
+# close in the image-to-image space (gallery.duplicates.worth_storing); near_done: keys whose
 # neighbours were searched, with their background score (gallery.duplicates); frames: the
 # sampled frames of video clips (key, clip path, time in ms; the clip's row holds the first key).
+# Version 4: looks (key, float16 bytes of gallery.duplicates.look) and near.look (the pair's
+# look cosine, NULL when a photo has none).
 EXTRA_TABLES = """
 CREATE VIRTUAL TABLE IF NOT EXISTS texts USING fts5(body, compact, tokenize = 'trigram');
 CREATE TABLE IF NOT EXISTS near (
-    a INTEGER NOT NULL, b INTEGER NOT NULL, score REAL NOT NULL, PRIMARY KEY (a, b)
+    a INTEGER NOT NULL, b INTEGER NOT NULL, score REAL NOT NULL, look REAL, PRIMARY KEY (a, b)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS near_b ON near (b);
 CREATE TABLE IF NOT EXISTS near_done (key INTEGER PRIMARY KEY, background REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS frames (key INTEGER PRIMARY KEY, path BLOB NOT NULL, t_ms INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS frames_path ON frames (path);
+CREATE TABLE IF NOT EXISTS looks (key INTEGER PRIMARY KEY, look BLOB NOT NULL);
 """
 
 SCHEMA = (
@@ -251,6 +259,9 @@ def migrate(conn: sqlite3.Connection) -> bool:
     if version <= 2:
         conn.execute("ALTER TABLE files ADD COLUMN taken INTEGER")
         conn.execute("ALTER TABLE files ADD COLUMN taken_from TEXT")
+        _run_script(conn, EXTRA_TABLES)  # near already has its look column
+    elif version == 3:
+        conn.execute("ALTER TABLE near ADD COLUMN look REAL")
         _run_script(conn, EXTRA_TABLES)
     set_meta(conn, "schema_version", SCHEMA_VERSION)
     return True
@@ -273,6 +284,27 @@ def has_dates(conn: sqlite3.Connection) -> bool:
         return True
     except sqlite3.OperationalError:
         return False
+
+
+def has_looks(conn: sqlite3.Connection) -> bool:
+    """Does this store have version 4's looks (gallery.duplicates.look)?"""
+    try:
+        conn.execute("SELECT look FROM near LIMIT 0")
+        return True
+    except sqlite3.OperationalError:
+        return False
+
+
+def read_looks(conn: sqlite3.Connection, keys: Sequence[int]) -> Dict[int, Any]:
+    """The stored looks of ``keys`` (those that have one), as float16 arrays."""
+    out: Dict[int, Any] = {}
+    uniq = sorted({int(k) for k in keys})
+    for i in range(0, len(uniq), 900):  # SQLite's variable limit
+        chunk = uniq[i : i + 900]
+        marks = ",".join("?" * len(chunk))
+        for k, blob in conn.execute(f"SELECT key, look FROM looks WHERE key IN ({marks})", chunk):
+            out[int(k)] = np.frombuffer(blob, dtype=np.float16)
+    return out
 
 
 def _run_script(conn: sqlite3.Connection, script: str) -> None:

@@ -603,6 +603,9 @@ class Sync:
                 sim = s.similar.get([int(dup[0])]) if s.similar is not None else None
                 self.store_vectors([(f, digest)], vec, sim)
                 summary.copied += 1
+                got = db.read_looks(conn, [int(dup[0])]).get(int(dup[0]))
+                if got is not None:
+                    self.store_looks([(self.rows[f.rel], got)])
             else:
                 remaining.append((f, digest))
 
@@ -674,12 +677,20 @@ class Sync:
             return
         if self.progress:
             self.progress("duplicates", 0, len(pending))
-        pairs = duplicates.neighbour_pairs(space, pending)
+        pairs = duplicates.neighbour_pairs(space, pending, floor=duplicates.LOOK_FLOOR)
+        looks = db.read_looks(conn, np.concatenate([pairs.a, pairs.b]).tolist())
+        look = duplicates.look_scores(pairs.a, pairs.b, looks)
+        keep = duplicates.worth_storing(pairs.score, look)
         conn.executemany(
-            "INSERT OR REPLACE INTO near (a, b, score) VALUES (?, ?, ?)",
+            "INSERT OR REPLACE INTO near (a, b, score, look) VALUES (?, ?, ?, ?)",
             [
-                (a, b, sc)
-                for a, b, sc in zip(pairs.a.tolist(), pairs.b.tolist(), pairs.score.tolist())
+                (a, b, sc, None if t != t else t)  # NaN (no look): NULL
+                for a, b, sc, t in zip(
+                    pairs.a[keep].tolist(),
+                    pairs.b[keep].tolist(),
+                    pairs.score[keep].tolist(),
+                    look[keep].tolist(),
+                )
                 if a not in clips and b not in clips
             ],
         )
@@ -689,6 +700,17 @@ class Sync:
         s.dirty = True
         if self.progress:
             self.progress("duplicates", len(pending), len(pending))
+
+    def store_looks(self, rows: List[Tuple[Any, np.ndarray]]) -> None:
+        """The looks (gallery.duplicates.look) of photos just stored, by their rows' keys."""
+        self.state.conn.executemany(
+            "INSERT OR REPLACE INTO looks (key, look) VALUES (?, ?)",
+            [
+                (row.key, lk.astype(np.float16).tobytes())
+                for row, lk in rows
+                if row.status == "ok" and row.key
+            ],
+        )
 
     def convert_index(self, n: int) -> None:
         """Give the index the kind and precision a gallery of about ``n`` photos should have
@@ -741,11 +763,12 @@ class Sync:
         for start in range(0, total, self.options.batch_size):
             batch = remaining[start : start + self.options.batch_size]
             s.clean = True  # an interrupt here loses nothing already applied
-            images, ok_items = [], []
+            images, ok_items, looks = [], [], {}
             for f, digest in batch:
                 try:
                     images.append(load_image(f.abspath, max_pixels=self.options.max_pixels, reduce_for=size))
                     ok_items.append((f, digest))
+                    looks[f.rel] = duplicates.look(images[-1])
                 except ImageLoadError as exc:
                     s.clean = False
                     self.record_failure(f, digest, exc.reason)
@@ -755,6 +778,7 @@ class Sync:
             if vecs is not None and ok_items:
                 self.store_vectors(ok_items, *vecs)
                 self.summary.encoded += len(ok_items)
+                self.store_looks([(self.rows[f.rel], looks[f.rel]) for f, _ in ok_items])
             s.clean = True
             for im in images:
                 im.close()
@@ -904,6 +928,7 @@ class Sync:
         gone = [(int(k),) for k in arr.tolist()]
         conn.executemany("DELETE FROM near WHERE a = ?1 OR b = ?1", gone)
         conn.executemany("DELETE FROM near_done WHERE key = ?", gone)
+        conn.executemany("DELETE FROM looks WHERE key = ?", gone)
         conn.executemany("DELETE FROM texts WHERE rowid = ?", gone)
 
     def store_vectors(
