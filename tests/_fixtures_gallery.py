@@ -119,7 +119,8 @@ def update_worker_command(root: Path, **config: Any) -> List[str]:
       vectors are applied), ``save`` (a checkpoint's files are saved, the rows not yet
       committed) or ``unlink`` (after a commit, removing the old generation's files); other
       modes (``time``, ``none``) never kill themselves;
-    * ``delay``: seconds each encoder call sleeps; ``ivf_small``: a 4-list IVF layout;
+    * ``delay``: seconds each encoder call sleeps; ``ivf_small``: an IVF index that lays itself
+      out (trains) at 16 vectors;
     * the rest are Gallery keywords (``store``, ``batch_size``, ``checkpoint_every``, ...).
 
     The child prints ``start`` once the gallery is open, and ``done`` when update() returns.
