@@ -267,32 +267,6 @@ pub struct Search<'a, E, I> {
     pub row_id: &'a I,
 }
 
-/// Top-`k` per query into `out_ids` / `out_scores` (`nq * k` each, best first): [`Search::run`].
-#[allow(clippy::too_many_arguments)]
-pub fn search_into<E, I>(
-    plan: Plan,
-    rows: Rows<'_>,
-    queries: Queries<'_>,
-    k: usize,
-    eligible: &E,
-    row_id: &I,
-    out_ids: &mut [u64],
-    out_scores: &mut [f32],
-) where
-    E: Fn(usize, usize) -> bool + Sync,
-    I: Fn(usize) -> u64 + Sync,
-{
-    let search = Search {
-        plan,
-        rows,
-        queries,
-        k,
-        eligible,
-        row_id,
-    };
-    search.run(out_ids, out_scores)
-}
-
 impl<E, I> Search<'_, E, I>
 where
     E: Fn(usize, usize) -> bool + Sync,
@@ -453,10 +427,44 @@ where
     /// block of rows feeds the heaps. A low-precision `scan` keeps row indices, re-scored
     /// exactly at the end ([`Self::rescore`]); an exact one keeps the final ids.
     fn gemm_task(&self, scan: Scan<'_>, queries: Range<usize>, part: Range<usize>) -> Vec<TopK> {
-        let (plan, dim) = (self.plan, self.plan.dim);
-        let nq = queries.len();
         let mut qbuf = Vec::new();
-        prepare_queries(plan, self.queries, queries.clone(), &mut qbuf);
+        prepare_queries(self.plan, self.queries, queries.clone(), &mut qbuf);
+        let mut converted = Vec::new();
+        let (mut heaps, max_sqnorm) =
+            self.gemm_scan(scan, &qbuf, queries.start, part.clone(), &mut converted);
+        if scan.is_exact() {
+            return heaps;
+        }
+        let left_out = left_out_bounds(&mut heaps, scan_candidates(self.k, scan));
+        let mut best = self.rescore(&qbuf, heaps, &mut converted);
+        if self.certifies(scan) {
+            self.certify(&mut best, &qbuf, &left_out, max_sqnorm, queries, part);
+        }
+        best
+    }
+
+    /// Certification (`Scan::Rescored` over f32 / f16 rows) needs the largest row norm.
+    /// (i8 rows only under l2, whose per-row kernel reads the dequantized rows in f32; under
+    /// ip / cos it quantizes the query, which the bound does not cover.)
+    fn certifies(&self, scan: Scan<'_>) -> bool {
+        matches!(scan, Scan::Rescored)
+            && (self.plan.metric == Metric::L2 || !matches!(self.rows, Rows::I8 { .. }))
+    }
+
+    /// The products of [`Self::gemm_task`]: each query's best candidates in `part` (final ids
+    /// for an exact `scan`, row indices otherwise), and the largest `|row|^2` met when the scan
+    /// [`certifies`](Self::certifies) (0 otherwise). `qbuf` holds the prepared queries, the
+    /// block starting at query `q0`.
+    fn gemm_scan(
+        &self,
+        scan: Scan<'_>,
+        qbuf: &[f32],
+        q0: usize,
+        part: Range<usize>,
+        converted: &mut Vec<f32>,
+    ) -> (Vec<TopK>, f32) {
+        let (plan, dim) = (self.plan, self.plan.dim);
+        let nq = qbuf.len() / dim;
         let query_norms: Vec<f32> = if plan.metric == Metric::L2 {
             qbuf.chunks_exact(dim).map(kernels::sqnorm_f32).collect()
         } else {
@@ -467,17 +475,12 @@ where
         let by_row = |row: usize| row as u64;
         let mut heaps: Vec<TopK> = (0..nq).map(|_| TopK::new(kept)).collect();
         let mut passing = Vec::new();
-        let packed = PackedQueries::new(scan.product(), kernels::level(), nq, dim, &qbuf);
+        let packed = PackedQueries::new(scan.product(), kernels::level(), nq, dim, qbuf);
         let mut ws = Workspace::default();
-        let mut converted = Vec::new();
         let row_block = (TILE_BYTES / 4 / nq).clamp(64, ROW_BLOCK) / 32 * 32;
         let mut tile = vec![0.0f32; nq * row_block];
         let mut row_norms = vec![0.0f32; row_block];
-        // Certification (`Scan::Rescored` over f32 / f16 rows) needs the largest row norm.
-        // (i8 rows only under l2, whose per-row kernel reads the dequantized rows in f32; under
-        // ip / cos it quantizes the query, which this bound does not cover.)
-        let certify = matches!(scan, Scan::Rescored)
-            && (plan.metric == Metric::L2 || !matches!(self.rows, Rows::I8 { .. }));
+        let certify = self.certifies(scan);
         let mut max_sqnorm = 0.0f32;
         let need_norms = plan.metric == Metric::L2 || plan.normalize_rows || certify;
         let mut b0 = part.start;
@@ -486,13 +489,14 @@ where
             let nb = b1 - b0;
             let block = self.rows.range(b0, b1, dim);
             if need_norms {
-                row_sqnorms(block, dim, &mut row_norms[..nb], &mut converted);
+                let norms = &mut row_norms[..nb];
+                row_sqnorms(block, dim, norms, converted);
                 if certify {
-                    max_sqnorm = row_norms[..nb].iter().fold(max_sqnorm, |m, &v| m.max(v));
+                    max_sqnorm = norms.iter().fold(max_sqnorm, |m, &v| m.max(v));
                 }
                 if plan.normalize_rows && plan.metric != Metric::L2 {
                     // Zero rows are rejected before a cosine search; guard anyway.
-                    row_norms[..nb]
+                    norms
                         .iter_mut()
                         .for_each(|v| *v = if *v > 0.0 { 1.0 / v.sqrt() } else { 0.0 });
                 }
@@ -512,21 +516,9 @@ where
             }
             for (i, heap) in heaps.iter_mut().enumerate() {
                 let scores = &mut tile[i * nb..(i + 1) * nb];
-                match plan.metric {
-                    Metric::L2 => {
-                        let qn = query_norms[i];
-                        for (s, &xn) in scores.iter_mut().zip(&row_norms[..nb]) {
-                            *s = -(qn + xn - 2.0 * *s).max(0.0);
-                        }
-                    }
-                    _ if plan.normalize_rows => {
-                        for (s, &inv) in scores.iter_mut().zip(&row_norms[..nb]) {
-                            *s *= inv;
-                        }
-                    }
-                    _ => {}
-                }
-                let (query, eligible) = (queries.start + i, self.eligible);
+                let qn = query_norms.get(i).copied().unwrap_or(0.0);
+                finish_product_scores(plan, qn, &row_norms[..nb], scores);
+                let (query, eligible) = (q0 + i, self.eligible);
                 if exact {
                     let row_id = self.row_id;
                     push_candidates(heap, scores, query, b0, eligible, row_id, &mut passing);
@@ -536,53 +528,50 @@ where
             }
             b0 = b1;
         }
-        if exact {
-            return heaps;
-        }
-        // The scan score every left-out candidate is at most (None: nothing was left out).
-        let left_out: Vec<Option<f32>> = heaps
-            .iter_mut()
-            .map(|h| {
-                let kept_hits = h.kept();
-                (kept_hits.len() >= kept).then(|| {
-                    kept_hits
-                        .iter()
-                        .map(|c| c.score)
-                        .fold(f32::INFINITY, f32::min)
-                })
-            })
-            .collect();
-        let mut best = self.rescore(&qbuf, heaps, &mut converted);
-        if certify {
-            // |product - per-row kernel| <= c (|q| + |x|)^2 for the f32 product over f32 / f16
-            // rows (dot: dim u |q||x| for each of the two summation orders; l2 adds |q|^2 and
-            // |x|^2 computed alike), with u = 2^-24 and a factor 4 of slack.
-            let c = (dim as f32 + 16.0) * 2f32.powi(-20);
-            let max_norm = max_sqnorm.sqrt();
-            for (i, top) in best.iter_mut().enumerate() {
-                let Some(t) = left_out[i] else { continue };
-                let q = &qbuf[i * dim..(i + 1) * dim];
-                let bound = c * (kernels::sqnorm_f32(q).sqrt() + max_norm).powi(2);
-                let kth = if top.len() >= self.k {
-                    top.kept()
-                        .iter()
-                        .map(|h| h.score)
-                        .fold(f32::INFINITY, f32::min)
-                } else {
-                    f32::NEG_INFINITY
-                };
-                // NaN (a crafted file's values) is not certain either.
-                let certain = t + bound < kth;
-                if !certain {
-                    let query = queries.start + i;
-                    *top = self
-                        .kernel_task(query..query + 1, part.clone())
-                        .pop()
-                        .expect("one query");
-                }
+        (heaps, max_sqnorm)
+    }
+
+    /// Searches again, with the per-row kernels, each query of `best` (the re-scored hits of
+    /// the queries `queries`, prepared in `qbuf`, over rows `part`) whose `k`-th score is not
+    /// certainly above `left_out` (what the scan left out scores at most); `max_sqnorm` is the
+    /// largest `|row|^2` of the part.
+    fn certify(
+        &self,
+        best: &mut [TopK],
+        qbuf: &[f32],
+        left_out: &[Option<f32>],
+        max_sqnorm: f32,
+        queries: Range<usize>,
+        part: Range<usize>,
+    ) {
+        let dim = self.plan.dim;
+        // |product - per-row kernel| <= c (|q| + |x|)^2 for the f32 product over f32 / f16
+        // rows (dot: dim u |q||x| for each of the two summation orders; l2 adds |q|^2 and
+        // |x|^2 computed alike), with u = 2^-24 and a factor 4 of slack.
+        let c = (dim as f32 + 16.0) * 2f32.powi(-20);
+        let max_norm = max_sqnorm.sqrt();
+        for (i, top) in best.iter_mut().enumerate() {
+            let Some(t) = left_out[i] else { continue };
+            let q = &qbuf[i * dim..(i + 1) * dim];
+            let bound = c * (kernels::sqnorm_f32(q).sqrt() + max_norm).powi(2);
+            let kth = if top.len() >= self.k {
+                top.kept()
+                    .iter()
+                    .map(|h| h.score)
+                    .fold(f32::INFINITY, f32::min)
+            } else {
+                f32::NEG_INFINITY
+            };
+            // NaN (a crafted file's values) is not certain either.
+            let certain = t + bound < kth;
+            if !certain {
+                let query = queries.start + i;
+                *top = self
+                    .kernel_task(query..query + 1, part.clone())
+                    .pop()
+                    .expect("one query");
             }
         }
-        best
     }
 
     /// The top `k` of each query's `candidates` (row indices) re-scored with the per-row
@@ -634,6 +623,43 @@ fn prepare_queries(plan: Plan, queries: Queries<'_>, range: Range<usize>, buf: &
                 q.iter_mut().for_each(|v| *v /= norm);
             }
         }
+    }
+}
+
+/// Per query, the scan score every candidate left out of its heap is at most: the lowest it
+/// kept, once it kept `kept` (None: nothing was left out).
+fn left_out_bounds(heaps: &mut [TopK], kept: usize) -> Vec<Option<f32>> {
+    heaps
+        .iter_mut()
+        .map(|h| {
+            let kept_hits = h.kept();
+            (kept_hits.len() >= kept).then(|| {
+                kept_hits
+                    .iter()
+                    .map(|c| c.score)
+                    .fold(f32::INFINITY, f32::min)
+            })
+        })
+        .collect()
+}
+
+/// Turns one query's products with a block of rows into internal scores: l2 from
+/// `|q|^2 + |x|^2 - 2 q.x` (`qn` is `|q|^2`, `row_norms` the rows' `|x|^2`), cosine over rows
+/// not stored normalized scaled by `row_norms` (there the rows' inverse lengths).
+#[inline(always)]
+fn finish_product_scores(plan: Plan, qn: f32, row_norms: &[f32], scores: &mut [f32]) {
+    match plan.metric {
+        Metric::L2 => {
+            for (s, &xn) in scores.iter_mut().zip(row_norms) {
+                *s = -(qn + xn - 2.0 * *s).max(0.0);
+            }
+        }
+        _ if plan.normalize_rows => {
+            for (s, &inv) in scores.iter_mut().zip(row_norms) {
+                *s *= inv;
+            }
+        }
+        _ => {}
     }
 }
 

@@ -16,7 +16,7 @@ pub(crate) use encoding::{check_rows, check_stored_rows, encode_append, Buffers}
 pub(crate) use storage::{swap_remove_rows, Buf, Store};
 
 use crate::error::{invalid, Error, Result};
-use crate::search::{self, Plan, Queries};
+use crate::search::{Plan, Queries, Search};
 use crate::types::{DType, Metric};
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::sync::OnceLock;
@@ -418,28 +418,27 @@ impl Index {
         let queries = Queries::F32(queries);
         let bits = &excluded_rows;
         let eligible = |row: usize| excluded == 0 || bits[row / 64] & (1 << (row % 64)) == 0;
+        // Without exclusions the filter is a constant the compiler drops from the scan.
         if excluded == 0 {
-            search::search_into(
+            let search = Search {
                 plan,
                 rows,
                 queries,
-                kp,
-                &|_, _| true,
-                &row_id,
-                &mut ids,
-                &mut scores,
-            );
+                k: kp,
+                eligible: &|_: usize, _: usize| true,
+                row_id: &row_id,
+            };
+            search.run(&mut ids, &mut scores);
         } else {
-            search::search_into(
+            let search = Search {
                 plan,
                 rows,
                 queries,
-                kp,
-                &|_, row| eligible(row),
-                &row_id,
-                &mut ids,
-                &mut scores,
-            );
+                k: kp,
+                eligible: &|_: usize, row: usize| eligible(row),
+                row_id: &row_id,
+            };
+            search.run(&mut ids, &mut scores);
         }
         // A file changed during the search may have given other bytes than were checked.
         self.check_file()?;
