@@ -34,6 +34,7 @@ use rayon::prelude::*;
 /// agreement). The scan reads a copy of the corpus quantized (i8: n x dim bytes) or rounded
 /// (bf16: twice that) and packed once per call. On a CPU without the instructions the scan
 /// is exact.
+// One argument per keyword of the Python function, which the binding passes straight on.
 #[allow(clippy::too_many_arguments)]
 pub fn mine_hard_negatives(
     queries: Queries<'_>,
@@ -54,39 +55,9 @@ pub fn mine_hard_negatives(
     let n = corpus.count(dim);
     check_groups(query_groups, corpus_groups, nq, n)?;
     check_inputs(queries, corpus, dim, metric)?;
-    let nq_k = nq.checked_mul(k).filter(|&m| m <= isize::MAX as usize / 8);
-    let Some(nq_k) = nq_k else {
-        return invalid(format!("k = {k} is too large for {nq} queries"));
-    };
-    let mut ids: Vec<u64> = Vec::new();
-    let mut scores: Vec<f32> = Vec::new();
-    if ids.try_reserve_exact(nq_k).is_err() || scores.try_reserve_exact(nq_k).is_err() {
-        return invalid(format!(
-            "k = {k} is too large: the output of {nq} x {k} does not fit in memory"
-        ));
-    }
-    ids.resize(nq_k, 0);
-    scores.resize(nq_k, 0.0);
-
-    let converted_f16: Vec<f16>;
-    let converted_i8: (Vec<i8>, Vec<f32>);
-    let corpus = match (dtype, corpus) {
-        (DType::F32, rows) => rows,
-        // f16 rows as they are, except under cos, where an `Index` stores them unit length.
-        (DType::F16, rows @ Rows::F16(_)) if metric != Metric::Cos => rows,
-        (DType::F16, rows) => {
-            converted_f16 = encode_rows(rows, n, dim, metric, DType::F16)?.0;
-            Rows::F16(&converted_f16)
-        }
-        (DType::I8, rows) => {
-            let (_, data, scales) = encode_rows(rows, n, dim, metric, DType::I8)?;
-            converted_i8 = (data, scales);
-            Rows::I8 {
-                data: &converted_i8.0,
-                scales: &converted_i8.1,
-            }
-        }
-    };
+    let (mut ids, mut scores) = output_buffers(nq, k)?;
+    let stored = Stored::new(corpus, n, dim, metric, dtype)?;
+    let corpus = stored.rows();
 
     // A low-precision scan runs on a copy of the corpus packed once (i8: n x dim bytes,
     // bf16: twice that), which every block of queries reads as it is.
@@ -140,6 +111,56 @@ pub fn mine_hard_negatives(
     // Missing slots carry u64::MAX, which is -1 as i64; rows are < 2^63, so the cast is exact.
     let indices: Vec<i64> = bytemuck::allocation::cast_vec(ids);
     Ok((indices, scores))
+}
+
+/// The output of `nq` queries' top `k`: `(ids, scores)`, or an error naming `k` where it
+/// does not fit in memory.
+fn output_buffers(nq: usize, k: usize) -> Result<(Vec<u64>, Vec<f32>)> {
+    let nq_k = nq.checked_mul(k).filter(|&m| m <= isize::MAX as usize / 8);
+    let Some(nq_k) = nq_k else {
+        return invalid(format!("k = {k} is too large for {nq} queries"));
+    };
+    let mut ids: Vec<u64> = Vec::new();
+    let mut scores: Vec<f32> = Vec::new();
+    if ids.try_reserve_exact(nq_k).is_err() || scores.try_reserve_exact(nq_k).is_err() {
+        return invalid(format!(
+            "k = {k} is too large: the output of {nq} x {k} does not fit in memory"
+        ));
+    }
+    ids.resize(nq_k, 0);
+    scores.resize(nq_k, 0.0);
+    Ok((ids, scores))
+}
+
+/// The corpus as an `Index` of the mining `dtype` stores it: the input itself where it already
+/// is that, else a copy encoded by the `Index`'s own rules ([`encode_rows`]).
+enum Stored<'a> {
+    Input(Rows<'a>),
+    F16(Vec<f16>),
+    I8 { data: Vec<i8>, scales: Vec<f32> },
+}
+
+impl<'a> Stored<'a> {
+    fn new(corpus: Rows<'a>, n: usize, dim: usize, metric: Metric, dtype: DType) -> Result<Self> {
+        Ok(match (dtype, corpus) {
+            (DType::F32, rows) => Stored::Input(rows),
+            // f16 rows as they are, except under cos, where an `Index` stores them unit length.
+            (DType::F16, rows @ Rows::F16(_)) if metric != Metric::Cos => Stored::Input(rows),
+            (DType::F16, rows) => Stored::F16(encode_rows(rows, n, dim, metric, DType::F16)?.0),
+            (DType::I8, rows) => {
+                let (_, data, scales) = encode_rows(rows, n, dim, metric, DType::I8)?;
+                Stored::I8 { data, scales }
+            }
+        })
+    }
+
+    fn rows(&self) -> Rows<'_> {
+        match self {
+            Stored::Input(rows) => *rows,
+            Stored::F16(v) => Rows::F16(v),
+            Stored::I8 { data, scales } => Rows::I8 { data, scales },
+        }
+    }
 }
 
 /// Both group arrays or neither, one group per query and per corpus row.
