@@ -1,6 +1,9 @@
 //! Issue 14, engine items: mapped files that change, files that are not regular files, vectors
 //! whose norms do not fit float32, keys that were never added.
 
+mod common;
+
+use common::{child_done, in_subprocess, is_child, is_file_error, CHANGED};
 use leanclip_engine::testutil::values;
 use leanclip_engine::{DType, Error, Index, Metric, VectorFault};
 use std::path::Path;
@@ -18,34 +21,6 @@ fn saved(path: &Path, n: usize, dim: usize, first_key: u64) {
     let keys: Vec<u64> = (first_key..first_key + n as u64).collect();
     index.add(&keys, &rows(n, dim, first_key)).unwrap();
     index.save(path).unwrap();
-}
-
-fn is_file_error(r: Result<impl std::fmt::Debug, Error>, want: &str) {
-    match r {
-        Err(Error::File { reason, .. }) => assert!(reason.contains(want), "{reason}"),
-        other => panic!("expected Error::File ({want}), got {other:?}"),
-    }
-}
-
-/// Runs `child` (a test of this binary) in a process of its own, so that a SIGBUS fails this
-/// test instead of killing the whole test run.
-fn in_subprocess(child: &str) {
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([child, "--exact", "--nocapture", "--test-threads=1"])
-        .env("LEANCLIP_HARDENING_CHILD", "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{child} failed ({:?}, a signal means it crashed):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn is_child() -> bool {
-    std::env::var_os("LEANCLIP_HARDENING_CHILD").is_some()
 }
 
 #[test]
@@ -72,17 +47,18 @@ fn child_truncated_after_map() {
             .unwrap()
             .set_len(len / 3)
             .unwrap();
-        is_file_error(index.search(&q, 3, None), "size went from");
+        is_file_error(index.search(&q, 3, None), "size went from", "search");
         let batch = rows(20, 64, 98); // the batched (GEMM) path too
-        is_file_error(index.search(&batch, 3, None), "changed after it was opened");
-        is_file_error(index.get(&[5]), "changed after it was opened");
-        is_file_error(index.astype(DType::F16), "changed after it was opened");
-        is_file_error(index.verify(), "changed after it was opened");
+        is_file_error(index.search(&batch, 3, None), CHANGED, "batch");
+        is_file_error(index.get(&[5]), CHANGED, "get");
+        is_file_error(index.astype(DType::F16), CHANGED, "astype");
+        is_file_error(index.verify(), CHANGED, "verify");
         // the keys were read at load, not mapped: still there, still right
         assert_eq!(index.keys().len(), 4000);
         assert_eq!(index.keys()[17], 17);
         saved(&path, 4000, 64, 0);
     }
+    child_done();
 }
 
 #[test]
@@ -110,8 +86,13 @@ fn child_overwritten_in_place() {
     // never the other file's keys (garbage for this index): they were read at load
     assert_eq!(index.keys()[0], 0);
     assert!(index.contains(999).unwrap());
-    is_file_error(index.search(&rows(1, 32, 5), 3, None), "modified in place");
-    is_file_error(index.get(&[1]), "modified in place");
+    is_file_error(
+        index.search(&rows(1, 32, 5), 3, None),
+        "modified in place",
+        "search",
+    );
+    is_file_error(index.get(&[1]), "modified in place", "get");
+    child_done();
 }
 
 #[test]
@@ -174,12 +155,21 @@ fn child_rewritten_during_load() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.join().unwrap();
     println!("loaded {ok}, refused {refused}");
+    child_done();
 }
 
 #[test]
 fn files_that_are_not_regular_files_are_refused_before_reading() {
-    is_file_error(Index::load(Path::new("/dev/zero"), false, true), "a device");
-    is_file_error(Index::load(Path::new("/dev/zero"), true, false), "a device");
+    is_file_error(
+        Index::load(Path::new("/dev/zero"), false, true),
+        "a device",
+        "read",
+    );
+    is_file_error(
+        Index::load(Path::new("/dev/zero"), true, false),
+        "a device",
+        "mmap",
+    );
     let dir = tempfile::tempdir().unwrap();
     assert!(matches!(
         Index::load(dir.path(), false, true),

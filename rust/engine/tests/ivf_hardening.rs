@@ -1,13 +1,14 @@
 //! Issue 25, IVF items: a mapped IVF file truncated or rewritten by another program, scan_dims
 //! at large dimensions, and vectors the exact index refuses (one shared check).
 
+mod common;
 mod ivf_exercise;
 
+use common::{child_done, in_subprocess, is_child, is_file_error, CHANGED};
 use leanclip_engine::ivf::{IvfIndex, IvfParams, MAX_SCAN_DIMS_DIM};
 use leanclip_engine::testutil::values;
 use leanclip_engine::{DType, Error, Index, Metric, VectorFault};
 use std::path::Path;
-use std::process::Command;
 
 const DIM: usize = 16;
 
@@ -40,55 +41,29 @@ fn built(dtype: DType, rerank: usize, pq: usize) -> IvfIndex {
     ivf
 }
 
-fn is_file_error<T: std::fmt::Debug>(r: Result<T, Error>, what: &str) {
-    match r {
-        Err(Error::File { reason, .. }) => {
-            assert!(
-                reason.contains("changed after it was opened"),
-                "{what}: {reason}"
-            )
-        }
-        other => panic!("{what}: expected Error::File, got {other:?}"),
-    }
-}
-
 /// Every call that reads the map fails with `Error::File`; a save leaves its target alone.
 fn every_read_fails(index: &IvfIndex, dir: &Path, label: &str) {
     let q = values(DIM, 99);
     let batch = values(20 * DIM, 98); // the batched (product) path too
-    is_file_error(index.search(&q, 3, None), &format!("{label} search"));
-    is_file_error(index.search(&batch, 3, None), &format!("{label} batch"));
-    is_file_error(index.get(&[5]), &format!("{label} get"));
-    is_file_error(index.keys(), &format!("{label} keys"));
-    is_file_error(index.verify(), &format!("{label} verify"));
+    is_file_error(
+        index.search(&q, 3, None),
+        CHANGED,
+        &format!("{label} search"),
+    );
+    is_file_error(
+        index.search(&batch, 3, None),
+        CHANGED,
+        &format!("{label} batch"),
+    );
+    is_file_error(index.get(&[5]), CHANGED, &format!("{label} get"));
+    is_file_error(index.keys(), CHANGED, &format!("{label} keys"));
+    is_file_error(index.verify(), CHANGED, &format!("{label} verify"));
     let out = dir.join("copy.ivf");
-    is_file_error(index.save(&out), &format!("{label} save"));
+    is_file_error(index.save(&out), CHANGED, &format!("{label} save"));
     assert!(!out.exists(), "{label}: a failed save wrote its target");
     // What lives in memory still answers.
     assert_eq!(index.len(), 300);
     assert!(index.contains(5));
-}
-
-/// Runs `child` (a test of this binary) in a process of its own: a SIGBUS fails this test
-/// instead of killing the test run.
-fn in_subprocess(child: &str) {
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([child, "--exact", "--nocapture", "--test-threads=1"])
-        .env("LEANCLIP_IVF_CHILD", "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{child} failed ({:?}, a signal means it crashed):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("child done"));
-}
-
-fn is_child() -> bool {
-    std::env::var_os("LEANCLIP_IVF_CHILD").is_some()
 }
 
 #[test]
@@ -123,7 +98,7 @@ fn child_ivf_truncated_after_map() {
             );
         }
     }
-    println!("child done");
+    child_done();
 }
 
 #[test]
