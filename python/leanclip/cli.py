@@ -23,11 +23,13 @@ characters prints unchanged.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, NoReturn, Optional, Sequence
 
 import click
 
@@ -467,86 +469,87 @@ _search_options = [
 ]
 
 
+@dataclass(frozen=True)
+class _SearchArgs:
+    """What ``search`` and ``similar`` take besides their query: the gallery (``--dir``,
+    ``--store``, ``--model``), the keywords of :meth:`Gallery.search`, and ``--json``."""
+
+    directory: Optional[str]
+    store: Optional[str]
+    model: Optional[str]
+    k: int
+    min_score: Optional[float]
+    paths: Sequence[str]
+    after: Optional[str]
+    before: Optional[str]
+    kind: Optional[str]
+    sort: str
+    as_json: bool
+
+    def gallery(self, near: Optional[Path] = None) -> Any:
+        return _open(self.directory, self.store, self.model, near=near)
+
+    def search_keywords(self) -> Dict[str, Any]:
+        """The keywords of :meth:`Gallery.search` (and ``similar``), as given."""
+        return dict(
+            min_score=self.min_score,
+            paths=list(self.paths) or None,
+            after=self.after,
+            before=self.before,
+            sort=self.sort,
+            kind=self.kind,
+        )
+
+
+def _search_command(f: Any) -> Any:
+    """The gallery and search options of a command, handed to it as one ``opts``
+    (:class:`_SearchArgs`)."""
+    names = [field.name for field in fields(_SearchArgs)]
+
+    @functools.wraps(f)
+    def command(*args: Any, **kw: Any) -> Any:
+        opts = _SearchArgs(**{name: kw.pop(name) for name in names})
+        return f(*args, opts=opts, **kw)
+
+    return _with(common_gallery + _search_options)(command)
+
+
+def _print_and_exit(hits: List[Any], opts: _SearchArgs, query: str) -> NoReturn:
+    _print_hits(hits, opts.as_json, query)
+    raise click.exceptions.Exit(EXIT_OK if hits else EXIT_NO_MATCH)
+
+
 @main.command(epilog=_EPILOG, context_settings={"ignore_unknown_options": True})
 @click.argument("query", nargs=-1, required=True)
-@_with(common_gallery + _search_options)
-def search(
-    query: Sequence[str],
-    directory: Optional[str],
-    store: Optional[str],
-    model: Optional[str],
-    k: int,
-    min_score: Optional[float],
-    paths: Sequence[str],
-    after: Optional[str],
-    before: Optional[str],
-    kind: Optional[str],
-    sort: str,
-    as_json: bool,
-) -> None:
+@_search_command
+def search(query: Sequence[str], opts: _SearchArgs) -> None:
     """Search the gallery by text: leanclip search "dog on a beach" -people"""
     # arguments are joined: `search "dog on a beach" -people` and `search 'dog on a beach -people'`
     # mean the same (the unsigned words form one phrase)
     text = " ".join(query)
     try:
-        g = _open(directory, store, model)
-        hits = g.search(
-            text,
-            k,
-            min_score=min_score,
-            paths=list(paths) or None,
-            after=after,
-            before=before,
-            sort=sort,
-            kind=kind,
-        )
+        hits = opts.gallery().search(text, opts.k, **opts.search_keywords())
     except _errors() as exc:
         raise _fail(str(exc))
-    _print_hits(hits, as_json, text)
-    raise click.exceptions.Exit(EXIT_OK if hits else EXIT_NO_MATCH)
+    _print_and_exit(hits, opts, text)
 
 
 @main.command(epilog=_EPILOG)
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--and", "extra", default="", help="Extra query terms, e.g. --and '+sunset -people'.")
-@_with(common_gallery + _search_options)
-def similar(
-    image: str,
-    extra: str,
-    directory: Optional[str],
-    store: Optional[str],
-    model: Optional[str],
-    k: int,
-    min_score: Optional[float],
-    paths: Sequence[str],
-    after: Optional[str],
-    before: Optional[str],
-    kind: Optional[str],
-    sort: str,
-    as_json: bool,
-) -> None:
+@_search_command
+def similar(image: str, extra: str, opts: _SearchArgs) -> None:
     """Find photos similar to IMAGE (a file in the gallery or anywhere else).
 
     Without --dir: the gallery holding IMAGE, else the one holding the current folder."""
     try:
         if not os.path.isfile(image):
             raise _fail(f"query image {image} does not exist or is not a file")
-        g = _open(directory, store, model, near=Path(image).parent)
-        hits = g.similar(
-            image,
-            k,
-            extra=extra,
-            min_score=min_score,
-            paths=list(paths) or None,
-            after=after,
-            before=before,
-            sort=sort,
-            kind=kind,
-        )
+        g = opts.gallery(near=Path(image).parent)
+        hits = g.similar(image, opts.k, extra=extra, **opts.search_keywords())
     except _errors() as exc:
         raise _fail(str(exc))
-    _print_hits(hits, as_json, f"img:{image} {extra}".strip())
-    raise click.exceptions.Exit(EXIT_OK if hits else EXIT_NO_MATCH)
+    _print_and_exit(hits, opts, f"img:{image} {extra}".strip())
 
 
 # --------------------------------------------------------------------------------- duplicates
