@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, Optional, Tuple, Union, final
+from typing import Any, Literal, Optional, Tuple, Union, final, type_check_only
 
 import numpy as np
 import numpy.typing as npt
@@ -31,8 +31,29 @@ DTYPES: Tuple[str, ...]
 METRICS: Tuple[str, ...]
 """The metrics, ("cos", "ip", "l2")."""
 
+@type_check_only
+class _KeyedVectors:
+    """What ``Index`` and ``IVFIndex`` share (stubs only: the two classes are unrelated at
+    runtime)."""
+
+    @property
+    def dim(self) -> int: ...
+    @property
+    def metric(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def read_only(self) -> bool:
+        """True for an index opened with ``load(..., mmap=True)``."""
+    def __len__(self) -> int: ...
+    def __contains__(self, key: object, /) -> bool: ...
+    def upsert(self, keys: npt.ArrayLike, vectors: npt.ArrayLike) -> None:
+        """Insert new keys, replace the vectors of present ones; all-or-nothing."""
+    def remove(self, keys: npt.ArrayLike) -> int:
+        """Remove present keys (absent ones are ignored); returns how many were removed."""
+
 @final
-class Index:
+class Index(_KeyedVectors):
     """Exact (flat) vector index keyed by uint64 ids.
 
     - "cos": vectors are stored unit-normalized (``get`` returns them so); scores are cosine
@@ -54,27 +75,12 @@ class Index:
     """
 
     def __new__(cls, dim: int, metric: _Metric = "cos", dtype: _DType = "f32") -> Index: ...
-    @property
-    def dim(self) -> int: ...
-    @property
-    def metric(self) -> str: ...
-    @property
-    def dtype(self) -> str: ...
-    @property
-    def read_only(self) -> bool:
-        """True for an index opened with ``load(..., mmap=True)``."""
-    def __len__(self) -> int: ...
-    def __contains__(self, key: object, /) -> bool: ...
     def keys(self) -> npt.NDArray[np.uint64]:
         """All keys in storage order (not sorted)."""
     def add(self, keys: npt.ArrayLike, vectors: npt.ArrayLike) -> None:
         """Add (n,) keys with (n, dim) vectors; all-or-nothing. KeyError if a key is present,
         ValueError for a key repeated in the batch, bad shape, NaN/inf, or a zero vector
         under "cos"."""
-    def upsert(self, keys: npt.ArrayLike, vectors: npt.ArrayLike) -> None:
-        """Insert new keys, replace the vectors of present ones; all-or-nothing."""
-    def remove(self, keys: npt.ArrayLike) -> int:
-        """Remove present keys (absent ones are ignored); returns how many were removed."""
     def get(self, keys: npt.ArrayLike) -> npt.NDArray[np.float32]:
         """(n, dim) float32 stored vectors (dequantized for f16/i8). KeyError if absent."""
     def astype(self, dtype: _DType) -> Index:
@@ -134,7 +140,7 @@ def simd_level() -> str:
     """The instruction set the kernels use on this CPU: "avx512", "avx2", "neon" or "scalar"."""
 
 @final
-class IVFIndex:
+class IVFIndex(_KeyedVectors):
     """Approximate (inverted-file) vector index keyed by uint64 ids: the same API and errors as
     ``Index``, plus its knobs.
 
@@ -202,12 +208,6 @@ class IVFIndex:
         memory: Optional[Literal["low", "normal"]] = None,
     ) -> IVFIndex: ...
     @property
-    def dim(self) -> int: ...
-    @property
-    def metric(self) -> str: ...
-    @property
-    def dtype(self) -> str: ...
-    @property
     def nlist(self) -> int: ...
     @property
     def nprobe(self) -> int:
@@ -263,21 +263,12 @@ class IVFIndex:
     def train_threshold(self) -> int: ...
     @property
     def is_trained(self) -> bool: ...
-    @property
-    def read_only(self) -> bool:
-        """True for an index opened with ``load(..., mmap=True)``."""
-    def __len__(self) -> int: ...
-    def __contains__(self, key: object, /) -> bool: ...
     def keys(self) -> npt.NDArray[np.uint64]:
         """All keys, list by list (not sorted)."""
     def list_sizes(self) -> npt.NDArray[np.uint64]:
         """Vectors per list (one list before training)."""
     def add(self, keys: npt.ArrayLike, vectors: npt.ArrayLike) -> None:
         """Add (n,) keys with (n, dim) vectors; all-or-nothing (errors as ``Index.add``)."""
-    def upsert(self, keys: npt.ArrayLike, vectors: npt.ArrayLike) -> None:
-        """Insert new keys, replace the vectors of present ones; all-or-nothing."""
-    def remove(self, keys: npt.ArrayLike) -> int:
-        """Remove present keys (absent ones are ignored); returns how many were removed."""
     def get(self, keys: npt.ArrayLike) -> npt.NDArray[np.float32]:
         """(n, dim) float32 vectors: the float32 copies when kept, else the stored ones
         dequantized. KeyError if absent."""
