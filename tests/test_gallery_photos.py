@@ -57,6 +57,28 @@ def test_heic_and_avif_index_search_and_thumbnail(tmp_path):
         server.server_close()
 
 
+def test_heic_is_read_from_its_thumbnail_when_large_enough(tmp_path):
+    from leanclip.images import ImageLoadError, load_image
+
+    rng = np.random.default_rng(0)
+    arr = np.zeros((480, 640, 3), np.uint8)
+    arr[:, :320] = (220, 30, 30)  # red left half, blue right half: the thumbnail is a scaled copy
+    arr[:, 320:] = (30, 30, 220)
+    im = Image.fromarray(np.clip(arr + rng.normal(0, 4, arr.shape), 0, 255).astype(np.uint8))
+    path = tmp_path / "phone.heic"
+    im.save(path, quality=80, thumbnails=[160], enc_params={"preset": "ultrafast"})
+    with load_image(path, reduce_for=100) as small:  # the 160x120 thumbnail covers 100 x 100
+        assert small.size == (160, 120)
+        left, right = np.asarray(small)[:, :70].mean((0, 1)), np.asarray(small)[:, 90:].mean((0, 1))
+        assert left[0] > 150 > left[2] and right[2] > 150 > right[0]
+    with load_image(path, reduce_for=150) as full:  # too small for 150: the image, reduced
+        assert full.size == (640, 480)
+    with load_image(path) as full:
+        assert full.size == (640, 480)
+    with pytest.raises(ImageLoadError, match="pixels"):  # the declared size is checked first
+        load_image(path, reduce_for=100, max_pixels=640 * 480 - 1)
+
+
 # ------------------------------------------------------------------------------ dates
 
 DATES = ["2019:12:31 23:59:59", "2020:01:01 00:00:00", "2020:07:14 12:00:00", "2021:03:01 08:00:00", None]

@@ -4,15 +4,15 @@ How (``leanclip duplicates``, ``Gallery.duplicates``):
 
 1. **Pairs, at index time, incrementally.** Each ``update()`` searches the neighbours of the
    photos it added (and only those) in the image-to-image space (the gallery's similarity
-   index; the joint one for a model without it) and stores every pair scoring at least
-   :data:`FLOOR` in the ``near`` table, in the same transaction as the vectors (kill-safe like
-   the rest). A photo added later finds the earlier ones, so every pair is seen once. The
+   index; the joint one for a model without it) and stores the pairs worth storing (3.), with
+   both their scores, in the ``near`` table, in the same transaction as the vectors (kill-safe
+   like the rest). A photo added later finds the earlier ones, so every pair is seen once. The
    search is the engine's batched top-k over blocks of queries, or, when the queries times the
    gallery exceed :data:`EXACT_BUDGET` (a first index of a large library), an IVF self-join: a
-   temporary :class:`leanclip.IVFIndex` (f16 lists, ``nlist = 2 sqrt(n)``) of the vectors projected
-   on their :data:`PROJECT_DIMS` principal directions, probed at :data:`SELF_JOIN_NPROBE` lists
-   (near-duplicates sit in the same or the next list), whose candidates are re-scored from the
-   stored vectors. Never a Python loop over pairs.
+   temporary :class:`leanclip.IVFIndex` of the stored vectors (f16 lists, ``nlist = 2 sqrt(n)``)
+   probed at :data:`SELF_JOIN_NPROBE` lists (near-duplicates sit in the same or the next list),
+   in batches of :data:`_BLOCK` queries; its scores are the stored f16 vectors' own. Never a
+   Python loop over pairs.
 2. **Groups, at query time.** The connected components of the pairs scoring at least the
    threshold (numpy label propagation, no Python loop over photos).
 3. **A second signal, the look** (:func:`look`): each photo's 8 x 8 colour thumbnail, centred
@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -72,10 +72,7 @@ LOOK_MIN = 0.90  # their looks are at least this alike ...
 LOOK_FLOOR = 0.60  # ... and the model scores them at least this
 LOOK_SIDE = 8  # the look: a LOOK_SIDE x LOOK_SIDE colour thumbnail
 EXACT_BUDGET = 2_000_000_000  # query x gallery pairs scored exactly before switching to IVF
-SELF_JOIN_NPROBE = 8
-PROJECT_DIMS = 128  # the self-join ranks candidates in this many principal directions ...
-RESCORE_EXTRA = 8  # ... searching this many more than it keeps, and re-scores from the stored
-RESCORE_MARGIN = 0.08  # vectors those within this of the floor (the projection's error is smaller)
+SELF_JOIN_NPROBE = 6  # lists a self-join probes (near-duplicates sit in the same or the next)
 _BLOCK = 8192  # queries per search call (a batch scans each IVF list once for all)
 
 
@@ -128,38 +125,14 @@ def worth_storing(score: np.ndarray, look_score: np.ndarray) -> np.ndarray:
         return (np.asarray(score) >= FLOOR) | ((np.asarray(score) >= LOOK_FLOOR) & (look_score >= LOOK_MIN))
 
 
-def _projection(index: Any, keys: np.ndarray, dims: int) -> np.ndarray:
-    """(dim, dims): the top principal directions (uncentred: those that keep the most of the
-    inner products) of a seeded sample of the stored vectors, by a randomized range finder
-    (one power iteration on 4,096 of them: the directions only rank candidates, which are
-    re-scored exactly; an exact eigendecomposition of dim x dim costs seconds more)."""
-    rng = np.random.default_rng(0)
-    sample = np.sort(rng.choice(keys, size=min(len(keys), 4096), replace=False))
-    x = np.asarray(index.get(sample), dtype=np.float32)
-    basis = rng.standard_normal((x.shape[1], min(x.shape[1], dims + 16))).astype(np.float32)
-    basis, _ = np.linalg.qr(x.T @ (x @ basis))
-    small = (x @ basis).T @ (x @ basis)
-    _, vecs = np.linalg.eigh(small)
-    return np.ascontiguousarray((basis @ vecs[:, ::-1])[:, :dims], dtype=np.float32)
-
-
-def _maybe_project(x: np.ndarray, proj: Optional[np.ndarray]) -> np.ndarray:
-    """``x`` projected and re-normalised: cosines within the principal subspace."""
-    if proj is None:
-        return np.ascontiguousarray(x, dtype=np.float32)
-    y = x @ proj
-    return np.ascontiguousarray(y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12))
-
-
 @dataclass
 class _SelfJoin:
-    """A temporary IVF copy of the gallery for a self-join over many queries: f16 lists of the
-    vectors projected on their PROJECT_DIMS principal directions (nlist = 2 sqrt(n)), and
-    those projected vectors (rows in the order of ``keys``, sorted), which are the queries."""
+    """A temporary IVF copy of the gallery for a self-join over many queries: f16 lists
+    (nlist = 2 sqrt(n), trained on 8 vectors a list), probed at SELF_JOIN_NPROBE lists. A batch
+    ranks with the engine's i8 copy and re-scores its best from the f16 rows: the scores are
+    those of the gallery's own f16 index, nothing is re-scored here."""
 
     ivf: Any
-    keys: np.ndarray
-    projected: np.ndarray
 
     @classmethod
     def build(cls, index: Any) -> "_SelfJoin":
@@ -167,45 +140,20 @@ class _SelfJoin:
 
         keys = np.sort(np.asarray(index.keys(), dtype=np.uint64))
         n = len(keys)
-        proj = _projection(index, keys, PROJECT_DIMS) if index.dim > PROJECT_DIMS else None
-        projected = np.empty((n, PROJECT_DIMS if proj is not None else index.dim), dtype=np.float32)
-        for i in range(0, n, 16_384):  # each stored vector is read once
-            projected[i : i + 16_384] = _maybe_project(np.asarray(index.get(keys[i : i + 16_384])), proj)
         nlist = max(1, int(2 * math.sqrt(n)))
         ivf = IVFIndex(
-            projected.shape[1],
+            index.dim,
             metric="cos",
             dtype="f16",
             nlist=nlist,
             nprobe=min(nlist, SELF_JOIN_NPROBE),
             train_threshold=0,
         )
-        ivf.train(
-            projected[np.sort(np.random.default_rng(1).choice(n, size=min(n, 16 * nlist), replace=False))]
-        )
-        ivf.add(keys, projected)
-        return cls(ivf, keys, projected)
-
-    def candidates(
-        self, index: Any, qk: np.ndarray, qv: np.ndarray, kk: int, floor: float
-    ) -> Tuple[Any, Any]:
-        """Each query's ``kk`` best (keys, scores): approximate candidates ranked in the
-        principal subspace; those that may reach the floor, and each query's background rank,
-        are re-scored exactly from the stored vectors."""
-        n = len(self.keys)
-        keys, scores = self.ivf.search(
-            self.projected[np.searchsorted(self.keys, qk)], min(n, kk + RESCORE_EXTRA)
-        )
-        keys, scores = np.asarray(keys, dtype=np.uint64), np.asarray(scores, dtype=np.float32)
-        near = scores >= floor - RESCORE_MARGIN
-        near[:, min(BACKGROUND_RANK, keys.shape[1] - 1)] = True
-        rows, cols = np.nonzero(near)
-        uniq, inv = np.unique(keys[rows, cols], return_inverse=True)
-        vecs = np.asarray(index.get(uniq), dtype=np.float32)
-        scores[rows, cols] = np.einsum("pd,pd->p", qv[rows], vecs[inv])
-        scores[~near] = np.minimum(scores[~near], floor - RESCORE_MARGIN)  # below the floor
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
-        return np.take_along_axis(keys, order, axis=1), np.take_along_axis(scores, order, axis=1)
+        sample = np.sort(np.random.default_rng(1).choice(keys, size=min(n, 8 * nlist), replace=False))
+        ivf.train(np.asarray(index.get(sample), dtype=np.float32))
+        for i in range(0, n, 16_384):  # each stored vector is read once
+            ivf.add(keys[i : i + 16_384], np.asarray(index.get(keys[i : i + 16_384]), dtype=np.float32))
+        return cls(ivf)
 
 
 def neighbour_pairs(
@@ -235,9 +183,9 @@ def neighbour_pairs(
         qv = np.asarray(vectors[i : i + _BLOCK] if vectors is not None else index.get(qk), dtype=np.float32)
         if join is None:
             keys, scores = index.search(qv, kk)
-            keys, scores = np.asarray(keys, dtype=np.uint64), np.asarray(scores, dtype=np.float32)
         else:
-            keys, scores = join.candidates(index, qk, qv, kk, floor)
+            keys, scores = join.ivf.search(qv, kk)
+        keys, scores = np.asarray(keys, dtype=np.uint64), np.asarray(scores, dtype=np.float32)
         self_hit = keys == qk[:, None]
         # the background: the BACKGROUND_RANK-th neighbour other than the photo itself
         others = np.where(self_hit, -np.inf, scores)
