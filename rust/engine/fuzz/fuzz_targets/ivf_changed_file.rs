@@ -12,45 +12,14 @@
 #[path = "../../tests/ivf_exercise.rs"]
 mod ivf_exercise;
 
+#[path = "changed_file.rs"]
+mod changed_file;
+
+use changed_file::Change;
 use leanclip_engine::ivf::IvfIndex;
 use leanclip_engine::Error;
 use libfuzzer_sys::fuzz_target;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
-
-fn dir() -> &'static PathBuf {
-    static D: OnceLock<PathBuf> = OnceLock::new();
-    D.get_or_init(|| {
-        let base = if Path::new("/dev/shm").is_dir() { "/dev/shm".into() } else { std::env::temp_dir() };
-        let d = base.join(format!("leanclip-fuzz-ivf-changed-{}", std::process::id()));
-        std::fs::create_dir_all(&d).expect("scratch dir");
-        for special in [Path::new("/dev/null"), Path::new("/dev/zero")] {
-            for mmap in [false, true] {
-                assert!(matches!(IvfIndex::load(special, mmap, true), Err(Error::File { .. })), "{special:?}");
-            }
-        }
-        let fifo = d.join("fifo");
-        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: a valid NUL-terminated path.
-        if unsafe { libc_mkfifo(c.as_ptr(), 0o600) } == 0 {
-            for mmap in [false, true] {
-                assert!(matches!(IvfIndex::load(&fifo, mmap, true), Err(Error::File { .. })), "fifo");
-            }
-        }
-        d
-    })
-}
-
-extern "C" {
-    #[link_name = "mkfifo"]
-    fn libc_mkfifo(path: *const std::ffi::c_char, mode: u32) -> i32;
-}
-
-fn write(path: &Path, data: &[u8]) {
-    let mut f = std::fs::File::create(path).expect("create scratch file");
-    f.write_all(data).expect("write scratch file");
-}
+use std::path::Path;
 
 /// Every call that reads the map answers or fails with a file error (and must fail when the
 /// file changed in a way the stamp shows); a failed save leaves its target alone.
@@ -81,7 +50,8 @@ fn use_it(index: &IvfIndex, must_fail: bool, out: &Path) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let d = dir();
+    let refuses = |p: &Path, mmap| matches!(IvfIndex::load(p, mmap, true), Err(Error::File { .. }));
+    let d = changed_file::scratch_dir("ivf-changed", refuses);
     let path = d.join("index.lcivf");
     let out = d.join("saved.lcivf");
     let mut data = data.to_vec();
@@ -90,7 +60,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let h = xxhash_rust::xxh3::xxh3_64(&data);
     for verify in [true, false] {
-        write(&path, &data);
+        changed_file::write(&path, &data);
         let index = match IvfIndex::load(&path, true, verify) {
             Ok(index) => index,
             Err(e) => {
@@ -102,32 +72,14 @@ fuzz_target!(|data: &[u8]| {
             // A mapped file answers as the same bytes read into memory do.
             ivf_exercise::exercise(&index, &data);
         }
-        let len = data.len() as u64;
-        let must_fail = match h % 4 {
-            0 => {
-                let to = (h >> 8) % len.max(1);
-                std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(to).unwrap();
-                to != len
-            }
-            1 => {
-                let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
-                f.write_all(&data[..data.len().min(100)]).unwrap();
-                !data.is_empty()
-            }
-            2 => {
-                // In place, same size; the mtime set apart so that the change is always seen.
+        let must_fail = match changed_file::change(&path, &data, h) {
+            Change::Rewritten => {
+                // The mtime set apart, so that the change is always seen.
                 let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-                let other: Vec<u8> = data.iter().rev().map(|b| b ^ (h as u8)).collect();
-                std::os::unix::fs::FileExt::write_all_at(&f, &other, 0).unwrap();
                 f.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
                 true
             }
-            _ => {
-                let tmp = d.join("new.lcivf");
-                write(&tmp, &data[..data.len() / 2]);
-                std::fs::rename(&tmp, &path).unwrap();
-                false // the mapped inode is intact
-            }
+            change => change.resized(),
         };
         use_it(&index, must_fail, &out);
     }
