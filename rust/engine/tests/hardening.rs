@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{child_done, in_subprocess, is_child, is_file_error, CHANGED};
+use common::{child_done, in_subprocess, is_child, is_file_error, truncate_to_a_third, CHANGED};
 use leanclip_engine::testutil::values;
 use leanclip_engine::{DType, Error, Index, Metric, VectorFault};
 use std::path::Path;
@@ -40,13 +40,7 @@ fn child_truncated_after_map() {
         let index = Index::load(&path, true, verify).unwrap();
         let q = rows(1, 64, 99);
         assert_eq!(index.search(&q, 3, None).unwrap().0.len(), 3);
-        let len = std::fs::metadata(&path).unwrap().len();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(len / 3)
-            .unwrap();
+        truncate_to_a_third(&path);
         is_file_error(index.search(&q, 3, None), "size went from", "search");
         let batch = rows(20, 64, 98); // the batched (GEMM) path too
         is_file_error(index.search(&batch, 3, None), CHANGED, "batch");

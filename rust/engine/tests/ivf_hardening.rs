@@ -4,7 +4,7 @@
 mod common;
 mod ivf_exercise;
 
-use common::{child_done, in_subprocess, is_child, is_file_error, CHANGED};
+use common::{child_done, in_subprocess, is_child, is_file_error, truncate_to_a_third, CHANGED};
 use leanclip_engine::ivf::{IvfIndex, IvfParams, MAX_SCAN_DIMS_DIM};
 use leanclip_engine::testutil::values;
 use leanclip_engine::{DType, Error, Index, Metric, VectorFault};
@@ -84,13 +84,7 @@ fn child_ivf_truncated_after_map() {
             let index = IvfIndex::load(&path, true, verify).unwrap();
             let q = values(DIM, 99);
             assert_eq!(index.search(&q, 3, None).unwrap().0.len(), 3);
-            let len = std::fs::metadata(&path).unwrap().len();
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .unwrap()
-                .set_len(len / 3)
-                .unwrap();
+            truncate_to_a_third(&path);
             every_read_fails(
                 &index,
                 dir.path(),

@@ -52,3 +52,15 @@ pub fn is_file_error<T: std::fmt::Debug>(r: Result<T, Error>, want: &str, what: 
         other => panic!("{what}: expected Error::File ({want}), got {other:?}"),
     }
 }
+
+/// Cuts the file at `path` to a third of its length, in place (what another program truncating
+/// a mapped file does).
+pub fn truncate_to_a_third(path: &std::path::Path) {
+    let len = std::fs::metadata(path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len / 3)
+        .unwrap();
+}
