@@ -381,6 +381,71 @@ def report(info: Dict[str, Any]) -> str:
     return text
 
 
+def student_bundles(cache: Path, student: Path, variant: str, work: Path) -> str:
+    """The stage-1 student's fp32 and int8 bundles next to today's starter (built the project's way:
+    ``build_starter``), through leanclip.Encoder: recall on both sets, size, interleaved speed."""
+    import torch
+
+    from benchmarks import _harness as H
+    from leanclip.bundle import read_manifest
+    from leanclip.registry import is_bundle, model_path
+    from leanclip.starter import STARTER_RECIPE, build_starter
+
+    desc = description_sets()["name (recipe 2)"]
+    tower = "student" if variant.startswith("(b)") else "teacher"
+    load = (lambda: load_student(student)) if tower == "student" else None
+    if load is None:
+        from leanclip.minilm import load_minilm
+
+        load = lambda: load_minilm().eval()  # noqa: E731
+    E = torch.from_numpy(class_rows(embed_cached(cache, tower, [g[0] for g in desc], load), desc))
+    baseline = model_path("starter")  # today's default model, as leanclip built it into the cache
+    if (
+        not is_bundle(baseline)
+        or read_manifest(baseline).extra.get("starter", {}).get("recipe") != STARTER_RECIPE
+    ):
+        baseline = build_starter(work / "starter-fp32")
+    text = load_student(student)
+    builds = {
+        "today's starter (fp32)": baseline,
+        "student (fp32)": build_starter(work / "student-fp32", text_tower=text, class_embeds=E),
+        "student (int8)": build_starter(work / "student-int8", int8=True, text_tower=text, class_embeds=E),
+    }
+    photos = Q.sample_photos(cache / "photos")
+    threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
+    res = {label: Q.evaluate_bundle(b, photos, threads) for label, b in builds.items()}
+    Q.interleaved_speed(res, photos)
+    base = res["today's starter (fp32)"]
+    rows = [
+        [
+            label,
+            *[f"{r[k][x]:.3f}" for k in ("tuning", "held-out") for x in ("r1", "r5")],
+            f"{r['size_mb']:.1f} ({r['size_mb'] / base['size_mb']:.2f}x)",
+            f"{r['text_qps']:.0f} ({base['text_qps'] / r['text_qps']:.2f}x)",
+            f"{r['images_per_s']:.1f} ({base['images_per_s'] / r['images_per_s']:.2f}x)",
+        ]
+        for label, r in res.items()
+    ]
+    out = f"\n### The stage-1 student's bundles ({variant}), through leanclip.Encoder (ONNX)\n\n"
+    out += H.markdown_table(
+        [
+            "bundle",
+            "tuning R@1",
+            "tuning R@5",
+            "held-out R@1",
+            "held-out R@5",
+            "MiB (vs today)",
+            "text q/s (latency vs today)",
+            "images/s (latency vs today)",
+        ],
+        rows,
+    )
+    return out + (
+        "\n\nThroughputs: medians of 7 rounds, the bundles taking turns within each round (48 held-out "
+        "queries, 12 photos with both image outputs); latency ratio = today's throughput / the bundle's.\n"
+    )
+
+
 def write_section(text: str, results: Path) -> None:
     old = results.read_text(encoding="utf-8")
     block = f"{BEGIN}\n{text.rstrip()}\n{END}\n"
@@ -399,6 +464,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     parser.add_argument("--train-student", action="store_true", help="train it first (MSE, seed 0; ~15 min)")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--bundles", action="store_true", help="build and measure the student's bundles if kept"
+    )
     args = parser.parse_args(argv)
     import torch
 
@@ -408,6 +476,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         student = train_student(student or args.cache / "student_mse_seed0.pt")
     info = run(args.cache, student)
     text = report(info)
+    picks = chosen(info["rows"][1:])
+    if args.bundles and student is not None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            text += student_bundles(args.cache, student, picks["stage-1 student"][0], Path(tmp))
     write_section(text, args.results)
     print(text)
     return 0
