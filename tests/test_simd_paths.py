@@ -1,4 +1,4 @@
-"""Every SIMD path this CPU has, forced with LEANCLIP_SIMD in a subprocess each, against numpy:
+"""Every SIMD path this CPU has (amx: the AVX-512 kernels with AMX tile products), forced with LEANCLIP_SIMD in a subprocess each, against numpy:
 index search (one query and batches: the per-row kernels and the packed matrix products,
 including the i8 / bf16 scans with their exact re-score) for f32 / f16 / i8 storage and every
 metric on odd shapes, mining at every scan precision, and the recall the batches keep."""
@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-LEVELS = ["scalar", "avx2", "avx512", "neon"]
+LEVELS = ["scalar", "avx2", "avx512", "amx", "neon"]
 
 # Runs in a child process with LEANCLIP_SIMD set: reads cases from an npz, writes results.
 CHILD = r"""

@@ -137,7 +137,8 @@ def mine_hard_negatives(
     With dtype "f32" they are the f32 product's, within float32 rounding of ``Index``'s."""
 
 def simd_level() -> str:
-    """The instruction set the kernels use on this CPU: "avx512", "avx2", "neon" or "scalar"."""
+    """The instruction set the kernels use on this CPU: "amx" (AVX-512 with AMX tile products),
+    "avx512", "avx2", "neon" or "scalar"."""
 
 @final
 class IVFIndex(_KeyedVectors):

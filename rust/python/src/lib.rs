@@ -12,8 +12,8 @@ use leanclip_engine::{self as engine, DType, Metric};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
-/// The SIMD instruction set the kernels dispatch to on this CPU ("avx512", "avx2", "neon",
-/// "scalar").
+/// The SIMD instruction set the kernels dispatch to on this CPU ("amx", "avx512", "avx2",
+/// "neon", "scalar").
 #[pyfunction]
 fn simd_level() -> &'static str {
     engine::kernels::level().name()

@@ -16,6 +16,10 @@ pub enum Level {
     Avx2,
     #[cfg(target_arch = "x86_64")]
     Avx512,
+    /// AVX-512 with the AMX tile unit: the batched bf16 / i8 products run on tiles
+    /// (`matmul::amx`); every other kernel runs as at `Avx512`.
+    #[cfg(target_arch = "x86_64")]
+    Amx,
     #[cfg(target_arch = "aarch64")]
     Neon,
 }
@@ -28,8 +32,22 @@ impl Level {
             Level::Avx2 => "avx2",
             #[cfg(target_arch = "x86_64")]
             Level::Avx512 => "avx512",
+            #[cfg(target_arch = "x86_64")]
+            Level::Amx => "amx",
             #[cfg(target_arch = "aarch64")]
             Level::Neon => "neon",
+        }
+    }
+
+    /// Whether the AVX-512 kernels run at this level (`Avx512` and `Amx`).
+    pub fn is_avx512(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            matches!(self, Level::Avx512 | Level::Amx)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
         }
     }
 }
@@ -50,6 +68,9 @@ pub fn available_levels() -> Vec<Level> {
                 && is_x86_feature_detected!("avx512vl")
             {
                 levels.push(Level::Avx512);
+                if has_amx() {
+                    levels.push(Level::Amx);
+                }
             }
         }
     }
@@ -63,7 +84,7 @@ pub fn available_levels() -> Vec<Level> {
 }
 
 /// The level the kernels run at, chosen once: the best this CPU has, or the one
-/// `LEANCLIP_SIMD=scalar|avx2|avx512|neon` asks for (for tests and for measuring what each
+/// `LEANCLIP_SIMD=scalar|avx2|avx512|amx|neon` asks for (for tests and for measuring what each
 /// path is worth). A request above what the CPU has runs at the best level below it; an
 /// unknown name runs at the best level. Both print a warning to stderr.
 pub fn level() -> Level {
@@ -79,7 +100,7 @@ pub fn level() -> Level {
 }
 
 /// Every level name `LEANCLIP_SIMD` accepts on some CPU, lowest first.
-pub const LEVEL_NAMES: [&str; 4] = ["scalar", "neon", "avx2", "avx512"];
+pub const LEVEL_NAMES: [&str; 5] = ["scalar", "neon", "avx2", "avx512", "amx"];
 
 /// The level for a `LEANCLIP_SIMD` value, given the levels this CPU has (best last), and a
 /// warning where the request cannot be met as asked.
@@ -134,6 +155,72 @@ pub fn has_avx512_vnni() -> bool {
 pub fn has_avx512_bf16() -> bool {
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| is_x86_feature_detected!("avx512bf16"))
+}
+
+/// The AMX tile unit with bf16 and int8 products (CPUID leaf 7: AMX-BF16, AMX-TILE,
+/// AMX-INT8), its state enabled by the OS (XCR0 bits 17 and 18), and this process allowed to
+/// use it: Linux hands out the 8 KiB of tile state only on request (`arch_prctl`), asked here
+/// once per process. False where any step fails (an older CPU or kernel, or valgrind, whose
+/// emulated CPU reports none of these).
+#[cfg(target_arch = "x86_64")]
+pub fn has_amx() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        use std::arch::x86_64::{__cpuid, __cpuid_count};
+        // Leaf 7 is read only where leaf 0 lists it.
+        let leaf7 = __cpuid(0).eax >= 7 && __cpuid_count(7, 0).edx & AMX_BITS == AMX_BITS;
+        // XGETBV needs OSXSAVE (leaf 1 ECX bit 27), without which the OS enables no tile state.
+        let osxsave = __cpuid(1).ecx >> 27 & 1 == 1;
+        if !(leaf7 && osxsave && xcr0() & XTILE_STATE == XTILE_STATE) {
+            return false;
+        }
+        request_tile_state()
+    })
+}
+
+/// CPUID.(7, 0).EDX: AMX-BF16 (bit 22), AMX-TILE (24), AMX-INT8 (25).
+#[cfg(target_arch = "x86_64")]
+const AMX_BITS: u32 = 1 << 22 | 1 << 24 | 1 << 25;
+/// XCR0: XTILECFG (bit 17) and XTILEDATA (bit 18).
+#[cfg(target_arch = "x86_64")]
+const XTILE_STATE: u64 = 1 << 17 | 1 << 18;
+
+#[cfg(target_arch = "x86_64")]
+fn xcr0() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: called only where CPUID reports OSXSAVE, which makes XGETBV valid; it reads
+    // XCR0 into edx:eax and touches nothing else.
+    unsafe {
+        std::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi,
+                        options(nomem, nostack, preserves_flags))
+    };
+    (hi as u64) << 32 | lo as u64
+}
+
+/// Ask Linux for the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`):
+/// granted for the whole process, its threads included; refused (or unknown, off Linux), the
+/// tile instructions would fault, so the AMX level is not offered.
+#[cfg(target_arch = "x86_64")]
+fn request_tile_state() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a plain system call with integer arguments; it changes only this process's
+        // permission to use the tile state.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
+        r == 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        false
+    }
 }
 
 /// Largest magnitude of a query quantized for the i8 kernels. Products with stored values
@@ -221,7 +308,7 @@ pub fn dot_f32_with(level: Level, a: &[f32], b: &[f32]) -> f32 {
         Level::Avx2 => unsafe { avx2::dot_f32(a, b) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => unsafe { avx512::dot_f32(a, b) },
+        Level::Avx512 | Level::Amx => unsafe { avx512::dot_f32(a, b) },
         // SAFETY: as above.
         #[cfg(target_arch = "aarch64")]
         Level::Neon => unsafe { neon::dot_f32(a, b) },
@@ -237,7 +324,7 @@ pub fn l2_f32_with(level: Level, a: &[f32], b: &[f32]) -> f32 {
         Level::Avx2 => unsafe { avx2::l2_f32(a, b) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => unsafe { avx512::l2_f32(a, b) },
+        Level::Avx512 | Level::Amx => unsafe { avx512::l2_f32(a, b) },
         // SAFETY: as above.
         #[cfg(target_arch = "aarch64")]
         Level::Neon => unsafe { neon::l2_f32(a, b) },
@@ -253,7 +340,7 @@ pub fn dot_f16_with(level: Level, q: &[f32], x: &[f16]) -> f32 {
         Level::Avx2 => unsafe { avx2::dot_f16(q, x) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => unsafe { avx512::dot_f16(q, x) },
+        Level::Avx512 | Level::Amx => unsafe { avx512::dot_f16(q, x) },
         #[cfg(target_arch = "aarch64")]
         Level::Neon => scalar::dot_f16(q, x),
     }
@@ -268,7 +355,7 @@ pub fn l2_f16_with(level: Level, q: &[f32], x: &[f16]) -> f32 {
         Level::Avx2 => unsafe { avx2::l2_f16(q, x) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => unsafe { avx512::l2_f16(q, x) },
+        Level::Avx512 | Level::Amx => unsafe { avx512::l2_f16(q, x) },
         #[cfg(target_arch = "aarch64")]
         Level::Neon => scalar::l2_f16(q, x),
     }
@@ -283,7 +370,7 @@ pub fn dot_i8_with(level: Level, q: &[i16], x: &[i8]) -> i64 {
         Level::Avx2 => unsafe { avx2::dot_i8(q, x) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => unsafe { avx512::dot_i8(q, x) },
+        Level::Avx512 | Level::Amx => unsafe { avx512::dot_i8(q, x) },
         #[cfg(target_arch = "aarch64")]
         Level::Neon => scalar::dot_i8(q, x),
     }
@@ -300,7 +387,7 @@ pub fn at_least_with(level: Level, scores: &[f32], t: f32, out: &mut Vec<u32>) {
         Level::Avx2 => unsafe { avx2::at_least(scores, t, out) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => unsafe { avx512::at_least(scores, t, out) },
+        Level::Avx512 | Level::Amx => unsafe { avx512::at_least(scores, t, out) },
         #[cfg(target_arch = "aarch64")]
         Level::Neon => scalar::at_least(scores, t, out),
     }
@@ -320,7 +407,7 @@ pub fn at_least_u16_with(level: Level, values: &[u16], t: u16, out: &mut Vec<u32
         Level::Avx2 => unsafe { avx2::at_least_u16(values, t, out) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => unsafe { avx512::at_least_u16(values, t, out) },
+        Level::Avx512 | Level::Amx => unsafe { avx512::at_least_u16(values, t, out) },
         #[cfg(target_arch = "aarch64")]
         Level::Neon => scalar::at_least_u16(values, t, out),
     }
@@ -364,7 +451,7 @@ impl PqTables {
         self.pairs = pairs;
         match level {
             #[cfg(target_arch = "x86_64")]
-            Level::Avx512 => avx512::pq_tables(lut, &mut self.bytes),
+            Level::Avx512 | Level::Amx => avx512::pq_tables(lut, &mut self.bytes),
             _ => {
                 self.bytes.clear();
                 self.bytes.extend_from_slice(lut);
@@ -391,7 +478,7 @@ pub fn pq_scan_with(level: Level, tables: &PqTables, codes: &[u8], out: &mut [u1
         Level::Avx2 => unsafe { avx2::pq_scan(t, codes, out) },
         // SAFETY: as above; the tables were built for this level.
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => unsafe { avx512::pq_scan(t, pairs, codes, out) },
+        Level::Avx512 | Level::Amx => unsafe { avx512::pq_scan(t, pairs, codes, out) },
         #[cfg(target_arch = "aarch64")]
         Level::Neon => scalar::pq_scan(t, codes, out),
     }
@@ -421,8 +508,8 @@ fn round_small(x: f32) -> i32 {
 /// Quantize one stored row to i8 with its own scale: `x ~= scale * out`, |out| <= 127.
 pub fn quantize_row_i8(x: &[f32], out: &mut [i8]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if level() == Level::Avx512 && x.len() == out.len() {
-        // SAFETY: the Avx512 level was checked against the CPU by `available_levels`.
+    if level().is_avx512() && x.len() == out.len() {
+        // SAFETY: the AVX-512 levels were checked against the CPU by `available_levels`.
         let max_abs = unsafe { avx512::max_abs_f32(x) };
         if max_abs == 0.0 {
             out.fill(0);

@@ -111,6 +111,28 @@ fn simd_switch_caps_at_the_cpu_and_warns_on_unknown_names() {
     if levels.contains(&Level::Avx2) {
         let (l, w) = choose_level(&[Level::Scalar, Level::Avx2], Some("avx512"));
         assert_eq!((l, w.is_some()), (Level::Avx2, true));
+        // AMX asked of a CPU without it: the AVX-512 level (or the best below), warned.
+        let below = [Level::Scalar, Level::Avx2, Level::Avx512];
+        let (l, w) = choose_level(&below, Some("amx"));
+        assert_eq!((l, w.is_some()), (Level::Avx512, true));
+    }
+}
+
+/// The AMX level is offered exactly where the CPU has the tiles and Linux granted them, on
+/// top of AVX-512; where it is not, the reason is printed.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn amx_level_is_offered_only_with_the_tiles_granted() {
+    let levels = available_levels();
+    assert_eq!(
+        levels.contains(&Level::Amx),
+        has_amx() && levels.contains(&Level::Avx512)
+    );
+    if levels.contains(&Level::Amx) {
+        assert_eq!(levels.last(), Some(&Level::Amx));
+        assert!(Level::Amx.is_avx512() && Level::Avx512.is_avx512() && !Level::Avx2.is_avx512());
+    } else {
+        println!("no AMX level here (CPU, OS permission or valgrind): levels {levels:?}");
     }
 }
 

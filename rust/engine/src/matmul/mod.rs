@@ -15,6 +15,11 @@
 //! - bf16 (AVX512-BF16 `vdpbf16ps`): both sides rounded to bf16 (nearest even) while packing,
 //!   products summed in f32.
 //!
+//! At `Level::Amx` the bf16 and i8 products run on AMX tiles instead (`tdpbf16ps`,
+//! `tdpbusd`; 32x32, `amx`), with the same operands and sums: on Intel's cores `vdpbf16ps`
+//! and `vpdpbusd` issue on fewer ports than FMAs, so the vector bf16 product loses to f32
+//! there, while the tiles do 16x the vector's work per instruction.
+//!
 //! The low-precision products are scans: callers re-score their candidates exactly (see
 //! `search`). Each product has a portable reference with the same arithmetic, which is the
 //! path where the instructions are absent and what the tests compare every compiled path with.
@@ -22,7 +27,7 @@
 //! Here: the operands ([`Src`], [`Product`]), the [`Workspace`], the blocking and the packing
 //! both sides share. [`PackedQueries`] (`queries`) packs a batch's queries and drives every
 //! product; [`PackedRows`] (`rows`) packs stored rows once for a whole scan; `x86` holds the
-//! micro-kernels and the packing intrinsics.
+//! vector micro-kernels and the packing intrinsics, `amx` the tile kernels.
 
 // The micro-kernels are x86-64 only: elsewhere every product runs its reference loop.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -31,6 +36,8 @@ use crate::kernels::{self, Level};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 mod queries;
 mod rows;
 #[cfg(target_arch = "x86_64")]
@@ -110,11 +117,12 @@ fn aligned<T: bytemuck::Pod>(buf: &mut Vec<u8>, len: usize) -> &mut [T] {
     bytemuck::cast_slice_mut(&mut buf[off..off + bytes])
 }
 
-/// Whether the i8 product runs on VNNI at this level (else it runs the reference loop).
+/// Whether the i8 product runs on VNNI or AMX tiles at this level (else it runs the
+/// reference loop).
 pub fn has_i8_product(level: Level) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        level == Level::Avx512 && kernels::has_avx512_vnni()
+        level == Level::Amx || level == Level::Avx512 && kernels::has_avx512_vnni()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -123,11 +131,11 @@ pub fn has_i8_product(level: Level) -> bool {
     }
 }
 
-/// Whether the bf16 product runs on AVX512-BF16 at this level.
+/// Whether the bf16 product runs on AVX512-BF16 or AMX tiles at this level.
 pub fn has_bf16_product(level: Level) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        level == Level::Avx512 && kernels::has_avx512_bf16()
+        level == Level::Amx || level == Level::Avx512 && kernels::has_avx512_bf16()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -142,13 +150,16 @@ pub const I8_MAX_K: usize = 65_536;
 // ---------------------------------------------------------------------------------------------
 // Blocking.
 
-/// Shape of one micro-kernel: an `MR x NR` tile, `G` values of `k` per lane step, `KC` values
-/// of `k` per packed slice, `NC` stored rows per packed block.
+/// Shape of one micro-kernel: an `MR x NR` tile, `G` values of `k` per lane step of the
+/// kernel (and of the packed queries; slices are padded to it), `GB` values per lane step of
+/// the packed stored rows (`G` but for the AMX tiles), `KC` values of `k` per packed slice,
+/// `NC` stored rows per packed block.
 #[derive(Clone, Copy, Debug)]
 struct Shape {
     mr: usize,
     nr: usize,
     g: usize,
+    gb: usize,
     kc: usize,
     nc: usize,
 }
@@ -160,12 +171,23 @@ impl Shape {
             mr,
             nr,
             g,
+            gb: g,
             kc,
             nc: 512,
         };
+        // AMX: a tile row of queries is 64 bytes of one query's values; stored rows keep the
+        // vector kernels' bf16 pairs / 4-byte steps (the tile's B layout).
+        let tiles = |g, gb, kc| Shape {
+            gb,
+            ..s(32, 32, g, kc)
+        };
         match (product, level) {
             #[cfg(target_arch = "x86_64")]
-            (Product::F32, Level::Avx512) => Some(s(12, 32, 1, 256)),
+            (Product::F32, Level::Avx512 | Level::Amx) => Some(s(12, 32, 1, 256)),
+            #[cfg(target_arch = "x86_64")]
+            (Product::Bf16, Level::Amx) => Some(tiles(32, 2, 512)),
+            #[cfg(target_arch = "x86_64")]
+            (Product::I8, Level::Amx) => Some(tiles(64, 4, 1024)),
             #[cfg(target_arch = "x86_64")]
             (Product::F32, Level::Avx2) => Some(s(6, 16, 1, 256)),
             (Product::Bf16, l) if has_bf16_product(l) => Some(s(12, 32, 2, 512)),
@@ -255,8 +277,8 @@ fn read_bf16(
     let s = r * k + p0;
     #[cfg(target_arch = "x86_64")]
     if has_bf16_product(level) {
-        // SAFETY: the bf16 product needs AVX-512F, checked by `has_bf16_product`; the slices
-        // have out.len() values.
+        // SAFETY: the bf16 product runs at the AVX-512 levels (F, BW and VL), checked by
+        // `has_bf16_product`; the slices have out.len() values.
         match src {
             Src::F32(v) => return unsafe { x86::f32_to_bf16(&v[s..s + out.len()], out) },
             Src::F16(v) => return unsafe { x86::f16_to_bf16(&v[s..s + out.len()], out) },

@@ -2,9 +2,9 @@
 //! (the blocking loops, the reference loop, and the per-product packing of stored rows).
 
 use super::rows::PackedRows;
-#[cfg(target_arch = "x86_64")]
-use super::x86;
 use super::{aligned, pack_f32_rows, read_bf16, scatter, Block, Product, Shape, Src, Tile};
+#[cfg(target_arch = "x86_64")]
+use super::{amx, x86};
 use super::{quantize_query_i8, Workspace, I8_MAX_K};
 use crate::kernels::{self, Level};
 use half::bf16;
@@ -218,11 +218,15 @@ impl PackedQueries {
         #[cfg(target_arch = "x86_64")]
         {
             let cp = c.as_mut_ptr();
+            let _tiles = self.tiles();
             match self.product {
-                Product::Bf16 => self.drive_packed::<u16, u16>(shape, b, j0, n, |t| {
-                    // SAFETY: as in `run_bf16`; the panel pointers lie inside `b`'s buffer.
-                    unsafe { x86::bf16_12x32(t, cp, ldc) }
-                }),
+                Product::Bf16 => {
+                    let kern = self.bf16_kernel();
+                    self.drive_packed::<u16, u16>(shape, b, j0, n, |t| {
+                        // SAFETY: as in `run_bf16`; the panel pointers lie inside `b`'s buffer.
+                        unsafe { kern(t, cp, ldc) }
+                    })
+                }
                 Product::I8 => {
                     let multi = k > shape.kc;
                     if multi {
@@ -241,10 +245,11 @@ impl PackedQueries {
                         mask: std::ptr::null_mut(),
                         ldm: 0,
                     };
+                    let kern = self.i8_kernel();
                     self.drive_packed::<u8, i8>(shape, b, j0, n, |t| {
                         // SAFETY: as in `run_i8`; tile columns are relative to j0, as are
                         // `out`'s scale and correction pointers.
-                        unsafe { x86::i8_12x32(t, &out, multi) }
+                        unsafe { kern(t, &out, multi) }
                     })
                 }
                 Product::F32 => unreachable!("f32 rows are packed per block"),
@@ -353,7 +358,9 @@ impl PackedQueries {
         mut kernel: impl FnMut(&Tile<TA, TB>),
     ) {
         let (m, k) = (self.m, self.k);
-        let Shape { mr, nr, g, kc, nc } = shape;
+        let Shape {
+            mr, nr, g, kc, nc, ..
+        } = shape;
         let a_panels = m.div_ceil(mr);
         let mut p0 = 0;
         while p0 < k {
@@ -394,6 +401,34 @@ impl PackedQueries {
             }
             p0 += kcur;
         }
+    }
+
+    /// The bf16 micro-kernel of this level: AMX tiles, or AVX512-BF16 vectors.
+    #[cfg(target_arch = "x86_64")]
+    fn bf16_kernel(&self) -> unsafe fn(&Tile<u16, u16>, *mut f32, usize) {
+        if self.level == Level::Amx {
+            amx::bf16_32x32
+        } else {
+            x86::bf16_12x32
+        }
+    }
+
+    /// The i8 micro-kernel of this level: AMX tiles, or VNNI vectors.
+    #[cfg(target_arch = "x86_64")]
+    fn i8_kernel(&self) -> unsafe fn(&Tile<u8, i8>, &x86::I8Out, bool) {
+        if self.level == Level::Amx {
+            amx::i8_32x32
+        } else {
+            x86::i8_12x32
+        }
+    }
+
+    /// At the AMX level, the tile unit configured for the tile kernels (on this thread, for
+    /// as long as the guard lives).
+    #[cfg(target_arch = "x86_64")]
+    fn tiles(&self) -> Option<amx::Tiles> {
+        // SAFETY: `Level::Amx` comes only from `available_levels`, after `has_amx`.
+        (self.level == Level::Amx).then(|| unsafe { amx::Tiles::configure() })
     }
 
     fn run_f32(
@@ -467,6 +502,8 @@ impl PackedQueries {
         {
             let (k, level) = (self.k, self.level);
             let cp = c.as_mut_ptr();
+            let kern = self.bf16_kernel();
+            let _tiles = self.tiles();
             let Workspace {
                 b: bbuf,
                 row,
@@ -486,10 +523,11 @@ impl PackedQueries {
                     pack_words(level, dst, staged, rows, shape.nr, kcp / 2);
                 },
                 |t| {
-                    // SAFETY: AVX512-BF16 was checked by `Shape::of`; the panels hold `t.steps`
-                    // steps of 12 x 2 / 32 x 2 values and the kernel writes only the valid rows
-                    // and columns of its tile inside c (asserted in `scores`).
-                    unsafe { x86::bf16_12x32(t, cp, ldc) }
+                    // SAFETY: AVX512-BF16 or AMX (tiles configured above) was checked by
+                    // `Shape::of`; the panels hold `t.steps` lane steps of the kernel's shape
+                    // and the kernel writes only the valid rows and columns of its tile inside
+                    // c (asserted in `scores`).
+                    unsafe { kern(t, cp, ldc) }
                 },
             );
         }
@@ -544,6 +582,8 @@ impl PackedQueries {
                 ldm: n.div_ceil(32),
             };
             let level = self.level;
+            let kern = self.i8_kernel();
+            let _tiles = self.tiles();
             // Rows whose slices fill whole lane steps pack straight from `data` (as 4-byte
             // words), without a staged copy.
             let words: Option<&[f32]> = (k % 4 == 0)
@@ -574,12 +614,12 @@ impl PackedQueries {
                     pack_words(level, dst, staged, rows, shape.nr, kcp / 4);
                 },
                 |t| {
-                    // SAFETY: VNNI was checked by `Shape::of`; the panels hold `t.steps` steps
-                    // of 12 x 4 / 32 x 4 bytes; the kernel forms pointers only for the tile's
-                    // valid rows and columns, inside c (m x ldc, asserted in `scores`), ints
-                    // (m x n, allocated when k spans several slices), qscale (m) and bscale /
-                    // corr (n).
-                    unsafe { x86::i8_12x32(t, &out, multi) }
+                    // SAFETY: VNNI or AMX (tiles configured above) was checked by `Shape::of`;
+                    // the panels hold `t.steps` lane steps of the kernel's shape; the kernel
+                    // forms pointers only for the tile's valid rows and columns, inside c
+                    // (m x ldc, asserted in `scores`), ints (m x n, allocated when k spans
+                    // several slices), qscale (m) and bscale / corr (n).
+                    unsafe { kern(t, &out, multi) }
                 },
             );
         }
@@ -701,7 +741,10 @@ fn pack<T: Copy + Default>(
                 1 => scatter::<T, 1>(base, tmp, w, lane),
                 2 => scatter::<T, 2>(base, tmp, w, lane),
                 4 => scatter::<T, 4>(base, tmp, w, lane),
-                _ => unreachable!("lane steps hold 1, 2 or 4 values"),
+                // The AMX tiles' query rows: 64 bytes of bf16 or u8.
+                32 => scatter::<T, 32>(base, tmp, w, lane),
+                64 => scatter::<T, 64>(base, tmp, w, lane),
+                _ => unreachable!("lane steps hold 1, 2, 4, 32 or 64 values"),
             }
         }
     }

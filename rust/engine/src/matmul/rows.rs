@@ -107,7 +107,7 @@ impl PackedRows {
         panel: usize,
         mut row: impl FnMut(usize, &mut [T]),
     ) {
-        let Shape { nr, g, kc, .. } = self.shape;
+        let Shape { nr, gb, kc, .. } = self.shape;
         let k = self.k;
         out.fill(T::default());
         let mut vals = vec![T::default(); k];
@@ -118,8 +118,8 @@ impl PackedRows {
                 let kcur = kc.min(k - p0);
                 let kcp = self.shape.padded(k, p0);
                 let slice = &mut out[nr * p0..nr * p0 + nr * kcp];
-                for (step, v) in vals[p0..p0 + kcur].chunks(g).enumerate() {
-                    let d = (step * nr + lane) * g;
+                for (step, v) in vals[p0..p0 + kcur].chunks(gb).enumerate() {
+                    let d = (step * nr + lane) * gb;
                     slice[d..d + v.len()].copy_from_slice(v);
                 }
                 p0 += kcur;

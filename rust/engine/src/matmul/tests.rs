@@ -326,3 +326,121 @@ fn bf16_rounding_is_nearest_even() {
         assert_eq!(c[1], 1.0 + 1.0 / 64.0, "{level:?}");
     }
 }
+
+/// The AMX level where this CPU has it, else None with the reason printed (the tile tests
+/// then have nothing to run).
+fn amx_level() -> Option<Level> {
+    #[cfg(target_arch = "x86_64")]
+    if available_levels().contains(&Level::Amx) {
+        return Some(Level::Amx);
+    }
+    println!(
+        "skipped: this CPU (or the OS, or valgrind) offers no AMX tiles; levels here: {:?}",
+        available_levels()
+    );
+    None
+}
+
+/// Shapes around the tiles' sizes (16 / 32 rows and queries, 32 bf16 / 64 i8 values per
+/// step, slices of 512 / 1024 values): one short, exact, one over, several slices.
+const TILE_SHAPES: [(usize, usize, usize); 10] = [
+    (1, 1, 1),
+    (16, 16, 32),
+    (17, 15, 33),
+    (31, 33, 63),
+    (32, 32, 64),
+    (33, 65, 65),
+    (70, 47, 511),
+    (5, 100, 513),
+    (40, 33, 1025),
+    (33, 70, 2049),
+];
+
+#[test]
+fn tile_products_match_the_reference_on_ragged_shapes() {
+    let Some(level) = amx_level() else {
+        return;
+    };
+    for &(m, n, k) in TILE_SHAPES.iter().chain(&SHAPES) {
+        let a = values(m * k, (m + 3 * k) as u64);
+        let b = values(n * k, (n + 5 * k) as u64);
+        // bf16: the reference's sums in another order, within rounding.
+        let b16: Vec<f16> = b.iter().map(|&v| f16::from_f32(v)).collect();
+        for src in [Src::F32(&b), Src::F16(&b16)] {
+            let got = scores(Product::Bf16, level, (m, n, k), &a, src, n + 1);
+            let want = scores(Product::Bf16, Level::Scalar, (m, n, k), &a, src, n + 1);
+            for i in 0..m {
+                for j in 0..n {
+                    let (g, w) = (got[i * (n + 1) + j], want[i * (n + 1) + j]);
+                    assert!(
+                        (g - w).abs() <= 1e-5 * (k as f32).sqrt() * (1.0 + w.abs()),
+                        "bf16 {m}x{n}x{k} [{i},{j}]: {g} vs {w}"
+                    );
+                }
+                assert!(
+                    got[i * (n + 1) + n].is_nan(),
+                    "bf16 {m}x{n}x{k} wrote past n"
+                );
+            }
+        }
+        // i8: exact, the extremes included (|u8 x i8| at its largest in every lane).
+        let mut data: Vec<i8> = b.iter().map(|&v| (v * 127.9) as i8).collect();
+        data[..k].fill(-128);
+        if n > 1 {
+            data[k..2 * k].fill(127);
+        }
+        let scales: Vec<f32> = (0..n).map(|j| 0.01 + j as f32 * 1e-4).collect();
+        let src = Src::I8 {
+            data: &data,
+            scales: &scales,
+        };
+        let got = scores(Product::I8, level, (m, n, k), &a, src, n);
+        let want = scores(Product::I8, Level::Scalar, (m, n, k), &a, src, n);
+        assert_eq!(got, want, "i8 {m}x{n}x{k}");
+    }
+}
+
+/// Equal rows score equally wherever they sit in a tile (either half, another panel), and
+/// equal queries get equal rows of scores: ties stay ties for the re-score to order.
+#[test]
+fn equal_rows_and_queries_score_bit_for_bit_alike_on_every_level() {
+    let (m, n, k) = (40, 70, 300);
+    let mut a = values(m * k, 21);
+    let mut b = values(n * k, 22);
+    for i in [17, 33] {
+        a.copy_within(..k, i * k);
+    }
+    for j in [15, 16, 40, 69] {
+        b.copy_within(3 * k..4 * k, j * k);
+    }
+    let data: Vec<i8> = b.iter().map(|&v| (v * 127.9) as i8).collect();
+    let scales = vec![0.01f32; n];
+    for level in available_levels() {
+        for product in [Product::F32, Product::Bf16, Product::I8] {
+            let src = match product {
+                Product::I8 => Src::I8 {
+                    data: &data,
+                    scales: &scales,
+                },
+                _ => Src::F32(&b),
+            };
+            let c = scores(product, level, (m, n, k), &a, src, n);
+            for i in 0..m {
+                for j in [15, 16, 40, 69] {
+                    assert_eq!(
+                        c[i * n + j],
+                        c[i * n + 3],
+                        "{level:?} {product:?} [{i},{j}]"
+                    );
+                }
+            }
+            for i in [17, 33] {
+                assert_eq!(
+                    c[i * n..(i + 1) * n],
+                    c[..n],
+                    "{level:?} {product:?} query {i}"
+                );
+            }
+        }
+    }
+}

@@ -1,5 +1,6 @@
-//! The x86-64 micro-kernels (f32 12x32 / 6x16, i8 VNNI 12x32, bf16 12x32) and the packing
-//! and conversion intrinsics they read from.
+//! The x86-64 vector micro-kernels (f32 12x32 / 6x16, i8 VNNI 12x32, bf16 12x32), the
+//! stores of their sums (shared with the tile kernels in `amx`), and the packing and
+//! conversion intrinsics they read from.
 
 use super::{Block, Tile};
 use half::f16;
@@ -21,8 +22,8 @@ unsafe fn bf16_bits16(v: __m512) -> __m256i {
 /// `dst[i] = bf16_bits(src[i])`, 16 lanes at a time (the bf16 product's packing).
 ///
 /// # Safety
-/// AVX-512F; `dst` at least as long as `src`.
-#[target_feature(enable = "avx512f")]
+/// AVX-512F/BW/VL; `dst` at least as long as `src`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub unsafe fn f32_to_bf16(src: &[f32], dst: &mut [u16]) {
     let n = src.len();
     assert!(dst.len() >= n);
@@ -38,8 +39,8 @@ pub unsafe fn f32_to_bf16(src: &[f32], dst: &mut [u16]) {
 /// f16 values to bf16 bits through f32 (exact), 16 lanes at a time.
 ///
 /// # Safety
-/// AVX-512F (F16C's 512-bit form is part of it); `dst` at least as long as `src`.
-#[target_feature(enable = "avx512f")]
+/// AVX-512F/BW/VL (F16C's 512-bit form is part of F); `dst` at least as long as `src`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub unsafe fn f16_to_bf16(src: &[f16], dst: &mut [u16]) {
     let n = src.len();
     assert!(dst.len() >= n);
@@ -159,42 +160,91 @@ pub unsafe fn pack_f32_avx(dst: *mut f32, src: *const f32, ld: usize, block: Blo
 /// An f32 micro-kernel: one tile into `c` (the matrix's origin, stride `ldc`).
 pub type F32Kernel = unsafe fn(&Tile<f32, f32>, *mut f32, usize);
 
+/// What a 12 x 32 kernel with f32 sums does per lane step: `acc + a (x) b`, with `a` one
+/// query's 4 bytes of the step broadcast and `b` 16 rows' 4 bytes each.
+trait Madd {
+    unsafe fn madd(acc: __m512, a: __m512i, b: __m512i) -> __m512;
+}
+
+/// f32 values, one per lane step: a fused multiply-add.
+struct Fma;
+
+impl Madd for Fma {
+    #[inline(always)]
+    unsafe fn madd(acc: __m512, a: __m512i, b: __m512i) -> __m512 {
+        _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), acc)
+    }
+}
+
+/// bf16 pairs: `vdpbf16ps` (AVX512-BF16) adds both products of each pair.
+struct Bf16Pairs;
+
+impl Madd for Bf16Pairs {
+    #[inline(always)]
+    unsafe fn madd(acc: __m512, a: __m512i, b: __m512i) -> __m512 {
+        let pairs = |v| std::mem::transmute::<__m512i, __m512bh>(v);
+        _mm512_dpbf16_ps(acc, pairs(a), pairs(b))
+    }
+}
+
+/// The 12 x 32 kernels with f32 sums (f32 FMA, bf16 pairs): each lane step holds 4 bytes
+/// per query (12 of them in the query panel) and per stored row (32, two vectors).
+///
 /// # Safety
-/// AVX-512F. The tile's panels hold `steps` lane steps of 12 / 32 floats; `c` (the matrix's
-/// origin, stride `ldc`) is valid for reads and writes at the tile's valid rows and columns,
-/// the only ones the kernel touches.
-#[target_feature(enable = "avx512f")]
-pub unsafe fn f32_12x32(t: &Tile<f32, f32>, c: *mut f32, ldc: usize) {
-    let (steps, a, b) = (t.steps, t.a, t.b);
-    let c = c.add(t.i0 * ldc + t.j0);
-    let (mr, nr, accumulate) = (t.mr_valid, t.nr_valid, !t.first);
+/// The CPU has what `M` runs; the tile's panels hold `steps` lane steps of 12 / 32 x 4
+/// bytes; `c` (the matrix's origin, stride `ldc`) is valid for reads and writes at the
+/// tile's valid rows and columns, the only ones the kernel touches.
+#[inline(always)]
+unsafe fn f32_sums_12x32<M: Madd, TA, TB>(t: &Tile<TA, TB>, c: *mut f32, ldc: usize) {
     let mut s = [[_mm512_setzero_ps(); 2]; 12];
-    let (mut pa, mut pb) = (a, b);
-    for _ in 0..steps {
-        let b0 = _mm512_loadu_ps(pb);
-        let b1 = _mm512_loadu_ps(pb.add(16));
+    let (mut pa, mut pb) = (t.a as *const i32, t.b as *const __m512i);
+    for _ in 0..t.steps {
+        let b0 = _mm512_loadu_si512(pb);
+        let b1 = _mm512_loadu_si512(pb.add(1));
         for (r, sr) in s.iter_mut().enumerate() {
-            let av = _mm512_set1_ps(*pa.add(r));
-            sr[0] = _mm512_fmadd_ps(av, b0, sr[0]);
-            sr[1] = _mm512_fmadd_ps(av, b1, sr[1]);
+            let av = _mm512_set1_epi32(pa.add(r).read_unaligned());
+            sr[0] = M::madd(sr[0], av, b0);
+            sr[1] = M::madd(sr[1], av, b1);
         }
         pa = pa.add(12);
-        pb = pb.add(32);
+        pb = pb.add(2);
     }
-    let m0 = mask16(nr);
-    let m1 = mask16(nr.saturating_sub(16));
-    for (r, sr) in s.iter().enumerate() {
-        if r < mr {
-            let row = c.add(r * ldc);
-            let (mut v0, mut v1) = (sr[0], sr[1]);
-            if accumulate {
-                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
-                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
-            }
-            _mm512_mask_storeu_ps(row, m0, v0);
-            _mm512_mask_storeu_ps(row.add(16), m1, v1);
+    store_f32_sums(t, c, ldc, |r| (s[r][0], s[r][1]));
+}
+
+/// Store a tile's f32 sums, rows `row(r) = (columns 0..16, 16..32)`, into `c` (the matrix's
+/// origin, stride `ldc`): its valid rows and columns only, added to what `c` holds unless
+/// this is the tile's first `k` slice.
+///
+/// # Safety
+/// AVX-512F; `c` valid for reads and writes at the tile's valid rows and columns.
+#[inline(always)]
+pub(super) unsafe fn store_f32_sums<TA, TB>(
+    t: &Tile<TA, TB>,
+    c: *mut f32,
+    ldc: usize,
+    row: impl Fn(usize) -> (__m512, __m512),
+) {
+    let c = c.add(t.i0 * ldc + t.j0);
+    let m0 = mask16(t.nr_valid);
+    let m1 = mask16(t.nr_valid.saturating_sub(16));
+    for r in 0..t.mr_valid {
+        let dst = c.add(r * ldc);
+        let (mut v0, mut v1) = row(r);
+        if !t.first {
+            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, dst));
+            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, dst.add(16)));
         }
+        _mm512_mask_storeu_ps(dst, m0, v0);
+        _mm512_mask_storeu_ps(dst.add(16), m1, v1);
     }
+}
+
+/// # Safety
+/// AVX-512F. As [`f32_sums_12x32`], lane steps of one f32.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn f32_12x32(t: &Tile<f32, f32>, c: *mut f32, ldc: usize) {
+    f32_sums_12x32::<Fma, _, _>(t, c, ldc)
 }
 
 /// # Safety
@@ -281,6 +331,24 @@ pub unsafe fn i8_12x32(t: &Tile<u8, i8>, out: &I8Out, multi: bool) {
         pa = pa.add(12);
         pb = pb.add(2);
     }
+    store_i8_sums(t, out, multi, |r| (s[r][0], s[r][1]));
+}
+
+/// Store a tile's i32 sums (u8 queries by i8 rows), rows `row(r) = (columns 0..16,
+/// 16..32)`: partial sums into `ints` on all but the last `k` slice (when `multi`), else the
+/// scores `(sum - corr) * qscale * bscale` into `c`, or only those reaching their column's
+/// threshold, with their marks.
+///
+/// # Safety
+/// AVX-512F/BW; `out`'s matrices are valid for the tile's rows and columns (`ints` when
+/// `multi`).
+#[inline(always)]
+pub(super) unsafe fn store_i8_sums<TA, TB>(
+    t: &Tile<TA, TB>,
+    out: &I8Out,
+    multi: bool,
+    row: impl Fn(usize) -> (__m512i, __m512i),
+) {
     let m0 = mask16(t.nr_valid);
     let m1 = mask16(t.nr_valid.saturating_sub(16));
     let j0 = t.j0;
@@ -296,74 +364,41 @@ pub unsafe fn i8_12x32(t: &Tile<u8, i8>, out: &I8Out, multi: bool) {
             _mm512_maskz_loadu_ps(m1, out.thr.add(j0 + 16)),
         )
     };
-    for (r, sr) in s.iter().enumerate() {
-        if r < t.mr_valid {
-            let i = t.i0 + r;
-            let (mut v0, mut v1) = (sr[0], sr[1]);
-            if multi {
-                let irow = out.ints.add(i * out.ldi + j0);
-                if !t.first {
-                    v0 = _mm512_add_epi32(v0, _mm512_maskz_loadu_epi32(m0, irow));
-                    v1 = _mm512_add_epi32(v1, _mm512_maskz_loadu_epi32(m1, irow.add(16)));
-                }
-                if !t.last {
-                    _mm512_mask_storeu_epi32(irow, m0, v0);
-                    _mm512_mask_storeu_epi32(irow.add(16), m1, v1);
-                    continue;
-                }
+    for r in 0..t.mr_valid {
+        let i = t.i0 + r;
+        let (mut v0, mut v1) = row(r);
+        if multi {
+            let irow = out.ints.add(i * out.ldi + j0);
+            if !t.first {
+                v0 = _mm512_add_epi32(v0, _mm512_maskz_loadu_epi32(m0, irow));
+                v1 = _mm512_add_epi32(v1, _mm512_maskz_loadu_epi32(m1, irow.add(16)));
             }
-            let qs = _mm512_set1_ps(*out.qscale.add(i));
-            let f0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(v0, corr0));
-            let f1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(v1, corr1));
-            let f0 = _mm512_mul_ps(f0, _mm512_mul_ps(qs, bs0));
-            let f1 = _mm512_mul_ps(f1, _mm512_mul_ps(qs, bs1));
-            let row = out.c.add(i * out.ldc + j0);
-            let (mut s0, mut s1) = (m0, m1);
-            if !out.thr.is_null() {
-                s0 = _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(m0, f0, thr0);
-                s1 = _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(m1, f1, thr1);
-                *out.mask.add(i * out.ldm + j0 / 32) = s0 as u32 | (s1 as u32) << 16;
+            if !t.last {
+                _mm512_mask_storeu_epi32(irow, m0, v0);
+                _mm512_mask_storeu_epi32(irow.add(16), m1, v1);
+                continue;
             }
-            _mm512_mask_storeu_ps(row, s0, f0);
-            _mm512_mask_storeu_ps(row.add(16), s1, f1);
         }
+        let qs = _mm512_set1_ps(*out.qscale.add(i));
+        let f0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(v0, corr0));
+        let f1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(v1, corr1));
+        let f0 = _mm512_mul_ps(f0, _mm512_mul_ps(qs, bs0));
+        let f1 = _mm512_mul_ps(f1, _mm512_mul_ps(qs, bs1));
+        let row = out.c.add(i * out.ldc + j0);
+        let (mut s0, mut s1) = (m0, m1);
+        if !out.thr.is_null() {
+            s0 = _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(m0, f0, thr0);
+            s1 = _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(m1, f1, thr1);
+            *out.mask.add(i * out.ldm + j0 / 32) = s0 as u32 | (s1 as u32) << 16;
+        }
+        _mm512_mask_storeu_ps(row, s0, f0);
+        _mm512_mask_storeu_ps(row.add(16), s1, f1);
     }
 }
 
 /// # Safety
-/// AVX-512F and AVX512-BF16. The tile's panels hold `steps` lane steps of 12 x 2 / 32 x 2
-/// bf16; `c` (the matrix's origin, stride `ldc`) is valid for reads and writes at the
-/// tile's valid rows and columns, the only ones the kernel touches.
+/// AVX-512F/BW and AVX512-BF16. As [`f32_sums_12x32`], lane steps of a bf16 pair.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub unsafe fn bf16_12x32(t: &Tile<u16, u16>, c: *mut f32, ldc: usize) {
-    let (steps, a, b) = (t.steps, t.a, t.b);
-    let c = c.add(t.i0 * ldc + t.j0);
-    let (mr, nr, accumulate) = (t.mr_valid, t.nr_valid, !t.first);
-    let mut s = [[_mm512_setzero_ps(); 2]; 12];
-    let (mut pa, mut pb) = (a as *const i32, b as *const __m512i);
-    for _ in 0..steps {
-        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(pb));
-        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(pb.add(1)));
-        for (r, sr) in s.iter_mut().enumerate() {
-            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pa.add(r).read_unaligned()));
-            sr[0] = _mm512_dpbf16_ps(sr[0], av, b0);
-            sr[1] = _mm512_dpbf16_ps(sr[1], av, b1);
-        }
-        pa = pa.add(12);
-        pb = pb.add(2);
-    }
-    let m0 = mask16(nr);
-    let m1 = mask16(nr.saturating_sub(16));
-    for (r, sr) in s.iter().enumerate() {
-        if r < mr {
-            let row = c.add(r * ldc);
-            let (mut v0, mut v1) = (sr[0], sr[1]);
-            if accumulate {
-                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
-                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
-            }
-            _mm512_mask_storeu_ps(row, m0, v0);
-            _mm512_mask_storeu_ps(row.add(16), m1, v1);
-        }
-    }
+    f32_sums_12x32::<Bf16Pairs, _, _>(t, c, ldc)
 }
