@@ -179,6 +179,41 @@ def tiny_coco(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Pat
     return root, json_path, image_root
 
 
+def evaluate_argv(
+    model: str, json_path: Path, image_root: Path, out: Path, *, flickr: bool = False
+) -> list[str]:
+    """``training.evaluate`` arguments: ``model`` (``LABEL=CHECKPOINT``) on the tiny Karpathy
+    set as COCO (and as Flickr), no loader workers, numbers written to ``out``."""
+    sets = ["--coco-json", str(json_path), "--coco-root", str(image_root)]
+    if flickr:
+        sets += ["--flickr-json", str(json_path), "--flickr-root", str(image_root)]
+    return ["--model", model, *sets, "--workers", "0", "--json-out", str(out)]
+
+
+def run_table1_evaluation(root: Path, json_path: Path, image_root: Path, models: dict[str, Any]) -> int:
+    """The Table-1 runner (``training.ablations``) with no steps left, evaluating ``models``
+    (label -> ``{"coco": checkpoint}``) on the tiny set's COCO test split; its exit code."""
+    import yaml
+
+    from training import ablations
+
+    table1 = {
+        "steps": [],
+        "num_workers": 0,
+        "evaluate": {
+            "coco": {
+                "format": "karpathy",
+                "path": str(json_path),
+                "image_root": str(image_root),
+                "split": "test",
+            },
+            "models": models,
+        },
+    }
+    (root / "table1.yaml").write_text(yaml.safe_dump(table1))
+    return ablations.main(["--config", str(root / "table1.yaml")])
+
+
 def require_engine() -> Any:
     """The Rust engine (leanclip.mine_hard_negatives / leanclip.Index) must be built
     (maturin develop); the training code has no numpy fallback by design."""

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from tests._fixtures_training import (
+    evaluate_argv,
     make_karpathy,
     require_engine,
+    run_table1_evaluation,
     tiny_stage1_config,
     tiny_stage2_config,
     write_shard,
@@ -381,59 +383,22 @@ def test_evaluate_cli_and_table1_runner(
 ) -> None:
     import json
 
-    import yaml
-
-    from training import ablations
-
     root, json_path, image_root = dataset
     best = student_sf[0].run_dir / "best.pt"
     out_json = root / "eval.json"
-    assert (
-        evaluate.main(
-            [
-                "--model",
-                f"S={best}",
-                "--coco-json",
-                str(json_path),
-                "--coco-root",
-                str(image_root),
-                "--flickr-json",
-                str(json_path),
-                "--flickr-root",
-                str(image_root),
-                "--workers",
-                "0",
-                "--json-out",
-                str(out_json),
-            ]
-        )
-        == 0
-    )
+    assert evaluate.main(evaluate_argv(f"S={best}", json_path, image_root, out_json, flickr=True)) == 0
     printed = capsys.readouterr().out
     numbers = json.loads(out_json.read_text())["S"]
     assert set(numbers) == {"coco5k", "coco1k", "flickr1k"}
     assert "MSCOCO (1K)" in printed and "Flickr 30K" in printed
     assert f"{numbers['coco1k']['t2i_R@1']:.1f}" in printed.splitlines()[4]
     # the Table-1 runner: no steps left to run, evaluation of the listed checkpoints
-    table1 = {
-        "steps": [],
-        "num_workers": 0,
-        "evaluate": {
-            "coco": {
-                "format": "karpathy",
-                "path": str(json_path),
-                "image_root": str(image_root),
-                "split": "test",
-            },
-            "models": {
-                "T'": {"coco": str(teacher_sf[0] / "best.pt")},
-                "S": {"coco": str(best)},
-                "missing": {"coco": str(root / "none.pt")},
-            },
-        },
+    models = {
+        "T'": {"coco": str(teacher_sf[0] / "best.pt")},
+        "S": {"coco": str(best)},
+        "missing": {"coco": str(root / "none.pt")},
     }
-    (root / "table1.yaml").write_text(yaml.safe_dump(table1))
-    assert ablations.main(["--config", str(root / "table1.yaml")]) == 0
+    assert run_table1_evaluation(root, json_path, image_root, models) == 0
     lines = capsys.readouterr().out.splitlines()
     s_row = next(line for line in lines if line.startswith("S "))
     assert f"{numbers['coco5k']['t2i_R@1']:.1f}" in s_row  # same model, same numbers

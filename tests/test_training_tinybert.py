@@ -16,11 +16,18 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from the hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from tests._fixtures_training import make_karpathy, require_engine, tiny_stage1_config, tiny_stage2_config  # noqa: E402
+from tests._fixtures_training import (  # noqa: E402
+    evaluate_argv,
+    make_karpathy,
+    require_engine,
+    run_table1_evaluation,
+    tiny_stage1_config,
+    tiny_stage2_config,
+)
 
 leanclip = require_engine()
 
-from training import ablations, evaluate, stage1, stage2  # noqa: E402
+from training import evaluate, stage1, stage2  # noqa: E402
 from training.data import load_karpathy  # noqa: E402
 from training.models import (  # noqa: E402
     HFTextTower,
@@ -208,48 +215,16 @@ def test_evaluation_and_table1_row(
 ) -> None:
     import json
 
-    import yaml
-
     root, json_path, image_root = dataset
     best = stage2_run[0].run_dir / "best.pt"
     out = root / "eval.json"
-    assert (
-        evaluate.main(
-            [
-                "--model",
-                f"TB={best}",
-                "--coco-json",
-                str(json_path),
-                "--coco-root",
-                str(image_root),
-                "--workers",
-                "0",
-                "--json-out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert evaluate.main(evaluate_argv(f"TB={best}", json_path, image_root, out)) == 0
     numbers = json.loads(out.read_text())["TB"]
     assert set(numbers) == {"coco5k", "coco1k"}
     assert all(0 <= v <= 100 for r in numbers.values() for v in r.values())
     capsys.readouterr()
     label = "f_v^S   f_t^TinyBERT"
-    table1 = {
-        "steps": [],
-        "num_workers": 0,
-        "evaluate": {
-            "coco": {
-                "format": "karpathy",
-                "path": str(json_path),
-                "image_root": str(image_root),
-                "split": "test",
-            },
-            "models": {label: {"coco": str(best)}},
-        },
-    }
-    (root / "table1.yaml").write_text(yaml.safe_dump(table1))
-    assert ablations.main(["--config", str(root / "table1.yaml")]) == 0
+    assert run_table1_evaluation(root, json_path, image_root, {label: {"coco": str(best)}}) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(label))
     assert f"{numbers['coco5k']['t2i_R@1']:.1f}" in row
 
