@@ -1,7 +1,7 @@
 //! Times `mine_hard_negatives` against the bare blocked matrix products it runs (same block
 //! shapes, all cores, no top-k), alternately in one process, to split GEMM time from the rest.
 //! `cargo run --release --example mine_probe -- [nq] [n]`.
-use leanclip_engine::{mine_hard_negatives, DType, Metric, Queries, Rows, ScanPrecision};
+use leanclip_engine::{mine_hard_negatives, DType, Metric, Mining, Queries, Rows, ScanPrecision};
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -99,17 +99,17 @@ fn main() {
     for round in 0..3 {
         let t = Instant::now();
         let c = cpu();
-        let (ids, _) = mine_hard_negatives(
-            Queries::F32(&q),
-            Rows::F32(&x),
+        let (ids, _) = mine_hard_negatives(Mining {
+            queries: Queries::F32(&q),
+            corpus: Rows::F32(&x),
             dim,
             k,
-            Some(&qg),
-            Some(&cg),
-            Metric::Ip,
-            DType::F32,
-            ScanPrecision::F32,
-        )
+            query_groups: Some(&qg),
+            corpus_groups: Some(&cg),
+            metric: Metric::Ip,
+            dtype: DType::F32,
+            precision: ScanPrecision::F32,
+        })
         .unwrap();
         let (tm, cm) = (t.elapsed().as_secs_f64(), cpu() - c);
         best[0] = (best[0].0.min(tm), best[0].1.min(cm));

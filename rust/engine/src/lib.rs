@@ -19,6 +19,6 @@ pub mod types;
 
 pub use error::{Error, Result, VectorFault};
 pub use index::Index;
-pub use mining::mine_hard_negatives;
+pub use mining::{mine_hard_negatives, Mining};
 pub use search::{Queries, Rows, ScanPrecision};
 pub use types::{DType, Metric};

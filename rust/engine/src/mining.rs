@@ -14,6 +14,27 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
+/// One hard-negative mining call (the keywords of the Python function): for each of
+/// `queries`, the top `k` rows of `corpus` outside the query's group.
+#[derive(Clone, Copy)]
+pub struct Mining<'a> {
+    /// `nq * dim` values.
+    pub queries: Queries<'a>,
+    /// `n * dim` values, f32 or f16.
+    pub corpus: Rows<'a>,
+    pub dim: usize,
+    pub k: usize,
+    /// One group per query and per corpus row, both or neither: a query skips the rows of
+    /// its own group.
+    pub query_groups: Option<&'a [i64]>,
+    pub corpus_groups: Option<&'a [i64]>,
+    pub metric: Metric,
+    /// The precision the corpus is scored at.
+    pub dtype: DType,
+    /// The precision of the scan that picks candidates.
+    pub precision: ScanPrecision,
+}
+
 /// Top-k rows of `corpus` for each query, best first, ties by ascending row index.
 ///
 /// Rows whose group equals the query's group are skipped (both group arrays or neither).
@@ -34,19 +55,18 @@ use rayon::prelude::*;
 /// agreement). The scan reads a copy of the corpus quantized (i8: n x dim bytes) or rounded
 /// (bf16: twice that) and packed once per call. On a CPU without the instructions the scan
 /// is exact.
-// One argument per keyword of the Python function, which the binding passes straight on.
-#[allow(clippy::too_many_arguments)]
-pub fn mine_hard_negatives(
-    queries: Queries<'_>,
-    corpus: Rows<'_>,
-    dim: usize,
-    k: usize,
-    query_groups: Option<&[i64]>,
-    corpus_groups: Option<&[i64]>,
-    metric: Metric,
-    dtype: DType,
-    precision: ScanPrecision,
-) -> Result<(Vec<i64>, Vec<f32>)> {
+pub fn mine_hard_negatives(mining: Mining<'_>) -> Result<(Vec<i64>, Vec<f32>)> {
+    let Mining {
+        queries,
+        corpus,
+        dim,
+        k,
+        query_groups,
+        corpus_groups,
+        metric,
+        dtype,
+        precision,
+    } = mining;
     check_dim(dim)?;
     if k < 1 {
         return invalid(format!("k must be at least 1, got {k}"));
@@ -334,17 +354,17 @@ mod tests {
             let cg: Vec<i64> = (0..n as i64).map(|r| r % 97).collect();
             for metric in [Metric::Ip, Metric::Cos, Metric::L2] {
                 let mine = |p| {
-                    mine_hard_negatives(
-                        Queries::F32(&q),
-                        Rows::F32(&x),
+                    mine_hard_negatives(Mining {
+                        queries: Queries::F32(&q),
+                        corpus: Rows::F32(&x),
                         dim,
                         k,
-                        Some(&qg),
-                        Some(&cg),
+                        query_groups: Some(&qg),
+                        corpus_groups: Some(&cg),
                         metric,
-                        DType::F32,
-                        p,
-                    )
+                        dtype: DType::F32,
+                        precision: p,
+                    })
                     .unwrap()
                 };
                 let (want_ids, want_scores) = mine(ScanPrecision::F32);

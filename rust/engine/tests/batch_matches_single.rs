@@ -2,7 +2,9 @@
 //! bits), also on tie-heavy data where many rows share a distance; and mining reports the
 //! scores of an `Index` of its dtype whatever the scan precision.
 
-use leanclip_engine::{mine_hard_negatives, DType, Index, Metric, Queries, Rows, ScanPrecision};
+use leanclip_engine::{
+    mine_hard_negatives, DType, Index, Metric, Mining, Queries, Rows, ScanPrecision,
+};
 
 /// Rows of values in {0, 0.5, 1}: thousands of rows at a handful of distances from any query.
 fn tie_heavy(n: usize, dim: usize, seed: u64) -> Vec<f32> {
@@ -76,17 +78,17 @@ fn mining_reports_the_scores_of_an_index_of_its_dtype_at_every_precision() {
                 want_scores.extend(s.into_iter().map(f32::to_bits));
             }
             for precision in [ScanPrecision::F32, ScanPrecision::Bf16, ScanPrecision::I8] {
-                let (ids, scores) = mine_hard_negatives(
-                    Queries::F32(&queries),
-                    Rows::F32(&corpus),
+                let (ids, scores) = mine_hard_negatives(Mining {
+                    queries: Queries::F32(&queries),
+                    corpus: Rows::F32(&corpus),
                     dim,
                     k,
-                    None,
-                    None,
+                    query_groups: None,
+                    corpus_groups: None,
                     metric,
                     dtype,
                     precision,
-                )
+                })
                 .unwrap();
                 let label = format!("{dtype:?} {metric:?} {precision:?}");
                 assert_eq!(ids, want_ids, "{label}");

@@ -4,7 +4,8 @@
 use half::f16;
 use leanclip_engine::testutil::values;
 use leanclip_engine::{
-    mine_hard_negatives, DType, Error, Index, Metric, Queries, Rows, ScanPrecision, VectorFault,
+    mine_hard_negatives, DType, Error, Index, Metric, Mining, Queries, Rows, ScanPrecision,
+    VectorFault,
 };
 
 /// Reference top-k in f64: (id, score) best first, ties by ascending id.
@@ -111,17 +112,17 @@ fn mining_skips_groups_and_pads_missing_slots() {
     let queries = values(3 * dim, 6);
     let corpus_groups: Vec<i64> = (0..40).map(|r| r / 10).collect();
     let query_groups = [0i64, 1, 9];
-    let (idx, scores) = mine_hard_negatives(
-        Queries::F32(&queries),
-        Rows::F32(&corpus),
+    let (idx, scores) = mine_hard_negatives(Mining {
+        queries: Queries::F32(&queries),
+        corpus: Rows::F32(&corpus),
         dim,
-        35,
-        Some(&query_groups),
-        Some(&corpus_groups),
-        Metric::Ip,
-        DType::F32,
-        ScanPrecision::F32,
-    )
+        k: 35,
+        query_groups: Some(&query_groups),
+        corpus_groups: Some(&corpus_groups),
+        metric: Metric::Ip,
+        dtype: DType::F32,
+        precision: ScanPrecision::F32,
+    })
     .unwrap();
     for (q, group) in query_groups.iter().enumerate() {
         let row = &idx[q * 35..(q + 1) * 35];
@@ -156,29 +157,22 @@ fn mining_skips_groups_and_pads_missing_slots() {
     // f16 input is read exactly
     let corpus16: Vec<f16> = corpus.iter().map(|&v| f16::from_f32(v)).collect();
     let widened: Vec<f32> = corpus16.iter().map(|v| v.to_f32()).collect();
-    let a = mine_hard_negatives(
-        Queries::F32(&queries),
-        Rows::F16(&corpus16),
+    let f16_input = Mining {
+        queries: Queries::F32(&queries),
+        corpus: Rows::F16(&corpus16),
         dim,
-        5,
-        None,
-        None,
-        Metric::L2,
-        DType::F32,
-        ScanPrecision::F32,
-    )
-    .unwrap();
-    let b = mine_hard_negatives(
-        Queries::F32(&queries),
-        Rows::F32(&widened),
-        dim,
-        5,
-        None,
-        None,
-        Metric::L2,
-        DType::F32,
-        ScanPrecision::F32,
-    )
+        k: 5,
+        query_groups: None,
+        corpus_groups: None,
+        metric: Metric::L2,
+        dtype: DType::F32,
+        precision: ScanPrecision::F32,
+    };
+    let a = mine_hard_negatives(f16_input).unwrap();
+    let b = mine_hard_negatives(Mining {
+        corpus: Rows::F32(&widened),
+        ..f16_input
+    })
     .unwrap();
     assert_eq!(a.0, b.0);
 }
@@ -257,17 +251,17 @@ fn mining_names_the_bad_row_of_the_whole_array_for_f16_input() {
     corpus[2500 * dim + 1] = f16::NAN;
     corpus[2700 * dim] = f16::INFINITY;
     let queries = vec![0.5f32; dim];
-    let err = mine_hard_negatives(
-        Queries::F32(&queries),
-        Rows::F16(&corpus),
+    let err = mine_hard_negatives(Mining {
+        queries: Queries::F32(&queries),
+        corpus: Rows::F16(&corpus),
         dim,
-        3,
-        None,
-        None,
-        Metric::Ip,
-        DType::F32,
-        ScanPrecision::F32,
-    )
+        k: 3,
+        query_groups: None,
+        corpus_groups: None,
+        metric: Metric::Ip,
+        dtype: DType::F32,
+        precision: ScanPrecision::F32,
+    })
     .unwrap_err();
     assert!(
         matches!(

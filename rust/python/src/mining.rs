@@ -56,17 +56,17 @@ fn mine_hard_negatives<'py>(
         FloatInput::F16(a) => Rows::F16(a.as_slice()?),
     };
     let (ids, scores) = engine(py, || {
-        engine::mine_hard_negatives(
-            q,
-            c,
+        engine::mine_hard_negatives(engine::Mining {
+            queries: q,
+            corpus: c,
             dim,
             k,
-            query_groups.as_deref(),
-            corpus_groups.as_deref(),
+            query_groups: query_groups.as_deref(),
+            corpus_groups: corpus_groups.as_deref(),
             metric,
             dtype,
             precision,
-        )
+        })
     })?;
     Ok((
         PyArray1::from_vec(py, ids).reshape([nq, k])?.into_any(),
