@@ -200,7 +200,7 @@ try:
 except Exception as exc:
     out["update"] = [type(exc).__name__, isinstance(exc, leanclip.errors.LeanclipError), str(exc)]
 from click.testing import CliRunner
-leanclip.cli._open = lambda d, s, m: Gallery({root!r}, model=ColorEncoder())
+leanclip.cli._open = lambda d, s, m, near=None: Gallery({root!r}, model=ColorEncoder())
 r = CliRunner().invoke(leanclip.cli.main, ["search", "red", "-k", "2", "--json"])
 out["cli"] = [r.exit_code, r.output + (repr(r.exception) if r.exit_code not in (0, 1) or not r.output else "")]
 print(json.dumps(out))
