@@ -176,6 +176,18 @@ def test_folder_source(setup: dict[str, Path]) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["images"] == {"rows": 15, "valid": 14} and manifest["texts"]["rows"] == 0
     assert [s["images"] for s in manifest["shards"]] == [7, 7, 1] and not (out / "images.index").exists()
+    # images decoded on several threads or on one: the same rows, problems and order
+    for threads in ("1", "3"):
+        again = setup["root"] / f"emb_folder_{threads}"
+        argv = _argv(
+            setup, again, "--folder", str(setup["images"]), "--shard-size", "7", "--decode-threads", threads
+        )
+        assert embed.main(argv) == 0
+        assert json.loads((again / "manifest.json").read_text())["problems"] == manifest["problems"]
+        for s in range(3):
+            np.testing.assert_array_equal(
+                np.load(again / "images" / f"{s:05d}.npy"), np.load(out / "images" / f"{s:05d}.npy")
+            )
 
 
 @pytest.mark.parametrize(
@@ -183,6 +195,7 @@ def test_folder_source(setup: dict[str, Path]) -> None:
     [
         (["--folder", "{images}", "--shard-size", "0"], "--shard-size and --batch-size must be >= 1"),
         (["--karpathy", "{json}"], "--karpathy needs --image-root"),
+        (["--folder", "{images}", "--decode-threads", "-1"], "--decode-threads must be >= 0"),
         (["--shards", "{root}/none-{{0..1}}.tar"], "webdataset shard not found"),
         (["--folder", "{root}/no-such-folder"], "image folder not found"),
     ],
