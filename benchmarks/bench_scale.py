@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 import numpy as np
 
@@ -69,10 +69,17 @@ def torchrun(world: int, argv: Sequence[str]) -> Dict[str, Any]:
 
 
 def run_peak(
-    module: str, argv: Sequence[str], threads: int = CORES, preload: str = "numpy"
+    module: str,
+    argv: Sequence[str],
+    threads: int = CORES,
+    preload: str = "numpy",
+    watch: Callable[[int], Any] | None = None,
+    every: float = 60.0,
 ) -> Dict[str, Any]:
     """``module.main(argv)`` in a fresh process: its return code, seconds, RSS after importing it
-    and ``preload`` (e.g. torch, which the module imports lazily), and peak RSS (VmHWM), in MiB."""
+    and ``preload`` (e.g. torch, which the module imports lazily), and peak RSS (VmHWM), in MiB.
+    ``watch(pid)`` is called every ``every`` seconds while it runs; what it returns is kept in
+    ``samples``."""
     code = (
         "import importlib, json, sys, time\n"
         "def rss(f):\n"
@@ -82,13 +89,25 @@ def run_peak(
         f"rc = m.main({list(argv)!r})\n"
         "print('@@' + json.dumps({'rc': rc, 'seconds': time.perf_counter() - t, 'start': start, 'peak': rss('VmHWM')}))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=_env(threads), capture_output=True, text=True
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=_env(threads),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("@@")]
-    if done.returncode or not lines:
-        raise RuntimeError(f"{module} {argv} failed:\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1][2:])  # type: ignore[no-any-return]
+    samples = []
+    while True:
+        try:
+            stdout, stderr = proc.communicate(timeout=every if watch else None)
+            break
+        except subprocess.TimeoutExpired:  # retrying loses no output
+            samples.append(watch(proc.pid))  # type: ignore[misc]
+    lines = [line for line in stdout.splitlines() if line.startswith("@@")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"{module} {argv} failed:\n{stderr[-3000:]}")
+    return {**json.loads(lines[-1][2:]), "samples": samples}
 
 
 def _unit(rng: np.random.Generator, n: int, dim: int, centres: np.ndarray | None = None) -> np.ndarray:
@@ -307,12 +326,28 @@ def _jpeg_12mp(path: Path, seed: int) -> None:
 
     rng = np.random.default_rng(seed)
     h, w = 3000, 4000
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy, xx = np.arange(h, dtype=np.float32)[:, None], np.arange(w, dtype=np.float32)[None, :]
     img = np.stack(
         [(np.sin(xx / (60 + 9 * c + seed)) + np.cos(yy / (45 + 5 * c))) * 60 + 128 for c in range(3)], -1
     )
     img += rng.normal(0, 12, img.shape).astype(np.float32)
     Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def _embed_watch(out: Path, dim: int, started: float) -> Callable[[int], List[float]]:
+    """Samples of a running embedding job: [seconds, RSS MiB, image rows written], printed as
+    they come (a run cut short still shows how far it got)."""
+
+    def watch(pid: int) -> List[float]:
+        status = Path(f"/proc/{pid}/status").read_text()
+        rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
+        side = out / "images" / ".00000.npy.rows"
+        rows = side.stat().st_size // (4 * dim) if side.is_file() else 0
+        sample = [round(time.perf_counter() - started), round(rss), rows]
+        print(f"[embed {out.name}] {sample[0]} s: RSS {sample[1]} MiB, {rows} photos written", flush=True)
+        return sample
+
+    return watch
 
 
 def part_embed(tmp: Path) -> Dict[str, Any]:
@@ -321,12 +356,16 @@ def part_embed(tmp: Path) -> Dict[str, Any]:
     from training.models import build_teacher, save_checkpoint
 
     big = int(os.environ.get("LEANCLIP_BENCH_SCALE_EMBED_BIG", "10000"))
+    n_distinct = int(os.environ.get("LEANCLIP_BENCH_SCALE_EMBED_DISTINCT", "24"))
     torch.manual_seed(0)
-    save_checkpoint(tmp / "model.pt", build_teacher(pretrained=None, tiny=True), {"stage": 2})
-    distinct = [tmp / f"photo{i}.jpg" for i in range(8)]
+    model = build_teacher(pretrained=None, tiny=True)
+    save_checkpoint(tmp / "model.pt", model, {"stage": 2})
+    with torch.no_grad():
+        dim = int(model.encode_image(torch.zeros(1, 3, model.image_size, model.image_size)).shape[1])
+    distinct = [tmp / f"photo{i}.jpg" for i in range(n_distinct)]
     for i, p in enumerate(distinct):
         _jpeg_12mp(p, i)
-    rows = []
+    rows, trend = [], []
     for size in (100, big):
         folder = tmp / f"photos{size}"
         folder.mkdir()
@@ -334,7 +373,9 @@ def part_embed(tmp: Path) -> Dict[str, Any]:
             os.link(distinct[i % len(distinct)], folder / f"{i:06d}.jpg")
         out = tmp / f"emb{size}"
         argv = ["--model", str(tmp / "model.pt"), "--folder", str(folder), "--out", str(out), "--shard-size", str(size), "--batch-size", "32", "--device", "cpu"]  # fmt: skip
-        r = run_peak("training.embed", argv, preload="numpy, torch, training.models")
+        watch = _embed_watch(out, dim, time.perf_counter())
+        r = run_peak("training.embed", argv, preload="numpy, torch, training.models", watch=watch)
+        trend = [f"{n:,} photos: {rss - r['start']:.0f}" for _, rss, n in r["samples"]]
         rows.append(
             [
                 f"{size:,}",
@@ -361,7 +402,11 @@ def part_embed(tmp: Path) -> Dict[str, Any]:
         ],
         "rows": rows,
         "note": f"Peak beyond imports, large shard / small shard: {b / a:.2f} (target: within 10%). "
-        "'After imports' includes torch and the model code; the photos are hard links to 8 distinct files.",
+        f"'After imports' includes torch and the model code; the photos are hard links to {n_distinct} "
+        f"distinct generated files; images decoded on the job's default threads ({CORES} here). "
+        f"RSS beyond imports while the {big:,}-photo shard ran, MiB (sampled each minute): "
+        + ("; ".join(trend) or "no sample")
+        + ".",
     }
 
 
