@@ -107,6 +107,83 @@ def test_ivf_shards_at_full_probe_equal_one_index(tmp_path: Path) -> None:
     np.testing.assert_allclose(got[1], exact.search(q, 10)[1], rtol=1e-5, atol=1e-6)
 
 
+def _spectrum(n: int, seed: int, tilt: float) -> np.ndarray:
+    """Rows whose variance falls with the dimension (real embeddings' shape); ``tilt`` turns
+    their principal directions, so shards of different tilts have directions of their own."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, DIM)) / np.sqrt(1 + np.arange(DIM))
+    c, s = np.cos(tilt), np.sin(tilt)
+    x[:, [0, 8]] = x[:, [0, 8]] @ np.array([[c, s], [-s, c]])
+    return x.astype(np.float32)
+
+
+def test_scan_dims_directions_are_trained_on_the_sample_across_shards(tmp_path: Path) -> None:
+    """With ``scan_dims``, the quantizer trains its principal directions on the cross-shard
+    sample and every shard file carries them: a batch through the manifest scores, per query,
+    a superset of the candidates one index with the same quantizer scores, so its top k is at
+    least as good rank by rank, and equal wherever one index's is exact."""
+    x = np.concatenate([_spectrum(1500, 0, 0.0), _spectrum(1500, 1, 1.2)])
+    q = _spectrum(60, 2, 0.6)
+    paths = _files(tmp_path, x, [1500])
+    knobs = {"nlist": 8, "dtype": "f16", "seed": 4, "scan_dims": 4}
+    build_ivf(EmbeddingShards(paths), tmp_path / "ivf", **knobs)  # type: ignore[arg-type]
+    quantizer = leanclip.IVFIndex.load(tmp_path / "ivf" / "quantizer.ivf")
+    assert quantizer.directions is not None and quantizer.directions.shape == (DIM, DIM)
+    sharded = ShardedIndex.load(tmp_path / "ivf", mmap=True)
+    for shard in sharded.shards:
+        assert shard.scan_dims == 4
+        np.testing.assert_array_equal(shard.directions, quantizer.directions)
+    whole = leanclip.IVFIndex.load(tmp_path / "ivf" / "quantizer.ivf")
+    whole.add(np.arange(len(x), dtype=np.uint64), x)
+    exact = leanclip.Index(DIM, metric="ip", dtype="f16")
+    exact.add(np.arange(len(x), dtype=np.uint64), x)
+    sharded.nprobe = whole.nprobe = 8
+    got, one, best = sharded.search(q, 10), whole.search(q, 10), exact.search(q, 10)
+    assert np.all(got[1] >= one[1]), "the manifest's k-th best is never below one index's"
+    assert np.all(got[1] <= best[1] + 1e-6)
+    exact_rows = np.all(one[0] == best[0], axis=1)
+    assert 0 < exact_rows.sum() < len(q), "4 of 32 directions: some queries lose neighbours"
+    np.testing.assert_array_equal(got[0][exact_rows], one[0][exact_rows])
+    # directions trained on a given sample, saved with the index
+    other = leanclip.IVFIndex.load(tmp_path / "ivf" / "00000.ivf")
+    other.train_directions(x[:700])
+    assert not np.allclose(other.directions, quantizer.directions)
+    other.save(tmp_path / "again.ivf")
+    np.testing.assert_array_equal(leanclip.IVFIndex.load(tmp_path / "again.ivf").directions, other.directions)
+    with pytest.raises(ValueError, match="train_directions: scan_dims needs metric"):
+        leanclip.IVFIndex(DIM, metric="l2", dtype="f16", nlist=4).train_directions(x[:10])
+    assert leanclip.IVFIndex(DIM, metric="ip", dtype="f16", nlist=4).directions is None
+
+
+@pytest.mark.parametrize("pq", [0, 8])
+def test_single_queries_through_a_manifest_against_one_index(tmp_path: Path, pq: int) -> None:
+    """Shards sharing one quantizer probe the same lists as one index with it. Without codes a
+    single query scores the probed rows exactly, so the manifest returns what one index returns
+    at any nprobe. With codes, each shard re-scores its own best ``shortlist`` by code score:
+    S x shortlist candidates, a superset of one index's ``shortlist``, so the manifest's top k is
+    at least as good rank by rank, and not the same (docs/scale.md)."""
+    x, q = _corpus(), _corpus(50, seed=7)
+    paths = _files(tmp_path, x, [700, 1500, 2300])
+    build_ivf(EmbeddingShards(paths), tmp_path / "ivf", nlist=16, dtype="f16", seed=3, pq=pq)
+    sharded = ShardedIndex.load(tmp_path / "ivf")
+    whole = leanclip.IVFIndex.load(tmp_path / "ivf" / "quantizer.ivf")
+    whole.add(np.arange(len(x), dtype=np.uint64), x)
+    sharded.nprobe = whole.nprobe = 3
+    for index in [*sharded.shards, whole] if pq else []:
+        index.shortlist = 10
+    got = [sharded.search(v, 10) for v in q]
+    one = [whole.search(v, 10) for v in q]
+    got_k, one_k = np.stack([g[0] for g in got]), np.stack([o[0] for o in one])
+    got_s, one_s = np.stack([g[1] for g in got]), np.stack([o[1] for o in one])
+    if pq == 0:
+        np.testing.assert_array_equal(got_k, one_k)
+        np.testing.assert_array_equal(got_s, one_s)
+    else:
+        assert np.all(got_s >= one_s) and not np.array_equal(got_s, one_s)
+    batch_got, batch_one = sharded.search(q, 10), whole.search(q, 10)  # batches scan rows
+    np.testing.assert_array_equal(batch_got[0], batch_one[0])
+
+
 def test_ivf_build_is_the_same_over_any_number_of_ranks(tmp_path: Path) -> None:
     x = _corpus()
     paths = _files(tmp_path, x, [900, 1800, 2700])

@@ -425,6 +425,7 @@ def _cmd_build_ivf(args: argparse.Namespace, info: DistInfo) -> dict[str, Any]:
         dtype=args.dtype,
         pq=args.pq,
         rerank=args.rerank,
+        scan_dims=args.scan_dims,
         seed=args.seed,
         sample=args.sample,
         chunk=args.chunk,
@@ -484,6 +485,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="f16", choices=("f32", "f16", "i8"))
     b.add_argument("--pq", type=int, default=0)
     b.add_argument("--rerank", type=int, default=0)
+    b.add_argument("--scan-dims", type=int, default=0, help="principal directions batches rank by (0: all)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--sample", type=int, default=None)
     b.add_argument("--chunk", type=_positive, default=65536)

@@ -173,8 +173,11 @@ class IVFIndex(_KeyedVectors):
       graph's single-query speed for ``pq / 2`` bytes a vector. Batches scan the stored vectors
       as without codes. Results report the stored vectors' scores either way.
     - ``scan_dims > 0`` (dtype "f16" / "i8", metric "cos" / "ip"): batches rank by the
-      vectors projected onto their ``scan_dims`` principal directions (computed by the first
-      batch from a sample of the stored vectors, kept until the next training), then re-score
+      vectors projected onto their ``scan_dims`` principal directions (trained with the
+      centroids, from the same sample, and saved with the index: copies of one trained
+      quantizer, such as the shards of a manifest, rank by the same directions; or trained by
+      ``train_directions``; an index without trained ones, e.g. a file saved before they were
+      stored, computes them from a sample of its vectors at the first batch), then re-score
       each query's best ``k + max(k, 64)`` from the stored vectors. Fewer multiply-adds and a
       smaller packed copy for real embeddings, whose variance sits in few directions (MiniLM:
       192 of 384 keep 99.96% of the true top 10 among the re-scored); batches are then
@@ -274,10 +277,21 @@ class IVFIndex(_KeyedVectors):
         """(n, dim) float32 vectors: the float32 copies when kept, else the stored ones
         dequantized. KeyError if absent."""
     def train(self, vectors: npt.ArrayLike) -> None:
-        """Train the centroids on (n, dim) vectors (n >= nlist; a seeded sample of at most
-        64 * nlist is used) and move the stored vectors to their lists."""
+        """Train the centroids (with ``pq``, the codebooks; with ``scan_dims``, the principal
+        directions) on (n, dim) vectors (n >= nlist; a seeded sample of at most 64 * nlist is
+        used) and move the stored vectors to their lists."""
     def retrain(self) -> None:
         """Retrain on the current contents (for lists grown skewed) and redistribute."""
+    def train_directions(self, vectors: npt.ArrayLike) -> None:
+        """Train the principal directions batches with ``scan_dims`` rank by on (n, dim)
+        vectors (n >= 1; at most 16,384 evenly spaced rows are used): e.g. a sample across
+        every shard of a manifest. Saved with the index, kept until it is trained again.
+        ValueError where ``scan_dims`` is refused (dtype f32, metric l2, dim > 2048)."""
+    @property
+    def directions(self) -> Optional[npt.NDArray[np.float32]]:
+        """The trained principal directions, (dim, dim) float32, one per row by decreasing
+        variance (None when not trained: ``train`` without ``scan_dims``, or a file saved
+        before they were stored)."""
     def search(
         self, queries: npt.ArrayLike, k: int = 10, exclude: Optional[npt.ArrayLike] = None
     ) -> Tuple[npt.NDArray[np.uint64], npt.NDArray[np.float32]]:

@@ -28,6 +28,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="f16", choices=("f32", "f16", "i8"), help="list storage (default f16)")
     p.add_argument("--pq", type=int, default=0, help="4-bit PQ sub-quantizers per vector (0: no codes)")
     p.add_argument("--rerank", type=int, default=0, help="keep float32 copies and re-score this many")
+    p.add_argument(
+        "--scan-dims",
+        type=int,
+        default=0,
+        help="batches rank by this many principal directions, trained on the sample (0: all dimensions)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--sample", type=int, default=None, help="training rows drawn across files (default 64 * nlist)"
@@ -46,7 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.quiet:
             summary = build_ivf(
                 shards, args.out, nlist=args.nlist, metric=args.metric, dtype=args.dtype, pq=args.pq,
-                rerank=args.rerank, seed=args.seed, sample=args.sample, chunk=args.chunk,
+                rerank=args.rerank, scan_dims=args.scan_dims, seed=args.seed, sample=args.sample, chunk=args.chunk,
             )  # fmt: skip
         else:
             from rich.progress import Progress
@@ -55,7 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 task = bar.add_task("building IVF shards", total=len(shards.paths))
                 summary = build_ivf(
                     shards, args.out, nlist=args.nlist, metric=args.metric, dtype=args.dtype, pq=args.pq,
-                    rerank=args.rerank, seed=args.seed, sample=args.sample, chunk=args.chunk,
+                    rerank=args.rerank, scan_dims=args.scan_dims, seed=args.seed, sample=args.sample, chunk=args.chunk,
                     progress=lambda done, total: bar.update(task, completed=done),
                 )  # fmt: skip
     except (LeanclipError, ValueError, OSError) as exc:

@@ -8,8 +8,9 @@ embedding files without holding all the vectors in memory (docs/scale.md).
   ``Index`` holding every row; over IVF shards that share one trained quantizer, at
   ``nprobe = nlist`` it equals one exact index too.
 - :func:`build_ivf` builds such IVF shards from embedding files (``.npy``, float32 or float16,
-  read through mmap): k-means centroids (and PQ codebooks when ``pq > 0``) are trained once on a
-  seeded sample drawn across all the files and saved as ``quantizer.ivf``; every embedding file
+  read through mmap): k-means centroids (and PQ codebooks when ``pq > 0``, principal directions
+  when ``scan_dims > 0``) are trained once on a seeded sample drawn across all the files and
+  saved as ``quantizer.ivf``; every embedding file
   then becomes one IVF file holding the same quantizer and that file's rows (added in chunks),
   and ``manifest.json`` lists them. Peak memory is one embedding file's index, not the corpus.
   ``rank`` / ``world_size`` split the files over processes (``training.scale`` runs it under
@@ -317,6 +318,7 @@ def build_ivf(
     dtype: str = "f16",
     pq: int = 0,
     rerank: int = 0,
+    scan_dims: int = 0,
     seed: int = 0,
     sample: Optional[int] = None,
     chunk: int = 65536,
@@ -328,8 +330,10 @@ def build_ivf(
     """IVF shards of ``embeddings`` in the folder ``out`` (one ``NNNNN.ivf`` per embedding file,
     ``quantizer.ivf``, ``manifest.json``); serve them with ``ShardedIndex.load(out, mmap=True)``.
 
-    The quantizer (centroids, PQ codebooks) is trained by rank 0 on ``sample`` rows (default
-    64 * nlist, the engine's own training sample) drawn with ``seed`` across all files. File i is
+    The quantizer (centroids, PQ codebooks with ``pq``, the principal directions batches rank
+    by with ``scan_dims``) is trained by rank 0 on ``sample`` rows (default 64 * nlist, the
+    engine's own training sample) drawn with ``seed`` across all files, so every file ranks and
+    quantizes by the same ones. File i is
     written by rank ``i % world_size``: its rows are added in ``chunk``-row pieces to a copy of
     the quantizer (a file already there is kept: reruns resume). ``barrier`` waits for every
     rank (a no-op in one process). ``progress(done, total)`` is called as files are written.
@@ -346,7 +350,14 @@ def build_ivf(
         rows = embeddings.sample(n_sample, seed)
         if len(rows) < nlist:
             raise ShardError(f"the training sample holds {len(rows)} valid rows, fewer than nlist={nlist}")
-        knobs: dict[str, Any] = {"metric": metric, "dtype": dtype, "nlist": nlist, "rerank": rerank, "pq": pq}
+        knobs: dict[str, Any] = {
+            "metric": metric,
+            "dtype": dtype,
+            "nlist": nlist,
+            "rerank": rerank,
+            "pq": pq,
+            "scan_dims": scan_dims,
+        }
         index = IVFIndex(embeddings.dim, seed=seed, **knobs)
         index.train(rows)
         del rows

@@ -320,6 +320,20 @@ impl PyIvfIndex {
         engine(py, || self.inner.write().train(vectors))
     }
 
+    fn train_directions(&self, py: Python<'_>, vectors: &Bound<'_, PyAny>) -> PyResult<()> {
+        let vectors = vectors_arg(py, vectors, self.dim, None)?;
+        let vectors = vectors.as_slice()?;
+        engine(py, || self.inner.write().train_directions(vectors))
+    }
+
+    #[getter]
+    fn directions<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let directions = py.detach(|| self.inner.read().trained_directions().map(<[f32]>::to_vec));
+        directions
+            .map(|d| rows_result(py, d, self.dim, self.dim))
+            .transpose()
+    }
+
     fn retrain(&self, py: Python<'_>) -> PyResult<()> {
         engine(py, || self.inner.write().retrain())
     }

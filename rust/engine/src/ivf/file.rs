@@ -8,7 +8,8 @@
 //!     16     4  dim (u32)
 //!     20     1  dtype code (0 f32, 1 f16, 2 i8)
 //!     21     1  metric code (0 cos, 1 ip, 2 l2)
-//!     22     1  flags: bit 0 trained, bit 1 float32 copies kept; other bits zero
+//!     22     1  flags: bit 0 trained, bit 1 float32 copies kept, bit 2 principal
+//!               directions stored; other bits zero
 //!     23     1  reserved, zero
 //!     24     8  count (u64): vectors stored
 //!     32     4  lists stored (u32): 1 before training, nlist after
@@ -32,6 +33,8 @@
 //!      .  8*n   keys (u64), list by list in slot order
 //!      .  4*L*dim  centroids (f32), trained only
 //!      .  4*16*dim  codebooks (f32, pq x 16 x dim/pq), trained with pq > 0 only
+//!      .  4*dim*dim  principal directions (f32, dim x dim, by decreasing variance; flag
+//!               bit 2 only: trained with the index, see `project.rs`)
 //!      .  4*n   scales (f32), i8 only
 //!      .     .  zero padding up to a multiple of 64
 //!      .  n*dim*size  vectors, list by list (each list contiguous)
@@ -42,13 +45,15 @@
 //!               > 0 only; the layout of `pq.rs`, unused rows of a last block zero)
 //! ```
 //! Files without codes and with scan_dims 0 are byte for byte what builds before `pq` wrote
-//! (pq, shortlist and scan_dims 0).; files of indexes never tuned and with no automatic knobs,
-//! what builds before `tune` wrote (bytes 76..89 zero)
+//! (pq, shortlist and scan_dims 0); files of indexes never tuned and with no automatic knobs,
+//! what builds before `tune` wrote (bytes 76..89 zero); files without trained directions
+//! (flag bit 2 clear), what builds before they were stored wrote.
 //! The file ends exactly where the last section ends. Every section offset follows from the
 //! header, so nothing else can disagree with it; `parse` checks all of it but the data
 //! checksum, which `verify` (or a load with verify=true) checks.
 
 use super::pq::{self, Pq, CENTROIDS};
+use super::project::Directions;
 use super::{
     Data, IvfIndex, IvfParams, List, Seg, DEFAULT_SHORTLIST, MAX_DIM, MAX_LISTS, MAX_VECTORS,
 };
@@ -75,6 +80,7 @@ const HEADER_LEN: usize = 128;
 const ALIGN: usize = 64;
 const FLAG_TRAINED: u8 = 1;
 const FLAG_EXACT: u8 = 2;
+const FLAG_DIRECTIONS: u8 = 4;
 
 /// Where everything is, after `parse` checked it.
 struct Layout {
@@ -97,9 +103,23 @@ struct Sections {
     keys: Range<usize>,
     centroids: Range<usize>,
     codebooks: Range<usize>,
+    directions: Range<usize>,
     scales: Range<usize>,
     vectors: Range<usize>,
     copies: Range<usize>,
+}
+
+/// What the header says is stored, which fixes every section's size.
+struct Shape {
+    dim: usize,
+    dtype: DType,
+    count: usize,
+    lists: usize,
+    trained: bool,
+    exact: bool,
+    /// Sub-quantizers of the codes (0: none).
+    m: usize,
+    directions: bool,
 }
 
 /// The codes section: after the copies, aligned, `sizes` lists of `m`-sub-quantizer codes.
@@ -114,35 +134,28 @@ fn codes_section(copies_end: usize, sizes: &[usize], m: usize) -> Option<Range<u
     Some(c0..c0.checked_add(len)?)
 }
 
-fn sections(
-    dim: usize,
-    dtype: DType,
-    count: usize,
-    lists: usize,
-    trained: bool,
-    exact: bool,
-    m: usize,
-) -> Option<Sections> {
+fn sections(shape: &Shape) -> Option<Sections> {
+    let &Shape {
+        dim,
+        dtype,
+        count,
+        lists,
+        trained,
+        exact,
+        m,
+        directions,
+    } = shape;
     let sizes_end = HEADER_LEN.checked_add(lists.checked_mul(8)?)?;
     let keys = sizes_end..sizes_end.checked_add(count.checked_mul(8)?)?;
-    let cen_len = if trained {
-        lists.checked_mul(dim)?.checked_mul(4)?
-    } else {
-        0
-    };
+    let f32_len = |on: bool, n: usize| if on { n.checked_mul(4) } else { Some(0) };
+    let cen_len = f32_len(trained, lists.checked_mul(dim)?)?;
     let centroids = keys.end..keys.end.checked_add(cen_len)?;
-    let book_len = if trained && m > 0 {
-        CENTROIDS.checked_mul(dim)?.checked_mul(4)?
-    } else {
-        0
-    };
+    let book_len = f32_len(trained && m > 0, CENTROIDS.checked_mul(dim)?)?;
     let codebooks = centroids.end..centroids.end.checked_add(book_len)?;
-    let sc_len = if dtype == DType::I8 {
-        count.checked_mul(4)?
-    } else {
-        0
-    };
-    let scales = codebooks.end..codebooks.end.checked_add(sc_len)?;
+    let dir_len = f32_len(directions, dim.checked_mul(dim)?)?;
+    let directions = codebooks.end..codebooks.end.checked_add(dir_len)?;
+    let sc_len = f32_len(dtype == DType::I8, count)?;
+    let scales = directions.end..directions.end.checked_add(sc_len)?;
     let v0 = scales.end.checked_next_multiple_of(ALIGN)?;
     let vlen = count.checked_mul(dim)?.checked_mul(dtype.element_size())?;
     let vectors = v0..v0.checked_add(vlen)?;
@@ -156,6 +169,7 @@ fn sections(
         keys,
         centroids,
         codebooks,
+        directions,
         scales,
         vectors,
         copies,
@@ -195,9 +209,9 @@ fn f32s(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
         .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
 }
 
-/// Checks a whole file image except the data checksum. Never panics on any input. The checks
-/// run in file order, each on what the ones before it established (hence one long function).
-fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
+/// The header's fixed fields up to the section sizes (magic, version, dim, dtype, metric,
+/// flags, count, lists, pq), each checked on what the ones before it established.
+fn read_header(bytes: &[u8]) -> std::result::Result<(Shape, Metric, usize), String> {
     if bytes.len() < HEADER_LEN {
         return bad(format!(
             "truncated or not an IVF index file: {} bytes, shorter than the {HEADER_LEN}-byte \
@@ -224,10 +238,10 @@ fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
     let metric = Metric::from_code(bytes[21])
         .ok_or_else(|| format!("corrupt header: unknown metric code {}", bytes[21]))?;
     let flags = bytes[22];
-    if flags & !(FLAG_TRAINED | FLAG_EXACT) != 0 {
+    if flags & !(FLAG_TRAINED | FLAG_EXACT | FLAG_DIRECTIONS) != 0 {
         return bad(format!("corrupt header: unknown flags {flags:#x}"));
     }
-    let (trained, exact) = (flags & FLAG_TRAINED != 0, flags & FLAG_EXACT != 0);
+    let trained = flags & FLAG_TRAINED != 0;
     let count = u64_at(bytes, 24);
     let count = usize::try_from(count)
         .ok()
@@ -244,14 +258,34 @@ fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
     if pq::check_m(m, dim).is_some() {
         return bad(format!("corrupt header: pq {m} for dim {dim}"));
     }
-    let at = sections(dim, dtype, count, lists, trained, exact, m)
-        .ok_or_else(|| "corrupt header: sizes overflow".to_string())?;
-    let Sections {
-        keys,
-        vectors,
-        copies,
+    let shape = Shape {
+        dim,
+        dtype,
+        count,
+        lists,
+        trained,
+        exact: flags & FLAG_EXACT != 0,
+        m,
+        directions: flags & FLAG_DIRECTIONS != 0,
+    };
+    Ok((shape, metric, nlist))
+}
+
+/// Checks a whole file image except the data checksum. Never panics on any input. The checks
+/// run in file order, each on what the ones before it established.
+fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
+    let (shape, metric, nlist) = read_header(bytes)?;
+    let Shape {
+        dim,
+        dtype,
+        count,
+        trained,
+        exact,
+        m,
         ..
-    } = at.clone();
+    } = shape;
+    let at = sections(&shape).ok_or_else(|| "corrupt header: sizes overflow".to_string())?;
+    let (keys, vectors, copies) = (at.keys.clone(), at.vectors.clone(), at.copies.clone());
     let truncated = |want: usize| {
         format!(
             "truncated or corrupt: the header describes {want} bytes, the file has {}",
@@ -362,7 +396,7 @@ fn read_params(
 }
 
 /// The padding between sections is zero, and the float sections a search reads without
-/// checking (codebooks, centroids, scales) hold finite values.
+/// checking (codebooks, centroids, directions, scales) hold finite values.
 fn check_fill(
     bytes: &[u8],
     at: &Sections,
@@ -371,6 +405,7 @@ fn check_fill(
     let Sections {
         centroids,
         codebooks,
+        directions,
         scales,
         vectors,
         copies,
@@ -389,6 +424,9 @@ fn check_fill(
     }
     if f32s(&bytes[centroids.clone()]).any(|v| !v.is_finite()) {
         return bad("corrupt file: a centroid is not finite");
+    }
+    if f32s(&bytes[directions.clone()]).any(|v| !v.is_finite()) {
+        return bad("corrupt file: a principal direction is not finite");
     }
     if f32s(&bytes[scales.clone()]).any(|v| !v.is_finite()) {
         return bad("corrupt file: a quantization scale is not finite");
@@ -489,7 +527,11 @@ fn build(src: Source<'_>, l: &Layout) -> std::result::Result<IvfIndex, String> {
         lists,
         map,
         codebooks,
-        directions: Default::default(),
+        directions: if l.at.directions.is_empty() {
+            Default::default()
+        } else {
+            Directions::trained(f32s(&bytes[l.at.directions.clone()]).collect())
+        },
         mapped: None,
         auto: l.auto.clone(),
     };
@@ -574,14 +616,25 @@ impl IvfIndex {
         }
     }
 
-    /// The file image: header + metadata (sizes, keys, centroids, scales, padding), then the
-    /// lists' vectors, the padding before the float32 copies, and the copies. The vectors and
-    /// copies are borrowed: saving copies none of them.
+    /// What the header says is stored.
+    fn shape(&self) -> Shape {
+        Shape {
+            dim: self.dim,
+            dtype: self.dtype,
+            count: self.len(),
+            lists: self.lists.len(),
+            trained: self.is_trained(),
+            exact: self.keeps_exact(),
+            m: self.params.pq,
+            directions: self.directions.saved().is_some(),
+        }
+    }
+
+    /// The file image: header + metadata (sizes, keys, centroids, codebooks, directions,
+    /// scales, padding), then the lists' vectors, the padding before the float32 copies, and
+    /// the copies. The vectors and copies are borrowed: saving copies none of them.
     fn image(&self) -> Image<'_> {
-        let n = self.len();
-        let lists = self.lists.len();
-        let trained = self.is_trained();
-        let exact = self.keeps_exact();
+        let shape = self.shape();
         let m = if self.has_codes() { self.params.pq } else { 0 };
         let Sections {
             keys,
@@ -589,16 +642,7 @@ impl IvfIndex {
             vectors,
             copies,
             ..
-        } = sections(
-            self.dim,
-            self.dtype,
-            n,
-            lists,
-            trained,
-            exact,
-            self.params.pq,
-        )
-        .expect("in-memory sizes fit");
+        } = sections(&shape).expect("in-memory sizes fit");
         let sizes: Vec<usize> = self.lists.iter().map(List::len).collect();
         let codes = codes_section(copies.end, &sizes, m).expect("in-memory sizes fit");
         let mut meta = Vec::with_capacity(vectors.start - HEADER_LEN);
@@ -613,7 +657,10 @@ impl IvfIndex {
         if let Some(book) = &self.codebooks {
             meta.extend_from_slice(bytemuck::cast_slice(&book.centroids));
         }
-        let mut data: Vec<&[u8]> = Vec::with_capacity(3 * lists + 2);
+        if let Some(directions) = self.directions.saved() {
+            meta.extend_from_slice(bytemuck::cast_slice(directions));
+        }
+        let mut data: Vec<&[u8]> = Vec::with_capacity(3 * shape.lists + 2);
         for l in &self.lists {
             data.push(match &l.data {
                 Data::F32(s) => bytemuck::cast_slice(s.as_slice()),
@@ -629,7 +676,7 @@ impl IvfIndex {
         // Paddings before the copies and the codes are parts too, but not checksummed.
         let mut h = Xxh3::new();
         data.iter().for_each(|p| h.update(p));
-        if exact {
+        if shape.exact {
             data.push(&ZEROS[..copies.start - vectors.end]);
             for l in &self.lists {
                 let part = bytemuck::cast_slice(l.exact.as_ref().expect("exact copies").as_slice());
@@ -645,15 +692,28 @@ impl IvfIndex {
                 data.push(part);
             }
         }
+        let mut head = self.header(&shape);
+        head[112..120].copy_from_slice(&h.digest().to_le_bytes());
+        let checksum = meta_checksum(&head[..120], &meta);
+        head[120..128].copy_from_slice(&checksum.to_le_bytes());
+        head.extend_from_slice(&meta);
+        Image { head, data }
+    }
+
+    /// The 128-byte header, checksums (bytes 112..128) left zero.
+    fn header(&self, shape: &Shape) -> Vec<u8> {
         let mut head = vec![0u8; HEADER_LEN];
         head[..8].copy_from_slice(&IVF_MAGIC);
         head[8..12].copy_from_slice(&IVF_FORMAT_VERSION.to_le_bytes());
         head[16..20].copy_from_slice(&(self.dim as u32).to_le_bytes());
         head[20] = self.dtype.code();
         head[21] = self.metric.code();
-        head[22] = if trained { FLAG_TRAINED } else { 0 } | if exact { FLAG_EXACT } else { 0 };
-        head[24..32].copy_from_slice(&(n as u64).to_le_bytes());
-        head[32..36].copy_from_slice(&(lists as u32).to_le_bytes());
+        let flag = |on: bool, bit: u8| if on { bit } else { 0 };
+        head[22] = flag(shape.trained, FLAG_TRAINED)
+            | flag(shape.exact, FLAG_EXACT)
+            | flag(shape.directions, FLAG_DIRECTIONS);
+        head[24..32].copy_from_slice(&(shape.count as u64).to_le_bytes());
+        head[32..36].copy_from_slice(&(shape.lists as u32).to_le_bytes());
         let p = &self.params;
         head[36..40].copy_from_slice(&(p.nlist as u32).to_le_bytes());
         head[40..44].copy_from_slice(&(p.nprobe.min(u32::MAX as usize) as u32).to_le_bytes());
@@ -675,11 +735,7 @@ impl IvfIndex {
             head[84..88].copy_from_slice(&(k.clamp(1, u32::MAX as usize) as u32).to_le_bytes());
         }
         head[88] = a.knobs.bits();
-        head[112..120].copy_from_slice(&h.digest().to_le_bytes());
-        let checksum = meta_checksum(&head[..120], &meta);
-        head[120..128].copy_from_slice(&checksum.to_le_bytes());
-        head.extend_from_slice(&meta);
-        Image { head, data }
+        head
     }
 
     /// The file image (what `save` writes). For an index in memory (the fuzzing entry point);
@@ -696,4 +752,11 @@ impl IvfIndex {
         self.check_file()?;
         atomic_write(path, &self.image().parts(), || self.check_file())
     }
+}
+
+/// The directions section and the end of the checksummed metadata of a valid image (tests).
+#[cfg(test)]
+pub(crate) fn sections_of(bytes: &[u8]) -> (Range<usize>, usize) {
+    let l = parse(bytes).expect("a valid image");
+    (l.at.directions, l.at.vectors.start)
 }

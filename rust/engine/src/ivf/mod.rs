@@ -114,10 +114,10 @@ pub struct IvfIndex {
     pub(crate) map: FxHashMap<u64, (u32, u32)>,
     /// The product-quantization codebooks, once trained with `params.pq > 0`.
     pub(crate) codebooks: Option<pq::Pq>,
-    /// With `scan_dims > 0`: the principal directions of the stored vectors (`dim x dim`,
-    /// see `project.rs`), computed by the first batch from a sample of the contents and kept
-    /// until the index is trained again.
-    pub(crate) directions: std::sync::OnceLock<Vec<f32>>,
+    /// With `scan_dims > 0`: the principal directions batches rank by (`dim x dim`, see
+    /// `project.rs`): trained with the centroids (saved), or else computed by the first batch
+    /// from a sample of the contents; kept until the index is trained again.
+    pub(crate) directions: project::Directions,
     /// Set when opened with mmap: the mapped file, checked around every read of the map.
     pub(crate) mapped: Option<crate::file_io::MappedFile>,
     /// The knobs chosen at training, and why (auto.rs); the single queries' nprobe and the
@@ -539,6 +539,37 @@ impl IvfIndex {
         self.train_on(sample)
     }
 
+    /// Trains the principal directions batches with `scan_dims` rank by from `vectors` (rows
+    /// of `dim` values, normalized under cos), instead of the training sample or the
+    /// contents: e.g. a sample across the shards of a manifest, for an index trained without
+    /// `scan_dims`. They are saved with the index and kept until it is trained again.
+    pub fn train_directions(&mut self, vectors: &[f32]) -> Result<()> {
+        self.check_writable()?;
+        // The directions serve scan_dims only: refused where scan_dims is.
+        params::check_scan_dims(self.dim, self.dtype, self.metric, 1)
+            .map_err(|e| Error::Invalid(format!("train_directions: {e}")))?;
+        if vectors.is_empty() || !vectors.len().is_multiple_of(self.dim) {
+            return invalid(format!(
+                "train_directions needs vectors of shape (n, {}) with n >= 1; got {} values",
+                self.dim,
+                vectors.len()
+            ));
+        }
+        self.check_vectors(vectors, "vectors", true)?;
+        let rows = self.normalized(vectors);
+        self.directions = project::Directions::train(&rows, self.dim);
+        for list in &mut self.lists {
+            list.packed = Default::default();
+        }
+        Ok(())
+    }
+
+    /// The principal directions trained with the index or by `train_directions` (`dim x dim`,
+    /// row c the c-th by decreasing variance), or None.
+    pub fn trained_directions(&self) -> Option<&[f32]> {
+        self.directions.saved()
+    }
+
     /// Recomputes the centroids from the current contents (a seeded sample) and moves every
     /// vector to its nearest list. Use it when lists have grown skewed.
     pub fn retrain(&mut self) -> Result<()> {
@@ -604,7 +635,13 @@ impl IvfIndex {
             seed,
         );
         self.set_centroids(centroids);
-        self.directions = Default::default();
+        // Trained from the same sample as the centroids: copies of this quantizer (the
+        // shards of a manifest) rank batches by the same directions.
+        self.directions = if self.params.scan_dims > 0 {
+            project::Directions::train(&sample, self.dim)
+        } else {
+            Default::default()
+        };
         self.codebooks = (self.params.pq > 0).then(|| {
             let seed = self.params.seed.wrapping_add(2);
             pq::Pq::train(&sample, self.dim, self.params.pq, seed)

@@ -330,8 +330,8 @@ impl IvfIndex {
         Excluded { keys, per_list }
     }
 
-    /// The principal directions a batch with `scan_dims` ranks by: computed by the first such
-    /// batch from a sample of the contents, kept until the index is trained again.
+    /// The principal directions a batch with `scan_dims` ranks by: trained with the index, or
+    /// else computed by the first such batch from a sample of the contents (project.rs).
     fn directions(&self) -> &[f32] {
         self.directions.get_or_init(|| {
             let sample = self.sample_contents(project::BASIS_SAMPLE);

@@ -636,9 +636,10 @@ fn a_batch_ranking_by_principal_directions_re_scores_to_the_exact_results() {
             let (a_ids, _, _) = ivf.search(&q, 10, None).unwrap();
             let (b_ids, _, _) = ivf.search(&q[..dim], 10, None).unwrap();
             assert_eq!(&a_ids[..10], &b_ids[..], "{metric:?} {dtype:?}");
-            // Training again drops the directions (the next batch computes them anew).
+            // Training again (scan_dims > 0) trains them from its sample, to be saved.
+            assert!(ivf.trained_directions().is_none(), "computed, not trained");
             ivf.retrain().unwrap();
-            assert!(ivf.directions.get().is_none());
+            assert!(ivf.trained_directions().is_some());
         }
     }
 }
