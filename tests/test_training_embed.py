@@ -190,6 +190,19 @@ def test_folder_source(setup: dict[str, Path]) -> None:
             )
 
 
+def test_folder_names_keep_list_images_order(tmp_path: Path) -> None:
+    """The folder source keeps names, not Paths, in ``list_images``' order (part by part: "a/"
+    before "a-b/" although "-" sorts before "/")."""
+    from training.data import list_images
+
+    for name in ["a/y.jpg", "a-b/x.JPG", "a.jpg", "a/b/z.png", "ab.jpg", "a/notes.txt"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    want = [str(p.relative_to(tmp_path)) for p in list_images(tmp_path)]
+    assert embed.image_names(tmp_path) == want and "a/notes.txt" not in want
+    assert want.index("a/y.jpg") < want.index("a-b/x.JPG")
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
