@@ -160,26 +160,38 @@ pub unsafe fn pack_f32_avx(dst: *mut f32, src: *const f32, ld: usize, block: Blo
 /// An f32 micro-kernel: one tile into `c` (the matrix's origin, stride `ldc`).
 pub type F32Kernel = unsafe fn(&Tile<f32, f32>, *mut f32, usize);
 
-/// What a 12 x 32 kernel with f32 sums does per lane step: `acc + a (x) b`, with `a` one
-/// query's 4 bytes of the step broadcast and `b` 16 rows' 4 bytes each.
+/// What a 12 x 32 vector kernel does per lane step: `acc + a (x) b`, with `a` one query's 4
+/// bytes of the step broadcast and `b` 16 rows' 4 bytes each, summed in `Sum` lanes.
 trait Madd {
-    unsafe fn madd(acc: __m512, a: __m512i, b: __m512i) -> __m512;
+    type Sum: Copy;
+    unsafe fn zero() -> Self::Sum;
+    unsafe fn madd(acc: Self::Sum, a: __m512i, b: __m512i) -> Self::Sum;
 }
 
 /// f32 values, one per lane step: a fused multiply-add.
 struct Fma;
 
 impl Madd for Fma {
+    type Sum = __m512;
+    #[inline(always)]
+    unsafe fn zero() -> __m512 {
+        _mm512_setzero_ps()
+    }
     #[inline(always)]
     unsafe fn madd(acc: __m512, a: __m512i, b: __m512i) -> __m512 {
         _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), acc)
     }
 }
 
-/// bf16 pairs: `vdpbf16ps` (AVX512-BF16) adds both products of each pair.
+/// bf16 pairs: `vdpbf16ps` (AVX512-BF16) adds both products of each pair in f32.
 struct Bf16Pairs;
 
 impl Madd for Bf16Pairs {
+    type Sum = __m512;
+    #[inline(always)]
+    unsafe fn zero() -> __m512 {
+        _mm512_setzero_ps()
+    }
     #[inline(always)]
     unsafe fn madd(acc: __m512, a: __m512i, b: __m512i) -> __m512 {
         let pairs = |v| std::mem::transmute::<__m512i, __m512bh>(v);
@@ -187,16 +199,30 @@ impl Madd for Bf16Pairs {
     }
 }
 
-/// The 12 x 32 kernels with f32 sums (f32 FMA, bf16 pairs): each lane step holds 4 bytes
-/// per query (12 of them in the query panel) and per stored row (32, two vectors).
+/// u8 x i8 quadruples: `vpdpbusd` (AVX512-VNNI) adds the 4 products of each in exact i32.
+struct U8I8Quads;
+
+impl Madd for U8I8Quads {
+    type Sum = __m512i;
+    #[inline(always)]
+    unsafe fn zero() -> __m512i {
+        _mm512_setzero_si512()
+    }
+    #[inline(always)]
+    unsafe fn madd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+        _mm512_dpbusd_epi32(acc, a, b)
+    }
+}
+
+/// The sums of a 12 x 32 vector kernel: each lane step holds 4 bytes per query (12 of them
+/// in the query panel) and per stored row (32, two vectors); row `r`'s sums are `s[r]`
+/// (columns 0..16, 16..32).
 ///
 /// # Safety
-/// The CPU has what `M` runs; the tile's panels hold `steps` lane steps of 12 / 32 x 4
-/// bytes; `c` (the matrix's origin, stride `ldc`) is valid for reads and writes at the
-/// tile's valid rows and columns, the only ones the kernel touches.
+/// The CPU has what `M` runs; the tile's panels hold `steps` lane steps of 12 / 32 x 4 bytes.
 #[inline(always)]
-unsafe fn f32_sums_12x32<M: Madd, TA, TB>(t: &Tile<TA, TB>, c: *mut f32, ldc: usize) {
-    let mut s = [[_mm512_setzero_ps(); 2]; 12];
+unsafe fn sums_12x32<M: Madd, TA, TB>(t: &Tile<TA, TB>) -> [[M::Sum; 2]; 12] {
+    let mut s = [[M::zero(); 2]; 12];
     let (mut pa, mut pb) = (t.a as *const i32, t.b as *const __m512i);
     for _ in 0..t.steps {
         let b0 = _mm512_loadu_si512(pb);
@@ -209,7 +235,7 @@ unsafe fn f32_sums_12x32<M: Madd, TA, TB>(t: &Tile<TA, TB>, c: *mut f32, ldc: us
         pa = pa.add(12);
         pb = pb.add(2);
     }
-    store_f32_sums(t, c, ldc, |r| (s[r][0], s[r][1]));
+    s
 }
 
 /// Store a tile's f32 sums, rows `row(r) = (columns 0..16, 16..32)`, into `c` (the matrix's
@@ -241,10 +267,13 @@ pub(super) unsafe fn store_f32_sums<TA, TB>(
 }
 
 /// # Safety
-/// AVX-512F. As [`f32_sums_12x32`], lane steps of one f32.
+/// AVX-512F. The tile's panels hold `steps` lane steps of 12 / 32 floats; `c` (the matrix's
+/// origin, stride `ldc`) is valid for reads and writes at the tile's valid rows and columns,
+/// the only ones the kernel touches.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn f32_12x32(t: &Tile<f32, f32>, c: *mut f32, ldc: usize) {
-    f32_sums_12x32::<Fma, _, _>(t, c, ldc)
+    let s = sums_12x32::<Fma, _, _>(t);
+    store_f32_sums(t, c, ldc, |r| (s[r][0], s[r][1]))
 }
 
 /// # Safety
@@ -318,20 +347,8 @@ pub struct I8Out {
 /// i8; `out`'s matrices are valid for the tile's rows and columns (`ints` when `multi`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub unsafe fn i8_12x32(t: &Tile<u8, i8>, out: &I8Out, multi: bool) {
-    let mut s = [[_mm512_setzero_si512(); 2]; 12];
-    let (mut pa, mut pb) = (t.a as *const i32, t.b as *const __m512i);
-    for _ in 0..t.steps {
-        let b0 = _mm512_loadu_si512(pb);
-        let b1 = _mm512_loadu_si512(pb.add(1));
-        for (r, sr) in s.iter_mut().enumerate() {
-            let av = _mm512_set1_epi32(pa.add(r).read_unaligned());
-            sr[0] = _mm512_dpbusd_epi32(sr[0], av, b0);
-            sr[1] = _mm512_dpbusd_epi32(sr[1], av, b1);
-        }
-        pa = pa.add(12);
-        pb = pb.add(2);
-    }
-    store_i8_sums(t, out, multi, |r| (s[r][0], s[r][1]));
+    let s = sums_12x32::<U8I8Quads, _, _>(t);
+    store_i8_sums(t, out, multi, |r| (s[r][0], s[r][1]))
 }
 
 /// Store a tile's i32 sums (u8 queries by i8 rows), rows `row(r) = (columns 0..16,
@@ -397,8 +414,10 @@ pub(super) unsafe fn store_i8_sums<TA, TB>(
 }
 
 /// # Safety
-/// AVX-512F/BW and AVX512-BF16. As [`f32_sums_12x32`], lane steps of a bf16 pair.
+/// AVX-512F/BW and AVX512-BF16. The tile's panels hold `steps` lane steps of 12 x 2 / 32 x 2
+/// bf16; `c` as for [`f32_12x32`].
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub unsafe fn bf16_12x32(t: &Tile<u16, u16>, c: *mut f32, ldc: usize) {
-    f32_sums_12x32::<Bf16Pairs, _, _>(t, c, ldc)
+    let s = sums_12x32::<Bf16Pairs, _, _>(t);
+    store_f32_sums(t, c, ldc, |r| (s[r][0], s[r][1]))
 }
