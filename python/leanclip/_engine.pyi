@@ -225,6 +225,18 @@ class IVFIndex(_KeyedVectors):
     @nprobe_single.setter
     def nprobe_single(self, value: int) -> None: ...
     @property
+    def single_scan(self) -> Literal["rows", "codes", "product"]:
+        """How single queries (fewer than 8 per call) scan their lists: "rows" (exact, the
+        single-query kernels), "codes" (an index with ``pq > 0``: the 4-bit codes, then
+        ``shortlist`` re-scored) or "product" (as a batch does: each list's packed i8 copy,
+        projected onto ``scan_dims`` directions if set, then the best ``k + margin``
+        re-scored from the stored vectors). Settable; ``tune`` sets it to the way that reads
+        the fewest bytes at the target recall, and it is saved with the index. "product"
+        needs dtype "f16" / "i8", metric "cos" / "ip" and a packed copy smaller than the rows
+        (ValueError otherwise)."""
+    @single_scan.setter
+    def single_scan(self, value: Literal["rows", "codes", "product"]) -> None: ...
+    @property
     def tuned(self) -> Optional[Tuple[float, int]]:
         """(target recall, k) of the last ``tune``, saved with the index; None if never tuned."""
     @property
@@ -238,9 +250,11 @@ class IVFIndex(_KeyedVectors):
         queries: ``queries`` (up to 1,000 used) or 1,000 stored vectors held out (their near
         duplicates excluded too). Returns what it measured: ``recall`` / ``recall_single`` with
         ``spread`` / ``spread_single`` (1.96 standard errors), ``nprobe``, ``nprobe_single``,
-        ``shortlist`` (None without codes), ``scan_dims``, ``queries``, ``held_out``,
-        ``settings_measured``, ``seconds``. Codes or scan_dims the index chose itself are
-        dropped where they lose. Needs a trained, writable index."""
+        ``single_scan``, ``shortlist`` (None unless single queries scan codes), ``scan_dims``,
+        ``queries``, ``held_out``,
+        ``settings_measured``, ``seconds``. Single queries scan rows, codes or by the product,
+        whichever reads the fewest bytes at the target. Codes or scan_dims the index chose
+        itself are dropped where they lose. Needs a trained, writable index."""
     @property
     def rerank(self) -> int:
         """Candidates re-scored from float32 copies (settable; > 0 needs an index created

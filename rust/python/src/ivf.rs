@@ -6,7 +6,7 @@ use crate::convert::{
     Count, Int,
 };
 use crate::errors::{engine, to_py_err, value_error};
-use leanclip_engine::ivf::{IvfConfig, IvfIndex, Preference};
+use leanclip_engine::ivf::{IvfConfig, IvfIndex, Preference, SingleScan};
 use leanclip_engine::{DType, Metric};
 use numpy::PyArray1;
 use parking_lot::RwLock;
@@ -143,6 +143,26 @@ impl PyIvfIndex {
     }
 
     #[getter]
+    fn single_scan(&self, py: Python<'_>) -> &'static str {
+        scan_name(py.detach(|| self.inner.read().single_scan()))
+    }
+
+    #[setter]
+    fn set_single_scan(&self, py: Python<'_>, value: &str) -> PyResult<()> {
+        let scan = match value {
+            "rows" => SingleScan::Rows,
+            "codes" => SingleScan::Codes,
+            "product" => SingleScan::Product,
+            other => {
+                return Err(value_error(format!(
+                    "single_scan must be \"rows\", \"codes\" or \"product\", got {other:?}"
+                )))
+            }
+        };
+        engine(py, || self.inner.write().set_single_scan(scan))
+    }
+
+    #[getter]
     fn tuned(&self, py: Python<'_>) -> Option<(f32, usize)> {
         py.detach(|| self.inner.read().tuned())
     }
@@ -222,7 +242,7 @@ impl PyIvfIndex {
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {
-        let (len, p, trained, ro, single, tuned, why) = py.detach(|| {
+        let (len, p, trained, ro, single, tuned, why, scan) = py.detach(|| {
             let g = self.inner.read();
             (
                 g.len(),
@@ -232,6 +252,7 @@ impl PyIvfIndex {
                 g.nprobe_single(),
                 g.tuned(),
                 g.auto_reasons(),
+                g.single_scan(),
             )
         });
         let ro = if ro { ", read_only=True" } else { "" };
@@ -245,6 +266,9 @@ impl PyIvfIndex {
         }
         if single != p.nprobe {
             pq += &format!(", nprobe_single={single}");
+        }
+        if scan == SingleScan::Product {
+            pq += ", single_scan='product'";
         }
         if let Some((target, k)) = tuned {
             pq += &format!(", tuned=(recall {target}, k {k})");
@@ -374,6 +398,7 @@ impl PyIvfIndex {
         d.set_item("recall", r.batch_recall)?;
         d.set_item("spread", r.batch_spread)?;
         d.set_item("nprobe_single", r.nprobe_single)?;
+        d.set_item("single_scan", scan_name(r.single_scan))?;
         d.set_item("shortlist", (r.shortlist > 0).then_some(r.shortlist))?;
         d.set_item("recall_single", r.single_recall)?;
         d.set_item("spread_single", r.single_spread)?;
@@ -396,6 +421,15 @@ impl PyIvfIndex {
 
     fn verify(&self, py: Python<'_>) -> PyResult<()> {
         engine(py, || self.inner.read().verify())
+    }
+}
+
+/// The Python name of a single-query scan.
+fn scan_name(scan: SingleScan) -> &'static str {
+    match scan {
+        SingleScan::Rows => "rows",
+        SingleScan::Codes => "codes",
+        SingleScan::Product => "product",
     }
 }
 

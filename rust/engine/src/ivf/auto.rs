@@ -287,12 +287,28 @@ impl IvfIndex {
     }
 }
 
+/// How single queries (fewer than 8 in a call) scan their lists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SingleScan {
+    /// The rows, with the single-query kernels: exact scores.
+    Rows,
+    /// The 4-bit codes, then the best `shortlist` re-scored from the rows.
+    Codes,
+    /// As a batch does: the lists' packed copies (i8 with VNNI, `scan_dims` directions) by the
+    /// product, then the best `k + margin` re-scored from the rows. The copy is a fraction of
+    /// an f16 row's bytes, which is what a single query's scan is bound by.
+    Product,
+}
+
 /// What an index chose itself, and what `tune` set beyond `IvfParams`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct AutoState {
     pub(crate) knobs: AutoKnobs,
     /// Lists a single query (fewer than 8 per call) scans; 0: `nprobe`.
     pub(crate) nprobe_single: usize,
+    /// Single queries scan as batches do ([`SingleScan::Product`]) where the lists have a
+    /// packed copy smaller than their rows.
+    pub(crate) single_product: bool,
     /// (target recall, k) of the last `tune`.
     pub(crate) tuned: Option<(f32, usize)>,
     /// One line per choice made, for `repr` (not saved: a loaded index says what it chose).
@@ -320,6 +336,50 @@ impl IvfIndex {
             return vec!["chosen at training (reasons are not saved)".into()];
         }
         self.auto.why.clone()
+    }
+
+    /// How single queries scan: by the product where set and the lists' packed copy is
+    /// smaller than their rows (an i8 or bf16 product, or `scan_dims`), else their codes if
+    /// the index has them, else the rows.
+    pub fn single_scan(&self) -> SingleScan {
+        if self.auto.single_product && self.product_scan_fits() {
+            SingleScan::Product
+        } else if self.has_codes() {
+            SingleScan::Codes
+        } else {
+            SingleScan::Rows
+        }
+    }
+
+    /// Whether single queries can scan by the product: the lists' packed copy is smaller than
+    /// their rows (an i8 or bf16 product, or `scan_dims` directions), under cos / ip (the
+    /// product ranks by inner product).
+    pub(crate) fn product_scan_fits(&self) -> bool {
+        let reduced = super::scan::batch_product(self.dtype) != crate::matmul::Product::F32
+            || self.params.scan_dims > 0;
+        reduced && self.metric != Metric::L2
+    }
+
+    /// Sets how single queries scan: `Product` (where [`Self::product_scan_fits`]), or
+    /// `Codes` / `Rows`, which is what an index with / without codes scans otherwise.
+    pub fn set_single_scan(&mut self, scan: SingleScan) -> Result<()> {
+        match scan {
+            SingleScan::Product if !self.product_scan_fits() => invalid(
+                "single_scan \"product\" needs a packed copy smaller than the rows: f16 or i8 \
+                 rows under cos / ip, with an i8 or bf16 batch product on this CPU or scan_dims > 0",
+            ),
+            SingleScan::Codes if self.params.pq == 0 => {
+                invalid("single_scan \"codes\" needs pq > 0 (an index with 4-bit codes)")
+            }
+            SingleScan::Rows if self.params.pq > 0 => invalid(
+                "single_scan \"rows\": this index has codes (pq > 0), which single queries scan \
+                 unless they scan by the product",
+            ),
+            _ => {
+                self.auto.single_product = scan == SingleScan::Product;
+                Ok(())
+            }
+        }
     }
 
     /// Lists a single query scans.

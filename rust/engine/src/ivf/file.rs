@@ -26,7 +26,9 @@
 //!     84     4  k of the last `tune` (u32), 0 when never tuned
 //!     88     1  knobs the index chooses at training (auto.rs): bit 0 nlist, 1 nprobe, 2 pq,
 //!               3 scan_dims; other bits zero
-//!     89    23  reserved, zero
+//!     89     1  how single queries scan (set by `tune`): 0 their rows (or codes), 1 as a
+//!               batch does, by the product over the lists' packed copies
+//!     90    22  reserved, zero
 //!    112     8  xxh3-64 of the data sections (vectors, float32 copies, codes)
 //!    120     8  xxh3-64 of bytes 0..120 and of every byte from 128 up to the vectors
 //!    128  8*L   list sizes (u64), L = lists stored
@@ -46,7 +48,7 @@
 //! ```
 //! Files without codes and with scan_dims 0 are byte for byte what builds before `pq` wrote
 //! (pq, shortlist and scan_dims 0); files of indexes never tuned and with no automatic knobs,
-//! what builds before `tune` wrote (bytes 76..89 zero); files without trained directions
+//! what builds before `tune` wrote (bytes 76..90 zero); files without trained directions
 //! (flag bit 2 clear), what builds before they were stored wrote.
 //! The file ends exactly where the last section ends. Every section offset follows from the
 //! header, so nothing else can disagree with it; `parse` checks all of it but the data
@@ -301,7 +303,7 @@ fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
     if bytes[12..16]
         .iter()
         .chain(&bytes[23..24])
-        .chain(&bytes[89..112])
+        .chain(&bytes[90..112])
         .any(|&b| b != 0)
     {
         return bad("corrupt header: reserved bytes are not zero");
@@ -342,7 +344,7 @@ fn parse(bytes: &[u8]) -> std::result::Result<Layout, String> {
     })
 }
 
-/// What `tune` set and which knobs the index chooses itself (bytes 76..89).
+/// What `tune` set and which knobs the index chooses itself (bytes 76..90).
 fn read_auto(bytes: &[u8]) -> std::result::Result<super::auto::AutoState, String> {
     let (target, tune_k) = (u32_at(bytes, 80), u32_at(bytes, 84) as usize);
     if target > 1_000_000 || (target == 0) != (tune_k == 0) {
@@ -354,6 +356,11 @@ fn read_auto(bytes: &[u8]) -> std::result::Result<super::auto::AutoState, String
         knobs: super::auto::AutoKnobs::from_bits(bytes[88])
             .ok_or_else(|| format!("corrupt header: automatic knobs {:#x}", bytes[88]))?,
         nprobe_single: u32_at(bytes, 76) as usize,
+        single_product: match bytes[89] {
+            0 => false,
+            1 => true,
+            b => return bad(format!("corrupt header: single-query scan {b}")),
+        },
         tuned: (target > 0).then_some((target as f32 / 1e6, tune_k)),
         why: Vec::new(),
     })
@@ -735,6 +742,7 @@ impl IvfIndex {
             head[84..88].copy_from_slice(&(k.clamp(1, u32::MAX as usize) as u32).to_le_bytes());
         }
         head[88] = a.knobs.bits();
+        head[89] = a.single_product as u8;
         head
     }
 

@@ -31,6 +31,9 @@
 //! - With `pq > 0` each vector also has a 4-bit product-quantization code (`pq.rs`): single
 //!   queries scan the codes and re-score their best `shortlist` candidates from the rows
 //!   (`search.rs`, `scan_codes`); batches scan the rows as above.
+//! - With `single_scan` "product" (`auto.rs`, set by `tune` where it reads fewer bytes)
+//!   single queries scan as batches do: each probed list's packed i8 copy (and `scan_dims`),
+//!   one query against it, then the best `k + margin` re-scored from the rows.
 //! - With `scan_dims > 0` (f16 / i8, cos / ip) a batch's product ranks by the rows and queries
 //!   projected onto their top principal directions (`project.rs`) before the re-score.
 //! - With nprobe >= nlist a search is exact (the same results as [`crate::Index`]); with codes,
@@ -53,7 +56,7 @@ mod scan;
 mod search;
 mod tune;
 
-pub use auto::{AutoKnobs, IvfConfig, Preference, AUTO_TRAIN_THRESHOLD};
+pub use auto::{AutoKnobs, IvfConfig, Preference, SingleScan, AUTO_TRAIN_THRESHOLD};
 pub use file::{IVF_FORMAT_VERSION, IVF_MAGIC};
 pub use params::IvfParams;
 pub use pq::MAX_PQ;

@@ -12,7 +12,8 @@
 //!   each query's floor and marks the rest.
 //!
 //! Scores are internal (higher is better). A single list's 4-bit codes are summed through a
-//! query's lookup table by [`push_codes`]. Nothing here allocates per list or per (query,
+//! query's lookup table by [`push_codes`]; a single query scanning as a batch does
+//! ([`super::SingleScan::Product`]) scores a list's packed copy by [`push_product`]. Nothing here allocates per list or per (query,
 //! list) pair: buffers live per thread ([`Scratch`]).
 
 use super::list::List;
@@ -71,6 +72,8 @@ pub(crate) struct ScanSpec {
     pub kc: usize,
     /// Run list scans in parallel (a batch) or all on the calling thread (few queries).
     pub parallel: bool,
+    /// Lists may be scanned by the product (see `SearchPlan::by_product`).
+    pub by_product: bool,
 }
 
 /// The product a batch over lists of `dtype` runs on this CPU.
@@ -105,6 +108,39 @@ fn pack_rows(
         }
         None => PackedQueries::new(spec.product, level, n, dim, rows),
     }
+}
+
+/// `queries` (`dim` values each) projected onto the first `pdim` of `directions`: by the
+/// product for a batch; one dot product per direction for fewer queries (the product would
+/// pack every direction for them).
+pub(crate) fn project_queries(
+    queries: &[f32],
+    dim: usize,
+    directions: &[f32],
+    pdim: usize,
+) -> Vec<f32> {
+    let nq = queries.len() / dim;
+    let mut out = Vec::with_capacity(nq * pdim);
+    if nq < crate::search::GEMM_MIN_QUERIES {
+        let level = kernels::level();
+        for q in queries.chunks_exact(dim) {
+            out.extend(
+                directions[..pdim * dim]
+                    .chunks_exact(dim)
+                    .map(|d| kernels::dot_f32_with(level, q, d)),
+            );
+        }
+    } else {
+        project::project(
+            queries,
+            dim,
+            directions,
+            pdim,
+            &mut out,
+            &mut Default::default(),
+        );
+    }
+    out
 }
 
 /// What a batch's product multiplies: the queries as they are (`directions` None), or
@@ -206,12 +242,13 @@ pub(crate) fn exact_score(
     search::exact_score(plan, list.rows(), slot, q, q16, scale, conv)
 }
 
-/// Pushes the scores of rows `[r0, r0 + scores.len())` of a list, skipping excluded keys.
+/// Pushes the scores of rows `[r0, r0 + scores.len())` of list `list` (`at`: (list, r0)),
+/// skipping excluded keys.
 #[inline(always)]
 fn push_scores(
     sel: &mut Select,
+    (list, r0): (u32, usize),
     scores: &[f32],
-    r0: usize,
     keys: &[u64],
     excluded: Option<&FxHashSet<u64>>,
     passing: &mut Vec<u32>,
@@ -228,7 +265,7 @@ fn push_scores(
         }
         sel.push(Cand {
             score: s,
-            list: 0,
+            list,
             slot: slot as u32,
             key,
         });
@@ -317,7 +354,7 @@ impl ScanInputs<'_> {
             // A product pays packing and setup per call: lists probed by fewer than
             // PRODUCT_MIN_QUERIES queries of the batch (both rounds) run the single-query
             // kernels.
-            let product = self.spec.parallel && job.by_product;
+            let product = self.spec.by_product && job.by_product;
             if product && (self.spec.product != Product::F32 || self.reduced.directions.is_some()) {
                 self.scan_packed(job, &mut out, counts, s);
             } else if product {
@@ -370,7 +407,7 @@ impl ScanInputs<'_> {
                     &mut s.ints,
                     scores,
                 );
-                push_scores(sel, scores, r0, keys, job.excluded, &mut s.passing);
+                push_scores(sel, (0, r0), scores, keys, job.excluded, &mut s.passing);
                 r0 = r1;
             }
             let kept = sel.kept();
@@ -430,7 +467,7 @@ impl ScanInputs<'_> {
                             *v = -(qn + xn - 2.0 * *v).max(0.0);
                         }
                     }
-                    push_scores(sel, scores, r0, keys, job.excluded, &mut s.passing);
+                    push_scores(sel, (0, r0), scores, keys, job.excluded, &mut s.passing);
                 }
                 r0 = r1;
             }
@@ -579,6 +616,42 @@ impl ScanInputs<'_> {
             }
         }
     }
+}
+
+/// One query's scan of one list by the product over the list's packed copy (built on first
+/// use, as a batch builds it), its scores pushed into `sel` (list `l`), excluded keys skipped:
+/// the scores a batch's product gives this query, for a single query that scans as batches do
+/// ([`super::SingleScan::Product`]). `q8` is the query as the i8 product reads it; other
+/// products read the reduced query `q` (`spec.pdim` values).
+pub(crate) fn push_product(
+    inputs: &ScanInputs<'_>,
+    (list, l): (&List, u32),
+    (q, q8): (&[f32], Option<(&[i8], f32)>),
+    sel: &mut Select,
+    excluded: Option<&FxHashSet<u64>>,
+) {
+    let spec = inputs.spec;
+    debug_assert!(
+        spec.metric != Metric::L2,
+        "the single product scan ranks by inner product"
+    );
+    SCRATCH.with_borrow_mut(|s| {
+        let n = list.len();
+        let packed = list
+            .packed
+            .get_or_init(|| pack_rows(list, spec, inputs.reduced.directions, s));
+        if s.tile.len() < n {
+            s.tile.resize(n, 0.0);
+        }
+        let scores = &mut s.tile[..n];
+        match q8 {
+            Some((q8, scale)) => packed.scores_one_i8(q8, scale, scores, &mut s.ws),
+            // bf16 / f32 products: the product of one column (the tile is rows x 1).
+            None => packed.scores(Src::F32(q), 1, scores, 1, &mut s.ws),
+        }
+        let keys = list.keys.as_slice();
+        push_scores(sel, (l, 0), scores, keys, excluded, &mut s.passing);
+    });
 }
 
 /// Pushes the scores the product marked (`masks`: `words` words per row of `tile`, one bit per

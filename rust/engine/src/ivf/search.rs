@@ -3,14 +3,15 @@
 //! 1. The plan ([`SearchPlan`]): what this search runs, from the parameters and the number
 //!    of queries alone. A batch (at least [`GEMM_MIN_QUERIES`] queries) scans list-major by
 //!    matrix products and re-scores its best candidates; fewer queries scan with the
-//!    single-query kernels, or their 4-bit codes (`pq > 0`) and re-score a shortlist.
+//!    single-query kernels, or their 4-bit codes (`pq > 0`) and re-score a shortlist, or
+//!    ([`SingleScan::Product`]) as a batch does, one query at a time.
 //! 2. The queries as the scans read them: normalized, projected onto the principal
 //!    directions (`scan_dims`, `project.rs`), quantized for i8 rows and the i8 product.
 //! 3. Each query's lists ([`IvfIndex::probes`]): its `nprobe` nearest centroids.
 //! 4. The scan: a batch groups its queries by list and scans each probed list once for all
 //!    of them (the scanner, `scan.rs`), in two rounds: the nearest lists first set each
-//!    query's floor, then the far lists keep only what reaches it. Codes are summed list after
-//!    list per query.
+//!    query's floor, then the far lists keep only what reaches it. Codes, and single queries
+//!    scanning by the product, go list after list per query.
 //! 5. The finish: each query's candidates re-ranked from the float32 copies (`rerank`) or
 //!    re-scored with the single-query kernels, and written out best first.
 
@@ -19,7 +20,7 @@ use super::params::IvfParams;
 use super::pq::Pq;
 use super::project;
 use super::scan::{self, Cand, ListScan, Reduced, ScanInputs, ScanSpec, Select, Q16, Q8};
-use super::IvfIndex;
+use super::{IvfIndex, SingleScan};
 use crate::error::Result;
 use crate::index::check_search_args;
 use crate::kernels;
@@ -52,6 +53,9 @@ pub(crate) struct SearchPlan {
     /// At least [`GEMM_MIN_QUERIES`] queries: lists scanned list-major by matrix products,
     /// in parallel.
     pub batch: bool,
+    /// Lists are scanned by the batch's product over their packed copies (and `scan_dims`),
+    /// then re-scored: every batch, and single queries set to [`SingleScan::Product`].
+    pub by_product: bool,
     /// The product a batch runs (its scores rank the candidates).
     pub product: Product,
     /// Single queries scan the 4-bit codes (the index has them): a batch's product over the
@@ -78,14 +82,15 @@ impl SearchPlan {
         metric: Metric,
         nq: usize,
         k: usize,
-        has_codes: bool,
+        single: SingleScan,
     ) -> SearchPlan {
         let batch = nq >= GEMM_MIN_QUERIES;
         let product = scan::batch_product(dtype);
-        let codes = has_codes && !batch;
+        let by_product = batch || single == SingleScan::Product;
+        let codes = single == SingleScan::Codes && !by_product;
         // Float32 copies exist exactly when rerank > 0 was allowed (f16 / i8, see params.rs).
         let rerank = params.rerank;
-        let rescore = rerank == 0 && (codes || (batch && dtype != DType::F32));
+        let rescore = rerank == 0 && (codes || (by_product && dtype != DType::F32));
         // Candidates per query: k plus the margin of the scan's rounding (as `Index` batches
         // keep); an f32 product over f16 / i8 rows keeps the bf16 margin, as its order may
         // differ from the single-query kernels' in the last bits.
@@ -108,7 +113,7 @@ impl SearchPlan {
         // A batch with scan_dims ranks by the principal directions: its candidates are
         // re-scored from the rows (scan_dims is allowed for f16 / i8 only), with a margin for
         // what the dropped dimensions move.
-        let scan_dims = (batch && params.scan_dims > 0).then_some(params.scan_dims);
+        let scan_dims = (by_product && params.scan_dims > 0).then_some(params.scan_dims);
         let kc = match scan_dims {
             Some(_) => kc.max(k + k.max(SCAN_DIMS_MARGIN)),
             None => kc,
@@ -117,6 +122,7 @@ impl SearchPlan {
             k,
             metric,
             batch,
+            by_product,
             product,
             codes,
             rerank,
@@ -135,6 +141,7 @@ impl SearchPlan {
             product: self.product,
             kc: self.kc,
             parallel: self.batch,
+            by_product: self.by_product,
         }
     }
 }
@@ -268,32 +275,21 @@ impl IvfIndex {
             self.metric,
             nq,
             kp,
-            self.has_codes(),
+            self.single_scan(),
         );
         debug_assert!(plan.rerank == 0 || self.keeps_exact());
         let spec = plan.spec(dim);
         // The queries as the scans read them.
         let queries = self.normalize(queries, true);
         let directions = plan.scan_dims.map(|_| self.directions());
-        let projected = directions.map(|d| {
-            let mut out = Vec::new();
-            project::project(
-                &queries,
-                dim,
-                d,
-                spec.pdim,
-                &mut out,
-                &mut Default::default(),
-            );
-            out
-        });
+        let projected = directions.map(|d| scan::project_queries(&queries, dim, d, spec.pdim));
         let reduced = Reduced {
             directions,
             queries: projected.as_deref().unwrap_or(&queries),
         };
         let q16 =
             (self.dtype == DType::I8 && self.metric != Metric::L2).then(|| Q16::new(&queries, dim));
-        let q8 = (plan.batch && plan.product == Product::I8)
+        let q8 = (plan.by_product && plan.product == Product::I8)
             .then(|| Q8::new(reduced.queries, spec.pdim));
         // Each query's lists, the scan, the finish.
         let probes = self.probes(&queries, kp + excluded.keys.len());
@@ -309,7 +305,11 @@ impl IvfIndex {
                     q16: q16.as_ref(),
                     q8: q8.as_ref(),
                 };
-                self.scan_lists(&inputs, &probes, &excluded)
+                if plan.by_product && !plan.batch {
+                    self.scan_product_few(&inputs, &probes, &excluded.keys)
+                } else {
+                    self.scan_lists(&inputs, &probes, &excluded)
+                }
             }
         };
         let (ids, scores) = self.finish(&plan, &queries, q16.as_ref(), hits);
@@ -546,10 +546,11 @@ impl IvfIndex {
         for &l in probes.1.iter() {
             probed[l as usize] += 1;
         }
-        let reduced_scan = inputs.reduced.directions.is_some();
+        // Single queries set to scan by the product scan every list so.
+        let all = inputs.reduced.directions.is_some() || !spec.parallel;
         let by_product: Vec<bool> = probed
             .iter()
-            .map(|&c| c >= PRODUCT_MIN_QUERIES || reduced_scan)
+            .map(|&c| c >= PRODUCT_MIN_QUERIES || all)
             .collect();
         let mut floors = vec![f32::NEG_INFINITY; nq];
         let h1 = self.scan_pairs(inputs, &by_product, &rounds.first, &floors, excluded);
@@ -682,6 +683,36 @@ impl IvfIndex {
         PairHits { by_list, ranges }
     }
 
+    /// Few queries scanning as batches do ([`SingleScan::Product`]): each query's probed
+    /// lists, nearest first, by the product over their packed copies, keeping its best
+    /// `spec.kc` by the product's scores (to be re-scored). On the calling thread.
+    fn scan_product_few(
+        &self,
+        inputs: &ScanInputs<'_>,
+        probes: &(Vec<usize>, Vec<u32>),
+        excluded: &FxHashSet<u64>,
+    ) -> Vec<Vec<Cand>> {
+        let (offsets, flat) = probes;
+        let pdim = inputs.spec.pdim;
+        let ex = (!excluded.is_empty()).then_some(excluded);
+        let mut sel = Select::default();
+        let mut one = |q: usize| -> Vec<Cand> {
+            sel.reset(inputs.spec.kc, f32::NEG_INFINITY);
+            let qr = &inputs.reduced.queries[q * pdim..(q + 1) * pdim];
+            let q8 = inputs
+                .q8
+                .map(|x| (&x.data[q * pdim..(q + 1) * pdim], x.scales[q]));
+            for &l in &flat[offsets[q]..offsets[q + 1]] {
+                let list = &self.lists[l as usize];
+                if list.len() > 0 {
+                    scan::push_product(inputs, (list, l), (qr, q8), &mut sel, ex);
+                }
+            }
+            sel.kept().to_vec()
+        };
+        (0..offsets.len() - 1).map(&mut one).collect()
+    }
+
     /// Each query's best `spec.kc` candidates by its 4-bit codes (see `pq.rs`): the probed
     /// lists' codes are summed through the query's lookup table, one list after another.
     /// Candidate scores are those sums (to be re-scored). Few queries (a batch scans the
@@ -769,7 +800,12 @@ mod tests {
     use super::*;
 
     fn plan(params: IvfParams, dtype: DType, nq: usize, k: usize, codes: bool) -> SearchPlan {
-        SearchPlan::new(&params, dtype, Metric::Cos, nq, k, codes)
+        let single = if codes {
+            SingleScan::Codes
+        } else {
+            SingleScan::Rows
+        };
+        SearchPlan::new(&params, dtype, Metric::Cos, nq, k, single)
     }
 
     fn params() -> IvfParams {
@@ -850,6 +886,28 @@ mod tests {
         assert_eq!(batch.spec(384).pdim, 32);
         assert_eq!(batch.kc, 10 + SCAN_DIMS_MARGIN);
         assert_eq!(plan(p, DType::F16, 100, 100, false).kc, 200);
+    }
+
+    #[test]
+    fn single_queries_scanning_by_the_product_plan_as_a_batch_on_one_thread() {
+        let p = IvfParams {
+            scan_dims: 32,
+            pq: 8,
+            ..params()
+        };
+        let one = SearchPlan::new(&p, DType::F16, Metric::Cos, 1, 10, SingleScan::Product);
+        let batch = plan(p, DType::F16, 100, 10, true);
+        assert!(one.by_product && !one.batch && !one.codes && one.rescore);
+        assert_eq!(
+            (one.scan_dims, one.kc, one.product),
+            (batch.scan_dims, batch.kc, batch.product)
+        );
+        let spec = one.spec(384);
+        assert!(spec.by_product && !spec.parallel);
+        // The other ways keep their plans; a batch scans by the product whatever is set.
+        assert!(!plan(p, DType::F16, 1, 10, true).by_product);
+        let b = SearchPlan::new(&p, DType::F16, Metric::Cos, 100, 10, SingleScan::Product);
+        assert_eq!(b, batch);
     }
 
     #[test]

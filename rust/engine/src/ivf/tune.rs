@@ -27,7 +27,7 @@
 //! 1.96 standard errors of that mean (per-query recalls vary; 1,000 queries at recall 0.95 give
 //! about +-0.006).
 
-use super::IvfIndex;
+use super::{IvfIndex, SingleScan};
 use crate::error::{invalid, Result};
 use rayon::prelude::*;
 use rustc_hash::FxHashSet;
@@ -53,6 +53,8 @@ pub struct TuneReport {
     pub batch_recall: f64,
     pub batch_spread: f64,
     pub nprobe_single: usize,
+    /// How single queries scan.
+    pub single_scan: SingleScan,
     /// With codes: the single queries' shortlist (else 0).
     pub shortlist: usize,
     pub single_recall: f64,
@@ -142,6 +144,7 @@ impl IvfIndex {
             self.params.shortlist,
             self.params.scan_dims,
             self.auto.nprobe_single,
+            self.auto.single_product,
         );
         let out = self.tune_inner(target as f64, k, queries);
         if out.is_err() {
@@ -149,139 +152,177 @@ impl IvfIndex {
             self.params.shortlist = saved.1;
             self.set_scan_dims(saved.2)?;
             self.auto.nprobe_single = saved.3;
+            self.auto.single_product = saved.4;
         }
         out
     }
 
     fn tune_inner(&mut self, target: f64, k: usize, queries: Option<&[f32]>) -> Result<TuneReport> {
-        let nlist = self.lists.len();
         let sample = self.tune_sample(k, queries)?;
-        let m = sample.len();
-        let mut evaluations = 0usize;
-        // Every list each query would scan, nearest first, and where its true neighbours lie:
-        // the recall of an exact scan of the first p lists, for every p at once.
         let ranks = self.truth_list_ranks(&sample)?;
-        let ideal = |p: usize| -> Vec<f64> {
-            ranks
-                .iter()
-                .map(|r| {
-                    if r.is_empty() {
-                        1.0
-                    } else {
-                        r.iter().filter(|&&x| x < p).count() as f64 / r.len() as f64
-                    }
-                })
-                .collect()
+        let mut t = Tuning {
+            sample,
+            ranks,
+            target,
+            k,
+            nlist: self.lists.len(),
+            evaluations: 0,
         };
-        let smallest = |f: &dyn Fn(usize) -> Vec<f64>| -> usize {
-            // recall grows with p: bisection over 1..=nlist
-            let (mut lo, mut hi) = (0usize, nlist);
-            while hi - lo > 1 {
-                let mid = lo + (hi - lo) / 2;
-                if mean_spread(&f(mid)).0 >= target {
-                    hi = mid;
-                } else {
-                    lo = mid;
-                }
-            }
-            hi
-        };
-        let p_exact = smallest(&ideal);
-        let extra = sample.max_excluded();
-        let batch = |ix: &mut IvfIndex, p: usize| -> Result<Vec<f64>> {
-            ix.params.nprobe = p;
-            let kk = (k + extra).min(ix.len());
-            let (ids, _, kp) = ix.search(&sample.queries, kk, None)?;
-            let kp = kp.max(1);
-            Ok((0..m)
-                .map(|i| {
-                    recall_of(
-                        &ids[i * kp..(i + 1) * kp],
-                        &sample.truth[i],
-                        &sample.exclude[i],
-                        k,
-                    )
-                })
-                .collect())
-        };
-        // Batches rank by a product (and scan_dims): measured, from the exact scan's nprobe up
-        // by an eighth at a time; scan_dims chosen automatically goes where it needs more than
-        // twice that nprobe.
-        let climb = |ix: &mut IvfIndex, evaluations: &mut usize| -> Result<(usize, Vec<f64>)> {
-            let mut p = p_exact;
-            loop {
-                *evaluations += 1;
-                let r = batch(ix, p)?;
-                if mean_spread(&r).0 >= target || p >= nlist || p >= 2 * p_exact.max(4) {
-                    return Ok((p, r));
-                }
-                p = (p + p.div_ceil(8)).min(nlist);
-            }
-        };
-        let (mut nprobe, mut recalls) = climb(self, &mut evaluations)?;
-        if mean_spread(&recalls).0 < target
-            && self.params.scan_dims > 0
-            && self.auto.knobs.scan_dims
-        {
-            self.set_scan_dims(0)?;
-            self.auto.why.retain(|w| !w.starts_with("scan_dims="));
-            self.auto.why.push(format!(
-                "scan_dims=0: tune({target}) measured the reduced scan short of the target"
-            ));
-            (nprobe, recalls) = climb(self, &mut evaluations)?;
-        }
+        let p_exact = t.p_exact();
+        let (nprobe, recalls) = self.tune_batches(&mut t, p_exact)?;
+        let single = self.tune_single(&mut t, p_exact, nprobe)?;
         let (batch_recall, batch_spread) = mean_spread(&recalls);
-        // Single queries scan exactly what they probe: the exact scan's nprobe, or through codes
-        // where they cost less (see `tune_codes`).
-        let mut single = p_exact;
-        let mut single_recalls = ideal(p_exact);
-        let mut shortlist = 0;
-        if self.has_codes() {
-            match self.tune_codes(&sample, k, target, p_exact, &mut evaluations)? {
-                Some((s, r)) => {
-                    shortlist = s;
-                    single_recalls = r;
-                }
-                None if self.auto.knobs.pq => {
-                    self.drop_codes();
-                    self.auto.why.retain(|w| !w.starts_with("pq="));
-                    self.auto.why.push(format!(
-                        "pq=0: tune({target}) measured single queries cheaper scanning rows than codes"
-                    ));
-                }
-                None => {
-                    // Codes given by hand: the shortlist reaching the target, however long.
-                    single = p_exact;
-                    shortlist = MAX_SHORTLIST;
-                    self.params.shortlist = shortlist;
-                    self.auto.nprobe_single = single;
-                    evaluations += 1;
-                    single_recalls = self.single_recalls(&sample, k)?;
-                }
-            }
-        }
-        let (single_recall, single_spread) = mean_spread(&single_recalls);
+        let (single_recall, single_spread) = mean_spread(&single.recalls);
         self.params.nprobe = nprobe;
-        self.auto.nprobe_single = single;
-        if shortlist > 0 {
-            self.params.shortlist = shortlist;
+        self.auto.nprobe_single = single.nprobe;
+        self.auto.single_product = single.scan == SingleScan::Product;
+        if single.shortlist > 0 {
+            self.params.shortlist = single.shortlist;
         }
         self.auto.tuned = Some((target as f32, k));
         Ok(TuneReport {
             target: target as f32,
             k,
-            queries: m,
+            queries: t.sample.len(),
             user_queries: queries.is_some(),
             nprobe,
             batch_recall,
             batch_spread,
-            nprobe_single: single,
-            shortlist,
+            nprobe_single: single.nprobe,
+            single_scan: single.scan,
+            shortlist: single.shortlist,
             single_recall,
             single_spread,
             scan_dims: self.params.scan_dims,
-            evaluations,
+            evaluations: t.evaluations,
         })
+    }
+
+    /// Batches rank by a product (and `scan_dims`): measured from the exact scan's nprobe up
+    /// by an eighth at a time; an automatic `scan_dims` that does not reach the target within
+    /// twice that nprobe is dropped (all dimensions), and the climb starts again.
+    fn tune_batches(&mut self, t: &mut Tuning, p_exact: usize) -> Result<(usize, Vec<f64>)> {
+        let (nprobe, recalls) = self.climb(t, p_exact, Climb::Batch)?;
+        if t.reaches(&recalls) || self.params.scan_dims == 0 || !self.auto.knobs.scan_dims {
+            return Ok((nprobe, recalls));
+        }
+        self.set_scan_dims(0)?;
+        self.auto.why.retain(|w| !w.starts_with("scan_dims="));
+        self.auto.why.push(format!(
+            "scan_dims=0: tune({}) measured the reduced scan short of the target",
+            t.target as f32
+        ));
+        self.climb(t, p_exact, Climb::Batch)
+    }
+
+    /// The smallest nprobe from `from` up (by an eighth at a time, at most twice the exact
+    /// scan's need) whose recall reaches the target, measured as batches or as single queries
+    /// scanning by the product; else the last one measured.
+    fn climb(&mut self, t: &mut Tuning, from: usize, how: Climb) -> Result<(usize, Vec<f64>)> {
+        let limit = 2 * t.p_exact().max(4);
+        let mut p = from.clamp(1, t.nlist);
+        loop {
+            t.evaluations += 1;
+            let r = match how {
+                Climb::Batch => self.batch_recalls(t, p)?,
+                Climb::SingleProduct => {
+                    self.auto.nprobe_single = p;
+                    self.single_recalls(&t.sample, t.k)?
+                }
+            };
+            if t.reaches(&r) || p >= t.nlist || p >= limit {
+                return Ok((p, r));
+            }
+            p = (p + p.div_ceil(8)).min(t.nlist);
+        }
+    }
+
+    /// The sample's recalls searched as one batch at nprobe `p`.
+    fn batch_recalls(&mut self, t: &Tuning, p: usize) -> Result<Vec<f64>> {
+        self.params.nprobe = p;
+        let kk = (t.k + t.sample.max_excluded()).min(self.len());
+        let (ids, _, kp) = self.search(&t.sample.queries, kk, None)?;
+        let kp = kp.max(1);
+        Ok((0..t.sample.len())
+            .map(|i| {
+                let found = &ids[i * kp..(i + 1) * kp];
+                recall_of(found, &t.sample.truth[i], &t.sample.exclude[i], t.k)
+            })
+            .collect())
+    }
+
+    /// How single queries scan, chosen by what each way reads to reach the target: the rows
+    /// of the exact scan's lists; the lists' packed copies as a batch scans them (where they
+    /// are smaller than the rows), from the batches' nprobe up; the codes (see `tune_codes`).
+    /// Codes chosen automatically and not chosen here are dropped (a smaller index).
+    fn tune_single(&mut self, t: &mut Tuning, p_exact: usize, nprobe: usize) -> Result<Single> {
+        let cost = Cost::of(self);
+        let mut best = Single {
+            scan: SingleScan::Rows,
+            nprobe: p_exact,
+            shortlist: 0,
+            recalls: t.ideal(p_exact),
+            bytes: cost.rows(p_exact),
+        };
+        if self.product_scan_fits() {
+            self.auto.single_product = true;
+            let from = if t.reaches(&t.ideal(nprobe)) {
+                nprobe
+            } else {
+                p_exact
+            };
+            let (p, r) = self.climb(t, from, Climb::SingleProduct)?;
+            self.auto.single_product = false;
+            let bytes = cost.product(self, p, t.k);
+            if t.reaches(&r) && bytes < best.bytes {
+                best = Single {
+                    scan: SingleScan::Product,
+                    nprobe: p,
+                    shortlist: 0,
+                    recalls: r,
+                    bytes,
+                };
+            }
+        }
+        if !self.has_codes() {
+            return Ok(best);
+        }
+        self.auto.nprobe_single = p_exact;
+        match self.tune_codes(&t.sample, t.k, t.target, best.bytes, &mut t.evaluations)? {
+            Some((s, r)) => {
+                return Ok(Single {
+                    scan: SingleScan::Codes,
+                    nprobe: p_exact,
+                    shortlist: s,
+                    recalls: r,
+                    bytes: cost.codes(p_exact, s),
+                })
+            }
+            None if self.auto.knobs.pq => {
+                self.drop_codes();
+                self.auto.why.retain(|w| !w.starts_with("pq="));
+                self.auto.why.push(format!(
+                    "pq=0: tune({}) measured single queries cheaper without codes",
+                    t.target as f32
+                ));
+            }
+            None if best.scan == SingleScan::Rows => {
+                // Codes given by hand (single queries scan them unless they scan by the
+                // product): the longest shortlist tried, at the exact scan's nprobe.
+                self.params.shortlist = MAX_SHORTLIST;
+                t.evaluations += 1;
+                let recalls = self.single_recalls(&t.sample, t.k)?;
+                return Ok(Single {
+                    scan: SingleScan::Codes,
+                    nprobe: p_exact,
+                    shortlist: MAX_SHORTLIST,
+                    recalls,
+                    bytes: cost.codes(p_exact, MAX_SHORTLIST),
+                });
+            }
+            None => {}
+        }
+        Ok(best)
     }
 
     /// For each sample query, the position of each true neighbour's list in the query's probe
@@ -332,31 +373,23 @@ impl IvfIndex {
             .collect()
     }
 
-    /// Single queries through codes at `nprobe`: the shortest shortlist reaching `target`
-    /// (doubling from max(k, 32), then bisection to an eighth), if one does while the codes
-    /// cost less than scanning the rows. Cost in bytes read: the codes of the probed lists
-    /// plus the re-scored rows (counted twice: they lie anywhere in memory), against the rows
-    /// of the probed lists. None: the rows are cheaper.
+    /// Single queries through codes at the single queries' nprobe: the shortest shortlist
+    /// reaching `target` (doubling from max(k, 32), then bisection to an eighth), if one does
+    /// while the codes read fewer than `budget` bytes (what the cheapest other way reads):
+    /// the codes of the probed lists plus the re-scored rows, counted twice as they lie
+    /// anywhere in memory. None: another way is cheaper.
     fn tune_codes(
         &mut self,
         sample: &Sample,
         k: usize,
         target: f64,
-        nprobe: usize,
+        budget: f64,
         evaluations: &mut usize,
     ) -> Result<Option<(usize, Vec<f64>)>> {
-        let per_list = self.len() as f64 / self.lists.len() as f64;
-        let bytes = match self.dtype {
-            crate::types::DType::F32 => 4,
-            crate::types::DType::F16 => 2,
-            crate::types::DType::I8 => 1,
-        };
-        let row = (self.dim * bytes) as f64;
-        let rows_cost = nprobe as f64 * per_list * row;
-        let code_cost = nprobe as f64 * per_list * (self.params.pq / 2) as f64;
-        let longest =
-            (((rows_cost - code_cost) / (2.0 * row)).max(0.0) as usize).min(MAX_SHORTLIST);
-        self.auto.nprobe_single = nprobe;
+        let cost = Cost::of(self);
+        let nprobe = self.nprobe_single();
+        let longest = (((budget - cost.codes(nprobe, 0)) / (2.0 * cost.row)).max(0.0) as usize)
+            .min(MAX_SHORTLIST);
         let mut lo = 0usize;
         let mut s = k.max(32);
         let mut found = None;
@@ -489,6 +522,122 @@ impl IvfIndex {
     }
 }
 
+/// What tune measures with: the sample, where each query's true neighbours' lists stand in
+/// its probe order, the target and k, and how many settings it measured.
+struct Tuning {
+    sample: Sample,
+    ranks: Vec<Vec<usize>>,
+    target: f64,
+    k: usize,
+    nlist: usize,
+    evaluations: usize,
+}
+
+impl Tuning {
+    fn reaches(&self, recalls: &[f64]) -> bool {
+        mean_spread(recalls).0 >= self.target
+    }
+
+    /// Per-query recall of an exact scan of each query's first `p` lists (for every p at
+    /// once from the ranks: no search).
+    fn ideal(&self, p: usize) -> Vec<f64> {
+        self.ranks
+            .iter()
+            .map(|r| {
+                if r.is_empty() {
+                    1.0
+                } else {
+                    r.iter().filter(|&&x| x < p).count() as f64 / r.len() as f64
+                }
+            })
+            .collect()
+    }
+
+    /// The fewest lists whose exact scan reaches the target (recall grows with p: bisection
+    /// over 1..=nlist).
+    fn p_exact(&self) -> usize {
+        let (mut lo, mut hi) = (0usize, self.nlist);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if self.reaches(&self.ideal(mid)) {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        hi
+    }
+}
+
+/// What `climb` measures.
+#[derive(Clone, Copy)]
+enum Climb {
+    Batch,
+    SingleProduct,
+}
+
+/// A way single queries scan, as tune measured it.
+struct Single {
+    scan: SingleScan,
+    nprobe: usize,
+    shortlist: usize,
+    recalls: Vec<f64>,
+    /// Bytes a query reads (the cost compared).
+    bytes: f64,
+}
+
+/// Bytes a single query reads, beyond the centroids every way reads alike. Re-scored rows
+/// count twice: they lie anywhere in memory, where a list is read in one run.
+struct Cost {
+    per_list: f64,
+    /// Bytes of a stored row.
+    row: f64,
+    pq: usize,
+}
+
+impl Cost {
+    fn of(ix: &IvfIndex) -> Cost {
+        let bytes = match ix.dtype {
+            crate::types::DType::F32 => 4,
+            crate::types::DType::F16 => 2,
+            crate::types::DType::I8 => 1,
+        };
+        Cost {
+            per_list: ix.len() as f64 / ix.lists.len().max(1) as f64,
+            row: (ix.dim * bytes) as f64,
+            pq: ix.params.pq,
+        }
+    }
+
+    fn rows(&self, nprobe: usize) -> f64 {
+        nprobe as f64 * self.per_list * self.row
+    }
+
+    fn codes(&self, nprobe: usize, shortlist: usize) -> f64 {
+        nprobe as f64 * self.per_list * (self.pq / 2) as f64 + 2.0 * self.row * shortlist as f64
+    }
+
+    /// The packed copies of the probed lists (`scan_dims` or all dimensions, at the batch
+    /// product's bytes a value) and the re-scored candidates.
+    fn product(&self, ix: &IvfIndex, nprobe: usize, k: usize) -> f64 {
+        let plan = super::search::SearchPlan::new(
+            &ix.params,
+            ix.dtype,
+            ix.metric,
+            1,
+            k,
+            SingleScan::Product,
+        );
+        let value = match plan.product {
+            crate::matmul::Product::I8 => 1.0,
+            crate::matmul::Product::Bf16 => 2.0,
+            crate::matmul::Product::F32 => 4.0,
+        };
+        let pdim = plan.scan_dims.unwrap_or(ix.dim) as f64;
+        nprobe as f64 * self.per_list * pdim * value + 2.0 * self.row * plan.kc as f64
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -539,6 +688,8 @@ mod tests {
         let back = IvfIndex::from_bytes(&ix.to_bytes()).unwrap();
         assert_eq!(back.params(), ix.params());
         assert_eq!(back.nprobe_single(), ix.nprobe_single());
+        assert_eq!(back.single_scan(), ix.single_scan());
+        assert_eq!(r.single_scan, ix.single_scan());
         assert_eq!(back.tuned(), Some((0.9, 5)));
         assert_eq!(back.auto_knobs(), ix.auto_knobs());
         // Out of range or untrained: refused, nothing changed.

@@ -187,6 +187,103 @@ impl PackedQueries {
         out.mark_above(m, n);
     }
 
+    /// `out[i] = a_i . q` for every packed row `i` and one i8 query `q` (`k` values, scale
+    /// `qscale`, quantized as the i8 product quantizes its right operand): the scores
+    /// [`Self::scores`] gives a single stored row, bit for bit, without the product's tile
+    /// (a tile of one column would leave 31 of its 32 columns idle). For a single query's scan
+    /// of rows packed once (an IVF list).
+    pub fn scores_one_i8(&self, q: &[i8], qscale: f32, out: &mut [f32], ws: &mut Workspace) {
+        let (m, k) = (self.m, self.k);
+        assert!(
+            self.product == Product::I8,
+            "rows packed for another product"
+        );
+        assert!(
+            q.len() == k && out.len() >= m,
+            "query or output of the wrong length"
+        );
+        let corr = 128 * q.iter().map(|&v| v as i32).sum::<i32>();
+        let Some(shape) = self.shape else {
+            for (i, o) in out[..m].iter_mut().enumerate() {
+                let a = &self.qa[i * k..(i + 1) * k];
+                let dot: i32 = a.iter().zip(q).map(|(&x, &y)| x as i32 * y as i32).sum();
+                *o = dot as f32 * (self.scales[i] * qscale);
+            }
+            return;
+        };
+        #[cfg(target_arch = "x86_64")]
+        {
+            if shape.g == 64 && !kernels::has_avx512_vnni() {
+                // AMX tiles without the vector instruction: the product of one column.
+                let src = Src::I8 {
+                    data: q,
+                    scales: &[qscale],
+                };
+                return self.scores(src, 1, out, 1, ws);
+            }
+            self.gemv_i8(shape, q, ws);
+            let (mr, stride) = (shape.mr, shape.mr.next_multiple_of(16));
+            for (ip, acc) in ws.ints.chunks_exact(stride).enumerate() {
+                for (c, acc) in acc.chunks_exact(16).enumerate() {
+                    let i0 = ip * mr + 16 * c;
+                    let valid = 16.min(mr - 16 * c).min(m.saturating_sub(i0));
+                    if valid == 0 {
+                        break;
+                    }
+                    let acc: &[i32; 16] = acc.try_into().expect("16 lanes");
+                    // SAFETY: AVX-512F (VNNI was checked); rows i0..i0 + valid exist in both.
+                    unsafe {
+                        let (sc, o) = (self.scales.as_ptr().add(i0), out.as_mut_ptr().add(i0));
+                        x86::i8_gemv_scores(acc, corr, sc, qscale, valid, o);
+                    }
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (shape, ws, corr);
+            unreachable!("no i8 micro-kernel on this architecture");
+        }
+    }
+
+    /// The integer dot products of every packed row with the i8 query `q`, summed over the
+    /// `k` slices, into `ws.ints`: `mr` rounded up to 16 values a panel (the 12 x 4-byte
+    /// panels of the vector kernels, or the AMX tiles' 32 rows of 64 bytes a step).
+    #[cfg(target_arch = "x86_64")]
+    fn gemv_i8(&self, shape: Shape, q: &[i8], ws: &mut Workspace) {
+        let (m, k, mr) = (self.m, self.k, shape.mr);
+        let (panels, stride) = (m.div_ceil(mr), mr.next_multiple_of(16));
+        debug_assert!(matches!((mr, shape.g), (12, 4) | (32, 64)), "{shape:?}");
+        ws.ints.clear();
+        ws.ints.resize(panels * stride, 0);
+        let mut qpad: Vec<i8> = Vec::new();
+        let mut p0 = 0;
+        while p0 < k {
+            let kcur = shape.kc.min(k - p0);
+            let kcp = shape.padded(k, p0);
+            // The query's values of this slice, zero up to the padded length (as the rows).
+            qpad.clear();
+            qpad.extend_from_slice(&q[p0..p0 + kcur]);
+            qpad.resize(kcp.next_multiple_of(4), 0);
+            let apack: *const u8 = self.slice(p0);
+            for (ip, acc) in ws.ints.chunks_exact_mut(stride).enumerate() {
+                // SAFETY: VNNI was checked (by `Shape::of` for the vector kernels, by the
+                // caller for the tiles); the slice holds `panels` panels of mr x kcp bytes in
+                // the kernel's layout, and `qpad` the kcp values it reads.
+                unsafe {
+                    let a = apack.add(ip * mr * kcp);
+                    if shape.g == 4 {
+                        let words = qpad.as_ptr() as *const i32;
+                        x86::i8_gemv_12(a, words, kcp / 4, acc.try_into().expect("16"));
+                    } else {
+                        x86::i8_gemv_32x64(a, qpad.as_ptr(), kcp / 64, acc.try_into().expect("32"));
+                    }
+                }
+            }
+            p0 += kcur;
+        }
+    }
+
     /// `c[i * ldc + j] = a_i . b_(j0 + j)` for rows `j0..j0 + n` of rows packed once (`j0` a
     /// multiple of 32, the panel width); the product must be the one both were packed for.
     pub fn scores_packed(

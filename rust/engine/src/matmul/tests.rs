@@ -444,3 +444,40 @@ fn equal_rows_and_queries_score_bit_for_bit_alike_on_every_level() {
         }
     }
 }
+
+#[test]
+fn one_i8_query_scores_packed_rows_as_the_product_does() {
+    // A single query against rows packed once (an IVF list): the product's scores bit for
+    // bit, on every level, every shape (partial panels, several k slices, k not a multiple
+    // of 4), extremes included.
+    for level in available_levels() {
+        for &(m, _, k) in &SHAPES {
+            let rows = values(m * k, (m + 5 * k) as u64);
+            let packed = PackedQueries::new(Product::I8, level, m, k, &rows);
+            for seed in 0..3u64 {
+                let mut q: Vec<i8> = values(k, seed + k as u64)
+                    .iter()
+                    .map(|&v| (v * 127.9) as i8)
+                    .collect();
+                if seed == 1 {
+                    q.fill(-128);
+                }
+                if seed == 2 {
+                    q.fill(127);
+                }
+                let scale = 0.013 + seed as f32 * 1e-3;
+                let src = Src::I8 {
+                    data: &q,
+                    scales: &[scale],
+                };
+                let mut want = vec![f32::NAN; m];
+                let mut ws = Workspace::default();
+                packed.scores(src, 1, &mut want, 1, &mut ws);
+                let mut got = vec![f32::NAN; m + 3];
+                packed.scores_one_i8(&q, scale, &mut got, &mut ws);
+                assert_eq!(&got[..m], &want[..], "{level:?} m={m} k={k} seed={seed}");
+                assert!(got[m..].iter().all(|v| v.is_nan()), "wrote past m");
+            }
+        }
+    }
+}

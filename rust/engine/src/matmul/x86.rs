@@ -76,6 +76,86 @@ pub unsafe fn sum_i8(x: &[i8]) -> i32 {
     _mm512_reduce_add_epi32(acc)
 }
 
+/// One i8 query against one packed panel of 12 rows (`steps` lane steps of 12 x 4 u8, the
+/// rows offset by +128 as packed for [`i8_12x32`]): the 12 integer dot products with the
+/// query's 4-byte words `q` (i8, zero beyond the values), before the offset's correction,
+/// added to the first 12 of `acc`.
+///
+/// # Safety
+/// AVX-512F/BW and VNNI; `a` holds `12 * 4 * steps` bytes and `q` `steps` words.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub unsafe fn i8_gemv_12(a: *const u8, q: *const i32, steps: usize, acc_out: &mut [i32; 16]) {
+    // 48 bytes a step in 12 lanes of 16; four chains hide the instruction's latency.
+    const LANES: __mmask16 = 0x0FFF;
+    let mut acc = [_mm512_setzero_si512(); 4];
+    let mut s = 0;
+    while s + 4 <= steps {
+        for (j, acc_j) in acc.iter_mut().enumerate() {
+            let rows = _mm512_maskz_loadu_epi32(LANES, a.add(48 * (s + j)) as *const i32);
+            let w = _mm512_set1_epi32(q.add(s + j).read_unaligned());
+            *acc_j = _mm512_dpbusd_epi32(*acc_j, rows, w);
+        }
+        s += 4;
+    }
+    while s < steps {
+        let rows = _mm512_maskz_loadu_epi32(LANES, a.add(48 * s) as *const i32);
+        let w = _mm512_set1_epi32(q.add(s).read_unaligned());
+        acc[0] = _mm512_dpbusd_epi32(acc[0], rows, w);
+        s += 1;
+    }
+    let sum = _mm512_add_epi32(
+        _mm512_add_epi32(acc[0], acc[1]),
+        _mm512_add_epi32(acc[2], acc[3]),
+    );
+    let p = acc_out.as_mut_ptr() as *mut __m512i;
+    _mm512_storeu_si512(p, _mm512_add_epi32(sum, _mm512_loadu_si512(p)));
+}
+
+/// One i8 query against one packed panel of 32 rows in the AMX tiles' layout (`steps` steps
+/// of 32 rows x 64 u8, each row's 64 values contiguous, offset by +128): the 32 integer dot
+/// products with the query's `64 * steps` values `q` (zero beyond its values), added to
+/// `acc_out`, before the offset's correction.
+///
+/// # Safety
+/// AVX-512F/BW and VNNI; `a` holds `32 * 64 * steps` bytes and `q` `64 * steps`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub unsafe fn i8_gemv_32x64(a: *const u8, q: *const i8, steps: usize, acc_out: &mut [i32; 32]) {
+    for r0 in (0..32).step_by(4) {
+        let mut acc = [_mm512_setzero_si512(); 4];
+        for s in 0..steps {
+            let qv = _mm512_loadu_si512(q.add(64 * s) as *const __m512i);
+            for (j, acc_j) in acc.iter_mut().enumerate() {
+                let row = _mm512_loadu_si512(a.add((32 * s + r0 + j) * 64) as *const __m512i);
+                *acc_j = _mm512_dpbusd_epi32(*acc_j, row, qv);
+            }
+        }
+        for (j, acc_j) in acc.iter().enumerate() {
+            acc_out[r0 + j] += _mm512_reduce_add_epi32(*acc_j);
+        }
+    }
+}
+
+/// The scores of 12 rows from their integer dot products (as [`i8_12x32`] turns them into
+/// scores: `(dot - corr) * (row scale * query scale)`), the first `valid` stored at `out`.
+///
+/// # Safety
+/// AVX-512F; `scales` and `out` hold `valid` (at most 12) values.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn i8_gemv_scores(
+    dots: &[i32; 16],
+    corr: i32,
+    scales: *const f32,
+    qscale: f32,
+    valid: usize,
+    out: *mut f32,
+) {
+    let m = mask16(valid);
+    let dots = _mm512_loadu_si512(dots.as_ptr() as *const __m512i);
+    let f = _mm512_cvtepi32_ps(_mm512_sub_epi32(dots, _mm512_set1_epi32(corr)));
+    let sc = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, scales), _mm512_set1_ps(qscale));
+    _mm512_mask_storeu_ps(out, m, _mm512_mul_ps(f, sc));
+}
+
 #[inline(always)]
 fn mask16(n: usize) -> __mmask16 {
     if n >= 16 {
