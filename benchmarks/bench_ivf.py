@@ -905,7 +905,8 @@ def auto_section(auto: List[Dict], hn: Optional[Dict]) -> List[str]:
                     f"{single['latency_cpu_ms']:.3f}",
                     f"{hl / single['latency_cpu_ms']:.2f}x" if hl else "–",
                     f"nprobe={t.get('nprobe')}, nprobe_single={t.get('nprobe_single')}, "
-                    f"shortlist={t.get('shortlist')}, scan_dims={t.get('scan_dims')}",
+                    f"shortlist={t.get('shortlist')}, scan_dims={t.get('scan_dims')}"
+                    + (f", single_scan={t['single_scan']}" if "single_scan" in t else ""),
                     f"{t.get('cpu_seconds', float('nan')):.2f} ({100 * t.get('cpu_seconds', float('nan')) / r['build_cpu_s']:.1f}%)",
                 ]
             )
