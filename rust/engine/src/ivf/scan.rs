@@ -74,6 +74,8 @@ pub(crate) struct ScanSpec {
     pub parallel: bool,
     /// Lists may be scanned by the product (see `SearchPlan::by_product`).
     pub by_product: bool,
+    /// Packed copies are kept with the lists (see `SearchPlan::cache`).
+    pub cache: bool,
 }
 
 /// The product a batch over lists of `dtype` runs on this CPU.
@@ -493,9 +495,14 @@ impl ScanInputs<'_> {
         let (dim, kc, m) = (spec.dim, spec.kc, qs.len());
         let (n, keys) = (list.len(), list.keys.as_slice());
         let l2 = spec.metric == Metric::L2;
-        let packed = list
-            .packed
-            .get_or_init(|| pack_rows(list, spec, self.reduced.directions, s));
+        let transient;
+        let packed = if spec.cache {
+            list.packed
+                .get_or_init(|| pack_rows(list, spec, self.reduced.directions, s))
+        } else {
+            transient = pack_rows(list, spec, self.reduced.directions, s);
+            &transient
+        };
         if l2 {
             row_sqnorms(list.rows(), dim, &mut s.rnorms, &mut s.conv);
         }

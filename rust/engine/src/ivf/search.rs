@@ -71,6 +71,10 @@ pub(crate) struct SearchPlan {
     pub scan_dims: Option<usize>,
     /// Candidates kept per query (and per (query, list) pair) for the finish.
     pub kc: usize,
+    /// The lists' packed copies are kept for the next searches (else built for this scan and
+    /// dropped: the exact pass of `tune`, which would otherwise replace every list's copy by
+    /// one of all dimensions).
+    pub cache: bool,
 }
 
 impl SearchPlan {
@@ -129,6 +133,20 @@ impl SearchPlan {
             rescore,
             scan_dims,
             kc,
+            cache: true,
+        }
+    }
+
+    /// The plan of an exact search ([`Depth::Exact`]): all dimensions, no codes, every list
+    /// (the caller probes them all), the lists' packed copies not kept.
+    pub fn exact(params: &IvfParams, dtype: DType, metric: Metric, nq: usize, k: usize) -> Self {
+        let params = IvfParams {
+            scan_dims: 0,
+            ..*params
+        };
+        SearchPlan {
+            cache: false,
+            ..SearchPlan::new(&params, dtype, metric, nq, k, SingleScan::Rows)
         }
     }
 
@@ -142,8 +160,17 @@ impl SearchPlan {
             kc: self.kc,
             parallel: self.batch,
             by_product: self.by_product,
+            cache: self.cache,
         }
     }
+}
+
+/// How deep a search goes: as the index is tuned (its nprobe, codes, `scan_dims`), or
+/// exactly (every list, all dimensions, the rows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Depth {
+    Tuned,
+    Exact,
 }
 
 /// The keys a search excludes that the index holds, and how many fall in each list.
@@ -218,8 +245,24 @@ impl IvfIndex {
         let nq = check_search_args(queries, dim, k)?;
         self.check_vectors(queries, "queries", false)?;
         self.check_file()?;
-        let found = self.search_parts(queries, k, exclude, nq)?;
+        let found = self.search_parts(queries, k, exclude, nq, Depth::Tuned)?;
         // A file changed during the search may have given other bytes than were checked.
+        self.check_file()?;
+        Ok(found)
+    }
+
+    /// The exact top-`k` of checked queries: every list, all dimensions, no codes, as a batch
+    /// of any size (re-scored from the rows), without touching what the index keeps for its
+    /// searches (the lists' packed copies are built for the scan and dropped). What `tune`
+    /// measures recall against.
+    pub(super) fn search_exact(
+        &self,
+        queries: &[f32],
+        k: usize,
+    ) -> Result<(Vec<u64>, Vec<f32>, usize)> {
+        let nq = check_search_args(queries, self.dim, k)?;
+        self.check_file()?;
+        let found = self.search_parts(queries, k, None, nq, Depth::Exact)?;
         self.check_file()?;
         Ok(found)
     }
@@ -231,28 +274,33 @@ impl IvfIndex {
         k: usize,
         exclude: Option<&[u64]>,
         nq: usize,
+        depth: Depth,
     ) -> Result<(Vec<u64>, Vec<f32>, usize)> {
         let dim = self.dim;
         // A batch's per-pair buffers grow with queries x probed lists: a large one runs in
         // chunks of queries, balanced so that each stays a batch.
-        let probed = if self.is_trained() {
-            self.nprobe_for(nq).min(self.lists.len())
-        } else {
-            self.lists.len()
-        };
+        let probed = self.probed(nq, depth);
         let parts = (nq * probed.max(1)).div_ceil(MAX_BATCH_PAIRS).max(1);
         if parts == 1 || nq < 2 * parts * search::GEMM_MIN_QUERIES {
-            return self.search_checked(queries, k, exclude);
+            return self.search_checked(queries, k, exclude, depth);
         }
         let per = nq.div_ceil(parts);
         let (mut ids, mut scores, mut kp) = (Vec::new(), Vec::new(), 0);
         for part in queries.chunks(per * dim) {
-            let (i, s, kpart) = self.search_checked(part, k, exclude)?;
+            let (i, s, kpart) = self.search_checked(part, k, exclude, depth)?;
             ids.extend_from_slice(&i);
             scores.extend_from_slice(&s);
             kp = kpart;
         }
         Ok((ids, scores, kp))
+    }
+
+    /// Lists each of `nq` queries scans.
+    fn probed(&self, nq: usize, depth: Depth) -> usize {
+        match depth {
+            Depth::Tuned if self.is_trained() => self.nprobe_for(nq).min(self.lists.len()),
+            _ => self.lists.len(),
+        }
     }
 
     /// [`Self::search`] of queries already checked: the steps of the module documentation.
@@ -261,6 +309,7 @@ impl IvfIndex {
         queries: &[f32],
         k: usize,
         exclude: Option<&[u64]>,
+        depth: Depth,
     ) -> Result<(Vec<u64>, Vec<f32>, usize)> {
         let dim = self.dim;
         let nq = queries.len() / dim;
@@ -269,14 +318,13 @@ impl IvfIndex {
         if nq == 0 || kp == 0 {
             return Ok((Vec::new(), Vec::new(), kp));
         }
-        let plan = SearchPlan::new(
-            &self.params,
-            self.dtype,
-            self.metric,
-            nq,
-            kp,
-            self.single_scan(),
-        );
+        let plan = match depth {
+            Depth::Tuned => {
+                let single = self.single_scan();
+                SearchPlan::new(&self.params, self.dtype, self.metric, nq, kp, single)
+            }
+            Depth::Exact => SearchPlan::exact(&self.params, self.dtype, self.metric, nq, kp),
+        };
         debug_assert!(plan.rerank == 0 || self.keeps_exact());
         let spec = plan.spec(dim);
         // The queries as the scans read them.
@@ -292,7 +340,7 @@ impl IvfIndex {
         let q8 = (plan.by_product && plan.product == Product::I8)
             .then(|| Q8::new(reduced.queries, spec.pdim));
         // Each query's lists, the scan, the finish.
-        let probes = self.probes(&queries, kp + excluded.keys.len());
+        let probes = self.probes(&queries, kp + excluded.keys.len(), self.probed(nq, depth));
         let hits = match &self.codebooks {
             Some(book) if plan.codes => {
                 self.scan_codes(book, spec, &queries, &probes, &excluded.keys)
@@ -396,7 +444,13 @@ impl IvfIndex {
 
     /// The lists each query scans (CSR: offsets into a flat list), nearest first. A query
     /// whose probed lists hold fewer than `needed` vectors scans every list.
-    pub(super) fn probes(&self, queries: &[f32], needed: usize) -> (Vec<usize>, Vec<u32>) {
+    /// `np` lists each (at most every list).
+    pub(super) fn probes(
+        &self,
+        queries: &[f32],
+        needed: usize,
+        np: usize,
+    ) -> (Vec<usize>, Vec<u32>) {
         let nq = queries.len() / self.dim;
         let nlist = self.lists.len();
         if !self.is_trained() {
@@ -406,7 +460,7 @@ impl IvfIndex {
         }
         // Nearest first even when every list is probed: a batch's first round scans the
         // nearest lists, whose scores bound what the others must keep.
-        let np = self.nprobe_for(nq).min(nlist);
+        let np = np.clamp(1, nlist);
         let ids = self.nearest_lists(queries, np);
         let mut offsets = Vec::with_capacity(nq + 1);
         let mut flat = Vec::with_capacity(nq * np);

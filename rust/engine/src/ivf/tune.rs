@@ -329,13 +329,8 @@ impl IvfIndex {
     /// order (every list, nearest first).
     fn truth_list_ranks(&mut self, sample: &Sample) -> Result<Vec<Vec<usize>>> {
         let nlist = self.lists.len();
-        let (np, single) = (self.params.nprobe, self.auto.nprobe_single);
-        self.params.nprobe = nlist;
-        self.auto.nprobe_single = nlist;
-        let queries = self.normalize(&sample.queries, true).into_owned();
-        let (offsets, flat) = self.probes(&queries, 0);
-        self.params.nprobe = np;
-        self.auto.nprobe_single = single;
+        let queries = self.normalize(&sample.queries, true);
+        let (offsets, flat) = self.probes(&queries, 0, nlist);
         let mut pos = vec![usize::MAX; nlist];
         let mut out = Vec::with_capacity(sample.len());
         for (i, truth) in sample.truth.iter().enumerate() {
@@ -453,24 +448,9 @@ impl IvfIndex {
             }
         };
         let m = qs.len() / dim;
-        // Exact: every list, all dimensions, codes off (shortlist >= len with every list).
+        // Exact: every list, all dimensions, no codes (the lists keep their packed copies).
         let fetch = if own.is_some() { 2 * k + DUP_FETCH } else { k }.min(n);
-        let (np, sl, sd) = (
-            self.params.nprobe,
-            self.params.shortlist,
-            self.params.scan_dims,
-        );
-        self.params.nprobe = self.lists.len();
-        self.params.shortlist = n;
-        self.set_scan_dims(0)?;
-        let single = self.auto.nprobe_single;
-        self.auto.nprobe_single = 0;
-        let found = self.search(&qs, fetch, None);
-        self.params.nprobe = np;
-        self.params.shortlist = sl;
-        self.set_scan_dims(sd)?;
-        self.auto.nprobe_single = single;
-        let (ids, _, kp) = found?;
+        let (ids, _, kp) = self.search_exact(&qs, fetch)?;
         let Some(own) = own else {
             let truth = (0..m).map(|i| ids[i * kp..(i + 1) * kp].to_vec()).collect();
             return Ok(Sample {
