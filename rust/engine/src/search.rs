@@ -10,7 +10,8 @@
 //! A batch may scan in lower precision ([`Scan`]): i8 products (VNNI) or bf16 products
 //! (AVX512-BF16) keep the top `k + margin` candidates per query, which are then re-scored
 //! exactly with the per-row kernels (the same scores a single-query search gives) before the
-//! top k are kept. Where the CPU lacks the instructions the scan is exact.
+//! top k are kept. Where the CPU lacks the instructions the scan runs f32 products, re-scored
+//! the same way ([`Scan::Rescored`]); only f32 rows report the f32 product's scores.
 
 use crate::kernels;
 use crate::matmul::{self, PackedQueries, PackedRows, Product, Src, Workspace};
@@ -281,13 +282,16 @@ where
             // above all) reordered rows that single queries tell apart, and its scores were
             // not the single-query ones. f16 rows under l2 re-score and certify instead.
             (Rows::F16(_), Metric::L2) => Scan::Rescored,
-            // i8 rows without an i8 product (no VNNI: AVX2, scalar) would otherwise report
-            // the f32 product's l2 over the dequantized rows; the per-row l2 kernel scores the
-            // same dequantized values in f32, so the same certified re-score applies.
-            (Rows::I8 { .. }, Metric::L2) if !matmul::has_i8_product(kernels::level()) => {
-                Scan::Rescored
-            }
-            (rows, _) => Scan::auto(rows, kernels::level()),
+            (Rows::F32(_), _) => Scan::Exact,
+            // f16 / i8 rows where the CPU lacks the bf16 / i8 product (AVX2, scalar) would
+            // otherwise report the exact f32 product's scores: another summation order than
+            // the per-row kernels' (f16 "cos" batches at AVX2 ordered tied rows otherwise),
+            // and for i8 under "ip" / "cos" not the kernels' i16-quantized query. The same
+            // re-score applies, certified where [`Self::certifies`] says the bound holds.
+            (rows, _) => match Scan::auto(rows, kernels::level()) {
+                Scan::Exact => Scan::Rescored,
+                low_precision => low_precision,
+            },
         };
         self.run_scan(scan, out_ids, out_scores)
     }
