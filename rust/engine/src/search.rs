@@ -203,7 +203,7 @@ impl<'a> Rows<'a> {
             Rows::F32(v) => v,
             Rows::F16(v) => {
                 buf.resize(v.len(), 0.0);
-                v.convert_to_f32_slice(buf);
+                kernels::f16_to_f32(v, buf);
                 buf
             }
             Rows::I8 { data, scales } => {

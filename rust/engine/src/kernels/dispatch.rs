@@ -6,6 +6,7 @@ use super::scalar;
 #[cfg(target_arch = "x86_64")]
 use super::{avx2, avx512};
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use std::sync::OnceLock;
 
 /// The instruction set a kernel runs with.
@@ -328,6 +329,22 @@ pub fn l2_f32_with(level: Level, a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: as above.
         #[cfg(target_arch = "aarch64")]
         Level::Neon => unsafe { neon::l2_f32(a, b) },
+    }
+}
+
+/// `dst = src` as f32 (exact): F16C at every x86 level past scalar.
+pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+    f16_to_f32_with(level(), src, dst)
+}
+
+pub fn f16_to_f32_with(level: Level, src: &[f16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len());
+    match level {
+        // SAFETY: every x86 level past scalar has AVX2 and F16C (checked by
+        // `available_levels`); the lengths are equal.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 | Level::Avx512 | Level::Amx => unsafe { avx2::f16_to_f32(src, dst) },
+        _ => src.convert_to_f32_slice(dst),
     }
 }
 

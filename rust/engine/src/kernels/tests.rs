@@ -300,3 +300,22 @@ fn simd_at_least_u16_matches_scalar() {
         }
     }
 }
+
+#[test]
+fn f16_to_f32_is_exact_for_every_f16_on_every_level() {
+    let all: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
+    let want: Vec<f32> = all.iter().map(|v| v.to_f32()).collect();
+    for level in available_levels() {
+        // Odd lengths leave a tail past the 8-value steps.
+        for len in [0, 1, 7, 8, 9, 23, all.len()] {
+            let mut got = vec![f32::NAN; len];
+            f16_to_f32_with(level, &all[..len], &mut got);
+            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    g.to_bits() == w.to_bits() || g.is_nan() && w.is_nan(),
+                    "{level:?} f16 bits {i:#06x}: {g} vs {w}"
+                );
+            }
+        }
+    }
+}

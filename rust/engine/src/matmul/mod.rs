@@ -226,16 +226,59 @@ struct Block {
     kc: usize,
 }
 
-/// Pack `block` of the f32 rows `src` (row stride `ld`) into panels of `w` rows (g = 1),
-/// transposing 8 x 8 blocks with AVX where the CPU has it.
-fn pack_f32_rows(level: Level, dst: &mut [f32], src: &[f32], ld: usize, block: Block, w: usize) {
+/// Values stored rows hold that the f32 product packs as f32: f32 as they are, f16
+/// converted (exactly) as the panels are written.
+trait F32Value: Copy {
+    fn to_f32(self) -> f32;
+    /// 8 values from `p` as f32.
+    ///
+    /// # Safety
+    /// AVX2 and F16C; `p` points at 8 readable values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl F32Value for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        x86::load8_f32(p)
+    }
+}
+
+impl F32Value for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
+        x86::load8_f16(p)
+    }
+}
+
+/// Pack `block` of the rows `src` (f32 or f16, row stride `ld`) into f32 panels of `w` rows
+/// (g = 1), transposing 8 x 8 blocks with AVX where the CPU has it.
+fn pack_f32_rows<T: F32Value>(
+    level: Level,
+    dst: &mut [f32],
+    src: &[T],
+    ld: usize,
+    block: Block,
+    w: usize,
+) {
     let Block { r0, rows, p0, kc } = block;
     #[cfg(target_arch = "x86_64")]
     if level != Level::Scalar && w.is_multiple_of(8) {
         assert!(dst.len() >= rows.div_ceil(w) * w * kc && src.len() >= (r0 + rows) * ld);
-        // SAFETY: AVX2 is implied by any non-scalar x86 level (checked by available_levels);
-        // the assert above bounds every read (rows r0..r0+rows, values p0..p0+kc <= ld) and
-        // every write (rows.div_ceil(w) panels of w * kc values).
+        // SAFETY: AVX2 and F16C are implied by any non-scalar x86 level (checked by
+        // available_levels); the assert above bounds every read (rows r0..r0+rows, values
+        // p0..p0+kc <= ld) and every write (rows.div_ceil(w) panels of w * kc values).
         unsafe { x86::pack_f32_avx(dst.as_mut_ptr(), src.as_ptr(), ld, block, w) };
         return;
     }
@@ -246,7 +289,7 @@ fn pack_f32_rows(level: Level, dst: &mut [f32], src: &[f32], ld: usize, block: B
             let i = panel * w + lane;
             if i < rows {
                 let row = &src[(r0 + i) * ld + p0..(r0 + i) * ld + p0 + kc];
-                scatter::<f32, 1>(base, row, w, lane);
+                (0..kc).for_each(|s| base[s * w + lane] = row[s].to_f32());
             } else {
                 (0..kc).for_each(|s| base[s * w + lane] = 0.0);
             }

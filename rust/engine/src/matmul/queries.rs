@@ -554,8 +554,9 @@ impl PackedQueries {
                 bbuf,
                 |dst, block, _kcp| match b {
                     Src::F32(v) => pack_f32_rows(level, dst, v, k, block, shape.nr),
-                    // f16 / i8 rows: converted to f32 rows first, then the same transposition.
-                    _ => {
+                    Src::F16(v) => pack_f32_rows(level, dst, v, k, block, shape.nr),
+                    // i8 rows: dequantized to f32 rows first, then the same transposition.
+                    Src::I8 { .. } => {
                         let Block { r0, rows, p0, kc } = block;
                         stage.resize(rows * kc, 0.0);
                         for (i, out) in stage.chunks_exact_mut(kc).enumerate() {

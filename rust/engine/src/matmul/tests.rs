@@ -68,12 +68,20 @@ fn f32_product_matches_reference_on_every_level_and_odd_shape() {
             let b16f: Vec<f32> = b16.iter().map(|v| v.to_f32()).collect();
             let want = naive(m, n, k, &a, &b16f);
             let c = scores(Product::F32, level, (m, n, k), &a, Src::F16(&b16), ldc);
+            // The conversion is exact, so the f16 rows score bit for bit as their f32 copy.
+            let c32 = scores(Product::F32, level, (m, n, k), &a, Src::F32(&b16f), ldc);
             for i in 0..m {
                 for j in 0..n {
                     let (got, w) = (c[i * ldc + j] as f64, want[i * n + j]);
                     assert!(
                         (got - w).abs() <= 1e-5 * (k as f64).sqrt() * (1.0 + w.abs()),
                         "{level:?} f16 {m}x{n}x{k} [{i},{j}]: {got} vs {w}"
+                    );
+                    let (got, f32_copy) = (c[i * ldc + j], c32[i * ldc + j]);
+                    assert_eq!(
+                        got.to_bits(),
+                        f32_copy.to_bits(),
+                        "{level:?} f16 {m}x{n}x{k} [{i},{j}]: {got} vs its f32 copy {f32_copy}"
                     );
                 }
             }

@@ -2,7 +2,7 @@
 //! stores of their sums (shared with the tile kernels in `amx`), and the packing and
 //! conversion intrinsics they read from.
 
-use super::{Block, Tile};
+use super::{Block, F32Value, Tile};
 use half::f16;
 use std::arch::x86_64::*;
 
@@ -165,14 +165,40 @@ fn mask16(n: usize) -> __mmask16 {
     }
 }
 
-/// Pack f32 rows into panels of `w` rows (w a multiple of 8): `dst[panel][s][lane] =
-/// src[(r0 + panel * w + lane) * ld + p0 + s]`, zero for rows past `block.rows`.
+/// 8 f32 values from `p`.
 ///
 /// # Safety
-/// AVX2. `src` holds rows `r0..r0 + rows` of `ld >= p0 + kc` values; `dst` holds
+/// AVX; `p` points at 8 readable values.
+#[inline(always)]
+pub unsafe fn load8_f32(p: *const f32) -> __m256 {
+    _mm256_loadu_ps(p)
+}
+
+/// 8 f16 values from `p`, converted to f32 (exact).
+///
+/// # Safety
+/// F16C; `p` points at 8 readable values.
+#[inline(always)]
+pub unsafe fn load8_f16(p: *const f16) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+}
+
+/// Pack rows into f32 panels of `w` rows (w a multiple of 8): `dst[panel][s][lane] =
+/// src[(r0 + panel * w + lane) * ld + p0 + s]` as f32, zero for rows past `block.rows`.
+/// f16 rows are converted 8 values at a time as they are read, so they cost the
+/// transposition no more than f32 rows (no f32 copy of the block is staged).
+///
+/// # Safety
+/// AVX2 and F16C. `src` holds rows `r0..r0 + rows` of `ld >= p0 + kc` values; `dst` holds
 /// `rows.div_ceil(w) * w * kc` values.
-#[target_feature(enable = "avx2")]
-pub unsafe fn pack_f32_avx(dst: *mut f32, src: *const f32, ld: usize, block: Block, w: usize) {
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn pack_f32_avx<T: F32Value>(
+    dst: *mut f32,
+    src: *const T,
+    ld: usize,
+    block: Block,
+    w: usize,
+) {
     let Block {
         r0,
         rows: count,
@@ -187,10 +213,10 @@ pub unsafe fn pack_f32_avx(dst: *mut f32, src: *const f32, ld: usize, block: Blo
             let full = first + 8 <= count;
             let mut s = 0;
             if full {
-                let rows: [*const f32; 8] =
+                let rows: [*const T; 8] =
                     std::array::from_fn(|i| src.add((r0 + first + i) * ld + p0));
                 while s + 8 <= kc {
-                    let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(rows[i].add(s)));
+                    let r: [__m256; 8] = std::array::from_fn(|i| T::load8(rows[i].add(s)));
                     let t0 = _mm256_unpacklo_ps(r[0], r[1]);
                     let t1 = _mm256_unpackhi_ps(r[0], r[1]);
                     let t2 = _mm256_unpacklo_ps(r[2], r[3]);
@@ -227,7 +253,7 @@ pub unsafe fn pack_f32_avx(dst: *mut f32, src: *const f32, ld: usize, block: Blo
                 let i = panel * w + lane;
                 for t in s..kc {
                     *base.add(t * w + lane) = if i < count {
-                        *src.add((r0 + i) * ld + p0 + t)
+                        (*src.add((r0 + i) * ld + p0 + t)).to_f32()
                     } else {
                         0.0
                     };
