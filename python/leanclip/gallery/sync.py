@@ -23,7 +23,6 @@ import fcntl
 import os
 import sqlite3
 import stat
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -271,13 +270,128 @@ def scan(
     return ScanResult(found, bad, unreadable)
 
 
+@dataclass
+class _Previous:
+    """What an update keeps of the store's last generation, or why it encodes all again."""
+
+    index: Any
+    similar: Any  # the image-to-image index (None when the model has none)
+    reset_reason: str  # empty when the encodings are kept
+    model_changed: bool
+    dtype: str  # the vectors' precision from now on
+
+
+@dataclass
+class _Settings:
+    """The store's settings as this update records them."""
+
+    index_choice: str
+    recall: float
+    ocr: bool
+    video: bool
+    sim_changed: bool  # the image-to-image index's dimension changed
+
+
+def _previous(layout: StoreLayout, meta: Dict[str, str], enc: Any, options: UpdateOptions) -> _Previous:
+    """The last generation's indexes if this update can go on from them, else why not."""
+    from leanclip import Index, IndexFileError
+
+    gen = int(meta["generation"])
+    index: Any = None
+    reset_reason = ""
+    model_changed = bool(meta.get("model_id")) and meta["model_id"] != enc.model_id
+    if model_changed:
+        reset_reason = f"model changed from {meta['model_id']} to {enc.model_id}: re-encoding all files"
+    elif gen > 0:
+        try:
+            index = kinds.load_index(layout.index_path(gen), meta.get("index_kind", "exact"))
+            if index.dim != enc.dim:
+                reset_reason = f"index dim {index.dim} != model dim {enc.dim}: re-encoding"
+                index = None
+        except (FileNotFoundError, IndexFileError, OSError, ValueError) as exc:
+            reset_reason = f"index file for generation {gen} unusable ({exc}); re-encoding"
+    want_dtype = options.dtype or meta.get("dtype") or "f32"
+    stored_dtype, finer = meta.get("dtype") or "f32", ("i8", "f16", "f32")
+    if index is not None and not reset_reason and stored_dtype in finer and want_dtype in finer:
+        if finer.index(want_dtype) > finer.index(stored_dtype):
+            # i8 or f16 vectors cannot give back what a finer precision keeps: encode again
+            reset_reason = f"precision raised from {stored_dtype} to {want_dtype}: re-encoding all files"
+            index = None
+    sim_dim = similarity_dim(enc)
+    similar: Any = None
+    if sim_dim:
+        if index is not None and not reset_reason:
+            similar = load_similar(layout, gen, meta, sim_dim, len(index))
+            if similar is None and len(index):
+                reset_reason = "no usable image-to-image index for this model: re-encoding"
+                index = None
+        if similar is None:
+            similar = Index(sim_dim, dtype=want_dtype)  # type: ignore[arg-type]
+    if index is None:
+        index = Index(enc.dim, dtype=want_dtype)  # type: ignore[arg-type]
+    return _Previous(index, similar, reset_reason, model_changed, want_dtype)
+
+
+def _forget_encodings(conn: sqlite3.Connection, model_changed: bool) -> None:
+    """Marks every encoded file pending again and drops what was derived from the old keys."""
+    # a new model also retries the files the old one failed: the failure may have been its own
+    retry = "('ok', 'failed')" if model_changed else "('ok')"
+    conn.execute(f"UPDATE files SET status='pending', key=NULL WHERE status IN {retry}")
+    for table in ("near", "near_done", "texts"):  # all keyed by the keys just dropped
+        conn.execute(f"DELETE FROM {table}")
+
+
+def _record_settings(
+    conn: sqlite3.Connection, meta: Dict[str, str], enc: Any, options: UpdateOptions, prev: _Previous
+) -> _Settings:
+    """Writes this update's settings (the options given, else the store's) to the meta table."""
+    # the index kind asked for (kept across updates); conversions happen after the scan
+    choice = options.index_kind or meta.get("index") or "auto"
+    sim_dim = similarity_dim(enc)
+    db.set_meta(conn, "model_id", enc.model_id)
+    db.set_meta(conn, "dim", enc.dim)
+    db.set_meta(conn, "dtype", prev.dtype)
+    db.set_meta(conn, "model_source", options.model_source)
+    db.set_meta(conn, "index", choice)
+    recall = options.recall if options.recall is not None else float(meta.get("recall", kinds.DEFAULT_RECALL))
+    db.set_meta(conn, "recall", recall)
+    ocr = options.ocr if options.ocr is not None else meta.get("ocr") == "1"
+    db.set_meta(conn, "ocr", int(ocr))
+    video = options.video if options.video is not None else meta.get("video") == "1"
+    db.set_meta(conn, "video", int(video))
+    if video:
+        from leanclip._deps import require
+
+        require("av", "video", "indexing video clips (--video)")  # before any work
+    db.set_meta(conn, "index_kind", kinds.kind_of(prev.index))
+    # committed with the generation: readers open similar-<G>.lci only when it is nonzero
+    sim_changed = meta.get("similarity_dim", "0") != str(sim_dim)
+    db.set_meta(conn, "similarity_dim", sim_dim)
+    return _Settings(choice, recall, ocr, video, sim_changed)
+
+
+def _roll_back(conn: Optional[sqlite3.Connection], run: Optional["Sync"], exc: BaseException) -> None:
+    """Ends the open transaction of an update that failed with ``exc``: an interrupt between
+    batches keeps the finished work (a last checkpoint), anything else rolls back."""
+    if conn is None or not conn.in_transaction:
+        return
+    if run is not None and run.state.clean and isinstance(exc, KeyboardInterrupt):
+        # interrupted between batches: keep the finished work, then stop
+        try:
+            run.checkpoint()
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+    else:
+        conn.execute("ROLLBACK")
+
+
 def run_update(
     layout: StoreLayout, enc: Any, options: UpdateOptions, progress: Optional[Progress] = None
 ) -> UpdateSummary:
     """Bring the store at ``layout`` in step with its folder, encoding with ``enc`` (see the
     module docstring); the body of ``Gallery.update()``."""
-    from leanclip import Index, IndexFileError
-
     t0 = time.perf_counter()
     summary = UpdateSummary(model_id=enc.model_id)
     lock_fd = acquire_writer(layout.store)
@@ -295,84 +409,26 @@ def run_update(
         migrated = db.migrate(conn)
         meta = db.read_meta(conn)
         gen = int(meta["generation"])
-        next_key = int(meta["next_key"])
-        index: Any = None
-        reset_reason = ""
-        model_changed = bool(meta.get("model_id")) and meta["model_id"] != enc.model_id
-        if model_changed:
-            reset_reason = f"model changed from {meta['model_id']} to {enc.model_id}: re-encoding all files"
-        elif gen > 0:
-            try:
-                index = kinds.load_index(layout.index_path(gen), meta.get("index_kind", "exact"))
-                if index.dim != enc.dim:
-                    reset_reason = f"index dim {index.dim} != model dim {enc.dim}: re-encoding"
-                    index = None
-            except (FileNotFoundError, IndexFileError, OSError, ValueError) as exc:
-                reset_reason = f"index file for generation {gen} unusable ({exc}); re-encoding"
-        want_dtype = options.dtype or meta.get("dtype") or "f32"
-        stored_dtype, finer = meta.get("dtype") or "f32", ("i8", "f16", "f32")
-        if index is not None and not reset_reason and stored_dtype in finer and want_dtype in finer:
-            if finer.index(want_dtype) > finer.index(stored_dtype):
-                # i8 or f16 vectors cannot give back what a finer precision keeps: encode again
-                reset_reason = f"precision raised from {stored_dtype} to {want_dtype}: re-encoding all files"
-                index = None
-        # the index kind asked for (kept across updates); conversions happen after the scan
-        choice = options.index_kind or meta.get("index") or "auto"
-        sim_dim = similarity_dim(enc)
-        similar: Any = None
-        if sim_dim:
-            if index is not None and not reset_reason:
-                similar = load_similar(layout, gen, meta, sim_dim, len(index))
-                if similar is None and len(index):
-                    reset_reason = "no usable image-to-image index for this model: re-encoding"
-                    index = None
-            if similar is None:
-                similar = Index(sim_dim, dtype=want_dtype)  # type: ignore[arg-type]
-        if index is None:
-            index = Index(enc.dim, dtype=want_dtype)  # type: ignore[arg-type]
-        if reset_reason:
-            # a new model also retries the files the old one failed: the failure may have been its own
-            retry = "('ok', 'failed')" if model_changed else "('ok')"
-            conn.execute(f"UPDATE files SET status='pending', key=NULL WHERE status IN {retry}")
-            for table in ("near", "near_done", "texts"):  # all keyed by the keys just dropped
-                conn.execute(f"DELETE FROM {table}")
-            summary.recovered = reset_reason
-        db.set_meta(conn, "model_id", enc.model_id)
-        db.set_meta(conn, "dim", enc.dim)
-        db.set_meta(conn, "dtype", want_dtype)
-        db.set_meta(conn, "model_source", options.model_source)
-        db.set_meta(conn, "index", choice)
-        recall = (
-            options.recall if options.recall is not None else float(meta.get("recall", kinds.DEFAULT_RECALL))
-        )
-        db.set_meta(conn, "recall", recall)
-        ocr = options.ocr if options.ocr is not None else meta.get("ocr") == "1"
-        db.set_meta(conn, "ocr", int(ocr))
-        video = options.video if options.video is not None else meta.get("video") == "1"
-        db.set_meta(conn, "video", int(video))
-        if video:
-            from leanclip._deps import require
-
-            require("av", "video", "indexing video clips (--video)")  # before any work
-        db.set_meta(conn, "index_kind", kinds.kind_of(index))
-        # committed with the generation: readers open similar-<G>.lci only when it is nonzero
-        sim_changed = meta.get("similarity_dim", "0") != str(sim_dim)
-        db.set_meta(conn, "similarity_dim", sim_dim)
+        prev = _previous(layout, meta, enc, options)
+        if prev.reset_reason:
+            _forget_encodings(conn, prev.model_changed)
+            summary.recovered = prev.reset_reason
+        settings = _record_settings(conn, meta, enc, options, prev)
         layout.remove_stray_files(keep=gen)
         state = UpdateState(
             conn=conn,
-            index=index,
+            index=prev.index,
             gen=gen,
-            next_key=next_key,
-            dirty=bool(reset_reason or fresh or migrated or sim_changed),
-            dtype=want_dtype,
-            index_choice=choice,
-            recall=recall,
-            similar=similar,
+            next_key=int(meta["next_key"]),
+            dirty=bool(prev.reset_reason or fresh or migrated or settings.sim_changed),
+            dtype=prev.dtype,
+            index_choice=settings.index_choice,
+            recall=settings.recall,
+            similar=prev.similar,
         )
         run = Sync(layout, enc, options, state, summary, progress)
-        run.video = video
-        if ocr:
+        run.video = settings.video
+        if settings.ocr:
             from leanclip.ocr import TextReader
 
             run.text_reader = TextReader()  # a missing extra fails here, before any work
@@ -387,18 +443,8 @@ def run_update(
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
         raise GalleryError(f"cannot update the gallery database {layout.db_path}: {exc}") from None
-    except BaseException:
-        if conn is not None and conn.in_transaction:
-            if run is not None and run.state.clean and isinstance(sys.exc_info()[1], KeyboardInterrupt):
-                # interrupted between batches: keep the finished work, then stop
-                try:
-                    run.checkpoint()
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-            else:
-                conn.execute("ROLLBACK")
+    except BaseException as exc:
+        _roll_back(conn, run, exc)
         raise
     finally:
         if conn is not None:
@@ -490,34 +536,45 @@ class Sync:
     # -- the run ---------------------------------------------------------------------------
 
     def run(self) -> None:
-        s, summary, conn, progress = self.state, self.summary, self.state.conn, self.progress
+        s = self.state
         s.last_checkpoint = time.monotonic()
         s.since_checkpoint = 0
-
         extensions = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS if self.video else IMAGE_EXTENSIONS
-        scanned = scan(os.fspath(self.layout.root), os.fspath(self.layout.store), progress, extensions)
+        scanned = scan(os.fspath(self.layout.root), os.fspath(self.layout.store), self.progress, extensions)
         # the gallery's size after this run; a folder that cannot be listed keeps its rows
         n = len(scanned.found) if not scanned.unreadable else max(len(scanned.found), len(s.index))
         self.convert_index(n)
-        index = s.index
-        rows = self.rows = db.load_rows(conn)
-        seen = {f.rel for f in scanned.found}
-        bad_names = {rel for rel, _ in scanned.bad}
+        self.rows = db.load_rows(s.conn)
+        self.record_bad(scanned.bad)
+        to_hash, missing = self.classify(scanned)
+        to_encode = self.hash_changed(to_hash, missing)
+        self.remove_missing(missing)
+        remaining = self.copy_duplicates(to_encode)
+        self.checkpoint_if_due(force=True)
+        self.encode_all([item for item in remaining if not is_video(item[0].rel)])
+        self.encode_videos([item for item in remaining if is_video(item[0].rel)])
+        self.fill_dates()
+        self.update_near()
+        self.read_texts()
 
-        # entries that look like images but are not files: record as failed
-        for rel, reason in scanned.bad:
-            old = rows.get(rel)
+    def record_bad(self, bad: List[Tuple[bytes, str]]) -> None:
+        """Entries that look like images but are not files: recorded as failed."""
+        s, summary = self.state, self.summary
+        for rel, reason in bad:
+            old = self.rows.get(rel)
             if old and old.status == "failed":
                 summary.unchanged += 1
                 continue
             if old and old.key is not None:
                 self.remove_keys([old.key])
-            db.write_row(conn, FileRow(rel, 0, 0, None, None, "failed", reason))
+            db.write_row(s.conn, FileRow(rel, 0, 0, None, None, "failed", reason))
             summary.failed += 1
             summary.failures.append((display(rel), reason))
             s.dirty = True
 
-        # classify
+    def classify(self, scanned: ScanResult) -> Tuple[List[FoundFile], Dict[bytes, FileRow]]:
+        """The found files to hash (new or changed), and the rows whose file is missing."""
+        rows, summary = self.rows, self.summary
         to_hash: List[FoundFile] = []
         for f in scanned.found:
             old = rows.get(f.rel)
@@ -528,6 +585,8 @@ class Sync:
         # rows under a folder that could not be listed are kept (the root: all of them)
         for rel, reason in scanned.unreadable:
             summary.unreadable.append((display(rel), reason))
+        seen = {f.rel for f in scanned.found}
+        bad_names = {rel for rel, _ in scanned.bad}
         kept_under = tuple(rel + b"/" for rel, _ in scanned.unreadable)
         keep_all = any(rel == b"." for rel, _ in scanned.unreadable)
         missing = {
@@ -538,12 +597,20 @@ class Sync:
             and not keep_all
             and not (kept_under and rel.startswith(kept_under))
         }
+        return to_hash, missing
+
+    def hash_changed(
+        self, to_hash: List[FoundFile], missing: Dict[bytes, FileRow]
+    ) -> List[Tuple[FoundFile, str]]:
+        """Hashes ``to_hash``: a file with its old content keeps its row, one with the content
+        of a missing row is that file renamed (its row moves; taken out of ``missing``); the
+        rest, with their digests, are to encode."""
+        s, summary, conn, progress, rows = self.state, self.summary, self.state.conn, self.progress, self.rows
         # content of vanished ok rows, for rename detection
         vanished_by_hash: Dict[str, List[bytes]] = {}
         for rel, r in missing.items():
             if r.status == "ok" and r.sha256:
                 vanished_by_hash.setdefault(r.sha256, []).append(rel)
-
         to_encode: List[Tuple[FoundFile, str]] = []
         for i, f in enumerate(to_hash):
             if progress:
@@ -582,17 +649,23 @@ class Sync:
             to_encode.append((f, digest))
         if progress and to_hash:
             progress("hash", len(to_hash), len(to_hash))
+        return to_encode
 
-        # deleted files leave the index
-        if missing:
-            gone = [r.key for r in missing.values() if r.key is not None]
-            if gone:
-                self.remove_keys(gone)
-            conn.executemany("DELETE FROM files WHERE path=?", [(rel,) for rel in missing])
-            summary.removed += len(missing)
-            s.dirty = True
+    def remove_missing(self, missing: Dict[bytes, FileRow]) -> None:
+        """Deleted files leave the index and the database."""
+        if not missing:
+            return
+        gone = [r.key for r in missing.values() if r.key is not None]
+        if gone:
+            self.remove_keys(gone)
+        self.state.conn.executemany("DELETE FROM files WHERE path=?", [(rel,) for rel in missing])
+        self.summary.removed += len(missing)
+        self.state.dirty = True
 
-        # duplicates of already indexed content: reuse the stored vector
+    def copy_duplicates(self, to_encode: List[Tuple[FoundFile, str]]) -> List[Tuple[FoundFile, str]]:
+        """Duplicates of already indexed content reuse the stored vector (and look); returns
+        the files still to encode."""
+        s, conn, index = self.state, self.state.conn, self.state.index
         remaining: List[Tuple[FoundFile, str]] = []
         for f, digest in to_encode:
             dup = conn.execute(
@@ -602,19 +675,13 @@ class Sync:
                 vec = index.get([int(dup[0])])
                 sim = s.similar.get([int(dup[0])]) if s.similar is not None else None
                 self.store_vectors([(f, digest)], vec, sim)
-                summary.copied += 1
+                self.summary.copied += 1
                 got = db.read_looks(conn, [int(dup[0])]).get(int(dup[0]))
                 if got is not None:
                     self.store_looks([(self.rows[f.rel], got)])
             else:
                 remaining.append((f, digest))
-
-        self.checkpoint_if_due(force=True)
-        self.encode_all([item for item in remaining if not is_video(item[0].rel)])
-        self.encode_videos([item for item in remaining if is_video(item[0].rel)])
-        self.fill_dates()
-        self.update_near()
-        self.read_texts()
+        return remaining
 
     def read_texts(self) -> None:
         """The text in every indexed photo not read yet (with ``--ocr``), checkpointed as it
