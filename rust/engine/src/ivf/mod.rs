@@ -51,6 +51,7 @@ pub(crate) mod kmeans;
 mod list;
 mod params;
 mod pq;
+mod probe;
 mod project;
 mod scan;
 mod search;

@@ -30,6 +30,8 @@ use std::cell::RefCell;
 const QUERY_BLOCK: usize = 256;
 /// Target size of a (queries x rows) score tile.
 const TILE_BYTES: usize = 256 * 1024;
+/// Queries an L2 block tests a row against at once (one vectorizable comparison).
+const LANES: usize = 16;
 /// Rows per single-query kernel chunk.
 const KERNEL_CHUNK: usize = 256;
 
@@ -490,7 +492,6 @@ impl ScanInputs<'_> {
         counts: &mut [u32],
         s: &mut Scratch,
     ) {
-        const LANES: usize = 16;
         let (spec, list, qs) = (self.spec, job.list, job.qs);
         let (dim, kc, m) = (spec.dim, spec.kc, qs.len());
         let (n, keys) = (list.len(), list.keys.as_slice());
@@ -543,43 +544,9 @@ impl ScanInputs<'_> {
                 packed.scores_above(src, mb, tile, mb, marks, &mut s.ws);
                 push_marked(&s.masks, words, tile, mb, keys, job.excluded, &mut s.sels);
             } else {
-                // L2 scores need both norms: turn each row into scores, then test it.
                 packed.scores(src, mb, tile, mb, &mut s.ws);
-                for (r, row) in tile.chunks_exact_mut(mb).enumerate() {
-                    let xn = s.rnorms[r];
-                    for (v, &qn) in row.iter_mut().zip(&s.qnorms) {
-                        *v = -(qn + xn - 2.0 * *v).max(0.0);
-                    }
-                    let key = keys[r];
-                    for (c, (vals, thr)) in
-                        row.chunks(LANES).zip(s.thr.chunks_mut(LANES)).enumerate()
-                    {
-                        // One vectorizable test per 16 queries: most rows reach no query's
-                        // threshold.
-                        if !vals
-                            .iter()
-                            .zip(thr.iter())
-                            .fold(false, |acc, (&v, &t)| acc | (v >= t))
-                        {
-                            continue;
-                        }
-                        if job.excluded.is_some_and(|e| e.contains(&key)) {
-                            break;
-                        }
-                        for (j, (&v, t)) in vals.iter().zip(thr.iter_mut()).enumerate() {
-                            if v >= *t {
-                                let sel = &mut s.sels[c * LANES + j];
-                                sel.push(Cand {
-                                    score: v,
-                                    list: 0,
-                                    slot: r as u32,
-                                    key,
-                                });
-                                *t = sel.threshold();
-                            }
-                        }
-                    }
-                }
+                let norms = (s.rnorms.as_slice(), s.qnorms.as_slice());
+                push_l2(tile, mb, norms, keys, job.excluded, &mut s.thr, &mut s.sels);
             }
             for (i, sel) in s.sels[..mb].iter_mut().enumerate() {
                 let kept = sel.kept();
@@ -690,6 +657,53 @@ fn push_marked(
                         slot: r as u32,
                         key,
                     });
+                }
+            }
+        }
+    }
+}
+
+/// Turns an L2 block's products (`tile`: rows x `mb` queries) into scores by the norms
+/// (`norms`: the rows', the queries') and pushes those reaching each query's threshold
+/// (`thr`, kept up to date) into its selection, skipping excluded keys.
+fn push_l2(
+    tile: &mut [f32],
+    mb: usize,
+    norms: (&[f32], &[f32]),
+    keys: &[u64],
+    excluded: Option<&FxHashSet<u64>>,
+    thr: &mut [f32],
+    sels: &mut [Select],
+) {
+    let (rnorms, qnorms) = norms;
+    for (r, row) in tile.chunks_exact_mut(mb).enumerate() {
+        let xn = rnorms[r];
+        for (v, &qn) in row.iter_mut().zip(qnorms) {
+            *v = -(qn + xn - 2.0 * *v).max(0.0);
+        }
+        let key = keys[r];
+        for (c, (vals, thr)) in row.chunks(LANES).zip(thr.chunks_mut(LANES)).enumerate() {
+            // One vectorizable test per 16 queries: most rows reach no query's threshold.
+            if !vals
+                .iter()
+                .zip(thr.iter())
+                .fold(false, |acc, (&v, &t)| acc | (v >= t))
+            {
+                continue;
+            }
+            if excluded.is_some_and(|e| e.contains(&key)) {
+                break;
+            }
+            for (j, (&v, t)) in vals.iter().zip(thr.iter_mut()).enumerate() {
+                if v >= *t {
+                    let sel = &mut sels[c * LANES + j];
+                    sel.push(Cand {
+                        score: v,
+                        list: 0,
+                        slot: r as u32,
+                        key,
+                    });
+                    *t = sel.threshold();
                 }
             }
         }
