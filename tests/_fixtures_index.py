@@ -1,5 +1,6 @@
-"""Fixtures for the Index, IVFIndex and mining tests: the float64 reference scores, and the
-check that two indexes (one saved and loaded, say) hold the same thing."""
+"""Fixtures for the Index, IVFIndex and mining tests: the float64 reference scores, the exact
+top k and recall@k an approximate index is measured by, and the check that two indexes (one
+saved and loaded, say) hold the same thing."""
 
 from __future__ import annotations
 
@@ -33,3 +34,17 @@ def assert_same_contents(a, b, rng):
         kb, sb = b.search(qs, k=7)
         np.testing.assert_array_equal(ka, kb)
         np.testing.assert_array_equal(sa, sb)
+
+
+def exact_top(base: np.ndarray, queries: np.ndarray, k: int = 10) -> np.ndarray:
+    """The exact index's top ``k`` keys (row numbers) of each query, under ip."""
+    from leanclip import Index
+
+    ex = Index(base.shape[1], "ip")
+    ex.add(np.arange(len(base), dtype=np.uint64), base)
+    return ex.search(queries, k=k)[0]
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean recall of each row of ``found`` against the same row of ``truth``."""
+    return float(np.mean([len(np.intersect1d(a, b)) / truth.shape[1] for a, b in zip(found, truth)]))

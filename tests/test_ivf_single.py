@@ -10,20 +10,11 @@ import numpy as np
 import pytest
 
 from benchmarks.data.shapes import generate
-from leanclip import Index, IndexFileError, IVFIndex
+from leanclip import IndexFileError, IVFIndex
+from tests._fixtures_index import exact_top, recall
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden" / "ivf_v1"
 K = 10
-
-
-def exact_top(base: np.ndarray, queries: np.ndarray, k: int = K) -> np.ndarray:
-    ex = Index(base.shape[1], "ip")
-    ex.add(np.arange(len(base), dtype=np.uint64), base)
-    return ex.search(queries, k=k)[0]
-
-
-def recall(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(np.intersect1d(a, b)) / truth.shape[1] for a, b in zip(found, truth)]))
 
 
 @pytest.fixture(scope="module")
