@@ -458,11 +458,12 @@ def student_bundles(cache: Path, student: Path, variant: str, work: Path) -> str
     )
 
 
-def write_section(text: str, results: Path) -> None:
+def write_section(text: str, results: Path, *, begin: str = BEGIN, end: str = END) -> None:
+    """Put ``text`` between the ``begin`` / ``end`` markers of ``results`` (appended the first time)."""
     old = results.read_text(encoding="utf-8")
-    block = f"{BEGIN}\n{text.rstrip()}\n{END}\n"
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + block + old[old.index(END) + len(END) :].lstrip("\n")
+    block = f"{begin}\n{text.rstrip()}\n{end}\n"
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :].lstrip("\n")
     else:
         new = old.rstrip("\n") + "\n\n" + block
     results.write_text(new, encoding="utf-8")

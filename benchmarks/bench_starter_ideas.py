@@ -1,0 +1,238 @@
+"""Issue 30, item 5, second round: more ways to close the starter's held-out gap with the weights
+the ``starter`` extra already ships, measured on the cached torch features.
+
+    python -m benchmarks.bench_starter_ideas [--cache DIR] [--results PATH]
+
+Everything below was fixed (and committed) before the first measurement. The features are
+bench_starter_quality's (EfficientNet-Lite0 logits of the 12 sample photos) and MiniLM
+embeddings cached by bench_starter_heldout; baseline = recipe 2 ("a photo of a {}.", T=3, top-10
+classes, cosine ranking). Per tuning caption the misses of recipe 2 are the astronaut (the
+classifier sees a bobsleigh, a football helmet, a go-kart) and the fundus image (a lampshade):
+concepts with no ImageNet class, which only the text and class side can move toward.
+
+Ideas and their variants:
+
+* weighted gloss: row c of E = unit((1 - a) unit(name prompt) + a unit("{name}: {gloss}")), the
+  WordNet gloss from timm's ``ImageNetInfo``; a in {0.1, 0.2, 0.3, 0.4, 0.5} (0.5 is round one's
+  variant (c); 0 is recipe 2);
+* prompt ensembles: the mean over open_clip's 7 "simple" ImageNet templates, and over its 80;
+* temperature and top-k, re-chosen: T in {2, 3, 4, 6} x k in {5, 10, 20, 1000} with the name prompt;
+* query in the prompt's form (text side; the ONNX text graph would insert the prefix's tokens
+  after [CLS]): the query is embedded as "a photo of {q}" or "a picture of {q}";
+* query through the classes (text side, 384-d): q' = unit(q + b unit(softmax(q E^T / tau) E)),
+  b in {0.5, 1}, tau in {0.02, 0.05}: the query is pulled toward the mix of class captions it is
+  near, where every image lies;
+* class-space scoring: both sides as distributions over the 1,000 classes, the image's recipe-2
+  distribution (T=3, top-10) and the query's softmax(q E^T / tau), tau in {0.01, 0.02, 0.05};
+  cosine of the two (1,000-d vectors: the index grows 2.6x).
+
+Choice: per idea, the variant with the best tuning R@1, then tuning MRR (the held-out set is not
+looked at). Overall, the single candidate is the best of all variants and recipe 2 by the same
+rule, so the tuning set alone picks it; it is kept only if it is not recipe 2, does not lower
+tuning R@1 or R@5, and raises held-out R@1. Its int8 figures, size and latency come from a
+bundle built the repo's way and measured through leanclip.Encoder (``--bundles``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from benchmarks import bench_starter_heldout as H
+from benchmarks import bench_starter_quality as Q
+
+RESULTS = Q.ROOT / "benchmarks" / "results" / "starter.md"
+BEGIN = "<!-- bench_starter_ideas: begin (written by benchmarks/bench_starter_ideas.py) -->"
+END = "<!-- bench_starter_ideas: end -->"
+GLOSS_WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5)
+TEMPERATURES = (2.0, 3.0, 4.0, 6.0)
+TOP_KS = (5, 10, 20, 1000)
+QUERY_PREFIXES = ("a photo of ", "a picture of ")
+EXPANSIONS = ((0.5, 0.02), (0.5, 0.05), (1.0, 0.02), (1.0, 0.05))
+CLASS_SPACE_TAUS = (0.01, 0.02, 0.05)
+
+Metrics = Dict[str, Dict[str, float]]
+Row = Tuple[str, str, Metrics]
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+def expand_queries(q: np.ndarray, E: np.ndarray, weight: float, tau: float) -> np.ndarray:
+    """unit(q + weight * unit(softmax(q E^T / tau) E)): the query pulled toward its class mix."""
+    q = Q._unit(q)
+    mix = Q._unit(softmax(q @ E.T / tau) @ E)
+    return Q._unit(q + weight * mix)
+
+
+def image_distribution(logits: np.ndarray, temperature: float, top_k: Optional[int]) -> np.ndarray:
+    """The recipe's class distribution of each image (what ``joint_head`` averages E with)."""
+    eye = np.eye(logits.shape[1])
+    return Q.joint_head(logits, eye, temperature, top_k)
+
+
+def weighted_rows(name: np.ndarray, gloss: np.ndarray, weight: float) -> np.ndarray:
+    return Q._unit((1.0 - weight) * Q._unit(name) + weight * Q._unit(gloss)).astype(np.float32)
+
+
+class Features:
+    """Cached inputs: photo logits, query texts and targets, and a cached MiniLM embedder."""
+
+    def __init__(self, cache: Path) -> None:
+        from leanclip.minilm import load_minilm
+
+        feats = Q.cache_photo_features(cache)
+        self.names = [str(n) for n in feats["names"]]
+        self.logits = feats["logits"][: len(self.names)]
+        sets = Q.load_query_sets()
+        self.texts = {k: Q.flatten(v, self.names)[0] for k, v in sets.items()}
+        self.targets = {k: np.asarray(Q.flatten(v, self.names)[1]) for k, v in sets.items()}
+        self.cache = cache
+        self._tower: Callable[[], Any] = lambda: load_minilm().eval()
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return H.embed_cached(self.cache, "teacher", list(texts), self._tower)
+
+    def queries(self, prefix: str = "") -> Dict[str, np.ndarray]:
+        return {k: self.embed([prefix + t for t in v]) for k, v in self.texts.items()}
+
+    def evaluate(self, score: Callable[[str], np.ndarray]) -> Metrics:
+        return H.evaluate(score, self.targets)
+
+
+def class_matrices(f: Features) -> Dict[str, np.ndarray]:
+    """name prompt, "{name}: {gloss}", and the 7- and 80-template means, (1000, 384) each."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+    names = [str(n) for n in H.imagenet_classnames()]
+    glosses = [g for _, g in H.wordnet_classes()]
+    out = {
+        "name": f.embed([H.TEMPLATE.format(n) for n in names]),
+        "gloss": f.embed([f"{n}: {g}" for n, g in zip(names, glosses)]),
+    }
+    for label, templates in (("7 simple", SIMPLE_IMAGENET_TEMPLATES), ("80", OPENAI_IMAGENET_TEMPLATES)):
+        groups = [[t(n) for t in templates] for n in names]
+        out[label] = H.class_rows(f.embed([t for g in groups for t in g]), groups)
+    return out
+
+
+def measure(f: Features) -> List[Row]:
+    """Every variant of every idea (docstring), recipe 2 first."""
+    E = class_matrices(f)
+    q = f.queries()
+    name = Q._unit(E["name"])
+
+    def cosine(img: np.ndarray, queries: Optional[Dict[str, np.ndarray]] = None) -> Metrics:
+        qq = q if queries is None else queries
+        return f.evaluate(lambda k: H.scores_of(qq[k], img))
+
+    base_img = Q.joint_head(f.logits, name, 3.0, 10)
+    rows: List[Row] = [("baseline", "recipe 2: 'a photo of a {}.', T=3, top-10", cosine(base_img))]
+    for a in GLOSS_WEIGHTS:
+        img = Q.joint_head(f.logits, weighted_rows(E["name"], E["gloss"], a), 3.0, 10)
+        rows.append(("weighted gloss", f"a = {a}", cosine(img)))
+    for label in ("7 simple", "80"):
+        rows.append(
+            ("prompt ensembles", f"{label} templates", cosine(Q.joint_head(f.logits, E[label], 3.0, 10)))
+        )
+    for t in TEMPERATURES:
+        for k in TOP_KS:
+            img = Q.joint_head(f.logits, name, t, None if k >= 1000 else k)
+            rows.append(("temperature and top-k", f"T={t:g}, k={k}", cosine(img)))
+    for prefix in QUERY_PREFIXES:
+        rows.append(("query in the prompt's form", f"'{prefix}{{q}}'", cosine(base_img, f.queries(prefix))))
+    for b, tau in EXPANSIONS:
+        qx = {k: expand_queries(v, name, b, tau) for k, v in q.items()}
+        rows.append(("query through the classes", f"b={b:g}, tau={tau:g}", cosine(base_img, qx)))
+    dist = image_distribution(f.logits, 3.0, 10)
+    for tau in CLASS_SPACE_TAUS:
+        qp = {k: softmax(Q._unit(v) @ name.T / tau) for k, v in q.items()}
+        rows.append(("class-space scoring", f"tau={tau:g}", cosine(dist, qp)))
+    return rows
+
+
+def overall_pick(rows: Sequence[Row]) -> Row:
+    """The best of all rows, recipe 2 included, on the tuning set alone (R@1, then MRR); the
+    first row wins ties, so a variant must beat recipe 2 to be picked."""
+    best = rows[0]
+    for row in rows[1:]:
+        if H.better_on_tuning(row[2], best[2]):
+            best = row
+    return best
+
+
+def report(rows: Sequence[Row]) -> str:
+    from benchmarks import _harness as Hh
+
+    base = rows[0][2]
+    picks = H.chosen(rows[1:])
+    top = overall_pick(rows)
+    table = []
+    for idea, variant, m in rows:
+        pick = idea in picks and picks[idea][0] == variant
+        overall = (idea, variant) == top[:2]
+        table.append(
+            [
+                idea,
+                variant,
+                *H._cells(m),
+                f"{m['tuning']['mrr']:.3f}",
+                "yes" if pick else "",
+                "**yes**" if overall else "",
+                ("**yes**" if overall and idea != "baseline" and H.kept(base, m) else "no") if pick else "",
+            ]
+        )
+    text = "## Issue 30, round 2: prompt ensembles, weighted gloss, T and k, query-side mappings\n\n"
+    text += Hh.header("Starter ideas", ["torch", "onnxruntime", "timm", "open_clip_torch"]).replace(
+        "# Starter ideas\n\n", ""
+    )
+    text += (
+        "\nTorch features of the 12 sample photos, cosine ranking; 36 tuning captions (one = 0.028), 48 "
+        "held-out queries (one = 0.021). The ideas and their variants were fixed and committed before the "
+        "first measurement (`benchmarks/bench_starter_ideas.py`). Per idea the variant is chosen on the "
+        "tuning set alone (R@1, then MRR); overall, the one candidate is the best of all rows, recipe 2 "
+        "included, by the same rule. It is kept only if it is not recipe 2, does not lower tuning R@1 or "
+        "R@5 and raises held-out R@1.\n\n"
+    )
+    text += Hh.markdown_table(
+        [
+            "idea",
+            "variant",
+            "tuning R@1",
+            "tuning R@5",
+            "held-out R@1",
+            "held-out R@5",
+            "tuning MRR",
+            "chosen in idea",
+            "overall pick",
+            "kept",
+        ],
+        table,
+    )
+    return text + f"\n\nOverall pick on the tuning set: {top[0]}, {top[1]}.\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cache", type=Path, default=Q.DEFAULT_CACHE)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    text = report(measure(Features(args.cache)))
+    H.write_section(text, args.results, begin=BEGIN, end=END)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
