@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from leanclip.images import ImageLoadError, load_image, register_formats
 
@@ -84,3 +84,26 @@ def test_missing_pillow_heif_names_the_extra(tmp_path):
     assert (
         out.stdout.strip() == "HEIC/HEIF needs pillow-heif (not installed): pip install 'leanclip[heif]'"
     ), out
+
+
+@pytest.mark.parametrize("ext", ["heic", "avif", "png", "jpg"])
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_each_format_is_turned_as_its_exif_says(tmp_path, ext, orientation):
+    """load_image skips ImageOps.exif_transpose's copy for an upright photo (images._upright):
+    the pixels are still those of the reference path, turned when EXIF says so."""
+    register_formats()
+    rng = np.random.default_rng(orientation)
+    arr = np.clip(rng.normal(128, 60, (64, 96, 3)), 0, 255).astype(np.uint8)
+    im = Image.fromarray(arr)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"o{orientation}.{ext}"
+    im.save(path, exif=exif.tobytes())
+    with Image.open(path) as ref_file:
+        ref = ImageOps.exif_transpose(ref_file).convert("RGB")
+    for reduce_for in (None, 16):
+        out = load_image(path, reduce_for=reduce_for)
+        assert (out.width < out.height) == (orientation in (6, 8)), (ext, orientation, out.size)
+        if reduce_for is None:
+            assert out.size == ref.size
+            assert np.array_equal(np.asarray(out), np.asarray(ref)), (ext, orientation)
