@@ -23,8 +23,9 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,9 @@ import torch.nn.functional as F
 from training import losses
 from training.models import build_student, build_teacher
 from training.train_utils import autocast, make_optimizer
+
+if TYPE_CHECKING:
+    from training.distributed import DistInfo
 
 
 def _time(fn: Callable[[], None], steps: int, device: torch.device) -> list[float]:
@@ -204,14 +208,27 @@ def _synthetic_corpus(root: Any, n_images: int, size: int, n_texts: int) -> dict
     }
 
 
-def smoke(steps: int, dry_run: bool, workdir: str, json_out: str | None) -> dict[str, Any]:
-    import math
+@dataclass
+class _Smoke:
+    """What every smoke run shares: the process group, the generated data and the base configs."""
+
+    info: DistInfo
+    work: Path
+    tiny: bool
+    n_images: int
+    g1: int  # stage-1 batch
+    g2: int  # stage-2 batch
+    karpathy: dict[str, Any]
+    model: dict[str, Any]
+    common: dict[str, Any]
+
+
+def _smoke_setup(steps: int, dry_run: bool, workdir: str) -> _Smoke:
+    """Start the process group and generate the corpus (on the main process)."""
     import os
     import tempfile
 
-    from training import stage1, stage2
     from training.distributed import barrier, init_distributed
-    from training.train_utils import plan_schedule
 
     info = init_distributed("cpu" if dry_run else None)
     work = Path(workdir or tempfile.mkdtemp(prefix="leanclip_smoke_"))
@@ -237,26 +254,41 @@ def smoke(steps: int, dry_run: bool, workdir: str, json_out: str | None) -> dict
         "log_every": 50,
         "amp": True,
     }
-    results: dict[str, Any] = {
-        "world_size": info.world_size,
-        "device": str(info.device),
-        "dry_run": dry_run,
-        "steps": steps,
-        "runs": {},
+    return _Smoke(info, work, tiny, n_images, g1, g2, karpathy, model, common)
+
+
+def _peak(device: torch.device) -> float | None:
+    """Peak GPU memory (GiB) since the last call, which resets it; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    value = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return value
+
+
+def _rate(history: list[dict[str, Any]], key: str = "batch") -> tuple[float, float]:
+    """(median seconds per step, items per second), past the first 5 steps when there are more."""
+    timed = history[min(5, len(history) - 1) :] if len(history) > 1 else history
+    seconds = statistics.median(h["seconds"] for h in timed)
+    return seconds, statistics.median(h[key] for h in timed) / seconds
+
+
+def _record(s: _Smoke, runs: dict[str, Any], name: str, history: list[dict[str, Any]]) -> None:
+    seconds, images_s = _rate(history)
+    runs[name] = {
+        "seconds_per_step": seconds,
+        "images_per_s": images_s,
+        "peak_gib": _peak(s.info.device),
+        "steps": len(history),
     }
+    if s.info.is_main:
+        print(json.dumps({"run": name, **runs[name]}), flush=True)
 
-    def peak() -> float | None:
-        if info.device.type != "cuda":
-            return None
-        value = torch.cuda.max_memory_allocated() / 2**30
-        torch.cuda.reset_peak_memory_stats()
-        return value
 
-    def rate(history: list[dict[str, Any]], key: str = "batch") -> tuple[float, float]:
-        timed = history[min(5, len(history) - 1) :] if len(history) > 1 else history
-        seconds = statistics.median(h["seconds"] for h in timed)
-        return seconds, statistics.median(h[key] for h in timed) / seconds
+def _smoke_stage1(s: _Smoke, steps: int, runs: dict[str, Any]) -> None:
+    from training import stage1
 
+    data_dir = s.work / "data"
     for backbone, layers in (
         ("vit_small_patch16_224", 6),
         ("vit_small_patch16_224", 4),
@@ -264,49 +296,58 @@ def smoke(steps: int, dry_run: bool, workdir: str, json_out: str | None) -> dict
     ):
         name = f"stage1 {backbone} S{layers}"
         config = {
-            "run_dir": str(work / f"s1_{backbone}_{layers}"),
+            "run_dir": str(s.work / f"s1_{backbone}_{layers}"),
             "seed": 0,
             # (the tiny teacher of a dry run has 4 text layers: S6 -> 3, S4 -> 2)
-            "model": {**model, "image_backbone": backbone, "text_layers": layers // 2 if tiny else layers},
+            "model": {
+                **s.model,
+                "image_backbone": backbone,
+                "text_layers": layers // 2 if s.tiny else layers,
+            },
             "data": {
-                "images": {**karpathy, "split": "train"},
+                "images": {**s.karpathy, "split": "train"},
                 "texts": {"format": "lines", "path": str(data_dir / "texts.txt")},
             },
-            "train": {**common, "batch_size": g1, "epochs": 1, "max_steps": steps, "embed_batch_size": 256},
+            "train": {
+                **s.common,
+                "batch_size": s.g1,
+                "epochs": 1,
+                "max_steps": steps,
+                "embed_batch_size": 256,
+            },
         }
-        trainer = stage1.Stage1Trainer(config, info)
-        peak()
-        history = trainer.run()
-        seconds, images_s = rate(history)
-        results["runs"][name] = {
-            "seconds_per_step": seconds,
-            "images_per_s": images_s,
-            "peak_gib": peak(),
-            "steps": len(history),
-        }
-        if info.is_main:
-            print(json.dumps({"run": name, **results["runs"][name]}), flush=True)
-    s1_ckpt = work / "s1_vit_small_patch16_224_6" / "latest.pt"  # the S6 student so far
-    teacher_ckpt = work / "teacher.pt"
-    if info.is_main:  # T' stand-in: the random teacher saved as a checkpoint
-        from training.models import build_teacher, save_checkpoint
+        trainer = stage1.Stage1Trainer(config, s.info)
+        _peak(s.info.device)
+        _record(s, runs, name, trainer.run())
 
-        save_checkpoint(teacher_ckpt, build_teacher("ViT-B-32", None, tiny=tiny), {"stage": 2})
+
+def _smoke_stage2(s: _Smoke, steps: int, runs: dict[str, Any]) -> None:
+    import math
+
+    from training import stage2
+    from training.distributed import barrier
+
+    s1_ckpt = s.work / "s1_vit_small_patch16_224_6" / "latest.pt"  # the S6 student so far
+    teacher_ckpt = s.work / "teacher.pt"
+    if s.info.is_main:  # T' stand-in: the random teacher saved as a checkpoint
+        from training.models import save_checkpoint
+
+        save_checkpoint(teacher_ckpt, build_teacher("ViT-B-32", None, tiny=s.tiny), {"stage": 2})
     barrier()
-    per_epoch = (n_images - max(8, n_images // 10)) * 5 // g2
+    per_epoch = (s.n_images - max(8, s.n_images // 10)) * 5 // s.g2
     for name, kind, extra in (
         ("stage2 teacher SF", "teacher", {}),
         ("stage2 student S6 KD+HN", "student", {}),
     ):
         config = {
-            "run_dir": str(work / name.replace(" ", "_")),
+            "run_dir": str(s.work / name.replace(" ", "_")),
             "seed": 0,
             "teacher": None if kind == "teacher" else str(teacher_ckpt),
-            "model": {**model, "kind": kind, **({} if kind == "teacher" else {"init": str(s1_ckpt)})},
-            "data": {"train": {**karpathy, "split": "train"}, "val": {**karpathy, "split": "val"}},
+            "model": {**s.model, "kind": kind, **({} if kind == "teacher" else {"init": str(s1_ckpt)})},
+            "data": {"train": {**s.karpathy, "split": "train"}, "val": {**s.karpathy, "split": "val"}},
             "train": {
-                **common,
-                "batch_size": g2,
+                **s.common,
+                "batch_size": s.g2,
                 "epochs": max(2, math.ceil(steps / max(1, per_epoch))),
                 "max_steps": steps,
                 "kd": kind == "student",
@@ -316,20 +357,16 @@ def smoke(steps: int, dry_run: bool, workdir: str, json_out: str | None) -> dict
                 **extra,
             },
         }
-        trainer = stage2.Stage2Trainer(config, info)
-        peak()
+        trainer = stage2.Stage2Trainer(config, s.info)
+        _peak(s.info.device)
         state = trainer.run()
-        seconds, images_s = rate(state.history)
-        results["runs"][name] = {
-            "seconds_per_step": seconds,
-            "images_per_s": images_s,
-            "peak_gib": peak(),
-            "steps": len(state.history),
-        }
-        if info.is_main:
-            print(json.dumps({"run": name, **results["runs"][name]}), flush=True)
-    # projections: steps of each table run x the measured time of its kind of step
-    runs = results["runs"]
+        _record(s, runs, name, state.history)
+
+
+def _projections(runs: dict[str, Any]) -> list[dict[str, Any]]:
+    """Steps of each table run x the measured time of its kind of step."""
+    from training.train_utils import plan_schedule
+
     projections = []
     for label, stage, backbone, layers, items, epochs, phases in TABLE_RUNS:
         schedule = plan_schedule(items, 84 if stage == 1 else 96, epochs, 10000, 0.5)
@@ -347,8 +384,25 @@ def smoke(steps: int, dry_run: bool, workdir: str, json_out: str | None) -> dict
                 "projected_hours": hours,
             }
         )
+    return projections
+
+
+def smoke(steps: int, dry_run: bool, workdir: str, json_out: str | None) -> dict[str, Any]:
+    from training.distributed import barrier
+
+    s = _smoke_setup(steps, dry_run, workdir)
+    results: dict[str, Any] = {
+        "world_size": s.info.world_size,
+        "device": str(s.info.device),
+        "dry_run": dry_run,
+        "steps": steps,
+        "runs": {},
+    }
+    _smoke_stage1(s, steps, results["runs"])
+    _smoke_stage2(s, steps, results["runs"])
+    projections = _projections(results["runs"])
     results["projections"] = projections
-    if info.is_main:
+    if s.info.is_main:
         print(f"{'run':<44}{'steps':>10}{'hours':>10}   (measured as)")
         for p in projections:
             print(f"{p['row']:<44}{p['steps']:>10}{p['projected_hours']:>10.2f}   {p['measured_as']}")
