@@ -556,7 +556,8 @@ def interleaved_speed(res: Dict[str, Dict[str, Any]], photos: Sequence[Path], ro
         item["images_per_s"] = len(imgs) / float(np.median(times[label]["image"]))
 
 
-def report_bundles(res: Dict[str, Dict[str, Any]]) -> str:
+def _bundle_table(res: Dict[str, Dict[str, Any]]) -> str:
+    """One row per bundle: recall on both query sets and under augmentation, the cat, size, speed."""
     from benchmarks import _harness as H
 
     rows = []
@@ -576,42 +577,104 @@ def report_bundles(res: Dict[str, Dict[str, Any]]) -> str:
                 f"{r['images_per_s']:.1f}",
             ]
         )
-    text = "### The bundles, through leanclip.Encoder (ONNX)\n\n"
-    text += (
-        H.markdown_table(
-            [
-                "bundle",
-                "tuning R@1",
-                "tuning R@5",
-                "held-out R@1",
-                "held-out R@5",
-                "aug R@1 (12)",
-                "aug R@1 (+9)",
-                "chelsea.png: top 3",
-                "MiB",
-                "text q/s",
-                "images/s",
-            ],
-            rows,
+    return H.markdown_table(
+        [
+            "bundle",
+            "tuning R@1",
+            "tuning R@5",
+            "held-out R@1",
+            "held-out R@5",
+            "aug R@1 (12)",
+            "aug R@1 (+9)",
+            "chelsea.png: top 3",
+            "MiB",
+            "text q/s",
+            "images/s",
+        ],
+        rows,
+    )
+
+
+def _against_before(res: Dict[str, Dict[str, Any]], before: Dict[str, Any]) -> str:
+    """Each other bundle's size and throughputs as ratios to the bundle before issue 18."""
+    ratios = []
+    for label, r in res.items():
+        if r is before:
+            continue
+        ratios.append(
+            f"{label}: size {r['size_mb'] / before['size_mb']:.2f}x, text throughput "
+            f"{r['text_qps'] / before['text_qps']:.2f}x, image throughput "
+            f"{r['images_per_s'] / before['images_per_s']:.2f}x"
+        )
+    text = (
+        "\nThroughputs: medians of 7 rounds in which every bundle encodes the 48 held-out queries "
+        "and the 12 photos (both image outputs), the bundles taking turns within each round.\n"
+    )
+    return text + "\nAgainst the bundle before issue 18 (same run): " + "; ".join(ratios) + ".\n"
+
+
+def _issue18_targets(new: Dict[str, Any], q8: Dict[str, Any], before: Dict[str, Any]) -> str:
+    from benchmarks import _harness as H
+
+    h, h8 = new["held-out"], q8["held-out"]
+    checks = [
+        ("held-out text-to-image R@1 >= 0.85 (fp32)", f"{h['r1']:.3f}", h["r1"] >= 0.85),
+        ("held-out text-to-image R@5 >= 0.97 (fp32)", f"{h['r5']:.3f}", h["r5"] >= 0.97),
+        (
+            "int8 within 0.03 of fp32 (held-out R@1, R@5)",
+            f"{h8['r1'] - h['r1']:+.3f}, {h8['r5'] - h['r5']:+.3f}",
+            abs(h8["r1"] - h["r1"]) <= 0.03 and abs(h8["r5"] - h["r5"]) <= 0.03,
+        ),
+        (
+            "image-to-image augmentation R@1 >= 0.95 (fp32, with the 9 distractors)",
+            f"{new['aug_r1_distr']:.3f}",
+            new["aug_r1_distr"] >= 0.95,
+        ),
+        (
+            "chelsea.png's top 3 holds no astronomy/microscopy photo (fp32, 12 and 21 photos)",
+            _fmt_top(new["chelsea"]),
+            not any(
+                n in NOT_LIKE_A_CAT + ("cell.png", "ihc.png", "microaneurysms.png", "moon.png")
+                for n, _ in new["chelsea"] + new["chelsea12"]
+            ),
+        ),
+        (
+            "bundle size <= 1.2x before (fp32)",
+            f"{new['size_mb'] / before['size_mb']:.2f}x",
+            new["size_mb"] <= 1.2 * before["size_mb"],
+        ),
+        (
+            "text and image latency <= 1.2x before (fp32; noisy here)",
+            f"{before['text_qps'] / new['text_qps']:.2f}x, {before['images_per_s'] / new['images_per_s']:.2f}x",
+            before["text_qps"] / new["text_qps"] <= 1.2
+            and before["images_per_s"] / new["images_per_s"] <= 1.2,
+        ),
+    ]
+    return (
+        "\n### Issue 18 targets\n\n"
+        + H.markdown_table(
+            ["target", "measured", "holds"], [(a, b, "yes" if c else "**no**") for a, b, c in checks]
         )
         + "\n"
     )
+
+
+def _misses(new: Dict[str, Any]) -> str:
+    """The held-out queries a bundle does not rank first."""
+    from benchmarks import _harness as H
+
+    text = "\nHeld-out queries the new fp32 bundle does not rank first (rank, 0 = first):\n\n"
+    h = new["held-out"]
+    photo_of = {q: p for p, qs in load_query_sets()["held-out"].items() for q in qs}
+    misses = [(photo_of[q], q, int(rk)) for q, rk in zip(h["texts"], h["ranks"]) if rk > 0]
+    return text + H.markdown_table(["photo", "query", "rank"], misses) + "\n"
+
+
+def report_bundles(res: Dict[str, Dict[str, Any]]) -> str:
+    text = "### The bundles, through leanclip.Encoder (ONNX)\n\n" + _bundle_table(res) + "\n"
     before = res.get("before (fp32)")
     if before is not None:
-        ratios = []
-        for label, r in res.items():
-            if r is before:
-                continue
-            ratios.append(
-                f"{label}: size {r['size_mb'] / before['size_mb']:.2f}x, text throughput "
-                f"{r['text_qps'] / before['text_qps']:.2f}x, image throughput "
-                f"{r['images_per_s'] / before['images_per_s']:.2f}x"
-            )
-        text += (
-            "\nThroughputs: medians of 7 rounds in which every bundle encodes the 48 held-out queries "
-            "and the 12 photos (both image outputs), the bundles taking turns within each round.\n"
-        )
-        text += "\nAgainst the bundle before issue 18 (same run): " + "; ".join(ratios) + ".\n"
+        text += _against_before(res, before)
     new = res.get("new (fp32)")
     q8 = res.get("new (int8)")
     if new is not None:
@@ -622,53 +685,9 @@ def report_bundles(res: Dict[str, Dict[str, Any]]) -> str:
             + ".\n"
         )
     if new is not None and q8 is not None and before is not None:
-        h, h8 = new["held-out"], q8["held-out"]
-        checks = [
-            ("held-out text-to-image R@1 >= 0.85 (fp32)", f"{h['r1']:.3f}", h["r1"] >= 0.85),
-            ("held-out text-to-image R@5 >= 0.97 (fp32)", f"{h['r5']:.3f}", h["r5"] >= 0.97),
-            (
-                "int8 within 0.03 of fp32 (held-out R@1, R@5)",
-                f"{h8['r1'] - h['r1']:+.3f}, {h8['r5'] - h['r5']:+.3f}",
-                abs(h8["r1"] - h["r1"]) <= 0.03 and abs(h8["r5"] - h["r5"]) <= 0.03,
-            ),
-            (
-                "image-to-image augmentation R@1 >= 0.95 (fp32, with the 9 distractors)",
-                f"{new['aug_r1_distr']:.3f}",
-                new["aug_r1_distr"] >= 0.95,
-            ),
-            (
-                "chelsea.png's top 3 holds no astronomy/microscopy photo (fp32, 12 and 21 photos)",
-                _fmt_top(new["chelsea"]),
-                not any(
-                    n in NOT_LIKE_A_CAT + ("cell.png", "ihc.png", "microaneurysms.png", "moon.png")
-                    for n, _ in new["chelsea"] + new["chelsea12"]
-                ),
-            ),
-            (
-                "bundle size <= 1.2x before (fp32)",
-                f"{new['size_mb'] / before['size_mb']:.2f}x",
-                new["size_mb"] <= 1.2 * before["size_mb"],
-            ),
-            (
-                "text and image latency <= 1.2x before (fp32; noisy here)",
-                f"{before['text_qps'] / new['text_qps']:.2f}x, {before['images_per_s'] / new['images_per_s']:.2f}x",
-                before["text_qps"] / new["text_qps"] <= 1.2
-                and before["images_per_s"] / new["images_per_s"] <= 1.2,
-            ),
-        ]
-        text += (
-            "\n### Issue 18 targets\n\n"
-            + H.markdown_table(
-                ["target", "measured", "holds"], [(a, b, "yes" if c else "**no**") for a, b, c in checks]
-            )
-            + "\n"
-        )
+        text += _issue18_targets(new, q8, before)
     if new is not None:
-        text += "\nHeld-out queries the new fp32 bundle does not rank first (rank, 0 = first):\n\n"
-        h = new["held-out"]
-        photo_of = {q: p for p, qs in load_query_sets()["held-out"].items() for q in qs}
-        misses = [(photo_of[q], q, int(rk)) for q, rk in zip(h["texts"], h["ranks"]) if rk > 0]
-        text += H.markdown_table(["photo", "query", "rank"], misses) + "\n"
+        text += _misses(new)
     return text
 
 
