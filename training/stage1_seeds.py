@@ -23,8 +23,9 @@ import logging
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -133,11 +134,11 @@ def verdict(cfg: Dict[str, Any], runs: Sequence[Dict[str, Any]]) -> str:
     return "; ".join(parts) + "."
 
 
-def render(cfg: Dict[str, Any], runs: Sequence[Dict[str, Any]], context: Dict[str, Any]) -> str:
+def _method_lines(cfg: Dict[str, Any], n_done: int, context: Dict[str, Any]) -> List[str]:
+    """The section's title and how the grid is run and measured."""
     tr = cfg["train"]
     total = len(cfg["rows"]) * len(cfg["seeds"])
-    remaining = total - len(runs)
-    lines = [
+    return [
         BEGIN,
         "## Stage 1 with seeds (issue 30): 2-layer student, MSE vs InfoNCE, 3 seeds",
         "",
@@ -145,7 +146,7 @@ def render(cfg: Dict[str, Any], runs: Sequence[Dict[str, Any]], context: Dict[st
         "resumes an interrupted one from its checkpoint)",
         "- grid (fixed in `training/configs/stage1_minilm_seeds.yaml` before the first run): rows "
         + ", ".join(f"`{r['name']}`" for r in cfg["rows"])
-        + f" x seeds {list(cfg['seeds'])} = {total} runs; **{len(runs)} done, {remaining} remaining**",
+        + f" x seeds {list(cfg['seeds'])} = {total} runs; **{n_done} done, {total - n_done} remaining**",
         f"- student: {cfg['student_layers']} layers {context.get('layers', '')} of MiniLM-L6 (embeddings + those "
         "teacher layers, all trained; the same initialisation for every seed; the seed sets batch order and dropout)",
         f"- training: {tr['steps']} steps x batch {tr['batch_size']} = {tr['steps'] * tr['batch_size']:,} sentences "
@@ -166,6 +167,11 @@ def render(cfg: Dict[str, Any], runs: Sequence[Dict[str, Any]], context: Dict[st
         "### Summary (mean ± spread over seeds)",
         "",
     ]
+
+
+def _summary_table(cfg: Dict[str, Any], runs: Sequence[Dict[str, Any]], context: Dict[str, Any]) -> str:
+    """The references, then each row's mean ± spread over its finished seeds."""
+    tr = cfg["train"]
     header = [
         "row",
         "runs",
@@ -211,8 +217,11 @@ def render(cfg: Dict[str, Any], runs: Sequence[Dict[str, Any]], context: Dict[st
                 ),
             ]
         )
-    lines.append(markdown_table(header, rows))
-    lines += ["", f"**Verdict:** {verdict(cfg, runs)}", "", "### Runs", ""]
+    return markdown_table(header, rows)
+
+
+def _runs_table(runs: Sequence[Dict[str, Any]]) -> str:
+    """One row per finished run."""
     run_header = [
         "row",
         "seed",
@@ -237,7 +246,16 @@ def render(cfg: Dict[str, Any], runs: Sequence[Dict[str, Any]], context: Dict[st
         ]
         for x in runs
     ]
-    lines.append(markdown_table(run_header, run_rows))
+    return markdown_table(run_header, run_rows)
+
+
+def render(cfg: Dict[str, Any], runs: Sequence[Dict[str, Any]], context: Dict[str, Any]) -> str:
+    total = len(cfg["rows"]) * len(cfg["seeds"])
+    remaining = total - len(runs)
+    lines = _method_lines(cfg, len(runs), context)
+    lines.append(_summary_table(cfg, runs, context))
+    lines += ["", f"**Verdict:** {verdict(cfg, runs)}", "", "### Runs", ""]
+    lines.append(_runs_table(runs))
     if remaining:
         lines += ["", f"{remaining} of {total} runs remain; running the command again finishes them."]
     lines += ["", RUNS_TAG + json.dumps(list(runs), sort_keys=True) + " -->", END]
@@ -293,27 +311,31 @@ def frozen_corpus(cfg: Dict[str, Any]) -> s1.Corpus:
     return corpus
 
 
-def run_grid(
-    config: Dict[str, Any],
-    teacher: Optional[MiniLMTextTower] = None,
-    tokenizer_json: Optional[str] = None,
-    max_runs: Optional[int] = None,
-) -> List[Dict[str, Any]]:
-    """Run the grid's missing runs (at most ``max_runs``); returns every finished run.
+@dataclass
+class _Grid:
+    """What every run of the grid shares: the frozen teacher, the data and its teacher targets."""
 
-    ``teacher``/``tokenizer_json`` default to the packaged MiniLM; tests pass tiny stand-ins."""
-    cfg = resolve(config)
-    torch.set_num_threads(int(cfg["threads"]))
+    cfg: Dict[str, Any]
+    out_dir: Path
+    teacher: MiniLMTextTower
+    tokenizer: Any
+    corpus: s1.Corpus
+    digest: str  # corpus_digest(corpus), recorded with each run
+    targets: torch.Tensor  # the teacher's embeddings of corpus.train
+    layers: List[int]  # the teacher layers the student keeps
+    evaluate: Callable[[nn.Module], Dict[str, float]]
+
+
+def _prepare(
+    cfg: Dict[str, Any],
+    runs: Sequence[Dict[str, Any]],
+    md: Path,
+    teacher: Optional[MiniLMTextTower],
+    tokenizer_json: Optional[str],
+) -> _Grid:
+    """Freeze the teacher, read the grid's corpus (refusing one the finished runs did not use),
+    and compute what training and evaluation need from the teacher."""
     out_dir = s1._path(cfg["out_dir"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md = s1._path(cfg["results_md"])
-    runs = read_runs(md)
-    done = {(x["row"], x["seed"]) for x in runs}
-    todo = [(r, seed) for seed in cfg["seeds"] for r in cfg["rows"] if (r["name"], seed) not in done]
-    log.info("%d runs finished, %d to do", len(runs), len(todo))
-    if not todo:
-        return runs
-
     teacher = (teacher if teacher is not None else load_minilm()).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -351,57 +373,93 @@ def run_grid(
             res[f"{name}_r1"], res[f"{name}_r5"] = s1.caption_recall(tower, tokenizer, ev)
         return res
 
+    return _Grid(cfg, out_dir, teacher, tokenizer, corpus, digest, targets, layers, evaluate)
+
+
+def _context(g: _Grid) -> Dict[str, Any]:
+    """What render() says about the grid beyond its config, with the teacher and the untrained
+    student as references."""
     import os
 
-    context = {
-        "layers": layers,
-        "train": len(corpus.train),
-        "heldout": len(corpus.heldout),
-        "corpus": corpus.info,
+    return {
+        "layers": g.layers,
+        "train": len(g.corpus.train),
+        "heldout": len(g.corpus.heldout),
+        "corpus": g.corpus.info,
         "cores": os.cpu_count(),
         "references": [
-            {"name": f"teacher ({teacher.config.num_hidden_layers} layers)", **evaluate(teacher)},
+            {"name": f"teacher ({g.teacher.config.num_hidden_layers} layers)", **g.evaluate(g.teacher)},
             {
-                "name": f"student {len(layers)} layers {layers}, no stage 1",
-                **evaluate(s1.truncate_layers(teacher, layers)),
+                "name": f"student {len(g.layers)} layers {g.layers}, no stage 1",
+                **g.evaluate(s1.truncate_layers(g.teacher, g.layers)),
             },
         ],
     }
+
+
+def _train_one(g: _Grid, row: Dict[str, Any], seed: int) -> Dict[str, Any]:
+    """Train one (row, seed) of the grid (resuming from its checkpoint) and evaluate it."""
+    torch.manual_seed(seed)
+    student = s1.truncate_layers(g.teacher, g.layers)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    train = dict(g.cfg["train"])
+    if "temperature" in row:
+        train["temperature"] = row["temperature"]
+    slug = "".join(c if c.isalnum() else "_" for c in row["name"])
+    t0 = time.perf_counter()
+    history = s1.distill(
+        student,
+        g.tokenizer,
+        g.corpus.train,
+        g.targets,
+        row["loss"],
+        train,
+        seed,
+        learn_temperature=bool(row.get("learn_temperature")),
+        checkpoint=g.out_dir / f"ckpt_{slug}_seed{seed}.pt",
+    )
+    return {
+        "row": row["name"],
+        "seed": seed,
+        "steps": int(train["steps"]),
+        "train_s": round(time.perf_counter() - t0, 1),
+        "final_loss": history[-1]["loss"],
+        "final_temperature": history[-1].get("temperature"),
+        "finished": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "corpus": g.digest,
+        **g.evaluate(student),
+    }
+
+
+def run_grid(
+    config: Dict[str, Any],
+    teacher: Optional[MiniLMTextTower] = None,
+    tokenizer_json: Optional[str] = None,
+    max_runs: Optional[int] = None,
+) -> List[Dict[str, Any]]:
+    """Run the grid's missing runs (at most ``max_runs``); returns every finished run.
+
+    ``teacher``/``tokenizer_json`` default to the packaged MiniLM; tests pass tiny stand-ins."""
+    cfg = resolve(config)
+    torch.set_num_threads(int(cfg["threads"]))
+    out_dir = s1._path(cfg["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = s1._path(cfg["results_md"])
+    runs = read_runs(md)
+    done = {(x["row"], x["seed"]) for x in runs}
+    todo = [(r, seed) for seed in cfg["seeds"] for r in cfg["rows"] if (r["name"], seed) not in done]
+    log.info("%d runs finished, %d to do", len(runs), len(todo))
+    if not todo:
+        return runs
+
+    g = _prepare(cfg, runs, md, teacher, tokenizer_json)
+    context = _context(g)
     write_section(md, render(cfg, runs, context))
     for n, (row, seed) in enumerate(todo):
         if max_runs is not None and n >= max_runs:
             break
-        torch.manual_seed(seed)
-        student = s1.truncate_layers(teacher, layers)
-        for p in student.parameters():
-            p.requires_grad_(True)
-        train = dict(cfg["train"])
-        if "temperature" in row:
-            train["temperature"] = row["temperature"]
-        slug = "".join(c if c.isalnum() else "_" for c in row["name"])
-        t0 = time.perf_counter()
-        history = s1.distill(
-            student,
-            tokenizer,
-            corpus.train,
-            targets,
-            row["loss"],
-            train,
-            seed,
-            learn_temperature=bool(row.get("learn_temperature")),
-            checkpoint=out_dir / f"ckpt_{slug}_seed{seed}.pt",
-        )
-        result = {
-            "row": row["name"],
-            "seed": seed,
-            "steps": int(train["steps"]),
-            "train_s": round(time.perf_counter() - t0, 1),
-            "final_loss": history[-1]["loss"],
-            "final_temperature": history[-1].get("temperature"),
-            "finished": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-            "corpus": digest,
-            **evaluate(student),
-        }
+        result = _train_one(g, row, seed)
         log.info("finished %s", result)
         runs.append(result)
         write_section(md, render(cfg, runs, context))
