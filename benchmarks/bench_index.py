@@ -15,8 +15,9 @@ import gc
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -86,83 +87,82 @@ def peers(data: np.ndarray):
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="N=20,000, Q=200, no 1M mmap test")
-    parser.add_argument("--no-big", action="store_true", help="skip the 1M-vector mmap test")
-    args = parser.parse_args(argv)
-    n, nq = (20_000, 200) if args.quick else (100_000, 1000)
-    # Slow peers (per-query loops) answer the batch on a subset; QPS is per query either way.
-    slow_subset = nq // 5
+@dataclass
+class SearchRun:
+    """The search workload every library answers, and the rows its timings fill."""
 
-    import leanclip
-    from leanclip import Index
+    queries: np.ndarray
+    exact: np.ndarray
+    slow_subset: int  # slow peers (per-query loops) answer the batch on this many queries
+    rows: List[List[Any]] = field(default_factory=list)  # name, dtype, Q=1 ms, Q=1 QPS, Q=nq QPS, recall
+    results: Dict[Tuple[str, str], Tuple[float, float]] = field(default_factory=dict)  # (Q=1, Q=nq) QPS
 
-    rng = np.random.default_rng(0)
-    data = unit_vectors(rng, n)
-    queries = unit_vectors(rng, nq)
-    keys = np.arange(n, dtype=np.uint64)
-    exact = numpy_search(data)(queries)
-
-    rows = []  # name, dtype, Q=1 ms, Q=1 QPS, Q=1000 QPS, recall
-    results: dict[tuple[str, str], tuple[float, float]] = {}
-
-    def measure(name: str, dtype: str, search, slow: bool = False):
+    def measure(self, name: str, dtype: str, search: Callable[[np.ndarray], Any], slow: bool = False) -> None:
+        queries = self.queries
         single = timeit(lambda: search(queries[:1]), repeat=15, warmup=2, min_time=1.0)
-        batch = queries[:slow_subset] if slow else queries
+        batch = queries[: self.slow_subset] if slow else queries
         many = timeit(lambda: search(batch), repeat=3, warmup=1)
         got = np.asarray(search(queries[:200]))
-        r = recall(got, exact[:200])
-        results[(name, dtype)] = (1.0 / single, len(batch) / many)
-        rows.append([name, dtype, single * 1e3, 1.0 / single, len(batch) / many, r])
+        r = recall(got, self.exact[:200])
+        self.results[(name, dtype)] = (1.0 / single, len(batch) / many)
+        self.rows.append([name, dtype, single * 1e3, 1.0 / single, len(batch) / many, r])
         print(
-            f"  {name} {dtype}: Q=1 {single * 1e3:.2f} ms, Q={nq} {len(batch) / many:,.0f} QPS, recall {r:.4f}",
+            f"  {name} {dtype}: Q=1 {single * 1e3:.2f} ms, Q={len(queries)} {len(batch) / many:,.0f} QPS, recall {r:.4f}",
             flush=True,
         )
 
-    add_rows = []
+
+def timed_add(make: Callable[[], Any], add: Callable[[Any], None]) -> Tuple[Any, float, float]:
+    """(the index, seconds of its add, best seconds of 5 more adds into fresh indexes).
+
+    On this VM a first touch of fresh memory can cost more than the add's own work (0.14-2.9M
+    vectors/s seen for one call), which the best of several runs filters out; the first run is
+    reported beside it."""
+    index = make()
+    t0 = time.perf_counter()
+    add(index)
+    first = time.perf_counter() - t0
+    seconds = first
+    for _ in range(5):
+        again = make()
+        t0 = time.perf_counter()
+        add(again)
+        seconds = min(seconds, time.perf_counter() - t0)
+        del again
+    return index, first, seconds
+
+
+def measure_all(run: SearchRun, data: np.ndarray) -> Tuple[List[List[Any]], Dict[str, Any]]:
+    """Add and search timings of leanclip per dtype, then every peer: (add rows, our indexes)."""
+    from leanclip import Index
+
+    n = len(data)
+    keys = np.arange(n, dtype=np.uint64)
+    add_rows: List[List[Any]] = []
     indexes = {}
     for dtype in ("f32", "f16", "i8"):
-        index = Index(DIM, "ip", dtype)
-        t0 = time.perf_counter()
-        index.add(keys, data)
-        first = time.perf_counter() - t0
-        # Steady state: fresh indexes, timed again, best of 5. On this VM a first touch of fresh
-        # memory can cost more than the add's own work (0.14-2.9M vectors/s seen for one call),
-        # which the best of several runs filters out; the first run is reported beside it.
-        seconds = first
-        for _ in range(5):
-            again = Index(DIM, "ip", dtype)
-            t0 = time.perf_counter()
-            again.add(keys, data)
-            seconds = min(seconds, time.perf_counter() - t0)
-            del again
+        index, first, seconds = timed_add(
+            lambda dt=dtype: Index(DIM, "ip", dt), lambda ix: ix.add(keys, data)
+        )
         add_rows.append([f"leanclip {dtype}", n / seconds, n / first])
         indexes[dtype] = index
-        measure("leanclip", dtype, lambda q, ix=index: ix.search(q, k=K)[0].astype(np.int64))
+        run.measure("leanclip", dtype, lambda q, ix=index: ix.search(q, k=K)[0].astype(np.int64))
 
     for name, (dtype, search) in peers(data).items():
         slow = name.startswith(("usearch", "hnswlib"))
-        measure(name, dtype, search, slow=slow)
+        run.measure(name, dtype, search, slow=slow)
     try:
         import faiss
 
-        flat = faiss.IndexFlatIP(DIM)
-        t0 = time.perf_counter()
-        flat.add(data)
-        first = time.perf_counter() - t0
-        seconds = first
-        for _ in range(5):
-            again = faiss.IndexFlatIP(DIM)
-            t0 = time.perf_counter()
-            again.add(data)
-            seconds = min(seconds, time.perf_counter() - t0)
-            del again
+        _, first, seconds = timed_add(lambda: faiss.IndexFlatIP(DIM), lambda ix: ix.add(data))
         add_rows.append(["faiss IndexFlatIP (reference)", n / seconds, n / first])
     except ImportError:
         pass
+    return add_rows, indexes
 
-    # ratios: ours / peer, per workload; the fastest f32 peer is the bar for every dtype
+
+def ratios(results: Dict[Tuple[str, str], Tuple[float, float]]) -> Tuple[List[List[Any]], List[str]]:
+    """Ours / peer, per workload; the fastest f32 peer is the bar for every dtype."""
     f32_peers = {k: v for k, v in results.items() if k[0] != "leanclip" and k[1] == "f32"}
     best1 = max(v[0] for v in f32_peers.values())
     bestq = max(v[1] for v in f32_peers.values())
@@ -175,8 +175,50 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 row += [ours[0] / p1, ours[1] / pq]
         ratio_rows.append(row)
     peer_names = [name for (name, pd) in results if name != "leanclip" and pd == "f32"]
+    return ratio_rows, peer_names
 
-    # save / load
+
+def save_big(big_n: int, path: Path) -> float:
+    """Build a big_n x DIM f16 index in chunks and save it to path: the save's seconds."""
+    from leanclip import Index
+
+    big = Index(DIM, "ip", "f16")
+    chunk_rng = np.random.default_rng(1)
+    for start in range(0, big_n, 100_000):
+        big.add(np.arange(start, start + 100_000), unit_vectors(chunk_rng, 100_000))
+    return timeit(lambda: big.save(path), repeat=1, warmup=0)
+
+
+def big_mmap(tmp: Path, queries: np.ndarray) -> Tuple[List[Any], float, float]:
+    """A 1M x DIM f16 index saved and mapped: (its io row, Q=1 search ms, lazy load + lookup s)."""
+    from leanclip import Index
+
+    big_n = 1_000_000
+    path = tmp / "big-f16.lcx"
+    save = save_big(big_n, path)
+    gc.collect()
+    mmap_lazy = timeit(lambda: Index.load(path, mmap=True, verify=False), repeat=5, warmup=1)
+    mmap_verified = timeit(lambda: Index.load(path, mmap=True), repeat=3, warmup=1)
+    opened = Index.load(path, mmap=True, verify=False)
+    first = timeit(lambda: opened.search(queries[0], k=K), repeat=5, warmup=1)
+    lookup = timeit(lambda: 5 in Index.load(path, mmap=True, verify=False), repeat=3, warmup=1)
+    row = [
+        f"{big_n:,} x {DIM} f16",
+        path.stat().st_size / 2**20,
+        save,
+        float("nan"),
+        mmap_verified,
+        mmap_lazy,
+    ]
+    return row, first * 1e3, lookup
+
+
+def save_load(
+    indexes: Dict[str, Any], n: int, queries: np.ndarray, big: bool
+) -> Tuple[List[List[Any]], float, float]:
+    """Save / load timings per dtype (the indexes are freed after), and the 1M mmap test if big."""
+    from leanclip import Index
+
     io_rows = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("LEANCLIP_BENCH_TMP")) as tmp:
         for dtype, index in indexes.items():
@@ -190,36 +232,25 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             )
         indexes.clear()
         gc.collect()
-        if not (args.quick or args.no_big):
-            big_n = 1_000_000
-            big = Index(DIM, "ip", "f16")
-            chunk_rng = np.random.default_rng(1)
-            for start in range(0, big_n, 100_000):
-                big.add(np.arange(start, start + 100_000), unit_vectors(chunk_rng, 100_000))
-            path = Path(tmp) / "big-f16.lcx"
-            save = timeit(lambda: big.save(path), repeat=1, warmup=0)
-            del big
-            gc.collect()
-            mmap_lazy = timeit(lambda: Index.load(path, mmap=True, verify=False), repeat=5, warmup=1)
-            mmap_verified = timeit(lambda: Index.load(path, mmap=True), repeat=3, warmup=1)
-            opened = Index.load(path, mmap=True, verify=False)
-            first = timeit(lambda: opened.search(queries[0], k=K), repeat=5, warmup=1)
-            lookup = timeit(lambda: 5 in Index.load(path, mmap=True, verify=False), repeat=3, warmup=1)
-            io_rows.append(
-                [
-                    f"{big_n:,} x {DIM} f16",
-                    path.stat().st_size / 2**20,
-                    save,
-                    float("nan"),
-                    mmap_verified,
-                    mmap_lazy,
-                ]
-            )
-            big_search_ms = first * 1e3
-            big_lookup_s = lookup
+        if big:
+            row, big_search_ms, big_lookup_s = big_mmap(Path(tmp), queries)
+            io_rows.append(row)
         else:
             big_search_ms = big_lookup_s = float("nan")
+    return io_rows, big_search_ms, big_lookup_s
 
+
+def report(
+    run: SearchRun,
+    add_rows: List[List[Any]],
+    io: Tuple[List[List[Any]], float, float],
+    n: int,
+) -> str:
+    import leanclip
+
+    nq, slow_subset, results = len(run.queries), run.slow_subset, run.results
+    io_rows, big_search_ms, big_lookup_s = io
+    ratio_rows, peer_names = ratios(results)
     text = header(
         "Exact search: leanclip.Index vs numpy, faiss, usearch, hnswlib",
         packages=["faiss-cpu", "usearch", "hnswlib"],
@@ -232,7 +263,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         ),
     )
     text += "\n## Search\n\n" + markdown_table(
-        ["library", "storage", "Q=1 ms", "Q=1 QPS", f"Q={nq} QPS", "recall@10"], rows
+        ["library", "storage", "Q=1 ms", "Q=1 QPS", f"Q={nq} QPS", "recall@10"], run.rows
     )
     ratio_header = ["leanclip", "Q=1 vs fastest f32 peer", f"Q={nq} vs fastest f32 peer"]
     for name in peer_names:
@@ -278,6 +309,24 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             f"On the mapped 1M x {DIM} f16 index a Q=1 search took {big_search_ms:.1f} ms (median of 5), "
             f"and a lazy load followed by its first key lookup (which builds the key map) {big_lookup_s:.3f} s.\n"
         )
+    return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="N=20,000, Q=200, no 1M mmap test")
+    parser.add_argument("--no-big", action="store_true", help="skip the 1M-vector mmap test")
+    args = parser.parse_args(argv)
+    n, nq = (20_000, 200) if args.quick else (100_000, 1000)
+
+    rng = np.random.default_rng(0)
+    data = unit_vectors(rng, n)
+    queries = unit_vectors(rng, nq)
+    exact = numpy_search(data)(queries)
+    run = SearchRun(queries, exact, slow_subset=nq // 5)
+    add_rows, indexes = measure_all(run, data)
+    io = save_load(indexes, n, queries, big=not (args.quick or args.no_big))
+    text = report(run, add_rows, io, n)
     text += f"\nprocess RSS at the end: {current_rss_mb():.0f} MiB\n"
     write_result("index", text)
 
