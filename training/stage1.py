@@ -532,6 +532,54 @@ class Stage1Trainer:
             )
         barrier()
 
+    def _resume(
+        self, resume: str | Path, optimizer: torch.optim.Optimizer, scheduler: Any
+    ) -> tuple[int, int]:
+        """Load a stage-1 training checkpoint into the student, optimizer, scheduler, RNGs and
+        counters; returns the (epoch, step in epoch) to go on from."""
+        payload = read_checkpoint(resume)
+        if payload.get("stage") != 1:
+            raise ValueError(f"{resume} is not a stage-1 training checkpoint")
+        self.student.load_state_dict(payload["state_dict"])
+        ts = payload["train_state"]
+        optimizer.load_state_dict(ts["optimizer"])
+        scheduler.load_state_dict(ts["scheduler"])
+        set_rng_state(ts["rng"])
+        self.step, self.history = ts["global_step"], ts["history"]
+        self.skipped_images = ts["skipped_images"]
+        self.skipped_steps = ts.get("skipped_steps", 0)
+        return ts["epoch"], ts["step_in_epoch"]
+
+    def _train_step(
+        self,
+        towers: Mapping[str, nn.Module],
+        optimizer: torch.optim.Optimizer,
+        image_batch: dict[str, Any] | None,
+        rows: Any,
+        step: int,
+    ) -> tuple[torch.Tensor | None, dict[str, Any], list[int]]:
+        """One optimizer step on this rank's batch: (loss, loss parts, every rank's image batch
+        size). The loss is None when the step is skipped on every rank."""
+        image_sizes: list[int] = []
+        if image_batch is not None:
+            # every rank learns every rank's batch size: gathers use them, and a step
+            # in which some rank has too few readable images is skipped by all ranks
+            counts = all_counts([image_batch["size"], image_batch["skipped"]], self.info)
+            image_sizes = [int(c[0]) for c in counts]
+            self.skipped_images += int(sum(c[1] for c in counts))
+            if min(image_sizes) < self.layout.grad_accum:
+                self.skipped_steps += 1
+                log.warning("step %d skipped on every rank: readable images per rank %s", step, image_sizes)
+                return None, {}, image_sizes
+        optimizer.zero_grad(set_to_none=True)
+        loss, parts = self._accumulate(towers, image_batch, image_sizes, rows)
+        parts["grad_norm"] = grad_norm(self.student.parameters())
+        optimizer.step()
+        if self.cfg["loss"] == "clip":
+            with torch.no_grad():  # CLIP clamps the learned temperature at 1/100
+                self.student.logit_scale.clamp_(0, math.log(100))
+        return loss, parts, image_sizes
+
     def run(self, resume: str | Path | None = None) -> list[dict[str, Any]]:
         if self.cfg["loss"] == "none":  # "w/o stage-1" kept as a checkpoint for stage 2
             if self.info.is_main:
@@ -546,31 +594,9 @@ class Stage1Trainer:
         )
         scheduler = cosine_with_warmup(optimizer, schedule.warmup_steps, schedule.total_steps)
         if self.info.is_main:
-            log.info(
-                json.dumps(
-                    {
-                        "stage": 1,
-                        **self.layout.describe(),
-                        "steps_per_epoch": steps,
-                        "epochs": epochs,
-                        "warmup_steps": schedule.warmup_steps,
-                    }
-                )
-            )
-        start_epoch, start_step = 0, 0
-        if resume:
-            payload = read_checkpoint(resume)
-            if payload.get("stage") != 1:
-                raise ValueError(f"{resume} is not a stage-1 training checkpoint")
-            self.student.load_state_dict(payload["state_dict"])
-            ts = payload["train_state"]
-            optimizer.load_state_dict(ts["optimizer"])
-            scheduler.load_state_dict(ts["scheduler"])
-            set_rng_state(ts["rng"])
-            start_epoch, start_step = ts["epoch"], ts["step_in_epoch"]
-            self.step, self.history = ts["global_step"], ts["history"]
-            self.skipped_images = ts["skipped_images"]
-            self.skipped_steps = ts.get("skipped_steps", 0)
+            plan = {"steps_per_epoch": steps, "epochs": epochs, "warmup_steps": schedule.warmup_steps}
+            log.info(json.dumps({"stage": 1, **self.layout.describe(), **plan}))
+        start_epoch, start_step = self._resume(resume, optimizer, scheduler) if resume else (0, 0)
         towers = self._towers()
         max_steps = self.cfg["max_steps"]
         uses_images = self.paired is not None or "image" in self.modalities
@@ -584,31 +610,10 @@ class Stage1Trainer:
                 t0 = time.perf_counter()
                 image_batch = next(images) if images is not None else None
                 rows = text_rows[i * local_texts : (i + 1) * local_texts] if text_rows is not None else None
-                image_sizes: list[int] = []
-                skip = False
-                if image_batch is not None:
-                    # every rank learns every rank's batch size: gathers use them, and a step
-                    # in which some rank has too few readable images is skipped by all ranks
-                    counts = all_counts([image_batch["size"], image_batch["skipped"]], self.info)
-                    image_sizes = [int(c[0]) for c in counts]
-                    self.skipped_images += int(sum(c[1] for c in counts))
-                    skip = min(image_sizes) < self.layout.grad_accum
-                if skip:
-                    self.skipped_steps += 1
-                    log.warning(
-                        "step %d skipped on every rank: readable images per rank %s", step, image_sizes
-                    )
-                else:
-                    optimizer.zero_grad(set_to_none=True)
-                    loss, parts = self._accumulate(towers, image_batch, image_sizes, rows)
-                    parts["grad_norm"] = grad_norm(self.student.parameters())
-                    optimizer.step()
-                    if self.cfg["loss"] == "clip":
-                        with torch.no_grad():  # CLIP clamps the learned temperature at 1/100
-                            self.student.logit_scale.clamp_(0, math.log(100))
+                loss, parts, image_sizes = self._train_step(towers, optimizer, image_batch, rows, step)
                 scheduler.step()  # the schedule follows the position in the epoch
                 self.step += 1
-                if not skip:
+                if loss is not None:
                     record = {
                         "epoch": epoch,
                         "step": step,
