@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -359,7 +360,30 @@ def quant_variants(work: Path, reps: int) -> List[List[Any]]:
 # ------------------------------------------------------------------------------------------ main
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+# Which unique tower each model's image and text halves are (models share towers: one timing each).
+IMAGE_TOWER = {"teacher": "teacher", "s16-s6": "s16", "s16-s4": "s16", "s32-s4": "s32"}
+TEXT_TOWER = {"teacher": "12L", "s16-s6": "6L", "s16-s4": "4L", "s32-s4": "4L"}
+TEACHER = ("teacher", "fp32")
+Rates = Dict[Tuple[str, str], Dict[str, float]]
+
+
+@dataclass
+class Measured:
+    """Everything one run measures, keyed by (model or tower, precision)."""
+
+    img_rows: Rates  # (image tower, prec) -> {"b1", "b32"} images/s
+    txt_rows: Rates  # (text tower, prec) -> {"b1", "b32"} texts/s
+    sizes: Rates  # (model, prec) -> {"image", "text", "bundle"} MB
+    probes: Dict[Tuple[str, str], Dict[str, Any]]  # (model, prec) -> fresh-process probe
+    agreement: Dict[str, float]  # model -> int8 vs fp32 top-10 agreement
+    n_queries: int  # captions in the agreement test
+
+
+def bundle_dir(work: Path, name: str, prec: str) -> Path:
+    return work / (name if prec == "fp32" else f"{name}-int8")
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--work",
@@ -370,22 +394,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--images", type=int, default=200, help="photos in the agreement index")
     ap.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/encoders.md")
-    args = ap.parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
-    work = Path(args.work) / ("quick" if args.quick else "full")
-    work.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    load_start = os.getloadavg()[0]
+    return ap.parse_args(argv)
 
-    eager, export_s = export_all(work, args.quick)
+
+def measure_throughput(work: Path, reps: int) -> Tuple[Rates, Rates, Rates]:
+    """Image and text rates per unique tower and precision, and each bundle's file sizes."""
     from leanclip.encoder import Encoder
 
-    # --- throughput, per unique tower and precision
-    image_tower = {"teacher": "teacher", "s16-s6": "s16", "s16-s4": "s16", "s32-s4": "s32"}
-    text_tower = {"teacher": "12L", "s16-s6": "6L", "s16-s4": "4L", "s32-s4": "4L"}
-    img_rows: Dict[Tuple[str, str], Dict[str, float]] = {}
-    txt_rows: Dict[Tuple[str, str], Dict[str, float]] = {}
-    sizes: Dict[Tuple[str, str], Dict[str, float]] = {}
+    img_rows: Rates = {}
+    txt_rows: Rates = {}
+    sizes: Rates = {}
     # Each tower is timed in a fresh process of its own, as in a user's app: several onnxruntime
     # sessions in one process disturb each other's timings (a tower ran just before leaves its
     # threads busy). Rounds go over every tower in turn, so that the load of this shared machine
@@ -393,18 +411,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     towers: Dict[Tuple[str, Tuple[str, str]], Path] = {}
     for name, _, _ in MODELS:
         for prec in ("fp32", "int8"):
-            bdir = work / (name if prec == "fp32" else f"{name}-int8")
+            bdir = bundle_dir(work, name, prec)
             enc = Encoder(bdir, threads=THREADS)
             sizes[(name, prec)] = {
                 "image": mb(bdir / "image.onnx"),
                 "text": mb(bdir / "text.onnx"),
                 "bundle": sum(mb(bdir / f) for f in enc.manifest.files),
             }
-            towers.setdefault(("image", (image_tower[name], prec)), bdir)
-            towers.setdefault(("text", (text_tower[name], prec)), bdir)
+            towers.setdefault(("image", (IMAGE_TOWER[name], prec)), bdir)
+            towers.setdefault(("text", (TEXT_TOWER[name], prec)), bdir)
     samples: Dict[Tuple[str, Tuple[str, str]], Dict[str, List[float]]] = {}
-    for rnd in range(args.reps):
-        log(f"timing round {rnd + 1}/{args.reps} ({len(towers)} towers, one process each)")
+    for rnd in range(reps):
+        log(f"timing round {rnd + 1}/{reps} ({len(towers)} towers, one process each)")
         for (which, key), bdir in towers.items():
             got = time_tower(bdir, which, rnd)
             for b, secs in got.items():
@@ -412,17 +430,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for (which, key), per in samples.items():
         rates = {"b1": 1 / float(np.median(per["b1"])), "b32": 32 / float(np.median(per["b32"]))}
         (img_rows if which == "image" else txt_rows)[key] = rates
+    return img_rows, txt_rows, sizes
 
-    # --- the iPhone test, one fresh process per bundle
+
+def measure_probes(work: Path) -> Dict[Tuple[str, str], Dict[str, Any]]:
+    """The iPhone test, one fresh process per bundle."""
     probes: Dict[Tuple[str, str], Dict[str, Any]] = {}
     for name, _, _ in MODELS:
         for prec in ("fp32", "int8"):
             log(f"probe {name} {prec}")
-            probes[(name, prec)] = probe(work / (name if prec == "fp32" else f"{name}-int8"))
+            probes[(name, prec)] = probe(bundle_dir(work, name, prec))
+    return probes
 
-    # --- int8 vs fp32 retrieval agreement
+
+def measure_agreement(work: Path, n_images: int) -> Tuple[Dict[str, float], int]:
+    """int8 vs fp32 retrieval agreement per model, and the number of captions asked."""
+    from leanclip.encoder import Encoder
+
     log("agreement")
-    photos = photo_crops(args.images)
+    photos = photo_crops(n_images)
     queries = CAPTIONS * 3
     queries = [
         q if i < len(CAPTIONS) else f"{q} {['in the morning', 'seen from above'][i // len(CAPTIONS) - 1]}"
@@ -433,31 +459,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name, _, _ in MODELS:
         embs = {}
         for prec in ("fp32", "int8"):
-            enc = Encoder(work / (name if prec == "fp32" else f"{name}-int8"), threads=THREADS)
-            key = (image_tower[name], prec)
+            enc = Encoder(bundle_dir(work, name, prec), threads=THREADS)
+            key = (IMAGE_TOWER[name], prec)
             if key not in img_emb:
                 img_emb[key] = enc.encode_images(photos)
             embs[prec] = (img_emb[key], enc.encode_text(queries))
         agreement[name] = topk_agreement(embs["fp32"][0], embs["int8"][0], embs["fp32"][1], embs["int8"][1])
+    return agreement, len(queries)
 
-    log("quantization variants")
-    variants = quant_variants(work, max(args.reps * 3, 5)) if not args.quick else []
-    total_s = time.perf_counter() - started
 
-    # --- report
-    T = ("teacher", "fp32")
-    ti, tt = img_rows[("teacher", "fp32")], txt_rows[("12L", "fp32")]
+def main_table(m: Measured) -> str:
+    """One row per bundle: sizes, throughput, the fresh-process probe and agreement."""
+    sizes = m.sizes
+    ti, tt = m.img_rows[TEACHER], m.txt_rows[("12L", "fp32")]
     rows = []
     for name, _backbone, _layers in MODELS:
         for prec in ("fp32", "int8"):
-            i, t = img_rows[(image_tower[name], prec)], txt_rows[(text_tower[name], prec)]
-            s, p = sizes[(name, prec)], probes[(name, prec)]
+            i, t = m.img_rows[(IMAGE_TOWER[name], prec)], m.txt_rows[(TEXT_TOWER[name], prec)]
+            s, p = sizes[(name, prec)], m.probes[(name, prec)]
             rows.append(
                 [
                     f"{name} {prec}",
                     s["image"],
                     s["text"],
-                    f"{s['bundle']:.0f} ({s['bundle'] / sizes[T]['bundle']:.0%})",
+                    f"{s['bundle']:.0f} ({s['bundle'] / sizes[TEACHER]['bundle']:.0%})",
                     f"{i['b1']:.1f} ({i['b1'] / ti['b1']:.2f}x)",
                     f"{i['b32']:.1f} ({i['b32'] / ti['b32']:.2f}x)",
                     f"{t['b1']:.0f} ({t['b1'] / tt['b1']:.2f}x)",
@@ -466,10 +491,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     p["peak_rss_mb"],
                     p["first_query_s"] * 1000,
                     p["warm_query_s"] * 1000,
-                    "–" if prec == "fp32" else f"{agreement[name]:.2f}",
+                    "–" if prec == "fp32" else f"{m.agreement[name]:.2f}",
                 ]
             )
-    table = H.markdown_table(
+    return H.markdown_table(
         [
             "model",
             "image.onnx MB",
@@ -487,6 +512,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ],
         rows,
     )
+
+
+def eager_table(eager: Dict[str, float], export_s: Dict[str, float], img_rows: Rates, work: Path) -> str:
+    """Eager torch against ONNX for each image tower at batch 32."""
+    ti = img_rows[TEACHER]
     eager_rows = []
     for ekey, label in (
         ("teacher", "teacher ViT-B/32"),
@@ -503,15 +533,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     f"{img_rows[(tower, 'int8')]['b32']:.1f} ({img_rows[(tower, 'int8')]['b32'] / ti['b32']:.2f}x)",
                 ]
             )
-    eager_table = H.markdown_table(
+    table = H.markdown_table(
         ["image tower", "eager torch b32 img/s", "ONNX fp32 b32", "ONNX int8 b32"], eager_rows
     )
     if not export_s:
-        eager_table += (
+        table += (
             "\n\nThe eager-torch column was measured when the bundles were exported (an earlier run, "
             f"{time.ctime((work / 'eager_torch.json').stat().st_mtime)}), not in this run: compare its "
             "ratios, not its figures, with the ONNX columns."
         )
+    return table
+
+
+def target_table(m: Measured) -> str:
+    """Issue 8's targets, each measured against its goal."""
+    img_rows, txt_rows, sizes = m.img_rows, m.txt_rows, m.sizes
+    ti, tt = img_rows[TEACHER], txt_rows[("12L", "fp32")]
 
     def ratio(a: float, b: float) -> float:
         return a / b
@@ -530,15 +567,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         r = ratio(txt_rows[("4L", "fp32")][b], tt[b])
         target(f"S4 text QPS vs teacher, {b}", r, ">= 2.7x", r >= 2.7)
     r = sizes[("s32-s4", "fp32")]["image"] + sizes[("s32-s4", "fp32")]["text"]
-    r /= sizes[T]["image"] + sizes[T]["text"]
+    r /= sizes[TEACHER]["image"] + sizes[TEACHER]["text"]
     target("fp32 student (S/32+S4) ONNX size / teacher", r, "<= 0.45", r <= 0.45)
     r = ratio(
         sizes[("s16-s6", "fp32")]["image"] + sizes[("s16-s6", "fp32")]["text"],
-        sizes[T]["image"] + sizes[T]["text"],
+        sizes[TEACHER]["image"] + sizes[TEACHER]["text"],
     )
     target("fp32 paper student (S/16+S6) ONNX size / teacher", r, "<= 0.45", r <= 0.45)
     for name in ("teacher", "s32-s4"):
-        it, tx = image_tower[name], text_tower[name]
+        it, tx = IMAGE_TOWER[name], TEXT_TOWER[name]
         for b in ("b1", "b32"):
             r = img_rows[(it, "int8")][b] / img_rows[(it, "fp32")][b]
             target(f"int8/fp32 image speed, {name} {b}", r, ">= 1.5x", r >= 1.5)
@@ -549,11 +586,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         target(f"int8/fp32 ONNX size, {name}", r, "<= 0.30", r <= 0.30)
     for name, _, _ in MODELS:
-        target(f"int8 top-10 agreement with fp32, {name}", agreement[name], ">= 0.9", agreement[name] >= 0.9)
-    target_table = H.markdown_table(["target", "measured", "goal", ""], checks)
+        agree = m.agreement[name]
+        target(f"int8 top-10 agreement with fp32, {name}", agree, ">= 0.9", agree >= 0.9)
+    return H.markdown_table(["target", "measured", "goal", ""], checks)
 
-    backend = probes[T]["backend"]
-    note = (
+
+def method_note(args: argparse.Namespace, m: Measured, total_s: float, load_start: float) -> str:
+    """How it was measured (read at the end of the run: it quotes the load average now)."""
+    backend = m.probes[TEACHER]["backend"]
+    return (
         "All models have **random weights** (no model hub on this machine): the architectures are "
         "full size, so sizes, speeds and memory are representative; retrieval agreement on random "
         "weights is a stress test of quantization, not a quality measure.\n"
@@ -567,19 +608,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"load / RSS / query: a fresh process imports leanclip.encoder, loads both encoders "
         f"(Encoder(...).load()), builds a 1,000-vector index ({backend}) and answers text queries; "
         f"peak RSS is that process's maximum resident set. Agreement: text-to-image top-10 overlap, int8 vs fp32 "
-        f"end to end ({len(queries)} captions over {args.images} crops of the sample photos). "
+        f"end to end ({m.n_queries} captions over {args.images} crops of the sample photos). "
         f"Whole benchmark: {total_s / 60:.1f} min; 1-minute load average {load_start:.1f} at the start and "
         f"{os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} cores (a shared machine: absolute figures "
         "drop with the load, ratios measured in one run hold better)."
         + (" QUICK MODE: tiny models, numbers meaningless." if args.quick else "")
     )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+    work = Path(args.work) / ("quick" if args.quick else "full")
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    load_start = os.getloadavg()[0]
+
+    eager, export_s = export_all(work, args.quick)
+    img_rows, txt_rows, sizes = measure_throughput(work, args.reps)
+    probes = measure_probes(work)
+    agreement, n_queries = measure_agreement(work, args.images)
+    m = Measured(img_rows, txt_rows, sizes, probes, agreement, n_queries)
+    log("quantization variants")
+    variants = quant_variants(work, max(args.reps * 3, 5)) if not args.quick else []
+    total_s = time.perf_counter() - started
+
+    table = main_table(m)
+    eager_text = eager_table(eager, export_s, img_rows, work)
+    targets = target_table(m)
+    note = method_note(args, m, total_s, load_start)
     text = H.header(
         "Encoder efficiency (paper Table 3) on this CPU",
         ["onnxruntime", "torch", "open_clip_torch", "timm"],
         note,
     )
-    text += "\n" + table + "\n\n## Targets (issue 8)\n\n" + target_table + "\n"
-    text += "\n## Eager torch vs ONNX, image towers at batch 32\n\n" + eager_table + "\n"
+    text += "\n" + table + "\n\n## Targets (issue 8)\n\n" + targets + "\n"
+    text += "\n## Eager torch vs ONNX, image towers at batch 32\n\n" + eager_text + "\n"
     text += (
         "\nThe paper's ViT-S/16 has 196 tokens to ViT-B/32's 49, so its FLOPs match the teacher's: "
         "on a CPU it is not faster than the teacher at batch 32, in eager torch or in ONNX.\n"
