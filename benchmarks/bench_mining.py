@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -194,32 +194,26 @@ def topk_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean([len(set(x.tolist()) & set(y.tolist())) / len(y) for x, y in zip(a, b)]))
 
 
-def main() -> None:
-    started = time.perf_counter()
-    rate = sgemm_rate()
-    print(f"sgemm: {rate / 1e9:.0f} GFLOP/s", flush=True)
-    sizes = [int(x) for x in os.environ.get("LEANCLIP_BENCH_MINING_SIZES", "20000,100000").split(",")]
-    small, big = sizes[0], (sizes[1] if len(sizes) > 1 else None)
-    # label, size, peer, f16 inputs
-    peers: List[Tuple[str, str, bool]] = [
-        ("leanclip f32", "leanclip", False),
-        ("leanclip f32, i8 scan + f32 re-score", "leanclip-i8", False),
-        ("leanclip f32, bf16 scan + f32 re-score", "leanclip-bf16", False),
-        ("leanclip f16", "leanclip", True),
-        ("numpy (blocked sgemm + argpartition)", "numpy", False),
-        ("faiss IndexFlatIP (k+5, filtered)", "faiss", False),
-    ]
-    big_peers = [peers[0], peers[1], peers[2], peers[5]]
-    # Each peer runs in its own process (clean peak RSS), and the peers take turns round by
-    # round, so a change in the shared machine's load hits all of them alike: the ratios of the
-    # per-peer medians then hold even while absolute times wander.
-    rounds_small = int(os.environ.get("LEANCLIP_BENCH_MINING_ROUNDS", "3"))
-    schedule = [
-        (size, rounds, reps, group)
-        for size, rounds, reps, group in ((small, rounds_small, 2, peers), (big, 1, 1, big_peers))
-        if size
-    ]
-    res: Dict[Tuple[str, int], Dict] = {}
+# label, peer, f16 inputs
+PEER_RUNS: List[Tuple[str, str, bool]] = [
+    ("leanclip f32", "leanclip", False),
+    ("leanclip f32, i8 scan + f32 re-score", "leanclip-i8", False),
+    ("leanclip f32, bf16 scan + f32 re-score", "leanclip-bf16", False),
+    ("leanclip f16", "leanclip", True),
+    ("numpy (blocked sgemm + argpartition)", "numpy", False),
+    ("faiss IndexFlatIP (k+5, filtered)", "faiss", False),
+]
+BIG_PEER_RUNS = [PEER_RUNS[0], PEER_RUNS[1], PEER_RUNS[2], PEER_RUNS[5]]
+Results = Dict[Tuple[str, int], Dict]  # (label, size) -> the peer's merged spawn() info
+
+
+def run_schedule(schedule: List[Tuple[int, int, int, List[Tuple[str, str, bool]]]]) -> Results:
+    """Every (size, rounds, repeats, peers) of the schedule; times are medians over rounds.
+
+    Each peer runs in its own process (clean peak RSS), and the peers take turns round by
+    round, so a change in the shared machine's load hits all of them alike: the ratios of the
+    per-peer medians then hold even while absolute times wander."""
+    res: Results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for size, rounds, reps, group in schedule:
             for r in range(rounds):
@@ -241,61 +235,79 @@ def main() -> None:
             for (_label, s_), info in res.items():
                 if s_ == size:
                     info["time"] = float(np.median(info["round_times"]))
+    return res
 
+
+def size_rows(res: Results, size: int, bound: float) -> List[List]:
+    """The table rows of one size: every peer, then the GEMM bound."""
+    rows = []
+    ref = res[("leanclip f32", size)]
+    for (label, s), info in res.items():
+        if s != size:
+            continue
+        rows.append(
+            [
+                f"{size:,} x {size:,}",
+                label,
+                info["time"],
+                bound / info["time"],
+                info["time"] / ref["time"],
+                agreement(info["rows"], ref["rows"]),
+                info["peak"],
+                info["extra"],
+            ]
+        )
+    rows.append(
+        [
+            f"{size:,} x {size:,}",
+            "GEMM bound (2qnd / sgemm rate)",
+            bound,
+            1.0,
+            bound / ref["time"],
+            float("nan"),
+            float("nan"),
+            float("nan"),
+        ]
+    )
+    return rows
+
+
+def size_note(res: Results, size: int, bound: float) -> str:
+    """One size's ratios against its targets."""
+    ref = res[("leanclip f32", size)]
+    lc = ref["time"]
+    fa = res[("faiss IndexFlatIP (k+5, filtered)", size)]["time"]
+    line = (
+        f"{size:,}: leanclip f32 is {fa / lc:.2f}x faiss (target >= 1.1), "
+        f"{bound / lc:.2f} of the GEMM bound's speed, i.e. {lc / bound:.2f}x its time (target <= 1.1)"
+    )
+    for label, scan, target in (
+        ("i8", "leanclip f32, i8 scan + f32 re-score", 2.5),
+        ("bf16", "leanclip f32, bf16 scan + f32 re-score", 1.6),
+    ):
+        if (scan, size) in res:
+            lp = res[(scan, size)]
+            line += (
+                f"; {label} scan {lc / lp['time']:.2f}x f32 mining's speed (target >= {target}), "
+                f"top-{K} agreement with f32 {topk_agreement(lp['rows'], ref['rows']):.4f} (target >= 0.999), "
+                f"extra {lp['extra']:.0f} MiB"
+            )
+    if ("leanclip f16", size) in res:
+        line += f", f16 {lc / res[('leanclip f16', size)]['time']:.2f}x f32's speed (target >= 1.0)"
+    if ("numpy (blocked sgemm + argpartition)", size) in res:
+        line += (
+            f", {res[('numpy (blocked sgemm + argpartition)', size)]['time'] / lc:.2f}x numpy (target >= 1.3)"
+        )
+    return line
+
+
+def report(res: Results, rate: float, small: int, big: Optional[int], rounds_small: int) -> str:
     rows = []
     notes = []
     for size in [x for x in (small, big) if x]:
         bound = 2.0 * size * size * DIM / rate
-        ref = res[("leanclip f32", size)]
-        for (label, s), info in res.items():
-            if s != size:
-                continue
-            rows.append(
-                [
-                    f"{size:,} x {size:,}",
-                    label,
-                    info["time"],
-                    bound / info["time"],
-                    info["time"] / ref["time"],
-                    agreement(info["rows"], ref["rows"]),
-                    info["peak"],
-                    info["extra"],
-                ]
-            )
-        rows.append(
-            [
-                f"{size:,} x {size:,}",
-                "GEMM bound (2qnd / sgemm rate)",
-                bound,
-                1.0,
-                bound / ref["time"],
-                float("nan"),
-                float("nan"),
-                float("nan"),
-            ]
-        )
-        lc = ref["time"]
-        fa = res[("faiss IndexFlatIP (k+5, filtered)", size)]["time"]
-        line = (
-            f"{size:,}: leanclip f32 is {fa / lc:.2f}x faiss (target >= 1.1), "
-            f"{bound / lc:.2f} of the GEMM bound's speed, i.e. {lc / bound:.2f}x its time (target <= 1.1)"
-        )
-        for label, scan, target in (
-            ("i8", "leanclip f32, i8 scan + f32 re-score", 2.5),
-            ("bf16", "leanclip f32, bf16 scan + f32 re-score", 1.6),
-        ):
-            if (scan, size) in res:
-                lp = res[(scan, size)]
-                line += (
-                    f"; {label} scan {lc / lp['time']:.2f}x f32 mining's speed (target >= {target}), "
-                    f"top-{K} agreement with f32 {topk_agreement(lp['rows'], ref['rows']):.4f} (target >= 0.999), "
-                    f"extra {lp['extra']:.0f} MiB"
-                )
-        if ("leanclip f16", size) in res:
-            line += f", f16 {lc / res[('leanclip f16', size)]['time']:.2f}x f32's speed (target >= 1.0)"
-        if ("numpy (blocked sgemm + argpartition)", size) in res:
-            line += f", {res[('numpy (blocked sgemm + argpartition)', size)]['time'] / lc:.2f}x numpy (target >= 1.3)"
-        notes.append(line)
+        rows += size_rows(res, size, bound)
+        notes.append(size_note(res, size, bound))
     last = big or small
     top = res[("leanclip f32", last)]
     io_mb = (2 * last * DIM * 4 + last * K * 12) / 2**20
@@ -330,6 +342,23 @@ def main() -> None:
     text += "\n" + H.markdown_table(head, rows) + "\n\n" + "\n".join(f"- {x}" for x in notes)
     load = os.getloadavg()
     text += f"\n\nLoad average at the end (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} cores (other jobs share this machine).\n"
+    return text
+
+
+def main() -> None:
+    started = time.perf_counter()
+    rate = sgemm_rate()
+    print(f"sgemm: {rate / 1e9:.0f} GFLOP/s", flush=True)
+    sizes = [int(x) for x in os.environ.get("LEANCLIP_BENCH_MINING_SIZES", "20000,100000").split(",")]
+    small, big = sizes[0], (sizes[1] if len(sizes) > 1 else None)
+    rounds_small = int(os.environ.get("LEANCLIP_BENCH_MINING_ROUNDS", "3"))
+    schedule = [
+        (size, rounds, reps, group)
+        for size, rounds, reps, group in ((small, rounds_small, 2, PEER_RUNS), (big, 1, 1, BIG_PEER_RUNS))
+        if size
+    ]
+    res = run_schedule(schedule)
+    text = report(res, rate, small, big, rounds_small)
     text += f"\nTotal {time.perf_counter() - started:.0f} s.\n"
     H.write_result("mining", text)
 
