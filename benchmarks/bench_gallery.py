@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -398,7 +399,7 @@ def _load_run(enc: Any, tmp: Path, root: Path, clients: int, seconds: float, max
     ]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--photos", type=int, default=2000)
     ap.add_argument("--big", type=int, default=1_000_000)
@@ -410,119 +411,165 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         help="run only the server load test and append/replace its section in the results file",
     )
     ap.add_argument("--load-seconds", type=float, default=30.0)
-    args = ap.parse_args(argv)
-    if args.load_only:
-        from benchmarks._harness import RESULTS
+    return ap.parse_args(argv)
 
-        tmp = Path(tempfile.mkdtemp(prefix="leanclip-bench-load-"))
-        try:
-            enc, _ = pick_encoder(tmp)
-            section = load_test(enc, tmp, seconds=args.load_seconds)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        path = RESULTS / f"{args.name}.md"
-        old = path.read_text() if path.exists() else ""
-        old = old.split("\n## Server load (issue 6)")[0].rstrip("\n") + "\n"
-        write_result(args.name, old + section)
-        return
 
+def load_only(name: str, seconds: float) -> None:
+    """The server load test alone, its section appended to (or replaced in) the results file."""
+    from benchmarks._harness import RESULTS
+
+    tmp = Path(tempfile.mkdtemp(prefix="leanclip-bench-load-"))
+    try:
+        enc, _ = pick_encoder(tmp)
+        section = load_test(enc, tmp, seconds=seconds)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    path = RESULTS / f"{name}.md"
+    old = path.read_text() if path.exists() else ""
+    old = old.split("\n## Server load (issue 6)")[0].rstrip("\n") + "\n"
+    write_result(name, old + section)
+
+
+@dataclass
+class Indexing:
+    """The indexing runs: their table, the speed-up of a 1% re-index, and memory around them."""
+
+    table: str
+    target_ratio: float  # first index time / re-index time with 1% changed
+    t_gen: float  # seconds to generate the photos (not counted)
+    rss0: float  # MiB before indexing
+    rss_index: float  # peak MiB after indexing
+
+
+def indexing(tmp: Path, enc: Any, photos: int) -> Indexing:
+    """Index a generated folder, re-index it after 1% changed, then with nothing changed."""
     from leanclip.gallery import Gallery
+
+    root = tmp / "photos"
+    t = time.perf_counter()
+    files = make_jpegs(root, photos)
+    t_gen = time.perf_counter() - t
+    rss0 = current_rss_mb()
+
+    g = Gallery(root, model=enc)
+    t = time.perf_counter()
+    s1 = g.update()
+    t_first = time.perf_counter() - t
+    assert s1.added == photos, s1
+    rss_index = peak_rss_mb()
+
+    changed = max(1, photos // 100)
+    rng = np.random.default_rng(3)
+    for j in rng.choice(len(files), changed, replace=False):
+        make_jpegs(root, 1, seed=1000 + int(j), start=int(j))  # same name, new content
+        st = os.stat(files[j])
+        os.utime(files[j], ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+    t = time.perf_counter()
+    s2 = g.update()
+    t_re = time.perf_counter() - t
+    assert s2.updated == changed, s2
+    t = time.perf_counter()
+    s3 = g.update()
+    t_none = time.perf_counter() - t
+    assert s3.encoded == 0
+
+    rows = [
+        ["first index", photos, s1.encoded, t_first, photos / t_first, 1.0],
+        [f"re-index, {changed} changed (1%)", photos, s2.encoded, t_re, photos / t_re, t_first / t_re],
+        ["re-index, nothing changed", photos, s3.encoded, t_none, photos / t_none, t_first / t_none],
+    ]
+    table = markdown_table(["run", "photos", "encoded", "seconds", "photos/s", "speed-up vs first"], rows)
+    return Indexing(table, t_first / t_re, t_gen, rss0, rss_index)
+
+
+def latency(tmp: Path, enc: Any, big: int, queries: int) -> Tuple[List[List[Any]], Optional[str]]:
+    """Query latency rows over synthetic stores (exact at 10,000 and big, IVF at big), and the
+    IVF recall note when big > 10,000."""
+    lat_rows: List[List[Any]] = []
+    sizes = [10_000, big] if big > 10_000 else [10_000]
+    for n in sizes:
+        for dtype in ["f32"] if n <= 10_000 else ["f32", "f16", "i8"]:
+            store_root = tmp / f"synthetic-{n}-{dtype}"
+            store_root.mkdir()
+            t = time.perf_counter()
+            synthetic_store(store_root, n, enc.dim, enc.model_id, dtype)
+            t_build = time.perf_counter() - t
+            t_open, p50, p99, s50, s99 = query_latency(store_root, enc, queries)
+            lat_rows.append([f"{n:,}", "random", dtype, "exact", t_open, p50, p99, s50, s99, t_build])
+            shutil.rmtree(store_root)
+    ivf_recall = None
+    if big > 10_000:
+        ivf_rows, ivf_recall = ivf_latency(tmp, big, enc, queries)
+        lat_rows += ivf_rows
+    return lat_rows, ivf_recall
+
+
+def latency_text(lat_rows: List[List[Any]], ivf_recall: Optional[str], big: int) -> str:
+    """The query latency section: its table, the IVF recall note and the p99 targets."""
+    table = markdown_table(
+        [
+            "stored vectors",
+            "vectors",
+            "storage",
+            "index",
+            "open s",
+            "text query p50 ms",
+            "text query p99 ms",
+            "vector search p50 ms",
+            "vector search p99 ms",
+            "(store build s)",
+        ],
+        lat_rows,
+    )
+    big_p99 = [r[6] for r in lat_rows if r[0] == f"{big:,}" and r[3] == "exact"]
+    ivf_p99 = [r[6] for r in lat_rows if r[0] == f"{big:,}" and r[3] == "ivf"]
+    text = "\n## Query latency\n\n" + table + "\n"
+    if ivf_recall is not None:
+        text += "\n" + ivf_recall + "\n"
+    if big_p99:
+        best = min(big_p99)
+        text += (
+            f"\nTarget: p99 text query under 50 ms at {big:,} photos (2 cores, model loaded): "
+            f"f32 {big_p99[0]:.1f} ms, best storage {best:.1f} ms "
+            f"({'met' if best < 50 else 'NOT met'}).\n"
+        )
+    if ivf_p99:
+        text += (
+            f"\nTarget (issue 16): p99 text query under 10 ms at {big:,} photos with the IVF "
+            f"index: {min(ivf_p99):.1f} ms ({'met' if min(ivf_p99) < 10 else 'NOT met'}).\n"
+        )
+    return text
+
+
+def kept_server_load(name: str) -> str:
+    """The server load section of the results file, which comes from its own run (--load-only)."""
+    from benchmarks._harness import RESULTS
+
+    old_path = RESULTS / f"{name}.md"
+    if old_path.exists() and "\n## Server load (issue 6)" in old_path.read_text():
+        return "\n## Server load (issue 6)" + old_path.read_text().split("\n## Server load (issue 6)", 1)[1]
+    return ""
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    if args.load_only:
+        load_only(args.name, args.load_seconds)
+        return
 
     tmp = Path(tempfile.mkdtemp(prefix="leanclip-bench-gallery-"))
     try:
         enc, enc_name = pick_encoder(tmp)
-        root = tmp / "photos"
-        t = time.perf_counter()
-        files = make_jpegs(root, args.photos)
-        t_gen = time.perf_counter() - t
-        rss0 = current_rss_mb()
-
-        g = Gallery(root, model=enc)
-        t = time.perf_counter()
-        s1 = g.update()
-        t_first = time.perf_counter() - t
-        assert s1.added == args.photos, s1
-        rss_index = peak_rss_mb()
-
-        changed = max(1, args.photos // 100)
-        rng = np.random.default_rng(3)
-        for j in rng.choice(len(files), changed, replace=False):
-            make_jpegs(root, 1, seed=1000 + int(j), start=int(j))  # same name, new content
-            st = os.stat(files[j])
-            os.utime(files[j], ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
-        t = time.perf_counter()
-        s2 = g.update()
-        t_re = time.perf_counter() - t
-        assert s2.updated == changed, s2
-        t = time.perf_counter()
-        s3 = g.update()
-        t_none = time.perf_counter() - t
-        assert s3.encoded == 0
-
-        rows = [
-            ["first index", args.photos, s1.encoded, t_first, args.photos / t_first, 1.0],
-            [
-                f"re-index, {changed} changed (1%)",
-                args.photos,
-                s2.encoded,
-                t_re,
-                args.photos / t_re,
-                t_first / t_re,
-            ],
-            [
-                "re-index, nothing changed",
-                args.photos,
-                s3.encoded,
-                t_none,
-                args.photos / t_none,
-                t_first / t_none,
-            ],
-        ]
-        table1 = markdown_table(
-            ["run", "photos", "encoded", "seconds", "photos/s", "speed-up vs first"], rows
-        )
-
-        lat_rows: List[List[Any]] = []
-        sizes = [10_000, args.big] if args.big > 10_000 else [10_000]
-        for n in sizes:
-            for dtype in ["f32"] if n <= 10_000 else ["f32", "f16", "i8"]:
-                store_root = tmp / f"synthetic-{n}-{dtype}"
-                store_root.mkdir()
-                t = time.perf_counter()
-                synthetic_store(store_root, n, enc.dim, enc.model_id, dtype)
-                t_build = time.perf_counter() - t
-                t_open, p50, p99, s50, s99 = query_latency(store_root, enc, args.queries)
-                lat_rows.append([f"{n:,}", "random", dtype, "exact", t_open, p50, p99, s50, s99, t_build])
-                shutil.rmtree(store_root)
-        if args.big > 10_000:
-            ivf_rows, ivf_recall = ivf_latency(tmp, args.big, enc, args.queries)
-            lat_rows += ivf_rows
-        table2 = markdown_table(
-            [
-                "stored vectors",
-                "vectors",
-                "storage",
-                "index",
-                "open s",
-                "text query p50 ms",
-                "text query p99 ms",
-                "vector search p50 ms",
-                "vector search p99 ms",
-                "(store build s)",
-            ],
-            lat_rows,
-        )
-
+        ix = indexing(tmp, enc, args.photos)
+        lat_rows, ivf_recall = latency(tmp, enc, args.big, args.queries)
+        section = latency_text(lat_rows, ivf_recall, args.big)
         load = starter_load_time()
-        target_ratio = t_first / t_re
-        big_p99 = [r[6] for r in lat_rows if r[0] == f"{args.big:,}" and r[3] == "exact"]
-        ivf_p99 = [r[6] for r in lat_rows if r[0] == f"{args.big:,}" and r[3] == "ivf"]
         text = header(
             "Gallery benchmark: incremental indexing, query latency, memory",
             packages=["onnxruntime", "pillow"],
             note=(
                 f"Encoder: {enc_name}, dim {enc.dim}, model id `{enc.model_id}`. "
-                f"Photos: {args.photos} generated 640x480 JPEGs (generated in {t_gen:.1f} s, not counted). "
+                f"Photos: {args.photos} generated 640x480 JPEGs (generated in {ix.t_gen:.1f} s, not counted). "
                 "Latency: `Gallery.search(text, k=10)` end to end (text encoding + search + SQLite "
                 "lookup of the 10 paths), after the store is open; 'vector search' is the same call with a "
                 f"precomputed query vector. {args.queries} distinct queries per row. Stores are synthetic: "
@@ -531,40 +578,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 "gallery makes it (`gallery.kinds.new_index`: IVFIndex's automatic layout)."
             ),
         )
-        text += "\n## Indexing\n\n" + table1 + "\n"
+        text += "\n## Indexing\n\n" + ix.table + "\n"
         text += (
             f"\nTarget: re-index with 1% changed >= 50x faster than the first index: "
-            f"**{target_ratio:.0f}x** ({'met' if target_ratio >= 50 else 'NOT met'}).\n"
+            f"**{ix.target_ratio:.0f}x** ({'met' if ix.target_ratio >= 50 else 'NOT met'}).\n"
         )
-        text += "\n## Query latency\n\n" + table2 + "\n"
-        if args.big > 10_000:
-            text += "\n" + ivf_recall + "\n"
-        if big_p99:
-            best = min(big_p99)
-            text += (
-                f"\nTarget: p99 text query under 50 ms at {args.big:,} photos (2 cores, model loaded): "
-                f"f32 {big_p99[0]:.1f} ms, best storage {best:.1f} ms "
-                f"({'met' if best < 50 else 'NOT met'}).\n"
-            )
-        if ivf_p99:
-            text += (
-                f"\nTarget (issue 16): p99 text query under 10 ms at {args.big:,} photos with the IVF "
-                f"index: {min(ivf_p99):.1f} ms ({'met' if min(ivf_p99) < 10 else 'NOT met'}).\n"
-            )
+        text += section
         text += (
-            f"\n## Memory and start-up\n\n- RSS before indexing {rss0:.0f} MiB; peak RSS after indexing "
-            f"{args.photos} photos {rss_index:.0f} MiB; peak RSS of the whole run (incl. the {args.big:,}-vector "
+            f"\n## Memory and start-up\n\n- RSS before indexing {ix.rss0:.0f} MiB; peak RSS after indexing "
+            f"{args.photos} photos {ix.rss_index:.0f} MiB; peak RSS of the whole run (incl. the {args.big:,}-vector "
             f"stores) {peak_rss_mb():.0f} MiB\n- {load}\n"
         )
-        # The server load section comes from its own run (--load-only): keep it.
-        from benchmarks._harness import RESULTS
-
-        old_path = RESULTS / f"{args.name}.md"
-        if old_path.exists() and "\n## Server load (issue 6)" in old_path.read_text():
-            text += (
-                "\n## Server load (issue 6)" + old_path.read_text().split("\n## Server load (issue 6)", 1)[1]
-            )
-        write_result(args.name, text)
+        write_result(args.name, text + kept_server_load(args.name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
