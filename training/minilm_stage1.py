@@ -42,7 +42,7 @@ import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -269,6 +269,84 @@ def teacher_embeddings(
     return emb
 
 
+@dataclass
+class _DistillState:
+    """Everything a distillation run carries from step to step: what its checkpoint holds."""
+
+    student: MiniLMTextTower
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    gen: torch.Generator  # draws the batch order
+    order: torch.Tensor  # this epoch's order of the texts
+    logit_scale: Optional[nn.Parameter]  # log(1/tau) when the temperature is learned
+    batch: int  # texts per step
+    pos: int = 0  # next position in order
+    step: int = 0  # steps done
+    history: List[Dict[str, float]] = field(default_factory=list)
+
+    def save(self, checkpoint: Path) -> None:
+        state = {
+            "student": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "gen": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "order": self.order,
+            "pos": self.pos,
+            "step": self.step,
+            "history": self.history,
+            "logit_scale": None if self.logit_scale is None else self.logit_scale.detach().clone(),
+        }
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = checkpoint.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, checkpoint)  # a kill mid-save leaves the previous checkpoint
+
+    def restore(self, checkpoint: Path) -> None:
+        state = torch.load(checkpoint, weights_only=False)
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        self.order, self.pos, self.step, self.history = (
+            state["order"],
+            state["pos"],
+            state["step"],
+            state["history"],
+        )
+        if self.logit_scale is not None:
+            with torch.no_grad():
+                self.logit_scale.copy_(state["logit_scale"])
+
+    def next_batch(self) -> torch.Tensor:
+        """The indices of the next batch, reshuffled at the start of each epoch."""
+        if self.pos + self.batch > len(self.order):  # next epoch
+            self.order, self.pos = torch.randperm(len(self.order), generator=self.gen), 0
+        idx = self.order[self.pos : self.pos + self.batch]
+        self.pos += self.batch
+        return idx
+
+
+def _start_distill(
+    student: MiniLMTextTower, n_texts: int, train: Dict[str, Any], seed: int, learn_temperature: bool
+) -> _DistillState:
+    """A fresh run's state: optimizer, warm-up + cosine schedule, seeded batch order."""
+    from training.train_utils import cosine_with_warmup, make_optimizer, scaled_warmup
+
+    steps = int(train["steps"])
+    params = list(student.named_parameters())
+    logit_scale = None
+    if learn_temperature:
+        logit_scale = nn.Parameter(torch.tensor(float(np.log(1.0 / float(train["temperature"])))))
+        params.append(("logit_scale", logit_scale))
+    optimizer = make_optimizer(params, float(train["lr"]), float(train["weight_decay"]))
+    scheduler = cosine_with_warmup(optimizer, scaled_warmup(int(train["warmup_steps"]), steps), steps)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n_texts, generator=gen)
+    return _DistillState(student, optimizer, scheduler, gen, order, logit_scale, int(train["batch_size"]))
+
+
 def distill(
     student: MiniLMTextTower,
     tokenizer: Any,
@@ -288,63 +366,41 @@ def distill(
     saves its whole state there every ``checkpoint_every`` steps and picks up from it when
     started again (batch order, dropout RNG and optimizer included), then deletes it."""
     from training.losses import embedding_mse, intra_modal_infonce, intra_modal_infonce_learned, temperature
-    from training.train_utils import cosine_with_warmup, make_optimizer, scaled_warmup
 
     if loss_name not in ("infonce", "mse"):
         raise ValueError(f"loss must be infonce or mse to train, got {loss_name!r}")
     if learn_temperature and loss_name != "infonce":
         raise ValueError("a learned temperature needs the infonce loss")
-    steps, batch = int(train["steps"]), int(train["batch_size"])
-    params = list(student.named_parameters())
-    logit_scale = None
-    if learn_temperature:
-        logit_scale = nn.Parameter(torch.tensor(float(np.log(1.0 / float(train["temperature"])))))
-        params.append(("logit_scale", logit_scale))
-    optimizer = make_optimizer(params, float(train["lr"]), float(train["weight_decay"]))
-    scheduler = cosine_with_warmup(optimizer, scaled_warmup(int(train["warmup_steps"]), steps), steps)
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(texts), generator=gen)
-    history: List[Dict[str, float]] = []
-    pos, start = 0, 0
+    steps = int(train["steps"])
+    run = _start_distill(student, len(texts), train, seed, learn_temperature)
     if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
-        student.load_state_dict(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        gen.set_state(state["gen"])
-        torch.set_rng_state(state["torch_rng"])
-        order, pos, start, history = state["order"], state["pos"], state["step"], state["history"]
-        if logit_scale is not None:
-            with torch.no_grad():
-                logit_scale.copy_(state["logit_scale"])
-        log.info("%s resumed at step %d/%d from %s", loss_name, start, steps, checkpoint)
+        run.restore(checkpoint)
+        log.info("%s resumed at step %d/%d from %s", loss_name, run.step, steps, checkpoint)
     student.train()
     t0 = time.perf_counter()
-    for step in range(start, steps):
-        if pos + batch > len(order):  # next epoch
-            order, pos = torch.randperm(len(texts), generator=gen), 0
-        idx = order[pos : pos + batch]
-        pos += batch
+    for step in range(run.step, steps):
+        idx = run.next_batch()
         ids, mask = tokenize(tokenizer, [texts[i] for i in idx.tolist()])
         out = student(ids, mask)
-        if logit_scale is not None:
-            loss = intra_modal_infonce_learned(out, targets[idx], logit_scale)
+        if run.logit_scale is not None:
+            loss = intra_modal_infonce_learned(out, targets[idx], run.logit_scale)
         elif loss_name == "infonce":
             loss = intra_modal_infonce(out, targets[idx], float(train["temperature"]))
         else:
             loss = embedding_mse(out, targets[idx])
-        optimizer.zero_grad(set_to_none=True)
+        run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        scheduler.step()
+        run.optimizer.step()
+        run.scheduler.step()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{loss_name} loss became {loss.item()} at step {step}")
         with torch.no_grad():
             cos = F.cosine_similarity(out.detach(), targets[idx]).mean().item()
         entry = {"step": step + 1, "loss": float(loss.item()), "cos_to_teacher": cos}
-        if logit_scale is not None:
-            entry["temperature"] = temperature(logit_scale)
-        history.append(entry)
+        if run.logit_scale is not None:
+            entry["temperature"] = temperature(run.logit_scale)
+        run.history.append(entry)
+        run.step = step + 1
         if (step + 1) % int(train["log_every"]) == 0 or step + 1 == steps:
             log.info(
                 "%s step %d/%d loss %.4f cos %.3f (%.1fs)",
@@ -356,26 +412,11 @@ def distill(
                 time.perf_counter() - t0,
             )
         if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            state = {
-                "student": student.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "gen": gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "order": order,
-                "pos": pos,
-                "step": step + 1,
-                "history": history,
-                "logit_scale": None if logit_scale is None else logit_scale.detach().clone(),
-            }
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            tmp = checkpoint.with_suffix(".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, checkpoint)  # a kill mid-save leaves the previous checkpoint
+            run.save(checkpoint)
     if checkpoint is not None and checkpoint.is_file():
         checkpoint.unlink()
     student.eval()
-    return history
+    return run.history
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,23 +549,23 @@ def resolve_config(config: Dict[str, Any]) -> Dict[str, Any]:
     return cfg
 
 
-def run(
-    config: Dict[str, Any], teacher: Optional[MiniLMTextTower] = None, tokenizer_json: Optional[str] = None
-) -> Dict[str, Any]:
-    """Run the configured students x losses; returns the results (and writes them to out_dir).
+@dataclass
+class _Setup:
+    """What every student of a run shares: the frozen teacher, the data and the evaluation."""
 
-    ``teacher``/``tokenizer_json`` default to the packaged MiniLM; tests pass tiny stand-ins.
-    """
-    cfg = resolve_config(config)
-    torch.manual_seed(cfg["seed"])
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg["threads"]))
-    out_dir = Path(cfg["out_dir"])
-    if not out_dir.is_absolute():
-        out_dir = ROOT / out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
+    teacher: MiniLMTextTower
+    tokenizer: Any
+    corpus: Corpus
+    train_texts: List[str]  # the part of corpus.train the run will see
+    train_targets: torch.Tensor  # the teacher's embeddings of train_texts
+    evaluate: Callable[[nn.Module], Dict[str, Any]]
+
+
+def _set_up(
+    cfg: Dict[str, Any], out_dir: Path, teacher: Optional[MiniLMTextTower], tokenizer_json: Optional[str]
+) -> _Setup:
+    """Freeze the teacher, build the corpus, embed what training and evaluation need with it."""
     train_cfg, eval_cfg = cfg["train"], cfg["eval"]
-
     teacher = (teacher if teacher is not None else load_minilm()).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -558,52 +599,82 @@ def run(
             res["caption_r1"], res["caption_r5"] = caption_recall(tower, tokenizer, caption_ev)
         return res
 
-    results: Dict[str, Any] = {"config": cfg, "corpus": corpus.info, "rows": []}
+    return _Setup(teacher, tokenizer, corpus, train_texts, train_targets, evaluate)
+
+
+def _train_student(
+    cfg: Dict[str, Any], s: _Setup, layers: List[int], loss_name: str, out_dir: Path
+) -> Tuple[Dict[str, Any], nn.Module]:
+    """One student (the teacher's ``layers``) trained with one loss, evaluated and saved:
+    (its results row, the student)."""
+    student = truncate_layers(s.teacher, layers)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    history: List[Dict[str, float]] = []
+    t1 = time.perf_counter()
+    if loss_name != "none":
+        history = distill(
+            student, s.tokenizer, s.train_texts, s.train_targets, loss_name, cfg["train"], cfg["seed"]
+        )
+    row = {
+        "model": f"student {len(layers)} layers {layers}",
+        "loss": loss_name,
+        "train_s": round(time.perf_counter() - t1, 1),
+        "final_loss": history[-1]["loss"] if history else None,
+        **s.evaluate(student),
+    }
+    log.info("%s", row)
+    torch.save(
+        {
+            "config": student.config.to_dict(),
+            "layers": layers,
+            "loss": loss_name,
+            "state_dict": student.state_dict(),
+            "history": history,
+        },
+        out_dir / f"student_L{len(layers)}_{loss_name}.pt",
+    )
+    return row, student
+
+
+def run(
+    config: Dict[str, Any], teacher: Optional[MiniLMTextTower] = None, tokenizer_json: Optional[str] = None
+) -> Dict[str, Any]:
+    """Run the configured students x losses; returns the results (and writes them to out_dir).
+
+    ``teacher``/``tokenizer_json`` default to the packaged MiniLM; tests pass tiny stand-ins.
+    """
+    cfg = resolve_config(config)
+    torch.manual_seed(cfg["seed"])
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    out_dir = Path(cfg["out_dir"])
+    if not out_dir.is_absolute():
+        out_dir = ROOT / out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    eval_cfg = cfg["eval"]
+    s = _set_up(cfg, out_dir, teacher, tokenizer_json)
+
+    results: Dict[str, Any] = {"config": cfg, "corpus": s.corpus.info, "rows": []}
     teacher_row = {
-        "model": f"teacher ({teacher.config.num_hidden_layers} layers)",
+        "model": f"teacher ({s.teacher.config.num_hidden_layers} layers)",
         "loss": "-",
-        **evaluate(teacher),
+        **s.evaluate(s.teacher),
     }
     results["rows"].append(teacher_row)
     towers: List[nn.Module] = []  # parallel to results["rows"][1:]
     for keep in cfg["students"]:
-        layers = student_layers(teacher.config.num_hidden_layers, int(keep))
+        layers = student_layers(s.teacher.config.num_hidden_layers, int(keep))
         for loss_name in cfg["losses"]:
-            student = truncate_layers(teacher, layers)
-            for p in student.parameters():
-                p.requires_grad_(True)
-            history: List[Dict[str, float]] = []
-            t1 = time.perf_counter()
-            if loss_name != "none":
-                history = distill(
-                    student, tokenizer, train_texts, train_targets, loss_name, train_cfg, cfg["seed"]
-                )
-            row = {
-                "model": f"student {len(layers)} layers {layers}",
-                "loss": loss_name,
-                "train_s": round(time.perf_counter() - t1, 1),
-                "final_loss": history[-1]["loss"] if history else None,
-                **evaluate(student),
-            }
-            log.info("%s", row)
+            row, student = _train_student(cfg, s, layers, loss_name, out_dir)
             results["rows"].append(row)
             towers.append(student)
-            torch.save(
-                {
-                    "config": student.config.to_dict(),
-                    "layers": layers,
-                    "loss": loss_name,
-                    "state_dict": student.state_dict(),
-                    "history": history,
-                },
-                out_dir / f"student_L{len(layers)}_{loss_name}.pt",
-            )
     # size and speed in one pass at the end, so all towers are timed under the same load
-    qps_texts = corpus.heldout[: int(eval_cfg["qps_sentences"])]
-    t_qps = text_qps(teacher, tokenizer, qps_texts, int(eval_cfg["qps_batch"]))
+    qps_texts = s.corpus.heldout[: int(eval_cfg["qps_sentences"])]
+    t_qps = text_qps(s.teacher, s.tokenizer, qps_texts, int(eval_cfg["qps_batch"]))
     teacher_row["qps"] = t_qps
     for row, tower in zip(results["rows"][1:], towers):
-        row["qps"] = text_qps(tower, tokenizer, qps_texts, int(eval_cfg["qps_batch"]))
+        row["qps"] = text_qps(tower, s.tokenizer, qps_texts, int(eval_cfg["qps_batch"]))
     for row in results["rows"]:
         row["size_ratio"] = row["params"] / teacher_row["params"]
         row["qps_ratio"] = row["qps"] / t_qps
