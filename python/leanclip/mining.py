@@ -38,6 +38,40 @@ def _as_ids(ids: Any, n: int, name: str) -> np.ndarray:
     return out
 
 
+def _positive_sets(positives: Sequence[Any], q: int, cids: np.ndarray) -> tuple[list[np.ndarray], int]:
+    """Each query's explicit positives as sorted unique int64 ids, and how many more rows to
+    mine so that k remain once they are dropped."""
+    if len(positives) != q:
+        raise ValueError(f"positives must have one entry per query ({q}), got {len(positives)}")
+    pos_sets = []
+    for i, p in enumerate(positives):
+        p = list(p) if isinstance(p, (set, frozenset)) else p
+        arr = np.asarray(p).reshape(-1)
+        if arr.size and arr.dtype.kind not in "iu":
+            raise ValueError(f"positives[{i}] must hold integer corpus ids, got dtype {arr.dtype}")
+        pos_sets.append(np.unique(arr.astype(np.int64)))
+    # each corpus row holding a positive id can take one slot of the mined list: fetch that
+    # many more (ids may repeat in the corpus, so count rows, not ids)
+    extra = 0
+    uniq, counts = np.unique(cids, return_counts=True)
+    for pos in pos_sets:
+        at = np.searchsorted(uniq, pos)
+        hit = at < uniq.size
+        hit[hit] = uniq[at[hit]] == pos[hit]
+        extra = max(extra, int(counts[at[hit]].sum()))
+    return pos_sets, extra
+
+
+def _padded_result(q: int, k: int) -> np.ndarray:
+    """The (q, k) int64 result, all -1, or a ValueError naming k when it cannot be allocated."""
+    try:
+        return np.full((q, k), -1, dtype=np.int64)
+    except (MemoryError, ValueError):
+        raise ValueError(
+            f"k = {k} is too large: the ({q}, {k}) int64 result does not fit in memory"
+        ) from None
+
+
 def hard_negative_ids(
     query_ids: Any,
     query_embeddings: Any,
@@ -99,33 +133,8 @@ def hard_negative_ids(
     qg = as_groups(query_groups, q, "query_groups")
     cg = as_groups(corpus_groups, n, "corpus_groups")
 
-    pos_sets = None
-    extra = 0
-    if positives is not None:
-        if len(positives) != q:
-            raise ValueError(f"positives must have one entry per query ({q}), got {len(positives)}")
-        pos_sets = []
-        for i, p in enumerate(positives):
-            p = list(p) if isinstance(p, (set, frozenset)) else p
-            arr = np.asarray(p).reshape(-1)
-            if arr.size and arr.dtype.kind not in "iu":
-                raise ValueError(f"positives[{i}] must hold integer corpus ids, got dtype {arr.dtype}")
-            pos_sets.append(np.unique(arr.astype(np.int64)))
-        # each corpus row holding a positive id can take one slot of the mined list: fetch that
-        # many more (ids may repeat in the corpus, so count rows, not ids)
-        uniq, counts = np.unique(cids, return_counts=True)
-        for pos in pos_sets:
-            at = np.searchsorted(uniq, pos)
-            hit = at < uniq.size
-            hit[hit] = uniq[at[hit]] == pos[hit]
-            extra = max(extra, int(counts[at[hit]].sum()))
-
-    try:
-        out = np.full((q, k), -1, dtype=np.int64)
-    except (MemoryError, ValueError):
-        raise ValueError(
-            f"k = {k} is too large: the ({q}, {k}) int64 result does not fit in memory"
-        ) from None
+    pos_sets, extra = (None, 0) if positives is None else _positive_sets(positives, q, cids)
+    out = _padded_result(q, k)
     if q == 0 or n == 0:
         # nothing to mine, but the values are still checked (by the engine, like any call)
         _mine()(queries, corpus, 1, metric=metric, dtype=dtype, precision=precision)
