@@ -262,7 +262,7 @@ def test_truncated_mapped_index_is_a_gallery_error_then_recovers(folder: Path) -
         fh.truncate(size // 2)
     with pytest.raises(GalleryError, match="changed or is damaged|damaged"):
         g.search("red", k=2)
-    assert g._cached is None
+    assert g._read.cached is None
     g.update()  # rebuilds the damaged file as a new generation
     hits = g.search("red", k=2)
     assert len(hits) == 2 and all(h.name.startswith("red/") for h in hits)

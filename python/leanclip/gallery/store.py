@@ -33,6 +33,7 @@ __all__ = [
     "DB_NAME",
     "FileRow",
     "StoreLayout",
+    "display",
     "open_db",
     "open_reader",
     "check_schema",
@@ -193,6 +194,11 @@ class FileRow:
         if self.ino is None or self.ctime_ns is None:
             return True  # a version 1 row: size and mtime are all it recorded
         return st.st_ino == self.ino and st.st_ctime_ns == self.ctime_ns
+
+
+def display(rel: bytes) -> str:
+    """A printable form of a stored relative path (non-UTF-8 bytes shown as U+FFFD)."""
+    return rel.decode("utf-8", "replace")
 
 
 def open_db(db_path: Path) -> sqlite3.Connection:
