@@ -68,28 +68,40 @@ def run_demo(
         f"renamed {summary.renamed}, failed {summary.failed} ({summary.total_ok} photos, {summary.seconds:.1f} s)"
     )
 
-    queries: List[Dict[str, Any]] = []
-    for q in TEXT_QUERIES:
-        t = time.perf_counter()
-        hits = gallery.search(q, k)
-        queries.append(
-            {
-                "query": q,
-                "ms": round((time.perf_counter() - t) * 1000, 1),
-                "results": [h.to_dict() for h in hits],
-            }
-        )
+    queries = _queries(gallery, dest, k)
+    features = _features(gallery, k, ocr=ocr, video=video)
+    _show(say, queries, features, dest)
+    return {
+        "folder": str(dest),
+        "model_id": enc.model_id,
+        "index": summary.to_dict(),
+        "queries": queries,
+        "features": features,
+    }
+
+
+def _timed(query: str, search: Callable[..., Any], *args: Any) -> Dict[str, Any]:
+    """``search(*args)``, timed, as the demo's query entry named ``query``."""
+    t = time.perf_counter()
+    hits = search(*args)
+    return {
+        "query": query,
+        "ms": round((time.perf_counter() - t) * 1000, 1),
+        "results": [h.to_dict() for h in hits],
+    }
+
+
+def _queries(gallery: Any, dest: Path, k: int) -> List[Dict[str, Any]]:
+    """The text queries, then the image query when its photo is there, each timed."""
+    queries = [_timed(q, gallery.search, q, k) for q in TEXT_QUERIES]
     image = dest / IMAGE_QUERY
     if image.is_file():
-        t = time.perf_counter()
-        hits = gallery.similar(image, k)
-        queries.append(
-            {
-                "query": f"similar to {IMAGE_QUERY}",
-                "ms": round((time.perf_counter() - t) * 1000, 1),
-                "results": [h.to_dict() for h in hits],
-            }
-        )
+        queries.append(_timed(f"similar to {IMAGE_QUERY}", gallery.similar, image, k))
+    return queries
+
+
+def _features(gallery: Any, k: int, *, ocr: bool, video: bool) -> Dict[str, Any]:
+    """Text in photos (with OCR), the cat in the clip (with video), near-duplicates, a date filter."""
     features: Dict[str, Any] = {}
     if ocr:
         hits = gallery.search('text:"total 42.50"', k)
@@ -104,6 +116,12 @@ def run_demo(
         "query": "a cup of coffee --after 2024 --before 2025",
         "results": [h.to_dict() for h in hits],
     }
+    return features
+
+
+def _show(
+    say: Callable[[str], Any], queries: List[Dict[str, Any]], features: Dict[str, Any], dest: Path
+) -> None:
     for entry in queries:
         say("")
         say(f"{entry['query']!r}  ({entry['ms']} ms)")
@@ -121,10 +139,3 @@ def run_demo(
     say(f"taken in 2024 (--after 2024 --before 2025): {[r['name'] for r in features['dates']['results']]}")
     say("")
     say(f"try: leanclip search 'a cat' -d {dest}    or    leanclip serve {dest}")
-    return {
-        "folder": str(dest),
-        "model_id": enc.model_id,
-        "index": summary.to_dict(),
-        "queries": queries,
-        "features": features,
-    }
