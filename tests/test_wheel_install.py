@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import venv
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List
 
@@ -76,15 +77,23 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _run(cmd: List[str], env: Dict[str, str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    return proc
+@dataclass
+class _Venv:
+    """A fresh virtualenv outside the checkout, with a fresh HOME and LEANCLIP_HOME, in which
+    commands run from a working directory outside the checkout."""
+
+    dir: Path
+    py: Path
+    env: Dict[str, str]
+    work: Path
+
+    def run(self, cmd: List[str], timeout: int = 900) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            cmd, cwd=self.work, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
 
 
-def test_wheel_installs_outside_the_checkout_and_searches(wheel: Path, tmp_path: Path) -> None:
-    assert not str(tmp_path.resolve()).startswith(str(ROOT) + os.sep), (
-        "the venv must live outside the checkout"
-    )
+def _fresh_venv(tmp_path: Path) -> _Venv:
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(system_site_packages=True, with_pip=True, symlinks=True).create(env_dir)
     py = env_dir / "bin" / "python"
@@ -102,16 +111,17 @@ def test_wheel_installs_outside_the_checkout_and_searches(wheel: Path, tmp_path:
     )
     work = tmp_path / "cwd"
     work.mkdir()
+    return _Venv(env_dir, py, env, work)
 
+
+def _install(v: _Venv, wheel: Path) -> None:
+    """Install the wheel and check that leanclip and its engine come from it, without training."""
+    py = str(v.py)
     # not editable, nothing downloaded: every dependency of the starter and demo extras is
     # already visible through the system site-packages
-    proc = _run(
-        [str(py), "-m", "pip", "install", "--no-index", "--force-reinstall", "--no-deps", str(wheel)],
-        env,
-        work,
-    )
+    proc = v.run([py, "-m", "pip", "install", "--no-index", "--force-reinstall", "--no-deps", str(wheel)])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = _run([str(py), "-m", "pip", "check"], env, work)
+    proc = v.run([py, "-m", "pip", "check"])
     assert "leanclip" not in proc.stdout, proc.stdout  # the wheel's own requirements are met
 
     probe = (
@@ -119,14 +129,17 @@ def test_wheel_installs_outside_the_checkout_and_searches(wheel: Path, tmp_path:
         "print(json.dumps({'file': leanclip.__file__, 'engine': leanclip._engine.__file__, "
         "'training': importlib.util.find_spec('training') is not None}))"
     )
-    proc = _run([str(py), "-c", probe], env, work)
+    proc = v.run([py, "-c", probe])
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(proc.stdout)
-    site = str(env_dir.resolve())
+    site = str(v.dir.resolve())
     assert str(Path(info["file"]).resolve()).startswith(site), info  # the wheel's copy, not the checkout
     assert str(Path(info["engine"]).resolve()).startswith(site), info
     assert info["training"] is False  # the product runs without the research code
 
+
+def _check_ivf(v: _Venv) -> None:
+    py, work = str(v.py), v.work
     # The IVF index from the wheel: a batch ranked by principal directions (scan_dims)
     # returns each query's own stored vector first.
     ivf = (
@@ -135,7 +148,7 @@ def test_wheel_installs_outside_the_checkout_and_searches(wheel: Path, tmp_path:
         "i.train(x); i.add(np.arange(3000, dtype=np.uint64), x); k, _ = i.search(x[:50], k=1); "
         "assert k[:, 0].tolist() == list(range(50)), k[:, 0]; print(i)"
     )
-    proc = _run([str(py), "-c", ivf], env, work)
+    proc = v.run([py, "-c", ivf])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "scan_dims=16" in proc.stdout, proc.stdout
 
@@ -146,12 +159,8 @@ def test_wheel_installs_outside_the_checkout_and_searches(wheel: Path, tmp_path:
         "import numpy as np; x = np.random.default_rng(1).standard_normal((3001, 32)).astype('f2'); "
         f"np.save({str(emb / 'a.npy')!r}, x[:1700]); np.save({str(emb / 'b.npy')!r}, x[1700:])"
     )
-    assert _run([str(py), "-c", write], env, work).returncode == 0
-    proc = _run(
-        [str(py), "-m", "leanclip.build_ivf", str(work / "ivf"), str(emb), "--nlist", "8", "--quiet"],
-        env,
-        work,
-    )
+    assert v.run([py, "-c", write]).returncode == 0
+    proc = v.run([py, "-m", "leanclip.build_ivf", str(work / "ivf"), str(emb), "--nlist", "8", "--quiet"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["vectors"] == 3001
     serve = (
@@ -160,18 +169,21 @@ def test_wheel_installs_outside_the_checkout_and_searches(wheel: Path, tmp_path:
         f"x = np.load({str(emb / 'b.npy')!r}).astype('f4'); k, _ = s.search(x[:20], k=1); "
         "assert k[:, 0].tolist() == list(range(1700, 1720)), k[:, 0]; print(len(s))"
     )
-    proc = _run([str(py), "-c", serve], env, work)
+    proc = v.run([py, "-c", serve])
     assert proc.returncode == 0 and proc.stdout.strip() == "3001", proc.stderr[-3000:]
 
-    leanclip = str(env_dir / "bin" / "leanclip")
-    proc = _run([leanclip, "models", "build-starter"], env, work, timeout=1500)
+
+def _check_cli(v: _Venv, tmp_path: Path) -> None:
+    """The starter built from the wheel; demo, duplicates and search through the leanclip command."""
+    leanclip = str(v.dir / "bin" / "leanclip")
+    proc = v.run([leanclip, "models", "build-starter"], timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     bundle = Path(proc.stdout.strip().splitlines()[-1])
     assert bundle == tmp_path / "leanclip-home" / "models" / "starter"
     assert (bundle / "leanclip.json").is_file() and (bundle / "text.onnx").is_file()
 
     photos = tmp_path / "photos"
-    proc = _run([leanclip, "demo", "--dir", str(photos), "--json"], env, work)
+    proc = v.run([leanclip, "demo", "--dir", str(photos), "--json"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     demo = json.loads(proc.stdout)
     assert demo["index"]["total_ok"] >= 10 and demo["index"]["failed"] == 0
@@ -183,11 +195,21 @@ def test_wheel_installs_outside_the_checkout_and_searches(wheel: Path, tmp_path:
     assert [r["name"] for r in features["text"]["results"]] == ["receipt.png"], features
     assert [r["name"] for r in features["dates"]["results"]] == ["coffee_phone.heic"], features
     assert features["video"]["results"][0]["name"] == "clip.mp4", features
-    proc = _run([leanclip, "duplicates", "-d", str(photos), "--json"], env, work)
+    proc = v.run([leanclip, "duplicates", "-d", str(photos), "--json"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     groups = [[h["name"] for h in g] for g in json.loads(proc.stdout)["groups"]]
     assert ["coffee.png", "coffee_phone.heic"] in groups, groups
 
-    proc = _run([leanclip, "search", "a cat", "-d", str(photos), "-k", "3"], env, work)
+    proc = v.run([leanclip, "search", "a cat", "-d", str(photos), "-k", "3"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "chelsea.png" in proc.stdout
+
+
+def test_wheel_installs_outside_the_checkout_and_searches(wheel: Path, tmp_path: Path) -> None:
+    assert not str(tmp_path.resolve()).startswith(str(ROOT) + os.sep), (
+        "the venv must live outside the checkout"
+    )
+    v = _fresh_venv(tmp_path)
+    _install(v, wheel)
+    _check_ivf(v)
+    _check_cli(v, tmp_path)
