@@ -703,10 +703,8 @@ def targets_section(all_results: Dict[str, List[Dict]]) -> str:
     )
 
 
-def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
-
-    lines = [f"## {kind}: {n:,} x {dim}", "", note, ""]
-    results = [dict(r, peer=r["peer"] + " *") if r.get("remeasured") else r for r in results]
+def _search_table(results: List[Dict]) -> str:
+    """Every peer's settings: batch (Q=1000) recall and throughput, single-query recall and latency."""
     rows = []
     for r in results:
         for p in r["points"]:
@@ -737,22 +735,23 @@ def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
                         s["latency_ms"],
                     ]
                 )
-    lines.append(
-        markdown_table(
-            [
-                "library",
-                "setting",
-                "Q=1000: recall@10",
-                "Q=1000: queries per CPU-s",
-                "Q=1000: QPS (wall)",
-                "Q=1: recall@10",
-                "Q=1: CPU ms per query",
-                "Q=1: wall ms per query",
-            ],
-            rows,
-        )
+    return markdown_table(
+        [
+            "library",
+            "setting",
+            "Q=1000: recall@10",
+            "Q=1000: queries per CPU-s",
+            "Q=1000: QPS (wall)",
+            "Q=1: recall@10",
+            "Q=1: CPU ms per query",
+            "Q=1: wall ms per query",
+        ],
+        rows,
     )
-    lines.append("")
+
+
+def _build_table(results: List[Dict]) -> str:
+    """Every peer's build time, memory, disk and incremental add."""
     rows = []
     for r in results:
         add = "–"
@@ -778,64 +777,68 @@ def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
                 " / ".join(f"{x:.1f}" for x in r["load"]) if "load" in r else "–",
             ]
         )
-    lines.append(
-        markdown_table(
-            [
-                "library",
-                "build CPU (s)",
-                "build wall (s)",
-                "peak RSS growth (MiB)",
-                "... after the searches (MiB)",
-                "peak bytes / vector",
-                "resident bytes / vector (at the end)",
-                "on disk (MiB)",
-                "on disk bytes / vector",
-                "add 1% after build (of build)",
-                "load (1 min) at start / end",
-            ],
-            rows,
-        )
+    return markdown_table(
+        [
+            "library",
+            "build CPU (s)",
+            "build wall (s)",
+            "peak RSS growth (MiB)",
+            "... after the searches (MiB)",
+            "peak bytes / vector",
+            "resident bytes / vector (at the end)",
+            "on disk (MiB)",
+            "on disk bytes / vector",
+            "add 1% after build (of build)",
+            "load (1 min) at start / end",
+        ],
+        rows,
     )
-    lines.append("")
+
+
+def _target_row(r: Dict, target: float, hn: Optional[Dict], faiss_ivf: List[Dict]) -> List:
+    """One leanclip peer at one recall target against hnswlib and the best faiss IVF."""
+    b = best_at(r, target, "qps1000_cpu")
+    if b is None:
+        return [r["peer"], target, "not reached", "", "", "", "", "", ""]
+    bw = best_at(r, target, "qps1000")
+    lat = best_at(r, target, "latency_cpu_ms")
+    lat_s = f"{lat['latency_cpu_ms']:.3f} ({r['knob']}={lat['setting']})" if lat else "not reached"
+    hb = best_at(hn, target, "qps1000_cpu") if hn else None
+    hbw = best_at(hn, target, "qps1000") if hn else None
+    hl = best_at(hn, target, "latency_cpu_ms") if hn else None
+    fb = [x for x in (best_at(f, target, "qps1000_cpu") for f in faiss_ivf) if x]
+    fbw = [x for x in (best_at(f, target, "qps1000") for f in faiss_ivf) if x]
+    best_f = max((x["qps1000_cpu"] for x in fb), default=None)
+    best_fw = max((x["qps1000"] for x in fbw), default=None)
+    iq, ihq = at_recall(r, target, "qps1000_cpu"), hn and at_recall(hn, target, "qps1000_cpu")
+    il, ihl = at_recall(r, target, "latency_cpu_ms"), hn and at_recall(hn, target, "latency_cpu_ms")
+    return [
+        r["peer"],
+        target,
+        f"{b['qps1000_cpu']:,.0f} ({r['knob']}={b['setting']})",
+        f"{_ratio(iq, ihq)}; Q=1 {il:.3f} vs {ihl:.3f} ms" if iq and ihq and il and ihl else "–",
+        f"{_ratio(b['qps1000_cpu'], hb and hb['qps1000_cpu'])} ({_ratio(bw['qps1000'], hbw and hbw['qps1000'])} wall)",
+        f"{_ratio(b['qps1000_cpu'], best_f)} ({_ratio(bw['qps1000'], best_fw)} wall)",
+        f"{lat_s} vs {hl['latency_cpu_ms']:.3f}" if hl else "–",
+        f"{r['build_cpu_s'] / hn['build_cpu_s']:.3f} ({r['build_s'] / hn['build_s']:.3f} wall)"
+        if hn
+        else "–",
+        f"{_peak_rss(r):.0f} vs {_peak_rss(hn):.0f}" if hn else "–",
+    ]
+
+
+def section(kind: str, n: int, dim: int, results: List[Dict], note: str) -> str:
+
+    lines = [f"## {kind}: {n:,} x {dim}", "", note, ""]
+    results = [dict(r, peer=r["peer"] + " *") if r.get("remeasured") else r for r in results]
+    lines += [_search_table(results), ""]
+    lines += [_build_table(results), ""]
     auto = [r for r in results if r["knob"] == "tune"]
     lean = [r for r in results if r["peer"].startswith("leanclip") and r["knob"] != "tune"]
     by = {r["peer"]: r for r in results}
     hn = by.get("hnswlib HNSW")
     faiss_ivf = [r for r in results if r["peer"] in ("faiss IVFFlat", "faiss IVF-SQ8")]
-    trows = []
-    for target in (0.95, 0.99):
-        for r in lean:
-            b = best_at(r, target, "qps1000_cpu")
-            if b is None:
-                trows.append([r["peer"], target, "not reached", "", "", "", "", "", ""])
-                continue
-            bw = best_at(r, target, "qps1000")
-            lat = best_at(r, target, "latency_cpu_ms")
-            lat_s = f"{lat['latency_cpu_ms']:.3f} ({r['knob']}={lat['setting']})" if lat else "not reached"
-            hb = best_at(hn, target, "qps1000_cpu") if hn else None
-            hbw = best_at(hn, target, "qps1000") if hn else None
-            hl = best_at(hn, target, "latency_cpu_ms") if hn else None
-            fb = [x for x in (best_at(f, target, "qps1000_cpu") for f in faiss_ivf) if x]
-            fbw = [x for x in (best_at(f, target, "qps1000") for f in faiss_ivf) if x]
-            best_f = max((x["qps1000_cpu"] for x in fb), default=None)
-            best_fw = max((x["qps1000"] for x in fbw), default=None)
-            iq, ihq = at_recall(r, target, "qps1000_cpu"), hn and at_recall(hn, target, "qps1000_cpu")
-            il, ihl = at_recall(r, target, "latency_cpu_ms"), hn and at_recall(hn, target, "latency_cpu_ms")
-            trows.append(
-                [
-                    r["peer"],
-                    target,
-                    f"{b['qps1000_cpu']:,.0f} ({r['knob']}={b['setting']})",
-                    f"{_ratio(iq, ihq)}; Q=1 {il:.3f} vs {ihl:.3f} ms" if iq and ihq and il and ihl else "–",
-                    f"{_ratio(b['qps1000_cpu'], hb and hb['qps1000_cpu'])} ({_ratio(bw['qps1000'], hbw and hbw['qps1000'])} wall)",
-                    f"{_ratio(b['qps1000_cpu'], best_f)} ({_ratio(bw['qps1000'], best_fw)} wall)",
-                    f"{lat_s} vs {hl['latency_cpu_ms']:.3f}" if hl else "–",
-                    f"{r['build_cpu_s'] / hn['build_cpu_s']:.3f} ({r['build_s'] / hn['build_s']:.3f} wall)"
-                    if hn
-                    else "–",
-                    f"{_peak_rss(r):.0f} vs {_peak_rss(hn):.0f}" if hn else "–",
-                ]
-            )
+    trows = [_target_row(r, target, hn, faiss_ivf) for target in (0.95, 0.99) for r in lean]
     if auto:
         lines.extend(auto_section(auto, by.get("hnswlib HNSW")))
     if not lean:  # only the tuned peers: their table above is the result
