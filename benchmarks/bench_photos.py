@@ -450,12 +450,15 @@ PHONE_SOURCES = ("astronaut", "chelsea", "coffee", "rocket", "retina", "hubble_d
 
 def make_phone_photos(dest: Path, size: Tuple[int, int] = (4032, 3024)) -> Dict[str, Path]:
     """The same photos (scikit-image's samples, scaled to a phone's 12 Mpx with a little noise)
-    as JPEG (quality 90), HEIC (quality 80, with a 320 px thumbnail as phones store one; x265
-    preset ultrafast to keep generation short) and AVIF (quality 80, Pillow's plugin): one
-    folder per format."""
+    as JPEG (quality 90), HEIC as iPhones write it (a grid of 512 px tiles, with a 320 px
+    thumbnail; quality 80, x265 preset ultrafast to keep generation short; and at quality 60,
+    ``heic60``: files of the JPEG's size, as a phone's HEICs are) and AVIF (quality 80, Pillow's
+    plugin): one folder per format. Made once into ``dest`` (kept when there)."""
     import skimage.data
 
-    folders = {fmt: dest / fmt for fmt in ("jpeg", "heic", "avif")}
+    folders = {fmt: dest / fmt for fmt in ("jpeg", "heic", "heic60", "avif")}
+    if all(f.is_dir() and len(list(f.iterdir())) == len(PHONE_SOURCES) for f in folders.values()):
+        return folders  # made by an earlier part of this run
     for f in folders.values():
         f.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -465,9 +468,11 @@ def make_phone_photos(dest: Path, size: Tuple[int, int] = (4032, 3024)) -> Dict[
         noisy = np.asarray(im, np.float32) + rng.normal(0, 3, (size[1], size[0], 3))
         im = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
         im.save(folders["jpeg"] / f"{name}.jpg", quality=90)
-        im.save(
-            folders["heic"] / f"{name}.heic", quality=80, thumbnails=[320], enc_params={"preset": "ultrafast"}
-        )
+        for fmt, quality in (("heic", 80), ("heic60", 60)):
+            heic = folders[fmt] / f"{name}.heic"
+            im.save(
+                heic, quality=quality, thumbnails=[320], tile_size=512, enc_params={"preset": "ultrafast"}
+            )
         im.save(folders["avif"] / f"{name}.avif", quality=80, speed=10)
     return folders
 
@@ -489,6 +494,7 @@ def phone_formats(tmp: Path, rounds: int = 2) -> str:
         ("JPEG", "jpeg", "1"),
         ("HEIC (its thumbnail)", "heic", "1"),
         ("HEIC (decoded in full)", "heic", "0"),
+        ("HEIC at quality 60 (decoded in full)", "heic60", "0"),
     ]
     runs.append(("AVIF", "avif", "1"))
     got: Dict[str, List[dict]] = {label: [] for label, _, _ in runs}
@@ -512,6 +518,7 @@ def phone_formats(tmp: Path, rounds: int = 2) -> str:
         return float(np.median([g[part][j] for g in got[label]]))
 
     rows = []
+    searches = [1000 * med(label, "search", 0) / 20 for label, _, _ in runs]
     base_w, base_c = med("JPEG", "index", 0), med("JPEG", "index", 1)
     for label, fmt, _ in runs:
         w, c = med(label, "index", 0), med(label, "index", 1)
@@ -532,12 +539,14 @@ def phone_formats(tmp: Path, rounds: int = 2) -> str:
     return (
         "\n### Phone formats: HEIC and AVIF against JPEG\n\n"
         f"{n} photos (scikit-image's samples scaled to 4032x3024, a phone's 12 Mpx) saved as JPEG "
-        "(quality 90), HEIC (pillow-heif, quality 80, with a 320 px thumbnail as phones store one; x265's "
-        "ultrafast preset to keep generation short, hence the larger files) and "
+        "(quality 90), HEIC as iPhones write it (pillow-heif: a grid of 512 px tiles with a 320 px "
+        "thumbnail; quality 80, x265's ultrafast preset to keep generation short) and "
         f"AVIF (Pillow's plugin, quality 80); generated in {gen_s:.0f} s. Each format is indexed by a "
         f"fresh process (`Gallery.update` with the starter model), the formats alternating, {rounds} "
         "rounds; medians shown. 'HEIC (decoded in full)' is the same files read with pillow-heif's "
-        "thumbnails off: what the loader did before it asked for them. Decode: `load_image` at the "
+        "thumbnails off: what the loader did before it asked for them; 'HEIC at quality 60' the same "
+        "photos at quality 60 (files of about the JPEG's size, as a phone's HEICs are), read in full too. "
+        "Decode: `load_image` at the "
         "model's size alone, CPU ms per photo. Search: 20 text queries on the indexed gallery. "
         f"The machine's 1-minute load at each start: {min(loads):.0f}-{max(loads):.0f}, so the CPU "
         "columns are the ones to compare.\n\n"
@@ -560,7 +569,129 @@ def phone_formats(tmp: Path, rounds: int = 2) -> str:
             f"{label} {'met' if base_w / med(label, 'index', 0) >= 0.8 else 'not met'}"
             for label, _, _ in runs[1:]
         )
-        + " (wall).\n"
+        + " (wall). Where a photo is decoded in full it cannot be: no HEVC or AV1 decoder here decodes "
+        "at reduced scale (the decoder table below). Search does not depend on the format "
+        f"({min(searches):.1f}-{max(searches):.1f} ms a query at this load).\n"
+    )
+
+
+_DECODER_CHILD = """
+import json, sys, time
+from pathlib import Path
+import pillow_heif
+from PIL import Image
+import PIL.AvifImagePlugin as avif_plugin
+from leanclip.images import load_image, register_formats
+register_formats()
+how, folder, threads, size = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+pillow_heif.options.THUMBNAILS = how == "load_image"
+pillow_heif.options.DECODE_THREADS = threads or pillow_heif.options.DECODE_THREADS
+avif_plugin.DEFAULT_MAX_THREADS = threads  # 0: libavif's default (the machine's cores)
+
+def pyav(path):  # every video stream (a HEIC grid's tiles are streams), FFmpeg asked for 1/8 scale
+    import av
+    from collections import Counter
+    with av.open(str(path)) as c:
+        for st in c.streams.video:
+            st.codec_context.thread_count = threads
+            st.codec_context.options = {"lowres": "3"}
+        out, seen = Counter(), set()
+        for pk in c.demux(*c.streams.video):
+            if pk.stream.index in seen:
+                continue
+            for fr in pk.decode():  # to RGB at the size decoded, as the Pillow rows give
+                fr.to_ndarray(format="rgb24")
+                out[f"{fr.width}x{fr.height}"] += 1; seen.add(pk.stream.index)
+    return " + ".join(f"{n} x {wh}" if n > 1 else wh for wh, n in out.most_common())
+
+def decode(path):
+    if how == "load_image":
+        with load_image(path, reduce_for=size) as im:
+            return f"{im.width}x{im.height}"
+    if how == "pillow":
+        with Image.open(path) as im:
+            im.load()
+            return f"{im.width}x{im.height}"
+    return pyav(path)
+
+files = sorted(folder.iterdir())
+decode(files[0])  # libraries loaded before timing
+w, c = time.perf_counter(), time.process_time()
+sizes = sorted({decode(p) for p in files})
+print(json.dumps({"wall": time.perf_counter() - w, "cpu": time.process_time() - c, "sizes": sizes}))
+"""
+
+# (label, format folder, how, threads): each a fresh process per round, the rows taking turns
+DECODERS = (
+    ("JPEG: Pillow at 1/8 scale (`load_image`, draft)", "jpeg", "load_image", 1),
+    ("JPEG: Pillow in full", "jpeg", "pillow", 1),
+    ("JPEG: FFmpeg mjpeg (PyAV), lowres=3", "jpeg", "pyav", 1),
+    ("HEIC: its thumbnail (`load_image`)", "heic", "load_image", 0),
+    ("HEIC: pillow-heif (libheif + libde265) in full, 1 thread", "heic", "pillow", 1),
+    ("HEIC: pillow-heif in full, 4 threads (its default)", "heic", "pillow", 4),
+    ("HEIC: FFmpeg hevc (PyAV), lowres=3, each tile (not joined)", "heic", "pyav", 1),
+    ("HEIC at quality 60: pillow-heif in full, 1 thread", "heic60", "pillow", 1),
+    ("HEIC at quality 60: FFmpeg hevc (PyAV), each tile", "heic60", "pyav", 1),
+    ("AVIF: Pillow (libavif + dav1d), 1 thread", "avif", "pillow", 1),
+    ("AVIF: Pillow, libavif's default threads", "avif", "pillow", 0),
+    ("AVIF: `load_image` (Pillow, default threads)", "avif", "load_image", 0),
+    ("AVIF: FFmpeg libdav1d (PyAV), lowres=3", "avif", "pyav", 1),
+)
+
+
+def phone_decoders(tmp: Path, rounds: int = 3) -> str:
+    """Decode cost per 12 Mpx photo, by decoder and its knobs: what any reduced-resolution
+    decode (JPEG's draft; FFmpeg's lowres, asked of every codec) buys, and what is left
+    when a decoder has none. CPU time is the column to compare on a loaded machine."""
+    import json
+    import subprocess
+    import sys
+
+    folders = make_phone_photos(tmp / "phone")
+    got: Dict[str, List[dict]] = {label: [] for label, *_ in DECODERS}
+    loads = []
+    for _ in range(rounds):
+        for label, fmt, how, threads in DECODERS:
+            loads.append(os.getloadavg()[0])
+            args = [how, str(folders[fmt]), str(threads), "224"]
+            out = subprocess.run(
+                [sys.executable, "-c", _DECODER_CHILD, *args], capture_output=True, text=True
+            )
+            if out.returncode != 0:
+                raise RuntimeError(f"{label}: {out.stderr[-2000:]}")
+            got[label].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    n = len(PHONE_SOURCES)
+    base = float(np.median([g["cpu"] for g in got[DECODERS[0][0]]]))
+    rows = []
+    for label, fmt, _, _ in DECODERS:
+        cpu = float(np.median([g["cpu"] for g in got[label]]))
+        wall = float(np.median([g["wall"] for g in got[label]]))
+        mb = sum(p.stat().st_size for p in folders[fmt].iterdir()) / n / 1e6
+        sizes = ", ".join(got[label][0]["sizes"])
+        rows.append(
+            [
+                label,
+                f"{mb:.1f} MB",
+                sizes,
+                f"{1000 * cpu / n:.0f}",
+                f"{1000 * wall / n:.0f}",
+                f"{cpu / base:.1f}x",
+            ]
+        )
+    return (
+        "\n### Phone formats: decode cost per 12 Mpx photo, by decoder\n\n"
+        f"The {n} photos of the table below (4032x3024), each decoder and knob in a fresh process, "
+        f"the rows taking turns, {rounds} rounds; medians per photo. `load_image` rows are the "
+        "loader as the gallery calls it (`reduce_for` = the model's 224): decode, EXIF turn, "
+        "integer reduce. 'lowres=3' asks FFmpeg for 1/8 scale: its mjpeg decoder honours it, "
+        "hevc and libdav1d ignore it and decode every pixel (the size decoded is shown). "
+        f"The machine's 1-minute load at each start: {min(loads):.0f}-{max(loads):.0f}.\n\n"
+        + markdown_table(
+            ["decoder", "file", "decoded at", "CPU ms/photo", "wall ms/photo", "CPU vs JPEG draft"], rows
+        )
+        + "\n\nOnly JPEG decodes at reduced scale (Pillow's draft, FFmpeg's lowres). A HEIC without a "
+        "thumbnail and an AVIF are decoded in full by every decoder here: the 'CPU vs JPEG draft' of "
+        "their rows is the cost the index pays per photo, against JPEG's.\n"
     )
 
 
@@ -635,8 +766,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--dup-seeds", default="0,1,2", help="seeds of the generated near-duplicate sets")
     ap.add_argument(
         "--parts",
-        default="quality,text,speed,phone,video",
-        help="comma-separated: quality, text, speed, phone, video",
+        default="quality,text,speed,phone,decoders,video",
+        help="comma-separated: quality, text, speed, phone, decoders, video",
     )
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
@@ -655,6 +786,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             _write(head, sections, earlier)
         if "phone" in parts:
             sections.append(phone_formats(tmp))
+            _write(head, sections, earlier)
+        if "decoders" in parts:
+            sections.append(phone_decoders(tmp))
             _write(head, sections, earlier)
         if "video" in parts:
             sections.append(video_memory(tmp))
