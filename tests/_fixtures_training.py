@@ -368,17 +368,28 @@ def dist_worker() -> None:
             from training import embed
 
             embed.main(task["argv"])
-        elif kind == "collectives":  # only gathers, then a normal exit
-            from training.distributed import gather_no_grad
+        elif kind == "collectives":  # gathers, late imports, then the exit-time cleanup
+            from training.distributed import cleanup, gather_no_grad, gather_with_grad
 
             for _ in range(int(task["rounds"])):
                 gather_no_grad(torch.randn(256))
+            gather_with_grad(torch.randn(4, 8, requires_grad=True)).sum().backward()
+            import training.models  # noqa: F401  (timm, open_clip: they import torch.distributed.nn)
+
+            cleanup()  # what atexit runs; the group's threads must end with it
+            (out_dir / f"threads{info.rank}.json").write_text(json.dumps(thread_names()))
         elif kind == "encode_and_mine":
             arrays = encode_and_mine(task, info)
             if info.is_main:
                 np.savez(out_dir / f"{name}.npz", **arrays)
         else:
             raise ValueError(f"unknown task kind {kind!r}")
+
+
+def thread_names() -> list[str]:
+    """The names of this process's threads (Linux): gloo's are ``gloo_*`` / ``pt_gloo_*``."""
+    tasks = Path("/proc/self/task")
+    return sorted((t / "comm").read_text().strip() for t in tasks.iterdir())
 
 
 def encode_and_mine(task: dict[str, Any], info: Any) -> dict[str, np.ndarray]:

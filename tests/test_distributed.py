@@ -7,6 +7,8 @@ of one world run all their tasks in one launch to keep process start-ups few."""
 from __future__ import annotations
 
 import copy
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -379,14 +381,20 @@ def test_embedding_job_under_two_processes_equals_one(
 # ------------------------------------------------------------------------------ shutdown
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="reads thread names from /proc/self/task")
 def test_ranks_exit_cleanly_after_collectives(tmp_path: Path) -> None:
-    # A process group left alive at interpreter exit let gloo's threads outlive Python: about
-    # one 2-rank launch in five died with SIGABRT ("terminate called without an active
-    # exception") after its work was done. init_distributed destroys the group at exit.
-    for attempt in range(8):
+    # A process group alive at interpreter exit lets gloo's threads outlive Python, and some
+    # launches died with SIGABRT ("terminate called without an active exception") after their
+    # work was done. torch.distributed.nn.functional, imported after init_process_group (timm
+    # does), pinned the group through its default arguments, so destroying it ended nothing.
+    for attempt in range(2):
         task = {"kind": "collectives", "name": "gather", "rounds": 50}
-        results = launch_world(2, [task], tmp_path / str(attempt), timeout=120)
+        out = tmp_path / str(attempt)
+        results = launch_world(2, [task], out, timeout=120)
         assert [code for code, _ in results] == [0, 0], results
+        for rank in range(2):
+            names = json.loads((out / f"threads{rank}.json").read_text())
+            assert not [n for n in names if "gloo" in n], (rank, names)
 
 
 # ------------------------------------------------------------------------------ resumption

@@ -36,6 +36,13 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+
+# Imported before any process group exists, on purpose: its functions take ``group=group.WORLD``
+# as a default argument, evaluated on import. Imported after init_process_group (timm and
+# torch._dynamo import it lazily), those defaults pin the default group, destroy_process_group
+# cannot end gloo's threads, and they abort the process at interpreter exit (SIGABRT,
+# "terminate called without an active exception") after the work is done.
+import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 
@@ -70,7 +77,7 @@ def init_distributed(device: str | None = None) -> DistInfo:
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if want_cuda else "gloo")
             # A group still alive at interpreter shutdown lets gloo's worker threads outlive
-            # Python, and the process dies with SIGABRT after the work is done.
+            # Python, and the process dies with SIGABRT after the work is done (see dist_fn).
             atexit.register(cleanup)
         dev = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
         return DistInfo(rank, world_size, local_rank, dev)
@@ -188,8 +195,6 @@ def gather_with_grad(x: torch.Tensor, sizes: Sequence[int] | None = None) -> tor
     ``sizes``: every rank's row count when they differ (see ``all_sizes``)."""
     if not _active():
         return x
-    import torch.distributed.nn.functional as dist_fn
-
     if sizes is None or len(set(sizes)) == 1:
         return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
     parts = dist_fn.all_gather(_pad_rows(x, max(sizes)))
