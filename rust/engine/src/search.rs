@@ -37,6 +37,8 @@ const TILE_BYTES: usize = 512 * 1024;
 const KERNEL_CHUNK: usize = 256;
 /// A corpus part is not split below this many rows (task overhead would dominate).
 const MIN_PART_ROWS: usize = 4096;
+/// The re-score prefetches the row of the candidate this many ahead.
+const RESCORE_PREFETCH: usize = 4;
 
 /// How a batched search scans before keeping its top k.
 #[derive(Clone, Copy)]
@@ -194,6 +196,16 @@ impl<'a> Rows<'a> {
         }
     }
 
+    /// The stored bytes of row `row` (for prefetching).
+    fn row_bytes(&self, row: usize, dim: usize) -> &'a [u8] {
+        let r = row * dim..(row + 1) * dim;
+        match *self {
+            Rows::F32(v) => bytemuck::cast_slice(&v[r]),
+            Rows::F16(v) => bytemuck::cast_slice(&v[r]),
+            Rows::I8 { data, .. } => bytemuck::cast_slice(&data[r]),
+        }
+    }
+
     /// The rows as f32: borrowed when stored as f32, else converted into `buf`.
     pub fn to_f32<'b>(&self, dim: usize, buf: &'b mut Vec<f32>) -> &'b [f32]
     where
@@ -318,6 +330,12 @@ where
             nq
         };
         let n_qblocks = nq.div_ceil(qb);
+        // Every query block reads the same rows: their norms are computed once per call.
+        let sqnorms = if use_gemm && self.needs_row_norms(scan) {
+            all_row_sqnorms(self.rows, dim)
+        } else {
+            Vec::new()
+        };
         let wanted_tasks = rayon::current_num_threads() * 4;
         let parts = wanted_tasks
             .div_ceil(n_qblocks)
@@ -340,7 +358,7 @@ where
                 let run = |part: usize| {
                     let rows = split(part)..split(part + 1);
                     if use_gemm {
-                        self.gemm_task(scan, queries.clone(), rows)
+                        self.gemm_task(scan, queries.clone(), rows, &sqnorms)
                     } else {
                         self.kernel_task(queries.clone(), rows)
                     }
@@ -429,22 +447,35 @@ where
 
     /// Queries `queries` against rows `part` as blocked matrix products: a tile of scores per
     /// block of rows feeds the heaps. A low-precision `scan` keeps row indices, re-scored
-    /// exactly at the end ([`Self::rescore`]); an exact one keeps the final ids.
-    fn gemm_task(&self, scan: Scan<'_>, queries: Range<usize>, part: Range<usize>) -> Vec<TopK> {
+    /// exactly at the end ([`Self::rescore`]); an exact one keeps the final ids. `sqnorms`
+    /// holds every row's `|row|^2` where [`Self::needs_row_norms`] (empty otherwise).
+    fn gemm_task(
+        &self,
+        scan: Scan<'_>,
+        queries: Range<usize>,
+        part: Range<usize>,
+        sqnorms: &[f32],
+    ) -> Vec<TopK> {
         let mut qbuf = Vec::new();
         prepare_queries(self.plan, self.queries, queries.clone(), &mut qbuf);
-        let mut converted = Vec::new();
-        let (mut heaps, max_sqnorm) =
-            self.gemm_scan(scan, &qbuf, queries.start, part.clone(), &mut converted);
+        let mut heaps = self.gemm_scan(scan, &qbuf, queries.start, part.clone(), sqnorms);
         if scan.is_exact() {
             return heaps;
         }
         let left_out = left_out_bounds(&mut heaps, scan_candidates(self.k, scan));
+        let mut converted = Vec::new();
         let mut best = self.rescore(&qbuf, heaps, &mut converted);
         if self.certifies(scan) {
+            let max_sqnorm = sqnorms[part.clone()].iter().fold(0.0f32, |m, &v| m.max(v));
             self.certify(&mut best, &qbuf, &left_out, max_sqnorm, queries, part);
         }
         best
+    }
+
+    /// Whether a batch scan reads the rows' norms: l2 and cosine over rows not stored
+    /// normalized finish the products with them, certification bounds by the largest.
+    fn needs_row_norms(&self, scan: Scan<'_>) -> bool {
+        self.plan.metric == Metric::L2 || self.plan.normalize_rows || self.certifies(scan)
     }
 
     /// Certification (`Scan::Rescored` over f32 / f16 rows) needs the largest row norm.
@@ -456,17 +487,16 @@ where
     }
 
     /// The products of [`Self::gemm_task`]: each query's best candidates in `part` (final ids
-    /// for an exact `scan`, row indices otherwise), and the largest `|row|^2` met when the scan
-    /// [`certifies`](Self::certifies) (0 otherwise). `qbuf` holds the prepared queries, the
-    /// block starting at query `q0`.
+    /// for an exact `scan`, row indices otherwise). `qbuf` holds the prepared queries, the
+    /// block starting at query `q0`; `sqnorms` every row's `|row|^2` where the scan needs them.
     fn gemm_scan(
         &self,
         scan: Scan<'_>,
         qbuf: &[f32],
         q0: usize,
         part: Range<usize>,
-        converted: &mut Vec<f32>,
-    ) -> (Vec<TopK>, f32) {
+        sqnorms: &[f32],
+    ) -> Vec<TopK> {
         let (plan, dim) = (self.plan, self.plan.dim);
         let nq = qbuf.len() / dim;
         let query_norms: Vec<f32> = if plan.metric == Metric::L2 {
@@ -483,28 +513,27 @@ where
         let mut ws = Workspace::default();
         let row_block = (TILE_BYTES / 4 / nq).clamp(64, ROW_BLOCK) / 32 * 32;
         let mut tile = vec![0.0f32; nq * row_block];
-        let mut row_norms = vec![0.0f32; row_block];
-        let certify = self.certifies(scan);
-        let mut max_sqnorm = 0.0f32;
-        let need_norms = plan.metric == Metric::L2 || plan.normalize_rows || certify;
+        let mut inv_norms = vec![0.0f32; row_block];
+        let scale_rows = plan.normalize_rows && plan.metric != Metric::L2;
         let mut b0 = part.start;
         while b0 < part.end {
             let b1 = (b0 + row_block).min(part.end);
             let nb = b1 - b0;
             let block = self.rows.range(b0, b1, dim);
-            if need_norms {
-                let norms = &mut row_norms[..nb];
-                row_sqnorms(block, dim, norms, converted);
-                if certify {
-                    max_sqnorm = norms.iter().fold(max_sqnorm, |m, &v| m.max(v));
-                }
-                if plan.normalize_rows && plan.metric != Metric::L2 {
+            // What finishes the products: the rows' |x|^2 (l2), their inverse lengths (cosine
+            // over rows not stored normalized), or nothing.
+            let row_norms: &[f32] = if scale_rows {
+                let inv = &mut inv_norms[..nb];
+                for (v, &sq) in inv.iter_mut().zip(&sqnorms[b0..b1]) {
                     // Zero rows are rejected before a cosine search; guard anyway.
-                    norms
-                        .iter_mut()
-                        .for_each(|v| *v = if *v > 0.0 { 1.0 / v.sqrt() } else { 0.0 });
+                    *v = if sq > 0.0 { 1.0 / sq.sqrt() } else { 0.0 };
                 }
-            }
+                inv
+            } else if plan.metric == Metric::L2 {
+                &sqnorms[b0..b1]
+            } else {
+                &[]
+            };
             let tile = &mut tile[..nq * nb];
             if let Scan::Packed(p) = scan {
                 packed.scores_packed(p, b0, nb, tile, nb, &mut ws);
@@ -521,7 +550,7 @@ where
             for (i, heap) in heaps.iter_mut().enumerate() {
                 let scores = &mut tile[i * nb..(i + 1) * nb];
                 let qn = query_norms.get(i).copied().unwrap_or(0.0);
-                finish_product_scores(plan, qn, &row_norms[..nb], scores);
+                finish_product_scores(plan, qn, row_norms, scores);
                 let (query, eligible) = (q0 + i, self.eligible);
                 if exact {
                     let row_id = self.row_id;
@@ -532,7 +561,7 @@ where
             }
             b0 = b1;
         }
-        (heaps, max_sqnorm)
+        heaps
     }
 
     /// Searches again, with the per-row kernels, each query of `best` (the re-scored hits of
@@ -595,14 +624,25 @@ where
                 q16.extend_from_slice(&one);
             }
         }
-        let mut pairs: Vec<(u64, u32)> = Vec::with_capacity(candidates.iter().map(TopK::len).sum());
-        for (i, heap) in candidates.into_iter().enumerate() {
-            pairs.extend(heap.into_sorted().iter().map(|h| (h.id, i as u32)));
+        // (row, query) pairs as one integer, `row << 16 | query`: sorted by row, then query
+        // (a block holds at most QUERY_BLOCK < 2^16 queries; rows index a slice, < 2^48).
+        const QUERY_BITS: u32 = 16;
+        const _: () = assert!(QUERY_BLOCK < 1 << QUERY_BITS);
+        let mut pairs: Vec<u64> = Vec::with_capacity(candidates.iter().map(TopK::len).sum());
+        for (i, mut heap) in candidates.into_iter().enumerate() {
+            pairs.extend(heap.kept().iter().map(|h| h.id << QUERY_BITS | i as u64));
         }
         pairs.sort_unstable();
         let mut best: Vec<TopK> = (0..nq).map(|_| TopK::new(self.k)).collect();
-        for &(row, i) in &pairs {
-            let i = i as usize;
+        for (j, &pair) in pairs.iter().enumerate() {
+            // The rows are spread over the corpus: start loading a later pair's row now.
+            if let Some(&ahead) = pairs.get(j + RESCORE_PREFETCH) {
+                kernels::prefetch(rows.row_bytes((ahead >> QUERY_BITS) as usize, dim));
+            }
+            let (row, i) = (
+                pair >> QUERY_BITS,
+                (pair & ((1 << QUERY_BITS) - 1)) as usize,
+            );
             let q = &qbuf[i * dim..(i + 1) * dim];
             let (qi, scale) = match i8_queries {
                 true => (&q16[i * dim..(i + 1) * dim], q16_scales[i]),
@@ -693,6 +733,18 @@ fn push_candidates<E, I>(
             });
         }
     }
+}
+
+/// `|row|^2` of every row (as [`row_sqnorms`] gives them), blocks of rows on all cores.
+fn all_row_sqnorms(rows: Rows<'_>, dim: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; rows.count(dim)];
+    out.par_chunks_mut(ROW_BLOCK)
+        .enumerate()
+        .for_each_init(Vec::new, |buf, (b, norms)| {
+            let r0 = b * ROW_BLOCK;
+            row_sqnorms(rows.range(r0, r0 + norms.len(), dim), dim, norms, buf);
+        });
+    out
 }
 
 /// `|row|^2` of every row of `block` (as the exact scores see the rows).

@@ -160,3 +160,127 @@ fn mining_reports_the_scores_of_an_index_of_its_dtype_at_every_precision() {
         }
     }
 }
+
+/// Mining f16 rows at precision f32 over several query blocks and corpus parts (the rows'
+/// norms computed once per call, the candidates re-scored in row order) reports, query for
+/// query, what mining that query alone reports: ids and score bits, on tie-heavy and on
+/// random rows, ragged shapes (no multiple of a block or a panel), with groups.
+#[test]
+fn mining_f16_rows_in_blocks_matches_each_query_alone() {
+    // 600 queries: two blocks; 8,201 rows: two corpus parts, the last panel ragged.
+    let (n, dim, nq, k) = (8201, 8, 600, 7);
+    let qg: Vec<i64> = (0..nq as i64).map(|q| q / 3).collect();
+    let cg: Vec<i64> = (0..n as i64).map(|r| r / 5).collect();
+    // Values in {0.5, 1, 1.5} (no zero rows for "cos"), exact in f16.
+    let ties = |n: usize, seed: u64| -> Vec<f32> {
+        tie_heavy(n, dim, seed).iter().map(|v| v + 0.5).collect()
+    };
+    let data = [
+        ("ties", ties(n, 11), ties(nq, 12)),
+        (
+            "random",
+            leanclip_engine::testutil::values(n * dim, 13),
+            leanclip_engine::testutil::values(nq * dim, 14),
+        ),
+    ];
+    for (name, corpus, queries) in &data {
+        let corpus: Vec<half::f16> = corpus.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let queries: Vec<half::f16> = queries.iter().map(|&v| half::f16::from_f32(v)).collect();
+        for dtype in [DType::F32, DType::F16] {
+            for metric in [Metric::Cos, Metric::Ip, Metric::L2] {
+                let mine = |queries: &[half::f16], qg: &[i64]| {
+                    mine_hard_negatives(Mining {
+                        queries: Queries::F16(queries),
+                        corpus: Rows::F16(&corpus),
+                        dim,
+                        k,
+                        query_groups: Some(qg),
+                        corpus_groups: Some(&cg),
+                        metric,
+                        dtype,
+                        precision: ScanPrecision::F32,
+                    })
+                    .unwrap()
+                };
+                let (ids, scores) = mine(&queries, &qg);
+                // Every 4th query, the last one of the first block and the first of the second.
+                for q in (0..nq).step_by(4).chain([299, 301]) {
+                    let (one_ids, one_scores) =
+                        mine(&queries[q * dim..(q + 1) * dim], &qg[q..q + 1]);
+                    let label = format!("{name} {dtype:?} {metric:?} query {q}");
+                    assert_eq!(&ids[q * k..(q + 1) * k], &one_ids[..], "{label}");
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&scores[q * k..(q + 1) * k]),
+                        bits(&one_scores),
+                        "{label}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Mining f32 rows over several query blocks and corpus parts reports the f32 products'
+/// scores, finished with the rows' norms ("l2", and "cos" over rows not stored normalized):
+/// each score is the returned row's own (within rounding), and no row left out scores better.
+#[test]
+fn mining_f32_rows_in_blocks_scores_each_row_with_its_own_norm() {
+    let (n, dim, nq, k) = (8201, 8, 600, 7);
+    let corpus = leanclip_engine::testutil::values(n * dim, 15);
+    let queries = leanclip_engine::testutil::values(nq * dim, 16);
+    let wide = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    let (queries64, corpus64) = (wide(&queries), wide(&corpus));
+    let row = |v: &[f64], r: usize| -> Vec<f64> { v[r * dim..(r + 1) * dim].to_vec() };
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    for metric in [Metric::Cos, Metric::Ip, Metric::L2] {
+        let (ids, scores) = mine_hard_negatives(Mining {
+            queries: Queries::F32(&queries),
+            corpus: Rows::F32(&corpus),
+            dim,
+            k,
+            query_groups: None,
+            corpus_groups: None,
+            metric,
+            dtype: DType::F32,
+            precision: ScanPrecision::F32,
+        })
+        .unwrap();
+        // Higher is better for every metric here.
+        let score = |q: &[f64], x: &[f64]| match metric {
+            Metric::Ip => dot(q, x),
+            Metric::Cos => dot(q, x) / (dot(q, q) * dot(x, x)).sqrt(),
+            Metric::L2 => -q.iter().zip(x).map(|(a, b)| (a - b) * (a - b)).sum::<f64>(),
+        };
+        for q in 0..nq {
+            let qv = row(&queries64, q);
+            let all: Vec<f64> = (0..n).map(|r| score(&qv, &row(&corpus64, r))).collect();
+            let got = &ids[q * k..(q + 1) * k];
+            let label = format!("{metric:?} query {q}");
+            for (j, &id) in got.iter().enumerate() {
+                let want = all[id as usize];
+                let reported = if metric == Metric::L2 {
+                    -scores[q * k + j]
+                } else {
+                    scores[q * k + j]
+                } as f64;
+                assert!(
+                    (reported - want).abs() < 1e-5,
+                    "{label}: row {id} {reported} vs {want}"
+                );
+            }
+            let kth = got
+                .iter()
+                .map(|&id| all[id as usize])
+                .fold(f64::INFINITY, f64::min);
+            let best_left_out = (0..n)
+                .filter(|r| !got.contains(&(*r as i64)))
+                .map(|r| all[r])
+                .fold(f64::NEG_INFINITY, f64::max);
+            assert!(
+                best_left_out <= kth + 1e-5,
+                "{label}: {best_left_out} left out, kth {kth}"
+            );
+        }
+    }
+}
