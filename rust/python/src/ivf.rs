@@ -5,7 +5,7 @@ use crate::convert::{
     batch_args, count_arg, key_vec, queries_arg, rows_result, search_result, seed_arg, vectors_arg,
     Count, Int,
 };
-use crate::errors::{engine, to_py_err, value_error};
+use crate::errors::{engine, to_py_err};
 use leanclip_engine::ivf::{IvfConfig, IvfIndex, Preference, SingleScan};
 use leanclip_engine::{DType, Metric};
 use numpy::PyArray1;
@@ -71,15 +71,7 @@ impl PyIvfIndex {
         let dim = count_arg(dim, "dim", 1)?;
         let opt =
             |v: Option<Int>, what: &str, min: usize| v.map(|v| count_arg(v, what, min)).transpose();
-        let low_memory = match memory {
-            None | Some("normal") => false,
-            Some("low") => true,
-            Some(other) => {
-                return Err(value_error(format!(
-                    "memory must be \"low\" or \"normal\", got {other:?}"
-                )))
-            }
-        };
+        let pref = Preference::parse(recall.map(|r| r as f32), memory).map_err(to_py_err)?;
         let config = IvfConfig {
             dtype: dtype.map(DType::parse).transpose().map_err(to_py_err)?,
             nlist: opt(nlist, "nlist", 1)?,
@@ -90,10 +82,7 @@ impl PyIvfIndex {
             pq: opt(pq, "pq", 0)?,
             shortlist: opt(shortlist, "shortlist", 1)?,
             scan_dims: opt(scan_dims, "scan_dims", 0)?,
-            pref: Preference {
-                recall: recall.map(|r| r as f32),
-                low_memory,
-            },
+            pref,
         };
         Ok(Self::wrap(
             IvfIndex::from_config(dim, metric, config).map_err(to_py_err)?,
@@ -144,21 +133,12 @@ impl PyIvfIndex {
 
     #[getter]
     fn single_scan(&self, py: Python<'_>) -> &'static str {
-        scan_name(py.detach(|| self.inner.read().single_scan()))
+        py.detach(|| self.inner.read().single_scan()).name()
     }
 
     #[setter]
     fn set_single_scan(&self, py: Python<'_>, value: &str) -> PyResult<()> {
-        let scan = match value {
-            "rows" => SingleScan::Rows,
-            "codes" => SingleScan::Codes,
-            "product" => SingleScan::Product,
-            other => {
-                return Err(value_error(format!(
-                    "single_scan must be \"rows\", \"codes\" or \"product\", got {other:?}"
-                )))
-            }
-        };
+        let scan = SingleScan::parse(value).map_err(to_py_err)?;
         engine(py, || self.inner.write().set_single_scan(scan))
     }
 
@@ -398,7 +378,7 @@ impl PyIvfIndex {
         d.set_item("recall", r.batch_recall)?;
         d.set_item("spread", r.batch_spread)?;
         d.set_item("nprobe_single", r.nprobe_single)?;
-        d.set_item("single_scan", scan_name(r.single_scan))?;
+        d.set_item("single_scan", r.single_scan.name())?;
         d.set_item("shortlist", (r.shortlist > 0).then_some(r.shortlist))?;
         d.set_item("recall_single", r.single_recall)?;
         d.set_item("spread_single", r.single_spread)?;
@@ -425,14 +405,6 @@ impl PyIvfIndex {
 }
 
 /// The Python name of a single-query scan.
-fn scan_name(scan: SingleScan) -> &'static str {
-    match scan {
-        SingleScan::Rows => "rows",
-        SingleScan::Codes => "codes",
-        SingleScan::Product => "product",
-    }
-}
-
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyIvfIndex>()
 }

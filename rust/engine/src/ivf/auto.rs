@@ -235,9 +235,7 @@ impl IvfIndex {
     /// An index from what the caller gave (see [`IvfConfig`]).
     pub fn from_config(dim: usize, metric: Metric, c: IvfConfig) -> Result<IvfIndex> {
         if let Some(r) = c.pref.recall {
-            if !(r > 0.0 && r <= 1.0) {
-                return invalid(format!("recall must be in (0, 1], got {r}"));
-            }
+            super::params::check_recall("recall", r)?;
         }
         let manual = c.nlist.is_some();
         let mut why = Vec::new();
@@ -271,11 +269,7 @@ impl IvfIndex {
         p.pq = c.pq.unwrap_or(0);
         if let Some(s) = c.shortlist {
             // Codes chosen automatically get their shortlist from `tune`.
-            if c.pq.unwrap_or(0) == 0 {
-                return invalid(
-                    "shortlist needs pq > 0: it is how many candidates of the code scan are re-scored",
-                );
-            }
+            super::params::check_shortlist_has_codes(c.pq.unwrap_or(0))?;
             p.shortlist = s;
         }
         p.scan_dims = c.scan_dims.unwrap_or(0);

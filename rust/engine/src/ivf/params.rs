@@ -1,7 +1,11 @@
 //! The parameters of an IVF index and their rules, one check per parameter: the constructor
-//! and the file loader run them all ([`IvfParams::check`]), each setter runs its own.
+//! and the file loader run them all ([`IvfParams::check`]), each setter runs its own. The
+//! keywords given as names (`memory=`, `single_scan`) are parsed here too, so that the
+//! binding only converts Python values.
 
-use super::{pq, project, DEFAULT_SHORTLIST, DEFAULT_TRAIN_PER_LIST, MAX_LISTS};
+use super::{
+    pq, project, Preference, SingleScan, DEFAULT_SHORTLIST, DEFAULT_TRAIN_PER_LIST, MAX_LISTS,
+};
 use crate::error::{invalid, Result};
 use crate::types::{DType, Metric};
 
@@ -71,15 +75,72 @@ impl IvfParams {
     /// index with codes (`pq > 0`) has: the rule of the binding's constructor and of
     /// [`super::IvfIndex::set_shortlist`].
     pub fn set_shortlist(&mut self, shortlist: usize) -> Result<()> {
-        if self.pq == 0 {
-            return invalid(
-                "shortlist needs pq > 0: it is how many candidates of the code scan are re-scored",
-            );
-        }
+        check_shortlist_has_codes(self.pq)?;
         check_shortlist(shortlist)?;
         self.shortlist = shortlist;
         Ok(())
     }
+}
+
+impl Preference {
+    /// The constructor's `recall=` (in (0, 1]) and `memory=` ("low" or "normal"; None is
+    /// "normal"), checked.
+    pub fn parse(recall: Option<f32>, memory: Option<&str>) -> Result<Preference> {
+        if let Some(r) = recall {
+            check_recall("recall", r)?;
+        }
+        let low_memory = match memory {
+            None | Some("normal") => false,
+            Some("low") => true,
+            Some(other) => {
+                return invalid(format!(
+                    "memory must be \"low\" or \"normal\", got {other:?}"
+                ))
+            }
+        };
+        Ok(Preference { recall, low_memory })
+    }
+}
+
+impl SingleScan {
+    /// The scan named as `single_scan` takes it: "rows", "codes" or "product".
+    pub fn parse(name: &str) -> Result<SingleScan> {
+        match name {
+            "rows" => Ok(SingleScan::Rows),
+            "codes" => Ok(SingleScan::Codes),
+            "product" => Ok(SingleScan::Product),
+            other => invalid(format!(
+                "single_scan must be \"rows\", \"codes\" or \"product\", got {other:?}"
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SingleScan::Rows => "rows",
+            SingleScan::Codes => "codes",
+            SingleScan::Product => "product",
+        }
+    }
+}
+
+/// A recall (the constructor's `recall=`, `tune`'s target) lies in (0, 1]; `what` names it.
+pub(crate) fn check_recall(what: &str, recall: f32) -> Result<()> {
+    // Written so that NaN fails too.
+    if !(recall > 0.0 && recall <= 1.0) {
+        return invalid(format!("{what} must be in (0, 1], got {recall}"));
+    }
+    Ok(())
+}
+
+/// `shortlist` counts candidates of the code scan: only an index with codes has one.
+pub(crate) fn check_shortlist_has_codes(pq: usize) -> Result<()> {
+    if pq == 0 {
+        return invalid(
+            "shortlist needs pq > 0: it is how many candidates of the code scan are re-scored",
+        );
+    }
+    Ok(())
 }
 
 pub(crate) fn check_nprobe(nprobe: usize) -> Result<()> {
@@ -143,4 +204,84 @@ pub(crate) fn check_scan_dims(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ivf::{IvfConfig, IvfIndex};
+
+    fn message<T: std::fmt::Debug>(r: Result<T>) -> String {
+        r.expect_err("refused").to_string()
+    }
+
+    #[test]
+    fn memory_is_low_or_normal() {
+        let low = |m| Preference::parse(None, m).map(|p| p.low_memory);
+        assert!(!low(None).unwrap());
+        assert!(!low(Some("normal")).unwrap());
+        assert!(low(Some("low")).unwrap());
+        assert_eq!(
+            message(low(Some("huge"))),
+            "memory must be \"low\" or \"normal\", got \"huge\""
+        );
+        assert!(message(low(Some("LOW"))).contains("memory must be"));
+    }
+
+    #[test]
+    fn recall_lies_in_zero_one_for_the_constructor_and_tune() {
+        for ok in [1e-6, 0.5, 0.98, 1.0] {
+            assert_eq!(Preference::parse(Some(ok), None).unwrap().recall, Some(ok));
+        }
+        for bad in [0.0, -0.5, 1.0001, f32::NAN, f32::INFINITY] {
+            let m = message(Preference::parse(Some(bad), None));
+            assert_eq!(m, format!("recall must be in (0, 1], got {bad}"));
+            // The engine's constructor runs the same rule on a preference built by hand.
+            let config = IvfConfig {
+                pref: Preference {
+                    recall: Some(bad),
+                    low_memory: false,
+                },
+                ..IvfConfig::default()
+            };
+            assert_eq!(message(IvfIndex::from_config(8, Metric::Ip, config)), m);
+            let mut index = IvfIndex::from_config(8, Metric::Ip, IvfConfig::default()).unwrap();
+            assert_eq!(
+                message(index.tune(bad, 10, None)),
+                format!("target_recall must be in (0, 1], got {bad}")
+            );
+        }
+    }
+
+    #[test]
+    fn single_scan_names_round_trip() {
+        for scan in [SingleScan::Rows, SingleScan::Codes, SingleScan::Product] {
+            assert_eq!(SingleScan::parse(scan.name()).unwrap(), scan);
+        }
+        assert_eq!(
+            message(SingleScan::parse("graph")),
+            "single_scan must be \"rows\", \"codes\" or \"product\", got \"graph\""
+        );
+    }
+
+    #[test]
+    fn shortlist_needs_codes_in_the_constructor_and_the_setter() {
+        let want =
+            "shortlist needs pq > 0: it is how many candidates of the code scan are re-scored";
+        let config = IvfConfig {
+            nlist: Some(4),
+            shortlist: Some(50),
+            ..IvfConfig::default()
+        };
+        assert_eq!(message(IvfIndex::from_config(8, Metric::Ip, config)), want);
+        let mut params = IvfParams::with_nlist(4);
+        assert_eq!(message(params.set_shortlist(50)), want);
+        params.pq = 4;
+        params.set_shortlist(50).unwrap();
+        assert_eq!(params.shortlist, 50);
+        assert_eq!(
+            message(params.set_shortlist(0)),
+            "shortlist must be at least 1, got 0"
+        );
+    }
 }

@@ -110,9 +110,7 @@ impl IvfIndex {
     /// out stored vectors); see `tune.rs`. The settings are kept (and saved with the index).
     pub fn tune(&mut self, target: f32, k: usize, queries: Option<&[f32]>) -> Result<TuneReport> {
         self.check_writable()?;
-        if !(target > 0.0 && target <= 1.0) {
-            return invalid(format!("target_recall must be in (0, 1], got {target}"));
-        }
+        super::params::check_recall("target_recall", target)?;
         if k == 0 {
             return invalid("k must be at least 1, got 0");
         }
