@@ -635,9 +635,13 @@ where
         pairs.sort_unstable();
         let mut best: Vec<TopK> = (0..nq).map(|_| TopK::new(self.k)).collect();
         for (j, &pair) in pairs.iter().enumerate() {
-            // The rows are spread over the corpus: start loading a later pair's row now.
+            // The rows are spread over the corpus: start loading a later pair's row now (once
+            // per row: the pairs of a row follow each other).
             if let Some(&ahead) = pairs.get(j + RESCORE_PREFETCH) {
-                kernels::prefetch(rows.row_bytes((ahead >> QUERY_BITS) as usize, dim));
+                let row_ahead = ahead >> QUERY_BITS;
+                if pairs[j + RESCORE_PREFETCH - 1] >> QUERY_BITS != row_ahead {
+                    kernels::prefetch(rows.row_bytes(row_ahead as usize, dim));
+                }
             }
             let (row, i) = (
                 pair >> QUERY_BITS,
