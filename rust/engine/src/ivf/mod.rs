@@ -537,9 +537,13 @@ impl IvfIndex {
         // What add refuses, train refuses too (the same rows would be stored by add).
         self.check_vectors(vectors, "vectors", true)?;
         let m = self.params.nlist.saturating_mul(SAMPLE_PER_LIST);
-        let sample = self.sample_rows(n, m, |i, out| {
-            out.copy_from_slice(&vectors[i * self.dim..(i + 1) * self.dim])
-        });
+        let dtype = self.dtype;
+        let sample = self.sample_rows(
+            n,
+            m,
+            |i, out| out.copy_from_slice(&vectors[i * self.dim..(i + 1) * self.dim]),
+            |_, row| tune::held_out(&tune::stored_bytes(dtype, row)),
+        );
         self.train_on(sample)
     }
 
@@ -604,14 +608,34 @@ impl IvfIndex {
             .collect();
         let dim = self.dim;
         let lists = &self.lists;
-        self.sample_rows(self.len(), m, |i, out| {
+        let at = |i: usize| {
             let l = starts.partition_point(|&s| s <= i) - 1;
-            lists[l].row_f32(i - starts[l], dim, out);
-        })
+            (&lists[l], i - starts[l])
+        };
+        self.sample_rows(
+            self.len(),
+            m,
+            |i, out| {
+                let (list, slot) = at(i);
+                list.row_f32(slot, dim, out);
+            },
+            |i, _| {
+                let (list, slot) = at(i);
+                tune::held_out(list.row_bytes(slot, dim))
+            },
+        )
     }
 
-    /// A seeded sample (at most `m`) of `n` rows read by `row`, normalized under cos.
-    fn sample_rows(&self, n: usize, m: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    /// A seeded sample (at most `m`) of `n` rows read by `row`, normalized under cos, less
+    /// the rows `tune` may hold out as queries (`held_out(i, normalized row)`; see tune.rs):
+    /// a vector the centroids were trained on is easier to answer than a new query.
+    fn sample_rows(
+        &self,
+        n: usize,
+        m: usize,
+        row: impl Fn(usize, &mut [f32]) + Sync,
+        held_out: impl Fn(usize, &[f32]) -> bool + Sync,
+    ) -> Vec<f32> {
         let dim = self.dim;
         let m = n.min(m);
         let picked = kmeans::Rng::new(self.params.seed).sample(n, m);
@@ -620,10 +644,22 @@ impl IvfIndex {
             .zip(picked.par_iter())
             .for_each(|(o, &i)| row(i, o));
         if self.metric == Metric::Cos {
-            self.normalized(&out).into_owned()
-        } else {
-            out
+            out = self.normalized(&out).into_owned();
         }
+        let keep: Vec<bool> = out
+            .par_chunks(dim)
+            .zip(picked.par_iter())
+            .map(|(r, &i)| !held_out(i, r))
+            .collect();
+        let kept = keep.iter().filter(|&&k| k).count();
+        if kept == m || kept < self.params.nlist {
+            return out;
+        }
+        out.chunks_exact(dim)
+            .zip(&keep)
+            .filter(|(_, &k)| k)
+            .flat_map(|(r, _)| r.iter().copied())
+            .collect()
     }
 
     fn train_on(&mut self, sample: Vec<f32>) -> Result<()> {

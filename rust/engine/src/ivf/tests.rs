@@ -761,3 +761,42 @@ fn lists_grown_by_many_adds_keep_little_unused_capacity() {
         "capacity {cap} for {len} bytes of rows and keys"
     );
 }
+
+/// The rows tune holds out as queries are known again from their stored bytes (whatever the
+/// dtype and metric), and no training sample holds them: from given vectors or the contents.
+#[test]
+fn rows_tune_holds_out_are_never_trained_on() {
+    let (n, dim) = (3000, 24);
+    let v = data(5, n, dim);
+    let keys: Vec<u64> = (0..n as u64).collect();
+    for metric in [Metric::Cos, Metric::L2] {
+        for dtype in [DType::F32, DType::F16, DType::I8] {
+            let mut ivf = IvfIndex::new(dim, metric, dtype, params(16)).unwrap();
+            ivf.train(&v).unwrap();
+            ivf.add(&keys, &v).unwrap();
+            let rows = ivf.normalized(&v).into_owned();
+            let mut marked = 0;
+            for (key, row) in keys.iter().zip(rows.chunks_exact(dim)) {
+                let (l, slot) = ivf.map[key];
+                let stored = ivf.lists[l as usize].row_bytes(slot as usize, dim);
+                let held = tune::held_out(stored);
+                assert_eq!(held, tune::held_out(&tune::stored_bytes(dtype, row)));
+                marked += held as usize;
+            }
+            // One row in 32 (3000 / 32 = 94).
+            assert!(
+                (40..200).contains(&marked),
+                "{metric:?} {dtype:?}: {marked}"
+            );
+            let trained = ivf.sample_rows(
+                n,
+                n,
+                |i, o| o.copy_from_slice(&v[i * dim..(i + 1) * dim]),
+                |_, r| tune::held_out(&tune::stored_bytes(dtype, r)),
+            );
+            assert_eq!(trained.len() / dim, n - marked, "{metric:?} {dtype:?}");
+            let contents = ivf.sample_contents(n);
+            assert_eq!(contents.len() / dim, n - marked, "{metric:?} {dtype:?}");
+        }
+    }
+}
