@@ -193,6 +193,12 @@ def main() -> None:
     help="Images per encoder batch.",
 )
 @click.option(
+    "--decode-threads",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Threads decoding photos while the model encodes (default: the cores, at most 4; 1: one by one).",
+)
+@click.option(
     "--precision",
     type=click.Choice(list(DTYPES)),
     default=None,
@@ -233,6 +239,7 @@ def index(
     store: Optional[str],
     model: Optional[str],
     batch_size: int,
+    decode_threads: Optional[int],
     precision: Optional[str],
     index_kind: Optional[str],
     recall: Optional[float],
@@ -254,6 +261,7 @@ def index(
             store=store,
             model=model,
             batch_size=batch_size,
+            decode_threads=decode_threads,
             dtype=precision,
             index_kind=index_kind,
             recall=recall,

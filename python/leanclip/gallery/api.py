@@ -18,6 +18,7 @@ import numpy as np
 
 from leanclip._engine import DTYPES
 from leanclip._fs import PathLike
+from leanclip._pool import default_decode_threads
 from leanclip.gallery import duplicates as dup
 from leanclip.gallery import kinds
 from leanclip.gallery import store as db
@@ -50,6 +51,7 @@ class Gallery:
         model: Union[EncoderLike, PathLike, None] = None,
         *,
         batch_size: int = 32,
+        decode_threads: Optional[int] = None,
         checkpoint_every: int = 512,
         checkpoint_seconds: float = 30.0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -95,6 +97,12 @@ class Gallery:
         self.store = self.layout.store
         self.db_path = self.layout.db_path
         self.batch_size = max(1, int(batch_size))
+        if decode_threads is not None and (
+            isinstance(decode_threads, bool) or not isinstance(decode_threads, int) or decode_threads < 1
+        ):
+            raise GalleryError(f"decode_threads must be an integer >= 1, got {decode_threads!r}")
+        # threads decoding photos while the encoder runs (1: one by one); None: the cores, at most 4
+        self.decode_threads = default_decode_threads() if decode_threads is None else decode_threads
         self.checkpoint_every = max(1, int(checkpoint_every))
         self.checkpoint_seconds = float(checkpoint_seconds)
         # a checkpoint rewrites the whole index file: they are spaced so that saving takes at
@@ -385,6 +393,7 @@ class Gallery:
             auto_threshold=self.auto_threshold,
             ivf_train_at=self.ivf_train_at,
             batch_size=self.batch_size,
+            decode_threads=self.decode_threads,
             checkpoint_every=self.checkpoint_every,
             checkpoint_seconds=self.checkpoint_seconds,
             checkpoint_overhead=self.checkpoint_overhead,

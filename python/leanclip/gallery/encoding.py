@@ -4,10 +4,14 @@ goes, so that a kill loses at most the work since the last checkpoint."""
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from contextlib import closing
+from functools import partial
+from itertools import islice
+from typing import Any, List, Optional, Tuple, Union
 
 import numpy as np
 
+from leanclip._pool import ordered_map
 from leanclip.bundle import BundleError
 from leanclip.gallery import duplicates
 from leanclip.gallery import store as db
@@ -22,41 +26,58 @@ __all__ = ["encode_photos", "encode_videos"]
 def encode_photos(run: UpdateRun, remaining: List[Tuple[FoundFile, str]]) -> None:
     """Decode and encode ``remaining`` (file, digest) in batches of ``options.batch_size``,
     storing each batch's vectors and looks; a file that cannot be decoded is recorded as
-    failed. An interrupt between batches loses nothing already applied."""
+    failed. The photos are decoded on ``options.decode_threads`` threads, the next batch's
+    while this one is encoded (at most one batch ahead: two batches of model-size images
+    held at once); the results are the same as decoding them one by one. An interrupt
+    between batches loses nothing already applied."""
     s, progress = run.state, run.progress
+    opts = run.options
     size = model_image_size(run.encoder)
     total = len(remaining)
     if progress:
         progress("encode", 0, total)
-    done = 0
-    for start in range(0, total, run.options.batch_size):
-        batch = remaining[start : start + run.options.batch_size]
-        s.clean = True  # an interrupt here loses nothing already applied
-        images, ok_items, looks = [], [], {}
-        for f, digest in batch:
-            try:
-                images.append(load_image(f.abspath, max_pixels=run.options.max_pixels, reduce_for=size))
+    decode = partial(_decode, max_pixels=opts.max_pixels, size=size)
+    decoded = ordered_map(decode, [f.abspath for f, _ in remaining], opts.decode_threads, opts.batch_size)
+    with closing(decoded):  # a failure or interrupt stops the decoding threads
+        done = 0
+        for start in range(0, total, opts.batch_size):
+            batch = remaining[start : start + opts.batch_size]
+            s.clean = True  # an interrupt here loses nothing already applied
+            images, ok_items, looks = [], [], {}
+            for (f, digest), got in zip(batch, islice(decoded, len(batch))):
+                if isinstance(got, ImageLoadError):
+                    s.clean = False
+                    run.record_failure(f, digest, got.reason)
+                    s.clean = True
+                    continue
+                images.append(got[0])
                 ok_items.append((f, digest))
-                looks[f.rel] = duplicates.look(images[-1])
-            except ImageLoadError as exc:
-                s.clean = False
-                run.record_failure(f, digest, exc.reason)
-                s.clean = True
-        vecs = _encode(run, images, ok_items)
-        s.clean = False
-        if vecs is not None and ok_items:
-            run.store_vectors(ok_items, *vecs)
-            run.summary.encoded += len(ok_items)
-            run.store_looks([(run.rows[f.rel], looks[f.rel]) for f, _ in ok_items])
-        s.clean = True
-        for im in images:
-            im.close()
-        done += len(batch)
-        s.since_checkpoint += len(batch)
-        if progress:
-            progress("encode", done, total)
-        run.checkpoint_if_due()
+                looks[f.rel] = got[1]
+            vecs = _encode(run, images, ok_items)
+            s.clean = False
+            if vecs is not None and ok_items:
+                run.store_vectors(ok_items, *vecs)
+                run.summary.encoded += len(ok_items)
+                run.store_looks([(run.rows[f.rel], looks[f.rel]) for f, _ in ok_items])
+            s.clean = True
+            for im in images:
+                im.close()
+            done += len(batch)
+            s.since_checkpoint += len(batch)
+            if progress:
+                progress("encode", done, total)
+            run.checkpoint_if_due()
     s.clean = False
+
+
+def _decode(path: Any, *, max_pixels: int, size: int) -> Union[Tuple[Any, np.ndarray], ImageLoadError]:
+    """The photo at ``path`` at the model's size and its look, or the ``ImageLoadError``
+    saying why it cannot be read (returned, so that a failure is recorded in order)."""
+    try:
+        img = load_image(path, max_pixels=max_pixels, reduce_for=size)
+    except ImageLoadError as exc:
+        return exc
+    return img, duplicates.look(img)
 
 
 def encode_videos(run: UpdateRun, clips: List[Tuple[FoundFile, str]]) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from leanclip._pool import default_decode_threads
 from leanclip.gallery import kinds
 from leanclip.gallery import store as db
 from leanclip.gallery.errors import GalleryError
@@ -38,6 +39,8 @@ class UpdateOptions:
     # IVFIndex's own threshold (65,536)
     ivf_train_at: Optional[int] = None
     batch_size: int = 32  # images per encoder call
+    # threads decoding photos (the next batch's while one is encoded); 1: one by one, in turn
+    decode_threads: int = field(default_factory=default_decode_threads)
     checkpoint_every: int = 512  # files between checkpoints, at most ...
     checkpoint_seconds: float = 30.0  # ... or seconds between them
     # a checkpoint rewrites the whole index file: they are spaced so that saving takes at
