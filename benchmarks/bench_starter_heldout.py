@@ -420,8 +420,13 @@ def student_bundles(cache: Path, student: Path, variant: str, work: Path) -> str
     text = load_student(student)
     builds = {
         "today's starter (fp32)": baseline,
-        "student (fp32)": build_starter(work / "student-fp32", text_tower=text, class_embeds=E),
-        "student (int8)": build_starter(work / "student-int8", int8=True, text_tower=text, class_embeds=E),
+        # E is the name rows of recipe 2 (no gloss), and the manifest says so
+        "student (fp32)": build_starter(
+            work / "student-fp32", text_tower=text, class_embeds=E, gloss_weight=0.0
+        ),
+        "student (int8)": build_starter(
+            work / "student-int8", int8=True, text_tower=text, class_embeds=E, gloss_weight=0.0
+        ),
     }
     photos = Q.sample_photos(cache / "photos")
     threads = int(os.environ.get("OMP_NUM_THREADS", "2"))

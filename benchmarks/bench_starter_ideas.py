@@ -220,15 +220,84 @@ def report(rows: Sequence[Row]) -> str:
     return text + f"\n\nOverall pick on the tuning set: {top[0]}, {top[1]}.\n"
 
 
+def bundles(work: Path) -> str:
+    """Recipe 2 (today's starter) and the kept recipe, fp32 and int8, each built the repo's way
+    (``build_starter``), through leanclip.Encoder: recall, size, interleaved speed."""
+    from benchmarks import _harness as Hh
+    from leanclip.bundle import read_manifest
+    from leanclip.registry import is_bundle, model_path
+    from leanclip.starter import build_starter
+
+    today = model_path("starter")  # the default model as leanclip built it into the cache
+    if not is_bundle(today) or read_manifest(today).extra.get("starter", {}).get("recipe") != 2:
+        today = build_starter(work / "recipe2-fp32", gloss_weight=0.0)
+    builds = {
+        "recipe 2 (fp32, today)": today,
+        "recipe 3 (fp32)": build_starter(work / "recipe3-fp32"),
+        "recipe 3 (int8)": build_starter(work / "recipe3-int8", int8=True),
+    }
+    photos = Q.sample_photos(work / "photos")
+    threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
+    res = {label: Q.evaluate_bundle(b, photos, threads) for label, b in builds.items()}
+    Q.interleaved_speed(res, photos)
+    base = res["recipe 2 (fp32, today)"]
+    rows = [
+        [
+            label,
+            *[f"{r[k][x]:.3f}" for k in ("tuning", "held-out") for x in ("r1", "r5")],
+            f"{r['aug_r1_distr']:.3f}",
+            Q._fmt_top(r["chelsea12"]),
+            f"{r['size_mb']:.1f} ({r['size_mb'] / base['size_mb']:.2f}x)",
+            f"{r['text_qps']:.0f} ({base['text_qps'] / r['text_qps']:.2f}x)",
+            f"{r['images_per_s']:.1f} ({base['images_per_s'] / r['images_per_s']:.2f}x)",
+        ]
+        for label, r in res.items()
+    ]
+    out = "\n### The kept recipe's bundles, through leanclip.Encoder (ONNX)\n\n"
+    out += Hh.markdown_table(
+        [
+            "bundle",
+            "tuning R@1",
+            "tuning R@5",
+            "held-out R@1",
+            "held-out R@5",
+            "aug R@1 (+9)",
+            "chelsea.png: top 3 of 12",
+            "MiB (vs today)",
+            "text q/s (latency vs today)",
+            "images/s (latency vs today)",
+        ],
+        rows,
+    )
+    misses = res["recipe 3 (fp32)"]["held-out"]
+    miss_rows = [
+        [photos[int(misses["targets"][i])].name, misses["texts"][i], str(int(misses["ranks"][i]))]
+        for i in range(len(misses["texts"]))
+        if misses["ranks"][i] > 0
+    ]
+    out += (
+        "\n\nThroughputs: medians of 7 rounds, the bundles taking turns within each round (48 held-out "
+        "queries, 12 photos with both image outputs); latency ratio = today's throughput / the bundle's.\n"
+        "\nHeld-out queries recipe 3 (fp32) does not rank first (rank, 0 = first):\n\n"
+    )
+    return out + Hh.markdown_table(["photo", "query", "rank"], miss_rows) + "\n"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache", type=Path, default=Q.DEFAULT_CACHE)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--bundles", action="store_true", help="build and measure the kept recipe's bundles")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     text = report(measure(Features(args.cache)))
+    if args.bundles:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            text += bundles(Path(tmp))
     H.write_section(text, args.results, begin=BEGIN, end=END)
     print(text)
     return 0

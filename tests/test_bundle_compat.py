@@ -153,7 +153,7 @@ def test_new_starter_bundle_exposes_similarity_vectors(starter_pair: Tuple[Path,
     assert raw["image"]["similarity_output"] == "similarity_embeds" and raw["image"]["similarity_dim"] == 16
     from leanclip.starter import STARTER_RECIPE
 
-    assert raw["extra"]["starter"]["recipe"] == STARTER_RECIPE == 2
+    assert raw["extra"]["starter"]["recipe"] == STARTER_RECIPE == 3
     enc = Encoder(fp32, threads=1)
     assert enc.has_similarity and enc.similarity_dim == 16
     imgs = _photos(3)

@@ -28,7 +28,7 @@ from leanclip.minilm import (
     tokenize,
     truncate_layers,
 )
-from leanclip.starter import build_starter, class_text_embeddings
+from leanclip.starter import build_starter, class_descriptions, class_text_embeddings
 from leanclip.towers import ZeroShotImageTower
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +117,59 @@ def test_class_text_embeddings_average_normalized_templates() -> None:
     assert got.shape == (len(CLASSES), 32)
     with pytest.raises(ValueError, match="no '\\{\\}'"):
         class_text_embeddings(text, tok, CLASSES, ["a photo"])
+
+
+GLOSSES = ["a small pet", "a loyal pet", "a red motor vehicle", "a tall plant", "a hot drink in a cup"]
+
+
+def test_class_text_embeddings_mix_in_each_class_gloss_with_its_weight() -> None:
+    text, _, tok_json = tiny_parts()
+    tok = make_tokenizer(tok_json)
+    names = class_text_embeddings(text, tok, CLASSES)
+    described = embed_texts(text, tok, [f"{c}: {g}" for c, g in zip(CLASSES, GLOSSES)])
+    got = class_text_embeddings(text, tok, CLASSES, glosses=GLOSSES, gloss_weight=0.2)
+    torch.testing.assert_close(got, F.normalize(0.8 * names + 0.2 * described, dim=-1), atol=1e-5, rtol=0)
+    assert not torch.allclose(got, names, atol=1e-3)  # the gloss moves every row
+    torch.testing.assert_close(class_text_embeddings(text, tok, CLASSES, glosses=GLOSSES), names)  # weight 0
+    with pytest.raises(ValueError, match="4 glosses for 5 class names"):
+        class_text_embeddings(text, tok, CLASSES, glosses=GLOSSES[:4], gloss_weight=0.2)
+    with pytest.raises(ValueError, match="gloss_weight"):
+        class_text_embeddings(text, tok, CLASSES, glosses=GLOSSES, gloss_weight=1.5)
+
+
+def test_class_descriptions_default_to_wordnet_only_for_imagenet_names() -> None:
+    assert class_descriptions(CLASSES, None, 0.2) == (CLASSES, None, 0.0)  # nothing to mix in
+    assert class_descriptions(CLASSES, GLOSSES, 0.2) == (CLASSES, GLOSSES, 0.2)
+    if importlib.util.find_spec("open_clip") is None or importlib.util.find_spec("timm") is None:
+        pytest.skip("ImageNet's names and glosses come from open_clip and timm (the starter extra)")
+    names, glosses, weight = class_descriptions(None, None, 0.2)
+    assert len(names) == len(glosses) == 1000 and weight == 0.2
+    assert names[0] == "tench" and "fish" in glosses[0] and names[0] not in glosses[0]
+    assert class_descriptions(None, None, 0.0)[1:] == (None, 0.0)  # recipe 2's rows
+
+
+def test_build_starter_records_the_gloss_weight_and_exports_glossed_rows(tmp_path: Path) -> None:
+    from leanclip.bundle import read_manifest
+    from leanclip.encoder import preprocess_image
+
+    text, clf, tok_json = tiny_parts()
+    kw = dict(text_tower=text, classifier=clf, tokenizer_json=tok_json, classnames=CLASSES, image_size=32)
+    out = build_starter(tmp_path / "b", glosses=GLOSSES, gloss_weight=0.3, top_k=None, similarity=False, **kw)
+    m = read_manifest(out)
+    assert m.extra["starter"]["gloss_weight"] == 0.3 and "glosses" in m.source
+    tok = make_tokenizer(tok_json, m.text.context_length)
+    rows = class_text_embeddings(text, tok, CLASSES, glosses=GLOSSES, gloss_weight=0.3)
+    imgs = photos()
+    pixels = np.stack(
+        [preprocess_image(im, 32, m.image.mean, m.image.std, m.image.interpolation) for im in imgs]
+    )
+    with torch.no_grad():
+        want = ZeroShotImageTower(clf, rows, m.extra["starter"]["temperature"]).eval()(
+            torch.from_numpy(pixels)
+        )
+    assert np.allclose(_encoder(out).encode_images(imgs), want.numpy(), atol=1e-4)
+    plain = build_starter(tmp_path / "plain", top_k=None, similarity=False, **kw)  # no glosses given
+    assert read_manifest(plain).extra["starter"]["gloss_weight"] == 0.0
 
 
 def test_text_tower_masks_padding_and_normalizes() -> None:

