@@ -464,11 +464,23 @@ where
         }
         let left_out = left_out_bounds(&mut heaps, scan_candidates(self.k, scan));
         let mut converted = Vec::new();
-        let mut best = self.rescore(&qbuf, heaps, &mut converted);
-        if self.certifies(scan) {
-            let max_sqnorm = sqnorms[part.clone()].iter().fold(0.0f32, |m, &v| m.max(v));
-            self.certify(&mut best, &qbuf, &left_out, max_sqnorm, queries, part);
+        if !self.certifies(scan) {
+            return self.rescore(&qbuf, heaps, &[], &mut converted);
         }
+        let max_sqnorm = sqnorms[part.clone()].iter().fold(0.0f32, |m, &v| m.max(v));
+        let bounds: Vec<f32> = qbuf
+            .chunks_exact(self.plan.dim)
+            .map(|q| product_error_bound(self.plan.dim, q, max_sqnorm))
+            .collect();
+        // Cosine over rows not stored normalized divides the scores by the rows' lengths,
+        // which the bound does not cover: there every candidate is re-scored.
+        let floors = if self.plan.normalize_rows {
+            Vec::new()
+        } else {
+            rescore_floors(&mut heaps, self.k, &bounds)
+        };
+        let mut best = self.rescore(&qbuf, heaps, &floors, &mut converted);
+        self.certify(&mut best, &left_out, &bounds, queries, part);
         best
     }
 
@@ -565,28 +577,20 @@ where
     }
 
     /// Searches again, with the per-row kernels, each query of `best` (the re-scored hits of
-    /// the queries `queries`, prepared in `qbuf`, over rows `part`) whose `k`-th score is not
-    /// certainly above `left_out` (what the scan left out scores at most); `max_sqnorm` is the
-    /// largest `|row|^2` of the part.
+    /// the queries `queries` over rows `part`) whose `k`-th score is not certainly above
+    /// `left_out` (what the scan left out scores at most); `bounds` holds each query's
+    /// [`product_error_bound`].
     fn certify(
         &self,
         best: &mut [TopK],
-        qbuf: &[f32],
         left_out: &[Option<f32>],
-        max_sqnorm: f32,
+        bounds: &[f32],
         queries: Range<usize>,
         part: Range<usize>,
     ) {
-        let dim = self.plan.dim;
-        // |product - per-row kernel| <= c (|q| + |x|)^2 for the f32 product over f32 / f16
-        // rows (dot: dim u |q||x| for each of the two summation orders; l2 adds |q|^2 and
-        // |x|^2 computed alike), with u = 2^-24 and a factor 4 of slack.
-        let c = (dim as f32 + 16.0) * 2f32.powi(-20);
-        let max_norm = max_sqnorm.sqrt();
         for (i, top) in best.iter_mut().enumerate() {
             let Some(t) = left_out[i] else { continue };
-            let q = &qbuf[i * dim..(i + 1) * dim];
-            let bound = c * (kernels::sqnorm_f32(q).sqrt() + max_norm).powi(2);
+            let bound = bounds[i];
             let kth = if top.len() >= self.k {
                 top.kept()
                     .iter()
@@ -610,8 +614,15 @@ where
     /// The top `k` of each query's `candidates` (row indices) re-scored with the per-row
     /// kernels (the single-query scores), in row order: a block of queries has candidates all
     /// over the corpus, which then streams through once, each row read once for every query
-    /// that kept it, instead of at random per query.
-    fn rescore(&self, qbuf: &[f32], candidates: Vec<TopK>, converted: &mut Vec<f32>) -> Vec<TopK> {
+    /// that kept it, instead of at random per query. A candidate whose scan score lies below
+    /// its query's entry of `floors` (none: every candidate counts) is not re-scored.
+    fn rescore(
+        &self,
+        qbuf: &[f32],
+        candidates: Vec<TopK>,
+        floors: &[f32],
+        converted: &mut Vec<f32>,
+    ) -> Vec<TopK> {
         let (plan, rows, dim) = (self.plan, self.rows, self.plan.dim);
         let nq = candidates.len();
         let i8_queries = matches!(rows, Rows::I8 { .. }) && plan.metric != Metric::L2;
@@ -630,7 +641,12 @@ where
         const _: () = assert!(QUERY_BLOCK < 1 << QUERY_BITS);
         let mut pairs: Vec<u64> = Vec::with_capacity(candidates.iter().map(TopK::len).sum());
         for (i, mut heap) in candidates.into_iter().enumerate() {
-            pairs.extend(heap.kept().iter().map(|h| h.id << QUERY_BITS | i as u64));
+            let floor = floors.get(i).copied().unwrap_or(f32::NEG_INFINITY);
+            let kept = heap
+                .kept()
+                .iter()
+                .filter(|h| h.score >= floor || h.score.is_nan());
+            pairs.extend(kept.map(|h| h.id << QUERY_BITS | i as u64));
         }
         pairs.sort_unstable();
         let mut best: Vec<TopK> = (0..nq).map(|_| TopK::new(self.k)).collect();
@@ -672,6 +688,42 @@ fn prepare_queries(plan: Plan, queries: Queries<'_>, range: Range<usize>, buf: &
             }
         }
     }
+}
+
+/// How far an f32 product's score of a row may lie from the per-row kernel's, for query `q`
+/// over rows of `|x|^2 <= max_sqnorm`: |product - kernel| <= c (|q| + |x|)^2 for the f32
+/// product over f32 / f16 rows (dot: dim u |q||x| for each of the two summation orders; l2
+/// adds |q|^2 and |x|^2 computed alike), with u = 2^-24 and a factor 4 of slack.
+fn product_error_bound(dim: usize, q: &[f32], max_sqnorm: f32) -> f32 {
+    let c = (dim as f32 + 16.0) * 2f32.powi(-20);
+    c * (kernels::sqnorm_f32(q).sqrt() + max_sqnorm.sqrt()).powi(2)
+}
+
+/// Per query, the scan score below which a candidate cannot reach the exact top `k`, so that
+/// the re-score may skip it: with `P` the `k`-th best scan score and `b` the query's bound on
+/// |scan - exact|, `k` candidates score at least `P - b` exactly, and one scanned below
+/// `P - 2b` scores below `P - b`, strictly below the `k`-th exact score (no tie either). A
+/// query with fewer than `k` candidates, or a NaN among them, skips none (-inf).
+fn rescore_floors(heaps: &mut [TopK], k: usize, bounds: &[f32]) -> Vec<f32> {
+    let mut scores = Vec::new();
+    heaps
+        .iter_mut()
+        .zip(bounds)
+        .map(|(h, &b)| {
+            scores.clear();
+            scores.extend(h.kept().iter().map(|c| c.score));
+            if scores.len() < k || scores.iter().any(|s| s.is_nan()) {
+                return f32::NEG_INFINITY;
+            }
+            let (_, &mut kth, _) = scores.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+            let floor = kth - 2.0 * b;
+            if floor.is_nan() {
+                f32::NEG_INFINITY
+            } else {
+                floor
+            }
+        })
+        .collect()
 }
 
 /// Per query, the scan score every candidate left out of its heap is at most: the lowest it
@@ -842,5 +894,36 @@ pub(crate) fn exact_score(
         }
     } else {
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn heap(k: usize, scores: &[f32]) -> TopK {
+        let mut h = TopK::new(k);
+        for (id, &score) in scores.iter().enumerate() {
+            h.push(Hit {
+                score,
+                id: id as u64,
+            });
+        }
+        h
+    }
+
+    #[test]
+    fn rescore_floors_lie_two_bounds_below_the_kth_scan_score() {
+        let mut heaps = vec![
+            heap(5, &[0.9, 0.1, 0.5, 0.7, 0.3]),
+            // Fewer candidates than k = 3: every one counts.
+            heap(5, &[0.9, 0.8]),
+            // A NaN among them: every one counts.
+            heap(5, &[0.9, f32::NAN, 0.5, 0.4]),
+        ];
+        let floors = rescore_floors(&mut heaps, 3, &[0.01, 0.01, 0.01]);
+        assert_eq!(floors[0], 0.5 - 0.02);
+        assert_eq!(floors[1], f32::NEG_INFINITY);
+        assert_eq!(floors[2], f32::NEG_INFINITY);
     }
 }
