@@ -30,7 +30,8 @@ def low_rank(n: int, dim: int, rank: int, seed: int) -> np.ndarray:
 def test_dtype_follows_the_preference_and_nlist_given_means_by_hand():
     assert IVFIndex(64).dtype == "f16"
     assert IVFIndex(64, memory="low").dtype == "i8"
-    assert IVFIndex(64, recall=0.95).dtype == "i8"
+    assert IVFIndex(64, recall=0.9).dtype == "i8"
+    assert IVFIndex(64, recall=0.95).dtype == "f16"  # i8 needs ~1.7x the lists from 0.95
     assert IVFIndex(64, recall=0.99).dtype == "f16"
     assert IVFIndex(64, "ip", "f32").dtype == "f32"  # given: kept
     assert any(w.startswith("dtype=f16") for w in IVFIndex(64).auto)

@@ -146,7 +146,7 @@ class IVFIndex(_KeyedVectors):
     ``Index``, plus its knobs.
 
     - Without ``nlist`` the index chooses its knobs (docs/ivf.md, "Say the recall you need"):
-      the dtype now (f16; i8 with ``memory="low"`` or ``recall`` below 0.98), and when it
+      the dtype now (f16; i8 with ``memory="low"`` or ``recall`` below 0.95), and when it
       trains ``nlist`` (the power of two nearest 2 sqrt(n)), ``pq`` codes and ``scan_dims``
       from the spectrum of its training sample; knobs given are kept. With ``nlist`` given,
       the rest default as listed below (f32, no codes, all dimensions). ``tune(0.95)`` then
