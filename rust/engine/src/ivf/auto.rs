@@ -519,7 +519,8 @@ mod tests {
             recall: Some(r),
             low_memory: false,
         };
-        assert_eq!(dtype_for(r(0.95)).0, DType::I8);
+        assert_eq!(dtype_for(r(0.9)).0, DType::I8);
+        assert_eq!(dtype_for(r(0.95)).0, DType::F16);
         assert_eq!(dtype_for(r(0.99)).0, DType::F16);
     }
 

@@ -12,12 +12,14 @@ use rustc_hash::FxHashSet;
 
 impl IvfIndex {
     /// The lists each query scans (CSR: offsets into a flat list), nearest first. A query
-    /// whose probed lists hold fewer than `needed` vectors scans every list.
+    /// whose probed lists hold fewer than `needed` vectors (less those of `excluded`, the
+    /// excluded keys each list holds, where given) scans every list.
     /// `np` lists each (at most every list).
     pub(super) fn probes(
         &self,
         queries: &[f32],
         needed: usize,
+        excluded: &[usize],
         np: usize,
     ) -> (Vec<usize>, Vec<u32>) {
         let nq = queries.len() / self.dim;
@@ -36,7 +38,13 @@ impl IvfIndex {
         offsets.push(0);
         for q in 0..nq {
             let mine = &ids[q * np..(q + 1) * np];
-            let held: usize = mine.iter().map(|&l| self.lists[l as usize].len()).sum();
+            let held: usize = mine
+                .iter()
+                .map(|&l| {
+                    let l = l as usize;
+                    self.lists[l].len() - excluded.get(l).copied().unwrap_or(0)
+                })
+                .sum();
             if held >= needed {
                 flat.extend(mine.iter().map(|&l| l as u32));
             } else {
@@ -97,6 +105,18 @@ impl IvfIndex {
             normalize_queries: false,
             normalize_rows: false,
         }
+    }
+
+    /// The `np` lists nearest each of `queries` (normalized as the search normalizes them)
+    /// as single queries choose them: the single-query kernels, whatever the count (a batch
+    /// scores the centroids by another product, which orders near ties otherwise).
+    pub(super) fn single_query_lists(&self, queries: &[f32], np: usize) -> Vec<u64> {
+        let np = np.clamp(1, self.lists.len());
+        let mut ids = vec![0u64; queries.len() / self.dim * np];
+        ids.par_chunks_mut(np * 64)
+            .zip(queries.par_chunks(self.dim * 64))
+            .for_each(|(out, qs)| self.nearest_lists_few(qs, np, out));
+        ids
     }
 
     /// [`Self::nearest_lists`] of a few queries with the single-query kernels.

@@ -42,7 +42,7 @@ pub(super) const MAX_BATCH_PAIRS: usize = 1 << 18;
 const ROUND1_PROBES: usize = 4;
 /// A batch scans a list probed by fewer of its queries than this with the single-query
 /// kernels (a product pays packing and setup per call).
-const PRODUCT_MIN_QUERIES: usize = 8;
+pub(super) const PRODUCT_MIN_QUERIES: usize = 8;
 
 /// What one search runs, decided from the parameters and the batch alone (no data).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -340,7 +340,8 @@ impl IvfIndex {
         let q8 = (plan.by_product && plan.product == Product::I8)
             .then(|| Q8::new(reduced.queries, spec.pdim));
         // Each query's lists, the scan, the finish.
-        let probes = self.probes(&queries, kp + excluded.keys.len(), self.probed(nq, depth));
+        let np = self.probed(nq, depth);
+        let probes = self.probes(&queries, kp, &excluded.per_list, np);
         let hits = match &self.codebooks {
             Some(book) if plan.codes => {
                 self.scan_codes(book, spec, &queries, &probes, &excluded.keys)

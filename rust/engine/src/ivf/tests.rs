@@ -800,3 +800,56 @@ fn rows_tune_holds_out_are_never_trained_on() {
         }
     }
 }
+
+/// tune takes a batch's measurement for single queries scanning by the product where the
+/// batch scanned every probed list by the product and the single query chooses the same lists
+/// (`product_like_batch`): they return the same results.
+#[test]
+fn single_queries_by_the_product_rank_as_a_batch_by_the_product() {
+    let (n, dim) = (6000, 32);
+    let v = data(3, n, dim);
+    let keys: Vec<u64> = (0..n as u64).collect();
+    for scan_dims in [0, 16] {
+        let mut ivf = IvfIndex::new(dim, Metric::Cos, DType::F16, params(32)).unwrap();
+        ivf.train(&v).unwrap();
+        ivf.add(&keys, &v).unwrap();
+        ivf.set_scan_dims(scan_dims).unwrap();
+        ivf.set_single_scan(SingleScan::Product).unwrap();
+        ivf.set_nprobe(6).unwrap();
+        ivf.set_nprobe_single(6).unwrap();
+        // 400 queries x 6 probes over 32 lists: every probed list by at least 8 queries.
+        let q = data(9, 400, dim);
+        let qn = ivf.normalize(&q, true).into_owned();
+        let single_lists = ivf.single_query_lists(&qn, 6);
+        let (offsets, flat) = ivf.probes(&qn, 0, &[], 6);
+        let exclude: Vec<u64> = (0..n as u64).step_by(7).collect();
+        let (b, bs, kb) = ivf.search(&q, 10, Some(&exclude)).unwrap();
+        let mut same_lists = 0;
+        for i in 0..400 {
+            let mut a: Vec<u64> = single_lists[i * 6..(i + 1) * 6].to_vec();
+            let mut c: Vec<u64> = flat[offsets[i]..offsets[i + 1]]
+                .iter()
+                .map(|&l| l as u64)
+                .collect();
+            a.sort_unstable();
+            c.sort_unstable();
+            if a != c {
+                continue;
+            }
+            same_lists += 1;
+            let (s, ss, _) = ivf
+                .search(&q[i * dim..(i + 1) * dim], 10, Some(&exclude))
+                .unwrap();
+            assert_eq!(
+                s,
+                b[i * kb..(i + 1) * kb],
+                "scan_dims={scan_dims} query {i}"
+            );
+            assert_eq!(ss, bs[i * kb..(i + 1) * kb]);
+        }
+        assert!(
+            same_lists >= 360,
+            "scan_dims={scan_dims}: {same_lists} of 400"
+        );
+    }
+}
