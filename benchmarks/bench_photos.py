@@ -10,6 +10,8 @@
 * **Near-duplicates, speed.** 100,000 given vectors of the starter's image-to-image width
   (clusters of scenes, 10% of them in bursts of near-duplicates): the pairs (the self-join of
   ``gallery.duplicates.neighbour_pairs``) and the groups, timed.
+* **Phone formats** (HEIC, AVIF against JPEG), their decoders, and the gallery's decoding
+  threads (``decode_threads`` 1 against 2: part ``threads``).
 * **Text in photos** and **video**: see their sections.
 
 Results: ``benchmarks/results/photos.md``, and the same section in ``gallery.md``.
@@ -575,6 +577,83 @@ def phone_formats(tmp: Path, rounds: int = 2) -> str:
     )
 
 
+_THREADS_CHILD = """
+import json, sys, time
+import pillow_heif
+from leanclip import registry
+from leanclip.gallery import Gallery
+from leanclip.images import register_formats
+register_formats()
+folder, store, threads, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+pillow_heif.options.THUMBNAILS = False  # HEIC decoded in full, as a HEIC without a thumbnail is
+enc = registry.load_encoder(registry.resolve(None))
+enc.encode_images([])  # the model loaded before the clock starts
+w, c = time.perf_counter(), time.process_time()
+s = Gallery(folder, store=store, model=enc, batch_size=batch, decode_threads=threads).update()
+print(json.dumps({"n": s.encoded, "wall": time.perf_counter() - w, "cpu": time.process_time() - c}))
+"""
+
+
+def phone_threads(tmp: Path, rounds: int = 5, batch: int = 4) -> str:
+    """Index the phone photos of each format with ``decode_threads`` 1 and 2 (this machine's
+    cores), each run a fresh process, the settings alternating, ``rounds`` times: the wall-clock
+    rate of each and their ratio, per round (the machine is shared: a round's two runs are
+    neighbours in time) and the median."""
+    import json
+    import subprocess
+    import sys
+
+    folders = make_phone_photos(tmp / "phone")
+    runs = [("JPEG", "jpeg"), ("HEIC (decoded in full)", "heic"), ("AVIF", "avif")]
+    threads = (1, 2)
+    rate: Dict[Tuple[str, int], List[float]] = {(label, t): [] for label, _ in runs for t in threads}
+    loads = []
+    for r in range(rounds):
+        for label, fmt in runs:
+            for t in threads if r % 2 == 0 else threads[::-1]:
+                store = tmp / f"store-threads-{r}-{fmt}-{t}"
+                loads.append(os.getloadavg()[0])
+                out = subprocess.run(
+                    [sys.executable, "-c", _THREADS_CHILD, str(folders[fmt]), str(store), str(t), str(batch)],
+                    capture_output=True,
+                    text=True,
+                )
+                if out.returncode != 0:
+                    raise RuntimeError(f"{label}: {out.stderr[-2000:]}")
+                got = json.loads(out.stdout.strip().splitlines()[-1])
+                rate[(label, t)].append(got["n"] / got["wall"])
+                shutil.rmtree(store, ignore_errors=True)
+    rows = []
+    for label, _ in runs:
+        one, two = rate[(label, 1)], rate[(label, 2)]
+        ratios = [b / a for a, b in zip(one, two)]
+        rows.append(
+            [
+                label,
+                f"{np.median(one):.2f}",
+                f"{np.median(two):.2f}",
+                ", ".join(f"{x:.2f}" for x in ratios),
+                f"**{np.median(ratios):.2f}**",
+            ]
+        )
+    return (
+        "\n### Phone formats: decoding threads (`decode_threads`)\n\n"
+        f"The {len(PHONE_SOURCES)} photos of the other phone-format tables (4032x3024) in each format, indexed by a "
+        f"fresh process (`Gallery.update`, starter model, batches of {batch} so that a batch is decoded "
+        "while the one before is encoded; the model loaded before the clock starts), with "
+        "`decode_threads` 1 (one photo at a time, as before) and 2 (this machine's cores), the two "
+        f"taking turns, {rounds} rounds. HEIC is read in full (no thumbnail). The machine is shared "
+        f"(1-minute load at each start: {min(loads):.0f}-{max(loads):.0f}): compare the ratios of "
+        "neighbouring runs.\n\n"
+        + markdown_table(
+            ["format", "photos/s, 1 thread", "photos/s, 2 threads", "2 vs 1, each round", "2 vs 1, median"],
+            rows,
+        )
+        + "\n\nThreads spread the decoding over the cores; they do not make a photo cheaper to decode. "
+        "The spread of a row's ratios across rounds is the shared machine's noise.\n"
+    )
+
+
 _DECODER_CHILD = """
 import json, sys, time
 from pathlib import Path
@@ -766,8 +845,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--dup-seeds", default="0,1,2", help="seeds of the generated near-duplicate sets")
     ap.add_argument(
         "--parts",
-        default="quality,text,speed,phone,decoders,video",
-        help="comma-separated: quality, text, speed, phone, decoders, video",
+        default="quality,text,speed,phone,decoders,threads,video",
+        help="comma-separated: quality, text, speed, phone, decoders, threads, video",
     )
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
@@ -789,6 +868,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             _write(head, sections, earlier)
         if "decoders" in parts:
             sections.append(phone_decoders(tmp))
+            _write(head, sections, earlier)
+        if "threads" in parts:
+            sections.append(phone_threads(tmp))
             _write(head, sections, earlier)
         if "video" in parts:
             sections.append(video_memory(tmp))
