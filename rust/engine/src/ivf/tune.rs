@@ -28,10 +28,13 @@
 //! aims at what every list reaches less one standard error, and says so (`auto`: "reach:").
 //! Batches rank by a product (and `scan_dims`): measured from that p up by an eighth at a time
 //! (a `scan_dims` chosen automatically is dropped where it would need more than twice the
-//! lists). Single queries: the rows, the packed copy a batch scans (`single_scan` "product",
-//! measured from the batches' nprobe up), or codes (the shortest shortlist reaching the
-//! target, measured first at the longest one affordable), whichever reads the fewest bytes;
-//! codes chosen automatically and not used are dropped (`pq` 0: a smaller index).
+//! lists), as one search for k of the whole sample that excludes every key any sample query
+//! excludes (each query's truth then its best k outside them). Single queries: the rows, the
+//! packed copy a batch scans (`single_scan` "product": where the batch scanned every probed
+//! list by the product, the queries that choose the same lists alone find what they found in
+//! the batch, and only the others are searched), or codes (the shortest shortlist reaching
+//! the target, measured first at the longest one affordable), whichever reads the fewest
+//! bytes; codes chosen automatically and not used are dropped (`pq` 0: a smaller index).
 //!
 //! The recall reported is the sample's mean recall@k at the settings chosen, with its spread:
 //! 1.96 standard errors of that mean (per-query recalls vary; 1,000 queries at recall 0.95 give
