@@ -814,6 +814,12 @@ fn single_queries_by_the_product_rank_as_a_batch_by_the_product() {
         ivf.train(&v).unwrap();
         ivf.add(&keys, &v).unwrap();
         ivf.set_scan_dims(scan_dims).unwrap();
+        if !ivf.product_scan_fits() {
+            // f16 rows have no reduced batch product at the avx2 and scalar levels (valgrind
+            // runs there): only the projected scan packs a smaller copy
+            assert_eq!(scan_dims, 0);
+            continue;
+        }
         ivf.set_single_scan(SingleScan::Product).unwrap();
         ivf.set_nprobe(6).unwrap();
         ivf.set_nprobe_single(6).unwrap();
