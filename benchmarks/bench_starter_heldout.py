@@ -428,18 +428,13 @@ def student_bundles(cache: Path, student: Path, variant: str, work: Path) -> str
             work / "student-int8", int8=True, text_tower=text, class_embeds=E, gloss_weight=0.0
         ),
     }
-    photos = Q.sample_photos(cache / "photos")
-    threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
-    res = {label: Q.evaluate_bundle(b, photos, threads) for label, b in builds.items()}
-    Q.interleaved_speed(res, photos)
+    res = Q.evaluate_bundles(builds, Q.sample_photos(cache / "photos"))
     base = res["today's starter (fp32)"]
     rows = [
         [
             label,
             *[f"{r[k][x]:.3f}" for k in ("tuning", "held-out") for x in ("r1", "r5")],
-            f"{r['size_mb']:.1f} ({r['size_mb'] / base['size_mb']:.2f}x)",
-            f"{r['text_qps']:.0f} ({base['text_qps'] / r['text_qps']:.2f}x)",
-            f"{r['images_per_s']:.1f} ({base['images_per_s'] / r['images_per_s']:.2f}x)",
+            *Q.cost_cells(r, base),
         ]
         for label, r in res.items()
     ]

@@ -241,9 +241,7 @@ def bundles(work: Path) -> str:
         "recipe 3 (int8)": build_starter(work / "recipe3-int8", int8=True),
     }
     photos = Q.sample_photos(work / "photos")
-    threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
-    res = {label: Q.evaluate_bundle(b, photos, threads) for label, b in builds.items()}
-    Q.interleaved_speed(res, photos)
+    res = Q.evaluate_bundles(builds, photos)
     base = res["recipe 2 (fp32, today)"]
     rows = [
         [
@@ -251,9 +249,7 @@ def bundles(work: Path) -> str:
             *[f"{r[k][x]:.3f}" for k in ("tuning", "held-out") for x in ("r1", "r5")],
             f"{r['aug_r1_distr']:.3f}",
             Q._fmt_top(r["chelsea12"]),
-            f"{r['size_mb']:.1f} ({r['size_mb'] / base['size_mb']:.2f}x)",
-            f"{r['text_qps']:.0f} ({base['text_qps'] / r['text_qps']:.2f}x)",
-            f"{r['images_per_s']:.1f} ({base['images_per_s'] / r['images_per_s']:.2f}x)",
+            *Q.cost_cells(r, base),
         ]
         for label, r in res.items()
     ]

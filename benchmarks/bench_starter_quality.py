@@ -538,6 +538,24 @@ def real_bundles(work: Path, feats_cache: Path) -> Dict[str, Dict[str, Any]]:
     return out
 
 
+def evaluate_bundles(bundles: Dict[str, Path], photos: Sequence[Path]) -> Dict[str, Dict[str, Any]]:
+    """``evaluate_bundle`` of each bundle (OMP_NUM_THREADS threads), then their speeds measured
+    in turns (``interleaved_speed``)."""
+    threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
+    res = {label: evaluate_bundle(b, photos, threads) for label, b in bundles.items()}
+    interleaved_speed(res, photos)
+    return res
+
+
+def cost_cells(r: Dict[str, Any], base: Dict[str, Any]) -> List[str]:
+    """An evaluated bundle's size, text speed and image speed, each with its ratio to ``base``."""
+    return [
+        f"{r['size_mb']:.1f} ({r['size_mb'] / base['size_mb']:.2f}x)",
+        f"{r['text_qps']:.0f} ({base['text_qps'] / r['text_qps']:.2f}x)",
+        f"{r['images_per_s']:.1f} ({base['images_per_s'] / r['images_per_s']:.2f}x)",
+    ]
+
+
 def interleaved_speed(res: Dict[str, Dict[str, Any]], photos: Sequence[Path], rounds: int = 7) -> None:
     """Text queries/s and images/s of every bundle, timed in alternation (round r runs each
     bundle once), medians over rounds: on a shared machine, load changes hit all bundles alike.

@@ -153,3 +153,11 @@ def test_write_section_replaces_only_its_own_block(tmp_path: Path) -> None:
 def test_heldout_file_is_untouched_json() -> None:
     data = json.loads(Q.HELDOUT.read_text(encoding="utf-8"))
     assert all(len(v) == 4 for v in data["queries"].values())
+
+
+def test_cost_cells_give_each_cost_and_its_ratio_to_the_base():
+    base = {"size_mb": 100.0, "text_qps": 200.0, "images_per_s": 10.0}
+    slower = {"size_mb": 120.0, "text_qps": 100.0, "images_per_s": 8.0}
+    # sizes as a ratio of the base's; speeds as latency ratios (base rate / this rate)
+    assert Q.cost_cells(slower, base) == ["120.0 (1.20x)", "100 (2.00x)", "8.0 (1.25x)"]
+    assert Q.cost_cells(base, base) == ["100.0 (1.00x)", "200 (1.00x)", "10.0 (1.00x)"]
