@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-import warnings
+from contextvars import ContextVar
 from struct import error as struct_error
 from typing import Any, BinaryIO, Callable, ContextManager, Iterator, Optional, Union
 
@@ -62,6 +62,28 @@ __all__ = [
 DEFAULT_MAX_PIXELS = 64_000_000
 # Longest side / shortest side beyond which an image is refused (panoramas are up to ~12:1).
 MAX_ASPECT_RATIO = 50
+
+
+# Pillow warns (DecompressionBombWarning) from inside Image.open for images above its limit
+# (~89 Mpx) and raises above twice it. leanclip applies max_pixels itself, so in its own decodes
+# only Pillow's error stays. Not with warnings.catch_warnings(): that swaps the process-wide
+# filter list on every decode, which is not thread-safe (the gallery decodes on a pool: an
+# "ignore" could stay in force after a run, or the user's filters be lost). Instead Pillow's
+# check is wrapped once, and a context variable (one per thread) says "inside a leanclip
+# decode"; everywhere else Pillow checks, and warns, as it always does.
+_IN_OWN_DECODE: ContextVar[bool] = ContextVar("leanclip_in_own_decode", default=False)
+_pillow_bomb_check = Image._decompression_bomb_check
+
+
+def _bomb_check(size: tuple[int, int], **kwargs: Any) -> None:
+    """Pillow's decompression-bomb check, without its warning inside leanclip's decodes."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if _IN_OWN_DECODE.get() and limit is not None and max(1, size[0]) * max(1, size[1]) <= 2 * limit:
+        return  # Pillow would only warn (its formula): max_pixels is leanclip's limit here
+    _pillow_bomb_check(size, **kwargs)
+
+
+Image._decompression_bomb_check = _bomb_check
 
 
 # HEIF (HEIC) and AVIF: the formats phones save, opened by pillow-heif / Pillow's AVIF plugin
@@ -301,10 +323,9 @@ def _binary(source: Union[PathLike, BinaryIO]) -> Iterator[BinaryIO]:
 def _decoding(source: Any, where: Any) -> Iterator[None]:
     """Pillow's failures while opening and decoding ``source`` as :class:`ImageLoadError`."""
     register_formats()
+    own = _IN_OWN_DECODE.set(True)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            yield
+        yield
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as exc:
@@ -323,3 +344,5 @@ def _decoding(source: Any, where: Any) -> Iterator[None]:
             where,
             f"truncated or corrupt image data ({type(exc).__name__}: {str(exc).strip() or 'no detail'})",
         ) from None
+    finally:
+        _IN_OWN_DECODE.reset(own)
