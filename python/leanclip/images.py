@@ -71,8 +71,9 @@ MAX_ASPECT_RATIO = 50
 # "ignore" could stay in force after a run, or the user's filters be lost). Instead Pillow's
 # check is wrapped once, and a context variable (one per thread) says "inside a leanclip
 # decode"; everywhere else Pillow checks, and warns, as it always does.
+# A Pillow without this private hook only costs the warning, never the import.
 _IN_OWN_DECODE: ContextVar[bool] = ContextVar("leanclip_in_own_decode", default=False)
-_pillow_bomb_check = Image._decompression_bomb_check
+_pillow_bomb_check = getattr(Image, "_decompression_bomb_check", None)
 
 
 def _bomb_check(size: tuple[int, int], **kwargs: Any) -> None:
@@ -80,10 +81,12 @@ def _bomb_check(size: tuple[int, int], **kwargs: Any) -> None:
     limit = Image.MAX_IMAGE_PIXELS
     if _IN_OWN_DECODE.get() and limit is not None and max(1, size[0]) * max(1, size[1]) <= 2 * limit:
         return  # Pillow would only warn (its formula): max_pixels is leanclip's limit here
+    assert _pillow_bomb_check is not None  # installed below only when Pillow has the hook
     _pillow_bomb_check(size, **kwargs)
 
 
-Image._decompression_bomb_check = _bomb_check
+if _pillow_bomb_check is not None:
+    Image._decompression_bomb_check = _bomb_check
 
 
 # HEIF (HEIC) and AVIF: the formats phones save, opened by pillow-heif / Pillow's AVIF plugin
