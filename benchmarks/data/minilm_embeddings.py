@@ -12,6 +12,10 @@ and ``emb_<start>.npy`` chunks of float32 unit vectors written as encoding progr
 interrupted run resumes and a partial cache is usable (``load(n)`` returns what exists).
 
     python -m benchmarks.data.minilm_embeddings --n 200000 --threads 2
+
+Encoding speed (onnxruntime, ``--threads 2 --batch 64``, 2-core Intel Xeon intel-f6-m167,
+2026-12-07): ~330 sentences/s while the other jobs left the cores free (a chunk of 10,000 in
+30 s), 100-200/s while they ran; the 180,000 not cached before took 18 minutes (168/s).
 """
 
 from __future__ import annotations
