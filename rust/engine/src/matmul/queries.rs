@@ -28,7 +28,36 @@ pub struct PackedQueries {
 impl PackedQueries {
     /// Pack `m` queries of `k` values (`a`, row-major) for `product` at `level`.
     pub fn new(product: Product, level: Level, m: usize, k: usize, a: &[f32]) -> PackedQueries {
-        assert!(a.len() >= m * k, "queries shorter than m x k");
+        Self::of_rows(product, level, m, k, Src::F32(a))
+    }
+
+    /// [`Self::new`] of `m` rows of `k` values stored as f32, f16 or i8 (`Src`: the values
+    /// it reads, exactly as [`Src::read`] converts them). The i8 product quantizes them a row
+    /// at a time from a row's f32 copy: packing a whole f16 list for the product (the exact
+    /// pass of `tune` packs every list) wrote and read back an f32 copy of it, a fifth of
+    /// that pass.
+    pub fn of_rows(
+        product: Product,
+        level: Level,
+        m: usize,
+        k: usize,
+        rows: Src<'_>,
+    ) -> PackedQueries {
+        assert!(rows.rows(k) >= m || k == 0, "queries shorter than m x k");
+        let converted;
+        let a: &[f32] = match rows {
+            Src::F32(a) => a,
+            // The i8 product reads only `qa` (quantized below, a row at a time).
+            _ if product == Product::I8 => &[],
+            _ => {
+                let mut all = vec![0f32; m * k];
+                for (r, row) in all.chunks_exact_mut(k.max(1)).enumerate() {
+                    read_row(rows, r, k, row);
+                }
+                converted = all;
+                &converted
+            }
+        };
         if product == Product::I8 {
             assert!(
                 k <= I8_MAX_K,
@@ -53,12 +82,26 @@ impl PackedQueries {
         };
         if product == Product::I8 {
             p.qa.resize(m * k, 0);
+            let mut row = Vec::new();
             p.scales = (0..m)
-                .map(|i| quantize_query_i8(&a[i * k..(i + 1) * k], &mut p.qa[i * k..(i + 1) * k]))
+                .map(|i| {
+                    let out = &mut p.qa[i * k..(i + 1) * k];
+                    match rows {
+                        Src::F32(a) => quantize_query_i8(&a[i * k..(i + 1) * k], out),
+                        _ => {
+                            row.resize(k, 0.0);
+                            read_row(rows, i, k, &mut row);
+                            quantize_query_i8(&row, out)
+                        }
+                    }
+                })
                 .collect();
         }
         let Some(shape) = shape else {
-            p.raw = a[..m * k].to_vec();
+            // The reference loop of the i8 product reads `qa`.
+            if product != Product::I8 {
+                p.raw = a[..m * k].to_vec();
+            }
             return p;
         };
         let panels = m.div_ceil(shape.mr);
@@ -726,6 +769,15 @@ impl PackedQueries {
             let _ = (shape, b, n, out, ws);
             unreachable!("no i8 micro-kernel on this architecture");
         }
+    }
+}
+
+/// Row `r` of `rows` (`k` values) as f32, as [`Src::read`] gives it (f16 by the F16C
+/// conversion).
+fn read_row(rows: Src<'_>, r: usize, k: usize, out: &mut [f32]) {
+    match rows {
+        Src::F16(v) => kernels::f16_to_f32(&v[r * k..(r + 1) * k], out),
+        _ => rows.read(r, k, 0, out),
     }
 }
 

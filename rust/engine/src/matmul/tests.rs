@@ -489,3 +489,79 @@ fn one_i8_query_scores_packed_rows_as_the_product_does() {
         }
     }
 }
+
+/// Rows packed from their f16 or i8 storage (`of_rows`, a row at a time) score bit for bit
+/// as the same rows converted to f32 first and packed by `new`, for every product and level.
+#[test]
+fn rows_packed_from_f16_and_i8_storage_score_as_their_f32_values() {
+    for level in available_levels() {
+        for product in [Product::F32, Product::Bf16, Product::I8] {
+            for &(m, n, k) in &SHAPES {
+                if product == Product::I8 && k > I8_MAX_K {
+                    continue;
+                }
+                let a = values(m * k, (3 * m + k) as u64);
+                let b = values(n * k, (5 * n + k) as u64);
+                let halves: Vec<f16> = a.iter().map(|&v| f16::from_f32(v)).collect();
+                let mut ints = vec![0i8; m * k];
+                let scales: Vec<f32> = (0..m)
+                    .map(|r| {
+                        kernels::quantize_row_i8(
+                            &a[r * k..(r + 1) * k],
+                            &mut ints[r * k..(r + 1) * k],
+                        )
+                    })
+                    .collect();
+                let as_i8 = Src::I8 {
+                    data: &ints,
+                    scales: &scales,
+                };
+                for stored in [Src::F16(&halves), as_i8] {
+                    let mut f32s = vec![0f32; m * k];
+                    for r in 0..m {
+                        stored.read(r, k, 0, &mut f32s[r * k..(r + 1) * k]);
+                    }
+                    let want = PackedQueries::new(product, level, m, k, &f32s);
+                    let got = PackedQueries::of_rows(product, level, m, k, stored);
+                    // The right operand: i8 rows for the i8 product, else f32.
+                    let mut bq = vec![0i8; n * k];
+                    let bs: Vec<f32> = (0..n)
+                        .map(|r| {
+                            kernels::quantize_row_i8(
+                                &b[r * k..(r + 1) * k],
+                                &mut bq[r * k..(r + 1) * k],
+                            )
+                        })
+                        .collect();
+                    let src = match product {
+                        Product::I8 => Src::I8 {
+                            data: &bq,
+                            scales: &bs,
+                        },
+                        _ => Src::F32(&b),
+                    };
+                    let mut ws = Workspace::default();
+                    let (mut cw, mut cg) = (vec![0f32; m * n], vec![f32::NAN; m * n]);
+                    want.scores(src, n, &mut cw, n, &mut ws);
+                    got.scores(src, n, &mut cg, n, &mut ws);
+                    let what = if matches!(stored, Src::F16(_)) {
+                        "f16"
+                    } else {
+                        "i8"
+                    };
+                    assert_eq!(
+                        cg.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        cw.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "{level:?} {product:?} {what} rows {m}x{n}x{k}"
+                    );
+                    if product == Product::I8 {
+                        let (mut ow, mut og) = (vec![0f32; m], vec![f32::NAN; m]);
+                        want.scores_one_i8(&bq[..k], bs[0], &mut ow, &mut ws);
+                        got.scores_one_i8(&bq[..k], bs[0], &mut og, &mut ws);
+                        assert_eq!(og, ow, "{level:?} one query, {what} rows {m}x{k}");
+                    }
+                }
+            }
+        }
+    }
+}
