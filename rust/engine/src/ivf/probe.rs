@@ -14,13 +14,14 @@ impl IvfIndex {
     /// The lists each query scans (CSR: offsets into a flat list), nearest first. A query
     /// whose probed lists hold fewer than `needed` vectors (less those of `excluded`, the
     /// excluded keys each list holds, where given) scans every list.
-    /// `np` lists each (at most every list).
+    /// `np` lists each (at most every list). `as_single`: chosen as single queries choose
+    /// them, whatever the count ([`Self::single_query_lists`]).
     pub(super) fn probes(
         &self,
         queries: &[f32],
         needed: usize,
         excluded: &[usize],
-        np: usize,
+        (np, as_single): (usize, bool),
     ) -> (Vec<usize>, Vec<u32>) {
         let nq = queries.len() / self.dim;
         let nlist = self.lists.len();
@@ -32,7 +33,10 @@ impl IvfIndex {
         // Nearest first even when every list is probed: a batch's first round scans the
         // nearest lists, whose scores bound what the others must keep.
         let np = np.clamp(1, nlist);
-        let ids = self.nearest_lists(queries, np);
+        let ids = match as_single {
+            true => self.single_query_lists(queries, np),
+            false => self.nearest_lists(queries, np),
+        };
         let mut offsets = Vec::with_capacity(nq + 1);
         let mut flat = Vec::with_capacity(nq * np);
         offsets.push(0);

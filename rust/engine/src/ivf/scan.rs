@@ -16,7 +16,7 @@
 //! ([`super::SingleScan::Product`]) scores a list's packed copy by [`push_product`]. Nothing here allocates per list or per (query,
 //! list) pair: buffers live per thread ([`Scratch`]).
 
-use super::list::List;
+use super::list::{List, PackCache};
 use super::project;
 use crate::kernels;
 use crate::matmul::{self, Marks, PackedQueries, Product, Src, Workspace};
@@ -76,8 +76,9 @@ pub(crate) struct ScanSpec {
     pub parallel: bool,
     /// Lists may be scanned by the product (see `SearchPlan::by_product`).
     pub by_product: bool,
-    /// Packed copies are kept with the lists (see `SearchPlan::cache`).
-    pub cache: bool,
+    /// Every probed list by the product, however few queries probe it (see
+    /// `SearchPlan::all_by_product`).
+    pub all_by_product: bool,
 }
 
 /// The product a batch over lists of `dtype` runs on this CPU.
@@ -104,13 +105,21 @@ fn pack_rows(
     let (dim, level, n) = (spec.dim, kernels::level(), list.len());
     // i8 rows dequantized and quantized again give back the same integers (the largest
     // |value| of a row is 127) and the scale to an ulp.
-    let rows = list.rows().to_f32(dim, &mut s.conv);
     match directions {
         Some(d) => {
+            let rows = list.rows().to_f32(dim, &mut s.conv);
             project::project(rows, dim, d, spec.pdim, &mut s.proj, &mut s.ws);
             PackedQueries::new(spec.product, level, n, spec.pdim, &s.proj)
         }
-        None => PackedQueries::new(spec.product, level, n, dim, rows),
+        // Converted a row at a time as they are packed (no f32 copy of the list).
+        None => {
+            let rows = match list.rows() {
+                Rows::F32(v) => Src::F32(v),
+                Rows::F16(v) => Src::F16(v),
+                Rows::I8 { data, scales } => Src::I8 { data, scales },
+            };
+            PackedQueries::of_rows(spec.product, level, n, dim, rows)
+        }
     }
 }
 
@@ -331,6 +340,9 @@ pub(crate) struct ScanInputs<'a> {
     pub reduced: Reduced<'a>,
     pub q16: Option<&'a Q16>,
     pub q8: Option<&'a Q8>,
+    /// The lists' packed copies this search keeps apart from the lists' own (one a list),
+    /// where it scans them otherwise than the index's batches.
+    pub packs: Option<&'a [PackCache]>,
 }
 
 /// One list's scan in a round: the queries probing it (indices into the search's queries),
@@ -338,6 +350,9 @@ pub(crate) struct ScanInputs<'a> {
 /// list holds any.
 pub(crate) struct ListScan<'a> {
     pub list: &'a List,
+    /// Where the list's packed copy is (built by the first scan that needs it): the list's
+    /// own, or the search's (see `IvfIndex::search_exact`).
+    pub packed: &'a PackCache,
     pub qs: &'a [u32],
     pub floors: &'a [f32],
     pub by_product: bool,
@@ -496,14 +511,9 @@ impl ScanInputs<'_> {
         let (dim, kc, m) = (spec.dim, spec.kc, qs.len());
         let (n, keys) = (list.len(), list.keys.as_slice());
         let l2 = spec.metric == Metric::L2;
-        let transient;
-        let packed = if spec.cache {
-            list.packed
-                .get_or_init(|| pack_rows(list, spec, self.reduced.directions, s))
-        } else {
-            transient = pack_rows(list, spec, self.reduced.directions, s);
-            &transient
-        };
+        let packed = job
+            .packed
+            .get_or_init(|| pack_rows(list, spec, self.reduced.directions, s));
         if l2 {
             row_sqnorms(list.rows(), dim, &mut s.rnorms, &mut s.conv);
         }

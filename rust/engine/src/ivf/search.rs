@@ -15,7 +15,7 @@
 //! 5. The finish: each query's candidates re-ranked from the float32 copies (`rerank`) or
 //!    re-scored with the single-query kernels, and written out best first.
 
-use super::list::List;
+use super::list::{List, PackCache};
 use super::params::IvfParams;
 use super::pq::Pq;
 use super::project;
@@ -71,10 +71,9 @@ pub(crate) struct SearchPlan {
     pub scan_dims: Option<usize>,
     /// Candidates kept per query (and per (query, list) pair) for the finish.
     pub kc: usize,
-    /// The lists' packed copies are kept for the next searches (else built for this scan and
-    /// dropped: the exact pass of `tune`, which would otherwise replace every list's copy by
-    /// one of all dimensions).
-    pub cache: bool,
+    /// A batch scans every probed list by the product, however few of its queries probe it:
+    /// single queries scanning by the product, searched together ([`Depth::AsSingle`]).
+    pub all_by_product: bool,
 }
 
 impl SearchPlan {
@@ -133,20 +132,38 @@ impl SearchPlan {
             rescore,
             scan_dims,
             kc,
-            cache: true,
+            all_by_product: false,
         }
     }
 
     /// The plan of an exact search ([`Depth::Exact`]): all dimensions, no codes, every list
-    /// (the caller probes them all), the lists' packed copies not kept.
+    /// (the caller probes them all).
     pub fn exact(params: &IvfParams, dtype: DType, metric: Metric, nq: usize, k: usize) -> Self {
-        let params = IvfParams {
+        let all_dims = IvfParams {
             scan_dims: 0,
             ..*params
         };
-        SearchPlan {
-            cache: false,
-            ..SearchPlan::new(&params, dtype, metric, nq, k, SingleScan::Rows)
+        SearchPlan::new(&all_dims, dtype, metric, nq, k, SingleScan::Rows)
+    }
+
+    /// The plan of single queries scanning as `single` says, searched together
+    /// ([`Depth::AsSingle`]): a single query's plan; by the product, list-major and in
+    /// parallel as a batch scans, every probed list by the product (a single query's scan of a
+    /// list by the product gives the scores the batch's product gives it: tested).
+    pub fn as_single(
+        params: &IvfParams,
+        (dtype, metric): (DType, Metric),
+        k: usize,
+        single: SingleScan,
+    ) -> Self {
+        let alone = SearchPlan::new(params, dtype, metric, 1, k, single);
+        match single {
+            SingleScan::Product => SearchPlan {
+                batch: true,
+                all_by_product: true,
+                ..alone
+            },
+            _ => alone,
         }
     }
 
@@ -160,17 +177,22 @@ impl SearchPlan {
             kc: self.kc,
             parallel: self.batch,
             by_product: self.by_product,
-            cache: self.cache,
+            all_by_product: self.all_by_product,
         }
     }
 }
 
 /// How deep a search goes: as the index is tuned (its nprobe, codes, `scan_dims`), or
-/// exactly (every list, all dimensions, the rows).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Depth {
+/// exactly (every list, all dimensions, the rows), or as single queries scanning by the
+/// product go (`AsSingle`: each query's `nprobe_single` lists chosen as a single query
+/// chooses them, every one scanned by the product), for any number of queries at once.
+/// An exact search may keep the lists' packed copies of all dimensions in a store of its own
+/// (`Exact(Some(..))`, see [`IvfIndex::search_exact`]).
+#[derive(Clone, Copy)]
+enum Depth<'a> {
     Tuned,
-    Exact,
+    Exact(Option<&'a [PackCache]>),
+    AsSingle,
 }
 
 /// The keys a search excludes that the index holds, and how many fall in each list.
@@ -252,9 +274,9 @@ impl IvfIndex {
     }
 
     /// The exact top-`k` of checked queries: every list, all dimensions, no codes, as a batch
-    /// of any size (re-scored from the rows), without touching what the index keeps for its
-    /// searches (the lists' packed copies are built for the scan and dropped). What `tune`
-    /// measures recall against.
+    /// of any size (re-scored from the rows), without replacing what the index keeps for its
+    /// searches (with `scan_dims`, the packed copies of all dimensions are held by this
+    /// search alone). What `tune` measures recall against.
     pub(super) fn search_exact(
         &self,
         queries: &[f32],
@@ -262,7 +284,37 @@ impl IvfIndex {
     ) -> Result<(Vec<u64>, Vec<f32>, usize)> {
         let nq = check_search_args(queries, self.dim, k)?;
         self.check_file()?;
-        let found = self.search_parts(queries, k, None, nq, Depth::Exact)?;
+        // Its own store of packed copies where batches scan fewer dimensions (kept across
+        // its parts and rounds, each of which scans every list; built per scan, they were
+        // packed 8 times over and took half of the exact pass); else the lists' own, which
+        // batches scan too.
+        let own: Option<Vec<PackCache>> = (self.params.scan_dims > 0).then(|| {
+            (0..self.lists.len())
+                .map(|_| PackCache::default())
+                .collect()
+        });
+        let found = self.search_parts(queries, k, None, nq, Depth::Exact(own.as_deref()))?;
+        self.check_file()?;
+        Ok(found)
+    }
+
+    /// What each of `queries` gets searched alone (at `nprobe_single`, scanning as
+    /// `single_scan` says), from one search of them all ([`Depth::AsSingle`]): each query's
+    /// lists as a single query chooses them, its excluded keys looked up once for all. By the
+    /// product, the lists are scanned list-major, every one by the product; codes and rows,
+    /// query after query on this thread. What `tune` measures single queries with: alone, a
+    /// query scanning by the product reads every probed list's packed copy (on random vectors
+    /// at 750 of 1,024 lists, 64 such queries cost more than a batch of 1,000), and one
+    /// through codes spent more on the keys a sample excludes than on its scan.
+    pub(super) fn search_as_single(
+        &self,
+        queries: &[f32],
+        k: usize,
+        exclude: Option<&[u64]>,
+    ) -> Result<(Vec<u64>, Vec<f32>, usize)> {
+        let nq = check_search_args(queries, self.dim, k)?;
+        self.check_file()?;
+        let found = self.search_parts(queries, k, exclude, nq, Depth::AsSingle)?;
         self.check_file()?;
         Ok(found)
     }
@@ -299,6 +351,7 @@ impl IvfIndex {
     fn probed(&self, nq: usize, depth: Depth) -> usize {
         match depth {
             Depth::Tuned if self.is_trained() => self.nprobe_for(nq).min(self.lists.len()),
+            Depth::AsSingle if self.is_trained() => self.nprobe_single().min(self.lists.len()),
             _ => self.lists.len(),
         }
     }
@@ -323,7 +376,11 @@ impl IvfIndex {
                 let single = self.single_scan();
                 SearchPlan::new(&self.params, self.dtype, self.metric, nq, kp, single)
             }
-            Depth::Exact => SearchPlan::exact(&self.params, self.dtype, self.metric, nq, kp),
+            Depth::Exact(_) => SearchPlan::exact(&self.params, self.dtype, self.metric, nq, kp),
+            Depth::AsSingle => {
+                let kinds = (self.dtype, self.metric);
+                SearchPlan::as_single(&self.params, kinds, kp, self.single_scan())
+            }
         };
         debug_assert!(plan.rerank == 0 || self.keeps_exact());
         let spec = plan.spec(dim);
@@ -341,7 +398,12 @@ impl IvfIndex {
             .then(|| Q8::new(reduced.queries, spec.pdim));
         // Each query's lists, the scan, the finish.
         let np = self.probed(nq, depth);
-        let probes = self.probes(&queries, kp, &excluded.per_list, np);
+        let probes = self.probes(
+            &queries,
+            kp,
+            &excluded.per_list,
+            (np, matches!(depth, Depth::AsSingle)),
+        );
         let hits = match &self.codebooks {
             Some(book) if plan.codes => {
                 self.scan_codes(book, spec, &queries, &probes, &excluded.keys)
@@ -353,6 +415,10 @@ impl IvfIndex {
                     reduced,
                     q16: q16.as_ref(),
                     q8: q8.as_ref(),
+                    packs: match depth {
+                        Depth::Exact(packs) => packs,
+                        _ => None,
+                    },
                 };
                 if plan.by_product && !plan.batch {
                     self.scan_product_few(&inputs, &probes, &excluded.keys)
@@ -487,7 +553,7 @@ impl IvfIndex {
             probed[l as usize] += 1;
         }
         // Single queries set to scan by the product scan every list so.
-        let all = inputs.reduced.directions.is_some() || !spec.parallel;
+        let all = inputs.reduced.directions.is_some() || !spec.parallel || spec.all_by_product;
         let by_product: Vec<bool> = probed
             .iter()
             .map(|&c| c >= PRODUCT_MIN_QUERIES || all)
@@ -591,6 +657,7 @@ impl IvfIndex {
         let run = |(l, n): (usize, &mut [u32])| -> (usize, Vec<Cand>) {
             let job = ListScan {
                 list: &self.lists[l],
+                packed: inputs.packs.map_or(&self.lists[l].packed, |p| &p[l]),
                 qs: &list_queries[start[l]..start[l + 1]],
                 floors,
                 by_product: by_product[l],

@@ -827,7 +827,7 @@ fn single_queries_by_the_product_rank_as_a_batch_by_the_product() {
         let q = data(9, 400, dim);
         let qn = ivf.normalize(&q, true).into_owned();
         let single_lists = ivf.single_query_lists(&qn, 6);
-        let (offsets, flat) = ivf.probes(&qn, 0, &[], 6);
+        let (offsets, flat) = ivf.probes(&qn, 0, &[], (6, false));
         let exclude: Vec<u64> = (0..n as u64).step_by(7).collect();
         let (b, bs, kb) = ivf.search(&q, 10, Some(&exclude)).unwrap();
         let mut same_lists = 0;
@@ -858,4 +858,67 @@ fn single_queries_by_the_product_rank_as_a_batch_by_the_product() {
             "scan_dims={scan_dims}: {same_lists} of 400"
         );
     }
+}
+
+/// tune measures single queries in searches of many at once (`search_as_single`): each query
+/// gets what it gets searched alone, by the product also where few of the queries probe a
+/// list (a batch would scan that list by the rows), through codes, and by the rows, with
+/// excluded keys.
+#[test]
+fn single_queries_searched_together_get_what_each_gets_alone() {
+    let (n, dim) = (6000, 32);
+    let v = data(5, n, dim);
+    let keys: Vec<u64> = (0..n as u64).collect();
+    let q = data(11, 40, dim);
+    let exclude: Vec<u64> = (0..n as u64).step_by(5).collect();
+    let mut by_product = 0;
+    let cases = [
+        (DType::F16, 0, SingleScan::Product),
+        (DType::F16, 16, SingleScan::Product),
+        (DType::I8, 0, SingleScan::Product),
+        (DType::I8, 16, SingleScan::Product),
+        (DType::F16, 0, SingleScan::Codes),
+        (DType::I8, 0, SingleScan::Rows),
+        (DType::F32, 0, SingleScan::Rows),
+    ];
+    for (dtype, scan_dims, scan) in cases {
+        let params = match scan {
+            SingleScan::Codes => pq_params(32, 8, 40),
+            _ => params(32),
+        };
+        let mut ivf = IvfIndex::new(dim, Metric::Cos, dtype, params).unwrap();
+        ivf.train(&v).unwrap();
+        ivf.add(&keys, &v).unwrap();
+        ivf.set_scan_dims(scan_dims).unwrap();
+        if scan == SingleScan::Product && !ivf.product_scan_fits() {
+            // No reduced batch product at the avx2 and scalar levels (valgrind runs there).
+            assert_eq!(scan_dims, 0);
+            continue;
+        }
+        ivf.set_single_scan(scan).unwrap();
+        assert_eq!(ivf.single_scan(), scan);
+        ivf.set_nprobe(2).unwrap();
+        ivf.set_nprobe_single(5).unwrap();
+        // 40 queries x 5 probes over 32 lists: most lists probed by fewer than 8 of them.
+        let qn = ivf.normalize(&q, true).into_owned();
+        let mut probed = vec![0usize; 32];
+        for &l in &ivf.probes(&qn, 0, &[], (5, true)).1 {
+            probed[l as usize] += 1;
+        }
+        assert!(probed.iter().any(|&c| c > 0 && c < 8), "{probed:?}");
+        let (b, bs, kb) = ivf.search_as_single(&q, 10, Some(&exclude)).unwrap();
+        assert_eq!(kb, 10);
+        for i in 0..40 {
+            let (s, ss, _) = ivf
+                .search(&q[i * dim..(i + 1) * dim], 10, Some(&exclude))
+                .unwrap();
+            let case = format!("{dtype:?} scan_dims={scan_dims} {scan:?} query {i}");
+            assert_eq!(s, b[i * kb..(i + 1) * kb], "{case}");
+            assert_eq!(ss, bs[i * kb..(i + 1) * kb], "{case}");
+            assert!(s.iter().all(|key| key % 5 != 0));
+        }
+        by_product += (scan == SingleScan::Product) as usize;
+    }
+    // The projected scan has a product at every level.
+    assert!(by_product >= 2);
 }

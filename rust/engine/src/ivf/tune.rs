@@ -57,6 +57,9 @@ const DUP_FETCH: usize = 32;
 const DUP_RADIUS: f32 = 0.6;
 /// Most single queries `product_like_batch` searches (the rest move by their mean change).
 const LIKE_BATCH_MEASURED: usize = 64;
+/// Single queries (through codes or rows) `single_recalls_of` searches together, a part of
+/// the sample per task.
+const AS_SINGLE_PART: usize = 32;
 /// Longest shortlist tried before nprobe grows.
 const MAX_SHORTLIST: usize = 1024;
 
@@ -354,23 +357,52 @@ impl IvfIndex {
 
     /// The smallest nprobe from `from` up (by an eighth at a time, at most twice the exact
     /// scan's need) whose recall reaches the target, measured as batches or as single queries
-    /// scanning by the product; else the last one measured.
+    /// scanning by the product; else the last one measured. The first two steps are measured
+    /// in turn (most targets are met there); past them the last step is measured next: where
+    /// even it misses, the climb stops there (i8 rows aiming at what every list reaches
+    /// measured 8 steps of a reduced scan that reached nowhere), else bisection finds the
+    /// first step reaching the target between them (recall grows with nprobe).
     fn climb(&mut self, t: &mut Tuning, from: usize, how: Climb) -> Result<(usize, Vec<f64>)> {
         let limit = 2 * t.p_exact().max(4);
-        let mut p = from.clamp(1, t.nlist);
-        loop {
-            t.evaluations += 1;
-            let r = match how {
-                Climb::Batch => self.batch_recalls(t, p)?,
-                Climb::SingleProduct => {
-                    self.auto.nprobe_single = p;
-                    self.single_recalls(&t.sample, t.k, t.sample.len())?
-                }
-            };
-            if t.reaches(&r) || p >= t.nlist || p >= limit {
+        let mut steps = vec![from.clamp(1, t.nlist)];
+        while let Some(&p) = steps.last().filter(|&&p| p < t.nlist && p < limit) {
+            steps.push((p + p.div_ceil(8)).min(t.nlist));
+        }
+        let last = steps.len() - 1;
+        let mut lo = 0;
+        for (i, &p) in steps.iter().enumerate().take(2) {
+            let r = self.measure(t, how, p)?;
+            if t.reaches(&r) || i == last {
                 return Ok((p, r));
             }
-            p = (p + p.div_ceil(8)).min(t.nlist);
+            lo = i;
+        }
+        let top = self.measure(t, how, steps[last])?;
+        if !t.reaches(&top) {
+            return Ok((steps[last], top));
+        }
+        let (mut hi, mut best) = (last, top);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            let r = self.measure(t, how, steps[mid])?;
+            if t.reaches(&r) {
+                (hi, best) = (mid, r);
+            } else {
+                lo = mid;
+            }
+        }
+        Ok((steps[hi], best))
+    }
+
+    /// The sample's recalls at nprobe `p`, as `climb` measures them.
+    fn measure(&mut self, t: &mut Tuning, how: Climb, p: usize) -> Result<Vec<f64>> {
+        t.evaluations += 1;
+        match how {
+            Climb::Batch => self.batch_recalls(t, p),
+            Climb::SingleProduct => {
+                self.auto.nprobe_single = p;
+                self.single_recalls(&t.sample, t.k, t.sample.len())
+            }
         }
     }
 
@@ -406,13 +438,15 @@ impl IvfIndex {
             recalls: t.ideal(p_exact),
             bytes: cost.rows(p_exact),
         };
-        if self.product_scan_fits() {
+        let from = if t.reaches(&t.ideal(nprobe)) {
+            nprobe
+        } else {
+            p_exact
+        };
+        // The product reads more with every list: where it reads more than the rows at its
+        // first step, it cannot win and is not measured.
+        if self.product_scan_fits() && cost.product(self, from, t.k) < best.bytes {
             self.auto.single_product = true;
-            let from = if t.reaches(&t.ideal(nprobe)) {
-                nprobe
-            } else {
-                p_exact
-            };
             let like_batch = from == nprobe
                 && t.reaches(batch)
                 && t.batch_is_all_product(nprobe, self.params.scan_dims > 0);
@@ -487,7 +521,7 @@ impl IvfIndex {
     fn cand_list_ranks(&mut self, sample: &Sample) -> Result<(Vec<Vec<usize>>, Probes)> {
         let nlist = self.lists.len();
         let queries = self.normalize(&sample.queries, true);
-        let (offsets, flat) = self.probes(&queries, 0, &[], nlist);
+        let (offsets, flat) = self.probes(&queries, 0, &[], (nlist, false));
         let mut pos = vec![usize::MAX; nlist];
         let mut out = Vec::with_capacity(sample.len());
         for (i, cand) in sample.cand.iter().enumerate() {
@@ -518,18 +552,35 @@ impl IvfIndex {
         self.single_recalls_of(sample, k, &which)
     }
 
-    /// The recalls of the sample queries `which`, searched one at a time (in parallel) at the
-    /// current settings, as a batch searches them (the keys any query excludes excluded).
+    /// The recalls of the sample queries `which` searched as single queries at the current
+    /// settings, as a batch searches them (the keys any query excludes excluded), from
+    /// searches of many at once (`search_as_single`: what each gets alone): by the product,
+    /// one search of them all (each list scanned once for all); else parts in parallel.
     fn single_recalls_of(&self, sample: &Sample, k: usize, which: &[usize]) -> Result<Vec<f64>> {
         let dim = self.dim;
-        which
-            .par_iter()
-            .map(|&i| {
-                let q = &sample.queries[i * dim..(i + 1) * dim];
-                let (ids, _, _) = self.search(q, k, Some(&sample.union))?;
-                Ok(recall_of(&ids, &sample.truth_batch[i], &[], k))
+        let part = match self.single_scan() {
+            SingleScan::Product => which.len().max(1),
+            _ => AS_SINGLE_PART,
+        };
+        let parts: Vec<Vec<f64>> = which
+            .par_chunks(part)
+            .map(|part| {
+                let mut qs = Vec::with_capacity(part.len() * dim);
+                for &i in part {
+                    qs.extend_from_slice(&sample.queries[i * dim..(i + 1) * dim]);
+                }
+                let (ids, _, kp) = self.search_as_single(&qs, k, Some(&sample.union))?;
+                Ok(part
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &i)| {
+                        let found = ids.get(j * kp..(j + 1) * kp).unwrap_or(&[]);
+                        recall_of(found, &sample.truth_batch[i], &[], k)
+                    })
+                    .collect())
             })
-            .collect()
+            .collect::<Result<_>>()?;
+        Ok(parts.concat())
     }
 
     /// Single queries scanning by the product at the batches' nprobe `p`, where the batch
