@@ -319,6 +319,62 @@ impl IvfIndex {
         Ok(found)
     }
 
+    /// Single queries through codes at every shortlist up to `longest` at once: each query's
+    /// best `longest` candidates by their codes, best first (equal scores by ascending key),
+    /// as (key, the score the finish gives it), scanned as [`Self::search_as_single`] scans.
+    /// A search at shortlist `s` (at most `longest`) keeps the first `s` of them and returns
+    /// their best `k` by that score (equal scores by ascending key): `tune` measures every
+    /// shortlist from this one scan (each took a search of the sample).
+    pub(super) fn codes_ranked(
+        &self,
+        queries: &[f32],
+        (k, longest): (usize, usize),
+        exclude: Option<&[u64]>,
+    ) -> Result<Vec<Vec<(u64, f32)>>> {
+        let dim = self.dim;
+        check_search_args(queries, dim, k)?;
+        self.check_file()?;
+        let Some(book) = self.codebooks.as_ref() else {
+            return crate::error::invalid("codes_ranked needs an index with codes");
+        };
+        let excluded = self.excluded(exclude);
+        let kp = k.min(self.len() - excluded.keys.len());
+        if kp == 0 {
+            return Ok(vec![Vec::new(); queries.len() / dim]);
+        }
+        let params = IvfParams {
+            shortlist: longest,
+            ..self.params
+        };
+        let kinds = (self.dtype, self.metric);
+        let plan = SearchPlan::as_single(&params, kinds, kp, SingleScan::Codes);
+        debug_assert!(plan.codes && plan.kc == kp.max(plan.rerank).max(longest));
+        let queries = self.normalize(queries, true);
+        let q16 =
+            (self.dtype == DType::I8 && self.metric != Metric::L2).then(|| Q16::new(&queries, dim));
+        let np = self.probed(1, Depth::AsSingle);
+        let probes = self.probes(&queries, kp, &excluded.per_list, (np, true));
+        let hits = self.scan_codes(book, plan.spec(dim), &queries, &probes, &excluded.keys);
+        let mut conv = Vec::new();
+        let ranked = hits
+            .into_iter()
+            .enumerate()
+            .map(|(q, mut top)| {
+                top.sort_unstable_by(topk::rank);
+                let qv = &queries[q * dim..(q + 1) * dim];
+                self.rescore(
+                    &plan,
+                    (qv, q16.as_ref().map(|x| x.query(q, dim))),
+                    &mut top,
+                    &mut conv,
+                );
+                top.iter().map(|c| (c.key, c.score)).collect()
+            })
+            .collect();
+        self.check_file()?;
+        Ok(ranked)
+    }
+
     /// [`Self::search`] of `nq` checked queries, in parts where the batch is large.
     fn search_parts(
         &self,
@@ -470,20 +526,7 @@ impl IvfIndex {
         let mut scores = vec![0f32; nq * kp];
         let finish = |conv: &mut Vec<f32>, (q, ((ids, scores), mut top)): FinishItem| {
             let qv = &queries[q * dim..(q + 1) * dim];
-            if plan.rerank > 0 {
-                self.rerank(qv, &mut top);
-            } else if plan.rescore {
-                let q16 = q16.map(|x| x.query(q, dim));
-                // Candidates lie anywhere in memory: start loading them all at once.
-                for c in top.iter() {
-                    let list = &self.lists[c.list as usize];
-                    kernels::prefetch(list.row_bytes(c.slot as usize, dim));
-                }
-                for c in top.iter_mut() {
-                    let list = &self.lists[c.list as usize];
-                    c.score =
-                        scan::exact_score(list, c.slot as usize, self.metric, dim, qv, q16, conv);
-                }
+            if self.rescore(plan, (qv, q16.map(|x| x.query(q, dim))), &mut top, conv) {
                 top.sort_unstable_by(topk::rank);
             }
             debug_assert!(top.len() >= kp);
@@ -509,7 +552,34 @@ impl IvfIndex {
         (ids, scores)
     }
 
-    /// Re-scores the candidates from their float32 copies, best first.
+    /// The finish's scores of a query's candidates (`qv`, and for i8 rows its i16 copy):
+    /// from the float32 copies (`rerank`) or from the rows with the single-query kernels
+    /// (`rescore`); false where the plan keeps the scan's scores.
+    fn rescore(
+        &self,
+        plan: &SearchPlan,
+        (qv, q16): (&[f32], Option<(&[i16], f32)>),
+        top: &mut [Cand],
+        conv: &mut Vec<f32>,
+    ) -> bool {
+        let dim = self.dim;
+        if plan.rerank > 0 {
+            self.rerank(qv, top);
+        } else if plan.rescore {
+            // Candidates lie anywhere in memory: start loading them all at once.
+            for c in top.iter() {
+                let list = &self.lists[c.list as usize];
+                kernels::prefetch(list.row_bytes(c.slot as usize, dim));
+            }
+            for c in top.iter_mut() {
+                let list = &self.lists[c.list as usize];
+                c.score = scan::exact_score(list, c.slot as usize, self.metric, dim, qv, q16, conv);
+            }
+        }
+        plan.rerank > 0 || plan.rescore
+    }
+
+    /// Scores the candidates from their float32 copies.
     fn rerank(&self, q: &[f32], top: &mut [Cand]) {
         let dim = self.dim;
         let level = kernels::level();
@@ -525,7 +595,6 @@ impl IvfIndex {
                 _ => kernels::dot_f32_with(level, q, row),
             };
         }
-        top.sort_unstable_by(topk::rank);
     }
 
     /// Scans every probed list once for all the queries probing it (list-major) and merges

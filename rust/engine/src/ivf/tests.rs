@@ -922,3 +922,38 @@ fn single_queries_searched_together_get_what_each_gets_alone() {
     // The projected scan has a product at every level.
     assert!(by_product >= 2);
 }
+
+/// tune measures every shortlist of single queries through codes from one scan
+/// (`codes_ranked`): the first s of each query's ranking, best k by their scores, is what a
+/// search at shortlist s returns.
+#[test]
+fn codes_ranked_once_gives_every_shortlist_a_search_gives() {
+    let (n, dim) = (6000, 32);
+    let v = data(7, n, dim);
+    let keys: Vec<u64> = (0..n as u64).collect();
+    let q = data(13, 30, dim);
+    let exclude: Vec<u64> = (0..n as u64).step_by(3).collect();
+    for dtype in [DType::F16, DType::I8, DType::F32] {
+        let mut ivf = IvfIndex::new(dim, Metric::Cos, dtype, pq_params(32, 8, 40)).unwrap();
+        ivf.train(&v).unwrap();
+        ivf.add(&keys, &v).unwrap();
+        ivf.set_single_scan(SingleScan::Codes).unwrap();
+        ivf.set_nprobe_single(3).unwrap();
+        let ranked = ivf.codes_ranked(&q, (10, 300), Some(&exclude)).unwrap();
+        assert_eq!(ranked.len(), 30);
+        for s in [10, 17, 64, 300] {
+            ivf.set_shortlist(s).unwrap();
+            for (i, r) in ranked.iter().enumerate() {
+                assert!(r.len() >= s.min(r.len()) && r.len() <= 300);
+                let mut first: Vec<(u64, f32)> = r[..s.min(r.len())].to_vec();
+                first.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                let want: Vec<u64> = first.iter().take(10).map(|c| c.0).collect();
+                let (got, _, _) = ivf
+                    .search(&q[i * dim..(i + 1) * dim], 10, Some(&exclude))
+                    .unwrap();
+                assert_eq!(got, want, "{dtype:?} shortlist {s} query {i}");
+                assert!(got.iter().all(|key| key % 3 != 0));
+            }
+        }
+    }
+}

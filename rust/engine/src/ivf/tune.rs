@@ -35,6 +35,10 @@
 //! the batch, and only the others are searched), or codes (the shortest shortlist reaching
 //! the target, measured first at the longest one affordable), whichever reads the fewest
 //! bytes; codes chosen automatically and not used are dropped (`pq` 0: a smaller index).
+//! Single queries are measured in searches of many at once that give each what it gets
+//! alone (`search_as_single`: by the product, one list-major scan for all of them), and every
+//! shortlist of codes from one scan at the longest (`codes_ranked`); a way that reads more
+//! than the rows at its first step is not measured.
 //!
 //! The recall reported is the sample's mean recall@k at the settings chosen, with its spread:
 //! 1.96 standard errors of that mean (per-query recalls vary; 1,000 queries at recall 0.95 give
@@ -139,6 +143,27 @@ pub(super) fn stored_bytes(dtype: DType, row: &[f32]) -> Vec<u8> {
             bytemuck::cast_slice(&q).to_vec()
         }
     }
+}
+
+/// Per-query recall of single queries through codes at shortlist `s`, from each query's
+/// ranking by codes (`codes_ranked`): the best k of its first `s` candidates by their scores
+/// (equal scores by ascending key), as the search's finish ranks them.
+fn recalls_at_shortlist(
+    sample: &Sample,
+    ranked: &[Vec<(u64, f32)>],
+    s: usize,
+    k: usize,
+) -> Vec<f64> {
+    ranked
+        .par_iter()
+        .zip(&sample.truth_batch)
+        .map(|(r, truth)| {
+            let mut first = r[..s.min(r.len())].to_vec();
+            first.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            let found: Vec<u64> = first.iter().take(k).map(|c| c.0).collect();
+            recall_of(&found, truth, &[], k)
+        })
+        .collect()
 }
 
 /// Mean and 1.96 standard errors of per-query recalls.
@@ -632,7 +657,9 @@ impl IvfIndex {
     /// reaching `target` (doubling from max(k, 32), then bisection to an eighth), if one does
     /// while the codes read fewer than `budget` bytes (what the cheapest other way reads):
     /// the codes of the probed lists plus the re-scored rows, counted twice as they lie
-    /// anywhere in memory. None: another way is cheaper.
+    /// anywhere in memory. None: another way is cheaper. Every shortlist is measured from one
+    /// scan at the longest (`codes_ranked`: a search at shortlist s returns the best k of
+    /// the first s candidates it ranks).
     fn tune_codes(
         &mut self,
         sample: &Sample,
@@ -645,18 +672,14 @@ impl IvfIndex {
         let nprobe = self.nprobe_single();
         let longest = (((budget - cost.codes(nprobe, 0)) / (2.0 * cost.row)).max(0.0) as usize)
             .min(MAX_SHORTLIST);
-        // The longest affordable shortlist first: where even it misses, codes lose (one
-        // measurement, not a climb to it), and a quarter of the sample tells where it misses
-        // by far (3 standard errors: a wrong call one time in 700).
         let top = longest.max(k);
-        *evaluations += 1;
         self.params.shortlist = top;
-        let quarter = self.single_recalls(sample, k, sample.len().div_ceil(4))?;
-        let (m, spread) = mean_spread(&quarter);
-        if m + 3.0 * spread / 1.96 < target {
-            return Ok(None);
-        }
-        let at_top = self.single_recalls(sample, k, sample.len())?;
+        let ranked = self.codes_ranked_sample(sample, k, top)?;
+        let mut at = |s: usize| -> Vec<f64> {
+            *evaluations += 1;
+            recalls_at_shortlist(sample, &ranked, s, k)
+        };
+        let at_top = at(top);
         if mean_spread(&at_top).0 < target {
             return Ok(None);
         }
@@ -664,9 +687,7 @@ impl IvfIndex {
         let mut s = k.max(16);
         let mut found = None;
         while s < top {
-            *evaluations += 1;
-            self.params.shortlist = s;
-            let r = self.single_recalls(sample, k, sample.len())?;
+            let r = at(s);
             if mean_spread(&r).0 >= target {
                 found = Some((s, r));
                 break;
@@ -677,9 +698,7 @@ impl IvfIndex {
         let (mut hi, mut best) = found.unwrap_or((top, at_top));
         while hi - lo > (hi / 8).max(1) {
             let mid = lo + (hi - lo) / 2;
-            *evaluations += 1;
-            self.params.shortlist = mid;
-            let r = self.single_recalls(sample, k, sample.len())?;
+            let r = at(mid);
             if mean_spread(&r).0 >= target {
                 hi = mid;
                 best = r;
@@ -689,6 +708,26 @@ impl IvfIndex {
         }
         self.params.shortlist = hi;
         Ok(Some((hi, best)))
+    }
+
+    /// `codes_ranked` of every sample query (its best `longest` by codes, with their
+    /// scores), as the batches exclude keys; parts of the sample in parallel.
+    fn codes_ranked_sample(
+        &self,
+        sample: &Sample,
+        k: usize,
+        longest: usize,
+    ) -> Result<Vec<Vec<(u64, f32)>>> {
+        let dim = self.dim;
+        let all: Vec<usize> = (0..sample.len()).collect();
+        let parts: Vec<Vec<Vec<(u64, f32)>>> = all
+            .par_chunks(AS_SINGLE_PART)
+            .map(|part| {
+                let qs = &sample.queries[part[0] * dim..(part[part.len() - 1] + 1) * dim];
+                self.codes_ranked(qs, (k, longest), Some(&sample.union))
+            })
+            .collect::<Result<_>>()?;
+        Ok(parts.concat())
     }
 
     /// The sample queries with their answers: the caller's queries (a seeded 1,000 at most),
