@@ -740,11 +740,37 @@ pub(crate) fn push_codes(
     codes: &[u8],
     excluded: Option<&FxHashSet<u64>>,
 ) {
+    let bufs = (&mut s.sums, &mut s.passing);
+    sum_codes((&s.tables, &mut s.sel), bufs, (list, l, codes), excluded);
+}
+
+/// [`push_codes`] for a query with its own tables and selection (`query`): several queries
+/// scanned list-major.
+pub(crate) fn push_codes_of(
+    s: &mut CodeScratch,
+    query: (&kernels::PqTables, &mut Select),
+    (list, l, codes): (&List, u32, &[u8]),
+    excluded: Option<&FxHashSet<u64>>,
+) {
+    sum_codes(
+        query,
+        (&mut s.sums, &mut s.passing),
+        (list, l, codes),
+        excluded,
+    );
+}
+
+fn sum_codes(
+    (tables, sel): (&kernels::PqTables, &mut Select),
+    (sums, passing): (&mut Vec<u16>, &mut Vec<u32>),
+    (list, l, codes): (&List, u32, &[u8]),
+    excluded: Option<&FxHashSet<u64>>,
+) {
     let level = kernels::level();
     let n = list.len();
     let rows = n.div_ceil(kernels::PQ_BLOCK) * kernels::PQ_BLOCK;
-    s.sums.resize(rows, 0);
-    kernels::pq_scan_with(level, &s.tables, codes, &mut s.sums[..rows]);
+    sums.resize(rows, 0);
+    kernels::pq_scan_with(level, tables, codes, &mut sums[..rows]);
     let keys = list.keys.as_slice();
-    push_sums(&mut s.sel, l, &s.sums[..n], keys, excluded, &mut s.passing);
+    push_sums(sel, l, &sums[..n], keys, excluded, passing);
 }

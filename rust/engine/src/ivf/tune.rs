@@ -46,6 +46,7 @@
 //! contents and arguments (one process-wide entry, keyed by a hash of every key and row).
 
 use super::kmeans::Rng;
+use super::search::CodesRanked;
 use super::{IvfIndex, SingleScan};
 use crate::error::{invalid, Result};
 use crate::types::{DType, Metric};
@@ -143,27 +144,6 @@ pub(super) fn stored_bytes(dtype: DType, row: &[f32]) -> Vec<u8> {
             bytemuck::cast_slice(&q).to_vec()
         }
     }
-}
-
-/// Per-query recall of single queries through codes at shortlist `s`, from each query's
-/// ranking by codes (`codes_ranked`): the best k of its first `s` candidates by their scores
-/// (equal scores by ascending key), as the search's finish ranks them.
-fn recalls_at_shortlist(
-    sample: &Sample,
-    ranked: &[Vec<(u64, f32)>],
-    s: usize,
-    k: usize,
-) -> Vec<f64> {
-    ranked
-        .par_iter()
-        .zip(&sample.truth_batch)
-        .map(|(r, truth)| {
-            let mut first = r[..s.min(r.len())].to_vec();
-            first.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            let found: Vec<u64> = first.iter().take(k).map(|c| c.0).collect();
-            recall_of(&found, truth, &[], k)
-        })
-        .collect()
 }
 
 /// Mean and 1.96 standard errors of per-query recalls.
@@ -674,15 +654,21 @@ impl IvfIndex {
             .min(MAX_SHORTLIST);
         let top = longest.max(k);
         self.params.shortlist = top;
-        let ranked = self.codes_ranked_sample(sample, k, top)?;
+        let mut ranked = self.codes_ranked_sample(sample, k, top)?;
+        let ix: &IvfIndex = self;
         let mut at = |s: usize| -> Vec<f64> {
             *evaluations += 1;
-            recalls_at_shortlist(sample, &ranked, s, k)
+            let found: Vec<Vec<u64>> = ranked
+                .par_iter_mut()
+                .flat_map_iter(|part| ix.codes_found(part, s))
+                .collect();
+            (found.iter().zip(&sample.truth_batch))
+                .map(|(f, truth)| recall_of(f, truth, &[], k))
+                .collect()
         };
-        let at_top = at(top);
-        if mean_spread(&at_top).0 < target {
-            return Ok(None);
-        }
+        // Shortlists doubling up to the first reaching the target (the rows re-scored are
+        // only those of the shortlists measured), else the longest: where even it misses,
+        // codes lose.
         let mut lo = k - 1;
         let mut s = k.max(16);
         let mut found = None;
@@ -695,7 +681,16 @@ impl IvfIndex {
             lo = s;
             s = (s * 2).min(top);
         }
-        let (mut hi, mut best) = found.unwrap_or((top, at_top));
+        let (mut hi, mut best) = match found {
+            Some(f) => f,
+            None => {
+                let r = at(top);
+                if mean_spread(&r).0 < target {
+                    return Ok(None);
+                }
+                (top, r)
+            }
+        };
         while hi - lo > (hi / 8).max(1) {
             let mid = lo + (hi - lo) / 2;
             let r = at(mid);
@@ -710,24 +705,19 @@ impl IvfIndex {
         Ok(Some((hi, best)))
     }
 
-    /// `codes_ranked` of every sample query (its best `longest` by codes, with their
-    /// scores), as the batches exclude keys; parts of the sample in parallel.
+    /// `codes_ranked` of the sample queries (each one's best `longest` by codes), as the
+    /// batches exclude keys: parts of the sample in parallel, in order.
     fn codes_ranked_sample(
         &self,
         sample: &Sample,
         k: usize,
         longest: usize,
-    ) -> Result<Vec<Vec<(u64, f32)>>> {
-        let dim = self.dim;
-        let all: Vec<usize> = (0..sample.len()).collect();
-        let parts: Vec<Vec<Vec<(u64, f32)>>> = all
-            .par_chunks(AS_SINGLE_PART)
-            .map(|part| {
-                let qs = &sample.queries[part[0] * dim..(part[part.len() - 1] + 1) * dim];
-                self.codes_ranked(qs, (k, longest), Some(&sample.union))
-            })
-            .collect::<Result<_>>()?;
-        Ok(parts.concat())
+    ) -> Result<Vec<CodesRanked>> {
+        sample
+            .queries
+            .par_chunks(AS_SINGLE_PART * self.dim)
+            .map(|qs| self.codes_ranked(qs, (k, longest), Some(&sample.union)))
+            .collect()
     }
 
     /// The sample queries with their answers: the caller's queries (a seeded 1,000 at most),
