@@ -32,9 +32,11 @@
 //! excludes (each query's truth then its best k outside them). Single queries: the rows, the
 //! packed copy a batch scans (`single_scan` "product": where the batch scanned every probed
 //! list by the product, the queries that choose the same lists alone find what they found in
-//! the batch, and only the others are searched), or codes (the shortest shortlist reaching
-//! the target, measured first at the longest one affordable), whichever reads the fewest
-//! bytes; codes chosen automatically and not used are dropped (`pq` 0: a smaller index).
+//! the batch, and only the others are searched), or codes (nprobe and shortlist together: from
+//! where each candidate stands by code score, `tune/codes.rs`, the pair reading the fewest
+//! bytes, then measured; at the exact scan's nprobe the codes must keep nearly every
+//! neighbour, and the shortlist grows long), whichever reads the fewest bytes; codes chosen
+//! automatically and not used are dropped (`pq` 0: a smaller index).
 //! Single queries are measured in searches of many at once that give each what it gets
 //! alone (`search_as_single`: by the product, one list-major scan for all of them), and every
 //! shortlist of codes from one scan at the longest (`codes_ranked`); a way that reads more
@@ -54,6 +56,8 @@ use rayon::prelude::*;
 use rustc_hash::FxHashSet;
 use std::sync::{Arc, Mutex};
 
+mod codes;
+
 /// Most sample queries tune uses.
 pub const TUNE_QUERIES: usize = 1000;
 /// Neighbours fetched per held-out vector to find its near duplicates (2k + this).
@@ -65,8 +69,11 @@ const LIKE_BATCH_MEASURED: usize = 64;
 /// Single queries (through codes or rows) `single_recalls_of` searches together, a part of
 /// the sample per task.
 const AS_SINGLE_PART: usize = 32;
-/// Longest shortlist tried before nprobe grows.
+/// Longest shortlist tune sets.
 const MAX_SHORTLIST: usize = 1024;
+/// Most settings of codes measured (the cheapest by the code ranks, then aiming higher by what
+/// they over-estimated).
+const CODE_TRIES: usize = 3;
 
 /// What `tune` chose and the recall it expects.
 #[derive(Clone, Debug, PartialEq)]
@@ -483,15 +490,14 @@ impl IvfIndex {
         if !self.has_codes() {
             return Ok(best);
         }
-        self.auto.nprobe_single = p_exact;
-        match self.tune_codes(&t.sample, t.k, t.target, best.bytes, &mut t.evaluations)? {
-            Some((s, r)) => {
+        match self.tune_codes(t, p_exact, best.bytes)? {
+            Some((p, s, r)) => {
                 return Ok(Single {
                     scan: SingleScan::Codes,
-                    nprobe: p_exact,
+                    nprobe: p,
                     shortlist: s,
                     recalls: r,
-                    bytes: cost.codes(p_exact, s),
+                    bytes: cost.codes(p, s),
                 })
             }
             None if self.auto.knobs.pq => {
@@ -505,6 +511,7 @@ impl IvfIndex {
             None if best.scan == SingleScan::Rows => {
                 // Codes given by hand (single queries scan them unless they scan by the
                 // product): the longest shortlist tried, at the exact scan's nprobe.
+                self.auto.nprobe_single = p_exact;
                 self.params.shortlist = MAX_SHORTLIST;
                 t.evaluations += 1;
                 let recalls = self.single_recalls(&t.sample, t.k, t.sample.len())?;
@@ -633,76 +640,75 @@ impl IvfIndex {
         Ok(r)
     }
 
-    /// Single queries through codes at the single queries' nprobe: the shortest shortlist
-    /// reaching `target` (doubling from max(k, 32), then bisection to an eighth), if one does
-    /// while the codes read fewer than `budget` bytes (what the cheapest other way reads):
-    /// the codes of the probed lists plus the re-scored rows, counted twice as they lie
-    /// anywhere in memory. None: another way is cheaper. Every shortlist is measured from one
-    /// scan at the longest (`codes_ranked`: a search at shortlist s returns the best k of
-    /// the first s candidates it ranks).
+    /// Single queries through codes: of the (nprobe, shortlist) pairs the code ranks say reach
+    /// the target (`tune/codes.rs`), the one reading the fewest bytes, if it reads fewer than
+    /// `budget` (what the cheapest other way reads): the codes of the probed lists plus the
+    /// re-scored rows, counted twice as they lie anywhere in memory. That nprobe is then
+    /// measured at every shortlist up to twice the one chosen, from one scan (`codes_ranked`:
+    /// a search at shortlist s returns the best k of the first s candidates it ranks), and
+    /// the shortest reaching the target is kept; where none does, the model aims higher by
+    /// what it over-estimated, `CODE_TRIES` scans at most. None: another way is cheaper.
     fn tune_codes(
         &mut self,
-        sample: &Sample,
-        k: usize,
-        target: f64,
+        t: &mut Tuning,
+        p_exact: usize,
         budget: f64,
-        evaluations: &mut usize,
-    ) -> Result<Option<(usize, Vec<f64>)>> {
+    ) -> Result<Option<(usize, usize, Vec<f64>)>> {
+        let Some(model) = self.code_ranks(t, p_exact) else {
+            return Ok(None);
+        };
+        t.evaluations += 1;
         let cost = Cost::of(self);
-        let nprobe = self.nprobe_single();
-        let longest = (((budget - cost.codes(nprobe, 0)) / (2.0 * cost.row)).max(0.0) as usize)
-            .min(MAX_SHORTLIST);
-        let top = longest.max(k);
-        self.params.shortlist = top;
-        let mut ranked = self.codes_ranked_sample(sample, k, top)?;
-        let ix: &IvfIndex = self;
-        let mut at = |s: usize| -> Vec<f64> {
-            *evaluations += 1;
-            let found: Vec<Vec<u64>> = ranked
-                .par_iter_mut()
-                .flat_map_iter(|part| ix.codes_found(part, s))
-                .collect();
-            (found.iter().zip(&sample.truth_batch))
-                .map(|(f, truth)| recall_of(f, truth, &[], k))
-                .collect()
-        };
-        // Shortlists doubling up to the first reaching the target (the rows re-scored are
-        // only those of the shortlists measured), else the longest: where even it misses,
-        // codes lose.
-        let mut lo = k - 1;
-        let mut s = k.max(16);
-        let mut found = None;
-        while s < top {
+        let (sample, k) = (t.sample.clone(), t.k);
+        let mut aim = t.target;
+        for _ in 0..CODE_TRIES {
+            let Some((p, s, expected)) = model.cheapest(t, &cost, budget, aim) else {
+                return Ok(None);
+            };
+            let longest = (budget - cost.codes(p, 0)) / (2.0 * cost.row);
+            let top = (2 * s).min(longest as usize).clamp(s, MAX_SHORTLIST);
+            self.auto.nprobe_single = p;
+            let mut ranked = self.codes_ranked_sample(&sample, k, top)?;
+            let ix: &IvfIndex = self;
+            let mut at = |s: usize| -> Vec<f64> {
+                t.evaluations += 1;
+                let found: Vec<Vec<u64>> = ranked
+                    .par_iter_mut()
+                    .flat_map_iter(|part| ix.codes_found(part, s))
+                    .collect();
+                (found.iter().zip(&sample.truth_batch))
+                    .map(|(f, truth)| recall_of(f, truth, &[], k))
+                    .collect()
+            };
             let r = at(s);
-            if mean_spread(&r).0 >= target {
-                found = Some((s, r));
-                break;
-            }
-            lo = s;
-            s = (s * 2).min(top);
-        }
-        let (mut hi, mut best) = match found {
-            Some(f) => f,
-            None => {
-                let r = at(top);
-                if mean_spread(&r).0 < target {
-                    return Ok(None);
+            let missed = expected - mean_spread(&r).0;
+            let found = match mean_spread(&r).0 >= t.target {
+                true => Some((s, r)),
+                // The shortest measured shortlist reaching the target, if the longest does.
+                false => {
+                    let at_top = at(top);
+                    (mean_spread(&at_top).0 >= t.target).then(|| {
+                        let (mut lo, mut hi, mut best) = (s, top, at_top);
+                        while hi - lo > 1 {
+                            let mid = lo + (hi - lo) / 2;
+                            let r = at(mid);
+                            if mean_spread(&r).0 >= t.target {
+                                (hi, best) = (mid, r);
+                            } else {
+                                lo = mid;
+                            }
+                        }
+                        (hi, best)
+                    })
                 }
-                (top, r)
+            };
+            if let Some((s, r)) = found {
+                self.params.shortlist = s;
+                return Ok(Some((p, s, r)));
             }
-        };
-        while hi - lo > (hi / 8).max(1) {
-            let mid = lo + (hi - lo) / 2;
-            let r = at(mid);
-            if mean_spread(&r).0 >= target {
-                hi = mid;
-                best = r;
-            } else {
-                lo = mid;
-            }
+            aim += missed;
         }
-        self.params.shortlist = hi;
-        Ok(Some((hi, best)))
+        Ok(None)
     }
 
     /// `codes_ranked` of the sample queries (each one's best `longest` by codes), as the
