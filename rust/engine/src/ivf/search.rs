@@ -404,12 +404,18 @@ impl IvfIndex {
             }
             r.scored = s;
         }
+        let mut best = topk::TopK::<topk::Hit>::default();
         r.cands
             .iter()
             .map(|c| {
-                let mut first = c[..s.min(c.len())].to_vec();
-                first.sort_unstable_by(topk::rank);
-                first.iter().take(r.plan.k).map(|c| c.key).collect()
+                best.reset(r.plan.k, f32::NEG_INFINITY);
+                for c in &c[..s.min(c.len())] {
+                    best.push(topk::Hit {
+                        score: c.score,
+                        id: c.key,
+                    });
+                }
+                best.sorted().iter().map(|h| h.id).collect()
             })
             .collect()
     }
