@@ -343,6 +343,8 @@ pub(crate) struct ScanInputs<'a> {
     /// The lists' packed copies this search keeps apart from the lists' own (one a list),
     /// where it scans them otherwise than the index's batches.
     pub packs: Option<&'a [PackCache]>,
+    /// Scores each query's final candidates are known to reach (none: every score).
+    pub floors: Option<&'a [f32]>,
 }
 
 /// One list's scan in a round: the queries probing it (indices into the search's queries),

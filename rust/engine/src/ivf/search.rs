@@ -38,6 +38,9 @@ const SCAN_DIMS_MARGIN: usize = 64;
 /// (Query, list) pairs one batch scans at most (its buffers take ~50 bytes a pair); larger
 /// batches run in chunks of queries.
 pub(super) const MAX_BATCH_PAIRS: usize = 1 << 18;
+/// (Query, list) pairs of each part of the lists an exact search under `scan_dims` scans at a
+/// time (its own packed copies of them held meanwhile: on 1,000 queries, 64 of 1,024 lists).
+const EXACT_LISTS_PAIRS: usize = MAX_BATCH_PAIRS / 4;
 /// Candidates whose rows are being loaded while one is re-scored.
 const RESCORE_AHEAD: usize = 32;
 /// Probes per query scanned in the first round (they set the floors of the second).
@@ -188,12 +191,10 @@ impl SearchPlan {
 /// exactly (every list, all dimensions, the rows), or as single queries scanning by the
 /// product go (`AsSingle`: each query's `nprobe_single` lists chosen as a single query
 /// chooses them, every one scanned by the product), for any number of queries at once.
-/// An exact search may keep the lists' packed copies of all dimensions in a store of its own
-/// (`Exact(Some(..))`, see [`IvfIndex::search_exact`]).
-#[derive(Clone, Copy)]
-enum Depth<'a> {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Depth {
     Tuned,
-    Exact(Option<&'a [PackCache]>),
+    Exact,
     AsSingle,
 }
 
@@ -288,8 +289,8 @@ impl IvfIndex {
 
     /// The exact top-`k` of checked queries: every list, all dimensions, no codes, as a batch
     /// of any size (re-scored from the rows), without replacing what the index keeps for its
-    /// searches (with `scan_dims`, the packed copies of all dimensions are held by this
-    /// search alone). What `tune` measures recall against.
+    /// searches (with `scan_dims`, its packed copies of all dimensions are its own). What
+    /// `tune` measures recall against.
     pub(super) fn search_exact(
         &self,
         queries: &[f32],
@@ -297,18 +298,88 @@ impl IvfIndex {
     ) -> Result<(Vec<u64>, Vec<f32>, usize)> {
         let nq = check_search_args(queries, self.dim, k)?;
         self.check_file()?;
-        // Its own store of packed copies where batches scan fewer dimensions (kept across
-        // its parts and rounds, each of which scans every list; built per scan, they were
-        // packed 8 times over and took half of the exact pass); else the lists' own, which
-        // batches scan too.
-        let own: Option<Vec<PackCache>> = (self.params.scan_dims > 0).then(|| {
-            (0..self.lists.len())
-                .map(|_| PackCache::default())
-                .collect()
-        });
-        let found = self.search_parts(queries, k, None, nq, Depth::Exact(own.as_deref()))?;
+        // Where batches scan all dimensions, the lists' own packed copies are the ones they
+        // scan: kept. Else a store of the search's own, a part of the lists at a time.
+        let found = match self.params.scan_dims {
+            0 => self.search_parts(queries, k, None, nq, Depth::Exact),
+            _ => self.search_exact_by_lists(queries, k),
+        }?;
         self.check_file()?;
         Ok(found)
+    }
+
+    /// [`Self::search_exact`] where the lists' own packed copies hold fewer dimensions: the
+    /// lists a part at a time (`EXACT_LISTS_PAIRS` (query, list) pairs), each part's copies of
+    /// all dimensions packed once, held for its two rounds and dropped (scanned by the parts
+    /// of the queries, every list was packed 8 times: half of the exact pass; held for the
+    /// whole search, they raised the process's peak and resident memory by a byte a value).
+    /// Each query's best candidates of each part are merged: its best `kc` by scan score
+    /// over every list, as one search finds them.
+    fn search_exact_by_lists(
+        &self,
+        queries: &[f32],
+        k: usize,
+    ) -> Result<(Vec<u64>, Vec<f32>, usize)> {
+        let (dim, nlist) = (self.dim, self.lists.len());
+        let nq = queries.len() / dim;
+        let kp = k.min(self.len());
+        if nq == 0 || kp == 0 {
+            return Ok((Vec::new(), Vec::new(), kp));
+        }
+        let plan = SearchPlan::exact(&self.params, self.dtype, self.metric, nq, kp);
+        let spec = plan.spec(dim);
+        let queries = self.normalize(queries, true);
+        let q16 =
+            (self.dtype == DType::I8 && self.metric != Metric::L2).then(|| Q16::new(&queries, dim));
+        let q8 = (plan.product == Product::I8).then(|| Q8::new(&queries, dim));
+        let (offsets, flat) = self.probes(&queries, kp, &[], (nlist, false));
+        let excluded = self.excluded(None);
+        let per = (EXACT_LISTS_PAIRS / nq).clamp(ROUND1_PROBES, nlist);
+        let mut best: Vec<Select> = (0..nq)
+            .map(|_| {
+                let mut sel = Select::default();
+                sel.reset(plan.kc, f32::NEG_INFINITY);
+                sel
+            })
+            .collect();
+        for l0 in (0..nlist).step_by(per) {
+            let part = l0 as u32..(l0 + per).min(nlist) as u32;
+            // Each query's lists of the part, nearest first.
+            let mut probes = (vec![0usize], Vec::with_capacity(nq * per));
+            for q in 0..nq {
+                let mine = &flat[offsets[q]..offsets[q + 1]];
+                probes.1.extend(mine.iter().filter(|l| part.contains(l)));
+                probes.0.push(probes.1.len());
+            }
+            let packs: Vec<PackCache> = (0..nlist).map(|_| PackCache::default()).collect();
+            // Each query's kc-th best so far: what the part's candidates must reach.
+            let floors: Vec<f32> = best.iter().map(|sel| sel.threshold()).collect();
+            let inputs = ScanInputs {
+                spec,
+                queries: &queries,
+                reduced: Reduced {
+                    directions: None,
+                    queries: &queries,
+                },
+                q16: q16.as_ref(),
+                q8: q8.as_ref(),
+                packs: Some(&packs),
+                floors: Some(&floors),
+            };
+            let hits = self.scan_lists(&inputs, &probes, &excluded);
+            best.par_iter_mut().zip(hits).for_each(|(sel, hits)| {
+                for c in hits {
+                    sel.push(c);
+                }
+                sel.kept();
+            });
+        }
+        let hits = best
+            .into_iter()
+            .map(|mut sel| sel.sorted().to_vec())
+            .collect();
+        let (ids, scores) = self.finish(&plan, &queries, q16.as_ref(), hits);
+        Ok((ids, scores, kp))
     }
 
     /// What each of `queries` gets searched alone (at `nprobe_single`, scanning as
@@ -477,7 +548,7 @@ impl IvfIndex {
                 let single = self.single_scan();
                 SearchPlan::new(&self.params, self.dtype, self.metric, nq, kp, single)
             }
-            Depth::Exact(_) => SearchPlan::exact(&self.params, self.dtype, self.metric, nq, kp),
+            Depth::Exact => SearchPlan::exact(&self.params, self.dtype, self.metric, nq, kp),
             Depth::AsSingle => {
                 let kinds = (self.dtype, self.metric);
                 SearchPlan::as_single(&self.params, kinds, kp, self.single_scan())
@@ -503,7 +574,7 @@ impl IvfIndex {
             &queries,
             kp,
             &excluded.per_list,
-            (np, matches!(depth, Depth::AsSingle)),
+            (np, depth == Depth::AsSingle),
         );
         let hits = match &self.codebooks {
             Some(book) if plan.codes => {
@@ -516,10 +587,8 @@ impl IvfIndex {
                     reduced,
                     q16: q16.as_ref(),
                     q8: q8.as_ref(),
-                    packs: match depth {
-                        Depth::Exact(packs) => packs,
-                        _ => None,
-                    },
+                    packs: None,
+                    floors: None,
                 };
                 if plan.by_product && !plan.batch {
                     self.scan_product_few(&inputs, &probes, &excluded.keys)
@@ -678,7 +747,12 @@ impl IvfIndex {
             .iter()
             .map(|&c| c >= PRODUCT_MIN_QUERIES || all)
             .collect();
-        let mut floors = vec![f32::NEG_INFINITY; nq];
+        // Floors known before the scan (an exact search's earlier parts of the lists) bound
+        // round one too.
+        let mut floors = inputs
+            .floors
+            .map_or_else(|| vec![f32::NEG_INFINITY; nq], <[f32]>::to_vec);
+        let known = floors.clone();
         let h1 = self.scan_pairs(inputs, &by_product, &rounds.first, &floors, excluded);
         let merge_round1 = |sel: &mut Select, q: usize| {
             sel.reset(kc, f32::NEG_INFINITY);
@@ -693,9 +767,9 @@ impl IvfIndex {
             merge_round1(sel, q);
             let best = sel.sorted();
             if best.len() >= kc {
-                best[kc - 1].score
+                best[kc - 1].score.max(known[q])
             } else {
-                f32::NEG_INFINITY
+                known[q]
             }
         };
         if spec.parallel {

@@ -956,3 +956,35 @@ fn codes_ranked_once_gives_every_shortlist_a_search_gives() {
         }
     }
 }
+
+/// The exact search under `scan_dims` scans the lists a part at a time with packed copies of
+/// its own; it finds what the exact search over the lists' own copies finds.
+#[test]
+fn exact_search_by_parts_of_the_lists_finds_what_one_pass_finds() {
+    let (n, dim) = (8000, 32);
+    let v = data(17, n, dim);
+    let keys: Vec<u64> = (0..n as u64).collect();
+    // 2,000 queries: 32 of the 64 lists a part.
+    let q = data(19, 2000, dim);
+    for dtype in [DType::F16, DType::I8] {
+        let mut ivf = IvfIndex::new(dim, Metric::Cos, dtype, params(64)).unwrap();
+        ivf.train(&v).unwrap();
+        ivf.add(&keys, &v).unwrap();
+        let (a, sa, ka) = ivf.search_exact(&q, 20).unwrap();
+        ivf.set_scan_dims(16).unwrap();
+        let (b, sb, kb) = ivf.search_exact(&q, 20).unwrap();
+        assert_eq!((ka, kb), (20, 20));
+        assert_eq!(a, b, "{dtype:?}");
+        assert_eq!(sa, sb, "{dtype:?}");
+        // And it is the exact answer of the stored rows (ties aside).
+        ivf.set_scan_dims(0).unwrap();
+        ivf.set_nprobe(64).unwrap();
+        let (c, _, _) = ivf.search(&q, 20, None).unwrap();
+        let same = a.iter().zip(&c).filter(|(x, y)| x == y).count();
+        assert!(
+            same as f64 >= 0.99 * a.len() as f64,
+            "{dtype:?}: {same} of {}",
+            a.len()
+        );
+    }
+}
