@@ -141,7 +141,7 @@ impl SearchPlan {
         }
     }
 
-    /// The plan of an exact search ([`Depth::Exact`]): all dimensions, no codes, every list
+    /// The plan of an exact search ([`IvfIndex::search_exact`]): all dimensions, no codes, every list
     /// (the caller probes them all).
     pub fn exact(params: &IvfParams, dtype: DType, metric: Metric, nq: usize, k: usize) -> Self {
         let all_dims = IvfParams {
@@ -187,14 +187,13 @@ impl SearchPlan {
     }
 }
 
-/// How deep a search goes: as the index is tuned (its nprobe, codes, `scan_dims`), or
-/// exactly (every list, all dimensions, the rows), or as single queries scanning by the
-/// product go (`AsSingle`: each query's `nprobe_single` lists chosen as a single query
-/// chooses them, every one scanned by the product), for any number of queries at once.
+/// How a search goes: as the index is tuned (its nprobe, codes, `scan_dims`), or as single
+/// queries go (`AsSingle`: each query's `nprobe_single` lists chosen as a single query
+/// chooses them, scanned as it scans them), for any number of queries at once. (The exact
+/// search, [`IvfIndex::search_exact`], goes its own way.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Depth {
     Tuned,
-    Exact,
     AsSingle,
 }
 
@@ -298,30 +297,26 @@ impl IvfIndex {
     ) -> Result<(Vec<u64>, Vec<f32>, usize)> {
         let nq = check_search_args(queries, self.dim, k)?;
         self.check_file()?;
-        // Where batches scan all dimensions, the lists' own packed copies are the ones they
-        // scan: kept. Else a store of the search's own, a part of the lists at a time.
-        let found = match self.params.scan_dims {
-            0 => self.search_parts(queries, k, None, nq, Depth::Exact),
-            _ => self.search_exact_by_lists(queries, k),
-        }?;
+        let found = self.search_exact_by_lists(queries, k, nq)?;
         self.check_file()?;
         Ok(found)
     }
 
-    /// [`Self::search_exact`] where the lists' own packed copies hold fewer dimensions: the
-    /// lists a part at a time (`EXACT_LISTS_PAIRS` (query, list) pairs), each part's copies of
-    /// all dimensions packed once, held for its two rounds and dropped (scanned by the parts
-    /// of the queries, every list was packed 8 times: half of the exact pass; held for the
-    /// whole search, they raised the process's peak and resident memory by a byte a value).
-    /// Each query's best candidates of each part are merged: its best `kc` by scan score
-    /// over every list, as one search finds them.
+    /// [`Self::search_exact`] of `nq` checked queries: the lists a part at a time
+    /// (`EXACT_LISTS_PAIRS` (query, list) pairs), each query's candidates from a part merged
+    /// into its best `kc` by scan score over every list (as one search finds them), and its
+    /// `kc`-th best so far the floor of the next part. Where batches scan all dimensions, the
+    /// lists' own packed copies are the ones they scan (kept); else each part's copies of all
+    /// dimensions are packed once, held for its two rounds and dropped. (Scanned by parts of
+    /// the queries, every list was packed 8 times, half of the exact pass; held for the whole
+    /// search, the copies raised the process's peak and resident memory by a byte a value.)
     fn search_exact_by_lists(
         &self,
         queries: &[f32],
         k: usize,
+        nq: usize,
     ) -> Result<(Vec<u64>, Vec<f32>, usize)> {
         let (dim, nlist) = (self.dim, self.lists.len());
-        let nq = queries.len() / dim;
         let kp = k.min(self.len());
         if nq == 0 || kp == 0 {
             return Ok((Vec::new(), Vec::new(), kp));
@@ -334,7 +329,10 @@ impl IvfIndex {
         let q8 = (plan.product == Product::I8).then(|| Q8::new(&queries, dim));
         let (offsets, flat) = self.probes(&queries, kp, &[], (nlist, false));
         let excluded = self.excluded(None);
-        let per = (EXACT_LISTS_PAIRS / nq).clamp(ROUND1_PROBES, nlist);
+        let per = (EXACT_LISTS_PAIRS / nq)
+            .max(ROUND1_PROBES)
+            .min(nlist)
+            .max(1);
         let mut best: Vec<Select> = (0..nq)
             .map(|_| {
                 let mut sel = Select::default();
@@ -351,7 +349,8 @@ impl IvfIndex {
                 probes.1.extend(mine.iter().filter(|l| part.contains(l)));
                 probes.0.push(probes.1.len());
             }
-            let packs: Vec<PackCache> = (0..nlist).map(|_| PackCache::default()).collect();
+            let own = if self.params.scan_dims > 0 { nlist } else { 0 };
+            let packs: Vec<PackCache> = (0..own).map(|_| PackCache::default()).collect();
             // Each query's kc-th best so far: what the part's candidates must reach.
             let floors: Vec<f32> = best.iter().map(|sel| sel.threshold()).collect();
             let inputs = ScanInputs {
@@ -363,7 +362,7 @@ impl IvfIndex {
                 },
                 q16: q16.as_ref(),
                 q8: q8.as_ref(),
-                packs: Some(&packs),
+                packs: (own > 0).then_some(packs.as_slice()),
                 floors: Some(&floors),
             };
             let hits = self.scan_lists(&inputs, &probes, &excluded);
@@ -548,7 +547,6 @@ impl IvfIndex {
                 let single = self.single_scan();
                 SearchPlan::new(&self.params, self.dtype, self.metric, nq, kp, single)
             }
-            Depth::Exact => SearchPlan::exact(&self.params, self.dtype, self.metric, nq, kp),
             Depth::AsSingle => {
                 let kinds = (self.dtype, self.metric);
                 SearchPlan::as_single(&self.params, kinds, kp, self.single_scan())

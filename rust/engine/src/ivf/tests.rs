@@ -986,5 +986,19 @@ fn exact_search_by_parts_of_the_lists_finds_what_one_pass_finds() {
             "{dtype:?}: {same} of {}",
             a.len()
         );
+        // Fewer lists than a part's first round: one part.
+        let mut few = IvfIndex::new(dim, Metric::Cos, dtype, params(2)).unwrap();
+        few.train(&v).unwrap();
+        few.add(&keys, &v).unwrap();
+        for scan_dims in [0, 16] {
+            few.set_scan_dims(scan_dims).unwrap();
+            let (f, _, _) = few.search_exact(&q[..200 * dim], 20).unwrap();
+            let (g, _, _) = ivf.search_exact(&q[..200 * dim], 20).unwrap();
+            let same = f.iter().zip(&g).filter(|(x, y)| x == y).count();
+            assert!(
+                same as f64 >= 0.99 * f.len() as f64,
+                "{dtype:?} 2 lists: {same}"
+            );
+        }
     }
 }
