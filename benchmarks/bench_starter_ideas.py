@@ -173,10 +173,9 @@ def overall_pick(rows: Sequence[Row]) -> Row:
     return best
 
 
-def report(rows: Sequence[Row]) -> str:
-    from benchmarks import _harness as Hh
-
-    base = rows[0][2]
+def pick_table(rows: Sequence[Row], verdict: Callable[[str, bool, bool, Metrics], str]) -> List[List[str]]:
+    """The rows' table cells: metrics, MRR, the idea's pick, the overall pick, and ``verdict(idea,
+    idea's pick, overall pick, metrics)`` (each round states its keep rule there)."""
     picks = H.chosen(rows[1:])
     top = overall_pick(rows)
     table = []
@@ -191,9 +190,22 @@ def report(rows: Sequence[Row]) -> str:
                 f"{m['tuning']['mrr']:.3f}",
                 "yes" if pick else "",
                 "**yes**" if overall else "",
-                ("**yes**" if overall and idea != "baseline" and H.kept(base, m) else "no") if pick else "",
+                verdict(idea, pick, overall, m),
             ]
         )
+    return table
+
+
+def report(rows: Sequence[Row]) -> str:
+    from benchmarks import _harness as Hh
+
+    base = rows[0][2]
+
+    def verdict(idea: str, pick: bool, overall: bool, m: Metrics) -> str:
+        return ("**yes**" if overall and idea != "baseline" and H.kept(base, m) else "no") if pick else ""
+
+    table = pick_table(rows, verdict)
+    top = overall_pick(rows)
     text = "## Issue 30, round 2: prompt ensembles, weighted gloss, T and k, query-side mappings\n\n"
     text += Hh.header("Starter ideas", ["torch", "onnxruntime", "timm", "open_clip_torch"]).replace(
         "# Starter ideas\n\n", ""

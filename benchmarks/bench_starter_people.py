@@ -310,23 +310,9 @@ def report(f: I.Features, info: Dict[str, Any]) -> str:
 
     rows, scores, names = info["rows"], info["scores"], f.names
     base = rows[0][2]
+    table = I.pick_table(rows, lambda idea, pick, overall, m: kept_cell(idea, base, m) if overall else "")
     picks = H.chosen(rows[1:])
     top = I.overall_pick(rows)
-    table = []
-    for idea, variant, m in rows:
-        pick = idea in picks and picks[idea][0] == variant
-        overall = (idea, variant) == top[:2]
-        table.append(
-            [
-                idea,
-                variant,
-                *H._cells(m),
-                f"{m['tuning']['mrr']:.3f}",
-                "yes" if pick else "",
-                "**yes**" if overall else "",
-                kept_cell(idea, base, m) if overall else "",
-            ]
-        )
     text = "## Issue 30, round 3: a person signal from MTCNN's packaged weights\n\n"
     text += Hh.header("Starter people", ["torch", "onnxruntime", "facenet-pytorch"]).replace(
         "# Starter people\n\n", ""
