@@ -173,6 +173,22 @@ def overall_pick(rows: Sequence[Row]) -> Row:
     return best
 
 
+def pick_columns(idea_column: str) -> List[str]:
+    """The headers of :func:`pick_table`'s cells (``idea_column`` names the idea's pick)."""
+    return [
+        "idea",
+        "variant",
+        "tuning R@1",
+        "tuning R@5",
+        "held-out R@1",
+        "held-out R@5",
+        "tuning MRR",
+        idea_column,
+        "overall pick",
+        "kept",
+    ]
+
+
 def pick_table(rows: Sequence[Row], verdict: Callable[[str, bool, bool, Metrics], str]) -> List[List[str]]:
     """The rows' table cells: metrics, MRR, the idea's pick, the overall pick, and ``verdict(idea,
     idea's pick, overall pick, metrics)`` (each round states its keep rule there)."""
@@ -219,18 +235,7 @@ def report(rows: Sequence[Row]) -> str:
         "R@5 and raises held-out R@1.\n\n"
     )
     text += Hh.markdown_table(
-        [
-            "idea",
-            "variant",
-            "tuning R@1",
-            "tuning R@5",
-            "held-out R@1",
-            "held-out R@5",
-            "tuning MRR",
-            "chosen in idea",
-            "overall pick",
-            "kept",
-        ],
+        pick_columns("chosen in idea"),
         table,
     )
     return text + f"\n\nOverall pick on the tuning set: {top[0]}, {top[1]}.\n"

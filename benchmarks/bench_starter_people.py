@@ -326,18 +326,7 @@ def report(f: I.Features, info: Dict[str, Any]) -> str:
         "R@5 >= 0.97.\n\n"
     )
     text += Hh.markdown_table(
-        [
-            "idea",
-            "variant",
-            "tuning R@1",
-            "tuning R@5",
-            "held-out R@1",
-            "held-out R@5",
-            "tuning MRR",
-            "best in idea",
-            "overall pick",
-            "kept",
-        ],
+        I.pick_columns("best in idea"),
         table,
     )
     text += f"\n\nOverall pick on the tuning set: {top[0]}, {top[1]}.\n\nFace confidence per photo:\n\n"
