@@ -9,7 +9,13 @@ seed and capped at --n.
 
 The result is cached outside git (default ~/.cache/leanclip-bench/minilm/): ``sentences.txt``
 and ``emb_<start>.npy`` chunks of float32 unit vectors written as encoding progresses, so an
-interrupted run resumes and a partial cache is usable (``load(n)`` returns what exists).
+interrupted run resumes and a partial cache is usable (``load(n)`` returns what exists). A
+larger ``--n`` later encodes nothing more: the sentences are those of ``sentences.txt``. Gathering
+again (without it) shuffles everything this machine holds now (installed packages change; the
+scans have time budgets), so the first 200,000 would not stay the same: a benchmark that needs
+more held-out sentences stores fewer (``bench_ivf.py``'s ``minilm:n`` split: the first n
+stored, the next 5,000 held-out queries, the next 1,000 ``tune_queries``; n = 194,000 of the
+200,000 cached).
 
     python -m benchmarks.data.minilm_embeddings --n 200000 --threads 2
 
