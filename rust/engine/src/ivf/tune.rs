@@ -37,12 +37,12 @@
 //! list by the product, the queries that choose the same lists alone find what they found in
 //! the batch, and only the others are searched), or codes (nprobe and shortlist together: from
 //! where each candidate stands by code score, `tune/codes.rs`, the pair reading the fewest
-//! bytes, then measured; at the exact scan's nprobe the codes must keep nearly every
-//! neighbour, and the shortlist grows long), whichever reads the fewest bytes; codes chosen
-//! automatically and not used are dropped (`pq` 0: a smaller index).
-//! Single queries are measured in searches of many at once that give each what it gets
-//! alone (`search_as_single`: by the product, one list-major scan for all of them), and every
-//! shortlist of codes from one scan at the longest (`codes_ranked`); a way that reads more
+//! bytes, then confirmed by searches of a part of the sample; at the exact scan's nprobe the
+//! codes must keep nearly every neighbour, and the shortlist grows long), whichever reads the
+//! fewest bytes; codes chosen automatically and not used are dropped (`pq` 0: a smaller
+//! index). Single queries are measured in searches of many at once that give each what it
+//! gets alone (`search_as_single`: by the product, one list-major scan for all of them), and
+//! every shortlist of codes from one scan at the longest (`codes_ranked`); a way that reads more
 //! than the rows at its first step is not measured.
 //!
 //! The recall reported is the sample's mean recall@k at the settings chosen, with its spread:
@@ -682,42 +682,49 @@ impl IvfIndex {
     /// Single queries through codes: of the (nprobe, shortlist) pairs the code ranks say reach
     /// the target (`tune/codes.rs`), the one reading the fewest bytes, if it reads fewer than
     /// `budget` (what the cheapest other way reads): the codes of the probed lists plus the
-    /// re-scored rows, counted twice as they lie anywhere in memory. That nprobe is then
-    /// measured at every shortlist up to twice the one chosen, from one scan (`codes_ranked`:
-    /// a search at shortlist s returns the best k of the first s candidates it ranks), and
-    /// the shortest reaching the target is kept; where none does, the model aims higher by
-    /// what it over-estimated, `CODE_TRIES` scans at most. None: another way is cheaper.
+    /// re-scored rows, counted twice as they lie anywhere in memory. That pair is then
+    /// confirmed by searches of `codes::CHECKED` sample queries (`codes_ranked`: a search at
+    /// shortlist s returns the best k of the first s candidates it ranks, so one scan gives
+    /// every shortlist up to twice the one chosen): their recalls replace the counted ones,
+    /// and the others move by the mean of what they moved. The shortest shortlist reaching
+    /// the target is kept; where none does, the model aims higher by what it over-estimated,
+    /// `CODE_TRIES` times at most. None: another way is cheaper.
     fn tune_codes(
         &mut self,
         t: &mut Tuning,
         p_exact: usize,
         budget: f64,
     ) -> Result<Option<(usize, usize, Vec<f64>)>> {
-        let Some(model) = self.code_ranks(t, p_exact) else {
+        let Some(mut model) = self.code_ranks(t, p_exact) else {
             return Ok(None);
         };
         t.evaluations += 1;
         let cost = Cost::of(self);
         let (sample, k) = (t.sample.clone(), t.k);
+        let step = sample.len().div_ceil(codes::CHECKED).max(1);
+        let checked: Vec<usize> = (0..sample.len()).step_by(step).collect();
         let mut aim = t.target;
         for _ in 0..CODE_TRIES {
-            let Some((p, s, expected)) = model.cheapest(t, &cost, budget, aim) else {
+            let Some((j, s, expected)) = model.cheapest(self, t, (&cost, budget), aim) else {
                 return Ok(None);
             };
+            let p = model.ps[j];
             let longest = (budget - cost.codes(p, 0)) / (2.0 * cost.row);
             let top = (2 * s).min(longest as usize).clamp(s, MAX_SHORTLIST);
             self.auto.nprobe_single = p;
-            let mut ranked = self.codes_ranked_sample(&sample, k, top)?;
-            let ix: &IvfIndex = self;
+            let mut ranked = self.codes_ranked_sample(&sample, k, top, &checked)?;
+            let (ix, tuning): (&IvfIndex, &Tuning) = (self, t);
+            let mut measured = 0;
             let mut at = |s: usize| -> Vec<f64> {
-                t.evaluations += 1;
+                measured += 1;
                 let found: Vec<Vec<u64>> = ranked
                     .par_iter_mut()
                     .flat_map_iter(|part| ix.codes_found(part, s))
                     .collect();
-                (found.iter().zip(&sample.truth_batch))
-                    .map(|(f, truth)| recall_of(f, truth, &[], k))
-                    .collect()
+                let measured: Vec<f64> = (checked.iter().zip(&found))
+                    .map(|(&i, f)| recall_of(f, &sample.truth_batch[i], &[], k))
+                    .collect();
+                model.confirmed(tuning, (j, s), &checked, &measured)
             };
             let r = at(s);
             let missed = expected - mean_spread(&r).0;
@@ -741,6 +748,7 @@ impl IvfIndex {
                     })
                 }
             };
+            t.evaluations += measured;
             if let Some((s, r)) = found {
                 self.params.shortlist = s;
                 return Ok(Some((p, s, r)));
@@ -750,18 +758,25 @@ impl IvfIndex {
         Ok(None)
     }
 
-    /// `codes_ranked` of the sample queries (each one's best `longest` by codes), as the
-    /// batches exclude keys: parts of the sample in parallel, in order.
+    /// `codes_ranked` of the sample queries `which` (each one's best `longest` by codes), as
+    /// the batches exclude keys: parts of them in parallel, in order.
     fn codes_ranked_sample(
         &self,
         sample: &Sample,
         k: usize,
         longest: usize,
+        which: &[usize],
     ) -> Result<Vec<CodesRanked>> {
-        sample
-            .queries
-            .par_chunks(AS_SINGLE_PART * self.dim)
-            .map(|qs| self.codes_ranked(qs, (k, longest), Some(&sample.union)))
+        let dim = self.dim;
+        which
+            .par_chunks(AS_SINGLE_PART)
+            .map(|part| {
+                let mut qs = Vec::with_capacity(part.len() * dim);
+                for &i in part {
+                    qs.extend_from_slice(&sample.queries[i * dim..(i + 1) * dim]);
+                }
+                self.codes_ranked(&qs, (k, longest), Some(&sample.union))
+            })
             .collect()
     }
 
