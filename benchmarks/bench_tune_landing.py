@@ -16,8 +16,9 @@ another moves what tune chooses too. This benchmark separates the two:
 Data: ``minilm``: the first ``--minilm-base`` cached MiniLM embeddings (default 180,000) are
 stored; the sample draws come from the sentences after them, the eval queries are the last
 ``--eval`` (the 200,000 cached are shuffled sentences: every slice is a fair draw). A synthetic
-shape (``powerlaw:200000``): the benchmark's stored vectors, the eval queries and the samples
-from two more streams of ``shapes.more_queries``.
+shape (``powerlaw:200000``): the benchmark's stored vectors, the eval queries from stream 1 of
+``shapes.more_queries``, sample d from stream 2 + d. (The runs of 2026-12-07 10:24-10:49 UTC
+drew every sample from stream 2 in one call: other samples of the same process.)
 
     nice -n 10 python -m benchmarks.bench_tune_landing --data minilm --data powerlaw:200000
 
@@ -63,11 +64,9 @@ def load_data(
 
     kind, n = spec.split(":")
     base, _ = generate(kind, int(n), 0, seed=0)
-    return (
-        base,
-        more_queries(kind, int(n), n_eval, stream=1),
-        more_queries(kind, int(n), draws * SAMPLE, stream=2),
-    )
+    # sample d from stream 2 + d: the same samples whatever --draws is
+    pool = np.concatenate([more_queries(kind, int(n), SAMPLE, stream=2 + d) for d in range(draws)])
+    return base, more_queries(kind, int(n), n_eval, stream=1), pool
 
 
 def exact_top(base: np.ndarray, queries: np.ndarray) -> np.ndarray:
