@@ -227,8 +227,8 @@ struct Rounds {
 }
 
 impl Rounds {
-    /// Each query's nearest lists (up to [`ROUND1_PROBES`]) in round one, the rest in two.
-    fn split(probes: &(Vec<usize>, Vec<u32>), nq: usize) -> Rounds {
+    /// Each query's nearest lists (up to `first`) in round one, the rest in two.
+    fn split(probes: &(Vec<usize>, Vec<u32>), nq: usize, first: usize) -> Rounds {
         let (offsets, flat) = probes;
         let mut r = Rounds {
             first: Vec::new(),
@@ -240,7 +240,7 @@ impl Rounds {
         r.start2.push(0);
         for q in 0..nq {
             let mine = &flat[offsets[q]..offsets[q + 1]];
-            let (near, far) = mine.split_at(mine.len().min(ROUND1_PROBES));
+            let (near, far) = mine.split_at(mine.len().min(first));
             r.first.extend(near.iter().map(|&l| (q as u32, l)));
             r.second.extend(far.iter().map(|&l| (q as u32, l)));
             r.start1.push(r.first.len());
@@ -731,7 +731,14 @@ impl IvfIndex {
         let spec = inputs.spec;
         let nq = inputs.queries.len() / self.dim;
         let kc = spec.kc;
-        let rounds = Rounds::split(probes, nq);
+        // Where every query's floor is known before the scan (an exact search's later parts of
+        // the lists: its kc-th best of the parts before), round one is left empty: it visited
+        // each list twice for floors seldom higher (random vectors: 3-5% of the exact pass).
+        let known_all = inputs
+            .floors
+            .is_some_and(|f| f.iter().all(|x| x.is_finite()));
+        let first = if known_all { 0 } else { ROUND1_PROBES };
+        let rounds = Rounds::split(probes, nq, first);
         // Each list is scanned the same way in both rounds (so a query's scores from one list
         // do not depend on the round): by the product if the batch probes it often enough. A
         // reduced scan's scores are not the exact ones: every list takes the product then.
