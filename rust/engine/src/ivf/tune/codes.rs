@@ -22,12 +22,14 @@
 //! what the candidates in them reach with the rows counted so far ahead of them (more lists
 //! only put more rows ahead) plus every candidate of the lists not yet scanned; where even
 //! that misses the target with the shortlist that the best known pair's bytes leave, the
-//! pair cannot win.
+//! pair cannot win. There the model scans 279 lists (i8: 395), not 403 (565).
 //!
 //! The pair chosen is then confirmed by searches of a part of the sample (`CHECKED` queries,
 //! `codes_ranked`: every shortlist from one scan), which replace the counted recalls of those
 //! queries and move the others by the mean of what they moved. Where it misses the target,
-//! the shortlist grows to twice at most, and then the aim rises by what was missed.
+//! the shortlist grows to twice at most, and then the aim rises by what was missed. Searching
+//! the whole sample cost as much as the model (0.24 CPU-s at 0.99 on MiniLM 198k; 128
+//! queries: 0.03), and found what the model counted.
 //!
 //! Why both: at the exact scan's nprobe the codes must keep nearly every neighbour those lists
 //! hold, and the shortlist grows long. On 198,000 MiniLM sentences at 0.95 the exact scan
