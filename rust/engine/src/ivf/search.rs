@@ -340,15 +340,21 @@ impl IvfIndex {
                 sel
             })
             .collect();
-        for l0 in (0..nlist).step_by(per) {
-            let part = l0 as u32..(l0 + per).min(nlist) as u32;
-            // Each query's lists of the part, nearest first.
-            let mut probes = (vec![0usize], Vec::with_capacity(nq * per));
-            for q in 0..nq {
-                let mine = &flat[offsets[q]..offsets[q + 1]];
-                probes.1.extend(mine.iter().filter(|l| part.contains(l)));
-                probes.0.push(probes.1.len());
+        // Each part's lists of each query, nearest first, in one pass over the queries' lists
+        // (filtered part by part, 16 passes on one thread cost 0.06 of the exact search's
+        // 0.44 CPU-s: 1,000 queries over 1,024 lists).
+        let mut parts: Vec<(Vec<usize>, Vec<u32>)> = (0..nlist.div_ceil(per))
+            .map(|_| (vec![0usize], Vec::with_capacity(nq * per)))
+            .collect();
+        for q in 0..nq {
+            for &l in &flat[offsets[q]..offsets[q + 1]] {
+                parts[l as usize / per].1.push(l);
             }
+            for (starts, lists) in parts.iter_mut() {
+                starts.push(lists.len());
+            }
+        }
+        for probes in parts {
             let own = if self.params.scan_dims > 0 { nlist } else { 0 };
             let packs: Vec<PackCache> = (0..own).map(|_| PackCache::default()).collect();
             // Each query's kc-th best so far: what the part's candidates must reach.
