@@ -132,13 +132,45 @@ pub(crate) fn project(
     out: &mut Vec<f32>,
     ws: &mut Workspace,
 ) {
+    project_by(Product::F32, (rows, dim), directions, pdim, out, ws);
+}
+
+/// A list's rows projected as [`project`] does, by the bf16 product where the CPU has one:
+/// the projection only ranks the candidates a batch re-scores from the rows, and its rounding
+/// (2^-9 of each value) is no more than the product that scans the projected rows adds (bf16,
+/// or i8 at 1/254 of the largest value). It is most of a list's first reduced scan: on 198k
+/// MiniLM rows (384 -> 192 directions, 1,024 lists) 0.245 CPU-s by f32, 0.118 by bf16.
+pub(crate) fn project_rows(
+    rows: &[f32],
+    dim: usize,
+    directions: &[f32],
+    pdim: usize,
+    out: &mut Vec<f32>,
+    ws: &mut Workspace,
+) {
+    let product = if crate::matmul::has_bf16_product(kernels::level()) {
+        Product::Bf16
+    } else {
+        Product::F32
+    };
+    project_by(product, (rows, dim), directions, pdim, out, ws);
+}
+
+fn project_by(
+    product: Product,
+    (rows, dim): (&[f32], usize),
+    directions: &[f32],
+    pdim: usize,
+    out: &mut Vec<f32>,
+    ws: &mut Workspace,
+) {
     let n = rows.len() / dim;
     out.clear();
     out.resize(n * pdim, 0.0);
     if n == 0 {
         return;
     }
-    let packed = PackedQueries::new(Product::F32, kernels::level(), n, dim, rows);
+    let packed = PackedQueries::new(product, kernels::level(), n, dim, rows);
     packed.scores(Src::F32(&directions[..pdim * dim]), pdim, out, pdim, ws);
 }
 
@@ -290,6 +322,32 @@ mod tests {
         bytes[120..128].copy_from_slice(&sum.to_le_bytes());
         let err = IvfIndex::from_bytes(&bytes).unwrap_err().to_string();
         assert!(err.contains("principal direction is not finite"), "{err}");
+    }
+
+    #[test]
+    fn rows_project_as_queries_do_to_the_bf16_rounding() {
+        // project_rows may round inputs to bf16 (8 bits): each value within 2^-8 of the norms'
+        // product of the f32 projection (Cauchy-Schwarz bounds every term's rounding).
+        let (n, dim, pdim) = (70, 48, 20);
+        let sample = rows(3, n, dim, 0.2);
+        let dirs = principal_directions(&sample, dim);
+        let (mut want, mut got, mut ws) = (Vec::new(), Vec::new(), Workspace::default());
+        project(&sample, dim, &dirs, pdim, &mut want, &mut ws);
+        project_rows(&sample, dim, &dirs, pdim, &mut got, &mut ws);
+        assert_eq!(got.len(), n * pdim);
+        for (i, row) in sample.chunks_exact(dim).enumerate() {
+            let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+            for j in 0..pdim {
+                let (a, b) = (want[i * pdim + j], got[i * pdim + j]);
+                assert!(
+                    (a - b).abs() <= norm / 256.0,
+                    "row {i} direction {j}: {a} {b}"
+                );
+            }
+        }
+        // no rows: nothing, and the buffer cleared
+        project_rows(&[], dim, &dirs, pdim, &mut got, &mut ws);
+        assert!(got.is_empty());
     }
 
     #[test]

@@ -108,7 +108,7 @@ fn pack_rows(
     match directions {
         Some(d) => {
             let rows = list.rows().to_f32(dim, &mut s.conv);
-            project::project(rows, dim, d, spec.pdim, &mut s.proj, &mut s.ws);
+            project::project_rows(rows, dim, d, spec.pdim, &mut s.proj, &mut s.ws);
             PackedQueries::new(spec.product, level, n, spec.pdim, &s.proj)
         }
         // Converted a row at a time as they are packed (no f32 copy of the list).
