@@ -239,17 +239,7 @@ impl IvfIndex {
     }
 
     fn tune_inner(&mut self, target: f64, k: usize, queries: Option<&[f32]>) -> Result<TuneReport> {
-        let sample = self.remembered_sample(k, queries)?;
-        let (ranks, orders) = self.cand_list_ranks(&sample)?;
-        let mut t = Tuning {
-            sample,
-            ranks,
-            orders,
-            target,
-            k,
-            nlist: self.lists.len(),
-            evaluations: 0,
-        };
+        let mut t = self.tuning(target, k, queries)?;
         self.aim_within_reach(&mut t);
         let p_exact = t.p_exact();
         let (nprobe, recalls) = self.tune_batches(&mut t, p_exact)?;
@@ -278,6 +268,22 @@ impl IvfIndex {
             single_spread,
             scan_dims: self.params.scan_dims,
             evaluations: t.evaluations,
+        })
+    }
+
+    /// The sample (remembered or drawn and answered) and where each candidate's list stands in
+    /// each query's probe order: what every measurement of `tune` starts from.
+    fn tuning(&mut self, target: f64, k: usize, queries: Option<&[f32]>) -> Result<Tuning> {
+        let sample = self.remembered_sample(k, queries)?;
+        let (ranks, orders) = self.cand_list_ranks(&sample)?;
+        Ok(Tuning {
+            sample,
+            ranks,
+            orders,
+            target,
+            k,
+            nlist: self.lists.len(),
+            evaluations: 0,
         })
     }
 
@@ -1030,23 +1036,7 @@ impl Tuning {
     /// once from the ranks: no search): the scan returns the first k candidates in those
     /// lists (every other stored row scores below all of them).
     fn ideal(&self, p: usize) -> Vec<f64> {
-        let s = &self.sample;
-        (0..s.len())
-            .map(|i| {
-                let truth = &s.truth[i];
-                if truth.is_empty() {
-                    return 1.0;
-                }
-                let hits = s.cand[i]
-                    .iter()
-                    .zip(&self.ranks[i])
-                    .filter(|(_, &r)| r < p)
-                    .take(self.k)
-                    .filter(|(c, _)| truth.contains(c))
-                    .count();
-                hits as f64 / truth.len() as f64
-            })
-            .collect()
+        self.exact_scan_recalls(p, false)
     }
 
     /// Per-query recall (against the batch's truth) of an exact scan of each query's first
@@ -1054,17 +1044,26 @@ impl Tuning {
     /// first k candidates in those lists outside the union (every other stored row scores
     /// below all of them). What a batch at nprobe `p` finds where its product loses nothing.
     fn ideal_batch(&self, p: usize) -> Vec<f64> {
+        self.exact_scan_recalls(p, true)
+    }
+
+    /// `ideal` (each query's own truth) or `ideal_batch` (the batch's truth, the union of
+    /// excluded keys dropped).
+    fn exact_scan_recalls(&self, p: usize, as_batch: bool) -> Vec<f64> {
         let s = &self.sample;
         (0..s.len())
             .map(|i| {
-                let truth = &s.truth_batch[i];
+                let truth = match as_batch {
+                    true => &s.truth_batch[i],
+                    false => &s.truth[i],
+                };
                 if truth.is_empty() {
                     return 1.0;
                 }
                 let hits = s.cand[i]
                     .iter()
                     .zip(&self.ranks[i])
-                    .filter(|(c, &r)| r < p && s.union.binary_search(c).is_err())
+                    .filter(|(c, &r)| r < p && !(as_batch && s.union.binary_search(c).is_ok()))
                     .take(self.k)
                     .filter(|(c, _)| truth.contains(c))
                     .count();
@@ -1265,17 +1264,7 @@ mod tests {
         let mut ix = IvfIndex::from_config(dim, Metric::Ip, config).unwrap();
         ix.add(&keys, &x).unwrap();
         ix.train(&x).unwrap();
-        let sample = ix.remembered_sample(k, None).unwrap();
-        let (ranks, orders) = ix.cand_list_ranks(&sample).unwrap();
-        let t = Tuning {
-            sample,
-            ranks,
-            orders,
-            target: 0.9,
-            k,
-            nlist: 64,
-            evaluations: 0,
-        };
+        let t = ix.tuning(0.9, k, None).unwrap();
         let seed = ix.params.seed;
         assert!(t.sample.len() > 2 * BATCH_FIRST);
         assert!(t.batch_first(1, true, seed).is_none());

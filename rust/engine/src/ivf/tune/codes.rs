@@ -477,17 +477,7 @@ mod tests {
         ix.add(&keys, &x).unwrap();
         ix.train(&x).unwrap();
         let r = ix.tune(target, k, None).unwrap();
-        let sample = ix.remembered_sample(k, None).unwrap();
-        let (ranks, orders) = ix.cand_list_ranks(&sample).unwrap();
-        let t = Tuning {
-            sample,
-            ranks,
-            orders,
-            target: target as f64,
-            k,
-            nlist: ix.lists.len(),
-            evaluations: 0,
-        };
+        let t = ix.tuning(target as f64, k, None).unwrap();
         (ix, r, t)
     }
 
