@@ -1019,9 +1019,15 @@ impl Tuning {
         if scan_dims {
             return true;
         }
+        self.all_by_product(0..self.orders.0.len() - 1, p)
+    }
+
+    /// Whether a batch of the sample queries `which` at nprobe `p` scans every list it probes
+    /// by the product (each probed by at least `PRODUCT_MIN_QUERIES` of them).
+    fn all_by_product(&self, which: impl IntoIterator<Item = usize>, p: usize) -> bool {
         let (offsets, flat) = &self.orders;
         let mut count = vec![0usize; self.nlist];
-        for q in 0..offsets.len() - 1 {
+        for q in which {
             let mine = &flat[offsets[q]..offsets[q + 1]];
             for &l in &mine[..p.min(mine.len())] {
                 count[l as usize] += 1;
@@ -1082,17 +1088,7 @@ impl Tuning {
             return None;
         }
         let first = Rng::new(seed.wrapping_add(5)).sample(n, BATCH_FIRST);
-        let (offsets, flat) = &self.orders;
-        let mut count = vec![0usize; self.nlist];
-        for &q in &first {
-            let mine = &flat[offsets[q]..offsets[q + 1]];
-            for &l in &mine[..p.min(mine.len())] {
-                count[l as usize] += 1;
-            }
-        }
-        count
-            .iter()
-            .all(|&c| c == 0 || c >= super::search::PRODUCT_MIN_QUERIES)
+        self.all_by_product(first.iter().copied(), p)
             .then_some(first)
     }
 
